@@ -1,0 +1,147 @@
+"""Pure-Python reference for block hashing; the Cython kernels must agree bit for bit.
+
+Two key schemes:
+
+* ``own``: kvsched's chained 64-bit keys over token ids. Every key folds in its parent's
+  key, so one key names a whole prefix. Mixing uses the XXH64 round and avalanche
+  (Yann Collet's xxHash spec, constants PRIME64_1..3); the chain layout is kvsched's.
+  Computed from the ``token_ids`` in BlockStored events and from request tokens alike,
+  so it never depends on the engine's hash algorithm, seed or version.
+* ``vllm``: vLLM's own ``sha256_cbor`` prefix-cache hash (vLLM 0.33.0
+  ``vllm/utils/hashing.py`` and ``vllm/v1/core/kv_cache_utils.py``): per full block
+  ``sha256(cbor_canonical((parent_digest, tuple(tokens), extra_keys_or_None)))``, root
+  ``NONE_HASH = sha256(cbor(seed_string))``. The wire value is the digest's last 8 bytes
+  read big-endian, which is what this index keys on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+MASK64 = (1 << 64) - 1
+PRIME64_1 = 0x9E3779B185EBCA87
+PRIME64_2 = 0xC2B2AE3D27D4EB4F
+PRIME64_3 = 0x165667B19E3779F9
+
+VLLM_DEFAULT_SEED = "vllm-none-hash"
+
+
+def _rotl(x: int, r: int) -> int:
+    return ((x << r) | (x >> (64 - r))) & MASK64
+
+
+def avalanche(h: int) -> int:
+    h ^= h >> 33
+    h = (h * PRIME64_2) & MASK64
+    h ^= h >> 29
+    h = (h * PRIME64_3) & MASK64
+    h ^= h >> 32
+    return h
+
+
+def own_root_key(seed: int, lora_id: int | None = None) -> int:
+    """Chain root for one (seed, LoRA adapter) namespace; 0 is reserved for 'no key'."""
+    lora = 0 if lora_id is None else (lora_id + 1) & MASK64
+    key = avalanche(((seed & MASK64) * PRIME64_1 ^ (lora * PRIME64_2 & MASK64)) & MASK64)
+    return key or 1
+
+
+def own_block_key(parent_key: int, tokens: Sequence[int], salt: int = 0) -> int:
+    """Key of one block given its parent's key, its tokens and an optional salt."""
+    acc = (avalanche((parent_key ^ salt) & MASK64) + len(tokens) * PRIME64_3) & MASK64
+    for token in tokens:
+        acc = (acc + (token & MASK64) * PRIME64_2) & MASK64
+        acc = (_rotl(acc, 31) * PRIME64_1) & MASK64
+    key = avalanche(acc)
+    return key or 1
+
+
+def own_block_keys(
+    tokens: Sequence[int],
+    block_size: int,
+    parent_key: int,
+    salts: Sequence[int] | None = None,
+) -> list[int]:
+    """Chained keys of every full block of ``tokens`` (a trailing partial block is ignored)."""
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    keys: list[int] = []
+    key = parent_key
+    for i in range(len(tokens) // block_size):
+        salt = salts[i] if salts is not None and i < len(salts) else 0
+        key = own_block_key(key, tokens[i * block_size : (i + 1) * block_size], salt)
+        keys.append(key)
+    return keys
+
+
+# --- vLLM sha256_cbor -----------------------------------------------------------------
+
+CborValue = int | bytes | str | None | bool | Sequence["CborValue"]
+
+
+def _cbor_head(major: int, value: int) -> bytes:
+    if value < 24:
+        return bytes([major << 5 | value])
+    if value < 1 << 8:
+        return bytes([major << 5 | 24, value])
+    if value < 1 << 16:
+        return bytes([major << 5 | 25]) + value.to_bytes(2, "big")
+    if value < 1 << 32:
+        return bytes([major << 5 | 26]) + value.to_bytes(4, "big")
+    if value < 1 << 64:
+        return bytes([major << 5 | 27]) + value.to_bytes(8, "big")
+    raise ValueError("integer does not fit CBOR's 64-bit argument")
+
+
+def cbor_canonical(value: CborValue) -> bytes:
+    """Canonical CBOR (RFC 8949 §4.2.1, as ``cbor2.dumps(canonical=True)``) for the value
+    shapes vLLM hashes: ints, bytes, text, None, bools and arrays of these."""
+    if value is None:
+        return b"\xf6"
+    if value is True:
+        return b"\xf5"
+    if value is False:
+        return b"\xf4"
+    if isinstance(value, int):
+        return _cbor_head(0, value) if value >= 0 else _cbor_head(1, -1 - value)
+    if isinstance(value, bytes | bytearray):
+        return _cbor_head(2, len(value)) + bytes(value)
+    if isinstance(value, str):
+        raw = value.encode("utf-8")
+        return _cbor_head(3, len(raw)) + raw
+    if isinstance(value, list | tuple):
+        return _cbor_head(4, len(value)) + b"".join(cbor_canonical(item) for item in value)
+    raise TypeError(f"cannot hash a {type(value).__name__} the way vLLM's sha256_cbor does")
+
+
+def vllm_none_hash(seed: str = VLLM_DEFAULT_SEED) -> bytes:
+    return hashlib.sha256(cbor_canonical(seed)).digest()
+
+
+def vllm_block_digests(
+    tokens: Sequence[int],
+    block_size: int,
+    parent_digest: bytes,
+    extra_keys: Sequence[CborValue | None] | None = None,
+) -> list[bytes]:
+    """Full 32-byte digests of every full block, chained from ``parent_digest``.
+
+    ``extra_keys[i]`` is block i's extra-keys tuple (LoRA, cache salt, multimodal
+    hashes) or None, exactly as vLLM builds it.
+    """
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    digests: list[bytes] = []
+    parent = parent_digest
+    for i in range(len(tokens) // block_size):
+        extra = extra_keys[i] if extra_keys is not None and i < len(extra_keys) else None
+        block = tuple(tokens[i * block_size : (i + 1) * block_size])
+        parent = hashlib.sha256(cbor_canonical((parent, block, extra))).digest()
+        digests.append(parent)
+    return digests
+
+
+def wire_hash(digest: bytes) -> int:
+    """The uint64 vLLM publishes for a digest (last 8 bytes, big-endian)."""
+    return int.from_bytes(digest[-8:], "big")
