@@ -13,13 +13,13 @@ import sys
 from collections.abc import Sequence
 
 # Modules that contribute subcommands, in the order --help shows them.
-COMMAND_MODULES = (
-    "scheduler.bench.commands",
-)
+COMMAND_MODULES = ("scheduler.bench.commands",)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvsched", description="Cache-aware Endpoint Picker for vLLM fleets")
+    parser = argparse.ArgumentParser(
+        prog="kvsched", description="Cache-aware Endpoint Picker for vLLM fleets"
+    )
     parser.add_argument("--log-level", default="INFO", help="Python logging level (default INFO)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:

@@ -81,9 +81,13 @@ def _hashes(values: object) -> list[int]:
         raise ValueError(f"block_hashes must be an array, got {type(values).__name__}")
     try:
         # Fast path: plain non-negative ints, which is what vLLM sends by default.
-        if values and min(values) >= 0 and max(values) <= UINT64_MASK:  # type: ignore[type-var]
-            if all(type(v) is int for v in values):
-                return values if isinstance(values, list) else list(values)
+        if (
+            values
+            and min(values) >= 0  # type: ignore[type-var]
+            and max(values) <= UINT64_MASK  # type: ignore[type-var]
+            and all(type(v) is int for v in values)
+        ):
+            return values if isinstance(values, list) else list(values)
     except TypeError:
         pass
     return [normalize_block_hash(v) for v in values]

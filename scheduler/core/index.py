@@ -1,0 +1,357 @@
+"""The prefix index: which KV blocks live on which worker, in which tier.
+
+A radix tree over chained block keys (each key names a whole prefix), stored in a
+``BlockTable`` (Cython in ``kernels/blocktable.pyx``, pure-Python twin in
+``blocktable_ref``). This facade turns decoded KV events into table operations and
+requests into prefix matches:
+
+* ``own`` hash mode (default): keys are kvsched's own chained hash over the
+  ``token_ids`` that BlockStored carries, with a per-worker map from the engine's wire
+  hash to the key so that BlockRemoved can be applied. Requests are hashed with the same
+  function, so matching never depends on the engine's hash algorithm, seed or version
+  (the design llm-d moved to; see shared PROTOCOLS.md §1).
+* ``vllm`` hash mode: keys are vLLM's own ``sha256_cbor`` wire hashes, recomputed for
+  requests with the configured seed, for pools whose events carry no token ids.
+
+Only full-attention KV-cache groups count for prefix reuse; sliding-window and Mamba
+groups are skipped. Worker names are opaque strings (normally ``ip:port``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from scheduler.core import blockhash_ref
+from scheduler.core.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+
+log = logging.getLogger(__name__)
+
+HashMode = Literal["own", "vllm"]
+Backend = Literal["native", "reference"]
+
+
+class IndexConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    block_size: int = Field(
+        16, ge=1, le=4096, description="Tokens per KV block; must equal vLLM's --block-size."
+    )
+    hash_mode: HashMode = Field(
+        "own",
+        description="'own': kvsched's chained keys over the token ids in BlockStored (robust, default). "
+        "'vllm': vLLM's sha256_cbor wire hashes, for pools whose events carry no token ids.",
+    )
+    own_seed: int = Field(0, ge=0, description="Seed of kvsched's own chained keys.")
+    vllm_hash_seed: str = Field(
+        blockhash_ref.VLLM_DEFAULT_SEED,
+        description="vLLM's NONE_HASH seed: PYTHONHASHSEED of the vLLM pods, else 'vllm-none-hash'.",
+    )
+    max_blocks: int = Field(
+        0,
+        ge=0,
+        description="Memory bound: most blocks kept; least-recently-used subtrees go first. 0 = no bound.",
+    )
+    max_workers: int = Field(
+        256, ge=1, le=4096, description="Most workers (pods x data-parallel ranks) tracked."
+    )
+    backend: Backend = Field(
+        "native", description="'native' (Cython) or 'reference' (pure Python, for tests)."
+    )
+
+
+class BlockTable(Protocol):
+    """What the index needs from its storage; see kernels/blocktable.pyx for semantics."""
+
+    def store_blocks(
+        self,
+        worker: int,
+        tier: int,
+        engine_hashes: list[int],
+        parent_engine_hash: int | None,
+        tokens: Sequence[int],
+        block_size: int,
+        root_key: int,
+        salts: list[int] | None = None,
+    ) -> int: ...
+
+    def store_keys(self, worker: int, tier: int, keys: list[int], parent_key: int | None) -> int: ...
+
+    def remove_blocks(self, worker: int, tier: int, engine_hashes: list[int]) -> int: ...
+
+    def clear_worker(self, worker: int) -> int: ...
+
+    def match(self, keys: Any, worker_filter: Any = None) -> list[tuple[int, int, int, int, int]]: ...
+
+    def worker_blocks(self, worker: int) -> int: ...
+
+    def bytes_used(self) -> int: ...
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    @property
+    def unknown_removals(self) -> int: ...
+
+    @property
+    def evictions(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixMatch:
+    """Leading blocks of one request that one worker holds, split by the fastest tier."""
+
+    total_blocks: int
+    gpu_blocks: int = 0
+    cpu_blocks: int = 0
+    storage_blocks: int = 0
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    stored: int = 0
+    removed: int = 0
+    cleared: int = 0
+    skipped: int = 0
+    # BlockStored whose parent the worker never reported: a missed message upstream.
+    orphans: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class IndexStats:
+    blocks_stored: int = 0
+    blocks_removed: int = 0
+    clears: int = 0
+    skipped_blocks: int = 0
+    orphans: int = 0
+    event_errors: int = 0
+
+
+def _make_table(config: IndexConfig) -> BlockTable:
+    if config.backend == "native":
+        from scheduler._native.blocktable import BlockTable as NativeTable
+
+        table: BlockTable = NativeTable(config.max_workers, config.max_blocks)
+        return table
+    from scheduler.core.blocktable_ref import BlockTable as ReferenceTable
+
+    return ReferenceTable(config.max_workers, config.max_blocks)
+
+
+def _hash_functions(backend: Backend) -> Any:
+    if backend == "native":
+        from scheduler._native import blockhash
+
+        return blockhash
+    return blockhash_ref
+
+
+def _extra_keys_salt(extra: object) -> int:
+    """Fold one block's extra keys (LoRA, cache salt, multimodal hashes) into a 64-bit salt."""
+    if extra is None:
+        return 0
+    encoded = blockhash_ref.cbor_canonical(extra)  # type: ignore[arg-type]
+    return int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "big") or 1
+
+
+class PrefixIndex:
+    """Blocks per worker and tier, fed by KV events, queried by request tokens."""
+
+    def __init__(self, config: IndexConfig | None = None) -> None:
+        self.config = config or IndexConfig()
+        self._table = _make_table(self.config)
+        self._hashing = _hash_functions(self.config.backend)
+        self._worker_ids: dict[str, int] = {}
+        self._worker_names: dict[int, str] = {}
+        self._free_ids: list[int] = []
+        self._next_id = 0
+        # Per worker, KV-cache groups known not to be full attention (from BlockStored).
+        self._skipped_groups: dict[int, set[int]] = {}
+        self._root_keys: dict[int | None, int] = {}
+        self._vllm_root = self._hashing.vllm_none_hash(self.config.vllm_hash_seed)
+        self.stats = IndexStats()
+
+    # --- workers -----------------------------------------------------------------------
+
+    def _worker_id(self, worker: str) -> int:
+        wid = self._worker_ids.get(worker)
+        if wid is not None:
+            return wid
+        if self._free_ids:
+            wid = self._free_ids.pop()
+        elif self._next_id < self.config.max_workers:
+            wid = self._next_id
+            self._next_id += 1
+        else:
+            raise ValueError(
+                f"prefix index is full: {self.config.max_workers} workers tracked; raise max_workers"
+            )
+        self._worker_ids[worker] = wid
+        self._worker_names[wid] = worker
+        return wid
+
+    @property
+    def workers(self) -> list[str]:
+        return sorted(self._worker_ids)
+
+    def clear_worker(self, worker: str) -> int:
+        """Forget every block of a worker (AllBlocksCleared, resync after lost events)."""
+        wid = self._worker_ids.get(worker)
+        if wid is None:
+            return 0
+        self.stats.clears += 1
+        return self._table.clear_worker(wid)
+
+    def remove_worker(self, worker: str) -> None:
+        """The worker left the pool: drop its blocks and free its id."""
+        wid = self._worker_ids.pop(worker, None)
+        if wid is None:
+            return
+        self._table.clear_worker(wid)
+        del self._worker_names[wid]
+        self._skipped_groups.pop(wid, None)
+        self._free_ids.append(wid)
+
+    def worker_blocks(self, worker: str) -> int:
+        wid = self._worker_ids.get(worker)
+        return 0 if wid is None else self._table.worker_blocks(wid)
+
+    # --- events ------------------------------------------------------------------------
+
+    def _root_key(self, lora_id: int | None) -> int:
+        key = self._root_keys.get(lora_id)
+        if key is None:
+            key = self._hashing.own_root_key(self.config.own_seed, lora_id)
+            self._root_keys[lora_id] = key
+        return key
+
+    def _store(self, wid: int, event: BlockStored, result: ApplyResult) -> None:
+        if not event.counts_for_prefix_reuse:
+            self._skipped_groups.setdefault(wid, set()).add(event.group_idx)
+            result.skipped += len(event.block_hashes)
+            return
+        if not event.block_hashes:
+            return
+        if self.config.hash_mode == "vllm":
+            stored = self._table.store_keys(wid, event.medium, event.block_hashes, event.parent_block_hash)
+        else:
+            if event.block_size != self.config.block_size:
+                result.errors.append(
+                    f"BlockStored with block_size {event.block_size} but the index uses "
+                    f"{self.config.block_size}: set kvsched's block size to vLLM's --block-size"
+                )
+                return
+            salts = None
+            if event.extra_keys:
+                salts = [_extra_keys_salt(extra) for extra in event.extra_keys]
+            try:
+                stored = self._table.store_blocks(
+                    wid,
+                    event.medium,
+                    event.block_hashes,
+                    event.parent_block_hash,
+                    event.token_ids,
+                    event.block_size,
+                    self._root_key(event.lora_id),
+                    salts,
+                )
+            except (ValueError, TypeError, OverflowError) as exc:
+                result.errors.append(f"BlockStored not applied: {exc}")
+                return
+        if stored < 0:
+            result.orphans += 1
+        else:
+            result.stored += stored
+
+    def apply_batch(self, worker: str, batch: EventBatch) -> ApplyResult:
+        """Apply one decoded event batch of one worker; problems are reported, not raised."""
+        wid = self._worker_id(worker)
+        result = ApplyResult()
+        for event in batch.events:
+            if isinstance(event, BlockStored):
+                self._store(wid, event, result)
+            elif isinstance(event, BlockRemoved):
+                if event.group_idx in self._skipped_groups.get(wid, ()):
+                    result.skipped += len(event.block_hashes)
+                    continue
+                result.removed += self._table.remove_blocks(wid, event.medium, event.block_hashes)
+            elif isinstance(event, AllBlocksCleared):
+                result.cleared += self._table.clear_worker(wid)
+        stats = self.stats
+        stats.blocks_stored += result.stored
+        stats.blocks_removed += result.removed
+        stats.skipped_blocks += result.skipped
+        stats.orphans += result.orphans
+        stats.event_errors += len(result.errors)
+        return result
+
+    # --- queries -----------------------------------------------------------------------
+
+    def request_keys(
+        self,
+        tokens: Sequence[int],
+        *,
+        lora_id: int | None = None,
+        extra_keys: Sequence[object] | None = None,
+    ) -> Any:
+        """Chained keys of the request's full blocks, in the index's hash mode."""
+        if self.config.hash_mode == "vllm":
+            return self._hashing.vllm_block_wire_hashes(
+                tokens, self.config.block_size, self._vllm_root, extra_keys
+            )
+        salts = [_extra_keys_salt(extra) for extra in extra_keys] if extra_keys else None
+        if self.config.backend == "native":
+            return self._hashing.own_block_keys_array(
+                tokens, self.config.block_size, self._root_key(lora_id), salts
+            )
+        return self._hashing.own_block_keys(tokens, self.config.block_size, self._root_key(lora_id), salts)
+
+    def match(self, keys: Any) -> dict[str, PrefixMatch]:
+        """Leading blocks of ``keys`` that each worker holds (workers with none are absent)."""
+        names = self._worker_names
+        return {
+            names[wid]: PrefixMatch(total, gpu, cpu, storage)
+            for wid, total, gpu, cpu, storage in self._table.match(keys)
+            if wid in names
+        }
+
+    def match_tokens(
+        self,
+        tokens: Sequence[int],
+        *,
+        lora_id: int | None = None,
+        extra_keys: Sequence[object] | None = None,
+    ) -> dict[str, PrefixMatch]:
+        return self.match(self.request_keys(tokens, lora_id=lora_id, extra_keys=extra_keys))
+
+    # --- footprint ---------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self._table.num_blocks
+
+    @property
+    def unknown_removals(self) -> int:
+        return self._table.unknown_removals
+
+    @property
+    def evictions(self) -> int:
+        return self._table.evictions
+
+    def bytes_per_block(self) -> float:
+        blocks = self._table.num_blocks
+        return self._table.bytes_used() / blocks if blocks else 0.0
+
+    def footprint(self) -> Mapping[str, float]:
+        return {
+            "blocks": float(self.num_blocks),
+            "bytes": float(self._table.bytes_used()),
+            "bytes_per_block": self.bytes_per_block(),
+            "workers": float(len(self._worker_ids)),
+        }
