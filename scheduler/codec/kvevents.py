@@ -83,8 +83,8 @@ def _hashes(values: object) -> list[int]:
         # Fast path: plain non-negative ints, which is what vLLM sends by default.
         if (
             values
-            and min(values) >= 0  # type: ignore[type-var]
-            and max(values) <= UINT64_MASK  # type: ignore[type-var]
+            and min(values) >= 0
+            and max(values) <= UINT64_MASK
             and all(type(v) is int for v in values)
         ):
             return values if isinstance(values, list) else list(values)
