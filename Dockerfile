@@ -1,0 +1,39 @@
+# kvsched image: the Endpoint Picker with its compiled Cython kernels.
+#   docker build -t kvsched:dev .
+# Two stages: the first has a C compiler and builds the wheel's extensions; the final image gets
+# only the installed virtual environment, so it carries no compiler or build headers.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+RUN python -m venv /opt/kvsched
+WORKDIR /src
+# Sources only (see .dockerignore): pip builds kernels/*.pyx into scheduler._native with gcc.
+COPY pyproject.toml setup.py README.md ./
+COPY kernels ./kernels
+COPY scheduler ./scheduler
+RUN /opt/kvsched/bin/pip install . \
+ && /opt/kvsched/bin/python -c "import scheduler.cli"
+
+FROM ${PYTHON_IMAGE}
+# Same base image as the build stage, so the venv's interpreter link stays valid.
+COPY --from=build /opt/kvsched /opt/kvsched
+# Bytecode was compiled at install time; never write any at run time (read-only root
+# filesystem). HOME points at /tmp, the one writable mount.
+ENV PATH=/opt/kvsched/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp
+# The numeric uid lets Kubernetes check runAsNonRoot without an /etc/passwd lookup; the chart
+# runs the pod as the same uid/gid.
+USER 65532:65532
+WORKDIR /tmp
+# ext_proc gRPC, plaintext gRPC health, Prometheus metrics.
+EXPOSE 9002 9003 9090
+ENTRYPOINT ["kvsched"]
+CMD ["serve", "--config", "/etc/kvsched/config.yaml"]
