@@ -353,6 +353,18 @@ def test_custom_resource_checks_catch_mistakes() -> None:
         validate_custom_resource(policy)
 
 
+def test_chart_metadata_and_crds() -> None:
+    chart = _chart()
+    assert chart.metadata["apiVersion"] == "v2"
+    assert chart.metadata["name"] == "kvsched"
+    assert chart.metadata["appVersion"]
+    # Helm installs crds/ before the templates, so a SchedulingPolicy template can be applied.
+    (crd,) = chart.crds
+    assert crd["name"] == "crds/schedulingpolicies.kvsched.io.yaml"
+    assert yaml.safe_load(crd["data"])["metadata"]["name"] == "schedulingpolicies.kvsched.io"
+    assert chart.schema is not None and chart.schema["additionalProperties"] is False
+
+
 # --- what the default values make -----------------------------------------------------------
 
 
