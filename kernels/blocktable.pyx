@@ -662,14 +662,19 @@ cdef class BlockTable:
 
     cdef int _read_u64s(self, object values, Py_ssize_t n, uint64_t* out) except -1:
         cdef Py_ssize_t i
+        cdef U64View view
         if type(values) is list:
             for i in range(n):
                 kv_mask_u64(PyList_GET_ITEM(values, i), &out[i])
-        else:
-            for i, value in enumerate(values):
-                if i >= n:
-                    break
-                out[i] = _mask_obj(value)
+            return 0
+        _view_open(values, n, &view)
+        try:
+            if view.n < n:
+                raise ValueError("sequence shorter than its len()")
+            for i in range(n):
+                out[i] = view.data[i]
+        finally:
+            _view_close(&view)
         return 0
 
     # --- writes ----------------------------------------------------------------------

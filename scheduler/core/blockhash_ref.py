@@ -145,3 +145,13 @@ def vllm_block_digests(
 def wire_hash(digest: bytes) -> int:
     """The uint64 vLLM publishes for a digest (last 8 bytes, big-endian)."""
     return int.from_bytes(digest[-8:], "big")
+
+
+def vllm_block_wire_hashes(
+    tokens: Sequence[int],
+    block_size: int,
+    parent_digest: bytes,
+    extra_keys: Sequence[CborValue | None] | None = None,
+) -> list[int]:
+    """The uint64 vLLM publishes for every full block, chained from ``parent_digest``."""
+    return [wire_hash(d) for d in vllm_block_digests(tokens, block_size, parent_digest, extra_keys)]
