@@ -23,7 +23,6 @@ rules). Layout, chosen so that a prefix walk costs about one cache line per bloc
 include "_hashcore.pxi"
 
 cimport cython
-from cpython.long cimport PyLong_FromUnsignedLongLong
 from libc.stdlib cimport calloc, realloc
 from libc.string cimport memset
 
@@ -46,15 +45,16 @@ cdef extern from *:
     #endif
     #define KV_HUGE ((size_t)2 << 20)
 
-    /* Cache-line aligned; regions of 2 MiB and more are 2 MiB aligned and offered to
-       transparent huge pages, because the walk touches them at random and 4 KiB pages
-       would add a TLB miss to every cache miss. */
-    static inline void *kv_big_alloc(size_t size, int zero) {
+    /* Cache-line aligned; with `huge`, regions of 2 MiB and more are 2 MiB aligned and
+       offered to transparent huge pages, because a big table is touched at random and
+       4 KiB pages would add a TLB miss to every cache miss. Small tables stay on small
+       pages so that many of them cost little resident memory. */
+    static inline void *kv_big_alloc(size_t size, int zero, int huge) {
         void *p = NULL;
-        size_t align = size >= KV_HUGE ? KV_HUGE : 64;
-        if (posix_memalign(&p, align, size) != 0) return NULL;
+        huge = huge && size >= KV_HUGE;
+        if (posix_memalign(&p, huge ? KV_HUGE : 64, size) != 0) return NULL;
     #if defined(__linux__) && defined(MADV_HUGEPAGE)
-        if (size >= KV_HUGE) madvise(p, size, MADV_HUGEPAGE);
+        if (huge) madvise(p, size, MADV_HUGEPAGE);
     #endif
         if (zero) memset(p, 0, size);
         return p;
@@ -63,7 +63,7 @@ cdef extern from *:
     int kv_ctz64(uint64_t x) nogil
     void kv_prefetch(const void* p) nogil
     void kv_prefetch_w(const void* p) nogil
-    void* kv_big_alloc(size_t size, int zero) nogil
+    void* kv_big_alloc(size_t size, int zero, int huge) nogil
 
 MAX_WORKERS_LIMIT = 1 << 16
 
@@ -115,7 +115,7 @@ cdef int _map_init(U64Map* m, Py_ssize_t capacity) except -1:
     cdef int bits = 4
     while (<Py_ssize_t>1 << bits) < capacity:
         bits += 1
-    m.slots = <MapSlot*>kv_big_alloc((<size_t>1 << bits) * sizeof(MapSlot), 1)
+    m.slots = <MapSlot*>kv_big_alloc((<size_t>1 << bits) * sizeof(MapSlot), 1, 1)
     if m.slots == NULL:
         raise MemoryError()
     m.mask = (<uint64_t>1 << bits) - 1
@@ -459,7 +459,7 @@ cdef class BlockTable:
                 if chunks == NULL:
                     raise MemoryError()
                 self._chunks = chunks
-                chunk = <char*>kv_big_alloc(CHUNK_NODES * self._stride, 0)
+                chunk = <char*>kv_big_alloc(CHUNK_NODES * self._stride, 0, self._nchunks > 0)
                 if chunk == NULL:
                     raise MemoryError()
                 self._chunks[self._nchunks] = chunk
