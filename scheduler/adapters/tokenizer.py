@@ -1,0 +1,197 @@
+"""Prompt -> token ids, so that requests can be matched against the KV blocks workers report.
+
+Two tokenisers:
+
+* ``HFTokenizer``: the model's own ``tokenizer.json`` (HF ``tokenizers``) and, for chat requests,
+  the chat template from ``tokenizer_config.json`` rendered with jinja2 in a sandbox, the way
+  HF ``apply_chat_template`` and vLLM do (``trim_blocks``/``lstrip_blocks``,
+  ``add_generation_prompt=True``, ``bos_token``/``eos_token`` from the config). Completion prompts
+  get the tokenizer's special tokens (vLLM's ``add_special_tokens=True`` default for
+  ``/v1/completions``); rendered chat text does not (the template already holds them).
+  These ids equal the ids vLLM puts into its ``BlockStored`` events, so precise prefix matching
+  works against real workers.
+* ``ByteTokenizer``: a deterministic byte-level stand-in used when no tokenizer is configured.
+  Its ids are UTF-8 bytes, which no real model produces: prefix matching with them only works
+  against workers whose events carry the same ids, i.e. in approximate mode (kvsched remembers
+  what it routed itself) and with the simulated pool. Against real vLLM KV events configure
+  the model's tokenizer.
+
+Token-id prompts (``"prompt": [1, 2, 3]``) never need a tokeniser.
+Nothing is downloaded unless ``hub_model`` is configured (then ``huggingface_hub`` fetches the two
+files once, into its usual cache).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from scheduler.codec.openai import ChatMessage, InferenceRequestBody
+
+log = logging.getLogger(__name__)
+
+
+class PromptTokenizer(Protocol):
+    """Turns a parsed request into the prompt's token ids (chat already templated)."""
+
+    def token_ids(self, body: InferenceRequestBody) -> list[int]: ...
+
+    def text_token_ids(self, text: str) -> list[int]: ...
+
+
+def request_token_ids(tokenizer: PromptTokenizer, body: InferenceRequestBody) -> list[int]:
+    """The prompt's ids: given ids pass through untouched; text goes through the tokenizer."""
+    if body.prompt_token_ids is not None:
+        return body.prompt_token_ids
+    if not body.has_prompt:
+        return []
+    return tokenizer.token_ids(body)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids; chat rendered with a fixed, documented layout."""
+
+    def token_ids(self, body: InferenceRequestBody) -> list[int]:
+        if body.prompt_token_ids is not None:
+            return body.prompt_token_ids
+        if body.api == "chat":
+            return list(render_plain_chat(body.messages).encode("utf-8"))
+        return self.text_token_ids(body.prompt_text or "")
+
+    def text_token_ids(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def render_plain_chat(messages: Sequence[ChatMessage]) -> str:
+    """A stable chat layout for models without a template: one ``<|role|>`` block per turn."""
+    parts = [f"<|{message.role}|>\n{message.content}\n" for message in messages]
+    parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+class ChatTemplate:
+    """A HF chat template rendered in jinja2's immutable sandbox."""
+
+    def __init__(self, source: str, special_tokens: dict[str, str]) -> None:
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        # Same environment options as transformers' chat template renderer, so whitespace
+        # (and therefore the token ids) comes out identical.
+        environment = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        )
+        environment.filters["tojson"] = _tojson
+        environment.globals["raise_exception"] = _raise_template_error
+        environment.globals["strftime_now"] = _strftime_now
+        self._template = environment.from_string(source)
+        self._special_tokens = special_tokens
+
+    def render(self, messages: Sequence[ChatMessage]) -> str:
+        return self._template.render(
+            messages=[{"role": message.role, "content": message.content} for message in messages],
+            add_generation_prompt=True,
+            **self._special_tokens,
+        )
+
+
+class TemplateError(ValueError):
+    """A chat template called raise_exception (e.g. roles out of order)."""
+
+
+def _raise_template_error(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(value: Any, indent: int | None = None) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+class HFTokenizer:
+    """The model's tokenizer.json plus the chat template of its tokenizer_config.json."""
+
+    def __init__(self, tokenizer_json: str | Path, tokenizer_config: str | Path | None = None) -> None:
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        # Routing needs the whole prompt: a padding or truncation setting saved in the file must
+        # not shorten or lengthen it.
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        self.chat_template: ChatTemplate | None = None
+        if tokenizer_config is not None:
+            config = json.loads(Path(tokenizer_config).read_text(encoding="utf-8"))
+            self.chat_template = _chat_template_from_config(config)
+        if self.chat_template is None:
+            log.warning(
+                "tokenizer %s has no chat template; chat prompts use kvsched's plain layout and "
+                "will not match the ids the model server stores",
+                tokenizer_json,
+            )
+
+    @classmethod
+    def from_hub(cls, model: str, revision: str | None = None) -> HFTokenizer:
+        """Fetch tokenizer.json and tokenizer_config.json of ``model`` (needs huggingface_hub)."""
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError as exc:  # pragma: no cover - depends on the installation
+            raise RuntimeError("fetching a tokenizer by name needs the huggingface_hub package") from exc
+        tokenizer_json = hf_hub_download(model, "tokenizer.json", revision=revision)
+        tokenizer_config = hf_hub_download(model, "tokenizer_config.json", revision=revision)
+        return cls(tokenizer_json, tokenizer_config)
+
+    def token_ids(self, body: InferenceRequestBody) -> list[int]:
+        if body.prompt_token_ids is not None:
+            return body.prompt_token_ids
+        if body.api == "chat":
+            if self.chat_template is None:
+                text = render_plain_chat(body.messages)
+            else:
+                text = self.chat_template.render(body.messages)
+            ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
+            return ids
+        return self.text_token_ids(body.prompt_text or "")
+
+    def text_token_ids(self, text: str) -> list[int]:
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=True).ids
+        return ids
+
+
+def _chat_template_from_config(config: dict[str, Any]) -> ChatTemplate | None:
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        # Newer configs carry named templates: [{"name": "default", "template": "..."}, ...].
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    if not isinstance(template, str):
+        return None
+    special: dict[str, str] = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = config.get(key)
+        if isinstance(value, dict):
+            # AddedToken serialised as {"content": "<s>", "lstrip": false, ...}.
+            value = value.get("content")
+        if isinstance(value, str):
+            special[key] = value
+    return ChatTemplate(template, special)
+
+
+def make_tokenizer(
+    tokenizer_json: str | Path | None = None,
+    tokenizer_config: str | Path | None = None,
+    hub_model: str | None = None,
+) -> PromptTokenizer:
+    """The configured tokenizer; the byte-level stand-in when none is configured."""
+    if tokenizer_json is not None:
+        return HFTokenizer(tokenizer_json, tokenizer_config)
+    if hub_model:
+        return HFTokenizer.from_hub(hub_model)
+    return ByteTokenizer()

@@ -1,0 +1,215 @@
+"""OpenAI-compatible request bodies, reduced to what routing needs.
+
+Schemas (OpenAI API reference, as served by vLLM's OpenAI-compatible server):
+
+* ``POST /v1/completions``: ``prompt`` is a string, a list of token ids, a list of strings or a
+  list of token-id lists (a batch). A batch is routed as one request, so the first prompt
+  decides the prefix.
+* ``POST /v1/chat/completions``: ``messages`` is a list of ``{"role", "content"}`` where
+  ``content`` is a string, ``null`` (assistant turns that only call tools) or a list of parts;
+  only ``{"type": "text", "text": ...}`` parts carry text.
+* Both: ``model``, ``max_tokens`` (``max_completion_tokens`` for chat), ``stream``.
+
+The ``:path`` decides the schema; a body sent to another path is classified by its keys, and
+one that has neither ``prompt`` nor ``messages`` (embeddings, tokenisation, ...) is still
+routed, just without a prompt to match.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+ApiKind = Literal["completions", "chat", "other"]
+
+
+class BadRequestBody(ValueError):
+    """The body cannot be an OpenAI request; the message is safe to show to the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceRequestBody:
+    api: ApiKind
+    model: str | None = None
+    prompt_text: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: tuple[ChatMessage, ...] = ()
+    max_tokens: int | None = None
+    stream: bool = False
+
+    @property
+    def has_prompt(self) -> bool:
+        return self.prompt_text is not None or self.prompt_token_ids is not None or bool(self.messages)
+
+
+def api_for_path(path: str | None) -> ApiKind | None:
+    """The schema a request path implies, or None when the path does not say."""
+    if not path:
+        return None
+    route = path.split("?", 1)[0].rstrip("/")
+    if route.endswith("/chat/completions"):
+        return "chat"
+    if route.endswith("/completions"):
+        return "completions"
+    return None
+
+
+def parse_request_body(body: bytes, path: str | None = None) -> InferenceRequestBody:
+    """Parse one request body (already complete) once; raise BadRequestBody when malformed."""
+    try:
+        document = json.loads(body)
+    except UnicodeDecodeError as exc:
+        raise BadRequestBody(f"request body is not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
+    except json.JSONDecodeError as exc:
+        raise BadRequestBody(
+            f"request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from exc
+    except RecursionError as exc:
+        raise BadRequestBody("request body nests JSON too deeply") from exc
+    if not isinstance(document, dict):
+        raise BadRequestBody(f"request body must be a JSON object, not {_json_type(document)}")
+    api = api_for_path(path)
+    if api is None:
+        if "messages" in document:
+            api = "chat"
+        elif "prompt" in document:
+            api = "completions"
+        else:
+            api = "other"
+    model = _optional_str(document, "model")
+    stream = document.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise BadRequestBody(f"'stream' must be a boolean, not {_json_type(stream)}")
+    if api == "chat":
+        max_tokens = _optional_count(document, "max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = _optional_count(document, "max_tokens")
+        return InferenceRequestBody(
+            "chat",
+            model=model,
+            messages=_parse_messages(document.get("messages")),
+            max_tokens=max_tokens,
+            stream=stream,
+        )
+    max_tokens = _optional_count(document, "max_tokens")
+    if api == "completions":
+        text, token_ids = _parse_prompt(document.get("prompt"))
+        return InferenceRequestBody(
+            "completions",
+            model=model,
+            prompt_text=text,
+            prompt_token_ids=token_ids,
+            max_tokens=max_tokens,
+            stream=stream,
+        )
+    return InferenceRequestBody("other", model=model, max_tokens=max_tokens, stream=stream)
+
+
+def _parse_prompt(prompt: Any) -> tuple[str | None, list[int] | None]:
+    if isinstance(prompt, str):
+        return prompt, None
+    if prompt is None:
+        raise BadRequestBody("'prompt' is required for /v1/completions")
+    if not isinstance(prompt, list):
+        raise BadRequestBody(
+            f"'prompt' must be a string, a list of token ids or a list of prompts, not {_json_type(prompt)}"
+        )
+    if not prompt:
+        raise BadRequestBody("'prompt' must not be an empty list")
+    first = prompt[0]
+    if isinstance(first, str):
+        return first, None
+    if isinstance(first, list):
+        if not first:
+            raise BadRequestBody("'prompt[0]' must not be an empty list of token ids")
+        return None, _token_ids(first, "prompt[0]")
+    return None, _token_ids(prompt, "prompt")
+
+
+def _token_ids(values: list[Any], where: str) -> list[int]:
+    # type() rather than isinstance(): JSON true/false decode to bool, a subclass of int.
+    for position, value in enumerate(values):
+        if type(value) is not int or value < 0:
+            raise BadRequestBody(f"'{where}[{position}]' must be a non-negative integer token id")
+    return values
+
+
+def _parse_messages(messages: Any) -> tuple[ChatMessage, ...]:
+    if messages is None:
+        raise BadRequestBody("'messages' is required for /v1/chat/completions")
+    if not isinstance(messages, list):
+        raise BadRequestBody(f"'messages' must be a list, not {_json_type(messages)}")
+    if not messages:
+        raise BadRequestBody("'messages' must not be empty")
+    parsed: list[ChatMessage] = []
+    for position, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequestBody(f"'messages[{position}]' must be an object, not {_json_type(message)}")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise BadRequestBody(f"'messages[{position}].role' must be a non-empty string")
+        parsed.append(ChatMessage(role, _content_text(message.get("content"), position)))
+    return tuple(parsed)
+
+
+def _content_text(content: Any, position: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRequestBody(
+            f"'messages[{position}].content' must be a string or a list of parts, not {_json_type(content)}"
+        )
+    texts: list[str] = []
+    for index, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise BadRequestBody(f"'messages[{position}].content[{index}]' must be an object")
+        if part.get("type") != "text":
+            # Images, audio and files cannot be tokenised here; the text parts still share a prefix.
+            continue
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise BadRequestBody(f"'messages[{position}].content[{index}].text' must be a string")
+        texts.append(text)
+    # vLLM joins text parts with newlines when it flattens content for a string-only template.
+    return "\n".join(texts)
+
+
+def _optional_str(document: dict[str, Any], key: str) -> str | None:
+    value = document.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise BadRequestBody(f"'{key}' must be a string, not {_json_type(value)}")
+
+
+def _optional_count(document: dict[str, Any], key: str) -> int | None:
+    value = document.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise BadRequestBody(f"'{key}' must be a non-negative integer")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
