@@ -75,34 +75,86 @@ cdef inline uint64_t _avalanche(uint64_t h) noexcept nogil:
     return h
 
 
-cdef inline uint64_t _block_start(uint64_t parent, uint64_t salt, Py_ssize_t n) noexcept nogil:
-    return _avalanche(parent ^ salt) + <uint64_t>n * PRIME64_3
+cdef inline uint64_t _round(uint64_t lane, uint64_t token) noexcept nogil:
+    return kv_rotl64(lane + token * PRIME64_2, 31) * PRIME64_1
 
 
-cdef inline uint64_t _block_finish(uint64_t acc) noexcept nogil:
+cdef struct Lanes:
+    # Four independent accumulators (XXH64's layout): token j feeds lane j % 4, so the
+    # four multiply chains overlap in the pipeline instead of running one after another.
+    uint64_t v0
+    uint64_t v1
+    uint64_t v2
+    uint64_t v3
+
+
+cdef inline void _lanes_start(Lanes* lanes, uint64_t parent, uint64_t salt) noexcept nogil:
+    cdef uint64_t seed = _avalanche(parent ^ salt)
+    lanes.v0 = seed + PRIME64_1 + PRIME64_2
+    lanes.v1 = seed + PRIME64_2
+    lanes.v2 = seed
+    lanes.v3 = seed - PRIME64_1
+
+
+cdef inline uint64_t _lanes_finish(const Lanes* lanes, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t acc = (kv_rotl64(lanes.v0, 1) + kv_rotl64(lanes.v1, 7)
+                         + kv_rotl64(lanes.v2, 12) + kv_rotl64(lanes.v3, 18)
+                         + <uint64_t>n * PRIME64_3)
     cdef uint64_t key = _avalanche(acc)
     return key if key != 0 else 1
 
 
+cdef inline void _lanes_tail(Lanes* lanes, Py_ssize_t j, uint64_t token) noexcept nogil:
+    cdef int lane = j & 3
+    if lane == 0:
+        lanes.v0 = _round(lanes.v0, token)
+    elif lane == 1:
+        lanes.v1 = _round(lanes.v1, token)
+    elif lane == 2:
+        lanes.v2 = _round(lanes.v2, token)
+    else:
+        lanes.v3 = _round(lanes.v3, token)
+
+
 cdef inline uint64_t _block_key_u64(uint64_t parent, uint64_t salt, const uint64_t* tokens,
                                     Py_ssize_t n) noexcept nogil:
-    cdef uint64_t acc = _block_start(parent, salt, n)
-    cdef Py_ssize_t j
-    for j in range(n):
-        acc = kv_rotl64(acc + tokens[j] * PRIME64_2, 31) * PRIME64_1
-    return _block_finish(acc)
+    cdef Lanes lanes
+    cdef Py_ssize_t j = 0
+    _lanes_start(&lanes, parent, salt)
+    while j + 4 <= n:
+        lanes.v0 = _round(lanes.v0, tokens[j])
+        lanes.v1 = _round(lanes.v1, tokens[j + 1])
+        lanes.v2 = _round(lanes.v2, tokens[j + 2])
+        lanes.v3 = _round(lanes.v3, tokens[j + 3])
+        j += 4
+    while j < n:
+        _lanes_tail(&lanes, j, tokens[j])
+        j += 1
+    return _lanes_finish(&lanes, n)
 
 
 cdef inline int _block_key_list(list tokens, Py_ssize_t start, Py_ssize_t n, uint64_t parent,
                                 uint64_t salt, uint64_t* out) except -1:
-    # Conversion and mixing in one loop: the item loads run ahead of the multiply chain.
-    cdef uint64_t acc = _block_start(parent, salt, n)
-    cdef uint64_t tok
-    cdef Py_ssize_t j
-    for j in range(start, start + n):
-        kv_mask_u64(PyList_GET_ITEM(tokens, j), &tok)
-        acc = kv_rotl64(acc + tok * PRIME64_2, 31) * PRIME64_1
-    out[0] = _block_finish(acc)
+    # Conversion and mixing in one loop: the item loads run ahead of the multiply chains.
+    cdef Lanes lanes
+    cdef uint64_t t0, t1, t2, t3
+    cdef Py_ssize_t j = 0
+    _lanes_start(&lanes, parent, salt)
+    while j + 4 <= n:
+        kv_mask_u64(PyList_GET_ITEM(tokens, start + j), &t0)
+        kv_mask_u64(PyList_GET_ITEM(tokens, start + j + 1), &t1)
+        kv_mask_u64(PyList_GET_ITEM(tokens, start + j + 2), &t2)
+        kv_mask_u64(PyList_GET_ITEM(tokens, start + j + 3), &t3)
+        lanes.v0 = _round(lanes.v0, t0)
+        lanes.v1 = _round(lanes.v1, t1)
+        lanes.v2 = _round(lanes.v2, t2)
+        lanes.v3 = _round(lanes.v3, t3)
+        j += 4
+    while j < n:
+        kv_mask_u64(PyList_GET_ITEM(tokens, start + j), &t0)
+        _lanes_tail(&lanes, j, t0)
+        j += 1
+    out[0] = _lanes_finish(&lanes, n)
     return 0
 
 

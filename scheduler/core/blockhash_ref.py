@@ -48,11 +48,28 @@ def own_root_key(seed: int, lora_id: int | None = None) -> int:
 
 
 def own_block_key(parent_key: int, tokens: Sequence[int], salt: int = 0) -> int:
-    """Key of one block given its parent's key, its tokens and an optional salt."""
-    acc = (avalanche((parent_key ^ salt) & MASK64) + len(tokens) * PRIME64_3) & MASK64
-    for token in tokens:
-        acc = (acc + (token & MASK64) * PRIME64_2) & MASK64
-        acc = (_rotl(acc, 31) * PRIME64_1) & MASK64
+    """Key of one block given its parent's key, its tokens and an optional salt.
+
+    Four accumulators in XXH64's layout (token j feeds lane j % 4), merged and
+    avalanched; the parent key and salt seed the lanes, so the key names the prefix.
+    """
+    seed = avalanche((parent_key ^ salt) & MASK64)
+    lanes = [
+        (seed + PRIME64_1 + PRIME64_2) & MASK64,
+        (seed + PRIME64_2) & MASK64,
+        seed,
+        (seed - PRIME64_1) & MASK64,
+    ]
+    for j, token in enumerate(tokens):
+        lane = lanes[j & 3]
+        lanes[j & 3] = (_rotl((lane + (token & MASK64) * PRIME64_2) & MASK64, 31) * PRIME64_1) & MASK64
+    acc = (
+        _rotl(lanes[0], 1)
+        + _rotl(lanes[1], 7)
+        + _rotl(lanes[2], 12)
+        + _rotl(lanes[3], 18)
+        + len(tokens) * PRIME64_3
+    ) & MASK64
     key = avalanche(acc)
     return key or 1
 

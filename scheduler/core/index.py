@@ -20,15 +20,16 @@ groups are skipped. Worker names are opaque strings (normally ``ip:port``).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.core import blockhash_ref
-from scheduler.core.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+from scheduler.core.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, Tier
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +103,21 @@ class BlockTable(Protocol):
     def evictions(self) -> int: ...
 
 
-@dataclass(frozen=True, slots=True)
-class PrefixMatch:
-    """Leading blocks of one request that one worker holds, split by the fastest tier."""
+class PrefixMatch(NamedTuple):
+    """Leading blocks of one request that one worker holds, split by the fastest tier.
+
+    A tuple rather than a dataclass: a lookup builds one per matching worker (64 on a
+    64-pod fleet whose system prompt is everywhere), and tuple construction is the
+    cheapest Python object there is.
+    """
 
     total_blocks: int
     gpu_blocks: int = 0
     cpu_blocks: int = 0
     storage_blocks: int = 0
+
+
+_new_match = tuple.__new__
 
 
 @dataclass(slots=True)
@@ -146,9 +154,7 @@ def _make_table(config: IndexConfig) -> BlockTable:
 
 def _hash_functions(backend: Backend) -> Any:
     if backend == "native":
-        from scheduler._native import blockhash
-
-        return blockhash
+        return importlib.import_module("scheduler._native.blockhash")
     return blockhash_ref
 
 
@@ -291,6 +297,17 @@ class PrefixIndex:
         stats.event_errors += len(result.errors)
         return result
 
+    def record_routed(self, worker: str, keys: list[int]) -> None:
+        """Approximate mode: assume ``worker`` now caches these request keys (it sends no events)."""
+        if len(keys):
+            self._table.store_keys(self._worker_id(worker), Tier.GPU, keys, None)
+
+    def forget_routed(self, worker: str, keys: list[int]) -> None:
+        """Approximate mode: an assumed cache entry expired."""
+        wid = self._worker_ids.get(worker)
+        if wid is not None and len(keys):
+            self._table.remove_blocks(wid, Tier.GPU, keys)
+
     # --- queries -----------------------------------------------------------------------
 
     def request_keys(
@@ -316,9 +333,9 @@ class PrefixIndex:
         """Leading blocks of ``keys`` that each worker holds (workers with none are absent)."""
         names = self._worker_names
         return {
-            names[wid]: PrefixMatch(total, gpu, cpu, storage)
-            for wid, total, gpu, cpu, storage in self._table.match(keys)
-            if wid in names
+            names[row[0]]: _new_match(PrefixMatch, row[1:])
+            for row in self._table.match(keys)
+            if row[0] in names
         }
 
     def match_tokens(
