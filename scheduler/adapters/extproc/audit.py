@@ -1,0 +1,68 @@
+"""Outcome counters and the per-decision audit line (logger ``kvsched.audit``, one JSON object)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from typing import Any
+
+audit_log = logging.getLogger("kvsched.audit")
+
+# Every way a request can leave the Endpoint Picker; each is counted exactly once per request,
+# plus how each routed request ended (kvsched.v1 Report: completed/failed; never reported: unreported).
+DECISION_OUTCOMES = (
+    "routed",
+    "routed_fallback",
+    "no_endpoints",
+    "shed",
+    "bad_request",
+    "too_large",
+    "internal_error",
+)
+RESPONSE_OUTCOMES = ("completed", "upstream_error", "cancelled", "failed", "unreported")
+
+
+class ExtProcStats:
+    """In-process counters, mirrored into Prometheus when a registry is given."""
+
+    def __init__(self, registry: Any | None = None) -> None:
+        self.outcomes: Counter[str] = Counter()
+        self._counter: Any = None
+        self._decision_seconds: Any = None
+        if registry is not None:
+            from prometheus_client import Counter as PromCounter
+            from prometheus_client import Histogram
+
+            self._counter = PromCounter(
+                "kvsched_picker_requests",
+                "Requests handled by the Endpoint Picker, by outcome.",
+                ["outcome"],
+                registry=registry,
+            )
+            self._decision_seconds = Histogram(
+                "kvsched_picker_decision_seconds",
+                "Time from the complete request (end of body) to the routing answer.",
+                buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+                registry=registry,
+            )
+            for outcome in DECISION_OUTCOMES + RESPONSE_OUTCOMES:
+                self._counter.labels(outcome)
+
+    def count(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        if self._counter is not None:
+            self._counter.labels(outcome).inc()
+
+    def observe_decision(self, seconds: float) -> None:
+        if self._decision_seconds is not None:
+            self._decision_seconds.observe(seconds)
+
+
+def write_audit(record: dict[str, Any]) -> None:
+    if audit_log.isEnabledFor(logging.INFO):
+        audit_log.info(json.dumps(record, separators=(",", ":"), default=str))
+
+
+def milliseconds(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)

@@ -1,0 +1,56 @@
+"""Settings of the Endpoint Picker gRPC server (ext_proc and kvsched.v1), with their defaults."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Names fixed by the GIE Endpoint Picker protocol (docs/proposals/004-endpoint-picker-protocol).
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+DESTINATION_NAMESPACE = "envoy.lb"
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+SERVED_KEY = "x-gateway-destination-endpoint-served"
+DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
+
+
+class ExtProcConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    on_internal_error: Literal["fallback", "grpc_error"] = Field(
+        "fallback",
+        description="When picking raises: 'fallback' routes to the least-loaded healthy endpoints; "
+        "'grpc_error' fails the ext_proc stream so the gateway's FailOpen/FailClose applies.",
+    )
+    max_body_chunk_bytes: int = Field(
+        62_000,
+        ge=1024,
+        le=4 * 1024 * 1024,
+        description="Largest streamed_response chunk sent back to the gateway (GIE uses 62,000).",
+    )
+    max_request_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, description="Request bodies above this are refused with 413."
+    )
+    max_response_parse_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=0,
+        description="Non-streamed response bodies up to this size are parsed whole for 'usage'; "
+        "beyond it only the body's tail is searched.",
+    )
+    tokenize_in_thread_chars: int = Field(
+        16 * 1024,
+        ge=0,
+        description="Prompts with more characters than this are tokenised off the event loop.",
+    )
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=4 * 1024 * 1024, description="gRPC receive/send message size limit."
+    )
+    picker_api_max_pending: int = Field(
+        100_000,
+        ge=1,
+        description="kvsched.v1 picks awaiting a Report; the oldest is released as failed beyond this.",
+    )
+    health_refresh_s: float = Field(
+        1.0, gt=0, description="How often readiness is re-evaluated for health Watch streams."
+    )

@@ -1,0 +1,200 @@
+"""One routing decision: request body -> token ids -> Scheduler.pick, with the error policy.
+
+Shared by the ext_proc servicer and the kvsched.v1 API. Decision logic stays in the Scheduler;
+this only maps its answers (and its failures) onto the protocol's outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from scheduler.adapters.extproc.audit import ExtProcStats
+from scheduler.adapters.extproc.config import ExtProcConfig
+from scheduler.adapters.extproc.headers import RequestHints
+from scheduler.adapters.tokenizer import PromptTokenizer, TemplateError, request_token_ids
+from scheduler.codec.openai import BadRequestBody, InferenceRequestBody, parse_request_body
+from scheduler.core.scheduler import Endpoint, PickResult, SchedulingRequest
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerPort(Protocol):
+    """The Scheduler facade methods the Endpoint Picker calls."""
+
+    def endpoints(self) -> list[Endpoint]: ...
+
+    def pick(self, request: SchedulingRequest, now: float) -> PickResult: ...
+
+    def fallback_pick(self, request: SchedulingRequest, now: float | None = None) -> list[str]: ...
+
+    def on_first_token(self, request_id: str, now: float) -> None: ...
+
+    def on_completed(
+        self,
+        request_id: str,
+        now: float,
+        *,
+        served: str | None = None,
+        cached_tokens: int | None = None,
+        completion_tokens: int | None = None,
+    ) -> object: ...
+
+    def on_failed(self, request_id: str, now: float) -> None: ...
+
+
+@dataclass(slots=True)
+class Decision:
+    outcome: str  # one of audit.DECISION_OUTCOMES
+    endpoints: list[str] = field(default_factory=list)
+    reason: str = ""
+    explanation: dict[str, Any] = field(default_factory=dict)
+    request: SchedulingRequest | None = None
+    body: InferenceRequestBody | None = None
+    error: BaseException | None = None
+
+    @property
+    def routed(self) -> bool:
+        return self.outcome in ("routed", "routed_fallback")
+
+
+class PickRunner:
+    def __init__(
+        self,
+        scheduler: SchedulerPort,
+        config: ExtProcConfig,
+        tokenizer: PromptTokenizer,
+        clock: Callable[[], float],
+        stats: ExtProcStats,
+    ) -> None:
+        self.scheduler = scheduler
+        self.config = config
+        self.tokenizer = tokenizer
+        self.clock = clock
+        self.stats = stats
+        self._logged_errors: set[str] = set()
+
+    async def decide_body(
+        self, hints: RequestHints, body: bytes | None, subset: frozenset[str] | None
+    ) -> Decision:
+        """Decide for an HTTP request; ``body`` None or empty means a request without a body."""
+        parsed: InferenceRequestBody | None = None
+        if body:
+            try:
+                parsed = parse_request_body(body, hints.path)
+            except BadRequestBody as exc:
+                return Decision("bad_request", reason=str(exc))
+        token_ids: Sequence[int] = ()
+        tokenize_error: Exception | None = None
+        if parsed is not None:
+            try:
+                token_ids = await self.token_ids(parsed)
+            except TemplateError as exc:
+                reason = f"chat template rejected the messages: {exc}"
+                return Decision("bad_request", reason=reason, body=parsed)
+            except Exception as exc:
+                tokenize_error = exc
+        request = self.scheduling_request(
+            hints,
+            token_ids,
+            model=parsed.model if parsed else None,
+            max_tokens=parsed.max_tokens if parsed else None,
+            subset=subset,
+        )
+        if tokenize_error is not None:
+            decision = self.internal(request, tokenize_error)
+        else:
+            decision = self.pick(request)
+        decision.body = parsed
+        return decision
+
+    async def token_ids(self, parsed: InferenceRequestBody) -> Sequence[int]:
+        if parsed.prompt_token_ids is not None:
+            return parsed.prompt_token_ids
+        size = len(parsed.prompt_text or "") + sum(len(message.content) for message in parsed.messages)
+        if size > self.config.tokenize_in_thread_chars:
+            # Tokenisers release the GIL; a long prompt must not stall every other stream.
+            return await asyncio.to_thread(request_token_ids, self.tokenizer, parsed)
+        return request_token_ids(self.tokenizer, parsed)
+
+    @staticmethod
+    def scheduling_request(
+        hints: RequestHints,
+        token_ids: Sequence[int],
+        *,
+        model: str | None,
+        max_tokens: int | None,
+        subset: frozenset[str] | None,
+    ) -> SchedulingRequest:
+        return SchedulingRequest(
+            request_id=hints.request_id,
+            token_ids=token_ids,
+            model=model,
+            subset=subset,
+            objective=hints.objective,
+            slo_ttft_ms=hints.slo_ttft_ms,
+            slo_tpot_ms=hints.slo_tpot_ms,
+            fairness_id=hints.fairness_id,
+            max_tokens=max_tokens,
+        )
+
+    def pick(self, request: SchedulingRequest) -> Decision:
+        if request.subset is not None and not request.subset:
+            # GIE protocol: an empty subset hint means nothing is eligible -> 503.
+            return Decision("no_endpoints", reason="the gateway's subset hint is empty", request=request)
+        now = self.clock()
+        try:
+            result = self.scheduler.pick(request, now)
+            if result.status == "ok" and not result.endpoints:
+                raise RuntimeError("scheduler answered ok without an endpoint")
+        except Exception as exc:
+            return self.internal(request, exc, now)
+        if result.status == "ok":
+            return Decision("routed", list(result.endpoints), result.reason, result.explanation, request)
+        if result.status == "shed":
+            return Decision("shed", [], result.reason or "shed", result.explanation, request)
+        return Decision(
+            "no_endpoints", [], result.reason or "no endpoint available", result.explanation, request
+        )
+
+    def internal(self, request: SchedulingRequest, error: Exception, now: float | None = None) -> Decision:
+        """Picking raised: fall back or fail the stream, as configured."""
+        if now is None:
+            now = self.clock()
+        self._log_error_once("pick", request.request_id, error)
+        description = f"{type(error).__name__}: {error}"
+        if self.config.on_internal_error == "grpc_error":
+            return Decision("internal_error", reason=description, request=request, error=error)
+        try:
+            endpoints = list(self.scheduler.fallback_pick(request, now))
+        except Exception as fallback_error:
+            self._log_error_once("fallback", request.request_id, fallback_error)
+            return Decision(
+                "internal_error",
+                reason=f"{description}; fallback failed: {type(fallback_error).__name__}: {fallback_error}",
+                request=request,
+                error=fallback_error,
+            )
+        if not endpoints:
+            return Decision(
+                "no_endpoints", reason=f"{description}; no healthy endpoint to fall back to", request=request
+            )
+        return Decision(
+            "routed_fallback",
+            endpoints,
+            f"picking failed ({description}); least-loaded fallback",
+            {"fallback": True, "error": description},
+            request,
+        )
+
+    def _log_error_once(self, stage: str, request_id: str, error: Exception) -> None:
+        # Full traceback once per kind of failure; after that the counters tell the rate.
+        key = f"{stage}:{type(error).__name__}"
+        if key in self._logged_errors:
+            log.debug("%s failed again for request %s: %r", stage, request_id, error)
+            return
+        self._logged_errors.add(key)
+        log.error("%s failed for request %s", stage, request_id, exc_info=error)

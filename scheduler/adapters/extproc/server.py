@@ -1,0 +1,146 @@
+"""The Endpoint Picker gRPC server: ext_proc + kvsched.v1 on one port, health on another."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+from grpc_health.v1 import health_pb2_grpc  # type: ignore[import-untyped]
+
+from scheduler.adapters.extproc.audit import ExtProcStats
+from scheduler.adapters.extproc.config import ExtProcConfig
+from scheduler.adapters.extproc.decide import PickRunner, SchedulerPort
+from scheduler.adapters.extproc.health import ReadinessHealthServicer
+from scheduler.adapters.extproc.picker_api import EndpointPickerServicer, load_picker_protos
+from scheduler.adapters.extproc.servicer import ExternalProcessorServicer
+from scheduler.adapters.extproc.tls import ServerCredentials, TLSSettings
+from scheduler.adapters.tokenizer import ByteTokenizer, PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+
+class ExtProcServer:
+    """Serves ``envoy.service.ext_proc.v3.ExternalProcessor`` and ``kvsched.v1.EndpointPicker``
+    on ``host:port`` (TLS per ``tls``) and ``grpc.health.v1.Health`` in plaintext on
+    ``health_host:health_port``. Port 0 binds an ephemeral port; read ``port``/``health_port``
+    after ``start()``. All handlers run on the event loop that called ``start()``, so the
+    Scheduler is only ever touched from that loop.
+    """
+
+    def __init__(
+        self,
+        scheduler: SchedulerPort,
+        *,
+        host: str = "0.0.0.0",
+        port: int = 9002,
+        tls: TLSSettings | None = None,
+        health_host: str | None = None,
+        health_port: int | None = 9003,
+        config: ExtProcConfig | None = None,
+        tokenizer: PromptTokenizer | None = None,
+        ready: Callable[[], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        metrics_registry: Any | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.config = config or ExtProcConfig()
+        self.tls = tls if tls is not None else TLSSettings()
+        self.stats = ExtProcStats(metrics_registry)
+        self._host = host
+        self._requested_port = port
+        self._health_host = health_host or host
+        self._requested_health_port = health_port
+        self._tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        self._ready = ready if ready is not None else (lambda: bool(scheduler.endpoints()))
+        self.runner = PickRunner(scheduler, self.config, self._tokenizer, clock, self.stats)
+        self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self._health: ReadinessHealthServicer | None = None
+        self._picker: EndpointPickerServicer | None = None
+        self._credentials: ServerCredentials | None = None
+        self.port: int | None = None
+        self.health_port: int | None = None
+
+    @property
+    def certificate_pem(self) -> bytes | None:
+        """The serving certificate (PEM) clients should trust; None in plaintext mode."""
+        return self._credentials.certificate_pem if self._credentials is not None else None
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("server already started")
+        options = [
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_send_message_length", self.config.max_message_bytes),
+        ]
+        server = grpc.aio.server(options=options)
+        ext_proc_grpc.add_ExternalProcessorServicer_to_server(
+            ExternalProcessorServicer(self.runner, self.config, self.stats), server
+        )
+        protos = load_picker_protos()
+        if protos is None:
+            log.warning(
+                "scheduler._proto is missing (package built without proto/): "
+                "kvsched.v1.EndpointPicker is not served, ext_proc is"
+            )
+        else:
+            picker_pb2, picker_pb2_grpc = protos
+            self._picker = EndpointPickerServicer(
+                self.runner, self.stats, self.config.picker_api_max_pending, picker_pb2
+            )
+            picker_pb2_grpc.add_EndpointPickerServicer_to_server(self._picker, server)
+        self._credentials = ServerCredentials(self.tls)
+        address = f"{self._host}:{self._requested_port}"
+        if self._credentials.credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, self._credentials.credentials)
+        if not bound:
+            raise OSError(f"cannot bind the Endpoint Picker gRPC port {address}")
+        await server.start()
+        self._server = server
+        self.port = bound
+        if self._requested_health_port is not None:
+            await self._start_health()
+        log.info(
+            "endpoint picker serving ext_proc%s on %s:%d (%s), health on %s",
+            "" if self._picker is None else " and kvsched.v1",
+            self._host,
+            bound,
+            self.tls.mode,
+            "off" if self.health_port is None else f"{self._health_host}:{self.health_port}",
+        )
+
+    async def _start_health(self) -> None:
+        health = ReadinessHealthServicer(self._ready)
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        address = f"{self._health_host}:{self._requested_health_port}"
+        bound = server.add_insecure_port(address)
+        if not bound:
+            raise OSError(f"cannot bind the health port {address}")
+        await server.start()
+        await health.start(self.config.health_refresh_s)
+        self._health_server, self._health, self.health_port = server, health, bound
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Report NOT_SERVING, let streams in flight finish for ``grace`` seconds, then close."""
+        if self._health is not None:
+            await self._health.shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self._picker is not None:
+            await self._picker.release_all()
+        if self._health_server is not None:
+            await self._health_server.stop(None)
+            self._health_server = None
+            self._health = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()

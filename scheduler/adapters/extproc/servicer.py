@@ -1,0 +1,337 @@
+"""``envoy.service.ext_proc.v3.ExternalProcessor/Process``: one HTTP request per stream.
+
+Message order, as the GIE Endpoint Picker protocol uses ext_proc with FULL_DUPLEX_STREAMED bodies
+(see shared PROTOCOLS.md §2 and the Envoy ext_proc filter docs):
+
+request path   request_headers [request_body ... end_of_stream] [request_trailers]
+               The headers answer is held until the body is complete (routing needs the prompt);
+               then: HeadersResponse (route header, envoy.lb metadata, Content-Length,
+               clear_route_cache), the body as streamed_response chunks, the trailers answer.
+               A headers-only request (end_of_stream on the headers) is answered at once.
+response path  response_headers, response_body chunks (echoed unchanged), [response_trailers]
+               Time of the first body byte -> on_first_token; usage at the end -> on_completed.
+A refused request gets an ImmediateResponse and the stream ends.
+
+Envoy >= 1.33 states its body modes in the first message (``protocol_config``). When the request
+body is not FULL_DUPLEX_STREAMED (NONE for a headers-only set-up, STREAMED, BUFFERED) the headers
+are answered at once, routing without the prompt, and body messages get a plain continue, so a
+gateway configured differently is served (without prefix affinity) instead of stalled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import Any
+
+import grpc
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+
+from scheduler.adapters.extproc import responses
+from scheduler.adapters.extproc.audit import ExtProcStats, milliseconds, write_audit
+from scheduler.adapters.extproc.config import DROPPED_REASON_HEADER, ExtProcConfig
+from scheduler.adapters.extproc.decide import Decision, PickRunner
+from scheduler.adapters.extproc.headers import (
+    REQUEST_ID_HEADER,
+    RequestHints,
+    header_dict,
+    request_hints,
+    served_endpoint,
+    subset_hint,
+)
+from scheduler.adapters.extproc.usage import ResponseUsageReader, Usage
+
+log = logging.getLogger(__name__)
+
+_FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+
+_REFUSALS = {
+    "no_endpoints": 503,
+    "shed": 429,
+    "bad_request": 400,
+    "too_large": 413,
+}
+
+
+class ExternalProcessorServicer(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, runner: PickRunner, config: ExtProcConfig, stats: ExtProcStats) -> None:
+        self._runner = runner
+        self._config = config
+        self._stats = stats
+        # x-request-id values of streams in progress: a repeated id must not merge two requests'
+        # accounting in the scheduler.
+        self._active_ids: set[str] = set()
+
+    async def Process(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        exchange = _Exchange(self._runner, self._config, self._stats, self._active_ids)
+        try:
+            async for message in request_iterator:
+                for response in await exchange.handle(message):
+                    yield response
+                if exchange.aborted is not None:
+                    await context.abort(grpc.StatusCode.INTERNAL, exchange.aborted)
+                if exchange.closed:
+                    return
+        finally:
+            # Reached on every exit; a routed request whose response did not finish (gateway
+            # reset, client gone, upstream failure) is released here.
+            exchange.finish("cancelled")
+
+
+class _Exchange:
+    """The state of one HTTP request/response pair on one ext_proc stream."""
+
+    def __init__(
+        self, runner: PickRunner, config: ExtProcConfig, stats: ExtProcStats, active_ids: set[str]
+    ) -> None:
+        self._runner = runner
+        self._config = config
+        self._stats = stats
+        self._active_ids = active_ids
+        self._clock: Callable[[], float] = runner.clock
+        self._scheduler = runner.scheduler
+        self.closed = False
+        self.aborted: str | None = None
+        self._hints: RequestHints | None = None
+        self._request_id = ""
+        self._subset: frozenset[str] | None = None
+        self._started_at: float | None = None
+        self._chunks: list[bytes] = []
+        self._body_size = 0
+        self._body_messages = 0
+        self._decision: Decision | None = None
+        self._decision_s: float | None = None
+        self._status: int | None = None
+        self._served: str | None = None
+        self._first_byte_at: float | None = None
+        self._usage_reader: ResponseUsageReader | None = None
+        self._usage: Usage | None = None
+        self._finished = False
+        # Without a protocol_config (older Envoy) the GIE set-up is assumed.
+        self._duplex_request = True
+        self._duplex_response = True
+
+    async def handle(self, message: Any) -> list[Any]:
+        kind = message.WhichOneof("request")
+        if message.HasField("protocol_config"):
+            config = message.protocol_config
+            self._duplex_request = config.request_body_mode == _FULL_DUPLEX
+            self._duplex_response = config.response_body_mode == _FULL_DUPLEX
+        if message.HasField("metadata_context"):
+            self._read_metadata(message.metadata_context)
+        if kind == "request_headers":
+            return await self._request_headers(message.request_headers)
+        if kind == "request_body":
+            return await self._request_body(message.request_body)
+        if kind == "request_trailers":
+            answers = [] if self._decision is not None else await self._decide(end_of_stream=False)
+            if not self.closed:
+                answers.append(responses.request_trailers_continue())
+            return answers
+        if kind == "response_headers":
+            return self._response_headers(message.response_headers)
+        if kind == "response_body":
+            return self._response_body(message.response_body)
+        if kind == "response_trailers":
+            self._complete()
+            return [responses.response_trailers_continue()]
+        self._stats.count("unknown_message")
+        return []
+
+    def _read_metadata(self, metadata: Any) -> None:
+        if self._decision is None:
+            subset = subset_hint(metadata)
+            if subset is not None:
+                self._subset = subset
+        else:
+            served = served_endpoint(metadata)
+            if served is not None:
+                self._served = served
+
+    async def _request_headers(self, headers: Any) -> list[Any]:
+        self._started_at = self._clock()
+        hints = request_hints(header_dict(headers.headers))
+        if hints.request_id in self._active_ids:
+            hints = replace(hints, request_id=f"{hints.request_id}~{id(self):x}")
+        self._hints = hints
+        self._request_id = hints.request_id
+        self._active_ids.add(hints.request_id)
+        if headers.end_of_stream or not self._duplex_request:
+            return await self._decide(end_of_stream=True)
+        return []
+
+    async def _request_body(self, body: Any) -> list[Any]:
+        if self._decision is not None:
+            # Only outside FULL_DUPLEX_STREAMED (decided on the headers): let the body through.
+            return [] if self._duplex_request else [responses.request_body_continue()]
+        self._body_messages += 1
+        chunk = body.body
+        if chunk:
+            self._body_size += len(chunk)
+            if self._body_size > self._config.max_request_body_bytes:
+                self._chunks.clear()
+                return self._refuse(
+                    Decision(
+                        "too_large",
+                        reason=f"request body exceeds {self._config.max_request_body_bytes} bytes",
+                    )
+                )
+            self._chunks.append(chunk)
+        if body.end_of_stream:
+            return await self._decide(end_of_stream=True)
+        return []
+
+    async def _decide(self, *, end_of_stream: bool) -> list[Any]:
+        if self._hints is None:
+            # Body before headers breaks the protocol; still decide (with a generated id).
+            self._hints = request_hints({})
+            self._request_id = self._hints.request_id
+            self._active_ids.add(self._request_id)
+            self._started_at = self._clock()
+        body = b"".join(self._chunks) if self._chunks else b""
+        self._chunks = []
+        decided_from = self._clock()
+        decision = await self._runner.decide_body(self._hints, body, self._subset)
+        self._decision = decision
+        if not decision.routed:
+            if decision.outcome == "internal_error":
+                self._stats.count("internal_error")
+                self.aborted = f"endpoint picking failed: {decision.reason}"
+                self.closed = True
+                self._write_audit("internal_error")
+                self._finished = True
+                return []
+            return self._refuse(decision)
+        self._stats.count(decision.outcome)
+        destination = ",".join(decision.endpoints)
+        extra = [(REQUEST_ID_HEADER, self._request_id)] if self._hints.generated_id else []
+        has_body = self._body_messages > 0 and self._duplex_request
+        answers = [responses.route_headers_response(destination, len(body) if has_body else None, extra)]
+        if has_body:
+            answers.extend(
+                responses.request_body_responses(body, self._config.max_body_chunk_bytes, end_of_stream)
+            )
+        self._decision_s = self._clock() - decided_from
+        self._stats.observe_decision(self._decision_s)
+        return answers
+
+    def _refuse(self, decision: Decision) -> list[Any]:
+        self._decision = decision
+        self._stats.count(decision.outcome)
+        status = _REFUSALS[decision.outcome]
+        headers = [(DROPPED_REASON_HEADER, decision.reason)] if decision.outcome == "shed" else []
+        self.closed = True
+        self._write_audit(decision.outcome)
+        self._finished = True
+        return [responses.immediate_response(status, decision.reason, decision.outcome, headers)]
+
+    def _response_headers(self, headers: Any) -> list[Any]:
+        values = header_dict(headers.headers)
+        try:
+            self._status = int(values.get(":status", "200"))
+        except ValueError:
+            self._status = None
+        self._usage_reader = ResponseUsageReader(
+            values.get("content-type"), self._config.max_response_parse_bytes
+        )
+        answers = [responses.response_headers_continue()]
+        if headers.end_of_stream:
+            self._complete()
+        return answers
+
+    def _response_body(self, body: Any) -> list[Any]:
+        chunk = body.body
+        if chunk:
+            if self._first_byte_at is None:
+                self._first_byte_at = self._clock()
+                if self._decision is not None and self._decision.routed:
+                    self._scheduler.on_first_token(self._request_id, self._first_byte_at)
+            if self._usage_reader is None:
+                self._usage_reader = ResponseUsageReader(None, self._config.max_response_parse_bytes)
+            self._usage_reader.feed(chunk)
+        if self._duplex_response:
+            answer = responses.response_body_passthrough(chunk, body.end_of_stream)
+        else:
+            answer = responses.response_body_continue()
+        if body.end_of_stream:
+            self._complete()
+        return [answer]
+
+    def _complete(self) -> None:
+        if self._finished or self._decision is None or not self._decision.routed:
+            return
+        now = self._clock()
+        self._usage = self._usage_reader.usage() if self._usage_reader is not None else None
+        served = self._served or self._decision.endpoints[0]
+        if self._status is not None and self._status >= 500:
+            # The model server failed it: release the request without learning from it.
+            self._scheduler.on_failed(self._request_id, now)
+            outcome = "upstream_error"
+        else:
+            self._scheduler.on_completed(
+                self._request_id,
+                now,
+                served=served,
+                cached_tokens=self._usage.cached_tokens if self._usage else None,
+                completion_tokens=self._usage.completion_tokens if self._usage else None,
+            )
+            outcome = "completed"
+        self._stats.count(outcome)
+        self._write_audit(outcome, now)
+        self._finished = True
+
+    def finish(self, outcome: str) -> None:
+        """End of the stream: a routed request without a complete response is released as failed."""
+        if self._request_id:
+            self._active_ids.discard(self._request_id)
+        if self._finished:
+            return
+        self._finished = True
+        if self._decision is None:
+            # The stream ended before the request was complete: nothing was decided.
+            self._stats.count(f"{outcome}_before_decision")
+            return
+        if self._decision.routed:
+            now = self._clock()
+            self._scheduler.on_failed(self._request_id, now)
+            self._stats.count(outcome)
+            self._write_audit(outcome, now)
+
+    def _write_audit(self, outcome: str, now: float | None = None) -> None:
+        decision = self._decision
+        if decision is None:
+            return
+        if now is None:
+            now = self._clock()
+        explanation = decision.explanation
+        request = decision.request
+        usage = self._usage
+        e2e = None if self._started_at is None else now - self._started_at
+        ttft = None
+        if self._first_byte_at is not None and self._started_at is not None:
+            ttft = self._first_byte_at - self._started_at
+        write_audit(
+            {
+                "request_id": self._request_id,
+                "outcome": outcome,
+                "decision": decision.outcome,
+                "endpoint": decision.endpoints[0] if decision.endpoints else None,
+                "fallbacks": decision.endpoints[1:],
+                "served": self._served,
+                "reason": decision.reason or None,
+                "model": decision.body.model if decision.body else None,
+                "prompt_tokens": len(request.token_ids) if request is not None else None,
+                "matched_blocks": explanation.get("matched_blocks"),
+                "explanation": explanation,
+                "decision_ms": milliseconds(self._decision_s),
+                "http_status": self._status,
+                "ttft_ms": milliseconds(ttft),
+                "e2e_ms": milliseconds(e2e),
+                "cached_tokens": usage.cached_tokens if usage else None,
+                "completion_tokens": usage.completion_tokens if usage else None,
+            }
+        )

@@ -1,0 +1,282 @@
+"""The server object around the servicers: health port, TLS modes, and kvsched.v1 Pick/Report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from scheduler.adapters.extproc import ExtProcConfig, ExtProcServer, TLSSettings
+from scheduler.adapters.extproc.picker_api import load_picker_protos
+from scheduler.adapters.extproc.tls import self_signed_certificate
+from scheduler.core.scheduler import Endpoint, PickResult, SchedulingRequest
+
+DEADLINE_S = 10.0
+ADDRESSES = ["10.1.0.1:8000", "10.1.0.2:8000"]
+
+protos = load_picker_protos()
+if protos is None:
+    pytest.skip(
+        "scheduler._proto not generated: run python setup.py build_ext --inplace", allow_module_level=True
+    )
+picker_pb2, picker_pb2_grpc = protos
+
+
+class StandInScheduler:
+    def __init__(self) -> None:
+        self._endpoints: list[Endpoint] = []
+        self.picks: list[SchedulingRequest] = []
+        self.first_tokens: list[tuple[str, float]] = []
+        self.completed: list[tuple[str, float, dict[str, Any]]] = []
+        self.failed: list[str] = []
+
+    def set_endpoints(self, addresses: list[str]) -> None:
+        self._endpoints = [Endpoint(address, address) for address in addresses]
+
+    def endpoints(self) -> list[Endpoint]:
+        return list(self._endpoints)
+
+    def pick(self, request: SchedulingRequest, now: float) -> PickResult:
+        self.picks.append(request)
+        allowed = [
+            e.address for e in self._endpoints if request.subset is None or e.address in request.subset
+        ]
+        if not allowed:
+            return PickResult("no_endpoints", [], "none eligible", {})
+        return PickResult("ok", allowed, "", {"matched_blocks": 1})
+
+    def fallback_pick(self, request: SchedulingRequest, now: float | None = None) -> list[str]:
+        return [e.address for e in self._endpoints]
+
+    def on_first_token(self, request_id: str, now: float) -> None:
+        self.first_tokens.append((request_id, now))
+
+    def on_completed(self, request_id: str, now: float, **observed: Any) -> None:
+        self.completed.append((request_id, now, observed))
+
+    def on_failed(self, request_id: str, now: float) -> None:
+        self.failed.append(request_id)
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[list[ExtProcServer]]:
+    started: list[ExtProcServer] = []
+    yield started
+    for server in started:
+        await server.stop(0)
+
+
+async def _start(started: list[ExtProcServer], scheduler: Any, **options: Any) -> ExtProcServer:
+    server = ExtProcServer(scheduler, host="127.0.0.1", port=0, health_port=0, **options)
+    await server.start()
+    started.append(server)
+    return server
+
+
+async def _health(server: ExtProcServer, service: str) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=DEADLINE_S)
+        return int(reply.status)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+READY_SERVICES = ("readiness", "envoy.service.ext_proc.v3.ExternalProcessor", "")
+
+
+async def test_health_readiness_follows_the_scheduler_endpoints(servers: list[ExtProcServer]) -> None:
+    scheduler = StandInScheduler()
+    server = await _start(servers, scheduler, tls=TLSSettings.plaintext())
+    assert server.health_port not in (None, 0, server.port)
+    assert await _health(server, "liveness") == SERVING
+    for service in READY_SERVICES:
+        assert await _health(server, service) == NOT_SERVING
+    scheduler.set_endpoints(ADDRESSES)
+    for service in READY_SERVICES:
+        assert await _health(server, service) == SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await _health(server, "no.such.Service")
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_health_watch_sees_readiness_change(servers: list[ExtProcServer]) -> None:
+    scheduler = StandInScheduler()
+    server = await _start(
+        servers, scheduler, tls=TLSSettings.plaintext(), config=ExtProcConfig(health_refresh_s=0.05)
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="readiness"))
+        first = await asyncio.wait_for(watch.read(), DEADLINE_S)
+        assert first.status == NOT_SERVING
+        scheduler.set_endpoints(ADDRESSES)
+        second = await asyncio.wait_for(watch.read(), DEADLINE_S)
+        assert second.status == SERVING
+        watch.cancel()
+
+
+async def test_stop_reports_not_serving_and_closes(servers: list[ExtProcServer]) -> None:
+    scheduler = StandInScheduler()
+    scheduler.set_endpoints(ADDRESSES)
+    server = await _start(servers, scheduler, tls=TLSSettings.plaintext())
+    assert await _health(server, "readiness") == SERVING
+    port = server.port
+    await server.stop(0)
+    servers.remove(server)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await _headers_only_route(channel)
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def _headers_only_route(channel: grpc.aio.Channel) -> str:
+    call = ext_proc_grpc.ExternalProcessorStub(channel).Process(timeout=DEADLINE_S)
+    headers = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":path", raw_value=b"/v1/models")])
+    await call.write(
+        ext_proc.ProcessingRequest(request_headers=ext_proc.HttpHeaders(headers=headers, end_of_stream=True))
+    )
+    response = await asyncio.wait_for(call.read(), DEADLINE_S)
+    call.cancel()
+    option = response.request_headers.response.header_mutation.set_headers[0]
+    assert option.header.key == "x-gateway-destination-endpoint"
+    return str(option.header.raw_value.decode())
+
+
+async def test_self_signed_tls_serves_a_client_that_trusts_the_certificate(
+    servers: list[ExtProcServer],
+) -> None:
+    scheduler = StandInScheduler()
+    scheduler.set_endpoints(ADDRESSES)
+    server = await _start(servers, scheduler)  # TLS self-signed is the default
+    assert server.tls.mode == "self_signed"
+    assert server.certificate_pem is not None and b"BEGIN CERTIFICATE" in server.certificate_pem
+    credentials = grpc.ssl_channel_credentials(root_certificates=server.certificate_pem)
+    async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", credentials) as channel:
+        assert await _headers_only_route(channel) == ",".join(ADDRESSES)
+    # The port really is TLS: a plaintext client cannot talk to it.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await _headers_only_route(channel)
+
+
+async def test_tls_from_certificate_files(servers: list[ExtProcServer], tmp_path: Path) -> None:
+    certificate, key = self_signed_certificate(("picker.example",), ("127.0.0.1",), 1)
+    (tmp_path / "tls.crt").write_bytes(certificate)
+    (tmp_path / "tls.key").write_bytes(key)
+    scheduler = StandInScheduler()
+    scheduler.set_endpoints(ADDRESSES)
+    server = await _start(
+        servers, scheduler, tls=TLSSettings.from_files(tmp_path / "tls.crt", tmp_path / "tls.key")
+    )
+    assert server.certificate_pem == certificate
+    credentials = grpc.ssl_channel_credentials(root_certificates=certificate)
+    async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", credentials) as channel:
+        assert await _headers_only_route(channel) == ",".join(ADDRESSES)
+
+
+async def test_plaintext_mode(servers: list[ExtProcServer]) -> None:
+    scheduler = StandInScheduler()
+    scheduler.set_endpoints(ADDRESSES)
+    server = await _start(servers, scheduler, tls=TLSSettings.plaintext())
+    assert server.certificate_pem is None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        assert await _headers_only_route(channel) == ",".join(ADDRESSES)
+
+
+async def test_picker_api_pick_and_report(servers: list[ExtProcServer]) -> None:
+    scheduler = StandInScheduler()
+    scheduler.set_endpoints(ADDRESSES)
+    server = await _start(servers, scheduler, tls=TLSSettings.plaintext())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = picker_pb2_grpc.EndpointPickerStub(channel)
+        reply = await stub.Pick(
+            picker_pb2.PickRequest(
+                request_id="p1",
+                token_ids=picker_pb2.TokenIds(ids=[5, 6, 7]),
+                model="m",
+                subset=picker_pb2.EndpointSubset(endpoints=[ADDRESSES[1]]),
+                headers={"X-LLM-D-SLO-TTFT-MS": "300"},
+                max_tokens=12,
+            ),
+            timeout=DEADLINE_S,
+        )
+        assert reply.status == picker_pb2.PickResponse.OK
+        assert list(reply.endpoints) == [ADDRESSES[1]]
+        assert json.loads(reply.explanation_json) == {"matched_blocks": 1}
+        request = scheduler.picks[0]
+        assert (list(request.token_ids), request.model, request.slo_ttft_ms, request.max_tokens) == (
+            [5, 6, 7],
+            "m",
+            300.0,
+            12,
+        )
+        assert request.subset == frozenset({ADDRESSES[1]})
+        ack = await stub.Report(
+            picker_pb2.Completion(
+                request_id="p1", ttft_ms=40.0, e2e_ms=90.0, cached_tokens=16, completion_tokens=3
+            ),
+            timeout=DEADLINE_S,
+        )
+        assert ack.known
+        ((rid, completed_at, observed),) = scheduler.completed
+        ((_, first_token_at),) = scheduler.first_tokens
+        assert rid == "p1"
+        assert observed == {"served": ADDRESSES[1], "cached_tokens": 16, "completion_tokens": 3}
+        assert completed_at - first_token_at == pytest.approx(0.05)
+        again = await stub.Report(picker_pb2.Completion(request_id="p1"), timeout=DEADLINE_S)
+        assert not again.known
+
+
+async def test_picker_api_openai_body_errors_and_failures(servers: list[ExtProcServer]) -> None:
+    scheduler = StandInScheduler()
+    scheduler.set_endpoints(ADDRESSES)
+    server = await _start(servers, scheduler, tls=TLSSettings.plaintext())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = picker_pb2_grpc.EndpointPickerStub(channel)
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        ok = await stub.Pick(
+            picker_pb2.PickRequest(openai_body=picker_pb2.OpenAIBody(body=body, path="/v1/chat/completions")),
+            timeout=DEADLINE_S,
+        )
+        assert ok.status == picker_pb2.PickResponse.OK and ok.request_id
+        assert bytes(scheduler.picks[-1].token_ids) == b"<|user|>\nhi\n<|assistant|>\n"
+        bad = await stub.Pick(
+            picker_pb2.PickRequest(openai_body=picker_pb2.OpenAIBody(body=b"{", path="/v1/completions")),
+            timeout=DEADLINE_S,
+        )
+        assert bad.status == picker_pb2.PickResponse.BAD_REQUEST and "JSON" in bad.reason
+        empty = await stub.Pick(
+            picker_pb2.PickRequest(prompt_text="x", subset=picker_pb2.EndpointSubset()), timeout=DEADLINE_S
+        )
+        assert empty.status == picker_pb2.PickResponse.NO_ENDPOINTS
+        failed = await stub.Report(
+            picker_pb2.Completion(request_id=ok.request_id, failed=True), timeout=DEADLINE_S
+        )
+        assert failed.known and scheduler.failed == [ok.request_id]
+
+
+async def test_picker_api_releases_unreported_picks_beyond_the_bound(servers: list[ExtProcServer]) -> None:
+    scheduler = StandInScheduler()
+    scheduler.set_endpoints(ADDRESSES)
+    config = ExtProcConfig(picker_api_max_pending=2)
+    server = await _start(servers, scheduler, tls=TLSSettings.plaintext(), config=config)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = picker_pb2_grpc.EndpointPickerStub(channel)
+        for index in range(3):
+            await stub.Pick(
+                picker_pb2.PickRequest(request_id=f"u{index}", prompt_text="x"), timeout=DEADLINE_S
+            )
+        assert scheduler.failed == ["u0"]
+        with pytest.raises(grpc.aio.AioRpcError) as duplicate:
+            await stub.Pick(picker_pb2.PickRequest(request_id="u2", prompt_text="x"), timeout=DEADLINE_S)
+        assert duplicate.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert server.stats.outcomes["unreported"] == 1

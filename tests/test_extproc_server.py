@@ -1,0 +1,681 @@
+"""The ext_proc Endpoint Picker over a real gRPC connection, driven the way Envoy drives it.
+
+A real grpc.aio server on 127.0.0.1 (ephemeral port) and a real client stub replay Envoy's
+FULL_DUPLEX_STREAMED message sequence: request headers, body chunks, then the response path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+from google.protobuf import struct_pb2
+
+from scheduler.adapters.extproc import ExtProcConfig, ExtProcServer, TLSSettings
+from scheduler.core.scheduler import Endpoint, PickResult, SchedulingRequest
+
+ADDRESSES = ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"]
+DEADLINE_S = 10.0
+
+
+class StandInScheduler:
+    """Same methods as the Scheduler facade; records what the adapter tells it."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self._endpoints = [Endpoint(name=address, address=address) for address in addresses]
+        self.inflight: dict[str, str] = {}
+        self.load = {address: 0 for address in addresses}
+        self.picks: list[SchedulingRequest] = []
+        self.first_tokens: list[tuple[str, float]] = []
+        self.completed: list[dict[str, Any]] = []
+        self.failed: list[str] = []
+        self.result: PickResult | None = None
+        self.pick_error: Exception | None = None
+
+    def endpoints(self) -> list[Endpoint]:
+        return list(self._endpoints)
+
+    def pick(self, request: SchedulingRequest, now: float) -> PickResult:
+        self.picks.append(request)
+        if self.pick_error is not None:
+            raise self.pick_error
+        if self.result is not None:
+            result = self.result
+        else:
+            allowed = [
+                e.address for e in self._endpoints if request.subset is None or e.address in request.subset
+            ]
+            if not allowed:
+                return PickResult("no_endpoints", [], "none eligible", {})
+            result = PickResult("ok", allowed, "", {"matched_blocks": 0, "scores": {a: 1.0 for a in allowed}})
+        if result.status == "ok":
+            self.inflight[request.request_id] = result.endpoints[0]
+            self.load[result.endpoints[0]] += 1
+        return result
+
+    def fallback_pick(self, request: SchedulingRequest, now: float | None = None) -> list[str]:
+        order = sorted(self.load, key=lambda address: (self.load[address], address))
+        if now is not None:
+            self.inflight[request.request_id] = order[0]
+            self.load[order[0]] += 1
+        return order
+
+    def on_first_token(self, request_id: str, now: float) -> None:
+        self.first_tokens.append((request_id, now))
+
+    def on_completed(
+        self,
+        request_id: str,
+        now: float,
+        *,
+        served: str | None = None,
+        cached_tokens: int | None = None,
+        completion_tokens: int | None = None,
+    ) -> None:
+        self.inflight.pop(request_id, None)
+        self.completed.append(
+            {
+                "request_id": request_id,
+                "served": served,
+                "cached_tokens": cached_tokens,
+                "completion_tokens": completion_tokens,
+            }
+        )
+
+    def on_failed(self, request_id: str, now: float) -> None:
+        self.inflight.pop(request_id, None)
+        self.failed.append(request_id)
+
+
+ServerFactory = Callable[..., Awaitable[ExtProcServer]]
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[ServerFactory]:
+    servers: list[ExtProcServer] = []
+
+    async def start(scheduler: Any, **options: Any) -> ExtProcServer:
+        options.setdefault("tls", TLSSettings.plaintext())
+        server = ExtProcServer(scheduler, host="127.0.0.1", port=0, health_port=0, **options)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop(0)
+
+
+@pytest.fixture
+def scheduler() -> StandInScheduler:
+    return StandInScheduler(ADDRESSES)
+
+
+class EnvoyStream:
+    """One ext_proc stream, written the way Envoy's ext_proc filter writes it."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.call = ext_proc_grpc.ExternalProcessorStub(channel).Process()
+
+    async def request_headers(
+        self,
+        headers: dict[str, str],
+        *,
+        end_of_stream: bool = False,
+        metadata: base_pb2.Metadata | None = None,
+        raw: bool = True,
+    ) -> None:
+        values = [
+            base_pb2.HeaderValue(key=key, raw_value=value.encode())
+            if raw
+            else base_pb2.HeaderValue(key=key, value=value)
+            for key, value in headers.items()
+        ]
+        message = ext_proc.ProcessingRequest(
+            request_headers=ext_proc.HttpHeaders(
+                headers=base_pb2.HeaderMap(headers=values), end_of_stream=end_of_stream
+            )
+        )
+        if metadata is not None:
+            message.metadata_context.CopyFrom(metadata)
+        await self.call.write(message)
+
+    async def request_body(self, body: bytes, chunk: int = 16 * 1024) -> None:
+        for start in range(0, len(body), chunk):
+            piece = body[start : start + chunk]
+            end = start + chunk >= len(body)
+            await self.call.write(
+                ext_proc.ProcessingRequest(request_body=ext_proc.HttpBody(body=piece, end_of_stream=end))
+            )
+
+    async def response_headers(
+        self,
+        status: int = 200,
+        content_type: str = "application/json",
+        metadata: base_pb2.Metadata | None = None,
+    ) -> None:
+        headers = [
+            base_pb2.HeaderValue(key=":status", raw_value=str(status).encode()),
+            base_pb2.HeaderValue(key="content-type", raw_value=content_type.encode()),
+        ]
+        message = ext_proc.ProcessingRequest(
+            response_headers=ext_proc.HttpHeaders(headers=base_pb2.HeaderMap(headers=headers))
+        )
+        if metadata is not None:
+            message.metadata_context.CopyFrom(metadata)
+        await self.call.write(message)
+
+    async def response_body(self, body: bytes, *, end_of_stream: bool) -> None:
+        await self.call.write(
+            ext_proc.ProcessingRequest(
+                response_body=ext_proc.HttpBody(body=body, end_of_stream=end_of_stream)
+            )
+        )
+
+    async def read(self) -> ext_proc.ProcessingResponse:
+        response = await asyncio.wait_for(self.call.read(), DEADLINE_S)
+        assert response is not grpc.aio.EOF, "stream ended early"
+        return response
+
+    async def read_end(self) -> None:
+        assert await asyncio.wait_for(self.call.read(), DEADLINE_S) is grpc.aio.EOF
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[[ExtProcServer], EnvoyStream]]:
+    channels: list[grpc.aio.Channel] = []
+
+    def open_stream(server: ExtProcServer) -> EnvoyStream:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        channels.append(channel)
+        return EnvoyStream(channel)
+
+    yield open_stream
+    for channel in channels:
+        await channel.close()
+
+
+def _set_headers(response: ext_proc.ProcessingResponse) -> dict[str, str]:
+    mutation = response.request_headers.response.header_mutation
+    return {option.header.key: option.header.raw_value.decode() for option in mutation.set_headers}
+
+
+def _metadata_destination(response: ext_proc.ProcessingResponse) -> str:
+    return (
+        response.dynamic_metadata.fields["envoy.lb"]
+        .struct_value.fields["x-gateway-destination-endpoint"]
+        .string_value
+    )
+
+
+def _subset_metadata(value: struct_pb2.Value) -> base_pb2.Metadata:
+    metadata = base_pb2.Metadata()
+    metadata.filter_metadata["envoy.lb.subset_hint"].fields["x-gateway-destination-endpoint-subset"].CopyFrom(
+        value
+    )
+    return metadata
+
+
+def _served_metadata(address: str) -> base_pb2.Metadata:
+    metadata = base_pb2.Metadata()
+    metadata.filter_metadata["envoy.lb"].fields[
+        "x-gateway-destination-endpoint-served"
+    ].string_value = address
+    return metadata
+
+
+def _completion_body(prompt: object, **extra: object) -> bytes:
+    return json.dumps({"model": "m", "prompt": prompt, "max_tokens": 8, **extra}).encode()
+
+
+POST = {":method": "POST", ":path": "/v1/completions", "content-type": "application/json"}
+
+
+async def test_headers_only_request_is_answered_at_once(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    server = await start_server(scheduler)
+    stream = connect(server)
+    await stream.request_headers(
+        {":method": "GET", ":path": "/v1/models", "x-request-id": "r1"}, end_of_stream=True
+    )
+    response = await stream.read()
+    assert response.WhichOneof("response") == "request_headers"
+    assert response.request_headers.response.clear_route_cache
+    headers = _set_headers(response)
+    assert headers["x-gateway-destination-endpoint"] == ",".join(ADDRESSES)
+    assert "content-length" not in headers
+    assert _metadata_destination(response) == ",".join(ADDRESSES)
+    assert list(scheduler.picks[0].token_ids) == []
+    assert scheduler.picks[0].request_id == "r1"
+    # Response path of a headers-only response: completion at the end of the response headers.
+    await stream.response_headers()
+    assert (await stream.read()).WhichOneof("response") == "response_headers"
+    await stream.response_body(b"{}", end_of_stream=True)
+    echoed = await stream.read()
+    assert echoed.response_body.response.body_mutation.streamed_response.body == b"{}"
+    await stream.call.done_writing()
+    await stream.read_end()
+    assert [entry["request_id"] for entry in scheduler.completed] == ["r1"]
+
+
+async def test_large_body_is_held_then_rechunked_in_order(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    server = await start_server(scheduler)
+    stream = connect(server)
+    prompt = "the shared system prompt " * 9000  # about 220 KB
+    body = _completion_body(prompt)
+    assert len(body) > 220_000
+    await stream.request_headers({**POST, "content-length": str(len(body)), "x-request-id": "big"})
+    await stream.request_body(body, chunk=16 * 1024)
+    first = await stream.read()
+    assert first.WhichOneof("response") == "request_headers"
+    headers = _set_headers(first)
+    assert headers["content-length"] == str(len(body))
+    assert headers["x-gateway-destination-endpoint"] == _metadata_destination(first)
+    chunks: list[bytes] = []
+    while True:
+        response = await stream.read()
+        assert response.WhichOneof("response") == "request_body"
+        streamed = response.request_body.response.body_mutation.streamed_response
+        assert len(streamed.body) <= 62_000
+        chunks.append(streamed.body)
+        if streamed.end_of_stream:
+            break
+    assert b"".join(chunks) == body
+    assert len(chunks) == -(-len(body) // 62_000)
+    # The decision saw the whole prompt: the body was held until its end_of_stream.
+    assert bytes(scheduler.picks[0].token_ids) == prompt.encode()
+    assert scheduler.picks[0].model == "m"
+    assert scheduler.picks[0].max_tokens == 8
+
+
+async def test_fallback_list_order_and_metadata_agree(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    scheduler.result = PickResult("ok", [ADDRESSES[2], ADDRESSES[0], ADDRESSES[1]], "", {})
+    server = await start_server(scheduler)
+    stream = connect(server)
+    await stream.request_headers(POST)
+    await stream.request_body(_completion_body([1, 2, 3]))
+    response = await stream.read()
+    expected = f"{ADDRESSES[2]},{ADDRESSES[0]},{ADDRESSES[1]}"
+    assert _set_headers(response)["x-gateway-destination-endpoint"] == expected
+    assert _metadata_destination(response) == expected
+    assert list(scheduler.picks[0].token_ids) == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "hint",
+    [
+        struct_pb2.Value(
+            list_value=struct_pb2.ListValue(values=[struct_pb2.Value(string_value=ADDRESSES[1])])
+        ),
+        struct_pb2.Value(string_value=f" {ADDRESSES[1]} , {ADDRESSES[2]}"),
+    ],
+    ids=["list", "comma-string"],
+)
+async def test_subset_hint_restricts_the_pick(
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: StandInScheduler,
+    hint: struct_pb2.Value,
+) -> None:
+    server = await start_server(scheduler)
+    stream = connect(server)
+    await stream.request_headers(POST, metadata=_subset_metadata(hint))
+    await stream.request_body(_completion_body("hi"))
+    response = await stream.read()
+    subset = scheduler.picks[0].subset
+    assert subset is not None and ADDRESSES[1] in subset and ADDRESSES[0] not in subset
+    assert _set_headers(response)["x-gateway-destination-endpoint"].split(",")[0] in subset
+
+
+def _immediate(response: ext_proc.ProcessingResponse) -> tuple[int, dict[str, str], dict[str, Any]]:
+    assert response.WhichOneof("response") == "immediate_response"
+    immediate = response.immediate_response
+    headers = {
+        option.header.key: option.header.raw_value.decode() for option in immediate.headers.set_headers
+    }
+    return immediate.status.code, headers, json.loads(immediate.body)
+
+
+async def test_empty_subset_hint_is_503(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    server = await start_server(scheduler)
+    stream = connect(server)
+    empty = struct_pb2.Value(list_value=struct_pb2.ListValue())
+    await stream.request_headers(POST, metadata=_subset_metadata(empty))
+    await stream.request_body(_completion_body("hi"))
+    status, _, body = _immediate(await stream.read())
+    assert status == 503
+    assert "subset" in body["error"]["message"]
+    await stream.read_end()
+    assert server.stats.outcomes["no_endpoints"] == 1
+
+
+async def test_no_endpoints_is_503(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream]
+) -> None:
+    server = await start_server(StandInScheduler([]))
+    stream = connect(server)
+    await stream.request_headers(POST)
+    await stream.request_body(_completion_body("hi"))
+    status, headers, body = _immediate(await stream.read())
+    assert status == 503
+    assert headers["content-type"] == "application/json"
+    assert body["error"]["code"] == 503
+    await stream.read_end()
+
+
+async def test_shed_is_429_with_reason_header(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    scheduler.result = PickResult("shed", [], "saturated: queue over limit", {})
+    server = await start_server(scheduler)
+    stream = connect(server)
+    await stream.request_headers({**POST, "x-llm-d-inference-objective": "batch"})
+    await stream.request_body(_completion_body("hi"))
+    status, headers, _ = _immediate(await stream.read())
+    assert status == 429
+    assert headers["x-llm-d-request-dropped-reason"] == "saturated: queue over limit"
+    assert scheduler.picks[0].objective == "batch"
+    assert server.stats.outcomes["shed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [(b'{"prompt": "x"', "not valid JSON"), (b'{"messages": 3}', "'messages' must be a list")],
+)
+async def test_malformed_body_is_400(
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: StandInScheduler,
+    body: bytes,
+    message: str,
+) -> None:
+    server = await start_server(scheduler)
+    stream = connect(server)
+    await stream.request_headers({**POST, ":path": "/v1/chat/completions"})
+    await stream.request_body(body)
+    status, _, document = _immediate(await stream.read())
+    assert status == 400
+    assert message in document["error"]["message"]
+    assert scheduler.picks == []
+    assert server.stats.outcomes["bad_request"] == 1
+
+
+async def test_oversized_body_is_413(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    server = await start_server(scheduler, config=ExtProcConfig(max_request_body_bytes=1000))
+    stream = connect(server)
+    await stream.request_headers(POST)
+    body = _completion_body("x" * 5000)
+    # Envoy stops sending once the immediate response arrives; send just past the limit.
+    for start in range(0, 1536, 512):
+        await stream.call.write(
+            ext_proc.ProcessingRequest(request_body=ext_proc.HttpBody(body=body[start : start + 512]))
+        )
+    status, _, _ = _immediate(await stream.read())
+    assert status == 413
+    assert scheduler.picks == []
+
+
+async def test_internal_error_falls_back_to_least_loaded(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    scheduler.load = {ADDRESSES[0]: 5, ADDRESSES[1]: 0, ADDRESSES[2]: 2}
+    scheduler.pick_error = RuntimeError("scorer exploded")
+    server = await start_server(scheduler)
+    stream = connect(server)
+    await stream.request_headers({**POST, "x-request-id": "f1"})
+    await stream.request_body(_completion_body("hi"))
+    response = await stream.read()
+    destination = _set_headers(response)["x-gateway-destination-endpoint"]
+    assert destination.split(",")[0] == ADDRESSES[1]
+    assert _metadata_destination(response) == destination
+    assert scheduler.inflight["f1"] == ADDRESSES[1]
+    assert server.stats.outcomes["routed_fallback"] == 1
+
+
+async def test_internal_error_in_grpc_error_mode_aborts_the_stream(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    scheduler.pick_error = RuntimeError("scorer exploded")
+    server = await start_server(scheduler, config=ExtProcConfig(on_internal_error="grpc_error"))
+    stream = connect(server)
+    await stream.request_headers(POST)
+    await stream.request_body(_completion_body("hi"))
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await asyncio.wait_for(stream.call.read(), DEADLINE_S)
+    assert failure.value.code() == grpc.StatusCode.INTERNAL
+    assert "scorer exploded" in (failure.value.details() or "")
+    assert server.stats.outcomes["internal_error"] == 1
+    assert scheduler.inflight == {}
+
+
+async def _drain_request(stream: EnvoyStream) -> ext_proc.ProcessingResponse:
+    first = await stream.read()
+    assert first.WhichOneof("response") == "request_headers"
+    while True:
+        response = await stream.read()
+        if response.request_body.response.body_mutation.streamed_response.end_of_stream:
+            return first
+
+
+async def test_streamed_response_reports_served_endpoint_ttft_and_usage(
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: StandInScheduler,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = await start_server(scheduler)
+    stream = connect(server)
+    await stream.request_headers({**POST, "x-request-id": "s1"})
+    await stream.request_body(_completion_body("hi", stream=True))
+    await _drain_request(stream)
+    await stream.response_headers(content_type="text/event-stream", metadata=_served_metadata(ADDRESSES[2]))
+    assert (await stream.read()).WhichOneof("response") == "response_headers"
+    events = [
+        b'data: {"choices": [{"text": "a"}], "usage": null}\n\n',
+        b'data: {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4, ',
+        b'"prompt_tokens_details": {"cached_tokens": 6}}}\n\ndata: [DONE]\n\n',
+    ]
+    with caplog.at_level(logging.INFO, logger="kvsched.audit"):
+        for index, event in enumerate(events):
+            last = index == len(events) - 1
+            await stream.response_body(event, end_of_stream=last)
+            echoed = (await stream.read()).response_body.response.body_mutation.streamed_response
+            assert (echoed.body, echoed.end_of_stream) == (event, last)
+            if index == 0:
+                assert [rid for rid, _ in scheduler.first_tokens] == ["s1"]
+    assert scheduler.completed == [
+        {"request_id": "s1", "served": ADDRESSES[2], "cached_tokens": 6, "completion_tokens": 4}
+    ]
+    audit = [json.loads(record.getMessage()) for record in caplog.records if record.name == "kvsched.audit"]
+    assert len(audit) == 1
+    assert audit[0]["request_id"] == "s1"
+    assert audit[0]["served"] == ADDRESSES[2]
+    assert audit[0]["endpoint"] == ADDRESSES[0]
+    assert audit[0]["fallbacks"] == ADDRESSES[1:]
+    assert audit[0]["cached_tokens"] == 6
+    assert audit[0]["ttft_ms"] is not None and audit[0]["e2e_ms"] >= audit[0]["ttft_ms"]
+    assert audit[0]["explanation"]["scores"][ADDRESSES[0]] == 1.0
+
+
+async def test_json_response_usage_and_primary_assumed_served(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    server = await start_server(scheduler)
+    stream = connect(server)
+    await stream.request_headers({**POST, "x-request-id": "j1"})
+    await stream.request_body(_completion_body("hi"))
+    await _drain_request(stream)
+    await stream.response_headers()
+    await stream.read()
+    document = {
+        "choices": [{"text": "ok"}],
+        "usage": {"completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 32}},
+    }
+    raw = json.dumps(document).encode()
+    await stream.response_body(raw[:10], end_of_stream=False)
+    await stream.read()
+    await stream.response_body(raw[10:], end_of_stream=True)
+    await stream.read()
+    assert scheduler.completed == [
+        {"request_id": "j1", "served": ADDRESSES[0], "cached_tokens": 32, "completion_tokens": 2}
+    ]
+    assert server.stats.outcomes["completed"] == 1
+
+
+async def test_upstream_5xx_releases_as_failed(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    server = await start_server(scheduler)
+    stream = connect(server)
+    await stream.request_headers({**POST, "x-request-id": "e1"})
+    await stream.request_body(_completion_body("hi"))
+    await _drain_request(stream)
+    await stream.response_headers(status=503)
+    await stream.read()
+    await stream.response_body(b"busy", end_of_stream=True)
+    await stream.read()
+    assert scheduler.failed == ["e1"]
+    assert scheduler.completed == []
+    assert server.stats.outcomes["upstream_error"] == 1
+
+
+async def test_cancelled_stream_releases_the_request(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    server = await start_server(scheduler)
+    stream = connect(server)
+    await stream.request_headers({**POST, "x-request-id": "c1"})
+    await stream.request_body(_completion_body("hi"))
+    await _drain_request(stream)
+    assert "c1" in scheduler.inflight
+    stream.call.cancel()
+    deadline = asyncio.get_running_loop().time() + DEADLINE_S
+    while scheduler.failed != ["c1"]:
+        assert asyncio.get_running_loop().time() < deadline, "cancel never reached the scheduler"
+        await asyncio.sleep(0.01)
+    assert "c1" not in scheduler.inflight
+    assert server.stats.outcomes["cancelled"] == 1, server.stats.outcomes
+
+
+async def test_request_trailers_end_the_body(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    server = await start_server(scheduler)
+    stream = connect(server)
+    await stream.request_headers(POST)
+    body = _completion_body("hi")
+    await stream.call.write(ext_proc.ProcessingRequest(request_body=ext_proc.HttpBody(body=body)))
+    await stream.call.write(ext_proc.ProcessingRequest(request_trailers=ext_proc.HttpTrailers()))
+    kinds = []
+    bodies = []
+    for _ in range(3):
+        response = await stream.read()
+        kinds.append(response.WhichOneof("response"))
+        if kinds[-1] == "request_body":
+            streamed = response.request_body.response.body_mutation.streamed_response
+            bodies.append(streamed.body)
+            # The body did not end the stream: trailers follow.
+            assert not streamed.end_of_stream
+    assert kinds == ["request_headers", "request_body", "request_trailers"]
+    assert b"".join(bodies) == body
+
+
+async def test_headers_read_from_value_or_raw_value(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    server = await start_server(scheduler)
+    stream = connect(server)
+    headers = {
+        **POST,
+        "x-request-id": "v1",
+        "x-gateway-inference-objective": "chat",
+        "x-slo-ttft-ms": "250",
+        "x-llm-d-slo-tpot-ms": "20.5",
+        "x-llm-d-fairness-id": "tenant-a",
+    }
+    await stream.request_headers(headers, raw=False)
+    await stream.request_body(_completion_body("hi"))
+    await stream.read()
+    request = scheduler.picks[0]
+    assert request.request_id == "v1"
+    assert (request.objective, request.slo_ttft_ms, request.slo_tpot_ms, request.fairness_id) == (
+        "chat",
+        250.0,
+        20.5,
+        "tenant-a",
+    )
+
+
+async def test_missing_request_id_is_generated_and_forwarded(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    server = await start_server(scheduler)
+    first, second = connect(server), connect(server)
+    for stream in (first, second):
+        await stream.request_headers(POST)
+        await stream.request_body(_completion_body("hi"))
+    forwarded = [_set_headers(await stream.read())["x-request-id"] for stream in (first, second)]
+    assert {request.request_id for request in scheduler.picks} == set(forwarded)
+    assert len(set(forwarded)) == 2
+
+
+async def test_repeated_request_id_in_flight_is_kept_apart(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    server = await start_server(scheduler)
+    first, second = connect(server), connect(server)
+    for stream in (first, second):
+        await stream.request_headers({**POST, "x-request-id": "dup"})
+        await stream.request_body(_completion_body("hi"))
+        await _drain_request(stream)
+    ids = sorted(request.request_id for request in scheduler.picks)
+    assert ids[0] == "dup" and ids[1].startswith("dup~")
+    assert len(scheduler.inflight) == 2
+
+
+async def test_gateway_without_full_duplex_body_is_answered_on_headers(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    server = await start_server(scheduler)
+    stream = connect(server)
+    buffered = ext_proc.ProtocolConfiguration(
+        request_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED,
+        response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+    )
+    headers = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":path", raw_value=b"/v1/completions")])
+    await stream.call.write(
+        ext_proc.ProcessingRequest(
+            request_headers=ext_proc.HttpHeaders(headers=headers), protocol_config=buffered
+        )
+    )
+    # Envoy in BUFFERED mode waits for this answer before it sends the body: it must come now.
+    routed = await stream.read()
+    assert _set_headers(routed)["x-gateway-destination-endpoint"] == ",".join(ADDRESSES)
+    assert "content-length" not in _set_headers(routed)
+    await stream.call.write(
+        ext_proc.ProcessingRequest(
+            request_body=ext_proc.HttpBody(body=_completion_body("hi"), end_of_stream=True)
+        )
+    )
+    body_answer = await stream.read()
+    assert body_answer.WhichOneof("response") == "request_body"
+    assert not body_answer.request_body.response.HasField("body_mutation")
+    assert list(scheduler.picks[0].token_ids) == []
