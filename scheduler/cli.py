@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules that contribute subcommands, in the order --help shows them.
-COMMAND_MODULES = ("scheduler.bench.commands",)
+COMMAND_MODULES = ("scheduler.bench.commands", "scheduler.sim.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from scheduler.sim.latency import LatencyModel, StepShape, attention_pairs
 
 
 def run_until_idle(engine: Engine, now: float = 0.0, limit: int = 100_000) -> tuple[float, list[StepResult]]:
-    results = []
+    results: list[StepResult] = []
     for _ in range(limit):
         start = engine.next_step_time()
         if start is None:
@@ -254,7 +254,9 @@ def test_max_num_seqs_limits_running_requests() -> None:
     ]
     assert first.shape.prefill_tokens == 10
     run_until_idle(engine, first.end)
-    assert requests[2].scheduled_time is not None and requests[2].scheduled_time >= requests[0].finish_time
+    first_done = requests[0].finish_time
+    assert first_done is not None and requests[2].scheduled_time is not None
+    assert requests[2].scheduled_time >= first_done
 
 
 def test_token_times_and_metrics() -> None:

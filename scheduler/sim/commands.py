@@ -1,0 +1,97 @@
+"""``kvsched sim``: run simulated vLLM workers on this machine until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from scheduler.sim.engine import DEFAULT_CAPACITY_BLOCKS, EngineConfig
+from scheduler.sim.latency import LatencyModel
+from scheduler.sim.pool import PoolConfig, run_pool
+from scheduler.sim.worker import DEFAULT_MODEL, WorkerDescriptor
+
+
+def _print_table(descriptors: list[WorkerDescriptor]) -> None:
+    rows = [("worker", "http", "kv events", "replay", "topic")]
+    rows += [(d.name, d.http_url, d.kv_endpoint, d.replay_endpoint or "-", d.topic) for d in descriptors]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _run(args: argparse.Namespace) -> int:
+    engine = EngineConfig(
+        block_size=args.block_size,
+        capacity_blocks=args.capacity_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        latency=LatencyModel(token_scale=args.token_scale),
+    )
+    config = PoolConfig(
+        model=args.model,
+        host=args.host,
+        base_port=args.base_port,
+        speed=args.speed,
+        legacy_events=args.legacy_events,
+        engine=engine,
+    )
+
+    def ready(descriptors: list[WorkerDescriptor]) -> None:
+        if args.json:
+            print(json.dumps({"workers": [d.as_dict() for d in descriptors]}))
+        else:
+            _print_table(descriptors)
+            print(f"{len(descriptors)} simulated workers at speed x{args.speed:g}; Ctrl-C stops them")
+        sys.stdout.flush()
+
+    run_pool(args.workers, config, on_ready=ready)
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    sim = subparsers.add_parser(
+        "sim",
+        help="simulated vLLM workers (HTTP API, /metrics, ZMQ KV events) on this machine",
+        description="Start simulated vLLM workers (Llama-3-8B on one H100 each) and serve until interrupted.",
+    )
+    sim.add_argument("--workers", type=int, default=2, help="number of workers (default 2)")
+    sim.add_argument(
+        "--capacity-blocks",
+        type=int,
+        default=DEFAULT_CAPACITY_BLOCKS,
+        help=f"KV blocks per worker (default {DEFAULT_CAPACITY_BLOCKS}, an 80 GB H100)",
+    )
+    sim.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    sim.add_argument("--speed", type=_positive_float, default=1.0, help="simulated seconds per real second")
+    sim.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    sim.add_argument(
+        "--base-port",
+        type=int,
+        default=None,
+        help="worker i listens on HTTP P+3i, KV events P+3i+1, replay P+3i+2 (default: ephemeral ports)",
+    )
+    sim.add_argument(
+        "--legacy-events", action="store_true", help="positional event arrays and replay frames without topic"
+    )
+    sim.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
+    sim.add_argument("--max-num-seqs", type=int, default=256)
+    sim.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    sim.add_argument("--max-model-len", type=int, default=8192)
+    sim.add_argument(
+        "--token-scale",
+        type=_positive_float,
+        default=1.0,
+        help="real tokens per simulated token in the latency model (traces with scaled-down blocks)",
+    )
+    sim.add_argument("--json", action="store_true", help="print the endpoints as one JSON line")
+    sim.set_defaults(func=_run)

@@ -1,0 +1,603 @@
+"""A simulated vLLM worker: the engine model behind vLLM's HTTP API, metrics and KV events.
+
+Speaks what a real vLLM 0.33 pod exposes to a gateway and an Endpoint Picker:
+
+* ``POST /v1/completions`` (prompt as text, token ids, or a list of either) and
+  ``POST /v1/chat/completions``, streaming (SSE ``data: {...}`` chunks, ``data: [DONE]``,
+  optional usage chunk via ``stream_options.include_usage``) or not, with
+  ``usage.prompt_tokens_details.cached_tokens``; chunked request bodies are accepted;
+* ``GET /v1/models``, ``GET /health``, ``POST /tokenize``;
+* ``GET /metrics`` with vLLM's Prometheus names (shared PROTOCOLS.md §3), one
+  ``CollectorRegistry`` per worker, read from the engine at scrape time;
+* KV events on ZMQ (``publisher.py``), one batch per engine step that changed the cache.
+
+Text is tokenised by ``tokenizer.py`` (word-level, deterministic); generated text is
+filler words. Every response carries ``x-kvsched-sim-worker: <name>``.
+
+An asyncio task drives the engine in real time scaled by ``speed``: engine time is
+``(loop.time() - start) * speed``; it steps whenever the engine has work, sleeps until
+the step's end, then hands out the step's tokens and publishes its events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from scheduler.sim.engine import Engine, EngineConfig, GeneratedToken, Histogram, RequestRejected, SimRequest
+from scheduler.sim.publisher import DEFAULT_BUFFER_STEPS, KVEventPublisher
+from scheduler.sim.tokenizer import (
+    PromptError,
+    apply_chat_template,
+    completion_prompts,
+    encode,
+    filler_text,
+)
+
+log = logging.getLogger(__name__)
+
+WORKER_HEADER = "x-kvsched-sim-worker"
+DEFAULT_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
+# OpenAI's and vLLM's default for /v1/completions.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_MIN_SLEEP_S = 0.001
+_LATE_TOLERANCE_S = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    name: str = "sim-0"
+    model: str = DEFAULT_MODEL
+    host: str = "127.0.0.1"
+    http_port: int = 0  # 0 = ephemeral
+    kv_port: int = 0
+    replay_port: int | None = 0  # None = no replay socket
+    speed: float = 1.0  # engine seconds per real second
+    legacy_events: bool = False
+    buffer_steps: int = DEFAULT_BUFFER_STEPS
+    topic: str | None = None  # default "kv@<host>:<http_port>@<model>"
+    # vLLM lets chat requests without max_tokens run to the context limit; the simulator
+    # caps them so a forgotten parameter does not occupy a worker for minutes.
+    default_chat_max_tokens: int = 256
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if not self.speed > 0:
+            raise ValueError("speed must be positive")
+        if self.default_chat_max_tokens < 1:
+            raise ValueError("default_chat_max_tokens must be at least 1")
+
+
+def advertised_host(host: str) -> str:
+    """Where clients on this machine reach a socket bound to ``host``."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "*", "::") else host
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDescriptor:
+    """How to reach one simulated worker."""
+
+    name: str
+    model: str
+    host: str
+    http_port: int
+    kv_port: int
+    replay_port: int | None
+    topic: str
+
+    @property
+    def address(self) -> str:
+        """``ip:port`` as an Endpoint Picker names the pod."""
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def kv_endpoint(self) -> str:
+        return f"tcp://{self.host}:{self.kv_port}"
+
+    @property
+    def replay_endpoint(self) -> str | None:
+        return None if self.replay_port is None else f"tcp://{self.host}:{self.replay_port}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": self.model,
+            "address": self.address,
+            "http_url": self.http_url,
+            "kv_endpoint": self.kv_endpoint,
+            "replay_endpoint": self.replay_endpoint,
+            "topic": self.topic,
+        }
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "BadRequestError") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
+def _error_response(status: int, message: str, kind: str) -> web.Response:
+    # vLLM's ErrorResponse shape (OpenAI-compatible).
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return web.json_response(body, status=status)
+
+
+@dataclass(slots=True)
+class _Call:
+    """One HTTP call's engine requests and the queue their tokens arrive on."""
+
+    requests: list[SimRequest]
+    queue: asyncio.Queue[tuple[int, GeneratedToken]] = field(default_factory=asyncio.Queue)
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+class _MetricsCollector(Collector):
+    """Exposes the engine's state under vLLM's metric names at scrape time."""
+
+    def __init__(self, worker: SimWorker) -> None:
+        self._worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        worker = self._worker
+        engine = worker.engine
+        cfg = engine.config
+        names = ["model_name", "engine"]
+        values = [worker.config.model, "0"]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            metric = GaugeMetricFamily(name, doc, labels=names)
+            metric.add_metric(values, value)
+            return metric
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            metric = CounterMetricFamily(name, doc, labels=names)
+            metric.add_metric(values, value)
+            return metric
+
+        def histogram(name: str, doc: str, state: Histogram) -> HistogramMetricFamily:
+            metric = HistogramMetricFamily(name, doc, labels=names)
+            buckets = [(_le(bound), float(count)) for bound, count in state.cumulative()]
+            metric.add_metric(values, buckets, state.sum)
+            return metric
+
+        m = engine.metrics
+        gauges = (
+            (
+                "vllm:num_requests_running",
+                "Number of requests in model execution batches.",
+                engine.num_running,
+            ),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", engine.num_waiting),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", engine.kv_cache_usage),
+        )
+        for name, doc, value in gauges:
+            yield gauge(name, doc, value)
+        info_labels = ["block_size", "num_gpu_blocks", "enable_prefix_caching", "prefix_caching_hash_algo"]
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            labels=[*info_labels, "engine"],
+        )
+        info.add_metric([str(cfg.block_size), str(cfg.capacity_blocks), "True", "sha256_cbor", "0"], 1.0)
+        yield info
+        counters = (
+            (
+                "vllm:prefix_cache_queries",
+                "Prefix cache queries, in terms of tokens.",
+                m.prefix_cache_queries,
+            ),
+            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of tokens.", m.prefix_cache_hits),
+            ("vllm:prompt_tokens", "Number of prefill tokens processed.", m.prompt_tokens),
+            ("vllm:generation_tokens", "Number of generation tokens processed.", m.generation_tokens),
+        )
+        for name, doc, count in counters:
+            yield counter(name, doc, count)
+        success = CounterMetricFamily(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            labels=[*names, "finished_reason"],
+        )
+        success.add_metric([*values, "length"], m.requests_finished)
+        yield success
+        histograms = (
+            ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", m.ttft),
+            ("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", m.itl),
+            ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", m.e2e),
+        )
+        for name, doc, state in histograms:
+            yield histogram(name, doc, state)
+
+
+class SimWorker:
+    def __init__(self, config: WorkerConfig | None = None) -> None:
+        self.config = config or WorkerConfig()
+        self.engine = Engine(self.config.engine)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_MetricsCollector(self))
+        self.publisher: KVEventPublisher | None = None
+        self.http_port = 0
+        self.bad_requests = 0
+        self._runner: web.AppRunner | None = None
+        self._driver: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._calls: dict[str, tuple[_Call, int]] = {}
+        self._ids = itertools.count()
+        self._anchor_real = 0.0
+        self._anchor_engine = 0.0
+        self._last_stamp = 0.0
+        self._latest_arrival = 0.0
+        self._created = int(time.time())
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_get("/metrics", self._metrics)
+        app.on_response_prepare.append(self._tag_response)
+        # A client that goes away cancels its handler, which aborts its engine requests.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, cfg.host, cfg.http_port)
+        await site.start()
+        self._runner = runner
+        self.http_port = int(runner.addresses[0][1])
+        host = advertised_host(cfg.host)
+        topic = cfg.topic or f"kv@{host}:{self.http_port}@{cfg.model}"
+        self.publisher = KVEventPublisher(
+            topic=topic,
+            host=cfg.host,
+            port=cfg.kv_port,
+            replay_port=cfg.replay_port,
+            legacy=cfg.legacy_events,
+            buffer_steps=cfg.buffer_steps,
+        )
+        await self.publisher.start()
+        self._anchor_real = asyncio.get_running_loop().time()
+        self._driver = asyncio.create_task(self._drive(), name=f"sim-engine-{cfg.name}")
+
+    async def stop(self) -> None:
+        if self._driver is not None:
+            self._driver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._driver
+            self._driver = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self.publisher is not None:
+            await self.publisher.close()
+
+    async def __aenter__(self) -> SimWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def descriptor(self) -> WorkerDescriptor:
+        if self.publisher is None:
+            raise RuntimeError("worker is not started")
+        return WorkerDescriptor(
+            name=self.config.name,
+            model=self.config.model,
+            host=advertised_host(self.config.host),
+            http_port=self.http_port,
+            kv_port=self.publisher.port,
+            replay_port=self.publisher.replay_port,
+            topic=self.publisher.topic,
+        )
+
+    # -- engine driver -----------------------------------------------------------------
+
+    # Engine time maps to loop time at ``speed`` through an anchor that moves to each
+    # step's end when the step is delivered (to where that end should have been in loop
+    # time, so oversleeping by a timer tick is made up by the next sleep). Steps run back
+    # to back in engine time, so timer granularity (epoll sleeps in whole milliseconds)
+    # never stretches them; arrivals are stamped from the anchored clock. Sustained
+    # lateness (an overloaded loop) re-anchors at the real time: the simulation then runs
+    # slower than ``speed`` instead of producing longer steps.
+
+    def engine_time(self) -> float:
+        """The engine clock now; never decreases."""
+        loop_now = asyncio.get_running_loop().time()
+        now = self._anchor_engine + (loop_now - self._anchor_real) * self.config.speed
+        if now < self._last_stamp:
+            now = self._last_stamp
+        self._last_stamp = now
+        return now
+
+    def _loop_time_of(self, engine_t: float) -> float:
+        return self._anchor_real + (engine_t - self._anchor_engine) / self.config.speed
+
+    async def _pace(self, engine_t: float) -> None:
+        delay = self._loop_time_of(engine_t) - asyncio.get_running_loop().time()
+        # Shorter sleeps would round up to the timer tick; the lead is kept for later.
+        await asyncio.sleep(delay if delay >= _MIN_SLEEP_S else 0)
+
+    def _reanchor(self, step_end: float) -> None:
+        ideal = self._loop_time_of(step_end)
+        loop_now = asyncio.get_running_loop().time()
+        floor = max(step_end, self._last_stamp)
+        if loop_now - ideal > _LATE_TOLERANCE_S:
+            self._anchor_real, self._anchor_engine = loop_now, floor
+        else:
+            self._anchor_real = ideal + (floor - step_end) / self.config.speed
+            self._anchor_engine = floor
+
+    async def _drive(self) -> None:
+        engine = self.engine
+        publisher = self.publisher
+        assert publisher is not None
+        while True:
+            start = engine.next_step_time()
+            if start is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            # Back to back while busy: the next step starts where the last one ended,
+            # unless a request arrived later than that (then it starts at the arrival).
+            result = engine.step(max(start, self._latest_arrival))
+            # The step's tokens exist only once the (simulated) forward pass is over.
+            await self._pace(result.end)
+            for token in result.tokens:
+                entry = self._calls.get(token.request.request_id)
+                if entry is not None:
+                    call, choice = entry
+                    call.queue.put_nowait((choice, token))
+            if result.events:
+                try:
+                    await publisher.publish(result.events)
+                except Exception:
+                    log.exception("%s: publishing %d KV events failed", self.name, len(result.events))
+            self._reanchor(result.end)
+
+    def _submit(self, prompts: list[list[int]], max_tokens: int) -> _Call:
+        now = self.engine_time()
+        self._latest_arrival = now
+        base = f"{self.config.name}-{next(self._ids)}"
+        call = _Call(requests=[])
+        try:
+            for index, prompt in enumerate(prompts):
+                request_id = f"{base}-{index}"
+                call.requests.append(self.engine.add_request(request_id, prompt, max_tokens, now))
+                self._calls[request_id] = (call, index)
+        except RequestRejected:
+            self._forget(call)
+            raise
+        self._wake.set()
+        return call
+
+    def _forget(self, call: _Call) -> None:
+        now = self.engine_time()
+        for request in call.requests:
+            self._calls.pop(request.request_id, None)
+            if not request.done:
+                self.engine.abort(request.request_id, now)
+
+    # -- HTTP --------------------------------------------------------------------------
+
+    async def _tag_response(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[WORKER_HEADER] = self.config.name
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _HTTPError(400, f"request body is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise _HTTPError(400, "request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.config.model:
+            raise _HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError")
+        return body
+
+    @staticmethod
+    def _max_tokens(body: dict[str, Any], default: int, *keys: str) -> int:
+        for key in keys:
+            value = body.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _HTTPError(400, f"{key} must be a positive integer")
+            return value
+        return default
+
+    @staticmethod
+    def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+        stream = bool(body.get("stream", False))
+        options = body.get("stream_options")
+        include_usage = stream and isinstance(options, dict) and bool(options.get("include_usage", False))
+        return stream, include_usage
+
+    async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        except _HTTPError as exc:
+            self.bad_requests += 1
+            log.debug("%s: %s %s -> %d %s", self.name, request.method, request.path, exc.status, exc.message)
+            return _error_response(exc.status, exc.message, exc.kind)
+        except (PromptError, RequestRejected) as exc:
+            self.bad_requests += 1
+            log.debug("%s: %s %s -> 400 %s", self.name, request.method, request.path, exc)
+            return _error_response(400, str(exc), "BadRequestError")
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._guard(request, self._completions_inner)
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._guard(request, self._chat_inner)
+
+    async def _completions_inner(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        if "prompt" not in body:
+            raise _HTTPError(400, "prompt is required")
+        prompts = completion_prompts(body["prompt"])
+        max_tokens = self._max_tokens(body, COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens")
+        stream, include_usage = self._stream_flags(body)
+        call = self._submit(prompts, max_tokens)
+        return await self._respond(request, call, chat=False, stream=stream, include_usage=include_usage)
+
+    async def _chat_inner(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        prompt = apply_chat_template(body.get("messages"), bool(body.get("add_generation_prompt", True)))
+        max_tokens = self._max_tokens(
+            body, self.config.default_chat_max_tokens, "max_completion_tokens", "max_tokens"
+        )
+        stream, include_usage = self._stream_flags(body)
+        call = self._submit([prompt], max_tokens)
+        return await self._respond(request, call, chat=True, stream=stream, include_usage=include_usage)
+
+    @staticmethod
+    def _usage(requests: list[SimRequest]) -> dict[str, Any]:
+        prompt = sum(r.prompt_tokens for r in requests)
+        completion = sum(r.completion_tokens for r in requests)
+        return {
+            "prompt_tokens": prompt,
+            "total_tokens": prompt + completion,
+            "completion_tokens": completion,
+            "prompt_tokens_details": {"cached_tokens": sum(r.num_cached_tokens for r in requests)},
+        }
+
+    async def _respond(
+        self, request: web.Request, call: _Call, *, chat: bool, stream: bool, include_usage: bool
+    ) -> web.StreamResponse:
+        completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        head = {
+            "id": completion_id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": self.config.model,
+        }
+        try:
+            if not stream:
+                texts = ["" for _ in call.requests]
+                remaining = len(call.requests)
+                while remaining:
+                    choice, token = await call.queue.get()
+                    texts[choice] += filler_text(token.index)
+                    remaining -= token.finished
+                return web.json_response(self._full_body(call, texts, head, chat))
+            response = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            )
+            await response.prepare(request)
+            if chat:
+                first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+                await self._send(response, {**head, "choices": [{**first, "finish_reason": None}]})
+            remaining = len(call.requests)
+            while remaining:
+                choice, token = await call.queue.get()
+                text = filler_text(token.index)
+                reason = "length" if token.finished else None
+                if chat:
+                    entry: dict[str, Any] = {"index": choice, "delta": {"content": text}, "logprobs": None}
+                else:
+                    entry = {"index": choice, "text": text, "logprobs": None}
+                entry["finish_reason"] = reason
+                entry["stop_reason"] = None
+                await self._send(response, {**head, "choices": [entry]})
+                remaining -= token.finished
+            if include_usage:
+                await self._send(response, {**head, "choices": [], "usage": self._usage(call.requests)})
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        finally:
+            self._forget(call)
+
+    @staticmethod
+    async def _send(response: web.StreamResponse, chunk: dict[str, Any]) -> None:
+        await response.write(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
+
+    def _full_body(self, call: _Call, texts: list[str], head: dict[str, Any], chat: bool) -> dict[str, Any]:
+        choices: list[dict[str, Any]] = []
+        for index, text in enumerate(texts):
+            if chat:
+                message = {"role": "assistant", "content": text, "tool_calls": []}
+                choices.append(
+                    {"index": index, "message": message, "logprobs": None, "finish_reason": "length"}
+                )
+            else:
+                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": "length"})
+            choices[-1]["stop_reason"] = None
+        kind = "chat.completion" if chat else "text_completion"
+        return {**head, "object": kind, "choices": choices, "usage": self._usage(call.requests)}
+
+    async def _models(self, request: web.Request) -> web.Response:
+        model = self.config.model
+        card = {
+            "id": model,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "vllm",
+            "root": model,
+            "parent": None,
+            "max_model_len": self.engine.config.max_model_len,
+        }
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _tokenize(self, request: web.Request) -> web.StreamResponse:
+        return await self._guard(request, self._tokenize_inner)
+
+    async def _tokenize_inner(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        if "messages" in body:
+            tokens = apply_chat_template(body["messages"], bool(body.get("add_generation_prompt", True)))
+        elif isinstance(body.get("prompt"), str):
+            tokens = encode(body["prompt"])
+        else:
+            raise _HTTPError(400, "tokenize needs a text prompt or messages")
+        return web.json_response(
+            {
+                "count": len(tokens),
+                "max_model_len": self.engine.config.max_model_len,
+                "tokens": tokens,
+                "token_strs": None,
+            }
+        )
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE}
+        )
