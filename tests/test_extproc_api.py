@@ -280,3 +280,17 @@ async def test_picker_api_releases_unreported_picks_beyond_the_bound(servers: li
             await stub.Pick(picker_pb2.PickRequest(request_id="u2", prompt_text="x"), timeout=DEADLINE_S)
         assert duplicate.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert server.stats.outcomes["unreported"] == 1
+
+
+async def test_outcomes_are_exported_to_a_prometheus_registry(servers: list[ExtProcServer]) -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    scheduler = StandInScheduler()
+    scheduler.set_endpoints(ADDRESSES)
+    server = await _start(servers, scheduler, tls=TLSSettings.plaintext(), metrics_registry=registry)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        await _headers_only_route(channel)
+    assert registry.get_sample_value("kvsched_picker_requests_total", {"outcome": "routed"}) == 1.0
+    assert registry.get_sample_value("kvsched_picker_requests_total", {"outcome": "shed"}) == 0.0
+    assert registry.get_sample_value("kvsched_picker_decision_seconds_count") == 1.0
