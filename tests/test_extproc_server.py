@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,8 +20,10 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from google.protobuf import struct_pb2
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from scheduler.adapters.extproc import ExtProcConfig, ExtProcServer, TLSSettings
+from scheduler.adapters.tokenizer import HFTokenizer
 from scheduler.core.scheduler import Endpoint, PickResult, SchedulingRequest
 
 ADDRESSES = ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"]
@@ -679,3 +682,37 @@ async def test_gateway_without_full_duplex_body_is_answered_on_headers(
     assert body_answer.WhichOneof("response") == "request_body"
     assert not body_answer.request_body.response.HasField("body_mutation")
     assert list(scheduler.picks[0].token_ids) == []
+
+
+async def test_chat_prompt_tokenised_with_the_model_template_off_the_loop(
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: StandInScheduler,
+    tmp_path: Path,
+) -> None:
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(
+        ["user assistant hello shared prefix"],
+        trainer=trainers.WordLevelTrainer(special_tokens=["[UNK]", "<s>"]),
+    )
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}assistant"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": template, "bos_token": "<s>"})
+    )
+    server = await start_server(
+        scheduler,
+        tokenizer=HFTokenizer(tmp_path / "tokenizer.json", tmp_path / "tokenizer_config.json"),
+        config=ExtProcConfig(tokenize_in_thread_chars=0),
+    )
+    stream = connect(server)
+    await stream.request_headers({**POST, ":path": "/v1/chat/completions"})
+    body = {"model": "m", "messages": [{"role": "user", "content": "hello shared prefix"}]}
+    await stream.request_body(json.dumps(body).encode())
+    await stream.read()
+    expected = tokenizer.encode("<s>user hello shared prefix assistant", add_special_tokens=False).ids
+    assert list(scheduler.picks[0].token_ids) == expected
+    assert tokenizer.token_to_id("[UNK]") not in expected
