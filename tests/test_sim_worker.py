@@ -262,6 +262,22 @@ async def test_step_times_follow_the_latency_model_not_the_timer(http: aiohttp.C
     assert itl.sum == pytest.approx(expected, rel=1e-6)
 
 
+async def test_client_disconnect_aborts_and_frees_the_request() -> None:
+    config = PoolConfig(speed=1.0, engine=EngineConfig(capacity_blocks=64))
+    async with SimPool(1, config) as single, aiohttp.ClientSession() as session:
+        engine = single.workers[0].engine
+        body = {"prompt": words("d", 20), "max_tokens": 500, "stream": True}
+        async with session.post(single.descriptors[0].http_url + "/v1/completions", json=body) as response:
+            assert (await response.content.readline()).startswith(b"data: ")
+            assert engine.num_running == 1 and engine.pool.num_used > 0
+            response.connection.close()  # type: ignore[union-attr]
+        async with asyncio.timeout(DEADLINE_S):
+            while engine.metrics.requests_aborted == 0:
+                await asyncio.sleep(0.01)
+        assert engine.num_running == 0 and engine.pool.num_used == 0
+        assert engine.metrics.requests_finished == 0
+
+
 # -- KV events -------------------------------------------------------------------------
 
 

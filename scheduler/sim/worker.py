@@ -284,6 +284,11 @@ class SimWorker:
         await self.publisher.start()
         self._anchor_real = asyncio.get_running_loop().time()
         self._driver = asyncio.create_task(self._drive(), name=f"sim-engine-{cfg.name}")
+        self._driver.add_done_callback(self._driver_ended)
+
+    def _driver_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: engine driver stopped", self.name, exc_info=task.exception())
 
     async def stop(self) -> None:
         if self._driver is not None:
