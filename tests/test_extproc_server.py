@@ -716,3 +716,26 @@ async def test_chat_prompt_tokenised_with_the_model_template_off_the_loop(
     expected = tokenizer.encode("<s>user hello shared prefix assistant", add_special_tokens=False).ids
     assert list(scheduler.picks[0].token_ids) == expected
     assert tokenizer.token_to_id("[UNK]") not in expected
+
+
+async def test_fault_on_the_response_path_fails_the_stream_loudly(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+) -> None:
+    def broken(request_id: str, now: float) -> None:
+        raise RuntimeError("bookkeeping bug")
+
+    scheduler.on_first_token = broken  # type: ignore[method-assign]
+    server = await start_server(scheduler)
+    stream = connect(server)
+    await stream.request_headers({**POST, "x-request-id": "x1"})
+    await stream.request_body(_completion_body("hi"))
+    await _drain_request(stream)
+    await stream.response_headers()
+    await stream.read()
+    await stream.response_body(b"{}", end_of_stream=True)
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await asyncio.wait_for(stream.call.read(), DEADLINE_S)
+    assert failure.value.code() == grpc.StatusCode.INTERNAL
+    assert server.stats.outcomes["internal_error"] == 1
+    # The routed request is still released.
+    assert scheduler.failed == ["x1"]

@@ -63,6 +63,7 @@ class ExternalProcessorServicer(ext_proc_grpc.ExternalProcessorServicer):  # typ
         # x-request-id values of streams in progress: a repeated id must not merge two requests'
         # accounting in the scheduler.
         self._active_ids: set[str] = set()
+        self._logged_fault = False
 
     async def Process(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -70,7 +71,17 @@ class ExternalProcessorServicer(ext_proc_grpc.ExternalProcessorServicer):  # typ
         exchange = _Exchange(self._runner, self._config, self._stats, self._active_ids)
         try:
             async for message in request_iterator:
-                for response in await exchange.handle(message):
+                try:
+                    answers = await exchange.handle(message)
+                except Exception:
+                    # A fault in this adapter: fail the stream loudly (the gateway's failure mode
+                    # decides) rather than leave Envoy waiting for an answer.
+                    self._stats.count("internal_error")
+                    if not self._logged_fault:
+                        self._logged_fault = True
+                        log.exception("ext_proc stream failed on a %s message", message.WhichOneof("request"))
+                    await context.abort(grpc.StatusCode.INTERNAL, "endpoint picker failed on this request")
+                for response in answers:
                     yield response
                 if exchange.aborted is not None:
                     await context.abort(grpc.StatusCode.INTERNAL, exchange.aborted)
@@ -139,7 +150,7 @@ class _Exchange:
         if kind == "response_trailers":
             self._complete()
             return [responses.response_trailers_continue()]
-        self._stats.count("unknown_message")
+        self._stats.count("unexpected_message")
         return []
 
     def _read_metadata(self, metadata: Any) -> None:
@@ -166,8 +177,12 @@ class _Exchange:
 
     async def _request_body(self, body: Any) -> list[Any]:
         if self._decision is not None:
-            # Only outside FULL_DUPLEX_STREAMED (decided on the headers): let the body through.
-            return [] if self._duplex_request else [responses.request_body_continue()]
+            if self._duplex_request:
+                # Body after the end of the body (or after a refusal): a protocol slip, counted.
+                self._stats.count("unexpected_message")
+                return []
+            # Outside FULL_DUPLEX_STREAMED the decision was made on the headers: let the body through.
+            return [responses.request_body_continue()]
         self._body_messages += 1
         chunk = body.body
         if chunk:
