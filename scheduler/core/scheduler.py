@@ -1,0 +1,430 @@
+"""The Scheduler: the one object every adapter drives.
+
+It owns the prefix index, the endpoints' last known state (scraped metrics, health) and
+kvsched's own accounting of the requests it has routed, and turns a request into a
+decision with the scoring pipeline. Adapters (ext_proc server, scraper, discovery,
+simulator) call only this facade and pass ``now`` in; nothing here reads a clock or does
+I/O, so the live server and the virtual-time simulator make identical decisions.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from scheduler.core.baselines import BaselineInput, PolicyName, make_baseline
+from scheduler.core.index import IndexConfig, PrefixIndex
+from scheduler.core.scoring import (
+    EndpointState,
+    PickRequest,
+    PrefixMatch,
+    SchedulingPipeline,
+    ScoringConfig,
+)
+
+log = logging.getLogger(__name__)
+
+
+class HealthConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    unhealthy_after_failures: int = Field(
+        3, ge=1, description="Consecutive failed scrapes after which an endpoint is not picked."
+    )
+    metrics_stale_after_s: float = Field(
+        2.0, gt=0, description="Scraped metrics older than this are not trusted by the scorers."
+    )
+
+
+class ApproximateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttl_s: float = Field(
+        300.0,
+        gt=0,
+        description="For endpoints without KV events: how long a routed prompt is assumed to stay cached.",
+    )
+
+
+class SchedulerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    approximate: ApproximateConfig = Field(default_factory=ApproximateConfig)
+    seed: int = Field(0, description="Seed of the picker's random source (softmax sampling, tie spreading).")
+    policy: PolicyName = Field(
+        "kvsched",
+        description="'kvsched' (the scoring pipeline) or a baseline for comparison: "
+        "round_robin, random, least_loaded, prefix_balance.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One routable model-server endpoint (a pod's ip:port)."""
+
+    name: str
+    address: str
+    kv_events: str | None = None
+    kv_replay: str | None = None
+    kv_topic: str = ""
+    data_parallel_size: int = 1
+    metrics_url: str | None = None
+    endpoint_class: str = "default"
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def index_workers(self) -> list[str]:
+        """Names under which this endpoint's data-parallel ranks appear in the index."""
+        return [self.name] + [f"{self.name}#dp{rank}" for rank in range(1, self.data_parallel_size)]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointMetrics:
+    waiting: int
+    running: int
+    kv_usage: float
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulingRequest:
+    request_id: str
+    token_ids: Sequence[int]
+    model: str | None = None
+    subset: frozenset[str] | None = None
+    objective: str | None = None
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    fairness_id: str | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PickResult:
+    status: Literal["ok", "no_endpoints", "shed"]
+    endpoints: list[str]
+    reason: str = ""
+    explanation: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointDiff:
+    added: list[Endpoint]
+    removed: list[Endpoint]
+
+
+@dataclass(slots=True)
+class _EndpointRuntime:
+    endpoint: Endpoint
+    metrics: EndpointMetrics | None = None
+    metrics_at: float | None = None
+    consecutive_failures: int = 0
+    last_error: str = ""
+    inflight_requests: int = 0
+    inflight_prefill_tokens: int = 0
+
+
+@dataclass(slots=True)
+class _InFlight:
+    endpoint: str
+    prompt_tokens: int
+    started_at: float
+    prefilling: bool = True
+    first_token_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """What the scheduler learned from one finished request."""
+
+    request_id: str
+    endpoint: str
+    prompt_tokens: int
+    ttft_s: float | None
+    e2e_s: float
+    cached_tokens: int | None
+    completion_tokens: int | None
+
+
+class Scheduler:
+    """Endpoint state + prefix index + scoring pipeline, driven by adapters."""
+
+    def __init__(self, config: SchedulerConfig | None = None, index: PrefixIndex | None = None) -> None:
+        self.config = config or SchedulerConfig()
+        self.index = index or PrefixIndex(self.config.index)
+        self._pipeline = SchedulingPipeline(self.config.scoring)
+        self._baseline = None if self.config.policy == "kvsched" else make_baseline(self.config.policy)
+        self._rng = random.Random(self.config.seed)
+        self._endpoints: dict[str, _EndpointRuntime] = {}
+        self._by_address: dict[str, str] = {}
+        self._inflight: dict[str, _InFlight] = {}
+        # Approximate mode: (expires_at, endpoint, keys) of prompts routed to endpoints
+        # that publish no KV events, oldest first.
+        self._approx: list[tuple[float, str, list[int]]] = []
+        self.completions = 0
+
+    # --- configuration -----------------------------------------------------------------
+
+    def reload(self, config: SchedulerConfig) -> None:
+        """Swap scoring and health settings atomically; the index layout cannot change live."""
+        if config.index != self.config.index:
+            raise ValueError("index settings (block size, hash mode, bounds) need a restart")
+        pipeline = SchedulingPipeline(config.scoring)
+        baseline = self._baseline
+        if config.policy != self.config.policy:
+            baseline = None if config.policy == "kvsched" else make_baseline(config.policy)
+        self._pipeline, self._baseline, self.config = pipeline, baseline, config
+
+    # --- endpoints ---------------------------------------------------------------------
+
+    def set_endpoints(self, endpoints: Iterable[Endpoint], now: float) -> EndpointDiff:
+        wanted = {endpoint.name: endpoint for endpoint in endpoints}
+        removed = [rt.endpoint for name, rt in self._endpoints.items() if name not in wanted]
+        added: list[Endpoint] = []
+        for endpoint in removed:
+            del self._endpoints[endpoint.name]
+            for worker in endpoint.index_workers():
+                self.index.remove_worker(worker)
+        for name, endpoint in wanted.items():
+            runtime = self._endpoints.get(name)
+            if runtime is None:
+                self._endpoints[name] = _EndpointRuntime(endpoint)
+                added.append(endpoint)
+            elif runtime.endpoint != endpoint:
+                runtime.endpoint = endpoint
+        self._by_address = {rt.endpoint.address: name for name, rt in self._endpoints.items()}
+        if removed:
+            gone = {endpoint.name for endpoint in removed}
+            self._approx = [entry for entry in self._approx if entry[1] not in gone]
+        return EndpointDiff(added, removed)
+
+    def endpoints(self) -> list[Endpoint]:
+        return [rt.endpoint for rt in self._endpoints.values()]
+
+    def update_metrics(self, name: str, metrics: EndpointMetrics, now: float) -> None:
+        runtime = self._endpoints.get(name)
+        if runtime is None:
+            return
+        runtime.metrics = metrics
+        runtime.metrics_at = now
+        runtime.consecutive_failures = 0
+        runtime.last_error = ""
+
+    def record_scrape_failure(self, name: str, error: str, now: float) -> None:
+        runtime = self._endpoints.get(name)
+        if runtime is None:
+            return
+        runtime.consecutive_failures += 1
+        runtime.last_error = error
+
+    def is_healthy(self, name: str) -> bool:
+        runtime = self._endpoints.get(name)
+        return runtime is not None and self._healthy(runtime)
+
+    def _healthy(self, runtime: _EndpointRuntime) -> bool:
+        return runtime.consecutive_failures < self.config.health.unhealthy_after_failures
+
+    def endpoint_state(self, name: str, now: float) -> EndpointState:
+        return self._state(self._endpoints[name], now)
+
+    def _state(self, runtime: _EndpointRuntime, now: float) -> EndpointState:
+        metrics = runtime.metrics
+        age = None if runtime.metrics_at is None else max(now - runtime.metrics_at, 0.0)
+        endpoint = runtime.endpoint
+        return EndpointState(
+            name=endpoint.name,
+            address=endpoint.address,
+            waiting=metrics.waiting if metrics else 0,
+            running=metrics.running if metrics else 0,
+            kv_usage=metrics.kv_usage if metrics else 0.0,
+            metrics_age_s=age,
+            healthy=self._healthy(runtime),
+            inflight_requests=runtime.inflight_requests,
+            inflight_prefill_tokens=runtime.inflight_prefill_tokens,
+            endpoint_class=endpoint.endpoint_class,
+            labels=endpoint.labels,
+        )
+
+    # --- picking -----------------------------------------------------------------------
+
+    def _matches(self, keys: Any) -> dict[str, PrefixMatch]:
+        """Per endpoint, the best match over its data-parallel ranks."""
+        best: dict[str, PrefixMatch] = {}
+        for worker, match in self.index.match(keys).items():
+            name = worker.split("#dp", 1)[0]
+            current = best.get(name)
+            if current is None or match.total_blocks > current.total_blocks:
+                best[name] = PrefixMatch(
+                    match.total_blocks, match.gpu_blocks, match.cpu_blocks, match.storage_blocks
+                )
+        return best
+
+    def pick(self, request: SchedulingRequest, now: float) -> PickResult:
+        self._expire_approximate(now)
+        keys = self.index.request_keys(request.token_ids)
+        prompt_blocks = len(keys)
+        matches = self._matches(keys) if prompt_blocks else {}
+        states = [self._state(rt, now) for rt in self._endpoints.values()]
+        pick_request = PickRequest(
+            request_id=request.request_id,
+            prompt_blocks=prompt_blocks,
+            prompt_tokens=len(request.token_ids),
+            subset=request.subset,
+        )
+        if self._baseline is not None:
+            return self._pick_baseline(request, states, matches, prompt_blocks, keys, now)
+        decision = self._pipeline.pick(pick_request, states, matches, self._rng)
+        explanation = decision.explain()
+        if not decision.endpoints:
+            status: Literal["no_endpoints", "shed"] = "no_endpoints"
+            return PickResult(status, [], decision.reason or "no endpoint available", explanation)
+        addresses = [self._endpoints[name].endpoint.address for name in decision.endpoints]
+        self._start(request, decision.endpoints[0], keys, now)
+        return PickResult("ok", addresses, "", explanation)
+
+    def _pick_baseline(
+        self,
+        request: SchedulingRequest,
+        states: list[EndpointState],
+        matches: dict[str, PrefixMatch],
+        prompt_blocks: int,
+        keys: Any,
+        now: float,
+    ) -> PickResult:
+        assert self._baseline is not None
+        allowed = request.subset
+        candidates = [s for s in states if s.healthy and (allowed is None or s.address in allowed)]
+        data = BaselineInput(candidates, matches, prompt_blocks, self.index.worker_blocks)
+        order = self._baseline.order(data, self._rng)[: 1 + self.config.scoring.num_fallbacks]
+        explanation = {"policy": self.config.policy, "order": order}
+        if not order:
+            reason = "no eligible endpoint in subset hint" if allowed is not None else "no healthy endpoint"
+            return PickResult("no_endpoints", [], reason, explanation)
+        self._start(request, order[0], keys, now)
+        return PickResult("ok", [self._endpoints[name].endpoint.address for name in order], "", explanation)
+
+    def fallback_pick(self, request: SchedulingRequest, now: float | None = None) -> list[str]:
+        """Least-loaded healthy endpoints, for when the pipeline itself failed."""
+        allowed = request.subset
+        candidates = [
+            rt
+            for rt in self._endpoints.values()
+            if self._healthy(rt) and (allowed is None or rt.endpoint.address in allowed)
+        ]
+        candidates.sort(
+            key=lambda rt: (
+                rt.inflight_requests + (rt.metrics.waiting if rt.metrics else 0),
+                rt.inflight_prefill_tokens,
+                rt.endpoint.name,
+            )
+        )
+        chosen = [rt.endpoint.address for rt in candidates[: 1 + self.config.scoring.num_fallbacks]]
+        if chosen and now is not None:
+            self._start(request, self._by_address[chosen[0]], None, now)
+        return chosen
+
+    # --- request lifecycle ---------------------------------------------------------------
+
+    def _start(self, request: SchedulingRequest, endpoint: str, keys: Any, now: float) -> None:
+        previous = self._inflight.pop(request.request_id, None)
+        if previous is not None:
+            self._release(previous)
+        runtime = self._endpoints[endpoint]
+        prompt_tokens = len(request.token_ids)
+        runtime.inflight_requests += 1
+        runtime.inflight_prefill_tokens += prompt_tokens
+        self._inflight[request.request_id] = _InFlight(endpoint, prompt_tokens, now)
+        if keys is not None and len(keys) and runtime.endpoint.kv_events is None:
+            self._record_approximate(endpoint, keys, now)
+
+    def _release(self, flight: _InFlight) -> None:
+        runtime = self._endpoints.get(flight.endpoint)
+        if runtime is None:
+            return
+        runtime.inflight_requests = max(runtime.inflight_requests - 1, 0)
+        if flight.prefilling:
+            runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prompt_tokens, 0)
+
+    def on_served_by(self, request_id: str, address: str) -> None:
+        """The gateway reports the endpoint that actually took the request (maybe a fallback)."""
+        flight = self._inflight.get(request_id)
+        name = self._by_address.get(address)
+        if flight is None or name is None or name == flight.endpoint:
+            return
+        self._release(flight)
+        moved = _InFlight(name, flight.prompt_tokens, flight.started_at)
+        runtime = self._endpoints[name]
+        runtime.inflight_requests += 1
+        runtime.inflight_prefill_tokens += flight.prompt_tokens
+        self._inflight[request_id] = moved
+
+    def on_first_token(self, request_id: str, now: float) -> None:
+        flight = self._inflight.get(request_id)
+        if flight is None or not flight.prefilling:
+            return
+        flight.prefilling = False
+        flight.first_token_at = now
+        runtime = self._endpoints.get(flight.endpoint)
+        if runtime is not None:
+            runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prompt_tokens, 0)
+
+    def on_completed(
+        self,
+        request_id: str,
+        now: float,
+        *,
+        served: str | None = None,
+        cached_tokens: int | None = None,
+        completion_tokens: int | None = None,
+    ) -> Completion | None:
+        if served is not None:
+            self.on_served_by(request_id, served)
+        flight = self._inflight.pop(request_id, None)
+        if flight is None:
+            return None
+        self._release(flight)
+        self.completions += 1
+        ttft = None if flight.first_token_at is None else flight.first_token_at - flight.started_at
+        return Completion(
+            request_id,
+            flight.endpoint,
+            flight.prompt_tokens,
+            ttft,
+            now - flight.started_at,
+            cached_tokens,
+            completion_tokens,
+        )
+
+    def on_failed(self, request_id: str, now: float) -> None:
+        flight = self._inflight.pop(request_id, None)
+        if flight is not None:
+            self._release(flight)
+
+    def inflight(self, name: str) -> tuple[int, int]:
+        runtime = self._endpoints[name]
+        return runtime.inflight_requests, runtime.inflight_prefill_tokens
+
+    # --- approximate mode --------------------------------------------------------------
+
+    def _record_approximate(self, endpoint: str, keys: Any, now: float) -> None:
+        key_list = [int(key) for key in keys]
+        self.index.record_routed(endpoint, key_list)
+        self._approx.append((now + self.config.approximate.ttl_s, endpoint, key_list))
+
+    def _expire_approximate(self, now: float) -> None:
+        expired = 0
+        for expires_at, endpoint, keys in self._approx:
+            if expires_at > now:
+                break
+            self.index.forget_routed(endpoint, keys)
+            expired += 1
+        if expired:
+            del self._approx[:expired]
