@@ -236,6 +236,9 @@ class StepResult:
     start: float
     end: float
     shape: StepShape
+    # When the step's first iteration ends: first tokens exist from then on. Equal to
+    # ``end`` unless token_scale stretches the step with further decode iterations.
+    first_token_at: float = 0.0
     tokens: list[GeneratedToken] = field(default_factory=list)
     finished: list[SimRequest] = field(default_factory=list)
     events: list[KVEvent] = field(default_factory=list)
@@ -395,9 +398,10 @@ class Engine:
 
         shape = StepShape(prefill_tokens, pairs, decode_seqs, decode_context)
         end = now + self.latency.step_time(shape)
+        first_end = now + self.latency.first_iteration_time(shape)
         if scheduled:
             self.busy_until = end
-        result = StepResult(start=now, end=end, shape=shape, admitted=admitted)
+        result = StepResult(start=now, end=end, shape=shape, first_token_at=first_end, admitted=admitted)
         self._emit_tokens(scheduled, end, result)
         result.events = self.pool.take_events()
         return result
@@ -448,12 +452,13 @@ class Engine:
             token = self._output_token(index)
             request.output_token_ids.append(token)
             request.token_ids.append(token)
-            request.token_times.append(end)
+            at = result.first_token_at if index == 0 else end
+            request.token_times.append(at)
             metrics.generation_tokens += 1
             if index == 0:
-                request.first_token_time = end
+                request.first_token_time = at
                 metrics.prompt_tokens += request.prompt_len
-                metrics.ttft.observe(end - request.arrival)
+                metrics.ttft.observe(at - request.arrival)
             else:
                 metrics.itl.observe(end - request.token_times[-2])
             finished = index + 1 >= request.max_tokens

@@ -116,19 +116,25 @@ class LatencyModel:
             + self.per_seq_s * decode_seqs
         )
 
-    def step_time(self, shape: StepShape) -> float:
+    def first_iteration_time(self, shape: StepShape) -> float:
+        """Duration of the step's first real iteration: the one that ends a prefill and
+        produces its first token (the rest of a scaled step is further decoding)."""
         if shape.empty:
             return 0.0
         scale = self.token_scale
-        context = shape.decode_context_tokens * scale
-        first = self._iteration(
+        return self._iteration(
             shape.prefill_tokens * scale,
             shape.prefill_attention_pairs * scale * scale,
             shape.decode_seqs,
-            context,
+            shape.decode_context_tokens * scale,
         )
+
+    def step_time(self, shape: StepShape) -> float:
+        first = self.first_iteration_time(shape)
+        scale = self.token_scale
         if shape.decode_seqs == 0 or scale == 1.0:
             return first
+        context = shape.decode_context_tokens * scale
         return first + (scale - 1.0) * self._iteration(0.0, 0.0, shape.decode_seqs, context)
 
     def prefill_time(self, tokens: int, context_before: int = 0) -> float:

@@ -377,19 +377,30 @@ class SimWorker:
             # Back to back while busy: the next step starts where the last one ended,
             # unless a request arrived later than that (then it starts at the arrival).
             result = engine.step(max(start, self._latest_arrival))
-            # The step's tokens exist only once the (simulated) forward pass is over.
+            # The step's tokens exist only once the (simulated) forward pass is over; first
+            # tokens come with the step's first iteration (earlier when token_scale
+            # stretches the step with more decoding).
+            firsts = [token for token in result.tokens if token.index == 0]
+            if firsts and result.first_token_at < result.end:
+                await self._pace(result.first_token_at)
+                self._deliver(firsts)
+            else:
+                firsts = []
             await self._pace(result.end)
-            for token in result.tokens:
-                entry = self._calls.get(token.request.request_id)
-                if entry is not None:
-                    call, choice = entry
-                    call.queue.put_nowait((choice, token))
+            self._deliver([token for token in result.tokens if token.index != 0] if firsts else result.tokens)
             if result.events:
                 try:
                     await publisher.publish(result.events)
                 except Exception:
                     log.exception("%s: publishing %d KV events failed", self.name, len(result.events))
             self._reanchor(result.end)
+
+    def _deliver(self, tokens: list[GeneratedToken]) -> None:
+        for token in tokens:
+            entry = self._calls.get(token.request.request_id)
+            if entry is not None:
+                call, choice = entry
+                call.queue.put_nowait((choice, token))
 
     def _submit(self, prompts: list[list[int]], max_tokens: int) -> _Call:
         now = self.engine_time()
