@@ -18,7 +18,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scheduler.adapters.extproc import ExtProcConfig, ExtProcServer, TLSSettings
 from scheduler.adapters.extproc.picker_api import load_picker_protos
 from scheduler.adapters.extproc.tls import self_signed_certificate
-from scheduler.core.scheduler import Endpoint, PickResult, SchedulingRequest
+from scheduler.core.index import IndexConfig
+from scheduler.core.scheduler import (
+    Completion,
+    Endpoint,
+    PickResult,
+    Scheduler,
+    SchedulerConfig,
+    SchedulingRequest,
+)
 
 DEADLINE_S = 10.0
 ADDRESSES = ["10.1.0.1:8000", "10.1.0.2:8000"]
@@ -31,40 +39,35 @@ if protos is None:
 picker_pb2, picker_pb2_grpc = protos
 
 
-class StandInScheduler:
+class RecordingScheduler(Scheduler):
+    """The real Scheduler, recording the lifecycle calls the adapter makes."""
+
     def __init__(self) -> None:
-        self._endpoints: list[Endpoint] = []
+        super().__init__(SchedulerConfig(index=IndexConfig(block_size=16)))
         self.picks: list[SchedulingRequest] = []
         self.first_tokens: list[tuple[str, float]] = []
-        self.completed: list[tuple[str, float, dict[str, Any]]] = []
+        self.completed: list[tuple[str, float, Completion | None]] = []
         self.failed: list[str] = []
 
-    def set_endpoints(self, addresses: list[str]) -> None:
-        self._endpoints = [Endpoint(address, address) for address in addresses]
-
-    def endpoints(self) -> list[Endpoint]:
-        return list(self._endpoints)
+    def serve(self, addresses: list[str]) -> None:
+        self.set_endpoints([Endpoint(name=address, address=address) for address in addresses], now=0.0)
 
     def pick(self, request: SchedulingRequest, now: float) -> PickResult:
         self.picks.append(request)
-        allowed = [
-            e.address for e in self._endpoints if request.subset is None or e.address in request.subset
-        ]
-        if not allowed:
-            return PickResult("no_endpoints", [], "none eligible", {})
-        return PickResult("ok", allowed, "", {"matched_blocks": 1})
-
-    def fallback_pick(self, request: SchedulingRequest, now: float | None = None) -> list[str]:
-        return [e.address for e in self._endpoints]
+        return super().pick(request, now)
 
     def on_first_token(self, request_id: str, now: float) -> None:
         self.first_tokens.append((request_id, now))
+        super().on_first_token(request_id, now)
 
-    def on_completed(self, request_id: str, now: float, **observed: Any) -> None:
-        self.completed.append((request_id, now, observed))
+    def on_completed(self, request_id: str, now: float, **observed: Any) -> Completion | None:
+        done = super().on_completed(request_id, now, **observed)
+        self.completed.append((request_id, now, done))
+        return done
 
     def on_failed(self, request_id: str, now: float) -> None:
         self.failed.append(request_id)
+        super().on_failed(request_id, now)
 
 
 @pytest.fixture
@@ -95,13 +98,13 @@ READY_SERVICES = ("readiness", "envoy.service.ext_proc.v3.ExternalProcessor", ""
 
 
 async def test_health_readiness_follows_the_scheduler_endpoints(servers: list[ExtProcServer]) -> None:
-    scheduler = StandInScheduler()
+    scheduler = RecordingScheduler()
     server = await _start(servers, scheduler, tls=TLSSettings.plaintext())
     assert server.health_port not in (None, 0, server.port)
     assert await _health(server, "liveness") == SERVING
     for service in READY_SERVICES:
         assert await _health(server, service) == NOT_SERVING
-    scheduler.set_endpoints(ADDRESSES)
+    scheduler.serve(ADDRESSES)
     for service in READY_SERVICES:
         assert await _health(server, service) == SERVING
     with pytest.raises(grpc.aio.AioRpcError) as unknown:
@@ -110,7 +113,7 @@ async def test_health_readiness_follows_the_scheduler_endpoints(servers: list[Ex
 
 
 async def test_health_watch_sees_readiness_change(servers: list[ExtProcServer]) -> None:
-    scheduler = StandInScheduler()
+    scheduler = RecordingScheduler()
     server = await _start(
         servers, scheduler, tls=TLSSettings.plaintext(), config=ExtProcConfig(health_refresh_s=0.05)
     )
@@ -118,15 +121,15 @@ async def test_health_watch_sees_readiness_change(servers: list[ExtProcServer]) 
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="readiness"))
         first = await asyncio.wait_for(watch.read(), DEADLINE_S)
         assert first.status == NOT_SERVING
-        scheduler.set_endpoints(ADDRESSES)
+        scheduler.serve(ADDRESSES)
         second = await asyncio.wait_for(watch.read(), DEADLINE_S)
         assert second.status == SERVING
         watch.cancel()
 
 
 async def test_stop_reports_not_serving_and_closes(servers: list[ExtProcServer]) -> None:
-    scheduler = StandInScheduler()
-    scheduler.set_endpoints(ADDRESSES)
+    scheduler = RecordingScheduler()
+    scheduler.serve(ADDRESSES)
     server = await _start(servers, scheduler, tls=TLSSettings.plaintext())
     assert await _health(server, "readiness") == SERVING
     port = server.port
@@ -154,14 +157,14 @@ async def _headers_only_route(channel: grpc.aio.Channel) -> str:
 async def test_self_signed_tls_serves_a_client_that_trusts_the_certificate(
     servers: list[ExtProcServer],
 ) -> None:
-    scheduler = StandInScheduler()
-    scheduler.set_endpoints(ADDRESSES)
+    scheduler = RecordingScheduler()
+    scheduler.serve(ADDRESSES)
     server = await _start(servers, scheduler)  # TLS self-signed is the default
     assert server.tls.mode == "self_signed"
     assert server.certificate_pem is not None and b"BEGIN CERTIFICATE" in server.certificate_pem
     credentials = grpc.ssl_channel_credentials(root_certificates=server.certificate_pem)
     async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", credentials) as channel:
-        assert await _headers_only_route(channel) == ",".join(ADDRESSES)
+        assert sorted((await _headers_only_route(channel)).split(",")) == ADDRESSES
     # The port really is TLS: a plaintext client cannot talk to it.
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         with pytest.raises(grpc.aio.AioRpcError):
@@ -172,29 +175,29 @@ async def test_tls_from_certificate_files(servers: list[ExtProcServer], tmp_path
     certificate, key = self_signed_certificate(("picker.example",), ("127.0.0.1",), 1)
     (tmp_path / "tls.crt").write_bytes(certificate)
     (tmp_path / "tls.key").write_bytes(key)
-    scheduler = StandInScheduler()
-    scheduler.set_endpoints(ADDRESSES)
+    scheduler = RecordingScheduler()
+    scheduler.serve(ADDRESSES)
     server = await _start(
         servers, scheduler, tls=TLSSettings.from_files(tmp_path / "tls.crt", tmp_path / "tls.key")
     )
     assert server.certificate_pem == certificate
     credentials = grpc.ssl_channel_credentials(root_certificates=certificate)
     async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", credentials) as channel:
-        assert await _headers_only_route(channel) == ",".join(ADDRESSES)
+        assert sorted((await _headers_only_route(channel)).split(",")) == ADDRESSES
 
 
 async def test_plaintext_mode(servers: list[ExtProcServer]) -> None:
-    scheduler = StandInScheduler()
-    scheduler.set_endpoints(ADDRESSES)
+    scheduler = RecordingScheduler()
+    scheduler.serve(ADDRESSES)
     server = await _start(servers, scheduler, tls=TLSSettings.plaintext())
     assert server.certificate_pem is None
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        assert await _headers_only_route(channel) == ",".join(ADDRESSES)
+        assert sorted((await _headers_only_route(channel)).split(",")) == ADDRESSES
 
 
 async def test_picker_api_pick_and_report(servers: list[ExtProcServer]) -> None:
-    scheduler = StandInScheduler()
-    scheduler.set_endpoints(ADDRESSES)
+    scheduler = RecordingScheduler()
+    scheduler.serve(ADDRESSES)
     server = await _start(servers, scheduler, tls=TLSSettings.plaintext())
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = picker_pb2_grpc.EndpointPickerStub(channel)
@@ -211,7 +214,9 @@ async def test_picker_api_pick_and_report(servers: list[ExtProcServer]) -> None:
         )
         assert reply.status == picker_pb2.PickResponse.OK
         assert list(reply.endpoints) == [ADDRESSES[1]]
-        assert json.loads(reply.explanation_json) == {"matched_blocks": 1}
+        explanation = json.loads(reply.explanation_json)
+        assert explanation["endpoints"] == [ADDRESSES[1]]
+        assert explanation["filtered"] == {ADDRESSES[0]: "not in subset hint"}
         request = scheduler.picks[0]
         assert (list(request.token_ids), request.model, request.slo_ttft_ms, request.max_tokens) == (
             [5, 6, 7],
@@ -220,6 +225,7 @@ async def test_picker_api_pick_and_report(servers: list[ExtProcServer]) -> None:
             12,
         )
         assert request.subset == frozenset({ADDRESSES[1]})
+        assert scheduler.inflight(ADDRESSES[1])[0] == 1
         ack = await stub.Report(
             picker_pb2.Completion(
                 request_id="p1", ttft_ms=40.0, e2e_ms=90.0, cached_tokens=16, completion_tokens=3
@@ -227,18 +233,19 @@ async def test_picker_api_pick_and_report(servers: list[ExtProcServer]) -> None:
             timeout=DEADLINE_S,
         )
         assert ack.known
-        ((rid, completed_at, observed),) = scheduler.completed
-        ((_, first_token_at),) = scheduler.first_tokens
-        assert rid == "p1"
-        assert observed == {"served": ADDRESSES[1], "cached_tokens": 16, "completion_tokens": 3}
-        assert completed_at - first_token_at == pytest.approx(0.05)
+        ((rid, _, done),) = scheduler.completed
+        assert rid == "p1" and done is not None
+        # Times are rebuilt from the pick time, so the Scheduler sees the caller's latencies.
+        assert done.ttft_s == pytest.approx(0.040) and done.e2e_s == pytest.approx(0.090)
+        assert (done.endpoint, done.cached_tokens, done.completion_tokens) == (ADDRESSES[1], 16, 3)
+        assert scheduler.inflight(ADDRESSES[1]) == (0, 0)
         again = await stub.Report(picker_pb2.Completion(request_id="p1"), timeout=DEADLINE_S)
         assert not again.known
 
 
 async def test_picker_api_openai_body_errors_and_failures(servers: list[ExtProcServer]) -> None:
-    scheduler = StandInScheduler()
-    scheduler.set_endpoints(ADDRESSES)
+    scheduler = RecordingScheduler()
+    scheduler.serve(ADDRESSES)
     server = await _start(servers, scheduler, tls=TLSSettings.plaintext())
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = picker_pb2_grpc.EndpointPickerStub(channel)
@@ -265,8 +272,8 @@ async def test_picker_api_openai_body_errors_and_failures(servers: list[ExtProcS
 
 
 async def test_picker_api_releases_unreported_picks_beyond_the_bound(servers: list[ExtProcServer]) -> None:
-    scheduler = StandInScheduler()
-    scheduler.set_endpoints(ADDRESSES)
+    scheduler = RecordingScheduler()
+    scheduler.serve(ADDRESSES)
     config = ExtProcConfig(picker_api_max_pending=2)
     server = await _start(servers, scheduler, tls=TLSSettings.plaintext(), config=config)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -286,8 +293,8 @@ async def test_outcomes_are_exported_to_a_prometheus_registry(servers: list[ExtP
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry()
-    scheduler = StandInScheduler()
-    scheduler.set_endpoints(ADDRESSES)
+    scheduler = RecordingScheduler()
+    scheduler.serve(ADDRESSES)
     server = await _start(servers, scheduler, tls=TLSSettings.plaintext(), metrics_registry=registry)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         await _headers_only_route(channel)

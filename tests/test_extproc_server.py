@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,56 +25,49 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from scheduler.adapters.extproc import ExtProcConfig, ExtProcServer, TLSSettings
 from scheduler.adapters.tokenizer import HFTokenizer
-from scheduler.core.scheduler import Endpoint, PickResult, SchedulingRequest
+from scheduler.core.index import IndexConfig
+from scheduler.core.scheduler import (
+    Completion,
+    Endpoint,
+    EndpointMetrics,
+    PickResult,
+    Scheduler,
+    SchedulerConfig,
+    SchedulingRequest,
+)
 
 ADDRESSES = ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"]
 DEADLINE_S = 10.0
 
 
-class StandInScheduler:
-    """Same methods as the Scheduler facade; records what the adapter tells it."""
+class RecordingScheduler(Scheduler):
+    """The real Scheduler, recording what the adapter tells it; it can be made to shed or fail."""
 
     def __init__(self, addresses: list[str]) -> None:
-        self._endpoints = [Endpoint(name=address, address=address) for address in addresses]
-        self.inflight: dict[str, str] = {}
-        self.load = {address: 0 for address in addresses}
+        super().__init__(SchedulerConfig(index=IndexConfig(block_size=16)))
+        self.set_endpoints([Endpoint(name=address, address=address) for address in addresses], now=0.0)
         self.picks: list[SchedulingRequest] = []
+        self.results: list[PickResult] = []
         self.first_tokens: list[tuple[str, float]] = []
         self.completed: list[dict[str, Any]] = []
         self.failed: list[str] = []
-        self.result: PickResult | None = None
+        # The pipeline itself never sheds; an admission policy that does is stood in for here.
+        self.shed_reason: str | None = None
         self.pick_error: Exception | None = None
-
-    def endpoints(self) -> list[Endpoint]:
-        return list(self._endpoints)
 
     def pick(self, request: SchedulingRequest, now: float) -> PickResult:
         self.picks.append(request)
         if self.pick_error is not None:
             raise self.pick_error
-        if self.result is not None:
-            result = self.result
-        else:
-            allowed = [
-                e.address for e in self._endpoints if request.subset is None or e.address in request.subset
-            ]
-            if not allowed:
-                return PickResult("no_endpoints", [], "none eligible", {})
-            result = PickResult("ok", allowed, "", {"matched_blocks": 0, "scores": {a: 1.0 for a in allowed}})
-        if result.status == "ok":
-            self.inflight[request.request_id] = result.endpoints[0]
-            self.load[result.endpoints[0]] += 1
+        if self.shed_reason is not None:
+            return PickResult("shed", [], self.shed_reason, {})
+        result = super().pick(request, now)
+        self.results.append(result)
         return result
-
-    def fallback_pick(self, request: SchedulingRequest, now: float | None = None) -> list[str]:
-        order = sorted(self.load, key=lambda address: (self.load[address], address))
-        if now is not None:
-            self.inflight[request.request_id] = order[0]
-            self.load[order[0]] += 1
-        return order
 
     def on_first_token(self, request_id: str, now: float) -> None:
         self.first_tokens.append((request_id, now))
+        super().on_first_token(request_id, now)
 
     def on_completed(
         self,
@@ -83,20 +77,27 @@ class StandInScheduler:
         served: str | None = None,
         cached_tokens: int | None = None,
         completion_tokens: int | None = None,
-    ) -> None:
-        self.inflight.pop(request_id, None)
+    ) -> Completion | None:
+        done = super().on_completed(
+            request_id, now, served=served, cached_tokens=cached_tokens, completion_tokens=completion_tokens
+        )
         self.completed.append(
             {
                 "request_id": request_id,
                 "served": served,
                 "cached_tokens": cached_tokens,
                 "completion_tokens": completion_tokens,
+                "accounted_on": done.endpoint if done is not None else None,
             }
         )
+        return done
 
     def on_failed(self, request_id: str, now: float) -> None:
-        self.inflight.pop(request_id, None)
         self.failed.append(request_id)
+        super().on_failed(request_id, now)
+
+    def total_inflight(self) -> int:
+        return sum(self.inflight(endpoint.name)[0] for endpoint in self.endpoints())
 
 
 ServerFactory = Callable[..., Awaitable[ExtProcServer]]
@@ -119,8 +120,8 @@ async def start_server() -> AsyncIterator[ServerFactory]:
 
 
 @pytest.fixture
-def scheduler() -> StandInScheduler:
-    return StandInScheduler(ADDRESSES)
+def scheduler() -> RecordingScheduler:
+    return RecordingScheduler(ADDRESSES)
 
 
 class EnvoyStream:
@@ -244,7 +245,9 @@ POST = {":method": "POST", ":path": "/v1/completions", "content-type": "applicat
 
 
 async def test_headers_only_request_is_answered_at_once(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
     server = await start_server(scheduler)
     stream = connect(server)
@@ -255,9 +258,11 @@ async def test_headers_only_request_is_answered_at_once(
     assert response.WhichOneof("response") == "request_headers"
     assert response.request_headers.response.clear_route_cache
     headers = _set_headers(response)
-    assert headers["x-gateway-destination-endpoint"] == ",".join(ADDRESSES)
+    expected = ",".join(scheduler.results[0].endpoints)
+    assert sorted(expected.split(",")) == ADDRESSES
+    assert headers["x-gateway-destination-endpoint"] == expected
     assert "content-length" not in headers
-    assert _metadata_destination(response) == ",".join(ADDRESSES)
+    assert _metadata_destination(response) == expected
     assert list(scheduler.picks[0].token_ids) == []
     assert scheduler.picks[0].request_id == "r1"
     # Response path of a headers-only response: completion at the end of the response headers.
@@ -272,7 +277,9 @@ async def test_headers_only_request_is_answered_at_once(
 
 
 async def test_large_body_is_held_then_rechunked_in_order(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
     server = await start_server(scheduler)
     stream = connect(server)
@@ -304,15 +311,22 @@ async def test_large_body_is_held_then_rechunked_in_order(
 
 
 async def test_fallback_list_order_and_metadata_agree(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
-    scheduler.result = PickResult("ok", [ADDRESSES[2], ADDRESSES[0], ADDRESSES[1]], "", {})
     server = await start_server(scheduler)
+    # Fresh metrics (the server's clock is time.monotonic) that load two endpoints, so that
+    # the order differs from the configured one.
+    for address, waiting in ((ADDRESSES[0], 9), (ADDRESSES[1], 3), (ADDRESSES[2], 0)):
+        metrics = EndpointMetrics(waiting=waiting, running=4, kv_usage=0.5)
+        scheduler.update_metrics(address, metrics, now=time.monotonic())
     stream = connect(server)
     await stream.request_headers(POST)
     await stream.request_body(_completion_body([1, 2, 3]))
     response = await stream.read()
-    expected = f"{ADDRESSES[2]},{ADDRESSES[0]},{ADDRESSES[1]}"
+    expected = ",".join(scheduler.results[0].endpoints)
+    assert expected == f"{ADDRESSES[2]},{ADDRESSES[1]},{ADDRESSES[0]}"
     assert _set_headers(response)["x-gateway-destination-endpoint"] == expected
     assert _metadata_destination(response) == expected
     assert list(scheduler.picks[0].token_ids) == [1, 2, 3]
@@ -331,7 +345,7 @@ async def test_fallback_list_order_and_metadata_agree(
 async def test_subset_hint_restricts_the_pick(
     start_server: ServerFactory,
     connect: Callable[[ExtProcServer], EnvoyStream],
-    scheduler: StandInScheduler,
+    scheduler: RecordingScheduler,
     hint: struct_pb2.Value,
 ) -> None:
     server = await start_server(scheduler)
@@ -341,7 +355,8 @@ async def test_subset_hint_restricts_the_pick(
     response = await stream.read()
     subset = scheduler.picks[0].subset
     assert subset is not None and ADDRESSES[1] in subset and ADDRESSES[0] not in subset
-    assert _set_headers(response)["x-gateway-destination-endpoint"].split(",")[0] in subset
+    routed = _set_headers(response)["x-gateway-destination-endpoint"].split(",")
+    assert set(routed) == subset
 
 
 def _immediate(response: ext_proc.ProcessingResponse) -> tuple[int, dict[str, str], dict[str, Any]]:
@@ -354,7 +369,9 @@ def _immediate(response: ext_proc.ProcessingResponse) -> tuple[int, dict[str, st
 
 
 async def test_empty_subset_hint_is_503(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
     server = await start_server(scheduler)
     stream = connect(server)
@@ -371,7 +388,7 @@ async def test_empty_subset_hint_is_503(
 async def test_no_endpoints_is_503(
     start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream]
 ) -> None:
-    server = await start_server(StandInScheduler([]))
+    server = await start_server(RecordingScheduler([]))
     stream = connect(server)
     await stream.request_headers(POST)
     await stream.request_body(_completion_body("hi"))
@@ -383,9 +400,11 @@ async def test_no_endpoints_is_503(
 
 
 async def test_shed_is_429_with_reason_header(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
-    scheduler.result = PickResult("shed", [], "saturated: queue over limit", {})
+    scheduler.shed_reason = "saturated: queue over limit"
     server = await start_server(scheduler)
     stream = connect(server)
     await stream.request_headers({**POST, "x-llm-d-inference-objective": "batch"})
@@ -404,7 +423,7 @@ async def test_shed_is_429_with_reason_header(
 async def test_malformed_body_is_400(
     start_server: ServerFactory,
     connect: Callable[[ExtProcServer], EnvoyStream],
-    scheduler: StandInScheduler,
+    scheduler: RecordingScheduler,
     body: bytes,
     message: str,
 ) -> None:
@@ -420,7 +439,9 @@ async def test_malformed_body_is_400(
 
 
 async def test_oversized_body_is_413(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
     server = await start_server(scheduler, config=ExtProcConfig(max_request_body_bytes=1000))
     stream = connect(server)
@@ -437,9 +458,12 @@ async def test_oversized_body_is_413(
 
 
 async def test_internal_error_falls_back_to_least_loaded(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
-    scheduler.load = {ADDRESSES[0]: 5, ADDRESSES[1]: 0, ADDRESSES[2]: 2}
+    for address, waiting in zip(ADDRESSES, (5, 0, 2), strict=True):
+        scheduler.update_metrics(address, EndpointMetrics(waiting=waiting, running=1, kv_usage=0.2), now=0.0)
     scheduler.pick_error = RuntimeError("scorer exploded")
     server = await start_server(scheduler)
     stream = connect(server)
@@ -447,14 +471,17 @@ async def test_internal_error_falls_back_to_least_loaded(
     await stream.request_body(_completion_body("hi"))
     response = await stream.read()
     destination = _set_headers(response)["x-gateway-destination-endpoint"]
-    assert destination.split(",")[0] == ADDRESSES[1]
+    assert destination == f"{ADDRESSES[1]},{ADDRESSES[2]},{ADDRESSES[0]}"
     assert _metadata_destination(response) == destination
-    assert scheduler.inflight["f1"] == ADDRESSES[1]
+    # fallback_pick registered the request in flight on its primary.
+    assert scheduler.inflight(ADDRESSES[1])[0] == 1 and scheduler.total_inflight() == 1
     assert server.stats.outcomes["routed_fallback"] == 1
 
 
 async def test_internal_error_in_grpc_error_mode_aborts_the_stream(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
     scheduler.pick_error = RuntimeError("scorer exploded")
     server = await start_server(scheduler, config=ExtProcConfig(on_internal_error="grpc_error"))
@@ -466,7 +493,7 @@ async def test_internal_error_in_grpc_error_mode_aborts_the_stream(
     assert failure.value.code() == grpc.StatusCode.INTERNAL
     assert "scorer exploded" in (failure.value.details() or "")
     assert server.stats.outcomes["internal_error"] == 1
-    assert scheduler.inflight == {}
+    assert scheduler.total_inflight() == 0
 
 
 async def _drain_request(stream: EnvoyStream) -> ext_proc.ProcessingResponse:
@@ -481,7 +508,7 @@ async def _drain_request(stream: EnvoyStream) -> ext_proc.ProcessingResponse:
 async def test_streamed_response_reports_served_endpoint_ttft_and_usage(
     start_server: ServerFactory,
     connect: Callable[[ExtProcServer], EnvoyStream],
-    scheduler: StandInScheduler,
+    scheduler: RecordingScheduler,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     server = await start_server(scheduler)
@@ -505,21 +532,32 @@ async def test_streamed_response_reports_served_endpoint_ttft_and_usage(
             if index == 0:
                 assert [rid for rid, _ in scheduler.first_tokens] == ["s1"]
     assert scheduler.completed == [
-        {"request_id": "s1", "served": ADDRESSES[2], "cached_tokens": 6, "completion_tokens": 4}
+        {
+            "request_id": "s1",
+            "served": ADDRESSES[2],
+            "cached_tokens": 6,
+            "completion_tokens": 4,
+            "accounted_on": ADDRESSES[2],
+        }
     ]
+    assert scheduler.completions == 1 and scheduler.total_inflight() == 0
     audit = [json.loads(record.getMessage()) for record in caplog.records if record.name == "kvsched.audit"]
     assert len(audit) == 1
     assert audit[0]["request_id"] == "s1"
     assert audit[0]["served"] == ADDRESSES[2]
-    assert audit[0]["endpoint"] == ADDRESSES[0]
-    assert audit[0]["fallbacks"] == ADDRESSES[1:]
+    assert audit[0]["endpoint"] == scheduler.results[0].endpoints[0]
+    assert audit[0]["fallbacks"] == scheduler.results[0].endpoints[1:]
     assert audit[0]["cached_tokens"] == 6
     assert audit[0]["ttft_ms"] is not None and audit[0]["e2e_ms"] >= audit[0]["ttft_ms"]
-    assert audit[0]["explanation"]["scores"][ADDRESSES[0]] == 1.0
+    assert set(audit[0]["scores"]) >= {"prefix_overlap", "queue_depth"}
+    assert audit[0]["matched_blocks"] == 0
+    assert audit[0]["explanation"]["endpoints"][0] == audit[0]["endpoint"]
 
 
 async def test_json_response_usage_and_primary_assumed_served(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
     server = await start_server(scheduler)
     stream = connect(server)
@@ -537,14 +575,23 @@ async def test_json_response_usage_and_primary_assumed_served(
     await stream.read()
     await stream.response_body(raw[10:], end_of_stream=True)
     await stream.read()
+    primary = scheduler.results[0].endpoints[0]
     assert scheduler.completed == [
-        {"request_id": "j1", "served": ADDRESSES[0], "cached_tokens": 32, "completion_tokens": 2}
+        {
+            "request_id": "j1",
+            "served": primary,
+            "cached_tokens": 32,
+            "completion_tokens": 2,
+            "accounted_on": primary,
+        }
     ]
     assert server.stats.outcomes["completed"] == 1
 
 
 async def test_upstream_5xx_releases_as_failed(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
     server = await start_server(scheduler)
     stream = connect(server)
@@ -561,25 +608,29 @@ async def test_upstream_5xx_releases_as_failed(
 
 
 async def test_cancelled_stream_releases_the_request(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
     server = await start_server(scheduler)
     stream = connect(server)
     await stream.request_headers({**POST, "x-request-id": "c1"})
     await stream.request_body(_completion_body("hi"))
     await _drain_request(stream)
-    assert "c1" in scheduler.inflight
+    assert scheduler.total_inflight() == 1
     stream.call.cancel()
     deadline = asyncio.get_running_loop().time() + DEADLINE_S
     while scheduler.failed != ["c1"]:
         assert asyncio.get_running_loop().time() < deadline, "cancel never reached the scheduler"
         await asyncio.sleep(0.01)
-    assert "c1" not in scheduler.inflight
+    assert scheduler.total_inflight() == 0
     assert server.stats.outcomes["cancelled"] == 1, server.stats.outcomes
 
 
 async def test_request_trailers_end_the_body(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
     server = await start_server(scheduler)
     stream = connect(server)
@@ -602,7 +653,9 @@ async def test_request_trailers_end_the_body(
 
 
 async def test_headers_read_from_value_or_raw_value(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
     server = await start_server(scheduler)
     stream = connect(server)
@@ -628,7 +681,9 @@ async def test_headers_read_from_value_or_raw_value(
 
 
 async def test_missing_request_id_is_generated_and_forwarded(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
     server = await start_server(scheduler)
     first, second = connect(server), connect(server)
@@ -641,7 +696,9 @@ async def test_missing_request_id_is_generated_and_forwarded(
 
 
 async def test_repeated_request_id_in_flight_is_kept_apart(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
     server = await start_server(scheduler)
     first, second = connect(server), connect(server)
@@ -651,11 +708,13 @@ async def test_repeated_request_id_in_flight_is_kept_apart(
         await _drain_request(stream)
     ids = sorted(request.request_id for request in scheduler.picks)
     assert ids[0] == "dup" and ids[1].startswith("dup~")
-    assert len(scheduler.inflight) == 2
+    assert scheduler.total_inflight() == 2
 
 
 async def test_gateway_without_full_duplex_body_is_answered_on_headers(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
     server = await start_server(scheduler)
     stream = connect(server)
@@ -671,7 +730,7 @@ async def test_gateway_without_full_duplex_body_is_answered_on_headers(
     )
     # Envoy in BUFFERED mode waits for this answer before it sends the body: it must come now.
     routed = await stream.read()
-    assert _set_headers(routed)["x-gateway-destination-endpoint"] == ",".join(ADDRESSES)
+    assert _set_headers(routed)["x-gateway-destination-endpoint"] == ",".join(scheduler.results[0].endpoints)
     assert "content-length" not in _set_headers(routed)
     await stream.call.write(
         ext_proc.ProcessingRequest(
@@ -687,7 +746,7 @@ async def test_gateway_without_full_duplex_body_is_answered_on_headers(
 async def test_chat_prompt_tokenised_with_the_model_template_off_the_loop(
     start_server: ServerFactory,
     connect: Callable[[ExtProcServer], EnvoyStream],
-    scheduler: StandInScheduler,
+    scheduler: RecordingScheduler,
     tmp_path: Path,
 ) -> None:
     tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
@@ -719,7 +778,9 @@ async def test_chat_prompt_tokenised_with_the_model_template_off_the_loop(
 
 
 async def test_fault_on_the_response_path_fails_the_stream_loudly(
-    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream], scheduler: StandInScheduler
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
 ) -> None:
     def broken(request_id: str, now: float) -> None:
         raise RuntimeError("bookkeeping bug")

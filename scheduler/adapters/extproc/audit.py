@@ -66,3 +66,18 @@ def write_audit(record: dict[str, Any]) -> None:
 
 def milliseconds(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def primary_summary(explanation: dict[str, Any]) -> dict[str, Any]:
+    """The primary's matched blocks and per-scorer values, from the pipeline's explanation.
+
+    The explanation lists endpoint names under "endpoints" (primary first) and per-candidate
+    details under "candidates"; baselines and the fallback path carry less, hence the guards.
+    """
+    names = explanation.get("endpoints")
+    candidates = explanation.get("candidates")
+    if isinstance(names, list) and names and isinstance(candidates, dict):
+        primary = candidates.get(names[0])
+        if isinstance(primary, dict):
+            return {"matched_blocks": primary.get("matched_blocks"), "scores": primary.get("scores")}
+    return {"matched_blocks": explanation.get("matched_blocks"), "scores": None}

@@ -55,6 +55,8 @@ class Decision:
     request: SchedulingRequest | None = None
     body: InferenceRequestBody | None = None
     error: BaseException | None = None
+    # The ``now`` the Scheduler was given (its in-flight clock for this request starts there).
+    decided_at: float | None = None
 
     @property
     def routed(self) -> bool:
@@ -153,12 +155,12 @@ class PickRunner:
         except Exception as exc:
             return self.internal(request, exc, now)
         if result.status == "ok":
-            return Decision("routed", list(result.endpoints), result.reason, result.explanation, request)
-        if result.status == "shed":
-            return Decision("shed", [], result.reason or "shed", result.explanation, request)
-        return Decision(
-            "no_endpoints", [], result.reason or "no endpoint available", result.explanation, request
-        )
+            outcome, reason = "routed", result.reason
+        elif result.status == "shed":
+            outcome, reason = "shed", result.reason or "shed"
+        else:
+            outcome, reason = "no_endpoints", result.reason or "no endpoint available"
+        return Decision(outcome, list(result.endpoints), reason, result.explanation, request, decided_at=now)
 
     def internal(self, request: SchedulingRequest, error: Exception, now: float | None = None) -> Decision:
         """Picking raised: fall back or fail the stream, as configured."""
@@ -188,6 +190,7 @@ class PickRunner:
             f"picking failed ({description}); least-loaded fallback",
             {"fallback": True, "error": description},
             request,
+            decided_at=now,
         )
 
     def _log_error_once(self, stage: str, request_id: str, error: Exception) -> None:

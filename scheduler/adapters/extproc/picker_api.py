@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from scheduler.adapters.extproc.audit import ExtProcStats, milliseconds, write_audit
+from scheduler.adapters.extproc.audit import ExtProcStats, milliseconds, primary_summary, write_audit
 from scheduler.adapters.extproc.decide import Decision, PickRunner
 from scheduler.adapters.extproc.headers import RequestHints, request_hints
 from scheduler.adapters.tokenizer import TemplateError
@@ -111,7 +111,8 @@ class EndpointPickerServicer:
         return self._runner.pick(scheduling)
 
     def _remember(self, request_id: str, decision: Decision) -> None:
-        self._pending[request_id] = (self._runner.clock(), decision)
+        picked_at = decision.decided_at if decision.decided_at is not None else self._runner.clock()
+        self._pending[request_id] = (picked_at, decision)
         while len(self._pending) > self._max_pending:
             stale_id, (_, stale) = self._pending.popitem(last=False)
             # Never reported: release it so the endpoint's load does not stay inflated.
@@ -175,7 +176,7 @@ def _audit(request_id: str, decision: Decision, outcome: str, **observed: Any) -
             "fallbacks": decision.endpoints[1:],
             "reason": decision.reason or None,
             "prompt_tokens": len(request.token_ids) if request is not None else None,
-            "matched_blocks": decision.explanation.get("matched_blocks"),
+            **primary_summary(decision.explanation),
             "explanation": decision.explanation,
             **observed,
         }

@@ -30,7 +30,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 
 from scheduler.adapters.extproc import responses
-from scheduler.adapters.extproc.audit import ExtProcStats, milliseconds, write_audit
+from scheduler.adapters.extproc.audit import ExtProcStats, milliseconds, primary_summary, write_audit
 from scheduler.adapters.extproc.config import DROPPED_REASON_HEADER, ExtProcConfig
 from scheduler.adapters.extproc.decide import Decision, PickRunner
 from scheduler.adapters.extproc.headers import (
@@ -340,7 +340,7 @@ class _Exchange:
                 "reason": decision.reason or None,
                 "model": decision.body.model if decision.body else None,
                 "prompt_tokens": len(request.token_ids) if request is not None else None,
-                "matched_blocks": explanation.get("matched_blocks"),
+                **primary_summary(explanation),
                 "explanation": explanation,
                 "decision_ms": milliseconds(self._decision_s),
                 "http_status": self._status,
