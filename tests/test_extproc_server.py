@@ -404,13 +404,14 @@ async def test_shed_is_429_with_reason_header(
     connect: Callable[[ExtProcServer], EnvoyStream],
     scheduler: RecordingScheduler,
 ) -> None:
-    scheduler.shed_reason = "saturated: queue over limit"
+    scheduler.shed_reason = "saturated:\nqueue over limit"
     server = await start_server(scheduler)
     stream = connect(server)
     await stream.request_headers({**POST, "x-llm-d-inference-objective": "batch"})
     await stream.request_body(_completion_body("hi"))
     status, headers, _ = _immediate(await stream.read())
     assert status == 429
+    # Free-text reasons are flattened to a valid header value.
     assert headers["x-llm-d-request-dropped-reason"] == "saturated: queue over limit"
     assert scheduler.picks[0].objective == "batch"
     assert server.stats.outcomes["shed"] == 1

@@ -11,6 +11,7 @@ allowed in FULL_DUPLEX_STREAMED mode); ImmediateResponse{status: HttpStatus, hea
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeAlias
 
@@ -26,11 +27,15 @@ ProcessingResponse: TypeAlias = Any
 
 # Replace a client-sent value instead of appending to it: a request must not pick its own pod.
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _set_header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    # Envoy rejects a mutation whose value holds control characters (and fails the request);
+    # reasons are free text, so they are flattened to one line.
+    clean = _CONTROL_CHARACTERS.sub(" ", value)
     return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
+        header=base_pb2.HeaderValue(key=key, raw_value=clean.encode()), append_action=_OVERWRITE
     )
 
 
