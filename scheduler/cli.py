@@ -13,7 +13,11 @@ import sys
 from collections.abc import Sequence
 
 # Modules that contribute subcommands, in the order --help shows them.
-COMMAND_MODULES = ("scheduler.bench.commands", "scheduler.sim.commands")
+COMMAND_MODULES = (
+    "scheduler.sim.commands",
+    "scheduler.replay.commands",
+    "scheduler.bench.commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,6 @@ function of the workload, the configuration and the seed:
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, cast
@@ -32,6 +31,7 @@ from scheduler.core.scheduler import (
     SchedulerConfig,
     SchedulingRequest,
 )
+from scheduler.replay.report import RequestOutcome
 from scheduler.sim.engine import Engine, EngineConfig, RequestRejected, StepResult
 from scheduler.sim.latency import LatencyModel
 
@@ -63,36 +63,6 @@ class VirtualPoolConfig:
     scrape_interval_s: float = 0.05
     # Time from an engine emitting a KV event to the index applying it (ZMQ + ingest).
     kv_event_delay_s: float = 0.001
-
-
-@dataclass(slots=True)
-class SimulatedResult:
-    """One request as the simulator saw it (seconds of virtual time)."""
-
-    request_id: str
-    endpoint: str | None
-    ok: bool
-    error: str = ""
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    start_s: float = 0.0
-    first_token_s: float | None = None
-    end_s: float | None = None
-
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_token_s is None else self.first_token_s - self.start_s
-
-    @property
-    def e2e_s(self) -> float | None:
-        return None if self.end_s is None else self.end_s - self.start_s
-
-    @property
-    def tpot_s(self) -> float | None:
-        if self.end_s is None or self.first_token_s is None or self.completion_tokens < 2:
-            return None
-        return (self.end_s - self.first_token_s) / (self.completion_tokens - 1)
 
 
 @dataclass(slots=True)
@@ -137,8 +107,8 @@ class VirtualPool:
         self._seq += 1
         heapq.heappush(self._heap, (at, self._seq, kind, payload))
 
-    def run(self, requests: Sequence[WorkloadItem]) -> list[SimulatedResult]:
-        results: dict[str, SimulatedResult] = {}
+    def run(self, requests: Sequence[WorkloadItem]) -> list[RequestOutcome]:
+        results: dict[str, RequestOutcome] = {}
         for item in requests:
             self._push(item.arrival_s, ARRIVAL, item)
         pending = len(requests)
@@ -164,11 +134,11 @@ class VirtualPool:
                 self._push(now + self.config.scrape_interval_s, SCRAPE, None)
         return [results[item.request_id] for item in requests]
 
-    def _arrive(self, item: WorkloadItem, now: float, results: dict[str, SimulatedResult]) -> int:
+    def _arrive(self, item: WorkloadItem, now: float, results: dict[str, RequestOutcome]) -> int:
         tokens = item.prompt_token_ids
         request = SchedulingRequest(item.request_id, tokens, max_tokens=item.max_tokens)
         pick = self.scheduler.pick(request, now)
-        result = SimulatedResult(item.request_id, None, ok=False, prompt_tokens=len(tokens), start_s=now)
+        result = RequestOutcome(item.request_id, ok=False, start_s=now, prompt_tokens=len(tokens))
         results[item.request_id] = result
         if pick.status != "ok":
             result.error = f"{pick.status}: {pick.reason}"
@@ -200,7 +170,7 @@ class VirtualPool:
         self._push(step.end, STEP_DONE, (worker, step))
 
     def _step_done(
-        self, payload: tuple[_Worker, StepResult], now: float, results: dict[str, SimulatedResult]
+        self, payload: tuple[_Worker, StepResult], now: float, results: dict[str, RequestOutcome]
     ) -> int:
         worker, step = payload
         if step.events:
@@ -235,7 +205,3 @@ class VirtualPool:
                 EndpointMetrics(engine.num_waiting, engine.num_running, engine.kv_cache_usage),
                 now,
             )
-
-
-def scaled_max_tokens(output_tokens: int, token_scale: float) -> int:
-    return max(1, math.ceil(output_tokens / token_scale))
