@@ -79,6 +79,7 @@ async def servers() -> AsyncIterator[list[ExtProcServer]]:
 
 
 async def _start(started: list[ExtProcServer], scheduler: Any, **options: Any) -> ExtProcServer:
+    options.setdefault("config", ExtProcConfig(destination_list=True))
     server = ExtProcServer(scheduler, host="127.0.0.1", port=0, health_port=0, **options)
     await server.start()
     started.append(server)
@@ -115,7 +116,10 @@ async def test_health_readiness_follows_the_scheduler_endpoints(servers: list[Ex
 async def test_health_watch_sees_readiness_change(servers: list[ExtProcServer]) -> None:
     scheduler = RecordingScheduler()
     server = await _start(
-        servers, scheduler, tls=TLSSettings.plaintext(), config=ExtProcConfig(health_refresh_s=0.05)
+        servers,
+        scheduler,
+        tls=TLSSettings.plaintext(),
+        config=ExtProcConfig(destination_list=True, health_refresh_s=0.05),
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="readiness"))
@@ -274,7 +278,7 @@ async def test_picker_api_openai_body_errors_and_failures(servers: list[ExtProcS
 async def test_picker_api_releases_unreported_picks_beyond_the_bound(servers: list[ExtProcServer]) -> None:
     scheduler = RecordingScheduler()
     scheduler.serve(ADDRESSES)
-    config = ExtProcConfig(picker_api_max_pending=2)
+    config = ExtProcConfig(destination_list=True, picker_api_max_pending=2)
     server = await _start(servers, scheduler, tls=TLSSettings.plaintext(), config=config)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = picker_pb2_grpc.EndpointPickerStub(channel)

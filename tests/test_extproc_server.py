@@ -109,6 +109,8 @@ async def start_server() -> AsyncIterator[ServerFactory]:
 
     async def start(scheduler: Any, **options: Any) -> ExtProcServer:
         options.setdefault("tls", TLSSettings.plaintext())
+        # Most tests read the whole ordered list; the ORIGINAL_DST default has its own test.
+        options.setdefault("config", ExtProcConfig(destination_list=True))
         server = ExtProcServer(scheduler, host="127.0.0.1", port=0, health_port=0, **options)
         await server.start()
         servers.append(server)
@@ -444,7 +446,9 @@ async def test_oversized_body_is_413(
     connect: Callable[[ExtProcServer], EnvoyStream],
     scheduler: RecordingScheduler,
 ) -> None:
-    server = await start_server(scheduler, config=ExtProcConfig(max_request_body_bytes=1000))
+    server = await start_server(
+        scheduler, config=ExtProcConfig(destination_list=True, max_request_body_bytes=1000)
+    )
     stream = connect(server)
     await stream.request_headers(POST)
     body = _completion_body("x" * 5000)
@@ -485,7 +489,9 @@ async def test_internal_error_in_grpc_error_mode_aborts_the_stream(
     scheduler: RecordingScheduler,
 ) -> None:
     scheduler.pick_error = RuntimeError("scorer exploded")
-    server = await start_server(scheduler, config=ExtProcConfig(on_internal_error="grpc_error"))
+    server = await start_server(
+        scheduler, config=ExtProcConfig(destination_list=True, on_internal_error="grpc_error")
+    )
     stream = connect(server)
     await stream.request_headers(POST)
     await stream.request_body(_completion_body("hi"))
@@ -766,7 +772,7 @@ async def test_chat_prompt_tokenised_with_the_model_template_off_the_loop(
     server = await start_server(
         scheduler,
         tokenizer=HFTokenizer(tmp_path / "tokenizer.json", tmp_path / "tokenizer_config.json"),
-        config=ExtProcConfig(tokenize_in_thread_chars=0),
+        config=ExtProcConfig(destination_list=True, tokenize_in_thread_chars=0),
     )
     stream = connect(server)
     await stream.request_headers({**POST, ":path": "/v1/chat/completions"})

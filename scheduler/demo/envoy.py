@@ -26,6 +26,8 @@ from typing import Any
 import aiohttp
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 
 
 def envoy_binary() -> str:
@@ -50,9 +52,16 @@ class EnvoySettings:
     epp_tls: bool = False
     fail_open: bool = False
     pool: Sequence[str] = ()  # ip:port of every model server, for the FailOpen fallback route
+    # kvsched's plaintext gRPC health port: Envoy health-checks the EPP through it, so a
+    # dead EPP is known before a request's body is streamed to it (FULL_DUPLEX_STREAMED
+    # can only fail open before the first body chunk has been sent).
+    epp_health_port: int | None = None
     listen_host: str = "127.0.0.1"
     listen_port: int = 0
     message_timeout_s: float = 30.0
+    # Copy this request header into the subset-hint metadata the gateway sends to the EPP
+    # (the way a gateway narrows the pool for a request); None = no subset hints.
+    subset_header: str | None = None
 
 
 def _address(hostport: str) -> dict[str, Any]:
@@ -82,6 +91,21 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
             ],
         },
     }
+    if settings.epp_health_port is not None:
+        endpoint = ext_proc_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        endpoint["health_check_config"] = {"port_value": settings.epp_health_port}
+        ext_proc_cluster["health_checks"] = [
+            {
+                "timeout": "1s",
+                "interval": "0.2s",
+                "no_traffic_interval": "0.2s",
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"},
+            }
+        ]
+        # No panic routing: with the EPP unhealthy, fail fast (and open, when configured).
+        ext_proc_cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
     if settings.epp_tls:
         # The Inference Extension's default: TLS to the EPP without verifying its self-signed cert.
         ext_proc_cluster["transport_socket"] = {
@@ -127,7 +151,7 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
                 },
             }
         )
-    ext_proc_filter = {
+    ext_proc_filter: dict[str, Any] = {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
@@ -144,6 +168,37 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
             },
         },
     }
+    http_filters: list[dict[str, Any]] = []
+    if settings.subset_header:
+        http_filters.append(
+            {
+                "name": "envoy.filters.http.header_to_metadata",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config",
+                    "request_rules": [
+                        {
+                            "header": settings.subset_header,
+                            "on_header_present": {
+                                "metadata_namespace": SUBSET_NAMESPACE,
+                                "key": SUBSET_KEY,
+                                "type": "STRING",
+                            },
+                            "remove": True,
+                        }
+                    ],
+                },
+            }
+        )
+        ext_proc_filter["typed_config"]["metadata_options"] = {
+            "forwarding_namespaces": {"untyped": [SUBSET_NAMESPACE]}
+        }
+    http_filters.append(ext_proc_filter)
+    http_filters.append(
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        }
+    )
     return {
         "admin": {"address": _address("127.0.0.1:0")},
         "static_resources": {
@@ -166,16 +221,7 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
                                                 {"name": "pool", "domains": ["*"], "routes": routes}
                                             ],
                                         },
-                                        "http_filters": [
-                                            ext_proc_filter,
-                                            {
-                                                "name": "envoy.filters.http.router",
-                                                "typed_config": {
-                                                    "@type": "type.googleapis.com/"
-                                                    "envoy.extensions.filters.http.router.v3.Router"
-                                                },
-                                            },
-                                        ],
+                                        "http_filters": http_filters,
                                     },
                                 }
                             ]
@@ -220,6 +266,9 @@ class EnvoyGateway:
             self.log_level,
             "--log-path",
             str(workdir / "envoy.log"),
+            # Flush the log often so a failing test can show what Envoy said.
+            "--file-flush-interval-msec",
+            "100",
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,

@@ -23,6 +23,13 @@ class ExtProcConfig(BaseModel):
         description="When picking raises: 'fallback' routes to the least-loaded healthy endpoints; "
         "'grpc_error' fails the ext_proc stream so the gateway's FailOpen/FailClose applies.",
     )
+    destination_list: bool = Field(
+        False,
+        description="Write the ordered fallback list (primary,fallback,...) into "
+        "x-gateway-destination-endpoint and its envoy.lb metadata. Needs a data plane that "
+        "takes lists (Envoy's override_host load balancing policy); an ORIGINAL_DST cluster "
+        "connects to exactly one ip:port, so the default sends the primary alone.",
+    )
     max_body_chunk_bytes: int = Field(
         62_000,
         ge=1024,

@@ -222,7 +222,7 @@ class _Exchange:
                 return []
             return self._refuse(decision)
         self._stats.count(decision.outcome)
-        destination = ",".join(decision.endpoints)
+        destination = ",".join(decision.endpoints) if self._config.destination_list else decision.endpoints[0]
         extra = [(REQUEST_ID_HEADER, self._request_id)] if self._hints.generated_id else []
         has_body = self._body_messages > 0 and self._duplex_request
         answers = [responses.route_headers_response(destination, len(body) if has_body else None, extra)]
