@@ -62,7 +62,7 @@ def test_unreported_usage_gives_no_hit_ratio() -> None:
 
 
 def test_simulation_is_deterministic_and_cache_aware_routing_wins() -> None:
-    workload = chat(seed=1, sessions=30, turns=4, session_rate=3.0)
+    workload = chat(seed=1, sessions=30, turns=4, rate=3.0)
     first = simulate(workload, policy="kvsched", workers=4, seed=7)
     assert json.dumps(first, sort_keys=True) == json.dumps(
         simulate(workload, policy="kvsched", workers=4, seed=7), sort_keys=True

@@ -1,27 +1,34 @@
 """Seeded workload generators with the prefix structures production traffic has.
 
-* ``chat``: multi-turn sessions; a few system prompts shared by many sessions; every
-  turn resends the whole conversation plus a new user message (the previous answer
-  included), after a think time.
-* ``rag``: a pool of long documents with Zipf popularity behind a shared few-shot
-  preamble; each request is preamble + one document + a short unique question.
-* ``agentic``: agent loops over a long tool-description prompt; every step appends the
-  previous tool result, so contexts grow turn after turn.
-* ``default``: the demo's mix (chat and RAG), tuned so cache-aware routing visibly beats
-  round-robin on 8 simulated workers within about a minute.
+Every generator is a pure function of its parameters and ``seed``; token ids are drawn
+from a 32k vocabulary (id 0 left out); new sessions, agents or queries arrive as a
+Poisson process of ``rate`` per second, and ``requests`` (when given) keeps the first
+that many requests by arrival.
 
-Token ids are drawn from a 32k vocabulary; sessions start as a Poisson process.
+* ``chat``: multi-turn sessions; a few system prompts shared by many sessions; every
+  turn resends the whole conversation (the previous answer included) plus a new user
+  message, after a think time.
+* ``rag``: a shared pool of long documents with Zipf popularity, each behind one of a
+  few few-shot preambles; each query is preamble + document + a short unique question.
+* ``agentic``: agent loops over a long tool-description prompt; every step appends the
+  agent's action and the tool's result, so contexts grow turn after turn.
+* ``default``: the demo's mix (chat and RAG, ~440 requests over about a minute), with
+  strong prefix sharing and moderate load, so that cache-aware routing visibly beats
+  round-robin on 8 simulated workers.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from scheduler.workloads.model import Workload, WorkloadRequest
 
 VOCAB = 32_000
+BLOCK_TOKENS = 16
 
 
 def _tokens(rng: np.random.Generator, n: int) -> list[int]:
@@ -30,8 +37,22 @@ def _tokens(rng: np.random.Generator, n: int) -> list[int]:
 
 
 def _poisson_starts(rng: np.random.Generator, count: int, rate: float) -> list[float]:
+    if rate <= 0:
+        raise ValueError("rate must be positive")
     starts: list[float] = np.cumsum(rng.exponential(1.0 / rate, size=count)).tolist()
     return starts
+
+
+def _between(rng: np.random.Generator, bounds: tuple[int, int]) -> int:
+    low, high = bounds
+    return int(rng.integers(low, high + 1))
+
+
+def _finish(name: str, requests: list[WorkloadRequest], limit: int | None, **meta: object) -> Workload:
+    requests.sort(key=lambda r: r.arrival_s)
+    if limit is not None:
+        del requests[limit:]
+    return Workload(name, requests, block_tokens=BLOCK_TOKENS, meta={"generator": name, **meta})
 
 
 def chat(
@@ -44,49 +65,56 @@ def chat(
     user_tokens: tuple[int, int] = (40, 200),
     answer_tokens: tuple[int, int] = (60, 240),
     think_time_s: float = 4.0,
-    session_rate: float = 2.0,
+    rate: float = 2.0,
+    requests: int | None = None,
 ) -> Workload:
+    """Chat sessions starting at ``rate`` per second; ``requests`` sets the session count too."""
+    if requests is not None:
+        sessions = math.ceil(requests / turns)
     rng = np.random.default_rng(seed)
     systems = [_tokens(rng, system_tokens) for _ in range(system_prompts)]
-    requests: list[WorkloadRequest] = []
-    for s, start in enumerate(_poisson_starts(rng, sessions, session_rate)):
+    out: list[WorkloadRequest] = []
+    for s, start in enumerate(_poisson_starts(rng, sessions, rate)):
         context = list(systems[int(rng.integers(system_prompts))])
         at = start
         for turn in range(turns):
-            context += _tokens(rng, int(rng.integers(*user_tokens)))
-            answer = int(rng.integers(*answer_tokens))
-            requests.append(WorkloadRequest(f"chat-{s}-{turn}", at, list(context), answer, f"chat-{s}"))
-            # The next turn carries this answer (as the engine generated it, approximated
-            # by fresh tokens: the server's own answer tokens are not known in advance).
+            context += _tokens(rng, _between(rng, user_tokens))
+            answer = _between(rng, answer_tokens)
+            out.append(WorkloadRequest(f"chat-{s}-{turn}", at, list(context), answer, f"chat-{s}"))
+            # The next turn carries this answer. The server's own answer tokens are not
+            # known in advance, so fresh tokens of the same length stand for them.
             context += _tokens(rng, answer)
             at += float(rng.exponential(think_time_s)) + 1.0
-    requests.sort(key=lambda r: r.arrival_s)
-    return Workload("chat", requests)
+    return _finish("chat", out, requests, seed=seed)
 
 
 def rag(
     *,
     seed: int = 0,
-    requests: int = 300,
+    requests: int | None = 300,
     documents: int = 24,
     document_tokens: int = 2048,
+    preambles: int = 3,
     preamble_tokens: int = 512,
     question_tokens: tuple[int, int] = (20, 80),
     answer_tokens: tuple[int, int] = (40, 160),
     zipf_a: float = 1.2,
     rate: float = 6.0,
 ) -> Workload:
+    """``requests`` queries at ``rate`` per second over ``documents`` Zipf-popular documents."""
+    count = 300 if requests is None else requests
     rng = np.random.default_rng(seed)
-    preamble = _tokens(rng, preamble_tokens)
+    fewshot = [_tokens(rng, preamble_tokens) for _ in range(preambles)]
     docs = [_tokens(rng, document_tokens) for _ in range(documents)]
     weights = 1.0 / np.arange(1, documents + 1) ** zipf_a
     weights /= weights.sum()
     out = []
-    for i, at in enumerate(_poisson_starts(rng, requests, rate)):
+    for i, at in enumerate(_poisson_starts(rng, count, rate)):
+        preamble = fewshot[int(rng.integers(preambles))]
         doc = docs[int(rng.choice(documents, p=weights))]
-        prompt = preamble + doc + _tokens(rng, int(rng.integers(*question_tokens)))
-        out.append(WorkloadRequest(f"rag-{i}", at, prompt, int(rng.integers(*answer_tokens))))
-    return Workload("rag", out)
+        prompt = preamble + doc + _tokens(rng, _between(rng, question_tokens))
+        out.append(WorkloadRequest(f"rag-{i}", at, prompt, _between(rng, answer_tokens)))
+    return _finish("rag", out, count, seed=seed)
 
 
 def agentic(
@@ -99,31 +127,49 @@ def agentic(
     tool_result_tokens: tuple[int, int] = (150, 700),
     action_tokens: tuple[int, int] = (30, 120),
     step_gap_s: float = 1.5,
-    agent_rate: float = 1.0,
+    rate: float = 1.0,
+    requests: int | None = None,
 ) -> Workload:
+    """Agents starting at ``rate`` per second, ``steps`` model calls each, contexts growing."""
+    if requests is not None:
+        agents = math.ceil(requests / steps)
     rng = np.random.default_rng(seed)
     tools = _tokens(rng, tools_tokens)
     out = []
-    for a, start in enumerate(_poisson_starts(rng, agents, agent_rate)):
-        context = tools + _tokens(rng, int(rng.integers(*task_tokens)))
+    for a, start in enumerate(_poisson_starts(rng, agents, rate)):
+        context = tools + _tokens(rng, _between(rng, task_tokens))
         at = start
         for step in range(steps):
-            action = int(rng.integers(*action_tokens))
+            action = _between(rng, action_tokens)
             out.append(WorkloadRequest(f"agent-{a}-{step}", at, list(context), action, f"agent-{a}"))
-            context += _tokens(rng, action) + _tokens(rng, int(rng.integers(*tool_result_tokens)))
+            context += _tokens(rng, action) + _tokens(rng, _between(rng, tool_result_tokens))
             at += float(rng.exponential(step_gap_s)) + 0.5
-    out.sort(key=lambda r: r.arrival_s)
-    return Workload("agentic", out)
+    return _finish("agentic", out, requests, seed=seed)
 
 
-def default(*, seed: int = 0, scale: float = 1.0) -> Workload:
-    """The demo's workload: chat sessions over shared system prompts plus RAG traffic."""
+# The default mix: 48 chat sessions of 5 turns and 200 RAG queries, about 440 requests.
+_DEFAULT_SESSIONS, _DEFAULT_TURNS, _DEFAULT_QUERIES = 48, 5, 200
+_DEFAULT_RATE = 7.0  # new sessions + new queries per second: 2 + 5
+
+
+def default(*, seed: int = 0, rate: float | None = None, requests: int | None = None) -> Workload:
+    """The demo's workload: chat sessions over six shared system prompts plus RAG traffic over
+    sixteen documents. ``rate`` is new chat sessions plus new RAG queries per second (default
+    7, split 2:5); ``requests`` scales both parts in proportion."""
+    factor = (rate or _DEFAULT_RATE) / _DEFAULT_RATE
+    size = 1.0 if requests is None else requests / (_DEFAULT_SESSIONS * _DEFAULT_TURNS + _DEFAULT_QUERIES)
     conversations = chat(
-        seed=seed, sessions=int(48 * scale), turns=5, system_prompts=6, system_tokens=1536, session_rate=2.0
+        seed=seed,
+        sessions=max(1, math.ceil(_DEFAULT_SESSIONS * size)),
+        turns=_DEFAULT_TURNS,
+        system_prompts=6,
+        system_tokens=1536,
+        rate=2.0 * factor,
     )
-    documents = rag(seed=seed + 1, requests=int(200 * scale), documents=16, rate=5.0)
-    merged = sorted(conversations.requests + documents.requests, key=lambda r: r.arrival_s)
-    return Workload("default", merged)
+    documents = rag(
+        seed=seed + 1, requests=max(1, math.ceil(_DEFAULT_QUERIES * size)), documents=16, rate=5.0 * factor
+    )
+    return _finish("default", conversations.requests + documents.requests, requests, seed=seed)
 
 
 GENERATORS: dict[str, Callable[..., Workload]] = {
@@ -134,9 +180,16 @@ GENERATORS: dict[str, Callable[..., Workload]] = {
 }
 
 
-def generate(name: str, *, seed: int = 0) -> Workload:
+def generate(name: str, *, seed: int = 0, rate: float | None = None, requests: int | None = None) -> Workload:
+    """Workload ``name`` with its defaults, overriding the arrival ``rate`` and the request
+    count when given (see each generator for what its rate counts)."""
     try:
         generator = GENERATORS[name]
     except KeyError:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(sorted(GENERATORS))}") from None
-    return generator(seed=seed)
+    overrides: dict[str, Any] = {}
+    if rate is not None:
+        overrides["rate"] = rate
+    if requests is not None:
+        overrides["requests"] = requests
+    return generator(seed=seed, **overrides)

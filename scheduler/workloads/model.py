@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
 class WorkloadRequest:
+    """One request of a workload.
+
+    ``arrival_s`` counts from the workload's start. ``block_ids`` is the source trace's
+    own prefix identity (Mooncake hash ids, one per trace block) when there is one;
+    generated workloads leave it ``None`` and are compared by their tokens.
+    """
+
     request_id: str
     arrival_s: float
     prompt_token_ids: list[int]
     max_tokens: int
     session_id: str | None = None
+    block_ids: tuple[int, ...] | None = None
 
 
 @dataclass(slots=True)
@@ -25,24 +34,30 @@ class Workload:
     block_tokens: int = 16
     meta: dict[str, object] = field(default_factory=dict)
 
+    def _with(self, requests: list[WorkloadRequest]) -> Workload:
+        return Workload(self.name, requests, self.token_scale, self.block_tokens, dict(self.meta))
+
     def limited(self, limit: int | None) -> Workload:
+        """The first ``limit`` requests (in arrival order)."""
         if limit is None or limit >= len(self.requests):
             return self
-        return Workload(
-            self.name, self.requests[:limit], self.token_scale, self.block_tokens, dict(self.meta)
-        )
+        return self._with(self.requests[: max(limit, 0)])
 
     def time_scaled(self, factor: float) -> Workload:
         """Arrivals stretched by ``factor`` (< 1 compresses time, raising the load)."""
+        if factor <= 0:
+            raise ValueError("time scale must be positive")
         if factor == 1.0:
             return self
-        scaled = [
-            WorkloadRequest(
-                r.request_id, r.arrival_s * factor, r.prompt_token_ids, r.max_tokens, r.session_id
-            )
-            for r in self.requests
-        ]
-        return Workload(self.name, scaled, self.token_scale, self.block_tokens, dict(self.meta))
+        return self._with([dataclasses.replace(r, arrival_s=r.arrival_s * factor) for r in self.requests])
+
+    @property
+    def duration_s(self) -> float:
+        """Time from the first arrival to the last."""
+        if not self.requests:
+            return 0.0
+        arrivals = [r.arrival_s for r in self.requests]
+        return max(arrivals) - min(arrivals)
 
 
 def prompt_tokens(requests: Sequence[WorkloadRequest]) -> int:

@@ -2,16 +2,24 @@
 
 Each JSONL line: ``timestamp`` (ms), ``input_length``, ``output_length``, ``hash_ids``
 (one id per 512-token block; equal ids mean an identical whole prefix). Each hash id
-becomes a deterministic block of token ids (seeded by the id), so equal ids give equal
-prefixes. ``block_tokens`` scales the 512-token blocks down (16 keeps the exact prefix
-structure at 1/32 of the tokens); the workload's ``token_scale`` records the factor so
-the latency model and the reports can scale back.
+becomes a deterministic block of token ids (a function of the id alone), so equal ids
+give equal prefixes. ``block_tokens`` scales the 512-token blocks down (16 keeps the
+exact prefix structure at 1/32 of the tokens); the workload's ``token_scale`` records the
+factor so the latency model and the reports can scale back. The last block is partial
+when ``input_length`` says so, scaled in proportion.
+
+Token ``j`` of the block for id ``h`` is ``splitmix64(h * 512 + j)`` folded into
+``1..VOCAB-1`` (id 0 is left out: some tokenizers reserve it), so a block scaled down to
+``n`` tokens is the first ``n`` tokens of the full one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -20,54 +28,126 @@ from scheduler.workloads.model import Workload, WorkloadRequest
 
 MOONCAKE_BLOCK_TOKENS = 512
 VOCAB = 32_000
+log = logging.getLogger(__name__)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    # Steele, Lea & Flood's SplitMix64 finaliser: consecutive inputs give unrelated outputs.
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        mixed: np.ndarray = x ^ (x >> np.uint64(31))
+    return mixed
+
+
+def block_token_matrix(hash_ids: np.ndarray, block_tokens: int) -> np.ndarray:
+    """Row ``i``: the ``block_tokens`` token ids standing for trace block ``hash_ids[i]``."""
+    ids = np.asarray(hash_ids, dtype=np.uint64).reshape(-1, 1)
+    with np.errstate(over="ignore"):
+        positions = ids * np.uint64(MOONCAKE_BLOCK_TOKENS) + np.arange(block_tokens, dtype=np.uint64)
+    mixed = _splitmix64(positions)
+    return (mixed % np.uint64(VOCAB - 1) + np.uint64(1)).astype(np.int64)
 
 
 def block_tokens_for(hash_id: int, block_tokens: int) -> list[int]:
-    rng = np.random.default_rng(hash_id + 1)
-    tokens: list[int] = rng.integers(1, VOCAB, size=block_tokens).tolist()
-    return tokens
+    row: list[int] = block_token_matrix(np.array([hash_id]), block_tokens)[0].tolist()
+    return row
 
 
-def load_mooncake(path: str | Path, *, block_tokens: int = 16, limit: int | None = None) -> Workload:
-    if not 1 <= block_tokens <= MOONCAKE_BLOCK_TOKENS:
-        raise ValueError(f"block_tokens must be in 1..{MOONCAKE_BLOCK_TOKENS}")
-    scale = MOONCAKE_BLOCK_TOKENS / block_tokens
-    blocks: dict[int, list[int]] = {}
-    requests: list[WorkloadRequest] = []
+@dataclass(frozen=True, slots=True)
+class _Row:
+    line: int
+    timestamp_ms: float
+    input_length: int
+    output_length: int
+    hash_ids: tuple[int, ...]
+
+
+def _parse(line: str) -> tuple[float, int, int, tuple[int, ...]]:
+    row = json.loads(line)
+    hash_ids = tuple(int(h) for h in row["hash_ids"])
+    input_length = int(row["input_length"])
+    output_length = int(row["output_length"])
+    timestamp_ms = float(row["timestamp"])
+    if not hash_ids or min(hash_ids) < 0:
+        raise ValueError("hash_ids must be a non-empty list of non-negative ids")
+    if input_length < 1 or output_length < 0 or not math.isfinite(timestamp_ms):
+        raise ValueError("input_length must be positive, output_length non-negative, timestamp finite")
+    return timestamp_ms, input_length, output_length, hash_ids
+
+
+def _read_rows(path: Path, limit: int | None) -> tuple[list[_Row], int]:
+    rows: list[_Row] = []
+    skipped = 0
     with open(path, encoding="utf-8") as trace:
-        for number, line in enumerate(trace):
-            if limit is not None and len(requests) >= limit:
+        for number, line in enumerate(trace, start=1):
+            if limit is not None and len(rows) >= limit:
                 break
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                hash_ids = [int(h) for h in row["hash_ids"]]
-                input_length = int(row["input_length"])
-                output_length = int(row["output_length"])
-                timestamp_ms = float(row["timestamp"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{number + 1}: not a Mooncake trace line: {exc}") from exc
-            tokens: list[int] = []
-            for hash_id in hash_ids:
-                block = blocks.get(hash_id)
-                if block is None:
-                    block = blocks[hash_id] = block_tokens_for(hash_id, block_tokens)
-                tokens.extend(block)
-            # The last block may be partial: input_length, scaled, says where it ends.
-            length = min(len(tokens), max(1, math.ceil(input_length / scale)))
-            requests.append(
-                WorkloadRequest(
-                    request_id=f"mooncake-{number}",
-                    arrival_s=timestamp_ms / 1000.0,
-                    prompt_token_ids=tokens[:length],
-                    max_tokens=max(1, math.ceil(output_length / scale)),
-                )
+                rows.append(_Row(number, *_parse(line)))
+            except (ValueError, KeyError, TypeError, OverflowError) as exc:
+                if not skipped:
+                    log.warning(
+                        "%s:%d: skipping a line that is not a Mooncake request: %s", path, number, exc
+                    )
+                skipped += 1
+    if skipped:
+        log.warning("%s: skipped %d malformed line(s)", path, skipped)
+    return rows, skipped
+
+
+def prompt_length(input_length: int, blocks: int, block_tokens: int) -> int:
+    """Tokens of a prompt of ``input_length`` real tokens over ``blocks`` trace blocks, scaled:
+    every block but the last is full, the last keeps its share of a block (at least one token)."""
+    tail = min(max(input_length - MOONCAKE_BLOCK_TOKENS * (blocks - 1), 1), MOONCAKE_BLOCK_TOKENS)
+    return (blocks - 1) * block_tokens + max(1, math.ceil(tail * block_tokens / MOONCAKE_BLOCK_TOKENS))
+
+
+def load_mooncake(
+    path: str | Path,
+    *,
+    block_tokens: int = MOONCAKE_BLOCK_TOKENS,
+    limit: int | None = None,
+    time_scale: float = 1.0,
+) -> Workload:
+    """The first ``limit`` requests of a Mooncake JSONL trace, arrivals multiplied by ``time_scale``.
+
+    Malformed lines are skipped, counted in ``meta["skipped_lines"]`` and logged once.
+    Full 512-token blocks cost memory: 16 is the practical choice for whole traces.
+    """
+    if not 1 <= block_tokens <= MOONCAKE_BLOCK_TOKENS:
+        raise ValueError(f"block_tokens must be in 1..{MOONCAKE_BLOCK_TOKENS}")
+    if time_scale <= 0:
+        raise ValueError("time_scale must be positive")
+    path = Path(path)
+    scale = MOONCAKE_BLOCK_TOKENS / block_tokens
+    rows, skipped = _read_rows(path, limit)
+    unique = sorted({h for row in rows for h in row.hash_ids})
+    # One vectorised pass makes every distinct block; requests then share its token list.
+    matrix: list[list[int]] = block_token_matrix(np.array(unique, dtype=np.uint64), block_tokens).tolist()
+    blocks = dict(zip(unique, matrix, strict=True))
+    requests: list[WorkloadRequest] = []
+    for row in rows:
+        length = prompt_length(row.input_length, len(row.hash_ids), block_tokens)
+        tokens = list(chain.from_iterable(blocks[h] for h in row.hash_ids))
+        del tokens[length:]
+        requests.append(
+            WorkloadRequest(
+                request_id=f"mooncake-{row.line - 1}",
+                arrival_s=row.timestamp_ms / 1000.0 * time_scale,
+                prompt_token_ids=tokens,
+                max_tokens=max(1, math.ceil(row.output_length / scale)),
+                block_ids=row.hash_ids,
             )
+        )
+    requests.sort(key=lambda r: r.arrival_s)
     return Workload(
-        name=Path(path).stem,
+        name=path.stem,
         requests=requests,
         token_scale=scale,
         block_tokens=block_tokens,
-        meta={"source": str(path)},
+        meta={"source": str(path), "skipped_lines": skipped, "trace_block_tokens": MOONCAKE_BLOCK_TOKENS},
     )
