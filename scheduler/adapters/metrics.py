@@ -1,0 +1,255 @@
+"""kvsched's own Prometheus metrics: a collector that reads the components at scrape time,
+and the HTTP endpoint that serves the registry (GIE convention: port 9090, ``/metrics``).
+
+Nothing is counted twice: the Scheduler, the prefix index, the KV-event ingest and the
+scraper already keep their counters; ``KvschedCollector`` turns their current values into
+metric families when Prometheus asks. The Endpoint Picker's per-outcome request counter and
+decision-time histogram are registered on the same registry by the ext_proc server.
+
+The page is rendered on the event loop that owns those components, so it never reads them
+mid-update from another thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from scheduler.adapters.scraper import ScrapeStats
+from scheduler.core.kvingest import IngestStats
+from scheduler.core.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+# Help texts of the ingest counters; a field without one still gets a family.
+_INGEST_HELP = {
+    "batches_applied": "KV-event batches applied to the index.",
+    "blocks_stored": "Blocks stored in the index from BlockStored events.",
+    "blocks_removed": "Blocks removed from the index by BlockRemoved events.",
+    "gaps": "Gaps in the publisher's sequence numbers (lost batches).",
+    "replays_requested": "Replays asked of the publisher after a gap or a late join.",
+    "replays_completed": "Replays that closed their gap.",
+    "replays_failed": "Replays that could not close their gap (the endpoint was reset instead).",
+    "resets": "Times the endpoint's index entries were dropped to resynchronise.",
+    "restarts": "Publisher restarts seen (the sequence went backwards).",
+    "malformed_frames": "ZMQ messages that were not [topic, seq, payload].",
+    "malformed_payloads": "Batches whose msgpack payload could not be decoded.",
+    "bad_events": "Events inside otherwise good batches that could not be decoded.",
+    "orphans": "Stored blocks whose parent block the endpoint never reported.",
+}
+
+
+class ScrapeView(Protocol):
+    def all_stats(self) -> dict[str, ScrapeStats]: ...
+
+
+class KvschedCollector(Collector):
+    """Endpoint, index, scrape and KV-ingest figures read from the live components."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        *,
+        scraper: ScrapeView | None = None,
+        ingest_stats: Callable[[], Mapping[str, IngestStats]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.scheduler = scheduler
+        self.scraper = scraper
+        self.ingest_stats = ingest_stats
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._endpoints()
+        yield from self._index()
+        if self.scraper is not None:
+            yield from self._scrapes(self.scraper.all_stats())
+        if self.ingest_stats is not None:
+            yield from self._ingest(self.ingest_stats())
+
+    def _endpoints(self) -> Iterator[Metric]:
+        scheduler = self.scheduler
+        now = self.clock()
+        endpoints = scheduler.endpoints()
+        yield GaugeMetricFamily("kvsched_endpoints", "Endpoints in the pool.", value=len(endpoints))
+        families = {
+            "healthy": GaugeMetricFamily(
+                "kvsched_endpoint_healthy", "1 when the endpoint may be picked.", labels=["endpoint"]
+            ),
+            "waiting": GaugeMetricFamily(
+                "kvsched_endpoint_waiting_requests",
+                "Queued requests at the last scrape.",
+                labels=["endpoint"],
+            ),
+            "running": GaugeMetricFamily(
+                "kvsched_endpoint_running_requests",
+                "Running requests at the last scrape.",
+                labels=["endpoint"],
+            ),
+            "kv_usage": GaugeMetricFamily(
+                "kvsched_endpoint_kv_cache_usage",
+                "KV-cache usage (0-1) at the last scrape.",
+                labels=["endpoint"],
+            ),
+            "age": GaugeMetricFamily(
+                "kvsched_endpoint_metrics_age_seconds",
+                "Age of the last good scrape (NaN: never scraped).",
+                labels=["endpoint"],
+            ),
+            "inflight": GaugeMetricFamily(
+                "kvsched_endpoint_inflight_requests",
+                "Requests kvsched routed there that have not finished.",
+                labels=["endpoint"],
+            ),
+            "prefill": GaugeMetricFamily(
+                "kvsched_endpoint_inflight_prefill_tokens",
+                "Prompt tokens kvsched routed there whose first token has not been seen.",
+                labels=["endpoint"],
+            ),
+            "blocks": GaugeMetricFamily(
+                "kvsched_endpoint_index_blocks",
+                "Blocks the prefix index holds for the endpoint (all data-parallel ranks).",
+                labels=["endpoint"],
+            ),
+        }
+        index = scheduler.index
+        for endpoint in endpoints:
+            state = scheduler.endpoint_state(endpoint.name, now)
+            label = [endpoint.name]
+            families["healthy"].add_metric(label, 1.0 if state.healthy else 0.0)
+            families["waiting"].add_metric(label, state.waiting)
+            families["running"].add_metric(label, state.running)
+            families["kv_usage"].add_metric(label, state.kv_usage)
+            age = state.metrics_age_s
+            families["age"].add_metric(label, math.nan if age is None else age)
+            families["inflight"].add_metric(label, state.inflight_requests)
+            families["prefill"].add_metric(label, state.inflight_prefill_tokens)
+            blocks = sum(index.worker_blocks(worker) for worker in endpoint.index_workers())
+            families["blocks"].add_metric(label, blocks)
+        yield from families.values()
+        yield CounterMetricFamily(
+            "kvsched_requests_completed",
+            "Routed requests whose completion was reported.",
+            value=scheduler.completions,
+        )
+
+    def _index(self) -> Iterator[Metric]:
+        index = self.scheduler.index
+        footprint = index.footprint()
+        yield GaugeMetricFamily(
+            "kvsched_index_blocks", "Blocks in the prefix index.", value=footprint["blocks"]
+        )
+        yield GaugeMetricFamily(
+            "kvsched_index_bytes", "Memory held by the prefix index's block table.", value=footprint["bytes"]
+        )
+        yield GaugeMetricFamily(
+            "kvsched_index_workers",
+            "Workers (endpoints x data-parallel ranks) in the index.",
+            value=footprint["workers"],
+        )
+        yield CounterMetricFamily(
+            "kvsched_index_evictions",
+            "Blocks evicted to keep the index within its bound.",
+            value=index.evictions,
+        )
+        yield CounterMetricFamily(
+            "kvsched_index_unknown_removals",
+            "BlockRemoved events for blocks the index did not hold.",
+            value=index.unknown_removals,
+        )
+
+    @staticmethod
+    def _scrapes(stats: Mapping[str, ScrapeStats]) -> Iterator[Metric]:
+        scrapes = CounterMetricFamily("kvsched_scrapes", "Metric scrapes attempted.", labels=["endpoint"])
+        failures = CounterMetricFamily(
+            "kvsched_scrape_failures", "Metric scrapes that failed.", labels=["endpoint"]
+        )
+        streak = GaugeMetricFamily(
+            "kvsched_scrape_consecutive_failures",
+            "Failed scrapes since the last good one.",
+            labels=["endpoint"],
+        )
+        duration = GaugeMetricFamily(
+            "kvsched_scrape_duration_seconds", "Duration of the last scrape.", labels=["endpoint"]
+        )
+        for name, item in stats.items():
+            scrapes.add_metric([name], item.scrapes)
+            failures.add_metric([name], item.failures)
+            streak.add_metric([name], item.consecutive_failures)
+            duration.add_metric([name], item.last_duration_s)
+        yield from (scrapes, failures, streak, duration)
+
+    @staticmethod
+    def _ingest(stats: Mapping[str, IngestStats]) -> Iterator[Metric]:
+        families = {
+            field.name: CounterMetricFamily(
+                f"kvsched_kv_{field.name}",
+                _INGEST_HELP.get(field.name, f"KV-event ingest: {field.name.replace('_', ' ')}."),
+                labels=["endpoint"],
+            )
+            for field in dataclasses.fields(IngestStats)
+        }
+        for name, item in stats.items():
+            for field, family in families.items():
+                family.add_metric([name], getattr(item, field))
+        yield from families.values()
+
+
+def new_registry(*, process_metrics: bool = True) -> CollectorRegistry:
+    """A registry of kvsched's own (not the global default one, which tests share)."""
+    registry = CollectorRegistry()
+    if process_metrics:
+        from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    return registry
+
+
+class MetricsHTTPServer:
+    """``GET /metrics`` for a registry on ``host:port`` (0 = ephemeral; read ``port`` after start)."""
+
+    def __init__(self, registry: CollectorRegistry, *, host: str = "0.0.0.0", port: int = 9090) -> None:
+        self.registry = registry
+        self._host = host
+        self._requested_port = port
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def _handle(self, _: web.Request) -> web.Response:
+        try:
+            body = generate_latest(self.registry)
+        except Exception:
+            log.exception("rendering kvsched's metrics failed")
+            return web.Response(status=500, text="metrics collection failed\n")
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self._host, self._requested_port, reuse_address=True)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        log.info("kvsched metrics on http://%s:%d/metrics", self._host, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
