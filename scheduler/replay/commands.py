@@ -1,106 +1,94 @@
-"""``kvsched replay``: load-test replay against a live endpoint or in the virtual-time simulator."""
+"""``kvsched replay``: load-test replay against a live endpoint, or in the virtual-time simulator.
+
+kvsched replay (--trace PATH [--block-tokens N] | --workload NAME [--seed S] [--rate R]
+                [--requests N]) (--target URL | --simulate [--policy P ...])
+               [--time-scale X] [--limit N] [--concurrency C] [--model NAME]
+               [--api completions|chat] [--policy-label NAME] [--json FILE] [--plot-dir DIR]
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from scheduler.core.baselines import BASELINE_POLICIES
+from scheduler.replay.report import comparison_table
+from scheduler.workloads.model import Workload
 
 POLICIES = ("kvsched", *BASELINE_POLICIES)
+DEFAULT_SIM_WORKERS = 8
+# Where the virtual-time simulator may take over the whole command.
+SIMULATOR_MODULE = "scheduler.sim.virtual"
 
 
-def load_workload(args: argparse.Namespace) -> Any:
+def load_workload(args: argparse.Namespace) -> Workload:
     from scheduler.workloads.generators import generate
     from scheduler.workloads.mooncake import load_mooncake
 
     if args.trace:
         workload = load_mooncake(args.trace, block_tokens=args.block_tokens, limit=args.limit)
     else:
-        workload = generate(args.workload, seed=args.seed).limited(args.limit)
+        workload = generate(args.workload, seed=args.seed, rate=args.rate, requests=args.requests)
+        workload = workload.limited(args.limit)
     return workload.time_scaled(args.time_scale)
 
 
-def _ms(summary: dict[str, float | None], key: str) -> str:
-    value = summary.get(key)
-    return "-" if value is None else f"{value:,.0f}"
-
-
-def print_table(reports: dict[str, dict[str, Any]], *, title: str) -> None:
+def print_table(
+    reports: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]], *, title: str = ""
+) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title=title)
-    for column in (
-        "policy",
-        "done",
-        "failed",
-        "TTFT p50",
-        "TTFT p99",
-        "TPOT p50",
-        "hit ratio",
-        "oracle",
-        "req/s",
-    ):
-        table.add_column(column, justify="left" if column == "policy" else "right")
-    for policy, report in reports.items():
-        hit = report.get("hit_ratio")
-        oracle = report.get("oracle_hit_ratio")
-        table.add_row(
-            policy,
-            str(report["completed"]),
-            str(report["failed"]),
-            _ms(report["ttft_ms"], "p50"),
-            _ms(report["ttft_ms"], "p99"),
-            _ms(report["tpot_ms"], "p50"),
-            "-" if hit is None else f"{hit:.3f}",
-            "-" if oracle is None else f"{oracle:.3f}",
-            f"{report['throughput_rps']:.2f}",
-        )
-    Console(file=sys.stdout, width=max(Console().width, 110)).print(table)
+    console = Console(file=sys.stdout)
+    # Pipes and CI logs get a table wide enough for every column.
+    if not console.is_terminal:
+        console = Console(file=sys.stdout, width=120)
+    console.print(comparison_table(reports, title=title))
 
 
-def _run(args: argparse.Namespace) -> int:
+def write_outputs(reports: dict[str, dict[str, Any]], args: argparse.Namespace, *, title: str) -> None:
     from scheduler.replay.plots import save_plots
 
-    if not args.trace and not args.workload:
-        print("kvsched replay: give --trace PATH or --workload NAME", file=sys.stderr)
-        return 2
-    if bool(args.simulate) == bool(args.target):
-        print("kvsched replay: give either --target URL (live) or --simulate", file=sys.stderr)
-        return 2
-    workload = load_workload(args)
-    policies = args.policy or ["kvsched"]
-    reports: dict[str, dict[str, Any]] = {}
-    if args.simulate:
-        from scheduler.replay.simulate import simulate
-
-        for policy in policies:
-            reports[policy] = simulate(
-                workload,
-                policy=policy,
-                workers=args.workers,
-                capacity_blocks=args.capacity_blocks,
-                seed=args.seed,
-            )
-    else:
-        reports[args.label] = asyncio.run(_live(workload, args))
-    title = f"{workload.name}: {len(workload.requests)} requests, {args.workers} workers"
     print_table(reports, title=title)
     if args.json:
         document: Any = next(iter(reports.values())) if len(reports) == 1 else reports
         Path(args.json).write_text(json.dumps(document, indent=1) + "\n")
+        print(f"report: {args.json}")
     if args.plot_dir:
         for path in save_plots(reports, args.plot_dir, title=title):
             print(f"plot: {path}")
+
+
+def _simulate(args: argparse.Namespace, workload: Workload) -> int:
+    try:
+        simulator = importlib.import_module(SIMULATOR_MODULE)
+    except ImportError as exc:
+        print(f"kvsched replay: --simulate needs the virtual-time simulator ({exc})", file=sys.stderr)
+        return 2
+    run_from_args = getattr(simulator, "run_from_args", None)
+    if callable(run_from_args):
+        return int(run_from_args(args) or 0)
+    from scheduler.replay.simulate import simulate
+
+    workers = args.workers or DEFAULT_SIM_WORKERS
+    reports = {
+        policy: simulate(
+            workload, policy=policy, workers=workers, capacity_blocks=args.capacity_blocks, seed=args.seed
+        )
+        for policy in args.policy or ["kvsched"]
+    }
+    write_outputs(
+        reports, args, title=f"{workload.name}: {len(workload.requests)} requests, {workers} workers"
+    )
     return 0
 
 
-async def _live(workload: Any, args: argparse.Namespace) -> dict[str, Any]:
+async def _live(workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
     from rich.progress import Progress
 
     from scheduler.replay.live import replay_live
@@ -108,55 +96,99 @@ async def _live(workload: Any, args: argparse.Namespace) -> dict[str, Any]:
     from scheduler.workloads.oracle import oracle_hit_ratio
 
     with Progress(disable=args.quiet or not sys.stdout.isatty()) as progress:
-        task = progress.add_task("replaying", total=len(workload.requests))
+        task = progress.add_task(f"replaying {workload.name}", total=len(workload.requests))
         outcomes = await replay_live(
             workload,
             args.target,
             model=args.model,
+            api=args.api,
             concurrency=args.concurrency,
             progress=lambda _: progress.advance(task),
         )
     return build_report(
         outcomes,
-        policy=args.label,
+        policy=args.policy_label,
         mode="live",
         workers=args.workers,
         oracle_hit_ratio=oracle_hit_ratio(workload.requests, workload.block_tokens),
         token_scale=workload.token_scale,
-        extra={"workload": workload.name, "target": args.target},
+        extra={"workload": workload.name, "target": args.target, "api": args.api},
     )
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.trace and (args.rate is not None or args.requests is not None):
+        print("kvsched replay: --rate and --requests shape generated workloads; use --limit", file=sys.stderr)
+        return 2
+    if bool(args.simulate) == bool(args.target):
+        print("kvsched replay: give either --target URL (live) or --simulate", file=sys.stderr)
+        return 2
+    if args.target and args.policy:
+        print(
+            "kvsched replay: live, the target picks endpoints; name the run with --policy-label",
+            file=sys.stderr,
+        )
+        return 2
+    workload = load_workload(args)
+    if args.simulate:
+        return _simulate(args, workload)
+    report = asyncio.run(_live(workload, args))
+    workers = f", {args.workers} workers" if args.workers else ""
+    write_outputs(
+        {args.policy_label: report},
+        args,
+        title=f"{workload.name}: {len(workload.requests)} requests to {args.target}{workers}",
+    )
+    return 0
 
 
 def register(subparsers: Any) -> None:
     replay = subparsers.add_parser(
         "replay", help="replay a trace or generated workload, live against a URL or in the simulator"
     )
-    source = replay.add_argument_group("workload")
-    source.add_argument("--trace", help="Mooncake JSONL trace")
-    source.add_argument(
-        "--block-tokens", type=int, default=16, help="tokens per 512-token trace block (scales down)"
+    source = replay.add_argument_group("workload (one of --trace, --workload)").add_mutually_exclusive_group(
+        required=True
     )
+    source.add_argument("--trace", help="Mooncake JSONL trace")
     source.add_argument("--workload", help="generated workload: default, chat, rag, agentic")
-    source.add_argument("--seed", type=int, default=0)
-    source.add_argument("--limit", type=int, help="first N requests only")
-    source.add_argument(
+    shape = replay.add_argument_group("workload shape")
+    shape.add_argument(
+        "--block-tokens",
+        type=int,
+        default=16,
+        help="trace: tokens standing for each 512-token trace block (default 16, i.e. 1/32 scale)",
+    )
+    shape.add_argument("--seed", type=int, default=0, help="generator seed (and the simulator's)")
+    shape.add_argument(
+        "--rate", type=float, help="generated: arrival rate of new sessions/queries per second"
+    )
+    shape.add_argument("--requests", type=int, help="generated: number of requests")
+    shape.add_argument("--limit", type=int, help="first N requests only")
+    shape.add_argument(
         "--time-scale", type=float, default=1.0, help="multiply arrival times (<1 = more load)"
     )
     target = replay.add_argument_group("target")
     target.add_argument(
         "--target", help="live: base URL of an OpenAI-compatible endpoint (gateway or server)"
     )
-    target.add_argument("--model", default="default", help="live: model name to send")
-    target.add_argument("--concurrency", type=int, default=256, help="live: most requests in flight")
-    target.add_argument("--label", default="live", help="live: name of this run in the report (its policy)")
+    target.add_argument("--model", help="live: model name to send (default: the first of /v1/models)")
     target.add_argument(
-        "--simulate", action="store_true", help="virtual-time simulation instead of a live target"
+        "--api", choices=("completions", "chat"), default="completions", help="live: API to call"
     )
-    target.add_argument("--workers", type=int, default=8)
-    target.add_argument("--policy", action="append", choices=POLICIES, help="simulate: policy (repeatable)")
+    target.add_argument("--concurrency", type=int, default=256, help="live: most requests in flight")
+    target.add_argument(
+        "--policy-label", "--label", default="live", help="live: the run's name in the report (its policy)"
+    )
+    target.add_argument("--simulate", action="store_true", help="virtual-time simulation instead of a target")
+    target.add_argument(
+        "--workers", type=int, help="simulate: workers (default 8); live: noted in the report"
+    )
+    target.add_argument(
+        "--policy", action="append", choices=POLICIES, help="simulate: routing policy (repeatable)"
+    )
     target.add_argument("--capacity-blocks", type=int, help="simulate: KV blocks of 16 tokens per worker")
     output = replay.add_argument_group("output")
-    output.add_argument("--json", help="write the report (or {policy: report}) to this file")
+    output.add_argument("--json", help="write the report (several: {policy: report}) to this file")
     output.add_argument("--plot-dir", help="write PNG plots here")
     output.add_argument("--quiet", action="store_true", help="no progress bar")
     replay.set_defaults(func=_run)

@@ -1,22 +1,39 @@
-"""The replay report: one JSON object per run, identical for live and simulated runs.
+"""The replay report: one JSON object per run, built the same way for live and simulated runs.
 
-Percentiles use numpy's default (linear interpolation between closest ranks). Latency
-statistics cover completed requests only; failed ones are counted and explained.
+``build_report`` is a pure function of per-request outcomes. Percentiles are numpy's
+default method ("linear": interpolation between the two closest ranks, type 7 of Hyndman
+and Fan). Latency statistics cover completed requests only; failed ones are counted and
+their reasons tallied. The report is a plain dict, open to further keys (``extra``).
+
+Keys: ``policy``, ``mode`` ("live" | "simulate"), ``workers``, ``requests``, ``completed``,
+``failed``, ``ttft_ms`` / ``tpot_ms`` / ``e2e_ms`` (each ``{p50, p90, p99, mean}``, null
+when nothing completed), ``hit_ratio`` (cached prompt tokens / prompt tokens over the
+completed requests whose usage reported cached tokens; null when none did),
+``oracle_hit_ratio``, ``throughput_rps`` (completed / makespan), ``duration_s`` (the
+makespan: first start to last completion), ``output_tokens_per_s``, ``prompt_tokens``,
+``cached_tokens``, ``usage_reported``, ``token_scale``, ``per_endpoint`` (completed
+requests per serving endpoint, "-" when unknown), ``failures`` (reason -> count) and
+``samples.ttft_ms`` (every completed request's TTFT, in completion-list order, for plots).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+PERCENTILES = (50, 90, 99)
 
 
 @dataclass(slots=True)
 class RequestOutcome:
-    """One request's measurements, in seconds (wall clock live, virtual time simulated)."""
+    """One request's measurements, in seconds (loop clock live, virtual time simulated)."""
 
     request_id: str
     ok: bool
@@ -24,6 +41,7 @@ class RequestOutcome:
     endpoint: str | None = None
     error: str = ""
     prompt_tokens: int = 0
+    # None when the server did not report prompt_tokens_details.cached_tokens.
     cached_tokens: int | None = None
     completion_tokens: int = 0
     first_token_s: float | None = None
@@ -39,21 +57,30 @@ class RequestOutcome:
 
     @property
     def tpot_s(self) -> float | None:
+        """Mean time per output token after the first."""
         if self.end_s is None or self.first_token_s is None or self.completion_tokens < 2:
             return None
         return (self.end_s - self.first_token_s) / (self.completion_tokens - 1)
 
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s}
+
 
 def latency_summary(values_s: Sequence[float]) -> dict[str, float | None]:
+    """p50/p90/p99/mean in milliseconds of values in seconds (numpy "linear" percentiles)."""
     if not values_s:
-        return {"p50": None, "p90": None, "p99": None, "mean": None}
+        return {**{f"p{p}": None for p in PERCENTILES}, "mean": None}
     ms = np.asarray(values_s, dtype=np.float64) * 1000.0
-    return {
-        "p50": float(np.percentile(ms, 50)),
-        "p90": float(np.percentile(ms, 90)),
-        "p99": float(np.percentile(ms, 99)),
-        "mean": float(ms.mean()),
+    summary: dict[str, float | None] = {
+        f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(ms, PERCENTILES), strict=True)
     }
+    summary["mean"] = float(ms.mean())
+    return summary
+
+
+def _failure_reason(error: str) -> str:
+    # "http 503: no endpoint" -> "http 503": counts group by kind, not by message.
+    return error.split(":", 1)[0].strip() or "unknown"
 
 
 def build_report(
@@ -61,26 +88,25 @@ def build_report(
     *,
     policy: str,
     mode: str,
-    workers: int,
+    workers: int | None,
     oracle_hit_ratio: float | None,
     token_scale: float = 1.0,
-    extra: dict[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The report of one run. ``token_scale`` (real tokens per workload token, for scaled
+    traces) converts TPOT and output tokens/s back to real tokens."""
     done = [o for o in outcomes if o.ok]
     failed = [o for o in outcomes if not o.ok]
     ttft = [v for o in done if (v := o.ttft_s) is not None]
-    # One simulated output token of a scaled trace stands for token_scale real ones.
+    # One output token of a scaled trace stands for token_scale real ones.
     tpot = [v / token_scale for o in done if (v := o.tpot_s) is not None]
     e2e = [v for o in done if (v := o.e2e_s) is not None]
     reported = [o for o in done if o.cached_tokens is not None]
     prompt = sum(o.prompt_tokens for o in reported)
-    hit_ratio = sum(o.cached_tokens or 0 for o in reported) / prompt if prompt else None
-    if outcomes:
-        first = min(o.start_s for o in outcomes)
-        last = max((o.end_s for o in done if o.end_s is not None), default=first)
-        duration = max(last - first, 1e-9)
-    else:
-        duration = 0.0
+    cached = sum(o.cached_tokens or 0 for o in reported)
+    ends = [o.end_s for o in done if o.end_s is not None]
+    duration = max(ends) - min(o.start_s for o in outcomes) if ends else 0.0
+    output_tokens = sum(o.completion_tokens for o in done) * token_scale
     report: dict[str, Any] = {
         "policy": policy,
         "mode": mode,
@@ -91,18 +117,87 @@ def build_report(
         "ttft_ms": latency_summary(ttft),
         "tpot_ms": latency_summary(tpot),
         "e2e_ms": latency_summary(e2e),
-        "hit_ratio": hit_ratio,
+        "hit_ratio": cached / prompt if prompt else None,
         "oracle_hit_ratio": oracle_hit_ratio,
-        "throughput_rps": len(done) / duration if duration else 0.0,
+        "throughput_rps": len(done) / duration if duration > 0 else 0.0,
         "duration_s": duration,
-        "output_tokens_per_s": sum(o.completion_tokens for o in done) * token_scale / duration
-        if duration
-        else 0.0,
+        "output_tokens_per_s": output_tokens / duration if duration > 0 else 0.0,
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "usage_reported": len(reported),
         "token_scale": token_scale,
         "per_endpoint": dict(sorted(Counter(o.endpoint or "-" for o in done).items())),
-        "failures": dict(Counter(o.error.split(":")[0] for o in failed).most_common(10)),
+        "failures": dict(Counter(_failure_reason(o.error) for o in failed).most_common()),
         "samples": {"ttft_ms": [round(v * 1000.0, 3) for v in ttft]},
     }
     if extra:
         report.update(extra)
     return report
+
+
+def labelled(
+    reports: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
+) -> dict[str, Mapping[str, Any]]:
+    """Reports keyed by label: a mapping as given, a sequence keyed by each report's policy."""
+    if isinstance(reports, Mapping):
+        return dict(reports)
+    out: dict[str, Mapping[str, Any]] = {}
+    for report in reports:
+        label = str(report.get("policy", "run"))
+        while label in out:
+            label += "'"
+        out[label] = report
+    return out
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+COMPARISON_COLUMNS = (
+    "policy",
+    "completed",
+    "failed",
+    "TTFT p50 ms",
+    "TTFT p99 ms",
+    "TPOT p50 ms",
+    "hit ratio",
+    "oracle",
+    "req/s",
+)
+
+
+def comparison_rows(
+    reports: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
+) -> list[tuple[str, ...]]:
+    """One row of formatted cells per report, in ``COMPARISON_COLUMNS`` order."""
+    rows: list[tuple[str, ...]] = []
+    for label, report in labelled(reports).items():
+        rows.append(
+            (
+                label,
+                str(report["completed"]),
+                str(report["failed"]),
+                _fmt(report["ttft_ms"]["p50"], ",.0f"),
+                _fmt(report["ttft_ms"]["p99"], ",.0f"),
+                _fmt(report["tpot_ms"]["p50"], ",.1f"),
+                _fmt(report.get("hit_ratio"), ".3f"),
+                _fmt(report.get("oracle_hit_ratio"), ".3f"),
+                _fmt(report.get("throughput_rps"), ".2f"),
+            )
+        )
+    return rows
+
+
+def comparison_table(
+    reports: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]], *, title: str = ""
+) -> Table:
+    """A rich table comparing reports side by side (the caller prints it)."""
+    from rich.table import Table
+
+    table = Table(title=title or None)
+    for column in COMPARISON_COLUMNS:
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    for row in comparison_rows(reports):
+        table.add_row(*row)
+    return table
