@@ -52,6 +52,7 @@ async def test_live_replay_writes_json_and_png(tmp_path: Path, capsys: pytest.Ca
     # Shared preambles and documents hit; no run beats the infinite-cache ceiling.
     assert report["usage_reported"] == 12
     assert 0 < report["hit_ratio"] <= report["oracle_hit_ratio"] < 1
+    assert "trace_oracle_hit_ratio" not in report  # generated workloads have no trace blocks
     assert report["ttft_ms"]["p50"] > 0 and len(report["samples"]["ttft_ms"]) == 12
     assert (tmp_path / "plots" / "replay.png").read_bytes()[:8] == PNG_MAGIC
     printed = capsys.readouterr().out
@@ -100,6 +101,8 @@ def test_simulate_a_trace(tmp_path: Path) -> None:
     assert code == 0
     report = json.loads(out.read_text())
     assert (report["requests"], report["completed"], report["token_scale"]) == (5, 5, 32)
+    # Block 0 is shared by all five requests: 4 of 10 trace blocks were seen before.
+    assert report["trace_oracle_hit_ratio"] == pytest.approx(0.4)
 
 
 def test_simulation_is_deterministic_and_cache_aware_routing_wins() -> None:

@@ -93,7 +93,7 @@ async def _live(workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
 
     from scheduler.replay.live import replay_live
     from scheduler.replay.report import build_report
-    from scheduler.workloads.oracle import oracle_hit_ratio
+    from scheduler.workloads.oracle import workload_ceilings
 
     with Progress(disable=args.quiet or not sys.stdout.isatty()) as progress:
         task = progress.add_task(f"replaying {workload.name}", total=len(workload.requests))
@@ -105,14 +105,15 @@ async def _live(workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
             concurrency=args.concurrency,
             progress=lambda _: progress.advance(task),
         )
+    ceilings = workload_ceilings(workload.requests, workload.block_tokens)
     return build_report(
         outcomes,
         policy=args.policy_label,
         mode="live",
         workers=args.workers,
-        oracle_hit_ratio=oracle_hit_ratio(workload.requests, workload.block_tokens),
+        oracle_hit_ratio=ceilings.pop("oracle_hit_ratio"),
         token_scale=workload.token_scale,
-        extra={"workload": workload.name, "target": args.target, "api": args.api},
+        extra={**ceilings, "workload": workload.name, "target": args.target, "api": args.api},
     )
 
 

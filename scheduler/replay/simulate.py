@@ -12,7 +12,7 @@ from scheduler.core.scheduler import SchedulerConfig
 from scheduler.replay.report import build_report
 from scheduler.sim.virtual import VirtualPool, VirtualPoolConfig
 from scheduler.workloads.model import Workload
-from scheduler.workloads.oracle import oracle_hit_ratio, pooled_lru_hit_ratio
+from scheduler.workloads.oracle import pooled_lru_hit_ratio, workload_ceilings
 
 # Real tokens of KV cache per worker: 1,024 blocks of 512 tokens, the setting of the
 # shared Mooncake reference figures (an H100 with Llama-3-8B holds ~440k tokens).
@@ -47,14 +47,16 @@ def simulate(
     outcomes = VirtualPool(pool_config, config).run(workload.requests)
     # Wall time stays out of the report: same seed, same JSON.
     log.info("simulated %d requests with %s in %.1fs", len(outcomes), policy, time.perf_counter() - started)
+    ceilings = workload_ceilings(workload.requests, workload.block_tokens)
     return build_report(
         outcomes,
         policy=policy,
         mode="simulate",
         workers=workers,
-        oracle_hit_ratio=oracle_hit_ratio(workload.requests, workload.block_tokens),
+        oracle_hit_ratio=ceilings.pop("oracle_hit_ratio"),
         token_scale=workload.token_scale,
         extra={
+            **ceilings,
             "workload": workload.name,
             "seed": seed,
             "capacity_blocks_per_worker": blocks,

@@ -64,6 +64,15 @@ def trace_oracle_hit_ratio(requests: Sequence[WorkloadRequest]) -> float:
     return _seen_share(chains)
 
 
+def workload_ceilings(requests: Sequence[WorkloadRequest], block_size: int) -> dict[str, float]:
+    """Report keys for a workload's ceilings: ``oracle_hit_ratio`` at ``block_size`` tokens and,
+    for a trace whose every request carries block ids, ``trace_oracle_hit_ratio``."""
+    ceilings = {"oracle_hit_ratio": oracle_hit_ratio(requests, block_size)}
+    if requests and all(r.block_ids is not None for r in requests):
+        ceilings["trace_oracle_hit_ratio"] = trace_oracle_hit_ratio(requests)
+    return ceilings
+
+
 def pooled_lru_hit_ratio(requests: Sequence[WorkloadRequest], block_size: int, capacity_blocks: int) -> float:
     """Hit ratio (share of full blocks) of one LRU cache holding the whole pool's capacity:
     the ceiling for any router over workers whose caches add up to ``capacity_blocks`` (a
