@@ -71,10 +71,8 @@ def vllm_page(
     def per_engine(value: float) -> list[tuple[dict[str, str], float]]:
         return [({"model_name": model, "engine": str(e)}, value) for e in range(engines)]
 
-    info = [
-        ({"block_size": "16", "num_gpu_blocks": "27000", "engine": str(e), "enable_prefix_caching": "True"}, 1.0)
-        for e in range(engines)
-    ]
+    cache = {"block_size": "16", "num_gpu_blocks": "27000", "enable_prefix_caching": "True"}
+    info = [({**cache, "engine": str(e)}, 1.0) for e in range(engines)]
     return page(
         gauge("vllm:num_requests_running", per_engine(running)),
         gauge("vllm:num_requests_waiting", per_engine(waiting)),
@@ -187,7 +185,7 @@ def test_unusable_values_fail(value: str) -> None:
     "line",
     [
         'vllm:num_requests_waiting{model_name="m" 1',
-        'vllm:num_requests_waiting{model_name=m} 1',
+        "vllm:num_requests_waiting{model_name=m} 1",
         "vllm:num_requests_waiting{} ",
         "vllm:num_requests_waiting",
     ],
@@ -243,3 +241,19 @@ def test_focused_parser_agrees_with_prometheus_client(
     chosen = series[-1:] if pick else series
     assert result.waiting == sum(item[1] for item in chosen)
     assert math.isclose(result.kv_usage, sum(item[3] for item in chosen) / len(chosen), abs_tol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        'vllm:num_requests_waiting { model_name = "m" } 5',
+        'vllm:num_requests_waiting{model_name="m",} 5',
+        'vllm:num_requests_waiting{model_name="m"}5',
+        "vllm:num_requests_waiting\t5",
+        "vllm:num_requests_waiting  5  1712345678000",
+        "vllm:num_requests_waiting 5\r",
+    ],
+)
+def test_spacing_variants_the_text_format_allows(line: str) -> None:
+    text = f"{line}\nvllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.5\n"
+    assert both(text) == EndpointMetrics(5, 1, 0.5)

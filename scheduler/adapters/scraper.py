@@ -125,8 +125,13 @@ class MetricsScraper:
 
     async def stop(self) -> None:
         self._stopped = True
-        for name in list(self._targets):
-            await self.remove(name)
+        tasks = [target.task for target in self._targets.values() if target.task is not None]
+        self._targets.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -147,6 +152,10 @@ class MetricsScraper:
     def stats(self, name: str) -> ScrapeStats:
         return self._targets[name].stats
 
+    def phases(self) -> dict[str, float]:
+        """Each endpoint's scrape phase as a fraction of the interval."""
+        return {name: target.phase for name, target in self._targets.items()}
+
     def all_stats(self) -> dict[str, ScrapeStats]:
         return {name: target.stats for name, target in self._targets.items()}
 
@@ -157,11 +166,11 @@ class MetricsScraper:
             if current.url == url:
                 return
             await self.remove(name)
-        self._ensure_session()
+        session = self._ensure_session()
         phase = (self._added * _GOLDEN) % 1.0
         self._added += 1
         target = _Target(name, url, phase, ScrapeStats())
-        target.task = asyncio.create_task(self._loop(target), name=f"scrape {name}")
+        target.task = asyncio.create_task(self._loop(session, target), name=f"scrape {name}")
         self._targets[name] = target
 
     async def remove(self, name: str) -> None:
@@ -254,9 +263,8 @@ class MetricsScraper:
         stats.consecutive_failures += 1
         self.sink.record_scrape_failure(target.name, error, now)
 
-    async def _loop(self, target: _Target) -> None:
+    async def _loop(self, session: aiohttp.ClientSession, target: _Target) -> None:
         loop = asyncio.get_running_loop()
-        session = self._ensure_session()
         assert self._epoch is not None
         interval = self.interval_s
         # Ticks at epoch + (phase + k) * interval; an overrun skips the ticks it missed.

@@ -1,0 +1,235 @@
+"""The metrics scraper against real HTTP servers on 127.0.0.1, reporting to a real Scheduler.
+
+The servers are minimal aiohttp apps serving a fixed vLLM-format page (a stand-in for a model
+server's /metrics whose answers a test can switch: errors, hangs, oversized or chunked pages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+
+from scheduler.adapters.scraper import MetricsScraper
+from scheduler.codec.prom import MetricsSpec
+from scheduler.core.scheduler import Endpoint, EndpointMetrics, HealthConfig, Scheduler, SchedulerConfig
+
+
+def vllm_text(waiting: int, running: int, usage: float) -> str:
+    return (
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        f'vllm:num_requests_waiting{{model_name="m",engine="0"}} {waiting}.0\n'
+        f'vllm:num_requests_running{{model_name="m",engine="0"}} {running}.0\n'
+        f'vllm:kv_cache_usage_perc{{model_name="m",engine="0"}} {usage}\n'
+        'vllm:cache_config_info{block_size="16",num_gpu_blocks="1000",engine="0"} 1.0\n'
+    )
+
+
+@dataclass
+class StandIn:
+    """One /metrics endpoint whose behaviour the test sets."""
+
+    text: str = field(default_factory=lambda: vllm_text(1, 2, 0.5))
+    mode: str = "ok"  # ok | error | hang | chunked
+    hits: int = 0
+    peers: set[int] = field(default_factory=set)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.hits += 1
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer:
+            self.peers.add(peer[1])
+        if self.mode == "error":
+            return web.Response(status=503, text="busy")
+        if self.mode == "hang":
+            await self.release.wait()
+        if self.mode == "chunked":
+            response = web.StreamResponse()
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            body = self.text.encode()
+            for start in range(0, len(body), 64):
+                await response.write(body[start : start + 64])
+            await response.write_eof()
+            return response
+        return web.Response(text=self.text, content_type="text/plain")
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[Callable[[], StandIn]]:
+    runners: list[web.AppRunner] = []
+    stand_ins: list[StandIn] = []
+
+    async def start() -> StandIn:
+        stand_in = StandIn()
+        app = web.Application()
+        app.router.add_get("/metrics", stand_in.handle)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        stand_in.url = f"http://127.0.0.1:{runner.addresses[0][1]}/metrics"
+        runners.append(runner)
+        stand_ins.append(stand_in)
+        return stand_in
+
+    yield start  # type: ignore[misc]
+    for stand_in in stand_ins:
+        stand_in.release.set()
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
+def scheduler_for(*names: str, unhealthy_after: int = 3) -> Scheduler:
+    config = SchedulerConfig(health=HealthConfig(unhealthy_after_failures=unhealthy_after))
+    scheduler = Scheduler(config)
+    scheduler.set_endpoints([Endpoint(name=name, address=name) for name in names], time.monotonic())
+    return scheduler
+
+
+def scraped(scheduler: Scheduler, name: str) -> EndpointMetrics | None:
+    state = scheduler.endpoint_state(name, time.monotonic())
+    if state.metrics_age_s is None:
+        return None
+    return EndpointMetrics(state.waiting, state.running, state.kv_usage)
+
+
+async def test_scrapes_reach_the_scheduler_and_follow_changes(servers: Callable[[], StandIn]) -> None:
+    a, b = await servers(), await servers()  # type: ignore[misc]
+    scheduler = scheduler_for("a", "b")
+    async with MetricsScraper(scheduler, interval_s=0.02) as scraper:
+        await scraper.set_targets({"a": a.url, "b": b.url})
+        await until(lambda: scraped(scheduler, "a") is not None and scraped(scheduler, "b") is not None)
+        assert scraped(scheduler, "a") == EndpointMetrics(1, 2, 0.5)
+        a.text = vllm_text(7, 3, 0.25)
+        await until(lambda: scraped(scheduler, "a") == EndpointMetrics(7, 3, 0.25))
+        assert scraper.stats("a").failures == 0
+        assert scraper.stats("a").last_bytes == len(a.text)
+        # One keep-alive connection per endpoint, however many scrapes.
+        await until(lambda: a.hits >= 5)
+        assert len(a.peers) == 1
+
+
+async def test_failures_make_an_endpoint_unhealthy_and_success_recovers_it(
+    servers: Callable[[], StandIn],
+) -> None:
+    a = await servers()  # type: ignore[misc]
+    scheduler = scheduler_for("a", unhealthy_after=3)
+    async with MetricsScraper(scheduler, interval_s=0.01) as scraper:
+        await scraper.add("a", a.url)
+        await until(lambda: scraped(scheduler, "a") is not None)
+        assert scheduler.is_healthy("a")
+        a.mode = "error"
+        await until(lambda: not scheduler.is_healthy("a"))
+        stats = scraper.stats("a")
+        assert stats.consecutive_failures >= 3
+        assert stats.last_error == "ScrapeError: HTTP 503"
+        a.mode = "ok"
+        await until(lambda: scheduler.is_healthy("a"))
+        assert scraper.stats("a").consecutive_failures == 0
+
+
+async def test_missing_metrics_count_as_failures_with_their_names(servers: Callable[[], StandIn]) -> None:
+    a = await servers()  # type: ignore[misc]
+    a.text = "vllm:num_requests_running 1\n"
+    scheduler = scheduler_for("a")
+    async with MetricsScraper(scheduler) as scraper:
+        await scraper.add("a", a.url)
+        assert not await scraper.scrape_once("a")
+        error = scraper.stats("a").last_error
+        assert "vllm:num_requests_waiting" in error
+        assert "vllm:kv_cache_usage_perc" in error
+
+
+async def test_timeout_is_a_failure(servers: Callable[[], StandIn]) -> None:
+    a = await servers()  # type: ignore[misc]
+    a.mode = "hang"
+    scheduler = scheduler_for("a", unhealthy_after=1)
+    async with MetricsScraper(scheduler, interval_s=60, timeout_s=0.2) as scraper:
+        await scraper.add("a", a.url)
+        assert not await scraper.scrape_once("a")
+        assert scraper.stats("a").last_error == "timed out"
+        assert not scheduler.is_healthy("a")
+
+
+async def test_oversized_and_chunked_pages(servers: Callable[[], StandIn]) -> None:
+    big, chunked = await servers(), await servers()  # type: ignore[misc]
+    big.text = vllm_text(1, 1, 0.1) + "# padding " + "x" * 4096 + "\n"
+    chunked.mode = "chunked"
+    chunked.text = vllm_text(4, 5, 0.75) + "# padding " + "x" * 4096 + "\n"
+    scheduler = scheduler_for("big", "chunked")
+    async with MetricsScraper(scheduler, interval_s=60, max_body_bytes=2048) as scraper:
+        await scraper.set_targets({"big": big.url, "chunked": chunked.url})
+        assert not await scraper.scrape_once("big")
+        assert "exceeds 2048" in scraper.stats("big").last_error
+        assert not await scraper.scrape_once("chunked")
+        assert "exceeds 2048" in scraper.stats("chunked").last_error
+        scraper.max_body_bytes = 1 << 20
+        assert await scraper.scrape_once("chunked")
+        assert scraped(scheduler, "chunked") == EndpointMetrics(4, 5, 0.75)
+
+
+async def test_unreachable_endpoint_is_a_failure() -> None:
+    scheduler = scheduler_for("gone", unhealthy_after=1)
+    async with MetricsScraper(scheduler, interval_s=60, timeout_s=1.0) as scraper:
+        # Port 9 (discard) on loopback: nothing listens there in a test environment.
+        await scraper.add("gone", "http://127.0.0.1:9/metrics")
+        assert not await scraper.scrape_once("gone")
+        assert "ClientConnectorError" in scraper.stats("gone").last_error
+        assert not scheduler.is_healthy("gone")
+
+
+async def test_sglang_spec_reads_sglang_names(servers: Callable[[], StandIn]) -> None:
+    a = await servers()  # type: ignore[misc]
+    a.text = "sglang:num_queue_reqs 3\nsglang:num_running_reqs 4\nsglang:token_usage 0.5\n"
+    scheduler = scheduler_for("a")
+    async with MetricsScraper(scheduler, spec=MetricsSpec(engine="sglang")) as scraper:
+        await scraper.add("a", a.url)
+        assert await scraper.scrape_once("a")
+        assert scraped(scheduler, "a") == EndpointMetrics(3, 4, 0.5)
+
+
+async def test_add_remove_and_stop_end_the_loops(servers: Callable[[], StandIn]) -> None:
+    a, b = await servers(), await servers()  # type: ignore[misc]
+    scheduler = scheduler_for("a", "b")
+    scraper = MetricsScraper(scheduler, interval_s=0.01)
+    await scraper.start()
+    before = {task for task in asyncio.all_tasks() if task.get_name().startswith("scrape ")}
+    await scraper.set_targets({"a": a.url, "b": b.url})
+    await until(lambda: a.hits > 0 and b.hits > 0)
+    await scraper.set_targets({"b": b.url})
+    assert scraper.targets == {"b": b.url}
+    hits = a.hits
+    await until(lambda: b.hits > hits + 3)
+    assert a.hits <= hits + 1  # at most the scrape already in flight at removal
+    await scraper.stop()
+    running = {task for task in asyncio.all_tasks() if task.get_name().startswith("scrape ")}
+    assert running == before == set()
+    with pytest.raises(RuntimeError):
+        await scraper.add("a", a.url)
+
+
+async def test_phases_spread_evenly() -> None:
+    scheduler = scheduler_for()
+    async with MetricsScraper(scheduler, interval_s=60) as scraper:
+        for i in range(100):
+            await scraper.add(f"e{i}", f"http://127.0.0.1:9/{i}")
+        phases = sorted(scraper.phases().values())
+        gaps = [b - a for a, b in zip(phases, [*phases[1:], phases[0] + 1.0], strict=True)]
+        # Golden-ratio sequence: at most three distinct gaps, all within a small factor of 1/n.
+        assert min(gaps) > 0.3 / 100
+        assert max(gaps) < 3.0 / 100
