@@ -47,6 +47,7 @@ async def test_live_replay_writes_json_and_png(tmp_path: Path, capsys: pytest.Ca
     assert code == 0
     report = json.loads(out.read_text())
     assert (report["policy"], report["mode"], report["api"]) == ("direct", "live", "completions")
+    assert (report["token_scale"], report["workload_token_scale"]) == (1.0, 1.0)
     assert (report["requests"], report["completed"], report["failed"]) == (12, 12, 0)
     assert report["per_endpoint"] == {"sim-0": 12}
     # Shared preambles and documents hit; no run beats the infinite-cache ceiling.
@@ -57,6 +58,24 @@ async def test_live_replay_writes_json_and_png(tmp_path: Path, capsys: pytest.Ca
     assert (tmp_path / "plots" / "replay.png").read_bytes()[:8] == PNG_MAGIC
     printed = capsys.readouterr().out
     assert "direct" in printed and "TTFT p50 ms" in printed
+
+
+async def test_live_trace_reports_latencies_as_served(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    rows = [
+        {"timestamp": 10 * i, "input_length": 1024, "output_length": 320, "hash_ids": [0, i]}
+        for i in range(3)
+    ]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "live.json"
+    async with SimPool(1, PoolConfig(speed=20.0)) as pool:
+        argv = ["replay", "--trace", str(trace), "--target", pool.descriptors[0].http_url, "--json", str(out)]
+        assert await asyncio.to_thread(main, [*argv, "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert report["completed"] == 3 and report["trace_oracle_hit_ratio"] == pytest.approx(2 / 6)
+    # The server generated 10 tokens per request: reported as served, not as 32x as many.
+    assert (report["token_scale"], report["workload_token_scale"]) == (1.0, 32.0)
+    assert report["output_tokens_per_s"] * report["duration_s"] == pytest.approx(30)
 
 
 def test_simulate_writes_one_report_per_policy(tmp_path: Path) -> None:

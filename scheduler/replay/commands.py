@@ -112,8 +112,16 @@ async def _live(workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
         mode="live",
         workers=args.workers,
         oracle_hit_ratio=ceilings.pop("oracle_hit_ratio"),
-        token_scale=workload.token_scale,
-        extra={**ceilings, "workload": workload.name, "target": args.target, "api": args.api},
+        # A live server's tokens are its own: latencies and token rates are reported as served,
+        # whatever real tokens a scaled trace's tokens stand for.
+        token_scale=1.0,
+        extra={
+            **ceilings,
+            "workload": workload.name,
+            "workload_token_scale": workload.token_scale,
+            "target": args.target,
+            "api": args.api,
+        },
     )
 
 
