@@ -1,0 +1,444 @@
+"""The Endpoint Picker process: the one place that composes the core with its adapters.
+
+    discovery (endpoint sets) --> Scheduler.set_endpoints
+                              --> per endpoint: /metrics scraping, KV-event subscription
+    scraper (HTTP)            --> Scheduler.update_metrics / record_scrape_failure
+    KV-event ingest (ZMQ)     --> Scheduler.index
+    ext_proc gRPC server      --> Scheduler.pick / on_* (request lifecycle)
+    metrics HTTP server       <-- every component's counters, read at scrape time
+
+Everything runs on one asyncio event loop, so the Scheduler is only touched from that loop.
+``async with ServeApp(config) as app`` starts it all (ports may be 0; ``app.grpc_port``,
+``app.health_port``, ``app.metrics_port`` are the bound ones) and stops it all on exit;
+``serve_until_signalled`` is the same until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from scheduler.adapters.discovery import EndpointSource, StaticEndpointSource
+from scheduler.adapters.extproc import ExtProcServer, TLSSettings
+from scheduler.adapters.kv_subscriber import KVEventIngestService, SubscriberConfig
+from scheduler.adapters.metrics import KvschedCollector, MetricsHTTPServer, new_registry
+from scheduler.adapters.scraper import MetricsScraper
+from scheduler.adapters.tokenizer import make_tokenizer
+from scheduler.core.kvingest import IngestStats
+from scheduler.core.scheduler import Endpoint, EndpointDiff, Scheduler
+from scheduler.server.config import ServeConfig, TLSConfig
+
+log = logging.getLogger(__name__)
+
+# How long start() waits for discovery's first endpoint set before serving without it
+# (readiness stays NOT_SERVING until a set arrives).
+FIRST_SET_TIMEOUT_S = 10.0
+
+
+def tls_settings(config: TLSConfig) -> TLSSettings:
+    if config.mode == "plaintext":
+        return TLSSettings.plaintext()
+    if config.mode == "files":
+        assert config.cert_file is not None and config.key_file is not None
+        return TLSSettings.from_files(config.cert_file, config.key_file)
+    return TLSSettings()
+
+
+class ServeApp:
+    """Scheduler + ext_proc server + KV-event ingest + scraper + metrics + discovery."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        *,
+        source: EndpointSource | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        config_loader: Callable[[], ServeConfig] | None = None,
+        watch_file: str | Path | None = None,
+    ) -> None:
+        self.config = config
+        self.config_loader = config_loader
+        self._watch_file = None if watch_file is None else Path(watch_file)
+        self._watch_task: asyncio.Task[None] | None = None
+        # What the running configuration was loaded from; later content is a change.
+        self._watch_seen = None if self._watch_file is None else _read_bytes(self._watch_file)
+        self._reload_lock = asyncio.Lock()
+        # Watched-file reloads: applied, and refused (the file did not validate).
+        self.reloads = 0
+        self.reload_errors = 0
+        self.clock = clock
+        self.scheduler = Scheduler(config.scheduler)
+        self.registry = new_registry()
+        self.ingest: KVEventIngestService | None = (
+            KVEventIngestService(self.scheduler.index, clock=clock) if config.kv_events.enabled else None
+        )
+        self.scraper = MetricsScraper(
+            self.scheduler,
+            interval_s=config.scrape_interval_s,
+            timeout_s=config.scrape_timeout_s,
+            spec=config.metrics_spec(),
+            max_body_bytes=config.scrape_max_body_bytes,
+            clock=clock,
+        )
+        self.server = ExtProcServer(
+            self.scheduler,
+            host=config.host,
+            port=config.grpc_port,
+            tls=tls_settings(config.tls),
+            health_port=config.health_port,
+            config=config.extproc,
+            tokenizer=make_tokenizer(config.tokenizer_json, config.tokenizer_config),
+            ready=self._ready,
+            clock=clock,
+            metrics_registry=self.registry,
+        )
+        self.registry.register(
+            KvschedCollector(
+                self.scheduler, scraper=self.scraper, ingest_stats=self._ingest_stats, clock=clock
+            )
+        )
+        self.metrics_server = (
+            None
+            if config.metrics_port is None
+            else MetricsHTTPServer(self.registry, host=config.host, port=config.metrics_port)
+        )
+        self.source: EndpointSource = source or StaticEndpointSource(config.static_endpoints())
+        self._updates: AsyncIterator[list[Endpoint]] | None = None
+        self._discovery: asyncio.Task[None] | None = None
+        self._first_set = asyncio.Event()
+        self._started = False
+
+    # --- bound ports -----------------------------------------------------------------------
+
+    @property
+    def grpc_port(self) -> int:
+        if self.server.port is None:
+            raise RuntimeError("the ext_proc server is not started")
+        return self.server.port
+
+    @property
+    def health_port(self) -> int | None:
+        return self.server.health_port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.metrics_server is None else self.metrics_server.port
+
+    @property
+    def ports(self) -> dict[str, int | None]:
+        return {"grpc": self.grpc_port, "health": self.health_port, "metrics": self.metrics_port}
+
+    @property
+    def certificate_pem(self) -> bytes | None:
+        """The ext_proc certificate clients should trust (None in plaintext mode)."""
+        return self.server.certificate_pem
+
+    # --- components' views -----------------------------------------------------------------
+
+    def _ready(self) -> bool:
+        return self._first_set.is_set() and bool(self.scheduler.endpoints())
+
+    def _ingest_stats(self) -> dict[str, IngestStats]:
+        if self.ingest is None:
+            return {}
+        return {name: subscriber.stats for name, subscriber in self.ingest.subscribers.items()}
+
+    # --- discovery -------------------------------------------------------------------------
+
+    async def apply_endpoints(self, endpoints: Sequence[Endpoint]) -> EndpointDiff:
+        """One full endpoint set from discovery: update the Scheduler, then scraping and KV events.
+
+        Subscriptions of departing endpoints stop before the Scheduler forgets them, so no
+        late KV event can bring a departed endpoint's blocks back into the index.
+        """
+        wanted = {endpoint.name: endpoint for endpoint in endpoints}
+        departing = [endpoint.name for endpoint in self.scheduler.endpoints() if endpoint.name not in wanted]
+        for name in departing:
+            if self.ingest is not None:
+                await self.ingest.remove_endpoint(name, purge=True)
+            await self.scraper.remove(name)
+        diff = self.scheduler.set_endpoints(wanted.values(), self.clock())
+        await self.scraper.set_targets(
+            {name: endpoint.metrics_url for name, endpoint in wanted.items() if endpoint.metrics_url}
+        )
+        if self.ingest is not None:
+            for name, endpoint in wanted.items():
+                if endpoint.kv_events is None:
+                    await self.ingest.remove_endpoint(name, purge=True)
+                    continue
+                await self.ingest.add_endpoint(
+                    SubscriberConfig(
+                        name=name,
+                        endpoint=endpoint.kv_events,
+                        replay_endpoint=endpoint.kv_replay,
+                        topic=endpoint.kv_topic,
+                        data_parallel_size=endpoint.data_parallel_size,
+                        ingest=self.config.kv_events.ingest,
+                    )
+                )
+        if diff.added or diff.removed:
+            log.info(
+                "endpoints: %d (+%d: %s; -%d: %s)",
+                len(wanted),
+                len(diff.added),
+                ", ".join(e.name for e in diff.added[:10]),
+                len(diff.removed),
+                ", ".join(e.name for e in diff.removed[:10]),
+            )
+        return diff
+
+    async def _follow(self, updates: AsyncIterator[list[Endpoint]]) -> None:
+        async for endpoints in updates:
+            try:
+                await self.apply_endpoints(endpoints)
+            except Exception:  # one bad set must not end discovery; the previous set stays
+                log.exception("applying a discovered endpoint set of %d failed", len(endpoints))
+            self._first_set.set()
+        log.warning("endpoint discovery ended; the last endpoint set stays in use")
+
+    # --- configuration reload --------------------------------------------------------------
+
+    async def reload(self, new: ServeConfig | None = None) -> list[str]:
+        """Apply a changed configuration while serving; returns the fields that need a restart.
+
+        Live: scheduler scoring/health/approximate/policy settings (an atomic swap in the
+        Scheduler), the static endpoint list and KV-event defaults (applied like a discovery
+        update), audit_log and log_level. Everything else (ports, TLS, scrape settings, index
+        layout, ...) is reported and keeps its running value until the process restarts.
+        """
+        async with self._reload_lock:
+            if new is None:
+                if self.config_loader is None:
+                    raise RuntimeError("no configuration loader to reload from")
+                new = self.config_loader()
+            old = self.config
+            pending = [
+                name
+                for name in type(old).model_fields
+                if name not in _LIVE_FIELDS and getattr(old, name) != getattr(new, name)
+            ]
+            if new.kv_events.enabled != old.kv_events.enabled:
+                pending.append("kv_events.enabled")
+            scheduler_config = new.scheduler
+            if scheduler_config.index != old.scheduler.index:
+                # The index layout (block size, hash mode, bounds) is fixed for the process.
+                pending.append("scheduler.index")
+                scheduler_config = scheduler_config.model_copy(update={"index": old.scheduler.index})
+            if scheduler_config != old.scheduler:
+                self.scheduler.reload(scheduler_config)
+            if new.audit_log != old.audit_log:
+                logging.getLogger("kvsched.audit").setLevel(
+                    logging.INFO if new.audit_log else logging.WARNING
+                )
+            if new.log_level is not None and new.log_level != old.log_level:
+                logging.getLogger().setLevel(new.log_level)
+            kv_events = new.kv_events
+            if new.kv_events.enabled != old.kv_events.enabled:
+                kv_events = new.kv_events.model_copy(update={"enabled": old.kv_events.enabled})
+            self.config = old.model_copy(
+                update={
+                    "scheduler": scheduler_config,
+                    "endpoints": new.endpoints,
+                    "kv_events": kv_events,
+                    "audit_log": new.audit_log,
+                    "log_level": new.log_level,
+                    "reload_interval_s": new.reload_interval_s,
+                }
+            )
+            if isinstance(self.source, StaticEndpointSource):
+                wanted = self.config.static_endpoints()
+                if wanted != self.source.endpoints:
+                    self.source.replace(wanted)
+            if pending:
+                log.warning("configuration reloaded; these changes need a restart: %s", ", ".join(pending))
+            else:
+                log.info("configuration reloaded")
+            return pending
+
+    async def _watch(self, path: Path) -> None:
+        """Poll the file (a Kubernetes ConfigMap volume is updated by a symlink swap, which
+        inotify on the file itself would miss) and reload when its content changes."""
+        seen = self._watch_seen
+        failed: bytes | None = None
+        while self.config.reload_interval_s > 0:
+            await asyncio.sleep(self.config.reload_interval_s)
+            current = _read_bytes(path)
+            if current is None or current in (seen, failed):
+                continue
+            try:
+                await self.reload()
+            except Exception as exc:  # a bad edit must not stop the running picker
+                log.error("configuration %s not reloaded, the running one stays: %s", path, exc)
+                self.reload_errors += 1
+                failed = current
+                continue
+            self.reloads += 1
+            seen, failed = current, None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._started:
+            raise RuntimeError("already started")
+        self._started = True
+        logging.getLogger("kvsched.audit").setLevel(
+            logging.INFO if self.config.audit_log else logging.WARNING
+        )
+        await self.scraper.start()
+        await self.server.start()
+        if self.metrics_server is not None:
+            await self.metrics_server.start()
+        self._updates = self.source.updates()
+        self._discovery = asyncio.create_task(self._follow(self._updates), name="endpoint discovery")
+        first = asyncio.ensure_future(self._first_set.wait())
+        done, _ = await asyncio.wait(
+            {first, self._discovery}, timeout=FIRST_SET_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        if first not in done:
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            if self._discovery in done:
+                self._discovery.result()  # re-raise what ended discovery before its first set
+            log.warning(
+                "no endpoint set from discovery after %.0fs; serving without one", FIRST_SET_TIMEOUT_S
+            )
+        if self._watch_file is not None and self.config_loader is not None:
+            self._watch_task = asyncio.create_task(self._watch(self._watch_file), name="config watch")
+        log.info(
+            "kvsched serving: ext_proc %s:%d (%s), health %s, metrics %s, %d endpoints",
+            self.config.host,
+            self.grpc_port,
+            self.config.tls.mode,
+            self.health_port if self.health_port is not None else "off",
+            self.metrics_port if self.metrics_port is not None else "off",
+            len(self.scheduler.endpoints()),
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop discovery, drain the ext_proc server for ``grace`` (default: the config's
+        shutdown_grace_s), then stop scraping, KV events and the metrics server. Idempotent."""
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+            self._watch_task = None
+        if self._discovery is not None:
+            self._discovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._discovery
+            self._discovery = None
+        if self._updates is not None:
+            aclose = getattr(self._updates, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+            self._updates = None
+        await self.server.stop(self.config.shutdown_grace_s if grace is None else grace)
+        await self.scraper.stop()
+        if self.ingest is not None:
+            await self.ingest.stop()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+
+    async def __aenter__(self) -> ServeApp:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def run(self, stop: asyncio.Event, *, ready_file: str | Path | None = None) -> None:
+        """Serve until ``stop`` is set; ``ready_file`` receives the bound ports as JSON once serving."""
+        async with self:
+            if ready_file is not None:
+                write_ready_file(ready_file, self.ports)
+            await stop.wait()
+            log.info("stopping: draining ext_proc streams for up to %.1fs", self.config.shutdown_grace_s)
+        log.info("stopped")
+
+
+# ServeConfig fields a reload applies while serving (kv_events except ``enabled`` takes
+# effect through the endpoints it derives).
+_LIVE_FIELDS = frozenset(
+    {"scheduler", "endpoints", "kv_events", "audit_log", "log_level", "reload_interval_s"}
+)
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def write_ready_file(path: str | Path, ports: dict[str, Any]) -> None:
+    """Atomically (rename) so a reader never sees half a file."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"ports": ports}) + "\n", encoding="utf-8")
+    partial.replace(path)
+
+
+async def serve_until_signalled(
+    config: ServeConfig,
+    *,
+    ready_file: str | Path | None = None,
+    config_loader: Callable[[], ServeConfig] | None = None,
+    watch_file: str | Path | None = None,
+) -> None:
+    """``kvsched serve``: run until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    app = ServeApp(config, config_loader=config_loader, watch_file=watch_file)
+    installed: list[signal.Signals] = []
+    reloads: set[asyncio.Task[list[str]]] = set()
+
+    def on_stop(signum: signal.Signals) -> None:
+        log.info("%s received", signum.name)
+        stop.set()
+
+    def on_reload() -> None:
+        if config_loader is None:
+            log.warning("SIGHUP ignored: no --config file to reload")
+            return
+        task = asyncio.ensure_future(app.reload())
+        reloads.add(task)
+        task.add_done_callback(_reload_done(reloads))
+
+    handlers: list[tuple[signal.Signals, Callable[[], None]]] = [
+        (signal.SIGTERM, lambda: on_stop(signal.SIGTERM)),
+        (signal.SIGINT, lambda: on_stop(signal.SIGINT)),
+        (signal.SIGHUP, on_reload),
+    ]
+    for signum, handler in handlers:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, handler)
+            installed.append(signum)
+    try:
+        await app.run(stop, ready_file=ready_file)
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+        for task in reloads:
+            task.cancel()
+
+
+def _reload_done(tasks: set[asyncio.Task[list[str]]]) -> Callable[[asyncio.Task[list[str]]], None]:
+    def done(task: asyncio.Task[list[str]]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("configuration not reloaded, the running one stays: %s", task.exception())
+
+    return done

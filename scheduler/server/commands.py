@@ -1,0 +1,122 @@
+"""``kvsched serve``: the Endpoint Picker for an Envoy-based inference gateway.
+
+Configuration: ``--config FILE`` (YAML or JSON, see ``ServeConfig``), then flags, then
+``--set KEY.PATH=VALUE`` overrides. A configuration that does not validate exits with
+status 2 and names every offending field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+EXIT_BAD_CONFIG = 2
+
+
+def _overrides(args: argparse.Namespace) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    from scheduler.adapters.discovery import parse_endpoint_flag
+    from scheduler.server.config import ConfigError, parse_set_flag
+
+    overrides: dict[str, Any] = {
+        "host": args.host,
+        "grpc_port": args.grpc_port,
+        "health_port": args.health_port,
+        "metrics_port": args.metrics_port,
+        "scrape_interval_s": args.scrape_interval,
+        "scrape_timeout_s": args.scrape_timeout,
+        "scrape_engine": args.engine,
+        "tokenizer_json": args.tokenizer_json,
+        "tokenizer_config": args.tokenizer_config,
+        "audit_log": args.audit_log,
+    }
+    sets: list[tuple[str, Any]] = []
+    if args.plaintext:
+        overrides["tls"] = {"mode": "plaintext"}
+    elif args.tls_cert or args.tls_key:
+        overrides["tls"] = {"mode": "files", "cert_file": args.tls_cert, "key_file": args.tls_key}
+    if args.endpoint:
+        try:
+            overrides["endpoints"] = [parse_endpoint_flag(text) for text in args.endpoint]
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if args.no_kv_events:
+        sets.append(("kv_events.enabled", False))
+    if args.on_internal_error:
+        sets.append(("extproc.on_internal_error", args.on_internal_error))
+    sets.extend(parse_set_flag(text) for text in args.set or ())
+    return overrides, sets
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from scheduler.server.app import serve_until_signalled
+    from scheduler.server.config import ConfigError, ServeConfig, load_config
+
+    try:
+        overrides, sets = _overrides(args)
+        config = load_config(args.config, overrides, sets)
+    except ConfigError as exc:
+        print(f"kvsched serve: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    if config.log_level is not None:
+        logging.getLogger().setLevel(config.log_level)
+    if args.check:
+        print(config.model_dump_json(indent=2))
+        return 0
+    loader = None
+    if args.config is not None:
+
+        def loader() -> ServeConfig:
+            return load_config(args.config, overrides, sets)
+
+    asyncio.run(
+        serve_until_signalled(
+            config, ready_file=args.ready_file, config_loader=loader, watch_file=args.config
+        )
+    )
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the Endpoint Picker (Envoy ext_proc gRPC, health, metrics)",
+        description="Run the Endpoint Picker until SIGTERM/SIGINT. Flags override --config.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="YAML or JSON ServeConfig file")
+    serve.add_argument(
+        "--endpoint",
+        action="append",
+        metavar="ADDR[,KEY=VALUE...]",
+        help="model server host:port, repeatable; replaces the file's endpoints. Keys: name, metrics, "
+        "kv (tcp://... | true | false), replay, topic, dp, class, label.NAME",
+    )
+    serve.add_argument("--host", help="bind address of every port (default 0.0.0.0)")
+    serve.add_argument("--grpc-port", type=int, help="ext_proc gRPC port (default 9002; 0 = ephemeral)")
+    serve.add_argument("--health-port", type=int, help="gRPC health port (default 9003)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port (default 9090)")
+    tls = serve.add_mutually_exclusive_group()
+    tls.add_argument("--plaintext", action="store_true", help="ext_proc without TLS")
+    tls.add_argument("--tls-cert", metavar="FILE", help="ext_proc certificate (with --tls-key)")
+    serve.add_argument("--tls-key", metavar="FILE", help="ext_proc private key (with --tls-cert)")
+    serve.add_argument("--scrape-interval", type=float, metavar="SECONDS", help="default 0.1")
+    serve.add_argument("--scrape-timeout", type=float, metavar="SECONDS", help="default 1.0")
+    serve.add_argument("--engine", choices=("auto", "vllm", "sglang"), help="model-server metric names")
+    serve.add_argument("--no-kv-events", action="store_true", help="approximate mode for every endpoint")
+    serve.add_argument("--on-internal-error", choices=("fallback", "grpc_error"))
+    serve.add_argument("--tokenizer-json", metavar="FILE", help="model tokenizer.json")
+    serve.add_argument("--tokenizer-config", metavar="FILE", help="tokenizer_config.json (chat template)")
+    serve.add_argument(
+        "--audit-log", action=argparse.BooleanOptionalAction, default=None, help="one JSON line per decision"
+    )
+    serve.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY.PATH=VALUE",
+        help="override any config field, e.g. scheduler.scoring.mode=softmax (VALUE read as YAML)",
+    )
+    serve.add_argument("--ready-file", metavar="FILE", help="write the bound ports as JSON once serving")
+    serve.add_argument("--check", action="store_true", help="validate and print the configuration, then exit")
+    serve.set_defaults(func=_serve)
