@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "scheduler.sim.commands",
     "scheduler.replay.commands",
     "scheduler.server.commands",
+    "scheduler.demo.commands",
     "scheduler.bench.commands",
 )
 

