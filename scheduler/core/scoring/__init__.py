@@ -1,28 +1,52 @@
 """The scoring pipeline: filters -> scorers -> picker, shared by the live server and the simulator."""
 
+from scheduler.core.scoring.candidates import Candidates
 from scheduler.core.scoring.config import FilterLimits, ScorerWeights, ScoringConfig, TierWeights
-from scheduler.core.scoring.pipeline import (
+from scheduler.core.scoring.decision import Decision
+from scheduler.core.scoring.filters import (
+    NO_ELIGIBLE_IN_SUBSET,
+    Filter,
+    HealthFilter,
+    SaturationFilter,
+    SubsetHintFilter,
+    default_filters,
+)
+from scheduler.core.scoring.pipeline import SchedulingPipeline
+from scheduler.core.scoring.scorers import (
     SCORER_NAMES,
-    Candidate,
-    Decision,
-    SchedulingPipeline,
+    InflightLoadScorer,
+    KVUtilizationScorer,
+    PrefixOverlapScorer,
+    QueueDepthScorer,
     Scorer,
     default_scorers,
+    relative_to_best,
 )
 from scheduler.core.scoring.types import EndpointState, PickRequest, PrefixMatch
 
 __all__ = [
+    "NO_ELIGIBLE_IN_SUBSET",
     "SCORER_NAMES",
-    "Candidate",
+    "Candidates",
     "Decision",
     "EndpointState",
+    "Filter",
     "FilterLimits",
+    "HealthFilter",
+    "InflightLoadScorer",
+    "KVUtilizationScorer",
     "PickRequest",
     "PrefixMatch",
+    "PrefixOverlapScorer",
+    "QueueDepthScorer",
+    "SaturationFilter",
     "SchedulingPipeline",
     "Scorer",
     "ScorerWeights",
     "ScoringConfig",
+    "SubsetHintFilter",
     "TierWeights",
+    "default_filters",
     "default_scorers",
+    "relative_to_best",
 ]

@@ -1,10 +1,13 @@
-"""What the scoring pipeline reads: a snapshot of endpoints and one request."""
+"""What the scoring pipeline reads: a snapshot of endpoints, their prefix matches, one request."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+# The prefix index's own match record (an immutable NamedTuple: total_blocks, gpu_blocks,
+# cpu_blocks, storage_blocks). Reused rather than mirrored so a lookup's result goes into a
+# pick without a conversion per matching endpoint.
 from scheduler.core.index import PrefixMatch
 
 __all__ = ["EndpointState", "PickRequest", "PrefixMatch"]
@@ -12,17 +15,18 @@ __all__ = ["EndpointState", "PickRequest", "PrefixMatch"]
 
 @dataclass(frozen=True, slots=True)
 class EndpointState:
-    """One endpoint as the Scheduler knows it at decision time."""
+    """One endpoint as known at decision time. Names are unique within one pick."""
 
-    name: str
-    address: str
-    # Scraped from the model server (vllm:num_requests_waiting, ..._running, kv_cache_usage_perc).
+    name: str  # stable id, normally the address
+    address: str  # "ip:port" to route to
+    # Scraped from the model server: vllm:num_requests_waiting, vllm:num_requests_running,
+    # vllm:kv_cache_usage_perc (0..1). Trusted only while metrics_age_s is within the limit.
     waiting: int = 0
     running: int = 0
     kv_usage: float = 0.0
     metrics_age_s: float | None = None  # None: never scraped
-    healthy: bool = True
-    # kvsched's own accounting of what it routed there and is not finished yet.
+    healthy: bool = True  # decided by the adapter (scrape failures, readiness)
+    # kvsched's own accounting: routed there and not finished / not yet past prefill.
     inflight_requests: int = 0
     inflight_prefill_tokens: int = 0
     endpoint_class: str = "default"
@@ -31,7 +35,9 @@ class EndpointState:
 
 @dataclass(frozen=True, slots=True)
 class PickRequest:
+    """The request as the pipeline sees it. Fields added later (SLOs, priority) get defaults."""
+
     request_id: str
-    prompt_blocks: int
+    prompt_blocks: int  # full blocks in the prompt
     prompt_tokens: int
-    subset: frozenset[str] | None = None  # addresses allowed by a gateway subset hint
+    subset: frozenset[str] | None = None  # addresses allowed by a gateway subset hint; None = no hint

@@ -1,0 +1,116 @@
+"""Filters: which endpoints may take the request at all.
+
+A hard filter removes endpoints outright. A soft filter (saturation) removes them only
+while some candidate survives it; when it would remove every candidate the pipeline keeps
+them all and flags the decision ``saturated``, so the caller chooses between shedding and
+queueing on the least-loaded endpoints.
+
+Stale metrics are deliberately not a filter: an endpoint whose scrape is late is still
+reachable, so dropping it would shrink the pool exactly when the scraper struggles. Its
+scraped figures are instead not trusted (``trusted[i]`` is False): scorers fall back to
+kvsched's own in-flight accounting for it, and the saturation filter never judges it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from scheduler.core.scoring.config import ScoringConfig
+from scheduler.core.scoring.types import EndpointState, PickRequest
+
+NO_ELIGIBLE_IN_SUBSET = "no eligible endpoint in subset hint"
+
+
+class Filter(Protocol):
+    """``reject`` returns position -> reason for each endpoint it rules out."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def soft(self) -> bool: ...
+    @property
+    def empty_reason(self) -> str: ...
+
+    def reject(
+        self,
+        states: Sequence[EndpointState],
+        trusted: Sequence[bool],
+        request: PickRequest,
+        config: ScoringConfig,
+    ) -> dict[int, str]: ...
+
+
+class SubsetHintFilter:
+    """Only addresses the gateway allowed (x-gateway-destination-endpoint-subset)."""
+
+    name = "subset_hint"
+    soft = False
+    empty_reason = NO_ELIGIBLE_IN_SUBSET
+    reason = "not in subset hint"
+
+    def reject(
+        self,
+        states: Sequence[EndpointState],
+        trusted: Sequence[bool],
+        request: PickRequest,
+        config: ScoringConfig,
+    ) -> dict[int, str]:
+        subset = request.subset
+        if subset is None:
+            return {}
+        reason = self.reason
+        return {i: reason for i, s in enumerate(states) if s.address not in subset}
+
+
+class HealthFilter:
+    name = "unhealthy"
+    soft = False
+    empty_reason = "no healthy endpoint"
+    reason = "unhealthy"
+
+    def reject(
+        self,
+        states: Sequence[EndpointState],
+        trusted: Sequence[bool],
+        request: PickRequest,
+        config: ScoringConfig,
+    ) -> dict[int, str]:
+        reason = self.reason
+        return {i: reason for i, s in enumerate(states) if not s.healthy}
+
+
+class SaturationFilter:
+    """Too many waiting requests or too full a KV cache, by trusted metrics only."""
+
+    name = "saturated"
+    soft = True
+    empty_reason = "every endpoint is saturated"
+
+    def reject(
+        self,
+        states: Sequence[EndpointState],
+        trusted: Sequence[bool],
+        request: PickRequest,
+        config: ScoringConfig,
+    ) -> dict[int, str]:
+        limits = config.limits
+        max_waiting, max_kv = limits.max_waiting, limits.max_kv_usage
+        over = [
+            i
+            for i, (s, t) in enumerate(zip(states, trusted, strict=True))
+            if t and (s.waiting > max_waiting or s.kv_usage > max_kv)
+        ]
+        rejected: dict[int, str] = {}
+        for i in over:
+            s = states[i]
+            if s.waiting > max_waiting:
+                rejected[i] = f"saturated: {s.waiting} waiting > max_waiting {max_waiting}"
+            else:
+                rejected[i] = f"saturated: kv_usage {s.kv_usage:.3f} > max_kv_usage {max_kv}"
+        return rejected
+
+
+def default_filters() -> list[Filter]:
+    # The subset hint first: an endpoint the gateway excluded is reported as such, whatever its state.
+    return [SubsetHintFilter(), HealthFilter(), SaturationFilter()]
