@@ -1,10 +1,17 @@
 """ZMQ adapter for vLLM KV events: SUB for the live stream, DEALER for replays.
 
 Moves bytes only; every decision (apply, replay, reset) is ``scheduler.core.kvingest``'s.
-One ``KVEventSubscriber`` per pod, with one SUB (and replay DEALER) per data-parallel
-rank: rank r publishes on the live port + r and replays on the replay port + r (vLLM
-0.33.0 ``ZmqEventPublisher``). In the index, rank 0 is the endpoint's name and rank r>0
-is ``<name>#dp<r>``; the Scheduler scores an endpoint by its best rank.
+One ``KVEventSubscriber`` per endpoint (pod), with one SUB (and, while replaying, one
+DEALER) per data-parallel rank: rank r publishes on the live port + r and replays on the
+replay port + r (vLLM 0.33.0 ``ZmqEventPublisher``). In the index, rank 0 is the
+endpoint's name and rank r > 0 is ``<name>#dp<r>``: each rank has its own KV cache, and the
+scorer takes the best rank of an endpoint.
+
+Wire (shared PROTOCOLS.md §1): live messages are exactly ``[topic, seq, payload]``;
+replay requests ``[b"", start_seq]`` are answered by ``[b"", topic, seq, payload]``
+(0.33.0) or ``[b"", seq, payload]`` (older), ended by seq ``0xFF * 8`` with an empty
+payload. A publisher that restarts is reconnected to by ZMQ on its own; the core sees
+its seq go back and resets that worker.
 
 All subscribers share one asyncio loop (zmq.asyncio): no thread per pod.
 """
@@ -16,59 +23,89 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from scheduler.codec.kvevents import REPLAY_END_SEQ, KVEventDecodeError, decode_seq, encode_seq
+from scheduler.codec.kvevents import REPLAY_END_SEQ, encode_seq
 from scheduler.core.index import PrefixIndex
-from scheduler.core.kvingest import IngestStats, PublisherIngest
+from scheduler.core.kvingest import Action, IngestConfig, IngestStats, Step, WorkerIngest
 
 log = logging.getLogger(__name__)
 
+# vLLM's publisher default high-water mark (KVEventsConfig.hwm); the subscriber side
+# matches it so that a briefly busy event loop does not drop what the publisher sent.
+DEFAULT_RCVHWM = 100_000
+# Back off reconnects to a dead pod up to this (ZMQ's default retries every 100 ms forever).
+RECONNECT_IVL_MAX_MS = 5_000
+_SEQ_FRAME_BYTES = 8
 
-def _with_port_offset(endpoint: str, offset: int) -> str:
+
+def with_port_offset(endpoint: str, offset: int) -> str:
+    """``tcp://host:5557`` -> ``tcp://host:<5557 + offset>`` (IPv6 hosts keep their brackets)."""
     if offset == 0:
         return endpoint
-    head, _, port = endpoint.rpartition(":")
+    head, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"endpoint {endpoint!r} has no numeric port to offset by data-parallel rank")
     return f"{head}:{int(port) + offset}"
 
 
 @dataclass(frozen=True, slots=True)
 class SubscriberConfig:
-    name: str  # endpoint name (normally ip:port of the model server)
-    endpoint: str  # tcp://ip:5557
-    replay_endpoint: str | None = None  # tcp://ip:5558
+    name: str  # endpoint name, normally the model server's ip:port; the index's worker name
+    endpoint: str  # live PUB address of rank 0, e.g. tcp://10.0.0.5:5557
+    replay_endpoint: str | None = None  # replay ROUTER of rank 0, e.g. tcp://10.0.0.5:5558
     topic: str = ""  # subscription prefix; "" = everything the publisher sends
     data_parallel_size: int = 1
-    replay_timeout_s: float = 5.0
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    rcvhwm: int = DEFAULT_RCVHWM
+
+    def __post_init__(self) -> None:
+        if self.data_parallel_size < 1:
+            raise ValueError("data_parallel_size must be at least 1")
+        for rank in range(1, self.data_parallel_size):
+            with_port_offset(self.endpoint, rank)
+            if self.replay_endpoint is not None:
+                with_port_offset(self.replay_endpoint, rank)
 
     def worker_name(self, rank: int) -> str:
         return self.name if rank == 0 else f"{self.name}#dp{rank}"
 
+    @property
+    def worker_names(self) -> list[str]:
+        return [self.worker_name(rank) for rank in range(self.data_parallel_size)]
+
 
 class _Rank:
-    def __init__(self, config: SubscriberConfig, rank: int, index: PrefixIndex, clock: Callable[[], float]):
+    """One publisher: its sockets, tasks and ingest state."""
+
+    def __init__(self, config: SubscriberConfig, rank: int, index: PrefixIndex) -> None:
         self.rank = rank
-        self.endpoint = _with_port_offset(config.endpoint, rank)
+        self.endpoint = with_port_offset(config.endpoint, rank)
         self.replay_endpoint = (
-            None if config.replay_endpoint is None else _with_port_offset(config.replay_endpoint, rank)
+            None if config.replay_endpoint is None else with_port_offset(config.replay_endpoint, rank)
         )
-        self.topic = config.topic.encode()
-        self.clock = clock
-        self.ingest = PublisherIngest(
-            index,
+        self.ingest = WorkerIngest(
             config.worker_name(rank),
-            has_replay=self.replay_endpoint is not None,
-            replay_timeout_s=config.replay_timeout_s,
-            context=f"kv events {self.endpoint}",
+            index,
+            replay_available=self.replay_endpoint is not None,
+            config=config.ingest,
+            context=f"kv events {self.endpoint} ({config.worker_name(rank)})",
         )
+        self.sub: zmq.asyncio.Socket | None = None
+        self.live_task: asyncio.Task[None] | None = None
         self.replay_task: asyncio.Task[None] | None = None
 
 
+def _sizes(frames: list[bytes]) -> str:
+    return "[" + ", ".join(str(len(frame)) for frame in frames[:8]) + (", ...]" if len(frames) > 8 else "]")
+
+
 class KVEventSubscriber:
-    """Live stream plus replay for one pod, feeding the shared prefix index."""
+    """Live stream plus replays for one endpoint, feeding the shared prefix index."""
 
     def __init__(
         self,
@@ -81,42 +118,74 @@ class KVEventSubscriber:
         self.config = config
         self.index = index
         self._context = context or zmq.asyncio.Context.instance()
-        self._ranks = [_Rank(config, rank, index, clock) for rank in range(config.data_parallel_size)]
-        self._tasks: list[asyncio.Task[None]] = []
-        self._sockets: list[zmq.asyncio.Socket] = []
+        self._clock = clock
+        self._ranks = [_Rank(config, rank, index) for rank in range(config.data_parallel_size)]
+        self._started = False
+
+    # --- stats ---------------------------------------------------------------------------
 
     @property
     def stats(self) -> IngestStats:
         """Totals over the ranks."""
         total = IngestStats()
         for rank in self._ranks:
-            for name in IngestStats.__slots__:
-                setattr(total, name, getattr(total, name) + getattr(rank.ingest.stats, name))
+            total.add(rank.ingest.stats)
         return total
 
     def rank_stats(self, rank: int) -> IngestStats:
         return self._ranks[rank].ingest.stats
 
+    def snapshot(self) -> dict[str, Any]:
+        """Plain data for a stats endpoint or metrics collector."""
+        return {
+            "name": self.config.name,
+            "ranks": [
+                {
+                    "worker": rank.ingest.worker,
+                    "endpoint": rank.endpoint,
+                    "replay_endpoint": rank.replay_endpoint,
+                    "next_seq": rank.ingest.next_seq,
+                    "view_complete": rank.ingest.view_complete,
+                    "replay_in_flight": rank.ingest.replay_in_flight,
+                    "buffered": rank.ingest.buffered,
+                    **rank.ingest.stats.as_dict(),
+                }
+                for rank in self._ranks
+            ],
+        }
+
+    # --- lifecycle -----------------------------------------------------------------------
+
     async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        topic = self.config.topic.encode("utf-8")
         for rank in self._ranks:
             sub = self._context.socket(zmq.SUB)
             sub.setsockopt(zmq.LINGER, 0)
-            sub.setsockopt(zmq.SUBSCRIBE, rank.topic)
+            sub.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
+            sub.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+            sub.setsockopt(zmq.SUBSCRIBE, topic)
             sub.connect(rank.endpoint)
-            self._sockets.append(sub)
-            self._tasks.append(asyncio.create_task(self._live(rank, sub), name=f"kv-sub-{rank.endpoint}"))
+            rank.sub = sub
+            rank.live_task = asyncio.create_task(self._live(rank, sub), name=f"kv-live {rank.endpoint}")
 
     async def stop(self) -> None:
-        tasks = self._tasks + [r.replay_task for r in self._ranks if r.replay_task is not None]
+        tasks = [
+            task for rank in self._ranks for task in (rank.live_task, rank.replay_task) if task is not None
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks.clear()
-        for socket in self._sockets:
-            socket.close(linger=0)
-        self._sockets.clear()
+        for rank in self._ranks:
+            rank.live_task = rank.replay_task = None
+            if rank.sub is not None:
+                rank.sub.close(linger=0)
+                rank.sub = None
+        self._started = False
 
     async def __aenter__(self) -> KVEventSubscriber:
         await self.start()
@@ -125,106 +194,148 @@ class KVEventSubscriber:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    # --- live stream ---------------------------------------------------------------------
+
     async def _live(self, rank: _Rank, sub: zmq.asyncio.Socket) -> None:
         ingest = rank.ingest
         while True:
             frames = await sub.recv_multipart()
             try:
                 if len(frames) != 3:
-                    ingest.malformed_frame(f"{len(frames)} frames, expected [topic, seq, payload]")
+                    ingest.malformed_frame(
+                        f"{len(frames)} frames of sizes {_sizes(frames)}; expected [topic, seq, payload]"
+                    )
                     continue
-                try:
-                    seq = decode_seq(frames[1])
-                except KVEventDecodeError as exc:
-                    ingest.malformed_frame(str(exc))
+                _topic, seq_frame, payload = frames
+                if len(seq_frame) != _SEQ_FRAME_BYTES:
+                    ingest.malformed_frame(
+                        f"seq frame of {len(seq_frame)} bytes; frame sizes {_sizes(frames)}"
+                    )
                     continue
-                order = ingest.on_live(seq, frames[2], rank.clock())
-                if order is not None:
-                    self._begin_replay(rank, order.start_seq)
-            except Exception:  # input must never kill the subscriber
+                step = ingest.on_live(int.from_bytes(seq_frame, "big"), payload, self._clock())
+                self._follow(rank, step)
+            except Exception:  # one bad message must never end the stream
                 log.exception("%s: unexpected error handling a KV-event message", rank.endpoint)
 
-    def _begin_replay(self, rank: _Rank, start_seq: int) -> None:
-        if rank.replay_task is not None and not rank.replay_task.done():
-            return
-        rank.replay_task = asyncio.create_task(
-            self._replay(rank, start_seq), name=f"kv-replay-{rank.endpoint}"
-        )
+    def _follow(self, rank: _Rank, step: Step) -> None:
+        """Carry out the I/O side of a core decision."""
+        current = asyncio.current_task()
+        if step.abandon_replay and rank.replay_task is not None and rank.replay_task is not current:
+            rank.replay_task.cancel()
+            rank.replay_task = None
+        if step.replay_from is not None:
+            old = rank.replay_task
+            if old is not None and old is not current and not old.done():
+                old.cancel()
+            rank.replay_task = asyncio.create_task(
+                self._replay(rank, step.replay_from), name=f"kv-replay {rank.replay_endpoint}"
+            )
+
+    # --- replay --------------------------------------------------------------------------
 
     async def _replay(self, rank: _Rank, start_seq: int) -> None:
-        """DEALER [b"", start] -> [b"", topic, seq, payload]* (older: no topic) -> end marker."""
         ingest = rank.ingest
         assert rank.replay_endpoint is not None
+        # A fresh DEALER per replay: replies to an abandoned replay die with its socket.
         dealer = self._context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
-        dealer.connect(rank.replay_endpoint)
         try:
+            dealer.connect(rank.replay_endpoint)
             await dealer.send_multipart([b"", encode_seq(start_seq)])
-            deadline = rank.clock() + self.config.replay_timeout_s
             while True:
-                remaining = deadline - rank.clock()
-                if remaining <= 0 or not await dealer.poll(timeout=remaining * 1000):
-                    ingest.on_replay_failed(f"no end of replay within {self.config.replay_timeout_s:.1f}s")
+                deadline = ingest.replay_deadline
+                if deadline is None:
                     return
+                remaining_ms = max(0.0, deadline - self._clock()) * 1000.0
+                if not await dealer.poll(timeout=remaining_ms):
+                    step = ingest.check_replay_timeout(self._clock())
+                    if step is not None:
+                        self._follow(rank, step)
+                        return
+                    continue
                 frames = await dealer.recv_multipart()
                 if len(frames) == 4 and frames[0] == b"":
                     seq_frame, payload = frames[2], frames[3]
                 elif len(frames) == 3 and frames[0] == b"":
                     seq_frame, payload = frames[1], frames[2]
                 else:
-                    ingest.malformed_frame(f"replay reply of {len(frames)} frames")
+                    ingest.malformed_frame(f"replay reply of {len(frames)} frames of sizes {_sizes(frames)}")
                     continue
-                try:
-                    seq = decode_seq(seq_frame)
-                except KVEventDecodeError as exc:
-                    ingest.malformed_frame(f"replay: {exc}")
+                if len(seq_frame) != _SEQ_FRAME_BYTES:
+                    ingest.malformed_frame(f"replay seq frame of {len(seq_frame)} bytes")
                     continue
+                seq = int.from_bytes(seq_frame, "big")
+                now = self._clock()
                 if seq == REPLAY_END_SEQ:
-                    ingest.on_replay_end()
+                    self._follow(rank, ingest.on_replay_end(now))
                     return
-                if not ingest.on_replay_batch(seq, payload):
-                    ingest.on_replay_failed(f"replay starts at {seq}, after the missing batches")
+                if ingest.on_replay_batch(seq, payload, now).action is Action.IGNORED:
                     return
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # a broken replay must not take the subscriber down
             log.exception("%s: replay failed", rank.replay_endpoint)
-            ingest.on_replay_failed(str(exc))
+            self._follow(rank, ingest.on_replay_failed(repr(exc), self._clock()))
         finally:
             dealer.close(linger=0)
 
 
 class KVEventIngestService:
-    """All pods' subscribers; discovery adds and removes endpoints."""
+    """Subscribers of all endpoints, keyed by endpoint name; discovery adds and removes them."""
 
-    def __init__(self, index: PrefixIndex, *, context: zmq.asyncio.Context | None = None) -> None:
+    def __init__(
+        self,
+        index: PrefixIndex,
+        *,
+        context: zmq.asyncio.Context | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.index = index
         self._context = context or zmq.asyncio.Context.instance()
+        self._clock = clock
         self._subscribers: dict[str, KVEventSubscriber] = {}
 
     @property
     def subscribers(self) -> dict[str, KVEventSubscriber]:
         return dict(self._subscribers)
 
-    async def add_endpoint(self, config: SubscriberConfig) -> None:
+    @property
+    def endpoints(self) -> list[str]:
+        return sorted(self._subscribers)
+
+    async def add_endpoint(self, config: SubscriberConfig) -> KVEventSubscriber:
+        """Subscribe to an endpoint; a changed config for a known name replaces its subscriber."""
         current = self._subscribers.get(config.name)
         if current is not None:
             if current.config == config:
-                return
-            await self.remove_endpoint(config.name, purge=True)
-        subscriber = KVEventSubscriber(config, self.index, context=self._context)
-        await subscriber.start()
+                return current
+            await self.remove_endpoint(config.name)
+        subscriber = KVEventSubscriber(config, self.index, context=self._context, clock=self._clock)
         self._subscribers[config.name] = subscriber
+        await subscriber.start()
+        return subscriber
 
-    async def remove_endpoint(self, name: str, *, purge: bool = True) -> None:
+    async def remove_endpoint(self, name: str, *, purge: bool = True) -> bool:
+        """Unsubscribe; ``purge`` also drops the endpoint's workers from the index."""
         subscriber = self._subscribers.pop(name, None)
         if subscriber is None:
-            return
+            return False
         await subscriber.stop()
         if purge:
-            for rank in range(subscriber.config.data_parallel_size):
-                self.index.remove_worker(subscriber.config.worker_name(rank))
+            for worker in subscriber.config.worker_names:
+                self.index.remove_worker(worker)
+        return True
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {name: sub.snapshot() for name, sub in sorted(self._subscribers.items())}
+
+    def totals(self) -> IngestStats:
+        total = IngestStats()
+        for subscriber in self._subscribers.values():
+            total.add(subscriber.stats)
+        return total
 
     async def stop(self) -> None:
+        """Stop every subscriber; the index keeps their entries."""
         for name in list(self._subscribers):
             await self.remove_endpoint(name, purge=False)

@@ -1,66 +1,138 @@
 """Per-publisher KV-event ingest: sequence tracking, gap handling and resync decisions.
 
-vLLM numbers every published batch (8-byte big-endian seq, from 0 per process). The PUB
-socket drops silently when its high-water mark overflows, so a gap in the sequence is
-the only symptom of lost events, and a sequence that goes backwards means the engine
-restarted with an empty cache. This module decides what to do about both; the ZMQ
-adapter (``scheduler.adapters.kv_subscriber``) only moves bytes and follows its orders.
+vLLM numbers the batches of one publisher (one engine process, one data-parallel rank)
+with an 8-byte big-endian ``seq`` from 0; a restarted process starts again at 0. The live
+PUB socket drops silently at its high-water mark, so a jump in ``seq`` is the only sign of
+lost events; the optional replay ROUTER re-sends the last ``buffer_steps`` batches from a
+requested ``seq`` (vLLM 0.33.0 ``vllm/distributed/kv_events.py``; shared PROTOCOLS.md §1).
+``WorkerIngest`` keeps one publisher's slice of the ``PrefixIndex`` equal to the engine's
+cache, or knowingly approximate when that cannot be done. The ZMQ adapter
+(``scheduler.adapters.kv_subscriber``) only moves bytes and follows its orders.
 
-Decisions, per publisher (one per data-parallel rank of one pod):
+Situations and what is done:
 
-* in order: apply the batch;
-* gap with a replay endpoint: ask for a replay from the first missing seq, buffer live
-  batches meanwhile, apply the replayed ones in order, then the buffered ones; if the
-  replay cannot cover the gap (its first seq is past the missing one, it fails or times
-  out, or the buffer overflows) the worker's index entries are reset instead;
-* gap without a replay endpoint: reset the worker's entries (what it holds is unknown)
-  and carry on from the new batch;
-* seq backwards: the publisher restarted: reset, then apply;
-* first batch ever: a subscriber that joins late missed earlier history; with a replay
-  endpoint it asks for a replay from 0 (vLLM keeps the last ``buffer_steps`` batches),
-  otherwise it starts from what it sees.
+* First batch ever: the worker's index entries are cleared (anything there is stale),
+  which is not counted as a reset. ``seq == 0``: the whole history is seen. ``seq > 0``:
+  the subscriber joined late; with a replay endpoint (and ``join_replay``) a replay from 0
+  is requested and whatever the publisher still holds is applied, otherwise ingest starts
+  from here. Either way the view stays incomplete unless history from 0 was obtained.
+* In order: applied.
+* Gap (``seq`` jumps ahead): with a replay endpoint, a replay from the first missing
+  ``seq`` is requested and live batches are buffered until it ends; replayed batches are
+  applied in order (duplicates skipped), then the buffered live ones. Without one, or when
+  the replay does not reach the missing batches (the publisher's buffer rotated, the replay
+  failed or timed out, the live buffer overflowed), the worker is reset: its entries are
+  cleared and ingest goes on with whatever follows the hole (the replayed batches past it,
+  then the buffered live ones). A later hole inside the live buffer gets its own replay.
+* Restart (``seq`` goes backwards on the live stream): a new engine process starts with an
+  empty cache, so the worker is reset and followed from its ``seq`` 0; batches of the new
+  process that were missed are replayed when possible. A restart seen while a replay runs
+  abandons that replay and drops the buffered batches of the old process.
+* Undecodable payload: its ``seq`` counts as seen and its events as lost. A replay would
+  carry the same bytes, so the worker is reset without asking for one. Single events that
+  fail to decode inside a good batch are counted and skipped without a reset: an event type
+  from a newer vLLM would otherwise reset the worker on every batch.
+* Orphans (a BlockStored whose parent the worker never reported): with a complete view
+  this means an event was lost without a ``seq`` gap, so the worker is rebuilt: cleared and
+  replayed from the last point its cache was known empty (``seq`` 0, or the last batch with
+  AllBlocksCleared); without a replay endpoint it is reset. With an incomplete view (late
+  join, after a reset) orphans are expected (blocks cached before the view began) and only
+  counted. A rebuild that still yields orphans, or orphans again within
+  ``min_rebuild_interval_s`` of the last rebuild (e.g. an index bounded by ``max_blocks``
+  evicting parents), makes the view incomplete instead of rebuilding in a loop.
+* AllBlocksCleared makes the view complete again from that batch on.
 
-Everything here is pure: time comes in as ``now`` (for replay timeouts).
+Resets are counted only when entries were actually cleared (nothing applied since the
+last clear means nothing to clear). Everything here is plain code over in-memory state;
+time comes in as ``now`` (seconds, monotonic), used for replay timeouts and rebuild pacing.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import deque
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import asdict, dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.codec.kvevents import DecodedBatch, KVEventDecodeError, decode_batch
+from scheduler.core.events import AllBlocksCleared
 from scheduler.core.index import PrefixIndex
 
 log = logging.getLogger(__name__)
 
 
-class Verdict(Enum):
+class VerdictKind(enum.Enum):
+    FIRST = "first"
     IN_ORDER = "in_order"
     GAP = "gap"
     RESTART = "restart"
-    FIRST = "first"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    kind: VerdictKind
+    # Sequence numbers that never arrived (GAP only; empty otherwise).
+    missing: range = range(0)
+
+
+_FIRST = Verdict(VerdictKind.FIRST)
+_IN_ORDER = Verdict(VerdictKind.IN_ORDER)
+_RESTART = Verdict(VerdictKind.RESTART)
+_DUPLICATE = Verdict(VerdictKind.DUPLICATE)
 
 
 class SequenceTracker:
-    """Next expected sequence number of one publisher."""
+    """The next sequence number expected from one publisher.
 
-    def __init__(self) -> None:
-        self.expected: int | None = None
+    ``may_repeat`` says whether the message may repeat one already seen: replayed batches
+    and live batches buffered during a replay overlap each other, so there a step backwards
+    is a DUPLICATE. On the live stream alone (ZMQ keeps one connection's messages in order)
+    a step backwards can only be a RESTART of the publisher.
+    """
 
-    def observe(self, seq: int) -> Verdict:
+    __slots__ = ("expected",)
+
+    def __init__(self, expected: int | None = None) -> None:
+        self.expected = expected
+
+    def classify(self, seq: int, *, may_repeat: bool = False) -> Verdict:
         expected = self.expected
         if expected is None:
-            return Verdict.FIRST
+            return _FIRST
         if seq == expected:
-            return Verdict.IN_ORDER
+            return _IN_ORDER
         if seq > expected:
-            return Verdict.GAP
-        return Verdict.RESTART
+            return Verdict(VerdictKind.GAP, range(expected, seq))
+        return _DUPLICATE if may_repeat else _RESTART
 
-    def advance(self, seq: int) -> None:
-        self.expected = seq + 1
+    def observe(self, seq: int, *, may_repeat: bool = False) -> Verdict:
+        """Classify ``seq`` and move past it (a duplicate moves nothing)."""
+        verdict = self.classify(seq, may_repeat=may_repeat)
+        if verdict.kind is not VerdictKind.DUPLICATE:
+            self.expected = seq + 1
+        return verdict
+
+
+class IngestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    replay_timeout_s: float = Field(
+        5.0, gt=0, description="A replay with no reply for this long has failed (idle timeout)."
+    )
+    max_buffered_batches: int = Field(
+        10_000,
+        ge=1,
+        description="Live batches held while a replay runs; one more abandons the replay (reset).",
+    )
+    join_replay: bool = Field(
+        True, description="On the first batch with seq > 0, replay from 0 when a replay endpoint exists."
+    )
+    min_rebuild_interval_s: float = Field(
+        60.0, ge=0, description="Orphans sooner than this after a rebuild make the view incomplete instead."
+    )
 
 
 @dataclass(slots=True)
@@ -69,218 +141,355 @@ class IngestStats:
     blocks_stored: int = 0
     blocks_removed: int = 0
     gaps: int = 0
+    # Batches that will never be applied (lost, undecodable, or before a late join).
+    lost_batches: int = 0
     replays_requested: int = 0
     replays_completed: int = 0
     replays_failed: int = 0
     resets: int = 0
     restarts: int = 0
+    rebuilds: int = 0
     duplicates: int = 0
     malformed_frames: int = 0
     malformed_payloads: int = 0
     bad_events: int = 0
-    orphans: int = 0
     event_errors: int = 0
+    orphans: int = 0
+    buffer_overflows: int = 0
+    stale_replay_messages: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def add(self, other: IngestStats) -> None:
+        for name in self.__slots__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class Action(enum.Enum):
+    APPLIED = "applied"
+    BUFFERED = "buffered"
+    DUPLICATE = "duplicate"
+    LOST = "lost"
+    REPLAY_FINISHED = "replay_finished"
+    IGNORED = "ignored"
 
 
 @dataclass(frozen=True, slots=True)
-class ReplayRequest:
-    """Order to the adapter: replay from ``start_seq`` (one request in flight at a time)."""
+class Step:
+    """What became of one input, and what the I/O side must do next."""
 
-    start_seq: int
+    action: Action
+    verdict: Verdict | None = None
+    # Send a replay request from this seq now (no replay is in flight when this is set).
+    replay_from: int | None = None
+    # The replay that was in flight is no longer wanted: drop its connection and replies.
+    abandon_replay: bool = False
 
 
-@dataclass(slots=True)
+class ReplayPurpose(enum.Enum):
+    GAP = "gap"
+    JOIN = "join"
+    REBUILD = "rebuild"
+
+
 class _Replay:
-    start_seq: int
-    deadline: float
-    buffered: deque[tuple[int, bytes]] = field(default_factory=deque)
-    # Catching up after joining late: whatever history the publisher still holds is
-    # welcome, so the first replayed batch may start past start_seq.
-    best_effort: bool = False
+    __slots__ = ("deadline", "orphans", "purpose", "start")
+
+    def __init__(self, purpose: ReplayPurpose, start: int, deadline: float) -> None:
+        self.purpose = purpose
+        self.start = start
+        self.deadline = deadline
+        self.orphans = False
 
 
-class PublisherIngest:
-    """Applies one publisher's batches to the index, in order, resyncing when needed."""
+class WorkerIngest:
+    """One publisher (one data-parallel rank of one endpoint) feeding one index worker."""
 
     def __init__(
         self,
-        index: PrefixIndex,
         worker: str,
+        index: PrefixIndex,
         *,
-        has_replay: bool,
-        replay_timeout_s: float = 5.0,
-        max_buffered: int = 10_000,
+        replay_available: bool,
+        config: IngestConfig | None = None,
         context: str = "",
     ) -> None:
-        self.index = index
         self.worker = worker
-        self.has_replay = has_replay
-        self.replay_timeout_s = replay_timeout_s
-        self.max_buffered = max_buffered
+        self.index = index
+        self.replay_available = replay_available
+        self.config = config or IngestConfig()
+        # Names the stream in log lines (e.g. the ZMQ endpoint).
         self.context = context or worker
-        self.tracker = SequenceTracker()
         self.stats = IngestStats()
+        self._live = SequenceTracker()
+        self._applied = SequenceTracker()
+        # Raw payloads: a buffered batch that turns out to be a duplicate is never decoded.
+        self._buffer: deque[tuple[int, bytes]] = deque()
         self._replay: _Replay | None = None
+        # Where a replay must start to rebuild the worker from an empty cache; None while
+        # the view is incomplete (history before the view began is unknown).
+        self._empty_at: int | None = None
+        # Whether anything was applied since the worker's entries were last cleared.
+        self._dirty = False
+        self._orphans_pending = False
+        self._last_rebuild: float | None = None
         self._logged: set[str] = set()
 
-    # --- logging: once per kind per publisher, with context ---------------------------
+    # --- state the I/O side reads ------------------------------------------------------
 
-    def _log_once(self, kind: str, message: str, *args: object) -> None:
-        if kind in self._logged:
-            return
-        self._logged.add(kind)
-        log.warning("%s: " + message + " (further %s problems are only counted)", self.context, *args, kind)
+    @property
+    def replay_in_flight(self) -> bool:
+        return self._replay is not None
+
+    @property
+    def replay_deadline(self) -> float | None:
+        return None if self._replay is None else self._replay.deadline
+
+    @property
+    def view_complete(self) -> bool:
+        """True when every event since the engine's cache was last empty has been applied."""
+        return self._empty_at is not None
+
+    @property
+    def next_seq(self) -> int | None:
+        """The next seq to apply (None before the first batch)."""
+        return self._applied.expected
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
 
     def malformed_frame(self, detail: str) -> None:
+        """A ZMQ message that is not a vLLM frame set: counted, logged once, skipped."""
         self.stats.malformed_frames += 1
         self._log_once("frame", "malformed ZMQ message skipped: %s", detail)
 
-    # --- live path ---------------------------------------------------------------------
+    # --- live stream ---------------------------------------------------------------------
 
-    @property
-    def replaying(self) -> bool:
-        return self._replay is not None
-
-    def on_live(self, seq: int, payload: bytes, now: float) -> ReplayRequest | None:
-        """A live batch arrived. Returns a replay order when one must start."""
-        replay = self._replay
-        if replay is not None:
-            if len(replay.buffered) >= self.max_buffered:
-                self._fail_replay("live buffer overflowed during replay")
-                return self.on_live(seq, payload, now)
-            replay.buffered.append((seq, payload))
-            return None
-        verdict = self.tracker.observe(seq)
-        if verdict is Verdict.IN_ORDER:
-            self._apply(seq, payload)
-            return None
-        if verdict is Verdict.FIRST:
-            if self.has_replay and seq > 0:
-                return self._start_replay(0, seq, payload, now, best_effort=True)
-            self._apply(seq, payload)
-            return None
-        if verdict is Verdict.RESTART:
+    def on_live(self, seq: int, payload: bytes, now: float) -> Step:
+        """One live batch as received."""
+        verdict = self._live.observe(seq)
+        kind = verdict.kind
+        if kind is VerdictKind.FIRST:
+            # Entries left under this name by an earlier subscriber can only be stale.
+            self.index.clear_worker(self.worker)
+            self._follow_new_process()
+            return self._take(seq, payload, verdict, now)
+        if kind is VerdictKind.RESTART:
             self.stats.restarts += 1
-            self._log_once(
-                "restart", "sequence went back from %d to %d: publisher restarted", self.tracker.expected, seq
-            )
-            self._reset()
-            self._apply(seq, payload)
-            return None
-        self.stats.gaps += 1
-        expected = self.tracker.expected
-        assert expected is not None
-        self._log_once("gap", "sequence gap: expected %d, got %d", expected, seq)
-        if self.has_replay:
-            return self._start_replay(expected, seq, payload, now)
-        self._reset()
-        self._apply(seq, payload)
-        return None
-
-    def _start_replay(
-        self, start: int, seq: int, payload: bytes, now: float, *, best_effort: bool = False
-    ) -> ReplayRequest:
-        self.stats.replays_requested += 1
-        self._replay = _Replay(start, now + self.replay_timeout_s, deque([(seq, payload)]), best_effort)
-        if self.tracker.expected is None:
-            self.tracker.expected = start
-        return ReplayRequest(start)
-
-    # --- replay path -------------------------------------------------------------------
-
-    def on_replay_batch(self, seq: int, payload: bytes) -> bool:
-        """One replayed batch. Returns False when the replay cannot close the gap."""
-        replay = self._replay
-        if replay is None:
-            return False
-        expected = self.tracker.expected
-        assert expected is not None
-        if seq < expected:
-            self.stats.duplicates += 1
-            return True
-        if seq > expected and replay.best_effort:
-            expected = seq
-        replay.best_effort = False
-        if seq > expected:
-            # The publisher no longer holds the missing batches.
-            return False
-        return self._apply(seq, payload)
-
-    def on_replay_end(self) -> None:
-        """The replay finished (end marker): continue with what arrived live meanwhile."""
-        replay = self._replay
-        if replay is None:
-            return
-        self._replay = None
-        self.stats.replays_completed += 1
-        self._drain(replay.buffered)
-
-    def on_replay_failed(self, reason: str) -> None:
+            self._log_once("restart", "seq went back to %d: publisher restarted", seq)
+            abandon = self._replay is not None
+            self._replay = None
+            self._buffer.clear()
+            self._reset("publisher restarted", seq)
+            self._follow_new_process()
+            step = self._take(seq, payload, verdict, now)
+            return Step(step.action, verdict, step.replay_from, abandon)
         if self._replay is not None:
-            self._fail_replay(reason)
+            self._buffer.append((seq, payload))
+            if len(self._buffer) > self.config.max_buffered_batches:
+                return self._overflow(verdict, now)
+            return Step(Action.BUFFERED, verdict)
+        return self._take(seq, payload, verdict, now)
 
-    def check_timeout(self, now: float) -> bool:
-        """Fail a replay that ran past its deadline; True when one did."""
+    def _follow_new_process(self) -> None:
+        # A new engine process starts with an empty cache: replaying it from 0 rebuilds it.
+        self._applied.expected = 0
+        self._empty_at = 0
+
+    def _take(self, seq: int, payload: bytes, verdict: Verdict, now: float) -> Step:
+        """A live batch while no replay is in flight."""
+        expected = self._applied.expected
+        assert expected is not None
+        if seq > expected:
+            first = verdict.kind is VerdictKind.FIRST
+            if not first:
+                self.stats.gaps += 1
+                self._log_once("gap", "sequence gap: expected %d, got %d", expected, seq)
+            if self.replay_available and (self.config.join_replay or not first):
+                fresh = first or verdict.kind is VerdictKind.RESTART
+                purpose = ReplayPurpose.JOIN if fresh else ReplayPurpose.GAP
+                self._buffer.append((seq, payload))
+                return Step(
+                    Action.BUFFERED, verdict, replay_from=self._request_replay(purpose, expected, now)
+                )
+            self._lose(expected, seq, "batches missed and no replay endpoint")
+        action = self._apply(seq, payload)
+        return Step(action, verdict, replay_from=self._settle_orphans(now))
+
+    def _overflow(self, verdict: Verdict, now: float) -> Step:
+        self.stats.buffer_overflows += 1
+        self._log_once(
+            "overflow", "replay still running after %d live batches: giving it up", len(self._buffer)
+        )
+        step = self._finish_replay(now, completed=False)
+        return Step(Action.BUFFERED, verdict, step.replay_from, abandon_replay=True)
+
+    # --- replay --------------------------------------------------------------------------
+
+    def _request_replay(self, purpose: ReplayPurpose, start: int, now: float) -> int:
+        self._replay = _Replay(purpose, start, now + self.config.replay_timeout_s)
+        self.stats.replays_requested += 1
+        log.debug("%s: replay from seq %d requested (%s)", self.context, start, purpose.value)
+        return start
+
+    def on_replay_batch(self, seq: int, payload: bytes, now: float) -> Step:
+        """One batch of the replay in flight; applied at once (replies come in seq order)."""
         replay = self._replay
-        if replay is not None and now >= replay.deadline:
-            self._fail_replay(f"no end of replay within {self.replay_timeout_s:.1f}s")
-            return True
-        return False
+        if replay is None:
+            self.stats.stale_replay_messages += 1
+            return Step(Action.IGNORED)
+        replay.deadline = now + self.config.replay_timeout_s
+        verdict = self._applied.classify(seq, may_repeat=True)
+        if verdict.kind is VerdictKind.DUPLICATE:
+            self.stats.duplicates += 1
+            return Step(Action.DUPLICATE, verdict)
+        if verdict.kind is VerdictKind.GAP:
+            self._lose(verdict.missing.start, seq, "the replay does not reach back to the missing batches")
+        return Step(self._apply(seq, payload, replay), verdict)
 
-    def _fail_replay(self, reason: str) -> None:
+    def on_replay_end(self, now: float) -> Step:
+        """The replay's end marker arrived."""
+        if self._replay is None:
+            self.stats.stale_replay_messages += 1
+            return Step(Action.IGNORED)
+        self.stats.replays_completed += 1
+        return self._finish_replay(now, completed=True)
+
+    def on_replay_failed(self, reason: str, now: float) -> Step:
+        """The replay cannot go on (connection, protocol); ingest goes on without it."""
+        if self._replay is None:
+            return Step(Action.IGNORED)
+        self._log_once("replay-failed", "replay failed: %s", reason)
+        return self._finish_replay(now, completed=False)
+
+    def check_replay_timeout(self, now: float) -> Step | None:
+        """Fail the replay in flight once its idle deadline has passed."""
+        replay = self._replay
+        if replay is None or now < replay.deadline:
+            return None
+        return self.on_replay_failed(f"no reply for {self.config.replay_timeout_s:g} s", now)
+
+    def _finish_replay(self, now: float, *, completed: bool) -> Step:
         replay = self._replay
         assert replay is not None
         self._replay = None
-        self.stats.replays_failed += 1
-        self._log_once("replay", "replay from %d failed (%s): resetting the worker", replay.start_seq, reason)
-        self._reset()
-        self.tracker.expected = None
-        self._drain(replay.buffered)
-
-    def _drain(self, buffered: deque[tuple[int, bytes]]) -> None:
-        while buffered:
-            seq, payload = buffered.popleft()
-            verdict = self.tracker.observe(seq)
-            if verdict is Verdict.IN_ORDER or verdict is Verdict.FIRST:
-                self._apply(seq, payload)
-            elif verdict is Verdict.RESTART:
+        if not completed:
+            self.stats.replays_failed += 1
+        buffer = self._buffer
+        expected = self._applied.expected
+        assert expected is not None
+        # The replay must reach the first live batch not yet applied: the one that triggered
+        # it, or (a rebuild, which starts with nothing buffered) the next one on the stream.
+        target = buffer[0][0] if buffer else self._live.expected
+        if target is not None and target > expected:
+            self._lose(expected, target, "the replay did not cover the missing batches")
+        if replay.orphans and replay.purpose is ReplayPurpose.REBUILD:
+            self._give_up_completeness("a rebuild from the replay still has orphan blocks")
+        while buffer:
+            seq, payload = buffer[0]
+            verdict = self._applied.classify(seq, may_repeat=True)
+            if verdict.kind is VerdictKind.DUPLICATE:
+                buffer.popleft()
                 self.stats.duplicates += 1
-            else:
+                continue
+            if verdict.kind is VerdictKind.GAP:
+                # Lost while the last replay ran: a new gap, worth a replay of its own.
                 self.stats.gaps += 1
-                self._reset()
-                self._apply(seq, payload)
+                start = self._request_replay(ReplayPurpose.GAP, verdict.missing.start, now)
+                return Step(Action.REPLAY_FINISHED, replay_from=start)
+            buffer.popleft()
+            self._apply(seq, payload)
+        return Step(Action.REPLAY_FINISHED, replay_from=self._settle_orphans(now))
 
-    # --- applying ----------------------------------------------------------------------
+    # --- applying ------------------------------------------------------------------------
 
-    def _reset(self) -> None:
-        self.stats.resets += 1
-        self.index.clear_worker(self.worker)
-
-    def _apply(self, seq: int, payload: bytes) -> bool:
-        self.tracker.advance(seq)
+    def _decode(self, seq: int, payload: bytes) -> DecodedBatch | None:
         try:
-            decoded: DecodedBatch = decode_batch(payload)
+            decoded = decode_batch(payload)
         except KVEventDecodeError as exc:
             self.stats.malformed_payloads += 1
-            self._log_once("payload", "batch %d skipped: %s (%d bytes)", seq, exc, len(payload))
-            return True
+            self._log_once("payload", "batch %d (%d bytes) skipped: %s", seq, len(payload), exc)
+            return None
         if decoded.bad_events:
             self.stats.bad_events += len(decoded.bad_events)
-            self._log_once("event", "batch %d: %s", seq, "; ".join(decoded.bad_events[:3]))
-        result = self.index.apply_batch(self.worker, decoded.batch)
+            self._log_once("event", "batch %d: events skipped: %s", seq, "; ".join(decoded.bad_events[:3]))
+        return decoded
+
+    def _apply(self, seq: int, payload: bytes, replay: _Replay | None = None) -> Action:
+        """Apply the batch that follows on in order (``seq == next_seq``)."""
+        decoded = self._decode(seq, payload)
+        if decoded is None:
+            self._lose(seq, seq + 1, "an undecodable payload lost its events")
+            return Action.LOST
+        batch = decoded.batch
+        result = self.index.apply_batch(self.worker, batch)
+        self._applied.expected = seq + 1
+        self._dirty = True
         stats = self.stats
         stats.batches_applied += 1
         stats.blocks_stored += result.stored
         stats.blocks_removed += result.removed
-        if result.orphans:
-            # A parent this worker never reported: history from before we subscribed, or
-            # a loss no replay covered. The index stays conservative (those blocks are
-            # simply unknown); count it so a setup mistake is visible.
-            stats.orphans += result.orphans
-            self._log_once(
-                "orphan", "batch %d: %d stored blocks chain to an unknown parent", seq, result.orphans
-            )
         if result.errors:
             stats.event_errors += len(result.errors)
             self._log_once("index", "batch %d: %s", seq, result.errors[0])
-        return True
+        if any(isinstance(event, AllBlocksCleared) for event in batch.events):
+            # The cache was empty inside this batch: replaying from it rebuilds everything.
+            self._empty_at = seq
+            self._orphans_pending = False
+        if result.orphans:
+            stats.orphans += result.orphans
+            if self._empty_at is not None:
+                if replay is not None:
+                    replay.orphans = True
+                self._orphans_pending = True
+        return Action.APPLIED
+
+    def _settle_orphans(self, now: float) -> int | None:
+        """Act on orphan blocks seen while the view was complete; returns a replay start."""
+        if not self._orphans_pending:
+            return None
+        self._orphans_pending = False
+        start = self._empty_at
+        if start is None:
+            return None
+        if not self.replay_available:
+            self._reset("orphan blocks and no replay endpoint to rebuild from", start)
+            self._empty_at = None
+            return None
+        last = self._last_rebuild
+        if last is not None and now - last < self.config.min_rebuild_interval_s:
+            self._give_up_completeness("orphan blocks again soon after a rebuild")
+            return None
+        self._last_rebuild = now
+        self.stats.rebuilds += 1
+        self._reset("orphan blocks: a stored block's parent was never reported", start)
+        self._applied.expected = start
+        return self._request_replay(ReplayPurpose.REBUILD, start, now)
+
+    def _lose(self, start: int, end: int, why: str) -> None:
+        """Batches ``[start, end)`` will never be applied: reset and continue from ``end``."""
+        self.stats.lost_batches += end - start
+        self._reset(why, start)
+        self._empty_at = None
+        self._applied.expected = end
+
+    def _reset(self, why: str, seq: int) -> None:
+        if self._dirty:
+            self.index.clear_worker(self.worker)
+            self._dirty = False
+            self.stats.resets += 1
+            self._log_once(f"reset:{why}", "worker %s reset at seq %d: %s", self.worker, seq, why)
+
+    def _give_up_completeness(self, why: str) -> None:
+        if self._empty_at is not None:
+            self._empty_at = None
+            self._log_once(f"incomplete:{why}", "index view of %s is now approximate: %s", self.worker, why)
+
+    def _log_once(self, kind: str, message: str, *args: object) -> None:
+        if kind in self._logged:
+            log.debug("%s: " + message, self.context, *args)
+            return
+        self._logged.add(kind)
+        log.warning("%s: " + message + " (further ones only counted)", self.context, *args)

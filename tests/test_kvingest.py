@@ -1,0 +1,536 @@
+"""The KV-event ingest core: sequence verdicts and the apply / replay / reset decisions.
+
+Fed with payloads made by the real codec and applied to a real PrefixIndex; time is an
+explicit number. Consistency is judged against a reference index that received every
+batch in order, compared through match_tokens over every prompt the workload used.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from scheduler.codec.kvevents import encode_batch
+from scheduler.core.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+from scheduler.core.index import IndexConfig, PrefixIndex
+from scheduler.core.kvingest import (
+    Action,
+    IngestConfig,
+    SequenceTracker,
+    Verdict,
+    VerdictKind,
+    WorkerIngest,
+)
+
+BLOCK = 4
+W = "10.0.0.5:8000"
+
+
+class CacheModel:
+    """A small stand-in for vLLM's prefix cache producing realistic event batches.
+
+    Prompts share a few system prefixes, so stores chain onto cached parents; old prompts'
+    own blocks are evicted tail first, as vLLM's free-block queue does.
+    """
+
+    def __init__(self, seed: int = 1) -> None:
+        self.rng = random.Random(seed)
+        self.systems = [[self.rng.randrange(1, 30_000) for _ in range(2 * BLOCK)] for _ in range(3)]
+        self._ids: dict[tuple[int, ...], int] = {}
+        self.cached: set[tuple[int, ...]] = set()
+        self.prompts: list[list[int]] = []
+        self._tails: list[list[tuple[int, ...]]] = []
+
+    def block_hash(self, prefix: tuple[int, ...]) -> int:
+        return self._ids.setdefault(prefix, 0x9E3779B97F4A7C15 ^ (len(self._ids) * 0x100000001B3))
+
+    def batch(self, ts: float) -> EventBatch:
+        rng = self.rng
+        tokens = self.rng.choice(self.systems) + [
+            rng.randrange(1, 30_000) for _ in range(BLOCK * rng.randint(1, 3))
+        ]
+        self.prompts.append(tokens)
+        prefixes = [tuple(tokens[: (i + 1) * BLOCK]) for i in range(len(tokens) // BLOCK)]
+        first = 0
+        while first < len(prefixes) and prefixes[first] in self.cached:
+            first += 1
+        events: list[BlockStored | BlockRemoved | AllBlocksCleared] = []
+        if first < len(prefixes):
+            parent = self.block_hash(prefixes[first - 1]) if first else None
+            events.append(
+                BlockStored(
+                    [self.block_hash(p) for p in prefixes[first:]],
+                    parent,
+                    tokens[first * BLOCK :],
+                    BLOCK,
+                )
+            )
+            self.cached.update(prefixes[first:])
+            self._tails.append([p for p in prefixes[first:] if len(p) > 2 * BLOCK])
+        if len(self._tails) > 4 and rng.random() < 0.5:
+            tail = self._tails.pop(rng.randrange(len(self._tails) - 2))
+            gone = [p for p in reversed(tail) if p in self.cached]
+            if gone:
+                self.cached.difference_update(gone)
+                events.append(BlockRemoved([self.block_hash(p) for p in gone]))
+        return EventBatch(ts, events, 0)
+
+    def batches(self, n: int) -> list[EventBatch]:
+        return [self.batch(float(i)) for i in range(n)]
+
+
+def make_index() -> PrefixIndex:
+    return PrefixIndex(IndexConfig(block_size=BLOCK))
+
+
+def reference(batches: list[EventBatch], worker: str = W) -> PrefixIndex:
+    index = make_index()
+    for batch in batches:
+        assert not index.apply_batch(worker, batch).errors
+    return index
+
+
+def assert_same_view(index: PrefixIndex, ref: PrefixIndex, prompts: list[list[int]], worker: str = W) -> None:
+    assert index.worker_blocks(worker) == ref.worker_blocks(worker)
+    for tokens in prompts:
+        assert index.match_tokens(tokens).get(worker) == ref.match_tokens(tokens).get(worker)
+
+
+def payloads(batches: list[EventBatch], legacy: bool = False) -> list[bytes]:
+    return [encode_batch(batch, legacy=legacy) for batch in batches]
+
+
+def ingest_for(index: PrefixIndex, *, replay: bool, **config: object) -> WorkerIngest:
+    return WorkerIngest(W, index, replay_available=replay, config=IngestConfig(**config))  # type: ignore[arg-type]
+
+
+# --- SequenceTracker -------------------------------------------------------------------------
+
+
+def test_tracker_verdicts() -> None:
+    tracker = SequenceTracker()
+    assert tracker.observe(7).kind is VerdictKind.FIRST
+    assert tracker.observe(8) == Verdict(VerdictKind.IN_ORDER)
+    gap = tracker.observe(11)
+    assert gap.kind is VerdictKind.GAP and gap.missing == range(9, 11)
+    assert tracker.expected == 12
+    # Backwards on the live stream is a restart, also exactly to 0.
+    assert tracker.classify(0).kind is VerdictKind.RESTART
+    assert tracker.classify(5).kind is VerdictKind.RESTART
+    # Where repeats are possible (replay overlap) it is a duplicate, which moves nothing.
+    assert tracker.observe(10, may_repeat=True).kind is VerdictKind.DUPLICATE
+    assert tracker.expected == 12
+    assert tracker.observe(0).kind is VerdictKind.RESTART
+    assert tracker.expected == 1
+
+
+# --- in order ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_in_order_from_zero_gives_a_complete_view(legacy: bool) -> None:
+    model = CacheModel()
+    batches = model.batches(30)
+    index = make_index()
+    ingest = ingest_for(index, replay=False)
+    for seq, payload in enumerate(payloads(batches, legacy)):
+        step = ingest.on_live(seq, payload, 0.0)
+        assert step.action is Action.APPLIED and step.replay_from is None
+    assert ingest.view_complete and ingest.next_seq == 30
+    assert ingest.stats.batches_applied == 30 and ingest.stats.resets == 0 and ingest.stats.orphans == 0
+    assert_same_view(index, reference(batches), model.prompts)
+
+
+# --- gaps --------------------------------------------------------------------------------------
+
+
+def test_gap_is_replayed_and_the_view_equals_no_loss() -> None:
+    model = CacheModel(2)
+    batches = model.batches(40)
+    data = payloads(batches)
+    index = make_index()
+    ingest = ingest_for(index, replay=True)
+    for seq in range(10):
+        ingest.on_live(seq, data[seq], 0.0)
+    step = ingest.on_live(14, data[14], 1.0)  # 10..13 lost
+    assert step.action is Action.BUFFERED and step.replay_from == 10
+    assert step.verdict is not None and step.verdict.missing == range(10, 14)
+    for seq in range(15, 20):
+        assert ingest.on_live(seq, data[seq], 1.0).action is Action.BUFFERED
+    # The ROUTER answers from 10 up to what it holds now, overlapping the buffered live ones.
+    for seq in range(10, 17):
+        ingest.on_replay_batch(seq, data[seq], 1.1)
+    assert ingest.on_replay_end(1.2).replay_from is None
+    for seq in range(20, 40):
+        assert ingest.on_live(seq, data[seq], 2.0).action is Action.APPLIED
+    stats = ingest.stats
+    assert (stats.gaps, stats.replays_requested, stats.replays_completed, stats.resets) == (1, 1, 1, 0)
+    assert stats.duplicates == 3  # 14, 15, 16 came both ways
+    assert ingest.view_complete
+    assert_same_view(index, reference(batches), model.prompts)
+
+
+def test_gap_without_replay_resets_only_that_worker() -> None:
+    model = CacheModel(3)
+    batches = model.batches(12)
+    data = payloads(batches)
+    index = make_index()
+    for batch in batches[:6]:
+        index.apply_batch("other", batch)
+    before = {tuple(p): index.match_tokens(p).get("other") for p in model.prompts[:6]}
+    ingest = ingest_for(index, replay=False)
+    for seq in range(5):
+        ingest.on_live(seq, data[seq], 0.0)
+    assert index.worker_blocks(W) > 0
+    step = ingest.on_live(7, data[7], 0.0)
+    assert step.action is Action.APPLIED and step.replay_from is None
+    stats = ingest.stats
+    assert (stats.gaps, stats.resets, stats.lost_batches) == (1, 1, 2)
+    assert not ingest.view_complete
+    # Only what came after the hole is known; the other worker is untouched.
+    assert index.worker_blocks(W) == reference([batches[7]]).worker_blocks(W)
+    assert {tuple(p): index.match_tokens(p).get("other") for p in model.prompts[:6]} == before
+
+
+def test_replay_that_cannot_reach_back_resets_and_keeps_what_follows() -> None:
+    model = CacheModel(4)
+    batches = model.batches(20)
+    data = payloads(batches)
+    index = make_index()
+    ingest = ingest_for(index, replay=True)
+    for seq in range(8):
+        ingest.on_live(seq, data[seq], 0.0)
+    assert ingest.on_live(12, data[12], 0.0).replay_from == 8
+    ingest.on_live(13, data[13], 0.0)
+    # The publisher's buffer starts at 10 now: 8 and 9 are gone for good.
+    for seq in range(10, 14):
+        ingest.on_replay_batch(seq, data[seq], 0.1)
+    ingest.on_replay_end(0.2)
+    stats = ingest.stats
+    assert (stats.resets, stats.lost_batches, stats.replays_completed) == (1, 2, 1)
+    assert not ingest.view_complete and ingest.next_seq == 14
+    assert index.worker_blocks(W) == reference(batches[10:14]).worker_blocks(W)
+
+
+def test_replay_timeout_resets_and_applies_the_buffered_batches() -> None:
+    model = CacheModel(5)
+    batches = model.batches(10)
+    data = payloads(batches)
+    index = make_index()
+    ingest = ingest_for(index, replay=True, replay_timeout_s=2.0)
+    for seq in range(4):
+        ingest.on_live(seq, data[seq], 0.0)
+    ingest.on_live(6, data[6], 10.0)
+    ingest.on_live(7, data[7], 10.5)
+    assert ingest.replay_deadline == 12.0
+    ingest.on_replay_batch(4, data[4], 11.0)  # a reply moves the idle deadline
+    assert ingest.check_replay_timeout(12.5) is None
+    step = ingest.check_replay_timeout(13.0)
+    assert step is not None and step.action is Action.REPLAY_FINISHED
+    stats = ingest.stats
+    assert (stats.replays_failed, stats.resets, stats.lost_batches, stats.batches_applied) == (1, 1, 1, 7)
+    assert not ingest.replay_in_flight and ingest.next_seq == 8
+    assert index.worker_blocks(W) == reference(batches[6:8]).worker_blocks(W)
+
+
+def test_failed_replay_that_had_delivered_everything_needs_no_reset() -> None:
+    model = CacheModel(6)
+    batches = model.batches(8)
+    data = payloads(batches)
+    index = make_index()
+    ingest = ingest_for(index, replay=True)
+    for seq in (0, 1, 4):
+        ingest.on_live(seq, data[seq], 0.0)
+    for seq in (2, 3):
+        ingest.on_replay_batch(seq, data[seq], 0.0)
+    ingest.on_replay_failed("connection dropped before the end marker", 0.1)
+    assert ingest.stats.replays_failed == 1 and ingest.stats.resets == 0 and ingest.view_complete
+    assert_same_view(index, reference(batches[:5]), model.prompts[:5])
+
+
+def test_a_new_hole_in_the_live_buffer_gets_its_own_replay() -> None:
+    model = CacheModel(7)
+    batches = model.batches(12)
+    data = payloads(batches)
+    index = make_index()
+    ingest = ingest_for(index, replay=True)
+    ingest.on_live(0, data[0], 0.0)
+    assert ingest.on_live(2, data[2], 0.0).replay_from == 1
+    ingest.on_live(3, data[3], 0.0)
+    ingest.on_live(6, data[6], 0.0)  # 4 and 5 dropped while the first replay ran
+    ingest.on_replay_batch(1, data[1], 0.1)
+    step = ingest.on_replay_end(0.1)
+    assert step.replay_from == 4 and ingest.replay_in_flight and ingest.buffered == 1
+    for seq in (4, 5, 6):
+        ingest.on_replay_batch(seq, data[seq], 0.2)
+    ingest.on_replay_end(0.2)
+    assert ingest.stats.gaps == 2 and ingest.stats.resets == 0 and ingest.stats.duplicates == 1
+    assert_same_view(index, reference(batches[:7]), model.prompts[:7])
+
+
+def test_buffer_overflow_abandons_the_replay_and_resets() -> None:
+    model = CacheModel(8)
+    batches = model.batches(12)
+    data = payloads(batches)
+    index = make_index()
+    ingest = ingest_for(index, replay=True, max_buffered_batches=3)
+    ingest.on_live(0, data[0], 0.0)
+    ingest.on_live(2, data[2], 0.0)
+    ingest.on_live(3, data[3], 0.0)
+    ingest.on_live(4, data[4], 0.0)
+    step = ingest.on_live(5, data[5], 0.0)
+    assert step.abandon_replay and step.replay_from is None and not ingest.replay_in_flight
+    stats = ingest.stats
+    assert (stats.buffer_overflows, stats.replays_failed, stats.resets) == (1, 1, 1)
+    assert ingest.next_seq == 6 and ingest.buffered == 0
+    # A reply to the abandoned replay is ignored.
+    assert ingest.on_replay_batch(1, data[1], 0.1).action is Action.IGNORED
+    assert stats.stale_replay_messages == 1
+    assert index.worker_blocks(W) == reference(batches[2:6]).worker_blocks(W)
+
+
+# --- first batch, restarts --------------------------------------------------------------------
+
+
+def test_late_join_replays_from_zero() -> None:
+    model = CacheModel(9)
+    batches = model.batches(10)
+    data = payloads(batches)
+    index = make_index()
+    index.apply_batch(W, batches[0])  # stale entries from an earlier subscriber
+    ingest = ingest_for(index, replay=True)
+    step = ingest.on_live(6, data[6], 0.0)
+    assert step.verdict is not None and step.verdict.kind is VerdictKind.FIRST
+    assert step.replay_from == 0
+    for seq in range(7):
+        ingest.on_replay_batch(seq, data[seq], 0.1)
+    ingest.on_replay_end(0.1)
+    stats = ingest.stats
+    assert (stats.gaps, stats.resets, stats.duplicates) == (0, 0, 1)
+    assert ingest.view_complete
+    assert_same_view(index, reference(batches[:7]), model.prompts)
+
+
+def test_late_join_partial_history_is_incomplete_but_not_a_reset() -> None:
+    model = CacheModel(10)
+    batches = model.batches(10)
+    data = payloads(batches)
+    index = make_index()
+    ingest = ingest_for(index, replay=True)
+    ingest.on_live(6, data[6], 0.0)
+    for seq in range(3, 7):  # the publisher only holds 3.. any more
+        ingest.on_replay_batch(seq, data[seq], 0.1)
+    ingest.on_replay_end(0.1)
+    assert ingest.stats.resets == 0 and ingest.stats.lost_batches == 3 and not ingest.view_complete
+    assert index.worker_blocks(W) == reference(batches[3:7]).worker_blocks(W)
+
+
+def test_late_join_without_replay_starts_from_there() -> None:
+    index = make_index()
+    ingest = ingest_for(index, replay=False)
+    batches = CacheModel(11).batches(3)
+    assert ingest.on_live(41, encode_batch(batches[0]), 0.0).action is Action.APPLIED
+    assert ingest.next_seq == 42 and ingest.stats.gaps == 0 and ingest.stats.resets == 0
+    assert not ingest.view_complete
+
+
+def test_restart_resets_then_applies() -> None:
+    model = CacheModel(12)
+    old = model.batches(6)
+    index = make_index()
+    ingest = ingest_for(index, replay=False)
+    for seq, payload in enumerate(payloads(old)):
+        ingest.on_live(seq, payload, 0.0)
+    fresh = CacheModel(13)
+    new = fresh.batches(3)
+    step = ingest.on_live(0, encode_batch(new[0]), 1.0)
+    assert step.verdict is not None and step.verdict.kind is VerdictKind.RESTART
+    assert step.action is Action.APPLIED
+    for seq in (1, 2):
+        ingest.on_live(seq, encode_batch(new[seq]), 1.0)
+    assert (ingest.stats.restarts, ingest.stats.resets) == (1, 1)
+    assert ingest.view_complete  # a new process starts empty and was seen from 0
+    assert_same_view(index, reference(new), model.prompts + fresh.prompts)
+
+
+def test_restart_seen_late_replays_the_new_process_from_zero() -> None:
+    index = make_index()
+    ingest = ingest_for(index, replay=True)
+    for seq, payload in enumerate(payloads(CacheModel(14).batches(9))):
+        ingest.on_live(seq, payload, 0.0)
+    fresh = CacheModel(15)
+    new_batches = fresh.batches(4)
+    new = payloads(new_batches)
+    step = ingest.on_live(3, new[3], 1.0)
+    assert step.replay_from == 0 and ingest.stats.resets == 1 and ingest.stats.restarts == 1
+    for seq in range(4):
+        ingest.on_replay_batch(seq, new[seq], 1.1)
+    ingest.on_replay_end(1.1)
+    assert ingest.view_complete
+    assert_same_view(index, reference(new_batches), fresh.prompts)
+
+
+def test_restart_during_a_replay_abandons_it() -> None:
+    index = make_index()
+    ingest = ingest_for(index, replay=True)
+    old = payloads(CacheModel(16).batches(8))
+    for seq in range(3):
+        ingest.on_live(seq, old[seq], 0.0)
+    ingest.on_live(5, old[5], 0.0)
+    ingest.on_live(6, old[6], 0.0)
+    new = CacheModel(17)
+    new_batches = new.batches(1)
+    step = ingest.on_live(0, encode_batch(new_batches[0]), 0.5)
+    assert step.abandon_replay and step.action is Action.APPLIED and not ingest.replay_in_flight
+    assert ingest.buffered == 0 and ingest.stats.restarts == 1 and ingest.stats.resets == 1
+    assert_same_view(index, reference(new_batches), new.prompts)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_undecodable_payload_is_lost_and_resets_without_replay() -> None:
+    model = CacheModel(18)
+    batches = model.batches(6)
+    data = payloads(batches)
+    index = make_index()
+    ingest = ingest_for(index, replay=True)
+    ingest.on_live(0, data[0], 0.0)
+    ingest.on_live(1, data[1], 0.0)
+    step = ingest.on_live(2, b"\xc1 not msgpack", 0.0)
+    assert step.action is Action.LOST and step.replay_from is None
+    ingest.on_live(3, b"\x93\x01\x02\x03", 0.0)  # msgpack, but not [ts, events, rank]
+    for seq in (4, 5):
+        assert ingest.on_live(seq, data[seq], 0.0).action is Action.APPLIED
+    stats = ingest.stats
+    assert (stats.malformed_payloads, stats.resets, stats.lost_batches, stats.replays_requested) == (
+        2,
+        1,
+        2,
+        0,
+    )
+    assert ingest.next_seq == 6
+    assert index.worker_blocks(W) == reference(batches[4:6]).worker_blocks(W)
+
+
+def test_bad_events_are_skipped_without_a_reset() -> None:
+    import msgpack
+
+    index = make_index()
+    ingest = ingest_for(index, replay=False)
+    tokens = list(range(1, BLOCK + 1))
+    good = {"type": "BlockStored", "block_hashes": [5], "parent_block_hash": None, "token_ids": tokens,
+            "block_size": BLOCK, "lora_id": None, "medium": None, "lora_name": None}  # fmt: skip
+    payload = msgpack.packb([1.0, [{"type": "BlockMoved"}, good, ["BlockRemoved", "x"]], 0])
+    assert ingest.on_live(0, payload, 0.0).action is Action.APPLIED
+    assert ingest.stats.bad_events == 2 and ingest.stats.resets == 0
+    assert index.match_tokens(tokens)[W].total_blocks == 1
+
+
+def test_block_size_mismatch_is_counted_as_an_event_error() -> None:
+    index = make_index()
+    ingest = ingest_for(index, replay=False)
+    batch = EventBatch(0.0, [BlockStored([1], None, list(range(16)), 16)])
+    ingest.on_live(0, encode_batch(batch), 0.0)
+    assert ingest.stats.event_errors == 1 and ingest.stats.batches_applied == 1
+
+
+def test_malformed_frames_are_counted() -> None:
+    ingest = ingest_for(make_index(), replay=False)
+    ingest.malformed_frame("2 frames")
+    ingest.malformed_frame("2 frames")
+    assert ingest.stats.malformed_frames == 2
+
+
+# --- orphans and completeness -----------------------------------------------------------------
+
+
+def _chain(tokens: list[int], hashes: list[int]) -> list[EventBatch]:
+    """One batch per block, each block chained onto the previous one."""
+    return [
+        EventBatch(
+            float(i),
+            [BlockStored([h], hashes[i - 1] if i else None, tokens[i * BLOCK : (i + 1) * BLOCK], BLOCK)],
+            0,
+        )
+        for i, h in enumerate(hashes)
+    ]
+
+
+TOKENS = list(range(1, 3 * BLOCK + 1))
+
+
+def test_orphans_with_a_complete_view_rebuild_from_replay() -> None:
+    batches = _chain(TOKENS, [11, 12, 13])
+    data = payloads(batches)
+    index = make_index()
+    ingest = ingest_for(index, replay=True)
+    ingest.on_live(0, data[0], 0.0)
+    ingest.on_live(1, data[1], 0.0)
+    # The index lost the worker's entries behind the ingest's back (e.g. evicted them):
+    # the next block's parent is unknown although no seq is missing.
+    index.clear_worker(W)
+    step = ingest.on_live(2, data[2], 5.0)
+    assert step.replay_from == 0 and ingest.replay_in_flight
+    assert (ingest.stats.orphans, ingest.stats.rebuilds, ingest.stats.resets) == (1, 1, 1)
+    for seq in range(3):
+        ingest.on_replay_batch(seq, data[seq], 5.1)
+    ingest.on_replay_end(5.1)
+    assert ingest.view_complete and ingest.stats.orphans == 1
+    assert index.match_tokens(TOKENS)[W].total_blocks == 3
+
+
+def test_orphans_are_acted_on_only_while_the_view_is_complete() -> None:
+    root, _, orphan = _chain(TOKENS, [1, 2, 3])
+    index = make_index()
+    ingest = ingest_for(index, replay=False)
+    ingest.on_live(0, encode_batch(root), 0.0)
+    ingest.on_live(1, encode_batch(orphan), 0.0)
+    # Complete view and no replay: reset; the view is now incomplete, so more orphans are only counted.
+    assert ingest.stats.orphans == 1 and ingest.stats.resets == 1 and not ingest.view_complete
+    ingest.on_live(2, encode_batch(root), 0.0)
+    ingest.on_live(3, encode_batch(orphan), 0.0)
+    assert ingest.stats.orphans == 2 and ingest.stats.resets == 1
+    assert index.match_tokens(TOKENS)[W].total_blocks == 1
+    # AllBlocksCleared: the engine's cache is empty, so the view is complete again.
+    ingest.on_live(4, encode_batch(EventBatch(2.0, [AllBlocksCleared()], 0)), 0.0)
+    assert ingest.view_complete and index.match_tokens(TOKENS) == {}
+
+
+def test_orphans_from_the_publishers_own_history_do_not_loop() -> None:
+    root, _, orphan = _chain(TOKENS, [1, 2, 3])
+    clear = EventBatch(0.0, [AllBlocksCleared()], 0)
+    data = payloads([root, clear, root, orphan, root])
+    index = make_index()
+    ingest = ingest_for(index, replay=True, min_rebuild_interval_s=30.0)
+    for seq in range(3):
+        ingest.on_live(seq, data[seq], 0.0)
+    step = ingest.on_live(3, data[3], 100.0)
+    # Rebuild from the last known-empty point: the AllBlocksCleared at seq 1.
+    assert step.replay_from == 1 and ingest.stats.rebuilds == 1
+    for seq in range(1, 4):
+        ingest.on_replay_batch(seq, data[seq], 100.1)
+    ingest.on_replay_end(100.1)
+    # The orphan is in the publisher's own history: rebuilding again would not help.
+    assert not ingest.view_complete and ingest.stats.rebuilds == 1 and not ingest.replay_in_flight
+    assert index.match_tokens(TOKENS)[W].total_blocks == 1
+    assert ingest.on_live(4, data[4], 101.0).replay_from is None
+
+
+def test_orphans_soon_after_a_rebuild_make_the_view_incomplete() -> None:
+    root, middle, leaf = _chain(TOKENS, [1, 2, 3])
+    data = payloads([root, middle, leaf, leaf])
+    index = make_index()
+    ingest = ingest_for(index, replay=True, min_rebuild_interval_s=30.0)
+    ingest.on_live(0, data[0], 0.0)
+    ingest.on_live(1, data[1], 0.0)
+    index.clear_worker(W)
+    assert ingest.on_live(2, data[2], 10.0).replay_from == 0
+    for seq in range(3):
+        ingest.on_replay_batch(seq, data[seq], 10.0)
+    ingest.on_replay_end(10.0)
+    assert ingest.view_complete
+    index.clear_worker(W)
+    assert ingest.on_live(3, data[3], 20.0).replay_from is None
+    assert ingest.stats.rebuilds == 1 and not ingest.view_complete
