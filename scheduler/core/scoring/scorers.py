@@ -10,6 +10,7 @@ the others.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -70,7 +71,8 @@ class KVUtilizationScorer:
             return free
         known = [f for f, t in zip(free, trusted, strict=True) if t]
         # Unknown usage counts as average: neither a reason to prefer nor to avoid the endpoint.
-        neutral = sum(known) / len(known) if known else 0.5
+        # fsum: exactly rounded, so the mean does not depend on the endpoints' order.
+        neutral = math.fsum(known) / len(known) if known else 0.5
         return [f if t else neutral for f, t in zip(free, trusted, strict=True)]
 
 
