@@ -1,25 +1,46 @@
-"""KV-event ingest over real ZMQ sockets: a PUB and a replay ROUTER speaking vLLM 0.33.0's
-framing (and the older replay framing), driven by hand so tests can drop, repeat,
-corrupt and restart sequences; the subscriber under test is the production one."""
+"""KV-event ingest over real ZMQ sockets on 127.0.0.1.
+
+The publisher side speaks vLLM 0.33.0's wire (and the older replay framing) from a real
+PUB-family socket and a real replay ROUTER, with payloads from the codec's encode_batch,
+driven by hand so tests can drop, corrupt, restart and withhold replies. The subscriber
+under test is the production one.
+
+ZMQ's slow joiner: a PUB drops what it sends before a subscriber's subscription reached
+it. The test publisher is an XPUB (a PUB that also hands the subscriptions it receives to
+its owner; subscribers cannot tell it from a PUB), and every test waits for the
+subscription to arrive before publishing, so no message is lost by accident. One test
+uses the simulator's plain-PUB publisher instead and keeps publishing until the
+subscriber has seen a batch, relying on the late-join replay to recover the rest.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable
 
 import msgpack
 import pytest
 import zmq
 import zmq.asyncio
+from test_kvingest import CacheModel, assert_same_view, reference
 
-from scheduler.adapters.kv_subscriber import KVEventSubscriber, SubscriberConfig
-from scheduler.codec.kvevents import REPLAY_END_FRAME, decode_seq, encode_batch, encode_seq
+from scheduler.adapters.kv_subscriber import (
+    KVEventIngestService,
+    KVEventSubscriber,
+    SubscriberConfig,
+    with_port_offset,
+)
+from scheduler.codec.kvevents import REPLAY_END_FRAME, encode_batch, encode_seq
 from scheduler.core.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, Tier
-from scheduler.core.index import IndexConfig, PrefixIndex
+from scheduler.core.index import IndexConfig, PrefixIndex, PrefixMatch
+from scheduler.core.kvingest import IngestConfig
+from scheduler.sim.publisher import KVEventPublisher
 
 BLOCK = 4
 TOPIC = b"kv@10.0.0.1:8000@model"
+HOST = "127.0.0.1"
 
 
 def prompt(n_blocks: int, base: int = 1) -> list[int]:
@@ -39,7 +60,7 @@ def chain_batches(tokens: list[int], first_hash: int = 100) -> list[EventBatch]:
 
 
 class FakeVLLMPublisher:
-    """vLLM's ZmqEventPublisher wire behaviour, with knobs for loss and restarts."""
+    """vLLM's ZmqEventPublisher on the wire, with knobs for loss, restarts and replay faults."""
 
     def __init__(
         self,
@@ -47,42 +68,57 @@ class FakeVLLMPublisher:
         *,
         replay: bool = True,
         legacy_replay: bool = False,
-        port: int | None = None,
-        replay_port: int | None = None,
+        port: int = 0,
+        replay_port: int = 0,
     ) -> None:
-        self.pub = ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        if port is None:
-            self.port = self.pub.bind_to_random_port("tcp://127.0.0.1")
-        else:
-            self.pub.bind(f"tcp://127.0.0.1:{port}")
-            self.port = port
-        self.router = None
-        self.replay_port = None
+        self.ctx = ctx
+        self.with_replay = replay
         self.legacy_replay = legacy_replay
+        self.port = port
+        self.replay_port: int | None = replay_port if replay else None
         self.buffer: dict[int, bytes] = {}
         self.next_seq = 0
-        self.replays_served = 0
+        self.answer_replays = True
+        self.replay_requests: list[int] = []
+        self.pub: zmq.asyncio.Socket | None = None
+        self.router: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
-        if replay:
-            self.router = ctx.socket(zmq.ROUTER)
-            self.router.setsockopt(zmq.LINGER, 0)
-            if replay_port is None:
-                self.replay_port = self.router.bind_to_random_port("tcp://127.0.0.1")
-            else:
-                self.router.bind(f"tcp://127.0.0.1:{replay_port}")
-                self.replay_port = replay_port
+
+    def _bind(self, sock: zmq.asyncio.Socket, port: int) -> int:
+        if port:
+            sock.bind(f"tcp://{HOST}:{port}")
+            return port
+        return sock.bind_to_random_port(f"tcp://{HOST}")
+
+    def open(self) -> FakeVLLMPublisher:
+        pub = self.pub = self.ctx.socket(zmq.XPUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.port = self._bind(pub, self.port)
+        if self.with_replay:
+            router = self.router = self.ctx.socket(zmq.ROUTER)
+            router.setsockopt(zmq.LINGER, 0)
+            self.replay_port = self._bind(router, self.replay_port or 0)
             self._task = asyncio.create_task(self._serve_replay())
+        return self
 
     @property
     def endpoint(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
+        return f"tcp://{HOST}:{self.port}"
 
     @property
     def replay_endpoint(self) -> str | None:
-        return None if self.replay_port is None else f"tcp://127.0.0.1:{self.replay_port}"
+        return None if self.replay_port is None else f"tcp://{HOST}:{self.replay_port}"
+
+    async def subscribed(self) -> bytes:
+        """Wait until a subscriber's subscription arrived: from then on nothing is dropped."""
+        assert self.pub is not None
+        message = await asyncio.wait_for(self.pub.recv(), 10)
+        assert message[:1] == b"\x01", message
+        return message[1:]
 
     async def publish(self, batch: EventBatch, *, drop: bool = False, legacy: bool = False) -> int:
+        assert self.pub is not None
         seq = self.next_seq
         self.next_seq += 1
         payload = encode_batch(batch, legacy=legacy)
@@ -92,31 +128,52 @@ class FakeVLLMPublisher:
         return seq
 
     async def send_raw(self, frames: list[bytes]) -> None:
+        assert self.pub is not None
         await self.pub.send_multipart(frames)
 
-    def restart(self) -> None:
+    async def restart(self) -> None:
+        """A new engine process on the same ports: seq from 0, empty replay buffer."""
+        await self.close()
         self.next_seq = 0
         self.buffer.clear()
+        # ZMQ releases a closed socket's listening port in its I/O thread, a moment later.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:
+            try:
+                self.open()
+                return
+            except zmq.ZMQError:
+                await self.close()
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
 
     async def _serve_replay(self) -> None:
         assert self.router is not None
+        router = self.router
         while True:
-            identity, _empty, start = await self.router.recv_multipart()
-            self.replays_served += 1
-            for seq in sorted(s for s in self.buffer if s >= decode_seq(start)):
-                head = [identity, b""] if self.legacy_replay else [identity, b"", TOPIC]
-                await self.router.send_multipart([*head, encode_seq(seq), self.buffer[seq]])
-            end = [identity, b""] if self.legacy_replay else [identity, b"", TOPIC]
-            await self.router.send_multipart([*end, REPLAY_END_FRAME, b""])
+            identity, empty, start_frame = await router.recv_multipart()
+            assert empty == b"" and len(start_frame) == 8
+            start = int.from_bytes(start_frame, "big")
+            self.replay_requests.append(start)
+            if not self.answer_replays:
+                continue
+            head = [identity, b""] if self.legacy_replay else [identity, b"", TOPIC]
+            for seq in sorted(s for s in self.buffer if s >= start):
+                await router.send_multipart([*head, encode_seq(seq), self.buffer[seq]])
+            await router.send_multipart([*head, REPLAY_END_FRAME, b""])
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self.pub.close(linger=0)
-        if self.router is not None:
-            self.router.close(linger=0)
+            self._task = None
+        for sock in (self.pub, self.router):
+            if sock is not None:
+                sock.close(linger=0)
+        self.pub = self.router = None
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -129,19 +186,6 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         await asyncio.sleep(0.005)
 
 
-async def connected(sub: KVEventSubscriber, pub: FakeVLLMPublisher) -> None:
-    """Defeat ZMQ's slow-joiner: send 2-frame probes (malformed on purpose, so they are
-    counted and change nothing) until the subscriber has seen one, then zero the count."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while sub.stats.malformed_frames == 0:
-        assert loop.time() < deadline, "subscriber never connected"
-        await pub.send_raw([TOPIC, b"probe"])
-        await asyncio.sleep(0.01)
-    for rank in range(sub.config.data_parallel_size):
-        sub.rank_stats(rank).malformed_frames = 0
-
-
 @pytest.fixture
 async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
     context = zmq.asyncio.Context()
@@ -149,203 +193,324 @@ async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
     context.destroy(linger=0)
 
 
+@pytest.fixture
+async def cleanup() -> AsyncIterator[list[KVEventSubscriber | FakeVLLMPublisher]]:
+    """Subscribers and publishers to close after the test, whatever its outcome."""
+    items: list[KVEventSubscriber | FakeVLLMPublisher] = []
+    yield items
+    for item in reversed(items):
+        await (item.stop() if isinstance(item, KVEventSubscriber) else item.close())
+
+
 def make_index() -> PrefixIndex:
     return PrefixIndex(IndexConfig(block_size=BLOCK))
 
 
-async def start(
-    index: PrefixIndex, pub: FakeVLLMPublisher, ctx: zmq.asyncio.Context, name: str = "w", **extra: object
+async def subscribe(
+    index: PrefixIndex,
+    pubs: list[FakeVLLMPublisher],
+    ctx: zmq.asyncio.Context,
+    cleanup: list[KVEventSubscriber | FakeVLLMPublisher],
+    name: str = "w",
+    **extra: object,
 ) -> KVEventSubscriber:
-    config = SubscriberConfig(name, pub.endpoint, pub.replay_endpoint, topic="kv@", **extra)  # type: ignore[arg-type]
+    config = SubscriberConfig(
+        name, pubs[0].endpoint, pubs[0].replay_endpoint, topic="kv@", data_parallel_size=len(pubs), **extra
+    )  # type: ignore[arg-type]
     sub = KVEventSubscriber(config, index, context=ctx)
+    cleanup.append(sub)
     await sub.start()
-    await connected(sub, pub)
+    for pub in pubs:
+        assert await pub.subscribed() == b"kv@"
     return sub
 
 
+def publisher(
+    ctx: zmq.asyncio.Context, cleanup: list[KVEventSubscriber | FakeVLLMPublisher], **kw: object
+) -> FakeVLLMPublisher:
+    pub = FakeVLLMPublisher(ctx, **kw)  # type: ignore[arg-type]
+    cleanup.append(pub)
+    return pub.open()
+
+
 @pytest.mark.parametrize("legacy", [False, True])
-async def test_in_order_batches_are_applied(ctx: zmq.asyncio.Context, legacy: bool) -> None:
+async def test_in_order_batches_are_applied(ctx: zmq.asyncio.Context, cleanup: list, legacy: bool) -> None:
     index = make_index()
-    pub = FakeVLLMPublisher(ctx, replay=False)
-    sub = await start(index, pub, ctx)
+    pub = publisher(ctx, cleanup, replay=False)
+    sub = await subscribe(index, [pub], ctx, cleanup)
     tokens = prompt(4)
     for batch in chain_batches(tokens):
         await pub.publish(batch, legacy=legacy)
     await until(lambda: sub.stats.batches_applied == 4)
-    assert index.match_tokens(tokens)["w"].total_blocks == 4
-    assert sub.stats.gaps == 0 and sub.stats.resets == 0
-    await sub.stop()
-    await pub.close()
+    assert index.match_tokens(tokens)["w"] == PrefixMatch(4, 4, 0, 0)
+    stats = sub.stats
+    assert (stats.gaps, stats.resets, stats.malformed_frames, stats.malformed_payloads) == (0, 0, 0, 0)
+    assert sub.snapshot()["ranks"][0]["view_complete"] is True
 
 
 @pytest.mark.parametrize("legacy_replay", [False, True])
-async def test_gap_is_filled_by_replay(ctx: zmq.asyncio.Context, legacy_replay: bool) -> None:
+async def test_gaps_are_replayed_and_the_index_equals_no_loss(
+    ctx: zmq.asyncio.Context, cleanup: list, legacy_replay: bool
+) -> None:
+    model = CacheModel(21)
+    batches = model.batches(60)
     index = make_index()
-    pub = FakeVLLMPublisher(ctx, legacy_replay=legacy_replay)
-    sub = await start(index, pub, ctx)
-    tokens = prompt(5)
-    batches = chain_batches(tokens)
-    await pub.publish(batches[0])
-    await until(lambda: sub.stats.batches_applied == 1)
-    await pub.publish(batches[1], drop=True)  # lost to the PUB high-water mark
-    await pub.publish(batches[2], drop=True)
-    for batch in batches[3:]:
-        await pub.publish(batch)
-    await until(lambda: sub.stats.replays_completed == 1 and sub.stats.batches_applied == 5)
-    assert sub.stats.gaps == 1 and sub.stats.resets == 0
-    assert index.match_tokens(tokens)["w"].total_blocks == 5  # as if nothing was lost
-    await sub.stop()
-    await pub.close()
+    pub = publisher(ctx, cleanup, legacy_replay=legacy_replay)
+    sub = await subscribe(index, [pub], ctx, cleanup)
+    dropped = {5, 6, 7, 30, 41}  # lost to the PUB high-water mark; still in the replay buffer
+    for seq, batch in enumerate(batches):
+        await pub.publish(batch, drop=seq in dropped, legacy=seq % 2 == 1)
+    await until(
+        lambda: sub.stats.batches_applied == 60 and not sub.snapshot()["ranks"][0]["replay_in_flight"]
+    )
+    stats = sub.stats
+    assert stats.gaps == len(pub.replay_requests) >= 1
+    assert set(pub.replay_requests) <= {5, 30, 41}
+    assert stats.replays_completed == stats.replays_requested and stats.resets == 0
+    assert_same_view(index, reference(batches, "w"), model.prompts, "w")
 
 
-async def test_gap_without_replay_resets_only_that_worker(ctx: zmq.asyncio.Context) -> None:
+async def test_gap_without_replay_resets_only_that_worker(ctx: zmq.asyncio.Context, cleanup: list) -> None:
     index = make_index()
     other = chain_batches(prompt(2, base=500), first_hash=900)
     for batch in other:
         index.apply_batch("other", batch)
-    pub = FakeVLLMPublisher(ctx, replay=False)
-    sub = await start(index, pub, ctx)
+    pub = publisher(ctx, cleanup, replay=False)
+    sub = await subscribe(index, [pub], ctx, cleanup)
     tokens = prompt(3)
     batches = chain_batches(tokens)
     await pub.publish(batches[0])
     await pub.publish(batches[1])
     await until(lambda: sub.stats.batches_applied == 2)
     assert index.match_tokens(tokens)["w"].total_blocks == 2
-    await pub.publish(EventBatch(9.0, [BlockRemoved([100])]), drop=True)
+    await pub.publish(EventBatch(9.0, [BlockRemoved([101])]), drop=True)
     fresh = prompt(1, base=300)
     await pub.publish(EventBatch(10.0, [BlockStored([777], None, fresh, BLOCK)]))
-    await until(lambda: sub.stats.resets == 1 and sub.stats.batches_applied == 3)
+    await until(lambda: sub.stats.batches_applied == 3)
+    assert (sub.stats.resets, sub.stats.lost_batches) == (1, 1)
     assert "w" not in index.match_tokens(tokens)  # unknown after the loss: forgotten
     assert index.match_tokens(fresh)["w"].total_blocks == 1  # the new batch applied
     assert index.match_tokens(prompt(2, base=500))["other"].total_blocks == 2
-    await sub.stop()
-    await pub.close()
 
 
-async def test_replay_that_cannot_cover_the_gap_resets(ctx: zmq.asyncio.Context) -> None:
+async def test_replay_that_cannot_cover_the_gap_resets(ctx: zmq.asyncio.Context, cleanup: list) -> None:
     index = make_index()
-    pub = FakeVLLMPublisher(ctx)
-    sub = await start(index, pub, ctx)
+    pub = publisher(ctx, cleanup)
+    sub = await subscribe(index, [pub], ctx, cleanup)
     tokens = prompt(3)
     batches = chain_batches(tokens)
     await pub.publish(batches[0])
     await until(lambda: sub.stats.batches_applied == 1)
     lost = await pub.publish(batches[1], drop=True)
     del pub.buffer[lost]  # older than the publisher's buffer_steps
-    await pub.publish(batches[2])
+    other = prompt(1, base=70)
+    await pub.publish(EventBatch(2.0, [BlockStored([55], None, other, BLOCK)]))
     await until(lambda: sub.stats.replays_completed == 1 and sub.stats.batches_applied == 2)
-    assert sub.stats.resets == 1 and sub.stats.lost_batches == 1
-    # Block 2 chains to block 1, which the reset forgot: it is an orphan, not a match.
+    assert (sub.stats.resets, sub.stats.lost_batches) == (1, 1)
     assert "w" not in index.match_tokens(tokens)
-    assert sub.stats.orphans == 1
-    await sub.stop()
-    await pub.close()
+    assert index.match_tokens(other)["w"].total_blocks == 1
 
 
-async def test_publisher_restart_resets_then_applies(ctx: zmq.asyncio.Context) -> None:
+async def test_replay_without_answer_times_out_and_resets(ctx: zmq.asyncio.Context, cleanup: list) -> None:
     index = make_index()
-    pub = FakeVLLMPublisher(ctx, replay=False)
-    sub = await start(index, pub, ctx)
+    pub = publisher(ctx, cleanup)
+    pub.answer_replays = False
+    sub = await subscribe(index, [pub], ctx, cleanup, ingest=IngestConfig(replay_timeout_s=0.2))
+    tokens = prompt(3)
+    batches = chain_batches(tokens)
+    await pub.publish(batches[0])
+    await until(lambda: sub.stats.batches_applied == 1)
+    await pub.publish(batches[1], drop=True)
+    fresh = prompt(1, base=90)
+    await pub.publish(EventBatch(2.0, [BlockStored([66], None, fresh, BLOCK)]))
+    await until(lambda: sub.stats.replays_failed == 1 and sub.stats.batches_applied == 2)
+    assert pub.replay_requests == [1]
+    assert sub.stats.resets == 1
+    assert "w" not in index.match_tokens(tokens) and index.match_tokens(fresh)["w"].total_blocks == 1
+
+
+async def test_publisher_restart_resets_then_applies(ctx: zmq.asyncio.Context, cleanup: list) -> None:
+    index = make_index()
+    pub = publisher(ctx, cleanup, replay=False)
+    sub = await subscribe(index, [pub], ctx, cleanup)
     old = prompt(2)
     for batch in chain_batches(old):
         await pub.publish(batch)
     await until(lambda: sub.stats.batches_applied == 2)
-    pub.restart()  # new engine process: seq from 0, empty cache
+    await pub.restart()  # new engine process on the same port; ZMQ reconnects by itself
+    assert await pub.subscribed() == b"kv@"
     new = prompt(1, base=50)
     await pub.publish(EventBatch(0.0, [BlockStored([5], None, new, BLOCK)]))
-    await until(lambda: sub.stats.restarts == 1 and sub.stats.batches_applied == 3)
+    await until(lambda: sub.stats.batches_applied == 3)
+    assert (sub.stats.restarts, sub.stats.resets) == (1, 1)
     assert "w" not in index.match_tokens(old)
     assert index.match_tokens(new)["w"].total_blocks == 1
-    await sub.stop()
-    await pub.close()
 
 
-async def test_malformed_frames_and_payloads_are_counted_and_skipped(ctx: zmq.asyncio.Context) -> None:
+async def test_malformed_frames_and_payloads_are_counted_and_skipped(
+    ctx: zmq.asyncio.Context, cleanup: list, caplog: pytest.LogCaptureFixture
+) -> None:
     index = make_index()
-    pub = FakeVLLMPublisher(ctx, replay=False)
-    sub = await start(index, pub, ctx)
+    pub = publisher(ctx, cleanup, replay=False)
+    sub = await subscribe(index, [pub], ctx, cleanup)
+    tokens = prompt(1)
     await pub.send_raw([TOPIC, b"\x00\x01", b"payload"])  # short seq frame
     await pub.send_raw([TOPIC, encode_seq(0), b"a", b"b"])  # four frames
-    await pub.send_raw([TOPIC, encode_seq(0), b"\xc1 not msgpack"])
-    await pub.send_raw([TOPIC, encode_seq(1), msgpack.packb({"not": "a batch"})])
-    bad_event = msgpack.packb([1.0, [{"type": "Bogus"}, {"type": "AllBlocksCleared"}], 0])
-    await pub.send_raw([TOPIC, encode_seq(2), bad_event])
-    pub.next_seq = 3
-    tokens = prompt(1)
-    await pub.publish(EventBatch(3.0, [BlockStored([1], None, tokens, BLOCK)]))
-    await until(lambda: sub.stats.batches_applied >= 2)
+    await pub.send_raw([TOPIC, encode_seq(0)])  # two frames
+    await pub.publish(EventBatch(0.0, [BlockStored([1], None, tokens, BLOCK)]))
+    await pub.send_raw([TOPIC, encode_seq(1), b"\xc1 not msgpack"])
+    await pub.send_raw([TOPIC, encode_seq(2), msgpack.packb({"not": "a batch"})])
+    bad_event = msgpack.packb([1.0, [{"type": "Bogus"}, {"type": "BlockRemoved", "block_hashes": [1]}], 0])
+    await pub.send_raw([TOPIC, encode_seq(3), bad_event])
+    pub.next_seq = 4
+    later = prompt(1, base=40)
+    await pub.publish(EventBatch(4.0, [BlockStored([2], None, later, BLOCK)]))
+    await until(lambda: sub.stats.batches_applied == 3)
     stats = sub.stats
-    assert stats.malformed_frames == 2
-    assert stats.malformed_payloads == 2
-    assert stats.bad_events == 1
-    assert index.match_tokens(tokens)["w"].total_blocks == 1  # the subscriber kept serving
-    await sub.stop()
-    await pub.close()
+    assert (stats.malformed_frames, stats.malformed_payloads, stats.bad_events) == (3, 2, 1)
+    # The lost payloads reset the worker; the removal in batch 3 then found nothing to remove.
+    assert stats.resets == 1 and "w" not in index.match_tokens(tokens)
+    assert index.match_tokens(later)["w"].total_blocks == 1  # the subscriber kept serving
+    frame_logs = [r for r in caplog.records if "malformed ZMQ message" in r.getMessage()]
+    assert len(frame_logs) == 1 and "kv events tcp://127.0.0.1" in frame_logs[0].getMessage()
 
 
-async def test_tiers_groups_duplicates_and_clear_through_the_wire(ctx: zmq.asyncio.Context) -> None:
+async def test_tiers_groups_duplicates_and_clear_through_the_wire(
+    ctx: zmq.asyncio.Context, cleanup: list
+) -> None:
     index = make_index()
-    pub = FakeVLLMPublisher(ctx, replay=False)
-    sub = await start(index, pub, ctx)
-    tokens = prompt(2)
+    pub = publisher(ctx, cleanup, replay=False)
+    sub = await subscribe(index, [pub], ctx, cleanup)
+    tokens = prompt(3)
     events = [
-        BlockStored([1, 2], None, tokens, BLOCK, medium=Tier.CPU),
+        BlockStored([1, 2], None, tokens[: 2 * BLOCK], BLOCK, medium=Tier.CPU),
         BlockStored([1], None, tokens[:BLOCK], BLOCK, medium=Tier.GPU),
         BlockStored([1], None, tokens[:BLOCK], BLOCK, medium=Tier.GPU),  # duplicate store
+        BlockStored([3], 2, tokens[2 * BLOCK :], BLOCK, medium=Tier.STORAGE),
+        # Hybrid model: a sliding-window group reports the same bare hash; it is not a prefix.
         BlockStored([1], None, tokens[:BLOCK], BLOCK, group_idx=1, kv_cache_spec_kind="sliding_window"),
     ]
     await pub.publish(EventBatch(0.0, events, 0))
     await until(lambda: sub.stats.batches_applied == 1)
-    assert index.match_tokens(tokens)["w"] == (2, 1, 1, 0)
-    await pub.publish(EventBatch(1.0, [BlockRemoved([1], Tier.GPU)], 0))
+    assert index.match_tokens(tokens)["w"] == PrefixMatch(3, 1, 1, 1)
+    await pub.publish(EventBatch(1.0, [BlockRemoved([1], Tier.GPU)], 0), legacy=True)
+    # group_idx exists only in the tagged-map encoding (legacy arrays end at medium).
     await pub.publish(EventBatch(2.0, [BlockRemoved([1], Tier.GPU, group_idx=1)], 0))
     await until(lambda: sub.stats.batches_applied == 3)
-    assert index.match_tokens(tokens)["w"] == (2, 1, 1, 0)  # one GPU reference left
-    await pub.publish(EventBatch(3.0, [AllBlocksCleared()], 0))
+    assert index.match_tokens(tokens)["w"] == PrefixMatch(3, 1, 1, 1)  # one GPU reference left
+    await pub.publish(EventBatch(3.0, [BlockRemoved([1], Tier.GPU)], 0))
     await until(lambda: sub.stats.batches_applied == 4)
+    assert index.match_tokens(tokens)["w"] == PrefixMatch(3, 0, 2, 1)
+    await pub.publish(EventBatch(4.0, [AllBlocksCleared()], 0), legacy=True)
+    await until(lambda: sub.stats.batches_applied == 5)
     assert index.match_tokens(tokens) == {}
-    await sub.stop()
-    await pub.close()
 
 
-async def test_late_joiner_catches_up_by_replay(ctx: zmq.asyncio.Context) -> None:
+async def test_late_joiner_catches_up_from_the_simulator_publisher(ctx: zmq.asyncio.Context) -> None:
     index = make_index()
-    pub = FakeVLLMPublisher(ctx)
+    pub = KVEventPublisher(topic=TOPIC.decode(), context=ctx)
+    await pub.start()
+    sub: KVEventSubscriber | None = None
+    try:
+        tokens = prompt(8)
+        batches = chain_batches(tokens)
+        await pub.publish(batches[0].events)  # before any subscriber existed
+        config = SubscriberConfig("w", pub.endpoint, pub.replay_endpoint, topic="kv@")
+        sub = KVEventSubscriber(config, index, context=ctx)
+        await sub.start()
+        # A plain PUB gives no sign of the subscription: keep publishing until one batch
+        # got through; the late-join replay from 0 recovers whatever the SUB missed.
+        sent = 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while sub.stats.batches_applied == 0:
+            assert sent < len(batches) and loop.time() < deadline, "no batch reached the subscriber"
+            await pub.publish(batches[sent].events)
+            sent += 1
+            with contextlib.suppress(AssertionError):
+                await until(lambda: sub is not None and sub.stats.batches_applied > 0, timeout=0.05)
+        for batch in batches[sent:]:
+            await pub.publish(batch.events)
+        await until(lambda: sub is not None and sub.stats.batches_applied == len(batches))
+        assert index.match_tokens(tokens)["w"].total_blocks == len(batches)
+        assert sub.stats.resets == 0 and sub.snapshot()["ranks"][0]["view_complete"]
+    finally:
+        if sub is not None:
+            await sub.stop()
+        await pub.close()
+
+
+def _consecutive_ports(n: int) -> int:
+    """A base port with n free ports after it (checked by binding, then released)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind((HOST, 0))
+            base = probe.getsockname()[1]
+        if base + n > 65535:
+            continue
+        held = []
+        try:
+            for offset in range(n):
+                s = socket.socket()
+                held.append(s)
+                s.bind((HOST, base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
+async def test_data_parallel_ranks_use_port_offsets(ctx: zmq.asyncio.Context, cleanup: list) -> None:
+    ranks: list[FakeVLLMPublisher] = []
+    for _ in range(20):
+        live, replay = _consecutive_ports(2), _consecutive_ports(2)
+        try:
+            for r in range(2):
+                ranks.append(publisher(ctx, cleanup, port=live + r, replay_port=replay + r))
+            break
+        except zmq.ZMQError:  # taken meanwhile by a test running beside this one
+            for pub in ranks:
+                await pub.close()
+            ranks.clear()
+    assert with_port_offset(ranks[0].endpoint, 1) == ranks[1].endpoint
+    index = make_index()
+    sub = await subscribe(index, ranks, ctx, cleanup, name="pod")
     tokens = prompt(3)
     batches = chain_batches(tokens)
-    for batch in batches[:2]:
-        await pub.publish(batch, drop=True)  # before the subscriber existed
-    config = SubscriberConfig("w", pub.endpoint, pub.replay_endpoint, topic="kv@")
-    async with KVEventSubscriber(config, index, context=ctx) as sub:
-        await connected(sub, pub)
-        await pub.publish(batches[2])
-        await until(lambda: sub.stats.replays_completed == 1 and sub.stats.batches_applied == 3)
-        assert index.match_tokens(tokens)["w"].total_blocks == 3
-    await pub.close()
+    await ranks[0].publish(batches[0])
+    await ranks[1].publish(batches[0])
+    await ranks[1].publish(batches[1], drop=True)  # rank 1 replays from its own port
+    await ranks[1].publish(batches[2])
+    await until(lambda: sub.rank_stats(1).batches_applied == 3 and sub.rank_stats(0).batches_applied == 1)
+    assert ranks[1].replay_requests == [1] and ranks[0].replay_requests == []
+    assert index.match_tokens(tokens) == {"pod": PrefixMatch(1, 1, 0, 0), "pod#dp1": PrefixMatch(3, 3, 0, 0)}
+    assert [rank["worker"] for rank in sub.snapshot()["ranks"]] == ["pod", "pod#dp1"]
 
 
-async def test_data_parallel_ranks_use_port_offsets(ctx: zmq.asyncio.Context) -> None:
-    probe = ctx.socket(zmq.PUB)
-    for _ in range(50):
-        port = probe.bind_to_random_port("tcp://127.0.0.1")
-        probe.unbind(f"tcp://127.0.0.1:{port}")
-        try:
-            ranks = [FakeVLLMPublisher(ctx, replay=False, port=port + r) for r in range(2)]
-            break
-        except zmq.ZMQError:
-            continue
-    probe.close(linger=0)
+async def test_service_adds_removes_and_stops_cleanly(ctx: zmq.asyncio.Context, cleanup: list) -> None:
     index = make_index()
-    config = SubscriberConfig("pod", ranks[0].endpoint, None, topic="kv@", data_parallel_size=2)
-    sub = KVEventSubscriber(config, index, context=ctx)
-    await sub.start()
-    for rank in ranks:
-        await connected(sub, rank)
-    tokens = prompt(2)
-    await ranks[1].publish(chain_batches(tokens)[0])
-    await until(lambda: sub.rank_stats(1).batches_applied == 1)
-    assert index.match_tokens(tokens) == {"pod#dp1": (1, 1, 0, 0)}
-    assert sub.rank_stats(0).batches_applied == 0
-    await sub.stop()
-    for rank in ranks:
-        await rank.close()
+    pubs = [publisher(ctx, cleanup, replay=False) for _ in range(3)]
+    service = KVEventIngestService(index, context=ctx)
+    before = set(asyncio.all_tasks())
+    for i, pub in enumerate(pubs):
+        await service.add_endpoint(SubscriberConfig(f"pod{i}", pub.endpoint, topic="kv@"))
+        assert await pub.subscribed() == b"kv@"
+    same = await service.add_endpoint(SubscriberConfig("pod0", pubs[0].endpoint, topic="kv@"))
+    assert same is service.subscribers["pod0"]  # an unchanged config keeps its subscriber
+    for i, pub in enumerate(pubs):
+        await pub.publish(chain_batches(prompt(1), first_hash=10 * i)[0])
+    await until(lambda: service.totals().batches_applied == 3)
+    assert set(index.match_tokens(prompt(1))) == {"pod0", "pod1", "pod2"}
+    assert await service.remove_endpoint("pod1")
+    assert not await service.remove_endpoint("pod1")
+    assert service.endpoints == ["pod0", "pod2"] and "pod1" not in index.workers
+    assert set(index.match_tokens(prompt(1))) == {"pod0", "pod2"}
+    assert set(service.stats()) == {"pod0", "pod2"}
+    await service.stop()
+    leftover = [
+        t for t in asyncio.all_tasks() - before if not t.done() and (t.get_name() or "").startswith("kv-")
+    ]
+    assert leftover == [] and service.endpoints == []
