@@ -514,3 +514,25 @@ async def test_service_adds_removes_and_stops_cleanly(ctx: zmq.asyncio.Context, 
         t for t in asyncio.all_tasks() - before if not t.done() and (t.get_name() or "").startswith("kv-")
     ]
     assert leftover == [] and service.endpoints == []
+
+
+def test_subscriber_config_follows_the_discovered_endpoint() -> None:
+    from scheduler.adapters.kv_subscriber import subscriber_config
+    from scheduler.core.scheduler import Endpoint
+
+    assert subscriber_config(Endpoint("10.0.0.5:8000", "10.0.0.5:8000")) is None
+    endpoint = Endpoint(
+        "10.0.0.5:8000",
+        "10.0.0.5:8000",
+        kv_events="tcp://10.0.0.5:5557",
+        kv_replay="tcp://10.0.0.5:5558",
+        kv_topic="kv@10.0.0.5",
+        data_parallel_size=4,
+    )
+    config = subscriber_config(endpoint)
+    assert config is not None
+    assert config.worker_names == endpoint.index_workers()
+    assert with_port_offset(config.endpoint, 3) == "tcp://10.0.0.5:5560"
+    assert with_port_offset("tcp://[::1]:5558", 2) == "tcp://[::1]:5560"
+    with pytest.raises(ValueError):
+        SubscriberConfig("x", "ipc:///tmp/kv", data_parallel_size=2)

@@ -534,3 +534,13 @@ def test_orphans_soon_after_a_rebuild_make_the_view_incomplete() -> None:
     index.clear_worker(W)
     assert ingest.on_live(3, data[3], 20.0).replay_from is None
     assert ingest.stats.rebuilds == 1 and not ingest.view_complete
+
+
+def test_a_worker_the_index_refuses_is_counted_not_raised() -> None:
+    index = PrefixIndex(IndexConfig(block_size=BLOCK, max_workers=1))
+    index.apply_batch("someone-else", EventBatch(0.0))
+    ingest = ingest_for(index, replay=False)
+    batch = encode_batch(CacheModel(30).batch(0.0))
+    assert ingest.on_live(0, batch, 0.0).action is Action.LOST
+    assert ingest.on_live(1, batch, 0.0).action is Action.LOST
+    assert ingest.stats.event_errors == 2 and ingest.stats.batches_applied == 0 and ingest.next_seq == 2

@@ -32,6 +32,7 @@ import zmq.asyncio
 from scheduler.codec.kvevents import REPLAY_END_SEQ, encode_seq
 from scheduler.core.index import PrefixIndex
 from scheduler.core.kvingest import Action, IngestConfig, IngestStats, Step, WorkerIngest
+from scheduler.core.scheduler import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,20 @@ class _Rank:
         self.sub: zmq.asyncio.Socket | None = None
         self.live_task: asyncio.Task[None] | None = None
         self.replay_task: asyncio.Task[None] | None = None
+
+
+def subscriber_config(endpoint: Endpoint, *, ingest: IngestConfig | None = None) -> SubscriberConfig | None:
+    """The subscription for a discovered endpoint; None when its pool publishes no KV events."""
+    if endpoint.kv_events is None:
+        return None
+    return SubscriberConfig(
+        name=endpoint.name,
+        endpoint=endpoint.kv_events,
+        replay_endpoint=endpoint.kv_replay,
+        topic=endpoint.kv_topic,
+        data_parallel_size=endpoint.data_parallel_size,
+        ingest=ingest or IngestConfig(),
+    )
 
 
 def _sizes(frames: list[bytes]) -> str:
@@ -215,7 +230,11 @@ class KVEventSubscriber:
                 step = ingest.on_live(int.from_bytes(seq_frame, "big"), payload, self._clock())
                 self._follow(rank, step)
             except Exception:  # one bad message must never end the stream
-                log.exception("%s: unexpected error handling a KV-event message", rank.endpoint)
+                ingest.stats.internal_errors += 1
+                if ingest.stats.internal_errors == 1:
+                    log.exception(
+                        "%s: error handling a KV-event message; further ones only counted", rank.endpoint
+                    )
 
     def _follow(self, rank: _Rank, step: Step) -> None:
         """Carry out the I/O side of a core decision."""
@@ -274,7 +293,9 @@ class KVEventSubscriber:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a broken replay must not take the subscriber down
-            log.exception("%s: replay failed", rank.replay_endpoint)
+            ingest.stats.internal_errors += 1
+            if ingest.stats.internal_errors == 1:
+                log.exception("%s: replay failed; further errors only counted", rank.replay_endpoint)
             self._follow(rank, ingest.on_replay_failed(repr(exc), self._clock()))
         finally:
             dealer.close(linger=0)

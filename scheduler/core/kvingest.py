@@ -157,6 +157,8 @@ class IngestStats:
     orphans: int = 0
     buffer_overflows: int = 0
     stale_replay_messages: int = 0
+    # Faults of kvsched itself while handling a message (logged once with a traceback).
+    internal_errors: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -424,7 +426,13 @@ class WorkerIngest:
             self._lose(seq, seq + 1, "an undecodable payload lost its events")
             return Action.LOST
         batch = decoded.batch
-        result = self.index.apply_batch(self.worker, batch)
+        try:
+            result = self.index.apply_batch(self.worker, batch)
+        except ValueError as exc:  # the index refuses the worker (e.g. max_workers reached)
+            self.stats.event_errors += 1
+            self._log_once("index-refused", "batch %d not applied: %s", seq, exc)
+            self._lose(seq, seq + 1, "the index refused the batch")
+            return Action.LOST
         self._applied.expected = seq + 1
         self._dirty = True
         stats = self.stats
