@@ -42,6 +42,8 @@ DEFAULT_RCVHWM = 100_000
 # Back off reconnects to a dead pod up to this (ZMQ's default retries every 100 ms forever).
 RECONNECT_IVL_MAX_MS = 5_000
 _SEQ_FRAME_BYTES = 8
+# Live messages handled per loop wake-up at most.
+LIVE_BURST = 64
 
 
 def with_port_offset(endpoint: str, offset: int) -> str:
@@ -212,29 +214,38 @@ class KVEventSubscriber:
     # --- live stream ---------------------------------------------------------------------
 
     async def _live(self, rank: _Rank, sub: zmq.asyncio.Socket) -> None:
-        ingest = rank.ingest
+        # Once one message is in, whatever else is queued is read through a blocking-API
+        # view of the same socket with NOBLOCK: no future and no loop wake-up per message.
+        # The burst is bounded so that one busy publisher cannot starve the loop.
+        queued: zmq.Socket[bytes] = zmq.Socket.shadow(sub.underlying)
         while True:
-            frames = await sub.recv_multipart()
-            try:
-                if len(frames) != 3:
-                    ingest.malformed_frame(
-                        f"{len(frames)} frames of sizes {_sizes(frames)}; expected [topic, seq, payload]"
-                    )
-                    continue
-                _topic, seq_frame, payload = frames
-                if len(seq_frame) != _SEQ_FRAME_BYTES:
-                    ingest.malformed_frame(
-                        f"seq frame of {len(seq_frame)} bytes; frame sizes {_sizes(frames)}"
-                    )
-                    continue
-                step = ingest.on_live(int.from_bytes(seq_frame, "big"), payload, self._clock())
-                self._follow(rank, step)
-            except Exception:  # one bad message must never end the stream
-                ingest.stats.internal_errors += 1
-                if ingest.stats.internal_errors == 1:
-                    log.exception(
-                        "%s: error handling a KV-event message; further ones only counted", rank.endpoint
-                    )
+            self._on_live_frames(rank, await sub.recv_multipart())
+            for _ in range(LIVE_BURST - 1):
+                try:
+                    frames = queued.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_live_frames(rank, frames)
+
+    def _on_live_frames(self, rank: _Rank, frames: list[bytes]) -> None:
+        ingest = rank.ingest
+        try:
+            if len(frames) != 3:
+                ingest.malformed_frame(
+                    f"{len(frames)} frames of sizes {_sizes(frames)}; expected [topic, seq, payload]"
+                )
+                return
+            _topic, seq_frame, payload = frames
+            if len(seq_frame) != _SEQ_FRAME_BYTES:
+                ingest.malformed_frame(f"seq frame of {len(seq_frame)} bytes; frame sizes {_sizes(frames)}")
+                return
+            self._follow(rank, ingest.on_live(int.from_bytes(seq_frame, "big"), payload, self._clock()))
+        except Exception:  # one bad message must never end the stream
+            ingest.stats.internal_errors += 1
+            if ingest.stats.internal_errors == 1:
+                log.exception(
+                    "%s: error handling a KV-event message; further ones only counted", rank.endpoint
+                )
 
     def _follow(self, rank: _Rank, step: Step) -> None:
         """Carry out the I/O side of a core decision."""
