@@ -304,6 +304,11 @@ class WorkerIngest:
         """A live batch while no replay is in flight."""
         expected = self._applied.expected
         assert expected is not None
+        if seq < expected:
+            # A replay already delivered it: replies run up to the publisher's newest batch,
+            # ahead of live messages still in transit.
+            self.stats.duplicates += 1
+            return Step(Action.DUPLICATE, _DUPLICATE)
         if seq > expected:
             first = verdict.kind is VerdictKind.FIRST
             if not first:
