@@ -536,3 +536,24 @@ def test_subscriber_config_follows_the_discovered_endpoint() -> None:
     assert with_port_offset("tcp://[::1]:5558", 2) == "tcp://[::1]:5560"
     with pytest.raises(ValueError):
         SubscriberConfig("x", "ipc:///tmp/kv", data_parallel_size=2)
+
+
+async def test_unreachable_replay_endpoint_times_out_and_resets(
+    ctx: zmq.asyncio.Context, cleanup: list
+) -> None:
+    index = make_index()
+    pub = publisher(ctx, cleanup, replay=False)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind((HOST, 0))
+        dead = f"tcp://{HOST}:{probe.getsockname()[1]}"
+    config = SubscriberConfig("w", pub.endpoint, dead, topic="kv@", ingest=IngestConfig(replay_timeout_s=0.2))
+    sub = KVEventSubscriber(config, index, context=ctx)
+    cleanup.append(sub)
+    await sub.start()
+    await pub.subscribed()
+    batches = chain_batches(prompt(3))
+    await pub.publish(batches[0])
+    await pub.publish(batches[1], drop=True)
+    await pub.publish(batches[2])
+    await until(lambda: sub.stats.replays_failed == 1 and sub.stats.batches_applied == 2)
+    assert sub.stats.resets == 1 and sub.stats.orphans == 1
