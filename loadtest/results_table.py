@@ -1,6 +1,6 @@
 """Markdown table of a `kvsched replay --json` file holding {policy: report}.
 
-    python loadtest/results_table.py conversation.json
+python loadtest/results_table.py conversation.json
 """
 
 from __future__ import annotations

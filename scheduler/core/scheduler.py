@@ -36,9 +36,6 @@ class HealthConfig(BaseModel):
     unhealthy_after_failures: int = Field(
         3, ge=1, description="Consecutive failed scrapes after which an endpoint is not picked."
     )
-    metrics_stale_after_s: float = Field(
-        2.0, gt=0, description="Scraped metrics older than this are not trusted by the scorers."
-    )
 
 
 class ApproximateConfig(BaseModel):
