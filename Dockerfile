@@ -17,6 +17,8 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY kernels ./kernels
 COPY scheduler ./scheduler
+# kvsched.v1 protos, compiled into scheduler/_proto by setup.py.
+COPY proto ./proto
 RUN /opt/kvsched/bin/pip install . \
  && /opt/kvsched/bin/python -c "import scheduler.cli"
 

@@ -813,4 +813,4 @@ def test_dockerignore_keeps_the_build_inputs() -> None:
         for src in rest.split()[:-1]
     }
     assert copied <= kept
-    assert {"kernels", "scheduler", "pyproject.toml", "setup.py"} <= kept
+    assert {"kernels", "scheduler", "proto", "pyproject.toml", "setup.py"} <= kept
