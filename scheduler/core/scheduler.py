@@ -254,14 +254,15 @@ class Scheduler:
 
     def _matches(self, keys: Any) -> dict[str, PrefixMatch]:
         """Per endpoint, the best match over its data-parallel ranks."""
+        matches = self.index.match(keys)
+        if not any("#dp" in worker for worker in matches):
+            return matches
         best: dict[str, PrefixMatch] = {}
-        for worker, match in self.index.match(keys).items():
+        for worker, match in matches.items():
             name = worker.split("#dp", 1)[0]
             current = best.get(name)
             if current is None or match.total_blocks > current.total_blocks:
-                best[name] = PrefixMatch(
-                    match.total_blocks, match.gpu_blocks, match.cpu_blocks, match.storage_blocks
-                )
+                best[name] = match
         return best
 
     def pick(self, request: SchedulingRequest, now: float) -> PickResult:
