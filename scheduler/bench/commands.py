@@ -44,6 +44,33 @@ def _bench_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_epp(args: argparse.Namespace) -> int:
+    from scheduler.bench.epp_bench import run
+
+    report = run(
+        rate=args.rate,
+        prompt_tokens=args.prompt_tokens,
+        requests=args.requests,
+        concurrency=args.concurrency,
+        workers=args.workers,
+        seed=args.seed,
+    )
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    d, v = report["direct_ms"], report["gateway_ms"]
+    print(f"{'':24} {'direct':>10} {'via Envoy+kvsched':>18} {'added':>8}")
+    for key in ("p50", "p99"):
+        print(f"{'latency ' + key + ' (ms)':24} {d[key]:>10.2f} {v[key]:>18.2f} {v[key] - d[key]:>8.2f}")
+    print(
+        f"achieved {report['achieved_rps']:.0f} req/s; "
+        f"picks/s per process: {report['picks']['picks_per_s']:,.0f}"
+    )
+    for goal, met in report["goals"].items():
+        print(f"goal {goal}: {'met' if met else 'NOT met'}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (figures as ratios against an in-run baseline)")
     kinds = bench.add_subparsers(dest="bench", required=True)
@@ -61,3 +88,12 @@ def register(subparsers: Any) -> None:
     index.add_argument("--seed", type=int, default=0)
     index.add_argument("--json", action="store_true", help="print one JSON object")
     index.set_defaults(func=_bench_index)
+    epp = kinds.add_parser("epp", help="latency Envoy + kvsched add over a direct request; picks per second")
+    epp.add_argument("--rate", type=float, default=200.0, help="requests per second (both paths together)")
+    epp.add_argument("--prompt-tokens", type=int, default=8192)
+    epp.add_argument("--requests", type=int, default=2000)
+    epp.add_argument("--concurrency", type=int, default=64)
+    epp.add_argument("--workers", type=int, default=8)
+    epp.add_argument("--seed", type=int, default=0)
+    epp.add_argument("--json", action="store_true", help="print one JSON object")
+    epp.set_defaults(func=_bench_epp)

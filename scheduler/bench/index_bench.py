@@ -71,7 +71,8 @@ def build_fleet(workers: int, blocks: int, seed: int) -> Fleet:
     root_hashes = [take_hashes(ROOT_BLOCKS) for _ in range(ROOT_PROMPTS)]
     sessions: list[Session] = []
     placements: list[tuple[int, ...]] = []
-    remaining = max(blocks - ROOT_PROMPTS * ROOT_BLOCKS, 0)
+    # At least one session, so every fleet has prompts to look up beyond the shared roots.
+    remaining = max(blocks - ROOT_PROMPTS * ROOT_BLOCKS, 64)
     while remaining > 0:
         length = min(remaining, int(rng.integers(64, 449)))
         sessions.append(
