@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -109,7 +109,17 @@ class PickResult:
     status: Literal["ok", "no_endpoints", "shed"]
     endpoints: list[str]
     reason: str = ""
-    explanation: dict[str, Any] = field(default_factory=dict)
+    # The decision's account, or a function that builds it: explaining 64 candidates costs
+    # more than scoring them, so it is built only when an audit line or API reply needs it.
+    explanation_source: dict[str, Any] | Callable[[], dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def explanation(self) -> dict[str, Any]:
+        source = self.explanation_source
+        if callable(source):
+            source = source()
+            object.__setattr__(self, "explanation_source", source)
+        return source
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +290,7 @@ class Scheduler:
         if self._baseline is not None:
             return self._pick_baseline(request, states, matches, prompt_blocks, keys, now)
         decision = self._pipeline.pick(pick_request, states, matches, self._rng)
-        explanation = decision.explain()
+        explanation = decision.explain
         if not decision.endpoints:
             status: Literal["no_endpoints", "shed"] = "no_endpoints"
             return PickResult(status, [], decision.reason or "no endpoint available", explanation)

@@ -51,12 +51,20 @@ class Decision:
     outcome: str  # one of audit.DECISION_OUTCOMES
     endpoints: list[str] = field(default_factory=list)
     reason: str = ""
-    explanation: dict[str, Any] = field(default_factory=dict)
+    # A dict, or something with ``.explanation`` (the Scheduler's PickResult) that builds it
+    # on first use, so the account of a decision is not built on the picking path.
+    explanation_source: Any = field(default_factory=dict)
     request: SchedulingRequest | None = None
     body: InferenceRequestBody | None = None
     error: BaseException | None = None
     # The ``now`` the Scheduler was given (its in-flight clock for this request starts there).
     decided_at: float | None = None
+
+    @property
+    def explanation(self) -> dict[str, Any]:
+        source = self.explanation_source
+        explanation: dict[str, Any] = source if isinstance(source, dict) else source.explanation
+        return explanation
 
     @property
     def routed(self) -> bool:
@@ -160,7 +168,7 @@ class PickRunner:
             outcome, reason = "shed", result.reason or "shed"
         else:
             outcome, reason = "no_endpoints", result.reason or "no endpoint available"
-        return Decision(outcome, list(result.endpoints), reason, result.explanation, request, decided_at=now)
+        return Decision(outcome, list(result.endpoints), reason, result, request, decided_at=now)
 
     def internal(self, request: SchedulingRequest, error: Exception, now: float | None = None) -> Decision:
         """Picking raised: fall back or fail the stream, as configured."""
