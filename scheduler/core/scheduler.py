@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.core.baselines import BaselineInput, PolicyName, make_baseline
 from scheduler.core.index import IndexConfig, PrefixIndex
+from scheduler.core.objectives import ObjectiveTable, ResolvedObjective
 from scheduler.core.scoring import (
     EndpointState,
     PickRequest,
@@ -177,6 +178,7 @@ class Scheduler:
         # that publish no KV events, oldest first.
         self._approx: list[tuple[float, str, list[int]]] = []
         self.completions = 0
+        self.objectives = ObjectiveTable()
 
     # --- configuration -----------------------------------------------------------------
 
@@ -189,6 +191,13 @@ class Scheduler:
         if config.policy != self.config.policy:
             baseline = None if config.policy == "kvsched" else make_baseline(config.policy)
         self._pipeline, self._baseline, self.config = pipeline, baseline, config
+
+    def set_objectives(self, table: ObjectiveTable) -> None:
+        """Replace the inference objectives (priorities, default SLOs) requests name."""
+        self.objectives = table
+
+    def resolve_objective(self, request: SchedulingRequest) -> ResolvedObjective:
+        return self.objectives.resolve(request.objective, request.slo_ttft_ms, request.slo_tpot_ms)
 
     # --- endpoints ---------------------------------------------------------------------
 
