@@ -19,6 +19,7 @@ from scheduler.core.scoring import (
     HealthFilter,
     InflightLoadScorer,
     KVUtilizationScorer,
+    LatencyEstimate,
     PickRequest,
     PrefixMatch,
     PrefixOverlapScorer,
@@ -435,7 +436,10 @@ def test_explanation_lists_scores_weights_and_filters() -> None:
     assert set(explained["candidates"]) == {"10.0.0.1:8000", "10.0.0.2:8000"}
     assert sum(explained["weights"].values()) == pytest.approx(1.0)
     first = explained["candidates"]["10.0.0.1:8000"]
-    assert set(first["scores"]) == set(explained["weights"]) == {s.name for s in default_scorers()}
+    weighted = {name for name, weight in ScoringConfig().weights.model_dump().items() if weight > 0}
+    # Scorers that read predictions sit out a pick made without a latency estimator.
+    expected = {s.name for s in default_scorers() if not getattr(s, "needs_predictions", False)}
+    assert set(first["scores"]) == set(explained["weights"]) == expected & weighted
     assert first["matched_blocks"] == pytest.approx(4 + 2 * 0.8)
     assert first["queue"] == 1
     assert first["metrics_trusted"] is True
@@ -562,3 +566,83 @@ def test_input_sequence_is_not_modified() -> None:
     snapshot = list(endpoints)
     SchedulingPipeline().pick(_request(), endpoints, {})
     assert endpoints == snapshot
+
+
+# --- latency predictions and SLOs ----------------------------------------------------------
+
+
+class _TableEstimator:
+    """Predicts fixed latencies per endpoint name: the pipeline's side of the predictor."""
+
+    def __init__(self, ttft_ms: dict[str, float], tpot_ms: dict[str, float] | None = None) -> None:
+        self.ttft_ms, self.tpot_ms, self.calls = ttft_ms, tpot_ms or {}, 0
+
+    def estimate(self, candidates: Candidates, request: PickRequest) -> LatencyEstimate:
+        self.calls += 1
+        names = [s.name for s in candidates.states]
+        return LatencyEstimate(
+            [self.ttft_ms[n] for n in names], [self.tpot_ms.get(n, 10.0) for n in names], "table"
+        )
+
+
+def test_slo_request_goes_to_a_candidate_predicted_to_meet_it_over_a_better_cache_hit() -> None:
+    endpoints = [_ep(1), _ep(2), _ep(3)]
+    matches = {"10.0.0.1:8000": PrefixMatch(10, 10, 0)}  # a full hit, but a slow endpoint
+    estimator = _TableEstimator({"10.0.0.1:8000": 900.0, "10.0.0.2:8000": 300.0, "10.0.0.3:8000": 80.0})
+    without_slo = SchedulingPipeline().pick(_request(), endpoints, matches, estimator=estimator)
+    assert without_slo.primary == "10.0.0.1:8000"
+    with_slo = SchedulingPipeline().pick(_request(slo_ttft_ms=400.0), endpoints, matches, estimator=estimator)
+    assert with_slo.primary in {"10.0.0.2:8000", "10.0.0.3:8000"}
+    assert with_slo.endpoints[-1] == "10.0.0.1:8000"
+    assert with_slo.slo_feasible == [False, True, True] and with_slo.slo_note == ""
+    explained = with_slo.explain()
+    assert explained["candidates"]["10.0.0.1:8000"]["meets_slo"] is False
+    assert explained["candidates"]["10.0.0.3:8000"]["predicted_ttft_ms"] == 80.0
+
+
+def test_slo_margin_leaves_room_for_prediction_error() -> None:
+    endpoints = [_ep(1), _ep(2)]
+    estimator = _TableEstimator({"10.0.0.1:8000": 95.0, "10.0.0.2:8000": 50.0})
+    matches = {"10.0.0.1:8000": PrefixMatch(10, 10, 0)}
+    request = _request(slo_ttft_ms=100.0)
+    strict = SchedulingPipeline(ScoringConfig(slo_margin=0.1)).pick(
+        request, endpoints, matches, estimator=estimator
+    )
+    assert strict.slo_feasible == [False, True] and strict.primary == "10.0.0.2:8000"
+    loose = SchedulingPipeline(ScoringConfig(slo_margin=0.0)).pick(
+        request, endpoints, matches, estimator=estimator
+    )
+    assert loose.slo_feasible == [True, True] and loose.primary == "10.0.0.1:8000"
+
+
+def test_when_no_candidate_can_meet_the_slo_the_fastest_predicted_comes_first() -> None:
+    endpoints = [_ep(1), _ep(2), _ep(3)]
+    matches = {"10.0.0.1:8000": PrefixMatch(10, 10, 0)}
+    estimator = _TableEstimator({"10.0.0.1:8000": 900.0, "10.0.0.2:8000": 300.0, "10.0.0.3:8000": 500.0})
+    decision = SchedulingPipeline().pick(_request(slo_ttft_ms=100.0), endpoints, matches, estimator=estimator)
+    assert decision.endpoints == ["10.0.0.2:8000", "10.0.0.3:8000", "10.0.0.1:8000"]
+    assert decision.slo_note and decision.slo_feasible == [False, False, False]
+
+
+def test_tpot_slo_counts_too() -> None:
+    endpoints = [_ep(1), _ep(2)]
+    estimator = _TableEstimator(
+        {"10.0.0.1:8000": 50.0, "10.0.0.2:8000": 50.0}, {"10.0.0.1:8000": 40.0, "10.0.0.2:8000": 15.0}
+    )
+    matches = {"10.0.0.1:8000": PrefixMatch(10, 10, 0)}
+    decision = SchedulingPipeline().pick(_request(slo_tpot_ms=20.0), endpoints, matches, estimator=estimator)
+    assert decision.primary == "10.0.0.2:8000" and decision.slo_feasible == [False, True]
+
+
+def test_predicted_latency_scorer_runs_only_with_an_estimator() -> None:
+    endpoints = [_ep(1), _ep(2)]
+    config = _weights(predicted_latency=1.0, queue_depth=1.0)
+    pipeline = SchedulingPipeline(config)
+    estimator = _TableEstimator({"10.0.0.1:8000": 400.0, "10.0.0.2:8000": 100.0})
+    predicted = pipeline.pick(_request(), endpoints, {}, estimator=estimator)
+    assert predicted.primary == "10.0.0.2:8000"
+    assert predicted.scores["predicted_latency"] == pytest.approx([(100.0 + 1) / (400.0 + 1), 1.0])
+    assert predicted.predicted == (100.0, 10.0, "table")
+    plain = pipeline.pick(_request(), endpoints, {})
+    assert set(plain.weights) == {"queue_depth"} and plain.predicted is None
+    assert estimator.calls == 1

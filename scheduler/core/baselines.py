@@ -6,6 +6,8 @@ terms. Each returns endpoint names, best first.
 
 * ``round_robin`` and ``random``: cache- and load-blind.
 * ``least_loaded``: fewest queued requests (scraped waiting + kvsched's own in-flight).
+* ``queue_only`` / ``cache_only``: kvsched's pipeline scoring only the queue depth, or
+  only the prefix overlap (ties to the least loaded): what either signal is worth alone.
 * ``prefix_balance``: SGLang's cache-aware router (sgl-router ``CacheAwarePolicy``,
   defaults cache_threshold 0.3, balance_abs_threshold 64, balance_rel_threshold 1.5):
   if the load is imbalanced (max - min > 64 and max > 1.5 x min) take the least
@@ -22,8 +24,14 @@ from typing import Literal
 
 from scheduler.core.scoring import EndpointState, PrefixMatch
 
-PolicyName = Literal["kvsched", "round_robin", "random", "least_loaded", "prefix_balance"]
+PolicyName = Literal[
+    "kvsched", "round_robin", "random", "least_loaded", "prefix_balance", "queue_only", "cache_only"
+]
 BASELINE_POLICIES: tuple[PolicyName, ...] = ("round_robin", "random", "least_loaded", "prefix_balance")
+# kvsched's own pipeline with one signal only (see ``PIPELINE_PRESETS`` in scheduler.py):
+# ablations that show what each half of the score is worth.
+SINGLE_SIGNAL_POLICIES: tuple[PolicyName, ...] = ("queue_only", "cache_only")
+ALL_POLICIES: tuple[PolicyName, ...] = ("kvsched", *BASELINE_POLICIES, *SINGLE_SIGNAL_POLICIES)
 
 SGLANG_CACHE_THRESHOLD = 0.3
 SGLANG_BALANCE_ABS_THRESHOLD = 64
@@ -97,7 +105,10 @@ def _matched(data: BaselineInput, name: str) -> int:
 Baseline = RoundRobin | RandomPick | LeastLoaded | PrefixBalance
 
 
-def make_baseline(name: PolicyName) -> Baseline:
+def make_baseline(name: PolicyName) -> Baseline | None:
+    """The baseline named, or None for the policies the scoring pipeline runs."""
+    if name == "kvsched" or name in SINGLE_SIGNAL_POLICIES:
+        return None
     if name == "round_robin":
         return RoundRobin()
     if name == "random":

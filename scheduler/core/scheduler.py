@@ -25,6 +25,7 @@ from scheduler.core.scoring import (
     PickRequest,
     PrefixMatch,
     SchedulingPipeline,
+    ScorerWeights,
     ScoringConfig,
 )
 
@@ -59,9 +60,26 @@ class SchedulerConfig(BaseModel):
     seed: int = Field(0, description="Seed of the picker's random source (softmax sampling, tie spreading).")
     policy: PolicyName = Field(
         "kvsched",
-        description="'kvsched' (the scoring pipeline) or a baseline for comparison: "
-        "round_robin, random, least_loaded, prefix_balance.",
+        description="'kvsched' (the scoring pipeline) or a policy for comparison: the baselines "
+        "round_robin, random, least_loaded, prefix_balance, or the pipeline on one signal only, "
+        "queue_only, cache_only.",
     )
+
+
+# The single-signal policies: the same pipeline (filters, tie-breaking on load, picker) with
+# every other scorer's weight at zero.
+PIPELINE_PRESETS: dict[str, ScorerWeights] = {
+    "queue_only": ScorerWeights(prefix_overlap=0.0, queue_depth=1.0, kv_utilization=0.0, inflight_load=0.0),
+    "cache_only": ScorerWeights(prefix_overlap=1.0, queue_depth=0.0, kv_utilization=0.0, inflight_load=0.0),
+}
+
+
+def policy_scoring(config: SchedulerConfig) -> ScoringConfig:
+    """The scoring configuration the pipeline runs under ``config.policy``."""
+    preset = PIPELINE_PRESETS.get(config.policy)
+    if preset is None:
+        return config.scoring
+    return config.scoring.model_copy(update={"weights": preset})
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +186,8 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig | None = None, index: PrefixIndex | None = None) -> None:
         self.config = config or SchedulerConfig()
         self.index = index or PrefixIndex(self.config.index)
-        self._pipeline = SchedulingPipeline(self.config.scoring)
-        self._baseline = None if self.config.policy == "kvsched" else make_baseline(self.config.policy)
+        self._pipeline = SchedulingPipeline(policy_scoring(self.config))
+        self._baseline = make_baseline(self.config.policy)
         self._rng = random.Random(self.config.seed)
         self._endpoints: dict[str, _EndpointRuntime] = {}
         self._by_address: dict[str, str] = {}
@@ -186,10 +204,10 @@ class Scheduler:
         """Swap scoring and health settings atomically; the index layout cannot change live."""
         if config.index != self.config.index:
             raise ValueError("index settings (block size, hash mode, bounds) need a restart")
-        pipeline = SchedulingPipeline(config.scoring)
+        pipeline = SchedulingPipeline(policy_scoring(config))
         baseline = self._baseline
         if config.policy != self.config.policy:
-            baseline = None if config.policy == "kvsched" else make_baseline(config.policy)
+            baseline = make_baseline(config.policy)
         self._pipeline, self._baseline, self.config = pipeline, baseline, config
 
     def set_objectives(self, table: ObjectiveTable) -> None:

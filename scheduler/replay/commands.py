@@ -17,11 +17,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from scheduler.core.baselines import BASELINE_POLICIES
+from scheduler.core.baselines import ALL_POLICIES
 from scheduler.replay.report import comparison_table
 from scheduler.workloads.model import Workload
 
-POLICIES = ("kvsched", *BASELINE_POLICIES)
+POLICIES = ALL_POLICIES
 DEFAULT_SIM_WORKERS = 8
 # Where the virtual-time simulator may take over the whole command.
 SIMULATOR_MODULE = "scheduler.sim.virtual"

@@ -14,6 +14,10 @@ makespan: first start to last completion), ``output_tokens_per_s``, ``prompt_tok
 ``cached_tokens``, ``usage_reported``, ``token_scale``, ``per_endpoint`` (completed
 requests per serving endpoint, "-" when unknown), ``failures`` (reason -> count) and
 ``samples.ttft_ms`` (every completed request's TTFT, in completion-list order, for plots).
+With objectives: ``slo_attainment`` (completed requests within their SLOs / completed),
+``slo_attainment_all`` (/ all requests), ``goodput_rps`` (requests within SLO / makespan),
+``slo``. With predictions: ``ttft_mape``, ``tpot_mape`` (fractions), ``predictions``
+(count by source), ``mape_scope``.
 """
 
 from __future__ import annotations
@@ -46,6 +50,14 @@ class RequestOutcome:
     completion_tokens: int = 0
     first_token_s: float | None = None
     end_s: float | None = None
+    # The latency objectives the request was sent with (None: none).
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    # What the scheduler predicted for the endpoint it picked, and from what ("model" once
+    # the trained model answers, "prior" before); None when it made no prediction.
+    predicted_ttft_ms: float | None = None
+    predicted_tpot_ms: float | None = None
+    prediction_source: str | None = None
 
     @property
     def ttft_s(self) -> float | None:
@@ -62,6 +74,18 @@ class RequestOutcome:
             return None
         return (self.end_s - self.first_token_s) / (self.completion_tokens - 1)
 
+    def meets_slo(self, token_scale: float = 1.0) -> bool:
+        """Completed within its TTFT and TPOT objectives (an objective not set is met)."""
+        if not self.ok:
+            return False
+        ttft = self.ttft_s
+        if self.slo_ttft_ms is not None and (ttft is None or ttft * 1000.0 > self.slo_ttft_ms):
+            return False
+        tpot = self.tpot_s
+        if self.slo_tpot_ms is None or tpot is None:
+            return True
+        return tpot * 1000.0 / token_scale <= self.slo_tpot_ms
+
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s}
 
@@ -76,6 +100,64 @@ def latency_summary(values_s: Sequence[float]) -> dict[str, float | None]:
     }
     summary["mean"] = float(ms.mean())
     return summary
+
+
+def mean_absolute_percentage_error(pairs: Sequence[tuple[float, float]]) -> float | None:
+    """mean(|predicted - observed| / observed) over (predicted, observed) pairs; observed > 0."""
+    usable = [(p, o) for p, o in pairs if o > 0.0]
+    if not usable:
+        return None
+    return float(np.mean([abs(p - o) / o for p, o in usable]))
+
+
+def prediction_accuracy(outcomes: Sequence[RequestOutcome], token_scale: float) -> dict[str, Any]:
+    """TTFT/TPOT MAPE of the scheduler's predictions for the endpoint it picked.
+
+    Every prediction was made at decision time, before its request's latency was observed
+    or trained on, so each completed request is a held-out sample. The MAPE keys cover the
+    trained model's predictions only (the analytic prior's are counted, not scored), or
+    every prediction when the model never answered.
+    """
+    done = [o for o in outcomes if o.ok and o.predicted_ttft_ms is not None]
+    if not done:
+        return {}
+    by_model = [o for o in done if o.prediction_source == "model"]
+    scored = by_model or done
+    ttft = [
+        (p, t * 1000.0)
+        for o in scored
+        if (t := o.ttft_s) is not None and (p := o.predicted_ttft_ms) is not None
+    ]
+    tpot = [
+        (p, t * 1000.0 / token_scale)
+        for o in scored
+        if (t := o.tpot_s) is not None and (p := o.predicted_tpot_ms) is not None
+    ]
+    return {
+        "ttft_mape": mean_absolute_percentage_error(ttft),
+        "tpot_mape": mean_absolute_percentage_error(tpot),
+        "predictions": dict(Counter(o.prediction_source or "-" for o in done).most_common()),
+        "mape_scope": "model" if by_model else "all",
+    }
+
+
+def slo_summary(outcomes: Sequence[RequestOutcome], duration_s: float, token_scale: float) -> dict[str, Any]:
+    """SLO attainment and goodput, when any request carried an objective."""
+    with_slo = [o for o in outcomes if o.slo_ttft_ms is not None or o.slo_tpot_ms is not None]
+    if not with_slo:
+        return {}
+    done = [o for o in with_slo if o.ok]
+    met = sum(1 for o in done if o.meets_slo(token_scale))
+    ttft_objectives = sorted({o.slo_ttft_ms for o in with_slo if o.slo_ttft_ms is not None})
+    tpot_objectives = sorted({o.slo_tpot_ms for o in with_slo if o.slo_tpot_ms is not None})
+    return {
+        # Share of completed requests within their objectives (the issue's definition) ...
+        "slo_attainment": met / len(done) if done else 0.0,
+        # ... and of every request sent, so shedding cannot raise attainment by itself.
+        "slo_attainment_all": met / len(with_slo),
+        "goodput_rps": met / duration_s if duration_s > 0 else 0.0,
+        "slo": {"ttft_ms": ttft_objectives, "tpot_ms": tpot_objectives, "requests": len(with_slo)},
+    }
 
 
 def _failure_reason(error: str) -> str:
@@ -130,6 +212,8 @@ def build_report(
         "failures": dict(Counter(_failure_reason(o.error) for o in failed).most_common()),
         "samples": {"ttft_ms": [round(v * 1000.0, 3) for v in ttft]},
     }
+    report.update(slo_summary(outcomes, duration, token_scale))
+    report.update(prediction_accuracy(outcomes, token_scale))
     if extra:
         report.update(extra)
     return report

@@ -16,13 +16,20 @@ from scheduler.core.scoring.scorers import (
     SCORER_NAMES,
     InflightLoadScorer,
     KVUtilizationScorer,
+    PredictedLatencyScorer,
     PrefixOverlapScorer,
     QueueDepthScorer,
     Scorer,
     default_scorers,
     relative_to_best,
 )
-from scheduler.core.scoring.types import EndpointState, PickRequest, PrefixMatch
+from scheduler.core.scoring.types import (
+    EndpointState,
+    LatencyEstimate,
+    LatencyEstimator,
+    PickRequest,
+    PrefixMatch,
+)
 
 __all__ = [
     "NO_ELIGIBLE_IN_SUBSET",
@@ -35,7 +42,10 @@ __all__ = [
     "HealthFilter",
     "InflightLoadScorer",
     "KVUtilizationScorer",
+    "LatencyEstimate",
+    "LatencyEstimator",
     "PickRequest",
+    "PredictedLatencyScorer",
     "PrefixMatch",
     "PrefixOverlapScorer",
     "QueueDepthScorer",

@@ -23,6 +23,10 @@ class Candidates:
     overlap: list[float]  # matched / prompt_blocks, within [0, 1]
     queue: list[int]  # requests ahead: kvsched's in-flight + scraped waiting (trusted only)
     prefill_work: list[float]  # prefill tokens ahead of this request's first token there
+    # Filled in by the pipeline's latency estimator, when it has one.
+    predicted_ttft_ms: list[float] | None = None
+    predicted_tpot_ms: list[float] | None = None
+    prediction_source: str = ""
 
     def __len__(self) -> int:
         return len(self.states)

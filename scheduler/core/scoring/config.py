@@ -33,6 +33,12 @@ class ScorerWeights(BaseModel):
         description="Less prefill work ahead of this request's first token: kvsched's in-flight prefill "
         "tokens there plus this request's uncached tokens there.",
     )
+    predicted_latency: float = Field(
+        0.0,
+        ge=0,
+        description="Lower predicted TTFT there (the latency predictor's estimate, relative to the best "
+        "candidate); used only when a predictor is running.",
+    )
 
 
 class TierWeights(BaseModel):
@@ -96,6 +102,13 @@ class ScoringConfig(BaseModel):
         0.05, gt=0, le=10, description="Softmax temperature, in units of the [0, 1] total score."
     )
     num_fallbacks: int = Field(2, ge=0, le=8, description="Endpoints listed after the primary.")
+    slo_margin: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="A candidate counts as meeting a request's SLO when its predicted TTFT (TPOT) is "
+        "within (1 - slo_margin) x the objective: room for prediction error.",
+    )
     tie_epsilon: float = Field(
         0.02,
         ge=0,

@@ -29,6 +29,23 @@ class Decision:
     weights: dict[str, float] = field(default_factory=dict)  # scorer -> weight / sum of weights
     scores: dict[str, list[float]] = field(default_factory=dict)  # scorer -> raw value per candidate
     totals: list[float] = field(default_factory=list)  # weighted total per candidate, in [0, 1]
+    # Per candidate: predicted to meet the request's SLOs (None: no SLO or no predictions).
+    slo_feasible: list[bool] | None = None
+    slo_note: str = ""  # set when no candidate was predicted to meet the SLOs
+
+    @property
+    def predicted(self) -> tuple[float, float, str] | None:
+        """(TTFT ms, TPOT ms, source) predicted for the primary, when predictions were made."""
+        candidates = self.candidates
+        if candidates is None or candidates.predicted_ttft_ms is None or not self.endpoints:
+            return None
+        position = next(i for i, s in enumerate(candidates.states) if s.name == self.endpoints[0])
+        tpot = candidates.predicted_tpot_ms
+        return (
+            candidates.predicted_ttft_ms[position],
+            tpot[position] if tpot is not None else float("nan"),
+            candidates.prediction_source,
+        )
 
     @property
     def primary(self) -> str | None:
@@ -67,6 +84,18 @@ class Decision:
                     "prefill_work": work,
                     "metrics_trusted": trusted,
                 }
+            if candidates.predicted_ttft_ms is not None:
+                tpot_values = candidates.predicted_tpot_ms
+                tpot: list[float | None] = (
+                    list(tpot_values) if tpot_values is not None else [None] * len(candidates)
+                )
+                predicted = zip(candidates.states, candidates.predicted_ttft_ms, tpot, strict=True)
+                for state, ttft_ms, tpot_ms in predicted:
+                    explained[state.name]["predicted_ttft_ms"] = ttft_ms
+                    explained[state.name]["predicted_tpot_ms"] = tpot_ms
+            if self.slo_feasible is not None:
+                for state, ok in zip(candidates.states, self.slo_feasible, strict=True):
+                    explained[state.name]["meets_slo"] = ok
         return {
             "endpoints": list(self.endpoints),
             "addresses": list(self.addresses),
@@ -77,6 +106,8 @@ class Decision:
             "candidates": explained,
             "filtered": dict(self.filtered),
             "over_limit": dict(self.over_limit),
+            "prediction_source": candidates.prediction_source if candidates is not None else "",
+            "slo_note": self.slo_note,
         }
 
 

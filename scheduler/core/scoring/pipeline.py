@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from scheduler.core.scoring.candidates import build_candidates, metrics_trusted
+from scheduler.core.scoring.candidates import Candidates, build_candidates, metrics_trusted
 from scheduler.core.scoring.config import ScoringConfig
 from scheduler.core.scoring.decision import Decision
 from scheduler.core.scoring.filters import NO_ELIGIBLE_IN_SUBSET, Filter, default_filters
@@ -22,8 +23,50 @@ from scheduler.core.scoring.picker import (
     sample_softmax,
     stable_hash64,
 )
-from scheduler.core.scoring.scorers import Scorer, default_scorers
-from scheduler.core.scoring.types import EndpointState, PickRequest, PrefixMatch
+from scheduler.core.scoring.scorers import Scorer, default_scorers, relative_to_best
+from scheduler.core.scoring.types import EndpointState, LatencyEstimator, PickRequest, PrefixMatch
+
+# Below every feasible candidate's total (totals lie in [0, 1]): SLO-infeasible candidates
+# keep their relative order but rank after all feasible ones.
+_INFEASIBLE_PENALTY = 2.0
+NO_CANDIDATE_MEETS_SLO = "no endpoint predicted to meet the SLO: fastest predicted first"
+
+
+@dataclass(frozen=True, slots=True)
+class _ActiveScorers:
+    """The scorers with a weight, their weights, and the weights' sum, for one kind of pick."""
+
+    scorers: tuple[Scorer, ...]
+    weights: tuple[float, ...]
+    weight_sum: float
+    shares: dict[str, float]  # scorer -> weight / sum
+
+    @classmethod
+    def of(cls, pairs: Sequence[tuple[Scorer, float]]) -> _ActiveScorers:
+        weight_sum = 0.0
+        for _, weight in pairs:
+            # Summed in the same order as the totals, so no total can round above 1.
+            weight_sum += weight
+        return cls(
+            tuple(scorer for scorer, _ in pairs),
+            tuple(weight for _, weight in pairs),
+            weight_sum,
+            {scorer.name: weight / weight_sum for scorer, weight in pairs},
+        )
+
+
+def meets_slo(candidates: Candidates, request: PickRequest, margin: float) -> list[bool]:
+    """Per candidate: predicted TTFT and TPOT within (1 - margin) x the request's objectives."""
+    keep = 1.0 - margin
+    count = len(candidates)
+    ok = [True] * count
+    if request.slo_ttft_ms is not None and candidates.predicted_ttft_ms is not None:
+        limit = request.slo_ttft_ms * keep
+        ok = [o and t <= limit for o, t in zip(ok, candidates.predicted_ttft_ms, strict=True)]
+    if request.slo_tpot_ms is not None and candidates.predicted_tpot_ms is not None:
+        limit = request.slo_tpot_ms * keep
+        ok = [o and t <= limit for o, t in zip(ok, candidates.predicted_tpot_ms, strict=True)]
+    return ok
 
 
 def weighted_totals(
@@ -59,14 +102,12 @@ class SchedulingPipeline:
     """One configuration's filters, scorers and picker."""
 
     __slots__ = (
-        "_active",
-        "_active_weights",
         "_config",
         "_filters",
+        "_predicted",
         "_scorers",
         "_tiebreak",
-        "_weight_sum",
-        "_weights",
+        "_unpredicted",
     )
 
     def __init__(
@@ -85,19 +126,17 @@ class SchedulingPipeline:
             raise ValueError(f"scorer names must be unique, got {names}")
         configured = self._config.weights.model_dump()
         active: list[tuple[Scorer, float]] = []
-        weight_sum = 0.0
         for scorer in self._scorers:
             if scorer.name not in configured:
                 raise ValueError(f"scorer {scorer.name!r} has no weight in ScoringConfig.weights")
             weight = float(configured[scorer.name])
             if weight > 0.0:
                 active.append((scorer, weight))
-                # Summed in the same order as the totals, so no total can round above 1.
-                weight_sum += weight
-        self._active = tuple(active)
-        self._active_weights = tuple(weight for _, weight in active)
-        self._weight_sum = weight_sum
-        self._weights = {scorer.name: weight / weight_sum for scorer, weight in active}
+        # Scorers that read predictions sit out the picks made without them.
+        self._predicted = _ActiveScorers.of(active)
+        self._unpredicted = _ActiveScorers.of(
+            [(s, w) for s, w in active if not getattr(s, "needs_predictions", False)]
+        )
 
     @property
     def config(self) -> ScoringConfig:
@@ -121,10 +160,14 @@ class SchedulingPipeline:
         endpoints: Sequence[EndpointState],
         matches: Mapping[str, PrefixMatch],
         rng: random.Random | None = None,
+        estimator: LatencyEstimator | None = None,
     ) -> Decision:
         """Order the eligible endpoints for ``request``; ``matches`` maps endpoint names to
         their prefix match (absent: nothing cached). ``rng`` drives softmax sampling; without
-        it a softmax pick is seeded from the request id."""
+        it a softmax pick is seeded from the request id. ``estimator`` predicts each
+        candidate's latency: it feeds the predicted-latency scorer and, for a request with
+        SLOs, ranks the candidates predicted to meet them first (or, when none is, the
+        fastest predicted first)."""
         config = self._config
         states = list(endpoints)
         trusted = metrics_trusted(states, config.limits.metrics_stale_after_s)
@@ -154,8 +197,29 @@ class SchedulingPipeline:
 
         candidates = build_candidates(states, trusted, matches, request, config.tiers)
         count = len(states)
-        scores = {scorer.name: scorer.score(candidates, request, config) for scorer, _ in self._active}
-        totals = weighted_totals(list(scores.values()), self._active_weights, self._weight_sum, count)
+        if estimator is not None:
+            estimate = estimator.estimate(candidates, request)
+            candidates.predicted_ttft_ms = list(estimate.ttft_ms)
+            candidates.predicted_tpot_ms = list(estimate.tpot_ms)
+            candidates.prediction_source = estimate.source
+        active = self._unpredicted if candidates.predicted_ttft_ms is None else self._predicted
+        scores = {scorer.name: scorer.score(candidates, request, config) for scorer in active.scorers}
+        totals = weighted_totals(list(scores.values()), active.weights, active.weight_sum, count)
+
+        ranking = totals
+        feasible: list[bool] | None = None
+        slo_note = ""
+        has_slo = request.slo_ttft_ms is not None or request.slo_tpot_ms is not None
+        if has_slo and candidates.predicted_ttft_ms is not None:
+            feasible = meets_slo(candidates, request, config.slo_margin)
+            meeting = sum(feasible)
+            if meeting == 0:
+                ranking = relative_to_best(candidates.predicted_ttft_ms)
+                slo_note = NO_CANDIDATE_MEETS_SLO
+            elif meeting < count:
+                ranking = [
+                    t if ok else t - _INFEASIBLE_PENALTY for t, ok in zip(totals, feasible, strict=True)
+                ]
 
         wanted = 1 + config.num_fallbacks
         saturated = bool(saturated_reason)
@@ -165,9 +229,9 @@ class SchedulingPipeline:
             order = order_by_load(range(count), candidates, wanted, self._tiebreak, request.request_id)
         elif softmax and count > 1:
             chooser = rng if rng is not None else random.Random(stable_hash64(request.request_id))
-            primary = sample_softmax(totals, config.temperature, chooser)
+            primary = sample_softmax(ranking, config.temperature, chooser)
             fallbacks = order_by_score(
-                totals,
+                ranking,
                 candidates,
                 wanted - 1,
                 config.tie_epsilon,
@@ -178,7 +242,7 @@ class SchedulingPipeline:
             order = [primary, *fallbacks]
         else:
             order = order_by_score(
-                totals, candidates, wanted, config.tie_epsilon, self._tiebreak, request.request_id
+                ranking, candidates, wanted, config.tie_epsilon, self._tiebreak, request.request_id
             )
         return Decision(
             [states[i].name for i in order],
@@ -189,7 +253,9 @@ class SchedulingPipeline:
             filtered=filtered,
             over_limit=over_limit,
             candidates=candidates,
-            weights=dict(self._weights),
+            weights=dict(active.shares),
             scores=scores,
             totals=totals,
+            slo_feasible=feasible,
+            slo_note=slo_note,
         )

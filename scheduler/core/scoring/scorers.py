@@ -18,7 +18,7 @@ from scheduler.core.scoring.candidates import Candidates
 from scheduler.core.scoring.config import ScoringConfig
 from scheduler.core.scoring.types import PickRequest
 
-SCORER_NAMES = ("prefix_overlap", "queue_depth", "kv_utilization", "inflight_load")
+SCORER_NAMES = ("prefix_overlap", "queue_depth", "kv_utilization", "inflight_load", "predicted_latency")
 
 
 class Scorer(Protocol):
@@ -90,5 +90,29 @@ class InflightLoadScorer:
         return relative_to_best(candidates.prefill_work)
 
 
+class PredictedLatencyScorer:
+    """Lower predicted TTFT, relative to the best candidate.
+
+    Runs only when the pipeline has a latency estimator (``needs_predictions``): the
+    predictor's estimate folds cache benefit, queueing and the endpoint's own speed into
+    the one quantity users feel.
+    """
+
+    name = "predicted_latency"
+    needs_predictions = True
+
+    def score(self, candidates: Candidates, request: PickRequest, config: ScoringConfig) -> list[float]:
+        predicted = candidates.predicted_ttft_ms
+        if predicted is None:
+            return [1.0] * len(candidates)
+        return relative_to_best(predicted)
+
+
 def default_scorers() -> list[Scorer]:
-    return [PrefixOverlapScorer(), QueueDepthScorer(), KVUtilizationScorer(), InflightLoadScorer()]
+    return [
+        PrefixOverlapScorer(),
+        QueueDepthScorer(),
+        KVUtilizationScorer(),
+        InflightLoadScorer(),
+        PredictedLatencyScorer(),
+    ]

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 # The prefix index's own match record (an immutable NamedTuple: total_blocks, gpu_blocks,
 # cpu_blocks, storage_blocks). Reused rather than mirrored so a lookup's result goes into a
 # pick without a conversion per matching endpoint.
 from scheduler.core.index import PrefixMatch
 
-__all__ = ["EndpointState", "PickRequest", "PrefixMatch"]
+if TYPE_CHECKING:
+    from scheduler.core.scoring.candidates import Candidates
+
+__all__ = ["EndpointState", "LatencyEstimate", "LatencyEstimator", "PickRequest", "PrefixMatch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,3 +45,22 @@ class PickRequest:
     prompt_blocks: int  # full blocks in the prompt
     prompt_tokens: int
     subset: frozenset[str] | None = None  # addresses allowed by a gateway subset hint; None = no hint
+    # Latency objectives (request headers, else the InferenceObjective's defaults); None = none.
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyEstimate:
+    """Predicted latency of the request on each candidate, in candidate order."""
+
+    ttft_ms: Sequence[float]
+    tpot_ms: Sequence[float]
+    source: str  # what answered: "model", "prior", ...
+
+
+class LatencyEstimator(Protocol):
+    """Predicts every candidate's TTFT and TPOT for one request, in one batched call."""
+
+    def estimate(self, candidates: Candidates, request: PickRequest) -> LatencyEstimate: ...
