@@ -145,3 +145,41 @@ def test_plots_are_pngs(tmp_path: Path) -> None:
     silent = build_report([], policy="silent", mode="live", workers=None, oracle_hit_ratio=None)
     (other,) = save_plots([silent], tmp_path / "other", ttft_ms={"silent": []})
     assert other.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_slo_attainment_and_goodput() -> None:
+    outcomes = _outcomes()
+    for outcome in outcomes:
+        outcome.slo_ttft_ms = 200.0
+        outcome.slo_tpot_ms = 150.0
+    # a: TTFT 100 ms, TPOT 200 ms (misses TPOT); b: TTFT 300 ms (misses TTFT).
+    report = build_report(outcomes, policy="p", mode="simulate", workers=2, oracle_hit_ratio=None)
+    assert report["slo_attainment"] == 0.0 and report["goodput_rps"] == 0.0
+    outcomes[0].slo_tpot_ms = 250.0
+    report = build_report(outcomes, policy="p", mode="simulate", workers=2, oracle_hit_ratio=None)
+    assert report["slo_attainment"] == pytest.approx(1 / 2)  # of the completed
+    assert report["slo_attainment_all"] == pytest.approx(1 / 4)  # of everything sent
+    assert report["goodput_rps"] == pytest.approx(1 / 2.0)  # one request in a 2 s makespan
+    assert report["slo"] == {"ttft_ms": [200.0], "tpot_ms": [150.0, 250.0], "requests": 4}
+    # A scaled trace's TPOT is judged in real tokens: 200 ms per workload token is 100 ms real.
+    assert outcomes[0].meets_slo(token_scale=2.0) and not outcomes[1].meets_slo(token_scale=2.0)
+
+
+def test_reports_without_objectives_or_predictions_have_no_such_keys() -> None:
+    report = build_report(_outcomes(), policy="p", mode="simulate", workers=2, oracle_hit_ratio=None)
+    assert not {"slo_attainment", "goodput_rps", "ttft_mape", "tpot_mape"} & set(report)
+
+
+def test_mape_scores_the_trained_models_predictions_only() -> None:
+    outcomes = _outcomes()
+    a, b = outcomes[0], outcomes[1]
+    a.predicted_ttft_ms, a.predicted_tpot_ms, a.prediction_source = 110.0, 180.0, "model"  # 10%, 10%
+    b.predicted_ttft_ms, b.predicted_tpot_ms, b.prediction_source = 30.0, 0.0, "prior"  # not scored
+    report = build_report(outcomes, policy="p", mode="simulate", workers=2, oracle_hit_ratio=None)
+    assert report["ttft_mape"] == pytest.approx(0.10) and report["tpot_mape"] == pytest.approx(0.10)
+    assert report["predictions"] == {"model": 1, "prior": 1} and report["mape_scope"] == "model"
+    a.prediction_source = "prior"
+    report = build_report(outcomes, policy="p", mode="simulate", workers=2, oracle_hit_ratio=None)
+    # No model prediction at all: every prediction is scored (TTFT of b: |30 - 300| / 300).
+    assert report["mape_scope"] == "all"
+    assert report["ttft_mape"] == pytest.approx((0.10 + 0.9) / 2)
