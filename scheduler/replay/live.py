@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-from scheduler.replay.report import RequestOutcome
+from scheduler.replay.report import RequestOutcome, SLOTargets
 from scheduler.workloads.model import Workload, WorkloadRequest
 
 log = logging.getLogger(__name__)
@@ -181,17 +181,24 @@ async def send_one(
     *,
     api: Api = "completions",
     diagnostics: StreamDiagnostics | None = None,
+    slo: SLOTargets | None = None,
 ) -> RequestOutcome:
     """Send one request and measure it; never raises for what the server or network does."""
     diagnostics = diagnostics or StreamDiagnostics()
+    slo = slo or SLOTargets()
     outcome = RequestOutcome(
-        request.request_id, ok=False, start_s=clock(), prompt_tokens=len(request.prompt_token_ids)
+        request.request_id,
+        ok=False,
+        start_s=clock(),
+        prompt_tokens=len(request.prompt_token_ids),
+        slo_ttft_ms=slo.ttft_ms,
+        slo_tpot_ms=slo.tpot_ms,
     )
     try:
         async with session.post(
             base_url(url) + API_PATHS[api],
             json=request_body(request, model, api),
-            headers={"x-request-id": request.request_id},
+            headers={"x-request-id": request.request_id, **slo.headers()},
         ) as resp:
             outcome.endpoint = next((resp.headers[h] for h in SERVED_BY_HEADERS if h in resp.headers), None)
             if resp.status != 200:
@@ -235,6 +242,7 @@ async def replay_live(
     concurrency: int = 256,
     progress: Callable[[RequestOutcome], None] | None = None,
     timeout_s: float = 600.0,
+    slo: SLOTargets | None = None,
 ) -> list[RequestOutcome]:
     """Send every request ``(arrival_s - first arrival) * time_scale`` after the start, at most
     ``concurrency`` in flight (the rest wait their turn), and return the outcomes in workload
@@ -264,7 +272,7 @@ async def replay_live(
                 await asyncio.sleep(delay)
             async with gate:
                 outcome = await send_one(
-                    session, url, request, model, clock, api=api, diagnostics=diagnostics
+                    session, url, request, model, clock, api=api, diagnostics=diagnostics, slo=slo
                 )
             if progress is not None:
                 progress(outcome)

@@ -35,6 +35,26 @@ if TYPE_CHECKING:
 PERCENTILES = (50, 90, 99)
 
 
+@dataclass(frozen=True, slots=True)
+class SLOTargets:
+    """Latency objectives a replay sends with every request (None: that one is not set)."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+
+    def __bool__(self) -> bool:
+        return self.ttft_ms is not None or self.tpot_ms is not None
+
+    def headers(self) -> dict[str, str]:
+        """The request headers that carry them (shared PROTOCOLS.md §2, current names)."""
+        out: dict[str, str] = {}
+        if self.ttft_ms is not None:
+            out["x-llm-d-slo-ttft-ms"] = f"{self.ttft_ms:g}"
+        if self.tpot_ms is not None:
+            out["x-llm-d-slo-tpot-ms"] = f"{self.tpot_ms:g}"
+        return out
+
+
 @dataclass(slots=True)
 class RequestOutcome:
     """One request's measurements, in seconds (loop clock live, virtual time simulated)."""
