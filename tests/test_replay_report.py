@@ -13,6 +13,7 @@ from scheduler.replay.report import (
     COMPARISON_COLUMNS,
     RequestOutcome,
     build_report,
+    comparison_columns,
     comparison_rows,
     comparison_table,
     latency_summary,
@@ -183,3 +184,18 @@ def test_mape_scores_the_trained_models_predictions_only() -> None:
     # No model prediction at all: every prediction is scored (TTFT of b: |30 - 300| / 300).
     assert report["mape_scope"] == "all"
     assert report["ttft_mape"] == pytest.approx((0.10 + 0.9) / 2)
+
+
+def test_comparison_table_gains_slo_and_mape_columns_when_reports_have_them() -> None:
+    reports = _two_reports()
+    assert comparison_columns(reports) == COMPARISON_COLUMNS
+    reports["kvsched"] = {
+        **reports["kvsched"],
+        "slo_attainment": 0.875,
+        "goodput_rps": 1.5,
+        "ttft_mape": 0.08,
+    }
+    columns = comparison_columns(reports)
+    assert columns[-3:] == ("SLO met", "goodput/s", "TTFT MAPE")
+    rows = comparison_rows(reports)
+    assert rows[0][-3:] == ("87.5%", "1.50", "8.0%") and rows[1][-3:] == ("-", "-", "-")

@@ -131,6 +131,8 @@ class PickResult:
     # The decision's account, or a function that builds it: explaining 64 candidates costs
     # more than scoring them, so it is built only when an audit line or API reply needs it.
     explanation_source: dict[str, Any] | Callable[[], dict[str, Any]] = field(default_factory=dict)
+    # (TTFT ms, TPOT ms, source) predicted for the primary, when the predictor ran.
+    predicted: tuple[float, float, str] | None = None
 
     @property
     def explanation(self) -> dict[str, Any]:
@@ -323,7 +325,7 @@ class Scheduler:
             return PickResult(status, [], decision.reason or "no endpoint available", explanation)
         addresses = [self._endpoints[name].endpoint.address for name in decision.endpoints]
         self._start(request, decision.endpoints[0], keys, now)
-        return PickResult("ok", addresses, "", explanation)
+        return PickResult("ok", addresses, "", explanation, decision.predicted)
 
     def _pick_baseline(
         self,

@@ -3,7 +3,8 @@
 kvsched replay (--trace PATH [--block-tokens N] | --workload NAME [--seed S] [--rate R]
                 [--requests N]) (--target URL | --simulate [--policy P ...])
                [--time-scale X] [--limit N] [--concurrency C] [--model NAME]
-               [--api completions|chat] [--policy-label NAME] [--json FILE] [--plot-dir DIR]
+               [--api completions|chat] [--policy-label NAME] [--slo-ttft-ms N] [--slo-tpot-ms N]
+               [--json FILE] [--plot-dir DIR]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.core.baselines import ALL_POLICIES
-from scheduler.replay.report import comparison_table
+from scheduler.replay.report import SLOTargets, comparison_table
 from scheduler.workloads.model import Workload
 
 POLICIES = ALL_POLICIES
@@ -64,6 +65,10 @@ def write_outputs(reports: dict[str, dict[str, Any]], args: argparse.Namespace, 
             print(f"plot: {path}")
 
 
+def slo_targets(args: argparse.Namespace) -> SLOTargets:
+    return SLOTargets(args.slo_ttft_ms, args.slo_tpot_ms)
+
+
 def _simulate(args: argparse.Namespace, workload: Workload) -> int:
     try:
         simulator = importlib.import_module(SIMULATOR_MODULE)
@@ -78,7 +83,12 @@ def _simulate(args: argparse.Namespace, workload: Workload) -> int:
     workers = args.workers or DEFAULT_SIM_WORKERS
     reports = {
         policy: simulate(
-            workload, policy=policy, workers=workers, capacity_blocks=args.capacity_blocks, seed=args.seed
+            workload,
+            policy=policy,
+            workers=workers,
+            capacity_blocks=args.capacity_blocks,
+            seed=args.seed,
+            slo=slo_targets(args),
         )
         for policy in args.policy or ["kvsched"]
     }
@@ -104,6 +114,7 @@ async def _live(workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
             api=args.api,
             concurrency=args.concurrency,
             progress=lambda _: progress.advance(task),
+            slo=slo_targets(args),
         )
     ceilings = workload_ceilings(workload.requests, workload.block_tokens)
     return build_report(
@@ -196,6 +207,16 @@ def register(subparsers: Any) -> None:
         "--policy", action="append", choices=POLICIES, help="simulate: routing policy (repeatable)"
     )
     target.add_argument("--capacity-blocks", type=int, help="simulate: KV blocks of 16 tokens per worker")
+    slo = replay.add_argument_group("objectives")
+    slo.add_argument(
+        "--slo-ttft-ms",
+        type=float,
+        help="TTFT objective of every request (sent as x-llm-d-slo-ttft-ms); adds slo_attainment "
+        "and goodput_rps to the report",
+    )
+    slo.add_argument(
+        "--slo-tpot-ms", type=float, help="TPOT objective of every request (x-llm-d-slo-tpot-ms)"
+    )
     output = replay.add_argument_group("output")
     output.add_argument("--json", help="write the report (several: {policy: report}) to this file")
     output.add_argument("--plot-dir", help="write PNG plots here")

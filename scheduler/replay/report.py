@@ -269,14 +269,35 @@ COMPARISON_COLUMNS = (
     "oracle",
     "req/s",
 )
+# Added when any report carries objectives or predictions.
+SLO_COLUMNS = ("SLO met", "goodput/s")
+PREDICTION_COLUMNS = ("TTFT MAPE",)
+
+
+def comparison_columns(
+    reports: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
+) -> tuple[str, ...]:
+    values = list(labelled(reports).values())
+    columns = COMPARISON_COLUMNS
+    if any("slo_attainment" in r for r in values):
+        columns += SLO_COLUMNS
+    if any(r.get("ttft_mape") is not None for r in values):
+        columns += PREDICTION_COLUMNS
+    return columns
 
 
 def comparison_rows(
     reports: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
 ) -> list[tuple[str, ...]]:
-    """One row of formatted cells per report, in ``COMPARISON_COLUMNS`` order."""
+    """One row of formatted cells per report, in ``comparison_columns`` order."""
+    columns = comparison_columns(reports)
     rows: list[tuple[str, ...]] = []
     for label, report in labelled(reports).items():
+        extra: tuple[str, ...] = ()
+        if SLO_COLUMNS[0] in columns:
+            extra += (_fmt(report.get("slo_attainment"), ".1%"), _fmt(report.get("goodput_rps"), ".2f"))
+        if PREDICTION_COLUMNS[0] in columns:
+            extra += (_fmt(report.get("ttft_mape"), ".1%"),)
         rows.append(
             (
                 label,
@@ -288,6 +309,7 @@ def comparison_rows(
                 _fmt(report.get("hit_ratio"), ".3f"),
                 _fmt(report.get("oracle_hit_ratio"), ".3f"),
                 _fmt(report.get("throughput_rps"), ".2f"),
+                *extra,
             )
         )
     return rows
@@ -300,7 +322,7 @@ def comparison_table(
     from rich.table import Table
 
     table = Table(title=title or None)
-    for column in COMPARISON_COLUMNS:
+    for column in comparison_columns(reports):
         table.add_column(column, justify="left" if column == "policy" else "right")
     for row in comparison_rows(reports):
         table.add_row(*row)

@@ -9,7 +9,7 @@ from typing import Any
 
 from scheduler.core.baselines import PolicyName
 from scheduler.core.scheduler import SchedulerConfig
-from scheduler.replay.report import build_report
+from scheduler.replay.report import SLOTargets, build_report
 from scheduler.sim.virtual import VirtualPool, VirtualPoolConfig
 from scheduler.workloads.model import Workload
 from scheduler.workloads.oracle import pooled_lru_hit_ratio, workload_ceilings
@@ -33,6 +33,7 @@ def simulate(
     capacity_blocks: int | None = None,
     seed: int = 0,
     scheduler_config: SchedulerConfig | None = None,
+    slo: SLOTargets | None = None,
 ) -> dict[str, Any]:
     blocks = capacity_blocks or capacity_blocks_for(workload, DEFAULT_CAPACITY_TOKENS)
     pool_config = VirtualPoolConfig(
@@ -40,6 +41,7 @@ def simulate(
         block_size=ENGINE_BLOCK_SIZE,
         capacity_blocks=blocks,
         token_scale=workload.token_scale,
+        slo=slo or SLOTargets(),
     )
     base = scheduler_config or SchedulerConfig()
     config = base.model_copy(update={"policy": policy, "seed": seed})

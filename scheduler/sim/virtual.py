@@ -31,7 +31,7 @@ from scheduler.core.scheduler import (
     SchedulerConfig,
     SchedulingRequest,
 )
-from scheduler.replay.report import RequestOutcome
+from scheduler.replay.report import RequestOutcome, SLOTargets
 from scheduler.sim.engine import Engine, EngineConfig, RequestRejected, StepResult
 from scheduler.sim.latency import LatencyModel
 
@@ -63,6 +63,8 @@ class VirtualPoolConfig:
     scrape_interval_s: float = 0.05
     # Time from an engine emitting a KV event to the index applying it (ZMQ + ingest).
     kv_event_delay_s: float = 0.001
+    # Objectives every request carries (in real milliseconds per real token for TPOT).
+    slo: SLOTargets = field(default_factory=SLOTargets)
 
 
 @dataclass(slots=True)
@@ -136,13 +138,33 @@ class VirtualPool:
 
     def _arrive(self, item: WorkloadItem, now: float, results: dict[str, RequestOutcome]) -> int:
         tokens = item.prompt_token_ids
-        request = SchedulingRequest(item.request_id, tokens, max_tokens=item.max_tokens)
+        slo, scale = self.config.slo, self.config.token_scale
+        request = SchedulingRequest(
+            item.request_id,
+            tokens,
+            max_tokens=item.max_tokens,
+            slo_ttft_ms=slo.ttft_ms,
+            # The scheduler sees the engine's tokens, each standing for token_scale real ones.
+            slo_tpot_ms=None if slo.tpot_ms is None else slo.tpot_ms * scale,
+        )
         pick = self.scheduler.pick(request, now)
-        result = RequestOutcome(item.request_id, ok=False, start_s=now, prompt_tokens=len(tokens))
+        result = RequestOutcome(
+            item.request_id,
+            ok=False,
+            start_s=now,
+            prompt_tokens=len(tokens),
+            slo_ttft_ms=slo.ttft_ms,
+            slo_tpot_ms=slo.tpot_ms,
+        )
         results[item.request_id] = result
         if pick.status != "ok":
             result.error = f"{pick.status}: {pick.reason}"
             return 1
+        if pick.predicted is not None:
+            ttft_ms, tpot_ms, source = pick.predicted
+            result.predicted_ttft_ms = ttft_ms
+            result.predicted_tpot_ms = tpot_ms / scale
+            result.prediction_source = source
         worker = self._by_name[pick.endpoints[0]]
         result.endpoint = worker.name
         try:
