@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "scheduler.sim.commands",
     "scheduler.replay.commands",
+    "scheduler.replay.sweep",
     "scheduler.server.commands",
     "scheduler.demo.commands",
     "scheduler.bench.commands",

@@ -278,7 +278,7 @@ def comparison_columns(
     reports: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
 ) -> tuple[str, ...]:
     values = list(labelled(reports).values())
-    columns = COMPARISON_COLUMNS
+    columns: tuple[str, ...] = COMPARISON_COLUMNS
     if any("slo_attainment" in r for r in values):
         columns += SLO_COLUMNS
     if any(r.get("ttft_mape") is not None for r in values):
