@@ -1,0 +1,1 @@
+"""Kubernetes adapters: InferencePool discovery, SchedulingPolicy hot reload, InferenceObjectives."""
