@@ -12,12 +12,19 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.core.baselines import BaselineInput, PolicyName, make_baseline
+from scheduler.core.flowcontrol import (
+    Admission,
+    FlowControlConfig,
+    FlowController,
+    FlowItem,
+    SaturationDetector,
+)
 from scheduler.core.index import IndexConfig, PrefixIndex
 from scheduler.core.objectives import ObjectiveTable, ResolvedObjective
 from scheduler.core.scoring import (
@@ -57,6 +64,9 @@ class SchedulerConfig(BaseModel):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     approximate: ApproximateConfig = Field(default_factory=ApproximateConfig)
+    flow_control: FlowControlConfig = Field(
+        default_factory=FlowControlConfig, description="Saturation detection and the waiting room."
+    )
     seed: int = Field(0, description="Seed of the picker's random source (softmax sampling, tie spreading).")
     policy: PolicyName = Field(
         "kvsched",
@@ -158,6 +168,8 @@ class _EndpointRuntime:
     last_error: str = ""
     inflight_requests: int = 0
     inflight_prefill_tokens: int = 0
+    # Requests routed here since the last scrape: the scraped waiting count cannot know them yet.
+    routed_since_scrape: int = 0
 
 
 @dataclass(slots=True)
@@ -199,6 +211,8 @@ class Scheduler:
         self._approx: list[tuple[float, str, list[int]]] = []
         self.completions = 0
         self.objectives = ObjectiveTable()
+        self.flow = FlowController(self.config.flow_control)
+        self.saturation = SaturationDetector(self.config.flow_control)
 
     # --- configuration -----------------------------------------------------------------
 
@@ -211,6 +225,8 @@ class Scheduler:
         if config.policy != self.config.policy:
             baseline = make_baseline(config.policy)
         self._pipeline, self._baseline, self.config = pipeline, baseline, config
+        # Both read their config on every call; the waiting room keeps its queue.
+        self.flow.config = self.saturation.config = config.flow_control
 
     def set_objectives(self, table: ObjectiveTable) -> None:
         """Replace the inference objectives (priorities, default SLOs) requests name."""
@@ -251,6 +267,7 @@ class Scheduler:
             return
         runtime.metrics = metrics
         runtime.metrics_at = now
+        runtime.routed_since_scrape = 0
         runtime.consecutive_failures = 0
         runtime.last_error = ""
 
@@ -289,6 +306,42 @@ class Scheduler:
             labels=endpoint.labels,
         )
 
+    # --- flow control ------------------------------------------------------------------
+
+    def pool_saturated(self, now: float) -> bool:
+        """Whether the pool can take more work now (``SaturationDetector``, with hysteresis).
+
+        Each endpoint's scraped waiting count is raised by the requests routed there since
+        that scrape, so a burst of dispatches between two scrapes saturates the pool as it
+        would the engines, instead of the whole queue going out on one stale figure.
+        """
+        states = []
+        for runtime in self._endpoints.values():
+            state = self._state(runtime, now)
+            if runtime.routed_since_scrape:
+                state = replace(state, waiting=state.waiting + runtime.routed_since_scrape)
+            states.append(state)
+        return self.saturation.saturated(states, now)
+
+    def admit(self, request: SchedulingRequest, now: float, payload: Any = None) -> Admission:
+        """Flow control's answer for an arriving request: pick it now, it waits, or it is refused."""
+        objective = self.resolve_objective(request)
+        item = FlowItem(
+            request.request_id,
+            priority=objective.priority,
+            fairness_id=request.fairness_id or "",
+            slo_ttft_ms=objective.slo_ttft_ms,
+            enqueued_at=now,
+            payload=payload,
+        )
+        return self.flow.admit(item, self.pool_saturated(now), now)
+
+    def next_dispatch(self, now: float) -> FlowItem | None:
+        """The waiting request to pick next, when the pool has room for it."""
+        if not len(self.flow) or self.pool_saturated(now):
+            return None
+        return self.flow.dispatch_next(now)
+
     # --- picking -----------------------------------------------------------------------
 
     def _matches(self, keys: Any) -> dict[str, PrefixMatch]:
@@ -310,11 +363,15 @@ class Scheduler:
         prompt_blocks = len(keys)
         matches = self._matches(keys) if prompt_blocks else {}
         states = [self._state(rt, now) for rt in self._endpoints.values()]
+        objective = self.resolve_objective(request)
         pick_request = PickRequest(
             request_id=request.request_id,
             prompt_blocks=prompt_blocks,
             prompt_tokens=len(request.token_ids),
             subset=request.subset,
+            slo_ttft_ms=objective.slo_ttft_ms,
+            slo_tpot_ms=objective.slo_tpot_ms,
+            priority=objective.priority,
         )
         if self._baseline is not None:
             return self._pick_baseline(request, states, matches, prompt_blocks, keys, now)
@@ -378,6 +435,7 @@ class Scheduler:
         prompt_tokens = len(request.token_ids)
         runtime.inflight_requests += 1
         runtime.inflight_prefill_tokens += prompt_tokens
+        runtime.routed_since_scrape += 1
         self._inflight[request.request_id] = _InFlight(endpoint, prompt_tokens, now)
         if keys is not None and len(keys) and runtime.endpoint.kv_events is None:
             self._record_approximate(endpoint, keys, now)

@@ -48,7 +48,7 @@ def print_table(
     console = Console(file=sys.stdout)
     # Pipes and CI logs get a table wide enough for every column.
     if not console.is_terminal:
-        console = Console(file=sys.stdout, width=120)
+        console = Console(file=sys.stdout, width=160)
     console.print(comparison_table(reports, title=title))
 
 

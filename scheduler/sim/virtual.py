@@ -13,7 +13,13 @@ function of the workload, the configuration and the seed:
   the Scheduler's in-flight accounting and to the results; a busy engine starts its next
   step;
 * SCRAPE: every ``scrape_interval_s`` each engine's waiting/running/KV-usage figures are
-  handed to ``Scheduler.update_metrics``, as the live scraper does.
+  handed to ``Scheduler.update_metrics``, as the live scraper does;
+* EXPIRE: a waiting request's wait bound passes.
+
+Arrivals go through the Scheduler's flow control first (``Scheduler.admit``, as the
+ext_proc server does): while the pool is saturated they wait in priority, fairness and
+urgency order, or are refused; after every completion and scrape the waiting ones that
+now fit are picked.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 from scheduler.core.events import EventBatch
+from scheduler.core.flowcontrol import QUEUE_FULL, REJECTION_STATUS
 from scheduler.core.scheduler import (
     Endpoint,
     EndpointMetrics,
@@ -35,7 +42,7 @@ from scheduler.replay.report import RequestOutcome, SLOTargets
 from scheduler.sim.engine import Engine, EngineConfig, RequestRejected, StepResult
 from scheduler.sim.latency import LatencyModel
 
-ARRIVAL, STEP, FIRST_TOKEN, STEP_DONE, EVENTS, SCRAPE = range(6)
+ARRIVAL, STEP, FIRST_TOKEN, STEP_DONE, EVENTS, SCRAPE, EXPIRE = range(7)
 
 
 class WorkloadItem(Protocol):
@@ -85,6 +92,7 @@ class VirtualPool:
     _heap: list[tuple[float, int, int, object]] = field(init=False, default_factory=list)
     _seq: int = field(init=False, default=0)
     _by_name: dict[str, _Worker] = field(init=False, default_factory=dict)
+    _expiry_at: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -133,22 +141,31 @@ class VirtualPool:
                 self.scheduler.index.apply_batch(worker_name, batch)
             elif kind == SCRAPE:
                 self._scrape(now)
+                pending -= self._dispatch_waiting(now, results)
                 self._push(now + self.config.scrape_interval_s, SCRAPE, None)
+            elif kind == EXPIRE:
+                self._expiry_at = None
+                pending -= self._dispatch_waiting(now, results)
+                self._schedule_expiry()
         return [results[item.request_id] for item in requests]
 
     def _arrive(self, item: WorkloadItem, now: float, results: dict[str, RequestOutcome]) -> int:
+        """A request reaches the gateway: flow control admits, queues or refuses it. Returns
+        how many requests ended here (refused, or picked and refused by the engine)."""
         tokens = item.prompt_token_ids
         slo, scale = self.config.slo, self.config.token_scale
         request = SchedulingRequest(
             item.request_id,
             tokens,
             max_tokens=item.max_tokens,
+            # Optional on workload items: the InferenceObjective and tenant a request names.
+            objective=getattr(item, "objective", None),
+            fairness_id=getattr(item, "fairness_id", None),
             slo_ttft_ms=slo.ttft_ms,
             # The scheduler sees the engine's tokens, each standing for token_scale real ones.
             slo_tpot_ms=None if slo.tpot_ms is None else slo.tpot_ms * scale,
         )
-        pick = self.scheduler.pick(request, now)
-        result = RequestOutcome(
+        results[item.request_id] = RequestOutcome(
             item.request_id,
             ok=False,
             start_s=now,
@@ -156,27 +173,62 @@ class VirtualPool:
             slo_ttft_ms=slo.ttft_ms,
             slo_tpot_ms=slo.tpot_ms,
         )
-        results[item.request_id] = result
+        admission = self.scheduler.admit(request, now, payload=request)
+        ended = 0
+        if admission.evicted is not None:
+            evicted = results[admission.evicted.request_id]
+            evicted.error = f"http {REJECTION_STATUS.get(QUEUE_FULL, 429)}: {QUEUE_FULL}"
+            ended += 1
+        if admission.rejected:
+            results[item.request_id].error = f"http {admission.http_status}: {admission.reason}"
+            return ended + 1
+        if admission.queued:
+            self._schedule_expiry()
+            return ended + self._dispatch_waiting(now, results)
+        return ended + self._dispatch(request, now, results)
+
+    def _dispatch(self, request: SchedulingRequest, now: float, results: dict[str, RequestOutcome]) -> int:
+        """Pick an endpoint and hand the request to its engine; 1 if it ended here."""
+        result = results[request.request_id]
+        pick = self.scheduler.pick(request, now)
         if pick.status != "ok":
             result.error = f"{pick.status}: {pick.reason}"
             return 1
         if pick.predicted is not None:
             ttft_ms, tpot_ms, source = pick.predicted
             result.predicted_ttft_ms = ttft_ms
-            result.predicted_tpot_ms = tpot_ms / scale
+            result.predicted_tpot_ms = tpot_ms / self.config.token_scale
             result.prediction_source = source
         worker = self._by_name[pick.endpoints[0]]
         result.endpoint = worker.name
         try:
-            worker.engine.add_request(item.request_id, list(tokens), max(item.max_tokens, 1), now)
+            worker.engine.add_request(
+                request.request_id, list(request.token_ids), max(request.max_tokens or 1, 1), now
+            )
         except RequestRejected as exc:
-            self.scheduler.on_failed(item.request_id, now)
+            self.scheduler.on_failed(request.request_id, now)
             result.error = f"rejected: {exc}"
             return 1
         if not worker.stepping:
             worker.stepping = True
             self._push(max(now, worker.engine.busy_until), STEP, worker)
         return 0
+
+    def _dispatch_waiting(self, now: float, results: dict[str, RequestOutcome]) -> int:
+        """Send waiting requests while the pool has room; refuse those past their wait bound."""
+        ended = 0
+        for item, reason in self.scheduler.flow.expire(now):
+            results[item.request_id].error = f"http {REJECTION_STATUS.get(reason, 503)}: {reason}"
+            ended += 1
+        while (waiting := self.scheduler.next_dispatch(now)) is not None:
+            ended += self._dispatch(cast(SchedulingRequest, waiting.payload), now, results)
+        return ended
+
+    def _schedule_expiry(self) -> None:
+        deadline = self.scheduler.flow.next_deadline()
+        if deadline is not None and deadline != self._expiry_at:
+            self._expiry_at = deadline
+            self._push(deadline, EXPIRE, None)
 
     def _step(self, worker: _Worker, now: float) -> None:
         step = worker.engine.step(now)
@@ -217,6 +269,8 @@ class VirtualPool:
             self._push(now, STEP, worker)
         else:
             worker.stepping = False
+        if step.finished:
+            finished += self._dispatch_waiting(now, results)
         return finished
 
     def _scrape(self, now: float) -> None:
