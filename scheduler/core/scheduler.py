@@ -308,8 +308,8 @@ class Scheduler:
 
     # --- flow control ------------------------------------------------------------------
 
-    def pool_saturated(self, now: float) -> bool:
-        """Whether the pool can take more work now (``SaturationDetector``, with hysteresis).
+    def saturation_states(self, now: float) -> list[EndpointState]:
+        """The endpoints as saturation detection judges them.
 
         Each endpoint's scraped waiting count is raised by the requests routed there since
         that scrape, so a burst of dispatches between two scrapes saturates the pool as it
@@ -321,7 +321,11 @@ class Scheduler:
             if runtime.routed_since_scrape:
                 state = replace(state, waiting=state.waiting + runtime.routed_since_scrape)
             states.append(state)
-        return self.saturation.saturated(states, now)
+        return states
+
+    def pool_saturated(self, now: float) -> bool:
+        """Whether the pool can take more work now (``SaturationDetector``, with hysteresis)."""
+        return self.saturation.saturated(self.saturation_states(now), now)
 
     def admit(self, request: SchedulingRequest, now: float, payload: Any = None) -> Admission:
         """Flow control's answer for an arriving request: pick it now, it waits, or it is refused."""
