@@ -137,7 +137,9 @@ class FakeKubeAPIServer:
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="fake kube-apiserver", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(0.05,), name="fake kube-apiserver", daemon=True
+        )
         self._thread.start()
         return self
 
