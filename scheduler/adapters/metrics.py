@@ -71,6 +71,7 @@ class KvschedCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._endpoints()
         yield from self._index()
+        yield from self._flow_control()
         if self.scraper is not None:
             yield from self._scrapes(self.scraper.all_stats())
         if self.ingest_stats is not None:
@@ -165,6 +166,43 @@ class KvschedCollector(Collector):
             "kvsched_index_unknown_removals",
             "BlockRemoved events for blocks the index did not hold.",
             value=index.unknown_removals,
+        )
+
+    def _flow_control(self) -> Iterator[Metric]:
+        scheduler = self.scheduler
+        stats = scheduler.flow.stats
+        yield GaugeMetricFamily(
+            "kvsched_pool_saturated",
+            "1 while the pool is saturated (every healthy endpoint over a limit), else 0.",
+            value=1.0 if scheduler.saturation.is_saturated else 0.0,
+        )
+        depth = GaugeMetricFamily(
+            "kvsched_flow_queue_depth", "Requests waiting in flow control, by priority.", labels=["priority"]
+        )
+        for priority, count in sorted(stats.queue_depth.items()):
+            depth.add_metric([str(priority)], count)
+        yield depth
+        outcomes = CounterMetricFamily(
+            "kvsched_flow_requests",
+            "Requests through flow control by outcome: admitted at once, queued, dispatched from "
+            "the queue, cancelled by the client.",
+            labels=["outcome"],
+        )
+        for outcome in ("admitted", "queued", "dispatched_from_queue", "cancelled"):
+            outcomes.add_metric([outcome], getattr(stats, outcome))
+        yield outcomes
+        rejected = CounterMetricFamily(
+            "kvsched_flow_rejected",
+            "Requests flow control refused, by reason (shed, queue full, wait exceeded, shutdown).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        yield CounterMetricFamily(
+            "kvsched_flow_wait_seconds",
+            "Total time requests dispatched from the queue spent waiting.",
+            value=stats.dispatch_wait_s_sum,
         )
 
     @staticmethod
