@@ -1,0 +1,23 @@
+"""In-process TTFT/TPOT predictor: features, analytic prior, stratified samples, compiled trees.
+
+I/O-free like the rest of the core: time is passed in, training jobs are plain snapshots
+that an adapter may fit on another thread (scheduler/adapters/predictor_trainer.py).
+"""
+
+from scheduler.core.predictor.config import PredictorConfig, PriorCoefficients, XGBoostParams
+from scheduler.core.predictor.features import FEATURE_NAMES, NUM_FEATURES, FeatureMatrix, candidate_features
+from scheduler.core.predictor.prior import PriorModel
+from scheduler.core.predictor.store import SampleStore, StratifiedReservoir
+
+__all__ = [
+    "FEATURE_NAMES",
+    "NUM_FEATURES",
+    "FeatureMatrix",
+    "PredictorConfig",
+    "PriorCoefficients",
+    "PriorModel",
+    "SampleStore",
+    "StratifiedReservoir",
+    "XGBoostParams",
+    "candidate_features",
+]

@@ -1,0 +1,128 @@
+"""Latency predictor settings: when to train, how much to keep, the trees, the prior."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class XGBoostParams(BaseModel):
+    """Gradient-boosted trees, one ensemble per target (TTFT, TPOT)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_estimators: int = Field(
+        100, ge=1, le=2000, description="Boosting rounds (trees per target); predict cost grows linearly."
+    )
+    max_depth: int = Field(
+        6, ge=1, le=16, description="Depth of each tree; predict cost grows linearly with it."
+    )
+    learning_rate: float = Field(0.1, gt=0, le=1, description="Shrinkage applied to each tree (eta).")
+    min_child_weight: float = Field(
+        1.0, ge=0, description="Least hessian (samples, for squared error) a leaf may hold."
+    )
+    subsample: float = Field(1.0, gt=0, le=1, description="Share of the training rows each tree is grown on.")
+    nthread: int = Field(
+        1,
+        ge=1,
+        description="Threads a fit may use. 1 by default so that training in the background leaves "
+        "the other cores to picking.",
+    )
+    seed: int = Field(0, description="Random seed of the fit (row subsampling).")
+
+
+class PriorCoefficients(BaseModel):
+    """The analytic prior before any refit. Defaults: Llama-3-8B on one H100 (see sim/latency.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttft_base_ms: float = Field(
+        10.0, ge=0, description="TTFT of a tiny prompt on an idle endpoint: one engine step and overheads."
+    )
+    ttft_ms_per_uncached_token: float = Field(
+        0.036, ge=0, description="Prefill cost of one token of this request (about 27.6k tokens/s)."
+    )
+    ttft_ms_per_prefill_token_ahead: float = Field(
+        0.036,
+        ge=0,
+        description="Cost of one in-flight prefill token queued ahead of this request.",
+    )
+    ttft_ms_per_waiting_request: float = Field(
+        8.0, ge=0, description="Queueing cost of one scraped waiting request (at least one step each)."
+    )
+    tpot_base_ms: float = Field(
+        7.6, ge=0, description="Time per output token of a lone decoding request (one step)."
+    )
+    tpot_ms_per_running_request: float = Field(
+        0.05, ge=0, description="Added time per output token for each other request in the decode batch."
+    )
+
+
+class PredictorConfig(BaseModel):
+    """How the TTFT/TPOT predictor learns. Immutable: reconfigure by building a new predictor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        True,
+        description="False: predictions come from the prior only; observations are neither stored "
+        "nor trained on.",
+    )
+    min_samples: int = Field(
+        200,
+        ge=10,
+        description="Training samples with a target observed before a trained model replaces the "
+        "prior for that target.",
+    )
+    retrain_every_s: float = Field(
+        30.0, gt=0, description="Retrain at most this long after the last install, when new samples arrived."
+    )
+    retrain_every_samples: int = Field(
+        2000, ge=1, description="Retrain sooner once this many samples arrived since the last training job."
+    )
+    max_samples: int = Field(
+        20000,
+        ge=1000,
+        le=10_000_000,
+        description="Bound on stored samples (training and held-out together); memory is about 60 "
+        "bytes a sample.",
+    )
+    holdout_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=0.5,
+        description="Share of observations set aside, by a hash of their sequence number, to measure "
+        "accuracy on; never trained on.",
+    )
+    target_transform: Literal["log", "identity"] = Field(
+        "log",
+        description="Space the trees fit in. 'log' (log1p of milliseconds): squared error there is "
+        "relative error, which is what MAPE measures and what latencies spanning orders of magnitude "
+        "need; 'identity': milliseconds.",
+    )
+    require_model_beats_prior: bool = Field(
+        True,
+        description="Keep the prior for a target whose trained model does worse than it on the "
+        "held-out samples (checked when at least min_holdout_for_comparison samples are held out).",
+    )
+    min_holdout_for_comparison: int = Field(
+        30, ge=1, description="Held-out samples a target needs before the model-vs-prior check applies."
+    )
+    prior_refit_min_samples: int = Field(
+        16,
+        ge=4,
+        description="Samples a target needs before its prior is refitted; until a model is trained "
+        "the prior is refitted each time the sample count doubles.",
+    )
+    running_mape_window: int = Field(
+        500,
+        ge=1,
+        description="Observations the running MAPE averages over (an exponential moving average "
+        "with this span).",
+    )
+    seed: int = Field(0, description="Seed of the sample store's reservoir sampling.")
+    xgboost: XGBoostParams = Field(default_factory=XGBoostParams, description="Tree ensemble settings.")
+    prior: PriorCoefficients = Field(
+        default_factory=PriorCoefficients, description="Starting coefficients of the analytic prior."
+    )
