@@ -6,18 +6,30 @@ that an adapter may fit on another thread (scheduler/adapters/predictor_trainer.
 
 from scheduler.core.predictor.config import PredictorConfig, PriorCoefficients, XGBoostParams
 from scheduler.core.predictor.features import FEATURE_NAMES, NUM_FEATURES, FeatureMatrix, candidate_features
+from scheduler.core.predictor.model import (
+    NATIVE_EVALUATOR,
+    CompiledEnsemble,
+    TargetScore,
+    TrainedModel,
+    compile_booster_json,
+)
 from scheduler.core.predictor.prior import PriorModel
 from scheduler.core.predictor.store import SampleStore, StratifiedReservoir
 
 __all__ = [
     "FEATURE_NAMES",
+    "NATIVE_EVALUATOR",
     "NUM_FEATURES",
+    "CompiledEnsemble",
     "FeatureMatrix",
     "PredictorConfig",
     "PriorCoefficients",
     "PriorModel",
     "SampleStore",
     "StratifiedReservoir",
+    "TargetScore",
+    "TrainedModel",
     "XGBoostParams",
     "candidate_features",
+    "compile_booster_json",
 ]
