@@ -177,6 +177,9 @@ class _InFlight:
     endpoint: str
     prompt_tokens: int
     started_at: float
+    # The prompt tokens the endpoint must compute (those not already cached there): what this
+    # request adds to the endpoint's prefill work until its first token.
+    prefill_tokens: int
     prefilling: bool = True
     first_token_at: float | None = None
 
@@ -385,7 +388,8 @@ class Scheduler:
             status: Literal["no_endpoints", "shed"] = "no_endpoints"
             return PickResult(status, [], decision.reason or "no endpoint available", explanation)
         addresses = [self._endpoints[name].endpoint.address for name in decision.endpoints]
-        self._start(request, decision.endpoints[0], keys, now)
+        primary = decision.endpoints[0]
+        self._start(request, primary, keys, now, self._cached_tokens(matches.get(primary)))
         return PickResult("ok", addresses, "", explanation, decision.predicted)
 
     def _pick_baseline(
@@ -406,7 +410,7 @@ class Scheduler:
         if not order:
             reason = "no eligible endpoint in subset hint" if allowed is not None else "no healthy endpoint"
             return PickResult("no_endpoints", [], reason, explanation)
-        self._start(request, order[0], keys, now)
+        self._start(request, order[0], keys, now, self._cached_tokens(matches.get(order[0])))
         return PickResult("ok", [self._endpoints[name].endpoint.address for name in order], "", explanation)
 
     def fallback_pick(self, request: SchedulingRequest, now: float | None = None) -> list[str]:
@@ -431,16 +435,22 @@ class Scheduler:
 
     # --- request lifecycle ---------------------------------------------------------------
 
-    def _start(self, request: SchedulingRequest, endpoint: str, keys: Any, now: float) -> None:
+    def _cached_tokens(self, match: PrefixMatch | None) -> int:
+        return 0 if match is None else match.total_blocks * self.config.index.block_size
+
+    def _start(
+        self, request: SchedulingRequest, endpoint: str, keys: Any, now: float, cached_tokens: int = 0
+    ) -> None:
         previous = self._inflight.pop(request.request_id, None)
         if previous is not None:
             self._release(previous)
         runtime = self._endpoints[endpoint]
         prompt_tokens = len(request.token_ids)
+        prefill_tokens = max(prompt_tokens - cached_tokens, 0)
         runtime.inflight_requests += 1
-        runtime.inflight_prefill_tokens += prompt_tokens
+        runtime.inflight_prefill_tokens += prefill_tokens
         runtime.routed_since_scrape += 1
-        self._inflight[request.request_id] = _InFlight(endpoint, prompt_tokens, now)
+        self._inflight[request.request_id] = _InFlight(endpoint, prompt_tokens, now, prefill_tokens)
         if keys is not None and len(keys) and runtime.endpoint.kv_events is None:
             self._record_approximate(endpoint, keys, now)
 
@@ -450,7 +460,7 @@ class Scheduler:
             return
         runtime.inflight_requests = max(runtime.inflight_requests - 1, 0)
         if flight.prefilling:
-            runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prompt_tokens, 0)
+            runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prefill_tokens, 0)
 
     def on_served_by(self, request_id: str, address: str) -> None:
         """The gateway reports the endpoint that actually took the request (maybe a fallback)."""
@@ -459,10 +469,13 @@ class Scheduler:
         if flight is None or name is None or name == flight.endpoint:
             return
         self._release(flight)
-        moved = _InFlight(name, flight.prompt_tokens, flight.started_at)
+        # What the fallback holds of this prompt is not known here: count all of it.
+        moved = _InFlight(name, flight.prompt_tokens, flight.started_at, flight.prompt_tokens)
+        moved.prefilling, moved.first_token_at = flight.prefilling, flight.first_token_at
         runtime = self._endpoints[name]
         runtime.inflight_requests += 1
-        runtime.inflight_prefill_tokens += flight.prompt_tokens
+        if moved.prefilling:
+            runtime.inflight_prefill_tokens += moved.prefill_tokens
         self._inflight[request_id] = moved
 
     def on_first_token(self, request_id: str, now: float) -> None:
@@ -473,7 +486,7 @@ class Scheduler:
         flight.first_token_at = now
         runtime = self._endpoints.get(flight.endpoint)
         if runtime is not None:
-            runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prompt_tokens, 0)
+            runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prefill_tokens, 0)
 
     def on_completed(
         self,
