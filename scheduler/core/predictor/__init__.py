@@ -13,8 +13,10 @@ from scheduler.core.predictor.model import (
     TrainedModel,
     compile_booster_json,
 )
+from scheduler.core.predictor.predictor import LatencyPredictor, Prediction, PredictorStats
 from scheduler.core.predictor.prior import PriorModel
 from scheduler.core.predictor.store import SampleStore, StratifiedReservoir
+from scheduler.core.predictor.training import TrainingJob
 
 __all__ = [
     "FEATURE_NAMES",
@@ -22,13 +24,17 @@ __all__ = [
     "NUM_FEATURES",
     "CompiledEnsemble",
     "FeatureMatrix",
+    "LatencyPredictor",
+    "Prediction",
     "PredictorConfig",
+    "PredictorStats",
     "PriorCoefficients",
     "PriorModel",
     "SampleStore",
     "StratifiedReservoir",
     "TargetScore",
     "TrainedModel",
+    "TrainingJob",
     "XGBoostParams",
     "candidate_features",
     "compile_booster_json",

@@ -1,0 +1,480 @@
+"""Latency predictor: feature layout, prior refits, the stratified store and its holdout,
+learning a synthetic latency law, compiled-evaluator agreement with xgboost, persistence,
+training-job isolation, and the benchmark at a small size."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import xgboost
+
+from scheduler._native import treeeval
+from scheduler.bench.predictor_bench import run as run_bench
+from scheduler.bench.predictor_bench import synthetic_pick, synthetic_samples, trained_predictor
+from scheduler.core.predictor import (
+    FEATURE_NAMES,
+    NATIVE_EVALUATOR,
+    NUM_FEATURES,
+    CompiledEnsemble,
+    LatencyPredictor,
+    PredictorConfig,
+    PriorModel,
+    StratifiedReservoir,
+    TrainedModel,
+    candidate_features,
+    compile_booster_json,
+)
+from scheduler.core.predictor import training as training_module
+from scheduler.core.predictor.features import (
+    DECODE_BATCH,
+    ENDPOINT_CLASS_ID,
+    INFLIGHT_PREFILL_TOKENS,
+    PROMPT_TOKENS,
+    UNCACHED_TOKENS,
+    WAITING,
+)
+from scheduler.core.predictor.model import NODE_DTYPE, mape
+from scheduler.core.predictor.prior import nonnegative_least_squares
+from scheduler.core.predictor.store import CLASS_SLOTS, SampleStore, is_held_out, stratum_of
+
+SMALL = PredictorConfig(min_samples=100, max_samples=4000)
+
+
+def linear_ttft(features: np.ndarray) -> np.ndarray:
+    f = features.astype(np.float64)
+    return 5.0 + 0.05 * f[:, UNCACHED_TOKENS] + 0.02 * f[:, INFLIGHT_PREFILL_TOKENS] + 2.0 * f[:, WAITING]
+
+
+def linear_tpot(features: np.ndarray) -> np.ndarray:
+    return 4.0 + 0.1 * features[:, DECODE_BATCH].astype(np.float64)
+
+
+def picks(n_picks: int, seed: int, candidates: int = 8) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.concatenate([synthetic_pick(rng, candidates) for _ in range(n_picks)])
+
+
+# --- features -------------------------------------------------------------------------
+
+
+def test_candidate_features_fill_every_column_in_the_documented_order() -> None:
+    rows = candidate_features(
+        prompt_tokens=1000,
+        cached_tokens=[0.0, 480.5, 1200.0],
+        waiting=[0, 3, 7],
+        running=[2, 10, 1],
+        kv_usage=[0.1, 0.5, 0.99],
+        inflight_prefill_tokens=[0, 4096, 100],
+        inflight_decode_requests=[5, 4, 0],
+        endpoint_class_ids=[0, 1, 2],
+    )
+    assert rows.shape == (3, NUM_FEATURES) and rows.dtype == np.float32
+    assert len(FEATURE_NAMES) == NUM_FEATURES
+    by_name = {name: rows[:, i].tolist() for i, name in enumerate(FEATURE_NAMES)}
+    assert by_name["prompt_tokens"] == [1000, 1000, 1000]
+    assert by_name["cached_tokens"] == [0.0, 480.5, 1200.0]
+    # More cached than prompted (a stale tier-weighted match) leaves nothing to prefill, not less.
+    assert by_name["uncached_tokens"] == [1000.0, 519.5, 0.0]
+    assert by_name["waiting"] == [0, 3, 7]
+    assert by_name["running"] == [2, 10, 1]
+    assert by_name["kv_usage"] == pytest.approx([0.1, 0.5, 0.99])
+    assert by_name["inflight_prefill_tokens"] == [0, 4096, 100]
+    assert by_name["inflight_decode_requests"] == [5, 4, 0]
+    assert by_name["endpoint_class_id"] == [0, 1, 2]
+    assert by_name["prefill_tokens_ahead"] == [1000.0, 4615.5, 100.0]
+    assert by_name["decode_batch"] == [5, 10, 1]
+
+
+def test_candidate_features_reject_misaligned_columns_and_allow_no_candidates() -> None:
+    with pytest.raises(ValueError, match="one entry per candidate"):
+        candidate_features(10, [0.0, 1.0], [0], [0, 0], [0.0, 0.0], [0, 0], [0, 0], [0, 0])
+    empty = candidate_features(10, [], [], [], [], [], [], [])
+    assert empty.shape == (0, NUM_FEATURES)
+
+
+# --- prior ----------------------------------------------------------------------------
+
+
+def test_nonnegative_least_squares_pins_negative_coefficients_to_zero() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 10, size=(200, 2))
+    design = np.column_stack([np.ones(200), x])
+    target = 3.0 + 2.0 * x[:, 0] - 0.5 * x[:, 1]  # an unconstrained fit would give -0.5
+    coef = nonnegative_least_squares(design, target, np.ones(200))
+    assert coef[2] == 0.0
+    assert np.all(coef >= 0.0)
+    assert coef[1] > 1.5
+    exact = nonnegative_least_squares(design, 3.0 + 2.0 * x[:, 0] + 0.5 * x[:, 1], np.ones(200))
+    np.testing.assert_allclose(exact, [3.0, 2.0, 0.5], rtol=1e-9)
+
+
+def test_prior_refit_recovers_a_linear_latency_law() -> None:
+    features = picks(40, seed=1)
+    prior = PriorModel.from_coefficients(PredictorConfig().prior)
+    refit = prior.refit(features, linear_ttft(features), linear_tpot(features), min_samples=16)
+    np.testing.assert_allclose(refit.ttft, [5.0, 0.05, 0.02, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(refit.tpot, [4.0, 0.1], rtol=1e-6)
+    assert refit.ttft_fitted_on == refit.tpot_fitted_on == len(features)
+    # Too few samples of a target: its coefficients stay as they were.
+    missing = np.full(len(features), np.nan)
+    partial = prior.refit(features, linear_ttft(features), missing, min_samples=16)
+    assert partial.tpot == prior.tpot and partial.tpot_fitted_on == 0
+    assert partial.ttft != prior.ttft
+
+
+def test_prior_is_refitted_from_observations_before_a_model_exists() -> None:
+    predictor = LatencyPredictor(SMALL)
+    features = picks(12, seed=2)
+    ttft, tpot = linear_ttft(features), linear_tpot(features)
+    before = mape(predictor.predict(features).ttft_ms, ttft)
+    for i in range(len(features)):
+        predictor.observe(features[i], float(ttft[i]), float(tpot[i]), now=float(i))
+    after = predictor.predict(features)
+    assert predictor.model is None and after.source == "prior"
+    assert predictor.prior.ttft_fitted_on > 0
+    assert before > 0.05
+    assert mape(after.ttft_ms, ttft) < 1e-6
+    assert mape(after.tpot_ms, tpot) < 1e-6
+
+
+# --- sample store ---------------------------------------------------------------------
+
+
+def test_stratified_reservoir_stays_bounded_and_keeps_rare_regimes() -> None:
+    reservoir = StratifiedReservoir(capacity=500, seed=3)
+    common = picks(1, seed=4, candidates=1)[0].copy()
+    common[WAITING] = 0.0
+    common[DECODE_BATCH] = 0.0
+    common[UNCACHED_TOKENS] = 100.0
+    rare = common.copy()
+    rare[ENDPOINT_CLASS_ID] = 3.0
+    rare[UNCACHED_TOKENS] = 20000.0
+    for i in range(20_000):
+        row = rare if i % 400 == 0 else common
+        reservoir.add(row, 10.0, 5.0, i)
+        assert len(reservoir) <= 500
+    strata = reservoir.strata
+    assert strata[stratum_of(rare)] == 50  # every rare sample kept: below its fair share
+    assert strata[stratum_of(common)] == 450
+    held = reservoir.arrays()
+    common_sequences = held.sequence[held.features[:, ENDPOINT_CLASS_ID] == common[ENDPOINT_CLASS_ID]]
+    # A reservoir, not the first 450 seen: the kept common samples span the whole stream.
+    assert common_sequences.min() < 2_000 and common_sequences.max() > 18_000
+
+
+def test_a_new_stratum_takes_its_share_from_the_largest_when_full() -> None:
+    reservoir = StratifiedReservoir(capacity=100, seed=5)
+    base = picks(1, seed=6, candidates=1)[0]
+    for i in range(300):
+        reservoir.add(base, 1.0, 1.0, i)
+    assert reservoir.strata == {stratum_of(base): 100}
+    other = base.copy()
+    other[ENDPOINT_CLASS_ID] = (base[ENDPOINT_CLASS_ID] + 1) % CLASS_SLOTS
+    for i in range(30):
+        reservoir.add(other, 1.0, 1.0, 300 + i)
+    assert reservoir.strata == {stratum_of(base): 70, stratum_of(other): 30}
+    assert len(reservoir) == 100
+
+
+def test_holdout_slice_is_deterministic_and_never_trained_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = PredictorConfig(min_samples=100, max_samples=5000, holdout_fraction=0.2)
+    predictor = LatencyPredictor(config)
+    samples = synthetic_samples(1500, seed=7)
+    features = samples.features.copy()
+    features[:, PROMPT_TOKENS] = np.arange(len(features))  # a row's id, to trace it
+    for i in range(len(features)):
+        predictor.observe(features[i], float(samples.ttft_ms[i]), float(samples.tpot_ms[i]), now=0.0)
+    job = predictor.training_job()
+    train_ids = set(job.train.features[:, PROMPT_TOKENS].astype(int).tolist())
+    holdout_ids = set(job.holdout.features[:, PROMPT_TOKENS].astype(int).tolist())
+    assert not train_ids & holdout_ids
+    assert train_ids | holdout_ids == set(range(len(features)))
+    assert holdout_ids == {i for i in range(len(features)) if is_held_out(i, 0.2)}
+    assert 0.15 < len(holdout_ids) / len(features) < 0.25
+
+    fitted_on: list[set[int]] = []
+    real_fit = training_module.fit_booster
+
+    def recording_fit(x: np.ndarray, y: np.ndarray, params: object) -> bytes:
+        fitted_on.append(set(x[:, PROMPT_TOKENS].astype(int).tolist()))
+        return real_fit(x, y, params)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(training_module, "fit_booster", recording_fit)
+    model = job.fit()
+    assert len(fitted_on) == 2  # one booster per target
+    assert all(ids and not ids & holdout_ids for ids in fitted_on)
+    assert model.ttft_score.holdout_samples == len(holdout_ids)
+
+
+def test_sample_store_splits_by_sequence_and_bounds_both_parts() -> None:
+    store = SampleStore(max_samples=1000, holdout_fraction=0.1, seed=0)
+    rows = picks(500, seed=8)
+    for row in rows:
+        store.add(row, 1.0, None)
+    assert store.observed == len(rows)
+    assert len(store.train) <= 900 and len(store.holdout) <= 100
+    assert len(store) == len(store.train) + len(store.holdout) == 1000
+    assert np.isnan(store.train.arrays().tpot_ms).all()
+
+
+# --- the trained model ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_predictor() -> LatencyPredictor:
+    return trained_predictor(synthetic_samples(6000, seed=11))
+
+
+def test_model_learns_a_queueing_latency_law_to_under_ten_percent(
+    synthetic_predictor: LatencyPredictor,
+) -> None:
+    model = synthetic_predictor.model
+    assert model is not None and model.ttft is not None and model.tpot is not None
+    for score in (model.ttft_score, model.tpot_score):
+        assert score.model_used and score.holdout_samples > 300
+        assert score.model_mape is not None and score.model_mape < 0.10
+        # The linear prior cannot express the load factor or the class speeds.
+        assert score.prior_mape is not None and score.prior_mape > 2 * score.model_mape
+    fresh = synthetic_samples(2000, seed=12)
+    prediction = synthetic_predictor.predict(fresh.features)
+    assert prediction.ttft_source == prediction.tpot_source == "model"
+    assert mape(prediction.ttft_ms, fresh.ttft_ms) < 0.10
+    assert mape(prediction.tpot_ms, fresh.tpot_ms) < 0.10
+    stats = synthetic_predictor.stats
+    assert stats.model_version == model.version == 1 and stats.trainings == 1
+    assert stats.holdout_mape_ttft == model.ttft_score.model_mape
+    assert stats.predictions["ttft_model"] >= 1 and stats.predictions["tpot_model"] >= 1
+
+
+def test_running_mape_tracks_what_the_predictor_answered_before_each_observation() -> None:
+    predictor = LatencyPredictor(SMALL)
+    assert predictor.stats.running_mape_ttft is None
+    row = picks(1, seed=13, candidates=1)
+    answered = predictor.predict(row)
+    predictor.observe(row[0], float(answered.ttft_ms[0]) * 2.0, float(answered.tpot_ms[0]), now=0.0)
+    stats = predictor.stats
+    assert stats.running_mape_ttft == pytest.approx(0.5)
+    assert stats.running_mape_tpot == pytest.approx(0.0)
+    assert stats.observed == 1
+
+
+def test_a_model_worse_than_the_prior_on_the_holdout_is_not_used() -> None:
+    # A noiseless linear law: the prior fits it exactly, trees only approximate it.
+    predictor = LatencyPredictor(SMALL)
+    features = picks(250, seed=14)
+    ttft, tpot = linear_ttft(features), linear_tpot(features)
+    for i in range(len(features)):
+        predictor.observe(features[i], float(ttft[i]), float(tpot[i]), now=0.0)
+    model = predictor.train_now(1.0)
+    assert model.ttft_score.prior_mape is not None and model.ttft_score.prior_mape < 1e-6
+    assert model.ttft_score.model_mape is not None and model.ttft_score.model_mape > 1e-3
+    assert not model.ttft_score.model_used and model.ttft is None
+    assert "ttft" in model.boosters  # fitted, then set aside
+    assert predictor.predict(features).ttft_source == "prior"
+    lenient = LatencyPredictor(SMALL.model_copy(update={"require_model_beats_prior": False}))
+    for i in range(len(features)):
+        lenient.observe(features[i], float(ttft[i]), float(tpot[i]), now=0.0)
+    assert lenient.train_now(1.0).ttft is not None
+
+
+def test_targets_train_independently_on_the_samples_that_observed_them() -> None:
+    predictor = LatencyPredictor(SMALL)
+    samples = synthetic_samples(600, seed=15)
+    for i in range(600):
+        # TPOT is unknown for most requests (single-token answers).
+        tpot = float(samples.tpot_ms[i]) if i % 10 == 0 else None
+        predictor.observe(samples.features[i], float(samples.ttft_ms[i]), tpot, now=0.0)
+    model = predictor.train_now(0.0)
+    assert model.ttft is not None and model.tpot is None
+    prediction = predictor.predict(samples.features[:4])
+    assert (prediction.ttft_source, prediction.tpot_source, prediction.source) == ("model", "prior", "mixed")
+
+
+# --- evaluators -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [1, 3, 6, 9])
+def test_compiled_evaluators_agree_with_xgboost(depth: int) -> None:
+    rng = np.random.default_rng(depth)
+    x = rng.normal(0, 100, size=(3000, NUM_FEATURES)).astype(np.float32)
+    x[rng.random(x.shape) < 0.05] = np.nan  # missing values exercise default_left
+    y = np.nan_to_num(x[:, 0]) * 0.3 + np.nan_to_num(x[:, 2] * x[:, 5]) * 0.01 + rng.normal(0, 1, 3000)
+    params = {"objective": "reg:squarederror", "max_depth": depth, "eta": 0.3, "nthread": 1}
+    booster = xgboost.train(params, xgboost.DMatrix(x, label=y), num_boost_round=40)
+    ensemble = compile_booster_json(bytes(booster.save_raw("json")))
+    assert ensemble.trees == 40 and ensemble.max_depth <= depth
+
+    test = rng.normal(0, 100, size=(257, NUM_FEATURES)).astype(np.float32)
+    with_missing = test.copy()
+    with_missing[rng.random(test.shape) < 0.1] = np.nan
+    for rows in (test, with_missing, test[:1], test[:0]):
+        expected = booster.predict(xgboost.DMatrix(rows), output_margin=True)
+        np.testing.assert_allclose(ensemble.margin_numpy(rows), expected, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(ensemble.margin_native(rows), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_native_evaluator_is_built_and_chosen() -> None:
+    assert NATIVE_EVALUATOR
+    assert hasattr(treeeval, "ensemble_margin")
+
+
+def test_native_kernel_rejects_mismatched_buffers(synthetic_predictor: LatencyPredictor) -> None:
+    model = synthetic_predictor.model
+    assert model is not None and model.ttft is not None
+    e = model.ttft
+    rows = picks(1, seed=16)
+    with pytest.raises(ValueError, match="fewer slots"):
+        treeeval.ensemble_margin(rows, e.nodes, e.missing_right, e.roots, e.depths, 0.0, np.empty(2))
+    with pytest.raises(ValueError, match="one entry per node"):
+        treeeval.ensemble_margin(rows, e.nodes, e.missing_right[:-1], e.roots, e.depths, 0.0, np.empty(8))
+    with pytest.raises(ValueError, match="features"):
+        e.margin(rows[:, :3])
+
+
+def test_only_plain_regression_boosters_compile() -> None:
+    x = np.random.default_rng(0).random((100, 3)).astype(np.float32)
+    booster = xgboost.train(
+        {"objective": "reg:logistic", "nthread": 1}, xgboost.DMatrix(x, label=x[:, 0]), num_boost_round=2
+    )
+    with pytest.raises(ValueError, match="reg:squarederror"):
+        compile_booster_json(bytes(booster.save_raw("json")))
+
+
+# --- persistence and training jobs ------------------------------------------------------
+
+
+def test_save_and_load_give_identical_predictions(synthetic_predictor: LatencyPredictor) -> None:
+    rows = synthetic_samples(300, seed=17).features
+    expected = synthetic_predictor.predict(rows)
+    restored = LatencyPredictor.from_bytes(synthetic_predictor.to_bytes())
+    got = restored.predict(rows)
+    assert np.array_equal(got.ttft_ms, expected.ttft_ms) and np.array_equal(got.tpot_ms, expected.tpot_ms)
+    assert got.source == "model"
+    assert restored.config == synthetic_predictor.config
+    assert restored.stats.model_version == synthetic_predictor.stats.model_version
+    model = synthetic_predictor.model
+    assert model is not None
+    again = TrainedModel.from_bytes(model.to_bytes())
+    assert np.array_equal(again.predict_ttft(rows), model.predict_ttft(rows))
+    assert again.ttft_score == model.ttft_score and again.prior == model.prior
+    assert again.boosters == model.boosters
+    # A fresh predictor round-trips its prior.
+    untrained = LatencyPredictor(SMALL)
+    copy = LatencyPredictor.from_bytes(untrained.to_bytes())
+    assert copy.model is None and copy.prior == untrained.prior
+
+
+def test_loading_refuses_ensembles_that_would_walk_out_of_bounds(
+    synthetic_predictor: LatencyPredictor,
+) -> None:
+    model = synthetic_predictor.model
+    assert model is not None and model.ttft is not None
+    arrays = model.ttft.to_arrays("x_")
+    broken = arrays["x_nodes"].copy()
+    broken["left"][0] = len(broken)
+    with pytest.raises(ValueError, match="outside the ensemble"):
+        CompiledEnsemble.from_arrays({**arrays, "x_nodes": broken}, "x_")
+    wrong_feature = arrays["x_nodes"].copy()
+    wrong_feature["feature"][0] = NUM_FEATURES
+    with pytest.raises(ValueError, match="feature"):
+        CompiledEnsemble.from_arrays({**arrays, "x_nodes": wrong_feature}, "x_")
+    assert arrays["x_nodes"].dtype == NODE_DTYPE
+
+
+def test_training_job_is_a_snapshot_unaffected_by_later_observations() -> None:
+    predictor = LatencyPredictor(SMALL)
+    samples = synthetic_samples(800, seed=18)
+    for i in range(400):
+        predictor.observe(samples.features[i], float(samples.ttft_ms[i]), float(samples.tpot_ms[i]), 0.0)
+    job = predictor.training_job()
+    train_before = job.train.features.copy()
+    holdout_before = job.holdout.ttft_ms.copy()
+    prior_before = job.prior
+    for i in range(400, 800):
+        predictor.observe(samples.features[i], float(samples.ttft_ms[i]), float(samples.tpot_ms[i]), 1.0)
+    assert np.array_equal(job.train.features, train_before)
+    assert np.array_equal(job.holdout.ttft_ms, holdout_before, equal_nan=True)
+    assert job.prior is prior_before
+    with pytest.raises(ValueError, match="read-only"):
+        job.train.features[0, 0] = 1.0
+    model = job.fit()
+    assert model.train_samples == len(train_before) < len(predictor.training_job().train)
+
+
+def test_training_is_due_on_samples_then_on_time_or_new_samples() -> None:
+    config = PredictorConfig(min_samples=100, max_samples=4000, retrain_every_s=30, retrain_every_samples=500)
+    predictor = LatencyPredictor(config)
+    samples = synthetic_samples(1000, seed=19)
+
+    def observe(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            predictor.observe(samples.features[i], float(samples.ttft_ms[i]), float(samples.tpot_ms[i]), 0.0)
+
+    observe(0, 90)
+    assert not predictor.training_due(0.0)
+    observe(90, 200)
+    assert predictor.training_due(0.0)
+    predictor.train_now(now=10.0)
+    assert not predictor.training_due(10.0)
+    assert not predictor.training_due(100.0)  # nothing new to learn from
+    observe(200, 210)
+    assert not predictor.training_due(39.0)
+    assert predictor.training_due(40.0)
+    predictor.train_now(now=40.0)
+    observe(210, 710)
+    assert predictor.training_due(41.0)  # retrain_every_samples, before retrain_every_s
+    assert predictor.stats.trainings == 2 and predictor.stats.model_version == 2
+
+
+def test_install_keeps_the_newest_model() -> None:
+    predictor = LatencyPredictor(SMALL)
+    samples = synthetic_samples(300, seed=20)
+    for i in range(300):
+        predictor.observe(samples.features[i], float(samples.ttft_ms[i]), float(samples.tpot_ms[i]), 0.0)
+    older, newer = predictor.training_job(), predictor.training_job()
+    newer_model = newer.fit()
+    assert predictor.install(newer_model, now=1.0)
+    assert not predictor.install(older.fit(), now=2.0)
+    assert predictor.model is newer_model
+
+
+def test_disabled_predictor_answers_from_the_prior_and_stores_nothing() -> None:
+    predictor = LatencyPredictor(PredictorConfig(enabled=False))
+    rows = picks(30, seed=21)
+    for row in rows:
+        predictor.observe(row, 100.0, 10.0, 0.0)
+    assert predictor.stats.samples == 0 and predictor.stats.observed == 0
+    assert not predictor.training_due(1e9)
+    prediction = predictor.predict(rows)
+    assert prediction.source == "prior" and np.all(prediction.ttft_ms > 0)
+
+
+def test_observe_rejects_rows_of_the_wrong_width() -> None:
+    with pytest.raises(ValueError, match="features"):
+        LatencyPredictor(SMALL).observe(np.zeros(3, dtype=np.float32), 1.0, 1.0, 0.0)
+
+
+def test_config_rejects_unknown_fields_and_is_frozen() -> None:
+    with pytest.raises(ValueError):
+        PredictorConfig(min_sample=3)  # type: ignore[call-arg]
+    config = PredictorConfig()
+    with pytest.raises(ValueError):
+        config.min_samples = 5
+    assert all(field.description for field in PredictorConfig.model_fields.values())
+
+
+# --- benchmark ------------------------------------------------------------------------------
+
+
+def test_predictor_benchmark_reports_latency_and_accuracy() -> None:
+    report = run_bench(candidates=16, iterations=20, train_samples=1500, test_samples=400, seed=3)
+    for key in ("compiled_us", "predict_us", "xgboost_us", "numpy_us", "features_us"):
+        assert report[key]["p50"] > 0 and report[key]["p99"] >= report[key]["p50"], key
+    assert report["speedup_vs_xgboost_p50"] > 0
+    assert report["max_relative_difference_vs_xgboost"] < 1e-4
+    assert report["native"] is True and report["trees_per_target"] == 100
+    assert 0 < report["mape_ttft"] < 0.2 and 0 < report["mape_tpot"] < 0.2
+    assert set(report["goals"]) == {"predict_both_p50_le_200us", "mape_ttft_lt_10pct", "mape_tpot_lt_10pct"}
+    assert not math.isnan(report["prior_mape_ttft"])
