@@ -71,6 +71,45 @@ def _bench_epp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_predictor(args: argparse.Namespace) -> int:
+    from scheduler.bench.predictor_bench import run
+
+    report = run(
+        candidates=args.candidates,
+        iterations=args.iterations,
+        train_samples=args.train_samples,
+        test_samples=args.test_samples,
+        seed=args.seed,
+    )
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(
+        f"{report['candidates']} candidates, {report['trees_per_target']} trees per target "
+        f"(depth {report['max_depth']}), TTFT and TPOT together"
+    )
+    print(f"{'predict latency (us)':32} {'p50':>10} {'p99':>10}")
+    for label, key in (
+        ("compiled trees" + ("" if report["native"] else " (numpy: not built)"), "compiled_us"),
+        ("LatencyPredictor.predict", "predict_us"),
+        ("xgboost inplace_predict", "xgboost_us"),
+        ("numpy fallback", "numpy_us"),
+        ("feature rows (builder)", "features_us"),
+    ):
+        print(f"{label:32} {report[key]['p50']:>10.1f} {report[key]['p99']:>10.1f}")
+    print(
+        f"compiled vs xgboost: {report['speedup_vs_xgboost_p50']:.1f}x faster at p50 "
+        f"(max relative difference {report['max_relative_difference_vs_xgboost']:.1e})"
+    )
+    print(
+        f"held-out MAPE: TTFT {report['mape_ttft']:.1%} (prior {report['prior_mape_ttft']:.1%}), "
+        f"TPOT {report['mape_tpot']:.1%} (prior {report['prior_mape_tpot']:.1%})"
+    )
+    for goal, met in report["goals"].items():
+        print(f"goal {goal}: {'met' if met else 'NOT met'}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (figures as ratios against an in-run baseline)")
     kinds = bench.add_subparsers(dest="bench", required=True)
@@ -97,3 +136,13 @@ def register(subparsers: Any) -> None:
     epp.add_argument("--seed", type=int, default=0)
     epp.add_argument("--json", action="store_true", help="print one JSON object")
     epp.set_defaults(func=_bench_epp)
+    predictor = kinds.add_parser(
+        "predictor", help="TTFT/TPOT predictor: batched predict latency against xgboost, held-out MAPE"
+    )
+    predictor.add_argument("--candidates", type=int, default=64, help="feature rows per predict call")
+    predictor.add_argument("--iterations", type=int, default=5000, help="timed predict calls")
+    predictor.add_argument("--train-samples", type=int, default=10_000)
+    predictor.add_argument("--test-samples", type=int, default=2_000)
+    predictor.add_argument("--seed", type=int, default=0)
+    predictor.add_argument("--json", action="store_true", help="print one JSON object")
+    predictor.set_defaults(func=_bench_predictor)
