@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import random
+
+from scheduler.bench.epp_bench import format_report, judge, request_bodies
 from scheduler.bench.epp_bench import run as run_epp
 from scheduler.bench.index_bench import run as run_index
 
@@ -28,3 +32,41 @@ def test_epp_benchmark_measures_both_paths() -> None:
     assert report["direct_ms"]["p50"] > 0 and report["gateway_ms"]["p50"] > 0
     assert report["added_p50_ms"] == report["gateway_ms"]["p50"] - report["direct_ms"]["p50"]
     assert report["picks"]["picks_per_s"] > 0
+    # Every process of the set-up was accounted for, and the run was too small to judge a goal.
+    assert set(report["cpu_ms_per_request"]) == {"client", "envoy", "kvsched", "workers"}
+    assert report["goals"] == {} and len(report["goal_conditions"]) == 2
+    assert "via Envoy+kvsched" in format_report(report)
+
+
+def test_epp_benchmark_runs_large_chat_prompts_in_a_closed_loop() -> None:
+    report = run_epp(
+        rate=0.0, prompt_tokens=0, requests=12, concurrency=4, workers=2, seed=4, prompt_bytes=50_000
+    )
+    assert report["prompt_bytes"] >= 50_000 and report["prompt_tokens"] is None
+    assert report["gateway_ms"]["p99"] > 0 and report["direct_ms"]["p99"] > 0
+
+
+def test_large_prompt_bodies_have_the_requested_size() -> None:
+    path, bodies = request_bodies("m", random.Random(0), 3, prompt_tokens=0, prompt_bytes=220_000)
+    assert path == "/v1/chat/completions"
+    contents = [json.loads(body)["messages"][0]["content"] for body in bodies]
+    assert all(len(content) == 220_000 for content in contents)
+    # Distinct from the first byte: no two prompts share a cached prefix.
+    assert len({content[:20] for content in contents}) == 3
+
+
+def test_goals_are_judged_only_under_their_conditions() -> None:
+    base = {"rate": 200.0, "achieved_rps": 199.0, "prompt_tokens": 8192, "prompt_bytes": None}
+    report = {**base, "concurrency": 64, "added_p50_ms": 0.8, "added_p99_ms": 3.5}
+    goals, skipped = judge(report)
+    assert goals == {
+        "added_p50_le_1ms_at_200rps_8k_tokens": True,
+        "added_p99_le_3ms_at_200rps_8k_tokens": False,
+    }
+    assert list(skipped) == ["added_p99_le_20ms_at_220kb"]
+    # A saturated run that could not reach the rate is not judged against the 200 req/s goal.
+    goals, _ = judge({**report, "achieved_rps": 120.0})
+    assert goals == {}
+    large = {**base, "prompt_tokens": None, "prompt_bytes": 220_000, "concurrency": 150}
+    goals, _ = judge({**large, "added_p50_ms": 5.0, "added_p99_ms": 12.0})
+    assert goals == {"added_p99_le_20ms_at_220kb_150_concurrent": True}

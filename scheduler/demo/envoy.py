@@ -62,6 +62,8 @@ class EnvoySettings:
     # Copy this request header into the subset-hint metadata the gateway sends to the EPP
     # (the way a gateway narrows the pool for a request); None = no subset hints.
     subset_header: str | None = None
+    # Envoy worker threads (``--concurrency``); None = Envoy's default, one per hardware thread.
+    concurrency: int | None = None
 
 
 def _address(hostport: str) -> dict[str, Any]:
@@ -246,6 +248,10 @@ class EnvoyGateway:
         self.port = 0
 
     @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
     def url(self) -> str:
         return f"http://{self.settings.listen_host}:{self.port}"
 
@@ -255,8 +261,12 @@ class EnvoyGateway:
         config_path = workdir / "envoy.json"
         admin_path = workdir / "admin.txt"
         config_path.write_text(json.dumps(render_config(self.settings)))
+        threads = (
+            [] if self.settings.concurrency is None else ["--concurrency", str(self.settings.concurrency)]
+        )
         self._process = await asyncio.create_subprocess_exec(
             envoy_binary(),
+            *threads,
             "-c",
             str(config_path),
             "--admin-address-path",
