@@ -55,6 +55,9 @@ def request_token_ids(tokenizer: PromptTokenizer, body: InferenceRequestBody) ->
 class ByteTokenizer:
     """UTF-8 bytes as token ids; chat rendered with a fixed, documented layout."""
 
+    # Pure Python that holds the GIL: a worker thread would only add a hand-off.
+    releases_gil = False
+
     def token_ids(self, body: InferenceRequestBody) -> list[int]:
         if body.prompt_token_ids is not None:
             return body.prompt_token_ids
@@ -117,6 +120,9 @@ def _tojson(value: Any, indent: int | None = None) -> str:
 
 class HFTokenizer:
     """The model's tokenizer.json plus the chat template of its tokenizer_config.json."""
+
+    # tokenizers' Rust encode releases the GIL, so long prompts tokenise beside the event loop.
+    releases_gil = True
 
     def __init__(self, tokenizer_json: str | Path, tokenizer_config: str | Path | None = None) -> None:
         from tokenizers import Tokenizer

@@ -30,6 +30,7 @@ class ExtProcStats:
         self.outcomes: Counter[str] = Counter()
         self._counter: Any = None
         self._decision_seconds: Any = None
+        self._children: dict[str, Any] = {}
         if registry is not None:
             from prometheus_client import Counter as PromCounter
             from prometheus_client import Histogram
@@ -52,11 +53,21 @@ class ExtProcStats:
     def count(self, outcome: str) -> None:
         self.outcomes[outcome] += 1
         if self._counter is not None:
-            self._counter.labels(outcome).inc()
+            child = self._children.get(outcome)
+            if child is None:
+                # labels() takes a lock and builds a key on every call: once per outcome is enough.
+                child = self._children[outcome] = self._counter.labels(outcome)
+            child.inc()
 
     def observe_decision(self, seconds: float) -> None:
         if self._decision_seconds is not None:
             self._decision_seconds.observe(seconds)
+
+
+def audit_enabled() -> bool:
+    """Whether audit lines are written: callers skip building a record (and the decision's
+    explanation, which the Scheduler builds only when read) when they are not."""
+    return audit_log.isEnabledFor(logging.INFO)
 
 
 def write_audit(record: dict[str, Any]) -> None:

@@ -125,7 +125,7 @@ class PickRunner:
         if parsed.prompt_token_ids is not None:
             return parsed.prompt_token_ids
         size = len(parsed.prompt_text or "") + sum(len(message.content) for message in parsed.messages)
-        if size > self.config.tokenize_in_thread_chars:
+        if size > self.config.tokenize_in_thread_chars and getattr(self.tokenizer, "releases_gil", True):
             # Tokenisers release the GIL; a long prompt must not stall every other stream.
             return await asyncio.to_thread(request_token_ids, self.tokenizer, parsed)
         return request_token_ids(self.tokenizer, parsed)

@@ -12,7 +12,13 @@ from typing import Any
 
 import grpc
 
-from scheduler.adapters.extproc.audit import ExtProcStats, milliseconds, primary_summary, write_audit
+from scheduler.adapters.extproc.audit import (
+    ExtProcStats,
+    audit_enabled,
+    milliseconds,
+    primary_summary,
+    write_audit,
+)
 from scheduler.adapters.extproc.decide import Decision, PickRunner
 from scheduler.adapters.extproc.headers import RequestHints, request_hints
 from scheduler.adapters.tokenizer import TemplateError
@@ -166,6 +172,8 @@ class EndpointPickerServicer:
 
 
 def _audit(request_id: str, decision: Decision, outcome: str, **observed: Any) -> None:
+    if not audit_enabled():
+        return
     request = decision.request
     write_audit(
         {

@@ -30,7 +30,13 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 
 from scheduler.adapters.extproc import responses
-from scheduler.adapters.extproc.audit import ExtProcStats, milliseconds, primary_summary, write_audit
+from scheduler.adapters.extproc.audit import (
+    ExtProcStats,
+    audit_enabled,
+    milliseconds,
+    primary_summary,
+    write_audit,
+)
 from scheduler.adapters.extproc.config import DROPPED_REASON_HEADER, ExtProcConfig
 from scheduler.adapters.extproc.decide import Decision, PickRunner
 from scheduler.adapters.extproc.headers import (
@@ -318,7 +324,7 @@ class _Exchange:
 
     def _write_audit(self, outcome: str, now: float | None = None) -> None:
         decision = self._decision
-        if decision is None:
+        if decision is None or not audit_enabled():
             return
         if now is None:
             now = self._clock()
