@@ -213,36 +213,27 @@ def test_minimal_policy_is_completed_by_the_defaults() -> None:
     }
     assert spec["scorerWeights"] == {
         "prefixOverlap": 3,
-        "queueDepth": 2,
-        "kvUtilization": 2,
-        "inflightLoad": 1,
-        "sloUrgency": 1,
+        "queueDepth": 1,
+        "kvUtilization": 0.5,
+        "inflightLoad": 1.5,
+        "predictedLatency": 0,
     }
-    assert spec["tierWeights"] == {"gpu": 1, "cpu": 0.6, "storage": 0.3}
-    assert spec["picker"] == {"mode": "maxScore", "temperature": 1, "numFallbacks": 2}
-    assert spec["predictor"] == {
-        "enabled": True,
-        "retrainIntervalSeconds": 60,
-        "minSamples": 200,
-        "maxSamples": 50000,
+    assert spec["tierWeights"] == {"gpu": 1, "cpu": 0.8, "storage": 0.5}
+    assert spec["picker"] == {
+        "mode": "maxScore",
+        "temperature": 0.05,
+        "numFallbacks": 2,
+        "tieEpsilon": 0.02,
+        "sloMargin": 0.1,
     }
-    assert spec["flowControl"] == {
-        "maxQueueDepthPerEndpoint": 128,
-        "maxKVUtilization": 0.95,
-        "maxWaitMs": 1000,
-        "shedSheddable": True,
-    }
-    assert spec["kvEvents"] == {
-        "port": 5557,
-        "replayPort": 5558,
-        "topic": "",
-        "blockSize": 16,
-        "hashMode": "own",
-        "hashSeed": "",
-    }
-    assert spec["scrapeIntervalMs"] == 50
-    # No default objective: a request without SLO headers has none.
-    assert "sloDefaults" not in spec
+    assert spec["limits"] == {"maxWaiting": 128, "maxKvUsage": 0.98, "metricsStaleAfterSeconds": 2}
+    assert spec["flowControl"]["maxQueueDepthPerEndpoint"] == 5
+    assert spec["flowControl"]["maxWaitMs"] == 20000
+    # Settings of the process, not of scoring: left out, the config file's value stays.
+    assert spec["kvEvents"] == {}
+    assert "scrapeIntervalMs" not in spec
+    # Reserved sections and no default objective: a request without SLO headers has none.
+    assert "sloDefaults" not in spec and "predictor" not in spec
     assert "status" not in policy
 
 
@@ -251,8 +242,131 @@ def test_defaults_do_not_override_what_is_set() -> None:
     spec = policy["spec"]
     assert spec["poolRef"]["group"] == "inference.networking.x-k8s.io"
     assert spec["scorerWeights"]["prefixOverlap"] == 0
-    assert spec["scorerWeights"]["queueDepth"] == 2
-    assert spec["picker"] == {"mode": "maxScore", "temperature": 1, "numFallbacks": 0}
+    assert spec["scorerWeights"]["queueDepth"] == 1
+    assert spec["picker"]["numFallbacks"] == 0
+    assert spec["picker"]["mode"] == "maxScore"
+    assert spec["flowControl"]["maxKVUtilization"] == 1
+
+
+# --- the CRD against the settings kvsched runs with -------------------------------------------
+
+# SchedulerConfig settings a policy does not carry: the index layout is fixed per process
+# (a policy may only assert it), the seed and the comparison policies are for experiments.
+NOT_IN_POLICIES = {("index",), ("seed",), ("policy",)}
+# CRD bounds kvsched deliberately refuses although the schema admits them.
+REFUSED_ALTHOUGH_ADMITTED = {
+    # Admitted by the first version of the CRD; the waiting room needs a positive wait.
+    ("flowControl", "maxWaitMs", "minimum"),
+}
+
+
+def _leaves(data: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _leaves(value, (*path, key))
+    else:
+        yield path, data
+
+
+def _at(data: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        data = data[part]
+    return data
+
+
+def _defaulted_spec() -> dict[str, Any]:
+    policy = apply_defaults(openapi_schema(), _load(FIXTURES / "valid" / "minimal.yaml"))
+    spec: dict[str, Any] = policy["spec"]
+    return spec
+
+
+def test_crd_defaults_are_the_schedulers_defaults() -> None:
+    from scheduler.adapters.kubernetes.policy import PolicySettings
+    from scheduler.core.scheduler import SchedulerConfig
+
+    settings = PolicySettings.from_spec(_defaulted_spec())
+    defaults = SchedulerConfig().model_dump()
+    converted = dict(_leaves(dict(settings.scheduler)))
+    assert converted, "the defaulted policy sets nothing"
+    for path, value in converted.items():
+        crd = ".".join(settings.origin[path])
+        assert value == _at(defaults, path), (
+            f"spec.{crd} defaults to {value!r}, kvsched to {_at(defaults, path)!r}"
+        )
+    # ... and every setting a policy can carry has a CRD default, so none can be added to
+    # SchedulerConfig without the CRD learning it.
+    missing = [
+        ".".join(path)
+        for path, _ in _leaves(defaults)
+        if not any(path[: len(skip)] == skip for skip in NOT_IN_POLICIES) and path not in converted
+    ]
+    assert missing == [], f"SchedulerConfig settings without a SchedulingPolicy default: {missing}"
+    # A policy of nothing but defaults leaves kvsched exactly as it starts.
+    assert settings.scheduler_config(SchedulerConfig()) == SchedulerConfig()
+
+
+def _crd_numeric_bounds() -> Iterator[tuple[tuple[str, ...], str, float]]:
+    spec_schema = openapi_schema()["properties"]["spec"]
+    for path, node in _walk(spec_schema, ""):
+        if node.get("type") not in ("integer", "number"):
+            continue
+        parts = tuple(part for part in path.split(".") if part)
+        for bound in ("minimum", "maximum"):
+            if bound in node:
+                value = node[bound]
+                exclusive = node.get("exclusiveMinimum" if bound == "minimum" else "exclusiveMaximum")
+                if exclusive:
+                    value = value + 1e-6 if bound == "minimum" else value - 1e-6
+                yield parts, bound, value
+
+
+def test_every_value_the_crd_admits_is_a_valid_setting() -> None:
+    from scheduler.adapters.kubernetes.policy import PolicyError, PolicySettings
+    from scheduler.core.scheduler import SchedulerConfig
+
+    refused = []
+    checked = 0
+    for parts, bound, value in _crd_numeric_bounds():
+        if parts[0] in ("kvEvents", "predictor", "sloDefaults", "scrapeIntervalMs") or parts[-1] in (
+            "sloUrgency",
+        ):
+            continue  # process settings, checked apart; reserved fields
+        spec: dict[str, Any] = {"poolRef": {"name": "p"}}
+        node = spec
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = int(value) if isinstance(value, float) and value.is_integer() else value
+        try:
+            PolicySettings.from_spec(spec).scheduler_config(SchedulerConfig())
+        except PolicyError as exc:
+            if (*parts, bound) not in REFUSED_ALTHOUGH_ADMITTED:
+                refused.append(f"spec.{'.'.join(parts)} = {value} ({bound}): {exc}")
+        checked += 1
+    assert checked >= 30
+    assert refused == []
+
+
+def test_reserved_fields_are_refused_by_name() -> None:
+    from scheduler.adapters.kubernetes.policy import PolicyError, PolicySettings
+    from scheduler.core.scheduler import SchedulerConfig
+
+    with pytest.raises(PolicyError, match=r"spec\.scorerWeights\.sloUrgency: not a setting"):
+        PolicySettings.from_spec({"scorerWeights": {"sloUrgency": 1}}).scheduler_config(SchedulerConfig())
+
+
+def test_enum_values_map_onto_the_settings() -> None:
+    from scheduler.adapters.kubernetes.policy import PolicySettings
+    from scheduler.core.scheduler import SchedulerConfig
+
+    spec_schema = openapi_schema()["properties"]["spec"]
+    modes = spec_schema["properties"]["picker"]["properties"]["mode"]["enum"]
+    for mode in modes:
+        config = PolicySettings.from_spec({"picker": {"mode": mode}}).scheduler_config(SchedulerConfig())
+        assert config.scoring.mode in ("max_score", "softmax")
+    hash_modes = spec_schema["properties"]["kvEvents"]["properties"]["hashMode"]["enum"]
+    from scheduler.core.index import IndexConfig
+
+    assert set(hash_modes) == set(IndexConfig.model_fields["hash_mode"].annotation.__args__)  # type: ignore[union-attr]
 
 
 def test_schema_is_structural() -> None:

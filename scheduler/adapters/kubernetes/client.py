@@ -89,7 +89,7 @@ class KubeClient:
         if configuration.connection_pool_maxsize is None or configuration.connection_pool_maxsize < 16:
             configuration.connection_pool_maxsize = POOL_MAXSIZE
         self.configuration = configuration
-        self._api_client = ApiClient(configuration)
+        self._api_client: Any = ApiClient(configuration)
         self._pool: urllib3.PoolManager = self._api_client.rest_client.pool_manager
         self.host = str(configuration.host).rstrip("/")
 
@@ -105,10 +105,12 @@ class KubeClient:
         """In-cluster credentials when running in a pod (or ``in_cluster``), else a kubeconfig
         (``kubeconfig``, $KUBECONFIG or ~/.kube/config); ``api_server`` overrides the host, and
         alone (no kubeconfig, not in a cluster) means an unauthenticated server such as a test's."""
-        from kubernetes import config as kube_config
-        from kubernetes.client import Configuration
+        import kubernetes.client
+        import kubernetes.config
 
-        configuration = Configuration()
+        # The loaders are untyped; Any keeps mypy --strict from flagging every call.
+        kube_config: Any = kubernetes.config
+        configuration = kubernetes.client.Configuration()
         if in_cluster is None:
             in_cluster = kubeconfig is None and "KUBERNETES_SERVICE_HOST" in os.environ
         if in_cluster:

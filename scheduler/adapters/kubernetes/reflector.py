@@ -67,7 +67,7 @@ class Backoff:
     max_s: float = 30.0
 
     def delay(self, failures: int, rng: random.Random) -> float:
-        base = min(self.max_s, self.initial_s * (2 ** max(0, failures - 1)))
+        base = min(self.max_s, self.initial_s * 2.0 ** max(0, failures - 1))
         return base / 2 + rng.random() * base / 2
 
 
