@@ -438,6 +438,10 @@ def test_install_keeps_the_newest_model() -> None:
     assert predictor.install(newer_model, now=1.0)
     assert not predictor.install(older.fit(), now=2.0)
     assert predictor.model is newer_model
+    # A model from elsewhere (a saved file) may be ahead: later jobs number past it.
+    elsewhere = LatencyPredictor(SMALL)
+    assert elsewhere.install(newer_model, now=0.0)
+    assert elsewhere.training_job().version == newer_model.version + 1
 
 
 def test_disabled_predictor_answers_from_the_prior_and_stores_nothing() -> None:

@@ -184,7 +184,9 @@ class LatencyPredictor:
 
     def training_job(self) -> TrainingJob:
         """A snapshot of the samples to fit (on any thread) with ``job.fit()``, then ``install``."""
-        self._jobs += 1
+        model = self._model
+        # Past any installed model's version too: one loaded from a file may be ahead.
+        self._jobs = max(self._jobs, 0 if model is None else model.version) + 1
         self._observed_at_last_job = self._store.observed
         return TrainingJob(
             version=self._jobs,
