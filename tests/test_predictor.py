@@ -26,6 +26,7 @@ from scheduler.core.predictor import (
     candidate_features,
     compile_booster_json,
 )
+from scheduler.core.predictor import model as model_module
 from scheduler.core.predictor import training as training_module
 from scheduler.core.predictor.features import (
     DECODE_BATCH,
@@ -318,6 +319,21 @@ def test_compiled_evaluators_agree_with_xgboost(depth: int) -> None:
 def test_native_evaluator_is_built_and_chosen() -> None:
     assert NATIVE_EVALUATOR
     assert hasattr(treeeval, "ensemble_margin")
+
+
+def test_margin_falls_back_to_numpy_without_the_extension(
+    synthetic_predictor: LatencyPredictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = synthetic_predictor.model
+    assert model is not None and model.ttft is not None
+    rows = synthetic_samples(100, seed=22).features
+    native = model.ttft.margin(rows)
+    monkeypatch.setattr(model_module, "_native", None)
+    fallback = model.ttft.margin(rows)
+    np.testing.assert_allclose(fallback, native, rtol=1e-6)
+    assert not np.array_equal(fallback, np.zeros_like(fallback))
+    with pytest.raises(RuntimeError, match="not built"):
+        model.ttft.margin_native(rows)
 
 
 def test_native_kernel_rejects_mismatched_buffers(synthetic_predictor: LatencyPredictor) -> None:

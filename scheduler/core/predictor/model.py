@@ -1,8 +1,8 @@
 """Trained latency models and the compiled tree ensembles that evaluate them at pick time.
 
 xgboost trains the trees (training.py) but does not answer picks: its per-call overhead
-(DMatrix-free ``inplace_predict`` still costs about 240 us for 64 rows) is most of a
-pick's budget. A trained booster is compiled instead, from its JSON dump, into flat arrays
+alone (``inplace_predict``, no DMatrix) runs to hundreds of microseconds for 64 rows, more
+than a whole pick's budget. A trained booster is compiled instead, from its JSON dump, into flat arrays
 (CompiledEnsemble) that one call of the Cython kernel ``scheduler._native.treeeval``
 walks for every candidate and every tree. A vectorised numpy walk over the same arrays
 answers where the extension is not built; tests hold the two and xgboost to the same

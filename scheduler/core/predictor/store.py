@@ -45,10 +45,11 @@ StratumKey = tuple[int, int, int]
 
 def stratum_of(row: FeatureMatrix) -> StratumKey:
     """The stratum of one feature row."""
-    class_id = int(row[ENDPOINT_CLASS_ID])
+    class_id = float(row[ENDPOINT_CLASS_ID])
     load = float(row[WAITING]) + float(row[DECODE_BATCH])
     return (
-        class_id % CLASS_SLOTS,
+        # A missing class (NaN) shares class 0's strata rather than failing the observation.
+        int(class_id) % CLASS_SLOTS if math.isfinite(class_id) else 0,
         bisect.bisect_right(LOAD_EDGES, load),
         bisect.bisect_right(PROMPT_EDGES, float(row[UNCACHED_TOKENS])),
     )
