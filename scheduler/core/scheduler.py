@@ -26,7 +26,9 @@ from scheduler.core.flowcontrol import (
     SaturationDetector,
 )
 from scheduler.core.index import IndexConfig, PrefixIndex
+from scheduler.core.latency import PredictorEstimator
 from scheduler.core.objectives import ObjectiveTable, ResolvedObjective
+from scheduler.core.predictor import FeatureMatrix, LatencyPredictor, PredictorConfig
 from scheduler.core.scoring import (
     EndpointState,
     PickRequest,
@@ -66,6 +68,9 @@ class SchedulerConfig(BaseModel):
     approximate: ApproximateConfig = Field(default_factory=ApproximateConfig)
     flow_control: FlowControlConfig = Field(
         default_factory=FlowControlConfig, description="Saturation detection and the waiting room."
+    )
+    predictor: PredictorConfig = Field(
+        default_factory=PredictorConfig, description="The online TTFT/TPOT predictor."
     )
     seed: int = Field(0, description="Seed of the picker's random source (softmax sampling, tie spreading).")
     policy: PolicyName = Field(
@@ -168,6 +173,7 @@ class _EndpointRuntime:
     last_error: str = ""
     inflight_requests: int = 0
     inflight_prefill_tokens: int = 0
+    inflight_prefilling: int = 0  # of inflight_requests, those before their first token
     # Requests routed here since the last scrape: the scraped waiting count cannot know them yet.
     routed_since_scrape: int = 0
 
@@ -182,6 +188,9 @@ class _InFlight:
     prefill_tokens: int
     prefilling: bool = True
     first_token_at: float | None = None
+    # The endpoint's feature row at the pick, to train the predictor on once this request's
+    # latencies are known; None when the request ended up elsewhere.
+    features: FeatureMatrix | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +225,9 @@ class Scheduler:
         self.objectives = ObjectiveTable()
         self.flow = FlowController(self.config.flow_control)
         self.saturation = SaturationDetector(self.config.flow_control)
+        self.predictor = LatencyPredictor(self.config.predictor)
+        self._class_ids: dict[str, int] = {}
+        self._estimator = PredictorEstimator(self.predictor, self.config.index.block_size, self._class_id)
 
     # --- configuration -----------------------------------------------------------------
 
@@ -230,6 +242,17 @@ class Scheduler:
         self._pipeline, self._baseline, self.config = pipeline, baseline, config
         # Both read their config on every call; the waiting room keeps its queue.
         self.flow.config = self.saturation.config = config.flow_control
+        if config.predictor != self.predictor.config:
+            # A predictor is built for one configuration; a new one starts from its prior.
+            self.predictor = LatencyPredictor(config.predictor)
+            self._estimator = PredictorEstimator(self.predictor, config.index.block_size, self._class_id)
+
+    def _class_id(self, endpoint_class: str) -> int:
+        """A small stable integer per endpoint class, for the predictor's class feature."""
+        known = self._class_ids.get(endpoint_class)
+        if known is None:
+            known = self._class_ids[endpoint_class] = len(self._class_ids)
+        return known
 
     def set_objectives(self, table: ObjectiveTable) -> None:
         """Replace the inference objectives (priorities, default SLOs) requests name."""
@@ -305,6 +328,7 @@ class Scheduler:
             healthy=self._healthy(runtime),
             inflight_requests=runtime.inflight_requests,
             inflight_prefill_tokens=runtime.inflight_prefill_tokens,
+            inflight_decode_requests=runtime.inflight_requests - runtime.inflight_prefilling,
             endpoint_class=endpoint.endpoint_class,
             labels=endpoint.labels,
         )
@@ -382,15 +406,35 @@ class Scheduler:
         )
         if self._baseline is not None:
             return self._pick_baseline(request, states, matches, prompt_blocks, keys, now)
-        decision = self._pipeline.pick(pick_request, states, matches, self._rng)
+        # Every candidate's latency is predicted when the decision uses it; otherwise only the
+        # chosen endpoint's, afterwards, for the audit line and to train on.
+        estimator = self._estimator
+        predict_all = self._pipeline.uses_predictions or (
+            pick_request.slo_ttft_ms is not None or pick_request.slo_tpot_ms is not None
+        )
+        estimator.last_features = None
+        decision = self._pipeline.pick(
+            pick_request, states, matches, self._rng, estimator if predict_all else None
+        )
         explanation = decision.explain
         if not decision.endpoints:
             status: Literal["no_endpoints", "shed"] = "no_endpoints"
             return PickResult(status, [], decision.reason or "no endpoint available", explanation)
         addresses = [self._endpoints[name].endpoint.address for name in decision.endpoints]
         primary = decision.endpoints[0]
-        self._start(request, primary, keys, now, self._cached_tokens(matches.get(primary)))
-        return PickResult("ok", addresses, "", explanation, decision.predicted)
+        flight = self._start(request, primary, keys, now, self._cached_tokens(matches.get(primary)))
+        predicted = decision.predicted
+        candidates = decision.candidates
+        if candidates is not None and self.config.predictor.enabled:
+            position = next(i for i, s in enumerate(candidates.states) if s.name == primary)
+            rows = estimator.last_features
+            if rows is None:
+                rows = estimator.features(candidates, pick_request)
+            flight.features = rows[position].copy()
+            if predicted is None:
+                alone = self.predictor.predict(flight.features[None, :])
+                predicted = (float(alone.ttft_ms[0]), float(alone.tpot_ms[0]), alone.source)
+        return PickResult("ok", addresses, "", explanation, predicted)
 
     def _pick_baseline(
         self,
@@ -440,7 +484,7 @@ class Scheduler:
 
     def _start(
         self, request: SchedulingRequest, endpoint: str, keys: Any, now: float, cached_tokens: int = 0
-    ) -> None:
+    ) -> _InFlight:
         previous = self._inflight.pop(request.request_id, None)
         if previous is not None:
             self._release(previous)
@@ -448,11 +492,13 @@ class Scheduler:
         prompt_tokens = len(request.token_ids)
         prefill_tokens = max(prompt_tokens - cached_tokens, 0)
         runtime.inflight_requests += 1
+        runtime.inflight_prefilling += 1
         runtime.inflight_prefill_tokens += prefill_tokens
         runtime.routed_since_scrape += 1
-        self._inflight[request.request_id] = _InFlight(endpoint, prompt_tokens, now, prefill_tokens)
+        flight = self._inflight[request.request_id] = _InFlight(endpoint, prompt_tokens, now, prefill_tokens)
         if keys is not None and len(keys) and runtime.endpoint.kv_events is None:
             self._record_approximate(endpoint, keys, now)
+        return flight
 
     def _release(self, flight: _InFlight) -> None:
         runtime = self._endpoints.get(flight.endpoint)
@@ -460,6 +506,7 @@ class Scheduler:
             return
         runtime.inflight_requests = max(runtime.inflight_requests - 1, 0)
         if flight.prefilling:
+            runtime.inflight_prefilling = max(runtime.inflight_prefilling - 1, 0)
             runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prefill_tokens, 0)
 
     def on_served_by(self, request_id: str, address: str) -> None:
@@ -475,6 +522,7 @@ class Scheduler:
         runtime = self._endpoints[name]
         runtime.inflight_requests += 1
         if moved.prefilling:
+            runtime.inflight_prefilling += 1
             runtime.inflight_prefill_tokens += moved.prefill_tokens
         self._inflight[request_id] = moved
 
@@ -486,6 +534,7 @@ class Scheduler:
         flight.first_token_at = now
         runtime = self._endpoints.get(flight.endpoint)
         if runtime is not None:
+            runtime.inflight_prefilling = max(runtime.inflight_prefilling - 1, 0)
             runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prefill_tokens, 0)
 
     def on_completed(
@@ -505,6 +554,11 @@ class Scheduler:
         self._release(flight)
         self.completions += 1
         ttft = None if flight.first_token_at is None else flight.first_token_at - flight.started_at
+        if flight.features is not None and ttft is not None:
+            tpot_ms = None
+            if completion_tokens is not None and completion_tokens >= 2 and flight.first_token_at is not None:
+                tpot_ms = (now - flight.first_token_at) * 1000.0 / (completion_tokens - 1)
+            self.predictor.observe(flight.features, ttft * 1000.0, tpot_ms, now)
         return Completion(
             request_id,
             flight.endpoint,
@@ -519,6 +573,14 @@ class Scheduler:
         flight = self._inflight.pop(request_id, None)
         if flight is not None:
             self._release(flight)
+
+    def train_if_due(self, now: float) -> bool:
+        """Fit and install a new latency model on this thread when one is due (the simulator's
+        way; the live server fits in the background with adapters/predictor_trainer.py)."""
+        if not self.predictor.training_due(now):
+            return False
+        self.predictor.train_now(now)
+        return True
 
     def inflight(self, name: str) -> tuple[int, int]:
         runtime = self._endpoints[name]

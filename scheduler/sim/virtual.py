@@ -70,6 +70,9 @@ class VirtualPoolConfig:
     scrape_interval_s: float = 0.05
     # Time from an engine emitting a KV event to the index applying it (ZMQ + ingest).
     kv_event_delay_s: float = 0.001
+    # Least virtual time between two latency-model fits. Each fit costs ~0.5-1 s of wall
+    # time here; the live server retrains on the predictor's own cadence in the background.
+    min_train_interval_s: float = 120.0
     # Objectives every request carries (in real milliseconds per real token for TPOT).
     slo: SLOTargets = field(default_factory=SLOTargets)
 
@@ -93,6 +96,7 @@ class VirtualPool:
     _seq: int = field(init=False, default=0)
     _by_name: dict[str, _Worker] = field(init=False, default_factory=dict)
     _expiry_at: float | None = field(init=False, default=None)
+    _trained_at: float = field(init=False, default=float("-inf"))
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -270,6 +274,11 @@ class VirtualPool:
         else:
             worker.stepping = False
         if step.finished:
+            # Training happens at its virtual time, on this thread: runs stay deterministic.
+            if now - self._trained_at >= self.config.min_train_interval_s and self.scheduler.train_if_due(
+                now
+            ):
+                self._trained_at = now
             finished += self._dispatch_waiting(now, results)
         return finished
 

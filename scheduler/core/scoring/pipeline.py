@@ -143,6 +143,11 @@ class SchedulingPipeline:
         return self._config
 
     @property
+    def uses_predictions(self) -> bool:
+        """Some weighted scorer reads latency predictions."""
+        return len(self._predicted.scorers) > len(self._unpredicted.scorers)
+
+    @property
     def filters(self) -> tuple[Filter, ...]:
         return self._filters
 

@@ -33,6 +33,7 @@ class EndpointState:
     # kvsched's own accounting: routed there and not finished / not yet past prefill.
     inflight_requests: int = 0
     inflight_prefill_tokens: int = 0
+    inflight_decode_requests: int = 0  # routed there and past their first token
     endpoint_class: str = "default"
     labels: Mapping[str, str] = field(default_factory=dict)
 
