@@ -45,7 +45,7 @@ def _bench_index(args: argparse.Namespace) -> int:
 
 
 def _bench_epp(args: argparse.Namespace) -> int:
-    from scheduler.bench.epp_bench import run
+    from scheduler.bench.epp_bench import format_report, run
 
     report = run(
         rate=args.rate,
@@ -54,20 +54,13 @@ def _bench_epp(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         workers=args.workers,
         seed=args.seed,
+        prompt_bytes=args.prompt_bytes,
+        envoy_concurrency=args.envoy_concurrency,
     )
     if args.json:
         print(json.dumps(report))
         return 0
-    d, v = report["direct_ms"], report["gateway_ms"]
-    print(f"{'':24} {'direct':>10} {'via Envoy+kvsched':>18} {'added':>8}")
-    for key in ("p50", "p99"):
-        print(f"{'latency ' + key + ' (ms)':24} {d[key]:>10.2f} {v[key]:>18.2f} {v[key] - d[key]:>8.2f}")
-    print(
-        f"achieved {report['achieved_rps']:.0f} req/s; "
-        f"picks/s per process: {report['picks']['picks_per_s']:,.0f}"
-    )
-    for goal, met in report["goals"].items():
-        print(f"goal {goal}: {'met' if met else 'NOT met'}")
+    print(format_report(report))
     return 0
 
 
@@ -128,7 +121,22 @@ def register(subparsers: Any) -> None:
     index.add_argument("--json", action="store_true", help="print one JSON object")
     index.set_defaults(func=_bench_index)
     epp = kinds.add_parser("epp", help="latency Envoy + kvsched add over a direct request; picks per second")
-    epp.add_argument("--rate", type=float, default=200.0, help="requests per second (both paths together)")
+    epp.add_argument(
+        "--rate",
+        type=float,
+        default=200.0,
+        help="requests per second (both paths together); 0 = closed loop of --concurrency clients",
+    )
+    epp.add_argument(
+        "--prompt-bytes",
+        type=int,
+        default=None,
+        help="chat prompts of this many bytes instead of token-id prompts (220000 with --concurrency "
+        "150 is the large-prompt goal)",
+    )
+    epp.add_argument(
+        "--envoy-concurrency", type=int, default=None, help="Envoy worker threads (default: one per core)"
+    )
     epp.add_argument("--prompt-tokens", type=int, default=8192)
     epp.add_argument("--requests", type=int, default=2000)
     epp.add_argument("--concurrency", type=int, default=64)
