@@ -16,7 +16,8 @@ this server implements that protocol faithfully and nothing else:
   ``410 Gone``, either as the HTTP status or as an ERROR event carrying a ``Status`` with code
   410 (the API server does both, depending on whether the watch cache serves the request);
 - PATCH of the ``status`` subresource with a JSON merge patch (RFC 7386), which changes only
-  ``status`` and does not bump ``metadata.generation``;
+  ``status`` and does not bump ``metadata.generation``; a ``metadata.resourceVersion`` in the
+  patch is a precondition (409 Conflict when the object has changed since);
 - POST of objects (core/v1 Events), with ``metadata.generateName``.
 
 What it leaves out, and what tests must therefore not rely on: authentication, RBAC,
@@ -390,8 +391,15 @@ class FakeKubeAPIServer:
                 if content_type.split(";")[0].strip() != "application/merge-patch+json":
                     handler.send_json(415, _status(415, "UnsupportedMediaType", content_type))
                     return
-                if (namespace, name) not in self._objects[resource]:
+                current = self._objects[resource].get((namespace, name))
+                if current is None:
                     handler.send_json(404, _status(404, "NotFound", f"{name} not found"))
+                    return
+                # A resourceVersion in the patch is a precondition (optimistic concurrency).
+                wanted = ((body or {}).get("metadata") or {}).get("resourceVersion")
+                if wanted is not None and wanted != current["metadata"]["resourceVersion"]:
+                    message = f"the object has been modified; resourceVersion {wanted} is not current"
+                    handler.send_json(409, _status(409, "Conflict", message))
                     return
                 handler.send_json(200, self._patch_status(resource, namespace, name, body))
                 return

@@ -250,9 +250,14 @@ def test_defaults_do_not_override_what_is_set() -> None:
 
 # --- the CRD against the settings kvsched runs with -------------------------------------------
 
-# SchedulerConfig settings a policy does not carry: the index layout is fixed per process
-# (a policy may only assert it), the seed and the comparison policies are for experiments.
-NOT_IN_POLICIES = {("index",), ("seed",), ("policy",)}
+# How each SchedulerConfig section stands in the CRD. In full: every field has a CRD default
+# equal to kvsched's own, so a policy is complete once the API server has defaulted it. By
+# field: a policy may set fields, none is defaulted (left out, the config file's value stays).
+# Not at all: the index layout is fixed per process (a policy may only assert it), the seed and
+# the comparison policies are for experiments. A new section must be put in one of these.
+SECTIONS_IN_FULL = {"scoring", "health", "approximate", "flow_control"}
+SECTIONS_BY_FIELD = {"predictor"}
+NOT_IN_POLICIES = {"index", "seed", "policy"}
 # CRD bounds kvsched deliberately refuses although the schema admits them.
 REFUSED_ALTHOUGH_ADMITTED = {
     # Admitted by the first version of the CRD; the waiting room needs a positive wait.
@@ -293,14 +298,20 @@ def test_crd_defaults_are_the_schedulers_defaults() -> None:
         assert value == _at(defaults, path), (
             f"spec.{crd} defaults to {value!r}, kvsched to {_at(defaults, path)!r}"
         )
-    # ... and every setting a policy can carry has a CRD default, so none can be added to
-    # SchedulerConfig without the CRD learning it.
+    # ... and every setting of a section carried in full has a CRD default, so none can be
+    # added to SchedulerConfig without the CRD learning it.
+    sections = set(SchedulerConfig.model_fields)
+    assert sections <= SECTIONS_IN_FULL | SECTIONS_BY_FIELD | NOT_IN_POLICIES, (
+        f"SchedulerConfig sections the CRD does not account for: "
+        f"{sorted(sections - SECTIONS_IN_FULL - SECTIONS_BY_FIELD - NOT_IN_POLICIES)}"
+    )
     missing = [
         ".".join(path)
         for path, _ in _leaves(defaults)
-        if not any(path[: len(skip)] == skip for skip in NOT_IN_POLICIES) and path not in converted
+        if path[0] in SECTIONS_IN_FULL and path not in converted
     ]
     assert missing == [], f"SchedulerConfig settings without a SchedulingPolicy default: {missing}"
+    assert not any(path[0] in SECTIONS_BY_FIELD for path in converted)
     # A policy of nothing but defaults leaves kvsched exactly as it starts.
     assert settings.scheduler_config(SchedulerConfig()) == SchedulerConfig()
 
@@ -326,11 +337,12 @@ def test_every_value_the_crd_admits_is_a_valid_setting() -> None:
 
     refused = []
     checked = 0
+    sections = set(SchedulerConfig.model_fields)
     for parts, bound, value in _crd_numeric_bounds():
-        if parts[0] in ("kvEvents", "predictor", "sloDefaults", "scrapeIntervalMs") or parts[-1] in (
-            "sloUrgency",
-        ):
+        if parts[0] in ("kvEvents", "sloDefaults", "scrapeIntervalMs") or parts[-1] == "sloUrgency":
             continue  # process settings, checked apart; reserved fields
+        if parts[0] == "predictor" and "predictor" not in sections:
+            continue
         spec: dict[str, Any] = {"poolRef": {"name": "p"}}
         node = spec
         for part in parts[:-1]:

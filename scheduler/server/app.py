@@ -11,6 +11,11 @@ Everything runs on one asyncio event loop, so the Scheduler is only touched from
 ``async with ServeApp(config) as app`` starts it all (ports may be 0; ``app.grpc_port``,
 ``app.health_port``, ``app.metrics_port`` are the bound ones) and stops it all on exit;
 ``serve_until_signalled`` is the same until SIGTERM/SIGINT.
+
+With ``discovery.type: kubernetes`` the endpoint sets come from the served InferencePools'
+ready pods, and the served pools' SchedulingPolicy is laid over the configuration file's
+scheduler settings (``apply_policy``): a policy and a file reload each rebuild the effective
+settings from both, so neither undoes the other.
 """
 
 from __future__ import annotations
@@ -19,20 +24,26 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from scheduler.adapters.discovery import EndpointSource, StaticEndpointSource
+from scheduler.adapters.discovery import EndpointDefaults, EndpointSource, StaticEndpointSource
 from scheduler.adapters.extproc import ExtProcServer, TLSSettings
+from scheduler.adapters.kubernetes.client import KubeClient, in_cluster_namespace
+from scheduler.adapters.kubernetes.discovery import KubernetesDiscovery
+from scheduler.adapters.kubernetes.policy import PolicyError, PolicySettings
+from scheduler.adapters.kubernetes.pools import POOL_RESOURCES
+from scheduler.adapters.kubernetes.reflector import Backoff
 from scheduler.adapters.kv_subscriber import KVEventIngestService, SubscriberConfig
 from scheduler.adapters.metrics import KvschedCollector, MetricsHTTPServer, new_registry
 from scheduler.adapters.scraper import MetricsScraper
 from scheduler.adapters.tokenizer import make_tokenizer
 from scheduler.core.kvingest import IngestStats
-from scheduler.core.scheduler import Endpoint, EndpointDiff, Scheduler
+from scheduler.core.scheduler import Endpoint, EndpointDiff, Scheduler, SchedulerConfig
 from scheduler.server.config import ServeConfig, TLSConfig
 
 log = logging.getLogger(__name__)
@@ -109,6 +120,12 @@ class ServeApp:
             if config.metrics_port is None
             else MetricsHTTPServer(self.registry, host=config.host, port=config.metrics_port)
         )
+        # The SchedulingPolicy in force (None: the configuration file's settings alone).
+        self.policy: PolicySettings | None = None
+        self.kubernetes: KubernetesDiscovery | None = None
+        if source is None and config.discovery.type == "kubernetes":
+            self.kubernetes = kubernetes_discovery(config, self)
+            source = self.kubernetes.source
         self.source: EndpointSource = source or StaticEndpointSource(config.static_endpoints())
         self._updates: AsyncIterator[list[Endpoint]] | None = None
         self._discovery: asyncio.Task[None] | None = None
@@ -203,6 +220,49 @@ class ServeApp:
             self._first_set.set()
         log.warning("endpoint discovery ended; the last endpoint set stays in use")
 
+    # --- SchedulingPolicy -----------------------------------------------------------------
+
+    def _policy_scheduler_config(
+        self, base: SchedulerConfig, policy: PolicySettings | None
+    ) -> SchedulerConfig:
+        """``base`` (the file's settings, on the running index) with ``policy`` laid over it."""
+        base = base.model_copy(update={"index": self.scheduler.config.index})
+        return base if policy is None else policy.scheduler_config(base)
+
+    def _endpoint_defaults(self, config: ServeConfig, policy: PolicySettings | None) -> EndpointDefaults:
+        defaults = config.endpoint_defaults()
+        return defaults if policy is None else policy.endpoint_defaults(defaults)
+
+    async def apply_policy(self, settings: PolicySettings | None) -> None:
+        """Apply a SchedulingPolicy's settings (None: back to the file's), all or, raising
+        PolicyError, none: scheduler settings in one swap, then KV-event defaults and the
+        scrape period."""
+        async with self._reload_lock:
+            scheduler_config = self._policy_scheduler_config(self.config.scheduler, settings)
+            self.policy = settings
+            if scheduler_config != self.scheduler.config:
+                self.scheduler.reload(scheduler_config)
+            self._apply_process_settings()
+            await self._set_scrape_interval(
+                self.config.scrape_interval_s
+                if settings is None or settings.scrape_interval_s is None
+                else settings.scrape_interval_s
+            )
+
+    def _apply_process_settings(self) -> None:
+        if self.kubernetes is not None:
+            self.kubernetes.source.set_defaults(self._endpoint_defaults(self.config, self.policy))
+
+    async def _set_scrape_interval(self, interval_s: float) -> None:
+        """Restart the scrape loops at a new period (each loop fixes its ticks when it starts)."""
+        if interval_s == self.scraper.interval_s:
+            return
+        self.scraper.interval_s = interval_s
+        targets = {e.name: e.metrics_url for e in self.scheduler.endpoints() if e.metrics_url}
+        await self.scraper.set_targets({})
+        await self.scraper.set_targets(targets)
+        log.info("scrape interval now %.3fs", interval_s)
+
     # --- configuration reload --------------------------------------------------------------
 
     async def reload(self, new: ServeConfig | None = None) -> list[str]:
@@ -231,8 +291,17 @@ class ServeApp:
                 # The index layout (block size, hash mode, bounds) is fixed for the process.
                 pending.append("scheduler.index")
                 scheduler_config = scheduler_config.model_copy(update={"index": old.scheduler.index})
-            if scheduler_config != old.scheduler:
-                self.scheduler.reload(scheduler_config)
+            try:
+                effective = self._policy_scheduler_config(scheduler_config, self.policy)
+            except PolicyError as exc:
+                log.warning(
+                    "SchedulingPolicy %s does not fit the reloaded file (%s); the file's settings apply",
+                    self.policy.source if self.policy else "",
+                    exc,
+                )
+                effective = scheduler_config
+            if effective != self.scheduler.config:
+                self.scheduler.reload(effective)
             if new.audit_log != old.audit_log:
                 logging.getLogger("kvsched.audit").setLevel(
                     logging.INFO if new.audit_log else logging.WARNING
@@ -256,6 +325,7 @@ class ServeApp:
                 wanted = self.config.static_endpoints()
                 if wanted != self.source.endpoints:
                     self.source.replace(wanted)
+            self._apply_process_settings()
             if pending:
                 log.warning("configuration reloaded; these changes need a restart: %s", ", ".join(pending))
             else:
@@ -295,6 +365,8 @@ class ServeApp:
         await self.server.start()
         if self.metrics_server is not None:
             await self.metrics_server.start()
+        if self.kubernetes is not None:
+            self.kubernetes.start()
         self._updates = self.source.updates()
         self._discovery = asyncio.create_task(self._follow(self._updates), name="endpoint discovery")
         first = asyncio.ensure_future(self._first_set.wait())
@@ -341,6 +413,8 @@ class ServeApp:
                 with contextlib.suppress(Exception):
                     await aclose()
             self._updates = None
+        if self.kubernetes is not None:
+            await self.kubernetes.stop()
         await self.server.stop(self.config.shutdown_grace_s if grace is None else grace)
         await self.scraper.stop()
         if self.ingest is not None:
@@ -374,6 +448,35 @@ class ServeApp:
 _LIVE_FIELDS = frozenset(
     {"scheduler", "endpoints", "kv_events", "audit_log", "log_level", "reload_interval_s"}
 )
+
+
+def kubernetes_discovery(config: ServeConfig, app: ServeApp) -> KubernetesDiscovery:
+    """The InferencePool source, and the policy and objective watchers ``config`` enables."""
+    settings = config.discovery.kubernetes
+    namespace = config.kubernetes_namespace(os.environ) or in_cluster_namespace()
+    if namespace is None:
+        raise ValueError(
+            "discovery.kubernetes.namespace is not set and cannot be inferred "
+            "(no pool.namespace, $POD_NAMESPACE or service-account namespace)"
+        )
+    client = KubeClient.connect(
+        api_server=settings.api_server,
+        kubeconfig=settings.kubeconfig,
+        context=settings.context,
+        in_cluster=settings.in_cluster,
+    )
+    return KubernetesDiscovery(
+        client,
+        namespace,
+        config.kubernetes_pools(),
+        app._endpoint_defaults(config, None),
+        pool_resource=POOL_RESOURCES[config.pool_api_version()],
+        policy_target=app if settings.policies else None,
+        set_objectives=app.scheduler.set_objectives if settings.objectives else None,
+        objective_api_versions=settings.objective_api_versions,
+        backoff=Backoff(initial_s=settings.backoff_initial_s, max_s=settings.backoff_max_s),
+        watch_timeout_s=settings.watch_timeout_s,
+    )
 
 
 def _read_bytes(path: Path) -> bytes | None:

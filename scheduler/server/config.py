@@ -28,6 +28,7 @@ from scheduler.adapters.discovery import (
     check_topic_template,
 )
 from scheduler.adapters.extproc.config import ExtProcConfig
+from scheduler.adapters.kubernetes.config import KubernetesDiscoveryConfig
 from scheduler.adapters.scraper import DEFAULT_INTERVAL_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_TIMEOUT_S
 from scheduler.codec.prom import EngineKind, MetricNames, MetricsSpec
 from scheduler.core.kvingest import IngestConfig
@@ -107,6 +108,19 @@ class PoolIdentity(BaseModel):
     )
 
 
+class DiscoveryConfig(BaseModel):
+    """Where the endpoint set comes from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["static", "kubernetes"] = Field(
+        "static",
+        description="'static': the endpoints list (and --endpoint flags). 'kubernetes': the ready pods "
+        "of InferencePools, with SchedulingPolicy hot reload and InferenceObjective priorities.",
+    )
+    kubernetes: KubernetesDiscoveryConfig = Field(default_factory=KubernetesDiscoveryConfig)
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -121,6 +135,7 @@ class ServeConfig(BaseModel):
     tls: TLSConfig = Field(default_factory=TLSConfig)
     pool: PoolIdentity = Field(default_factory=PoolIdentity)
 
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     endpoints: list[StaticEndpointSpec] = Field(
         default_factory=list, description="Static model-server endpoints (the static discovery source)."
     )
@@ -180,6 +195,39 @@ class ServeConfig(BaseModel):
         if duplicates:
             raise ValueError(f"duplicate endpoint names: {', '.join(duplicates)}")
         return value
+
+    @model_validator(mode="after")
+    def _discovery_is_consistent(self) -> ServeConfig:
+        if self.discovery.type != "kubernetes":
+            return self
+        if self.endpoints:
+            raise ValueError(
+                "endpoints are the static discovery source: with discovery.type 'kubernetes' the pools' "
+                "pods are the endpoints (remove endpoints, or use discovery.type 'static')"
+            )
+        if not self.kubernetes_pools():
+            raise ValueError(
+                "discovery.kubernetes.pools (or pool.name) must name the InferencePool(s) to serve"
+            )
+        return self
+
+    def kubernetes_pools(self) -> list[str]:
+        pools = self.discovery.kubernetes.pools
+        if pools:
+            return list(pools)
+        return [self.pool.name] if self.pool.name else []
+
+    def kubernetes_namespace(self, environ: Mapping[str, str]) -> str | None:
+        """The configured namespace, else pool.namespace, else $POD_NAMESPACE (the chart sets it)."""
+        return self.discovery.kubernetes.namespace or self.pool.namespace or environ.get("POD_NAMESPACE")
+
+    def pool_api_version(self) -> str:
+        configured = self.discovery.kubernetes.pool_api_version
+        if configured is not None:
+            return configured
+        if self.pool.group == "inference.networking.x-k8s.io":
+            return "inference.networking.x-k8s.io/v1alpha2"
+        return "inference.networking.k8s.io/v1"
 
     def endpoint_defaults(self) -> EndpointDefaults:
         kv = self.kv_events

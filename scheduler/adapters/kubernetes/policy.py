@@ -72,6 +72,7 @@ CRD_RENAMES: dict[Path, Path] = {
     ("limits",): ("scoring", "limits"),
     ("flowControl", "maxQueueDepthPerEndpoint"): ("flow_control", "queue_depth_threshold"),
     ("flowControl", "maxKVUtilization"): ("flow_control", "kv_cache_threshold"),
+    ("predictor", "retrainIntervalSeconds"): ("predictor", "retrain_every_s"),
     ("kvEvents", "blockSize"): ("index", "block_size"),
     ("kvEvents", "hashMode"): ("index", "hash_mode"),
     ("kvEvents", "hashSeed"): ("index", "vllm_hash_seed"),
