@@ -78,7 +78,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "servicemonitor": {"inferenceExtension": {"monitoring": {"prometheus": {"enabled": True}}}},
     "replicas-3": {"inferenceExtension": {"replicas": 3}},
     "single-replica": {"inferenceExtension": {"replicas": 1}},
-    "scheduling-policy": {"schedulingPolicy": {"create": True, "spec": POLICY_SPEC}},
+    # The policy's kvEvents.blockSize must be what kvsched's index runs with.
+    "scheduling-policy": {
+        "schedulingPolicy": {"create": True, "spec": POLICY_SPEC},
+        "config": {"scheduler": {"index": {"block_size": 32}}},
+    },
     "legacy-port": {
         "inferencePool": {"targetPortNumber": 8200, "modelServers": {"matchLabels": {"app": "old"}}}
     },
@@ -89,7 +93,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "apiVersion": "inference.networking.x-k8s.io/v1alpha2",
             "modelServers": {"matchLabels": {"app": "x"}},
         },
-        "config": {"scrape_timeout_ms": 40},
+        "config": {
+            "scrape_timeout_s": 0.04,
+            "discovery": {"kubernetes": {"pools": ["shared-pool", "second"]}},
+        },
     },
 }
 
@@ -473,7 +480,20 @@ def test_config_file_from_values() -> None:
             "group": "inference.networking.k8s.io",
             "model_server_type": "vllm",
         },
+        "discovery": {"type": "kubernetes"},
     }
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_config_file_is_a_valid_serve_config(name: str) -> None:
+    from scheduler.server.config import ServeConfig
+
+    config = ServeConfig.model_validate(config_of(render(VALUE_SETS[name])))
+    assert config.discovery.type == "kubernetes"
+    assert config.kubernetes_pools()[0] == config.pool.name
+    assert config.kubernetes_namespace({}) == NAMESPACE
+    group = config.pool.group
+    assert config.pool_api_version().startswith(f"{group}/")
 
 
 def test_pdb_keeps_one_replica() -> None:
@@ -655,7 +675,9 @@ def test_existing_pool_and_extra_config() -> None:
     config = config_of(docs)
     assert config["pool"]["name"] == "shared-pool"
     assert config["pool"]["group"] == "inference.networking.x-k8s.io"
-    assert config["scrape_timeout_ms"] == 40
+    assert config["scrape_timeout_s"] == 0.04
+    # The chart's own discovery settings merge with the user's.
+    assert config["discovery"] == {"type": "kubernetes", "kubernetes": {"pools": ["shared-pool", "second"]}}
     assert config["grpc_port"] == 9002
     assert "shared-pool" in notes(VALUE_SETS["existing-pool"])
 
@@ -683,6 +705,24 @@ def test_scheduling_policy_from_values() -> None:
         "name": config_of(docs)["pool"]["name"],
     }
     assert {k: v for k, v in policy["spec"].items() if k != "poolRef"} == POLICY_SPEC
+
+
+def test_policy_from_values_is_accepted_by_kvsched() -> None:
+    from scheduler.adapters.kubernetes.policy import PolicyError, PolicySettings
+    from scheduler.server.config import ServeConfig
+
+    docs = render(VALUE_SETS["scheduling-policy"])
+    config = ServeConfig.model_validate(config_of(docs))
+    # As stored after the API server's defaulting.
+    policy = apply_defaults(openapi_schema(), one(docs, "SchedulingPolicy"))
+    settings = PolicySettings.from_spec(policy["spec"])
+    effective = settings.scheduler_config(config.scheduler)
+    assert effective.scoring.mode == "softmax" and effective.scoring.temperature == 0.5
+    assert effective.scoring.weights.prefix_overlap == 4
+    assert effective.index.block_size == 32
+    # Without the matching index setting kvsched would refuse it, naming the field.
+    with pytest.raises(PolicyError, match=r"spec\.kvEvents\.blockSize"):
+        settings.scheduler_config(ServeConfig.model_validate(config_of(render({}))).scheduler)
 
 
 def test_notes_explain_active_active() -> None:
