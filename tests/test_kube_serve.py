@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fake_kube_apiserver import FakeKubeAPIServer
 
+from scheduler.cli import main
 from scheduler.server.app import ServeApp
 from scheduler.server.config import ConfigError, ServeConfig, load_config
 
@@ -213,3 +215,16 @@ def test_discovery_configuration(server: FakeKubeAPIServer) -> None:
         load_config(overrides={"discovery": {"type": "kubernetes", "kubernetes": {"pools": ["a", "a"]}}})
     with pytest.raises(ConfigError, match=r"discovery\.kubernetes\.pool_api_version"):
         load_config(overrides={"discovery": {"type": "kubernetes", "kubernetes": {"pool_api_version": "v9"}}})
+
+
+def test_cli_without_credentials_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "pool: {name: llama, namespace: llm}\n"
+        f"discovery: {{type: kubernetes, kubernetes: {{kubeconfig: {tmp_path / 'missing'}}}}}\n"
+    )
+    assert (
+        main(["serve", "--config", str(config), "--plaintext", "--grpc-port", "0", "--health-port", "0"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("kvsched serve: discovery.kubernetes: no usable API server credentials")

@@ -3,8 +3,9 @@
 A source yields *full* endpoint sets (never deltas), each replacing the previous one; the
 serving process hands every set to ``Scheduler.set_endpoints`` and starts or stops the
 per-endpoint scraping and KV-event subscriptions from the difference. A static list (the
-config file, ``--endpoint`` flags) is one source; a Kubernetes InferencePool watcher is
-another behind the same ``EndpointSource`` interface.
+config file, ``--endpoint`` flags) is one source; the Kubernetes InferencePool watcher
+(``scheduler.adapters.kubernetes.pools``) is another behind the same ``EndpointSource``
+interface.
 """
 
 from __future__ import annotations

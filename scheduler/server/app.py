@@ -44,7 +44,7 @@ from scheduler.adapters.scraper import MetricsScraper
 from scheduler.adapters.tokenizer import make_tokenizer
 from scheduler.core.kvingest import IngestStats
 from scheduler.core.scheduler import Endpoint, EndpointDiff, Scheduler, SchedulerConfig
-from scheduler.server.config import ServeConfig, TLSConfig
+from scheduler.server.config import ConfigError, ServeConfig, TLSConfig
 
 log = logging.getLogger(__name__)
 
@@ -455,16 +455,19 @@ def kubernetes_discovery(config: ServeConfig, app: ServeApp) -> KubernetesDiscov
     settings = config.discovery.kubernetes
     namespace = config.kubernetes_namespace(os.environ) or in_cluster_namespace()
     if namespace is None:
-        raise ValueError(
+        raise ConfigError(
             "discovery.kubernetes.namespace is not set and cannot be inferred "
             "(no pool.namespace, $POD_NAMESPACE or service-account namespace)"
         )
-    client = KubeClient.connect(
-        api_server=settings.api_server,
-        kubeconfig=settings.kubeconfig,
-        context=settings.context,
-        in_cluster=settings.in_cluster,
-    )
+    try:
+        client = KubeClient.connect(
+            api_server=settings.api_server,
+            kubeconfig=settings.kubeconfig,
+            context=settings.context,
+            in_cluster=settings.in_cluster,
+        )
+    except Exception as exc:  # the kubernetes client's ConfigException, a missing file, ...
+        raise ConfigError(f"discovery.kubernetes: no usable API server credentials: {exc}") from exc
     return KubernetesDiscovery(
         client,
         namespace,

@@ -71,11 +71,15 @@ def _serve(args: argparse.Namespace) -> int:
         def loader() -> ServeConfig:
             return load_config(args.config, overrides, sets)
 
-    asyncio.run(
-        serve_until_signalled(
-            config, ready_file=args.ready_file, config_loader=loader, watch_file=args.config
+    try:
+        asyncio.run(
+            serve_until_signalled(
+                config, ready_file=args.ready_file, config_loader=loader, watch_file=args.config
+            )
         )
-    )
+    except ConfigError as exc:  # found only when starting, e.g. no Kubernetes credentials
+        print(f"kvsched serve: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     return 0
 
 
