@@ -104,7 +104,8 @@ class KubeClient:
     ) -> KubeClient:
         """In-cluster credentials when running in a pod (or ``in_cluster``), else a kubeconfig
         (``kubeconfig``, $KUBECONFIG or ~/.kube/config); ``api_server`` overrides the host, and
-        alone (no kubeconfig, not in a cluster) means an unauthenticated server such as a test's."""
+        alone (no kubeconfig, ``in_cluster`` unset) means an unauthenticated server such as a
+        test's."""
         import kubernetes.client
         import kubernetes.config
 
@@ -112,7 +113,8 @@ class KubeClient:
         kube_config: Any = kubernetes.config
         configuration = kubernetes.client.Configuration()
         if in_cluster is None:
-            in_cluster = kubeconfig is None and "KUBERNETES_SERVICE_HOST" in os.environ
+            # An explicit server alone means no credentials, even inside a pod (a test's server).
+            in_cluster = kubeconfig is None and api_server is None and "KUBERNETES_SERVICE_HOST" in os.environ
         if in_cluster:
             kube_config.load_incluster_config(client_configuration=configuration)
         elif kubeconfig is not None or api_server is None:
