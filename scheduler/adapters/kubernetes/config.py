@@ -42,7 +42,8 @@ class KubernetesDiscoveryConfig(BaseModel):
     context: str | None = Field(None, description="kubeconfig context; unset = its current context.")
     in_cluster: bool | None = Field(
         None,
-        description="Use the pod's service account; unset = when running in a pod and no kubeconfig is set.",
+        description="Use the pod's service account; unset = when running in a pod and neither "
+        "kubeconfig nor api_server is set.",
     )
     policies: bool = Field(
         True, description="Apply the served pools' SchedulingPolicy (kvsched.io/v1alpha1)."
