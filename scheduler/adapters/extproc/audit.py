@@ -16,6 +16,7 @@ DECISION_OUTCOMES = (
     "routed_fallback",
     "no_endpoints",
     "shed",
+    "queue_timeout",
     "bad_request",
     "too_large",
     "internal_error",

@@ -15,8 +15,11 @@ from typing import Any, Protocol
 from scheduler.adapters.extproc.audit import ExtProcStats
 from scheduler.adapters.extproc.config import ExtProcConfig
 from scheduler.adapters.extproc.headers import RequestHints
+from scheduler.adapters.flow_gate import FlowGate
 from scheduler.adapters.tokenizer import PromptTokenizer, TemplateError, request_token_ids
 from scheduler.codec.openai import BadRequestBody, InferenceRequestBody, parse_request_body
+from scheduler.core.flowcontrol import FlowItem
+from scheduler.core.objectives import ResolvedObjective
 from scheduler.core.scheduler import Endpoint, PickResult, SchedulingRequest
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,8 @@ class SchedulerPort(Protocol):
 
     def on_failed(self, request_id: str, now: float) -> None: ...
 
+    def resolve_objective(self, request: SchedulingRequest) -> ResolvedObjective: ...
+
 
 @dataclass(slots=True)
 class Decision:
@@ -67,6 +72,12 @@ class Decision:
         return explanation
 
     @property
+    def predicted(self) -> tuple[float, float, str] | None:
+        """(TTFT ms, TPOT ms, source) the Scheduler predicted for the primary, if it did."""
+        predicted: tuple[float, float, str] | None = getattr(self.explanation_source, "predicted", None)
+        return predicted
+
+    @property
     def routed(self) -> bool:
         return self.outcome in ("routed", "routed_fallback")
 
@@ -79,12 +90,14 @@ class PickRunner:
         tokenizer: PromptTokenizer,
         clock: Callable[[], float],
         stats: ExtProcStats,
+        flow_gate: FlowGate | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.config = config
         self.tokenizer = tokenizer
         self.clock = clock
         self.stats = stats
+        self.flow_gate = flow_gate
         self._logged_errors: set[str] = set()
 
     async def decide_body(
@@ -117,9 +130,38 @@ class PickRunner:
         if tokenize_error is not None:
             decision = self.internal(request, tokenize_error)
         else:
-            decision = self.pick(request)
+            decision = await self.admit_and_pick(request)
         decision.body = parsed
         return decision
+
+    async def admit_and_pick(self, request: SchedulingRequest) -> Decision:
+        """Flow control first (the request may wait while the pool is saturated), then the pick.
+
+        Nothing is awaited between admission and the pick, so the request is in kvsched's
+        in-flight count before flow control next judges saturation. A failure inside flow
+        control is logged and the request picked anyway: it must never cost the request.
+        """
+        gate = self.flow_gate
+        if gate is None or (request.subset is not None and not request.subset):
+            return self.pick(request)
+        try:
+            objective = self.scheduler.resolve_objective(request)
+            item = FlowItem(
+                request.request_id,
+                priority=objective.priority,
+                fairness_id=request.fairness_id or "",
+                slo_ttft_ms=objective.slo_ttft_ms,
+            )
+            admission = await gate.acquire(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._log_error_once("flow control", request.request_id, exc)
+            return self.pick(request)
+        if admission.rejected:
+            outcome = "shed" if admission.http_status == 429 else "queue_timeout"
+            return Decision(outcome, reason=admission.reason, request=request)
+        return self.pick(request)
 
     async def token_ids(self, parsed: InferenceRequestBody) -> Sequence[int]:
         if parsed.prompt_token_ids is not None:

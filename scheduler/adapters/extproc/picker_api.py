@@ -51,6 +51,8 @@ class EndpointPickerServicer:
             "routed_fallback": pb2.PickResponse.OK,
             "no_endpoints": pb2.PickResponse.NO_ENDPOINTS,
             "shed": pb2.PickResponse.SHED,
+            # Waited out in flow control: the gateway answers 503, as for no endpoint.
+            "queue_timeout": pb2.PickResponse.NO_ENDPOINTS,
             "bad_request": pb2.PickResponse.BAD_REQUEST,
         }
 
@@ -114,7 +116,7 @@ class EndpointPickerServicer:
         )
         if error is not None:
             return self._runner.internal(scheduling, error)
-        return self._runner.pick(scheduling)
+        return await self._runner.admit_and_pick(scheduling)
 
     def _remember(self, request_id: str, decision: Decision) -> None:
         picked_at = decision.decided_at if decision.decided_at is not None else self._runner.clock()

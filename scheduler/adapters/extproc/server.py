@@ -18,7 +18,9 @@ from scheduler.adapters.extproc.health import ReadinessHealthServicer
 from scheduler.adapters.extproc.picker_api import EndpointPickerServicer, load_picker_protos
 from scheduler.adapters.extproc.servicer import ExternalProcessorServicer
 from scheduler.adapters.extproc.tls import ServerCredentials, TLSSettings
+from scheduler.adapters.flow_gate import FlowGate
 from scheduler.adapters.tokenizer import ByteTokenizer, PromptTokenizer
+from scheduler.core.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class ExtProcServer:
         ready: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         metrics_registry: Any | None = None,
+        flow_gate: FlowGate | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.config = config or ExtProcConfig()
@@ -56,7 +59,13 @@ class ExtProcServer:
         self._requested_health_port = health_port
         self._tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self._ready = ready if ready is not None else (lambda: bool(scheduler.endpoints()))
-        self.runner = PickRunner(scheduler, self.config, self._tokenizer, clock, self.stats)
+        if flow_gate is None and isinstance(scheduler, Scheduler):
+            # The Scheduler's own waiting room, on the clock every other call uses.
+            flow_gate = FlowGate(
+                scheduler.flow, scheduler.saturation, scheduler.saturation_states, clock=clock
+            )
+        self.flow_gate = flow_gate
+        self.runner = PickRunner(scheduler, self.config, self._tokenizer, clock, self.stats, flow_gate)
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._health: ReadinessHealthServicer | None = None
@@ -131,6 +140,9 @@ class ExtProcServer:
         """Report NOT_SERVING, let streams in flight finish for ``grace`` seconds, then close."""
         if self._health is not None:
             await self._health.shutdown()
+        if self.flow_gate is not None:
+            # Waiting requests get an explained 503 now rather than a reset stream later.
+            self.flow_gate.close()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

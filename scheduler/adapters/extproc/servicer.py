@@ -56,6 +56,7 @@ _FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 _REFUSALS = {
     "no_endpoints": 503,
     "shed": 429,
+    "queue_timeout": 503,
     "bad_request": 400,
     "too_large": 413,
 }
@@ -244,7 +245,9 @@ class _Exchange:
         self._decision = decision
         self._stats.count(decision.outcome)
         status = _REFUSALS[decision.outcome]
-        headers = [(DROPPED_REASON_HEADER, decision.reason)] if decision.outcome == "shed" else []
+        # Flow control's refusals say why in the GIE's header (429 shed / queue full, 503 waited out).
+        dropped = decision.outcome in ("shed", "queue_timeout")
+        headers = [(DROPPED_REASON_HEADER, decision.reason)] if dropped else []
         self.closed = True
         self._write_audit(decision.outcome)
         self._finished = True
@@ -304,6 +307,13 @@ class _Exchange:
         self._stats.count(outcome)
         self._write_audit(outcome, now)
         self._finished = True
+        self._release_capacity()
+
+    def _release_capacity(self) -> None:
+        # A request left its endpoint: a waiting one may fit now.
+        gate = self._runner.flow_gate
+        if gate is not None:
+            gate.poke()
 
     def finish(self, outcome: str) -> None:
         """End of the stream: a routed request without a complete response is released as failed."""
@@ -321,6 +331,7 @@ class _Exchange:
             self._scheduler.on_failed(self._request_id, now)
             self._stats.count(outcome)
             self._write_audit(outcome, now)
+            self._release_capacity()
 
     def _write_audit(self, outcome: str, now: float | None = None) -> None:
         decision = self._decision
@@ -335,6 +346,7 @@ class _Exchange:
         ttft = None
         if self._first_byte_at is not None and self._started_at is not None:
             ttft = self._first_byte_at - self._started_at
+        predicted = decision.predicted
         write_audit(
             {
                 "request_id": self._request_id,
@@ -350,6 +362,9 @@ class _Exchange:
                 "explanation": explanation,
                 "decision_ms": milliseconds(self._decision_s),
                 "http_status": self._status,
+                "predicted_ttft_ms": round(predicted[0], 3) if predicted else None,
+                "predicted_tpot_ms": round(predicted[1], 3) if predicted else None,
+                "prediction_source": predicted[2] if predicted else None,
                 "ttft_ms": milliseconds(ttft),
                 "e2e_ms": milliseconds(e2e),
                 "cached_tokens": usage.cached_tokens if usage else None,
