@@ -46,3 +46,20 @@ def test_flow_control_figures_are_exposed() -> None:
     assert samples[("kvsched_pool_saturated", ())] == 0.0
     assert samples[("kvsched_flow_requests_total", (("outcome", "dispatched_from_queue"),))] == 1.0
     assert samples[("kvsched_flow_wait_seconds_total", ())] == pytest.approx(0.9)
+
+
+def test_predictor_error_and_source_are_exposed() -> None:
+    scheduler = Scheduler()
+    scheduler.set_endpoints([Endpoint("a", "10.0.0.1:8000")], now=0.0)
+    scheduler.update_metrics("a", EndpointMetrics(waiting=0, running=0, kv_usage=0.1), now=0.0)
+    samples = _samples(scheduler)
+    assert samples[("kvsched_predictor_source", (("source", "prior"), ("target", "ttft")))] == 1.0
+    assert ("kvsched_predictor_running_mape", (("target", "ttft"),)) not in samples  # nothing observed
+    result = scheduler.pick(SchedulingRequest("r", list(range(1, 65))), now=1.0)
+    assert result.predicted is not None
+    predicted_ms = result.predicted[0]
+    scheduler.on_first_token("r", now=1.0 + 2 * predicted_ms / 1000.0)  # twice as slow as predicted
+    scheduler.on_completed("r", now=2.0 + predicted_ms / 1000.0, completion_tokens=4)
+    samples = _samples(scheduler)
+    assert samples[("kvsched_predictor_observations_total", ())] == 1.0
+    assert samples[("kvsched_predictor_running_mape", (("target", "ttft"),))] == pytest.approx(0.5, rel=1e-3)

@@ -207,8 +207,18 @@ async def test_metrics_page_parses_and_covers_every_component(stack: Stack) -> N
     outcomes = {labels["outcome"] for labels, _ in samples["kvsched_picker_requests_total"]}
     assert {"routed", "no_endpoints", "shed", "bad_request", "internal_error"} <= outcomes
     assert "kvsched_picker_decision_seconds_bucket" in samples
-    for family in ("kvsched_index_bytes", "kvsched_index_evictions_total", "process_cpu_seconds_total"):
-        assert family in samples
+    for family in (
+        "kvsched_index_bytes",
+        "kvsched_index_evictions_total",
+        "process_cpu_seconds_total",
+        "kvsched_pool_saturated",
+        "kvsched_flow_requests_total",
+        "kvsched_predictor_source",
+        "kvsched_predictor_fits_total",
+    ):
+        assert family in samples, family
+    # The background trainer is running with the Scheduler's own predictor.
+    assert stack.app.trainer.predictor is stack.app.scheduler.predictor
 
 
 async def test_health_reports_serving(stack: Stack) -> None:

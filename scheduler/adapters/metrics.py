@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from scheduler.adapters.predictor_trainer import TrainerStats
 from scheduler.adapters.scraper import ScrapeStats
 from scheduler.core.kvingest import IngestStats
 from scheduler.core.scheduler import Scheduler
@@ -62,16 +63,19 @@ class KvschedCollector(Collector):
         scraper: ScrapeView | None = None,
         ingest_stats: Callable[[], Mapping[str, IngestStats]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        trainer_stats: Callable[[], TrainerStats] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.scraper = scraper
         self.ingest_stats = ingest_stats
         self.clock = clock
+        self.trainer_stats = trainer_stats
 
     def collect(self) -> Iterator[Metric]:
         yield from self._endpoints()
         yield from self._index()
         yield from self._flow_control()
+        yield from self._predictor()
         if self.scraper is not None:
             yield from self._scrapes(self.scraper.all_stats())
         if self.ingest_stats is not None:
@@ -167,6 +171,62 @@ class KvschedCollector(Collector):
             "BlockRemoved events for blocks the index did not hold.",
             value=index.unknown_removals,
         )
+
+    def _predictor(self) -> Iterator[Metric]:
+        stats = self.scheduler.predictor.stats
+        running = GaugeMetricFamily(
+            "kvsched_predictor_running_mape",
+            "Running mean absolute percentage error (fraction) of the latency predictor, per target, "
+            "over recent observations (each predicted before it was observed).",
+            labels=["target"],
+        )
+        held_out = GaugeMetricFamily(
+            "kvsched_predictor_holdout_mape",
+            "Mean absolute percentage error (fraction) on held-out samples never trained on.",
+            labels=["target"],
+        )
+        source = GaugeMetricFamily(
+            "kvsched_predictor_source",
+            "1 for what answers each target now: the trained model or the analytic prior.",
+            labels=["target", "source"],
+        )
+        for target, running_value, held_value, answering in (
+            ("ttft", stats.running_mape_ttft, stats.holdout_mape_ttft, stats.ttft_source),
+            ("tpot", stats.running_mape_tpot, stats.holdout_mape_tpot, stats.tpot_source),
+        ):
+            if running_value is not None:
+                running.add_metric([target], running_value)
+            if held_value is not None:
+                held_out.add_metric([target], held_value)
+            for kind in ("model", "prior"):
+                source.add_metric([target, kind], 1.0 if answering == kind else 0.0)
+        yield from (running, held_out, source)
+        yield GaugeMetricFamily(
+            "kvsched_predictor_samples", "Latency samples held (training and held-out).", value=stats.samples
+        )
+        yield CounterMetricFamily(
+            "kvsched_predictor_observations",
+            "Completed requests offered to the predictor.",
+            value=stats.observed,
+        )
+        yield GaugeMetricFamily(
+            "kvsched_predictor_model_version",
+            "Version of the installed model (0: none yet).",
+            value=stats.model_version,
+        )
+        if self.trainer_stats is not None:
+            trainer = self.trainer_stats()
+            yield CounterMetricFamily(
+                "kvsched_predictor_fits", "Background model fits finished.", value=trainer.fits
+            )
+            yield CounterMetricFamily(
+                "kvsched_predictor_fit_failures", "Background model fits that failed.", value=trainer.failures
+            )
+            yield GaugeMetricFamily(
+                "kvsched_predictor_last_fit_seconds",
+                "Duration of the last model fit.",
+                value=trainer.last_fit_s,
+            )
 
     def _flow_control(self) -> Iterator[Metric]:
         scheduler = self.scheduler

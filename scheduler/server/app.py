@@ -40,10 +40,11 @@ from scheduler.adapters.kubernetes.pools import POOL_RESOURCES
 from scheduler.adapters.kubernetes.reflector import Backoff
 from scheduler.adapters.kv_subscriber import KVEventIngestService, SubscriberConfig
 from scheduler.adapters.metrics import KvschedCollector, MetricsHTTPServer, new_registry
+from scheduler.adapters.predictor_trainer import PredictorTrainer
 from scheduler.adapters.scraper import MetricsScraper
 from scheduler.adapters.tokenizer import make_tokenizer
 from scheduler.core.kvingest import IngestStats
-from scheduler.core.scheduler import Endpoint, EndpointDiff, Scheduler, SchedulerConfig
+from scheduler.core.scheduler import Endpoint, EndpointDiff, EndpointMetrics, Scheduler, SchedulerConfig
 from scheduler.server.config import ConfigError, ServeConfig, TLSConfig
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,22 @@ log = logging.getLogger(__name__)
 # How long start() waits for discovery's first endpoint set before serving without it
 # (readiness stays NOT_SERVING until a set arrives).
 FIRST_SET_TIMEOUT_S = 10.0
+
+
+class _ScrapeSink:
+    """The scraper's results go to the Scheduler; each one also calls ``refreshed``."""
+
+    def __init__(self, scheduler: Scheduler, refreshed: Callable[[], None]) -> None:
+        self._scheduler = scheduler
+        self._refreshed = refreshed
+
+    def update_metrics(self, name: str, metrics: EndpointMetrics, now: float) -> None:
+        self._scheduler.update_metrics(name, metrics, now)
+        self._refreshed()
+
+    def record_scrape_failure(self, name: str, error: str, now: float) -> None:
+        self._scheduler.record_scrape_failure(name, error, now)
+        self._refreshed()
 
 
 def tls_settings(config: TLSConfig) -> TLSSettings:
@@ -90,8 +107,9 @@ class ServeApp:
         self.ingest: KVEventIngestService | None = (
             KVEventIngestService(self.scheduler.index, clock=clock) if config.kv_events.enabled else None
         )
+        # Each refresh of an endpoint's metrics may let a waiting request go.
         self.scraper = MetricsScraper(
-            self.scheduler,
+            _ScrapeSink(self.scheduler, self._metrics_refreshed),
             interval_s=config.scrape_interval_s,
             timeout_s=config.scrape_timeout_s,
             spec=config.metrics_spec(),
@@ -110,9 +128,16 @@ class ServeApp:
             clock=clock,
             metrics_registry=self.registry,
         )
+        self.trainer = PredictorTrainer(
+            self.scheduler.predictor, model_path=config.predictor_model_path, clock=clock
+        )
         self.registry.register(
             KvschedCollector(
-                self.scheduler, scraper=self.scraper, ingest_stats=self._ingest_stats, clock=clock
+                self.scheduler,
+                scraper=self.scraper,
+                ingest_stats=self._ingest_stats,
+                clock=clock,
+                trainer_stats=lambda: self.trainer.stats,
             )
         )
         self.metrics_server = (
@@ -242,6 +267,7 @@ class ServeApp:
             self.policy = settings
             if scheduler_config != self.scheduler.config:
                 self.scheduler.reload(scheduler_config)
+                self._follow_predictor()
             self._apply_process_settings()
             await self._set_scrape_interval(
                 self.config.scrape_interval_s
@@ -302,6 +328,7 @@ class ServeApp:
                 effective = scheduler_config
             if effective != self.scheduler.config:
                 self.scheduler.reload(effective)
+                self._follow_predictor()
             if new.audit_log != old.audit_log:
                 logging.getLogger("kvsched.audit").setLevel(
                     logging.INFO if new.audit_log else logging.WARNING
@@ -354,6 +381,15 @@ class ServeApp:
 
     # --- lifecycle -------------------------------------------------------------------------
 
+    def _metrics_refreshed(self) -> None:
+        gate = self.server.flow_gate
+        if gate is not None:
+            gate.poke()
+
+    def _follow_predictor(self) -> None:
+        # New predictor settings replace the Scheduler's predictor: train that one from now on.
+        self.trainer.predictor = self.scheduler.predictor
+
     async def start(self) -> None:
         if self._started:
             raise RuntimeError("already started")
@@ -361,6 +397,7 @@ class ServeApp:
         logging.getLogger("kvsched.audit").setLevel(
             logging.INFO if self.config.audit_log else logging.WARNING
         )
+        await self.trainer.start()
         await self.scraper.start()
         await self.server.start()
         if self.metrics_server is not None:
@@ -417,6 +454,7 @@ class ServeApp:
             await self.kubernetes.stop()
         await self.server.stop(self.config.shutdown_grace_s if grace is None else grace)
         await self.scraper.stop()
+        await self.trainer.stop()
         if self.ingest is not None:
             await self.ingest.stop()
         if self.metrics_server is not None:

@@ -174,6 +174,12 @@ class ServeConfig(BaseModel):
     tokenizer_config: str | None = Field(None, description="tokenizer_config.json (chat template).")
 
     log_level: LogLevel | None = Field(None, description="Overrides the command line's --log-level.")
+    predictor_model_path: str | None = Field(
+        None,
+        description="File the TTFT/TPOT model is saved to after each training and loaded from at "
+        "start, so a restarted replica predicts from its first request (a writable volume; unset = "
+        "in memory only).",
+    )
     audit_log: bool = Field(
         False, description="One JSON line per routing decision on the kvsched.audit logger."
     )
