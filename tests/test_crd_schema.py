@@ -232,7 +232,8 @@ def test_minimal_policy_is_completed_by_the_defaults() -> None:
     # Settings of the process, not of scoring: left out, the config file's value stays.
     assert spec["kvEvents"] == {}
     assert "scrapeIntervalMs" not in spec
-    # Reserved sections and no default objective: a request without SLO headers has none.
+    # No default objective (a request without SLO headers has none) and no predictor defaults
+    # (left out, the configuration file's predictor settings stay).
     assert "sloDefaults" not in spec and "predictor" not in spec
     assert "status" not in policy
 
@@ -256,13 +257,10 @@ def test_defaults_do_not_override_what_is_set() -> None:
 # Not at all: the index layout is fixed per process (a policy may only assert it), the seed and
 # the comparison policies are for experiments. A new section must be put in one of these.
 SECTIONS_IN_FULL = {"scoring", "health", "approximate", "flow_control"}
-SECTIONS_BY_FIELD = {"predictor"}
+SECTIONS_BY_FIELD = {"predictor", "slo_defaults"}
 NOT_IN_POLICIES = {"index", "seed", "policy"}
 # CRD bounds kvsched deliberately refuses although the schema admits them.
-REFUSED_ALTHOUGH_ADMITTED = {
-    # Admitted by the first version of the CRD; the waiting room needs a positive wait.
-    ("flowControl", "maxWaitMs", "minimum"),
-}
+REFUSED_ALTHOUGH_ADMITTED: set[tuple[str, ...]] = set()
 
 
 def _leaves(data: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -339,8 +337,8 @@ def test_every_value_the_crd_admits_is_a_valid_setting() -> None:
     checked = 0
     sections = set(SchedulerConfig.model_fields)
     for parts, bound, value in _crd_numeric_bounds():
-        if parts[0] in ("kvEvents", "sloDefaults", "scrapeIntervalMs") or parts[-1] == "sloUrgency":
-            continue  # process settings, checked apart; reserved fields
+        if parts[0] in ("kvEvents", "scrapeIntervalMs"):
+            continue  # process settings, checked apart
         if parts[0] == "predictor" and "predictor" not in sections:
             continue
         spec: dict[str, Any] = {"poolRef": {"name": "p"}}
@@ -358,7 +356,7 @@ def test_every_value_the_crd_admits_is_a_valid_setting() -> None:
     assert refused == []
 
 
-def test_reserved_fields_are_refused_by_name() -> None:
+def test_unknown_fields_are_refused_by_name() -> None:
     from scheduler.adapters.kubernetes.policy import PolicyError, PolicySettings
     from scheduler.core.scheduler import SchedulerConfig
 

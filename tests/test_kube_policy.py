@@ -205,9 +205,9 @@ async def test_invalid_policy_keeps_the_last_good_one(server: FakeKubeAPIServer,
     assert event["metadata"]["name"].startswith("llama.")
 
     # A section this kvsched does not have is refused by name.
-    server.replace(POLICIES, policy("llama", {"sloDefaults": {"ttftMs": 500}}))
+    server.replace(POLICIES, policy("llama", {"scorerWeights": {"sloUrgency": 2}}))
     condition = await harness.wait_condition("llama", "False", 3)
-    assert "spec.sloDefaults.ttftMs: not a setting of this kvsched version" in condition["message"]
+    assert "spec.scorerWeights.sloUrgency: not a setting of this kvsched version" in condition["message"]
 
     # Fixed: applied, and Accepted again.
     server.replace(POLICIES, policy("llama", {"picker": {"mode": "maxScore"}}))

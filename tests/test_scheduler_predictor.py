@@ -111,3 +111,17 @@ def test_reload_with_new_predictor_settings_starts_a_new_predictor() -> None:
     assert scheduler.predictor is before
     scheduler.reload(scheduler.config.model_copy(update={"predictor": PredictorConfig(min_samples=500)}))
     assert scheduler.predictor is not before and scheduler.predictor.config.min_samples == 500
+
+
+def test_slo_precedence_header_then_objective_then_pool_default() -> None:
+    from scheduler.core.objectives import Objective, ObjectiveTable
+    from scheduler.core.scheduler import SLODefaults
+
+    scheduler = _scheduler(slo_defaults=SLODefaults(ttft_ms=900.0, tpot_ms=60.0))
+    scheduler.set_objectives(ObjectiveTable.of([Objective("chat", priority=2, slo_ttft_ms=300.0)]))
+    plain = scheduler.resolve_objective(SchedulingRequest("a", [1]))
+    assert (plain.slo_ttft_ms, plain.slo_tpot_ms, plain.priority) == (900.0, 60.0, 0)
+    chat = scheduler.resolve_objective(SchedulingRequest("b", [1], objective="chat"))
+    assert (chat.slo_ttft_ms, chat.slo_tpot_ms, chat.priority) == (300.0, 60.0, 2)
+    header = scheduler.resolve_objective(SchedulingRequest("c", [1], objective="chat", slo_ttft_ms=120.0))
+    assert header.slo_ttft_ms == 120.0

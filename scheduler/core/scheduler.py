@@ -59,6 +59,17 @@ class ApproximateConfig(BaseModel):
     )
 
 
+class SLODefaults(BaseModel):
+    """Objectives for requests that name none (no SLO header, no objective default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttft_ms: float | None = Field(None, gt=0, description="TTFT objective in ms; unset = none.")
+    tpot_ms: float | None = Field(
+        None, gt=0, description="TPOT objective in ms per output token; unset = none."
+    )
+
+
 class SchedulerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -71,6 +82,10 @@ class SchedulerConfig(BaseModel):
     )
     predictor: PredictorConfig = Field(
         default_factory=PredictorConfig, description="The online TTFT/TPOT predictor."
+    )
+    slo_defaults: SLODefaults = Field(
+        default_factory=SLODefaults,
+        description="Pool-wide objectives, after the request's headers and its InferenceObjective's.",
     )
     seed: int = Field(0, description="Seed of the picker's random source (softmax sampling, tie spreading).")
     policy: PolicyName = Field(
@@ -259,7 +274,18 @@ class Scheduler:
         self.objectives = table
 
     def resolve_objective(self, request: SchedulingRequest) -> ResolvedObjective:
-        return self.objectives.resolve(request.objective, request.slo_ttft_ms, request.slo_tpot_ms)
+        """Priority and SLOs: the request's headers, else its objective's, else the pool's."""
+        resolved = self.objectives.resolve(request.objective, request.slo_ttft_ms, request.slo_tpot_ms)
+        defaults = self.config.slo_defaults
+        if (resolved.slo_ttft_ms is None and defaults.ttft_ms is not None) or (
+            resolved.slo_tpot_ms is None and defaults.tpot_ms is not None
+        ):
+            resolved = replace(
+                resolved,
+                slo_ttft_ms=resolved.slo_ttft_ms if resolved.slo_ttft_ms is not None else defaults.ttft_ms,
+                slo_tpot_ms=resolved.slo_tpot_ms if resolved.slo_tpot_ms is not None else defaults.tpot_ms,
+            )
+        return resolved
 
     # --- endpoints ---------------------------------------------------------------------
 
