@@ -125,3 +125,29 @@ def test_slo_precedence_header_then_objective_then_pool_default() -> None:
     assert (chat.slo_ttft_ms, chat.slo_tpot_ms, chat.priority) == (300.0, 60.0, 2)
     header = scheduler.resolve_objective(SchedulingRequest("c", [1], objective="chat", slo_ttft_ms=120.0))
     assert header.slo_ttft_ms == 120.0
+
+
+def test_an_objective_of_one_pool_is_picked_among_that_pools_endpoints() -> None:
+    from scheduler.core.objectives import Objective, ObjectiveTable
+    from scheduler.core.scheduler import POOL_LABEL
+
+    scheduler = Scheduler()
+    scheduler.set_endpoints(
+        [
+            Endpoint("a", "10.0.0.1:8000", labels={POOL_LABEL: "llm/llama"}),
+            Endpoint("b", "10.0.0.2:8000", labels={POOL_LABEL: "llm/qwen"}),
+        ],
+        now=0.0,
+    )
+    scheduler.set_objectives(
+        ObjectiveTable.of(
+            [Objective("llama-chat", pool="llm/llama"), Objective("qwen-chat", pool="llm/qwen")]
+        )
+    )
+    for i in range(6):
+        llama = scheduler.pick(SchedulingRequest(f"l{i}", [1, 2, 3], objective="llama-chat"), now=1.0)
+        qwen = scheduler.pick(SchedulingRequest(f"q{i}", [1, 2, 3], objective="qwen-chat"), now=1.0)
+        assert llama.endpoints == ["10.0.0.1:8000"] and qwen.endpoints == ["10.0.0.2:8000"]
+    # No objective (or one of a pool kvsched does not serve): every endpoint is a candidate.
+    both = scheduler.pick(SchedulingRequest("x", [1, 2, 3]), now=1.0)
+    assert sorted(both.endpoints) == ["10.0.0.1:8000", "10.0.0.2:8000"]

@@ -39,6 +39,7 @@ class ResolvedObjective:
     slo_ttft_ms: float | None
     slo_tpot_ms: float | None
     known: bool  # the named objective exists (False: unknown name or none given)
+    pool: str | None = None  # the InferencePool ("namespace/name") the objective belongs to
 
     @property
     def sheddable(self) -> bool:
@@ -70,4 +71,5 @@ class ObjectiveTable:
             slo_ttft_ms=slo_ttft_ms if slo_ttft_ms is not None else base.slo_ttft_ms,
             slo_tpot_ms=slo_tpot_ms if slo_tpot_ms is not None else base.slo_tpot_ms,
             known=objective is not None,
+            pool=base.pool,
         )

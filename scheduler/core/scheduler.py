@@ -40,6 +40,11 @@ from scheduler.core.scoring import (
 
 log = logging.getLogger(__name__)
 
+# Endpoint label naming the InferencePool ("namespace/name") an endpoint belongs to. A request
+# whose InferenceObjective belongs to a pool is picked among that pool's endpoints only, so one
+# kvsched can serve several pools.
+POOL_LABEL = "kvsched.io/pool"
+
 
 class HealthConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -232,6 +237,7 @@ class Scheduler:
         self._rng = random.Random(self.config.seed)
         self._endpoints: dict[str, _EndpointRuntime] = {}
         self._by_address: dict[str, str] = {}
+        self._pools: set[str] = set()  # POOL_LABEL values among the endpoints
         self._inflight: dict[str, _InFlight] = {}
         # Approximate mode: (expires_at, endpoint, keys) of prompts routed to endpoints
         # that publish no KV events, oldest first.
@@ -305,6 +311,11 @@ class Scheduler:
             elif runtime.endpoint != endpoint:
                 runtime.endpoint = endpoint
         self._by_address = {rt.endpoint.address: name for name, rt in self._endpoints.items()}
+        self._pools = {
+            pool
+            for rt in self._endpoints.values()
+            if (pool := rt.endpoint.labels.get(POOL_LABEL)) is not None
+        }
         if removed:
             gone = {endpoint.name for endpoint in removed}
             self._approx = [entry for entry in self._approx if entry[1] not in gone]
@@ -419,8 +430,11 @@ class Scheduler:
         keys = self.index.request_keys(request.token_ids)
         prompt_blocks = len(keys)
         matches = self._matches(keys) if prompt_blocks else {}
-        states = [self._state(rt, now) for rt in self._endpoints.values()]
         objective = self.resolve_objective(request)
+        runtimes: Iterable[_EndpointRuntime] = self._endpoints.values()
+        if objective.pool is not None and objective.pool in self._pools:
+            runtimes = [rt for rt in runtimes if rt.endpoint.labels.get(POOL_LABEL) == objective.pool]
+        states = [self._state(rt, now) for rt in runtimes]
         pick_request = PickRequest(
             request_id=request.request_id,
             prompt_blocks=prompt_blocks,

@@ -32,7 +32,7 @@ from typing import Any
 from scheduler.adapters.discovery import EndpointDefaults, StaticEndpointSpec
 from scheduler.adapters.kubernetes.client import PODS, KubeClient, ResourceType
 from scheduler.adapters.kubernetes.reflector import Backoff, Reflector, Snapshot
-from scheduler.core.scheduler import Endpoint
+from scheduler.core.scheduler import POOL_LABEL, Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ KV_EVENTS_PORT_ANNOTATION = "kvsched.io/kv-events-port"
 KV_REPLAY_PORT_ANNOTATION = "kvsched.io/kv-replay-port"
 KV_TOPIC_ANNOTATION = "kvsched.io/kv-topic"
 
-POOL_LABEL = "kvsched.io/pool"
 POD_LABEL = "kvsched.io/pod"
 
 _OFF = {"0", "none", "false", "off"}
