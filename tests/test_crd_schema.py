@@ -225,6 +225,7 @@ def test_minimal_policy_is_completed_by_the_defaults() -> None:
         "numFallbacks": 2,
         "tieEpsilon": 0.02,
         "sloMargin": 0.1,
+        "sloUnmeetable": "score",
     }
     assert spec["limits"] == {"maxWaiting": 128, "maxKvUsage": 0.98, "metricsStaleAfterSeconds": 2}
     assert spec["flowControl"]["maxQueueDepthPerEndpoint"] == 5

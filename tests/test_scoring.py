@@ -615,13 +615,17 @@ def test_slo_margin_leaves_room_for_prediction_error() -> None:
     assert loose.slo_feasible == [True, True] and loose.primary == "10.0.0.1:8000"
 
 
-def test_when_no_candidate_can_meet_the_slo_the_fastest_predicted_comes_first() -> None:
+def test_when_no_candidate_can_meet_the_slo_the_usual_score_or_the_fastest_decides() -> None:
     endpoints = [_ep(1), _ep(2), _ep(3)]
     matches = {"10.0.0.1:8000": PrefixMatch(10, 10, 0)}
     estimator = _TableEstimator({"10.0.0.1:8000": 900.0, "10.0.0.2:8000": 300.0, "10.0.0.3:8000": 500.0})
-    decision = SchedulingPipeline().pick(_request(slo_ttft_ms=100.0), endpoints, matches, estimator=estimator)
+    request = _request(slo_ttft_ms=100.0)
+    by_score = SchedulingPipeline().pick(request, endpoints, matches, estimator=estimator)
+    assert by_score.primary == "10.0.0.1:8000"  # the cache hit, as without an SLO
+    assert by_score.slo_note and by_score.slo_feasible == [False, False, False]
+    fastest = SchedulingPipeline(ScoringConfig(slo_unmeetable="fastest"))
+    decision = fastest.pick(request, endpoints, matches, estimator=estimator)
     assert decision.endpoints == ["10.0.0.2:8000", "10.0.0.3:8000", "10.0.0.1:8000"]
-    assert decision.slo_note and decision.slo_feasible == [False, False, False]
 
 
 def test_tpot_slo_counts_too() -> None:

@@ -449,9 +449,9 @@ class Scheduler:
         # Every candidate's latency is predicted when the decision uses it; otherwise only the
         # chosen endpoint's, afterwards, for the audit line and to train on.
         estimator = self._estimator
-        predict_all = self._pipeline.uses_predictions or (
-            pick_request.slo_ttft_ms is not None or pick_request.slo_tpot_ms is not None
-        )
+        # The single-signal policies stay single-signal: no SLO stage for them.
+        has_slo = pick_request.slo_ttft_ms is not None or pick_request.slo_tpot_ms is not None
+        predict_all = self._pipeline.uses_predictions or (has_slo and self.config.policy == "kvsched")
         estimator.last_features = None
         decision = self._pipeline.pick(
             pick_request, states, matches, self._rng, estimator if predict_all else None

@@ -219,8 +219,9 @@ class SchedulingPipeline:
             feasible = meets_slo(candidates, request, config.slo_margin)
             meeting = sum(feasible)
             if meeting == 0:
-                ranking = relative_to_best(candidates.predicted_ttft_ms)
                 slo_note = NO_CANDIDATE_MEETS_SLO
+                if config.slo_unmeetable == "fastest":
+                    ranking = relative_to_best(candidates.predicted_ttft_ms)
             elif meeting < count:
                 ranking = [
                     t if ok else t - _INFEASIBLE_PENALTY for t, ok in zip(totals, feasible, strict=True)
