@@ -44,6 +44,22 @@ class PredictorEstimator:
         self.last_features = rows
         return rows
 
+    def row(self, candidates: Candidates, request: PickRequest, position: int) -> FeatureMatrix:
+        """The feature row of one candidate (shape (NUM_FEATURES,)), when only it is needed."""
+        s = candidates.states[position]
+        rows = candidate_features(
+            request.prompt_tokens,
+            [candidates.matched[position] * self._block_size],
+            [s.waiting],
+            [s.running],
+            [s.kv_usage],
+            [s.inflight_prefill_tokens],
+            [s.inflight_decode_requests],
+            [self._class_id(s.endpoint_class)],
+        )
+        row: FeatureMatrix = rows[0]
+        return row
+
     def estimate(self, candidates: Candidates, request: PickRequest) -> LatencyEstimate:
         prediction = self.predictor.predict(self.features(candidates, request))
         return LatencyEstimate(prediction.ttft_ms.tolist(), prediction.tpot_ms.tolist(), prediction.source)

@@ -468,9 +468,11 @@ class Scheduler:
         if candidates is not None and self.config.predictor.enabled:
             position = next(i for i, s in enumerate(candidates.states) if s.name == primary)
             rows = estimator.last_features
-            if rows is None:
-                rows = estimator.features(candidates, pick_request)
-            flight.features = rows[position].copy()
+            flight.features = (
+                rows[position].copy()
+                if rows is not None
+                else estimator.row(candidates, pick_request, position)
+            )
             if predicted is None:
                 alone = self.predictor.predict(flight.features[None, :])
                 predicted = (float(alone.ttft_ms[0]), float(alone.tpot_ms[0]), alone.source)
