@@ -211,3 +211,22 @@ async def test_audit_line_carries_predicted_and_observed_ttft(
     assert audit[0]["ttft_ms"] is not None
     # The completion was learned from: the predictor holds one observation.
     assert scheduler.predictor.stats.observed == 1
+
+
+async def test_a_failure_inside_flow_control_still_routes_the_request(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream]
+) -> None:
+    scheduler = RecordingScheduler(ADDRESSES)
+    server = await start_server(scheduler)
+    assert server.flow_gate is not None
+
+    async def broken(item: object) -> object:
+        raise RuntimeError("flow control broke")
+
+    server.flow_gate.acquire = broken  # type: ignore[method-assign,assignment]
+    stream = connect(server)
+    await _send(stream, "f1")
+    answer = await _drain_request(stream)
+    assert answer.WhichOneof("response") == "request_headers"
+    assert [p.request_id for p in scheduler.picks] == ["f1"]
+    assert server.stats.outcomes["routed"] == 1
