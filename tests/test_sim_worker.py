@@ -25,7 +25,8 @@ from scheduler.core.events import BlockRemoved, BlockStored
 from scheduler.sim.engine import EngineConfig
 from scheduler.sim.latency import LatencyModel
 from scheduler.sim.pool import PoolConfig, SimPool
-from scheduler.sim.worker import WORKER_HEADER, SimWorker, WorkerDescriptor
+from scheduler.sim.tokenizer import load
+from scheduler.sim.worker import LLMD_TOPIC, WORKER_HEADER, SimWorker, WorkerDescriptor
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -82,19 +83,23 @@ async def test_completion_text_reports_cached_tokens_on_repeat(
 ) -> None:
     worker = pool.descriptors[0]
     body = {"model": MODEL, "prompt": words("w", 40), "max_tokens": 4}
+    prompt_ids = load().encode(words("w", 40))
+    assert prompt_ids[0] == 1 and len(prompt_ids) > 41  # <s>, and "w12" is more than one token
     status, first, served_by = await post(http, worker.http_url + "/v1/completions", body)
     assert status == 200 and served_by == worker.name
     assert first["object"] == "text_completion"
     assert first["choices"][0]["text"] == "the model answers with"
     assert first["choices"][0]["finish_reason"] == "length"
     assert first["usage"] == {
-        "prompt_tokens": 40,
-        "total_tokens": 44,
+        "prompt_tokens": len(prompt_ids),
+        "total_tokens": len(prompt_ids) + 4,
         "completion_tokens": 4,
         "prompt_tokens_details": {"cached_tokens": 0},
     }
     _, second, _ = await post(http, worker.http_url + "/v1/completions", body)
-    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 32  # two full blocks of 16
+    # Every full block but the one holding the last prompt token (always recomputed).
+    full_blocks = (len(prompt_ids) - 1) // 16
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 16 * full_blocks
 
 
 async def test_completion_token_ids_and_prompt_lists(pool: SimPool, http: aiohttp.ClientSession) -> None:
@@ -105,7 +110,8 @@ async def test_completion_token_ids_and_prompt_lists(pool: SimPool, http: aiohtt
     status, batch, _ = await post(http, url, {"prompt": [list(range(100, 140)), "a b c"], "max_tokens": 3})
     assert status == 200
     assert [c["index"] for c in batch["choices"]] == [0, 1]
-    assert batch["usage"]["prompt_tokens"] == 43 and batch["usage"]["completion_tokens"] == 6
+    assert batch["usage"]["prompt_tokens"] == 40 + len(load().encode("a b c"))
+    assert batch["usage"]["completion_tokens"] == 6
     assert batch["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
 
 
@@ -128,7 +134,7 @@ async def test_chat_streaming_matches_non_streaming(pool: SimPool, http: aiohttp
     assert [c["choices"][0]["finish_reason"] for c in content] == [None] * 4 + ["length"]
     usage = chunks[-2]
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
-    assert usage["usage"]["prompt_tokens"] == full["usage"]["prompt_tokens"] == 4 + 12 + 1
+    assert usage["usage"]["prompt_tokens"] == full["usage"]["prompt_tokens"] == len(load().chat_ids(messages))
     # Without include_usage there is no usage chunk.
     plain = await sse_chunks(http, url, {"messages": messages, "max_tokens": 2, "stream": True})
     assert all("usage" not in c for c in plain[:-1])
@@ -148,8 +154,13 @@ async def test_follow_up_turn_hits_the_previous_answer(pool: SimPool, http: aioh
     answer = first["choices"][0]["message"]["content"]
     follow = [*turn, {"role": "assistant", "content": answer}, {"role": "user", "content": "and then"}]
     _, second, _ = await post(http, url, {"messages": follow, "max_tokens": 1})
-    # Turn one's prompt (32 tokens) plus its answer's KV (19 of 20 tokens) = 51 -> 48 in full blocks.
-    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 48
+    # The answer re-sent tokenises to the ids generated: turn two's prompt starts with turn one's
+    # prompt and the 20 answer ids, whose KV (all but the last answer token's) is cached.
+    first_ids, second_ids = load().chat_ids(turn), load().chat_ids(follow)
+    answer_ids = [load().filler_token_id(i) for i in range(20)]
+    assert second_ids[: len(first_ids) + 20] == first_ids + answer_ids
+    cached = (len(first_ids) + 19) // 16 * 16
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
 
 
 async def test_chunked_request_body_is_accepted(pool: SimPool) -> None:
@@ -176,23 +187,76 @@ async def test_chunked_request_body_is_accepted(pool: SimPool) -> None:
     assert status_line == b"HTTP/1.1 200 OK"
     headers, _, payload = rest.partition(b"\r\n\r\n")
     assert f"{WORKER_HEADER}: {worker.name}".encode() in headers
-    assert json.loads(payload)["usage"]["prompt_tokens"] == 20
+    assert json.loads(payload)["usage"]["prompt_tokens"] == len(load().encode(words("c", 20)))
 
 
 async def test_models_health_tokenize(pool: SimPool, http: aiohttp.ClientSession) -> None:
     base = pool.descriptors[0].http_url
-    async with http.get(base + "/health") as response:
-        assert response.status == 200 and response.headers[WORKER_HEADER] == "sim-0"
+    for path in ("/health", "/ready"):
+        async with http.get(base + path) as response:
+            assert response.status == 200 and response.headers[WORKER_HEADER] == "sim-0"
     async with http.get(base + "/v1/models") as response:
         models = await response.json()
     assert [m["id"] for m in models["data"]] == [MODEL] and models["data"][0]["max_model_len"] == 8192
+    async with http.get(base + "/version") as response:
+        assert (await response.json())["version"] == "0.33.0"
+    tokenizer = load()
     status, tokens, _ = await post(http, base + "/tokenize", {"prompt": "one two three"})
-    assert status == 200 and tokens["count"] == 3 and len(tokens["tokens"]) == 3
+    # <s> then one token per common word, as a Llama tokenizer counts them.
+    assert status == 200 and tokens["tokens"] == tokenizer.encode("one two three")
+    assert tokens["count"] == 4 and tokens["tokens"][0] == 1 and tokens["token_strs"] is None
     assert tokens["max_model_len"] == 8192
-    _, chat_tokens, _ = await post(
-        http, base + "/tokenize", {"messages": [{"role": "user", "content": "hi"}]}
+    _, bare, _ = await post(
+        http,
+        base + "/tokenize",
+        {"prompt": "one two", "add_special_tokens": False, "return_token_strs": True},
     )
-    assert chat_tokens["count"] == 4  # <user> hi <end> <assistant>
+    assert bare["token_strs"] == ["one", "Ġtwo"]
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    _, chat_tokens, _ = await post(http, base + "/tokenize", chat)
+    # <s> <|user|> \n hi <|end|> \n <|assistant|> \n
+    assert chat_tokens["count"] == 8 and chat_tokens["tokens"][:2] == [1, 4]
+    _, text, _ = await post(http, base + "/detokenize", {"tokens": tokens["tokens"][1:]})
+    assert text == {"prompt": "one two three"}
+
+
+async def test_render_endpoints_give_the_ids_generation_uses(
+    pool: SimPool, http: aiohttp.ClientSession
+) -> None:
+    base = pool.descriptors[0].http_url
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": words("r", 20)}]
+    status, rendered, _ = await post(http, base + "/v1/chat/completions/render", {"messages": messages})
+    assert status == 200 and rendered["token_ids"] == load().chat_ids(messages)
+    assert rendered["sampling_params"]["max_tokens"] == 256 and rendered["model"] == MODEL
+    status, batch, _ = await post(
+        http, base + "/v1/completions/render", {"prompt": ["a b", words("s", 5)], "max_tokens": 3}
+    )
+    assert status == 200 and [item["token_ids"] for item in batch] == [
+        load().encode("a b"),
+        load().encode(words("s", 5)),
+    ]
+    # What the render API said is what the engine counts.
+    _, served, _ = await post(http, base + "/v1/chat/completions", {"messages": messages, "max_tokens": 1})
+    assert served["usage"]["prompt_tokens"] == len(rendered["token_ids"])
+    status, error, _ = await post(http, base + "/v1/completions/render", {"max_tokens": 3})
+    assert status == 400 and "prompt" in error["error"]["message"]
+
+
+async def test_server_and_model_info_name_the_model_and_its_tokenizer(
+    pool: SimPool, http: aiohttp.ClientSession
+) -> None:
+    base = pool.descriptors[0].http_url
+    for path in ("/server_info", "/get_server_info"):
+        async with http.get(base + path) as response:
+            info = await response.json()
+        assert info["model_path"] == MODEL and info["served_model_name"] == MODEL and info["dp_size"] == 1
+    for path in ("/model_info", "/get_model_info"):
+        async with http.get(base + path) as response:
+            info = await response.json()
+        assert info["model_path"] == MODEL and info["is_generation"] is True
+        assert info["architectures"] == ["LlamaForCausalLM"]
+        assert Path(info["tokenizer_path"], "tokenizer.json").is_file()
+        assert info["tokenizer_path"] == pool.descriptors[0].tokenizer_dir
 
 
 async def test_bad_requests_are_answered_like_vllm(pool: SimPool, http: aiohttp.ClientSession) -> None:
@@ -234,10 +298,12 @@ async def test_metrics_exposition_parses_with_vllm_names(pool: SimPool, http: ai
     info = families["vllm:cache_config_info"].samples[0].labels
     assert (info["block_size"], info["num_gpu_blocks"]) == ("16", "256")
     assert families["vllm:prefix_cache_queries"].type == "counter"
-    assert value("vllm:prefix_cache_queries", "vllm:prefix_cache_queries_total") == 150
+    prompt = len(load().encode(words("m", 50)))
+    assert value("vllm:prefix_cache_queries", "vllm:prefix_cache_queries_total") == 3 * prompt
     hits = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
-    assert value("vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total") == hits == 96
-    assert value("vllm:prompt_tokens", "vllm:prompt_tokens_total") == 150
+    cached_per_repeat = (prompt - 1) // 16 * 16
+    assert value("vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total") == hits == 2 * cached_per_repeat
+    assert value("vllm:prompt_tokens", "vllm:prompt_tokens_total") == 3 * prompt
     assert value("vllm:generation_tokens", "vllm:generation_tokens_total") == 18
     for name, count in (
         ("vllm:time_to_first_token_seconds", 3),
@@ -256,8 +322,9 @@ async def test_step_times_follow_the_latency_model_not_the_timer(http: aiohttp.C
         base = single.descriptors[0].http_url
         await post(http, base + "/v1/completions", {"prompt": "a b c d", "max_tokens": 21})
         itl = single.workers[0].engine.metrics.itl
-    # 20 back-to-back batch-1 decode steps at contexts 5..24.
-    expected = sum(LatencyModel().decode_time(1, ctx) for ctx in range(5, 25))
+    # 20 back-to-back batch-1 decode steps at contexts prompt + 1 .. prompt + 20.
+    prompt = len(load().encode("a b c d"))
+    expected = sum(LatencyModel().decode_time(1, ctx) for ctx in range(prompt + 1, prompt + 21))
     assert itl.count == 20
     assert itl.sum == pytest.approx(expected, rel=1e-6)
 
@@ -476,13 +543,22 @@ async def test_dropped_batch_is_recovered_by_replay(legacy: bool, http: aiohttp.
 async def test_pool_workers_have_distinct_endpoints(pool: SimPool, http: aiohttp.ClientSession) -> None:
     first, second = pool.descriptors
     assert len({first.http_port, first.kv_port, first.replay_port, second.http_port, second.kv_port}) == 5
-    assert first.topic == f"kv@127.0.0.1:{first.http_port}@{MODEL}"
+    # vLLM's default topic is the empty string.
+    assert first.topic == "" and second.topic == ""
     for descriptor in pool.descriptors:
         _, _, served_by = await post(
             http, descriptor.http_url + "/v1/completions", {"prompt": "a", "max_tokens": 1}
         )
         assert served_by == descriptor.name
     assert pool.worker("sim-1").engine.metrics.requests_finished == 1
+
+
+async def test_llm_d_topic_convention_is_an_option() -> None:
+    async with SimPool(1, PoolConfig(speed=1000.0, topic=LLMD_TOPIC)) as single:
+        descriptor = single.descriptors[0]
+        assert descriptor.topic == f"kv@127.0.0.1:{descriptor.http_port}@{MODEL}"
+    with pytest.raises(ValueError, match="placeholder"):
+        PoolConfig(topic="kv@{pod}").worker_config(0)
 
 
 def test_cli_serves_until_interrupted(tmp_path: Path) -> None:

@@ -9,12 +9,13 @@ Two tokenisers:
   get the tokenizer's special tokens (vLLM's ``add_special_tokens=True`` default for
   ``/v1/completions``); rendered chat text does not (the template already holds them).
   These ids equal the ids vLLM puts into its ``BlockStored`` events, so precise prefix matching
-  works against real workers.
-* ``ByteTokenizer``: a deterministic byte-level stand-in used when no tokenizer is configured.
-  Its ids are UTF-8 bytes, which no real model produces: prefix matching with them only works
-  against workers whose events carry the same ids, i.e. in approximate mode (kvsched remembers
-  what it routed itself) and with the simulated pool. Against real vLLM KV events configure
-  the model's tokenizer.
+  works against real workers. ``HFTokenizer.from_dir`` loads a Hugging Face model directory;
+  the simulated pool's own directory (``scheduler/sim/model``, printed by ``kvsched sim``) is
+  one, so text and chat prompts match the simulated workers' blocks exactly as token ids do.
+* ``ByteTokenizer``: a deterministic byte-level stand-in used when nothing else is available.
+  Its ids are UTF-8 bytes, which no real model produces: prefix matching with them works only
+  in approximate mode (kvsched remembers what it routed itself), never against KV events of
+  text prompts.
 
 Token-id prompts (``"prompt": [1, 2, 3]``) never need a tokeniser.
 Nothing is downloaded unless ``hub_model`` is configured (then ``huggingface_hub`` fetches the two
@@ -94,10 +95,10 @@ class ChatTemplate:
         self._template = environment.from_string(source)
         self._special_tokens = special_tokens
 
-    def render(self, messages: Sequence[ChatMessage]) -> str:
+    def render(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
         return self._template.render(
             messages=[{"role": message.role, "content": message.content} for message in messages],
-            add_generation_prompt=True,
+            add_generation_prompt=add_generation_prompt,
             **self._special_tokens,
         )
 
@@ -144,6 +145,16 @@ class HFTokenizer:
             )
 
     @classmethod
+    def from_dir(cls, directory: str | Path) -> HFTokenizer:
+        """A Hugging Face model directory: ``tokenizer.json`` and, when present, ``tokenizer_config.json``."""
+        path = Path(directory)
+        tokenizer_json = path / "tokenizer.json"
+        if not tokenizer_json.is_file():
+            raise FileNotFoundError(f"{path} has no tokenizer.json")
+        config = path / "tokenizer_config.json"
+        return cls(tokenizer_json, config if config.is_file() else None)
+
+    @classmethod
     def from_hub(cls, model: str, revision: str | None = None) -> HFTokenizer:
         """Fetch tokenizer.json and tokenizer_config.json of ``model`` (needs huggingface_hub)."""
         try:
@@ -158,17 +169,38 @@ class HFTokenizer:
         if body.prompt_token_ids is not None:
             return body.prompt_token_ids
         if body.api == "chat":
-            if self.chat_template is None:
-                text = render_plain_chat(body.messages)
-            else:
-                text = self.chat_template.render(body.messages)
-            ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
-            return ids
+            return self.chat_token_ids(body.messages)
         return self.text_token_ids(body.prompt_text or "")
 
+    def chat_token_ids(
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """The rendered conversation's ids (the template holds the special tokens)."""
+        if self.chat_template is None:
+            text = render_plain_chat(messages)
+        else:
+            text = self.chat_template.render(messages, add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
     def text_token_ids(self, text: str) -> list[int]:
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=True).ids
+        return self.encode(text, add_special_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        text: str = self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return text
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """The vocabulary entries of ``ids`` (vLLM's ``token_strs``)."""
+        return [self._tokenizer.id_to_token(token) or "" for token in ids]
+
+    @property
+    def vocab_size(self) -> int:
+        size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        return size
 
 
 def _chat_template_from_config(config: dict[str, Any]) -> ChatTemplate | None:
@@ -194,8 +226,11 @@ def make_tokenizer(
     tokenizer_json: str | Path | None = None,
     tokenizer_config: str | Path | None = None,
     hub_model: str | None = None,
+    tokenizer_dir: str | Path | None = None,
 ) -> PromptTokenizer:
     """The configured tokenizer; the byte-level stand-in when none is configured."""
+    if tokenizer_dir is not None:
+        return HFTokenizer.from_dir(tokenizer_dir)
     if tokenizer_json is not None:
         return HFTokenizer(tokenizer_json, tokenizer_config)
     if hub_model:

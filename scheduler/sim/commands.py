@@ -10,12 +10,14 @@ from typing import Any
 from scheduler.sim.engine import DEFAULT_CAPACITY_BLOCKS, EngineConfig
 from scheduler.sim.latency import LatencyModel
 from scheduler.sim.pool import PoolConfig, run_pool
-from scheduler.sim.worker import DEFAULT_MODEL, WorkerDescriptor
+from scheduler.sim.worker import DEFAULT_MODEL, LLMD_TOPIC, WorkerDescriptor, check_topic
 
 
 def _print_table(descriptors: list[WorkerDescriptor]) -> None:
     rows = [("worker", "http", "kv events", "replay", "topic")]
-    rows += [(d.name, d.http_url, d.kv_endpoint, d.replay_endpoint or "-", d.topic) for d in descriptors]
+    rows += [
+        (d.name, d.http_url, d.kv_endpoint, d.replay_endpoint or "-", repr(d.topic)) for d in descriptors
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
@@ -36,19 +38,33 @@ def _run(args: argparse.Namespace) -> int:
         base_port=args.base_port,
         speed=args.speed,
         legacy_events=args.legacy_events,
+        topic=LLMD_TOPIC if args.kv_topic == "llm-d" else args.kv_topic,
+        tokenizer_dir=args.tokenizer_dir,
         engine=engine,
     )
 
     def ready(descriptors: list[WorkerDescriptor]) -> None:
+        tokenizer_dir = descriptors[0].tokenizer_dir if descriptors else ""
         if args.json:
-            print(json.dumps({"workers": [d.as_dict() for d in descriptors]}))
+            print(json.dumps({"workers": [d.as_dict() for d in descriptors], "tokenizer_dir": tokenizer_dir}))
         else:
             _print_table(descriptors)
             print(f"{len(descriptors)} simulated workers at speed x{args.speed:g}; Ctrl-C stops them")
+            # What kvsched serve (tokenizer_dir) and benchmark clients load to count the same tokens.
+            print(f"tokenizer: {tokenizer_dir}")
         sys.stdout.flush()
 
     run_pool(args.workers, config, on_ready=ready)
     return 0
+
+
+def _topic(text: str) -> str:
+    if text == "llm-d":
+        return text
+    try:
+        return check_topic(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_float(text: str) -> float:
@@ -84,6 +100,17 @@ def register(subparsers: Any) -> None:
         "--legacy-events", action="store_true", help="positional event arrays and replay frames without topic"
     )
     sim.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
+    sim.add_argument(
+        "--kv-topic",
+        type=_topic,
+        default="",
+        help="KV-event ZMQ topic (default '', vLLM's default); 'llm-d' = llm-d's kv@{address}@{model}; "
+        "may name {host}, {port}, {address}, {model}",
+    )
+    sim.add_argument(
+        "--tokenizer-dir",
+        help="Hugging Face tokenizer directory (default: the simulated model's own, printed at start)",
+    )
     sim.add_argument("--max-num-seqs", type=int, default=256)
     sim.add_argument("--max-num-batched-tokens", type=int, default=8192)
     sim.add_argument("--max-model-len", type=int, default=8192)

@@ -27,6 +27,10 @@ class PoolConfig:
     legacy_events: bool = False
     replay: bool = True
     name_prefix: str = "sim"
+    # KV-event topic template (WorkerConfig.topic); "" is vLLM's default.
+    topic: str = ""
+    # Hugging Face tokenizer directory; None = the simulated model's own files.
+    tokenizer_dir: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def worker_config(self, index: int) -> WorkerConfig:
@@ -43,6 +47,8 @@ class PoolConfig:
             replay_port=ports[2] if self.replay else None,
             speed=self.speed,
             legacy_events=self.legacy_events,
+            topic=self.topic,
+            tokenizer_dir=self.tokenizer_dir,
             engine=self.engine,
         )
 

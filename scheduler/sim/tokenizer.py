@@ -1,69 +1,38 @@
-"""The simulated model's tokeniser, chat template and generated text.
+"""The simulated model's tokenizer, chat template and generated text.
 
-Deterministic and dependency-free, so that a prompt sent twice (or a conversation sent
-again with its previous answer) maps to the same token ids and therefore hits the
-prefix cache like a real model would:
+One tokenizer for the simulated pool and for kvsched: the Hugging Face files in
+``scheduler/sim/model/`` (a byte-level BPE of 32,000 ids with a chat template; how they were
+made is in ``model_files.py``), loaded through the same ``HFTokenizer`` that ``kvsched serve``
+uses, so a text or chat prompt becomes the same ids in a simulated worker's KV events and in
+kvsched's lookups. ``kvsched sim`` prints the directory; clients (benchmarks,
+``transformers.AutoTokenizer``) can load it offline.
 
-* text -> tokens: split on whitespace; each word is one token whose id is
-  ``256 + (first 8 bytes of BLAKE2b(word) mod (VOCAB_SIZE - 256))``; ids below 256 are
-  special tokens;
-* chat template: per message ``<role> words... <end>``, then ``<assistant>`` as the
-  generation prompt. A message's content is a string or a list of ``{"type": "text",
-  "text": ...}`` parts (other part types carry no text and are skipped);
-* generated text: output token ``i`` of every request is the word
-  ``FILLER_WORDS[i % len(FILLER_WORDS)]``, so an answer re-sent as an assistant message
-  tokenises back to exactly the ids the engine generated and cached.
+* text -> ids: the BPE; completion prompts get ``<s>`` in front unless the request says
+  ``add_special_tokens: false`` (vLLM's default and switch);
+* chat: the template renders the messages (text parts of a list content joined with
+  newlines, as vLLM flattens them for a string template), then the BPE without special tokens;
+* generated text: output token ``i`` of every request is ``FILLER_WORDS[i % 16]``, one token
+  each (the first without a leading space), so an answer re-sent as an assistant message,
+  or appended to a completion prompt, tokenises back to exactly the ids the engine generated
+  and cached, and a client that counts the streamed text's tokens counts what ``usage`` says.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
-VOCAB_SIZE = 32_000
-FIRST_WORD_ID = 256
-END_OF_TURN = 2
-ROLE_TOKENS = {"system": 3, "user": 4, "assistant": 5, "tool": 6, "developer": 7}
-OTHER_ROLE = 8
+from scheduler.adapters.tokenizer import HFTokenizer
+from scheduler.codec.openai import ChatMessage
+from scheduler.sim.model_files import FILLER_WORDS
 
-FILLER_WORDS = (
-    "the",
-    "model",
-    "answers",
-    "with",
-    "plain",
-    "filler",
-    "words",
-    "so",
-    "that",
-    "every",
-    "token",
-    "is",
-    "predictable",
-    "and",
-    "cacheable",
-    "again",
-)
+MODEL_DIR = Path(__file__).resolve().with_name("model")
 
 
-@lru_cache(maxsize=65_536)
-def word_id(word: str) -> int:
-    digest = hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest()
-    return FIRST_WORD_ID + int.from_bytes(digest, "big") % (VOCAB_SIZE - FIRST_WORD_ID)
-
-
-def encode(text: str) -> list[int]:
-    return [word_id(word) for word in text.split()]
-
-
-_FILLER_IDS = tuple(word_id(w) for w in FILLER_WORDS)
-
-
-def filler_token_id(index: int) -> int:
-    """Id of the ``index``-th generated token of any request."""
-    return _FILLER_IDS[index % len(_FILLER_IDS)]
+class PromptError(ValueError):
+    """The request body does not describe a prompt this server understands."""
 
 
 def filler_text(index: int) -> str:
@@ -76,8 +45,82 @@ def filler_texts(start: int, count: int) -> str:
     return "".join(filler_text(i) for i in range(start, start + count))
 
 
-class PromptError(ValueError):
-    """The request body does not describe a prompt this server understands."""
+class SimTokenizer:
+    """The simulated model's tokenizer files, as a vLLM server would use them."""
+
+    def __init__(self, directory: str | Path = MODEL_DIR) -> None:
+        self.directory = Path(directory).resolve()
+        self.hf = HFTokenizer.from_dir(self.directory)
+        self.vocab_size = self.hf.vocab_size
+        # Indices 0 and 16 are the same word, without and with the leading space.
+        self._filler_ids = tuple(self._single_id(filler_text(i)) for i in range(len(FILLER_WORDS) + 1))
+
+    def _single_id(self, text: str) -> int:
+        ids = self.hf.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"{self.directory}: generated word {text!r} is not one token")
+        return ids[0]
+
+    def filler_token_id(self, index: int) -> int:
+        """Id of the ``index``-th generated token of any request."""
+        if index == 0:
+            return self._filler_ids[0]
+        position = index % len(FILLER_WORDS)
+        return self._filler_ids[position or len(FILLER_WORDS)]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(ids, skip_special_tokens)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return self.hf.token_strings(ids)
+
+    def chat_ids(self, messages: object, add_generation_prompt: bool = True) -> list[int]:
+        return self.hf.chat_token_ids(chat_messages(messages), add_generation_prompt)
+
+    def completion_prompts(self, prompt: object, add_special_tokens: bool = True) -> list[list[int]]:
+        """OpenAI ``prompt``: text, token ids, or a list of either; one token list per prompt."""
+        if isinstance(prompt, str):
+            return [self.encode(prompt, add_special_tokens)]
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+                return [self.token_list(prompt)]
+            prompts: list[list[int]] = []
+            for item in prompt:
+                if isinstance(item, str):
+                    prompts.append(self.encode(item, add_special_tokens))
+                elif isinstance(item, list) and item:
+                    prompts.append(self.token_list(item))
+                else:
+                    raise PromptError("each prompt must be text or a non-empty list of token ids")
+            return prompts
+        raise PromptError("prompt must be text, a list of token ids, or a non-empty list of those")
+
+    def token_list(self, value: Sequence[Any]) -> list[int]:
+        out: list[int] = []
+        for token in value:
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.vocab_size:
+                raise PromptError(f"token ids must be ints in [0, {self.vocab_size})")
+            out.append(token)
+        return out
+
+
+def chat_messages(messages: object) -> list[ChatMessage]:
+    """OpenAI messages -> (role, text): a list content's text parts joined with newlines
+    (vLLM's flattening for string templates); other part types carry no text."""
+    if not isinstance(messages, list) or not messages:
+        raise PromptError("messages must be a non-empty list")
+    out: list[ChatMessage] = []
+    for message in messages:
+        if not isinstance(message, Mapping):
+            raise PromptError("each message must be an object")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise PromptError("each message needs a string role")
+        out.append(ChatMessage(role, _content_text(message.get("content"))))
+    return out
 
 
 def _content_text(content: object) -> str:
@@ -86,55 +129,17 @@ def _content_text(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-        return " ".join(parts)
+        texts = [part.get("text") for part in content if isinstance(part, Mapping)]
+        return "\n".join(text for text in texts if isinstance(text, str))
     raise PromptError(f"message content must be a string or a list of parts, got {type(content).__name__}")
 
 
-def apply_chat_template(messages: object, add_generation_prompt: bool = True) -> list[int]:
-    if not isinstance(messages, list) or not messages:
-        raise PromptError("messages must be a non-empty list")
-    tokens: list[int] = []
-    for message in messages:
-        if not isinstance(message, Mapping):
-            raise PromptError("each message must be an object")
-        role = message.get("role")
-        if not isinstance(role, str):
-            raise PromptError("each message needs a string role")
-        tokens.append(ROLE_TOKENS.get(role, OTHER_ROLE))
-        tokens.extend(encode(_content_text(message.get("content"))))
-        tokens.append(END_OF_TURN)
-    if add_generation_prompt:
-        tokens.append(ROLE_TOKENS["assistant"])
-    return tokens
+@lru_cache(maxsize=8)
+def load(directory: str | None = None) -> SimTokenizer:
+    """The tokenizer of ``directory`` (default: the shipped model files), loaded once."""
+    return SimTokenizer(MODEL_DIR if directory is None else directory)
 
 
-def _token_list(value: Sequence[Any]) -> list[int]:
-    out: list[int] = []
-    for token in value:
-        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < VOCAB_SIZE:
-            raise PromptError(f"token ids must be ints in [0, {VOCAB_SIZE})")
-        out.append(token)
-    return out
-
-
-def completion_prompts(prompt: object) -> list[list[int]]:
-    """OpenAI ``prompt``: text, token ids, or a list of either; one token list per prompt."""
-    if isinstance(prompt, str):
-        return [encode(prompt)]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            return [_token_list(prompt)]
-        prompts: list[list[int]] = []
-        for item in prompt:
-            if isinstance(item, str):
-                prompts.append(encode(item))
-            elif isinstance(item, list) and item:
-                prompts.append(_token_list(item))
-            else:
-                raise PromptError("each prompt must be text or a non-empty list of token ids")
-        return prompts
-    raise PromptError("prompt must be text, a list of token ids, or a non-empty list of those")
+def filler_token_id(index: int) -> int:
+    """Id of the ``index``-th generated token with the shipped tokenizer (the engine's default)."""
+    return load().filler_token_id(index)

@@ -1,18 +1,34 @@
 """A simulated vLLM worker: the engine model behind vLLM's HTTP API, metrics and KV events.
 
-Speaks what a real vLLM 0.33 pod exposes to a gateway and an Endpoint Picker:
+Speaks what a real vLLM 0.33 pod exposes to a gateway, an Endpoint Picker or another router
+(llm-d's ``llm-d-inference-sim`` is the reference for what a vLLM stand-in offers):
 
 * ``POST /v1/completions`` (prompt as text, token ids, or a list of either) and
   ``POST /v1/chat/completions``, streaming (SSE ``data: {...}`` chunks, ``data: [DONE]``,
   optional usage chunk via ``stream_options.include_usage``) or not, with
   ``usage.prompt_tokens_details.cached_tokens``; chunked request bodies are accepted;
-* ``GET /v1/models``, ``GET /health``, ``POST /tokenize``;
+* vLLM's tokenizer API: ``POST /tokenize`` and ``/detokenize``
+  (``vllm/entrypoints/serve/tokenize/protocol.py``) and the render API,
+  ``POST /v1/completions/render`` (a list of ``GenerateRequest``, one per prompt) and
+  ``/v1/chat/completions/render`` (one ``GenerateRequest``), whose ``token_ids`` are the ids
+  generation would use (``vllm/entrypoints/serve/render/api_router.py``,
+  ``vllm/entrypoints/serve/disagg/protocol.py``); routers such as vllm-router and llm-d's
+  token producer read ``token_ids`` from them;
+* ``GET /v1/models`` (with ``max_model_len``), ``/health``, ``/ready``, ``/version``;
+  ``/server_info`` and ``/model_info`` (and their older ``/get_*`` names) with the fields
+  sgl-router reads when it registers a worker (``model_path``, ``served_model_name``,
+  ``dp_size``, ``tokenizer_path``, ``model_type``, ``architectures``: sgl-router
+  ``src/core/workflow/steps/worker_registration.rs``); ``tokenizer_path`` is the local
+  directory of the worker's tokenizer files;
 * ``GET /metrics`` with vLLM's Prometheus names (shared PROTOCOLS.md §3), one
   ``CollectorRegistry`` per worker, read from the engine at scrape time;
-* KV events on ZMQ (``publisher.py``), one batch per engine step that changed the cache.
+* KV events on ZMQ (``publisher.py``), one batch per engine step that changed the cache,
+  under vLLM's default topic (the empty string) unless ``topic`` names another, for
+  example llm-d's convention ``kv@{address}@{model}`` (``LLMD_TOPIC``).
 
-Text is tokenised by ``tokenizer.py`` (word-level, deterministic); generated text is
-filler words. Every response carries ``x-kvsched-sim-worker: <name>``.
+Text is tokenised by the simulated model's tokenizer (``tokenizer.py``: a byte-level BPE
+with a chat template, the files ``kvsched serve`` loads too); generated text is filler words
+that tokenise back to the generated ids. Every response carries ``x-kvsched-sim-worker: <name>``.
 
 An asyncio task drives the engine in real time scaled by ``speed``: engine time is
 ``(loop.time() - start) * speed``; it steps whenever the engine has work, sleeps until
@@ -40,18 +56,17 @@ from prometheus_client.registry import Collector
 
 from scheduler.sim.engine import Engine, EngineConfig, GeneratedToken, Histogram, RequestRejected, SimRequest
 from scheduler.sim.publisher import DEFAULT_BUFFER_STEPS, KVEventPublisher
-from scheduler.sim.tokenizer import (
-    PromptError,
-    apply_chat_template,
-    completion_prompts,
-    encode,
-    filler_text,
-)
+from scheduler.sim.tokenizer import PromptError, SimTokenizer, filler_text, load
 
 log = logging.getLogger(__name__)
 
 WORKER_HEADER = "x-kvsched-sim-worker"
 DEFAULT_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
+# The vLLM release whose API the workers speak, reported by /version.
+VLLM_VERSION = "0.33.0"
+# llm-d's KV-event topic convention; vLLM's own default topic is the empty string.
+LLMD_TOPIC = "kv@{address}@{model}"
+_TOPIC_FIELDS = {"host": "h", "port": 1, "address": "h:1", "model": "m"}
 # OpenAI's and vLLM's default for /v1/completions.
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -70,7 +85,10 @@ class WorkerConfig:
     speed: float = 1.0  # engine seconds per real second
     legacy_events: bool = False
     buffer_steps: int = DEFAULT_BUFFER_STEPS
-    topic: str | None = None  # default "kv@<host>:<http_port>@<model>"
+    # KV-event topic; may name {host}, {port}, {address} (host:http_port) and {model}.
+    topic: str = ""
+    # A Hugging Face tokenizer directory; None = the simulated model's own files.
+    tokenizer_dir: str | None = None
     # vLLM lets chat requests without max_tokens run to the context limit; the simulator
     # caps them so a forgotten parameter does not occupy a worker for minutes.
     default_chat_max_tokens: int = 256
@@ -81,6 +99,18 @@ class WorkerConfig:
             raise ValueError("speed must be positive")
         if self.default_chat_max_tokens < 1:
             raise ValueError("default_chat_max_tokens must be at least 1")
+        check_topic(self.topic)
+
+
+def check_topic(topic: str) -> str:
+    """A topic template may name {host}, {port}, {address} and {model}; anything else is an error."""
+    try:
+        topic.format(**_TOPIC_FIELDS)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(
+            f"topic {topic!r}: bad placeholder {exc} (known: {{host}}, {{port}}, {{address}}, {{model}})"
+        ) from None
+    return topic
 
 
 def advertised_host(host: str) -> str:
@@ -99,6 +129,7 @@ class WorkerDescriptor:
     kv_port: int
     replay_port: int | None
     topic: str
+    tokenizer_dir: str = ""
 
     @property
     def address(self) -> str:
@@ -126,6 +157,7 @@ class WorkerDescriptor:
             "kv_endpoint": self.kv_endpoint,
             "replay_endpoint": self.replay_endpoint,
             "topic": self.topic,
+            "tokenizer_dir": self.tokenizer_dir,
         }
 
 
@@ -235,7 +267,8 @@ class _MetricsCollector(Collector):
 class SimWorker:
     def __init__(self, config: WorkerConfig | None = None) -> None:
         self.config = config or WorkerConfig()
-        self.engine = Engine(self.config.engine)
+        self.tokenizer: SimTokenizer = load(self.config.tokenizer_dir)
+        self.engine = Engine(self.config.engine, output_token=self.tokenizer.filler_token_id)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_MetricsCollector(self))
         self.publisher: KVEventPublisher | None = None
@@ -259,9 +292,18 @@ class SimWorker:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_post("/v1/completions/render", self._completions_render)
+        app.router.add_post("/v1/chat/completions/render", self._chat_render)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/ready", self._health)
+        app.router.add_get("/version", self._version)
+        for path in ("/server_info", "/get_server_info"):
+            app.router.add_get(path, self._server_info)
+        for path in ("/model_info", "/get_model_info"):
+            app.router.add_get(path, self._model_info)
         app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/detokenize", self._detokenize)
         app.router.add_get("/metrics", self._metrics)
         app.on_response_prepare.append(self._tag_response)
         # A client that goes away cancels its handler, which aborts its engine requests.
@@ -272,7 +314,9 @@ class SimWorker:
         self._runner = runner
         self.http_port = int(runner.addresses[0][1])
         host = advertised_host(cfg.host)
-        topic = cfg.topic or f"kv@{host}:{self.http_port}@{cfg.model}"
+        topic = cfg.topic.format(
+            host=host, port=self.http_port, address=f"{host}:{self.http_port}", model=cfg.model
+        )
         self.publisher = KVEventPublisher(
             topic=topic,
             host=cfg.host,
@@ -325,6 +369,7 @@ class SimWorker:
             kv_port=self.publisher.port,
             replay_port=self.publisher.replay_port,
             topic=self.publisher.topic,
+            tokenizer_dir=str(self.tokenizer.directory),
         )
 
     # -- engine driver -----------------------------------------------------------------
@@ -482,9 +527,7 @@ class SimWorker:
 
     async def _completions_inner(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        if "prompt" not in body:
-            raise _HTTPError(400, "prompt is required")
-        prompts = completion_prompts(body["prompt"])
+        prompts = self._completion_prompts(body)
         max_tokens = self._max_tokens(body, COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens")
         stream, include_usage = self._stream_flags(body)
         call = self._submit(prompts, max_tokens)
@@ -492,7 +535,7 @@ class SimWorker:
 
     async def _chat_inner(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        prompt = apply_chat_template(body.get("messages"), bool(body.get("add_generation_prompt", True)))
+        prompt = self._chat_prompt(body)
         max_tokens = self._max_tokens(
             body, self.config.default_chat_max_tokens, "max_completion_tokens", "max_tokens"
         )
@@ -593,23 +636,135 @@ class SimWorker:
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
 
+    # -- prompts and vLLM's tokenizer API ------------------------------------------------
+
+    @staticmethod
+    def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
+        value = body.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise _HTTPError(400, f"{key} must be a boolean")
+        return value
+
+    def _completion_prompts(self, body: dict[str, Any]) -> list[list[int]]:
+        if "prompt" not in body:
+            raise _HTTPError(400, "prompt is required")
+        return self.tokenizer.completion_prompts(body["prompt"], self._flag(body, "add_special_tokens", True))
+
+    def _chat_prompt(self, body: dict[str, Any]) -> list[int]:
+        ids = self.tokenizer.chat_ids(body.get("messages"), self._flag(body, "add_generation_prompt", True))
+        if self._flag(body, "add_special_tokens", False):
+            # On top of what the template holds, as vLLM does when asked.
+            ids = [*self.tokenizer.encode("", add_special_tokens=True), *ids]
+        return ids
+
+    def _generate_request(
+        self, token_ids: list[int], max_tokens: int, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """vLLM's ``GenerateRequest`` (the render API's answer); ``sampling_params`` carries
+        the fields this engine models."""
+        return {
+            "request_id": uuid.uuid4().hex,
+            "token_ids": token_ids,
+            "features": None,
+            "sampling_params": {
+                "n": 1,
+                "max_tokens": max_tokens,
+                "temperature": body.get("temperature", 1.0),
+            },
+            "model": body.get("model") or self.config.model,
+            "stream": bool(body.get("stream", False)),
+            "stream_options": body.get("stream_options"),
+            "cache_salt": body.get("cache_salt"),
+            "priority": body.get("priority", 0),
+            "kv_transfer_params": None,
+        }
+
+    async def _completions_render(self, request: web.Request) -> web.StreamResponse:
+        return await self._guard(request, self._completions_render_inner)
+
+    async def _completions_render_inner(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        prompts = self._completion_prompts(body)
+        max_tokens = self._max_tokens(body, COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens")
+        return web.json_response([self._generate_request(ids, max_tokens, body) for ids in prompts])
+
+    async def _chat_render(self, request: web.Request) -> web.StreamResponse:
+        return await self._guard(request, self._chat_render_inner)
+
+    async def _chat_render_inner(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        ids = self._chat_prompt(body)
+        max_tokens = self._max_tokens(
+            body, self.config.default_chat_max_tokens, "max_completion_tokens", "max_tokens"
+        )
+        return web.json_response(self._generate_request(ids, max_tokens, body))
+
     async def _tokenize(self, request: web.Request) -> web.StreamResponse:
         return await self._guard(request, self._tokenize_inner)
 
     async def _tokenize_inner(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         if "messages" in body:
-            tokens = apply_chat_template(body["messages"], bool(body.get("add_generation_prompt", True)))
+            tokens = self._chat_prompt(body)
         elif isinstance(body.get("prompt"), str):
-            tokens = encode(body["prompt"])
+            tokens = self.tokenizer.encode(body["prompt"], self._flag(body, "add_special_tokens", True))
         else:
             raise _HTTPError(400, "tokenize needs a text prompt or messages")
+        wants_strings = self._flag(body, "return_token_strs", False)
+        strings = self.tokenizer.token_strings(tokens) if wants_strings else None
         return web.json_response(
             {
                 "count": len(tokens),
                 "max_model_len": self.engine.config.max_model_len,
                 "tokens": tokens,
-                "token_strs": None,
+                "token_strs": strings,
+            }
+        )
+
+    async def _detokenize(self, request: web.Request) -> web.StreamResponse:
+        return await self._guard(request, self._detokenize_inner)
+
+    async def _detokenize_inner(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list):
+            raise _HTTPError(400, "detokenize needs tokens, a list of token ids")
+        return web.json_response({"prompt": self.tokenizer.decode(self.tokenizer.token_list(tokens))})
+
+    # -- server identity -----------------------------------------------------------------
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": VLLM_VERSION})
+
+    async def _server_info(self, request: web.Request) -> web.Response:
+        cfg = self.engine.config
+        return web.json_response(
+            {
+                "model_path": self.config.model,
+                "served_model_name": self.config.model,
+                "tokenizer_path": str(self.tokenizer.directory),
+                "dp_size": 1,
+                "tp_size": 1,
+                "version": VLLM_VERSION,
+                "max_total_tokens": cfg.capacity_blocks * cfg.block_size,
+                "max_prefill_tokens": cfg.max_num_batched_tokens,
+                "max_running_requests": cfg.max_num_seqs,
+                "context_length": cfg.max_model_len,
+                "page_size": cfg.block_size,
+            }
+        )
+
+    async def _model_info(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "model_path": self.config.model,
+                "tokenizer_path": str(self.tokenizer.directory),
+                "is_generation": True,
+                "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"],
+                "max_model_len": self.engine.config.max_model_len,
             }
         )
 
