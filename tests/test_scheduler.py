@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+
 from scheduler.core.events import BlockStored, EventBatch, Tier
 from scheduler.core.index import IndexConfig
 from scheduler.core.scheduler import (
+    APPROXIMATE_BUSY_INFLIGHT,
     ApproximateConfig,
     Endpoint,
     EndpointMetrics,
@@ -144,6 +148,62 @@ def test_approximate_mode_learns_from_routing_and_expires() -> None:
     # ...and is forgotten after the TTL.
     scheduler.pick(SchedulingRequest("c", [4242] * BLOCK), now=100.0)
     assert first not in scheduler.index.match_tokens(prompt)
+
+
+def _hot_groups(
+    scheduler: Scheduler, *, seed: int, groups: int, prompts: int, duration_s: float
+) -> Counter[str]:
+    """``groups`` shared prefixes x ``prompts`` each, shuffled, one request every 0.25 s, each
+    finishing ``duration_s`` later; returns requests per endpoint."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(1, 32_000) for _ in range(50 * BLOCK)] for _ in range(groups)]
+    prompts_list = [
+        p + [rng.randrange(1, 32_000) for _ in range(6 * BLOCK)] for p in prefixes for _ in range(prompts)
+    ]
+    rng.shuffle(prompts_list)
+    served: Counter[str] = Counter()
+    running: list[tuple[float, str]] = []
+    for i, prompt in enumerate(prompts_list):
+        now = 0.25 * (i + 1)
+        for end, request_id in [r for r in running if r[0] <= now]:
+            scheduler.on_first_token(request_id, end - duration_s / 2)
+            scheduler.on_completed(request_id, end)
+            running.remove((end, request_id))
+        for endpoint in scheduler.endpoints():
+            running_there = scheduler.inflight(endpoint.name)[0]
+            scheduler.update_metrics(endpoint.name, EndpointMetrics(0, running_there, 0.1), now)
+        before = {e.name: scheduler.inflight(e.name)[0] for e in scheduler.endpoints()}
+        chosen = scheduler.pick(SchedulingRequest(f"r{i}", prompt), now).endpoints[0]
+        # The guard: never a second request queued on one endpoint while another is idle.
+        assert before[chosen] < APPROXIMATE_BUSY_INFLIGHT or min(before.values()) > 0, (i, before, chosen)
+        served[chosen] += 1
+        running.append((now + duration_s, f"r{i}"))
+    return served
+
+
+def test_approximate_mode_keeps_a_load_guard_for_hot_prefix_groups() -> None:
+    # 4 hot groups on 4 endpoints that publish no KV events, at low load (about one request in
+    # flight per endpoint): groups whose first requests landed together used to stay together
+    # (120 of 240 requests on one endpoint, none on another, for half the seeds).
+    for seed in range(8):
+        served = _hot_groups(
+            _scheduler(4, kv_events=False, seed=seed), seed=seed, groups=4, prompts=60, duration_s=1.0
+        )
+        assert len(served) == 4, f"seed {seed}: an endpoint idled: {served}"
+        assert max(served.values()) <= 0.35 * 240, f"seed {seed}: {served}"
+    # One hot group spreads as well: an endpoint busy with it yields to an idle one, so the
+    # group ends up on as many endpoints as its concurrency needs (two here).
+    served = _hot_groups(_scheduler(4, kv_events=False), seed=1, groups=1, prompts=240, duration_s=1.0)
+    assert len(served) >= 2 and max(served.values()) <= 0.5 * 240, served
+
+
+def test_load_guard_leaves_kv_event_matches_alone() -> None:
+    scheduler = _scheduler(4)
+    prompt = list(range(1, 6 * BLOCK + 1))
+    _store(scheduler, "10.0.0.1:8000", prompt, list(range(100, 106)))
+    for i in range(3):
+        # The endpoint holding the prefix (by its own KV events) keeps it with requests in flight.
+        assert scheduler.pick(SchedulingRequest(f"r{i}", prompt), now=0.0).endpoints[0] == "10.0.0.1:8000"
 
 
 def test_reload_swaps_scoring_atomically() -> None:
