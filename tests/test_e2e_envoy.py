@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
+from tokenizers import Tokenizer
 
 from scheduler.demo.envoy import EnvoyGateway, EnvoySettings
 from scheduler.server.app import ServeApp
@@ -51,6 +52,8 @@ async def stack() -> AsyncIterator[Stack]:
             metrics_port=0,
             tls={"mode": "plaintext"},  # type: ignore[arg-type]
             scrape_interval_s=0.05,
+            # The simulated pool's tokenizer, as `kvsched demo` wires it.
+            tokenizer_dir=pool.descriptors[0].tokenizer_dir,
             endpoints=[
                 {"address": d.address, "kv_events": d.kv_endpoint, "kv_replay": d.replay_endpoint}  # type: ignore[misc]
                 for d in pool.descriptors
@@ -169,3 +172,81 @@ async def test_fail_open_when_kvsched_is_down(stack: Stack) -> None:
         served = {(await complete(session, stack, prefix(seed)))[0] for seed in range(30, 34)}
     assert served <= {d.name for d in stack.pool.descriptors}
     assert len(served) >= 2  # the fallback route spreads, it does not pin one worker
+
+
+async def stream(
+    session: aiohttp.ClientSession, stack: Stack, path: str, body: dict[str, object]
+) -> tuple[str, list[str], dict[str, int]]:
+    """POST a streamed request; (serving worker, text of each chunk, usage with cached_tokens)."""
+    body = {"model": stack.model, "stream": True, "stream_options": {"include_usage": True}, **body}
+    async with session.post(f"{stack.envoy.url}{path}", json=body) as resp:
+        assert resp.status == 200, f"{resp.status}: {await resp.text()}"
+        worker = resp.headers["x-kvsched-sim-worker"]
+        events = [json.loads(line[5:]) async for line in resp.content if line.startswith(b"data: {")]
+    texts = []
+    for event in events:
+        for choice in event["choices"]:
+            texts.append(choice.get("text") or choice.get("delta", {}).get("content") or "")
+    usage = events[-1]["usage"]
+    return (
+        worker,
+        [t for t in texts if t],
+        {**usage, "cached": usage["prompt_tokens_details"]["cached_tokens"]},
+    )
+
+
+async def test_text_and_chat_prompts_hit_the_cache_through_envoy(stack: Stack) -> None:
+    # The client tokenises on its own, from the directory `kvsched sim` prints.
+    client = Tokenizer.from_file(f"{stack.pool.descriptors[0].tokenizer_dir}/tokenizer.json")
+    index = stack.app.scheduler.index
+    stats = stack.app.scheduler.prefix_stats
+
+    def count(text: str, special: bool) -> int:
+        return len(client.encode(text, add_special_tokens=special).ids)
+
+    async with aiohttp.ClientSession() as session:
+        for group in range(3):
+            system = f"Group {group} instructions: " + " ".join(f"rule{group}x{i} applies" for i in range(40))
+            first, chunks, usage = await stream(
+                session, stack, "/v1/completions", {"prompt": f"{system} Question one?", "max_tokens": 6}
+            )
+            # The client's own counts agree with the worker's usage.
+            assert usage["prompt_tokens"] == count(f"{system} Question one?", True)
+            assert sum(count(chunk, False) for chunk in chunks) == usage["completion_tokens"] == 6
+            shared = client.encode(system).ids
+            address = stack.worker_address(first)
+            full_blocks = len(shared) // 16
+            await until(lambda s=shared, a=address, n=full_blocks: index.match_tokens(s).get(a, (0,))[0] >= n)  # type: ignore[misc]
+            matched_before = stats.matched_blocks
+            second, _, usage = await stream(
+                session, stack, "/v1/completions", {"prompt": f"{system} Question two!", "max_tokens": 4}
+            )
+            assert second == first
+            assert stats.matched_blocks - matched_before >= full_blocks - 1
+            assert usage["cached"] >= 16 * (full_blocks - 1)
+
+        turn = [{"role": "user", "content": "Tell me about " + " ".join(f"topic{i}" for i in range(60))}]
+        first, chunks, usage = await stream(
+            session, stack, "/v1/chat/completions", {"messages": turn, "max_tokens": 24}
+        )
+        assert sum(count(chunk, False) for chunk in chunks) == usage["completion_tokens"] == 24
+        follow = [
+            *turn,
+            {"role": "assistant", "content": "".join(chunks)},
+            {"role": "user", "content": "More."},
+        ]
+        turn_tokens = usage["prompt_tokens"]
+        address = stack.worker_address(first)
+        answer_ids = [*client.encode("".join(chunks), add_special_tokens=False).ids]
+        assert len(answer_ids) == 24  # the streamed answer tokenises back to what was generated
+        await until(lambda a=address: stack.app.scheduler.index.worker_blocks(a) >= (turn_tokens + 23) // 16)
+        matched_before = stats.matched_blocks
+        second, _, usage = await stream(
+            session, stack, "/v1/chat/completions", {"messages": follow, "max_tokens": 2}
+        )
+        assert second == first
+        # Turn one's prompt and answer were cached and predicted.
+        assert usage["cached"] >= 16 * ((turn_tokens + 23) // 16 - 1)
+        assert stats.matched_blocks - matched_before >= (turn_tokens + 23) // 16 - 1
+    assert stats.verdict().status == "ok"
+    assert stats.served_hit_ratio is not None and stats.served_hit_ratio > 0.3

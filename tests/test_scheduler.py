@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 
+import pytest
+
 from scheduler.core.events import BlockStored, EventBatch, Tier
 from scheduler.core.index import IndexConfig
+from scheduler.core.prefixstats import MISMATCH_MIN_EVIDENCE
 from scheduler.core.scheduler import (
     APPROXIMATE_BUSY_INFLIGHT,
     ApproximateConfig,
@@ -212,3 +216,46 @@ def test_reload_swaps_scoring_atomically() -> None:
     scheduler.reload(scheduler.config.model_copy(update={"scoring": new_scoring}))
     result = scheduler.pick(SchedulingRequest("r", list(range(1, 33))), now=1.0)
     assert len(result.endpoints) == 1
+
+
+def test_served_hits_that_lookups_never_predict_are_a_tokenization_mismatch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scheduler = _scheduler(2)
+    worker = "10.0.0.1:8000"
+    cached_ids = list(range(1, 4 * BLOCK + 1))
+    _store(scheduler, worker, cached_ids, [100, 101, 102, 103])
+    # The worker caches the prompts under its ids; kvsched computes other ids for them.
+    kvsched_ids = [i + 50_000 for i in cached_ids]
+    with caplog.at_level(logging.WARNING, logger="scheduler.core.scheduler"):
+        for i in range(MISMATCH_MIN_EVIDENCE + 5):
+            scheduler.pick(SchedulingRequest(f"r{i}", kvsched_ids), now=float(i))
+            scheduler.on_completed(f"r{i}", float(i) + 0.5, cached_tokens=3 * BLOCK)
+    verdict = scheduler.prefix_stats.verdict()
+    assert verdict.status == "mismatch" and "tokenizer" in verdict.reason
+    warnings = [r for r in caplog.records if "never match" in r.getMessage()]
+    assert len(warnings) == 1
+    assert scheduler.prefix_stats.decisions_matched == 0
+    assert scheduler.prefix_stats.served_hit_ratio == pytest.approx(3 / 4)
+
+
+def test_served_hits_that_lookups_predict_are_fine() -> None:
+    scheduler = _scheduler(2)
+    worker = "10.0.0.1:8000"
+    ids = list(range(1, 4 * BLOCK + 1))
+    _store(scheduler, worker, ids, [100, 101, 102, 103])
+    for i in range(MISMATCH_MIN_EVIDENCE + 5):
+        chosen = scheduler.pick(SchedulingRequest(f"r{i}", ids), now=float(i)).endpoints[0]
+        assert chosen == worker
+        scheduler.on_completed(f"r{i}", float(i) + 0.5, cached_tokens=3 * BLOCK)
+    stats = scheduler.prefix_stats
+    assert stats.verdict().status == "ok"
+    assert stats.decisions == stats.decisions_matched == MISMATCH_MIN_EVIDENCE + 5
+    assert stats.matched_blocks == 4 * stats.decisions
+    assert stats.predicted_hit_ratio == 1.0 and stats.served_hit_ratio == pytest.approx(3 / 4)
+    # Approximate endpoints are never evidence: their matches are kvsched's own history.
+    approximate = _scheduler(2, kv_events=False)
+    for i in range(MISMATCH_MIN_EVIDENCE + 5):
+        approximate.pick(SchedulingRequest(f"a{i}", [7] * BLOCK * 4), now=float(i))
+        approximate.on_completed(f"a{i}", float(i) + 0.5, cached_tokens=3 * BLOCK)
+    assert approximate.prefix_stats.verdict().status == "unknown"

@@ -17,19 +17,22 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from scheduler.adapters.predictor_trainer import TrainerStats
 from scheduler.adapters.scraper import ScrapeStats
 from scheduler.core.kvingest import IngestStats
+from scheduler.core.prefixstats import MATCHED_BLOCK_BUCKETS
 from scheduler.core.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+
+STATUS_PATH = "/debug/status"
 
 # Help texts of the ingest counters; a field without one still gets a family.
 _INGEST_HELP = {
@@ -64,16 +67,20 @@ class KvschedCollector(Collector):
         ingest_stats: Callable[[], Mapping[str, IngestStats]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         trainer_stats: Callable[[], TrainerStats] | None = None,
+        tokenizer_probe: Callable[[], str] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.scraper = scraper
         self.ingest_stats = ingest_stats
         self.clock = clock
         self.trainer_stats = trainer_stats
+        # The start-up probe's status ("match", "mismatch", "unknown", ...), when one runs.
+        self.tokenizer_probe = tokenizer_probe
 
     def collect(self) -> Iterator[Metric]:
         yield from self._endpoints()
         yield from self._index()
+        yield from self._prefix()
         yield from self._flow_control()
         yield from self._predictor()
         if self.scraper is not None:
@@ -171,6 +178,68 @@ class KvschedCollector(Collector):
             "BlockRemoved events for blocks the index did not hold.",
             value=index.unknown_removals,
         )
+
+    def _prefix(self) -> Iterator[Metric]:
+        """Predicted hits (every decision) against served hits (completions with usage)."""
+        stats = self.scheduler.prefix_stats
+        matched = HistogramMetricFamily(
+            "kvsched_decision_matched_blocks",
+            "Leading prompt blocks the index said the chosen endpoint holds, per decision (predicted hit).",
+        )
+        cumulative, buckets = 0, []
+        for bound, count in zip(MATCHED_BLOCK_BUCKETS, stats.matched_buckets, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if math.isinf(bound) else repr(float(bound)), float(cumulative)))
+        matched.add_metric([], buckets, float(stats.matched_blocks))
+        yield matched
+        yield CounterMetricFamily(
+            "kvsched_decisions_prefix_matched",
+            "Decisions whose chosen endpoint held at least one leading block of the prompt.",
+            value=stats.decisions_matched,
+        )
+        for name, help_text, value in (
+            (
+                "kvsched_prefix_prompt_tokens",
+                "Prompt tokens of completed requests whose usage reported cached_tokens.",
+                stats.prompt_tokens,
+            ),
+            (
+                "kvsched_prefix_predicted_cached_tokens",
+                "Of those, the tokens kvsched's index said the chosen endpoint held (predicted hits).",
+                stats.predicted_cached_tokens,
+            ),
+            (
+                "kvsched_prefix_served_cached_tokens",
+                "Of those, the tokens the workers reported cached (usage cached_tokens).",
+                stats.served_cached_tokens,
+            ),
+        ):
+            yield CounterMetricFamily(name, help_text, value=value)
+        for name, help_text, ratio in (
+            (
+                "kvsched_prefix_served_hit_ratio",
+                "Worker-reported cached prompt tokens / prompt tokens, over completions with usage.",
+                stats.served_hit_ratio,
+            ),
+            (
+                "kvsched_prefix_predicted_hit_ratio",
+                "kvsched's predicted cached prompt tokens / prompt tokens, over the same completions.",
+                stats.predicted_hit_ratio,
+            ),
+        ):
+            if ratio is not None:
+                yield GaugeMetricFamily(name, help_text, value=ratio)
+        mismatch = GaugeMetricFamily(
+            "kvsched_tokenization_mismatch",
+            "1 when kvsched's token ids cannot match the pool's KV blocks: the start-up probe through a "
+            "worker's /tokenize disagreed ('probe'), or workers keep serving cached prefixes that "
+            "kvsched's lookups never match ('served_hits').",
+            labels=["check"],
+        )
+        mismatch.add_metric(["served_hits"], 1.0 if stats.verdict().status == "mismatch" else 0.0)
+        if self.tokenizer_probe is not None:
+            mismatch.add_metric(["probe"], 1.0 if self.tokenizer_probe() == "mismatch" else 0.0)
+        yield mismatch
 
     def _predictor(self) -> Iterator[Metric]:
         stats = self.scheduler.predictor.stats
@@ -315,10 +384,20 @@ def new_registry(*, process_metrics: bool = True) -> CollectorRegistry:
 
 
 class MetricsHTTPServer:
-    """``GET /metrics`` for a registry on ``host:port`` (0 = ephemeral; read ``port`` after start)."""
+    """``GET /metrics`` for a registry on ``host:port`` (0 = ephemeral; read ``port`` after start),
+    and ``GET /debug/status``: ``status()`` as JSON, the state a diagnosis reads (tokenizer,
+    probe, predicted against served prefix hits)."""
 
-    def __init__(self, registry: CollectorRegistry, *, host: str = "0.0.0.0", port: int = 9090) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        host: str = "0.0.0.0",
+        port: int = 9090,
+        status: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.registry = registry
+        self.status = status
         self._host = host
         self._requested_port = port
         self._runner: web.AppRunner | None = None
@@ -332,9 +411,20 @@ class MetricsHTTPServer:
             return web.Response(status=500, text="metrics collection failed\n")
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def _status(self, _: web.Request) -> web.Response:
+        if self.status is None:
+            return web.json_response({}, status=404)
+        try:
+            document = self.status()
+        except Exception:
+            log.exception("building kvsched's status failed")
+            return web.Response(status=500, text="status failed\n")
+        return web.json_response(document)
+
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/metrics", self._handle)
+        app.router.add_get(STATUS_PATH, self._status)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:

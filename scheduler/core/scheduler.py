@@ -29,6 +29,7 @@ from scheduler.core.index import IndexConfig, PrefixIndex
 from scheduler.core.latency import PredictorEstimator
 from scheduler.core.objectives import ObjectiveTable, ResolvedObjective
 from scheduler.core.predictor import FeatureMatrix, LatencyPredictor, PredictorConfig
+from scheduler.core.prefixstats import PrefixStats
 from scheduler.core.scoring import (
     EndpointState,
     PickRequest,
@@ -215,6 +216,10 @@ class _InFlight:
     # The endpoint's feature row at the pick, to train the predictor on once this request's
     # latencies are known; None when the request ended up elsewhere.
     features: FeatureMatrix | None = None
+    # Prompt tokens the index said the endpoint holds at the pick, and whether that came from
+    # the endpoint's KV events (not approximate mode's routing history, not a moved request).
+    predicted_cached: int = 0
+    predicted_from_events: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +252,7 @@ class Scheduler:
         # that publish no KV events, oldest first.
         self._approx: list[tuple[float, str, list[int]]] = []
         self.completions = 0
+        self.prefix_stats = PrefixStats()
         self.objectives = ObjectiveTable()
         self.flow = FlowController(self.config.flow_control)
         self.saturation = SaturationDetector(self.config.flow_control)
@@ -544,6 +550,9 @@ class Scheduler:
         runtime.inflight_prefill_tokens += prefill_tokens
         runtime.routed_since_scrape += 1
         flight = self._inflight[request.request_id] = _InFlight(endpoint, prompt_tokens, now, prefill_tokens)
+        flight.predicted_cached = cached_tokens
+        flight.predicted_from_events = runtime.endpoint.kv_events is not None
+        self.prefix_stats.record_decision(cached_tokens // self.config.index.block_size)
         if keys is not None and len(keys) and runtime.endpoint.kv_events is None:
             self._record_approximate(endpoint, keys, now)
         return flight
@@ -601,6 +610,8 @@ class Scheduler:
             return None
         self._release(flight)
         self.completions += 1
+        if cached_tokens is not None:
+            self._record_served(flight, cached_tokens)
         ttft = None if flight.first_token_at is None else flight.first_token_at - flight.started_at
         if flight.features is not None and ttft is not None:
             tpot_ms = None
@@ -616,6 +627,21 @@ class Scheduler:
             cached_tokens,
             completion_tokens,
         )
+
+    def _record_served(self, flight: _InFlight, cached_tokens: int) -> None:
+        stats = self.prefix_stats
+        was = stats.verdict().status
+        stats.record_completion(
+            flight.prompt_tokens,
+            flight.predicted_cached,
+            cached_tokens,
+            self.config.index.block_size,
+            flight.predicted_from_events,
+        )
+        if was != "mismatch":
+            verdict = stats.verdict()
+            if verdict.status == "mismatch":
+                log.warning("prefix lookups never match what workers serve from cache: %s", verdict.reason)
 
     def on_failed(self, request_id: str, now: float) -> None:
         flight = self._inflight.pop(request_id, None)
