@@ -1,6 +1,6 @@
 """Prompt -> token ids, so that requests can be matched against the KV blocks workers report.
 
-Two tokenisers:
+Three tokenisers:
 
 * ``HFTokenizer``: the model's own ``tokenizer.json`` (HF ``tokenizers``) and, for chat requests,
   the chat template from ``tokenizer_config.json`` rendered with jinja2 in a sandbox, the way
@@ -12,10 +12,14 @@ Two tokenisers:
   works against real workers. ``HFTokenizer.from_dir`` loads a Hugging Face model directory;
   the simulated pool's own directory (``scheduler/sim/model``, printed by ``kvsched sim``) is
   one, so text and chat prompts match the simulated workers' blocks exactly as token ids do.
+* ``WorkerRenderTokenizer`` (``render_tokenizer.py``): asks a worker's render endpoint, for
+  pools whose tokenizer kvsched cannot load.
 * ``ByteTokenizer``: a deterministic byte-level stand-in used when nothing else is available.
   Its ids are UTF-8 bytes, which no real model produces: prefix matching with them works only
   in approximate mode (kvsched remembers what it routed itself), never against KV events of
-  text prompts.
+  text prompts; the start-up probe (``tokenizer_probe.py``) says so when it happens.
+
+Which one ``kvsched serve`` uses is ``tokenizer_mode`` (``tokenizer_probe.TokenizerService``).
 
 Token-id prompts (``"prompt": [1, 2, 3]``) never need a tokeniser.
 Nothing is downloaded unless ``hub_model`` is configured (then ``huggingface_hub`` fetches the two
@@ -236,3 +240,33 @@ def make_tokenizer(
     if hub_model:
         return HFTokenizer.from_hub(hub_model)
     return ByteTokenizer()
+
+
+class SwitchableTokenizer:
+    """The tokenizer in force, replaceable while serving (``auto`` mode settles on one once the
+    pool has answered). A worker-render tokenizer is asked through ``render_token_ids``."""
+
+    def __init__(self, current: PromptTokenizer, description: str) -> None:
+        self.current = current
+        self.description = description
+
+    def replace(self, tokenizer: PromptTokenizer, description: str) -> None:
+        self.current, self.description = tokenizer, description
+
+    @property
+    def releases_gil(self) -> bool:
+        return bool(getattr(self.current, "releases_gil", True))
+
+    def token_ids(self, body: InferenceRequestBody) -> list[int]:
+        return self.current.token_ids(body)
+
+    def text_token_ids(self, text: str) -> list[int]:
+        return self.current.text_token_ids(text)
+
+    async def render_token_ids(self, body: InferenceRequestBody) -> list[int] | None:
+        """The ids from a worker when the tokenizer in force renders remotely, else None."""
+        render = getattr(self.current, "render_token_ids", None)
+        if render is None:
+            return None
+        ids: list[int] = await render(body)
+        return ids

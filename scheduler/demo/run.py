@@ -50,6 +50,8 @@ async def run_policy(policy: str, workload: Workload, *, workers: int, speed: fl
                 "metrics_port": 0,
                 "tls": {"mode": "plaintext"},
                 "scrape_interval_s": 0.05,
+                # The simulated pool's own tokenizer: text and chat prompts match its KV blocks.
+                "tokenizer_dir": pool.descriptors[0].tokenizer_dir,
                 "endpoints": [
                     {"address": d.address, "kv_events": d.kv_endpoint, "kv_replay": d.replay_endpoint}
                     for d in pool.descriptors

@@ -43,6 +43,7 @@ from scheduler.adapters.metrics import KvschedCollector, MetricsHTTPServer, new_
 from scheduler.adapters.predictor_trainer import PredictorTrainer
 from scheduler.adapters.scraper import MetricsScraper
 from scheduler.adapters.tokenizer import make_tokenizer
+from scheduler.adapters.tokenizer_probe import TokenizerService
 from scheduler.core.kvingest import IngestStats
 from scheduler.core.scheduler import Endpoint, EndpointDiff, EndpointMetrics, Scheduler, SchedulerConfig
 from scheduler.server.config import ConfigError, ServeConfig, TLSConfig
@@ -116,6 +117,8 @@ class ServeApp:
             max_body_bytes=config.scrape_max_body_bytes,
             clock=clock,
         )
+        self.tokenizers = tokenizer_service(config, self._healthy_addresses)
+        self._tokenizer_task: asyncio.Task[None] | None = None
         self.server = ExtProcServer(
             self.scheduler,
             host=config.host,
@@ -123,7 +126,7 @@ class ServeApp:
             tls=tls_settings(config.tls),
             health_port=config.health_port,
             config=config.extproc,
-            tokenizer=make_tokenizer(config.tokenizer_json, config.tokenizer_config),
+            tokenizer=self.tokenizers.tokenizer,
             ready=self._ready,
             clock=clock,
             metrics_registry=self.registry,
@@ -138,12 +141,15 @@ class ServeApp:
                 ingest_stats=self._ingest_stats,
                 clock=clock,
                 trainer_stats=lambda: self.trainer.stats,
+                tokenizer_probe=lambda: self.tokenizers.probe.status,
             )
         )
         self.metrics_server = (
             None
             if config.metrics_port is None
-            else MetricsHTTPServer(self.registry, host=config.host, port=config.metrics_port)
+            else MetricsHTTPServer(
+                self.registry, host=config.host, port=config.metrics_port, status=self.status
+            )
         )
         # The SchedulingPolicy in force (None: the configuration file's settings alone).
         self.policy: PolicySettings | None = None
@@ -187,6 +193,27 @@ class ServeApp:
     def _ready(self) -> bool:
         return self._first_set.is_set() and bool(self.scheduler.endpoints())
 
+    def _healthy_addresses(self) -> list[str]:
+        scheduler = self.scheduler
+        return [e.address for e in scheduler.endpoints() if scheduler.is_healthy(e.name)]
+
+    def status(self) -> dict[str, Any]:
+        """What a diagnosis reads (``/debug/status`` on the metrics port)."""
+        stats = self.scheduler.prefix_stats
+        verdict = stats.verdict()
+        return {
+            "endpoints": len(self.scheduler.endpoints()),
+            "tokenizer": self.tokenizers.status(),
+            "prefix_match": {
+                "status": verdict.status,
+                "reason": verdict.reason,
+                "decisions": stats.decisions,
+                "decisions_matched": stats.decisions_matched,
+                "served_hit_ratio": stats.served_hit_ratio,
+                "predicted_hit_ratio": stats.predicted_hit_ratio,
+            },
+        }
+
     def _ingest_stats(self) -> dict[str, IngestStats]:
         if self.ingest is None:
             return {}
@@ -225,6 +252,9 @@ class ServeApp:
                         ingest=self.config.kv_events.ingest,
                     )
                 )
+        if diff.added and (self._tokenizer_task is None or self._tokenizer_task.done()):
+            # Settle the tokenizer and probe it against the pool, off the routing path.
+            self._tokenizer_task = asyncio.create_task(self._check_tokenizer(), name="tokenizer probe")
         if diff.added or diff.removed:
             log.info(
                 "endpoints: %d (+%d: %s; -%d: %s)",
@@ -244,6 +274,12 @@ class ServeApp:
                 log.exception("applying a discovered endpoint set of %d failed", len(endpoints))
             self._first_set.set()
         log.warning("endpoint discovery ended; the last endpoint set stays in use")
+
+    async def _check_tokenizer(self) -> None:
+        try:
+            await self.tokenizers.on_endpoints()
+        except Exception:  # a probe must never take the picker down
+            log.exception("checking the tokenizer against the pool failed")
 
     # --- SchedulingPolicy -----------------------------------------------------------------
 
@@ -452,7 +488,13 @@ class ServeApp:
             self._updates = None
         if self.kubernetes is not None:
             await self.kubernetes.stop()
+        if self._tokenizer_task is not None:
+            self._tokenizer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tokenizer_task
+            self._tokenizer_task = None
         await self.server.stop(self.config.shutdown_grace_s if grace is None else grace)
+        await self.tokenizers.close()
         await self.scraper.stop()
         await self.trainer.stop()
         if self.ingest is not None:
@@ -517,6 +559,21 @@ def kubernetes_discovery(config: ServeConfig, app: ServeApp) -> KubernetesDiscov
         objective_api_versions=settings.objective_api_versions,
         backoff=Backoff(initial_s=settings.backoff_initial_s, max_s=settings.backoff_max_s),
         watch_timeout_s=settings.watch_timeout_s,
+    )
+
+
+def tokenizer_service(config: ServeConfig, addresses: Callable[[], Sequence[str]]) -> TokenizerService:
+    local = None
+    description = ""
+    if config.tokenizer_mode in ("auto", "local"):
+        if config.tokenizer_dir is not None:
+            local = make_tokenizer(tokenizer_dir=config.tokenizer_dir)
+            description = f"tokenizer_dir {config.tokenizer_dir}"
+        elif config.tokenizer_json is not None:
+            local = make_tokenizer(config.tokenizer_json, config.tokenizer_config)
+            description = f"tokenizer_json {config.tokenizer_json}"
+    return TokenizerService(
+        config.tokenizer_mode, local, description, addresses, probe=config.tokenizer_probe
     )
 
 

@@ -28,8 +28,10 @@ def _overrides(args: argparse.Namespace) -> tuple[dict[str, Any], list[tuple[str
         "scrape_interval_s": args.scrape_interval,
         "scrape_timeout_s": args.scrape_timeout,
         "scrape_engine": args.engine,
+        "tokenizer_dir": args.tokenizer_dir,
         "tokenizer_json": args.tokenizer_json,
         "tokenizer_config": args.tokenizer_config,
+        "tokenizer_mode": args.tokenizer_mode,
         "audit_log": args.audit_log,
     }
     sets: list[tuple[str, Any]] = []
@@ -110,6 +112,16 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--engine", choices=("auto", "vllm", "sglang"), help="model-server metric names")
     serve.add_argument("--no-kv-events", action="store_true", help="approximate mode for every endpoint")
     serve.add_argument("--on-internal-error", choices=("fallback", "grpc_error"))
+    serve.add_argument(
+        "--tokenizer-dir",
+        metavar="DIR",
+        help="Hugging Face tokenizer directory (kvsched sim prints the simulated pool's)",
+    )
+    serve.add_argument(
+        "--tokenizer-mode",
+        choices=("auto", "local", "worker_render", "bytes"),
+        help="how text and chat prompts become token ids (default auto)",
+    )
     serve.add_argument("--tokenizer-json", metavar="FILE", help="model tokenizer.json")
     serve.add_argument("--tokenizer-config", metavar="FILE", help="tokenizer_config.json (chat template)")
     serve.add_argument(

@@ -30,6 +30,7 @@ from scheduler.adapters.discovery import (
 from scheduler.adapters.extproc.config import ExtProcConfig
 from scheduler.adapters.kubernetes.config import KubernetesDiscoveryConfig
 from scheduler.adapters.scraper import DEFAULT_INTERVAL_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_TIMEOUT_S
+from scheduler.adapters.tokenizer_probe import TokenizerMode
 from scheduler.codec.prom import EngineKind, MetricNames, MetricsSpec
 from scheduler.core.kvingest import IngestConfig
 from scheduler.core.scheduler import Endpoint, SchedulerConfig
@@ -168,10 +169,28 @@ class ServeConfig(BaseModel):
         description="Endpoint Picker protocol settings, among them "
         "on_internal_error (fallback | grpc_error).",
     )
+    tokenizer_dir: str | None = Field(
+        None,
+        description="Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json with the "
+        "chat template) for text and chat prompts; `kvsched sim` prints the simulated pool's.",
+    )
     tokenizer_json: str | None = Field(
-        None, description="Model tokenizer.json for prompt token ids; unset = byte-level stand-in."
+        None, description="Model tokenizer.json for prompt token ids (instead of tokenizer_dir)."
     )
     tokenizer_config: str | None = Field(None, description="tokenizer_config.json (chat template).")
+    tokenizer_mode: TokenizerMode = Field(
+        "auto",
+        description="'local': the configured tokenizer files; 'worker_render': ask a worker's "
+        "/v1/(chat/)completions/render for every new prompt (pools whose tokenizer kvsched cannot "
+        "load); 'bytes': the byte stand-in (approximate mode only); 'auto': the configured files, else "
+        "the files a worker names in /model_info (the simulated pool does), else worker_render when "
+        "the workers answer it, else bytes.",
+    )
+    tokenizer_probe: bool = Field(
+        True,
+        description="Once endpoints are known, tokenise a probe prompt locally and through a worker's "
+        "/tokenize and report a disagreement (log, metric, /debug/status).",
+    )
 
     log_level: LogLevel | None = Field(None, description="Overrides the command line's --log-level.")
     predictor_model_path: str | None = Field(
@@ -201,6 +220,17 @@ class ServeConfig(BaseModel):
         if duplicates:
             raise ValueError(f"duplicate endpoint names: {', '.join(duplicates)}")
         return value
+
+    @model_validator(mode="after")
+    def _tokenizer_is_consistent(self) -> ServeConfig:
+        if self.tokenizer_dir is not None and self.tokenizer_json is not None:
+            raise ValueError("give tokenizer_dir or tokenizer_json, not both")
+        has_files = self.tokenizer_dir is not None or self.tokenizer_json is not None
+        if self.tokenizer_mode == "local" and not has_files:
+            raise ValueError("tokenizer_mode 'local' needs tokenizer_dir (or tokenizer_json)")
+        if self.tokenizer_mode in ("worker_render", "bytes") and has_files:
+            raise ValueError(f"tokenizer_mode {self.tokenizer_mode!r} does not use tokenizer files")
+        return self
 
     @model_validator(mode="after")
     def _discovery_is_consistent(self) -> ServeConfig:

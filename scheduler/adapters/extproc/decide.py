@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from scheduler.adapters.extproc.audit import ExtProcStats
 from scheduler.adapters.extproc.config import ExtProcConfig
@@ -166,6 +166,10 @@ class PickRunner:
     async def token_ids(self, parsed: InferenceRequestBody) -> Sequence[int]:
         if parsed.prompt_token_ids is not None:
             return parsed.prompt_token_ids
+        render = getattr(self.tokenizer, "render_token_ids", None)
+        if render is not None and (rendered := await render(parsed)) is not None:
+            # Worker-render mode: a worker's render endpoint gave the ids.
+            return cast(Sequence[int], rendered)
         size = len(parsed.prompt_text or "") + sum(len(message.content) for message in parsed.messages)
         if size > self.config.tokenize_in_thread_chars and getattr(self.tokenizer, "releases_gil", True):
             # Tokenisers release the GIL; a long prompt must not stall every other stream.
