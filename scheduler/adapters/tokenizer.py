@@ -201,6 +201,11 @@ class HFTokenizer:
         """The vocabulary entries of ``ids`` (vLLM's ``token_strs``)."""
         return [self._tokenizer.id_to_token(token) or "" for token in ids]
 
+    def vocabulary(self) -> dict[str, int]:
+        """Vocabulary entry -> id (with the added tokens)."""
+        vocab: dict[str, int] = self._tokenizer.get_vocab(with_added_tokens=True)
+        return vocab
+
     @property
     def vocab_size(self) -> int:
         size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)

@@ -13,14 +13,25 @@ def _demo(args: argparse.Namespace) -> int:
     from scheduler.demo.run import run_demo
     from scheduler.replay.commands import print_table
     from scheduler.replay.plots import save_plots
-    from scheduler.workloads.generators import generate
+    from scheduler.replay.text import ClientTokenizer, text_workload
+    from scheduler.sim.tokenizer import MODEL_DIR
+    from scheduler.workloads.generators import TEXT_GENERATORS, generate
 
+    tokenizer = ClientTokenizer(MODEL_DIR) if args.workload in TEXT_GENERATORS else None
     workload = (
         generate(args.workload, seed=args.seed)
-        .limited(args.requests)
-        .time_scaled(args.time_scale / args.speed)
+        if tokenizer is None
+        else text_workload(args.workload, tokenizer, seed=args.seed)
     )
-    reports = asyncio.run(run_demo(workload, workers=args.workers, speed=args.speed))
+    workload = workload.limited(args.requests).time_scaled(args.time_scale / args.speed)
+    reports = asyncio.run(
+        run_demo(
+            workload,
+            workers=args.workers,
+            speed=args.speed,
+            count_tokens=None if tokenizer is None else tokenizer.count,
+        )
+    )
     print_table(
         reports,
         title=f"kvsched demo: {len(workload.requests)} requests through Envoy, {args.workers} workers",
@@ -46,7 +57,9 @@ def _demo(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     demo = subparsers.add_parser("demo", help="simulated pool + kvsched + real Envoy: kvsched vs round-robin")
     demo.add_argument("--workers", type=int, default=8)
-    demo.add_argument("--workload", default="default")
+    demo.add_argument(
+        "--workload", default="default", help="default, chat, rag, agentic, or shared_prefix (text prompts)"
+    )
     demo.add_argument("--requests", type=int, help="first N requests of the workload")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(

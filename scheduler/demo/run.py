@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from scheduler.core.scheduler import SchedulerConfig
@@ -40,7 +41,14 @@ async def _ready(app: ServeApp, expected: int, timeout_s: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def run_policy(policy: str, workload: Workload, *, workers: int, speed: float) -> dict[str, Any]:
+async def run_policy(
+    policy: str,
+    workload: Workload,
+    *,
+    workers: int,
+    speed: float,
+    count_tokens: Callable[[str], int] | None = None,
+) -> dict[str, Any]:
     async with SimPool(workers, PoolConfig(speed=speed)) as pool:
         config = ServeConfig.model_validate(
             {
@@ -66,7 +74,9 @@ async def run_policy(policy: str, workload: Workload, *, workers: int, speed: fl
                 log.info(
                     "%s: replaying %d requests through Envoy at %s", policy, len(workload.requests), envoy.url
                 )
-                outcomes = await replay_live(workload, envoy.url, model=pool.descriptors[0].model)
+                outcomes = await replay_live(
+                    workload, envoy.url, model=pool.descriptors[0].model, count_tokens=count_tokens
+                )
     # Simulated workers run `speed` times faster than the wall clock: report engine time.
     for outcome in outcomes:
         outcome.start_s *= speed
@@ -89,8 +99,16 @@ async def run_policy(policy: str, workload: Workload, *, workers: int, speed: fl
     )
 
 
-async def run_demo(workload: Workload, *, workers: int, speed: float) -> dict[str, dict[str, Any]]:
+async def run_demo(
+    workload: Workload,
+    *,
+    workers: int,
+    speed: float,
+    count_tokens: Callable[[str], int] | None = None,
+) -> dict[str, dict[str, Any]]:
     reports = {}
     for policy in DEMO_POLICIES:
-        reports[policy] = await run_policy(policy, workload, workers=workers, speed=speed)
+        reports[policy] = await run_policy(
+            policy, workload, workers=workers, speed=speed, count_tokens=count_tokens
+        )
     return reports

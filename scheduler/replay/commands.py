@@ -28,12 +28,31 @@ DEFAULT_SIM_WORKERS = 8
 SIMULATOR_MODULE = "scheduler.sim.virtual"
 
 
-def load_workload(args: argparse.Namespace) -> Workload:
+def client_tokenizer(args: argparse.Namespace) -> Any:
+    """The client's tokenizer for text workloads (default: the simulated model's files)."""
+    from scheduler.replay.text import ClientTokenizer
+    from scheduler.workloads.generators import TEXT_GENERATORS
+
+    if args.trace or args.workload not in TEXT_GENERATORS:
+        return None
+    if args.tokenizer_dir is None:
+        from scheduler.sim.tokenizer import MODEL_DIR
+
+        return ClientTokenizer(MODEL_DIR)
+    return ClientTokenizer(args.tokenizer_dir)
+
+
+def load_workload(args: argparse.Namespace, tokenizer: Any = None) -> Workload:
+    from scheduler.replay.text import text_workload
     from scheduler.workloads.generators import generate
     from scheduler.workloads.mooncake import load_mooncake
 
     if args.trace:
         workload = load_mooncake(args.trace, block_tokens=args.block_tokens, limit=args.limit)
+    elif tokenizer is not None:
+        workload = text_workload(
+            args.workload, tokenizer, seed=args.seed, rate=args.rate, requests=args.requests
+        ).limited(args.limit)
     else:
         workload = generate(args.workload, seed=args.seed, rate=args.rate, requests=args.requests)
         workload = workload.limited(args.limit)
@@ -98,7 +117,7 @@ def _simulate(args: argparse.Namespace, workload: Workload) -> int:
     return 0
 
 
-async def _live(workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
+async def _live(workload: Workload, args: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     from rich.progress import Progress
 
     from scheduler.replay.live import replay_live
@@ -115,6 +134,7 @@ async def _live(workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
             concurrency=args.concurrency,
             progress=lambda _: progress.advance(task),
             slo=slo_targets(args),
+            count_tokens=None if tokenizer is None else tokenizer.count,
         )
     ceilings = workload_ceilings(workload.requests, workload.block_tokens)
     return build_report(
@@ -149,10 +169,11 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    workload = load_workload(args)
+    tokenizer = client_tokenizer(args)
+    workload = load_workload(args, tokenizer)
     if args.simulate:
         return _simulate(args, workload)
-    report = asyncio.run(_live(workload, args))
+    report = asyncio.run(_live(workload, args, tokenizer))
     workers = f", {args.workers} workers" if args.workers else ""
     write_outputs(
         {args.policy_label: report},
@@ -170,7 +191,9 @@ def register(subparsers: Any) -> None:
         required=True
     )
     source.add_argument("--trace", help="Mooncake JSONL trace")
-    source.add_argument("--workload", help="generated workload: default, chat, rag, agentic")
+    source.add_argument(
+        "--workload", help="generated workload: default, chat, rag, agentic, shared_prefix (text)"
+    )
     shape = replay.add_argument_group("workload shape")
     shape.add_argument(
         "--block-tokens",
@@ -184,6 +207,11 @@ def register(subparsers: Any) -> None:
     )
     shape.add_argument("--requests", type=int, help="generated: number of requests")
     shape.add_argument("--limit", type=int, help="first N requests only")
+    shape.add_argument(
+        "--tokenizer-dir",
+        help="text workloads: the client's tokenizer directory, to build and count prompts and to count "
+        "streamed tokens (default: the simulated model's, which kvsched sim prints)",
+    )
     shape.add_argument(
         "--time-scale", type=float, default=1.0, help="multiply arrival times (<1 = more load)"
     )

@@ -1,7 +1,8 @@
 """Live replay: send a workload to an OpenAI-compatible endpoint at its arrival times.
 
 * ``api="completions"``: ``POST /v1/completions`` with the prompt as a list of token ids
-  (OpenAI's API and vLLM accept one), so the server caches exactly the workload's prefixes.
+  (OpenAI's API and vLLM accept one), so the server caches exactly the workload's prefixes;
+  a text workload (``prompt_text``) sends its text.
 * ``api="chat"``: ``POST /v1/chat/completions`` with the prompt as one user message whose
   words name the token ids (``t123 t456 ...``): equal token prefixes give equal text
   prefixes, whatever the server's tokenizer.
@@ -14,6 +15,11 @@ stream is measured too (TTFT = e2e). A server that reports no usage leaves the c
 tokens unknown (the report's hit ratio is then null) and completion tokens are counted as
 content chunks. HTTP errors, stream errors and timeouts count as failed, with the reason.
 A concurrency cap makes requests wait for a free slot, never dropped.
+
+Given ``count_tokens`` (the client's own tokenizer, as benchmark clients such as inference-perf
+count), every streamed chunk's text is counted and a request whose count differs from the
+server's ``usage.completion_tokens``, or whose prompt ids differ in number from
+``usage.prompt_tokens``, is marked as a token-count mismatch.
 """
 
 from __future__ import annotations
@@ -58,7 +64,12 @@ def request_body(
     if model:
         body["model"] = model
     if api == "chat":
-        body["messages"] = [{"role": "user", "content": prompt_text(request.prompt_token_ids)}]
+        text = (
+            request.prompt_text if request.prompt_text is not None else prompt_text(request.prompt_token_ids)
+        )
+        body["messages"] = [{"role": "user", "content": text}]
+    elif request.prompt_text is not None:
+        body["prompt"] = request.prompt_text
     else:
         body["prompt"] = list(request.prompt_token_ids)
     if stream:
@@ -121,8 +132,10 @@ async def _read_stream(
     outcome: RequestOutcome,
     clock: Callable[[], float],
     diagnostics: StreamDiagnostics,
+    count_tokens: Callable[[str], int] | None = None,
 ) -> None:
     chunks = 0
+    counted = 0
     usage = False
     async for raw in resp.content:
         line = raw.strip()
@@ -143,13 +156,17 @@ async def _read_stream(
             outcome.error = f"stream error: {error[:_ERROR_BODY_CHARS]}"
             return
         for choice in chunk.get("choices") or ():
-            if isinstance(choice, Mapping) and _content(choice) is not None:
+            if isinstance(choice, Mapping) and (text := _content(choice)) is not None:
                 chunks += 1
+                if count_tokens is not None:
+                    counted += count_tokens(text)
                 if outcome.first_token_s is None:
                     outcome.first_token_s = clock()
         usage = _apply_usage(chunk, outcome) or usage
     if not usage:
         outcome.completion_tokens = chunks
+    elif count_tokens is not None:
+        outcome.client_completion_tokens = counted
 
 
 async def _read_body(
@@ -182,6 +199,7 @@ async def send_one(
     api: Api = "completions",
     diagnostics: StreamDiagnostics | None = None,
     slo: SLOTargets | None = None,
+    count_tokens: Callable[[str], int] | None = None,
 ) -> RequestOutcome:
     """Send one request and measure it; never raises for what the server or network does."""
     diagnostics = diagnostics or StreamDiagnostics()
@@ -205,7 +223,7 @@ async def send_one(
                 text = (await resp.text(errors="replace"))[:_ERROR_BODY_CHARS]
                 outcome.error = f"http {resp.status}: {text}"
             elif resp.content_type == "text/event-stream":
-                await _read_stream(resp, outcome, clock, diagnostics)
+                await _read_stream(resp, outcome, clock, diagnostics, count_tokens)
             else:
                 await _read_body(resp, outcome, clock)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -215,6 +233,10 @@ async def send_one(
     if not outcome.error and outcome.first_token_s is None:
         outcome.error = "no tokens: the response carried no content"
     outcome.ok = not outcome.error
+    if outcome.ok and count_tokens is not None and outcome.client_completion_tokens is not None:
+        outcome.token_count_mismatch = outcome.client_completion_tokens != outcome.completion_tokens or (
+            outcome.prompt_tokens != len(request.prompt_token_ids)
+        )
     return outcome
 
 
@@ -243,6 +265,7 @@ async def replay_live(
     progress: Callable[[RequestOutcome], None] | None = None,
     timeout_s: float = 600.0,
     slo: SLOTargets | None = None,
+    count_tokens: Callable[[str], int] | None = None,
 ) -> list[RequestOutcome]:
     """Send every request ``(arrival_s - first arrival) * time_scale`` after the start, at most
     ``concurrency`` in flight (the rest wait their turn), and return the outcomes in workload
@@ -272,7 +295,15 @@ async def replay_live(
                 await asyncio.sleep(delay)
             async with gate:
                 outcome = await send_one(
-                    session, url, request, model, clock, api=api, diagnostics=diagnostics, slo=slo
+                    session,
+                    url,
+                    request,
+                    model,
+                    clock,
+                    api=api,
+                    diagnostics=diagnostics,
+                    slo=slo,
+                    count_tokens=count_tokens,
                 )
             if progress is not None:
                 progress(outcome)

@@ -78,6 +78,10 @@ class RequestOutcome:
     predicted_ttft_ms: float | None = None
     predicted_tpot_ms: float | None = None
     prediction_source: str | None = None
+    # The client's own count of the streamed text's tokens (None: not counted), and whether
+    # its counts disagreed with the server's usage.
+    client_completion_tokens: int | None = None
+    token_count_mismatch: bool = False
 
     @property
     def ttft_s(self) -> float | None:
@@ -227,6 +231,8 @@ def build_report(
         "prompt_tokens": prompt,
         "cached_tokens": cached,
         "usage_reported": len(reported),
+        "token_count_mismatches": sum(1 for o in done if o.token_count_mismatch),
+        "client_counted": sum(1 for o in done if o.client_completion_tokens is not None),
         "token_scale": token_scale,
         "per_endpoint": dict(sorted(Counter(o.endpoint or "-" for o in done).items())),
         "failures": dict(Counter(_failure_reason(o.error) for o in failed).most_common()),

@@ -12,6 +12,12 @@ that many requests by arrival.
   few few-shot preambles; each query is preamble + document + a short unique question.
 * ``agentic``: agent loops over a long tool-description prompt; every step appends the
   agent's action and the tool's result, so contexts grow turn after turn.
+* ``shared_prefix``: the shape of inference-perf's ``shared_prefix`` data generator
+  (kubernetes-sigs/inference-perf ``inference_perf/datagen/synthetic/shared_prefix_datagen.py``,
+  0.7.0): ``groups`` random system prompts, ``prompts_per_group`` random questions after
+  each, every prompt sent at most once in a seeded shuffled order, at a constant ``rate``.
+  Given ``words`` (single-token words of a tokenizer) the prompts are text, each word one
+  token, so the server's count is known; otherwise token ids.
 * ``default``: the demo's mix (chat and RAG, ~440 requests over about a minute), with
   strong prefix sharing and moderate load, so that cache-aware routing visibly beats
   round-robin on 8 simulated workers.
@@ -20,7 +26,7 @@ that many requests by arrival.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -147,6 +153,47 @@ def agentic(
     return _finish("agentic", out, requests, seed=seed)
 
 
+def shared_prefix(
+    *,
+    seed: int = 0,
+    groups: int = 64,
+    prompts_per_group: int = 4,
+    system_tokens: int = 800,
+    question_tokens: int = 64,
+    output_tokens: int = 64,
+    rate: float = 4.0,
+    requests: int | None = 240,
+    words: Sequence[str] | None = None,
+) -> Workload:
+    """``requests`` (default 240: 4 req/s for 60 s) of ``groups * prompts_per_group`` prompts
+    at a constant ``rate``, each prompt at most once while prompts last."""
+    if rate <= 0:
+        raise ValueError("rate must be positive")
+    rng = np.random.default_rng(seed)
+    vocabulary = list(words) if words else None
+
+    def piece(n: int) -> tuple[list[int], str | None]:
+        if vocabulary is None:
+            return _tokens(rng, n), None
+        picked = rng.integers(0, len(vocabulary), size=n)
+        return [], "".join(" " + vocabulary[int(i)] for i in picked)
+
+    prompts: list[tuple[list[int], str | None]] = []
+    for _ in range(groups):
+        system_ids, system_text = piece(system_tokens)
+        for _ in range(prompts_per_group):
+            question_ids, question_text = piece(question_tokens)
+            text = None if system_text is None or question_text is None else (system_text + question_text)
+            prompts.append((system_ids + question_ids, text))
+    order = rng.permutation(len(prompts))
+    count = len(prompts) if requests is None else min(requests, len(prompts))
+    out = []
+    for i in range(count):
+        ids, text = prompts[int(order[i])]
+        out.append(WorkloadRequest(f"sp-{i}", i / rate, ids, output_tokens, prompt_text=text))
+    return _finish("shared_prefix", out, count, seed=seed, groups=groups, prompts_per_group=prompts_per_group)
+
+
 # The default mix: 48 chat sessions of 5 turns and 200 RAG queries, about 440 requests.
 _DEFAULT_SESSIONS, _DEFAULT_TURNS, _DEFAULT_QUERIES = 48, 5, 200
 _DEFAULT_RATE = 7.0  # new sessions + new queries per second: 2 + 5
@@ -172,17 +219,29 @@ def default(*, seed: int = 0, rate: float | None = None, requests: int | None = 
     return _finish("default", conversations.requests + documents.requests, requests, seed=seed)
 
 
+# Generators that send text when given a tokenizer's single-token words.
+TEXT_GENERATORS = frozenset({"shared_prefix"})
+
 GENERATORS: dict[str, Callable[..., Workload]] = {
     "chat": chat,
     "rag": rag,
     "agentic": agentic,
     "default": default,
+    "shared_prefix": shared_prefix,
 }
 
 
-def generate(name: str, *, seed: int = 0, rate: float | None = None, requests: int | None = None) -> Workload:
+def generate(
+    name: str,
+    *,
+    seed: int = 0,
+    rate: float | None = None,
+    requests: int | None = None,
+    words: Sequence[str] | None = None,
+) -> Workload:
     """Workload ``name`` with its defaults, overriding the arrival ``rate`` and the request
-    count when given (see each generator for what its rate counts)."""
+    count when given (see each generator for what its rate counts); ``words`` makes the
+    generators that take them send text."""
     try:
         generator = GENERATORS[name]
     except KeyError:
@@ -192,4 +251,6 @@ def generate(name: str, *, seed: int = 0, rate: float | None = None, requests: i
         overrides["rate"] = rate
     if requests is not None:
         overrides["requests"] = requests
+    if words is not None and name in TEXT_GENERATORS:
+        overrides["words"] = words
     return generator(seed=seed, **overrides)

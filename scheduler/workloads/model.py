@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -13,7 +13,9 @@ class WorkloadRequest:
 
     ``arrival_s`` counts from the workload's start. ``block_ids`` is the source trace's
     own prefix identity (Mooncake hash ids, one per trace block) when there is one;
-    generated workloads leave it ``None`` and are compared by their tokens.
+    generated workloads leave it ``None`` and are compared by their tokens. ``prompt_text``,
+    when set, is what a live replay sends instead of the ids; the ids are then the client's
+    own count of it (``Workload.with_token_ids``).
     """
 
     request_id: str
@@ -22,6 +24,7 @@ class WorkloadRequest:
     max_tokens: int
     session_id: str | None = None
     block_ids: tuple[int, ...] | None = None
+    prompt_text: str | None = None
 
 
 @dataclass(slots=True)
@@ -50,6 +53,16 @@ class Workload:
         if factor == 1.0:
             return self
         return self._with([dataclasses.replace(r, arrival_s=r.arrival_s * factor) for r in self.requests])
+
+    def with_token_ids(self, encode: Callable[[str], list[int]]) -> Workload:
+        """Text requests with ``prompt_token_ids`` set to ``encode(prompt_text)``: the client's
+        own tokenizer count, from which hit-ratio ceilings are computed."""
+        return self._with(
+            [
+                r if r.prompt_text is None else dataclasses.replace(r, prompt_token_ids=encode(r.prompt_text))
+                for r in self.requests
+            ]
+        )
 
     @property
     def duration_s(self) -> float:
