@@ -30,6 +30,7 @@ from scheduler.core.scheduler import Endpoint, SchedulingRequest
 from scheduler.server.app import ServeApp
 from scheduler.server.config import ServeConfig
 from scheduler.sim.pool import PoolConfig, SimPool
+from scheduler.sim.worker import LLMD_TOPIC
 
 REPO = Path(__file__).resolve().parents[1]
 STAND_IN_PAGE = (
@@ -190,6 +191,28 @@ async def test_kv_events_reach_the_index(stack: Stack) -> None:
     assert "stand-in" not in by_endpoint(samples["kvsched_kv_batches_applied_total"])
 
 
+@pytest.mark.parametrize("topic", ["", LLMD_TOPIC], ids=["vllm-default", "llm-d"])
+async def test_kv_events_under_either_topic_convention_reach_the_index(topic: str) -> None:
+    async with SimPool(1, PoolConfig(speed=1000.0, topic=topic)) as pool:
+        worker = pool.descriptors[0]
+        assert worker.topic == topic.format(address=worker.address, model=worker.model)
+        config = ServeConfig.model_validate(
+            {
+                "host": "127.0.0.1",
+                "grpc_port": 0,
+                "health_port": None,
+                "metrics_port": None,
+                "tls": {"mode": "plaintext"},
+                "endpoints": [{"address": worker.address, "kv_events": worker.kv_endpoint}],
+            }
+        )
+        async with ServeApp(config) as app, aiohttp.ClientSession() as session:
+            body = {"prompt": list(range(1, 16 * 4 + 1)), "max_tokens": 1}
+            async with session.post(f"{worker.http_url}/v1/completions", json=body) as response:
+                assert response.status == 200
+            await until(lambda: app.scheduler.index.worker_blocks(worker.address) >= 4)
+
+
 async def test_metrics_page_parses_and_covers_every_component(stack: Stack) -> None:
     await until(lambda: all(stack.scraped(e.name) for e in stack.app.scheduler.endpoints()))
     samples = await fetch_metrics(stack.app.metrics_port or 0)
@@ -215,6 +238,10 @@ async def test_metrics_page_parses_and_covers_every_component(stack: Stack) -> N
         "kvsched_flow_requests_total",
         "kvsched_predictor_source",
         "kvsched_predictor_fits_total",
+        "kvsched_decision_matched_blocks_bucket",
+        "kvsched_decisions_prefix_matched_total",
+        "kvsched_prefix_served_cached_tokens_total",
+        "kvsched_tokenization_mismatch",
     ):
         assert family in samples, family
     # The background trainer is running with the Scheduler's own predictor.

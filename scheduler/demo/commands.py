@@ -9,7 +9,25 @@ from pathlib import Path
 from typing import Any
 
 
+def _hold(args: argparse.Namespace) -> int:
+    import signal
+
+    from scheduler.demo.run import hold_stack
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await hold_stack(args.hold, workers=args.workers, speed=args.speed, stop=stop)
+
+    asyncio.run(run())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
+    if args.hold:
+        return _hold(args)
     from scheduler.demo.run import run_demo
     from scheduler.replay.commands import print_table
     from scheduler.replay.plots import save_plots
@@ -71,5 +89,11 @@ def register(subparsers: Any) -> None:
     )
     demo.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival gaps (<1 = more load)")
     demo.add_argument("--json", help='write {"kvsched": report, "round_robin": report} here')
+    demo.add_argument(
+        "--hold",
+        choices=("kvsched", "round_robin"),
+        help="start the stack with this policy, print its gateway URL, model and tokenizer directory as "
+        "one JSON line, and serve until interrupted (for your own load generator)",
+    )
     demo.add_argument("--out", default="kvsched-demo", help="directory for the JSON report and the PNG")
     demo.set_defaults(func=_demo)

@@ -9,9 +9,12 @@ simulated vLLM pool (HTTP + metrics + ZMQ KV events)  <-  kvsched serve (ext_pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from scheduler.core.scheduler import SchedulerConfig
@@ -41,14 +44,16 @@ async def _ready(app: ServeApp, expected: int, timeout_s: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def run_policy(
-    policy: str,
-    workload: Workload,
-    *,
-    workers: int,
-    speed: float,
-    count_tokens: Callable[[str], int] | None = None,
-) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class DemoStack:
+    pool: SimPool
+    app: ServeApp
+    envoy: EnvoyGateway
+
+
+@contextlib.asynccontextmanager
+async def demo_stack(policy: str, *, workers: int, speed: float) -> AsyncIterator[DemoStack]:
+    """A fresh simulated pool, ``kvsched serve`` picking by ``policy`` and a real Envoy in front."""
     async with SimPool(workers, PoolConfig(speed=speed)) as pool:
         config = ServeConfig.model_validate(
             {
@@ -71,12 +76,44 @@ async def run_policy(
             await _ready(app, workers)
             settings = EnvoySettings("127.0.0.1", app.grpc_port, epp_health_port=app.health_port)
             async with EnvoyGateway(settings) as envoy:
-                log.info(
-                    "%s: replaying %d requests through Envoy at %s", policy, len(workload.requests), envoy.url
-                )
-                outcomes = await replay_live(
-                    workload, envoy.url, model=pool.descriptors[0].model, count_tokens=count_tokens
-                )
+                yield DemoStack(pool, app, envoy)
+
+
+async def hold_stack(policy: str, *, workers: int, speed: float, stop: asyncio.Event) -> None:
+    """Run the demo stack until ``stop``: for benchmark clients of one's own (inference-perf)."""
+    async with demo_stack(policy, workers=workers, speed=speed) as stack:
+        descriptor = stack.pool.descriptors[0]
+        print(
+            json.dumps(
+                {
+                    "gateway": stack.envoy.url,
+                    "model": descriptor.model,
+                    "tokenizer_dir": descriptor.tokenizer_dir,
+                    "policy": policy,
+                    "kvsched_metrics": f"http://127.0.0.1:{stack.app.metrics_port}/metrics",
+                    "workers": [d.http_url for d in stack.pool.descriptors],
+                }
+            ),
+            flush=True,
+        )
+        await stop.wait()
+
+
+async def run_policy(
+    policy: str,
+    workload: Workload,
+    *,
+    workers: int,
+    speed: float,
+    count_tokens: Callable[[str], int] | None = None,
+) -> dict[str, Any]:
+    async with demo_stack(policy, workers=workers, speed=speed) as stack:
+        log.info(
+            "%s: replaying %d requests through Envoy at %s", policy, len(workload.requests), stack.envoy.url
+        )
+        outcomes = await replay_live(
+            workload, stack.envoy.url, model=stack.pool.descriptors[0].model, count_tokens=count_tokens
+        )
     # Simulated workers run `speed` times faster than the wall clock: report engine time.
     for outcome in outcomes:
         outcome.start_s *= speed
