@@ -51,17 +51,19 @@ def summary_report(directory: Path) -> dict[str, Any]:
     return report
 
 
-def best_hit_ratio(directory: Path, tokenizer_dir: str) -> float | None:
-    """The infinite-cache hit ratio of the prompts inference-perf sent (16-token blocks,
-    counted with the pool's tokenizer): the best any router can reach."""
+def best_hit_ratios(directory: Path, tokenizer_dir: str) -> tuple[float | None, float | None]:
+    """The best any router can do on the prompts inference-perf sent (counted with the pool's
+    tokenizer, 16-token blocks, one infinite cache): the full-block oracle kvsched's reports
+    use, and the same in the workers' own measure (cached prompt tokens / prompt tokens, at
+    most ``(len - 1) // 16`` blocks per prompt, as vLLM always recomputes the last token)."""
     sys.path.insert(0, str(REPO))
     from scheduler.replay.text import ClientTokenizer
     from scheduler.workloads.model import WorkloadRequest
-    from scheduler.workloads.oracle import oracle_hit_ratio
+    from scheduler.workloads.oracle import oracle_hit_ratio, prefix_block_keys
 
     found = sorted(directory.rglob("per_request_lifecycle_metrics.json"))
     if not found:
-        return None
+        return None, None
     tokenizer = ClientTokenizer(tokenizer_dir)
     entries = json.loads(found[-1].read_text())
     entries.sort(key=lambda entry: entry.get("start_time", 0.0))
@@ -72,7 +74,18 @@ def best_hit_ratio(directory: Path, tokenizer_dir: str) -> float | None:
         if isinstance(body, dict) and isinstance(body.get("prompt"), str):
             ids = tokenizer.prompt_ids(body["prompt"])
             requests.append(WorkloadRequest(str(position), float(position), ids, 1))
-    return oracle_hit_ratio(requests, 16) if requests else None
+    if not requests:
+        return None, None
+    seen: set[int] = set()
+    cached = total = 0
+    for request in requests:
+        keys = prefix_block_keys(request.prompt_token_ids, 16)
+        usable = keys[: (len(request.prompt_token_ids) - 1) // 16]
+        hits = next((i for i, key in enumerate(usable) if key not in seen), len(usable))
+        cached += 16 * hits
+        total += len(request.prompt_token_ids)
+        seen.update(keys)
+    return oracle_hit_ratio(requests, 16), cached / total
 
 
 def run_policy(policy: str, inference_perf: str, out: Path, workers: int) -> dict[str, Any]:
@@ -136,7 +149,13 @@ def run_policy(policy: str, inference_perf: str, out: Path, workers: int) -> dic
         "prompt_tokens_mean": prompt.get("mean"),
         "worker_hit_ratio": hits / queries if queries else None,
         "client_cached_ratio": prompt["cached"] / prompt["total"] if prompt.get("total") else None,
-        "best_hit_ratio": best_hit_ratio(reports, info["tokenizer_dir"]),
+        **dict(
+            zip(
+                ("oracle_hit_ratio", "best_served_ratio"),
+                best_hit_ratios(reports, info["tokenizer_dir"]),
+                strict=True,
+            )
+        ),
         "kvsched_decisions_prefix_matched": kvsched.get("kvsched_decisions_prefix_matched_total"),
         "kvsched_tokenization_mismatch": kvsched.get("kvsched_tokenization_mismatch"),
     }
