@@ -445,8 +445,6 @@ class Scheduler:
         if objective.pool is not None and objective.pool in self._pools:
             runtimes = [rt for rt in runtimes if rt.endpoint.labels.get(POOL_LABEL) == objective.pool]
         states = [self._state(rt, now) for rt in runtimes]
-        if self._approx and matches:
-            matches = self._approximate_load_guard(matches, states, request.subset)
         pick_request = PickRequest(
             request_id=request.request_id,
             prompt_blocks=prompt_blocks,
@@ -458,6 +456,8 @@ class Scheduler:
         )
         if self._baseline is not None:
             return self._pick_baseline(request, states, matches, prompt_blocks, keys, now)
+        if self._approx and matches:
+            matches = self._approximate_load_guard(matches, states, request.subset)
         # Every candidate's latency is predicted when the decision uses it; otherwise only the
         # chosen endpoint's, afterwards, for the audit line and to train on.
         estimator = self._estimator
