@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from scheduler.adapters.extproc.headers import request_hints
 from scheduler.adapters.render_tokenizer import WorkerRenderTokenizer
 from scheduler.adapters.tokenizer import ByteTokenizer, HFTokenizer
-from scheduler.adapters.tokenizer_probe import probe_endpoint
+from scheduler.adapters.tokenizer_probe import TokenizerService, probe_endpoint
 from scheduler.server.app import ServeApp
 from scheduler.server.config import ServeConfig
 from scheduler.sim.pool import PoolConfig, SimPool
@@ -140,3 +140,27 @@ async def test_worker_render_mode_routes_text_and_chat_with_the_workers_ids(pool
         assert chat.request is not None and list(chat.request.token_ids) == load().chat_ids(messages)
         assert app.status()["tokenizer"]["render"]["calls"] == 2
         assert app.tokenizers.probe.status in ("skipped", "pending")
+
+
+@pytest.mark.parametrize("kv_events", [True, False])
+async def test_auto_mode_falls_back_to_the_render_endpoint_only_with_kv_events(kv_events: bool) -> None:
+    # A worker that names no tokenizer files but renders (as vLLM does).
+    async def render(_: web.Request) -> web.Response:
+        return web.json_response([{"token_ids": [1, 2, 3]}])
+
+    app = web.Application()
+    app.router.add_post("/v1/completions/render", render)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    address = f"127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        service = TokenizerService(
+            "auto", None, "", lambda: [address], probe=False, render_when_auto=kv_events
+        )
+        await service.on_endpoints()
+        chosen = service.tokenizer.current
+        assert isinstance(chosen, WorkerRenderTokenizer) if kv_events else isinstance(chosen, ByteTokenizer)
+        await service.close()
+    finally:
+        await runner.cleanup()

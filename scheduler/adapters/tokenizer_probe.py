@@ -6,7 +6,8 @@ lookups score zero. So once the pool's first endpoints are known:
 
 * ``tokenizer_mode: auto`` settles on a tokenizer: the configured files if any; else the
   directory a worker names as ``tokenizer_path`` in ``/model_info`` (the simulated pool and
-  SGLang do) when it is readable here; else the worker's render endpoint when it answers;
+  SGLang do) when it is readable here; else the worker's render endpoint when it answers
+  (unless KV events are off: approximate mode matches kvsched's own ids, whatever they are);
   else the byte stand-in, with a warning that text prompts cannot match KV events.
 * the probe tokenises a text prompt and a conversation itself and through a worker's
   ``/tokenize`` (vLLM's ``TokenizeCompletionRequest`` / ``TokenizeChatRequest``), and
@@ -153,9 +154,13 @@ class TokenizerService:
         addresses: Callable[[], Sequence[str]],
         *,
         probe: bool = True,
+        render_when_auto: bool = True,
     ) -> None:
         self.mode = mode
         self.probe_enabled = probe
+        # Without KV events (approximate mode) kvsched only matches its own ids: a render
+        # round trip per request would buy nothing there.
+        self.render_when_auto = render_when_auto
         self._addresses = addresses
         if mode == "worker_render":
             initial: PromptTokenizer = WorkerRenderTokenizer(addresses)
@@ -190,7 +195,7 @@ class TokenizerService:
                 log.info("tokenizer: %s names its tokenizer files %s; using them", address, directory)
                 self.settled = True
                 return
-        for address in addresses[:3]:
+        for address in addresses[:3] if self.render_when_auto else ():
             if await renders(session, address):
                 self.tokenizer.replace(WorkerRenderTokenizer(self._addresses), "the workers' render endpoint")
                 log.info(
@@ -200,10 +205,14 @@ class TokenizerService:
                 )
                 self.settled = True
                 return
-        log.warning(
-            "tokenizer: none configured and the pool names none; text and chat prompts use kvsched's "
-            "byte stand-in and cannot match KV events (set tokenizer_dir, or tokenizer_mode: worker_render)"
-        )
+        if self.render_when_auto:
+            log.warning(
+                "tokenizer: none configured and the pool names none; text and chat prompts use "
+                "kvsched's byte stand-in and cannot match KV events (set tokenizer_dir, or "
+                "tokenizer_mode: worker_render)"
+            )
+        else:
+            log.info("tokenizer: the byte stand-in (approximate mode matches kvsched's own routing history)")
         self.settled = True
 
     async def _probe(self, session: aiohttp.ClientSession, addresses: list[str]) -> None:

@@ -573,7 +573,12 @@ def tokenizer_service(config: ServeConfig, addresses: Callable[[], Sequence[str]
             local = make_tokenizer(config.tokenizer_json, config.tokenizer_config)
             description = f"tokenizer_json {config.tokenizer_json}"
     return TokenizerService(
-        config.tokenizer_mode, local, description, addresses, probe=config.tokenizer_probe
+        config.tokenizer_mode,
+        local,
+        description,
+        addresses,
+        probe=config.tokenizer_probe,
+        render_when_auto=config.kv_events.enabled,
     )
 
 
