@@ -17,9 +17,10 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.adapters.extproc.headers import request_hints
-from scheduler.adapters.render_tokenizer import WorkerRenderTokenizer
+from scheduler.adapters.render_tokenizer import PREFIX_MARGIN_TOKENS, WorkerRenderTokenizer
 from scheduler.adapters.tokenizer import ByteTokenizer, HFTokenizer
 from scheduler.adapters.tokenizer_probe import TokenizerService, probe_endpoint
+from scheduler.codec.openai import ChatMessage, InferenceRequestBody
 from scheduler.server.app import ServeApp
 from scheduler.server.config import ServeConfig
 from scheduler.sim.pool import PoolConfig, SimPool
@@ -163,4 +164,62 @@ async def test_auto_mode_falls_back_to_the_render_endpoint_only_with_kv_events(k
         assert isinstance(chosen, WorkerRenderTokenizer) if kv_events else isinstance(chosen, ByteTokenizer)
         await service.close()
     finally:
+        await runner.cleanup()
+
+
+async def test_worker_render_reuses_a_cached_prefix_and_renders_the_rest_in_the_background(
+    pool: SimPool,
+) -> None:
+    address = pool.descriptors[0].address
+    render = WorkerRenderTokenizer(lambda: [address])
+    try:
+        turn = (ChatMessage("user", "Tell me about " + " ".join(f"item{i}" for i in range(30))),)
+        first = await render.render_token_ids(InferenceRequestBody("chat", messages=turn))
+        assert first == load().chat_ids([{"role": "user", "content": turn[0].content}])
+        follow = (*turn, ChatMessage("assistant", "the model answers"), ChatMessage("user", "And then?"))
+        routed = await render.render_token_ids(InferenceRequestBody("chat", messages=follow))
+        # Routed at once on the first turn's ids (less the margin), no round trip on the path.
+        assert routed == first[:-PREFIX_MARGIN_TOKENS] and render.stats.prefix_hits == 1
+        full = load().chat_ids([{"role": m.role, "content": m.content} for m in follow])
+        assert full[: len(routed)] == routed
+        await until(lambda: render.stats.calls == 2)
+        again = await render.render_token_ids(InferenceRequestBody("chat", messages=follow))
+        assert again == full and render.prefix_reuse
+        text = "Shared instructions: " + " ".join(f"rule{i}" for i in range(40))
+        await render.render_token_ids(InferenceRequestBody("completions", prompt_text=text))
+        longer = await render.render_token_ids(
+            InferenceRequestBody("completions", prompt_text=text + " Question?")
+        )
+        assert longer == load().encode(text)[:-PREFIX_MARGIN_TOKENS] and render.stats.prefix_hits == 2
+    finally:
+        await render.close()
+
+
+async def test_prefix_reuse_switches_off_when_ids_are_not_a_prefix(caplog: pytest.LogCaptureFixture) -> None:
+    # A template that renders earlier turns differently once more follow.
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.json()
+        count = len(body["messages"])
+        return web.json_response({"token_ids": [count] * (10 * count)})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions/render", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    address = f"127.0.0.1:{runner.addresses[0][1]}"
+    render = WorkerRenderTokenizer(lambda: [address])
+    try:
+        one = (ChatMessage("user", "a"),)
+        await render.render_token_ids(InferenceRequestBody("chat", messages=one))
+        with caplog.at_level(logging.WARNING, logger="scheduler.adapters.render_tokenizer"):
+            await render.render_token_ids(
+                InferenceRequestBody("chat", messages=(*one, ChatMessage("user", "b")))
+            )
+            await until(lambda: not render.prefix_reuse)
+        assert any("not a prefix" in r.getMessage() for r in caplog.records)
+        three = (*one, ChatMessage("user", "b"), ChatMessage("user", "c"))
+        assert await render.render_token_ids(InferenceRequestBody("chat", messages=three)) == [3] * 30
+    finally:
+        await render.close()
         await runner.cleanup()
