@@ -1,6 +1,6 @@
 """The scoring pipeline: filters -> scorers -> picker, shared by the live server and the simulator."""
 
-from scheduler.core.scoring.candidates import Candidates
+from scheduler.core.scoring.candidates import Candidates, LatencyEstimator
 from scheduler.core.scoring.config import FilterLimits, ScorerWeights, ScoringConfig, TierWeights
 from scheduler.core.scoring.decision import Decision
 from scheduler.core.scoring.filters import (
@@ -26,7 +26,6 @@ from scheduler.core.scoring.scorers import (
 from scheduler.core.scoring.types import (
     EndpointState,
     LatencyEstimate,
-    LatencyEstimator,
     PickRequest,
     PrefixMatch,
 )

@@ -12,7 +12,12 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from scheduler.core.scoring.candidates import Candidates, build_candidates, metrics_trusted
+from scheduler.core.scoring.candidates import (
+    Candidates,
+    LatencyEstimator,
+    build_candidates,
+    metrics_trusted,
+)
 from scheduler.core.scoring.config import ScoringConfig
 from scheduler.core.scoring.decision import Decision
 from scheduler.core.scoring.filters import NO_ELIGIBLE_IN_SUBSET, Filter, default_filters
@@ -24,7 +29,7 @@ from scheduler.core.scoring.picker import (
     stable_hash64,
 )
 from scheduler.core.scoring.scorers import Scorer, default_scorers, relative_to_best
-from scheduler.core.scoring.types import EndpointState, LatencyEstimator, PickRequest, PrefixMatch
+from scheduler.core.scoring.types import EndpointState, PickRequest, PrefixMatch
 
 # Below every feasible candidate's total (totals lie in [0, 1]): SLO-infeasible candidates
 # keep their relative order but rank after all feasible ones.
