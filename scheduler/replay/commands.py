@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.core.baselines import ALL_POLICIES
-from scheduler.replay.report import SLOTargets, comparison_table
-from scheduler.workloads.model import Workload
+from scheduler.replay.report import comparison_table
+from scheduler.workloads.model import SLOTargets, Workload
 
 POLICIES = ALL_POLICIES
 DEFAULT_SIM_WORKERS = 8

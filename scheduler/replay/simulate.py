@@ -9,9 +9,9 @@ from typing import Any
 
 from scheduler.core.baselines import PolicyName
 from scheduler.core.scheduler import SchedulerConfig
-from scheduler.replay.report import SLOTargets, build_report
+from scheduler.replay.report import build_report
 from scheduler.sim.virtual import VirtualPool, VirtualPoolConfig
-from scheduler.workloads.model import Workload
+from scheduler.workloads.model import SLOTargets, Workload
 from scheduler.workloads.oracle import pooled_lru_hit_ratio, workload_ceilings
 
 # Real tokens of KV cache per worker: 1,024 blocks of 512 tokens, the setting of the

@@ -21,8 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from scheduler.core.baselines import ALL_POLICIES, PolicyName
-from scheduler.replay.report import SLOTargets
-from scheduler.workloads.model import Workload
+from scheduler.workloads.model import SLOTargets, Workload
 
 DEFAULT_MULTIPLIERS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 DEFAULT_POLICIES: tuple[PolicyName, ...] = (
