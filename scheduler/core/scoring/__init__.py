@@ -12,14 +12,15 @@ from scheduler.core.scoring.filters import (
     default_filters,
 )
 from scheduler.core.scoring.pipeline import SchedulingPipeline
+from scheduler.core.scoring.registry import SCORERS, ScorerSpec, register_scorer
 from scheduler.core.scoring.scorers import (
-    SCORER_NAMES,
     InflightLoadScorer,
     KVUtilizationScorer,
     PredictedLatencyScorer,
     PrefixOverlapScorer,
     QueueDepthScorer,
     Scorer,
+    build_scorer,
     default_scorers,
     relative_to_best,
 )
@@ -32,7 +33,7 @@ from scheduler.core.scoring.types import (
 
 __all__ = [
     "NO_ELIGIBLE_IN_SUBSET",
-    "SCORER_NAMES",
+    "SCORERS",
     "Candidates",
     "Decision",
     "EndpointState",
@@ -51,11 +52,14 @@ __all__ = [
     "SaturationFilter",
     "SchedulingPipeline",
     "Scorer",
+    "ScorerSpec",
     "ScorerWeights",
     "ScoringConfig",
     "SubsetHintFilter",
     "TierWeights",
+    "build_scorer",
     "default_filters",
     "default_scorers",
+    "register_scorer",
     "relative_to_best",
 ]

@@ -28,6 +28,7 @@ from scheduler.core.scoring.picker import (
     sample_softmax,
     stable_hash64,
 )
+from scheduler.core.scoring.registry import SCORERS
 from scheduler.core.scoring.scorers import Scorer, default_scorers, relative_to_best
 from scheduler.core.scoring.types import EndpointState, PickRequest, PrefixMatch
 
@@ -162,19 +163,25 @@ class SchedulingPipeline:
         names = [scorer.name for scorer in self._scorers]
         if len(set(names)) != len(names):
             raise ValueError(f"scorer names must be unique, got {names}")
-        configured = self._config.weights.model_dump()
+        weights = self._config.weights
         active: list[tuple[Scorer, float]] = []
+        unpredicted: list[tuple[Scorer, float]] = []
         for scorer in self._scorers:
-            if scorer.name not in configured:
-                raise ValueError(f"scorer {scorer.name!r} has no weight in ScoringConfig.weights")
-            weight = float(configured[scorer.name])
+            spec = SCORERS.get(scorer.name)
+            if spec is None:
+                raise ValueError(
+                    f"scorer {scorer.name!r} is not registered, so it has no weight: register it with "
+                    "register_scorer (scheduler.core.scoring.registry)"
+                )
+            # A scorer registered after this configuration was made weighs its default.
+            weight = weights.get(scorer.name, spec.default_weight)
             if weight > 0.0:
                 active.append((scorer, weight))
-        # Scorers that read predictions sit out the picks made without them.
+                # Scorers that read predictions sit out the picks made without them.
+                if not spec.needs_predictions:
+                    unpredicted.append((scorer, weight))
         self._predicted = _ActiveScorers.of(active)
-        self._unpredicted = _ActiveScorers.of(
-            [(s, w) for s, w in active if not getattr(s, "needs_predictions", False)]
-        )
+        self._unpredicted = _ActiveScorers.of(unpredicted)
 
     @property
     def config(self) -> ScoringConfig:
