@@ -7,7 +7,6 @@ import math
 import time
 from typing import Any
 
-from scheduler.core.baselines import PolicyName
 from scheduler.core.scheduler import SchedulerConfig
 from scheduler.replay.report import build_report
 from scheduler.sim.virtual import VirtualPool, VirtualPoolConfig
@@ -28,7 +27,7 @@ def capacity_blocks_for(workload: Workload, capacity_tokens: int) -> int:
 def simulate(
     workload: Workload,
     *,
-    policy: PolicyName,
+    policy: str,
     workers: int = 8,
     capacity_blocks: int | None = None,
     seed: int = 0,
