@@ -1,8 +1,13 @@
 """Routing policies, by name: kvsched's own scoring pipeline and the policies it is compared with.
 
-One module per policy, each registering itself (``register_policy``); importing this package
-registers them all, in the order listings show them. ``SchedulerConfig.policy`` names one.
+One module per policy, each registering itself (``register_policy``). Importing this package
+imports every module in it but ``base`` and ``registry``, so a new policy is one file here
+(and its test), with no list to edit: ``kvsched`` first, the rest by module name.
+``SchedulerConfig.policy`` names one.
 """
+
+import importlib
+import pkgutil
 
 from scheduler.core.policies.base import (
     OrderingPolicy,
@@ -13,15 +18,17 @@ from scheduler.core.policies.base import (
 )
 from scheduler.core.policies.registry import POLICIES, PolicySpec, create_policy, register_policy
 
-# The built-in policies register themselves on import, in the order listings show them.
-# isort: off
-from scheduler.core.policies import kvsched
-from scheduler.core.policies import round_robin, random_pick, least_loaded, prefix_balance
-from scheduler.core.policies import queue_only, cache_only
-
-# isort: on
-
 DEFAULT_POLICY = "kvsched"
+_NOT_POLICIES = frozenset({"base", "registry"})
+
+
+def _import_policy_modules() -> None:
+    names = [module.name for module in pkgutil.iter_modules(__path__) if module.name not in _NOT_POLICIES]
+    for name in sorted(names, key=lambda name: (name != DEFAULT_POLICY, name)):
+        importlib.import_module(f"{__name__}.{name}")
+
+
+_import_policy_modules()
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -32,13 +39,6 @@ __all__ = [
     "PolicySpec",
     "Routing",
     "RoutingPolicy",
-    "cache_only",
     "create_policy",
-    "kvsched",
-    "least_loaded",
-    "prefix_balance",
-    "queue_only",
-    "random_pick",
     "register_policy",
-    "round_robin",
 ]

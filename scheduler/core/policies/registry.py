@@ -1,12 +1,13 @@
 """The policy registry: every routing policy ``SchedulerConfig.policy`` can name.
 
 Adding a policy (a peer's algorithm, an ablation) is one module under
-``scheduler/core/policies/`` with a ``RoutingPolicy`` subclass and one line::
+``scheduler/core/policies/`` (the package imports every module in it) with a
+``RoutingPolicy`` subclass and one line::
 
     register_policy("least_loaded", LeastLoaded, description="Fewest requests ahead.")
 
-and an import in this package's ``__init__.py``. The module's docstring cites the source it
-follows (repository, file, version) and that source's defaults.
+The module's docstring cites the source it follows (repository, file, version) and that
+source's defaults.
 """
 
 from __future__ import annotations
