@@ -718,7 +718,7 @@ def test_policy_from_values_is_accepted_by_kvsched() -> None:
     settings = PolicySettings.from_spec(policy["spec"])
     effective = settings.scheduler_config(config.scheduler)
     assert effective.scoring.mode == "softmax" and effective.scoring.temperature == 0.5
-    assert effective.scoring.weights.prefix_overlap == 4
+    assert effective.scoring.weights["prefix_overlap"] == 4
     assert effective.index.block_size == 32
     # Without the matching index setting kvsched would refuse it, naming the field.
     with pytest.raises(PolicyError, match=r"spec\.kvEvents\.blockSize"):

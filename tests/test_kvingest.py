@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from scheduler.codec.kvevents import encode_batch
+from scheduler.codec.kvevents import decode_batch, encode_batch
 from scheduler.core.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
 from scheduler.core.index import IndexConfig, PrefixIndex
 from scheduler.core.kvingest import (
@@ -102,7 +102,13 @@ def payloads(batches: list[EventBatch], legacy: bool = False) -> list[bytes]:
 
 
 def ingest_for(index: PrefixIndex, *, replay: bool, **config: object) -> WorkerIngest:
-    return WorkerIngest(W, index, replay_available=replay, config=IngestConfig(**config))  # type: ignore[arg-type]
+    return WorkerIngest(
+        W,
+        index,
+        decode=decode_batch,
+        replay_available=replay,
+        config=IngestConfig(**config),  # type: ignore[arg-type]
+    )
 
 
 # --- SequenceTracker -------------------------------------------------------------------------

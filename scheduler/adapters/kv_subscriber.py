@@ -29,7 +29,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from scheduler.codec.kvevents import REPLAY_END_SEQ, encode_seq
+from scheduler.codec.kvevents import REPLAY_END_SEQ, decode_batch, encode_seq
 from scheduler.core.index import PrefixIndex
 from scheduler.core.kvingest import Action, IngestConfig, IngestStats, Step, WorkerIngest
 from scheduler.core.scheduler import Endpoint
@@ -94,6 +94,7 @@ class _Rank:
         self.ingest = WorkerIngest(
             config.worker_name(rank),
             index,
+            decode=decode_batch,
             replay_available=self.replay_endpoint is not None,
             config=config.ingest,
             context=f"kv events {self.endpoint} ({config.worker_name(rank)})",

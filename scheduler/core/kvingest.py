@@ -52,12 +52,12 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from scheduler.codec.kvevents import DecodedBatch, KVEventDecodeError, decode_batch
-from scheduler.core.events import AllBlocksCleared
+from scheduler.core.events import AllBlocksCleared, DecodedBatch, KVEventDecodeError
 from scheduler.core.index import PrefixIndex
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,11 @@ class _Replay:
         self.orphans = False
 
 
+# Turns one batch payload into events; raises KVEventDecodeError when the payload as a whole
+# is not a batch (``scheduler.codec.kvevents.decode_batch``, handed in by the adapter).
+BatchDecoder = Callable[[bytes], DecodedBatch]
+
+
 class WorkerIngest:
     """One publisher (one data-parallel rank of one endpoint) feeding one index worker."""
 
@@ -213,12 +218,14 @@ class WorkerIngest:
         worker: str,
         index: PrefixIndex,
         *,
+        decode: BatchDecoder,
         replay_available: bool,
         config: IngestConfig | None = None,
         context: str = "",
     ) -> None:
         self.worker = worker
         self.index = index
+        self._decode_payload = decode
         self.replay_available = replay_available
         self.config = config or IngestConfig()
         # Names the stream in log lines (e.g. the ZMQ endpoint).
@@ -414,7 +421,7 @@ class WorkerIngest:
 
     def _decode(self, seq: int, payload: bytes) -> DecodedBatch | None:
         try:
-            decoded = decode_batch(payload)
+            decoded = self._decode_payload(payload)
         except KVEventDecodeError as exc:
             self.stats.malformed_payloads += 1
             self._log_once("payload", "batch %d (%d bytes) skipped: %s", seq, len(payload), exc)

@@ -18,11 +18,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from scheduler.core.baselines import ALL_POLICIES
-from scheduler.replay.report import SLOTargets, comparison_table
-from scheduler.workloads.model import Workload
+from scheduler.core.policies import DEFAULT_POLICY, POLICIES
+from scheduler.replay.report import comparison_table
+from scheduler.workloads.model import SLOTargets, Workload
 
-POLICIES = ALL_POLICIES
 DEFAULT_SIM_WORKERS = 8
 # Where the virtual-time simulator may take over the whole command.
 SIMULATOR_MODULE = "scheduler.sim.virtual"
@@ -109,7 +108,7 @@ def _simulate(args: argparse.Namespace, workload: Workload) -> int:
             seed=args.seed,
             slo=slo_targets(args),
         )
-        for policy in args.policy or ["kvsched"]
+        for policy in args.policy or [DEFAULT_POLICY]
     }
     write_outputs(
         reports, args, title=f"{workload.name}: {len(workload.requests)} requests, {workers} workers"
@@ -232,7 +231,7 @@ def register(subparsers: Any) -> None:
         "--workers", type=int, help="simulate: workers (default 8); live: noted in the report"
     )
     target.add_argument(
-        "--policy", action="append", choices=POLICIES, help="simulate: routing policy (repeatable)"
+        "--policy", action="append", choices=POLICIES.names(), help="simulate: routing policy (repeatable)"
     )
     target.add_argument("--capacity-blocks", type=int, help="simulate: KV blocks of 16 tokens per worker")
     slo = replay.add_argument_group("objectives")

@@ -34,8 +34,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-from scheduler.replay.report import RequestOutcome, SLOTargets
-from scheduler.workloads.model import Workload, WorkloadRequest
+from scheduler.workloads.model import RequestOutcome, SLOTargets, Workload, WorkloadRequest
 
 log = logging.getLogger(__name__)
 

@@ -7,20 +7,13 @@ import logging
 from collections import Counter
 from typing import Any
 
+from scheduler.adapters.extproc.outcomes import PickOutcome
+
 audit_log = logging.getLogger("kvsched.audit")
 
 # Every way a request can leave the Endpoint Picker; each is counted exactly once per request,
 # plus how each routed request ended (kvsched.v1 Report: completed/failed; never reported: unreported).
-DECISION_OUTCOMES = (
-    "routed",
-    "routed_fallback",
-    "no_endpoints",
-    "shed",
-    "queue_timeout",
-    "bad_request",
-    "too_large",
-    "internal_error",
-)
+PICK_OUTCOMES = tuple(outcome.value for outcome in PickOutcome)
 RESPONSE_OUTCOMES = ("completed", "upstream_error", "cancelled", "failed", "unreported")
 
 
@@ -48,7 +41,7 @@ class ExtProcStats:
                 buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
                 registry=registry,
             )
-            for outcome in DECISION_OUTCOMES + RESPONSE_OUTCOMES:
+            for outcome in PICK_OUTCOMES + RESPONSE_OUTCOMES:
                 self._counter.labels(outcome)
 
     def count(self, outcome: str) -> None:

@@ -19,8 +19,9 @@ from scheduler.adapters.extproc.audit import (
     primary_summary,
     write_audit,
 )
-from scheduler.adapters.extproc.decide import Decision, PickRunner
+from scheduler.adapters.extproc.decide import PickRunner, RoutingAnswer
 from scheduler.adapters.extproc.headers import RequestHints, request_hints
+from scheduler.adapters.extproc.outcomes import PickOutcome
 from scheduler.adapters.tokenizer import TemplateError
 from scheduler.codec.openai import InferenceRequestBody
 
@@ -45,7 +46,7 @@ class EndpointPickerServicer:
         self._max_pending = max_pending
         self._pb2 = pb2
         # request_id -> (time picked, decision) until Report; bounded, oldest released first.
-        self._pending: OrderedDict[str, tuple[float, Decision]] = OrderedDict()
+        self._pending: OrderedDict[str, tuple[float, RoutingAnswer]] = OrderedDict()
         self._statuses = {
             "routed": pb2.PickResponse.OK,
             "routed_fallback": pb2.PickResponse.OK,
@@ -98,7 +99,7 @@ class EndpointPickerServicer:
         model: str | None,
         max_tokens: int | None,
         subset: frozenset[str] | None,
-    ) -> Decision:
+    ) -> RoutingAnswer:
         token_ids: Sequence[int] = ()
         error: Exception | None = None
         try:
@@ -108,7 +109,7 @@ class EndpointPickerServicer:
                 body = InferenceRequestBody("completions", prompt_text=request.prompt_text)
                 token_ids = await self._runner.token_ids(body)
         except TemplateError as exc:
-            return Decision("bad_request", reason=str(exc))
+            return RoutingAnswer(PickOutcome.BAD_REQUEST, reason=str(exc))
         except Exception as exc:
             error = exc
         scheduling = self._runner.scheduling_request(
@@ -118,7 +119,7 @@ class EndpointPickerServicer:
             return self._runner.internal(scheduling, error)
         return await self._runner.admit_and_pick(scheduling)
 
-    def _remember(self, request_id: str, decision: Decision) -> None:
+    def _remember(self, request_id: str, decision: RoutingAnswer) -> None:
         picked_at = decision.decided_at if decision.decided_at is not None else self._runner.clock()
         self._pending[request_id] = (picked_at, decision)
         while len(self._pending) > self._max_pending:
@@ -173,7 +174,7 @@ class EndpointPickerServicer:
             self._runner.scheduler.on_failed(request_id, now)
 
 
-def _audit(request_id: str, decision: Decision, outcome: str, **observed: Any) -> None:
+def _audit(request_id: str, decision: RoutingAnswer, outcome: str, **observed: Any) -> None:
     if not audit_enabled():
         return
     request = decision.request

@@ -38,7 +38,7 @@ from scheduler.adapters.extproc.audit import (
     write_audit,
 )
 from scheduler.adapters.extproc.config import DROPPED_REASON_HEADER, ExtProcConfig
-from scheduler.adapters.extproc.decide import Decision, PickRunner
+from scheduler.adapters.extproc.decide import PickRunner, RoutingAnswer
 from scheduler.adapters.extproc.headers import (
     REQUEST_ID_HEADER,
     RequestHints,
@@ -47,19 +47,12 @@ from scheduler.adapters.extproc.headers import (
     served_endpoint,
     subset_hint,
 )
+from scheduler.adapters.extproc.outcomes import PickOutcome
 from scheduler.adapters.extproc.usage import ResponseUsageReader, Usage
 
 log = logging.getLogger(__name__)
 
 _FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
-
-_REFUSALS = {
-    "no_endpoints": 503,
-    "shed": 429,
-    "queue_timeout": 503,
-    "bad_request": 400,
-    "too_large": 413,
-}
 
 
 class ExternalProcessorServicer(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -121,7 +114,7 @@ class _Exchange:
         self._chunks: list[bytes] = []
         self._body_size = 0
         self._body_messages = 0
-        self._decision: Decision | None = None
+        self._decision: RoutingAnswer | None = None
         self._decision_s: float | None = None
         self._status: int | None = None
         self._served: str | None = None
@@ -197,8 +190,8 @@ class _Exchange:
             if self._body_size > self._config.max_request_body_bytes:
                 self._chunks.clear()
                 return self._refuse(
-                    Decision(
-                        "too_large",
+                    RoutingAnswer(
+                        PickOutcome.TOO_LARGE,
                         reason=f"request body exceeds {self._config.max_request_body_bytes} bytes",
                     )
                 )
@@ -220,7 +213,7 @@ class _Exchange:
         decision = await self._runner.decide_body(self._hints, body, self._subset)
         self._decision = decision
         if not decision.routed:
-            if decision.outcome == "internal_error":
+            if decision.outcome is PickOutcome.INTERNAL_ERROR:
                 self._stats.count("internal_error")
                 self.aborted = f"endpoint picking failed: {decision.reason}"
                 self.closed = True
@@ -241,12 +234,14 @@ class _Exchange:
         self._stats.observe_decision(self._decision_s)
         return answers
 
-    def _refuse(self, decision: Decision) -> list[Any]:
+    def _refuse(self, decision: RoutingAnswer) -> list[Any]:
         self._decision = decision
         self._stats.count(decision.outcome)
-        status = _REFUSALS[decision.outcome]
+        status = decision.outcome.http_status
+        if status is None:
+            raise ValueError(f"{decision.outcome} is not a refusal")
         # Flow control's refusals say why in the GIE's header (429 shed / queue full, 503 waited out).
-        dropped = decision.outcome in ("shed", "queue_timeout")
+        dropped = decision.outcome in (PickOutcome.SHED, PickOutcome.QUEUE_TIMEOUT)
         headers = [(DROPPED_REASON_HEADER, decision.reason)] if dropped else []
         self.closed = True
         self._write_audit(decision.outcome)
