@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -92,11 +93,30 @@ _CHILDREN = {"workers": _serve_pool, "kvsched": _serve_kvsched}
 
 
 def child_main(argv: list[str]) -> None:
-    """``python -m scheduler.bench.epp_bench KIND OPTIONS_JSON``: one helper process of the bench."""
+    """``KIND OPTIONS_JSON``: one helper process of the bench (started by ``child_command``)."""
     # Children report through stdout; their INFO lines would interleave with the table.
     logging.basicConfig(level=logging.WARNING)
     kind, options = argv
     asyncio.run(_CHILDREN[kind](json.loads(options)))
+
+
+# The package root this process imported ``scheduler`` from (site-packages, or a checkout).
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+_CHILD_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from scheduler.bench.epp_bench import child_main; child_main(sys.argv[2:])"
+)
+
+
+def child_command(kind: str, options: dict[str, Any]) -> list[str]:
+    """The command of one helper process, importing the very ``scheduler`` this one runs.
+
+    Not ``python -m``: that puts the working directory first on ``sys.path``, so run from a
+    checkout it imports the (maybe unbuilt) source tree instead of the installed package.
+    ``-P`` (Python >= 3.11) keeps the working directory off ``sys.path``; this package's root
+    goes first instead.
+    """
+    return [sys.executable, "-P", "-c", _CHILD_BOOT, _PACKAGE_ROOT, kind, json.dumps(options)]
 
 
 @dataclass
@@ -109,7 +129,7 @@ class _Child:
 def _child(name: str, options: dict[str, Any]) -> Iterator[tuple[_Child, Any]]:
     """A helper process; yields it with the first line it prints (its addresses)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "scheduler.bench.epp_bench", name, json.dumps(options)],
+        child_command(name, options),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
