@@ -70,3 +70,16 @@ def test_goals_are_judged_only_under_their_conditions() -> None:
     large = {**base, "prompt_tokens": None, "prompt_bytes": 220_000, "concurrency": 150}
     goals, _ = judge({**large, "added_p50_ms": 5.0, "added_p99_ms": 12.0})
     assert goals == {"added_p99_le_20ms_at_220kb_150_concurrent": True}
+
+
+def test_epp_benchmark_breaks_kvsched_cpu_down_by_stage() -> None:
+    report = run_epp(rate=0.0, prompt_tokens=512, requests=16, concurrency=2, workers=2, seed=5)
+    stages = report["kvsched_stages"]
+    assert stages["routed_requests"] == 8
+    # Every request went through each stage of the request path once.
+    for stage in ("request_headers", "body_parse", "pick", "reply_build"):
+        assert stages["calls"][stage] == 8, stage
+        assert stages["us_per_request"][stage] > 0, stage
+    pick = report["picks"]["stages"]
+    assert pick["pick_total"] >= pick["block_hashing"] > 0
+    assert "Scheduler.pick" in format_report(report)

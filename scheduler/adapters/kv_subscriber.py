@@ -29,6 +29,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from scheduler.adapters.stage_times import STAGE_TIMES
 from scheduler.codec.kvevents import REPLAY_END_SEQ, encode_seq
 from scheduler.core.index import PrefixIndex
 from scheduler.core.kvingest import Action, IngestConfig, IngestStats, Step, WorkerIngest
@@ -228,6 +229,13 @@ class KVEventSubscriber:
                 self._on_live_frames(rank, frames)
 
     def _on_live_frames(self, rank: _Rank, frames: list[bytes]) -> None:
+        started = STAGE_TIMES.start()
+        try:
+            self._apply_live_frames(rank, frames)
+        finally:
+            STAGE_TIMES.stop("kv_ingest", started)
+
+    def _apply_live_frames(self, rank: _Rank, frames: list[bytes]) -> None:
         ingest = rank.ingest
         try:
             if len(frames) != 3:

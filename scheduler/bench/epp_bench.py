@@ -81,12 +81,30 @@ async def _serve_pool(options: dict[str, Any]) -> None:
 
 
 async def _serve_kvsched(options: dict[str, Any]) -> None:
+    from scheduler.adapters.stage_times import STAGE_TIMES
     from scheduler.server.app import ServeApp
     from scheduler.server.config import ServeConfig
 
+    STAGE_TIMES.enabled = True
     async with ServeApp(ServeConfig.model_validate(options)) as app:
         _announce({"grpc_port": app.grpc_port, "health_port": app.health_port})
-        await _until_stdin_closes()
+        await _answer_stage_requests()
+
+
+async def _answer_stage_requests() -> None:
+    """Until stdin closes: ``reset`` zeroes the stage times, ``stages`` prints them (one line)."""
+    from scheduler.adapters.stage_times import STAGE_TIMES
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        command = line.decode().strip()
+        if command == "reset":
+            STAGE_TIMES.reset()
+            _announce({"reset": True})
+        elif command == "stages":
+            _announce(STAGE_TIMES.snapshot())
 
 
 _CHILDREN = {"workers": _serve_pool, "kvsched": _serve_kvsched}
@@ -123,6 +141,17 @@ def child_command(kind: str, options: dict[str, Any]) -> list[str]:
 class _Child:
     name: str
     process: subprocess.Popen[bytes]
+
+    def ask(self, command: str, timeout_s: float = 30.0) -> Any:
+        """One command line to the child, its one-line JSON answer back."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(command.encode() + b"\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout_s)
+        line = self.process.stdout.readline() if ready else b""
+        if not line:
+            raise RuntimeError(f"bench {self.name} process did not answer {command!r}")
+        return json.loads(line)
 
 
 @contextlib.contextmanager
@@ -342,6 +371,7 @@ async def measure_added_latency(
             cpu_before: dict[str, float] = {}
 
             def on_start() -> None:
+                epp.ask("reset")
                 cpu_before.update({name: cpu_seconds(pid) for name, pid in pids.items() if pid})
 
             direct, via, wall = await _drive(
@@ -359,6 +389,7 @@ async def measure_added_latency(
                 for name, pid in pids.items()
                 if pid and name in cpu_before
             }
+            stages = epp.ask("stages")
     d, v = _percentiles(direct), _percentiles(via)
     return {
         "rate": rate,
@@ -375,19 +406,102 @@ async def measure_added_latency(
         # CPU milliseconds per request (both paths averaged) of each process: where time goes.
         "cpu_ms_per_request": cpu,
         "cores": os.cpu_count(),
+        "kvsched_stages": stage_breakdown(stages, cpu.get("kvsched", 0.0) * requests, len(via)),
     }
 
 
-def measure_picks_per_s(*, endpoints: int, prompt_tokens: int, picks: int, seed: int) -> dict[str, Any]:
+# --- per-stage breakdown -----------------------------------------------------------------------
+
+# The stages kvsched times in itself (adapters/stage_times.py), in the order a request meets them.
+REQUEST_STAGES = (
+    "request_headers",
+    "body_parse",
+    "tokenize",
+    "flow_control",
+    "pick",
+    "reply_build",
+    "response_path",
+)
+BACKGROUND_STAGES = ("kv_ingest", "scrape_parse", "predictor_fit")
+
+
+def stage_breakdown(
+    stages: dict[str, dict[str, float]], kvsched_cpu_ms: float, routed: int
+) -> dict[str, Any]:
+    """CPU microseconds per routed request of each stage, and what no stage accounts for.
+
+    The residual is the kvsched process's CPU time (from /proc) less every timed stage: the
+    grpc.aio transport (HTTP/2 framing, protobuf decoding and encoding of every ext_proc
+    message, the servicer's async generator) and the event loop itself.
+    """
+    per_request = max(routed, 1)
+    us = {stage: stages[stage]["cpu_ms"] * 1000.0 / per_request for stage in stages}
+    timed = sum(us.values())
+    total = kvsched_cpu_ms * 1000.0 / per_request
+    return {
+        "routed_requests": routed,
+        "us_per_request": us,
+        "calls": {stage: stages[stage]["calls"] for stage in stages},
+        "total_us_per_request": total,
+        "transport_and_loop_us_per_request": max(total - timed, 0.0),
+    }
+
+
+def measure_pick_stages(*, endpoints: int, prompt_tokens: int, picks: int, seed: int) -> dict[str, float]:
+    """Scheduler.pick split into block hashing, index lookup and the rest (scoring, prediction,
+    accounting), in microseconds per pick: the same calls the pick makes, timed one by one."""
+    scheduler, prompts = _loaded_scheduler(
+        endpoints=endpoints, prompt_tokens=prompt_tokens, seed=seed, cached=True
+    )
+    index = scheduler.index
+    hashing = lookup = whole = 0
+    clock = time.perf_counter_ns
+    for i in range(picks):
+        prompt = prompts[i % len(prompts)]
+        started = clock()
+        keys = index.request_keys(prompt)
+        hashed = clock()
+        index.match(keys)
+        matched = clock()
+        scheduler.pick(SchedulingRequest(f"s{i}", prompt), now=1.0)
+        picked = clock()
+        scheduler.on_completed(f"s{i}", now=1.0)
+        hashing += hashed - started
+        lookup += matched - hashed
+        whole += picked - matched
+    scale = 1e-3 / picks
+    return {
+        "block_hashing": hashing * scale,
+        "index_lookup": lookup * scale,
+        "scoring_and_prediction": max(whole - hashing - lookup, 0) * scale,
+        "pick_total": whole * scale,
+    }
+
+
+def _loaded_scheduler(
+    *, endpoints: int, prompt_tokens: int, seed: int, prompts: int = 32, cached: bool = False
+) -> tuple[Scheduler, list[list[int]]]:
+    """A Scheduler over ``endpoints`` scraped endpoints and ``prompts`` distinct prompts; with
+    ``cached`` the first half of each prompt's blocks is indexed on one endpoint, so that a
+    lookup walks half the prompt and one candidate has a match."""
     rng = random.Random(seed)
     scheduler = Scheduler()
-    names = [f"10.0.{i // 250}.{i % 250}:8000" for i in range(endpoints)]
+    names = [f"10.{i // 62500}.{i // 250 % 250}.{i % 250}:8000" for i in range(endpoints)]
     scheduler.set_endpoints([Endpoint(n, n, kv_events="tcp://x:5557") for n in names], now=0.0)
     for n in names:
         scheduler.update_metrics(
             n, EndpointMetrics(rng.randrange(4), rng.randrange(8), rng.random()), now=0.0
         )
-    prompts = [[rng.randrange(1, VOCAB) for _ in range(prompt_tokens)] for _ in range(32)]
+    texts = [[rng.randrange(1, VOCAB) for _ in range(prompt_tokens)] for _ in range(prompts)]
+    if cached:
+        for i, prompt in enumerate(texts):
+            keys = [int(key) for key in scheduler.index.request_keys(prompt)]
+            scheduler.index.record_routed(names[i % endpoints], keys[: len(keys) // 2])
+    return scheduler, texts
+
+
+def measure_picks_per_s(*, endpoints: int, prompt_tokens: int, picks: int, seed: int) -> dict[str, Any]:
+    scheduler, prompts = _loaded_scheduler(endpoints=endpoints, prompt_tokens=prompt_tokens, seed=seed)
     started = time.perf_counter()
     for i in range(picks):
         scheduler.pick(SchedulingRequest(f"b{i}", prompts[i % len(prompts)]), now=1.0)
@@ -447,8 +561,49 @@ def run(
     report["picks"] = measure_picks_per_s(
         endpoints=workers, prompt_tokens=prompt_tokens, picks=500, seed=seed
     )
+    if prompt_bytes is None:
+        report["picks"]["stages"] = measure_pick_stages(
+            endpoints=workers, prompt_tokens=prompt_tokens, picks=500, seed=seed
+        )
     report["goals"], report["goal_conditions"] = judge(report)
     return report
+
+
+_STAGE_LABELS = {
+    "request_headers": "request headers -> hints",
+    "body_parse": "body parse (JSON)",
+    "tokenize": "tokenisation",
+    "flow_control": "flow control (admit)",
+    "pick": "Scheduler.pick",
+    "reply_build": "header mutation + body echo",
+    "response_path": "response headers/body",
+    "kv_ingest": "KV-event decode + apply",
+    "scrape_parse": "metrics page parse",
+    "predictor_fit": "predictor fits",
+}
+
+
+def format_stage_breakdown(breakdown: dict[str, Any], pick_stages: dict[str, float] | None) -> list[str]:
+    """Where kvsched's CPU goes per routed request, stage by stage."""
+    us = breakdown["us_per_request"]
+    lines = [f"kvsched CPU per routed request, by stage (us; {breakdown['routed_requests']} routed):"]
+    for stage in (
+        *REQUEST_STAGES,
+        *BACKGROUND_STAGES,
+        *sorted(set(us) - {*REQUEST_STAGES, *BACKGROUND_STAGES}),
+    ):
+        if stage in us:
+            lines.append(f"  {_STAGE_LABELS.get(stage, stage):36} {us[stage]:>9.1f}")
+            if stage == "pick" and pick_stages:
+                for part in ("block_hashing", "index_lookup", "scoring_and_prediction"):
+                    lines.append(
+                        f"    {part.replace('_', ' ') + ' (Scheduler alone)':34} {pick_stages[part]:>9.1f}"
+                    )
+    lines.append(
+        f"  {'gRPC transport + event loop (rest)':36} {breakdown['transport_and_loop_us_per_request']:>9.1f}"
+    )
+    lines.append(f"  {'total (process CPU)':36} {breakdown['total_us_per_request']:>9.1f}")
+    return lines
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -476,6 +631,8 @@ def format_report(report: dict[str, Any]) -> str:
     if cpu:
         parts = ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
         lines.append(f"CPU ms per request ({report['cores']} cores): {parts}")
+    if "kvsched_stages" in report:
+        lines.extend(format_stage_breakdown(report["kvsched_stages"], report["picks"].get("stages")))
     for goal, met in report["goals"].items():
         lines.append(f"goal {goal}: {'met' if met else 'NOT met'}")
     for goal, why in report.get("goal_conditions", {}).items():
