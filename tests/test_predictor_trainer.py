@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +199,43 @@ async def test_fits_in_a_lower_priority_process_install_on_the_loop() -> None:
 def test_a_custom_fit_cannot_be_sent_to_a_process() -> None:
     with pytest.raises(ValueError, match="thread"):
         PredictorTrainer(observed_predictor(100), fit=GatedFit(), fit_in="process")
+
+
+def test_the_fitting_process_ends_when_its_server_is_killed(tmp_path: Path) -> None:
+    # A server that started its fitting process and was then killed outright (no shutdown).
+    script = (
+        "import asyncio, os, sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from scheduler.adapters.predictor_trainer import PredictorTrainer\n"
+        "from test_predictor_trainer import observed_predictor\n"
+        "async def main():\n"
+        "    trainer = PredictorTrainer(observed_predictor(), fit_in='process')\n"
+        "    await trainer.maybe_train()\n"
+        "    pid = await asyncio.get_running_loop().run_in_executor(trainer._fit_executor, os.getpid)\n"
+        "    print(pid, flush=True)\n"
+        "    os.kill(os.getpid(), 9)\n"
+        "asyncio.run(main())\n"
+    )
+    tests_dir = Path(__file__).resolve().parent
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tests_dir.parent)],
+        cwd=tests_dir,
+        env={**os.environ, "PYTHONPATH": f"{tests_dir.parent}{os.pathsep}{tests_dir}"},
+        capture_output=True,
+        text=True,
+        timeout=GUARD_S,
+    )
+    assert result.returncode == -9, result.stderr[-2000:]
+    helper = int(result.stdout.split()[0])
+    deadline = time.monotonic() + GUARD_S
+    while _running(helper):
+        assert time.monotonic() < deadline, "the fitting process outlived its server"
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

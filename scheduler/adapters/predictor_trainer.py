@@ -34,6 +34,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -51,6 +52,8 @@ DEFAULT_CHECK_INTERVAL_S = 1.0
 # Niceness of the fitting process: 10 gives it ~1/10 of a core the server also wants.
 FIT_NICENESS = 10
 FitPlace = Literal["process", "thread"]
+# How often the fitting process checks that the server that started it still runs.
+ORPHAN_CHECK_S = 1.0
 
 
 @dataclass(slots=True)
@@ -77,16 +80,28 @@ def _timed_fit(fit: Callable[[TrainingJob], TrainedModel], job: TrainingJob) -> 
     return model, time.thread_time_ns() - started
 
 
-def _lower_priority(niceness: int) -> None:
+def _start_fit_process(niceness: int, server_pid: int) -> None:
+    """In the fitting process: lower its priority, and end it when the server is gone.
+
+    A server killed outright (SIGKILL, out of memory) cannot shut its pool down, and the
+    pool's worker would wait on its queue forever, holding the server's stdout open.
+    """
     os.nice(niceness)
+
+    def leave_with_the_server() -> None:
+        while os.getppid() == server_pid:
+            time.sleep(ORPHAN_CHECK_S)
+        os._exit(0)
+
+    threading.Thread(target=leave_with_the_server, name="server watch", daemon=True).start()
 
 
 def _fit_process() -> ProcessPoolExecutor:
     return ProcessPoolExecutor(
         max_workers=1,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=_lower_priority,
-        initargs=(FIT_NICENESS,),
+        initializer=_start_fit_process,
+        initargs=(FIT_NICENESS, os.getpid()),
     )
 
 
