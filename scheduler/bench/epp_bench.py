@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -399,6 +400,8 @@ async def measure_added_latency(
         "requests": requests,
         "concurrency": concurrency,
         "achieved_rps": requests / wall,
+        # Requests answered 200 on each path (any other status fails the run).
+        "completed": {"direct": len(direct), "gateway": len(via)},
         "direct_ms": d,
         "gateway_ms": v,
         "added_p50_ms": v["p50"] - d["p50"],
@@ -508,6 +511,99 @@ def measure_picks_per_s(*, endpoints: int, prompt_tokens: int, picks: int, seed:
         scheduler.on_completed(f"b{i}", now=1.0)
     elapsed = time.perf_counter() - started
     return {"endpoints": endpoints, "prompt_tokens": prompt_tokens, "picks_per_s": picks / elapsed}
+
+
+# --- decision cost as the work grows ---------------------------------------------------------
+
+SCALING_ENDPOINTS = (8, 64, 256, 1000)
+SCALING_PROMPT_TOKENS = (1024, 8192, 32768, 131072)
+
+
+def _pick_cost_us(scheduler: Scheduler, prompts: list[list[int]], budget_s: float) -> float:
+    """Median microseconds of one pick (and its completion), over picks for ``budget_s``."""
+    samples: list[int] = []
+    clock = time.perf_counter_ns
+    deadline = clock() + int(budget_s * 1e9)
+    i = 0
+    while clock() < deadline or len(samples) < 20:
+        prompt = prompts[i % len(prompts)]
+        started = clock()
+        scheduler.pick(SchedulingRequest(f"g{i}", prompt), now=1.0)
+        samples.append(clock() - started)
+        scheduler.on_completed(f"g{i}", now=1.0)
+        i += 1
+    return float(np.median(samples)) / 1000.0
+
+
+def measure_decision_scaling(
+    *,
+    endpoints: tuple[int, ...] = SCALING_ENDPOINTS,
+    prompt_tokens: tuple[int, ...] = SCALING_PROMPT_TOKENS,
+    base_endpoints: int = 8,
+    base_tokens: int = 8192,
+    budget_s: float = 0.4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Scheduler.pick's cost against the number of endpoints (at ``base_tokens``) and against
+    the prompt's length (at ``base_endpoints``), half of each prompt indexed on one endpoint.
+
+    The exponent is the steepest growth between neighbouring sizes, log(cost ratio) /
+    log(size ratio): 1 is linear, below 1 sub-linear. (Between the two ends alone, a fixed
+    cost at the small end hides a super-linear step at the large one.)"""
+
+    def row(count: int, tokens: int) -> dict[str, float]:
+        scheduler, prompts = _loaded_scheduler(
+            endpoints=count, prompt_tokens=tokens, seed=seed, prompts=8, cached=True
+        )
+        cost = _pick_cost_us(scheduler, prompts, budget_s)
+        return {"endpoints": count, "prompt_tokens": tokens, "pick_us": cost}
+
+    by_endpoints = [row(count, base_tokens) for count in endpoints]
+    by_tokens = [row(base_endpoints, tokens) for tokens in prompt_tokens]
+
+    def exponent(rows: list[dict[str, float]], key: str) -> float:
+        return max(
+            float(np.log(b["pick_us"] / a["pick_us"]) / np.log(b[key] / a[key]))
+            for a, b in itertools.pairwise(rows)
+        )
+
+    return {
+        "by_endpoints": by_endpoints,
+        "by_prompt_tokens": by_tokens,
+        "endpoint_exponent": exponent(by_endpoints, "endpoints"),
+        "prompt_exponent": exponent(by_tokens, "prompt_tokens"),
+    }
+
+
+def judge_scaling(scaling: dict[str, Any]) -> dict[str, bool]:
+    # 0.05 of slack on "linear": a cost that is linear plus a constant measures just under 1,
+    # and timing noise on a shared machine moves the exponent by a few hundredths.
+    return {
+        "pick_cost_at_most_linear_in_prompt_blocks": scaling["prompt_exponent"] <= 1.05,
+        "pick_cost_sublinear_in_endpoints": scaling["endpoint_exponent"] < 1.0,
+    }
+
+
+def format_scaling(scaling: dict[str, Any]) -> str:
+    lines = ["Scheduler.pick cost as the work grows (median us per pick; half of each prompt indexed):"]
+    lines.append(f"{'endpoints':>10} {'prompt tokens':>14} {'pick us':>10} {'us per endpoint':>16}")
+    for r in scaling["by_endpoints"]:
+        lines.append(
+            f"{r['endpoints']:>10} {r['prompt_tokens']:>14,} {r['pick_us']:>10.1f} "
+            f"{r['pick_us'] / r['endpoints']:>16.2f}"
+        )
+    lines.append(f"steepest growth in endpoints: exponent {scaling['endpoint_exponent']:.2f} (1 = linear)")
+    lines.append(f"{'endpoints':>10} {'prompt tokens':>14} {'pick us':>10} {'us per block':>16}")
+    for r in scaling["by_prompt_tokens"]:
+        blocks = r["prompt_tokens"] / 16
+        per_block = r["pick_us"] / blocks
+        lines.append(
+            f"{r['endpoints']:>10} {r['prompt_tokens']:>14,} {r['pick_us']:>10.1f} {per_block:>16.3f}"
+        )
+    lines.append(f"steepest growth in prompt blocks: exponent {scaling['prompt_exponent']:.2f} (1 = linear)")
+    for goal, met in scaling.get("goals", {}).items():
+        lines.append(f"goal {goal}: {'met' if met else 'NOT met'}")
+    return "\n".join(lines)
 
 
 def judge(report: dict[str, Any]) -> tuple[dict[str, bool], dict[str, str]]:
