@@ -578,7 +578,7 @@ async def test_a_burst_of_queued_events_leaves_turns_to_other_tasks(
     async def other_stream() -> None:
         nonlocal seen_midway
         while sub.stats.batches_applied < total:
-            if 0 < sub.stats.batches_applied:
+            if sub.stats.batches_applied > 0:
                 seen_midway += 1
             await asyncio.sleep(0)
 
