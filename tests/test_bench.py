@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
-from scheduler.bench.epp_bench import format_report, judge, request_bodies
+from scheduler.bench.epp_bench import (
+    format_report,
+    format_scaling,
+    judge,
+    judge_scaling,
+    measure_decision_scaling,
+    request_bodies,
+)
 from scheduler.bench.epp_bench import run as run_epp
 from scheduler.bench.index_bench import run as run_index
 
@@ -70,3 +80,67 @@ def test_goals_are_judged_only_under_their_conditions() -> None:
     large = {**base, "prompt_tokens": None, "prompt_bytes": 220_000, "concurrency": 150}
     goals, _ = judge({**large, "added_p50_ms": 5.0, "added_p99_ms": 12.0})
     assert goals == {"added_p99_le_20ms_at_220kb_150_concurrent": True}
+
+
+def test_epp_benchmark_breaks_kvsched_cpu_down_by_stage() -> None:
+    report = run_epp(rate=0.0, prompt_tokens=512, requests=16, concurrency=2, workers=2, seed=5)
+    stages = report["kvsched_stages"]
+    assert stages["routed_requests"] == 8
+    # Every request went through each stage of the request path once.
+    for stage in ("request_headers", "body_parse", "pick", "reply_build"):
+        assert stages["calls"][stage] == 8, stage
+        assert stages["us_per_request"][stage] > 0, stage
+    pick = report["picks"]["stages"]
+    assert pick["pick_total"] >= pick["block_hashing"] > 0
+    assert "Scheduler.pick" in format_report(report)
+
+
+def test_decision_scaling_reports_growth_in_endpoints_and_prompt_blocks() -> None:
+    scaling = measure_decision_scaling(
+        endpoints=(2, 8), prompt_tokens=(256, 1024), base_endpoints=2, base_tokens=256, budget_s=0.02
+    )
+    assert [r["endpoints"] for r in scaling["by_endpoints"]] == [2, 8]
+    assert [r["prompt_tokens"] for r in scaling["by_prompt_tokens"]] == [256, 1024]
+    assert all(r["pick_us"] > 0 for r in scaling["by_endpoints"] + scaling["by_prompt_tokens"])
+    scaling["goals"] = judge_scaling(scaling)
+    assert set(scaling["goals"]) == {
+        "pick_cost_at_most_linear_in_prompt_blocks",
+        "pick_cost_sublinear_in_endpoints",
+    }
+    assert "steepest growth in endpoints" in format_scaling(scaling)
+
+
+def test_bench_epp_command_smoke() -> None:
+    # The command as CI runs it: a short closed loop through the real Envoy, kvsched and
+    # workers; every request must succeed and the report must carry every section.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scheduler",
+            "bench",
+            "epp",
+            "--rate",
+            "0",
+            "--requests",
+            "40",
+            "--concurrency",
+            "4",
+            "--workers",
+            "2",
+            "--prompt-tokens",
+            "1024",
+            "--json",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["requests"] == 40 and report["completed"] == {"direct": 20, "gateway": 20}
+    assert report["gateway_ms"]["p50"] > 0 and report["direct_ms"]["p50"] > 0
+    assert set(report["cpu_ms_per_request"]) == {"client", "envoy", "kvsched", "workers"}
+    assert report["kvsched_stages"]["calls"]["pick"] == 20
+    assert report["picks"]["picks_per_s"] > 0

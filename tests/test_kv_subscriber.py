@@ -94,6 +94,9 @@ class FakeVLLMPublisher:
         pub = self.pub = self.ctx.socket(zmq.XPUB)
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        # vLLM's ZmqEventPublisher sets SNDHWM to KVEventsConfig.hwm (100,000); ZMQ's default
+        # of 1,000 drops a burst of thousands of batches whenever the I/O thread falls behind.
+        pub.setsockopt(zmq.SNDHWM, 100_000)
         self.port = self._bind(pub, self.port)
         if self.with_replay:
             router = self.router = self.ctx.socket(zmq.ROUTER)
@@ -557,3 +560,31 @@ async def test_unreachable_replay_endpoint_times_out_and_resets(
     await pub.publish(batches[2])
     await until(lambda: sub.stats.replays_failed == 1 and sub.stats.batches_applied == 2)
     assert sub.stats.resets == 1 and sub.stats.orphans == 1
+
+
+async def test_a_burst_of_queued_events_leaves_turns_to_other_tasks(
+    ctx: zmq.asyncio.Context, cleanup: list
+) -> None:
+    # Thousands of batches queued at the subscriber at once (published while this loop is
+    # held, so none is read before all are sent): another task on the loop, an ext_proc
+    # stream in production, must get turns while they are applied, not only after.
+    index = make_index()
+    pub = publisher(ctx, cleanup, replay=False)
+    sub = await subscribe(index, [pub], ctx, cleanup)
+    total = 3000
+    payloads = [encode_batch(batch) for batch in chain_batches(prompt(total), first_hash=10_000)]
+    sender: zmq.Socket[bytes] = zmq.Socket.shadow(pub.pub.underlying)
+    for seq, payload in enumerate(payloads):
+        sender.send_multipart([TOPIC, encode_seq(seq), payload])
+    seen_midway = 0
+
+    async def other_stream() -> None:
+        nonlocal seen_midway
+        while sub.stats.batches_applied < total:
+            if sub.stats.batches_applied > 0:
+                seen_midway += 1
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(other_stream(), 30)
+    assert sub.stats.batches_applied == total and sub.stats.gaps == 0
+    assert seen_midway >= 3

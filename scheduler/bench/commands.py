@@ -44,7 +44,18 @@ def _bench_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_epp_scaling(args: argparse.Namespace) -> int:
+    from scheduler.bench.epp_bench import format_scaling, judge_scaling, measure_decision_scaling
+
+    scaling = measure_decision_scaling(seed=args.seed)
+    scaling["goals"] = judge_scaling(scaling)
+    print(json.dumps(scaling) if args.json else format_scaling(scaling))
+    return 0
+
+
 def _bench_epp(args: argparse.Namespace) -> int:
+    if args.scaling:
+        return _bench_epp_scaling(args)
     from scheduler.bench.epp_bench import format_report, run
 
     report = run(
@@ -143,6 +154,11 @@ def register(subparsers: Any) -> None:
     epp.add_argument("--workers", type=int, default=8)
     epp.add_argument("--seed", type=int, default=0)
     epp.add_argument("--json", action="store_true", help="print one JSON object")
+    epp.add_argument(
+        "--scaling",
+        action="store_true",
+        help="only the decision's cost against 8..1,000 endpoints and 1k..128k-token prompts (no Envoy)",
+    )
     epp.set_defaults(func=_bench_epp)
     predictor = kinds.add_parser(
         "predictor", help="TTFT/TPOT predictor: batched predict latency against xgboost, held-out MAPE"

