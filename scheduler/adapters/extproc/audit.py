@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scheduler.adapters.extproc.decide import Decision
+    from scheduler.adapters.extproc.usage import Usage
 
 audit_log = logging.getLogger("kvsched.audit")
 
@@ -93,3 +97,46 @@ def primary_summary(explanation: dict[str, Any]) -> dict[str, Any]:
         if isinstance(primary, dict):
             return {"matched_blocks": primary.get("matched_blocks"), "scores": primary.get("scores")}
     return {"matched_blocks": explanation.get("matched_blocks"), "scores": None}
+
+
+def exchange_record(
+    request_id: str,
+    outcome: str,
+    decision: Decision,
+    *,
+    now: float,
+    served: str | None,
+    decision_s: float | None,
+    http_status: int | None,
+    started_at: float | None,
+    first_byte_at: float | None,
+    usage: Usage | None,
+) -> dict[str, Any]:
+    """The audit line of one ext_proc request/response pair, whichever transport carried it."""
+    explanation = decision.explanation
+    request = decision.request
+    e2e = None if started_at is None else now - started_at
+    ttft = None if first_byte_at is None or started_at is None else first_byte_at - started_at
+    predicted = decision.predicted
+    return {
+        "request_id": request_id,
+        "outcome": outcome,
+        "decision": decision.outcome,
+        "endpoint": decision.endpoints[0] if decision.endpoints else None,
+        "fallbacks": decision.endpoints[1:],
+        "served": served,
+        "reason": decision.reason or None,
+        "model": decision.body.model if decision.body else None,
+        "prompt_tokens": len(request.token_ids) if request is not None else None,
+        **primary_summary(explanation),
+        "explanation": explanation,
+        "decision_ms": milliseconds(decision_s),
+        "http_status": http_status,
+        "predicted_ttft_ms": round(predicted[0], 3) if predicted else None,
+        "predicted_tpot_ms": round(predicted[1], 3) if predicted else None,
+        "prediction_source": predicted[2] if predicted else None,
+        "ttft_ms": milliseconds(ttft),
+        "e2e_ms": milliseconds(e2e),
+        "cached_tokens": usage.cached_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+    }

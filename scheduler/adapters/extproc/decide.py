@@ -110,11 +110,24 @@ class PickRunner:
                 parsed = parse_request_body(body, hints.path)
             except BadRequestBody as exc:
                 return Decision("bad_request", reason=str(exc))
-        token_ids: Sequence[int] = ()
+        return await self.decide_parsed(hints, parsed, subset)
+
+    async def decide_parsed(
+        self,
+        hints: RequestHints,
+        parsed: InferenceRequestBody | None,
+        subset: frozenset[str] | None,
+        token_ids: Sequence[int] | None = None,
+    ) -> Decision:
+        """Decide for a body the transport has parsed already; ``token_ids``, when the transport
+        read the prompt's ids itself, stand for ``parsed``'s prompt."""
+        ids: Sequence[int] = ()
         tokenize_error: Exception | None = None
-        if parsed is not None:
+        if token_ids is not None:
+            ids = token_ids
+        elif parsed is not None:
             try:
-                token_ids = await self.token_ids(parsed)
+                ids = await self.token_ids(parsed)
             except TemplateError as exc:
                 reason = f"chat template rejected the messages: {exc}"
                 return Decision("bad_request", reason=reason, body=parsed)
@@ -122,7 +135,7 @@ class PickRunner:
                 tokenize_error = exc
         request = self.scheduling_request(
             hints,
-            token_ids,
+            ids,
             model=parsed.model if parsed else None,
             max_tokens=parsed.max_tokens if parsed else None,
             subset=subset,

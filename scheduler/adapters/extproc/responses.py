@@ -20,7 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from scheduler.adapters.extproc.config import DESTINATION_HEADER, DESTINATION_NAMESPACE
+from scheduler.adapters.extproc.config import DESTINATION_HEADER, DESTINATION_NAMESPACE, DROPPED_REASON_HEADER
 
 # envoy.service.ext_proc.v3.ProcessingResponse; the generated classes carry no type information.
 ProcessingResponse: TypeAlias = Any
@@ -28,6 +28,15 @@ ProcessingResponse: TypeAlias = Any
 # Replace a client-sent value instead of appending to it: a request must not pick its own pod.
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+# The HTTP status of each way a request can be refused (audit.DECISION_OUTCOMES).
+REFUSAL_STATUS = {
+    "no_endpoints": 503,
+    "shed": 429,
+    "queue_timeout": 503,
+    "bad_request": 400,
+    "too_large": 413,
+}
 
 
 def _set_header(key: str, value: str) -> base_pb2.HeaderValueOption:
@@ -135,3 +144,11 @@ def immediate_response(
             details=f"kvsched_{error_type}",
         )
     )
+
+
+def refusal(outcome: str, reason: str) -> ProcessingResponse:
+    """The immediate response refusing a request with ``outcome`` (a REFUSAL_STATUS key)."""
+    # Flow control's refusals say why in the GIE's header (429 shed / queue full, 503 waited out).
+    dropped = outcome in ("shed", "queue_timeout")
+    headers = [(DROPPED_REASON_HEADER, reason)] if dropped else []
+    return immediate_response(REFUSAL_STATUS[outcome], reason, outcome, headers)
