@@ -106,10 +106,12 @@ class _Child:
 
 
 @contextlib.contextmanager
-def _child(name: str, options: dict[str, Any]) -> Iterator[tuple[_Child, Any]]:
+def _child(
+    name: str, options: dict[str, Any], module: str = "scheduler.bench.epp_bench"
+) -> Iterator[tuple[_Child, Any]]:
     """A helper process; yields it with the first line it prints (its addresses)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "scheduler.bench.epp_bench", name, json.dumps(options)],
+        [sys.executable, "-m", module, name, json.dumps(options)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -196,13 +198,14 @@ async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[
         return elapsed, response.headers.get(WORKER_HEADER)
 
 
-def _serve_config(descriptors: list[dict[str, Any]]) -> dict[str, Any]:
+def _serve_config(descriptors: list[dict[str, Any]], transport: str = "auto") -> dict[str, Any]:
     return {
         "host": "127.0.0.1",
         "grpc_port": 0,
         "health_port": 0,
         "metrics_port": None,
         "tls": {"mode": "plaintext"},
+        "extproc": {"transport": transport},
         "endpoints": [
             {"address": d["address"], "kv_events": d["kv_endpoint"], "kv_replay": d["replay_endpoint"]}
             for d in descriptors
@@ -279,6 +282,21 @@ async def _drive(
     return direct, via, wall
 
 
+@dataclass(frozen=True)
+class Gateway:
+    """What stands in front of the workers: Envoy, and the ext_proc process it asks, if any."""
+
+    name: str
+    # (module, kind) of the ext_proc child process; None: Envoy round-robins over the workers.
+    extproc: tuple[str, str] | None
+    # The child's options, from the pool's descriptors.
+    options: Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+def kvsched_gateway(transport: str = "auto") -> Gateway:
+    return Gateway("kvsched", ("scheduler.bench.epp_bench", "kvsched"), lambda d: _serve_config(d, transport))
+
+
 async def measure_added_latency(
     *,
     rate: float,
@@ -289,7 +307,9 @@ async def measure_added_latency(
     seed: int,
     prompt_bytes: int | None = None,
     envoy_concurrency: int | None = None,
+    gateway: Gateway | None = None,
 ) -> dict[str, Any]:
+    gateway = gateway or kvsched_gateway()
     rng = random.Random(seed)
     # The sim's word tokenizer makes about one token per 6 bytes of text.
     prompt_len = prompt_tokens if prompt_bytes is None else prompt_bytes // 4
@@ -297,12 +317,18 @@ async def measure_added_latency(
     pool_options = {"workers": workers, "max_model_len": max_model_len}
     with contextlib.ExitStack() as children:
         pool, descriptors = children.enter_context(_child("workers", pool_options))
-        epp, ports = children.enter_context(_child("kvsched", _serve_config(descriptors)))
+        epp: _Child | None = None
+        ports: dict[str, Any] = {"grpc_port": 0, "health_port": None}
+        if gateway.extproc is not None:
+            module, kind = gateway.extproc
+            epp, ports = children.enter_context(_child(kind, gateway.options(descriptors), module))
         settings = EnvoySettings(
             "127.0.0.1",
             ports["grpc_port"],
             epp_health_port=ports["health_port"],
             concurrency=envoy_concurrency,
+            ext_proc=epp is not None,
+            pool=[d["address"] for d in descriptors] if epp is None else (),
         )
         async with EnvoyGateway(settings) as envoy:
             path, bodies = request_bodies(
@@ -313,12 +339,9 @@ async def measure_added_latency(
                 prompt_bytes=prompt_bytes,
             )
             urls = {d["name"]: f"{d['http_url']}{path}" for d in descriptors}
-            pids = {
-                "client": os.getpid(),
-                "envoy": envoy.pid,
-                "kvsched": epp.process.pid,
-                "workers": pool.process.pid,
-            }
+            pids = {"client": os.getpid(), "envoy": envoy.pid, "workers": pool.process.pid}
+            if epp is not None:
+                pids[gateway.name] = epp.process.pid
             cpu_before: dict[str, float] = {}
 
             def on_start() -> None:
@@ -355,6 +378,8 @@ async def measure_added_latency(
         # CPU milliseconds per request (both paths averaged) of each process: where time goes.
         "cpu_ms_per_request": cpu,
         "cores": os.cpu_count(),
+        "gateway": gateway.name,
+        "routed_requests": len(via),
     }
 
 
@@ -411,6 +436,7 @@ def run(
     seed: int,
     prompt_bytes: int | None = None,
     envoy_concurrency: int | None = None,
+    transport: str = "auto",
 ) -> dict[str, Any]:
     report = asyncio.run(
         measure_added_latency(
@@ -422,6 +448,7 @@ def run(
             seed=seed,
             prompt_bytes=prompt_bytes,
             envoy_concurrency=envoy_concurrency,
+            gateway=kvsched_gateway(transport),
         )
     )
     report["picks"] = measure_picks_per_s(
