@@ -62,6 +62,44 @@ std::vector<Event> EventQueue::Take() {
   return taken;
 }
 
+// --- AnswerQueue ---------------------------------------------------------------------------
+
+AnswerQueue::AnswerQueue() : thread_([this] { Run(); }) {}
+
+AnswerQueue::~AnswerQueue() { Stop(); }
+
+void AnswerQueue::Post(std::function<void()> job) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return;
+    jobs_.push_back(std::move(job));
+  }
+  wake_.notify_one();
+}
+
+void AnswerQueue::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_ && !thread_.joinable()) return;
+    stopping_ = true;
+  }
+  wake_.notify_one();
+  if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+}
+
+void AnswerQueue::Run() {
+  while (true) {
+    std::deque<std::function<void()>> batch;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      wake_.wait(lock, [this] { return stopping_ || !jobs_.empty(); });
+      if (jobs_.empty()) return;
+      batch.swap(jobs_);
+    }
+    for (auto& job : batch) job();
+  }
+}
+
 // --- answers ------------------------------------------------------------------------------
 
 std::string HeaderSafe(const std::string& value) {

@@ -2,7 +2,8 @@
 //
 // Transport(options) runs the gRPC servers on gRPC's own threads; Python watches fileno() (an
 // eventfd) from its event loop and calls take() for the events that came in, then answers with
-// route()/respond()/abort(). Every call that can block or touch gRPC releases the GIL.
+// route()/respond()/abort(), which only queue the answer for the transport's answer thread.
+// Every other call that can block or touch gRPC releases the GIL.
 // The interface is described for Python in scheduler/adapters/extproc/native.py.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -348,12 +349,12 @@ PyObject* Transport_route(TransportObject* self, PyObject* args) {
   if (!Ready(self) || !PyArg_ParseTuple(args, "Ks#O", &id, &destination, &destination_size, &extra)) return nullptr;
   HeaderList headers;
   if (!ReadHeaderPairs(extra, &headers)) return nullptr;
-  std::string target(destination, destination_size);
-  bool done = false;
-  Py_BEGIN_ALLOW_THREADS
-  if (auto exchange = self->transport->Find(id)) done = exchange->Route(target, headers);
-  Py_END_ALLOW_THREADS
-  return PyBool_FromLong(done);
+  kvsched::Transport* transport = self->transport;
+  transport->answers().Post([transport, id, target = std::string(destination, destination_size),
+                             headers = std::move(headers)] {
+    if (auto exchange = transport->Find(id)) exchange->Route(target, headers);
+  });
+  Py_RETURN_NONE;
 }
 
 PyObject* Transport_respond(TransportObject* self, PyObject* args) {
@@ -361,16 +362,16 @@ PyObject* Transport_respond(TransportObject* self, PyObject* args) {
   const char* data;
   Py_ssize_t size;
   if (!Ready(self) || !PyArg_ParseTuple(args, "Ky#", &id, &data, &size)) return nullptr;
-  kvsched::ext_proc::ProcessingResponse response;
-  if (!response.ParseFromArray(data, static_cast<int>(size))) {
+  auto response = std::make_shared<kvsched::ext_proc::ProcessingResponse>();
+  if (!response->ParseFromArray(data, static_cast<int>(size))) {
     PyErr_SetString(PyExc_ValueError, "not a serialized ProcessingResponse");
     return nullptr;
   }
-  bool done = false;
-  Py_BEGIN_ALLOW_THREADS
-  if (auto exchange = self->transport->Find(id)) done = exchange->Respond(std::move(response));
-  Py_END_ALLOW_THREADS
-  return PyBool_FromLong(done);
+  kvsched::Transport* transport = self->transport;
+  transport->answers().Post([transport, id, response] {
+    if (auto exchange = transport->Find(id)) exchange->Respond(std::move(*response));
+  });
+  Py_RETURN_NONE;
 }
 
 PyObject* Transport_abort(TransportObject* self, PyObject* args) {
@@ -378,30 +379,27 @@ PyObject* Transport_abort(TransportObject* self, PyObject* args) {
   const char* message;
   Py_ssize_t size;
   if (!Ready(self) || !PyArg_ParseTuple(args, "Ks#", &id, &message, &size)) return nullptr;
-  std::string text(message, size);
-  bool done = false;
-  Py_BEGIN_ALLOW_THREADS
-  if (auto exchange = self->transport->Find(id)) done = exchange->Abort(text);
-  Py_END_ALLOW_THREADS
-  return PyBool_FromLong(done);
+  kvsched::Transport* transport = self->transport;
+  transport->answers().Post([transport, id, text = std::string(message, size)] {
+    if (auto exchange = transport->Find(id)) exchange->Abort(text);
+  });
+  Py_RETURN_NONE;
 }
 
 PyObject* Transport_health_reply(TransportObject* self, PyObject* args) {
   unsigned long long call;
   int ready;
   if (!Ready(self) || !PyArg_ParseTuple(args, "Kp", &call, &ready)) return nullptr;
-  Py_BEGIN_ALLOW_THREADS
-  self->transport->HealthReply(call, ready != 0);
-  Py_END_ALLOW_THREADS
+  kvsched::Transport* transport = self->transport;
+  transport->answers().Post([transport, call, ready] { transport->HealthReply(call, ready != 0); });
   Py_RETURN_NONE;
 }
 
 PyObject* Transport_set_ready(TransportObject* self, PyObject* args) {
   int ready;
   if (!Ready(self) || !PyArg_ParseTuple(args, "p", &ready)) return nullptr;
-  Py_BEGIN_ALLOW_THREADS
-  self->transport->SetReady(ready != 0);
-  Py_END_ALLOW_THREADS
+  kvsched::Transport* transport = self->transport;
+  transport->answers().Post([transport, ready] { transport->SetReady(ready != 0); });
   Py_RETURN_NONE;
 }
 
@@ -415,12 +413,12 @@ PyObject* Transport_unary_reply(TransportObject* self, PyObject* args) {
   if (!Ready(self) ||
       !PyArg_ParseTuple(args, "Ky#is#", &call, &payload, &payload_size, &code, &details, &details_size))
     return nullptr;
-  std::string message(payload, payload_size), text(details, details_size);
-  bool done;
-  Py_BEGIN_ALLOW_THREADS
-  done = self->transport->UnaryReply(call, message, code, text);
-  Py_END_ALLOW_THREADS
-  return PyBool_FromLong(done);
+  kvsched::Transport* transport = self->transport;
+  transport->answers().Post([transport, call, message = std::string(payload, payload_size), code,
+                             text = std::string(details, details_size)] {
+    transport->UnaryReply(call, message, code, text);
+  });
+  Py_RETURN_NONE;
 }
 
 PyObject* Transport_shutdown(TransportObject* self, PyObject* args) {
@@ -439,17 +437,17 @@ PyMethodDef kTransportMethods[] = {
      "The eventfd that becomes readable when events are waiting."},
     {"take", reinterpret_cast<PyCFunction>(Transport_take), METH_NOARGS, "Every waiting event, oldest first."},
     {"route", reinterpret_cast<PyCFunction>(Transport_route), METH_VARARGS,
-     "route(stream, destination, extra_headers) -> bool: answer a decision with a destination."},
+     "route(stream, destination, extra_headers): answer a decision with a destination."},
     {"respond", reinterpret_cast<PyCFunction>(Transport_respond), METH_VARARGS,
-     "respond(stream, serialized ProcessingResponse) -> bool: answer with it and end the stream."},
+     "respond(stream, serialized ProcessingResponse): answer with it and end the stream."},
     {"abort", reinterpret_cast<PyCFunction>(Transport_abort), METH_VARARGS,
-     "abort(stream, message) -> bool: end the stream with gRPC INTERNAL."},
+     "abort(stream, message): end the stream with gRPC INTERNAL."},
     {"health_reply", reinterpret_cast<PyCFunction>(Transport_health_reply), METH_VARARGS,
      "health_reply(call, ready): answer a readiness Check."},
     {"set_ready", reinterpret_cast<PyCFunction>(Transport_set_ready), METH_VARARGS,
      "set_ready(ready): readiness for Check and Watch."},
     {"unary_reply", reinterpret_cast<PyCFunction>(Transport_unary_reply), METH_VARARGS,
-     "unary_reply(call, payload, code, details) -> bool: answer a passthrough call (code 0: OK)."},
+     "unary_reply(call, payload, code, details): answer a passthrough call (code 0: OK)."},
     {"shutdown", reinterpret_cast<PyCFunction>(Transport_shutdown), METH_VARARGS,
      "shutdown(grace_s): NOT_SERVING, streams get grace_s to finish, then both servers stop."},
     {nullptr, nullptr, 0, nullptr},

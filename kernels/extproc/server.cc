@@ -89,6 +89,8 @@ void Transport::Shutdown(double grace_s) {
     health_server_->Shutdown(std::chrono::system_clock::now());
     health_server_->Wait();
   }
+  // Only now: streams draining above still took answers.
+  answers_.Stop();
 }
 
 grpc::ServerBidiReactor<ext_proc::ProcessingRequest, ext_proc::ProcessingResponse>* Transport::Process(

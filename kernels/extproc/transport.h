@@ -14,8 +14,11 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
+#include <thread>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -139,6 +142,27 @@ class EventQueue {
   std::mutex mu_;
   std::vector<Event> events_;
   int fd_;
+};
+
+// Python's answers, carried out on a thread of their own. Starting a gRPC write from Python's
+// thread runs the write there, and with it whatever else is queued on the connection: measured
+// through Envoy at 50 req/s with 54 KB bodies, route() held the event loop 0.41 ms at p50 and
+// 4.3 ms at p99. Handing it over costs Python one lock and a wake-up.
+class AnswerQueue {
+ public:
+  AnswerQueue();
+  ~AnswerQueue();
+  void Post(std::function<void()> job);
+  // Runs what is queued, then ends the thread; later posts are dropped.
+  void Stop();
+
+ private:
+  void Run();
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::deque<std::function<void()>> jobs_;
+  bool stopping_ = false;
+  std::thread thread_;
 };
 
 // --- settings ------------------------------------------------------------------------------
@@ -288,6 +312,7 @@ class Transport final : public ext_proc::ExternalProcessor::CallbackService {
   int port() const { return port_; }
   int health_port() const { return health_port_; }
   EventQueue& events() { return events_; }
+  AnswerQueue& answers() { return answers_; }
   const Options& options() const { return options_; }
 
   grpc::ServerBidiReactor<ext_proc::ProcessingRequest, ext_proc::ProcessingResponse>* Process(
@@ -307,6 +332,7 @@ class Transport final : public ext_proc::ExternalProcessor::CallbackService {
  private:
   Options options_;
   EventQueue events_;
+  AnswerQueue answers_;
   std::atomic<uint64_t> next_id_{1};
   std::mutex registry_mu_;
   std::unordered_map<uint64_t, std::shared_ptr<Exchange>> registry_;
