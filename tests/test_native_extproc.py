@@ -10,9 +10,12 @@ test_e2e_envoy.py, once per transport.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from typing import Any
 
+import grpc
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from hypothesis import given, settings
@@ -331,3 +334,23 @@ def test_parsed_tuple_becomes_the_codec_record() -> None:
         "chat", model="m", messages=(ChatMessage("user", "hi"),), max_tokens=3, stream=True
     )
     assert ids is None
+
+
+@needs_native
+async def test_a_fork_with_both_grpc_cores_serving_runs_and_exits() -> None:
+    # grpcio's core (with its fork handlers) and libgrpc 1.51 (none registered) in one process.
+    assert extproc is not None
+    transport = extproc.Transport({"host": "127.0.0.1", "port": 0, "health_port": 0})
+    transport.start()
+    python_server = grpc.aio.server()
+    python_server.add_insecure_port("127.0.0.1:0")
+    await python_server.start()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 7
+    finally:
+        await python_server.stop(0)
+        await asyncio.to_thread(transport.shutdown, 0.0)

@@ -143,6 +143,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time of a process's live threads, summed by thread name (Python's threads keep the
+    process's name; gRPC C++ and ZMQ name theirs)."""
+    by_name: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8") as comm:
+                name = comm.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        by_name[name] = by_name.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return by_name
+
+
 # --- workload ---------------------------------------------------------------------------------
 
 
@@ -343,9 +359,12 @@ async def measure_added_latency(
             if epp is not None:
                 pids[gateway.name] = epp.process.pid
             cpu_before: dict[str, float] = {}
+            threads_before: dict[str, float] = {}
 
             def on_start() -> None:
                 cpu_before.update({name: cpu_seconds(pid) for name, pid in pids.items() if pid})
+                if epp is not None:
+                    threads_before.update(thread_cpu_seconds(epp.process.pid))
 
             direct, via, wall = await _drive(
                 gateway_url=f"{envoy.url}{path}",
@@ -361,6 +380,11 @@ async def measure_added_latency(
                 name: (cpu_seconds(pid) - cpu_before[name]) * 1000.0 / requests
                 for name, pid in pids.items()
                 if pid and name in cpu_before
+            }
+            # The ext_proc process's CPU by thread: its protocol threads apart from Python's.
+            threads = {
+                name: (seconds - threads_before.get(name, 0.0)) * 1000.0 / requests
+                for name, seconds in (thread_cpu_seconds(epp.process.pid) if epp else {}).items()
             }
     d, v = _percentiles(direct), _percentiles(via)
     return {
@@ -380,6 +404,7 @@ async def measure_added_latency(
         "cores": os.cpu_count(),
         "gateway": gateway.name,
         "routed_requests": len(via),
+        "extproc_thread_cpu_ms_per_request": threads,
     }
 
 

@@ -302,10 +302,14 @@ def _row(report: dict[str, Any]) -> dict[str, Any]:
     share = report["requests"] / max(report["routed_requests"], 1)
     cpu = report["cpu_ms_per_request"]
     extproc = [name for name in cpu if name not in ("client", "envoy", "workers")]
+    threads = report.get("extproc_thread_cpu_ms_per_request", {})
+    # Python's threads carry the interpreter's name; gRPC, the answer thread and ZMQ name theirs.
+    python = sum(ms for name, ms in threads.items() if name.startswith("python"))
     return {
         "added_p50_ms": report["added_p50_ms"],
         "added_p99_ms": report["added_p99_ms"],
         "extproc_cpu_ms": cpu[extproc[0]] * share if extproc else None,
+        "extproc_python_cpu_ms": python * share if extproc else None,
         "envoy_cpu_ms": cpu["envoy"] * share,
         "achieved_rps": report["achieved_rps"],
     }
@@ -351,16 +355,17 @@ def format_floors(summary: dict[str, Any]) -> str:
     lines = [
         f"floors: {prompt}, {load}, {summary['requests']} requests per set-up (half through the gateway)",
         f"{'in front of the workers':36} {'path p50':>9} {'path p99':>9} {'x floor':>8} "
-        f"{'ext_proc CPU':>13} {'Envoy CPU':>10}",
+        f"{'ext_proc CPU':>13} {'of it Python':>13} {'Envoy CPU':>10}",
     ]
     for name, row in summary["gateways"].items():
         ratio = (
             f"{row['added_p50_ms'] / floor['added_p50_ms']:.2f}" if floor and name != "envoy_only" else "-"
         )
         cpu = "-" if row["extproc_cpu_ms"] is None else f"{row['extproc_cpu_ms']:.3f}"
+        python = "-" if row.get("extproc_python_cpu_ms") is None else f"{row['extproc_python_cpu_ms']:.3f}"
         lines.append(
             f"{LABELS[name]:36} {row['added_p50_ms']:>9.2f} {row['added_p99_ms']:>9.2f} {ratio:>8} "
-            f"{cpu:>13} {row['envoy_cpu_ms']:>10.3f}"
+            f"{cpu:>13} {python:>13} {row['envoy_cpu_ms']:>10.3f}"
         )
     lines.append(
         "(path: ms the set-up adds over a direct request; CPU: ms per request through the gateway; "

@@ -23,9 +23,12 @@ otherwise ``body`` holds the raw bytes and Python parses them. Decisions go thro
 In process, not a companion process: grpcio's extension exports one symbol
 (``PyInit_cygrpc``; its gRPC core, abseil and BoringSSL are linked in and hidden), and Python
 loads extensions with RTLD_LOCAL, so the C++ library's libgrpc 1.51 and grpcio's core never see
-each other's symbols. The two cores run their own threads; neither registers fork handlers
-unless GRPC_ENABLE_FORK_SUPPORT asks for them. A companion process would add a Unix-socket hop
-each way per request and a second process to supervise; the eventfd costs one ``read`` per batch.
+each other's symbols; each runs its own threads. Fork handlers: grpcio's core has them (and logs
+that it skips them while its threads are busy, with or without this transport); libgrpc 1.51
+registers none unless GRPC_ENABLE_FORK_SUPPORT=1. A fork with both cores serving runs and
+exits normally, and the end-to-end tests start Envoy and the simulated pool beside them. A
+companion process would add a Unix-socket hop each way per request and a second process to
+supervise; the eventfd costs one ``read`` per batch of events.
 """
 
 from __future__ import annotations
