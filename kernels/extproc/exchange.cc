@@ -408,6 +408,7 @@ void Exchange::RequestHeaders(const ext_proc::HttpHeaders& headers) {
 }
 
 void Exchange::RequestBody(const ext_proc::HttpBody& body) {
+  if (too_large_) return;  // the rest of a body being refused (413) is not kept
   if (asked_) {
     if (duplex_request_) {
       // Body after the end of the body (or after a refusal): a protocol slip, counted.
@@ -423,6 +424,7 @@ void Exchange::RequestBody(const ext_proc::HttpBody& body) {
   const std::string& chunk = body.body();
   if (!chunk.empty()) {
     if (body_.size() + chunk.size() > transport_->options().max_request_body_bytes) {
+      too_large_ = true;
       body_.clear();
       body_.shrink_to_fit();
       AskPython(true);
@@ -454,6 +456,7 @@ void Exchange::AskPython(bool too_large) {
   }
   // The body stays here for the answer; Python gets its own copy only when it must parse it.
   if (ask.has_body && !ask.parsed) ask.body = body_;
+  ask.asked_at = MonotonicNow();
   transport_->events().Push(std::move(event));
 }
 
@@ -481,9 +484,10 @@ bool Exchange::Route(const std::string& destination, const HeaderList& extra) {
 bool Exchange::Respond(ProcessingResponse&& response) {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    // Python has closed its books on this request, whether or not the answer still goes out.
+    python_done_ = true;
     if (finished_ || finish_when_drained_) return false;
     answered_ = true;
-    python_done_ = true;
     after_answer_.clear();
     Queue(std::move(response));
     // A refused request's stream ends with its immediate response.
@@ -497,9 +501,9 @@ bool Exchange::Respond(ProcessingResponse&& response) {
 bool Exchange::Abort(const std::string& message) {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    python_done_ = true;
     if (finished_) return false;
     answered_ = true;
-    python_done_ = true;
     after_answer_.clear();
     // Unsent answers are dropped: the gateway's failure mode decides from here.
     while (outbox_.size() > (writing_ ? 1u : 0u)) outbox_.pop_back();

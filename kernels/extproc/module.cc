@@ -239,9 +239,10 @@ PyObject* EventTuple(Event& event, double now) {
       PyObject* body = ask.has_body && !ask.parsed ? Bytes(ask.body) : Py_NewRef(Py_None);
       PyObject* parsed = ask.parsed ? ParsedTuple(*ask.parsed) : Py_NewRef(Py_None);
       PyObject* subset = ask.subset ? StringTuple(*ask.subset) : Py_NewRef(Py_None);
-      // How long ago the request headers came: Python anchors it on its own clock.
-      return Py_BuildValue("(iKNNNNdO)", static_cast<int>(event.kind), id, HeadersDict(ask.headers), body, parsed,
-                           subset, now - ask.headers_at, ask.too_large ? Py_True : Py_False);
+      // How long ago the request headers came (Python anchors it on its own clock), and how long
+      // the complete request waited for Python to take it.
+      return Py_BuildValue("(iKNNNNddO)", static_cast<int>(event.kind), id, HeadersDict(ask.headers), body, parsed,
+                           subset, now - ask.headers_at, now - ask.asked_at, ask.too_large ? Py_True : Py_False);
     }
     case Event::kResponseEnd: {
       kvsched::ResponseEnd& end = *event.end;

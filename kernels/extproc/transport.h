@@ -99,6 +99,7 @@ struct DecideRequest {
   std::optional<ParsedBody> parsed;
   std::optional<std::vector<std::string>> subset;
   double headers_at = 0.0;
+  double asked_at = 0.0;  // when the request was complete and Python was asked
   bool too_large = false;
 };
 
@@ -263,6 +264,7 @@ class Exchange : public OrderedStream, public std::enable_shared_from_this<Excha
   size_t body_messages_ = 0;
   bool body_end_ = true;  // whether the held body ends the request (no trailers follow)
   std::optional<std::vector<std::string>> subset_;
+  bool too_large_ = false;  // the body passed max_request_body_bytes
   bool asked_ = false;      // Python was asked for a decision
   bool answered_ = false;   // ... and answered it
   bool routed_ = false;

@@ -7,7 +7,8 @@ re-chunked body, destination header and ``envoy.lb`` metadata, body modes, subse
 response passed through) and reads the request body with simdjson. Python hears of a request
 as events, each one tuple from ``Transport.take()``:
 
-    DECIDE        (kind, stream, headers, body | None, parsed | None, subset | None, age_s, too_large)
+    DECIDE        (kind, stream, headers, body | None, parsed | None, subset | None, age_s,
+                   queued_s, too_large)
     FIRST_BYTE    (kind, stream)
     RESPONSE_END  (kind, stream, status | None, served | None, first_byte, usage_kind, usage_data)
     CLOSED        (kind, stream, asked)       the stream ended before its response did
@@ -257,10 +258,10 @@ class NativeTransport:
         return task
 
     def _on_decide(self, event: tuple[Any, ...]) -> None:
-        _, stream, headers, body, parsed, subset, age_s, too_large = event
+        _, stream, headers, body, parsed, subset, age_s, queued_s, too_large = event
         request = _NativeRequest(self, stream)
         self._requests[stream] = request
-        request.begin(headers, age_s)
+        request.begin(headers, age_s, queued_s)
         if too_large:
             limit = self._config.max_request_body_bytes
             request.refuse(Decision("too_large", reason=f"request body exceeds {limit} bytes"))
@@ -284,12 +285,14 @@ class NativeTransport:
         request.complete(now, status, served, usage_from_capture(CaptureKind(usage_kind), usage_data))
 
     def _on_closed(self, event: tuple[Any, ...]) -> None:
-        request = self._requests.get(event[1])
-        if request is None:
+        _, stream, asked = event
+        request = self._requests.get(stream)
+        if request is not None:
+            request.finish("cancelled")
+        elif not asked:
             # The stream ended before the request was complete: nothing was decided.
             self._stats.count("cancelled_before_decision")
-            return
-        request.finish("cancelled")
+        # Asked and unknown: Python answered (refused, aborted) as the stream went away.
 
     def _on_health_check(self, event: tuple[Any, ...]) -> None:
         self._native.health_reply(event[1], self._is_ready())
@@ -330,6 +333,7 @@ class _NativeRequest:
         self.request_id = ""
         self.hints: RequestHints | None = None
         self.started_at: float | None = None
+        self.complete_at: float | None = None
         self.decision: Decision | None = None
         self.decision_s: float | None = None
         self.first_byte_at: float | None = None
@@ -338,10 +342,13 @@ class _NativeRequest:
         self.usage: Usage | None = None
         self.finished = False
 
-    def begin(self, headers: dict[str, str], age_s: float) -> None:
+    def begin(self, headers: dict[str, str], age_s: float, queued_s: float) -> None:
         transport = self.transport
-        # The headers' arrival, measured natively, on the clock every Scheduler call uses.
-        self.started_at = transport.runner.clock() - age_s
+        now = transport.runner.clock()
+        # The headers' arrival and the request's end, measured natively, on the clock every
+        # Scheduler call uses.
+        self.started_at = now - age_s
+        self.complete_at = now - queued_s
         hints = request_hints(headers)
         if hints.request_id in transport.active_ids:
             # A repeated id must not merge two requests' accounting in the scheduler.
@@ -355,7 +362,9 @@ class _NativeRequest:
     ) -> None:
         runner = self.transport.runner
         assert self.hints is not None
-        decided_from = runner.clock()
+        # From the request's end, as the Python transport measures it: the wait for the event
+        # loop to take the request counts.
+        decided_from = runner.clock() if self.complete_at is None else self.complete_at
         if parsed is None:
             decision = await runner.decide_body(self.hints, body, subset)
         else:
