@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -59,7 +60,10 @@ from scheduler.bench import epp_bench
 from scheduler.bench.epp_bench import (
     Gateway,
     _announce,
+    _child,
+    _serve_config,
     _until_stdin_closes,
+    cpu_seconds,
     kvsched_gateway,
     measure_added_latency,
     measure_picks_per_s,
@@ -226,6 +230,22 @@ def measure_decision_ms(*, endpoints: int, prompt_tokens: int, decisions: int, s
     return asyncio.run(_decisions(endpoints, prompt_tokens, decisions, seed))
 
 
+def measure_idle_ms_per_s(
+    *, workers: int, transport: str, settle_s: float = 3.0, window_s: float = 6.0
+) -> float:
+    """CPU milliseconds per second ``kvsched serve`` spends with no traffic: scraping every
+    endpoint, KV-event subscriptions, health. A fixed cost, whatever the request rate."""
+    with contextlib.ExitStack() as children:
+        _, descriptors = children.enter_context(
+            _child("workers", {"workers": workers, "max_model_len": 8192})
+        )
+        epp, _ = children.enter_context(_child("kvsched", _serve_config(descriptors, transport)))
+        time.sleep(settle_s)
+        before = cpu_seconds(epp.process.pid)
+        time.sleep(window_s)
+        return (cpu_seconds(epp.process.pid) - before) * 1000.0 / window_s
+
+
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -249,6 +269,7 @@ def run(
     prompt_bytes: int | None = None,
     envoy_concurrency: int | None = None,
     names: tuple[str, ...] = GATEWAYS,
+    idle_window_s: float = 6.0,
 ) -> dict[str, Any]:
     """Every gateway of ``names`` measured in turn, then the goals judged against the floors."""
     runnable, skipped = plan(names)
@@ -273,6 +294,7 @@ def run(
             # scrapes time out and kvsched finds no healthy endpoint) leaves the others' rows.
             skipped[name] = f"failed: {exc}"
     picks = measure_picks_per_s(endpoints=workers, prompt_tokens=prompt_tokens, picks=500, seed=seed)
+    idle = measure_idle_ms_per_s(workers=workers, transport="native") if "kvsched_native" in reports else None
     summary = {
         "rate": rate,
         "prompt_tokens": prompt_tokens if prompt_bytes is None else None,
@@ -284,6 +306,8 @@ def run(
         "decision_ms": measure_decision_ms(
             endpoints=workers, prompt_tokens=prompt_tokens, decisions=500, seed=seed
         ),
+        # kvsched's CPU per second with no traffic (scrapes, subscriptions, health), same pool.
+        "kvsched_idle_ms_per_s": idle,
         # Scheduler.pick + on_completed alone (epp_bench's picks/s), for comparison.
         "pick_ms": 1000.0 / picks["picks_per_s"],
     }
@@ -312,6 +336,7 @@ def _row(report: dict[str, Any]) -> dict[str, Any]:
         "extproc_python_cpu_ms": python * share if extproc else None,
         "envoy_cpu_ms": cpu["envoy"] * share,
         "achieved_rps": report["achieved_rps"],
+        "routed_share": 1.0 / share,
     }
 
 
@@ -375,6 +400,15 @@ def format_floors(summary: dict[str, Any]) -> str:
         f"one decision in this process: {summary['decision_ms']:.3f} ms (flow control, pick, first token, "
         f"completion), of which Scheduler.pick + on_completed {summary['pick_ms']:.3f} ms",
     )
+    idle, kvsched = summary.get("kvsched_idle_ms_per_s"), summary["gateways"].get("kvsched_native")
+    if idle is not None and kvsched is not None:
+        routed_per_s = kvsched["achieved_rps"] * kvsched.get("routed_share", 0.5)
+        above = kvsched["extproc_cpu_ms"] - idle / max(routed_per_s, 1e-9)
+        lines.append(
+            f"kvsched with no traffic: {idle:.1f} ms CPU per second (scrapes, KV-event subscriptions, "
+            f"health); at this rate that is {idle / max(routed_per_s, 1e-9):.3f} ms per routed request, "
+            f"and the native transport's kvsched spends {above:.3f} ms per routed request above it"
+        )
     for name, why in summary["skipped"].items():
         lines.append(f"{name}: not run: {why}")
     for goal, met in summary["goals"].items():
