@@ -90,6 +90,7 @@ def test_bench_epp_from_a_regular_install_runs_inside_the_source_checkout(
             "2",
             "--prompt-tokens",
             "64",
+            "--no-floors",
             "--json",
         ],
         cwd=checkout,

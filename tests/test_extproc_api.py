@@ -70,16 +70,25 @@ class RecordingScheduler(Scheduler):
         super().on_failed(request_id, now)
 
 
+class Started(list[ExtProcServer]):
+    """The servers a test started, on one transport."""
+
+    def __init__(self, transport: str) -> None:
+        super().__init__()
+        self.transport = transport
+
+
 @pytest.fixture
-async def servers() -> AsyncIterator[list[ExtProcServer]]:
-    started: list[ExtProcServer] = []
+async def servers(extproc_transport: str) -> AsyncIterator[Started]:
+    started = Started(extproc_transport)
     yield started
     for server in started:
         await server.stop(0)
 
 
-async def _start(started: list[ExtProcServer], scheduler: Any, **options: Any) -> ExtProcServer:
-    options.setdefault("config", ExtProcConfig(destination_list=True))
+async def _start(started: Started, scheduler: Any, **options: Any) -> ExtProcServer:
+    config = options.get("config") or ExtProcConfig(destination_list=True)
+    options["config"] = config.model_copy(update={"transport": started.transport})
     server = ExtProcServer(scheduler, host="127.0.0.1", port=0, health_port=0, **options)
     await server.start()
     started.append(server)
@@ -98,7 +107,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 READY_SERVICES = ("readiness", "envoy.service.ext_proc.v3.ExternalProcessor", "")
 
 
-async def test_health_readiness_follows_the_scheduler_endpoints(servers: list[ExtProcServer]) -> None:
+async def test_health_readiness_follows_the_scheduler_endpoints(servers: Started) -> None:
     scheduler = RecordingScheduler()
     server = await _start(servers, scheduler, tls=TLSSettings.plaintext())
     assert server.health_port not in (None, 0, server.port)
@@ -113,7 +122,7 @@ async def test_health_readiness_follows_the_scheduler_endpoints(servers: list[Ex
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_health_watch_sees_readiness_change(servers: list[ExtProcServer]) -> None:
+async def test_health_watch_sees_readiness_change(servers: Started) -> None:
     scheduler = RecordingScheduler()
     server = await _start(
         servers,
@@ -131,7 +140,7 @@ async def test_health_watch_sees_readiness_change(servers: list[ExtProcServer]) 
         watch.cancel()
 
 
-async def test_stop_reports_not_serving_and_closes(servers: list[ExtProcServer]) -> None:
+async def test_stop_reports_not_serving_and_closes(servers: Started) -> None:
     scheduler = RecordingScheduler()
     scheduler.serve(ADDRESSES)
     server = await _start(servers, scheduler, tls=TLSSettings.plaintext())
@@ -159,7 +168,7 @@ async def _headers_only_route(channel: grpc.aio.Channel) -> str:
 
 
 async def test_self_signed_tls_serves_a_client_that_trusts_the_certificate(
-    servers: list[ExtProcServer],
+    servers: Started,
 ) -> None:
     scheduler = RecordingScheduler()
     scheduler.serve(ADDRESSES)
@@ -175,7 +184,7 @@ async def test_self_signed_tls_serves_a_client_that_trusts_the_certificate(
             await _headers_only_route(channel)
 
 
-async def test_tls_from_certificate_files(servers: list[ExtProcServer], tmp_path: Path) -> None:
+async def test_tls_from_certificate_files(servers: Started, tmp_path: Path) -> None:
     certificate, key = self_signed_certificate(("picker.example",), ("127.0.0.1",), 1)
     (tmp_path / "tls.crt").write_bytes(certificate)
     (tmp_path / "tls.key").write_bytes(key)
@@ -190,7 +199,7 @@ async def test_tls_from_certificate_files(servers: list[ExtProcServer], tmp_path
         assert sorted((await _headers_only_route(channel)).split(",")) == ADDRESSES
 
 
-async def test_plaintext_mode(servers: list[ExtProcServer]) -> None:
+async def test_plaintext_mode(servers: Started) -> None:
     scheduler = RecordingScheduler()
     scheduler.serve(ADDRESSES)
     server = await _start(servers, scheduler, tls=TLSSettings.plaintext())
@@ -199,7 +208,7 @@ async def test_plaintext_mode(servers: list[ExtProcServer]) -> None:
         assert sorted((await _headers_only_route(channel)).split(",")) == ADDRESSES
 
 
-async def test_picker_api_pick_and_report(servers: list[ExtProcServer]) -> None:
+async def test_picker_api_pick_and_report(servers: Started) -> None:
     scheduler = RecordingScheduler()
     scheduler.serve(ADDRESSES)
     server = await _start(servers, scheduler, tls=TLSSettings.plaintext())
@@ -247,7 +256,7 @@ async def test_picker_api_pick_and_report(servers: list[ExtProcServer]) -> None:
         assert not again.known
 
 
-async def test_picker_api_openai_body_errors_and_failures(servers: list[ExtProcServer]) -> None:
+async def test_picker_api_openai_body_errors_and_failures(servers: Started) -> None:
     scheduler = RecordingScheduler()
     scheduler.serve(ADDRESSES)
     server = await _start(servers, scheduler, tls=TLSSettings.plaintext())
@@ -275,7 +284,7 @@ async def test_picker_api_openai_body_errors_and_failures(servers: list[ExtProcS
         assert failed.known and scheduler.failed == [ok.request_id]
 
 
-async def test_picker_api_releases_unreported_picks_beyond_the_bound(servers: list[ExtProcServer]) -> None:
+async def test_picker_api_releases_unreported_picks_beyond_the_bound(servers: Started) -> None:
     scheduler = RecordingScheduler()
     scheduler.serve(ADDRESSES)
     config = ExtProcConfig(destination_list=True, picker_api_max_pending=2)
@@ -293,7 +302,7 @@ async def test_picker_api_releases_unreported_picks_beyond_the_bound(servers: li
     assert server.stats.outcomes["unreported"] == 1
 
 
-async def test_outcomes_are_exported_to_a_prometheus_registry(servers: list[ExtProcServer]) -> None:
+async def test_outcomes_are_exported_to_a_prometheus_registry(servers: Started) -> None:
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry()

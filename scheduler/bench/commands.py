@@ -58,7 +58,32 @@ def _bench_epp(args: argparse.Namespace) -> int:
         return _bench_epp_scaling(args)
     from scheduler.bench.epp_bench import format_report, run
 
+    if args.floors:
+        return _bench_epp_floors(args)
+
     report = run(
+        rate=args.rate,
+        prompt_tokens=args.prompt_tokens,
+        requests=args.requests,
+        concurrency=args.concurrency,
+        workers=args.workers,
+        seed=args.seed,
+        prompt_bytes=args.prompt_bytes,
+        envoy_concurrency=args.envoy_concurrency,
+        transport=args.transport,
+    )
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(format_report(report))
+    return 0
+
+
+def _bench_epp_floors(args: argparse.Namespace) -> int:
+    from scheduler.bench.epp_bench import format_report
+    from scheduler.bench.extproc_floors import format_floors, run
+
+    summary = run(
         rate=args.rate,
         prompt_tokens=args.prompt_tokens,
         requests=args.requests,
@@ -69,9 +94,12 @@ def _bench_epp(args: argparse.Namespace) -> int:
         envoy_concurrency=args.envoy_concurrency,
     )
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(summary))
         return 0
-    print(format_report(report))
+    print(format_floors(summary))
+    if "kvsched" in summary:
+        print()
+        print(format_report(summary["kvsched"]))
     return 0
 
 
@@ -147,6 +175,19 @@ def register(subparsers: Any) -> None:
     )
     epp.add_argument(
         "--envoy-concurrency", type=int, default=None, help="Envoy worker threads (default: one per core)"
+    )
+    epp.add_argument(
+        "--floors",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure Envoy alone and protocol-only ext_procs (Python, native) as baselines, "
+        "then kvsched with each transport (--no-floors: kvsched alone)",
+    )
+    epp.add_argument(
+        "--transport",
+        choices=("auto", "native", "python"),
+        default="auto",
+        help="kvsched's ext_proc transport with --no-floors (auto: native when built)",
     )
     epp.add_argument("--prompt-tokens", type=int, default=8192)
     epp.add_argument("--requests", type=int, default=2000)

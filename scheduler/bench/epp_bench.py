@@ -122,12 +122,12 @@ def child_main(argv: list[str]) -> None:
 # The package root this process imported ``scheduler`` from (site-packages, or a checkout).
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 _CHILD_BOOT = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from scheduler.bench.epp_bench import child_main; child_main(sys.argv[2:])"
+    "import importlib, sys; sys.path.insert(0, sys.argv[1]); "
+    "importlib.import_module(sys.argv[2]).child_main(sys.argv[3:])"
 )
 
 
-def child_command(kind: str, options: dict[str, Any]) -> list[str]:
+def child_command(kind: str, options: dict[str, Any], module: str = "scheduler.bench.epp_bench") -> list[str]:
     """The command of one helper process, importing the very ``scheduler`` this one runs.
 
     Not ``python -m``: that puts the working directory first on ``sys.path``, so run from a
@@ -135,7 +135,7 @@ def child_command(kind: str, options: dict[str, Any]) -> list[str]:
     ``-P`` (Python >= 3.11) keeps the working directory off ``sys.path``; this package's root
     goes first instead.
     """
-    return [sys.executable, "-P", "-c", _CHILD_BOOT, _PACKAGE_ROOT, kind, json.dumps(options)]
+    return [sys.executable, "-P", "-c", _CHILD_BOOT, _PACKAGE_ROOT, module, kind, json.dumps(options)]
 
 
 @dataclass
@@ -156,10 +156,12 @@ class _Child:
 
 
 @contextlib.contextmanager
-def _child(name: str, options: dict[str, Any]) -> Iterator[tuple[_Child, Any]]:
+def _child(
+    name: str, options: dict[str, Any], module: str = "scheduler.bench.epp_bench"
+) -> Iterator[tuple[_Child, Any]]:
     """A helper process; yields it with the first line it prints (its addresses)."""
     process = subprocess.Popen(
-        child_command(name, options),
+        child_command(name, options, module),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -189,6 +191,22 @@ def cpu_seconds(pid: int) -> float:
         fields = stat.read().rpartition(")")[2].split()
     # Fields 14 and 15 of proc(5) (utime, stime); the split starts at field 3.
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time of a process's live threads, summed by thread name (Python's threads keep the
+    process's name; gRPC C++ and ZMQ name theirs)."""
+    by_name: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8") as comm:
+                name = comm.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        by_name[name] = by_name.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return by_name
 
 
 # --- workload ---------------------------------------------------------------------------------
@@ -246,13 +264,14 @@ async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[
         return elapsed, response.headers.get(WORKER_HEADER)
 
 
-def _serve_config(descriptors: list[dict[str, Any]]) -> dict[str, Any]:
+def _serve_config(descriptors: list[dict[str, Any]], transport: str = "auto") -> dict[str, Any]:
     return {
         "host": "127.0.0.1",
         "grpc_port": 0,
         "health_port": 0,
         "metrics_port": None,
         "tls": {"mode": "plaintext"},
+        "extproc": {"transport": transport},
         "endpoints": [
             {"address": d["address"], "kv_events": d["kv_endpoint"], "kv_replay": d["replay_endpoint"]}
             for d in descriptors
@@ -329,6 +348,25 @@ async def _drive(
     return direct, via, wall
 
 
+@dataclass(frozen=True)
+class Gateway:
+    """What stands in front of the workers: Envoy, and the ext_proc process it asks, if any."""
+
+    name: str
+    # (module, kind) of the ext_proc child process; None: Envoy round-robins over the workers.
+    extproc: tuple[str, str] | None
+    # The child's options, from the pool's descriptors.
+    options: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    # The child is kvsched, which times its own stages and answers ``reset`` / ``stages``.
+    reports_stages: bool = False
+
+
+def kvsched_gateway(transport: str = "auto") -> Gateway:
+    return Gateway(
+        "kvsched", ("scheduler.bench.epp_bench", "kvsched"), lambda d: _serve_config(d, transport), True
+    )
+
+
 async def measure_added_latency(
     *,
     rate: float,
@@ -339,7 +377,9 @@ async def measure_added_latency(
     seed: int,
     prompt_bytes: int | None = None,
     envoy_concurrency: int | None = None,
+    gateway: Gateway | None = None,
 ) -> dict[str, Any]:
+    gateway = gateway or kvsched_gateway()
     rng = random.Random(seed)
     # The sim's word tokenizer makes about one token per 6 bytes of text.
     prompt_len = prompt_tokens if prompt_bytes is None else prompt_bytes // 4
@@ -347,12 +387,18 @@ async def measure_added_latency(
     pool_options = {"workers": workers, "max_model_len": max_model_len}
     with contextlib.ExitStack() as children:
         pool, descriptors = children.enter_context(_child("workers", pool_options))
-        epp, ports = children.enter_context(_child("kvsched", _serve_config(descriptors)))
+        epp: _Child | None = None
+        ports: dict[str, Any] = {"grpc_port": 0, "health_port": None}
+        if gateway.extproc is not None:
+            module, kind = gateway.extproc
+            epp, ports = children.enter_context(_child(kind, gateway.options(descriptors), module))
         settings = EnvoySettings(
             "127.0.0.1",
             ports["grpc_port"],
             epp_health_port=ports["health_port"],
             concurrency=envoy_concurrency,
+            ext_proc=epp is not None,
+            pool=[d["address"] for d in descriptors] if epp is None else (),
         )
         async with EnvoyGateway(settings) as envoy:
             path, bodies = request_bodies(
@@ -363,17 +409,18 @@ async def measure_added_latency(
                 prompt_bytes=prompt_bytes,
             )
             urls = {d["name"]: f"{d['http_url']}{path}" for d in descriptors}
-            pids = {
-                "client": os.getpid(),
-                "envoy": envoy.pid,
-                "kvsched": epp.process.pid,
-                "workers": pool.process.pid,
-            }
+            pids = {"client": os.getpid(), "envoy": envoy.pid, "workers": pool.process.pid}
+            if epp is not None:
+                pids[gateway.name] = epp.process.pid
             cpu_before: dict[str, float] = {}
+            threads_before: dict[str, float] = {}
 
             def on_start() -> None:
-                epp.ask("reset")
+                if epp is not None and gateway.reports_stages:
+                    epp.ask("reset")
                 cpu_before.update({name: cpu_seconds(pid) for name, pid in pids.items() if pid})
+                if epp is not None:
+                    threads_before.update(thread_cpu_seconds(epp.process.pid))
 
             direct, via, wall = await _drive(
                 gateway_url=f"{envoy.url}{path}",
@@ -390,9 +437,14 @@ async def measure_added_latency(
                 for name, pid in pids.items()
                 if pid and name in cpu_before
             }
-            stages = epp.ask("stages")
+            stages = epp.ask("stages") if epp is not None and gateway.reports_stages else None
+            # The ext_proc process's CPU by thread: its protocol threads apart from Python's.
+            threads = {
+                name: (seconds - threads_before.get(name, 0.0)) * 1000.0 / requests
+                for name, seconds in (thread_cpu_seconds(epp.process.pid) if epp else {}).items()
+            }
     d, v = _percentiles(direct), _percentiles(via)
-    return {
+    report: dict[str, Any] = {
         "rate": rate,
         "prompt_tokens": prompt_tokens if prompt_bytes is None else None,
         "prompt_bytes": len(bodies[0]) if prompt_bytes is not None else None,
@@ -409,10 +461,16 @@ async def measure_added_latency(
         # CPU milliseconds per request (both paths averaged) of each process: where time goes.
         "cpu_ms_per_request": cpu,
         "cores": os.cpu_count(),
-        "kvsched_stages": stage_breakdown(stages, cpu.get("kvsched", 0.0) * requests, len(via)),
-        # kvsched's predictor fits run in a helper process outside cpu_ms_per_request.kvsched.
-        "kvsched_fit_cpu_ms_per_request": stages.get("predictor_fit", {}).get("cpu_ms", 0.0) / requests,
+        "gateway": gateway.name,
+        "routed_requests": len(via),
+        "extproc_thread_cpu_ms_per_request": threads,
     }
+    if stages is not None:
+        report["kvsched_stages"] = stage_breakdown(stages, cpu.get(gateway.name, 0.0) * requests, len(via))
+        # kvsched's predictor fits run in a helper process outside its cpu_ms_per_request.
+        fit_ms = stages.get("predictor_fit", {}).get("cpu_ms", 0.0)
+        report["kvsched_fit_cpu_ms_per_request"] = fit_ms / requests
+    return report
 
 
 # --- per-stage breakdown -----------------------------------------------------------------------
@@ -439,8 +497,9 @@ def stage_breakdown(
 
     The residual is the kvsched process's CPU time (from /proc) less every stage timed in
     it (predictor fits run in their own process and are not part of that figure): the
-    grpc.aio transport (HTTP/2 framing, protobuf decoding and encoding of every ext_proc
-    message, the servicer's async generator) and the event loop itself.
+    transport (with grpc.aio: HTTP/2 framing, protobuf decoding and encoding of every ext_proc
+    message, the servicer's async generator; with the native transport: its gRPC threads,
+    which ``extproc_thread_cpu_ms_per_request`` splits out) and the event loop itself.
     """
     per_request = max(routed, 1)
     us = {stage: stages[stage]["cpu_ms"] * 1000.0 / per_request for stage in stages}
@@ -646,6 +705,7 @@ def run(
     seed: int,
     prompt_bytes: int | None = None,
     envoy_concurrency: int | None = None,
+    transport: str = "auto",
 ) -> dict[str, Any]:
     report = asyncio.run(
         measure_added_latency(
@@ -657,6 +717,7 @@ def run(
             seed=seed,
             prompt_bytes=prompt_bytes,
             envoy_concurrency=envoy_concurrency,
+            gateway=kvsched_gateway(transport),
         )
     )
     report["picks"] = measure_picks_per_s(
@@ -701,7 +762,7 @@ def format_stage_breakdown(breakdown: dict[str, Any], pick_stages: dict[str, flo
                         f"    {part.replace('_', ' ') + ' (Scheduler alone)':34} {pick_stages[part]:>9.1f}"
                     )
     lines.append(
-        f"  {'gRPC transport + event loop (rest)':36} {breakdown['transport_and_loop_us_per_request']:>9.1f}"
+        f"  {'transport + event loop (rest)':36} {breakdown['transport_and_loop_us_per_request']:>9.1f}"
     )
     lines.append(f"  {'total (kvsched process CPU)':36} {breakdown['total_us_per_request']:>9.1f}")
     return lines

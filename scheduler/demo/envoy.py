@@ -84,6 +84,9 @@ class EnvoySettings:
     subset_header: str | None = None
     # Envoy worker threads (``--concurrency``); None = Envoy's default, one per hardware thread.
     concurrency: int | None = None
+    # False: no ext_proc at all, Envoy round-robins over ``pool`` (the benchmark's Envoy-alone
+    # baseline); the EPP address is then unused.
+    ext_proc: bool = True
 
 
 def _address(hostport: str) -> dict[str, Any]:
@@ -92,6 +95,8 @@ def _address(hostport: str) -> dict[str, Any]:
 
 
 def render_config(settings: EnvoySettings) -> dict[str, Any]:
+    if not settings.ext_proc and not settings.pool:
+        raise ValueError("Envoy without ext_proc routes over the pool: give its members")
     ext_proc_cluster: dict[str, Any] = {
         "name": "ext_proc",
         "type": "STATIC",
@@ -142,22 +147,25 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
                 "common_tls_context": {"alpn_protocols": ["h2"]},
             },
         }
-    routes: list[dict[str, Any]] = [
-        {
-            "match": {"prefix": "/", "headers": [{"name": DESTINATION_HEADER, "present_match": True}]},
-            "route": {"cluster": "original_destination_cluster", "timeout": "300s"},
-        }
-    ]
-    clusters: list[dict[str, Any]] = [
-        {
-            "name": "original_destination_cluster",
-            "type": "ORIGINAL_DST",
-            "lb_policy": "CLUSTER_PROVIDED",
-            "connect_timeout": "5s",
-            "original_dst_lb_config": {"use_http_header": True, "http_header_name": DESTINATION_HEADER},
-        },
-        ext_proc_cluster,
-    ]
+    routes: list[dict[str, Any]] = []
+    clusters: list[dict[str, Any]] = []
+    if settings.ext_proc:
+        routes.append(
+            {
+                "match": {"prefix": "/", "headers": [{"name": DESTINATION_HEADER, "present_match": True}]},
+                "route": {"cluster": "original_destination_cluster", "timeout": "300s"},
+            }
+        )
+        clusters.append(
+            {
+                "name": "original_destination_cluster",
+                "type": "ORIGINAL_DST",
+                "lb_policy": "CLUSTER_PROVIDED",
+                "connect_timeout": "5s",
+                "original_dst_lb_config": {"use_http_header": True, "http_header_name": DESTINATION_HEADER},
+            }
+        )
+        clusters.append(ext_proc_cluster)
     if settings.pool:
         routes.append({"match": {"prefix": "/"}, "route": {"cluster": "pool_fallback", "timeout": "300s"}})
         clusters.append(
@@ -219,7 +227,8 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
         ext_proc_filter["typed_config"]["metadata_options"] = {
             "forwarding_namespaces": {"untyped": [SUBSET_NAMESPACE]}
         }
-    http_filters.append(ext_proc_filter)
+    if settings.ext_proc:
+        http_filters.append(ext_proc_filter)
     http_filters.append(
         {
             "name": "envoy.filters.http.router",

@@ -460,10 +460,11 @@ class ServeApp:
         if self._watch_file is not None and self.config_loader is not None:
             self._watch_task = asyncio.create_task(self._watch(self._watch_file), name="config watch")
         log.info(
-            "kvsched serving: ext_proc %s:%d (%s), health %s, metrics %s, %d endpoints",
+            "kvsched serving: ext_proc %s:%d (%s, %s transport), health %s, metrics %s, %d endpoints",
             self.config.host,
             self.grpc_port,
             self.config.tls.mode,
+            self.server.transport,
             self.health_port if self.health_port is not None else "off",
             self.metrics_port if self.metrics_port is not None else "off",
             len(self.scheduler.endpoints()),

@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
-from scheduler.adapters.extproc.audit import ExtProcStats
 from scheduler.adapters.extproc.config import ExtProcConfig
 from scheduler.adapters.extproc.headers import RequestHints
 from scheduler.adapters.extproc.outcomes import PickOutcome
+from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.flow_gate import FlowGate
 from scheduler.adapters.stage_times import STAGE_TIMES
 from scheduler.adapters.tokenizer import PromptTokenizer, TemplateError, request_token_ids
@@ -118,12 +118,25 @@ class PickRunner:
                 return RoutingAnswer(PickOutcome.BAD_REQUEST, reason=str(exc))
             finally:
                 STAGE_TIMES.stop("body_parse", started)
-        token_ids: Sequence[int] = ()
+        return await self.decide_parsed(hints, parsed, subset)
+
+    async def decide_parsed(
+        self,
+        hints: RequestHints,
+        parsed: InferenceRequestBody | None,
+        subset: frozenset[str] | None,
+        token_ids: Sequence[int] | None = None,
+    ) -> RoutingAnswer:
+        """Decide for a body the transport has parsed already; ``token_ids``, when the transport
+        read the prompt's ids itself, stand for ``parsed``'s prompt."""
+        ids: Sequence[int] = ()
         tokenize_error: Exception | None = None
-        if parsed is not None:
+        if token_ids is not None:
+            ids = token_ids
+        elif parsed is not None:
             started = STAGE_TIMES.start()
             try:
-                token_ids = await self.token_ids(parsed)
+                ids = await self.token_ids(parsed)
             except TemplateError as exc:
                 reason = f"chat template rejected the messages: {exc}"
                 return RoutingAnswer(PickOutcome.BAD_REQUEST, reason=reason, body=parsed)
@@ -133,7 +146,7 @@ class PickRunner:
                 STAGE_TIMES.stop("tokenize", started)
         request = self.scheduling_request(
             hints,
-            token_ids,
+            ids,
             model=parsed.model if parsed else None,
             max_tokens=parsed.max_tokens if parsed else None,
             subset=subset,

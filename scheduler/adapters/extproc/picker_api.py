@@ -12,16 +12,11 @@ from typing import Any
 
 import grpc
 
-from scheduler.adapters.extproc.audit import (
-    ExtProcStats,
-    audit_enabled,
-    milliseconds,
-    primary_summary,
-    write_audit,
-)
+from scheduler.adapters.extproc.audit import audit_enabled, milliseconds, primary_summary, write_audit
 from scheduler.adapters.extproc.decide import PickRunner, RoutingAnswer
 from scheduler.adapters.extproc.headers import RequestHints, request_hints
 from scheduler.adapters.extproc.outcomes import PickOutcome
+from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.tokenizer import TemplateError
 from scheduler.codec.openai import InferenceRequestBody
 
