@@ -686,8 +686,9 @@ cdef class BlockTable:
         Returns the number of blocks stored, or -1 (and changes nothing) when the worker
         never reported the parent block.
         """
-        cdef Py_ssize_t n, needed, ntokens, i, nsalts = 0
-        cdef uint64_t parent_key, chain_parent, salt
+        cdef Py_ssize_t n, needed, ntokens, nsalts = 0
+        cdef uint64_t parent_key, chain_parent
+        cdef uint64_t* salt_values = NULL
         cdef int32_t parent_idx = -1
         cdef bint chained = False
         cdef U64View view
@@ -711,30 +712,17 @@ cdef class BlockTable:
         if n == 0:
             return 0
         chain_parent = parent_key
-        if salts is not None:
-            nsalts = len(salts)
-        salt = 0
-        if type(tokens) is list:
-            for i in range(n):
-                if i < nsalts:
-                    salt = _mask_obj(salts[i])
-                elif i == nsalts:
-                    salt = 0
-                _block_key_list(<list>tokens, i * block_size, block_size, parent_key, salt,
-                                &self._s_keys[i])
-                parent_key = self._s_keys[i]
-        else:
-            _view_open(tokens, needed, &view)
-            try:
-                for i in range(n):
-                    if i < nsalts:
-                        salt = _mask_obj(salts[i])
-                    elif i == nsalts:
-                        salt = 0
-                    parent_key = _block_key_u64(parent_key, salt, view.data + i * block_size, block_size)
-                    self._s_keys[i] = parent_key
-            finally:
-                _view_close(&view)
+        _salts_array(salts, &nsalts, &salt_values)
+        view.owned = NULL
+        view.has_buffer = False
+        view.data = NULL
+        try:
+            if type(tokens) is not list:
+                _view_open(tokens, needed, &view)
+            _chain_keys(tokens, view.data, 0, n, block_size, parent_key, salt_values, nsalts, self._s_keys)
+        finally:
+            free(salt_values)
+            _view_close(&view)
         if chained:
             parent_idx = self._find(chain_parent)
         return self._apply(worker, tier, n, parent_idx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import hashlib
 import json
 from pathlib import Path
 from types import ModuleType
@@ -208,3 +209,14 @@ def test_vllm_digests_native_equals_reference(
 @given(seed=st.text(max_size=20))
 def test_vllm_none_hash_native_equals_reference(seed: str) -> None:
     assert native.vllm_none_hash(seed) == reference.vllm_none_hash(seed)
+
+
+# --- the C SHA-256 -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["cpu-instructions", "portable-c"])
+def test_sha256_equals_hashlib_at_every_padding_boundary(portable: bool) -> None:
+    rng = np.random.default_rng(0)
+    for size in [*range(0, 200), 1000, 4096, 65_537]:
+        data = rng.integers(0, 256, size=size, dtype=np.uint8).tobytes()
+        assert native.sha256_digest(data, portable) == hashlib.sha256(data).digest(), size
