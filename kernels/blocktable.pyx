@@ -53,6 +53,7 @@ from libc.string cimport memcpy, memset
 import sys
 
 import numpy as np
+from msgpack import unpackb as _unpackb
 
 cdef extern from *:
     """
@@ -173,6 +174,7 @@ cdef object _cbor_canonical = _ref.cbor_canonical
 include "_cbor.pxi"
 include "_sha256.pxi"
 include "_promptkeys.pxi"
+include "_kvbatch.pxi"
 
 
 # --- uint64 -> uint64 open addressing (value 0 = empty slot) ------------------------------
@@ -423,6 +425,10 @@ cdef class BlockTable:
     cdef int32_t* _run_storage
     cdef int32_t* _stack
     cdef Py_ssize_t _stack_cap
+    # vLLM batches decoded in place (apply_payload), and the salts of their extra keys
+    cdef Decoded _dec
+    cdef uint64_t* _dec_salts
+    cdef Py_ssize_t _dec_salts_cap
 
     def __cinit__(self, int max_workers=128, Py_ssize_t max_blocks=0):
         if not 1 <= max_workers <= MAX_WORKERS_LIMIT:
@@ -486,6 +492,8 @@ cdef class BlockTable:
         free(self._run_cpu)
         free(self._run_storage)
         free(self._stack)
+        _decoded_free(&self._dec)
+        free(self._dec_salts)
 
     # --- nodes -----------------------------------------------------------------------
 
@@ -1338,6 +1346,112 @@ cdef class BlockTable:
             if node.meta & META_MULTI:
                 self._drop_multi(idx, worker)
             self._release(idx)
+
+    # --- vLLM batches straight from the wire ------------------------------------------
+
+    def apply_payload(self, bytes payload, resolve_worker, bint own_keys, Py_ssize_t block_size,
+                      own_seed, dict skipped_groups, salt_of):
+        """Decode one vLLM event batch and apply it, as codec decode_batch + PrefixIndex.apply_batch.
+
+        Returns (stored, removed, cleared, skipped, orphans, had_clear), or None, having
+        changed nothing, when the payload is anything but a batch whose every event the
+        reference path would apply without an error or a report (see _kvbatch.pxi).
+        ``resolve_worker()`` gives the worker id once the batch is known to apply;
+        ``skipped_groups`` maps worker id -> set of KV-cache groups that are not full
+        attention (updated here); ``salt_of(item)`` is one extra-keys item's salt. ``own_keys``: keys from tokens chained from ``own_seed``'s roots; else the
+        hashes are the keys (exact mode).
+        """
+        cdef Decoded* d = &self._dec
+        cdef const uint8_t* base = <const uint8_t*>PyBytes_AS_STRING(payload)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(payload)
+        cdef Py_ssize_t i, k, n, needed, stored = 0, removed = 0, cleared = 0, skipped = 0, orphans = 0
+        cdef Py_ssize_t got
+        cdef bint had_clear = False
+        cdef Ev* ev
+        cdef int worker
+        cdef uint64_t seed = _mask_obj(own_seed)
+        cdef uint64_t lora
+        cdef uint64_t root
+        cdef uint64_t root_none
+        cdef dict salt_cache = None
+        cdef object groups
+        cdef object group
+        if _decode_batch(d, base, size) < 0:
+            return None
+        # Everything that could make the reference report an error, checked before any change.
+        _grow(<void**>&self._dec_salts, &self._dec_salts_cap, d.nx, sizeof(uint64_t))
+        for i in range(d.nev):
+            ev = &d.ev[i]
+            if ev.kind != EV_STORED or not ev.full or ev.h_n == 0:
+                continue
+            if not own_keys:
+                for k in range(ev.h_n):
+                    if d.h[ev.h_off + k] == 0:
+                        return None
+                continue
+            needed = ev.h_n * block_size
+            if <Py_ssize_t>ev.block_size != block_size:
+                return None
+            if ev.t_n < needed or (0 <= ev.t_bad < needed):
+                return None
+            for k in range(ev.x_off, ev.x_off + max(ev.x_n, 0)):
+                raw = PyBytes_FromStringAndSize(<const char*>base + d.x[k].start, d.x[k].end - d.x[k].start)
+                if salt_cache is None:
+                    salt_cache = {}
+                salt = salt_cache.get(raw)
+                if salt is None:
+                    try:
+                        # Decoded alone, an item is the object the whole payload's decode
+                        # gives (msgpack is context-free; same options as the codec).
+                        salt = salt_of(_unpackb(raw, raw=False, strict_map_key=False))
+                    except Exception:
+                        return None
+                    salt_cache[raw] = salt
+                self._dec_salts[k] = _mask_obj(salt)
+        worker = resolve_worker()
+        self._check(worker, 0)
+        root_none = _own_root(seed, False, 0)
+        for i in range(d.nev):
+            ev = &d.ev[i]
+            if ev.kind == EV_CLEARED:
+                cleared += self._clear(worker)
+                had_clear = True
+                continue
+            group = (PyLong_FromLongLong(<int64_t>ev.group) if ev.group_neg
+                     else PyLong_FromUnsignedLongLong(ev.group))
+            n = ev.h_n
+            if ev.kind == EV_REMOVED:
+                groups = skipped_groups.get(worker)
+                if groups is not None and group in groups:
+                    skipped += n
+                    continue
+                removed += self._remove(worker, ev.tier, &d.h[ev.h_off], n)
+                continue
+            if not ev.full:
+                groups = skipped_groups.get(worker)
+                if groups is None:
+                    groups = skipped_groups[worker] = set()
+                groups.add(group)
+                skipped += n
+                continue
+            if n == 0:
+                continue
+            self._reserve(n)
+            memcpy(self._s_hashes, &d.h[ev.h_off], n * sizeof(uint64_t))
+            if not own_keys:
+                memcpy(self._s_keys, self._s_hashes, n * sizeof(uint64_t))
+                stored += self._apply(worker, ev.tier, n,
+                                      self._kfind(ev.parent) if ev.has_parent else -1)
+                continue
+            root = _own_root(seed, True, ev.lora) if ev.has_lora else root_none
+            got = self._store_own(worker, ev.tier, n, ev.has_parent, ev.parent, None, &d.t[ev.t_off],
+                                  block_size, root, &self._dec_salts[ev.x_off] if ev.x_n > 0 else NULL,
+                                  max(ev.x_n, 0))
+            if got < 0:
+                orphans += 1
+            else:
+                stored += got
+        return (stored, removed, cleared, skipped, orphans, had_clear)
 
     # --- reads -----------------------------------------------------------------------
 
