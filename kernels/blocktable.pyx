@@ -23,7 +23,8 @@ rules). The budget is one cache line per block on a prefix walk and at most 64 b
   (sequential reads) when they or the load pass 3/4. The tag decides almost every probe
   without touching a node; a tag match is confirmed against the node's key, which the
   walk reads next anyway. Half the bytes of a (key, index) slot.
-* per worker: engine hash -> key (16-byte slots, load up to 0.8) and a count of the nodes
+* per worker: engine hash -> key (16-byte slots, load kept in 0.57-0.85: the capacity
+  grows by half, not doubles, as this map is most of the bytes) and a count of the nodes
   it holds. Clearing a worker walks its engine map (plus a small set of nodes whose
   mapping a later store of the same engine hash overwrote), so no per-worker set of
   nodes is kept: that set cost 8 bytes per entry for an operation that happens on
@@ -178,6 +179,11 @@ include "_kvbatch.pxi"
 
 
 # --- uint64 -> uint64 open addressing (value 0 = empty slot) ------------------------------
+# Linear probing over a capacity that grows by half at 0.85 load (the home is a
+# multiply-high, not a mask), so the load stays in 0.57-0.85. The per-worker engine maps
+# are one 16-byte slot per (block, worker) entry: doubling at 0.8 left them at 0.4-0.8
+# load, 20-40 bytes an entry, the table's largest cost. (Robin Hood probing held 0.9 but
+# cost 137 instructions an insert, 20% of the ingest rate.)
 
 cdef struct MapSlot:
     uint64_t k
@@ -185,24 +191,43 @@ cdef struct MapSlot:
 
 cdef struct U64Map:
     MapSlot* slots
-    uint64_t mask
+    uint64_t cap
     Py_ssize_t count
-    int shift
+
+
+cdef extern from *:
+    """
+    static inline uint64_t kv_mulhi(uint64_t a, uint64_t b) {
+    #if defined(__SIZEOF_INT128__)
+        return (uint64_t)(((__uint128_t)a * b) >> 64);
+    #else
+        uint64_t al = a & 0xFFFFFFFFu, ah = a >> 32, bl = b & 0xFFFFFFFFu, bh = b >> 32;
+        uint64_t mid = (al * bl >> 32) + (al * bh & 0xFFFFFFFFu) + (ah * bl & 0xFFFFFFFFu);
+        return ah * bh + (al * bh >> 32) + (ah * bl >> 32) + (mid >> 32);
+    #endif
+    }
+    """
+    uint64_t kv_mulhi(uint64_t a, uint64_t b) nogil
 
 
 cdef inline uint64_t _home(const U64Map* m, uint64_t k) noexcept nogil:
-    return (k * FIB64) >> m.shift
+    return kv_mulhi(k * FIB64, m.cap)
 
 
-cdef int _map_init(U64Map* m, Py_ssize_t capacity) except -1:
-    cdef int bits = 3
-    while (<Py_ssize_t>1 << bits) < capacity:
-        bits += 1
-    m.slots = <MapSlot*>kv_big_alloc((<size_t>1 << bits) * sizeof(MapSlot), 1, 1)
+cdef inline uint64_t _next(const U64Map* m, uint64_t i) noexcept nogil:
+    i += 1
+    return 0 if i == m.cap else i
+
+
+cdef inline uint64_t _dist(const U64Map* m, uint64_t i, uint64_t home) noexcept nogil:
+    return i - home if i >= home else i + m.cap - home
+
+
+cdef int _map_init(U64Map* m, uint64_t capacity) except -1:
+    m.slots = <MapSlot*>kv_big_alloc(capacity * sizeof(MapSlot), 1, 1)
     if m.slots == NULL:
         raise MemoryError()
-    m.mask = (<uint64_t>1 << bits) - 1
-    m.shift = 64 - bits
+    m.cap = capacity
     m.count = 0
     return 0
 
@@ -210,24 +235,32 @@ cdef int _map_init(U64Map* m, Py_ssize_t capacity) except -1:
 cdef void _map_free(U64Map* m) noexcept nogil:
     free(m.slots)
     m.slots = NULL
-    m.mask = 0
+    m.cap = 0
     m.count = 0
-    m.shift = 0
+
+
+cdef inline MapSlot* _map_place(const U64Map* m, uint64_t k) noexcept nogil:
+    """The slot holding k, or the empty slot where k goes."""
+    cdef uint64_t i = _home(m, k)
+    cdef MapSlot* s
+    while True:
+        s = &m.slots[i]
+        if s.v == 0 or s.k == k:
+            return s
+        i = _next(m, i)
+
+
+cdef inline MapSlot* _map_find(const U64Map* m, uint64_t k) noexcept nogil:
+    cdef MapSlot* s
+    if m.slots == NULL:
+        return NULL
+    s = _map_place(m, k)
+    return NULL if s.v == 0 else s
 
 
 cdef inline uint64_t _map_get(const U64Map* m, uint64_t k) noexcept nogil:
-    cdef uint64_t i
-    cdef const MapSlot* s
-    if m.slots == NULL:
-        return 0
-    i = _home(m, k)
-    while True:
-        s = &m.slots[i]
-        if s.v == 0:
-            return 0
-        if s.k == k:
-            return s.v
-        i = (i + 1) & m.mask
+    cdef MapSlot* s = _map_find(m, k)
+    return 0 if s == NULL else s.v
 
 
 cdef inline void _map_prefetch(const U64Map* m, uint64_t k) noexcept nogil:
@@ -237,17 +270,14 @@ cdef inline void _map_prefetch(const U64Map* m, uint64_t k) noexcept nogil:
 
 cdef int _map_grow(U64Map* m) except -1:
     cdef U64Map bigger
-    cdef uint64_t i, j
+    cdef uint64_t i
     cdef MapSlot* s
-    _map_init(&bigger, 2 * (<Py_ssize_t>m.mask + 1) if m.slots != NULL else 8)
+    _map_init(&bigger, m.cap + m.cap // 2 if m.slots != NULL else 8)
     if m.slots != NULL:
-        for i in range(m.mask + 1):
-            s = &m.slots[i]
-            if s.v != 0:
-                j = _home(&bigger, s.k)
-                while bigger.slots[j].v != 0:
-                    j = (j + 1) & bigger.mask
-                bigger.slots[j] = s[0]
+        for i in range(m.cap):
+            if m.slots[i].v != 0:
+                s = _map_place(&bigger, m.slots[i].k)
+                s[0] = m.slots[i]
         bigger.count = m.count
         free(m.slots)
     m[0] = bigger
@@ -255,52 +285,38 @@ cdef int _map_grow(U64Map* m) except -1:
 
 
 cdef inline MapSlot* _map_claim(U64Map* m, uint64_t k) except NULL:
-    """The slot holding k, or the empty slot where k goes (room for one insert is made).
-
-    Grows at 0.8 load: with 16-byte slots a probe reads four per cache line, and the
-    per-worker engine maps are most of the table's bytes (one slot per entry).
-    """
-    cdef uint64_t i
+    """The slot holding k, or the empty slot where k goes, its key set (room for one
+    insert is made first); the caller sets the value (and counts a new entry)."""
     cdef MapSlot* s
-    if m.slots == NULL or (m.count + 1) * 5 > <Py_ssize_t>(m.mask + 1) * 4:
+    if m.slots == NULL or <uint64_t>(m.count + 1) * 20 > m.cap * 17:
         _map_grow(m)
-    i = _home(m, k)
-    while True:
-        s = &m.slots[i]
-        if s.v == 0 or s.k == k:
-            return s
-        i = (i + 1) & m.mask
+    s = _map_place(m, k)
+    s.k = k
+    return s
 
 
 cdef inline int _map_put(U64Map* m, uint64_t k, uint64_t v) except -1:
     cdef MapSlot* s = _map_claim(m, k)
     if s.v == 0:
         m.count += 1
-        s.k = k
     s.v = v
     return 0
 
 
 cdef bint _map_del(U64Map* m, uint64_t k) noexcept nogil:
-    cdef uint64_t i, j, home
-    if m.slots == NULL:
+    cdef MapSlot* s = _map_find(m, k)
+    cdef uint64_t i, j
+    if s == NULL:
         return False
-    i = _home(m, k)
-    while True:
-        if m.slots[i].v == 0:
-            return False
-        if m.slots[i].k == k:
-            break
-        i = (i + 1) & m.mask
     # Backward-shift deletion: pull later entries of the cluster into the hole when the
     # hole lies between their home and where they sit, so probes never need tombstones.
+    i = s - m.slots
     j = i
     while True:
-        j = (j + 1) & m.mask
+        j = _next(m, j)
         if m.slots[j].v == 0:
             break
-        home = _home(m, m.slots[j].k)
-        if ((j - home) & m.mask) >= ((j - i) & m.mask):
+        if _dist(m, j, _home(m, m.slots[j].k)) >= _dist(m, j, i):
             m.slots[i] = m.slots[j]
             i = j
     m.slots[i].v = 0
@@ -310,7 +326,7 @@ cdef bint _map_del(U64Map* m, uint64_t k) noexcept nogil:
 
 
 cdef inline Py_ssize_t _map_bytes(const U64Map* m) noexcept nogil:
-    return 0 if m.slots == NULL else <Py_ssize_t>(m.mask + 1) * sizeof(MapSlot)
+    return <Py_ssize_t>m.cap * sizeof(MapSlot)
 
 
 # --- walk helpers ----------------------------------------------------------------------
@@ -922,7 +938,6 @@ cdef class BlockTable:
         cdef MapSlot* s = _map_claim(&self._multi, k)
         if s.v == 0:
             self._multi.count += 1
-            s.k = k
             s.v = 2
         else:
             s.v += 1
@@ -932,20 +947,13 @@ cdef class BlockTable:
     cdef bint _uncount(self, int32_t idx, int worker, int tier) noexcept nogil:
         """Drop one of several references; False when only one was left."""
         cdef uint64_t k = self._multi_key(idx, worker, tier)
-        cdef uint64_t i
-        if self._multi.slots == NULL:
+        cdef MapSlot* slot = _map_find(&self._multi, k)
+        if slot == NULL:
             return False
-        i = _home(&self._multi, k)
-        while True:
-            if self._multi.slots[i].v == 0:
-                return False
-            if self._multi.slots[i].k == k:
-                break
-            i = (i + 1) & self._multi.mask
-        if self._multi.slots[i].v == 2:
+        if slot.v == 2:
             _map_del(&self._multi, k)
         else:
-            self._multi.slots[i].v -= 1
+            slot.v -= 1
         return True
 
     cdef void _drop_multi(self, int32_t idx, int worker) noexcept nogil:
@@ -1235,7 +1243,6 @@ cdef class BlockTable:
             slot = _map_claim(engine, hashes[i])
             if slot.v == 0:
                 engine.count += 1
-                slot.k = hashes[i]
             elif slot.v != keys[i]:
                 # The engine hash now names another block: the node it named may still
                 # be held with no mapping left, so clear_worker must find it another way.
@@ -1256,7 +1263,7 @@ cdef class BlockTable:
         if extra.count >= 64 and extra.count >= self._held[worker]:
             # Keep the set to the nodes still held: it only grows on unusual streams.
             i = 0
-            while i <= extra.mask:
+            while i < extra.cap:
                 s = &extra.slots[i]
                 if s.v != 0:
                     idx = self._kfind(s.k)
@@ -1332,7 +1339,7 @@ cdef class BlockTable:
         cdef kv_node* node
         if m.slots == NULL:
             return
-        for i in range(m.mask + 1):
+        for i in range(m.cap):
             if m.slots[i].v == 0:
                 continue
             key = m.slots[i].v if values_are_keys else m.slots[i].k
