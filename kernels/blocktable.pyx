@@ -40,6 +40,8 @@ rules). The budget is one cache line per block on a prefix walk and at most 64 b
   once no worker matches, the rest of the prompt is never hashed. Table slots are
   fetched 8 blocks ahead and nodes 4 ahead of the walk (32 and 16 when the keys are
   given), so the walk overlaps its cache misses with hashing instead of waiting on them.
+* vLLM's event batches (msgpack) are decoded by _kvbatch.pxi into arrays of hashes and
+  token ids and applied from there (apply_payload): no Python object per block.
 """
 
 include "_hashcore.pxi"

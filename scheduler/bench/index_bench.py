@@ -214,11 +214,10 @@ def _ingest(index: PrefixIndex, payloads: list[tuple[str, bytes]], fast: bool) -
     return time.process_time() - cpu0, time.perf_counter() - wall0, declined
 
 
-def _lookups(
-    index: PrefixIndex, queries: list[np.ndarray], prebuilt: list[list[int]] | None = None
-) -> dict[str, Any]:
-    """Time request_keys + match per prompt; tokens built just before (or taken from prebuilt)."""
-    cost = _thread_clock_cost_ns()
+def _lookup_pass(
+    index: PrefixIndex, queries: list[np.ndarray], prebuilt: list[list[int]] | None, cost: int
+) -> tuple[list[int], list[int], int, int]:
+    """One pass over the prompts: (CPU ns, wall ns) per lookup, blocks hashed, blocks matched."""
     wall: list[int] = []
     cpu: list[int] = []
     hashed = matched = 0
@@ -235,12 +234,33 @@ def _lookups(
         matched += max((m.total_blocks for m in matches.values()), default=0)
         # Freed here, outside the timing: a request's tokens die after its pick.
         del keys, matches, tokens
+    return cpu, wall, hashed, matched
+
+
+def _lookups(
+    index: PrefixIndex, queries: list[np.ndarray], prebuilt: list[list[int]] | None = None, passes: int = 3
+) -> dict[str, Any]:
+    """Time request_keys + match per prompt; tokens built just before (or taken from prebuilt).
+
+    The first pass gives the figures as measured. Each prompt's fastest of ``passes``
+    passes (whole passes, so every lookup meets caches as cold as the first did: the
+    prompts' nodes far exceed the last-level cache) gives the same percentiles with the
+    other processes' interference mostly filtered out: on this shared machine a lookup
+    that loses the core's pipeline to a neighbour for its whole duration is common enough
+    to set the p99 by itself.
+    """
+    cost = _thread_clock_cost_ns()
+    runs = [_lookup_pass(index, queries, prebuilt, cost) for _ in range(max(passes, 1))]
+    cpu, wall, hashed, matched = runs[0]
+    best = np.min(np.asarray([run[0] for run in runs]), axis=0)
     n = max(len(queries), 1)
     return {
         "lookup_p50_us": _percentile(cpu, 50),
         "lookup_p99_us": _percentile(cpu, 99),
         "lookup_wall_p50_us": _percentile(wall, 50),
         "lookup_wall_p99_us": _percentile(wall, 99),
+        "lookup_best_p50_us": _percentile(best, 50),
+        "lookup_best_p99_us": _percentile(best, 99),
         "lookups_per_s": len(queries) / (sum(cpu) / 1e9),
         "blocks_hashed_per_lookup": hashed / n,
         "mean_matched_blocks": matched / n,
@@ -314,7 +334,7 @@ def measure(
         report.update(_lookups(index, queries))
         if cold:
             prebuilt = [q.tolist() for q in queries]
-            report["cold"] = _lookups(index, queries, prebuilt)
+            report["cold"] = _lookups(index, queries, prebuilt, passes=1)
             del prebuilt
         report["hash_tokens_per_s"] = _hash_rate(index, queries[: max(len(queries) // 4, 1)])
         if codec_share:
