@@ -30,7 +30,7 @@ from scheduler.core.blockhash_ref import own_block_keys
 
 MASK64 = (1 << 64) - 1
 TIERS = 3
-MAX_WORKERS_LIMIT = 1 << 16
+MAX_WORKERS_LIMIT = 1 << 12
 
 
 class _Node:
@@ -269,6 +269,25 @@ class BlockTable:
             walked.append(key)
         self._touch(reversed(walked))
         return [(worker, run[0], run[1], run[2], run[3]) for worker, run in sorted(runs.items())]
+
+    def match_named(
+        self,
+        keys: Iterable[int],
+        names: Sequence[str | None],
+        match_type: type[tuple[int, int, int, int]],
+        worker_filter: Iterable[int] | None = None,
+    ) -> dict[str, tuple[int, int, int, int]]:
+        """As match, keyed by ``names[worker]`` (workers without a name are left out)."""
+        result = {}
+        for worker, *counts in self.match(keys, worker_filter):
+            name = names[worker] if worker < len(names) else None
+            if name is not None:
+                result[name] = tuple.__new__(match_type, counts)
+        return result
+
+    def entries(self) -> int:
+        """(block, worker) pairs held."""
+        return sum(len(held) for held in self._held)
 
     @property
     def num_blocks(self) -> int:

@@ -433,13 +433,19 @@ class WorkerIngest:
 
     def _apply(self, seq: int, payload: bytes, replay: _Replay | None = None) -> Action:
         """Apply the batch that follows on in order (``seq == next_seq``)."""
-        decoded = self._decode(seq, payload)
-        if decoded is None:
-            self._lose(seq, seq + 1, "an undecodable payload lost its events")
-            return Action.LOST
-        batch = decoded.batch
         try:
-            result = self.index.apply_batch(self.worker, batch)
+            # The kernel's decoder first; it declines (None) anything the codec must see.
+            fast = self.index.apply_payload(self.worker, payload)
+            if fast is not None:
+                result, cleared = fast
+            else:
+                decoded = self._decode(seq, payload)
+                if decoded is None:
+                    self._lose(seq, seq + 1, "an undecodable payload lost its events")
+                    return Action.LOST
+                batch = decoded.batch
+                result = self.index.apply_batch(self.worker, batch)
+                cleared = any(isinstance(event, AllBlocksCleared) for event in batch.events)
         except ValueError as exc:  # the index refuses the worker (e.g. max_workers reached)
             self.stats.event_errors += 1
             self._log_once("index-refused", "batch %d not applied: %s", seq, exc)
@@ -454,7 +460,7 @@ class WorkerIngest:
         if result.errors:
             stats.event_errors += len(result.errors)
             self._log_once("index", "batch %d: %s", seq, result.errors[0])
-        if any(isinstance(event, AllBlocksCleared) for event in batch.events):
+        if cleared:
             # The cache was empty inside this batch: replaying from it rebuilds everything.
             self._empty_at = seq
             self._orphans_pending = False
