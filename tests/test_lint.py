@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "sim": 2,
     "server": 3,
     "replay": 3,
+    "doctor": 3,
     "demo": 4,
     "bench": 4,
     "cli": 5,
