@@ -1,13 +1,22 @@
-"""Outcome counters and the per-decision audit line (logger ``kvsched.audit``, one JSON object)."""
+"""Outcome counters and the per-decision audit line (logger ``kvsched.audit``, one JSON object).
+
+Besides the decision and what the request measured, a line carries ``logged_at`` (wall-clock
+seconds) and ``prompt_blocks`` (the prompt's prefix identity per 512-token block, as the
+Mooncake trace format has it), so that a recorded audit log replays as a trace
+(``kvsched tune --trace``).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from scheduler.adapters.extproc.outcomes import PickOutcome
+from scheduler.workloads.mooncake import prompt_block_ids
 
 audit_log = logging.getLogger("kvsched.audit")
 
@@ -66,7 +75,18 @@ def audit_enabled() -> bool:
 
 def write_audit(record: dict[str, Any]) -> None:
     if audit_log.isEnabledFor(logging.INFO):
+        record.setdefault("logged_at", round(time.time(), 3))
         audit_log.info(json.dumps(record, separators=(",", ":"), default=str))
+
+
+class _Prompted(Protocol):
+    @property
+    def token_ids(self) -> Sequence[int]: ...
+
+
+def prompt_blocks(request: _Prompted | None) -> list[int] | None:
+    """The prompt's prefix identity for the audit line (None: no prompt was read)."""
+    return None if request is None else prompt_block_ids(request.token_ids)
 
 
 def milliseconds(seconds: float | None) -> float | None:

@@ -17,6 +17,7 @@ from scheduler.adapters.extproc.audit import (
     audit_enabled,
     milliseconds,
     primary_summary,
+    prompt_blocks,
     write_audit,
 )
 from scheduler.adapters.extproc.decide import PickRunner, RoutingAnswer
@@ -163,6 +164,9 @@ class EndpointPickerServicer:
             ttft_ms=ttft_ms,
             e2e_ms=milliseconds(now - picked_at),
             cached_tokens=completion.cached_tokens if completion.HasField("cached_tokens") else None,
+            completion_tokens=completion.completion_tokens
+            if completion.HasField("completion_tokens")
+            else None,
         )
         return self._pb2.ReportAck(known=True)
 
@@ -187,6 +191,7 @@ def _audit(request_id: str, decision: RoutingAnswer, outcome: str, **observed: A
             "fallbacks": decision.endpoints[1:],
             "reason": decision.reason or None,
             "prompt_tokens": len(request.token_ids) if request is not None else None,
+            "prompt_blocks": prompt_blocks(request),
             **primary_summary(decision.explanation),
             "explanation": decision.explanation,
             **observed,

@@ -35,6 +35,7 @@ from scheduler.adapters.extproc.audit import (
     audit_enabled,
     milliseconds,
     primary_summary,
+    prompt_blocks,
     write_audit,
 )
 from scheduler.adapters.extproc.config import DROPPED_REASON_HEADER, ExtProcConfig
@@ -353,6 +354,7 @@ class _Exchange:
                 "reason": decision.reason or None,
                 "model": decision.body.model if decision.body else None,
                 "prompt_tokens": len(request.token_ids) if request is not None else None,
+                "prompt_blocks": prompt_blocks(request),
                 **primary_summary(explanation),
                 "explanation": explanation,
                 "decision_ms": milliseconds(self._decision_s),
