@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "scheduler.doctor.commands",
     "scheduler.demo.commands",
     "scheduler.bench.commands",
+    "scheduler.tune.commands",
 )
 
 

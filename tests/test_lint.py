@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "doctor": 3,
     "demo": 4,
     "bench": 4,
+    "tune": 4,
     "cli": 5,
     "__main__": 5,
 }

@@ -1,0 +1,240 @@
+"""The search: Optuna's TPE sampler over the space in ``space.py``, each trial one simulated
+run of the tuning window, then the current and the tuned policy on the held-out window.
+
+Trials run in worker processes when ``jobs > 1`` (the simulator is pure Python: threads would
+share one core through the GIL). Optuna's ask/tell interface hands out ``jobs`` trials at a
+time; the sampler's ``constant_liar`` option keeps parallel asks from proposing the same point.
+The first trial is the current policy, so the search starts from it and its tuning-window
+figure is the one to beat.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler.core.scheduler import SchedulerConfig
+from scheduler.tune.evaluate import DEFAULT_JITTER_MS, Objective, PoolShape, run_window
+from scheduler.tune.space import Knob, Params, apply_params, params_of, suggest
+from scheduler.tune.trace import Split, Window
+from scheduler.workloads.model import Workload
+
+log = logging.getLogger(__name__)
+
+# Optuna needs a finite value to rank a trial; a run whose latency percentile is a failure
+# (more policy failures than the percentile's share) is worse than any real one.
+_WORST_LATENCY_MS = 1e9
+
+# The workload a worker process replays, loaded once by its initializer.
+_WORKER_WORKLOAD: Workload | None = None
+
+
+def _init_worker(loader: Callable[[], Workload]) -> None:
+    global _WORKER_WORKLOAD
+    _WORKER_WORKLOAD = loader()
+
+
+def _run_in_worker(
+    config: SchedulerConfig, window: Window, pool: PoolShape, seed: int, jitter_ms: float
+) -> dict[str, Any]:
+    assert _WORKER_WORKLOAD is not None, "worker process without a workload"
+    return run_window(_WORKER_WORKLOAD, config, window, pool, seed=seed, jitter_ms=jitter_ms)
+
+
+class _Inline(Executor):
+    """``jobs == 1``: runs each call at once, in this process."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:  # handed to the caller through the future, as a pool would
+            future.set_exception(exc)
+        return future
+
+
+def make_executor(workload: Workload, loader: Callable[[], Workload], jobs: int) -> Executor:
+    """Worker processes that each load the workload once (``loader`` must be picklable: a
+    module-level function or a ``functools.partial`` of one)."""
+    if jobs <= 1:
+        global _WORKER_WORKLOAD
+        _WORKER_WORKLOAD = workload
+        return _Inline()
+    methods = multiprocessing.get_all_start_methods()
+    # fork shares the parent's registered scorers and policies (and its loaded modules) with the
+    # workers; where it is not available, spawn re-imports them.
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    return ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(loader,))
+
+
+@dataclass(slots=True)
+class TrialRecord:
+    number: int
+    params: Params
+    value: float
+    report: dict[str, Any]
+
+
+@dataclass(slots=True)
+class SearchResult:
+    objective: Objective
+    baseline: TrialRecord
+    best: TrialRecord
+    trials: list[TrialRecord] = field(default_factory=list)
+    failed: int = 0
+    wall_s: float = 0.0
+
+
+def objective_value(objective: Objective, report: dict[str, Any]) -> float:
+    value = objective.value(report)
+    if math.isfinite(value):
+        return value
+    return _WORST_LATENCY_MS if objective.direction == "minimize" else 0.0
+
+
+def search(
+    workload: Workload,
+    executor: Executor,
+    *,
+    base: SchedulerConfig,
+    space: Sequence[Knob],
+    objective: Objective,
+    window: Window,
+    pool: PoolShape,
+    trials: int,
+    jobs: int,
+    seed: int,
+    on_trial: Callable[[TrialRecord | None], None] = lambda _: None,
+) -> SearchResult:
+    """``trials`` simulated runs of ``window`` (the first one ``base`` itself), best kept."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=jobs > 1)
+    study = optuna.create_study(direction=objective.direction, sampler=sampler)
+    study.enqueue_trial(params_of(base, space))
+    records: list[TrialRecord] = []
+    failed = 0
+    started = time.perf_counter()
+    remaining = trials
+    while remaining > 0:
+        batch = []
+        for _ in range(min(jobs, remaining)):
+            trial = study.ask()
+            params = suggest(trial, space)
+            try:
+                config = apply_params(base, params, space)
+            except ValueError as exc:  # a point the configuration refuses: no run to make
+                log.warning("trial %d: %s", trial.number, exc)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                failed += 1
+                on_trial(None)
+                continue
+            batch.append((trial, params, executor.submit(_run_in_worker, config, window, pool, 0, 0.0)))
+        remaining -= jobs
+        for trial, params, future in batch:
+            try:
+                report = future.result()
+            except Exception:
+                log.exception("trial %d failed in the simulator", trial.number)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                failed += 1
+                on_trial(None)
+                continue
+            value = objective_value(objective, report)
+            study.tell(trial, value)
+            record = TrialRecord(trial.number, params, value, report)
+            records.append(record)
+            on_trial(record)
+    if not records:
+        raise RuntimeError("every trial failed; see the log")
+    baseline = next((r for r in records if r.number == 0), records[0])
+    best = records[0]
+    for record in records[1:]:
+        if objective.better(record.value, best.value):
+            best = record
+    return SearchResult(objective, baseline, best, records, failed, time.perf_counter() - started)
+
+
+@dataclass(slots=True)
+class HoldoutRun:
+    seed: int
+    current: dict[str, Any]
+    tuned: dict[str, Any]
+    current_value: float
+    tuned_value: float
+
+
+@dataclass(slots=True)
+class Comparison:
+    objective: Objective
+    runs: list[HoldoutRun]
+
+    def improvements(self) -> list[float]:
+        return [self.objective.improvement(r.current_value, r.tuned_value) for r in self.runs]
+
+    def current_spread(self) -> float:
+        """Relative spread (max - min over the mean) of the current policy across seeds: the
+        noise of one measurement."""
+        values = [r.current_value for r in self.runs]
+        mean = sum(values) / len(values)
+        return (max(values) - min(values)) / mean if mean else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        gains = self.improvements()
+        return {
+            "objective": self.objective.name,
+            "runs": [
+                {"seed": r.seed, "current": r.current_value, "tuned": r.tuned_value, "improvement": gain}
+                for r, gain in zip(self.runs, gains, strict=True)
+            ],
+            "improvement_mean": sum(gains) / len(gains),
+            "improvement_min": min(gains),
+            "improvement_max": max(gains),
+            "current_spread": self.current_spread(),
+        }
+
+
+def compare_on_holdout(
+    executor: Executor,
+    *,
+    current: SchedulerConfig,
+    tuned: SchedulerConfig,
+    objective: Objective,
+    split: Split,
+    pool: PoolShape,
+    seeds: Sequence[int],
+    jitter_ms: float = DEFAULT_JITTER_MS,
+    on_run: Callable[[], None] = lambda: None,
+) -> Comparison:
+    """Both policies on the held-out window, once per seed (seed 0: the trace's own times)."""
+    futures = [
+        (
+            seed,
+            executor.submit(_run_in_worker, current, split.holdout, pool, seed, jitter_ms),
+            executor.submit(_run_in_worker, tuned, split.holdout, pool, seed, jitter_ms),
+        )
+        for seed in seeds
+    ]
+    runs = []
+    for seed, current_future, tuned_future in futures:
+        current_report = current_future.result()
+        on_run()
+        tuned_report = tuned_future.result()
+        on_run()
+        runs.append(
+            HoldoutRun(
+                seed,
+                current_report,
+                tuned_report,
+                objective_value(objective, current_report),
+                objective_value(objective, tuned_report),
+            )
+        )
+    return Comparison(objective, runs)
