@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -213,6 +214,17 @@ async def test_unreachable_worker_is_named_and_the_others_still_checked() -> Non
     assert finding(report, Check.KV_EVENTS, 1).status is Status.SKIP
     assert not report.endpoints[0].failed
     assert "1 of 2 endpoint(s)" in report.verdict()
+
+
+async def test_a_skewed_clock_is_a_warning() -> None:
+    async with SimPool(1, PoolConfig(speed=50.0)) as pool:
+        settings = config([endpoint(d) for d in pool.descriptors])
+        # This machine's clock 30 s ahead of the pod's (the pod stamps batches with its time.time()).
+        report = await diagnose(settings, wait_s=WAIT_S, wall_clock=lambda: time.time() + 30.0)
+    clock = finding(report, Check.CLOCK)
+    assert clock.status is Status.WARN and "30." in clock.message and "behind" in clock.message
+    assert "NTP" in clock.fix
+    assert report.ok() and not report.ok(strict=True)
 
 
 async def test_endpoints_without_kv_events_are_approximate_mode() -> None:
