@@ -60,17 +60,23 @@ class _Inline(Executor):
 
 
 def make_executor(workload: Workload, loader: Callable[[], Workload], jobs: int) -> Executor:
-    """Worker processes that each load the workload once (``loader`` must be picklable: a
-    module-level function or a ``functools.partial`` of one)."""
+    """``jobs`` worker processes holding the workload, started now. With fork (Linux) they
+    inherit the loaded workload and the parent's registered scorers and policies; with spawn
+    each loads it again (``loader`` must then be picklable: a module-level function or a
+    ``functools.partial`` of one)."""
+    global _WORKER_WORKLOAD
+    _WORKER_WORKLOAD = workload
     if jobs <= 1:
-        global _WORKER_WORKLOAD
-        _WORKER_WORKLOAD = workload
         return _Inline()
-    methods = multiprocessing.get_all_start_methods()
-    # fork shares the parent's registered scorers and policies (and its loaded modules) with the
-    # workers; where it is not available, spawn re-imports them.
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    return ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(loader,))
+    if "fork" in multiprocessing.get_all_start_methods():
+        executor = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"))
+    else:
+        context = multiprocessing.get_context("spawn")
+        executor = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(loader,))
+    # A forking pool starts every process at its first task: do it now, before any other
+    # thread (a progress bar's) exists, so no child inherits a lock another thread held.
+    executor.submit(int).result()
+    return executor
 
 
 @dataclass(slots=True)
