@@ -73,6 +73,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         current, current_text = current_config(args.current)
+        candidate = None if args.evaluate is None else current_config(args.evaluate)[0]
         workload = _load(args.trace, args.block_tokens, args.time_scale)
         split = split_by_time(
             workload,
@@ -98,36 +99,41 @@ def _run(args: argparse.Namespace) -> int:
         f"({tune_requests:,} requests), "
         f"held out {split.holdout.start_s / 60:.0f}-{split.holdout.end_s / 60:.0f} min ({held_requests:,} "
         f"requests, after {split.holdout.warmup_s / 60:g} min of warm-up); {len(space)} knobs, "
-        f"{args.trials} trials, {args.jobs} job(s)"
+        f"{'no search' if args.evaluate else f'{args.trials} trials'}, {args.jobs} job(s)"
     )
     loader = functools.partial(_load, args.trace, args.block_tokens, args.time_scale)
     seeds = list(range(args.eval_seeds))
+    windows = split.holdout_windows(args.eval_splits)
     executor = make_executor(workload, loader, args.jobs)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    result = None
     with executor, Progress(*columns, console=console, disable=args.quiet) as progress:
-        trials_task = progress.add_task("trials", total=args.trials)
-        result = search(
-            workload,
-            executor,
-            base=current,
-            space=space,
-            objective=objective,
-            window=split.tune,
-            pool=pool,
-            trials=args.trials,
-            jobs=args.jobs,
-            seed=args.seed,
-            on_trial=lambda _: progress.advance(trials_task),
-        )
-        spec = policy_spec(apply_params(current, result.best.params, space), space)
+        if candidate is None:
+            trials_task = progress.add_task("trials", total=args.trials)
+            result = search(
+                workload,
+                executor,
+                base=current,
+                space=space,
+                objective=objective,
+                window=split.tune,
+                pool=pool,
+                trials=args.trials,
+                jobs=args.jobs,
+                seed=args.seed,
+                on_trial=lambda _: progress.advance(trials_task),
+            )
+            spec = policy_spec(apply_params(current, result.best.params, space), space)
+        else:
+            spec = policy_spec(candidate, space)
         tuned = applied(spec, current)
-        held_task = progress.add_task("held-out runs", total=2 * len(seeds))
+        held_task = progress.add_task("held-out runs", total=2 * len(seeds) * len(windows))
         comparison = compare_on_holdout(
             executor,
             current=current,
             tuned=tuned,
             objective=objective,
-            split=split,
+            windows=windows,
             pool=pool,
             seeds=seeds,
             jitter_ms=args.jitter_ms,
@@ -135,15 +141,17 @@ def _run(args: argparse.Namespace) -> int:
         )
     summary = comparison.as_dict()
     verdict = _verdict(summary, args.goal)
-    console.print(
-        f"tuning window: current {_fmt(result.baseline.value, objective)}, best "
-        f"{_fmt(result.best.value, objective)} (trial {result.best.number}); {len(result.trials)} trials "
-        f"in {result.wall_s:.0f} s ({result.failed} failed)"
-    )
-    for run, gain in zip(comparison.runs, comparison.improvements(), strict=True):
+    if result is not None:
         console.print(
-            f"held-out, seed {run.seed}: current {_fmt(run.current_value, objective)}, tuned "
-            f"{_fmt(run.tuned_value, objective)} ({gain:+.1%})"
+            f"tuning window: current {_fmt(result.baseline.value, objective)}, best "
+            f"{_fmt(result.best.value, objective)} (trial {result.best.number}); {len(result.trials)} trials "
+            f"in {result.wall_s:.0f} s ({result.failed} failed)"
+        )
+    for run, gain in zip(comparison.runs, comparison.improvements(), strict=True):
+        window = windows[run.window]
+        console.print(
+            f"held-out {window.start_s / 60:.0f}-{window.end_s / 60:.0f} min, seed {run.seed}: current "
+            f"{_fmt(run.current_value, objective)}, tuned {_fmt(run.tuned_value, objective)} ({gain:+.1%})"
         )
     console.print(
         f"improvement over the current policy on the held-out part: {summary['improvement_mean']:+.1%} "
@@ -164,7 +172,9 @@ def _run(args: argparse.Namespace) -> int:
             "objective": objective.name,
             "workers": args.workers,
             "split": {"tune": split.tune.as_dict(), "holdout": split.holdout.as_dict()},
-            "tuning": {
+            "tuning": None
+            if result is None
+            else {
                 "trials": [{"number": t.number, "value": t.value, "params": t.params} for t in result.trials],
                 "baseline": result.baseline.value,
                 "best": result.best.value,
@@ -216,7 +226,16 @@ def register(subparsers: Any) -> None:
     tune.add_argument(
         "--eval-seeds", type=int, default=3, help="held-out runs per policy (seeds 1.. jitter arrivals)"
     )
+    tune.add_argument(
+        "--eval-splits", type=int, default=1, help="held-out part cut into N windows, each compared"
+    )
     tune.add_argument("--jitter-ms", type=float, default=100.0, help="arrival jitter of seeds > 0")
+    tune.add_argument(
+        "--evaluate",
+        metavar="FILE",
+        help="no search: compare this SchedulingPolicy (or serve config) with the current policy on the "
+        "held-out part",
+    )
     tune.add_argument("--goal", type=float, default=0.10, help="improvement to call a win (default 0.10)")
     tune.add_argument(
         "--current", help="the policy to beat: a SchedulingPolicy or serve config (default: defaults)"

@@ -22,7 +22,7 @@ from typing import Any
 from scheduler.core.scheduler import SchedulerConfig
 from scheduler.tune.evaluate import DEFAULT_JITTER_MS, Objective, PoolShape, run_window
 from scheduler.tune.space import Knob, Params, apply_params, params_of, suggest
-from scheduler.tune.trace import Split, Window
+from scheduler.tune.trace import Window
 from scheduler.workloads.model import Workload
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ def search(
 
 @dataclass(slots=True)
 class HoldoutRun:
+    window: int  # which part of the held-out span
     seed: int
     current: dict[str, Any]
     tuned: dict[str, Any]
@@ -179,25 +180,40 @@ class HoldoutRun:
 
 @dataclass(slots=True)
 class Comparison:
+    """The current and the tuned policy on the held-out part: per window of it, per seed."""
+
     objective: Objective
+    windows: list[Window]
     runs: list[HoldoutRun]
 
     def improvements(self) -> list[float]:
         return [self.objective.improvement(r.current_value, r.tuned_value) for r in self.runs]
 
     def current_spread(self) -> float:
-        """Relative spread (max - min over the mean) of the current policy across seeds: the
-        noise of one measurement."""
-        values = [r.current_value for r in self.runs]
-        mean = sum(values) / len(values)
-        return (max(values) - min(values)) / mean if mean else 0.0
+        """The noise of one measurement: the current policy's relative spread (max - min over
+        the mean) across seeds, the largest over the windows (windows differ in load, seeds
+        only in arrival jitter)."""
+        spreads = [0.0]
+        for window in range(len(self.windows)):
+            values = [r.current_value for r in self.runs if r.window == window]
+            mean = sum(values) / len(values) if values else 0.0
+            if len(values) > 1 and mean:
+                spreads.append((max(values) - min(values)) / mean)
+        return max(spreads)
 
     def as_dict(self) -> dict[str, Any]:
         gains = self.improvements()
         return {
             "objective": self.objective.name,
+            "windows": [w.as_dict() for w in self.windows],
             "runs": [
-                {"seed": r.seed, "current": r.current_value, "tuned": r.tuned_value, "improvement": gain}
+                {
+                    "window": r.window,
+                    "seed": r.seed,
+                    "current": r.current_value,
+                    "tuned": r.tuned_value,
+                    "improvement": gain,
+                }
                 for r, gain in zip(self.runs, gains, strict=True)
             ],
             "improvement_mean": sum(gains) / len(gains),
@@ -213,29 +229,32 @@ def compare_on_holdout(
     current: SchedulerConfig,
     tuned: SchedulerConfig,
     objective: Objective,
-    split: Split,
+    windows: Sequence[Window],
     pool: PoolShape,
     seeds: Sequence[int],
     jitter_ms: float = DEFAULT_JITTER_MS,
     on_run: Callable[[], None] = lambda: None,
 ) -> Comparison:
-    """Both policies on the held-out window, once per seed (seed 0: the trace's own times)."""
+    """Both policies on every held-out window, once per seed (seed 0: the trace's own times)."""
     futures = [
         (
+            index,
             seed,
-            executor.submit(_run_in_worker, current, split.holdout, pool, seed, jitter_ms),
-            executor.submit(_run_in_worker, tuned, split.holdout, pool, seed, jitter_ms),
+            executor.submit(_run_in_worker, current, window, pool, seed, jitter_ms),
+            executor.submit(_run_in_worker, tuned, window, pool, seed, jitter_ms),
         )
+        for index, window in enumerate(windows)
         for seed in seeds
     ]
     runs = []
-    for seed, current_future, tuned_future in futures:
+    for index, seed, current_future, tuned_future in futures:
         current_report = current_future.result()
         on_run()
         tuned_report = tuned_future.result()
         on_run()
         runs.append(
             HoldoutRun(
+                index,
                 seed,
                 current_report,
                 tuned_report,
@@ -243,4 +262,4 @@ def compare_on_holdout(
                 objective_value(objective, tuned_report),
             )
         )
-    return Comparison(objective, runs)
+    return Comparison(objective, list(windows), runs)

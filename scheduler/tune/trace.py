@@ -14,6 +14,7 @@ a policy is judged on requests that came after everything it was tuned on.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -210,6 +211,18 @@ class Window:
 class Split:
     tune: Window
     holdout: Window
+
+    def holdout_windows(self, parts: int) -> list[Window]:
+        """The held-out window cut into ``parts`` consecutive windows (each with the warm-up),
+        so that one comparison is repeated on parts of the trace with their own load."""
+        if parts < 1:
+            raise ValueError("parts must be at least 1")
+        if parts == 1:
+            return [self.holdout]
+        held = self.holdout
+        step = (held.end_s - held.start_s) / parts
+        edges = [held.start_s + i * step for i in range(parts)] + [held.end_s]
+        return [Window(a, b, held.warmup_s) for a, b in itertools.pairwise(edges)]
 
 
 def split_by_time(workload: Workload, *, holdout: float, tune_s: float | None, warmup_s: float) -> Split:
