@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from typing import Any
 
@@ -28,12 +29,19 @@ def _run(args: argparse.Namespace) -> int:
     from scheduler.server.commands import load_from_args
     from scheduler.server.config import ConfigError
 
+    # The report says what the start-up tokenizer probe found; its own log lines would repeat it.
+    probe_log = logging.getLogger("scheduler.adapters.tokenizer_probe")
+    level = probe_log.level
+    if not probe_log.isEnabledFor(logging.DEBUG):
+        probe_log.setLevel(logging.ERROR)
     try:
         config = load_from_args(args)
         report = asyncio.run(diagnose(config, wait_s=args.wait, attempts=args.attempts))
     except ConfigError as exc:
         print(f"kvsched doctor: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    finally:
+        probe_log.setLevel(level)
     if args.json:
         print(json.dumps(report.as_dict(), indent=1))
     else:
