@@ -353,3 +353,24 @@ def test_evaluate_compares_a_given_policy_on_every_held_out_window(tmp_path: Pat
     assert all(r["current"] == r["tuned"] and r["improvement"] == 0 for r in holdout["runs"])
     # ... while the arrival jitter of seed 1 does move the measurement: that is the noise.
     assert holdout["current_spread"] > 0
+
+
+def test_the_verdict_rests_on_a_paired_interval_not_on_one_run() -> None:
+    from scheduler.tune.commands import _verdict
+    from scheduler.tune.search import Comparison, HoldoutRun
+
+    def comparison(pairs: list[tuple[float, float]]) -> dict[str, Any]:
+        runs = [HoldoutRun(0, seed, {}, {}, a, b) for seed, (a, b) in enumerate(pairs)]
+        return Comparison(OBJECTIVES["ttft_p99"], [], runs).as_dict()
+
+    # Twelve paired runs, improvements 2.9% ... 16.0% (a real held-out comparison's): better, but the
+    # interval of the mean reaches below 10%.
+    gains = [2.9, 9.9, -0.6, 2.3, 13.2, 7.2, 16.0, 3.7, 15.1, -3.4, 7.3, 3.5]
+    better = comparison([(100.0, 100.0 - g) for g in gains])
+    low, high = better["improvement_interval_95"]
+    assert low == pytest.approx(0.0251, abs=1e-3) and high == pytest.approx(0.1034, abs=1e-3)
+    assert _verdict(better, 0.10).startswith("the tuned policy is better by +6.4%")
+    noise = comparison([(100.0, 97.0), (100.0, 104.0), (100.0, 99.0)])
+    assert _verdict(noise, 0.10).startswith("within noise")
+    win = comparison([(100.0, 80.0), (110.0, 90.0), (90.0, 75.0)])
+    assert "on every one of 3 held-out runs" in _verdict(win, 0.10)

@@ -34,17 +34,29 @@ def _fmt(value: float, objective: Any) -> str:
 
 
 def _verdict(summary: dict[str, Any], goal: float) -> str:
-    low, mean, spread = summary["improvement_min"], summary["improvement_mean"], summary["current_spread"]
+    low, high = summary["improvement_interval_95"]
+    mean, spread = summary["improvement_mean"], summary["current_spread"]
+    runs = len(summary["runs"])
+    if summary["improvement_min"] >= goal:
+        return f"the tuned policy beats the current one by >= {goal:.0%} on every one of {runs} held-out runs"
     if low >= goal:
-        return f"tuned beats the current policy by >= {goal:.0%} on every held-out run"
-    if abs(mean) <= spread:
         return (
-            f"within noise: the tuned policy's {mean:+.1%} is inside the current policy's own "
-            f"{spread:.1%} spread across seeds; the current policy is as good as this search finds"
+            f"the tuned policy beats the current one by {mean:+.1%} (95% interval {low:+.1%} to {high:+.1%})"
         )
-    if mean > 0:
-        return f"tuned is better by {mean:+.1%} on average, short of {goal:.0%} on every run"
-    return "tuned is worse on the held-out part: keep the current policy (it overfitted the tuning window)"
+    if low > 0:
+        return (
+            f"the tuned policy is better by {mean:+.1%} (95% interval {low:+.1%} to {high:+.1%}), short of "
+            f"{goal:.0%}"
+        )
+    if high < 0:
+        return (
+            "the tuned policy is worse on the held-out part: keep the current one (it fitted the tuning part)"
+        )
+    return (
+        f"within noise: the tuned policy's {mean:+.1%} has a 95% interval of {low:+.1%} to {high:+.1%} over "
+        f"{runs} held-out runs (one run of the current policy varies by {spread:.1%} across seeds): the "
+        "current policy is as good as this search finds"
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -155,8 +167,10 @@ def _run(args: argparse.Namespace) -> int:
         )
     console.print(
         f"improvement over the current policy on the held-out part: {summary['improvement_mean']:+.1%} "
-        f"(min {summary['improvement_min']:+.1%}, max {summary['improvement_max']:+.1%}); the current "
-        f"policy's own spread across seeds: {summary['current_spread']:.1%}\nverdict: {verdict}"
+        f"(95% interval {summary['improvement_interval_95'][0]:+.1%} to "
+        f"{summary['improvement_interval_95'][1]:+.1%}; runs {summary['improvement_min']:+.1%} to "
+        f"{summary['improvement_max']:+.1%}); the current policy's own spread across seeds: "
+        f"{summary['current_spread']:.1%}\nverdict: {verdict}"
     )
     header = (
         f"kvsched tune --trace {args.trace} --objective {objective.name} --workers {args.workers}\n"

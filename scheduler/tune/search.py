@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -168,6 +169,18 @@ def search(
     return SearchResult(objective, baseline, best, records, failed, time.perf_counter() - started)
 
 
+# Student's t 0.975 quantiles by degrees of freedom (any statistics table); 1.96 beyond 30.
+_T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+_T_975 |= {10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def t_quantile_975(degrees: int) -> float:
+    """Two-sided 95% Student's t quantile (the table's entry at or below ``degrees``)."""
+    if degrees > 30:
+        return 1.96
+    return _T_975[max(d for d in _T_975 if d <= degrees)]
+
+
 @dataclass(slots=True)
 class HoldoutRun:
     window: int  # which part of the held-out span
@@ -201,10 +214,22 @@ class Comparison:
                 spreads.append((max(values) - min(values)) / mean)
         return max(spreads)
 
+    def interval(self) -> tuple[float, float]:
+        """95% interval of the mean improvement: the runs are paired (same window, same seed,
+        same arrivals), so their differences are what varies; Student's t for few runs."""
+        gains = self.improvements()
+        mean = sum(gains) / len(gains)
+        if len(gains) < 2:
+            return mean, mean
+        half = t_quantile_975(len(gains) - 1) * statistics.stdev(gains) / math.sqrt(len(gains))
+        return mean - half, mean + half
+
     def as_dict(self) -> dict[str, Any]:
         gains = self.improvements()
+        low, high = self.interval()
         return {
             "objective": self.objective.name,
+            "improvement_interval_95": [low, high],
             "windows": [w.as_dict() for w in self.windows],
             "runs": [
                 {
