@@ -321,6 +321,15 @@ def test_tune_is_reproducible_from_its_seed_and_starts_from_a_given_policy(tmp_p
     assert first["holdout"] == second["holdout"]
 
 
+def test_trial_seeds_average_jittered_runs(tmp_path: Path) -> None:
+    trace = write_trace(tmp_path / "t.jsonl")
+    one = run_tune(tmp_path, trace, "--trials", "1")
+    two = run_tune(tmp_path, trace, "--trials", "1", "--trial-seeds", "2")
+    # The first trial is the defaults either way; averaged with a jittered run, its figure moves.
+    assert one["tuning"]["trials"][0]["params"] == two["tuning"]["trials"][0]["params"]
+    assert one["tuning"]["baseline"] != two["tuning"]["baseline"]
+
+
 def test_tune_in_parallel_processes_gives_the_same_runs(tmp_path: Path) -> None:
     trace = write_trace(tmp_path / "t.jsonl")
     serial = run_tune(tmp_path, trace, "--trials", "2")

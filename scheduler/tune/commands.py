@@ -133,6 +133,8 @@ def _run(args: argparse.Namespace) -> int:
                 trials=args.trials,
                 jobs=args.jobs,
                 seed=args.seed,
+                trial_seeds=args.trial_seeds,
+                jitter_ms=args.jitter_ms,
                 on_trial=lambda _: progress.advance(trials_task),
             )
             spec = policy_spec(apply_params(current, result.best.params, space), space)
@@ -237,6 +239,12 @@ def register(subparsers: Any) -> None:
     tune.add_argument("--trials", type=int, default=30, help="simulated runs of the tuning window")
     tune.add_argument("--jobs", type=int, default=1, help="trials run in parallel processes")
     tune.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    tune.add_argument(
+        "--trial-seeds",
+        type=int,
+        default=1,
+        help="runs averaged per trial (seeds > 0 jitter arrivals): steadier tail objectives, N x the cost",
+    )
     tune.add_argument(
         "--eval-seeds", type=int, default=3, help="held-out runs per policy (seeds 1.. jitter arrivals)"
     )

@@ -117,9 +117,13 @@ def search(
     trials: int,
     jobs: int,
     seed: int,
+    trial_seeds: int = 1,
+    jitter_ms: float = DEFAULT_JITTER_MS,
     on_trial: Callable[[TrialRecord | None], None] = lambda _: None,
 ) -> SearchResult:
-    """``trials`` simulated runs of ``window`` (the first one ``base`` itself), best kept."""
+    """``trials`` points (the first one ``base`` itself), each scored by the mean objective of
+    ``trial_seeds`` simulated runs of ``window`` (seed 0 as traced, the others jittered: a
+    tail percentile of one run of a short window is noisy enough to be fitted), best kept."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -143,20 +147,24 @@ def search(
                 failed += 1
                 on_trial(None)
                 continue
-            batch.append((trial, params, executor.submit(_run_in_worker, config, window, pool, 0, 0.0)))
+            runs = [
+                executor.submit(_run_in_worker, config, window, pool, run_seed, jitter_ms)
+                for run_seed in range(trial_seeds)
+            ]
+            batch.append((trial, params, runs))
         remaining -= jobs
-        for trial, params, future in batch:
+        for trial, params, runs in batch:
             try:
-                report = future.result()
+                reports = [future.result() for future in runs]
             except Exception:
                 log.exception("trial %d failed in the simulator", trial.number)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 failed += 1
                 on_trial(None)
                 continue
-            value = objective_value(objective, report)
+            value = sum(objective_value(objective, report) for report in reports) / len(reports)
             study.tell(trial, value)
-            record = TrialRecord(trial.number, params, value, report)
+            record = TrialRecord(trial.number, params, value, reports[0])
             records.append(record)
             on_trial(record)
     if not records:
