@@ -246,6 +246,9 @@ class Comparison:
                     "current": r.current_value,
                     "tuned": r.tuned_value,
                     "improvement": gain,
+                    # What the objective does not show: the other figures of the same runs.
+                    "current_report": _headline(r.current),
+                    "tuned_report": _headline(r.tuned),
                 }
                 for r, gain in zip(self.runs, gains, strict=True)
             ],
@@ -254,6 +257,11 @@ class Comparison:
             "improvement_max": max(gains),
             "current_spread": self.current_spread(),
         }
+
+
+def _headline(report: dict[str, Any]) -> dict[str, Any]:
+    keys = ("requests", "completed", "failed", "ttft_ms", "hit_ratio", "slo_attainment_all", "goodput_rps")
+    return {key: report[key] for key in keys if key in report}
 
 
 def compare_on_holdout(
