@@ -30,7 +30,8 @@ from scheduler.cli import main
 from scheduler.core.scheduler import Endpoint, Scheduler, SchedulerConfig
 from scheduler.core.scoring.registry import SCORERS, register_scorer
 from scheduler.core.scoring.scorers import QueueDepthScorer
-from scheduler.tune.evaluate import OBJECTIVES, latency_with_failures
+from scheduler.tune.evaluate import latency_with_failures
+from scheduler.tune.objectives import OBJECTIVES
 from scheduler.tune.policy import applied, manifest
 from scheduler.tune.space import apply_params, knobs, params_of, policy_spec, searched, suggest
 from scheduler.tune.trace import load_trace, split_by_time, trace_kind

@@ -64,7 +64,8 @@ def _run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from scheduler.server.config import ConfigError
-    from scheduler.tune.evaluate import OBJECTIVES, PoolShape
+    from scheduler.tune.evaluate import PoolShape
+    from scheduler.tune.objectives import OBJECTIVES
     from scheduler.tune.policy import applied, current_config, manifest, render
     from scheduler.tune.search import compare_on_holdout, make_executor, search
     from scheduler.tune.space import apply_params, knobs, policy_spec, searched
@@ -206,7 +207,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from scheduler.tune.evaluate import OBJECTIVES
+    from scheduler.tune.objectives import OBJECTIVES
 
     tune = subparsers.add_parser(
         "tune",

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler.core.scheduler import SchedulerConfig
-from scheduler.tune.evaluate import DEFAULT_JITTER_MS, Objective, PoolShape, run_window
+from scheduler.tune.evaluate import DEFAULT_JITTER_MS, PoolShape, run_window
+from scheduler.tune.objectives import Objective
 from scheduler.tune.space import Knob, Params, apply_params, params_of, suggest
 from scheduler.tune.trace import Window
 from scheduler.workloads.model import Workload
