@@ -275,13 +275,27 @@ def stored_events(messages: Sequence[Message]) -> list[BlockStored]:
     ]
 
 
-def recognise(probe: Probe, messages: Sequence[Message], schemes: Sequence[HashScheme]) -> Probe:
-    """Mark what of ``probe`` the messages carry: blocks by token ids, hashes by scheme."""
-    events = stored_events(messages)
-    probe.by_tokens = sum(1 for e in events if aligned_slice(probe.ids, e.token_ids, e.block_size))
-    seen = {h for e in events for h in e.block_hashes}
-    probe.schemes = [scheme for scheme in schemes if scheme_hashes(probe.ids, scheme) & seen]
-    return probe
+class ProbeMatcher:
+    """Recognises one probe in the captured messages, reading each message once: on a busy pod
+    hundreds of batches arrive while a probe is awaited, and the probe's hashes are computed
+    once per scheme, not once per arrival."""
+
+    def __init__(self, probe: Probe, schemes: Sequence[HashScheme]) -> None:
+        self.probe = probe
+        self._hashes = [(scheme, scheme_hashes(probe.ids, scheme)) for scheme in schemes]
+        self._read = 0
+
+    def update(self, messages: Sequence[Message]) -> bool:
+        probe = self.probe
+        for event in stored_events(messages[self._read :]):
+            if aligned_slice(probe.ids, event.token_ids, event.block_size):
+                probe.by_tokens += 1
+            hashes = set(event.block_hashes)
+            for scheme, expected in self._hashes:
+                if scheme not in probe.schemes and expected & hashes:
+                    probe.schemes.append(scheme)
+        self._read = len(messages)
+        return probe.seen
 
 
 # --- the KV-event checks -------------------------------------------------------------------
@@ -381,6 +395,7 @@ class KVDiagnosis:
         schemes = hash_schemes(self.settings.index, [s for s in sizes if s])
         model = await _model(self.session, self.endpoint.address)
         probes: list[Probe] = []
+        matchers: list[ProbeMatcher] = []
         for _ in range(self.settings.attempts):
             try:
                 ids = await probe_ids(self.session, self.endpoint.address, self.tokenizer, min_tokens)
@@ -395,19 +410,15 @@ class KVDiagnosis:
                 return []
             probe = Probe(ids)
             probes.append(probe)
-
+            matcher = ProbeMatcher(probe, schemes)
+            matchers.append(matcher)
             # A subscription reaches the publisher a moment after the handshake: the first
             # probe's events may go out before it does, hence a fresh probe per attempt.
-            def recognised(messages: list[Message], probe: Probe = probe) -> bool:
-                return recognise(probe, messages, schemes).seen
-
-            seen = await capture.wait_until(recognised, self.settings.wait_s)
-            if seen:
+            if await capture.wait_until(matcher.update, self.settings.wait_s):
                 break
-        if probes:
-            # Keep the later events too (a slow chunk of the same prompt): recognise once more.
-            for probe in probes:
-                recognise(probe, capture.messages, schemes)
+        # Every probe against every message, the later ones too (a slow chunk of a prompt).
+        for matcher in matchers:
+            matcher.update(capture.messages)
         return probes
 
     # --- analysis ------------------------------------------------------------------------
