@@ -156,12 +156,12 @@ async def check_metrics(
     try:
         metrics = parse_endpoint_metrics(page, spec)
     except PromMetricsError as exc:
-        engine = spec.engine if spec.names is None else "scrape_metric_names"
+        engine = spec.engine if spec.names is None else "replaced by scrape_metric_names"
         report.add(
             Check.METRICS,
             Status.FAIL,
             f"{url}: {exc}; without them kvsched marks the endpoint unhealthy after a few scrapes",
-            f"kvsched reads these names ({engine}): export them, or set scrape_engine / "
+            f"kvsched reads these names (scrape_engine: {engine}): export them, or set scrape_engine / "
             "scrape_metric_names to the names this server uses",
         )
         return None
