@@ -12,7 +12,13 @@ from typing import Any
 
 import grpc
 
-from scheduler.adapters.extproc.audit import audit_enabled, milliseconds, primary_summary, write_audit
+from scheduler.adapters.extproc.audit import (
+    audit_enabled,
+    milliseconds,
+    primary_summary,
+    prompt_blocks,
+    write_audit,
+)
 from scheduler.adapters.extproc.decide import PickRunner, RoutingAnswer
 from scheduler.adapters.extproc.headers import RequestHints, request_hints
 from scheduler.adapters.extproc.outcomes import PickOutcome
@@ -158,6 +164,9 @@ class EndpointPickerServicer:
             ttft_ms=ttft_ms,
             e2e_ms=milliseconds(now - picked_at),
             cached_tokens=completion.cached_tokens if completion.HasField("cached_tokens") else None,
+            completion_tokens=completion.completion_tokens
+            if completion.HasField("completion_tokens")
+            else None,
         )
         return self._pb2.ReportAck(known=True)
 
@@ -182,6 +191,7 @@ def _audit(request_id: str, decision: RoutingAnswer, outcome: str, **observed: A
             "fallbacks": decision.endpoints[1:],
             "reason": decision.reason or None,
             "prompt_tokens": len(request.token_ids) if request is not None else None,
+            "prompt_blocks": prompt_blocks(request),
             **primary_summary(decision.explanation),
             "explanation": decision.explanation,
             **observed,
