@@ -1196,9 +1196,14 @@ cdef class BlockTable:
         return self._apply(worker, tier, n, parent_idx)
 
     def store_keys(self, int worker, int tier, keys, parent_key):
-        """Exact mode: the engine's wire hash is the key; an unknown parent makes a root."""
+        """Exact mode: the engine's wire hash is the key.
+
+        Returns the number of blocks stored, or -1 (and changes nothing) when the worker
+        never reported the parent block, as store_blocks.
+        """
         cdef Py_ssize_t n, i
         cdef int32_t parent_idx = -1
+        cdef uint64_t parent
         self._check(worker, tier)
         n = len(keys)
         self._reserve(n)
@@ -1208,7 +1213,10 @@ cdef class BlockTable:
                 raise ValueError("0 is not a valid block key")
             self._s_hashes[i] = self._s_keys[i]
         if parent_key is not None:
-            parent_idx = self._kfind(_mask_obj(parent_key))
+            parent = _mask_obj(parent_key)
+            if _map_get(&self._engine[worker], parent) == 0:
+                return -1
+            parent_idx = self._kfind(parent)
         if n == 0:
             return 0
         return self._apply(worker, tier, n, parent_idx)
@@ -1444,6 +1452,9 @@ cdef class BlockTable:
                 skipped += n
                 continue
             if n == 0:
+                continue
+            if not own_keys and ev.has_parent and _map_get(&self._engine[worker], ev.parent) == 0:
+                orphans += 1  # as store_keys: a parent this worker never reported
                 continue
             self._reserve(n)
             memcpy(self._s_hashes, &d.h[ev.h_off], n * sizeof(uint64_t))

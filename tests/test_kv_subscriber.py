@@ -296,6 +296,37 @@ async def test_gap_without_replay_resets_only_that_worker(ctx: zmq.asyncio.Conte
     assert index.match_tokens(prompt(2, base=500))["other"].total_blocks == 2
 
 
+@pytest.mark.parametrize("hash_mode", ["own", "vllm"])
+async def test_a_block_chained_onto_a_lost_batch_is_an_orphan_in_both_hash_modes(
+    ctx: zmq.asyncio.Context, cleanup: list, hash_mode: str
+) -> None:
+    # vLLM's own scenario: a batch lost on the PUB socket and no replay endpoint; the next
+    # batch chains onto the lost block. vLLM mode publishes the engine's sha256_cbor hashes.
+    index = PrefixIndex(IndexConfig(block_size=BLOCK, hash_mode=hash_mode))  # type: ignore[arg-type]
+    tokens = prompt(3)
+    first = list(index.request_keys(tokens)) if hash_mode == "vllm" else [100, 101, 102]
+    batches = _chain_with(tokens, first)
+    pub = publisher(ctx, cleanup, replay=False)
+    sub = await subscribe(index, [pub], ctx, cleanup)
+    await pub.publish(batches[0])
+    await pub.publish(batches[1], drop=True)
+    await pub.publish(batches[2])
+    await until(lambda: sub.stats.batches_applied == 2)
+    assert (sub.stats.resets, sub.stats.lost_batches, sub.stats.orphans) == (1, 1, 1)
+    assert index.num_blocks == 0 and not sub.snapshot()["ranks"][0]["view_complete"]
+
+
+def _chain_with(tokens: list[int], hashes: list[int]) -> list[EventBatch]:
+    return [
+        EventBatch(
+            float(i),
+            [BlockStored([h], hashes[i - 1] if i else None, tokens[i * BLOCK : (i + 1) * BLOCK], BLOCK)],
+            0,
+        )
+        for i, h in enumerate(hashes)
+    ]
+
+
 async def test_replay_that_cannot_cover_the_gap_resets(ctx: zmq.asyncio.Context, cleanup: list) -> None:
     index = make_index()
     pub = publisher(ctx, cleanup)

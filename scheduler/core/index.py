@@ -13,6 +13,10 @@ requests into prefix matches:
 * ``vllm`` hash mode: keys are vLLM's own ``sha256_cbor`` wire hashes, recomputed for
   requests with the configured seed, for pools whose events carry no token ids.
 
+In both modes a BlockStored chained onto a parent block the worker never reported is an
+orphan: nothing is stored (no lookup could reach it through the worker's chain) and
+``ApplyResult.orphans`` counts it, so ingest can resynchronise the worker.
+
 Only full-attention KV-cache groups count for prefix reuse; sliding-window and Mamba
 groups are skipped. Worker names are opaque strings (normally ``ip:port``).
 """
