@@ -226,6 +226,21 @@ def test_exact_mode_store_under_a_parent_the_worker_never_reported_is_an_orphan(
 
 
 @IMPLS
+def test_a_match_without_touch_leaves_the_eviction_order_alone(make: Make) -> None:
+    evicted = []
+    for touch in (False, True):
+        table = make(4, 4)
+        table.store_blocks(0, GPU, [10, 11], None, tokens_for(1, 2), BS, ROOT)
+        table.store_blocks(1, GPU, [20, 21], None, tokens_for(3, 4), BS, ROOT)
+        assert table.match(keys_for(1, 2), touch=touch) == [(0, 2, 2, 0, 0)]
+        assert table.match_named(keys_for(1, 2), ["a"], tuple, touch=touch) == {"a": (2, 2, 0, 0)}
+        table.store_blocks(2, GPU, [30], None, tokens_for(5), BS, ROOT)  # one over the bound
+        evicted.append((table.match(keys_for(1, 2)), table.match(keys_for(3, 4))))
+    # Untouched, blocks 1-2 are the least recent and block 2 goes; touched, block 4 goes.
+    assert evicted == [([(0, 1, 1, 0, 0)], [(1, 2, 2, 0, 0)]), ([(0, 2, 2, 0, 0)], [(1, 1, 1, 0, 0)])]
+
+
+@IMPLS
 def test_workers_in_several_bitmask_words(make: Make) -> None:
     table = make(200)
     for worker in (0, 63, 64, 130, 199):

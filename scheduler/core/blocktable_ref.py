@@ -247,12 +247,13 @@ class BlockTable:
     # --- reads -------------------------------------------------------------------------
 
     def match(
-        self, keys: Iterable[int], worker_filter: Iterable[int] | None = None
+        self, keys: Iterable[int], worker_filter: Iterable[int] | None = None, touch: bool = True
     ) -> list[tuple[int, int, int, int, int]]:
         """Per worker holding keys[0]: (worker, leading blocks held, of which GPU, CPU, storage).
 
         A worker's run continues while it holds the next block in any tier; each block is
-        counted in the fastest tier the worker holds it in.
+        counted in the fastest tier the worker holds it in. ``touch`` False leaves the
+        recency order (the memory bound's) as it was.
         """
         allowed = None if worker_filter is None else set(worker_filter)
         runs: dict[int, list[int]] = {}
@@ -280,7 +281,8 @@ class BlockTable:
                 run[0] += 1
                 run[1 + fastest] += 1
             walked.append(key)
-        self._touch(reversed(walked))
+        if touch:
+            self._touch(reversed(walked))
         return [(worker, run[0], run[1], run[2], run[3]) for worker, run in sorted(runs.items())]
 
     def match_named(
@@ -289,10 +291,11 @@ class BlockTable:
         names: Sequence[str | None],
         match_type: type[tuple[int, int, int, int]],
         worker_filter: Iterable[int] | None = None,
+        touch: bool = True,
     ) -> dict[str, tuple[int, int, int, int]]:
         """As match, keyed by ``names[worker]`` (workers without a name are left out)."""
         result = {}
-        for worker, *counts in self.match(keys, worker_filter):
+        for worker, *counts in self.match(keys, worker_filter, touch):
             name = names[worker] if worker < len(names) else None
             if name is not None:
                 result[name] = tuple.__new__(match_type, counts)
