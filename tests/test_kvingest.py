@@ -15,8 +15,10 @@ from scheduler.codec.kvevents import decode_batch, encode_batch
 from scheduler.core.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
 from scheduler.core.index import IndexConfig, PrefixIndex
 from scheduler.core.kvingest import (
+    NO_BATCH_YET,
     Action,
     IngestConfig,
+    PublisherView,
     SequenceTracker,
     Verdict,
     VerdictKind,
@@ -712,3 +714,60 @@ def test_random_loss_with_a_shallow_replay_buffer_is_exact_or_says_so(seed: int)
         assert_same_view(index, reference(batches[:applied]), model.prompts)
     else:
         assert ingest.stats.lost_batches > 0
+
+
+# --- the publisher's view ------------------------------------------------------------------------
+
+
+def test_the_publisher_view_says_exact_degraded_and_why() -> None:
+    model = CacheModel(40)
+    data = payloads(model.batches(8))
+    index = make_index()
+    ingest = ingest_for(index, replay=True)
+    view = ingest.view(0.0, endpoint="e", rank=1)
+    assert (view.endpoint, view.rank, view.worker) == ("e", 1, W)
+    assert (view.state, view.reason, view.view_complete, view.last_event_age_s) == (
+        "degraded",
+        NO_BATCH_YET,
+        False,
+        None,
+    )
+    ingest.on_live(0, data[0], 10.0)
+    ingest.on_live(1, data[1], 11.0)
+    view = ingest.view(14.5)
+    assert (view.state, view.view_complete, view.next_seq, view.last_event_age_s) == ("exact", True, 2, 3.5)
+    assert view.stats is not None and view.stats.batches_applied == 2
+    # A gap: the replay catches up while live batches wait.
+    ingest.on_live(4, data[4], 20.0)
+    ingest.on_live(5, data[5], 20.5)
+    view = ingest.view(21.0)
+    assert (view.state, view.replay_in_flight, view.replay_purpose, view.replay_from, view.buffered) == (
+        "degraded",
+        True,
+        "gap",
+        2,
+        2,
+    )
+    assert view.reason == "replaying from seq 2 (gap); 2 live batches wait"
+    assert view.as_dict()["counters"]["gaps"] == 1 and "stats" not in view.as_dict()
+    for seq in (2, 3):
+        ingest.on_replay_batch(seq, data[seq], 21.0)
+    ingest.on_replay_end(21.0)
+    assert ingest.view(21.0).state == "exact" and ingest.view(21.0).buffered == 0
+    # A gap the replay cannot cover: history is lost, the view is approximate until a clear.
+    ingest.on_live(7, data[7], 22.0)
+    ingest.on_replay_end(22.0)
+    view = ingest.view(22.0)
+    assert (view.state, view.view_complete) == ("degraded", False)
+    assert view.reason == "seq 6 never applied: the replay did not cover the missing batches"
+    ingest.on_live(8, encode_batch(EventBatch(0.0, [AllBlocksCleared()], 0)), 23.0)
+    assert ingest.view(23.0).state == "exact"
+
+
+def test_a_late_join_without_replay_says_so() -> None:
+    ingest = ingest_for(make_index(), replay=False)
+    ingest.on_live(5, encode_batch(CacheModel(41).batch(0.0)), 0.0)
+    view = ingest.view(0.0)
+    assert view.state == "degraded"
+    assert view.reason == "seq 0..4 never applied: joined the stream late, no replay endpoint"
+    assert PublisherView.without_events("e", 0, "e").state == "fallback"
