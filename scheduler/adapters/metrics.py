@@ -441,9 +441,12 @@ class MetricsHTTPServer:
         host: str = "0.0.0.0",
         port: int = 9090,
         status: Callable[[], dict[str, Any]] | None = None,
+        routes: Sequence[web.RouteDef] = (),
     ) -> None:
         self.registry = registry
         self.status = status
+        # More diagnosis handlers on the same port (server/debug_http.py: /debug/lookup, ...).
+        self.routes = list(routes)
         self._host = host
         self._requested_port = port
         self._runner: web.AppRunner | None = None
@@ -471,6 +474,7 @@ class MetricsHTTPServer:
         app = web.Application()
         app.router.add_get("/metrics", self._handle)
         app.router.add_get(STATUS_PATH, self._status)
+        app.add_routes(self.routes)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
