@@ -148,3 +148,4 @@ async def test_kv_ingest_state_is_served_and_exported(served: tuple[SimPool, Ser
     await app.ingest.remove_endpoint(pool.descriptors[0].address, purge=False)
     document = await _get(app, "/debug/kv-ingest")
     assert document["endpoints_by_state"] == {"exact": 1, "degraded": 1, "fallback": 1}
+    assert (await _get(app, "/debug/status"))["kv_events"] == document["endpoints_by_state"]

@@ -214,6 +214,8 @@ class ServeApp:
         verdict = stats.verdict()
         return {
             "endpoints": len(self.scheduler.endpoints()),
+            # Endpoints by KV-event view state; each one's detail is on /debug/kv-ingest.
+            "kv_events": self.kv_ingest_status()["endpoints_by_state"],
             "tokenizer": self.tokenizers.status(),
             "prefix_match": {
                 "status": verdict.status,
