@@ -135,6 +135,15 @@ class IngestConfig(BaseModel):
     join_replay: bool = Field(
         True, description="On the first batch with seq > 0, replay from 0 when a replay endpoint exists."
     )
+    max_batch_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="A batch payload larger than this is skipped undecoded (counted as "
+        "oversized_batches; the worker's entries reset as for any lost batch). One vLLM engine "
+        "step's batch stores at most max_num_batched_tokens / block_size blocks: 8,192 blocks "
+        "with their token ids are about 0.6 MB. A 1M-block batch (57 MB) took seconds of the "
+        "event loop and 660 MB of memory to decode.",
+    )
     min_rebuild_interval_s: float = Field(
         60.0, ge=0, description="Orphans sooner than this after a rebuild make the view incomplete instead."
     )
@@ -162,6 +171,8 @@ class IngestStats:
     orphans: int = 0
     buffer_overflows: int = 0
     stale_replay_messages: int = 0
+    # Batches over max_batch_bytes, skipped undecoded.
+    oversized_batches: int = 0
     # Times the publisher's connection dropped (its entries left the index each time).
     disconnects: int = 0
     # Faults of kvsched itself while handling a message (logged once with a traceback).
@@ -552,6 +563,17 @@ class WorkerIngest:
 
     def _apply(self, seq: int, payload: bytes, replay: _Replay | None = None) -> Action:
         """Apply the batch that follows on in order (``seq == next_seq``)."""
+        if len(payload) > self.config.max_batch_bytes:
+            self.stats.oversized_batches += 1
+            self._log_once(
+                "oversized",
+                "batch %d (%d bytes) skipped undecoded: over max_batch_bytes (%d)",
+                seq,
+                len(payload),
+                self.config.max_batch_bytes,
+            )
+            self._lose(seq, seq + 1, "an oversized payload was skipped")
+            return Action.LOST
         try:
             # The kernel's decoder first; it declines (None) anything the codec must see.
             fast = self.index.apply_payload(self.worker, payload)
