@@ -221,6 +221,9 @@ async def worker_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
     victim = stack.workers["sim-1"]
     run = LiveRun(stack, shape, timing, result)
     await run.start()
+    # Killed while it works on a request where the load allows: at 8 req/s of ~15 ms requests
+    # a worker is idle most of the time, and a kill then shows nothing of the gateway's part.
+    busy = await _until_busy(victim, timing.down_s)
     killed_at = run.fault()
     await victim.child.kill()
     # While it is down: what kvsched's index still says it holds.
@@ -250,6 +253,7 @@ async def worker_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
     last_dead = max((s.at - killed_at for s in dead), default=0.0)
     check = await _index_check(stack, victim, _probe_prompts(shape, sent))
     result.details.update(
+        busy_at_kill=busy,
         stale_blocks_while_down=stale,
         routed_to_dead_last_s=last_dead,
         in_flight_at_kill=len(in_flight),
@@ -277,6 +281,16 @@ async def worker_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
         _describe_check(check),
     )
     return result
+
+
+async def _until_busy(worker: WorkerProc, timeout_s: float) -> bool:
+    """Until the worker's engine has a request (True), or ``timeout_s`` passed (False)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        if (await worker.ask({"op": "cache", "prompts": []}))["busy"]:
+            return True
+    return False
 
 
 def _describe_check(check: dict[str, Any]) -> str:
