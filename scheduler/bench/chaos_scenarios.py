@@ -13,7 +13,6 @@ import asyncio
 import json
 import math
 import random
-import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -1031,4 +1030,4 @@ SCENARIOS: dict[str, Callable[[ChaosStack, LoadShape, Timing], Awaitable[Scenari
     "overload": overload,
 }
 
-__all__ = ["SCENARIOS", "ScenarioResult", "Timing", "socket"]
+__all__ = ["SCENARIOS", "ScenarioResult", "Timing"]
