@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
+from scheduler.adapters.extproc.config import ExtProcConfig
+from scheduler.adapters.extproc.decide import PickRunner
+from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
@@ -16,7 +19,7 @@ from scheduler.adapters.tokenizer import (
     render_plain_chat,
     request_token_ids,
 )
-from scheduler.codec.openai import ChatMessage, InferenceRequestBody
+from scheduler.codec.openai import ChatMessage, InferenceRequestBody, leading_prompt
 
 SENTENCES = [
     "the cache keeps the prefix of every prompt",
@@ -119,3 +122,39 @@ def test_byte_fallback_is_deterministic_utf8() -> None:
     assert tokenizer.token_ids(InferenceRequestBody("completions", prompt_text="hé")) == [104, 195, 169]
     chat = InferenceRequestBody("chat", messages=(ChatMessage("user", "hi"),))
     assert tokenizer.token_ids(chat) == list(b"<|user|>\nhi\n<|assistant|>\n")
+
+
+# -- enormous prompts --------------------------------------------------------------------
+
+
+def test_leading_prompt_keeps_the_first_characters_of_text_and_messages() -> None:
+    text = InferenceRequestBody("completions", prompt_text="abcdefghij")
+    assert leading_prompt(text, 4).prompt_text == "abcd"
+    assert leading_prompt(text, 10) is text
+    chat = InferenceRequestBody(
+        "chat",
+        messages=(ChatMessage("system", "12345"), ChatMessage("user", "67890"), ChatMessage("user", "x")),
+    )
+    assert leading_prompt(chat, 7).messages == (ChatMessage("system", "12345"), ChatMessage("user", "67"))
+    ids = InferenceRequestBody("completions", prompt_token_ids=list(range(10_000)))
+    assert leading_prompt(ids, 1) is ids
+
+
+class RecordingTokenizer(ByteTokenizer):
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def text_token_ids(self, text: str) -> list[int]:
+        self.seen.append(len(text))
+        return super().text_token_ids(text)
+
+
+async def test_routing_tokenises_at_most_tokenize_max_chars_of_a_prompt() -> None:
+    """A 10 MB text prompt cost 50 s of tokenising and 1.3 GB of memory before this limit."""
+    tokenizer = RecordingTokenizer()
+    config = ExtProcConfig(tokenize_max_chars=4096)
+    runner = PickRunner(None, config, tokenizer, clock=lambda: 0.0, stats=ExtProcStats())  # type: ignore[arg-type]
+    body = InferenceRequestBody("completions", prompt_text="cache " * 100_000)
+    ids = await runner.token_ids(body)
+    assert tokenizer.seen == [4096] and len(ids) == 4096
+    assert body.prompt_text is not None and len(body.prompt_text) == 600_000  # the request is whole

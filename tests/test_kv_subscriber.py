@@ -673,3 +673,28 @@ async def test_publisher_views_follow_a_replay_and_its_failure(
     assert (view.state, view.view_complete, view.replay_in_flight) == ("degraded", False, False)
     assert view.reason == "seq 1 never applied: the replay did not cover the missing batches"
     assert publisher_views(endpoints[1:2], None)[0].state == "fallback"
+
+
+async def test_a_publisher_that_disconnects_leaves_the_index(ctx: zmq.asyncio.Context, cleanup: list) -> None:
+    """A SIGKILLed engine's blocks stayed in the index for as long as it was down (498 blocks in
+    ``kvsched bench chaos``): the dropped connection now takes them out at once."""
+    index = make_index()
+    pub = publisher(ctx, cleanup)
+    sub = await subscribe(index, [pub], ctx, cleanup)
+    held = prompt(3)
+    for batch in chain_batches(held):
+        await pub.publish(batch)
+    await until(lambda: sub.stats.batches_applied == 3)
+    assert index.match_tokens(held)["w"].total_blocks == 3
+    await pub.close()  # the process is gone: its sockets close with it
+    await until(lambda: sub.stats.disconnects == 1)
+    assert "w" not in index.match_tokens(held) and sub.stats.resets == 1
+    assert not sub.snapshot()["ranks"][0]["view_complete"]
+    # Back on the same ports (a restart, empty): followed from its first batch.
+    await pub.restart()
+    assert await pub.subscribed() == b"kv@"
+    fresh = prompt(1, base=70)
+    await pub.publish(EventBatch(0.0, [BlockStored([9], None, fresh, BLOCK)]))
+    await until(lambda: sub.stats.batches_applied == 4)
+    assert index.match_tokens(fresh)["w"].total_blocks == 1 and "w" not in index.match_tokens(held)
+    assert sub.snapshot()["ranks"][0]["view_complete"]

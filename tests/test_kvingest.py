@@ -422,6 +422,30 @@ def test_undecodable_payload_is_lost_and_resets_without_replay() -> None:
     assert index.worker_blocks(W) == reference(batches[4:6]).worker_blocks(W)
 
 
+def test_a_batch_over_max_batch_bytes_is_skipped_undecoded() -> None:
+    """A hostile 1M-block batch (57 MB) took seconds of the event loop and 660 MB to decode."""
+    model = CacheModel(18)
+    batches = model.batches(3)
+    data = payloads(batches)
+    index = make_index()
+    worker = ingest_for(index, replay=False, max_batch_bytes=1024)
+    huge = encode_batch(
+        EventBatch(0.0, [BlockStored(list(range(1, 200)), None, list(range(199 * BLOCK)), BLOCK)])
+    )
+    assert len(huge) > 1024 and all(len(payload) <= 1024 for payload in data)
+    assert worker.on_live(0, data[0], 0.0).action is Action.APPLIED
+    assert worker.on_live(1, huge, 0.0).action is Action.LOST
+    assert worker.on_live(2, data[2], 0.0).action is Action.APPLIED
+    stats = worker.stats
+    assert (stats.oversized_batches, stats.lost_batches, stats.resets, stats.malformed_payloads) == (
+        1,
+        1,
+        1,
+        0,
+    )
+    assert W not in index.match_tokens(list(range(4 * BLOCK)))  # nothing of the huge batch
+
+
 def test_bad_events_are_skipped_without_a_reset() -> None:
     import msgpack
 

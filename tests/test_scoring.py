@@ -489,6 +489,16 @@ def test_config_errors_name_the_field(raw: dict[str, object], field: str) -> Non
     assert field in str(error.value)
 
 
+@pytest.mark.parametrize("weight", [float("nan"), float("inf")])
+def test_a_weight_that_is_not_a_finite_number_is_refused_as_such(weight: float) -> None:
+    """A NaN weight was refused as "greater than or equal to 0", which it does not say."""
+    with pytest.raises(ValidationError) as error:
+        ScoringConfig.model_validate({"weights": {"prefix_overlap": weight}})
+    (problem,) = error.value.errors()
+    assert problem["loc"] == ("weights", "prefix_overlap")
+    assert problem["msg"] == "Input should be a finite number"
+
+
 def test_config_fields_are_documented() -> None:
     for model in (ScoringConfig, TierWeights, FilterLimits):
         for name, info in model.model_fields.items():

@@ -92,6 +92,9 @@ async def test_file_changes_apply_live(tmp_path: Path, metrics_addresses: list[s
         await until(lambda: app.reload_errors == 1)
         assert app.config is running
         assert scheduler.config.scoring.num_fallbacks == 1
+        # ... and /debug/status says so, with the reason.
+        reported = app.status()["config"]
+        assert reported["reload_errors"] == 1 and "scheduler.scoring.num_fallbacks" in reported["last_error"]
         good = base(metrics_addresses, scheduler={"scoring": {"num_fallbacks": 0}})
         path.write_text(yaml.safe_dump(good))
         await until(lambda: scheduler.config.scoring.num_fallbacks == 0 and len(scheduler.endpoints()) == 2)

@@ -28,6 +28,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from scheduler.adapters.stage_times import STAGE_TIMES
 from scheduler.codec.kvevents import REPLAY_END_SEQ, decode_batch, encode_seq
@@ -108,6 +109,9 @@ class _Rank:
         self.sub: zmq.asyncio.Socket | None = None
         self.live_task: asyncio.Task[None] | None = None
         self.replay_task: asyncio.Task[None] | None = None
+        # ZMQ's reports of the live connection dropping (a monitor socket, PAIR).
+        self.monitor: zmq.asyncio.Socket | None = None
+        self.monitor_task: asyncio.Task[None] | None = None
 
 
 def subscriber_config(endpoint: Endpoint, *, ingest: IngestConfig | None = None) -> SubscriberConfig | None:
@@ -200,13 +204,20 @@ class KVEventSubscriber:
             sub.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
             sub.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
             sub.setsockopt(zmq.SUBSCRIBE, topic)
+            rank.monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             sub.connect(rank.endpoint)
             rank.sub = sub
             rank.live_task = asyncio.create_task(self._live(rank, sub), name=f"kv-live {rank.endpoint}")
+            rank.monitor_task = asyncio.create_task(
+                self._watch_connection(rank, rank.monitor), name=f"kv-monitor {rank.endpoint}"
+            )
 
     async def stop(self) -> None:
         tasks = [
-            task for rank in self._ranks for task in (rank.live_task, rank.replay_task) if task is not None
+            task
+            for rank in self._ranks
+            for task in (rank.live_task, rank.replay_task, rank.monitor_task)
+            if task is not None
         ]
         for task in tasks:
             task.cancel()
@@ -214,7 +225,12 @@ class KVEventSubscriber:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for rank in self._ranks:
-            rank.live_task = rank.replay_task = None
+            rank.live_task = rank.replay_task = rank.monitor_task = None
+            if rank.monitor is not None:
+                assert rank.sub is not None
+                rank.sub.disable_monitor()
+                rank.monitor.close(linger=0)
+                rank.monitor = None
             if rank.sub is not None:
                 rank.sub.close(linger=0)
                 rank.sub = None
@@ -251,6 +267,19 @@ class KVEventSubscriber:
                     break
                 self._on_live_frames(rank, frames)
             await asyncio.sleep(0)
+
+    async def _watch_connection(self, rank: _Rank, monitor: zmq.asyncio.Socket) -> None:
+        """A dropped connection to the publisher is news for the core (see ``on_disconnected``);
+        ZMQ reconnects by itself."""
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            try:
+                self._follow(rank, rank.ingest.on_disconnected(self._clock()))
+            except Exception:  # the subscription must outlive a fault of its own
+                rank.ingest.stats.internal_errors += 1
+                log.exception("%s: error handling a disconnect", rank.endpoint)
 
     def _on_live_frames(self, rank: _Rank, frames: list[bytes]) -> None:
         started = STAGE_TIMES.start()

@@ -363,3 +363,49 @@ def register(subparsers: Any) -> None:
     predictor.add_argument("--seed", type=int, default=0)
     predictor.add_argument("--json", action="store_true", help="print one JSON object")
     predictor.set_defaults(func=_bench_predictor)
+    chaos = kinds.add_parser(
+        "chaos",
+        help="faults and bad input under live load (workers, kvsched and Envoy killed, bad requests, "
+        "bad KV events, bad tuning, overload): what clients see, and recovery",
+    )
+    chaos.add_argument(
+        "--scenario",
+        action="append",
+        choices=_CHAOS_SCENARIOS,
+        help="run only this scenario (repeatable; default: all of them, in order)",
+    )
+    chaos.add_argument(
+        "--transport",
+        choices=("auto", "native", "python"),
+        default="native",
+        help="kvsched's ext_proc transport (default native)",
+    )
+    chaos.add_argument(
+        "--fail-open", action="store_true", help="FailOpen instead of the chart's default FailClose"
+    )
+    chaos.add_argument("--rate", type=float, default=8.0, help="steady load, requests per second (default 8)")
+    chaos.add_argument(
+        "--quick",
+        action="store_true",
+        help="the cheapest scenarios, at a fraction of the counts (what CI runs)",
+    )
+    chaos.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    chaos.add_argument("--keep-logs", metavar="DIR", help="copy every process's log here")
+    chaos.set_defaults(func=_bench_chaos)
+
+
+_CHAOS_SCENARIOS = (
+    "worker_kill",
+    "kv_publisher",
+    "kvsched_kill",
+    "bad_requests",
+    "bad_kv_events",
+    "bad_tuning",
+    "overload",
+)
+
+
+def _bench_chaos(args: argparse.Namespace) -> int:
+    from scheduler.bench.chaos import run_command
+
+    return run_command(args)

@@ -28,7 +28,7 @@ it accepts (``tests/test_openai_body.py`` holds them equal on generated bodies).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -60,6 +60,28 @@ class InferenceRequestBody:
     @property
     def has_prompt(self) -> bool:
         return self.prompt_text is not None or self.prompt_token_ids is not None or bool(self.messages)
+
+
+def leading_prompt(body: InferenceRequestBody, max_chars: int) -> InferenceRequestBody:
+    """``body`` with its prompt text cut to the first ``max_chars`` characters: a text prompt's
+    head, or the messages in order with the last one kept cut. Token ids and prompts within
+    the limit pass through unchanged."""
+    if body.prompt_token_ids is not None:
+        return body
+    if body.prompt_text is not None and len(body.prompt_text) > max_chars:
+        return replace(body, prompt_text=body.prompt_text[:max_chars])
+    if sum(len(message.content) for message in body.messages) <= max_chars:
+        return body
+    kept: list[ChatMessage] = []
+    left = max_chars
+    for message in body.messages:
+        if left <= 0:
+            break
+        kept.append(
+            message if len(message.content) <= left else replace(message, content=message.content[:left])
+        )
+        left -= len(message.content)
+    return replace(body, messages=tuple(kept))
 
 
 def api_for_path(path: str | None) -> ApiKind | None:

@@ -135,6 +135,15 @@ class IngestConfig(BaseModel):
     join_replay: bool = Field(
         True, description="On the first batch with seq > 0, replay from 0 when a replay endpoint exists."
     )
+    max_batch_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="A batch payload larger than this is skipped undecoded (counted as "
+        "oversized_batches; the worker's entries reset as for any lost batch). One vLLM engine "
+        "step's batch stores at most max_num_batched_tokens / block_size blocks: 8,192 blocks "
+        "with their token ids are about 0.6 MB. A 1M-block batch (57 MB) took seconds of the "
+        "event loop and 660 MB of memory to decode.",
+    )
     min_rebuild_interval_s: float = Field(
         60.0, ge=0, description="Orphans sooner than this after a rebuild make the view incomplete instead."
     )
@@ -162,6 +171,10 @@ class IngestStats:
     orphans: int = 0
     buffer_overflows: int = 0
     stale_replay_messages: int = 0
+    # Batches over max_batch_bytes, skipped undecoded.
+    oversized_batches: int = 0
+    # Times the publisher's connection dropped (its entries left the index each time).
+    disconnects: int = 0
     # Faults of kvsched itself while handling a message (logged once with a traceback).
     internal_errors: int = 0
 
@@ -298,6 +311,8 @@ class WorkerIngest:
         # Why the view is incomplete (meaningless while it is complete).
         self._incomplete_why = NO_BATCH_YET
         self._last_live_at: float | None = None
+        # The connection dropped since the last live batch (see ``on_disconnected``).
+        self._rejoin = False
 
     # --- state the I/O side reads ------------------------------------------------------
 
@@ -364,6 +379,10 @@ class WorkerIngest:
         """One live batch as received."""
         self._last_live_at = now
         verdict = self._live.observe(seq)
+        if self._rejoin and verdict.kind is not VerdictKind.RESTART:
+            # After a disconnect, the history before it is gone from the index: joined afresh.
+            verdict = _FIRST
+        self._rejoin = False
         kind = verdict.kind
         if kind is VerdictKind.FIRST:
             # Entries left under this name by an earlier subscriber can only be stale.
@@ -386,6 +405,27 @@ class WorkerIngest:
                 return self._overflow(verdict, now)
             return Step(Action.BUFFERED, verdict)
         return self._take(seq, payload, verdict, now)
+
+    def on_disconnected(self, now: float) -> Step:
+        """The publisher's connection dropped.
+
+        vLLM's publisher lives in the engine process, so the cache behind it may be gone (a
+        crash, an OOM kill, a restart that will come back empty): its entries leave the index
+        now instead of drawing requests to blocks nobody may hold, and whatever publishes next
+        on this address is followed as a new process (replayed from 0 where the buffer
+        allows). Measured with ``kvsched bench chaos``: a SIGKILLed worker's 498 blocks stayed
+        in the index for as long as it was down, and after a restart whose first batches
+        went out before the subscriber reconnected (ZMQ's slow joiner), until its next batch.
+        """
+        self.stats.disconnects += 1
+        self._log_once("disconnected", "publisher disconnected: its entries leave the index")
+        abandon = self._replay is not None
+        self._replay = None
+        self._buffer.clear()
+        self._reset("publisher disconnected", self._applied.expected or 0)
+        self._mark_incomplete("the publisher disconnected; nothing received since")
+        self._rejoin = True
+        return Step(Action.IGNORED, None, abandon_replay=abandon)
 
     def _follow_new_process(self) -> None:
         # A new engine process starts with an empty cache: replaying it from 0 rebuilds it.
@@ -523,6 +563,17 @@ class WorkerIngest:
 
     def _apply(self, seq: int, payload: bytes, replay: _Replay | None = None) -> Action:
         """Apply the batch that follows on in order (``seq == next_seq``)."""
+        if len(payload) > self.config.max_batch_bytes:
+            self.stats.oversized_batches += 1
+            self._log_once(
+                "oversized",
+                "batch %d (%d bytes) skipped undecoded: over max_batch_bytes (%d)",
+                seq,
+                len(payload),
+                self.config.max_batch_bytes,
+            )
+            self._lose(seq, seq + 1, "an oversized payload was skipped")
+            return Action.LOST
         try:
             # The kernel's decoder first; it declines (None) anything the codec must see.
             fast = self.index.apply_payload(self.worker, payload)

@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 
@@ -65,6 +65,45 @@ def envoy_binary() -> str:
     return found
 
 
+# Envoy's load balancing policy that takes the Endpoint Picker's destination from request
+# metadata (``envoy.lb`` / ``x-gateway-destination-endpoint``), a comma list of ip:port tried in
+# order: each retry takes the next one, and when the list is spent (or was never set: FailOpen)
+# its fallback policy picks (Envoy 1.40 ``source/extensions/load_balancing_policies/override_host/
+# load_balancer.cc``, ``getEndpoint``/``consumeNextHost``). The GIE fallback list needs it; an
+# ORIGINAL_DST cluster connects to exactly one address.
+OVERRIDE_HOST_POLICY = "envoy.load_balancing_policies.override_host"
+# Retried before the response has started: a refused connection (the endpoint is gone), a
+# reset (it died while the request was being sent or before it answered), a refused HTTP/2
+# stream. A stream whose response headers went out is never retried by Envoy.
+UPSTREAM_RETRY_ON = "connect-failure,refused-stream,reset"
+# The same for the ext_proc stream to the EPP (gRPC status UNAVAILABLE besides): a stream that
+# has not had its first answer is replayed from Envoy's buffer on another replica.
+EPP_RETRY_ON = "connect-failure,refused-stream,reset,unavailable"
+AccessLogFields = dict[str, str]
+# One JSON line per request: what the EPP chose (header and metadata), where Envoy sent it in
+# the end and after how many attempts, and why it failed if it did.
+ACCESS_LOG_FORMAT: AccessLogFields = {
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "start": "%START_TIME(%s.%6f)%",
+    "destination": "%REQ(X-GATEWAY-DESTINATION-ENDPOINT)%",
+    "upstream": "%UPSTREAM_HOST%",
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "status": "%RESPONSE_CODE%",
+    "flags": "%RESPONSE_FLAGS%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "duration_ms": "%DURATION%",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EppReplica:
+    """One more Endpoint Picker replica behind the same ext_proc cluster (active-active)."""
+
+    host: str
+    port: int
+    health_port: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class EnvoySettings:
     epp_host: str
@@ -87,6 +126,19 @@ class EnvoySettings:
     # False: no ext_proc at all, Envoy round-robins over ``pool`` (the benchmark's Envoy-alone
     # baseline); the EPP address is then unused.
     ext_proc: bool = True
+    # Replicas besides the first (epp_host:epp_port); Envoy balances streams over all of them.
+    more_epps: Sequence[EppReplica] = ()
+    # How the destination is honoured: "original_dst" (one ip:port from the header, the shared
+    # config's pattern) or "override_host" (a cluster of the ``pool`` members that takes the
+    # EPP's ordered fallback list; requests without one are round-robined: FailOpen).
+    destination_lb: Literal["original_dst", "override_host"] = "original_dst"
+    # Retries of a request to the model servers (UPSTREAM_RETRY_ON); with override_host each
+    # goes to the next endpoint of the EPP's list.
+    upstream_retries: int = 0
+    # Retries of an ext_proc stream (EPP_RETRY_ON) on another EPP replica.
+    epp_retries: int = 0
+    # Write ACCESS_LOG_FORMAT lines to ``EnvoyGateway.access_log_path``.
+    access_log: bool = False
 
 
 def _address(hostport: str) -> dict[str, Any]:
@@ -94,10 +146,17 @@ def _address(hostport: str) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": int(port)}}
 
 
-def render_config(settings: EnvoySettings) -> dict[str, Any]:
-    if not settings.ext_proc and not settings.pool:
-        raise ValueError("Envoy without ext_proc routes over the pool: give its members")
-    ext_proc_cluster: dict[str, Any] = {
+def _epp_endpoint(replica: EppReplica) -> dict[str, Any]:
+    endpoint: dict[str, Any] = {"address": _address(f"{replica.host}:{replica.port}")}
+    if replica.health_port is not None:
+        endpoint["health_check_config"] = {"port_value": replica.health_port}
+    return {"endpoint": endpoint}
+
+
+def _ext_proc_cluster(settings: EnvoySettings) -> dict[str, Any]:
+    replicas = [EppReplica(settings.epp_host, settings.epp_port, settings.epp_health_port)]
+    replicas += settings.more_epps
+    cluster: dict[str, Any] = {
         "name": "ext_proc",
         "type": "STATIC",
         "connect_timeout": "5s",
@@ -109,19 +168,11 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
         },
         "load_assignment": {
             "cluster_name": "ext_proc",
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {"endpoint": {"address": _address(f"{settings.epp_host}:{settings.epp_port}")}}
-                    ]
-                }
-            ],
+            "endpoints": [{"lb_endpoints": [_epp_endpoint(replica) for replica in replicas]}],
         },
     }
     if settings.epp_health_port is not None:
-        endpoint = ext_proc_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-        endpoint["health_check_config"] = {"port_value": settings.epp_health_port}
-        ext_proc_cluster["health_checks"] = [
+        cluster["health_checks"] = [
             {
                 "timeout": "1s",
                 "interval": "0.2s",
@@ -137,24 +188,103 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
             }
         ]
         # No panic routing: with the EPP unhealthy, fail fast (and open, when configured).
-        ext_proc_cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+        cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+    if len(replicas) > 1:
+        # A replica that refuses a connection is out at once, before its health checks
+        # catch up (three misses, ~0.6 s); it comes back when they pass again.
+        cluster["outlier_detection"] = {
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 1,
+            "interval": "0.5s",
+            "base_ejection_time": "1s",
+            "max_ejection_percent": 100,
+        }
     if settings.epp_tls:
         # The Inference Extension's default: TLS to the EPP without verifying its self-signed cert.
-        ext_proc_cluster["transport_socket"] = {
+        cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                 "common_tls_context": {"alpn_protocols": ["h2"]},
             },
         }
+    return cluster
+
+
+def _pool_cluster(name: str, members: Sequence[str], lb: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "5s",
+        **lb,
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(m)}} for m in members]}],
+        },
+    }
+
+
+def _override_host_lb() -> dict[str, Any]:
+    round_robin = "envoy.load_balancing_policies.round_robin"
+    return {
+        "load_balancing_policy": {
+            "policies": [
+                {
+                    "typed_extension_config": {
+                        "name": OVERRIDE_HOST_POLICY,
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies."
+                            "override_host.v3.OverrideHost",
+                            # Metadata only: the header carries the same list (GIE: they agree),
+                            # and a second source would list every endpoint twice.
+                            "override_host_sources": [
+                                {"metadata": {"key": "envoy.lb", "path": [{"key": DESTINATION_HEADER}]}}
+                            ],
+                            "fallback_policy": {
+                                "policies": [
+                                    {
+                                        "typed_extension_config": {
+                                            "name": round_robin,
+                                            "typed_config": {
+                                                "@type": "type.googleapis.com/envoy.extensions."
+                                                "load_balancing_policies.round_robin.v3.RoundRobin"
+                                            },
+                                        }
+                                    }
+                                ]
+                            },
+                        },
+                    }
+                }
+            ]
+        }
+    }
+
+
+def _upstream_route(cluster: str, settings: EnvoySettings, **match: Any) -> dict[str, Any]:
+    action: dict[str, Any] = {"cluster": cluster, "timeout": "300s"}
+    if settings.upstream_retries:
+        action["retry_policy"] = {"retry_on": UPSTREAM_RETRY_ON, "num_retries": settings.upstream_retries}
+    return {"match": {"prefix": "/", **match}, "route": action}
+
+
+def _destination(settings: EnvoySettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Routes and clusters from the listener to the model servers."""
+    if settings.destination_lb == "override_host":
+        if not settings.pool:
+            raise ValueError("override_host balances over the pool: give its members")
+        return [_upstream_route("pool", settings)], [
+            _pool_cluster("pool", settings.pool, _override_host_lb())
+        ]
     routes: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = []
     if settings.ext_proc:
         routes.append(
-            {
-                "match": {"prefix": "/", "headers": [{"name": DESTINATION_HEADER, "present_match": True}]},
-                "route": {"cluster": "original_destination_cluster", "timeout": "300s"},
-            }
+            _upstream_route(
+                "original_destination_cluster",
+                settings,
+                headers=[{"name": DESTINATION_HEADER, "present_match": True}],
+            )
         )
         clusters.append(
             {
@@ -165,47 +295,39 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
                 "original_dst_lb_config": {"use_http_header": True, "http_header_name": DESTINATION_HEADER},
             }
         )
-        clusters.append(ext_proc_cluster)
     if settings.pool:
-        routes.append({"match": {"prefix": "/"}, "route": {"cluster": "pool_fallback", "timeout": "300s"}})
-        clusters.append(
-            {
-                "name": "pool_fallback",
-                "type": "STATIC",
-                "connect_timeout": "5s",
-                "lb_policy": "ROUND_ROBIN",
-                "load_assignment": {
-                    "cluster_name": "pool_fallback",
-                    "endpoints": [
-                        {
-                            "lb_endpoints": [
-                                {"endpoint": {"address": _address(member)}} for member in settings.pool
-                            ]
-                        }
-                    ],
-                },
-            }
-        )
-    ext_proc_filter: dict[str, Any] = {
-        "name": "envoy.filters.http.ext_proc",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}, "timeout": "10s"},
-            "failure_mode_allow": settings.fail_open,
-            "message_timeout": f"{settings.message_timeout_s}s",
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "request_body_mode": "FULL_DUPLEX_STREAMED",
-                "request_trailer_mode": "SEND",
-                "response_header_mode": "SEND",
-                "response_body_mode": "FULL_DUPLEX_STREAMED",
-                "response_trailer_mode": "SEND",
-            },
+        routes.append(_upstream_route("pool_fallback", settings))
+        clusters.append(_pool_cluster("pool_fallback", settings.pool, {"lb_policy": "ROUND_ROBIN"}))
+    return routes, clusters
+
+
+def _ext_proc_filter(settings: EnvoySettings) -> dict[str, Any]:
+    grpc_service: dict[str, Any] = {"envoy_grpc": {"cluster_name": "ext_proc"}, "timeout": "10s"}
+    if settings.epp_retries:
+        grpc_service["retry_policy"] = {"retry_on": EPP_RETRY_ON, "num_retries": settings.epp_retries}
+    config: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": grpc_service,
+        "failure_mode_allow": settings.fail_open,
+        "message_timeout": f"{settings.message_timeout_s}s",
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "request_body_mode": "FULL_DUPLEX_STREAMED",
+            "request_trailer_mode": "SEND",
+            "response_header_mode": "SEND",
+            "response_body_mode": "FULL_DUPLEX_STREAMED",
+            "response_trailer_mode": "SEND",
         },
     }
-    http_filters: list[dict[str, Any]] = []
     if settings.subset_header:
-        http_filters.append(
+        config["metadata_options"] = {"forwarding_namespaces": {"untyped": [SUBSET_NAMESPACE]}}
+    return {"name": "envoy.filters.http.ext_proc", "typed_config": config}
+
+
+def _http_filters(settings: EnvoySettings) -> list[dict[str, Any]]:
+    filters: list[dict[str, Any]] = []
+    if settings.subset_header:
+        filters.append(
             {
                 "name": "envoy.filters.http.header_to_metadata",
                 "typed_config": {
@@ -224,17 +346,44 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
                 },
             }
         )
-        ext_proc_filter["typed_config"]["metadata_options"] = {
-            "forwarding_namespaces": {"untyped": [SUBSET_NAMESPACE]}
-        }
     if settings.ext_proc:
-        http_filters.append(ext_proc_filter)
-    http_filters.append(
+        filters.append(_ext_proc_filter(settings))
+    filters.append(
         {
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
         }
     )
+    return filters
+
+
+def render_config(settings: EnvoySettings, *, access_log_path: str | None = None) -> dict[str, Any]:
+    if not settings.ext_proc and not settings.pool:
+        raise ValueError("Envoy without ext_proc routes over the pool: give its members")
+    routes, clusters = _destination(settings)
+    if settings.ext_proc:
+        clusters.append(_ext_proc_cluster(settings))
+    manager: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+        "http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "gw",
+        "route_config": {
+            "name": "gw",
+            "virtual_hosts": [{"name": "pool", "domains": ["*"], "routes": routes}],
+        },
+        "http_filters": _http_filters(settings),
+    }
+    if access_log_path is not None:
+        manager["access_log"] = [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": access_log_path,
+                    "log_format": {"json_format": ACCESS_LOG_FORMAT},
+                },
+            }
+        ]
     return {
         "admin": {"address": _address("127.0.0.1:0")},
         "static_resources": {
@@ -247,18 +396,7 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
                             "filters": [
                                 {
                                     "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": {
-                                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                                        "http_connection_manager.v3.HttpConnectionManager",
-                                        "stat_prefix": "gw",
-                                        "route_config": {
-                                            "name": "gw",
-                                            "virtual_hosts": [
-                                                {"name": "pool", "domains": ["*"], "routes": routes}
-                                            ],
-                                        },
-                                        "http_filters": http_filters,
-                                    },
+                                    "typed_config": manager,
                                 }
                             ]
                         }
@@ -294,7 +432,8 @@ class EnvoyGateway:
         workdir = Path(self._workdir.name)
         config_path = workdir / "envoy.json"
         admin_path = workdir / "admin.txt"
-        config_path.write_text(json.dumps(render_config(self.settings)))
+        access_log = str(workdir / "access.log") if self.settings.access_log else None
+        config_path.write_text(json.dumps(render_config(self.settings, access_log_path=access_log)))
         threads = (
             [] if self.settings.concurrency is None else ["--concurrency", str(self.settings.concurrency)]
         )
@@ -346,6 +485,24 @@ class EnvoyGateway:
             if listener.get("name") == "inference_gateway":
                 return int(listener["local_address"]["socket_address"]["port_value"])
         raise RuntimeError("envoy reported no inference_gateway listener")
+
+    @property
+    def access_log_path(self) -> Path | None:
+        """Where ``access_log`` lines go (None without it, or before start)."""
+        if self._workdir is None or not self.settings.access_log:
+            return None
+        return Path(self._workdir.name) / "access.log"
+
+    def access_log_entries(self) -> list[dict[str, Any]]:
+        """The access log's lines so far (Envoy flushes it every 100 ms)."""
+        path = self.access_log_path
+        if path is None or not path.exists():
+            return []
+        entries = []
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                entries.append(json.loads(line))
+        return entries
 
     def log_tail(self, lines: int = 30) -> str:
         if self._workdir is None:

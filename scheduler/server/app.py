@@ -101,9 +101,10 @@ class ServeApp:
         # What the running configuration was loaded from; later content is a change.
         self._watch_seen = None if self._watch_file is None else _read_bytes(self._watch_file)
         self._reload_lock = asyncio.Lock()
-        # Watched-file reloads: applied, and refused (the file did not validate).
+        # Watched-file reloads: applied, and refused (the file did not validate), and why.
         self.reloads = 0
         self.reload_errors = 0
+        self.last_reload_error = ""
         self.clock = clock
         self.scheduler = Scheduler(config.scheduler)
         self.registry = new_registry()
@@ -224,6 +225,13 @@ class ServeApp:
                 "decisions_matched": stats.decisions_matched,
                 "served_hit_ratio": stats.served_hit_ratio,
                 "predicted_hit_ratio": stats.predicted_hit_ratio,
+            },
+            # The configuration file's live reloads; a refused one leaves the running settings.
+            "config": {
+                "reloads": self.reloads,
+                "reload_errors": self.reload_errors,
+                "last_error": self.last_reload_error,
+                "policy": None if self.policy is None else self.policy.source,
             },
         }
 
@@ -431,6 +439,7 @@ class ServeApp:
             except Exception as exc:  # a bad edit must not stop the running picker
                 log.error("configuration %s not reloaded, the running one stays: %s", path, exc)
                 self.reload_errors += 1
+                self.last_reload_error = str(exc)
                 failed = current
                 continue
             self.reloads += 1
@@ -625,11 +634,15 @@ async def serve_until_signalled(
     ready_file: str | Path | None = None,
     config_loader: Callable[[], ServeConfig] | None = None,
     watch_file: str | Path | None = None,
+    on_app: Callable[[ServeApp], None] | None = None,
 ) -> None:
-    """``kvsched serve``: run until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads."""
+    """``kvsched serve``: run until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads.
+    ``on_app`` sees the app before it starts (a benchmark's debug hook)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     app = ServeApp(config, config_loader=config_loader, watch_file=watch_file)
+    if on_app is not None:
+        on_app(app)
     installed: list[signal.Signals] = []
     reloads: set[asyncio.Task[list[str]]] = set()
 

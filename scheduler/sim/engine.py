@@ -491,3 +491,15 @@ class Engine:
 
     def cached_wire_hashes(self) -> Counter[int]:
         return self.pool.cached_wire_hashes()
+
+    def cached_prefix_blocks(self, prompt_token_ids: Sequence[int]) -> int:
+        """How many leading full blocks of this prompt the cache holds now (changes nothing)."""
+        bs = self.config.block_size
+        tokens = list(prompt_token_ids[: len(prompt_token_ids) // bs * bs])
+        if self.config.hash_algo == "sha256_cbor":
+            digests = _HASHING.vllm_block_digests(tokens, bs, self._none_hash)
+        else:
+            digests = blockhash_ref.vllm_block_digests(
+                tokens, bs, self._none_hash, algo=self.config.hash_algo
+            )
+        return len(self.pool.longest_prefix(digests, len(digests)))

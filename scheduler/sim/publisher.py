@@ -11,9 +11,12 @@ PROTOCOLS.md §1):
 ``legacy=True`` speaks the older dialect: events as positional arrays and replay
 frames without the topic (``[b"", seq, payload]``, end ``[b"", 0xFF*8, b""]``).
 
-``drop_seq`` is a fault-injection hook: the batch with that sequence number is buffered
-for replay but never sent live, which is exactly what a PUB high-water-mark overflow
-looks like to a subscriber (a gap in the sequence numbers).
+Fault-injection hooks: ``drop_seq`` buffers the batch with that sequence number for replay
+but never sends it live, which is exactly what a PUB high-water-mark overflow looks like to a
+subscriber (a gap in the sequence numbers); ``publish_payload`` numbers and sends any bytes as
+a batch (a malformed one, an enormous one); ``send_frames`` sends a message that is not a
+vLLM frame set at all; ``restart`` is a new engine process: new sockets on the same ports,
+``seq`` from 0 again and nothing to replay.
 """
 
 from __future__ import annotations
@@ -93,7 +96,11 @@ class KVEventPublisher:
         return self._next_seq
 
     def _bind(self, socket: zmq.asyncio.Socket, port: int) -> int:
-        socket.bind(f"tcp://{self.host}:{port if port else '*'}")
+        try:
+            socket.bind(f"tcp://{self.host}:{port if port else '*'}")
+        except zmq.ZMQError:
+            socket.close(linger=0)
+            raise
         return _bound_port(socket)
 
     async def start(self) -> None:
@@ -126,14 +133,17 @@ class KVEventPublisher:
 
     async def publish(self, events: Sequence[KVEvent], ts: float | None = None) -> int:
         """Send one batch; returns its sequence number."""
-        if self._pub is None:
-            raise RuntimeError("publisher is not started")
         batch = EventBatch(
             ts=time.time() if ts is None else ts,
             events=list(events),
             data_parallel_rank=self.data_parallel_rank,
         )
-        payload = encode_batch(batch, legacy=self.legacy)
+        return await self.publish_payload(encode_batch(batch, legacy=self.legacy))
+
+    async def publish_payload(self, payload: bytes) -> int:
+        """Send ``payload`` as the next batch, whatever it holds; returns its sequence number."""
+        if self._pub is None:
+            raise RuntimeError("publisher is not started")
         seq = self._next_seq
         self._next_seq += 1
         self._buffer.append((seq, payload))
@@ -142,6 +152,33 @@ class KVEventPublisher:
             return seq
         await self._pub.send_multipart((self._topic_bytes, encode_seq(seq), payload))
         return seq
+
+    async def send_frames(self, frames: Sequence[bytes]) -> None:
+        """Send one live message of exactly these frames (no sequence number is used up)."""
+        if self._pub is None:
+            raise RuntimeError("publisher is not started")
+        await self._pub.send_multipart(list(frames))
+
+    async def restart(self, bind_timeout_s: float = 5.0) -> None:
+        """A new publisher process on the same ports: ``seq`` from 0, an empty replay buffer."""
+        ports = (self.port, self.replay_port)
+        await self.close()
+        self._requested_port, self._requested_replay_port = ports
+        self._next_seq = 0
+        self._buffer.clear()
+        self._drop.clear()
+        deadline = asyncio.get_running_loop().time() + bind_timeout_s
+        while True:
+            try:
+                await self.start()
+                return
+            except zmq.ZMQError as exc:
+                # ZMQ's I/O thread closes the old listeners asynchronously: the ports come
+                # free within milliseconds of close().
+                await self.close()
+                if exc.errno != zmq.EADDRINUSE or asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
 
     async def _serve_replay(self) -> None:
         router = self._router

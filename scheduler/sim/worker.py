@@ -293,6 +293,11 @@ class SimWorker:
         self._runner: web.AppRunner | None = None
         self._driver: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # Set while the engine has nothing to do; arrivals wait on ``_admitting`` while an
+        # engine restart drains what is running.
+        self._idle = asyncio.Event()
+        self._admitting = asyncio.Event()
+        self._admitting.set()
         self._calls: dict[str, tuple[_Call, int]] = {}
         self._ids = itertools.count()
         self._anchor_real = 0.0
@@ -343,19 +348,45 @@ class SimWorker:
         )
         await self.publisher.start()
         self._anchor_real = asyncio.get_running_loop().time()
-        self._driver = asyncio.create_task(self._drive(), name=f"sim-engine-{cfg.name}")
+        self._start_driver()
+
+    def _start_driver(self) -> None:
+        self._driver = asyncio.create_task(self._drive(), name=f"sim-engine-{self.config.name}")
         self._driver.add_done_callback(self._driver_ended)
 
     def _driver_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: engine driver stopped", self.name, exc_info=task.exception())
 
-    async def stop(self) -> None:
+    async def _stop_driver(self) -> None:
         if self._driver is not None:
             self._driver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._driver
             self._driver = None
+
+    async def restart_engine(self) -> None:
+        """The engine process starts again while the HTTP server stays up (vLLM's engine core
+        restarted): its prefix cache is empty and its KV-event publisher starts again at
+        ``seq`` 0 with nothing to replay, on the same ports. Requests in flight finish first and
+        new ones wait meanwhile, so no client sees the restart; subscribers see the publisher's
+        connection drop and its sequence go back."""
+        if self.publisher is None:
+            raise RuntimeError("worker is not started")
+        self._admitting.clear()
+        try:
+            while self.engine.has_work:
+                self._idle.clear()
+                await self._idle.wait()
+            await self._stop_driver()
+            self.engine = Engine(self.config.engine, output_token=self.tokenizer.filler_token_id)
+            await self.publisher.restart()
+            self._start_driver()
+        finally:
+            self._admitting.set()
+
+    async def stop(self) -> None:
+        await self._stop_driver()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -433,8 +464,10 @@ class SimWorker:
             start = engine.next_step_time()
             if start is None:
                 self._wake.clear()
+                self._idle.set()
                 await self._wake.wait()
                 continue
+            self._idle.clear()
             # Back to back while busy: the next step starts where the last one ended,
             # unless a request arrived later than that (then it starts at the arrival).
             result = engine.step(max(start, self._latest_arrival))
@@ -554,6 +587,7 @@ class SimWorker:
         prompts = self._completion_prompts(body)
         max_tokens = self._max_tokens(body, COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens")
         stream, include_usage = self._stream_flags(body)
+        await self._admitting.wait()
         call = self._submit(prompts, max_tokens)
         return await self._respond(request, call, chat=False, stream=stream, include_usage=include_usage)
 
@@ -564,6 +598,7 @@ class SimWorker:
             body, self.config.default_chat_max_tokens, "max_completion_tokens", "max_tokens"
         )
         stream, include_usage = self._stream_flags(body)
+        await self._admitting.wait()
         call = self._submit([prompt], max_tokens)
         return await self._respond(request, call, chat=True, stream=stream, include_usage=include_usage)
 

@@ -20,7 +20,7 @@ from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.flow_gate import FlowGate
 from scheduler.adapters.stage_times import STAGE_TIMES
 from scheduler.adapters.tokenizer import PromptTokenizer, TemplateError, request_token_ids
-from scheduler.codec.openai import BadRequestBody, InferenceRequestBody, parse_request_body
+from scheduler.codec.openai import BadRequestBody, InferenceRequestBody, leading_prompt, parse_request_body
 from scheduler.core.flowcontrol import FlowItem
 from scheduler.core.lookup import PrefixLookup
 from scheduler.core.objectives import ResolvedObjective
@@ -198,6 +198,9 @@ class PickRunner:
     async def token_ids(self, parsed: InferenceRequestBody) -> Sequence[int]:
         if parsed.prompt_token_ids is not None:
             return parsed.prompt_token_ids
+        # A prefix is all routing needs; an enormous prompt must not cost seconds of CPU and a
+        # gigabyte of memory before the model server refuses it.
+        parsed = leading_prompt(parsed, self.config.tokenize_max_chars)
         render = getattr(self.tokenizer, "render_token_ids", None)
         if render is not None and (rendered := await render(parsed)) is not None:
             # Worker-render mode: a worker's render endpoint gave the ids.

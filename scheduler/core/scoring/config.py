@@ -67,7 +67,9 @@ class ScorerWeights(Mapping[str, float]):
     def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
         # Values are checked by the dict schema (an error at weights.<name>); names by
         # _validated, which reports an unknown one at weights.<name> as well.
-        mapping = core_schema.dict_schema(core_schema.str_schema(), core_schema.float_schema(ge=0))
+        # NaN and infinity are refused as such: a NaN failed ">= 0" before, a misleading message.
+        weight = core_schema.float_schema(ge=0, allow_inf_nan=False)
+        mapping = core_schema.dict_schema(core_schema.str_schema(), weight)
         return core_schema.no_info_before_validator_function(
             _plain_mapping,
             core_schema.no_info_after_validator_function(cls._validated, mapping),
