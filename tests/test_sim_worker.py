@@ -26,7 +26,7 @@ from scheduler.sim.engine import EngineConfig
 from scheduler.sim.latency import LatencyModel
 from scheduler.sim.pool import PoolConfig, SimPool
 from scheduler.sim.tokenizer import load
-from scheduler.sim.worker import LLMD_TOPIC, WORKER_HEADER, SimWorker, WorkerDescriptor
+from scheduler.sim.worker import LLMD_TOPIC, TIMING_KEY, WORKER_HEADER, SimWorker, WorkerDescriptor
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -147,6 +147,21 @@ async def test_completion_streaming_text(pool: SimPool, http: aiohttp.ClientSess
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
 
 
+async def test_usage_reports_the_workers_own_ttft(http: aiohttp.ClientSession) -> None:
+    # Real time (speed 1), so the engine's TTFT and the HTTP one are on one clock.
+    async with SimPool(1, PoolConfig(engine=EngineConfig(capacity_blocks=256))) as real_time:
+        url = real_time.descriptors[0].http_url + "/v1/completions"
+        body = {"prompt": words("w", 300), "max_tokens": 2}
+        stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        chunks = await sse_chunks(http, url, stream)
+        _, plain, _ = await post(http, url, body)
+    for timing in (chunks[-2][TIMING_KEY], plain[TIMING_KEY]):
+        # The worker's TTFT holds the engine's (prefill of ~300 tokens: milliseconds) and
+        # its own HTTP handling before it.
+        assert 0 < timing["engine_ttft_ms"] <= timing["ttft_ms"] < 1000
+    assert all(TIMING_KEY not in c for c in chunks[:-2])  # only with the usage report
+
+
 async def test_follow_up_turn_hits_the_previous_answer(pool: SimPool, http: aiohttp.ClientSession) -> None:
     url = pool.descriptors[0].http_url + "/v1/chat/completions"
     turn = [{"role": "user", "content": words("t", 30)}]
@@ -249,11 +264,13 @@ async def test_server_and_model_info_name_the_model_and_its_tokenizer(
     for path in ("/server_info", "/get_server_info"):
         async with http.get(base + path) as response:
             info = await response.json()
-        assert info["model_path"] == MODEL and info["served_model_name"] == MODEL and info["dp_size"] == 1
+        assert info["served_model_name"] == MODEL and info["dp_size"] == 1
+        # The model's files are local: a router loading its tokenizer from here needs no hub.
+        assert info["model_path"] == pool.descriptors[0].tokenizer_dir
     for path in ("/model_info", "/get_model_info"):
         async with http.get(base + path) as response:
             info = await response.json()
-        assert info["model_path"] == MODEL and info["is_generation"] is True
+        assert info["model_path"] == pool.descriptors[0].tokenizer_dir and info["is_generation"] is True
         assert info["architectures"] == ["LlamaForCausalLM"]
         assert Path(info["tokenizer_path"], "tokenizer.json").is_file()
         assert info["tokenizer_path"] == pool.descriptors[0].tokenizer_dir
