@@ -105,7 +105,10 @@ def _bench_predictor(args: argparse.Namespace) -> int:
 
 def _bench_peers(args: argparse.Namespace) -> int:
     from scheduler.bench.peer_names import DEFAULT_LOADS, DEFAULT_WORKLOAD
-    from scheduler.bench.peers import format_report, run
+    from scheduler.bench.peers import format_result, format_skipped, run
+
+    def show(result: dict[str, Any]) -> None:
+        print(format_result(result) + "\n", flush=True)
 
     report = run(
         workloads=args.workload or [DEFAULT_WORKLOAD],
@@ -115,11 +118,12 @@ def _bench_peers(args: argparse.Namespace) -> int:
         capacity_blocks=args.capacity_blocks,
         requests=args.requests,
         seed=args.seed,
+        on_result=None if args.json else show,
     )
     if args.out:
         with open(args.out, "w", encoding="utf-8") as out:
             json.dump(report, out, indent=1)
-    print(json.dumps(report) if args.json else format_report(report))
+    print(json.dumps(report) if args.json else format_skipped(report))
     return 0
 
 

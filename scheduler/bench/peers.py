@@ -33,7 +33,7 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +197,8 @@ def judge(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     kvsched = rows.get("kvsched")
     if kvsched is None or not peers:
         return {"judged": False, "why": "needs kvsched and at least one peer router"}
+    if "error" in kvsched or any("error" in rows[p] for p in peers):
+        return {"judged": False, "why": "a router did not run to the end (see its error)"}
     if kvsched["failed"] or any(rows[p]["failed"] for p in peers):
         return {"judged": False, "why": "a router lost requests; latency percentiles are not comparable"}
     best_p50 = min(rows[p]["ttft_ms"]["p50"] for p in peers)
@@ -228,27 +230,39 @@ async def compare(
 ) -> dict[str, Any]:
     """Every router on ``workload``, one after another, each on a fresh pool."""
     max_model_len = max_model_len_for(workload)
+    load = float(workload.meta.get("load", 1.0))  # type: ignore[arg-type]
     rows: dict[str, dict[str, Any]] = {}
     for name in routers:
         log.info(
-            "%s: %s, %d requests at %.1f req/s",
+            "%s x%g: %s, %d requests at %.1f req/s",
             workload.name,
+            load,
             name,
             len(workload.requests),
             offered_rate(workload),
         )
-        rows[name] = await run_router(
-            ROUTERS[name],
-            workload,
-            workers=workers,
-            capacity_blocks=capacity_blocks,
-            max_model_len=max_model_len,
-            workdir=workdir,
-        )
+        # A directory per run: its logs, and files like kvsched's ready file, start empty.
+        rundir = workdir / f"{workload.name}-x{load:g}-{name}"
+        rundir.mkdir(parents=True, exist_ok=False)
+        try:
+            rows[name] = await run_router(
+                ROUTERS[name],
+                workload,
+                workers=workers,
+                capacity_blocks=capacity_blocks,
+                max_model_len=max_model_len,
+                workdir=rundir,
+            )
+        except (RuntimeError, OSError, aiohttp.ClientError, TimeoutError) as exc:
+            # One router failing to start or run leaves the others' rows standing.
+            log.error("%s: %s", name, exc)
+            rows[name] = {"router": name, "error": f"{type(exc).__name__}: {exc}"}
     engine = EngineConfig(capacity_blocks=capacity_blocks, max_model_len=max_model_len)
     return {
         "workload": workload.name,
-        "load": workload.meta.get("load", 1.0),
+        "load": load,
+        "workers": workers,
+        "capacity_blocks": capacity_blocks,
         "requests": len(workload.requests),
         "offered_rps": offered_rate(workload),
         "rows": rows,
@@ -267,8 +281,10 @@ def run(
     requests: int | None = None,
     seed: int = 0,
     workdir: str | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """The whole comparison: every workload at every load, every router; one JSON report."""
+    """The whole comparison: every workload at every load, every router; one JSON report.
+    ``on_result`` sees each workload-and-load result as soon as it is complete."""
     from scheduler.bench.peer_routers import available_routers
 
     ready, missing = available_routers()
@@ -280,17 +296,18 @@ def run(
         for name in workloads:
             base = load_workload(name, tokenizer, seed=seed, requests=requests)
             for load in loads:
-                results.append(
-                    asyncio.run(
-                        compare(
-                            at_load(base, load),
-                            chosen,
-                            workers=workers,
-                            capacity_blocks=capacity_blocks,
-                            workdir=Path(scratch),
-                        )
+                result = asyncio.run(
+                    compare(
+                        at_load(base, load),
+                        chosen,
+                        workers=workers,
+                        capacity_blocks=capacity_blocks,
+                        workdir=Path(scratch),
                     )
                 )
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
     return {
         "routers": chosen,
         "skipped": skipped,
@@ -313,38 +330,49 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+_HEADER = (
+    "| router | ok / failed | TTFT p50 | TTFT p99 | worker TTFT p50 | worker TTFT p99 | data path p50 "
+    "| data path p99 | hit ratio | router CPU s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """One workload at one load: its table and the goal's verdict."""
+    lines = [
+        f"{result['workload']} x{result['load']:g}: {result['requests']} requests at "
+        f"{result['offered_rps']:.1f} req/s, {result['workers']} workers of "
+        f"{result['capacity_blocks']:,} blocks (ms)\n",
+        _HEADER,
+    ]
+    for name, row in result["rows"].items():
+        if "error" in row:
+            lines.append(f"| {name} | error: {row['error'][:200]} |")
+            continue
+        cells = [name, f"{row['ok']} / {row['failed']}"]
+        for key in ("ttft_ms", "worker_ttft_ms", "data_path_ms"):
+            cells += [_ms(row[key]["p50"]), _ms(row[key]["p99"])]
+        cells += [_ratio(row["hit_ratio"]), f"{row['router_cpu_s']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    f = result["floor"]
+    cells = ["floor (computed)", "-", _ms(f["ttft_ms"]["p50"]), _ms(f["ttft_ms"]["p99"]), *["-"] * 4]
+    lines.append("| " + " | ".join([*cells, _ratio(f["hit_ratio"]), "-"]) + " |")
+    goal = result["goal"]
+    if goal["judged"]:
+        lines.append(
+            f"\nkvsched vs the best peer: TTFT p50 {goal['p50_vs_best_peer']:.2f}x "
+            f"({'met' if goal['p50_met'] else 'NOT met'}: <= 1), p99 {goal['p99_vs_best_peer']:.2f}x "
+            f"({'met' if goal['p99_met'] else 'NOT met'}: <= {PEER_GOAL_P99_RATIO})"
+        )
+    else:
+        lines.append(f"\ngoal not judged: {goal['why']}")
+    return "\n".join(lines)
+
+
+def format_skipped(report: dict[str, Any]) -> str:
+    return "\n".join(f"skipped {name}: {why}" for name, why in report["skipped"].items())
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The tables ``kvsched bench peers`` prints: one per workload and load."""
-    lines = []
-    header = (
-        "| router | ok / failed | TTFT p50 | TTFT p99 | worker TTFT p50 | worker TTFT p99 | data path p50 "
-        "| data path p99 | hit ratio | router CPU s |"
-    )
-    for result in report["results"]:
-        lines.append(
-            f"\n{result['workload']} x{result['load']:g}: {result['requests']} requests at "
-            f"{result['offered_rps']:.1f} req/s, {report['workers']} workers of "
-            f"{report['capacity_blocks']:,} blocks (ms)\n"
-        )
-        lines += [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, row in result["rows"].items():
-            cells = [name, f"{row['ok']} / {row['failed']}"]
-            for key in ("ttft_ms", "worker_ttft_ms", "data_path_ms"):
-                cells += [_ms(row[key]["p50"]), _ms(row[key]["p99"])]
-            cells += [_ratio(row["hit_ratio"]), f"{row['router_cpu_s']:.1f}"]
-            lines.append("| " + " | ".join(cells) + " |")
-        f = result["floor"]
-        cells = ["floor (computed)", "-", _ms(f["ttft_ms"]["p50"]), _ms(f["ttft_ms"]["p99"]), *["-"] * 4]
-        lines.append("| " + " | ".join([*cells, _ratio(f["hit_ratio"]), "-"]) + " |")
-        goal = result["goal"]
-        if goal["judged"]:
-            lines.append(
-                f"\nkvsched vs the best peer: TTFT p50 {goal['p50_vs_best_peer']:.2f}x "
-                f"({'met' if goal['p50_met'] else 'NOT met'}: <= 1), p99 {goal['p99_vs_best_peer']:.2f}x "
-                f"({'met' if goal['p99_met'] else 'NOT met'}: <= {PEER_GOAL_P99_RATIO})"
-            )
-        else:
-            lines.append(f"\ngoal not judged: {goal['why']}")
-    for name, why in report["skipped"].items():
-        lines.append(f"skipped {name}: {why}")
-    return "\n".join(lines)
+    parts = [format_result(result) for result in report["results"]]
+    return "\n\n".join([*parts, format_skipped(report)]).rstrip()
