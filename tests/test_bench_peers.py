@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from scheduler.bench.peer_routers import ROUTERS
-from scheduler.bench.peer_workloads import as_text, at_load, floor, load_workload, offered_rate, rag_tenants
+from scheduler.bench.peer_workloads import as_text, at_rate, floor, load_workload, offered_rate, rag_tenants
 from scheduler.bench.peers import format_report, judge, run
 from scheduler.replay.text import ClientTokenizer
 from scheduler.sim.engine import EngineConfig
@@ -101,7 +101,7 @@ def test_rag_tenants_is_one_poisson_stream_over_private_documents() -> None:
     for r in workload.requests:
         first_blocks.setdefault(tuple(r.prompt_token_ids[:16]), set()).add(r.session_id)
     assert all(len(owners) == 1 for owners in first_blocks.values()) and len(first_blocks) == 4
-    assert at_load(workload, 2.0).duration_s == pytest.approx(workload.duration_s / 2)
+    assert at_rate(workload, 2.0).duration_s == pytest.approx(workload.duration_s / 2)
 
 
 def test_floor_is_the_infinite_cache_without_queueing(tokenizer: ClientTokenizer) -> None:
@@ -112,6 +112,9 @@ def test_floor_is_the_infinite_cache_without_queueing(tokenizer: ClientTokenizer
     assert result["hit_ratio"] == pytest.approx(oracle_hit_ratio(workload.requests, 16), abs=0.02)
     # Alone on an idle H100, an 865-token prompt prefills in tens of milliseconds.
     assert 1.0 < result["ttft_ms"]["p50"] < 100.0
+    # On GPUs twice as slow (load 2), twice as long in real time.
+    slower = floor(workload, EngineConfig(capacity_blocks=64), speed=0.5)
+    assert slower["ttft_ms"]["p50"] == pytest.approx(2 * result["ttft_ms"]["p50"])
 
 
 def _row(p50: float, p99: float, failed: int = 0) -> dict[str, Any]:

@@ -117,6 +117,7 @@ def _bench_peers(args: argparse.Namespace) -> int:
         workers=args.workers,
         capacity_blocks=args.capacity_blocks,
         requests=args.requests,
+        rate=args.rate,
         seed=args.seed,
         on_result=None if args.json else show,
     )
@@ -158,8 +159,15 @@ def _register_peers(kinds: Any) -> None:
         "--load",
         action="append",
         type=float,
-        help="multiple of the workload's own arrival rate, repeatable "
+        help="how busy the pool is: load L runs the workload at its own rate on simulated GPUs L times "
+        "slower, so the routers and this machine see the same request rate; repeatable "
         f"(default {' and '.join(f'{x:g}' for x in DEFAULT_LOADS)}: moderate and near saturation)",
+    )
+    peers.add_argument(
+        "--rate",
+        type=float,
+        default=1.0,
+        help="multiple of the workload's own arrival rate (default 1; more needs more cores)",
     )
     peers.add_argument(
         "--router",

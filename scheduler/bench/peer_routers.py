@@ -219,10 +219,10 @@ async def _start_worker(started: Child) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def simulated_pool(
-    workdir: Path, *, workers: int, capacity_blocks: int, max_model_len: int
+    workdir: Path, *, workers: int, capacity_blocks: int, max_model_len: int, speed: float = 1.0
 ) -> AsyncIterator[Pool]:
     """``workers`` processes of ``kvsched sim --workers 1``: empty caches, vLLM's default
-    (empty) KV topic.
+    (empty) KV topic, engines at ``speed`` (simulated seconds per real second).
 
     One process per worker, as every vLLM pod has its own API server: a worker's HTTP
     handling and tokenisation (about 5 ms of CPU for a 2.6k-token text prompt here) then
@@ -232,7 +232,7 @@ async def simulated_pool(
     """
     argv = [sys.executable, "-m", "scheduler", "sim", "--json", "--workers", "1"]
     argv += ["--capacity-blocks", str(capacity_blocks), "--max-model-len", str(max_model_len)]
-    argv += ["--block-size", str(BLOCK_SIZE)]
+    argv += ["--block-size", str(BLOCK_SIZE), "--speed", repr(speed)]
     async with contextlib.AsyncExitStack() as stack:
         started = [
             await stack.enter_async_context(child(f"sim-{i}", argv, workdir, stdout_pipe=True))

@@ -29,6 +29,7 @@ and latency model the workers run.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,12 +142,12 @@ def load_workload(
     return as_text(base, tokenizer, words)
 
 
-def at_load(workload: Workload, load: float) -> Workload:
-    """The same requests with arrivals ``load`` times as dense (load 2 = twice the rate)."""
-    if not load > 0:
-        raise ValueError("load must be positive")
-    scaled = workload.time_scaled(1.0 / load)
-    scaled.meta["load"] = load
+def at_rate(workload: Workload, factor: float) -> Workload:
+    """The same requests with arrivals ``factor`` times as dense (2 = twice the rate)."""
+    if not factor > 0:
+        raise ValueError("the rate factor must be positive")
+    scaled = workload.time_scaled(1.0 / factor)
+    scaled.meta["rate_factor"] = factor
     return scaled
 
 
@@ -159,8 +160,9 @@ def offered_rate(workload: Workload) -> float:
 # --- the floor --------------------------------------------------------------------------------
 
 
-def floor(workload: Workload, engine: EngineConfig) -> dict[str, Any]:
-    """Each request alone on an idle engine whose cache holds every earlier prompt.
+def floor(workload: Workload, engine: EngineConfig, speed: float = 1.0) -> dict[str, Any]:
+    """Each request alone on an idle engine whose cache holds every earlier prompt; TTFTs in
+    real milliseconds of engines running at ``speed`` (engine seconds per real second).
 
     One engine with room for every block stands for one infinite cache shared by the pool;
     each request is run to its first token before the next is added, so nothing queues.
@@ -185,7 +187,7 @@ def floor(workload: Workload, engine: EngineConfig) -> dict[str, Any]:
             ttfts.append(sim.ttft)
         now += 1.0  # idle between requests: the next one finds the engine free
     metrics = infinite.metrics
-    ms = np.asarray(ttfts) * 1000.0
+    ms = np.asarray(ttfts) * 1000.0 / speed
     return {
         "requests": len(ttfts),
         "ttft_ms": {
@@ -195,4 +197,24 @@ def floor(workload: Workload, engine: EngineConfig) -> dict[str, Any]:
         "hit_ratio": metrics.prefix_cache_hits / metrics.prefix_cache_queries
         if metrics.prefix_cache_queries
         else None,
+    }
+
+
+def prompt_stats(workload: Workload) -> dict[str, float]:
+    """Prompt sizes, and what tokenising one costs here with the tokenizer ``kvsched serve``
+    loads (CPU time in this process): a router that tokenises text pays it per request."""
+    from scheduler.adapters.tokenizer import HFTokenizer
+    from scheduler.sim.tokenizer import MODEL_DIR
+
+    tokenizer = HFTokenizer.from_dir(MODEL_DIR)
+    costs = []
+    for request in workload.requests[:200]:
+        started = time.process_time()
+        tokenizer.encode(request.prompt_text or "", True)
+        costs.append((time.process_time() - started) * 1e3)
+    lengths = [len(r.prompt_token_ids) for r in workload.requests]
+    return {
+        "prompt_tokens_mean": float(np.mean(lengths)) if lengths else 0.0,
+        "prompt_tokens_max": float(max(lengths, default=0)),
+        "tokenize_cpu_ms_p50": float(np.percentile(costs, 50)) if costs else 0.0,
     }

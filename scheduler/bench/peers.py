@@ -20,8 +20,9 @@ The floor row is computed, not run (``peer_workloads.floor``): no queueing and o
 cache shared by the pool. The goal (``judge``): kvsched's TTFT p50 at most the best peer's and
 its p99 at most 0.9x the best peer's, where the peers are sglang-router and vllm-router.
 
-Loads multiply each workload's own arrival rate. ``DEFAULT_LOADS``: 1 (moderate) and
-``NEAR_SATURATION`` (``peer_names.py`` says how it was chosen).
+A load is how busy the pool is: load L replays the workload at its own rate (times
+``rate``) on simulated GPUs L times slower (``peer_names.py`` says why, and how
+``NEAR_SATURATION`` was chosen). ``DEFAULT_LOADS``: 1 (moderate) and ``NEAR_SATURATION``.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ from scheduler.bench.peer_names import (
 )
 from scheduler.bench.peer_routers import ROUTERS, Pool, RouterSpec, simulated_pool, tree_cpu_seconds
 from scheduler.bench.peer_workloads import (
-    at_load,
+    at_rate,
     floor,
     load_workload,
     offered_rate,
+    prompt_stats,
 )
 from scheduler.replay.live import replay_live
 from scheduler.replay.report import RequestOutcome
@@ -149,13 +151,18 @@ async def run_router(
     workers: int,
     capacity_blocks: int,
     max_model_len: int,
+    speed: float,
     workdir: Path,
 ) -> dict[str, Any]:
     """One router in front of a fresh pool, the workload replayed through it."""
     begun = time.perf_counter()
     async with (
         simulated_pool(
-            workdir, workers=workers, capacity_blocks=capacity_blocks, max_model_len=max_model_len
+            workdir,
+            workers=workers,
+            capacity_blocks=capacity_blocks,
+            max_model_len=max_model_len,
+            speed=speed,
         ) as pool,
         spec.start(pool, workdir) as router,
         aiohttp.ClientSession() as session,
@@ -226,11 +233,12 @@ async def compare(
     *,
     workers: int,
     capacity_blocks: int,
+    load: float,
     workdir: Path,
 ) -> dict[str, Any]:
-    """Every router on ``workload``, one after another, each on a fresh pool."""
+    """Every router on ``workload`` at ``load``, one after another, each on a fresh pool."""
     max_model_len = max_model_len_for(workload)
-    load = float(workload.meta.get("load", 1.0))  # type: ignore[arg-type]
+    speed = 1.0 / load
     rows: dict[str, dict[str, Any]] = {}
     for name in routers:
         log.info(
@@ -251,6 +259,7 @@ async def compare(
                 workers=workers,
                 capacity_blocks=capacity_blocks,
                 max_model_len=max_model_len,
+                speed=speed,
                 workdir=rundir,
             )
         except (RuntimeError, OSError, aiohttp.ClientError, TimeoutError) as exc:
@@ -261,12 +270,14 @@ async def compare(
     return {
         "workload": workload.name,
         "load": load,
+        "engine_speed": speed,
         "workers": workers,
         "capacity_blocks": capacity_blocks,
         "requests": len(workload.requests),
         "offered_rps": offered_rate(workload),
+        "prompts": prompt_stats(workload),
         "rows": rows,
-        "floor": floor(workload, engine),
+        "floor": floor(workload, engine, speed),
         "goal": judge(rows),
     }
 
@@ -279,6 +290,7 @@ def run(
     workers: int = DEFAULT_WORKERS,
     capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
     requests: int | None = None,
+    rate: float = 1.0,
     seed: int = 0,
     workdir: str | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
@@ -294,14 +306,15 @@ def run(
     results = []
     with tempfile.TemporaryDirectory(prefix="kvsched-peers-", dir=workdir) as scratch:
         for name in workloads:
-            base = load_workload(name, tokenizer, seed=seed, requests=requests)
+            workload = at_rate(load_workload(name, tokenizer, seed=seed, requests=requests), rate)
             for load in loads:
                 result = asyncio.run(
                     compare(
-                        at_load(base, load),
+                        workload,
                         chosen,
                         workers=workers,
                         capacity_blocks=capacity_blocks,
+                        load=load,
                         workdir=Path(scratch),
                     )
                 )
@@ -314,6 +327,7 @@ def run(
         "workers": workers,
         "capacity_blocks": capacity_blocks,
         "seed": seed,
+        "rate_factor": rate,
         "cores": os.cpu_count(),
         "results": results,
     }
@@ -338,8 +352,9 @@ _HEADER = (
 
 def format_result(result: dict[str, Any]) -> str:
     """One workload at one load: its table and the goal's verdict."""
+    slower = "" if result["load"] == 1 else f" (simulated GPUs {result['load']:g}x slower)"
     lines = [
-        f"{result['workload']} x{result['load']:g}: {result['requests']} requests at "
+        f"{result['workload']}, load x{result['load']:g}{slower}: {result['requests']} requests at "
         f"{result['offered_rps']:.1f} req/s, {result['workers']} workers of "
         f"{result['capacity_blocks']:,} blocks (ms)\n",
         _HEADER,
