@@ -59,6 +59,8 @@ def test_tiny_run_answers_every_request_and_counts_hits_at_the_workers() -> None
         assert row["hit_ratio"] == row["prefix_cache_hits"] / row["prefix_cache_queries"]
         assert row["hit_ratio"] == pytest.approx(row["usage_hit_ratio"])
         assert sum(row["requests_per_worker"].values()) == 16 and len(row["requests_per_worker"]) == 2
+        # Each response names its worker, so a tenant's requests can be traced to workers.
+        assert 0.5 <= row["session_affinity"] <= 1.0
     # Routers that run processes of their own are charged their CPU; the client-side one none.
     assert set(result["rows"]["kvsched"]["cpu_s"]) == {"kvsched", "envoy"}
     assert result["rows"]["kvsched"]["router_cpu_s"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from typing import Any
 
 
@@ -119,6 +120,7 @@ def _bench_peers(args: argparse.Namespace) -> int:
         requests=args.requests,
         rate=args.rate,
         seed=args.seed,
+        router_args={name: shlex.split(text) for name, text in args.router_args or ()},
         on_result=None if args.json else show,
     )
     if args.out:
@@ -184,6 +186,14 @@ def _register_peers(kinds: Any) -> None:
     )
     peers.add_argument("--requests", type=int, help="requests per workload (default: the workload's own)")
     peers.add_argument("--seed", type=int, default=0)
+    peers.add_argument(
+        "--router-args",
+        nargs=2,
+        action="append",
+        metavar=("ROUTER", "ARGS"),
+        help="extra command-line arguments for one router, for what-if runs, e.g. "
+        "--router-args kvsched '--set scheduler.predictor.enabled=false' (repeatable)",
+    )
     peers.add_argument("--out", help="also write the JSON report to this file")
     peers.add_argument("--json", action="store_true", help="print the JSON report instead of the tables")
     peers.set_defaults(func=_bench_peers)

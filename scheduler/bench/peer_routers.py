@@ -30,6 +30,9 @@ What each row is:
 * ``client-rr``: no router at all; the load generator sends request ``i`` to worker
   ``i mod N``. Its data-path figure is the floor of the client and the loopback.
 
+``--router-args NAME ARGS`` appends arguments to a router's command line (kvsched serve,
+sglang-router, vllm-router), for what-if runs; the rows' ``command`` records them.
+
 Both peers log at ``warn`` (their default is ``info``): their log lines go to a file and
 are no part of what is compared. Children run with ``HF_HUB_OFFLINE=1`` and see only
 loopback addresses.
@@ -45,7 +48,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -189,11 +192,13 @@ def tree_cpu_seconds(pids: Mapping[str, int]) -> dict[str, float]:
 @dataclass(frozen=True, slots=True)
 class Pool:
     """A fresh simulated pool: worker ``i`` is the one worker of its own ``kvsched sim``
-    process (``pids[i]``), named ``sim-i`` here."""
+    process (``pids[i]``), named ``sim-i`` here; ``labels`` maps the name each worker gives
+    itself in responses (``sim-i-0``) to that."""
 
     workers: list[dict[str, Any]]
     tokenizer_dir: str
     pids: list[int]
+    labels: dict[str, str]
 
     @property
     def model(self) -> str:
@@ -235,12 +240,15 @@ async def simulated_pool(
     argv += ["--block-size", str(BLOCK_SIZE), "--speed", repr(speed)]
     async with contextlib.AsyncExitStack() as stack:
         started = [
-            await stack.enter_async_context(child(f"sim-{i}", argv, workdir, stdout_pipe=True))
+            await stack.enter_async_context(
+                child(f"sim-{i}", [*argv, "--name-prefix", f"sim-{i}"], workdir, stdout_pipe=True)
+            )
             for i in range(workers)
         ]
         described = await asyncio.gather(*(_start_worker(s) for s in started))
         members = [{**d["workers"][0], "name": f"sim-{i}"} for i, d in enumerate(described)]
-        yield Pool(members, described[0]["tokenizer_dir"], [s.pid for s in started])
+        labels = {d["workers"][0]["name"]: f"sim-{i}" for i, d in enumerate(described)}
+        yield Pool(members, described[0]["tokenizer_dir"], [s.pid for s in started], labels)
 
 
 # --- routers ------------------------------------------------------------------------------------
@@ -260,7 +268,7 @@ class RunningRouter:
 
 class RouterStarter(Protocol):
     def __call__(
-        self, pool: Pool, workdir: Path
+        self, pool: Pool, workdir: Path, extra_args: Sequence[str] = ()
     ) -> contextlib.AbstractAsyncContextManager[RunningRouter]: ...
 
 
@@ -287,11 +295,11 @@ class RouterSpec:
 
 
 @contextlib.asynccontextmanager
-async def _kvsched(pool: Pool, workdir: Path) -> AsyncIterator[RunningRouter]:
+async def _kvsched(pool: Pool, workdir: Path, extra_args: Sequence[str] = ()) -> AsyncIterator[RunningRouter]:
     ready_file = workdir / "kvsched-ready.json"
     argv = [sys.executable, "-m", "scheduler", "serve", "--plaintext", "--host", "127.0.0.1"]
     argv += ["--grpc-port", "0", "--health-port", "0", "--metrics-port", "0"]
-    argv += ["--tokenizer-dir", pool.tokenizer_dir, "--ready-file", str(ready_file)]
+    argv += ["--tokenizer-dir", pool.tokenizer_dir, "--ready-file", str(ready_file), *extra_args]
     for w in pool.workers:
         argv += ["--endpoint", f"{w['address']},kv={w['kv_endpoint']},replay={w['replay_endpoint']}"]
     async with child("kvsched", argv, workdir) as serve, aiohttp.ClientSession() as session:
@@ -327,11 +335,12 @@ async def _kvsched(pool: Pool, workdir: Path) -> AsyncIterator[RunningRouter]:
 
 
 @contextlib.asynccontextmanager
-async def _sglang(pool: Pool, workdir: Path) -> AsyncIterator[RunningRouter]:
+async def _sglang(pool: Pool, workdir: Path, extra_args: Sequence[str] = ()) -> AsyncIterator[RunningRouter]:
     port = free_port()
     argv = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--worker-urls", *pool.urls, "--policy", "cache_aware", "--tokenizer-path", pool.tokenizer_dir]
     argv += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()), "--log-level", "warn"]
+    argv += extra_args
     url = f"http://127.0.0.1:{port}"
     async with child("sglang-router", argv, workdir) as router, aiohttp.ClientSession() as session:
 
@@ -345,7 +354,7 @@ async def _sglang(pool: Pool, workdir: Path) -> AsyncIterator[RunningRouter]:
 
 
 @contextlib.asynccontextmanager
-async def _vllm(pool: Pool, workdir: Path) -> AsyncIterator[RunningRouter]:
+async def _vllm(pool: Pool, workdir: Path, extra_args: Sequence[str] = ()) -> AsyncIterator[RunningRouter]:
     port = free_port()
     argv = [sys.executable, "-m", "vllm_router.launch_router", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--worker-urls", *pool.urls, "--policy", "kv_aware", "--kv-event-model", pool.model]
@@ -353,14 +362,8 @@ async def _vllm(pool: Pool, workdir: Path) -> AsyncIterator[RunningRouter]:
     for w in pool.workers:
         argv += ["--kv-event-source", f"{w['http_url']}={w['kv_endpoint']}"]
         argv += ["--kv-event-replay-source", f"{w['http_url']}={w['replay_endpoint']}"]
-    argv += [
-        "--prometheus-host",
-        "127.0.0.1",
-        "--prometheus-port",
-        str(free_port()),
-        "--log-level",
-        "warning",
-    ]
+    argv += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+    argv += ["--log-level", "warning", *extra_args]
     url = f"http://127.0.0.1:{port}"
     async with child("vllm-router", argv, workdir) as router, aiohttp.ClientSession() as session:
 
@@ -374,7 +377,9 @@ async def _vllm(pool: Pool, workdir: Path) -> AsyncIterator[RunningRouter]:
 
 
 @contextlib.asynccontextmanager
-async def _envoy_round_robin(pool: Pool, workdir: Path) -> AsyncIterator[RunningRouter]:
+async def _envoy_round_robin(
+    pool: Pool, workdir: Path, extra_args: Sequence[str] = ()
+) -> AsyncIterator[RunningRouter]:
     settings = EnvoySettings("127.0.0.1", 0, ext_proc=False, pool=[str(w["address"]) for w in pool.workers])
     async with EnvoyGateway(settings) as envoy:
         assert envoy.pid is not None
@@ -384,7 +389,9 @@ async def _envoy_round_robin(pool: Pool, workdir: Path) -> AsyncIterator[Running
 
 
 @contextlib.asynccontextmanager
-async def _client_round_robin(pool: Pool, workdir: Path) -> AsyncIterator[RunningRouter]:
+async def _client_round_robin(
+    pool: Pool, workdir: Path, extra_args: Sequence[str] = ()
+) -> AsyncIterator[RunningRouter]:
     urls = pool.urls
     turn = iter(range(1 << 62))
 

@@ -34,7 +34,7 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,21 @@ def _percentiles(values_ms: Sequence[float]) -> dict[str, float | None]:
     }
 
 
+def session_affinity(
+    outcomes: Sequence[RequestOutcome], sessions: dict[str, str], labels: dict[str, str]
+) -> float | None:
+    """Share of a session's requests (a tenant's, a conversation's, an agent's) served by the
+    worker that served most of them, over all requests of sessions: 1 = every session stayed
+    on one worker. None for workloads without sessions."""
+    served: dict[str, Counter[str]] = {}
+    for outcome in outcomes:
+        session = sessions.get(outcome.request_id)
+        if session is not None and outcome.ok and outcome.endpoint is not None:
+            served.setdefault(session, Counter())[labels.get(outcome.endpoint, outcome.endpoint)] += 1
+    total = sum(sum(c.values()) for c in served.values())
+    return sum(max(c.values()) for c in served.values()) / total if total else None
+
+
 def summarize(
     outcomes: Sequence[RequestOutcome],
     before: dict[str, dict[str, float]],
@@ -153,6 +168,7 @@ async def run_router(
     max_model_len: int,
     speed: float,
     workdir: Path,
+    extra_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """One router in front of a fresh pool, the workload replayed through it."""
     begun = time.perf_counter()
@@ -164,7 +180,7 @@ async def run_router(
             max_model_len=max_model_len,
             speed=speed,
         ) as pool,
-        spec.start(pool, workdir) as router,
+        spec.start(pool, workdir, extra_args) as router,
         aiohttp.ClientSession() as session,
     ):
         log.debug("%s: pool and router up in %.1fs", spec.name, time.perf_counter() - begun)
@@ -179,7 +195,7 @@ async def run_router(
         cpu_after = {**tree_cpu_seconds(watched), "client": cpu_seconds(os.getpid())}
         after = await worker_counters(session, pool)
         diagnostics = await router.diagnostics() if router.diagnostics is not None else None
-        command = router.command
+        command, labels = router.command, pool.labels
         stopping = time.perf_counter()
     log.debug("%s: replay %.1fs, stop %.1fs", spec.name, wall, time.perf_counter() - stopping)
     cpu = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
@@ -187,6 +203,8 @@ async def run_router(
     client_cpu = cpu.pop("client")
     row = summarize(outcomes, before, after, cpu, wall)
     row["pool_cpu_s"], row["client_cpu_s"] = pool_cpu, client_cpu
+    sessions = {r.request_id: r.session_id for r in workload.requests if r.session_id is not None}
+    row["session_affinity"] = session_affinity(outcomes, sessions, labels)
     row.update(router=spec.name, description=spec.description, command=command)
     if spec.name in _VERSIONED:
         row["version"] = importlib.metadata.version(_VERSIONED[spec.name])
@@ -235,6 +253,7 @@ async def compare(
     capacity_blocks: int,
     load: float,
     workdir: Path,
+    router_args: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Every router on ``workload`` at ``load``, one after another, each on a fresh pool."""
     max_model_len = max_model_len_for(workload)
@@ -261,6 +280,7 @@ async def compare(
                 max_model_len=max_model_len,
                 speed=speed,
                 workdir=rundir,
+                extra_args=(router_args or {}).get(name, ()),
             )
         except (RuntimeError, OSError, aiohttp.ClientError, TimeoutError) as exc:
             # One router failing to start or run leaves the others' rows standing.
@@ -294,6 +314,7 @@ def run(
     seed: int = 0,
     workdir: str | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    router_args: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """The whole comparison: every workload at every load, every router; one JSON report.
     ``on_result`` sees each workload-and-load result as soon as it is complete."""
@@ -316,6 +337,7 @@ def run(
                         capacity_blocks=capacity_blocks,
                         load=load,
                         workdir=Path(scratch),
+                        router_args=router_args,
                     )
                 )
                 results.append(result)

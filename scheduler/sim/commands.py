@@ -39,6 +39,7 @@ def _run(args: argparse.Namespace) -> int:
         speed=args.speed,
         legacy_events=args.legacy_events,
         topic=LLMD_TOPIC if args.kv_topic == "llm-d" else args.kv_topic,
+        name_prefix=args.name_prefix,
         tokenizer_dir=args.tokenizer_dir,
         engine=engine,
     )
@@ -100,6 +101,11 @@ def register(subparsers: Any) -> None:
         "--legacy-events", action="store_true", help="positional event arrays and replay frames without topic"
     )
     sim.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
+    sim.add_argument(
+        "--name-prefix",
+        default="sim",
+        help="workers are named PREFIX-0, PREFIX-1, ... (their x-kvsched-sim-worker header; default sim)",
+    )
     sim.add_argument(
         "--kv-topic",
         type=_topic,
