@@ -361,8 +361,47 @@ def test_unknown_fields_are_refused_by_name() -> None:
     from scheduler.adapters.kubernetes.policy import PolicyError, PolicySettings
     from scheduler.core.scheduler import SchedulerConfig
 
-    with pytest.raises(PolicyError, match=r"spec\.scorerWeights\.sloUrgency: not a setting"):
+    with pytest.raises(PolicyError, match=r"spec\.tierWeights\.hbm: not a setting"):
+        PolicySettings.from_spec({"tierWeights": {"hbm": 1}}).scheduler_config(SchedulerConfig())
+    # A scorer weight names a scorer: an unregistered one is refused by its CRD path and name.
+    with pytest.raises(
+        PolicyError, match=r"spec\.scorerWeights\.sloUrgency: no scorer named 'slo_urgency' is registered"
+    ):
         PolicySettings.from_spec({"scorerWeights": {"sloUrgency": 1}}).scheduler_config(SchedulerConfig())
+
+
+def test_a_registered_scorer_is_weighted_by_a_policy() -> None:
+    from scheduler.adapters.kubernetes.policy import PolicyError, PolicySettings
+    from scheduler.core.scheduler import SchedulerConfig
+    from scheduler.core.scoring import SCORERS, QueueDepthScorer, register_scorer
+
+    spec = apply_defaults(openapi_schema(), _load(FIXTURES / "valid" / "registered-scorer.yaml"))["spec"]
+    # The schema keeps the name it does not list (no pruning) and still defaults the built-ins.
+    assert spec["scorerWeights"] == {
+        "prefixOverlap": 3,
+        "zoneAffinity": 2,
+        "queueDepth": 1,
+        "kvUtilization": 0.5,
+        "inflightLoad": 1.5,
+        "predictedLatency": 0,
+    }
+    settings = PolicySettings.from_spec(spec)
+    with pytest.raises(
+        PolicyError, match=r"spec\.scorerWeights\.zoneAffinity: no scorer named 'zone_affinity'"
+    ):
+        settings.scheduler_config(SchedulerConfig())
+
+    class ZoneAffinity(QueueDepthScorer):
+        name = "zone_affinity"
+
+    register_scorer("zone_affinity", ZoneAffinity, weight=0.0, description="Endpoints in zone a first.")
+    try:
+        weights = settings.scheduler_config(SchedulerConfig()).scoring.weights
+        assert (weights["zone_affinity"], weights["prefix_overlap"]) == (2.0, 3.0)
+        snake_case = PolicySettings.from_spec({"scorerWeights": {"zone_affinity": 4}})
+        assert snake_case.scheduler_config(SchedulerConfig()).scoring.weights["zone_affinity"] == 4.0
+    finally:
+        SCORERS.remove("zone_affinity")
 
 
 def test_enum_values_map_onto_the_settings() -> None:

@@ -166,7 +166,7 @@ async def test_policy_change_changes_picks_without_restart(
     changed = policy("llama", {"scorerWeights": {"prefixOverlap": 0, "inflightLoad": 0}})
     server.replace(POLICIES, changed)
     await harness.reconciled(lambda: harness.watcher.applied == ("llm/llama", 2))
-    assert scheduler.config.scoring.weights.prefix_overlap == 0
+    assert scheduler.config.scoring.weights["prefix_overlap"] == 0
     assert primary(scheduler, "r2") == "10.0.0.2:8000"
     assert scheduler.inflight(in_flight)[0] >= 1
     assert scheduler.on_completed("long", now=1.0) is not None
@@ -207,7 +207,7 @@ async def test_invalid_policy_keeps_the_last_good_one(server: FakeKubeAPIServer,
     # A section this kvsched does not have is refused by name.
     server.replace(POLICIES, policy("llama", {"scorerWeights": {"sloUrgency": 2}}))
     condition = await harness.wait_condition("llama", "False", 3)
-    assert "spec.scorerWeights.sloUrgency: not a setting of this kvsched version" in condition["message"]
+    assert "spec.scorerWeights.sloUrgency: no scorer named 'slo_urgency'" in condition["message"]
 
     # Fixed: applied, and Accepted again.
     server.replace(POLICIES, policy("llama", {"picker": {"mode": "maxScore"}}))
@@ -231,7 +231,7 @@ async def test_index_settings_must_match_the_running_index(
         POLICIES, policy("llama", {"kvEvents": {"blockSize": 16}, "scorerWeights": {"queueDepth": 9}})
     )
     await harness.wait_condition("llama", "True", 2)
-    assert harness.scheduler.config.scoring.weights.queue_depth == 9
+    assert harness.scheduler.config.scoring.weights["queue_depth"] == 9
 
 
 async def test_only_served_pools_and_one_policy_at_a_time(server: FakeKubeAPIServer) -> None:
@@ -251,7 +251,7 @@ async def test_only_served_pools_and_one_policy_at_a_time(server: FakeKubeAPISer
     harness.watcher.start()
     try:
         await harness.reconciled(lambda: harness.watcher.applied == ("llm/older", 1))
-        assert scheduler.config.scoring.weights.queue_depth == 3
+        assert scheduler.config.scoring.weights["queue_depth"] == 3
         await harness.wait_condition("older", "True", 1)
         for loser in ("newer", "second"):
             condition = await harness.wait_condition(loser, "False", 1)
@@ -263,7 +263,7 @@ async def test_only_served_pools_and_one_policy_at_a_time(server: FakeKubeAPISer
         # The winner goes: the next in line applies.
         server.delete(POLICIES, NS, "older")
         await harness.reconciled(lambda: harness.watcher.applied == ("llm/newer", 1))
-        assert scheduler.config.scoring.weights.queue_depth == 4
+        assert scheduler.config.scoring.weights["queue_depth"] == 4
         await harness.wait_condition("newer", "True", 1)
         server.delete(POLICIES, NS, "newer")
         await harness.reconciled(lambda: harness.watcher.applied == ("llm/second", 1))

@@ -116,7 +116,7 @@ async def test_serving_from_a_pool_with_a_policy(server: FakeKubeAPIServer) -> N
                 },
             },
         )
-        await until(lambda: scheduler.config.scoring.weights.queue_depth == 7)
+        await until(lambda: scheduler.config.scoring.weights["queue_depth"] == 7)
         await until(
             lambda: (
                 {e.kv_events for e in scheduler.endpoints()}
@@ -140,7 +140,7 @@ async def test_serving_from_a_pool_with_a_policy(server: FakeKubeAPIServer) -> N
         )
         assert await app.reload(reloaded) == []
         assert scheduler.config.scoring.temperature == 0.5
-        assert scheduler.config.scoring.weights.queue_depth == 7
+        assert scheduler.config.scoring.weights["queue_depth"] == 7
 
         # A pod goes: its endpoint, scraping and KV subscription go with it.
         server.delete(PODS, NS, "vllm-0")
@@ -149,7 +149,7 @@ async def test_serving_from_a_pool_with_a_policy(server: FakeKubeAPIServer) -> N
 
         # The policy goes: the configuration file's settings are back.
         server.delete(POLICIES, NS, "llama")
-        await until(lambda: scheduler.config.scoring.weights.queue_depth == 1)
+        await until(lambda: scheduler.config.scoring.weights["queue_depth"] == 1)
         assert scheduler.config.scoring.temperature == 0.5
         await until(lambda: {e.kv_events for e in scheduler.endpoints()} == {"tcp://127.0.0.3:5557"})
         assert app.scraper.interval_s == 0.05

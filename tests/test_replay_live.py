@@ -17,9 +17,8 @@ import pytest
 from aiohttp import web
 
 from scheduler.replay.live import prompt_text, replay_live
-from scheduler.replay.report import RequestOutcome
 from scheduler.sim.pool import PoolConfig, SimPool
-from scheduler.workloads.model import Workload, WorkloadRequest
+from scheduler.workloads.model import RequestOutcome, Workload, WorkloadRequest
 
 STAND_IN_MODEL = "stand-in-model"
 

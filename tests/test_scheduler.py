@@ -82,7 +82,7 @@ def test_served_endpoint_moves_the_accounting() -> None:
     scheduler = _scheduler(2)
     result = scheduler.pick(SchedulingRequest("r1", list(range(1, 33))), now=0.0)
     primary, fallback = result.endpoints[0], result.endpoints[1]
-    scheduler.on_served_by("r1", fallback)
+    scheduler.on_served_by("r1", fallback, now=0.1)
     assert scheduler.inflight(primary) == (0, 0)
     assert scheduler.inflight(fallback) == (1, 32)
     scheduler.on_failed("r1", now=1.0)

@@ -83,7 +83,7 @@ def test_a_request_served_elsewhere_is_not_learned_from() -> None:
     scheduler = _scheduler()
     result = scheduler.pick(SchedulingRequest("r0", [1, 2, 3]), now=1.0)
     other = "10.0.0.2:8000" if result.endpoints[0] == "10.0.0.1:8000" else "10.0.0.1:8000"
-    scheduler.on_served_by("r0", other)
+    scheduler.on_served_by("r0", other, now=1.05)
     scheduler.on_first_token("r0", now=1.1)
     scheduler.on_completed("r0", now=1.2, completion_tokens=2)
     assert scheduler.predictor.stats.observed == 0

@@ -5,14 +5,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import subprocess
+import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from scheduler.core.scoring import (
     NO_ELIGIBLE_IN_SUBSET,
+    SCORERS,
     Candidates,
     EndpointState,
     FilterLimits,
@@ -30,12 +34,13 @@ from scheduler.core.scoring import (
     ScoringConfig,
     SubsetHintFilter,
     TierWeights,
-    default_scorers,
+    register_scorer,
     relative_to_best,
 )
 from scheduler.core.scoring.candidates import build_candidates, metrics_trusted
 
 FRESH = 0.1
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _ep(i: int, **fields: object) -> EndpointState:
@@ -66,8 +71,7 @@ def _candidates(
 
 
 def _weights(**weights: float) -> ScoringConfig:
-    zero = dict.fromkeys(ScorerWeights.model_fields, 0.0)
-    return ScoringConfig(weights=ScorerWeights(**{**zero, **weights}))
+    return ScoringConfig(weights=ScorerWeights.only(**weights))
 
 
 # --- filters -------------------------------------------------------------------------------
@@ -436,9 +440,9 @@ def test_explanation_lists_scores_weights_and_filters() -> None:
     assert set(explained["candidates"]) == {"10.0.0.1:8000", "10.0.0.2:8000"}
     assert sum(explained["weights"].values()) == pytest.approx(1.0)
     first = explained["candidates"]["10.0.0.1:8000"]
-    weighted = {name for name, weight in ScoringConfig().weights.model_dump().items() if weight > 0}
+    weighted = {name for name, weight in ScoringConfig().weights.items() if weight > 0}
     # Scorers that read predictions sit out a pick made without a latency estimator.
-    expected = {s.name for s in default_scorers() if not getattr(s, "needs_predictions", False)}
+    expected = {spec.name for spec in SCORERS.specs() if not spec.needs_predictions}
     assert set(first["scores"]) == set(explained["weights"]) == expected & weighted
     assert first["matched_blocks"] == pytest.approx(4 + 2 * 0.8)
     assert first["queue"] == 1
@@ -486,9 +490,11 @@ def test_config_errors_name_the_field(raw: dict[str, object], field: str) -> Non
 
 
 def test_config_fields_are_documented() -> None:
-    for model in (ScoringConfig, ScorerWeights, TierWeights, FilterLimits):
+    for model in (ScoringConfig, TierWeights, FilterLimits):
         for name, info in model.model_fields.items():
             assert info.description, f"{model.__name__}.{name} has no description"
+    for spec in SCORERS.specs():
+        assert spec.description and "\n" not in spec.description, f"scorer {spec.name} has no description"
 
 
 def test_with_config_swaps_configuration_and_keeps_plugins() -> None:
@@ -523,29 +529,67 @@ class _ClassFilter:
         }
 
 
-class _LabelScorer:
-    """Prefers endpoints labelled zone=a, under the kv_utilization weight."""
+class _ZoneAffinityScorer:
+    """Prefers endpoints labelled zone=a: a scorer from outside the package."""
 
-    name = "kv_utilization"
+    name = "zone_affinity"
 
     def score(self, candidates: Candidates, request: PickRequest, config: ScoringConfig) -> list[float]:
         return [1.0 if s.labels.get("zone") == "a" else 0.0 for s in candidates.states]
 
 
-def test_custom_filters_and_scorers_plug_in() -> None:
+@pytest.fixture
+def zone_affinity() -> Iterator[None]:
+    register_scorer(
+        "zone_affinity", _ZoneAffinityScorer, weight=0.0, description="Endpoints in zone a first."
+    )
+    yield
+    SCORERS.remove("zone_affinity")
+
+
+def test_custom_filters_and_scorers_plug_in(zone_affinity: None) -> None:
     endpoints = [
         _ep(1, endpoint_class="prefill"),
         _ep(2, endpoint_class="decode", labels={"zone": "b"}),
         _ep(3, endpoint_class="decode", labels={"zone": "a"}),
     ]
     pipeline = SchedulingPipeline(
-        _weights(kv_utilization=1.0), filters=[_ClassFilter("decode")], scorers=[_LabelScorer()]
+        _weights(zone_affinity=1.0), filters=[_ClassFilter("decode")], scorers=[_ZoneAffinityScorer()]
     )
     decision = pipeline.pick(_request(), endpoints, {})
     assert decision.endpoints == ["10.0.0.3:8000", "10.0.0.2:8000"]
     assert decision.filtered == {"10.0.0.1:8000": "class prefill"}
+    assert decision.weights == {"zone_affinity": 1.0}
     none_left = pipeline.pick(_request(), endpoints[:1], {})
     assert none_left.endpoints == [] and none_left.reason == "no endpoint of the wanted class"
+
+
+def test_a_registered_scorer_joins_the_default_pipeline_with_its_weight(zone_affinity: None) -> None:
+    # Two identical endpoints apart from their zone; the load tie-break alone would split them.
+    endpoints = [_ep(1, labels={"zone": "b"}), _ep(2, labels={"zone": "a"})]
+    # Its default weight is 0: registered, built, but not weighed and not explained.
+    unweighted = SchedulingPipeline().pick(_request(), endpoints, {})
+    assert "zone_affinity" in [s.name for s in SchedulingPipeline().scorers]
+    assert "zone_affinity" not in unweighted.weights
+    # Weighted from a configuration file's mapping, as any built-in is.
+    config = ScoringConfig.model_validate({"weights": {"zone_affinity": 3}})
+    assert config.weights["zone_affinity"] == 3.0 and config.weights["prefix_overlap"] == 3.0
+    for i in range(8):
+        decision = SchedulingPipeline(config).pick(_request(f"r{i}"), endpoints, {})
+        assert decision.primary == "10.0.0.2:8000"
+        assert decision.scores["zone_affinity"] == [0.0, 1.0]
+
+
+def test_scorer_names_are_registered_once_and_weights_name_only_registered_scorers() -> None:
+    with pytest.raises(ValueError, match="a scorer named 'queue_depth' is already registered"):
+        register_scorer("queue_depth", QueueDepthScorer, weight=1.0, description="again")
+    with pytest.raises(ValueError, match="snake_case"):
+        register_scorer("zoneAffinity", _ZoneAffinityScorer, weight=0.0, description="camelCase")
+    with pytest.raises(ValidationError, match=r"no scorer named 'slo_urgency' is registered \(registered: "):
+        ScoringConfig.model_validate({"weights": {"slo_urgency": 1.0}})
+    with pytest.raises(ValueError, match="no scorer named 'slo_urgency'"):
+        ScorerWeights(slo_urgency=1.0)
+    assert "zone_affinity" not in SCORERS  # the fixture cleaned up after the tests above
 
 
 def test_scorers_need_a_configured_weight_and_unique_names() -> None:
@@ -650,3 +694,13 @@ def test_predicted_latency_scorer_runs_only_with_an_estimator() -> None:
     plain = pipeline.pick(_request(), endpoints, {})
     assert set(plain.weights) == {"queue_depth"} and plain.predicted is None
     assert estimator.calls == 1
+
+
+def test_the_built_in_scorers_are_registered_whatever_module_is_imported_first() -> None:
+    # The configuration validates weights against the registry, which the scorers' module
+    # fills: importing the configuration alone must already see them (via the package).
+    code = "from scheduler.core.scoring.config import ScoringConfig\nprint(sorted(ScoringConfig().weights))\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.split("\n")[0] == str(sorted(SCORERS.names()))

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from scheduler.cli import main
-from scheduler.replay.report import SLOTargets
 from scheduler.replay.sweep import run_sweep, save_sweep_plot, summarize
+from scheduler.workloads.model import SLOTargets
 from scheduler.workloads.mooncake import load_mooncake
 
 TRACE = Path(__file__).resolve().parents[1].parent / "shared/data/mooncake/conversation_trace.jsonl"

@@ -58,11 +58,10 @@ from scheduler.bench.peer_workloads import (
     prompt_stats,
 )
 from scheduler.replay.live import replay_live
-from scheduler.replay.report import RequestOutcome
 from scheduler.replay.text import ClientTokenizer
 from scheduler.sim.engine import EngineConfig
 from scheduler.sim.tokenizer import MODEL_DIR
-from scheduler.workloads.model import Workload
+from scheduler.workloads.model import RequestOutcome, Workload
 
 log = logging.getLogger(__name__)
 

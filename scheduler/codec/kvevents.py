@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -25,8 +24,10 @@ from scheduler.core.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
+    DecodedBatch,
     EventBatch,
     KVEvent,
+    KVEventDecodeError,
     Tier,
     normalize_block_hash,
 )
@@ -52,17 +53,6 @@ _REMOVED_FIELDS = ("block_hashes", "medium", "group_idx")
 
 # In the tagged-map encoding vLLM omits None values except for these keys.
 _ALWAYS_PRESENT = frozenset({"lora_id", "medium", "lora_name", "parent_block_hash"})
-
-
-class KVEventDecodeError(ValueError):
-    """The payload as a whole is not a vLLM event batch."""
-
-
-@dataclass(slots=True)
-class DecodedBatch:
-    batch: EventBatch
-    # One message per event that could not be decoded; the rest of the batch is kept.
-    bad_events: list[str] = field(default_factory=list)
 
 
 def encode_seq(seq: int) -> bytes:

@@ -102,3 +102,19 @@ def normalize_block_hash(value: object) -> int:
             raise ValueError("empty block hash")
         return int.from_bytes(raw[-8:], "big")
     raise ValueError(f"block hash must be an int or bytes, got {type(value).__name__}")
+
+
+# --- what a wire decoder hands the core ---------------------------------------------------
+# Ingest (``core/kvingest.py``) is given a decoder (``codec/kvevents.py`` ``decode_batch``)
+# rather than importing one: the core stays below the codec layer.
+
+
+class KVEventDecodeError(ValueError):
+    """The payload as a whole is not a vLLM event batch."""
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    batch: EventBatch
+    # One message per event that could not be decoded; the rest of the batch is kept.
+    bad_events: list[str] = field(default_factory=list)

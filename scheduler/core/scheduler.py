@@ -2,7 +2,9 @@
 
 It owns the prefix index, the endpoints' last known state (scraped metrics, health) and
 kvsched's own accounting of the requests it has routed, and turns a request into a
-decision with the scoring pipeline. Adapters (ext_proc server, scraper, discovery,
+decision with the routing policy its configuration names (``scheduler.core.policies``: by
+default kvsched's scoring pipeline); the policy hears about every request it routed through
+``on_routed``/``on_first_token``/``on_completed``. Adapters (ext_proc server, scraper, discovery,
 simulator) call only this facade and pass ``now`` in; nothing here reads a clock or does
 I/O, so the live server and the virtual-time simulator make identical decisions.
 """
@@ -15,9 +17,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from scheduler.core.baselines import BaselineInput, PolicyName, make_baseline
 from scheduler.core.flowcontrol import (
     Admission,
     FlowControlConfig,
@@ -27,17 +28,20 @@ from scheduler.core.flowcontrol import (
 )
 from scheduler.core.index import IndexConfig, PrefixIndex
 from scheduler.core.latency import PredictorEstimator
+from scheduler.core.lookup import EndpointPrefix, PrefixLookup, RankPrefix
 from scheduler.core.objectives import ObjectiveTable, ResolvedObjective
+from scheduler.core.policies import (
+    DEFAULT_POLICY,
+    POLICIES,
+    PolicyInput,
+    PolicySetup,
+    RoutingPolicy,
+    create_policy,
+)
 from scheduler.core.predictor import FeatureMatrix, LatencyPredictor, PredictorConfig
 from scheduler.core.prefixstats import PrefixStats
-from scheduler.core.scoring import (
-    EndpointState,
-    PickRequest,
-    PrefixMatch,
-    SchedulingPipeline,
-    ScorerWeights,
-    ScoringConfig,
-)
+from scheduler.core.registry import UnknownNameError
+from scheduler.core.scoring import EndpointState, PickRequest, PrefixMatch, ScoringConfig
 
 log = logging.getLogger(__name__)
 
@@ -98,28 +102,23 @@ class SchedulerConfig(BaseModel):
         description="Pool-wide objectives, after the request's headers and its InferenceObjective's.",
     )
     seed: int = Field(0, description="Seed of the picker's random source (softmax sampling, tie spreading).")
-    policy: PolicyName = Field(
-        "kvsched",
-        description="'kvsched' (the scoring pipeline) or a policy for comparison: the baselines "
-        "round_robin, random, least_loaded, prefix_balance, or the pipeline on one signal only, "
-        "queue_only, cache_only.",
+    policy: str = Field(
+        DEFAULT_POLICY,
+        description="Routing policy, by registered name (scheduler/core/policies/): "
+        + ", ".join(f"'{spec.name}': {spec.description}" for spec in POLICIES.specs()),
     )
 
+    @field_validator("policy")
+    @classmethod
+    def _registered_policy(cls, name: str) -> str:
+        if name not in POLICIES:
+            raise ValueError(str(UnknownNameError("policy", name, POLICIES.names())))
+        return name
 
-# The single-signal policies: the same pipeline (filters, tie-breaking on load, picker) with
-# every other scorer's weight at zero.
-PIPELINE_PRESETS: dict[str, ScorerWeights] = {
-    "queue_only": ScorerWeights(prefix_overlap=0.0, queue_depth=1.0, kv_utilization=0.0, inflight_load=0.0),
-    "cache_only": ScorerWeights(prefix_overlap=1.0, queue_depth=0.0, kv_utilization=0.0, inflight_load=0.0),
-}
 
-
-def policy_scoring(config: SchedulerConfig) -> ScoringConfig:
-    """The scoring configuration the pipeline runs under ``config.policy``."""
-    preset = PIPELINE_PRESETS.get(config.policy)
-    if preset is None:
-        return config.scoring
-    return config.scoring.model_copy(update={"weights": preset})
+def policy_setup(config: SchedulerConfig) -> PolicySetup:
+    """What ``config.policy`` is built (or reconfigured) from."""
+    return PolicySetup(config.policy, config.scoring, config.index.block_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,8 +240,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig | None = None, index: PrefixIndex | None = None) -> None:
         self.config = config or SchedulerConfig()
         self.index = index or PrefixIndex(self.config.index)
-        self._pipeline = SchedulingPipeline(policy_scoring(self.config))
-        self._baseline = make_baseline(self.config.policy)
+        self._policy: RoutingPolicy = create_policy(policy_setup(self.config))
         self._rng = random.Random(self.config.seed)
         self._endpoints: dict[str, _EndpointRuntime] = {}
         self._by_address: dict[str, str] = {}
@@ -263,14 +261,19 @@ class Scheduler:
     # --- configuration -----------------------------------------------------------------
 
     def reload(self, config: SchedulerConfig) -> None:
-        """Swap scoring and health settings atomically; the index layout cannot change live."""
+        """Swap scoring and health settings atomically; the index layout cannot change live.
+
+        The same policy is reconfigured and keeps its state (a round-robin position, a
+        policy's own accounting); another policy starts afresh."""
         if config.index != self.config.index:
             raise ValueError("index settings (block size, hash mode, bounds) need a restart")
-        pipeline = SchedulingPipeline(policy_scoring(config))
-        baseline = self._baseline
+        setup = policy_setup(config)
+        policy = self._policy
         if config.policy != self.config.policy:
-            baseline = make_baseline(config.policy)
-        self._pipeline, self._baseline, self.config = pipeline, baseline, config
+            policy = create_policy(setup)
+        else:
+            policy.reconfigure(setup)
+        self._policy, self.config = policy, config
         # Both read their config on every call; the waiting room keeps its queue.
         self.flow.config = self.saturation.config = config.flow_control
         if config.predictor != self.predictor.config:
@@ -454,27 +457,27 @@ class Scheduler:
             slo_tpot_ms=objective.slo_tpot_ms,
             priority=objective.priority,
         )
-        if self._baseline is not None:
-            return self._pick_baseline(request, states, matches, prompt_blocks, keys, now)
-        if self._approx and matches:
+        if self._approx and matches and self._policy.guards_remembered_prefixes:
             matches = self._approximate_load_guard(matches, states, request.subset)
-        # Every candidate's latency is predicted when the decision uses it; otherwise only the
-        # chosen endpoint's, afterwards, for the audit line and to train on.
         estimator = self._estimator
-        # The single-signal policies stay single-signal: no SLO stage for them.
-        has_slo = pick_request.slo_ttft_ms is not None or pick_request.slo_tpot_ms is not None
-        predict_all = self._pipeline.uses_predictions or (has_slo and self.config.policy == "kvsched")
         estimator.last_features = None
-        decision = self._pipeline.pick(
-            pick_request, states, matches, self._rng, estimator if predict_all else None
+        wanted = 1 + self.config.scoring.num_fallbacks
+        routing = self._policy.route(
+            PolicyInput(pick_request, states, matches, self.index.worker_blocks, self._rng, estimator, wanted)
         )
-        explanation = decision.explain
-        if not decision.endpoints:
-            status: Literal["no_endpoints", "shed"] = "no_endpoints"
-            return PickResult(status, [], decision.reason or "no endpoint available", explanation)
-        addresses = [self._endpoints[name].endpoint.address for name in decision.endpoints]
-        primary = decision.endpoints[0]
+        if not routing.endpoints:
+            return PickResult("no_endpoints", [], routing.reason, routing.explanation)
+        chosen = routing.endpoints[:wanted]
+        addresses = [self._endpoints[name].endpoint.address for name in chosen]
+        primary = chosen[0]
         flight = self._start(request, primary, keys, now, self._cached_tokens(matches.get(primary)))
+        decision = routing.decision
+        if decision is None:
+            return PickResult("ok", addresses, "", routing.explanation)
+        # The policy scored candidates: the chosen endpoint's feature row trains the predictor
+        # once this request's latencies are known, and its prediction goes on the audit line.
+        # Every candidate's latency was predicted when the decision used it; otherwise only the
+        # chosen endpoint's is, here.
         predicted = decision.predicted
         candidates = decision.candidates
         if candidates is not None and self.config.predictor.enabled:
@@ -488,28 +491,7 @@ class Scheduler:
             if predicted is None:
                 alone = self.predictor.predict(flight.features[None, :])
                 predicted = (float(alone.ttft_ms[0]), float(alone.tpot_ms[0]), alone.source)
-        return PickResult("ok", addresses, "", explanation, predicted)
-
-    def _pick_baseline(
-        self,
-        request: SchedulingRequest,
-        states: list[EndpointState],
-        matches: dict[str, PrefixMatch],
-        prompt_blocks: int,
-        keys: Any,
-        now: float,
-    ) -> PickResult:
-        assert self._baseline is not None
-        allowed = request.subset
-        candidates = [s for s in states if s.healthy and (allowed is None or s.address in allowed)]
-        data = BaselineInput(candidates, matches, prompt_blocks, self.index.worker_blocks)
-        order = self._baseline.order(data, self._rng)[: 1 + self.config.scoring.num_fallbacks]
-        explanation = {"policy": self.config.policy, "order": order}
-        if not order:
-            reason = "no eligible endpoint in subset hint" if allowed is not None else "no healthy endpoint"
-            return PickResult("no_endpoints", [], reason, explanation)
-        self._start(request, order[0], keys, now, self._cached_tokens(matches.get(order[0])))
-        return PickResult("ok", [self._endpoints[name].endpoint.address for name in order], "", explanation)
+        return PickResult("ok", addresses, "", routing.explanation, predicted)
 
     def fallback_pick(self, request: SchedulingRequest, now: float | None = None) -> list[str]:
         """Least-loaded healthy endpoints, for when the pipeline itself failed."""
@@ -530,6 +512,65 @@ class Scheduler:
         if chosen and now is not None:
             self._start(request, self._by_address[chosen[0]], None, now)
         return chosen
+
+    # --- read-only lookup ----------------------------------------------------------------
+
+    def lookup(self, token_ids: Sequence[int], now: float, *, model: str | None = None) -> PrefixLookup:
+        """What the index says every endpoint holds of a prompt, per data-parallel rank and
+        tier, as a pick at ``now`` would see it, changing nothing: no in-flight reservation,
+        no flow control, no policy or predictor call, no recency touched in the index, no
+        approximate-mode entry expired (those past their TTL are left out of the answer
+        instead), and every endpoint reported, healthy or not."""
+        keys = self.index.request_keys(token_ids)
+        prompt_blocks = len(keys)
+        matches = self.index.peek(keys) if prompt_blocks else {}
+        live = self._unexpired_approximate(now)
+        if live:
+            # Iterating a lazy PromptKeys hashes the whole prompt: fine for a diagnosis.
+            key_list = [int(key) for key in keys]
+            for name, held in live.items():
+                depth = next((i for i, key in enumerate(key_list) if key not in held), len(key_list))
+                if depth:
+                    matches[name] = PrefixMatch(depth, depth, 0, 0)
+                else:
+                    matches.pop(name, None)
+        endpoints = []
+        for name in sorted(self._endpoints):
+            endpoint = self._endpoints[name].endpoint
+            ranks = tuple(
+                RankPrefix.of(rank, worker, matches.get(worker), prompt_blocks)
+                for rank, worker in enumerate(endpoint.index_workers())
+            )
+            endpoints.append(
+                EndpointPrefix(
+                    name,
+                    endpoint.address,
+                    self._healthy(self._endpoints[name]),
+                    "kv_events" if endpoint.kv_events is not None else "routing_history",
+                    max(rank.matched_blocks for rank in ranks),
+                    ranks,
+                )
+            )
+        best = max((e.matched_blocks for e in endpoints), default=0)
+        return PrefixLookup(
+            model,
+            len(token_ids),
+            prompt_blocks,
+            min(best + 1, prompt_blocks),
+            self.config.index.block_size,
+            self.config.index.hash_mode,
+            tuple(endpoints),
+        )
+
+    def _unexpired_approximate(self, now: float) -> dict[str, set[int]]:
+        """Approximate mode, read-only: for each endpoint with entries past their TTL that the
+        next pick will forget, the keys its entries still within the TTL hold."""
+        expired = {endpoint for expires_at, endpoint, _ in self._approx if expires_at <= now}
+        live: dict[str, set[int]] = {endpoint: set() for endpoint in expired}
+        for expires_at, endpoint, keys in self._approx:
+            if expires_at > now and endpoint in live:
+                live[endpoint].update(keys)
+        return live
 
     # --- request lifecycle ---------------------------------------------------------------
 
@@ -555,6 +596,7 @@ class Scheduler:
         self.prefix_stats.record_decision(cached_tokens // self.config.index.block_size)
         if keys is not None and len(keys) and runtime.endpoint.kv_events is None:
             self._record_approximate(endpoint, keys, now)
+        self._policy.on_routed(request.request_id, endpoint, prompt_tokens, prefill_tokens, now)
         return flight
 
     def _release(self, flight: _InFlight) -> None:
@@ -566,7 +608,7 @@ class Scheduler:
             runtime.inflight_prefilling = max(runtime.inflight_prefilling - 1, 0)
             runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prefill_tokens, 0)
 
-    def on_served_by(self, request_id: str, address: str) -> None:
+    def on_served_by(self, request_id: str, address: str, now: float) -> None:
         """The gateway reports the endpoint that actually took the request (maybe a fallback)."""
         flight = self._inflight.get(request_id)
         name = self._by_address.get(address)
@@ -582,6 +624,7 @@ class Scheduler:
             runtime.inflight_prefilling += 1
             runtime.inflight_prefill_tokens += moved.prefill_tokens
         self._inflight[request_id] = moved
+        self._policy.on_routed(request_id, name, moved.prompt_tokens, moved.prefill_tokens, now)
 
     def on_first_token(self, request_id: str, now: float) -> None:
         flight = self._inflight.get(request_id)
@@ -593,6 +636,7 @@ class Scheduler:
         if runtime is not None:
             runtime.inflight_prefilling = max(runtime.inflight_prefilling - 1, 0)
             runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prefill_tokens, 0)
+        self._policy.on_first_token(request_id, now)
 
     def on_completed(
         self,
@@ -604,11 +648,12 @@ class Scheduler:
         completion_tokens: int | None = None,
     ) -> Completion | None:
         if served is not None:
-            self.on_served_by(request_id, served)
+            self.on_served_by(request_id, served, now)
         flight = self._inflight.pop(request_id, None)
         if flight is None:
             return None
         self._release(flight)
+        self._policy.on_completed(request_id, now)
         self.completions += 1
         if cached_tokens is not None:
             self._record_served(flight, cached_tokens)
@@ -647,6 +692,7 @@ class Scheduler:
         flight = self._inflight.pop(request_id, None)
         if flight is not None:
             self._release(flight)
+            self._policy.on_completed(request_id, now)
 
     def train_if_due(self, now: float) -> bool:
         """Fit and install a new latency model on this thread when one is due (the simulator's

@@ -18,11 +18,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from scheduler.core.baselines import ALL_POLICIES
-from scheduler.replay.report import SLOTargets, comparison_table
-from scheduler.workloads.model import Workload
+from scheduler.core.policies import DEFAULT_POLICY, POLICIES
+from scheduler.replay.report import comparison_table
+from scheduler.workloads.model import SLOTargets, Workload
 
-POLICIES = ALL_POLICIES
 DEFAULT_SIM_WORKERS = 8
 # Where the virtual-time simulator may take over the whole command.
 SIMULATOR_MODULE = "scheduler.sim.virtual"
@@ -82,6 +81,11 @@ def write_outputs(reports: dict[str, dict[str, Any]], args: argparse.Namespace, 
     if args.plot_dir:
         for path in save_plots(reports, args.plot_dir, title=title):
             print(f"plot: {path}")
+    if args.html:
+        from scheduler.replay.html import render_html
+
+        Path(args.html).write_text(render_html(reports, title=title), encoding="utf-8")
+        print(f"page: {args.html}")
 
 
 def slo_targets(args: argparse.Namespace) -> SLOTargets:
@@ -109,7 +113,7 @@ def _simulate(args: argparse.Namespace, workload: Workload) -> int:
             seed=args.seed,
             slo=slo_targets(args),
         )
-        for policy in args.policy or ["kvsched"]
+        for policy in args.policy or [DEFAULT_POLICY]
     }
     write_outputs(
         reports, args, title=f"{workload.name}: {len(workload.requests)} requests, {workers} workers"
@@ -183,6 +187,39 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_reports(paths: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Reports from ``kvsched replay --json`` files: one report, or several keyed by label."""
+    runs: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(document, dict):
+            raise ValueError(f"{path}: not a replay report")
+        found = {document.get("policy", Path(path).stem): document} if "ttft_ms" in document else document
+        for label, report in found.items():
+            if not isinstance(report, dict) or "ttft_ms" not in report:
+                raise ValueError(f"{path}: {label!r} is not a replay report")
+            key = str(label)
+            while key in runs:
+                key += "'"
+            runs[key] = report
+    return runs
+
+
+def _report(args: argparse.Namespace) -> int:
+    from scheduler.replay.html import render_html
+
+    try:
+        runs = read_reports(args.reports)
+    except (OSError, ValueError) as exc:
+        print(f"kvsched report: {exc}", file=sys.stderr)
+        return 2
+    first = next(iter(runs.values()))
+    title = args.title or f"{first.get('workload', 'replay')}: {', '.join(runs)}"
+    Path(args.html).write_text(render_html(runs, title=title), encoding="utf-8")
+    print(f"page: {args.html}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     replay = subparsers.add_parser(
         "replay", help="replay a trace or generated workload, live against a URL or in the simulator"
@@ -232,7 +269,7 @@ def register(subparsers: Any) -> None:
         "--workers", type=int, help="simulate: workers (default 8); live: noted in the report"
     )
     target.add_argument(
-        "--policy", action="append", choices=POLICIES, help="simulate: routing policy (repeatable)"
+        "--policy", action="append", choices=POLICIES.names(), help="simulate: routing policy (repeatable)"
     )
     target.add_argument("--capacity-blocks", type=int, help="simulate: KV blocks of 16 tokens per worker")
     slo = replay.add_argument_group("objectives")
@@ -248,5 +285,15 @@ def register(subparsers: Any) -> None:
     output = replay.add_argument_group("output")
     output.add_argument("--json", help="write the report (several: {policy: report}) to this file")
     output.add_argument("--plot-dir", help="write PNG plots here")
+    output.add_argument("--html", metavar="FILE", help="write the report as a self-contained HTML page")
     output.add_argument("--quiet", action="store_true", help="no progress bar")
     replay.set_defaults(func=_run)
+
+    report = subparsers.add_parser(
+        "report",
+        help="render replay reports (kvsched replay --json) as a self-contained HTML page with plots",
+    )
+    report.add_argument("reports", nargs="+", metavar="REPORT.json", help="a report, or {label: report}")
+    report.add_argument("--html", required=True, metavar="FILE", help="the page to write")
+    report.add_argument("--title", default="", help="the page's title (default: the workload's)")
+    report.set_defaults(func=_report)

@@ -38,9 +38,8 @@ from typing import Any, Literal
 
 import aiohttp
 
-from scheduler.replay.report import RequestOutcome, SLOTargets
 from scheduler.sim.worker import TIMING_KEY
-from scheduler.workloads.model import Workload, WorkloadRequest
+from scheduler.workloads.model import RequestOutcome, SLOTargets, Workload, WorkloadRequest
 
 log = logging.getLogger(__name__)
 

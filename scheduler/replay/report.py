@@ -24,98 +24,17 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+# The per-request records live with the workload records, below both replay/ and sim/.
+from scheduler.workloads.model import RequestOutcome
 
 if TYPE_CHECKING:
     from rich.table import Table
 
 PERCENTILES = (50, 90, 99)
-
-
-@dataclass(frozen=True, slots=True)
-class SLOTargets:
-    """Latency objectives a replay sends with every request (None: that one is not set)."""
-
-    ttft_ms: float | None = None
-    tpot_ms: float | None = None
-
-    def __bool__(self) -> bool:
-        return self.ttft_ms is not None or self.tpot_ms is not None
-
-    def headers(self) -> dict[str, str]:
-        """The request headers that carry them (shared PROTOCOLS.md §2, current names)."""
-        out: dict[str, str] = {}
-        if self.ttft_ms is not None:
-            out["x-llm-d-slo-ttft-ms"] = f"{self.ttft_ms:g}"
-        if self.tpot_ms is not None:
-            out["x-llm-d-slo-tpot-ms"] = f"{self.tpot_ms:g}"
-        return out
-
-
-@dataclass(slots=True)
-class RequestOutcome:
-    """One request's measurements, in seconds (loop clock live, virtual time simulated)."""
-
-    request_id: str
-    ok: bool
-    start_s: float
-    endpoint: str | None = None
-    error: str = ""
-    prompt_tokens: int = 0
-    # None when the server did not report prompt_tokens_details.cached_tokens.
-    cached_tokens: int | None = None
-    completion_tokens: int = 0
-    first_token_s: float | None = None
-    end_s: float | None = None
-    # The latency objectives the request was sent with (None: none).
-    slo_ttft_ms: float | None = None
-    slo_tpot_ms: float | None = None
-    # What the scheduler predicted for the endpoint it picked, and from what ("model" once
-    # the trained model answers, "prior" before); None when it made no prediction.
-    predicted_ttft_ms: float | None = None
-    predicted_tpot_ms: float | None = None
-    prediction_source: str | None = None
-    # The client's own count of the streamed text's tokens (None: not counted), and whether
-    # its counts disagreed with the server's usage.
-    client_completion_tokens: int | None = None
-    token_count_mismatch: bool = False
-    # The request's TTFT as the serving worker measured it, when it says (the simulated
-    # workers do): from its HTTP request's arrival, and from the engine's arrival.
-    worker_ttft_s: float | None = None
-    engine_ttft_s: float | None = None
-
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_token_s is None else self.first_token_s - self.start_s
-
-    @property
-    def e2e_s(self) -> float | None:
-        return None if self.end_s is None else self.end_s - self.start_s
-
-    @property
-    def tpot_s(self) -> float | None:
-        """Mean time per output token after the first."""
-        if self.end_s is None or self.first_token_s is None or self.completion_tokens < 2:
-            return None
-        return (self.end_s - self.first_token_s) / (self.completion_tokens - 1)
-
-    def meets_slo(self, token_scale: float = 1.0) -> bool:
-        """Completed within its TTFT and TPOT objectives (an objective not set is met)."""
-        if not self.ok:
-            return False
-        ttft = self.ttft_s
-        if self.slo_ttft_ms is not None and (ttft is None or ttft * 1000.0 > self.slo_ttft_ms):
-            return False
-        tpot = self.tpot_s
-        if self.slo_tpot_ms is None or tpot is None:
-            return True
-        return tpot * 1000.0 / token_scale <= self.slo_tpot_ms
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s}
 
 
 def latency_summary(values_s: Sequence[float]) -> dict[str, float | None]:

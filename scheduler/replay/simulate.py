@@ -7,11 +7,10 @@ import math
 import time
 from typing import Any
 
-from scheduler.core.baselines import PolicyName
 from scheduler.core.scheduler import SchedulerConfig
-from scheduler.replay.report import SLOTargets, build_report
+from scheduler.replay.report import build_report
 from scheduler.sim.virtual import VirtualPool, VirtualPoolConfig
-from scheduler.workloads.model import Workload
+from scheduler.workloads.model import SLOTargets, Workload
 from scheduler.workloads.oracle import pooled_lru_hit_ratio, workload_ceilings
 
 # Real tokens of KV cache per worker: 1,024 blocks of 512 tokens, the setting of the
@@ -28,7 +27,7 @@ def capacity_blocks_for(workload: Workload, capacity_tokens: int) -> int:
 def simulate(
     workload: Workload,
     *,
-    policy: PolicyName,
+    policy: str,
     workers: int = 8,
     capacity_blocks: int | None = None,
     seed: int = 0,

@@ -20,12 +20,11 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from scheduler.core.baselines import ALL_POLICIES, PolicyName
-from scheduler.replay.report import SLOTargets
-from scheduler.workloads.model import Workload
+from scheduler.core.policies import POLICIES
+from scheduler.workloads.model import SLOTargets, Workload
 
 DEFAULT_MULTIPLIERS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
-DEFAULT_POLICIES: tuple[PolicyName, ...] = (
+DEFAULT_POLICIES: tuple[str, ...] = (
     "kvsched",
     "round_robin",
     "least_loaded",
@@ -38,7 +37,7 @@ PLOT_FILE = "sweep.png"
 def run_sweep(
     workload: Workload,
     *,
-    policies: Sequence[PolicyName],
+    policies: Sequence[str],
     multipliers: Sequence[float],
     workers: int,
     slo: SLOTargets,
@@ -75,7 +74,7 @@ def run_sweep(
     }
 
 
-def summarize(runs: dict[str, dict[str, Any]], policies: Sequence[PolicyName]) -> dict[str, Any]:
+def summarize(runs: dict[str, dict[str, Any]], policies: Sequence[str]) -> dict[str, Any]:
     """The headline comparison: at the lowest load where every baseline's SLO attainment is
     under 80%, kvsched's attainment and its lead over the best baseline, in points."""
     summary: dict[str, Any] = {"threshold_load": None}
@@ -220,7 +219,10 @@ def register(subparsers: Any) -> None:
         help="comma-separated load multipliers of the trace's rate (default 0.5,0.75,1,1.25,1.5,2)",
     )
     sweep.add_argument(
-        "--policy", action="append", choices=ALL_POLICIES, help="policy (repeatable; default: a standard set)"
+        "--policy",
+        action="append",
+        choices=POLICIES.names(),
+        help="policy (repeatable; default: a standard set)",
     )
     sweep.add_argument("--workers", type=int, default=8)
     sweep.add_argument("--capacity-blocks", type=int, help="KV blocks of 16 tokens per worker")

@@ -38,9 +38,9 @@ from scheduler.core.scheduler import (
     SchedulerConfig,
     SchedulingRequest,
 )
-from scheduler.replay.report import RequestOutcome, SLOTargets
 from scheduler.sim.engine import Engine, EngineConfig, RequestRejected, StepResult
 from scheduler.sim.latency import LatencyModel
+from scheduler.workloads.model import RequestOutcome, SLOTargets
 
 ARRIVAL, STEP, FIRST_TOKEN, STEP_DONE, EVENTS, SCRAPE, EXPIRE = range(7)
 

@@ -1,7 +1,8 @@
 """One routing decision: request body -> token ids -> Scheduler.pick, with the error policy.
 
 Shared by the ext_proc servicer and the kvsched.v1 API. Decision logic stays in the Scheduler;
-this only maps its answers (and its failures) onto the protocol's outcomes.
+this only maps its answers (and its failures) onto the Endpoint Picker's outcomes
+(``PickOutcome``), one ``RoutingAnswer`` per request.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
-from scheduler.adapters.extproc.audit import ExtProcStats
 from scheduler.adapters.extproc.config import ExtProcConfig
 from scheduler.adapters.extproc.headers import RequestHints
+from scheduler.adapters.extproc.outcomes import PickOutcome
+from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.flow_gate import FlowGate
+from scheduler.adapters.stage_times import STAGE_TIMES
 from scheduler.adapters.tokenizer import PromptTokenizer, TemplateError, request_token_ids
 from scheduler.codec.openai import BadRequestBody, InferenceRequestBody, parse_request_body
 from scheduler.core.flowcontrol import FlowItem
+from scheduler.core.lookup import PrefixLookup
 from scheduler.core.objectives import ResolvedObjective
 from scheduler.core.scheduler import Endpoint, PickResult, SchedulingRequest
 
@@ -50,10 +54,14 @@ class SchedulerPort(Protocol):
 
     def resolve_objective(self, request: SchedulingRequest) -> ResolvedObjective: ...
 
+    def lookup(self, token_ids: Sequence[int], now: float, *, model: str | None = None) -> PrefixLookup: ...
+
 
 @dataclass(slots=True)
-class Decision:
-    outcome: str  # one of audit.DECISION_OUTCOMES
+class RoutingAnswer:
+    """The Endpoint Picker's answer for one request: where it goes, or why it is refused."""
+
+    outcome: PickOutcome
     endpoints: list[str] = field(default_factory=list)
     reason: str = ""
     # A dict, or something with ``.explanation`` (the Scheduler's PickResult) that builds it
@@ -79,7 +87,7 @@ class Decision:
 
     @property
     def routed(self) -> bool:
-        return self.outcome in ("routed", "routed_fallback")
+        return self.outcome.routed
 
 
 class PickRunner:
@@ -102,27 +110,46 @@ class PickRunner:
 
     async def decide_body(
         self, hints: RequestHints, body: bytes | None, subset: frozenset[str] | None
-    ) -> Decision:
+    ) -> RoutingAnswer:
         """Decide for an HTTP request; ``body`` None or empty means a request without a body."""
         parsed: InferenceRequestBody | None = None
         if body:
+            started = STAGE_TIMES.start()
             try:
                 parsed = parse_request_body(body, hints.path)
             except BadRequestBody as exc:
-                return Decision("bad_request", reason=str(exc))
-        token_ids: Sequence[int] = ()
+                return RoutingAnswer(PickOutcome.BAD_REQUEST, reason=str(exc))
+            finally:
+                STAGE_TIMES.stop("body_parse", started)
+        return await self.decide_parsed(hints, parsed, subset)
+
+    async def decide_parsed(
+        self,
+        hints: RequestHints,
+        parsed: InferenceRequestBody | None,
+        subset: frozenset[str] | None,
+        token_ids: Sequence[int] | None = None,
+    ) -> RoutingAnswer:
+        """Decide for a body the transport has parsed already; ``token_ids``, when the transport
+        read the prompt's ids itself, stand for ``parsed``'s prompt."""
+        ids: Sequence[int] = ()
         tokenize_error: Exception | None = None
-        if parsed is not None:
+        if token_ids is not None:
+            ids = token_ids
+        elif parsed is not None:
+            started = STAGE_TIMES.start()
             try:
-                token_ids = await self.token_ids(parsed)
+                ids = await self.token_ids(parsed)
             except TemplateError as exc:
                 reason = f"chat template rejected the messages: {exc}"
-                return Decision("bad_request", reason=reason, body=parsed)
+                return RoutingAnswer(PickOutcome.BAD_REQUEST, reason=reason, body=parsed)
             except Exception as exc:
                 tokenize_error = exc
+            finally:
+                STAGE_TIMES.stop("tokenize", started)
         request = self.scheduling_request(
             hints,
-            token_ids,
+            ids,
             model=parsed.model if parsed else None,
             max_tokens=parsed.max_tokens if parsed else None,
             subset=subset,
@@ -134,7 +161,7 @@ class PickRunner:
         decision.body = parsed
         return decision
 
-    async def admit_and_pick(self, request: SchedulingRequest) -> Decision:
+    async def admit_and_pick(self, request: SchedulingRequest) -> RoutingAnswer:
         """Flow control first (the request may wait while the pool is saturated), then the pick.
 
         Nothing is awaited between admission and the pick, so the request is in kvsched's
@@ -144,6 +171,7 @@ class PickRunner:
         gate = self.flow_gate
         if gate is None or (request.subset is not None and not request.subset):
             return self.pick(request)
+        started = STAGE_TIMES.start()
         try:
             objective = self.scheduler.resolve_objective(request)
             item = FlowItem(
@@ -158,9 +186,13 @@ class PickRunner:
         except Exception as exc:
             self._log_error_once("flow control", request.request_id, exc)
             return self.pick(request)
+        finally:
+            # A request that waited is charged the loop's other work too: rare, and only
+            # while the pool is saturated.
+            STAGE_TIMES.stop("flow_control", started)
         if admission.rejected:
-            outcome = "shed" if admission.http_status == 429 else "queue_timeout"
-            return Decision(outcome, reason=admission.reason, request=request)
+            outcome = PickOutcome.SHED if admission.http_status == 429 else PickOutcome.QUEUE_TIMEOUT
+            return RoutingAnswer(outcome, reason=admission.reason, request=request)
         return self.pick(request)
 
     async def token_ids(self, parsed: InferenceRequestBody) -> Sequence[int]:
@@ -197,49 +229,58 @@ class PickRunner:
             max_tokens=max_tokens,
         )
 
-    def pick(self, request: SchedulingRequest) -> Decision:
+    def pick(self, request: SchedulingRequest) -> RoutingAnswer:
         if request.subset is not None and not request.subset:
             # GIE protocol: an empty subset hint means nothing is eligible -> 503.
-            return Decision("no_endpoints", reason="the gateway's subset hint is empty", request=request)
+            return RoutingAnswer(
+                PickOutcome.NO_ENDPOINTS, reason="the gateway's subset hint is empty", request=request
+            )
         now = self.clock()
+        started = STAGE_TIMES.start()
         try:
             result = self.scheduler.pick(request, now)
             if result.status == "ok" and not result.endpoints:
                 raise RuntimeError("scheduler answered ok without an endpoint")
         except Exception as exc:
             return self.internal(request, exc, now)
+        finally:
+            STAGE_TIMES.stop("pick", started)
         if result.status == "ok":
-            outcome, reason = "routed", result.reason
+            outcome, reason = PickOutcome.ROUTED, result.reason
         elif result.status == "shed":
-            outcome, reason = "shed", result.reason or "shed"
+            outcome, reason = PickOutcome.SHED, result.reason or "shed"
         else:
-            outcome, reason = "no_endpoints", result.reason or "no endpoint available"
-        return Decision(outcome, list(result.endpoints), reason, result, request, decided_at=now)
+            outcome, reason = PickOutcome.NO_ENDPOINTS, result.reason or "no endpoint available"
+        return RoutingAnswer(outcome, list(result.endpoints), reason, result, request, decided_at=now)
 
-    def internal(self, request: SchedulingRequest, error: Exception, now: float | None = None) -> Decision:
+    def internal(
+        self, request: SchedulingRequest, error: Exception, now: float | None = None
+    ) -> RoutingAnswer:
         """Picking raised: fall back or fail the stream, as configured."""
         if now is None:
             now = self.clock()
         self._log_error_once("pick", request.request_id, error)
         description = f"{type(error).__name__}: {error}"
         if self.config.on_internal_error == "grpc_error":
-            return Decision("internal_error", reason=description, request=request, error=error)
+            return RoutingAnswer(PickOutcome.INTERNAL_ERROR, reason=description, request=request, error=error)
         try:
             endpoints = list(self.scheduler.fallback_pick(request, now))
         except Exception as fallback_error:
             self._log_error_once("fallback", request.request_id, fallback_error)
-            return Decision(
-                "internal_error",
+            return RoutingAnswer(
+                PickOutcome.INTERNAL_ERROR,
                 reason=f"{description}; fallback failed: {type(fallback_error).__name__}: {fallback_error}",
                 request=request,
                 error=fallback_error,
             )
         if not endpoints:
-            return Decision(
-                "no_endpoints", reason=f"{description}; no healthy endpoint to fall back to", request=request
+            return RoutingAnswer(
+                PickOutcome.NO_ENDPOINTS,
+                reason=f"{description}; no healthy endpoint to fall back to",
+                request=request,
             )
-        return Decision(
-            "routed_fallback",
+        return RoutingAnswer(
+            PickOutcome.ROUTED_FALLBACK,
             endpoints,
             f"picking failed ({description}); least-loaded fallback",
             {"fallback": True, "error": description},

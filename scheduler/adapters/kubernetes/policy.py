@@ -9,7 +9,8 @@ else converts generically, field by field, against the SchedulerConfig model its
 model counts seconds, ``foo_s`` (value / 1000), and enum values the same way (``maxScore``
 -> ``max_score``). A section SchedulerConfig does not have (yet) therefore maps onto its
 future field name; until then pydantic rejects it and the policy is refused, naming the CRD
-path of every such field.
+path of every such field. Scorer weights are keyed by registered scorer name
+(``NAME_KEYED``): a scorer added to the registry is weighted by a policy with no change here.
 
 Application. A policy's settings are laid over the configuration file's ``scheduler`` section
 and validated as one SchedulerConfig, then swapped into the running Scheduler in one step
@@ -77,6 +78,10 @@ CRD_RENAMES: dict[Path, Path] = {
     ("kvEvents", "hashMode"): ("index", "hash_mode"),
     ("kvEvents", "hashSeed"): ("index", "vllm_hash_seed"),
 }
+# SchedulerConfig mappings keyed by names of kvsched's own plug-ins (snake_case, e.g. registered
+# scorers): the CRD writes each key camelCase like a field (``prefixOverlap``) or as the name
+# itself (``prefix_overlap``); both convert to the name, and the settings model validates it.
+NAME_KEYED: frozenset[Path] = frozenset({("scoring", "weights")})
 # Spec fields that are not SchedulerConfig settings (handled by PolicySettings itself).
 SERVE_FIELDS: frozenset[Path] = frozenset(
     {
@@ -152,6 +157,10 @@ def _convert(value: Any, crd: Path, target: Path, out: dict[str, Any], origin: d
     model = _model_at(target)
     parent = _model_at(target[:-1])
     known = parent is not None and target[-1] in parent.model_fields
+    if target in NAME_KEYED and isinstance(value, Mapping):
+        for key, sub in value.items():
+            _convert(sub, (*crd, str(key)), (*target, snake(str(key))), out, origin)
+        return
     # Into sections: the model's own, and ones it lacks (each field is then reported by
     # name); a known field that is not a section (a mapping value) is taken whole.
     if isinstance(value, Mapping) and (model is not None or not known):

@@ -1,6 +1,6 @@
 """The scoring pipeline: filters -> scorers -> picker, shared by the live server and the simulator."""
 
-from scheduler.core.scoring.candidates import Candidates
+from scheduler.core.scoring.candidates import Candidates, LatencyEstimator
 from scheduler.core.scoring.config import FilterLimits, ScorerWeights, ScoringConfig, TierWeights
 from scheduler.core.scoring.decision import Decision
 from scheduler.core.scoring.filters import (
@@ -12,28 +12,28 @@ from scheduler.core.scoring.filters import (
     default_filters,
 )
 from scheduler.core.scoring.pipeline import SchedulingPipeline
+from scheduler.core.scoring.registry import SCORERS, ScorerSpec, register_scorer
 from scheduler.core.scoring.scorers import (
-    SCORER_NAMES,
     InflightLoadScorer,
     KVUtilizationScorer,
     PredictedLatencyScorer,
     PrefixOverlapScorer,
     QueueDepthScorer,
     Scorer,
+    build_scorer,
     default_scorers,
     relative_to_best,
 )
 from scheduler.core.scoring.types import (
     EndpointState,
     LatencyEstimate,
-    LatencyEstimator,
     PickRequest,
     PrefixMatch,
 )
 
 __all__ = [
     "NO_ELIGIBLE_IN_SUBSET",
-    "SCORER_NAMES",
+    "SCORERS",
     "Candidates",
     "Decision",
     "EndpointState",
@@ -52,11 +52,14 @@ __all__ = [
     "SaturationFilter",
     "SchedulingPipeline",
     "Scorer",
+    "ScorerSpec",
     "ScorerWeights",
     "ScoringConfig",
     "SubsetHintFilter",
     "TierWeights",
+    "build_scorer",
     "default_filters",
     "default_scorers",
+    "register_scorer",
     "relative_to_best",
 ]

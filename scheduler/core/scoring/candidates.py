@@ -1,4 +1,5 @@
-"""The endpoints that passed the filters, as parallel columns the scorers read.
+"""The endpoints that passed the filters, as parallel columns the scorers read, and the
+estimator that predicts their latencies.
 
 Columns rather than one object per endpoint: a pick over 64 endpoints builds a handful of
 lists with list comprehensions instead of 64 objects with 64 score dicts.
@@ -8,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from scheduler.core.scoring.config import TierWeights
-from scheduler.core.scoring.types import EndpointState, PickRequest, PrefixMatch
+from scheduler.core.scoring.types import EndpointState, LatencyEstimate, PickRequest, PrefixMatch
 
 
 @dataclass(slots=True, eq=False)
@@ -30,6 +32,12 @@ class Candidates:
 
     def __len__(self) -> int:
         return len(self.states)
+
+
+class LatencyEstimator(Protocol):
+    """Predicts every candidate's TTFT and TPOT for one request, in one batched call."""
+
+    def estimate(self, candidates: Candidates, request: PickRequest) -> LatencyEstimate: ...
 
 
 def metrics_trusted(states: Sequence[EndpointState], stale_after_s: float) -> list[bool]:

@@ -2,43 +2,93 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, ValidationError
+from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError, core_schema
+
+from scheduler.core.registry import UnknownNameError
+from scheduler.core.scoring.registry import SCORERS
 
 
-class ScorerWeights(BaseModel):
-    """Relative weight of each scorer; totals are divided by the sum, so only ratios matter.
+class ScorerWeights(Mapping[str, float]):
+    """Relative weight of each registered scorer, by name; totals are divided by the sum, so
+    only ratios matter.
 
-    The defaults put prefix overlap at half the total: a full cache hit outweighs any one
-    load signal, yet the three load signals together can still move a request off a hot
-    endpoint. A weight of 0 turns a scorer off (it is not computed); all zero leaves every
-    candidate tied, i.e. pure least-loaded picking.
+    Every registered scorer has a weight: the one given, else its registered default
+    (``register_scorer(..., weight=)``). The built-in defaults put prefix overlap at half the
+    total: a full cache hit outweighs any one load signal, yet the three load signals
+    together can still move a request off a hot endpoint. A weight of 0 turns a scorer off
+    (it is not computed); all zero leaves every candidate tied, i.e. pure least-loaded
+    picking. A name no scorer is registered under is refused, naming it.
+
+    Immutable and hashable, like the frozen configuration models around it. In a pydantic
+    model it validates from (and dumps to) a plain ``{name: weight}`` mapping.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    __slots__ = ("_weights",)
 
-    prefix_overlap: float = Field(
-        3.0, ge=0, description="Tier-weighted share of the prompt's blocks the endpoint already caches."
-    )
-    queue_depth: float = Field(
-        1.0, ge=0, description="Fewer requests ahead: scraped waiting (when trusted) + kvsched's in-flight."
-    )
-    kv_utilization: float = Field(
-        0.5, ge=0, description="More free KV cache: 1 - vllm:kv_cache_usage_perc (when trusted)."
-    )
-    inflight_load: float = Field(
-        1.5,
-        ge=0,
-        description="Less prefill work ahead of this request's first token: kvsched's in-flight prefill "
-        "tokens there plus this request's uncached tokens there.",
-    )
-    predicted_latency: float = Field(
-        0.0,
-        ge=0,
-        description="Lower predicted TTFT there (the latency predictor's estimate, relative to the best "
-        "candidate); used only when a predictor is running.",
-    )
+    def __init__(self, weights: Mapping[str, float] | None = None, /, **named: float) -> None:
+        given = {**(weights or {}), **named}
+        unknown = [name for name in given if name not in SCORERS]
+        if unknown:
+            raise ValueError(str(UnknownNameError("scorer", unknown[0], SCORERS.names())))
+        negative = {name: weight for name, weight in given.items() if not float(weight) >= 0.0}
+        if negative:
+            raise ValueError(f"scorer weights must be >= 0, got {negative}")
+        # Registration order, whatever order they were given in: totals are summed in it.
+        self._weights = {
+            spec.name: float(given[spec.name]) if spec.name in given else spec.default_weight
+            for spec in SCORERS.specs()
+        }
+
+    @classmethod
+    def only(cls, **weights: float) -> ScorerWeights:
+        """These weights, and 0 for every other registered scorer."""
+        return cls({**dict.fromkeys(SCORERS.names(), 0.0), **weights})
+
+    def __getitem__(self, name: str) -> float:
+        return self._weights[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._weights)
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._weights.items()))
+
+    def __repr__(self) -> str:
+        return f"ScorerWeights({self._weights!r})"
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        # Values are checked by the dict schema (an error at weights.<name>); names by
+        # _validated, which reports an unknown one at weights.<name> as well.
+        mapping = core_schema.dict_schema(core_schema.str_schema(), core_schema.float_schema(ge=0))
+        return core_schema.no_info_before_validator_function(
+            _plain_mapping,
+            core_schema.no_info_after_validator_function(cls._validated, mapping),
+            serialization=core_schema.plain_serializer_function_ser_schema(dict),
+        )
+
+    @classmethod
+    def _validated(cls, weights: dict[str, float]) -> ScorerWeights:
+        errors: list[InitErrorDetails] = []
+        for name, weight in weights.items():
+            if name not in SCORERS:
+                message = str(UnknownNameError("scorer", name, SCORERS.names()))
+                error = PydanticCustomError("unknown_scorer", "{message}", {"message": message})
+                errors.append(InitErrorDetails(type=error, loc=(name,), input=weight))
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return cls(weights)
+
+
+def _plain_mapping(value: Any) -> Any:
+    return dict(value) if isinstance(value, ScorerWeights) else value
 
 
 class TierWeights(BaseModel):
@@ -90,7 +140,10 @@ class ScoringConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    weights: ScorerWeights = Field(default_factory=ScorerWeights, description="Scorer weights.")
+    weights: ScorerWeights = Field(
+        default_factory=ScorerWeights,
+        description="Weight per registered scorer, by name (scorers left out keep their default).",
+    )
     tiers: TierWeights = Field(default_factory=TierWeights, description="Matched-block value per tier.")
     limits: FilterLimits = Field(default_factory=FilterLimits, description="Saturation and staleness.")
     mode: Literal["max_score", "softmax"] = Field(

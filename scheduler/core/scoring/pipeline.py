@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from scheduler.core.scoring.candidates import Candidates, build_candidates, metrics_trusted
+from scheduler.core.scoring.candidates import (
+    Candidates,
+    LatencyEstimator,
+    build_candidates,
+    metrics_trusted,
+)
 from scheduler.core.scoring.config import ScoringConfig
 from scheduler.core.scoring.decision import Decision
 from scheduler.core.scoring.filters import NO_ELIGIBLE_IN_SUBSET, Filter, default_filters
@@ -23,13 +28,30 @@ from scheduler.core.scoring.picker import (
     sample_softmax,
     stable_hash64,
 )
+from scheduler.core.scoring.registry import SCORERS
 from scheduler.core.scoring.scorers import Scorer, default_scorers, relative_to_best
-from scheduler.core.scoring.types import EndpointState, LatencyEstimator, PickRequest, PrefixMatch
+from scheduler.core.scoring.types import EndpointState, PickRequest, PrefixMatch
 
 # Below every feasible candidate's total (totals lie in [0, 1]): SLO-infeasible candidates
 # keep their relative order but rank after all feasible ones.
 _INFEASIBLE_PENALTY = 2.0
 NO_CANDIDATE_MEETS_SLO = "no endpoint predicted to meet the SLO: fastest predicted first"
+
+
+# The score and SLO stages hand on plain tuples (Scored, SLORanking below): a record per stage
+# cost the split pick 6.7% at 8 endpoints (34 us a pick), tuples 4.4% (against the unsplit
+# pick: median of 1,500 picks per version, interleaved in one process). The filter stage's
+# result, built up filter by filter, stays a record.
+@dataclass(slots=True)
+class Eligible:
+    """What the filter stage leaves: the candidates, and why each other endpoint is not one."""
+
+    states: list[EndpointState]
+    trusted: list[bool]  # per state: its scraped metrics are fresh enough to use
+    filtered: dict[str, str] = field(default_factory=dict)  # name -> why it was removed
+    over_limit: dict[str, str] = field(default_factory=dict)  # saturated, kept: all of them were
+    saturated_reason: str = ""  # set when a soft filter would have removed every candidate
+    emptied_reason: str = "no endpoints"  # why no state is left, when none is
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +75,14 @@ class _ActiveScorers:
             weight_sum,
             {scorer.name: weight / weight_sum for scorer, weight in pairs},
         )
+
+
+# What the score stage produces, in candidate order: the candidates (with their predictions),
+# the weighted scorers, scorer -> value per candidate, and the weighted totals in [0, 1].
+Scored = tuple[Candidates, _ActiveScorers, dict[str, list[float]], list[float]]
+# What the SLO stage decides: the values candidates are ordered by, per candidate whether it
+# is predicted to meet the SLOs (None: no SLO stage), and NO_CANDIDATE_MEETS_SLO or "".
+SLORanking = tuple[list[float], list[bool] | None, str]
 
 
 def meets_slo(candidates: Candidates, request: PickRequest, margin: float) -> list[bool]:
@@ -124,19 +154,25 @@ class SchedulingPipeline:
         names = [scorer.name for scorer in self._scorers]
         if len(set(names)) != len(names):
             raise ValueError(f"scorer names must be unique, got {names}")
-        configured = self._config.weights.model_dump()
+        weights = self._config.weights
         active: list[tuple[Scorer, float]] = []
+        unpredicted: list[tuple[Scorer, float]] = []
         for scorer in self._scorers:
-            if scorer.name not in configured:
-                raise ValueError(f"scorer {scorer.name!r} has no weight in ScoringConfig.weights")
-            weight = float(configured[scorer.name])
+            spec = SCORERS.get(scorer.name)
+            if spec is None:
+                raise ValueError(
+                    f"scorer {scorer.name!r} is not registered, so it has no weight: register it with "
+                    "register_scorer (scheduler.core.scoring.registry)"
+                )
+            # A scorer registered after this configuration was made weighs its default.
+            weight = weights.get(scorer.name, spec.default_weight)
             if weight > 0.0:
                 active.append((scorer, weight))
-        # Scorers that read predictions sit out the picks made without them.
+                # Scorers that read predictions sit out the picks made without them.
+                if not spec.needs_predictions:
+                    unpredicted.append((scorer, weight))
         self._predicted = _ActiveScorers.of(active)
-        self._unpredicted = _ActiveScorers.of(
-            [(s, w) for s, w in active if not getattr(s, "needs_predictions", False)]
-        )
+        self._unpredicted = _ActiveScorers.of(unpredicted)
 
     @property
     def config(self) -> ScoringConfig:
@@ -172,14 +208,46 @@ class SchedulingPipeline:
         it a softmax pick is seeded from the request id. ``estimator`` predicts each
         candidate's latency: it feeds the predicted-latency scorer and, for a request with
         SLOs, ranks the candidates predicted to meet them first (or, when none is, the
-        fastest predicted first)."""
+        fastest predicted first).
+
+        Four stages, each its own method so a profile or a trace span can name it:
+        :meth:`filter_endpoints`, :meth:`score_candidates`, :meth:`rank_by_slo`,
+        :meth:`order_candidates`."""
+        config = self._config
+        eligible = self.filter_endpoints(request, endpoints)
+        if not eligible.states:
+            reason = NO_ELIGIBLE_IN_SUBSET if request.subset is not None else eligible.emptied_reason
+            return Decision([], [], reason=reason, mode=config.mode, filtered=eligible.filtered)
+        candidates, active, scores, totals = self.score_candidates(eligible, request, matches, estimator)
+        ranking, feasible, slo_note = self.rank_by_slo(candidates, totals, request)
+        saturated = bool(eligible.saturated_reason)
+        order = self.order_candidates(ranking, candidates, request, saturated, rng)
+        states = eligible.states
+        return Decision(
+            [states[i].name for i in order],
+            [states[i].address for i in order],
+            saturated=saturated,
+            reason=eligible.saturated_reason,
+            mode=config.mode,
+            filtered=eligible.filtered,
+            over_limit=eligible.over_limit,
+            candidates=candidates,
+            weights=dict(active.shares),
+            scores=scores,
+            totals=totals,
+            slo_feasible=feasible,
+            slo_note=slo_note,
+        )
+
+    # --- stages ----------------------------------------------------------------------------
+
+    def filter_endpoints(self, request: PickRequest, endpoints: Sequence[EndpointState]) -> Eligible:
+        """Filter stage: drop the endpoints a hard filter rules out; keep every candidate
+        when a soft filter would rule out all of them, and say so (``saturated_reason``)."""
         config = self._config
         states = list(endpoints)
         trusted = metrics_trusted(states, config.limits.metrics_stale_after_s)
-        filtered: dict[str, str] = {}
-        over_limit: dict[str, str] = {}
-        saturated_reason = ""
-        emptied_reason = "no endpoints"
+        eligible = Eligible(states, trusted, {}, {})
         for endpoint_filter in self._filters:
             if not states:
                 break
@@ -187,21 +255,29 @@ class SchedulingPipeline:
             if not rejected:
                 continue
             if endpoint_filter.soft and len(rejected) == len(states):
-                saturated_reason = endpoint_filter.empty_reason
+                eligible.saturated_reason = endpoint_filter.empty_reason
                 for i, why in rejected.items():
-                    over_limit[states[i].name] = why
+                    eligible.over_limit[states[i].name] = why
                 continue
             for i, why in rejected.items():
-                filtered[states[i].name] = why
+                eligible.filtered[states[i].name] = why
             states = [s for i, s in enumerate(states) if i not in rejected]
             trusted = [t for i, t in enumerate(trusted) if i not in rejected]
-            emptied_reason = endpoint_filter.empty_reason
-        if not states:
-            reason = NO_ELIGIBLE_IN_SUBSET if request.subset is not None else emptied_reason
-            return Decision([], [], reason=reason, mode=config.mode, filtered=filtered)
+            eligible.states, eligible.trusted = states, trusted
+            eligible.emptied_reason = endpoint_filter.empty_reason
+        return eligible
 
-        candidates = build_candidates(states, trusted, matches, request, config.tiers)
-        count = len(states)
+    def score_candidates(
+        self,
+        eligible: Eligible,
+        request: PickRequest,
+        matches: Mapping[str, PrefixMatch],
+        estimator: LatencyEstimator | None,
+    ) -> Scored:
+        """Score stage: the candidates' columns, their predicted latencies (with an
+        estimator), every weighted scorer's values and the weighted totals."""
+        config = self._config
+        candidates = build_candidates(eligible.states, eligible.trusted, matches, request, config.tiers)
         if estimator is not None:
             estimate = estimator.estimate(candidates, request)
             candidates.predicted_ttft_ms = list(estimate.ttft_ms)
@@ -209,31 +285,47 @@ class SchedulingPipeline:
             candidates.prediction_source = estimate.source
         active = self._unpredicted if candidates.predicted_ttft_ms is None else self._predicted
         scores = {scorer.name: scorer.score(candidates, request, config) for scorer in active.scorers}
-        totals = weighted_totals(list(scores.values()), active.weights, active.weight_sum, count)
+        totals = weighted_totals(list(scores.values()), active.weights, active.weight_sum, len(candidates))
+        return candidates, active, scores, totals
 
-        ranking = totals
-        feasible: list[bool] | None = None
-        slo_note = ""
+    def rank_by_slo(self, candidates: Candidates, totals: list[float], request: PickRequest) -> SLORanking:
+        """SLO stage: for a request with objectives and predictions, the candidates predicted
+        to meet them rank first; when none is, ``slo_unmeetable`` decides. Otherwise the
+        ranking is the totals themselves."""
         has_slo = request.slo_ttft_ms is not None or request.slo_tpot_ms is not None
-        if has_slo and candidates.predicted_ttft_ms is not None:
-            feasible = meets_slo(candidates, request, config.slo_margin)
-            meeting = sum(feasible)
-            if meeting == 0:
-                slo_note = NO_CANDIDATE_MEETS_SLO
-                if config.slo_unmeetable == "fastest":
-                    ranking = relative_to_best(candidates.predicted_ttft_ms)
-            elif meeting < count:
-                ranking = [
-                    t if ok else t - _INFEASIBLE_PENALTY for t, ok in zip(totals, feasible, strict=True)
-                ]
+        if not has_slo or candidates.predicted_ttft_ms is None:
+            return totals, None, ""
+        config = self._config
+        feasible = meets_slo(candidates, request, config.slo_margin)
+        meeting = sum(feasible)
+        if meeting == 0:
+            ranking = totals
+            if config.slo_unmeetable == "fastest":
+                ranking = relative_to_best(candidates.predicted_ttft_ms)
+            return ranking, feasible, NO_CANDIDATE_MEETS_SLO
+        if meeting < len(candidates):
+            ranking = [t if ok else t - _INFEASIBLE_PENALTY for t, ok in zip(totals, feasible, strict=True)]
+            return ranking, feasible, ""
+        return totals, feasible, ""
 
+    def order_candidates(
+        self,
+        ranking: list[float],
+        candidates: Candidates,
+        request: PickRequest,
+        saturated: bool,
+        rng: random.Random | None,
+    ) -> list[int]:
+        """Order stage: positions of the primary and its fallbacks, by ranking (near-ties to
+        the least loaded), by softmax sampling, or by load alone when saturated."""
+        config = self._config
         wanted = 1 + config.num_fallbacks
-        saturated = bool(saturated_reason)
-        softmax = config.mode == "softmax"
         if saturated:
             # Scores do not matter once everything is over a limit: list the least loaded.
-            order = order_by_load(range(count), candidates, wanted, self._tiebreak, request.request_id)
-        elif softmax and count > 1:
+            return order_by_load(
+                range(len(candidates)), candidates, wanted, self._tiebreak, request.request_id
+            )
+        if config.mode == "softmax" and len(candidates) > 1:
             chooser = rng if rng is not None else random.Random(stable_hash64(request.request_id))
             primary = sample_softmax(ranking, config.temperature, chooser)
             fallbacks = order_by_score(
@@ -245,23 +337,7 @@ class SchedulingPipeline:
                 request.request_id,
                 exclude=primary,
             )
-            order = [primary, *fallbacks]
-        else:
-            order = order_by_score(
-                ranking, candidates, wanted, config.tie_epsilon, self._tiebreak, request.request_id
-            )
-        return Decision(
-            [states[i].name for i in order],
-            [states[i].address for i in order],
-            saturated=saturated,
-            reason=saturated_reason,
-            mode=config.mode,
-            filtered=filtered,
-            over_limit=over_limit,
-            candidates=candidates,
-            weights=dict(active.shares),
-            scores=scores,
-            totals=totals,
-            slo_feasible=feasible,
-            slo_note=slo_note,
+            return [primary, *fallbacks]
+        return order_by_score(
+            ranking, candidates, wanted, config.tie_epsilon, self._tiebreak, request.request_id
         )

@@ -6,23 +6,28 @@ absolute (``1 / (1 + q)``) so the same weights work for 16-token simulated block
 8k-token prompts, 2 pods and 200; relative to the best rather than to the worst
 (``1 - q / max_q``) so one badly backed-up endpoint does not flatten the differences among
 the others.
+
+Each scorer is registered beside its class (``register_scorer``: name, class, default weight,
+one-line description); the default pipeline builds every registered scorer in registration
+order, which is also the order its weighted values are summed in.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from scheduler.core.scoring.candidates import Candidates
 from scheduler.core.scoring.config import ScoringConfig
+from scheduler.core.scoring.registry import SCORERS, register_scorer
 from scheduler.core.scoring.types import PickRequest
 
-SCORER_NAMES = ("prefix_overlap", "queue_depth", "kv_utilization", "inflight_load", "predicted_latency")
 
-
+@runtime_checkable
 class Scorer(Protocol):
-    """``name`` selects the scorer's weight in ``ScoringConfig.weights``."""
+    """``name`` is the name the scorer is registered under, and selects its weight in
+    ``ScoringConfig.weights``."""
 
     @property
     def name(self) -> str: ...
@@ -48,6 +53,14 @@ class PrefixOverlapScorer:
         return list(candidates.overlap)
 
 
+register_scorer(
+    "prefix_overlap",
+    PrefixOverlapScorer,
+    weight=3.0,
+    description="Tier-weighted share of the prompt's blocks the endpoint already caches.",
+)
+
+
 class QueueDepthScorer:
     """Fewer requests ahead (kvsched's in-flight + trusted scraped waiting), relative to the best."""
 
@@ -55,6 +68,14 @@ class QueueDepthScorer:
 
     def score(self, candidates: Candidates, request: PickRequest, config: ScoringConfig) -> list[float]:
         return relative_to_best(candidates.queue)
+
+
+register_scorer(
+    "queue_depth",
+    QueueDepthScorer,
+    weight=1.0,
+    description="Fewer requests ahead: scraped waiting (when trusted) + kvsched's in-flight.",
+)
 
 
 class KVUtilizationScorer:
@@ -76,6 +97,14 @@ class KVUtilizationScorer:
         return [f if t else neutral for f, t in zip(free, trusted, strict=True)]
 
 
+register_scorer(
+    "kv_utilization",
+    KVUtilizationScorer,
+    weight=0.5,
+    description="More free KV cache: 1 - vllm:kv_cache_usage_perc (when trusted).",
+)
+
+
 class InflightLoadScorer:
     """Less prefill work ahead of this request's first token, relative to the best.
 
@@ -90,6 +119,15 @@ class InflightLoadScorer:
         return relative_to_best(candidates.prefill_work)
 
 
+register_scorer(
+    "inflight_load",
+    InflightLoadScorer,
+    weight=1.5,
+    description="Less prefill work ahead of this request's first token: kvsched's in-flight prefill "
+    "tokens there plus this request's uncached tokens there.",
+)
+
+
 class PredictedLatencyScorer:
     """Lower predicted TTFT, relative to the best candidate.
 
@@ -99,7 +137,6 @@ class PredictedLatencyScorer:
     """
 
     name = "predicted_latency"
-    needs_predictions = True
 
     def score(self, candidates: Candidates, request: PickRequest, config: ScoringConfig) -> list[float]:
         predicted = candidates.predicted_ttft_ms
@@ -108,11 +145,26 @@ class PredictedLatencyScorer:
         return relative_to_best(predicted)
 
 
+register_scorer(
+    "predicted_latency",
+    PredictedLatencyScorer,
+    weight=0.0,
+    description="Lower predicted TTFT there (the latency predictor's estimate, relative to the best "
+    "candidate); used only when a predictor is running.",
+    needs_predictions=True,
+)
+
+
 def default_scorers() -> list[Scorer]:
-    return [
-        PrefixOverlapScorer(),
-        QueueDepthScorer(),
-        KVUtilizationScorer(),
-        InflightLoadScorer(),
-        PredictedLatencyScorer(),
-    ]
+    """One of every registered scorer, in registration order."""
+    return [build_scorer(name) for name in SCORERS]
+
+
+def build_scorer(name: str) -> Scorer:
+    """The scorer registered under ``name``, checked to be one and to answer to that name."""
+    scorer = SCORERS[name].factory()
+    if not isinstance(scorer, Scorer):
+        raise TypeError(f"scorer {name!r}: its factory built {scorer!r}, which has no name and score()")
+    if scorer.name != name:
+        raise ValueError(f"scorer registered as {name!r} calls itself {scorer.name!r}")
+    return scorer

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
 
 # The prefix index's own match record (an immutable NamedTuple: total_blocks, gpu_blocks,
 # cpu_blocks, storage_blocks). Reused rather than mirrored so a lookup's result goes into a
 # pick without a conversion per matching endpoint.
 from scheduler.core.index import PrefixMatch
 
-if TYPE_CHECKING:
-    from scheduler.core.scoring.candidates import Candidates
-
-__all__ = ["EndpointState", "LatencyEstimate", "LatencyEstimator", "PickRequest", "PrefixMatch"]
+__all__ = ["EndpointState", "LatencyEstimate", "PickRequest", "PrefixMatch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +55,3 @@ class LatencyEstimate:
     ttft_ms: Sequence[float]
     tpot_ms: Sequence[float]
     source: str  # what answered: "model", "prior", ...
-
-
-class LatencyEstimator(Protocol):
-    """Predicts every candidate's TTFT and TPOT for one request, in one batched call."""
-
-    def estimate(self, candidates: Candidates, request: PickRequest) -> LatencyEstimate: ...
