@@ -8,7 +8,10 @@ says why.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +26,7 @@ from scheduler.workloads.generators import rag
 from scheduler.workloads.oracle import oracle_hit_ratio
 
 PEER_MODULES = {"sglang": "sglang_router", "vllm": "vllm_router"}
+PEER_DISTRIBUTIONS = {"sglang": "sglang-router", "vllm": "vllm-router"}
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +141,17 @@ def test_goal_compares_kvsched_with_the_best_peer_only() -> None:
     assert not judge({**rows, "sglang": _row(21.0, 100.0, failed=1)})["judged"]
     assert not judge({"kvsched": rows["kvsched"]})["judged"]
     assert {name for name, spec in ROUTERS.items() if spec.is_peer} == set(PEER_MODULES)
+
+
+@pytest.mark.parametrize("router", sorted(PEER_MODULES))
+def test_peer_router_is_installed_at_the_pinned_version(router: str) -> None:
+    # CI installs the `peers` extra (.ci/run), so there this runs; elsewhere it says why not.
+    reason = ROUTERS[router].missing()
+    if reason is not None:
+        pytest.skip(f"bench peers runs without the {router} row here: {reason}")
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    pins = dict(spec.split("==") for spec in pyproject["project"]["optional-dependencies"]["peers"])
+    installed = importlib.metadata.version(PEER_DISTRIBUTIONS[router])
+    # The README's figures and the router's description name this version.
+    assert installed == pins[PEER_DISTRIBUTIONS[router]]
+    assert f"{PEER_DISTRIBUTIONS[router]} {installed}" in ROUTERS[router].description
