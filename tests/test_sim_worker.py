@@ -581,7 +581,20 @@ async def test_llm_d_topic_convention_is_an_option() -> None:
 def test_cli_serves_until_interrupted(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "scheduler", "sim", "--workers", "2", "--speed", "100", "--json"],
+        # --served-model-name: vLLM's own flag for the name clients ask for.
+        [
+            sys.executable,
+            "-m",
+            "scheduler",
+            "sim",
+            "--workers",
+            "2",
+            "--speed",
+            "100",
+            "--json",
+            "--served-model-name",
+            "team-llama",
+        ],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -595,15 +608,17 @@ def test_cli_serves_until_interrupted(tmp_path: Path) -> None:
         assert [w["name"] for w in workers] == ["sim-0", "sim-1"]
         assert all(w["kv_endpoint"].startswith("tcp://127.0.0.1:") for w in workers)
 
-        async def health() -> list[int]:
+        async def health() -> tuple[list[int], list[str]]:
             async with aiohttp.ClientSession() as session:
-                statuses = []
+                statuses, models = [], []
                 for w in workers:
                     async with session.get(w["http_url"] + "/health") as response:
                         statuses.append(response.status)
-                return statuses
+                    async with session.get(w["http_url"] + "/v1/models") as response:
+                        models += [m["id"] for m in (await response.json())["data"]]
+                return statuses, models
 
-        assert asyncio.run(health()) == [200, 200]
+        assert asyncio.run(health()) == ([200, 200], ["team-llama", "team-llama"])
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=DEADLINE_S) == 0
     finally:

@@ -106,7 +106,13 @@ def register(subparsers: Any) -> None:
     sim.add_argument(
         "--legacy-events", action="store_true", help="positional event arrays and replay frames without topic"
     )
-    sim.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
+    sim.add_argument(
+        "--model",
+        "--served-model-name",
+        dest="model",
+        default=DEFAULT_MODEL,
+        help="served model name (vLLM's --served-model-name): /v1/models, the metrics' model_name",
+    )
     sim.add_argument(
         "--name-prefix",
         default="sim",
