@@ -69,7 +69,15 @@ def test_tiny_run_answers_every_request_and_counts_hits_at_the_workers() -> None
     assert set(result["rows"]["kvsched"]["cpu_s"]) == {"kvsched", "envoy"}
     assert result["rows"]["kvsched"]["router_cpu_s"] > 0
     assert result["rows"]["client-rr"]["cpu_s"] == {}
-    assert result["rows"]["kvsched"]["router_status"]["tokenizer"]["probe"]["status"] == "match"
+    kvsched_status = result["rows"]["kvsched"]["router_status"]
+    assert kvsched_status["tokenizer"]["probe"]["status"] == "match"
+    # Envoy's own counters: every request through the ext_proc exchange, none failed there.
+    envoy = kvsched_status["envoy"]
+    assert envoy["http.gw.downstream_rq_2xx"] == 16 and envoy.get("http.gw.downstream_rq_5xx", 0) == 0
+    assert (
+        envoy["http.gw.ext_proc.streams_started"] >= 16
+        and envoy.get("http.gw.ext_proc.streams_failed", 0) == 0
+    )
     # The floor has no queueing and an infinite cache: no router's workers do better.
     assert all(result["floor"]["hit_ratio"] >= row["hit_ratio"] - 1e-9 for row in result["rows"].values())
     assert result["goal"]["judged"] == bool(installed)

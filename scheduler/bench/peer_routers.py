@@ -48,6 +48,7 @@ import os
 import signal
 import socket
 import sys
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,17 @@ async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
         if response.status != 200:
             raise ValueError(f"{url}: HTTP {response.status}")
         return await response.json(content_type=None)
+
+
+async def envoy_counters(session: aiohttp.ClientSession, admin_url: str, pattern: str) -> dict[str, int]:
+    """Envoy's counters whose names match ``pattern`` (a regular expression), from its admin API."""
+    query = urllib.parse.urlencode({"format": "json", "filter": pattern})
+    page = await get_json(session, f"{admin_url}/stats?{query}")
+    return {
+        str(stat["name"]): int(stat["value"])
+        for stat in page.get("stats", ())
+        if "name" in stat and isinstance(stat.get("value"), int)
+    }
 
 
 def tree_cpu_seconds(pids: Mapping[str, int]) -> dict[str, float]:
@@ -327,6 +339,11 @@ async def _kvsched(pool: Pool, workdir: Path, extra_args: Sequence[str] = ()) ->
 
             async def status() -> dict[str, Any]:
                 result: dict[str, Any] = await get_json(session, f"{metrics}/debug/status")
+                # Envoy's side of the exchange: a request Envoy fails on the ext_proc stream
+                # (stream failed, message timeout) never reaches kvsched's own counters.
+                result["envoy"] = await envoy_counters(
+                    session, envoy.admin_url, r"http\.gw\.(ext_proc\.|downstream_rq_[1-5]xx)"
+                )
                 return result
 
             yield RunningRouter(
