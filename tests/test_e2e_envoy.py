@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from tokenizers import Tokenizer
 
-from scheduler.demo.envoy import EnvoyGateway, EnvoySettings
+from scheduler.demo.envoy import EnvoyGateway, EnvoySettings, render_config
 from scheduler.server.app import ServeApp
 from scheduler.server.config import ServeConfig
 from scheduler.sim.pool import PoolConfig, SimPool
@@ -290,3 +290,20 @@ async def test_refusals_reach_the_client_through_envoy(stack: Stack) -> None:
             assert resp.status == 503
     outcomes = stack.app.server.stats.outcomes
     assert (outcomes["bad_request"], outcomes["no_endpoints"]) == (1, 1)
+
+
+async def test_envoy_without_an_epp_round_robins_over_the_pool() -> None:
+    async with SimPool(3, PoolConfig(speed=5.0)) as pool:
+        settings = EnvoySettings("127.0.0.1", 0, ext_proc=False, pool=[d.address for d in pool.descriptors])
+        async with EnvoyGateway(settings) as envoy, aiohttp.ClientSession() as session:
+            served = []
+            for _ in range(6):
+                body = {"prompt": prefix(7), "max_tokens": 2}
+                async with session.post(f"{envoy.url}/v1/completions", json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+                    served.append(resp.headers["x-kvsched-sim-worker"])
+    # The same prompt six times: no cache affinity, every worker twice in turn.
+    assert sorted(served) == sorted([d.name for d in pool.descriptors] * 2)
+    assert all(served[i] != served[i + 1] for i in range(5))
+    with pytest.raises(ValueError, match="pool"):
+        render_config(EnvoySettings("127.0.0.1", 0, ext_proc=False))

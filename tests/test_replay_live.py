@@ -213,6 +213,20 @@ async def test_against_the_simulated_worker() -> None:
     assert outcomes[0].cached_tokens == 0
     assert all((o.cached_tokens or 0) >= 64 for o in outcomes[1:])  # the shared 64-token prefix
     assert chat.ok and chat.completion_tokens == 4 and chat.prompt_tokens > 72  # templated text
+    # The workers report their own TTFT, which the client's contains.
+    for outcome in (*outcomes, chat):
+        assert outcome.worker_ttft_s is not None and outcome.engine_ttft_s is not None
+        assert 0 < outcome.worker_ttft_s < (outcome.ttft_s or 0)
+
+
+async def test_route_sends_each_request_where_it_says() -> None:
+    workload = Workload("rr", [WorkloadRequest(f"r{i}", 0.0, [7] * 20, 2) for i in range(6)])
+    async with SimPool(3, PoolConfig(speed=20.0)) as pool:
+        urls = [d.http_url for d in pool.descriptors]
+        outcomes = await replay_live(
+            workload, "http://127.0.0.1:9", route=lambda r: urls[int(r.request_id[1:]) % 3]
+        )
+    assert [o.endpoint for o in outcomes] == ["sim-0", "sim-1", "sim-2"] * 2
 
 
 async def test_simulated_worker_rejections_are_failures() -> None:

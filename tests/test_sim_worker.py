@@ -29,7 +29,7 @@ from scheduler.sim.engine import EngineConfig
 from scheduler.sim.latency import LatencyModel
 from scheduler.sim.pool import PoolConfig, SimPool
 from scheduler.sim.tokenizer import load
-from scheduler.sim.worker import LLMD_TOPIC, WORKER_HEADER, SimWorker, WorkerDescriptor
+from scheduler.sim.worker import LLMD_TOPIC, TIMING_KEY, WORKER_HEADER, SimWorker, WorkerDescriptor
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -150,6 +150,21 @@ async def test_completion_streaming_text(pool: SimPool, http: aiohttp.ClientSess
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
 
 
+async def test_usage_reports_the_workers_own_ttft(http: aiohttp.ClientSession) -> None:
+    # Real time (speed 1), so the engine's TTFT and the HTTP one are on one clock.
+    async with SimPool(1, PoolConfig(engine=EngineConfig(capacity_blocks=256))) as real_time:
+        url = real_time.descriptors[0].http_url + "/v1/completions"
+        body = {"prompt": words("w", 300), "max_tokens": 2}
+        stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        chunks = await sse_chunks(http, url, stream)
+        _, plain, _ = await post(http, url, body)
+    for timing in (chunks[-2][TIMING_KEY], plain[TIMING_KEY]):
+        # The worker's TTFT holds the engine's (prefill of ~300 tokens: milliseconds) and
+        # its own HTTP handling before it.
+        assert 0 < timing["engine_ttft_ms"] <= timing["ttft_ms"] < 1000
+    assert all(TIMING_KEY not in c for c in chunks[:-2])  # only with the usage report
+
+
 async def test_follow_up_turn_hits_the_previous_answer(pool: SimPool, http: aiohttp.ClientSession) -> None:
     url = pool.descriptors[0].http_url + "/v1/chat/completions"
     turn = [{"role": "user", "content": words("t", 30)}]
@@ -252,11 +267,13 @@ async def test_server_and_model_info_name_the_model_and_its_tokenizer(
     for path in ("/server_info", "/get_server_info"):
         async with http.get(base + path) as response:
             info = await response.json()
-        assert info["model_path"] == MODEL and info["served_model_name"] == MODEL and info["dp_size"] == 1
+        assert info["served_model_name"] == MODEL and info["dp_size"] == 1
+        # The model's files are local: a router loading its tokenizer from here needs no hub.
+        assert info["model_path"] == pool.descriptors[0].tokenizer_dir
     for path in ("/model_info", "/get_model_info"):
         async with http.get(base + path) as response:
             info = await response.json()
-        assert info["model_path"] == MODEL and info["is_generation"] is True
+        assert info["model_path"] == pool.descriptors[0].tokenizer_dir and info["is_generation"] is True
         assert info["architectures"] == ["LlamaForCausalLM"]
         assert Path(info["tokenizer_path"], "tokenizer.json").is_file()
         assert info["tokenizer_path"] == pool.descriptors[0].tokenizer_dir
@@ -567,7 +584,20 @@ async def test_llm_d_topic_convention_is_an_option() -> None:
 def test_cli_serves_until_interrupted(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "scheduler", "sim", "--workers", "2", "--speed", "100", "--json"],
+        # --served-model-name: vLLM's own flag for the name clients ask for.
+        [
+            sys.executable,
+            "-m",
+            "scheduler",
+            "sim",
+            "--workers",
+            "2",
+            "--speed",
+            "100",
+            "--json",
+            "--served-model-name",
+            "team-llama",
+        ],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -581,15 +611,17 @@ def test_cli_serves_until_interrupted(tmp_path: Path) -> None:
         assert [w["name"] for w in workers] == ["sim-0", "sim-1"]
         assert all(w["kv_endpoint"].startswith("tcp://127.0.0.1:") for w in workers)
 
-        async def health() -> list[int]:
+        async def health() -> tuple[list[int], list[str]]:
             async with aiohttp.ClientSession() as session:
-                statuses = []
+                statuses, models = [], []
                 for w in workers:
                     async with session.get(w["http_url"] + "/health") as response:
                         statuses.append(response.status)
-                return statuses
+                    async with session.get(w["http_url"] + "/v1/models") as response:
+                        models += [m["id"] for m in (await response.json())["data"]]
+                return statuses, models
 
-        assert asyncio.run(health()) == [200, 200]
+        assert asyncio.run(health()) == ([200, 200], ["team-llama", "team-llama"])
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=DEADLINE_S) == 0
     finally:

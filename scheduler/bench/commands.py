@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from typing import Any
 
 
@@ -282,6 +283,101 @@ def _bench_predictor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_peers(args: argparse.Namespace) -> int:
+    from scheduler.bench.peer_names import DEFAULT_LOADS, DEFAULT_WORKLOAD
+    from scheduler.bench.peers import format_result, format_skipped, run
+
+    def show(result: dict[str, Any]) -> None:
+        print(format_result(result) + "\n", flush=True)
+
+    report = run(
+        workloads=args.workload or [DEFAULT_WORKLOAD],
+        loads=args.load or list(DEFAULT_LOADS),
+        routers=args.router,
+        workers=args.workers,
+        capacity_blocks=args.capacity_blocks,
+        requests=args.requests,
+        rate=args.rate,
+        seed=args.seed,
+        router_args={name: shlex.split(text) for name, text in args.router_args or ()},
+        on_result=None if args.json else show,
+    )
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as out:
+            json.dump(report, out, indent=1)
+    print(json.dumps(report) if args.json else format_skipped(report))
+    return 0
+
+
+def _register_peers(kinds: Any) -> None:
+    from scheduler.bench.peer_names import (
+        DEFAULT_CAPACITY_BLOCKS,
+        DEFAULT_LOADS,
+        DEFAULT_WORKERS,
+        ROUTER_DESCRIPTIONS,
+        WORKLOADS,
+    )
+
+    routers = "; ".join(f"{name}: {description}" for name, description in ROUTER_DESCRIPTIONS.items())
+    peers = kinds.add_parser(
+        "peers",
+        help="kvsched against sglang-router, vllm-router and round-robin on the same simulated pool",
+        description="Replay the same text workload, on the same arrival schedule, through each router "
+        "in front of a fresh simulated pool (kvsched sim, its own process), and print one table per "
+        "workload and load: requests ok/failed, TTFT p50/p99 at the client, the workers' own TTFT, "
+        "the data path (client TTFT minus worker TTFT), the hit ratio from the workers' counters, "
+        "the routers' CPU seconds, and a computed floor (no queueing, one infinite shared cache). "
+        f"Routers: {routers}. The peers need pip install 'kvsched[peers]'; missing ones are skipped. "
+        "Everything runs on loopback, offline.",
+    )
+    peers.add_argument(
+        "--workload",
+        action="append",
+        choices=WORKLOADS,
+        help="repeatable (default rag_tenants: 8 tenants' RAG, 600 queries at 13 req/s)",
+    )
+    peers.add_argument(
+        "--load",
+        action="append",
+        type=float,
+        help="how busy the pool is: load L runs the workload at its own rate on simulated GPUs L times "
+        "slower, so the routers and this machine see the same request rate; repeatable "
+        f"(default {' and '.join(f'{x:g}' for x in DEFAULT_LOADS)}: moderate and near saturation)",
+    )
+    peers.add_argument(
+        "--rate",
+        type=float,
+        default=1.0,
+        help="multiple of the workload's own arrival rate (default 1; more needs more cores)",
+    )
+    peers.add_argument(
+        "--router",
+        action="append",
+        choices=list(ROUTER_DESCRIPTIONS),
+        help="repeatable (default: every one installed)",
+    )
+    peers.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="simulated workers per pool")
+    peers.add_argument(
+        "--capacity-blocks",
+        type=int,
+        default=DEFAULT_CAPACITY_BLOCKS,
+        help="KV blocks (16 tokens) per worker; the default is smaller than every workload's working set",
+    )
+    peers.add_argument("--requests", type=int, help="requests per workload (default: the workload's own)")
+    peers.add_argument("--seed", type=int, default=0)
+    peers.add_argument(
+        "--router-args",
+        nargs=2,
+        action="append",
+        metavar=("ROUTER", "ARGS"),
+        help="extra command-line arguments for one router, for what-if runs, e.g. "
+        "--router-args kvsched '--set scheduler.predictor.enabled=false' (repeatable)",
+    )
+    peers.add_argument("--out", help="also write the JSON report to this file")
+    peers.add_argument("--json", action="store_true", help="print the JSON report instead of the tables")
+    peers.set_defaults(func=_bench_peers)
+
+
 def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (figures as ratios against an in-run baseline)")
     kinds = bench.add_subparsers(dest="bench", required=True)
@@ -392,6 +488,7 @@ def register(subparsers: Any) -> None:
     chaos.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     chaos.add_argument("--keep-logs", metavar="DIR", help="copy every process's log here")
     chaos.set_defaults(func=_bench_chaos)
+    _register_peers(kinds)
 
 
 _CHAOS_SCENARIOS = (

@@ -16,6 +16,10 @@ tokens unknown (the report's hit ratio is then null) and completion tokens are c
 content chunks. HTTP errors, stream errors and timeouts count as failed, with the reason.
 A concurrency cap makes requests wait for a free slot, never dropped.
 
+A worker that reports its own TTFT for the request (the simulated workers do, beside the
+usage: ``scheduler.sim.worker.TIMING_KEY``) has it recorded too (``worker_ttft_s``,
+``engine_ttft_s``): the client's TTFT minus the worker's is what the path between them took.
+
 Given ``count_tokens`` (the client's own tokenizer, as benchmark clients such as inference-perf
 count), every streamed chunk's text is counted and a request whose count differs from the
 server's ``usage.completion_tokens``, or whose prompt ids differ in number from
@@ -34,6 +38,7 @@ from typing import Any, Literal
 
 import aiohttp
 
+from scheduler.sim.worker import TIMING_KEY
 from scheduler.workloads.model import RequestOutcome, SLOTargets, Workload, WorkloadRequest
 
 log = logging.getLogger(__name__)
@@ -103,7 +108,19 @@ def _content(choice: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _apply_worker_timing(body: Mapping[str, Any], outcome: RequestOutcome) -> None:
+    """The serving worker's own TTFT for this request, where it reports one (``TIMING_KEY``)."""
+    timing = body.get(TIMING_KEY)
+    if not isinstance(timing, Mapping):
+        return
+    for key, field in (("ttft_ms", "worker_ttft_s"), ("engine_ttft_ms", "engine_ttft_s")):
+        value = timing.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            setattr(outcome, field, value / 1000.0)
+
+
 def _apply_usage(body: Mapping[str, Any], outcome: RequestOutcome) -> bool:
+    _apply_worker_timing(body, outcome)
     usage = body.get("usage")
     if not isinstance(usage, Mapping):
         return False
@@ -265,10 +282,13 @@ async def replay_live(
     timeout_s: float = 600.0,
     slo: SLOTargets | None = None,
     count_tokens: Callable[[str], int] | None = None,
+    route: Callable[[WorkloadRequest], str] | None = None,
 ) -> list[RequestOutcome]:
     """Send every request ``(arrival_s - first arrival) * time_scale`` after the start, at most
     ``concurrency`` in flight (the rest wait their turn), and return the outcomes in workload
-    order. ``model=None`` asks the server's ``/v1/models``. Times are the event loop's clock."""
+    order. ``model=None`` asks the server's ``/v1/models``. Times are the event loop's clock.
+    ``route`` names the URL each request goes to instead of ``url`` (a client that picks the
+    server itself)."""
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
     if api not in API_PATHS:
@@ -295,7 +315,7 @@ async def replay_live(
             async with gate:
                 outcome = await send_one(
                     session,
-                    url,
+                    url if route is None else route(request),
                     request,
                     model,
                     clock,

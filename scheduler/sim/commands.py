@@ -45,6 +45,7 @@ def _run(args: argparse.Namespace) -> int:
         events_with_token_ids=not args.no_event_token_ids,
         omit_metrics=tuple(args.omit_metric or ()),
         topic=LLMD_TOPIC if args.kv_topic == "llm-d" else args.kv_topic,
+        name_prefix=args.name_prefix,
         tokenizer_dir=args.tokenizer_dir,
         engine=engine,
     )
@@ -105,7 +106,18 @@ def register(subparsers: Any) -> None:
     sim.add_argument(
         "--legacy-events", action="store_true", help="positional event arrays and replay frames without topic"
     )
-    sim.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
+    sim.add_argument(
+        "--model",
+        "--served-model-name",
+        dest="model",
+        default=DEFAULT_MODEL,
+        help="served model name (vLLM's --served-model-name): /v1/models, the metrics' model_name",
+    )
+    sim.add_argument(
+        "--name-prefix",
+        default="sim",
+        help="workers are named PREFIX-0, PREFIX-1, ... (their x-kvsched-sim-worker header; default sim)",
+    )
     sim.add_argument(
         "--kv-topic",
         type=_topic,

@@ -18,8 +18,10 @@ Speaks what a real vLLM 0.33 pod exposes to a gateway, an Endpoint Picker or ano
   ``/server_info`` and ``/model_info`` (and their older ``/get_*`` names) with the fields
   sgl-router reads when it registers a worker (``model_path``, ``served_model_name``,
   ``dp_size``, ``tokenizer_path``, ``model_type``, ``architectures``: sgl-router
-  ``src/core/workflow/steps/worker_registration.rs``); ``tokenizer_path`` is the local
-  directory of the worker's tokenizer files;
+  ``src/core/workflow/steps/worker_registration.rs``); ``model_path`` and ``tokenizer_path``
+  are the local directory of the model's files, as SGLang reports ``--model-path`` beside
+  ``--served-model-name`` (sglang-router 0.3.2 loads its tokenizer from ``model_path``: a
+  model name there sends it to the Hugging Face hub);
 * ``GET /metrics`` with vLLM's Prometheus names (shared PROTOCOLS.md §3), one
   ``CollectorRegistry`` per worker, read from the engine at scrape time;
 * KV events on ZMQ (``publisher.py``), one batch per engine step that changed the cache,
@@ -34,7 +36,8 @@ metric names left off the page (``omit_metrics``).
 
 Text is tokenised by the simulated model's tokenizer (``tokenizer.py``: a byte-level BPE
 with a chat template, the files ``kvsched serve`` loads too); generated text is filler words
-that tokenise back to the generated ids. Every response carries ``x-kvsched-sim-worker: <name>``.
+that tokenise back to the generated ids. Every response carries ``x-kvsched-sim-worker: <name>``,
+and every usage report the request's TTFT as the worker measured it (``TIMING_KEY``).
 
 An asyncio task drives the engine in real time scaled by ``speed``: engine time is
 ``(loop.time() - start) * speed``; it steps whenever the engine has work, sleeps until
@@ -77,6 +80,13 @@ LLMD_TOPIC = "kv@{address}@{model}"
 _TOPIC_FIELDS = {"host": "h", "port": 1, "address": "h:1", "model": "m"}
 # OpenAI's and vLLM's default for /v1/completions.
 COMPLETION_DEFAULT_MAX_TOKENS = 16
+# The workers' extension of a completion's usage report (the body's, or the usage chunk's
+# of a stream), read by benchmark clients: this request's TTFT as the worker saw it, from
+# the HTTP request's arrival to its first token (``ttft_ms``), and as the engine saw it,
+# from its arrival in the engine (``engine_ttft_ms``, what ``vllm:time_to_first_token_seconds``
+# counts). A client's TTFT minus ``ttft_ms`` is what the path in front of the worker took.
+# Clients that do not know the key ignore it, as OpenAI clients ignore unknown fields.
+TIMING_KEY = "kvsched_sim_timing"
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _MIN_SLEEP_S = 0.001
 _LATE_TOLERANCE_S = 0.005
@@ -577,21 +587,25 @@ class SimWorker:
             return _error_response(400, str(exc), "BadRequestError")
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._guard(request, self._completions_inner)
+        received = asyncio.get_running_loop().time()
+        return await self._guard(request, lambda r: self._completions_inner(r, received))
 
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._guard(request, self._chat_inner)
+        received = asyncio.get_running_loop().time()
+        return await self._guard(request, lambda r: self._chat_inner(r, received))
 
-    async def _completions_inner(self, request: web.Request) -> web.StreamResponse:
+    async def _completions_inner(self, request: web.Request, received: float) -> web.StreamResponse:
         body = await self._body(request)
         prompts = self._completion_prompts(body)
         max_tokens = self._max_tokens(body, COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens")
         stream, include_usage = self._stream_flags(body)
         await self._admitting.wait()
         call = self._submit(prompts, max_tokens)
-        return await self._respond(request, call, chat=False, stream=stream, include_usage=include_usage)
+        return await self._respond(
+            request, call, received, chat=False, stream=stream, include_usage=include_usage
+        )
 
-    async def _chat_inner(self, request: web.Request) -> web.StreamResponse:
+    async def _chat_inner(self, request: web.Request, received: float) -> web.StreamResponse:
         body = await self._body(request)
         prompt = self._chat_prompt(body)
         max_tokens = self._max_tokens(
@@ -600,7 +614,9 @@ class SimWorker:
         stream, include_usage = self._stream_flags(body)
         await self._admitting.wait()
         call = self._submit([prompt], max_tokens)
-        return await self._respond(request, call, chat=True, stream=stream, include_usage=include_usage)
+        return await self._respond(
+            request, call, received, chat=True, stream=stream, include_usage=include_usage
+        )
 
     @staticmethod
     def _usage(requests: list[SimRequest]) -> dict[str, Any]:
@@ -613,8 +629,24 @@ class SimWorker:
             "prompt_tokens_details": {"cached_tokens": sum(r.num_cached_tokens for r in requests)},
         }
 
+    def _timing(self, call: _Call, received: float, first_token_at: float | None) -> dict[str, float | None]:
+        """``TIMING_KEY``'s value: the call's first token, from the HTTP request's arrival
+        (loop clock) and from the engine's arrival (engine clock, in real time)."""
+        engine_ttft = call.requests[0].ttft if call.requests else None
+        return {
+            "ttft_ms": None if first_token_at is None else (first_token_at - received) * 1e3,
+            "engine_ttft_ms": None if engine_ttft is None else engine_ttft / self.config.speed * 1e3,
+        }
+
     async def _respond(
-        self, request: web.Request, call: _Call, *, chat: bool, stream: bool, include_usage: bool
+        self,
+        request: web.Request,
+        call: _Call,
+        received: float,
+        *,
+        chat: bool,
+        stream: bool,
+        include_usage: bool,
     ) -> web.StreamResponse:
         completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -624,15 +656,20 @@ class SimWorker:
             "created": created,
             "model": self.config.model,
         }
+        loop = asyncio.get_running_loop()
+        first_token_at: float | None = None
         try:
             if not stream:
                 texts = ["" for _ in call.requests]
                 remaining = len(call.requests)
                 while remaining:
                     choice, token = await call.queue.get()
+                    first_token_at = first_token_at or loop.time()
                     texts[choice] += filler_text(token.index)
                     remaining -= token.finished
-                return web.json_response(self._full_body(call, texts, head, chat))
+                body = self._full_body(call, texts, head, chat)
+                body[TIMING_KEY] = self._timing(call, received, first_token_at)
+                return web.json_response(body)
             response = web.StreamResponse(
                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
             )
@@ -643,6 +680,7 @@ class SimWorker:
             remaining = len(call.requests)
             while remaining:
                 choice, token = await call.queue.get()
+                first_token_at = first_token_at or loop.time()
                 text = filler_text(token.index)
                 reason = "length" if token.finished else None
                 if chat:
@@ -654,7 +692,9 @@ class SimWorker:
                 await self._send(response, {**head, "choices": [entry]})
                 remaining -= token.finished
             if include_usage:
-                await self._send(response, {**head, "choices": [], "usage": self._usage(call.requests)})
+                usage: dict[str, Any] = {**head, "choices": [], "usage": self._usage(call.requests)}
+                usage[TIMING_KEY] = self._timing(call, received, first_token_at)
+                await self._send(response, usage)
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response
@@ -801,7 +841,7 @@ class SimWorker:
         cfg = self.engine.config
         return web.json_response(
             {
-                "model_path": self.config.model,
+                "model_path": str(self.tokenizer.directory),
                 "served_model_name": self.config.model,
                 "tokenizer_path": str(self.tokenizer.directory),
                 "dp_size": 1,
@@ -818,7 +858,7 @@ class SimWorker:
     async def _model_info(self, request: web.Request) -> web.Response:
         return web.json_response(
             {
-                "model_path": self.config.model,
+                "model_path": str(self.tokenizer.directory),
                 "tokenizer_path": str(self.tokenizer.directory),
                 "is_generation": True,
                 "model_type": "llama",

@@ -129,6 +129,10 @@ class RequestOutcome:
     # its counts disagreed with the server's usage.
     client_completion_tokens: int | None = None
     token_count_mismatch: bool = False
+    # The request's TTFT as the serving worker measured it, when it says (the simulated
+    # workers do): from its HTTP request's arrival, and from the engine's arrival.
+    worker_ttft_s: float | None = None
+    engine_ttft_s: float | None = None
 
     @property
     def ttft_s(self) -> float | None:
