@@ -462,7 +462,17 @@ class Scheduler:
         estimator.last_features = None
         wanted = 1 + self.config.scoring.num_fallbacks
         routing = self._policy.route(
-            PolicyInput(pick_request, states, matches, self.index.worker_blocks, self._rng, estimator, wanted)
+            PolicyInput(
+                pick_request,
+                states,
+                matches,
+                self.index.worker_blocks,
+                self._rng,
+                estimator,
+                wanted,
+                keys,
+                now,
+            )
         )
         if not routing.endpoints:
             return PickResult("no_endpoints", [], routing.reason, routing.explanation)
