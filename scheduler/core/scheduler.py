@@ -389,13 +389,18 @@ class Scheduler:
 
         Each endpoint's scraped waiting count is raised by the requests routed there since
         that scrape, so a burst of dispatches between two scrapes saturates the pool as it
-        would the engines, instead of the whole queue going out on one stale figure.
+        would the engines, instead of the whole queue going out on one stale figure; and its
+        queued prefill is priced in milliseconds (``prefill_ms_ahead``).
         """
+        # The prior's per-token prefill cost, refitted to what the endpoints were seen to do.
+        ms_per_token = self.predictor.prior.ttft[1] if self._policy.prices_queued_prefill else None
         states = []
         for runtime in self._endpoints.values():
             state = self._state(runtime, now)
-            if runtime.routed_since_scrape:
-                state = replace(state, waiting=state.waiting + runtime.routed_since_scrape)
+            waiting = state.waiting + runtime.routed_since_scrape
+            prefill_ms = None if ms_per_token is None else runtime.inflight_prefill_tokens * ms_per_token
+            if waiting != state.waiting or prefill_ms is not None:
+                state = replace(state, waiting=waiting, prefill_ms_ahead=prefill_ms)
             states.append(state)
         return states
 
@@ -406,6 +411,9 @@ class Scheduler:
     def admit(self, request: SchedulingRequest, now: float, payload: Any = None) -> Admission:
         """Flow control's answer for an arriving request: pick it now, it waits, or it is refused."""
         objective = self.resolve_objective(request)
+        saturated = self.pool_saturated(now)
+        # Only a request that will wait needs its service time (its slack depends on it).
+        waits = objective.slo_ttft_ms is not None and (saturated or len(self.flow) > 0)
         item = FlowItem(
             request.request_id,
             priority=objective.priority,
@@ -413,8 +421,19 @@ class Scheduler:
             slo_ttft_ms=objective.slo_ttft_ms,
             enqueued_at=now,
             payload=payload,
+            service_s=self.service_estimate_s(request) if waits else 0.0,
         )
-        return self.flow.admit(item, self.pool_saturated(now), now)
+        return self.flow.admit(item, saturated, now)
+
+    def service_estimate_s(self, request: SchedulingRequest) -> float:
+        """The least time ``request`` needs once sent: its own prefill where most of its
+        prompt is cached, at the latency model's per-token cost (the prior, refitted online)."""
+        keys = self.index.request_keys(request.token_ids)
+        matches = self._matches(keys) if len(keys) else {}
+        cached = max((match.total_blocks for match in matches.values()), default=0)
+        uncached = max(len(request.token_ids) - cached * self.config.index.block_size, 0)
+        base, per_token = self.predictor.prior.ttft[:2]
+        return (base + per_token * uncached) / 1000.0
 
     def next_dispatch(self, now: float) -> FlowItem | None:
         """The waiting request to pick next, when the pool has room for it."""

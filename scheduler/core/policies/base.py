@@ -85,6 +85,10 @@ class RoutingPolicy(ABC):
     # idles (``Scheduler._approximate_load_guard``). Off for policies that follow a published
     # rule of their own, which must see every match as their source describes.
     guards_remembered_prefixes = False
+    # Whether flow control also judges an endpoint by the prefill queued ahead there, priced
+    # in milliseconds (``FlowControlConfig.max_queued_prefill_ms``). kvsched's own policy does;
+    # the baselines keep the request-count and KV-usage limits they were measured with.
+    prices_queued_prefill = False
 
     @abstractmethod
     def route(self, data: PolicyInput) -> Routing: ...

@@ -30,6 +30,10 @@ class EndpointState:
     inflight_requests: int = 0
     inflight_prefill_tokens: int = 0
     inflight_decode_requests: int = 0  # routed there and past their first token
+    # Estimated time of the prefill queued ahead of a new request there (kvsched's in-flight
+    # prefill tokens at the latency model's per-token cost), for saturation detection; None
+    # when not estimated.
+    prefill_ms_ahead: float | None = None
     endpoint_class: str = "default"
     labels: Mapping[str, str] = field(default_factory=dict)
 
