@@ -73,8 +73,9 @@ class VirtualPoolConfig:
     scrape_interval_s: float = 0.05
     # Time from an engine emitting a KV event to the index applying it (ZMQ + ingest).
     kv_event_delay_s: float = 0.001
-    # Least virtual time between two latency-model fits. Each fit costs ~0.5-1 s of wall
-    # time here; the live server retrains on the predictor's own cadence in the background.
+    # Least virtual time between two latency-model fits, but for those due because the
+    # samples doubled (log2(n) of them). Each fit costs ~0.5-1 s of wall time here; the live
+    # server retrains on the predictor's own cadence in the background.
     min_train_interval_s: float = 120.0
     # Objectives every request carries (in real milliseconds per real token for TPOT).
     slo: SLOTargets = field(default_factory=SLOTargets)
@@ -321,9 +322,10 @@ class VirtualPool:
             worker.stepping = False
         if step.finished:
             # Training happens at its virtual time, on this thread: runs stay deterministic.
-            if now - self._trained_at >= self.config.min_train_interval_s and self.scheduler.train_if_due(
-                now
-            ):
+            if (
+                now - self._trained_at >= self.config.min_train_interval_s
+                or self.scheduler.predictor.samples_doubled
+            ) and self.scheduler.train_if_due(now):
                 self._trained_at = now
             finished += self._dispatch_waiting(now, results)
         return finished
