@@ -206,6 +206,7 @@ def test_the_scoring_policies_take_new_weights_on_reconfigure() -> None:
         "queue_depth",
         "kv_utilization",
         "inflight_load",
+        "prefill_wait",
     }
     policy.reconfigure(PolicySetup("kvsched", ScoringConfig(weights={"prefix_overlap": 0.0}), BLOCK))
     assert "prefix_overlap" not in policy.route(_input(endpoints)).decision.weights  # type: ignore[union-attr]

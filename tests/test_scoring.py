@@ -573,7 +573,7 @@ def test_a_registered_scorer_joins_the_default_pipeline_with_its_weight(zone_aff
     assert "zone_affinity" not in unweighted.weights
     # Weighted from a configuration file's mapping, as any built-in is.
     config = ScoringConfig.model_validate({"weights": {"zone_affinity": 3}})
-    assert config.weights["zone_affinity"] == 3.0 and config.weights["prefix_overlap"] == 3.0
+    assert config.weights["zone_affinity"] == 3.0 and config.weights["prefix_overlap"] == 1.0
     for i in range(8):
         decision = SchedulingPipeline(config).pick(_request(f"r{i}"), endpoints, {})
         assert decision.primary == "10.0.0.2:8000"
