@@ -3,6 +3,7 @@ that repeat for a seed."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,10 @@ from scheduler.bench.policies import (
     summarise,
     summary_table,
     tasks_for,
+    ttft_percentiles_ms,
 )
 from scheduler.bench.policies_suite import LOAD_LEVELS, TINY, build_workload, offered_utilisation
+from scheduler.workloads.model import RequestOutcome
 
 DETERMINISTIC = ["kvsched", "dynamo", "llmd", "vllm_router_kv_aware"]
 
@@ -53,7 +56,7 @@ def test_tiny_run_fills_the_table_and_repeats_its_decisions_for_a_seed(shared_di
         assert row["best_p50"] in row["policies"] and row["best_p50"] != "kvsched"
         assert 0.0 < row["capacity_ceiling_hit_ratio"] <= 1.0
         table = policy_table(row).splitlines()
-        assert len(table) == 4 + len(row["policies"]) and table[2].count("|") == 10
+        assert len(table) == 4 + len(row["policies"]) and table[2].count("|") == 11
         kvsched = row["policies"]["kvsched"]
         assert set(kvsched["ttft_mape"]) == {"all", "idle", "loaded", "saturated", "counts"}
     summary = summary_table(rows).splitlines()
@@ -64,3 +67,11 @@ def test_unknown_names_are_refused_by_name() -> None:
     with pytest.raises(ValueError, match="unknown workload, load level or policy: nope"):
         tasks_for(policies=["nope"])
     assert len(tasks_for(workloads=["chat"], size="tiny")) == len(LOAD_LEVELS) * len(POLICIES)
+
+
+def test_a_failed_request_counts_as_never_served_in_the_percentiles() -> None:
+    served = [RequestOutcome(f"r{i}", ok=True, start_s=0.0, first_token_s=(i + 1) / 1000) for i in range(98)]
+    failed = [RequestOutcome(f"f{i}", ok=False, start_s=0.0, error="http 503") for i in range(2)]
+    everyone = ttft_percentiles_ms(served + failed)
+    assert everyone["p50"] == pytest.approx(50.5) and math.isinf(everyone["p99"])
+    assert ttft_percentiles_ms(served)["p99"] == pytest.approx(97.03)
