@@ -9,20 +9,14 @@ buffers in place.
 
 include "_hashcore.pxi"
 
-import hashlib
 
 import numpy as np
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong, PyLong_FromUnsignedLongLong
-from cpython.unicode cimport PyUnicode_AsUTF8AndSize
-from libc.stdlib cimport realloc
-from libc.string cimport memcpy
+from cpython.long cimport PyLong_FromUnsignedLongLong
 
 from scheduler.core import blockhash_ref as _ref
 
 VLLM_DEFAULT_SEED = _ref.VLLM_DEFAULT_SEED
-cdef object _sha256 = hashlib.sha256
 cdef object _cbor_canonical = _ref.cbor_canonical
 cdef uint64_t MASK64 = 0xFFFFFFFFFFFFFFFFULL
 
@@ -36,58 +30,36 @@ def own_root_key(seed, lora_id=None):
     return PyLong_FromUnsignedLongLong(key if key != 0 else 1)
 
 
-cdef int _salt_at(object salts, Py_ssize_t i, Py_ssize_t nsalts, uint64_t* out) except -1:
-    if i >= nsalts:
-        out[0] = 0
-    elif type(salts) is list:
-        kv_mask_u64(PyList_GET_ITEM(salts, i), out)
-    else:
-        out[0] = _mask_obj(salts[i])
-    return 0
-
-
 cdef Py_ssize_t _own_keys(object tokens, Py_ssize_t block_size, object parent_key, object salts,
                           uint64_t** out) except -1:
     """Chained keys of every full block into a malloc'd array (caller frees); returns the count."""
-    cdef Py_ssize_t nblocks, i, nsalts = 0
+    cdef Py_ssize_t nblocks, nsalts = 0
     cdef uint64_t key = _mask_obj(parent_key)
-    cdef uint64_t salt
+    cdef uint64_t* salt_values = NULL
+    cdef uint64_t* keys = NULL
     cdef U64View view
-    cdef uint64_t* keys
     if block_size <= 0:
         raise ValueError("block_size must be positive")
-    if salts is not None:
-        nsalts = len(salts)
+    view.owned = NULL
+    view.has_buffer = False
+    view.data = NULL
     if type(tokens) is list:
         nblocks = PyList_GET_SIZE(tokens) // block_size
-        keys = <uint64_t*>malloc(max(nblocks, 1) * sizeof(uint64_t))
-        if keys == NULL:
-            raise MemoryError()
-        try:
-            for i in range(nblocks):
-                _salt_at(salts, i, nsalts, &salt)
-                _block_key_list(<list>tokens, i * block_size, block_size, key, salt, &keys[i])
-                key = keys[i]
-        except BaseException:
-            free(keys)
-            raise
-        out[0] = keys
-        return nblocks
-    _view_open(tokens, -1, &view)
-    try:
+    else:
+        _view_open(tokens, -1, &view)
         nblocks = view.n // block_size
+    try:
+        _salts_array(salts, &nsalts, &salt_values)
         keys = <uint64_t*>malloc(max(nblocks, 1) * sizeof(uint64_t))
         if keys == NULL:
             raise MemoryError()
         try:
-            for i in range(nblocks):
-                _salt_at(salts, i, nsalts, &salt)
-                key = _block_key_u64(key, salt, view.data + i * block_size, block_size)
-                keys[i] = key
+            _chain_keys(tokens, view.data, 0, nblocks, block_size, key, salt_values, nsalts, keys)
         except BaseException:
             free(keys)
             raise
     finally:
+        free(salt_values)
         _view_close(&view)
     out[0] = keys
     return nblocks
@@ -122,159 +94,15 @@ def own_block_keys_array(tokens, Py_ssize_t block_size, parent_key, salts=None):
 
 
 # --- vLLM sha256_cbor -------------------------------------------------------------------
-# Canonical CBOR (RFC 8949 §4.2.1) written straight into a C buffer; shapes the fast
-# encoder does not know are handed to blockhash_ref.cbor_canonical, so errors match too.
 
-cdef struct CBuf:
-    char* data
-    Py_ssize_t length
-    Py_ssize_t capacity
+include "_cbor.pxi"
+include "_sha256.pxi"
 
 
-cdef int _cbuf_reserve(CBuf* buf, Py_ssize_t extra) except -1:
-    cdef Py_ssize_t want = buf.length + extra
-    cdef Py_ssize_t cap
-    cdef char* grown
-    if want <= buf.capacity:
-        return 0
-    cap = max(buf.capacity * 2, want, 256)
-    grown = <char*>realloc(buf.data, cap)
-    if grown == NULL:
-        raise MemoryError()
-    buf.data = grown
-    buf.capacity = cap
-    return 0
-
-
-cdef inline void _put_head(CBuf* buf, uint8_t major, uint64_t value) noexcept:
-    # Smallest head for the argument; the caller reserved 9 bytes.
-    cdef unsigned char* p = <unsigned char*>(buf.data + buf.length)
-    cdef uint8_t m = major << 5
-    if value < 24:
-        p[0] = m | <uint8_t>value
-        buf.length += 1
-    elif value < 0x100:
-        p[0] = m | 24
-        p[1] = <uint8_t>value
-        buf.length += 2
-    elif value < 0x10000:
-        p[0] = m | 25
-        p[1] = <uint8_t>(value >> 8)
-        p[2] = <uint8_t>value
-        buf.length += 3
-    elif value < 0x100000000ULL:
-        p[0] = m | 26
-        p[1] = <uint8_t>(value >> 24)
-        p[2] = <uint8_t>(value >> 16)
-        p[3] = <uint8_t>(value >> 8)
-        p[4] = <uint8_t>value
-        buf.length += 5
-    else:
-        p[0] = m | 27
-        p[1] = <uint8_t>(value >> 56)
-        p[2] = <uint8_t>(value >> 48)
-        p[3] = <uint8_t>(value >> 40)
-        p[4] = <uint8_t>(value >> 32)
-        p[5] = <uint8_t>(value >> 24)
-        p[6] = <uint8_t>(value >> 16)
-        p[7] = <uint8_t>(value >> 8)
-        p[8] = <uint8_t>value
-        buf.length += 9
-
-
-cdef inline int _put_raw(CBuf* buf, const char* data, Py_ssize_t n) except -1:
-    _cbuf_reserve(buf, n)
-    memcpy(buf.data + buf.length, data, n)
-    buf.length += n
-    return 0
-
-
-cdef int _put_signed(CBuf* buf, int64_t value) except -1:
-    _cbuf_reserve(buf, 9)
-    if value >= 0:
-        _put_head(buf, 0, <uint64_t>value)
-    else:
-        _put_head(buf, 1, <uint64_t>(-1 - value))
-    return 0
-
-
-cdef int _put_fallback(CBuf* buf, object value) except -1:
-    cdef bytes encoded = _cbor_canonical(value)
-    return _put_raw(buf, PyBytes_AS_STRING(encoded), PyBytes_GET_SIZE(encoded))
-
-
-cdef int _put_int(CBuf* buf, object value) except -1:
-    cdef int overflow = 0
-    cdef long long small = PyLong_AsLongLongAndOverflow(value, &overflow)
-    if overflow == 0:
-        return _put_signed(buf, small)
-    if overflow > 0:
-        try:
-            _cbuf_reserve(buf, 9)
-            _put_head(buf, 0, PyLong_AsUnsignedLongLong(value))
-            return 0
-        except OverflowError:
-            pass
-    # Below -2**63 or above 2**64-1: rare; the reference encodes or rejects it.
-    return _put_fallback(buf, value)
-
-
-cdef int _put_value(CBuf* buf, object value) except -1:
-    cdef Py_ssize_t n
-    cdef const char* text
-    if value is None:
-        return _put_raw(buf, b"\xf6", 1)
-    if value is True:
-        return _put_raw(buf, b"\xf5", 1)
-    if value is False:
-        return _put_raw(buf, b"\xf4", 1)
-    if isinstance(value, int):
-        return _put_int(buf, value)
-    if isinstance(value, bytes):
-        n = PyBytes_GET_SIZE(value)
-        _cbuf_reserve(buf, 9)
-        _put_head(buf, 2, <uint64_t>n)
-        return _put_raw(buf, PyBytes_AS_STRING(value), n)
-    if isinstance(value, str):
-        text = PyUnicode_AsUTF8AndSize(value, &n)
-        _cbuf_reserve(buf, 9)
-        _put_head(buf, 3, <uint64_t>n)
-        return _put_raw(buf, text, n)
-    if isinstance(value, (list, tuple)):
-        _cbuf_reserve(buf, 9)
-        _put_head(buf, 4, <uint64_t>len(value))
-        for item in value:
-            _put_value(buf, item)
-        return 0
-    return _put_fallback(buf, value)
-
-
-cdef int _put_tokens_list(CBuf* buf, list tokens, Py_ssize_t start, Py_ssize_t n) except -1:
-    cdef Py_ssize_t j
-    cdef object item
-    _cbuf_reserve(buf, 9 + 9 * n)
-    _put_head(buf, 4, <uint64_t>n)
-    for j in range(start, start + n):
-        item = <object>PyList_GET_ITEM(tokens, j)
-        if type(item) is int:
-            _put_int(buf, item)
-        else:
-            _put_value(buf, item)
-    return 0
-
-
-cdef int _put_tokens_view(CBuf* buf, const U64View* view, Py_ssize_t start, Py_ssize_t n) except -1:
-    cdef Py_ssize_t j
-    cdef uint64_t v
-    _cbuf_reserve(buf, 9 + 9 * n)
-    _put_head(buf, 4, <uint64_t>n)
-    for j in range(start, start + n):
-        v = view.data[j]
-        if view.is_signed and <int64_t>v < 0:
-            _put_head(buf, 1, <uint64_t>(-1 - <int64_t>v))
-        else:
-            _put_head(buf, 0, v)
-    return 0
+cdef bytes _sha256_of(const CBuf* buf):
+    cdef uint8_t digest[32]
+    kv_sha256(<const uint8_t*>buf.data, buf.length, digest)
+    return PyBytes_FromStringAndSize(<const char*>digest, 32)
 
 
 def vllm_none_hash(seed=VLLM_DEFAULT_SEED):
@@ -285,7 +113,7 @@ def vllm_none_hash(seed=VLLM_DEFAULT_SEED):
     buf.capacity = 0
     try:
         _put_value(&buf, seed)
-        return _sha256(PyBytes_FromStringAndSize(buf.data, buf.length)).digest()
+        return _sha256_of(&buf)
     finally:
         free(buf.data)
 
@@ -346,7 +174,7 @@ cdef list _vllm_digests(object tokens, Py_ssize_t block_size, object parent_dige
                     last_extra = extra
                 else:
                     _put_raw(&buf, PyBytes_AS_STRING(last_encoded), PyBytes_GET_SIZE(last_encoded))
-            parent = _sha256(PyBytes_FromStringAndSize(buf.data, buf.length)).digest()
+            parent = _sha256_of(&buf)
             digests.append(parent)
     finally:
         free(buf.data)
@@ -374,3 +202,24 @@ def vllm_block_wire_hashes(tokens, Py_ssize_t block_size, parent_digest, extra_k
             v = (v << 8) | p[k]
         wire.append(PyLong_FromUnsignedLongLong(v))
     return wire
+
+
+def sha256_digest(data, bint portable=False):
+    """SHA-256 of bytes with this module's C implementation (tests hold it to hashlib);
+    ``portable`` runs the plain C rounds even where the CPU has SHA instructions."""
+    cdef bytes raw = bytes(data)
+    cdef uint8_t digest[32]
+    global kv_sha256_force_portable
+    kv_sha256_force_portable = 1 if portable else 0
+    try:
+        kv_sha256(<const uint8_t*>PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), digest)
+    finally:
+        kv_sha256_force_portable = 0
+    return PyBytes_FromStringAndSize(<const char*>digest, 32)
+
+
+def sha256_uses_cpu_instructions():
+    """Whether SHA-256 runs on the CPU's SHA extensions here (decided on first use)."""
+    cdef uint8_t digest[32]
+    kv_sha256(<const uint8_t*>b"", 0, digest)
+    return kv_sha256_uses_ni == 1

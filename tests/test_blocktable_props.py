@@ -17,6 +17,7 @@ from scheduler.core import blockhash_ref
 from scheduler.core.blocktable_ref import BlockTable as ReferenceTable
 
 NativeTable = native_blocktable.BlockTable
+own_prompt_keys = native_blocktable.own_prompt_keys
 
 GPU, CPU, STORAGE = 0, 1, 2
 BS = 4
@@ -142,7 +143,7 @@ def test_clear_worker_forgets_blocks_and_mappings(make: Make) -> None:
 def test_exact_mode_keys_and_unknown_parent(make: Make) -> None:
     table = make(4)
     assert table.store_keys(0, GPU, [101, 102], None) == 2
-    assert table.store_keys(1, GPU, [103], 555) == 1  # unknown parent: a root
+    assert table.store_keys(1, GPU, [103], None) == 1
     assert table.store_keys(1, CPU, [101], None) == 1
     assert table.match([101, 102]) == [(0, 2, 2, 0, 0), (1, 1, 0, 1, 0)]
     assert table.match([103]) == [(1, 1, 1, 0, 0)]
@@ -202,6 +203,44 @@ def test_numpy_tokens_store_the_same_keys(make: Make) -> None:
 
 
 @IMPLS
+def test_exact_mode_store_under_a_parent_the_worker_never_reported_is_an_orphan(make: Make) -> None:
+    # As in own-key mode: the parent must be one this worker reported, whoever else holds it.
+    table = make(4)
+    assert table.store_keys(0, GPU, [101, 102], None) == 2
+    assert table.store_keys(1, GPU, [103], 102) == -1  # worker 0 holds 102, worker 1 never did
+    assert table.store_keys(1, GPU, [104], 555) == -1  # nobody holds 555
+    assert table.store_keys(1, GPU, [], 555) == -1  # nothing to store, still a missed message
+    assert (table.num_blocks, table.worker_blocks(1), table.match([103]), table.match([104])) == (
+        2,
+        0,
+        [],
+        [],
+    )
+    assert table.store_keys(0, GPU, [103], 102) == 1
+    assert table.match([101, 102, 103]) == [(0, 3, 3, 0, 0)]
+    # A parent the worker stopped holding (removed, or cleared) no longer chains.
+    assert table.remove_blocks(0, GPU, [103]) == 1
+    assert table.store_keys(0, CPU, [105], 103) == -1
+    table.clear_worker(0)
+    assert table.store_keys(0, GPU, [106], 101) == -1 and table.num_blocks == 0
+
+
+@IMPLS
+def test_a_match_without_touch_leaves_the_eviction_order_alone(make: Make) -> None:
+    evicted = []
+    for touch in (False, True):
+        table = make(4, 4)
+        table.store_blocks(0, GPU, [10, 11], None, tokens_for(1, 2), BS, ROOT)
+        table.store_blocks(1, GPU, [20, 21], None, tokens_for(3, 4), BS, ROOT)
+        assert table.match(keys_for(1, 2), touch=touch) == [(0, 2, 2, 0, 0)]
+        assert table.match_named(keys_for(1, 2), ["a"], tuple, touch=touch) == {"a": (2, 2, 0, 0)}
+        table.store_blocks(2, GPU, [30], None, tokens_for(5), BS, ROOT)  # one over the bound
+        evicted.append((table.match(keys_for(1, 2)), table.match(keys_for(3, 4))))
+    # Untouched, blocks 1-2 are the least recent and block 2 goes; touched, block 4 goes.
+    assert evicted == [([(0, 1, 1, 0, 0)], [(1, 2, 2, 0, 0)]), ([(0, 2, 2, 0, 0)], [(1, 1, 1, 0, 0)])]
+
+
+@IMPLS
 def test_workers_in_several_bitmask_words(make: Make) -> None:
     table = make(200)
     for worker in (0, 63, 64, 130, 199):
@@ -218,23 +257,24 @@ def test_workers_in_several_bitmask_words(make: Make) -> None:
 
 
 def test_native_table_across_node_chunks() -> None:
-    # More nodes than one 32,768-node chunk holds; bytes_used follows the growth.
+    # More nodes than one 2**20-node chunk holds; bytes_used follows the growth.
     table = NativeTable(64)
     empty = table.bytes_used()
-    chains = 800
+    chains, length = 1100, 1000
     for chain in range(chains):
-        tokens = [chain * 1000 + i for i in range(BS * 50)]
-        table.store_blocks(chain % 64, GPU, list(range(chain * 50, chain * 50 + 50)), None, tokens, BS, ROOT)
-    assert table.num_blocks == chains * 50
-    assert table.bytes_used() > empty + chains * 50 * 64
+        keys = np.arange(chain * length + 1, (chain + 1) * length + 1, dtype=np.uint64)
+        table.store_keys(chain % 64, GPU, keys, None)
+    assert table.num_blocks == chains * length and table.entries() == chains * length
+    # Per entry at least its 40-byte node, its key slot and its engine-map slot.
+    assert table.bytes_used() > empty + chains * length * (40 + 8 + 16)
     for chain in (0, 700, chains - 1):
-        keys = blockhash_ref.own_block_keys([chain * 1000 + i for i in range(BS * 50)], BS, ROOT)
-        assert table.match(keys) == [(chain % 64, 50, 50, 0, 0)]
-    # 800 chains over 64 workers: workers 0..31 hold 13 chains, 32..63 hold 12.
-    assert table.clear_worker(0) == 13 * 50
-    assert table.clear_worker(63) == 12 * 50
-    assert table.num_blocks == (chains - 25) * 50
-    assert table.match(blockhash_ref.own_block_keys([i for i in range(BS * 50)], BS, ROOT)) == []
+        keys = np.arange(chain * length + 1, (chain + 1) * length + 1, dtype=np.uint64)
+        assert table.match(keys) == [(chain % 64, length, length, 0, 0)]
+    # 1,100 chains over 64 workers: workers 0..11 hold 18 chains, 12..63 hold 17.
+    assert table.clear_worker(0) == 18 * length
+    assert table.clear_worker(63) == 17 * length
+    assert table.num_blocks == (chains - 35) * length
+    assert table.match(np.arange(1, length + 1, dtype=np.uint64)) == []
     assert ReferenceTable(64).bytes_used() > 0
 
 
@@ -324,6 +364,14 @@ class NativeMatchesReference(RuleBasedStateMachine):
         expected = self.ref.match(keys, worker_filter)
         query: Any = np.asarray(keys, dtype=np.uint64) if as_array else keys
         assert self.nat.match(query, worker_filter) == expected
+        # The lazy keys of the same prompt (hashed as the walk goes) give the same answer,
+        # and so does the named form.
+        lazy = own_prompt_keys(tokens + extra, SMALL_BS, root)
+        assert self.nat.match(lazy, worker_filter) == expected
+        names = [f"w{w}" for w in range(MAX_WORKERS)]
+        assert self.nat.match_named(lazy, names, tuple, worker_filter) == self.ref.match_named(
+            keys, names, tuple, worker_filter
+        )
 
     @rule(worker=workers, tier=tiers, keys=st.lists(table_keys, max_size=4), parent=st.none() | table_keys)
     def store_keys(self, worker: int, tier: int, keys: list[int], parent: int | None) -> None:
@@ -362,6 +410,7 @@ class NativeMatchesReference(RuleBasedStateMachine):
         assert self.nat.num_blocks == self.ref.num_blocks
         assert self.nat.unknown_removals == self.ref.unknown_removals
         assert self.nat.evictions == self.ref.evictions
+        assert self.nat.entries() == self.ref.entries()
         for worker in WORKERS:
             assert self.nat.worker_blocks(worker) == self.ref.worker_blocks(worker)
 
@@ -410,3 +459,105 @@ def test_long_churn_matches_reference(max_blocks: int) -> None:
     assert ref.num_blocks > 100
     if max_blocks:
         assert ref.evictions > 0
+
+
+# --- wide worker sets: nodes held by many workers, ids past 64 -------------------------------
+
+WIDE_WORKERS = (0, 3, 17, 40, 63, 64, 65, 70, 90, 100, 111, 127, 128, 140, 150, 160, 170, 180, 190, 199)
+WIDE_MAX = 200
+wide_workers = st.sampled_from(WIDE_WORKERS)
+wide_keys = st.integers(1, 8)  # few keys, so one node gathers more than 12 holders
+
+
+class WideWorkerSetsMatchReference(RuleBasedStateMachine):
+    """Holder sets that grow past one 64-bit word and past the 12 inline entries, shrink
+    back, and workers that restart (clear, then store their chains again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ref: ReferenceTable = ReferenceTable(WIDE_MAX)
+        self.nat: Any = NativeTable(WIDE_MAX)
+        self.stored: dict[int, list[tuple[int, list[int], int | None]]] = {}
+
+    @initialize(max_blocks=st.sampled_from([0, 0, 5]))
+    def create(self, max_blocks: int) -> None:
+        self.ref = ReferenceTable(WIDE_MAX, max_blocks)
+        self.nat = NativeTable(WIDE_MAX, max_blocks)
+
+    def both(self, name: str, *args: Any) -> Any:
+        expected = _outcome(lambda: getattr(self.ref, name)(*args))
+        actual = _outcome(lambda: getattr(self.nat, name)(*args))
+        assert actual == expected, name
+        return expected
+
+    @rule(
+        workers=st.lists(wide_workers, min_size=1, max_size=16, unique=True),
+        tier=tiers,
+        keys=st.lists(wide_keys, min_size=1, max_size=3),
+        parent=st.none() | wide_keys,
+    )
+    def store_on_many(self, workers: list[int], tier: int, keys: list[int], parent: int | None) -> None:
+        for worker in workers:
+            self.both("store_keys", worker, tier, keys, parent)
+            self.stored.setdefault(worker, []).append((tier, keys, parent))
+
+    @rule(
+        workers=st.lists(wide_workers, min_size=1, max_size=16, unique=True),
+        tier=tiers,
+        keys=st.lists(wide_keys, min_size=1, max_size=3),
+    )
+    def remove_on_many(self, workers: list[int], tier: int, keys: list[int]) -> None:
+        for worker in workers:
+            self.both("remove_blocks", worker, tier, keys)
+
+    @rule(worker=wide_workers)
+    def restart(self, worker: int) -> None:
+        self.both("clear_worker", worker)
+        for tier, keys, parent in self.stored.pop(worker, [])[-2:]:
+            self.both("store_keys", worker, tier, keys, parent)
+
+    @rule(keys=st.lists(wide_keys, min_size=1, max_size=5), worker_filter=st.none() | st.lists(wide_workers))
+    def match(self, keys: list[int], worker_filter: list[int] | None) -> None:
+        assert self.nat.match(keys, worker_filter) == self.ref.match(keys, worker_filter)
+
+    @invariant()
+    def same_counters(self) -> None:
+        assert self.nat.num_blocks == self.ref.num_blocks
+        assert self.nat.unknown_removals == self.ref.unknown_removals
+        assert self.nat.evictions == self.ref.evictions
+        assert self.nat.entries() == self.ref.entries()
+        for worker in WIDE_WORKERS:
+            assert self.nat.worker_blocks(worker) == self.ref.worker_blocks(worker)
+
+
+WideWorkerSetsMatchReference.TestCase.settings = settings(
+    max_examples=100, stateful_step_count=30, deadline=None
+)
+TestWideWorkerSetsMatchReference = WideWorkerSetsMatchReference.TestCase
+
+
+def test_a_thousand_workers_on_one_block_and_back() -> None:
+    table = NativeTable(1000)
+    for worker in range(1000):
+        table.store_keys(worker, GPU if worker % 3 else CPU, [7, 8], None)
+    result = table.match([7, 8])
+    assert len(result) == 1000
+    assert result[3] == (3, 2, 0, 2, 0) and result[4] == (4, 2, 2, 0, 0)
+    for worker in range(999):
+        table.remove_blocks(worker, GPU if worker % 3 else CPU, [7, 8])
+    assert table.match([7, 8]) == [(999, 2, 0, 2, 0)]
+    assert table.num_blocks == 2 and table.entries() == 2
+    table.clear_worker(999)
+    assert table.num_blocks == 0 and table.match([7]) == []
+
+
+def test_lazy_walk_hashes_only_a_short_lead_past_the_match() -> None:
+    table = NativeTable(4)
+    tokens = [t for block in range(200) for t in [block + 1] * BS]
+    table.store_blocks(0, GPU, list(range(10)), None, tokens[: 10 * BS], BS, ROOT)
+    keys = own_prompt_keys(tokens, BS, ROOT)
+    assert table.match(keys) == [(0, 10, 10, 0, 0)]
+    # The walk fetches table slots 8 blocks ahead and hashes 4 blocks per step, so it
+    # stops at most 12 blocks past the first block nobody holds: 23 of 200 here.
+    assert 11 <= keys.hashed <= 23
+    assert len(keys) == 200

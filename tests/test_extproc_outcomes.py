@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from scheduler.adapters.extproc.audit import PICK_OUTCOMES, RESPONSE_OUTCOMES, ExtProcStats
 from scheduler.adapters.extproc.outcomes import PickOutcome
+from scheduler.adapters.extproc.stats import PICK_OUTCOMES, RESPONSE_OUTCOMES, ExtProcStats
 
 
 def test_every_outcome_is_routed_refused_with_a_status_or_the_internal_error() -> None:

@@ -78,6 +78,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "servicemonitor": {"inferenceExtension": {"monitoring": {"prometheus": {"enabled": True}}}},
     "replicas-3": {"inferenceExtension": {"replicas": 3}},
     "single-replica": {"inferenceExtension": {"replicas": 1}},
+    "grafana-dashboard": {
+        "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "kvsched"}}
+    },
     # The policy's kvEvents.blockSize must be what kvsched's index runs with.
     "scheduling-policy": {
         "schedulingPolicy": {"create": True, "spec": POLICY_SPEC},
@@ -147,7 +150,8 @@ def container(docs: list[Manifest]) -> Manifest:
 
 
 def config_of(docs: list[Manifest]) -> dict[str, Any]:
-    config: dict[str, Any] = yaml.safe_load(one(docs, "ConfigMap")["data"]["config.yaml"])
+    (configmap,) = [doc for doc in by_kind(docs, "ConfigMap") if "config.yaml" in doc.get("data", {})]
+    config: dict[str, Any] = yaml.safe_load(configmap["data"]["config.yaml"])
     return config
 
 
@@ -336,9 +340,11 @@ def test_rendered_objects_are_valid(name: str, kube_version: str) -> None:
         else:
             assert kubernetes_validate.validate(doc, kube_version, strict=True)
             built_in.append(doc["kind"])
-    expected = set(BUILT_IN_KINDS)
+    expected = sorted(BUILT_IN_KINDS)
     if VALUE_SETS[name].get("inferenceExtension", {}).get("replicas") == 1:
-        expected.discard("PodDisruptionBudget")
+        expected.remove("PodDisruptionBudget")
+    if VALUE_SETS[name].get("grafanaDashboard", {}).get("enabled"):
+        expected.append("ConfigMap")  # the dashboard's, beside the configuration's
     assert sorted(built_in) == sorted(expected)
 
 
@@ -474,6 +480,8 @@ def test_config_file_from_values() -> None:
         "health_port": 9003,
         "metrics_port": 9090,
         "tls": {"mode": "self_signed"},
+        # The image is built with the native transport; the chart asks for it by name.
+        "extproc": {"transport": "native"},
         "pool": {
             "name": RELEASE,
             "namespace": NAMESPACE,
@@ -815,9 +823,15 @@ def test_dockerfile_matches_the_chart() -> None:
     build, final = stages[0], stages[-1]
     build_runs = " ".join(rest for keyword, rest in build if keyword == "RUN")
     assert "gcc" in build_runs and "pip install ." in build_runs
-    # The final image copies the built environment and installs no compiler.
+    # The native ext_proc transport is built, and the build fails rather than leave it out.
+    assert "libgrpc++-dev" in build_runs and "import scheduler.cli, scheduler._native.extproc" in build_runs
+    assert "KVSCHED_NATIVE_EXTPROC=1" in shlex.split(" ".join(rest for k, rest in build if k == "ENV"))
+    # The final image copies the built environment and installs no compiler or headers, only
+    # the shared libraries the native transport links; the module must import there.
     assert any(k == "COPY" and rest.startswith("--from=") for k, rest in final)
-    assert not any(k == "RUN" and ("gcc" in rest or "apt-get" in rest) for k, rest in final)
+    final_runs = " ".join(rest for k, rest in final if k == "RUN")
+    assert not any(word in final_runs for word in ("gcc", "g++", "-dev"))
+    assert "libgrpc++1.51" in final_runs and "import scheduler._native.extproc" in final_runs
     assert all("3.11" in rest or "PYTHON_IMAGE" in rest for k, rest in (build[0], final[0]))
 
     docs = render({})

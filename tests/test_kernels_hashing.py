@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import hashlib
 import json
 from pathlib import Path
 from types import ModuleType
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler._native import blockhash as native
+from scheduler._native import blocktable as lazy
 from scheduler.core import blockhash_ref as reference
 
 MASK64 = (1 << 64) - 1
@@ -208,3 +210,75 @@ def test_vllm_digests_native_equals_reference(
 @given(seed=st.text(max_size=20))
 def test_vllm_none_hash_native_equals_reference(seed: str) -> None:
     assert native.vllm_none_hash(seed) == reference.vllm_none_hash(seed)
+
+
+# --- lazy prompt keys and the C SHA-256 -----------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    tokens=st.lists(token_ids, max_size=200),
+    block_size=st.integers(1, 32),
+    parent=st.integers(0, MASK64),
+    salts=st.none() | st.lists(st.integers(0, MASK64), max_size=6),
+    reads=st.lists(st.integers(-20, 40), max_size=4),
+)
+def test_own_prompt_keys_hash_on_demand_and_equal_the_reference(
+    tokens: list[int], block_size: int, parent: int, salts: list[int] | None, reads: list[int]
+) -> None:
+    expected = reference.own_block_keys(tokens, block_size, parent, salts)
+    keys = lazy.own_prompt_keys(tokens, block_size, parent, salts)
+    assert len(keys) == len(expected) and keys.hashed == 0  # len() hashes nothing
+    most = 0
+    for i in reads:  # random access hashes up to the block read, no further
+        if -len(expected) <= i < len(expected):
+            assert keys[i] == expected[i]
+            most = max(most, i % len(expected) + 1)
+            assert keys.hashed == most
+        else:
+            with pytest.raises(IndexError):
+                keys[i]
+    assert list(keys) == expected and keys.hashed == len(expected)
+    assert np.asarray(keys).tolist() == expected
+    as_array = lazy.own_prompt_keys(
+        np.asarray([t & MASK64 for t in tokens], dtype=np.uint64), block_size, parent, salts
+    )
+    assert as_array.tolist() == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tokens=st.lists(st.integers(0, 2**64 - 1) | st.integers(-(2**64), -1), max_size=100),
+    block_size=st.integers(1, 32),
+    parent=st.binary(min_size=0, max_size=40),
+    extra=st.none() | st.lists(st.none() | st.tuples(extra_value), max_size=5),
+)
+def test_vllm_prompt_keys_equal_the_reference(
+    tokens: list[int], block_size: int, parent: bytes, extra: list[Any] | None
+) -> None:
+    expected = reference.vllm_block_wire_hashes(tokens, block_size, parent, extra)
+    keys = lazy.vllm_prompt_keys(tokens, block_size, parent, extra)
+    assert len(keys) == len(expected) and keys.hashed == 0
+    if expected:
+        assert keys[0] == expected[0] and keys.hashed == 1
+    assert list(keys) == expected
+
+
+def test_prompt_keys_refuse_a_token_list_that_shrank_and_bad_tokens_when_hashed() -> None:
+    tokens = list(range(64))
+    keys = lazy.own_prompt_keys(tokens, 16, 1)
+    del tokens[20:]
+    with pytest.raises(ValueError, match="shrank"):
+        list(keys)
+    bad = lazy.own_prompt_keys([1] * 16 + [1.5] * 16, 16, 1)
+    assert bad[0] == reference.own_block_keys([1] * 16, 16, 1)[0]
+    with pytest.raises(TypeError):
+        bad[1]
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["cpu-instructions", "portable-c"])
+def test_sha256_equals_hashlib_at_every_padding_boundary(portable: bool) -> None:
+    rng = np.random.default_rng(0)
+    for size in [*range(0, 200), 1000, 4096, 65_537]:
+        data = rng.integers(0, 256, size=size, dtype=np.uint8).tobytes()
+        assert native.sha256_digest(data, portable) == hashlib.sha256(data).digest(), size

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
+from hypothesis import event, example, given, settings
+from hypothesis import strategies as st
 
-from scheduler.codec.openai import BadRequestBody, ChatMessage, api_for_path, parse_request_body
+from scheduler.codec.openai import (
+    BadRequestBody,
+    ChatMessage,
+    InferenceRequestBody,
+    _parse_fast,
+    api_for_path,
+    parse_request_body,
+    parse_request_body_carefully,
+)
 
 
 def _body(document: object) -> bytes:
@@ -120,3 +131,96 @@ def test_large_token_prompt_is_kept_without_copies() -> None:
     ids = list(range(60_000))
     body = parse_request_body(_body({"prompt": ids}), "/v1/completions")
     assert body.prompt_token_ids == ids
+
+
+# --- the fast parser against the careful one ---------------------------------------------------
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-3, max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=4),
+)
+
+
+def _mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Valid values most of the time, so that accepted bodies are common; any scalar otherwise."""
+    return st.integers(min_value=0, max_value=9).flatmap(lambda roll: valid if roll else _scalars)
+
+
+_counts = _mostly(st.one_of(st.none(), st.integers(min_value=0, max_value=10**6)))
+_token_lists = st.lists(
+    _mostly(st.integers(min_value=0, max_value=2**64 - 1)).filter(lambda v: v is not None), max_size=5
+)
+_prompts = _mostly(
+    st.one_of(st.text(max_size=6), _token_lists, st.lists(st.text(max_size=3), max_size=2), st.just([[1, 2]]))
+)
+_parts = st.lists(
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "image_url"]), "text": _mostly(st.text(max_size=3))}
+    ),
+    max_size=2,
+)
+_contents = _mostly(st.one_of(st.none(), st.text(max_size=5), _parts))
+_message = _mostly(
+    st.fixed_dictionaries(
+        {"role": _mostly(st.sampled_from(["user", "assistant", ""]))},
+        optional={"content": _contents, "name": st.text(max_size=3)},
+    )
+)
+_optional_fields = {
+    "model": _mostly(st.one_of(st.none(), st.text(max_size=4))),
+    "stream": _mostly(st.one_of(st.none(), st.booleans())),
+    "max_tokens": _counts,
+    "max_completion_tokens": _counts,
+    "tools": st.lists(st.dictionaries(st.text(max_size=3), _scalars, max_size=2), max_size=2),
+}
+_documents = st.one_of(
+    st.fixed_dictionaries({"prompt": _prompts}, optional=_optional_fields),
+    st.fixed_dictionaries({"messages": _mostly(st.lists(_message, max_size=3))}, optional=_optional_fields),
+    st.fixed_dictionaries({}, optional={"prompt": _prompts, "messages": _scalars, **_optional_fields}),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@example(document={"messages": [{"role": "user"}], "max_tokens": 9, "max_completion_tokens": 5}, path=None)
+@example(document={"prompt": [1, 2], "max_tokens": 3, "stream": None}, path="/v1/completions")
+@given(document=_documents, path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/x", None]))
+def test_fast_parser_answers_only_where_the_careful_one_agrees(
+    document: dict[str, Any], path: str | None
+) -> None:
+    raw = json.dumps(document).encode()
+    fast = _parse_fast(raw, path)
+    try:
+        careful = parse_request_body_carefully(raw, path)
+    except BadRequestBody:
+        assert fast is None, "the fast path accepted a body the careful one refuses"
+        return
+    if fast is not None:
+        assert fast == careful
+    assert parse_request_body(raw, path) == careful
+    event("fast path answered" if fast is not None else "careful path answered")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"prompt": [1, 2], "prompt": "last wins"}',
+        b'\xef\xbb\xbf{"prompt": "bom"}',
+        b'{"prompt": "\\ud800"}',
+        b'{"prompt": [1, 2], "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b'{"prompt": [1, NaN]}',
+        b'{"prompt": "x", "max_tokens": 1e3}',
+    ],
+)
+def test_fast_parser_edge_cases_match_the_careful_parser(raw: bytes) -> None:
+    try:
+        careful: InferenceRequestBody | str = parse_request_body_carefully(raw, "/v1/completions")
+    except BadRequestBody as exc:
+        careful = str(exc)
+    try:
+        either: InferenceRequestBody | str = parse_request_body(raw, "/v1/completions")
+    except BadRequestBody as exc:
+        either = str(exc)
+    assert either == careful

@@ -4,13 +4,17 @@ saves and loads the model file, survives failing fits and unreadable files."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from scheduler.adapters.predictor_trainer import PredictorTrainer
+from scheduler.adapters.predictor_trainer import FIT_NICENESS, PredictorTrainer
 from scheduler.bench.predictor_bench import synthetic_samples
 from scheduler.core.predictor import LatencyPredictor, PredictorConfig, TrainedModel, TrainingJob
 
@@ -170,3 +174,68 @@ async def test_stop_finishes_a_fit_in_flight_and_saves_it(tmp_path: Path) -> Non
 def test_check_interval_must_be_positive() -> None:
     with pytest.raises(ValueError):
         PredictorTrainer(LatencyPredictor(CONFIG), check_interval_s=0)
+
+
+async def test_fits_in_a_lower_priority_process_install_on_the_loop() -> None:
+    predictor = observed_predictor()
+    trainer = PredictorTrainer(predictor, fit_in="process")
+    task = trainer.maybe_train()
+    assert task is not None
+    model = await asyncio.wait_for(task, GUARD_S)
+    assert model is not None and predictor.model is model
+    rows = synthetic_samples(8, seed=1).features
+    assert predictor.predict(rows).source == "model"
+    assert trainer.stats.installed == 1 and trainer.stats.last_fit_cpu_s > 0
+    # The fit ran in another process, at a lower priority than this one.
+    executor = trainer._fit_executor
+    assert executor is not None
+    pids = await asyncio.get_running_loop().run_in_executor(executor, os.getpid)
+    niceness = await asyncio.get_running_loop().run_in_executor(executor, os.nice, 0)
+    assert pids != os.getpid()
+    assert niceness == os.nice(0) + FIT_NICENESS
+    await trainer.stop()
+
+
+def test_a_custom_fit_cannot_be_sent_to_a_process() -> None:
+    with pytest.raises(ValueError, match="thread"):
+        PredictorTrainer(observed_predictor(100), fit=GatedFit(), fit_in="process")
+
+
+def test_the_fitting_process_ends_when_its_server_is_killed(tmp_path: Path) -> None:
+    # A server that started its fitting process and was then killed outright (no shutdown).
+    script = (
+        "import asyncio, os, sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from scheduler.adapters.predictor_trainer import PredictorTrainer\n"
+        "from test_predictor_trainer import observed_predictor\n"
+        "async def main():\n"
+        "    trainer = PredictorTrainer(observed_predictor(), fit_in='process')\n"
+        "    await trainer.maybe_train()\n"
+        "    pid = await asyncio.get_running_loop().run_in_executor(trainer._fit_executor, os.getpid)\n"
+        "    print(pid, flush=True)\n"
+        "    os.kill(os.getpid(), 9)\n"
+        "asyncio.run(main())\n"
+    )
+    tests_dir = Path(__file__).resolve().parent
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tests_dir.parent)],
+        cwd=tests_dir,
+        env={**os.environ, "PYTHONPATH": f"{tests_dir.parent}{os.pathsep}{tests_dir}"},
+        capture_output=True,
+        text=True,
+        timeout=GUARD_S,
+    )
+    assert result.returncode == -9, result.stderr[-2000:]
+    helper = int(result.stdout.split()[0])
+    deadline = time.monotonic() + GUARD_S
+    while _running(helper):
+        assert time.monotonic() < deadline, "the fitting process outlived its server"
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

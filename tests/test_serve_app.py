@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-un
 from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.adapters.discovery import StaticEndpointSource
+from scheduler.adapters.extproc.native import native_available
 from scheduler.core.scheduler import Endpoint, SchedulingRequest
 from scheduler.server.app import ServeApp
 from scheduler.server.config import ServeConfig
@@ -376,6 +377,8 @@ async def test_serve_process_stops_on_sigterm(tmp_path: Path) -> None:
         assert process.returncode == 0, stderr.decode()
         log = stderr.decode()
         assert "SIGTERM received" in log
+        # It says which ext_proc transport it runs ('auto': the native one where it was built).
+        assert f"{'native' if native_available() else 'python'} transport" in log
         assert log.rstrip().endswith("stopped")
         assert all(free(port) for port in ports.values())
     finally:

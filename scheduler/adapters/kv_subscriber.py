@@ -22,16 +22,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
+from scheduler.adapters.stage_times import STAGE_TIMES
 from scheduler.codec.kvevents import REPLAY_END_SEQ, decode_batch, encode_seq
 from scheduler.core.index import PrefixIndex
-from scheduler.core.kvingest import Action, IngestConfig, IngestStats, Step, WorkerIngest
+from scheduler.core.kvingest import Action, IngestConfig, IngestStats, PublisherView, Step, WorkerIngest
 from scheduler.core.scheduler import Endpoint
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,13 @@ DEFAULT_RCVHWM = 100_000
 # Back off reconnects to a dead pod up to this (ZMQ's default retries every 100 ms forever).
 RECONNECT_IVL_MAX_MS = 5_000
 _SEQ_FRAME_BYTES = 8
-# Live messages handled per loop wake-up at most.
+# Live messages handled per loop wake-up at most, and the CPU time after which the rest
+# waits for the loop's next turn. A BlockStored batch of a 220 KB prompt (~55k token ids,
+# 180 KB of msgpack) takes ~4 ms to decode and apply, so 64 of them in one turn held every
+# ext_proc stream for a quarter of a second; with the budget a turn ends after ~1 ms, or
+# after the one message that passed it.
 LIVE_BURST = 64
+LIVE_BUDGET_NS = 1_000_000
 
 
 def with_port_offset(endpoint: str, offset: int) -> str:
@@ -172,6 +178,15 @@ class KVEventSubscriber:
             ],
         }
 
+    def views(self) -> list[PublisherView]:
+        """Each rank's view (``WorkerIngest.view``) as of now."""
+        now = self._clock()
+        return [rank.ingest.view(now, endpoint=self.config.name, rank=rank.rank) for rank in self._ranks]
+
+    def addresses(self) -> list[tuple[str, str | None]]:
+        """Per rank, the live and replay addresses subscribed to."""
+        return [(rank.endpoint, rank.replay_endpoint) for rank in self._ranks]
+
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -217,18 +232,34 @@ class KVEventSubscriber:
     async def _live(self, rank: _Rank, sub: zmq.asyncio.Socket) -> None:
         # Once one message is in, whatever else is queued is read through a blocking-API
         # view of the same socket with NOBLOCK: no future and no loop wake-up per message.
-        # The burst is bounded so that one busy publisher cannot starve the loop.
+        # The burst is bounded in count and in time so that a busy publisher cannot starve
+        # the loop, and every burst ends by yielding: zmq.asyncio completes a receive of an
+        # already-queued message without suspending, so without the explicit yield a steady
+        # stream would never let an ext_proc stream run.
         queued: zmq.Socket[bytes] = zmq.Socket.shadow(sub.underlying)
+        clock = time.perf_counter_ns
         while True:
-            self._on_live_frames(rank, await sub.recv_multipart())
+            frames = await sub.recv_multipart()
+            deadline = clock() + LIVE_BUDGET_NS
+            self._on_live_frames(rank, frames)
             for _ in range(LIVE_BURST - 1):
+                if clock() >= deadline:
+                    break
                 try:
                     frames = queued.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 self._on_live_frames(rank, frames)
+            await asyncio.sleep(0)
 
     def _on_live_frames(self, rank: _Rank, frames: list[bytes]) -> None:
+        started = STAGE_TIMES.start()
+        try:
+            self._apply_live_frames(rank, frames)
+        finally:
+            STAGE_TIMES.stop("kv_ingest", started)
+
+    def _apply_live_frames(self, rank: _Rank, frames: list[bytes]) -> None:
         ingest = rank.ingest
         try:
             if len(frames) != 3:
@@ -362,6 +393,10 @@ class KVEventIngestService:
     def stats(self) -> dict[str, dict[str, Any]]:
         return {name: sub.snapshot() for name, sub in sorted(self._subscribers.items())}
 
+    def views(self, endpoints: Sequence[Endpoint]) -> list[PublisherView]:
+        """One view per data-parallel rank of each endpoint, in ``endpoints`` order."""
+        return publisher_views(endpoints, self)
+
     def totals(self) -> IngestStats:
         total = IngestStats()
         for subscriber in self._subscribers.values():
@@ -372,3 +407,26 @@ class KVEventIngestService:
         """Stop every subscriber; the index keeps their entries."""
         for name in list(self._subscribers):
             await self.remove_endpoint(name, purge=False)
+
+
+def publisher_views(
+    endpoints: Sequence[Endpoint], service: KVEventIngestService | None
+) -> list[PublisherView]:
+    """Every endpoint's KV-event view per rank: subscribed ones as their ingest sees them,
+    endpoints that publish no events as ``fallback``. ``service`` None: ingest is off."""
+    subscribers = {} if service is None else service.subscribers
+    views: list[PublisherView] = []
+    for endpoint in endpoints:
+        subscriber = subscribers.get(endpoint.name)
+        if subscriber is not None:
+            views.extend(subscriber.views())
+            continue
+        for rank, worker in enumerate(endpoint.index_workers()):
+            if endpoint.kv_events is None:
+                views.append(PublisherView.without_events(endpoint.name, rank, worker))
+            else:
+                # Discovery has the endpoint and the subscription is being set up.
+                views.append(
+                    PublisherView(endpoint.name, rank, worker, "degraded", "not subscribed yet", False)
+                )
+    return views

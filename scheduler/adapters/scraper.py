@@ -32,6 +32,7 @@ from typing import Protocol
 
 import aiohttp
 
+from scheduler.adapters.stage_times import STAGE_TIMES
 from scheduler.codec.prom import MetricsSpec, PromMetricsError, parse_endpoint_metrics
 from scheduler.core.scheduler import EndpointMetrics
 
@@ -228,7 +229,9 @@ class MetricsScraper:
         try:
             text = await self._fetch(session, target.url)
             stats.last_bytes = len(text)
+            parsing = STAGE_TIMES.start()
             metrics = parse_endpoint_metrics(text, self.spec)
+            STAGE_TIMES.stop("scrape_parse", parsing)
         except (TimeoutError, aiohttp.ClientError, ScrapeError, PromMetricsError) as exc:
             self._failed(target, _describe(exc), started)
             return False

@@ -7,23 +7,154 @@ import json
 from typing import Any
 
 
-def _print_index_table(report: dict[str, Any]) -> None:
-    ref = report["reference"]
+def _si(value: float) -> str:
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= limit:
+            return f"{value / limit:.2f}{suffix}"
+    return f"{value:.0f}"
+
+
+def _pair(report: dict[str, Any], low: str, high: str) -> str:
+    return f"{report[low]:,.1f} / {report[high]:,.1f}"
+
+
+def _index_rows(native: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(label, native, reference, ratio) rows of one worker count."""
+    ref = native.get("reference")
+    vllm = native["vllm"]
+    speed = native.get("speedup_vs_reference", {})
+
+    def ratio(key: str) -> str:
+        return f"{speed[key]:,.0f}x" if key in speed else ""
+
     rows = [
-        ("block events/s (decode+apply)", "events_per_s", "{:,.0f}"),
-        ("lookups/s (hash+walk)", "lookups_per_s", "{:,.0f}"),
-        ("lookup p50 (us)", "lookup_p50_us", "{:.1f}"),
-        ("lookup p99 (us)", "lookup_p99_us", "{:.1f}"),
-        ("hashed tokens/s", "hash_tokens_per_s", "{:,.0f}"),
-        ("bytes per block", "bytes_per_block", "{:.0f}"),
-        ("indexed blocks", "indexed_blocks", "{:,}"),
+        (
+            "block events/s, wire payload applied (CPU)",
+            _si(native["events_per_s"]),
+            _si(ref["events_per_s"]) if ref else "",
+            ratio("events"),
+        ),
+        ("  the same, wall clock", _si(native["events_per_wall_s"]), "", ""),
     ]
-    print(f"{'':32} {'native':>16} {'reference':>16} {'ratio':>8}")
-    for label, key, fmt in rows:
-        ratio = report[key] / ref[key] if ref[key] else float("nan")
-        print(f"{label:32} {fmt.format(report[key]):>16} {fmt.format(ref[key]):>16} {ratio:>7.1f}x")
-    for goal, met in report["goals"].items():
-        print(f"goal {goal}: {'met' if met else 'NOT met'}")
+    if "codec" in native:
+        codec = native["codec"]
+        rows.append(
+            (
+                "  a quarter of it: Python codec / kernel (CPU)",
+                f"{_si(codec['codec_events_per_s'])} / {_si(codec['kernel_events_per_s'])}",
+                "",
+                f"{codec['kernel_events_per_s'] / codec['codec_events_per_s']:.1f}x",
+            )
+        )
+    rows += [
+        (
+            "lookup p50 / p99, CPU (us)",
+            _pair(native, "lookup_p50_us", "lookup_p99_us"),
+            _pair(ref, "lookup_p50_us", "lookup_p99_us") if ref else "",
+            "",
+        ),
+        (
+            "  each prompt's best of 3 passes, CPU (us)",
+            _pair(native, "lookup_best_p50_us", "lookup_best_p99_us"),
+            _pair(ref, "lookup_best_p50_us", "lookup_best_p99_us") if ref else "",
+            "",
+        ),
+        (
+            "lookup p50 / p99, wall clock (us)",
+            _pair(native, "lookup_wall_p50_us", "lookup_wall_p99_us"),
+            _pair(ref, "lookup_wall_p50_us", "lookup_wall_p99_us") if ref else "",
+            "",
+        ),
+    ]
+    if "cold" in native:
+        rows.append(
+            (
+                "lookup p50 / p99, prompts built up front (CPU)",
+                _pair(native["cold"], "lookup_p50_us", "lookup_p99_us"),
+                "",
+                "",
+            )
+        )
+    rows += [
+        (
+            "lookups/s (CPU)",
+            f"{native['lookups_per_s']:,.0f}",
+            f"{ref['lookups_per_s']:,.0f}" if ref else "",
+            ratio("lookups"),
+        ),
+        (
+            "blocks hashed per lookup (longest match)",
+            f"{native['blocks_hashed_per_lookup']:.0f} ({native['mean_matched_blocks']:.0f})",
+            f"{ref['blocks_hashed_per_lookup']:.0f} ({ref['mean_matched_blocks']:.0f})" if ref else "",
+            "",
+        ),
+        (
+            "hashed tokens/s, whole prompts (CPU)",
+            _si(native["hash_tokens_per_s"]),
+            _si(ref["hash_tokens_per_s"]) if ref else "",
+            ratio("hash_tokens"),
+        ),
+        (
+            "vLLM sha256_cbor mode: lookup p50 / p99, CPU (us)",
+            _pair(vllm, "lookup_p50_us", "lookup_p99_us"),
+            "",
+            "",
+        ),
+        (
+            "  blocks hashed per lookup (longest match)",
+            f"{vllm['blocks_hashed_per_lookup']:.0f} ({vllm['mean_matched_blocks']:.0f})",
+            "",
+            "",
+        ),
+        ("  hashed tokens/s, whole prompts (CPU)", _si(vllm["hash_tokens_per_s"]), "", ""),
+        ("  block events/s, wire payload applied (CPU)", _si(vllm["events_per_s"]), "", ""),
+        (
+            "bytes per (block, worker) entry",
+            f"{native['bytes_per_entry']:.1f}",
+            f"{ref['bytes_per_entry']:.0f}" if ref else "",
+            "",
+        ),
+        (
+            "bytes per block",
+            f"{native['bytes_per_block']:.0f}",
+            f"{ref['bytes_per_block']:.0f}" if ref else "",
+            "",
+        ),
+        (
+            "indexed blocks / entries",
+            f"{native['indexed_blocks']:,} / {native['entries']:,}",
+            f"{ref['indexed_blocks']:,} / {ref['entries']:,}" if ref else "",
+            "",
+        ),
+    ]
+    return rows
+
+
+def _print_index_table(report: dict[str, Any]) -> None:
+    for native in report["by_workers"]:
+        print(
+            f"\n{native['workers']} workers, {native['indexed_blocks']:,} blocks, "
+            f"{native['prompt_blocks']}-block prompts"
+        )
+        print(f"{'':50} {'native':>18} {'reference':>18} {'ratio':>7}")
+        for label, value, reference, ratio in _index_rows(native):
+            print(f"{label:50} {value:>18} {reference:>18} {ratio:>7}")
+        for goal, met in native["goals"].items():
+            print(f"goal {goal}: {'met' if met else 'NOT met'}")
+        if native["declined_payloads"]:
+            print(f"payloads the kernel left to the codec: {native['declined_payloads']}")
+    curve = report.get("memory_curve")
+    if curve:
+        print(
+            f"\nmemory, {report['workers']} workers: {'blocks':>12} {'entries':>12} {'bytes/entry':>12} "
+            f"{'bytes/block':>12} {'GiB':>7} {'max RSS GiB':>12}"
+        )
+        for point in curve:
+            print(
+                f"{'':22}{point['blocks']:>12,.0f} {point['entries']:>12,.0f} "
+                f"{point['bytes_per_entry']:>12.1f} {point['bytes_per_block']:>12.1f} "
+                f"{point['bytes'] / 2**30:>7.2f} {point['max_rss_bytes'] / 2**30:>12.2f}"
+            )
 
 
 def _bench_index(args: argparse.Namespace) -> int:
@@ -36,6 +167,7 @@ def _bench_index(args: argparse.Namespace) -> int:
         lookups=args.lookups,
         reference_blocks=args.reference_blocks,
         seed=args.seed,
+        memory_sizes_m=args.memory_curve,
     )
     if args.json:
         print(json.dumps(report))
@@ -44,8 +176,30 @@ def _bench_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_epp_scaling(args: argparse.Namespace) -> int:
+    from scheduler.bench.epp_bench import format_scaling, judge_scaling, measure_decision_scaling
+
+    scaling = measure_decision_scaling(seed=args.seed)
+    scaling["goals"] = judge_scaling(scaling)
+    print(json.dumps(scaling) if args.json else format_scaling(scaling))
+    return 0
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part]
+
+
+def _counts(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
 def _bench_epp(args: argparse.Namespace) -> int:
+    if args.scaling:
+        return _bench_epp_scaling(args)
     from scheduler.bench.epp_bench import format_report, run
+
+    if args.floors:
+        return _bench_epp_floors(args)
 
     report = run(
         rate=args.rate,
@@ -56,11 +210,36 @@ def _bench_epp(args: argparse.Namespace) -> int:
         seed=args.seed,
         prompt_bytes=args.prompt_bytes,
         envoy_concurrency=args.envoy_concurrency,
+        transport=args.transport,
     )
     if args.json:
         print(json.dumps(report))
         return 0
     print(format_report(report))
+    return 0
+
+
+def _bench_epp_floors(args: argparse.Namespace) -> int:
+    from scheduler.bench.epp_bench import format_report
+    from scheduler.bench.extproc_floors import format_floors, run
+
+    summary = run(
+        rate=args.rate,
+        prompt_tokens=args.prompt_tokens,
+        requests=args.requests,
+        concurrency=args.concurrency,
+        workers=args.workers,
+        seed=args.seed,
+        prompt_bytes=args.prompt_bytes,
+        envoy_concurrency=args.envoy_concurrency,
+    )
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(format_floors(summary))
+    if "kvsched" in summary:
+        print()
+        print(format_report(summary["kvsched"]))
     return 0
 
 
@@ -140,7 +319,12 @@ def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (figures as ratios against an in-run baseline)")
     kinds = bench.add_subparsers(dest="bench", required=True)
     index = kinds.add_parser("index", help="prefix index: ingest, lookup latency, hashing, memory")
-    index.add_argument("--workers", type=int, default=64)
+    index.add_argument(
+        "--workers",
+        type=_counts,
+        default=[64],
+        help="worker count, or several comma-separated (8,64,256,1000)",
+    )
     index.add_argument("--blocks", type=int, default=1_000_000, help="unique blocks to index")
     index.add_argument("--prompt-blocks", type=int, default=512, help="blocks per lookup prompt")
     index.add_argument("--lookups", type=int, default=2000)
@@ -151,6 +335,13 @@ def register(subparsers: Any) -> None:
         help="fleet size for the pure-Python baseline (it is slow; ratios are per operation)",
     )
     index.add_argument("--seed", type=int, default=0)
+    index.add_argument(
+        "--memory-curve",
+        type=_numbers,
+        default=None,
+        help="also grow one table through these sizes in millions of blocks (e.g. 1,5,10,25,50; "
+        "50M needs ~6 GiB)",
+    )
     index.add_argument("--json", action="store_true", help="print one JSON object")
     index.set_defaults(func=_bench_index)
     epp = kinds.add_parser("epp", help="latency Envoy + kvsched add over a direct request; picks per second")
@@ -170,12 +361,30 @@ def register(subparsers: Any) -> None:
     epp.add_argument(
         "--envoy-concurrency", type=int, default=None, help="Envoy worker threads (default: one per core)"
     )
+    epp.add_argument(
+        "--floors",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure Envoy alone and protocol-only ext_procs (Python, native) as baselines, "
+        "then kvsched with each transport (--no-floors: kvsched alone)",
+    )
+    epp.add_argument(
+        "--transport",
+        choices=("auto", "native", "python"),
+        default="auto",
+        help="kvsched's ext_proc transport with --no-floors (auto: native when built)",
+    )
     epp.add_argument("--prompt-tokens", type=int, default=8192)
     epp.add_argument("--requests", type=int, default=2000)
     epp.add_argument("--concurrency", type=int, default=64)
     epp.add_argument("--workers", type=int, default=8)
     epp.add_argument("--seed", type=int, default=0)
     epp.add_argument("--json", action="store_true", help="print one JSON object")
+    epp.add_argument(
+        "--scaling",
+        action="store_true",
+        help="only the decision's cost against 8..1,000 endpoints and 1k..128k-token prompts (no Envoy)",
+    )
     epp.set_defaults(func=_bench_epp)
     predictor = kinds.add_parser(
         "predictor", help="TTFT/TPOT predictor: batched predict latency against xgboost, held-out MAPE"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -80,23 +82,60 @@ async def _serve_pool(options: dict[str, Any]) -> None:
 
 
 async def _serve_kvsched(options: dict[str, Any]) -> None:
+    from scheduler.adapters.stage_times import STAGE_TIMES
     from scheduler.server.app import ServeApp
     from scheduler.server.config import ServeConfig
 
+    STAGE_TIMES.enabled = True
     async with ServeApp(ServeConfig.model_validate(options)) as app:
         _announce({"grpc_port": app.grpc_port, "health_port": app.health_port})
-        await _until_stdin_closes()
+        await _answer_stage_requests()
+
+
+async def _answer_stage_requests() -> None:
+    """Until stdin closes: ``reset`` zeroes the stage times, ``stages`` prints them (one line)."""
+    from scheduler.adapters.stage_times import STAGE_TIMES
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        command = line.decode().strip()
+        if command == "reset":
+            STAGE_TIMES.reset()
+            _announce({"reset": True})
+        elif command == "stages":
+            _announce(STAGE_TIMES.snapshot())
 
 
 _CHILDREN = {"workers": _serve_pool, "kvsched": _serve_kvsched}
 
 
 def child_main(argv: list[str]) -> None:
-    """``python -m scheduler.bench.epp_bench KIND OPTIONS_JSON``: one helper process of the bench."""
+    """``KIND OPTIONS_JSON``: one helper process of the bench (started by ``child_command``)."""
     # Children report through stdout; their INFO lines would interleave with the table.
     logging.basicConfig(level=logging.WARNING)
     kind, options = argv
     asyncio.run(_CHILDREN[kind](json.loads(options)))
+
+
+# The package root this process imported ``scheduler`` from (site-packages, or a checkout).
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+_CHILD_BOOT = (
+    "import importlib, sys; sys.path.insert(0, sys.argv[1]); "
+    "importlib.import_module(sys.argv[2]).child_main(sys.argv[3:])"
+)
+
+
+def child_command(kind: str, options: dict[str, Any], module: str = "scheduler.bench.epp_bench") -> list[str]:
+    """The command of one helper process, importing the very ``scheduler`` this one runs.
+
+    Not ``python -m``: that puts the working directory first on ``sys.path``, so run from a
+    checkout it imports the (maybe unbuilt) source tree instead of the installed package.
+    ``-P`` (Python >= 3.11) keeps the working directory off ``sys.path``; this package's root
+    goes first instead.
+    """
+    return [sys.executable, "-P", "-c", _CHILD_BOOT, _PACKAGE_ROOT, module, kind, json.dumps(options)]
 
 
 @dataclass
@@ -104,12 +143,25 @@ class _Child:
     name: str
     process: subprocess.Popen[bytes]
 
+    def ask(self, command: str, timeout_s: float = 30.0) -> Any:
+        """One command line to the child, its one-line JSON answer back."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(command.encode() + b"\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout_s)
+        line = self.process.stdout.readline() if ready else b""
+        if not line:
+            raise RuntimeError(f"bench {self.name} process did not answer {command!r}")
+        return json.loads(line)
+
 
 @contextlib.contextmanager
-def _child(name: str, options: dict[str, Any]) -> Iterator[tuple[_Child, Any]]:
+def _child(
+    name: str, options: dict[str, Any], module: str = "scheduler.bench.epp_bench"
+) -> Iterator[tuple[_Child, Any]]:
     """A helper process; yields it with the first line it prints (its addresses)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "scheduler.bench.epp_bench", name, json.dumps(options)],
+        child_command(name, options, module),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -139,6 +191,22 @@ def cpu_seconds(pid: int) -> float:
         fields = stat.read().rpartition(")")[2].split()
     # Fields 14 and 15 of proc(5) (utime, stime); the split starts at field 3.
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time of a process's live threads, summed by thread name (Python's threads keep the
+    process's name; gRPC C++ and ZMQ name theirs)."""
+    by_name: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8") as comm:
+                name = comm.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        by_name[name] = by_name.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return by_name
 
 
 # --- workload ---------------------------------------------------------------------------------
@@ -196,13 +264,14 @@ async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[
         return elapsed, response.headers.get(WORKER_HEADER)
 
 
-def _serve_config(descriptors: list[dict[str, Any]]) -> dict[str, Any]:
+def _serve_config(descriptors: list[dict[str, Any]], transport: str = "auto") -> dict[str, Any]:
     return {
         "host": "127.0.0.1",
         "grpc_port": 0,
         "health_port": 0,
         "metrics_port": None,
         "tls": {"mode": "plaintext"},
+        "extproc": {"transport": transport},
         "endpoints": [
             {"address": d["address"], "kv_events": d["kv_endpoint"], "kv_replay": d["replay_endpoint"]}
             for d in descriptors
@@ -279,6 +348,25 @@ async def _drive(
     return direct, via, wall
 
 
+@dataclass(frozen=True)
+class Gateway:
+    """What stands in front of the workers: Envoy, and the ext_proc process it asks, if any."""
+
+    name: str
+    # (module, kind) of the ext_proc child process; None: Envoy round-robins over the workers.
+    extproc: tuple[str, str] | None
+    # The child's options, from the pool's descriptors.
+    options: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    # The child is kvsched, which times its own stages and answers ``reset`` / ``stages``.
+    reports_stages: bool = False
+
+
+def kvsched_gateway(transport: str = "auto") -> Gateway:
+    return Gateway(
+        "kvsched", ("scheduler.bench.epp_bench", "kvsched"), lambda d: _serve_config(d, transport), True
+    )
+
+
 async def measure_added_latency(
     *,
     rate: float,
@@ -289,7 +377,9 @@ async def measure_added_latency(
     seed: int,
     prompt_bytes: int | None = None,
     envoy_concurrency: int | None = None,
+    gateway: Gateway | None = None,
 ) -> dict[str, Any]:
+    gateway = gateway or kvsched_gateway()
     rng = random.Random(seed)
     # The sim's word tokenizer makes about one token per 6 bytes of text.
     prompt_len = prompt_tokens if prompt_bytes is None else prompt_bytes // 4
@@ -297,12 +387,18 @@ async def measure_added_latency(
     pool_options = {"workers": workers, "max_model_len": max_model_len}
     with contextlib.ExitStack() as children:
         pool, descriptors = children.enter_context(_child("workers", pool_options))
-        epp, ports = children.enter_context(_child("kvsched", _serve_config(descriptors)))
+        epp: _Child | None = None
+        ports: dict[str, Any] = {"grpc_port": 0, "health_port": None}
+        if gateway.extproc is not None:
+            module, kind = gateway.extproc
+            epp, ports = children.enter_context(_child(kind, gateway.options(descriptors), module))
         settings = EnvoySettings(
             "127.0.0.1",
             ports["grpc_port"],
             epp_health_port=ports["health_port"],
             concurrency=envoy_concurrency,
+            ext_proc=epp is not None,
+            pool=[d["address"] for d in descriptors] if epp is None else (),
         )
         async with EnvoyGateway(settings) as envoy:
             path, bodies = request_bodies(
@@ -313,16 +409,18 @@ async def measure_added_latency(
                 prompt_bytes=prompt_bytes,
             )
             urls = {d["name"]: f"{d['http_url']}{path}" for d in descriptors}
-            pids = {
-                "client": os.getpid(),
-                "envoy": envoy.pid,
-                "kvsched": epp.process.pid,
-                "workers": pool.process.pid,
-            }
+            pids = {"client": os.getpid(), "envoy": envoy.pid, "workers": pool.process.pid}
+            if epp is not None:
+                pids[gateway.name] = epp.process.pid
             cpu_before: dict[str, float] = {}
+            threads_before: dict[str, float] = {}
 
             def on_start() -> None:
+                if epp is not None and gateway.reports_stages:
+                    epp.ask("reset")
                 cpu_before.update({name: cpu_seconds(pid) for name, pid in pids.items() if pid})
+                if epp is not None:
+                    threads_before.update(thread_cpu_seconds(epp.process.pid))
 
             direct, via, wall = await _drive(
                 gateway_url=f"{envoy.url}{path}",
@@ -339,8 +437,14 @@ async def measure_added_latency(
                 for name, pid in pids.items()
                 if pid and name in cpu_before
             }
+            stages = epp.ask("stages") if epp is not None and gateway.reports_stages else None
+            # The ext_proc process's CPU by thread: its protocol threads apart from Python's.
+            threads = {
+                name: (seconds - threads_before.get(name, 0.0)) * 1000.0 / requests
+                for name, seconds in (thread_cpu_seconds(epp.process.pid) if epp else {}).items()
+            }
     d, v = _percentiles(direct), _percentiles(via)
-    return {
+    report: dict[str, Any] = {
         "rate": rate,
         "prompt_tokens": prompt_tokens if prompt_bytes is None else None,
         "prompt_bytes": len(bodies[0]) if prompt_bytes is not None else None,
@@ -348,6 +452,8 @@ async def measure_added_latency(
         "requests": requests,
         "concurrency": concurrency,
         "achieved_rps": requests / wall,
+        # Requests answered 200 on each path (any other status fails the run).
+        "completed": {"direct": len(direct), "gateway": len(via)},
         "direct_ms": d,
         "gateway_ms": v,
         "added_p50_ms": v["p50"] - d["p50"],
@@ -355,25 +461,213 @@ async def measure_added_latency(
         # CPU milliseconds per request (both paths averaged) of each process: where time goes.
         "cpu_ms_per_request": cpu,
         "cores": os.cpu_count(),
+        "gateway": gateway.name,
+        "routed_requests": len(via),
+        "extproc_thread_cpu_ms_per_request": threads,
+    }
+    if stages is not None:
+        report["kvsched_stages"] = stage_breakdown(stages, cpu.get(gateway.name, 0.0) * requests, len(via))
+        # kvsched's predictor fits run in a helper process outside its cpu_ms_per_request.
+        fit_ms = stages.get("predictor_fit", {}).get("cpu_ms", 0.0)
+        report["kvsched_fit_cpu_ms_per_request"] = fit_ms / requests
+    return report
+
+
+# --- per-stage breakdown -----------------------------------------------------------------------
+
+# The stages kvsched times in itself (adapters/stage_times.py), in the order a request meets them.
+REQUEST_STAGES = (
+    "request_headers",
+    "body_parse",
+    "tokenize",
+    "flow_control",
+    "pick",
+    "reply_build",
+    "response_path",
+)
+BACKGROUND_STAGES = ("kv_ingest", "scrape_parse", "predictor_fit")
+# Stages whose CPU time is spent in a helper process, not in kvsched's own (/proc) figure.
+OTHER_PROCESS_STAGES = frozenset({"predictor_fit"})
+
+
+def stage_breakdown(
+    stages: dict[str, dict[str, float]], kvsched_cpu_ms: float, routed: int
+) -> dict[str, Any]:
+    """CPU microseconds per routed request of each stage, and what no stage accounts for.
+
+    The residual is the kvsched process's CPU time (from /proc) less every stage timed in
+    it (predictor fits run in their own process and are not part of that figure): the
+    transport (with grpc.aio: HTTP/2 framing, protobuf decoding and encoding of every ext_proc
+    message, the servicer's async generator; with the native transport: its gRPC threads,
+    which ``extproc_thread_cpu_ms_per_request`` splits out) and the event loop itself.
+    """
+    per_request = max(routed, 1)
+    us = {stage: stages[stage]["cpu_ms"] * 1000.0 / per_request for stage in stages}
+    timed = sum(value for stage, value in us.items() if stage not in OTHER_PROCESS_STAGES)
+    total = kvsched_cpu_ms * 1000.0 / per_request
+    return {
+        "routed_requests": routed,
+        "us_per_request": us,
+        "calls": {stage: stages[stage]["calls"] for stage in stages},
+        "total_us_per_request": total,
+        "transport_and_loop_us_per_request": max(total - timed, 0.0),
     }
 
 
-def measure_picks_per_s(*, endpoints: int, prompt_tokens: int, picks: int, seed: int) -> dict[str, Any]:
+def measure_pick_stages(*, endpoints: int, prompt_tokens: int, picks: int, seed: int) -> dict[str, float]:
+    """Scheduler.pick split into block hashing, index lookup and the rest (scoring, prediction,
+    accounting), in microseconds per pick: the same calls the pick makes, timed one by one."""
+    scheduler, prompts = _loaded_scheduler(
+        endpoints=endpoints, prompt_tokens=prompt_tokens, seed=seed, cached=True
+    )
+    index = scheduler.index
+    hashing = lookup = whole = 0
+    clock = time.perf_counter_ns
+    for i in range(picks):
+        prompt = prompts[i % len(prompts)]
+        started = clock()
+        keys = index.request_keys(prompt)
+        hashed = clock()
+        index.match(keys)
+        matched = clock()
+        scheduler.pick(SchedulingRequest(f"s{i}", prompt), now=1.0)
+        picked = clock()
+        scheduler.on_completed(f"s{i}", now=1.0)
+        hashing += hashed - started
+        lookup += matched - hashed
+        whole += picked - matched
+    scale = 1e-3 / picks
+    return {
+        "block_hashing": hashing * scale,
+        "index_lookup": lookup * scale,
+        "scoring_and_prediction": max(whole - hashing - lookup, 0) * scale,
+        "pick_total": whole * scale,
+    }
+
+
+def _loaded_scheduler(
+    *, endpoints: int, prompt_tokens: int, seed: int, prompts: int = 32, cached: bool = False
+) -> tuple[Scheduler, list[list[int]]]:
+    """A Scheduler over ``endpoints`` scraped endpoints and ``prompts`` distinct prompts; with
+    ``cached`` the first half of each prompt's blocks is indexed on one endpoint, so that a
+    lookup walks half the prompt and one candidate has a match."""
     rng = random.Random(seed)
     scheduler = Scheduler()
-    names = [f"10.0.{i // 250}.{i % 250}:8000" for i in range(endpoints)]
+    names = [f"10.{i // 62500}.{i // 250 % 250}.{i % 250}:8000" for i in range(endpoints)]
     scheduler.set_endpoints([Endpoint(n, n, kv_events="tcp://x:5557") for n in names], now=0.0)
     for n in names:
         scheduler.update_metrics(
             n, EndpointMetrics(rng.randrange(4), rng.randrange(8), rng.random()), now=0.0
         )
-    prompts = [[rng.randrange(1, VOCAB) for _ in range(prompt_tokens)] for _ in range(32)]
+    texts = [[rng.randrange(1, VOCAB) for _ in range(prompt_tokens)] for _ in range(prompts)]
+    if cached:
+        for i, prompt in enumerate(texts):
+            keys = [int(key) for key in scheduler.index.request_keys(prompt)]
+            scheduler.index.record_routed(names[i % endpoints], keys[: len(keys) // 2])
+    return scheduler, texts
+
+
+def measure_picks_per_s(*, endpoints: int, prompt_tokens: int, picks: int, seed: int) -> dict[str, Any]:
+    scheduler, prompts = _loaded_scheduler(endpoints=endpoints, prompt_tokens=prompt_tokens, seed=seed)
     started = time.perf_counter()
     for i in range(picks):
         scheduler.pick(SchedulingRequest(f"b{i}", prompts[i % len(prompts)]), now=1.0)
         scheduler.on_completed(f"b{i}", now=1.0)
     elapsed = time.perf_counter() - started
     return {"endpoints": endpoints, "prompt_tokens": prompt_tokens, "picks_per_s": picks / elapsed}
+
+
+# --- decision cost as the work grows ---------------------------------------------------------
+
+SCALING_ENDPOINTS = (8, 64, 256, 1000)
+SCALING_PROMPT_TOKENS = (1024, 8192, 32768, 131072)
+
+
+def _pick_cost_us(scheduler: Scheduler, prompts: list[list[int]], budget_s: float) -> float:
+    """Median microseconds of one pick (and its completion), over picks for ``budget_s``."""
+    samples: list[int] = []
+    clock = time.perf_counter_ns
+    deadline = clock() + int(budget_s * 1e9)
+    i = 0
+    while clock() < deadline or len(samples) < 20:
+        prompt = prompts[i % len(prompts)]
+        started = clock()
+        scheduler.pick(SchedulingRequest(f"g{i}", prompt), now=1.0)
+        samples.append(clock() - started)
+        scheduler.on_completed(f"g{i}", now=1.0)
+        i += 1
+    return float(np.median(samples)) / 1000.0
+
+
+def measure_decision_scaling(
+    *,
+    endpoints: tuple[int, ...] = SCALING_ENDPOINTS,
+    prompt_tokens: tuple[int, ...] = SCALING_PROMPT_TOKENS,
+    base_endpoints: int = 8,
+    base_tokens: int = 8192,
+    budget_s: float = 0.4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Scheduler.pick's cost against the number of endpoints (at ``base_tokens``) and against
+    the prompt's length (at ``base_endpoints``), half of each prompt indexed on one endpoint.
+
+    The exponent is the steepest growth between neighbouring sizes, log(cost ratio) /
+    log(size ratio): 1 is linear, below 1 sub-linear. (Between the two ends alone, a fixed
+    cost at the small end hides a super-linear step at the large one.)"""
+
+    def row(count: int, tokens: int) -> dict[str, float]:
+        scheduler, prompts = _loaded_scheduler(
+            endpoints=count, prompt_tokens=tokens, seed=seed, prompts=8, cached=True
+        )
+        cost = _pick_cost_us(scheduler, prompts, budget_s)
+        return {"endpoints": count, "prompt_tokens": tokens, "pick_us": cost}
+
+    by_endpoints = [row(count, base_tokens) for count in endpoints]
+    by_tokens = [row(base_endpoints, tokens) for tokens in prompt_tokens]
+
+    def exponent(rows: list[dict[str, float]], key: str) -> float:
+        return max(
+            float(np.log(b["pick_us"] / a["pick_us"]) / np.log(b[key] / a[key]))
+            for a, b in itertools.pairwise(rows)
+        )
+
+    return {
+        "by_endpoints": by_endpoints,
+        "by_prompt_tokens": by_tokens,
+        "endpoint_exponent": exponent(by_endpoints, "endpoints"),
+        "prompt_exponent": exponent(by_tokens, "prompt_tokens"),
+    }
+
+
+def judge_scaling(scaling: dict[str, Any]) -> dict[str, bool]:
+    # 0.05 of slack on "linear": a cost that is linear plus a constant measures just under 1,
+    # and timing noise on a shared machine moves the exponent by a few hundredths.
+    return {
+        "pick_cost_at_most_linear_in_prompt_blocks": scaling["prompt_exponent"] <= 1.05,
+        "pick_cost_sublinear_in_endpoints": scaling["endpoint_exponent"] < 1.0,
+    }
+
+
+def format_scaling(scaling: dict[str, Any]) -> str:
+    lines = ["Scheduler.pick cost as the work grows (median us per pick; half of each prompt indexed):"]
+    lines.append(f"{'endpoints':>10} {'prompt tokens':>14} {'pick us':>10} {'us per endpoint':>16}")
+    for r in scaling["by_endpoints"]:
+        lines.append(
+            f"{r['endpoints']:>10} {r['prompt_tokens']:>14,} {r['pick_us']:>10.1f} "
+            f"{r['pick_us'] / r['endpoints']:>16.2f}"
+        )
+    lines.append(f"steepest growth in endpoints: exponent {scaling['endpoint_exponent']:.2f} (1 = linear)")
+    lines.append(f"{'endpoints':>10} {'prompt tokens':>14} {'pick us':>10} {'us per block':>16}")
+    for r in scaling["by_prompt_tokens"]:
+        blocks = r["prompt_tokens"] / 16
+        per_block = r["pick_us"] / blocks
+        lines.append(
+            f"{r['endpoints']:>10} {r['prompt_tokens']:>14,} {r['pick_us']:>10.1f} {per_block:>16.3f}"
+        )
+    lines.append(f"steepest growth in prompt blocks: exponent {scaling['prompt_exponent']:.2f} (1 = linear)")
+    for goal, met in scaling.get("goals", {}).items():
+        lines.append(f"goal {goal}: {'met' if met else 'NOT met'}")
+    return "\n".join(lines)
 
 
 def judge(report: dict[str, Any]) -> tuple[dict[str, bool], dict[str, str]]:
@@ -411,6 +705,7 @@ def run(
     seed: int,
     prompt_bytes: int | None = None,
     envoy_concurrency: int | None = None,
+    transport: str = "auto",
 ) -> dict[str, Any]:
     report = asyncio.run(
         measure_added_latency(
@@ -422,13 +717,55 @@ def run(
             seed=seed,
             prompt_bytes=prompt_bytes,
             envoy_concurrency=envoy_concurrency,
+            gateway=kvsched_gateway(transport),
         )
     )
     report["picks"] = measure_picks_per_s(
         endpoints=workers, prompt_tokens=prompt_tokens, picks=500, seed=seed
     )
+    if prompt_bytes is None:
+        report["picks"]["stages"] = measure_pick_stages(
+            endpoints=workers, prompt_tokens=prompt_tokens, picks=500, seed=seed
+        )
     report["goals"], report["goal_conditions"] = judge(report)
     return report
+
+
+_STAGE_LABELS = {
+    "request_headers": "request headers -> hints",
+    "body_parse": "body parse (JSON)",
+    "tokenize": "tokenisation",
+    "flow_control": "flow control (admit)",
+    "pick": "Scheduler.pick",
+    "reply_build": "header mutation + body echo",
+    "response_path": "response headers/body",
+    "kv_ingest": "KV-event decode + apply",
+    "scrape_parse": "metrics page parse",
+    "predictor_fit": "predictor fits",
+}
+
+
+def format_stage_breakdown(breakdown: dict[str, Any], pick_stages: dict[str, float] | None) -> list[str]:
+    """Where kvsched's CPU goes per routed request, stage by stage."""
+    us = breakdown["us_per_request"]
+    lines = [f"kvsched CPU per routed request, by stage (us; {breakdown['routed_requests']} routed):"]
+    for stage in (
+        *REQUEST_STAGES,
+        *BACKGROUND_STAGES,
+        *sorted(set(us) - {*REQUEST_STAGES, *BACKGROUND_STAGES}),
+    ):
+        if stage in us:
+            lines.append(f"  {_STAGE_LABELS.get(stage, stage):36} {us[stage]:>9.1f}")
+            if stage == "pick" and pick_stages:
+                for part in ("block_hashing", "index_lookup", "scoring_and_prediction"):
+                    lines.append(
+                        f"    {part.replace('_', ' ') + ' (Scheduler alone)':34} {pick_stages[part]:>9.1f}"
+                    )
+    lines.append(
+        f"  {'transport + event loop (rest)':36} {breakdown['transport_and_loop_us_per_request']:>9.1f}"
+    )
+    lines.append(f"  {'total (kvsched process CPU)':36} {breakdown['total_us_per_request']:>9.1f}")
+    return lines
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -456,6 +793,11 @@ def format_report(report: dict[str, Any]) -> str:
     if cpu:
         parts = ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
         lines.append(f"CPU ms per request ({report['cores']} cores): {parts}")
+        fits = report.get("kvsched_fit_cpu_ms_per_request")
+        if fits is not None:
+            lines.append(f"  kvsched's predictor fits, in their own process: {fits:.2f} ms per request")
+    if "kvsched_stages" in report:
+        lines.extend(format_stage_breakdown(report["kvsched_stages"], report["picks"].get("stages")))
     for goal, met in report["goals"].items():
         lines.append(f"goal {goal}: {'met' if met else 'NOT met'}")
     for goal, why in report.get("goal_conditions", {}).items():

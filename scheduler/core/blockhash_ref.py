@@ -3,8 +3,11 @@
 Two key schemes:
 
 * ``own``: kvsched's chained 64-bit keys over token ids. Every key folds in its parent's
-  key, so one key names a whole prefix. Mixing uses the XXH64 round and avalanche
-  (Yann Collet's xxHash spec, constants PRIME64_1..3); the chain layout is kvsched's.
+  key, so one key names a whole prefix: ``key = avalanche(parent * PRIME64_1 ^
+  digest(tokens, salt))``. The digest multiplies token pairs xored with position masks
+  and folds the 128-bit products (as XXH3 mixes input with its secret); avalanche and
+  constants PRIME64_1..5 are XXH64's (Yann Collet's xxHash spec). The layout is
+  kvsched's.
   Computed from the ``token_ids`` in BlockStored events and from request tokens alike,
   so it never depends on the engine's hash algorithm, seed or version.
 * ``vllm``: vLLM's own ``sha256_cbor`` prefix-cache hash (vLLM 0.33.0
@@ -12,23 +15,27 @@ Two key schemes:
   ``sha256(cbor_canonical((parent_digest, tuple(tokens), extra_keys_or_None)))``, root
   ``NONE_HASH = sha256(cbor(seed_string))``. The wire value is the digest's last 8 bytes
   read big-endian, which is what this index keys on.
+
+vLLM's other ``--prefix-caching-hash-algo``, ``sha256`` (SHA-256 of the pickled tuple), is
+reproduced here too (``vllm_hash``), without a kernel: the index never keys on it, but a
+diagnosis (``kvsched doctor``) and the simulated pool need to tell the two apart.
 """
 
 from __future__ import annotations
 
 import hashlib
+import pickle
 from collections.abc import Sequence
+from typing import Literal
 
 MASK64 = (1 << 64) - 1
 PRIME64_1 = 0x9E3779B185EBCA87
 PRIME64_2 = 0xC2B2AE3D27D4EB4F
 PRIME64_3 = 0x165667B19E3779F9
+PRIME64_4 = 0x85EBCA77C2B2AE63
+PRIME64_5 = 0x27D4EB2F165667C5
 
 VLLM_DEFAULT_SEED = "vllm-none-hash"
-
-
-def _rotl(x: int, r: int) -> int:
-    return ((x << r) | (x >> (64 - r))) & MASK64
 
 
 def avalanche(h: int) -> int:
@@ -47,31 +54,45 @@ def own_root_key(seed: int, lora_id: int | None = None) -> int:
     return key or 1
 
 
+def _mum(a: int, b: int) -> int:
+    """64x64 -> 128-bit product folded to 64 bits (xxHash's XXH3 ``mul128_fold64``)."""
+    product = a * b
+    return (product & MASK64) ^ (product >> 64)
+
+
+def own_block_digest(tokens: Sequence[int], salt: int = 0) -> int:
+    """A block's content digest: its tokens and salt, not its position in the chain.
+
+    Token pair k is mixed as ``mum(t[2k] ^ (PRIME64_1 + k*PRIME64_4 + salt),
+    t[2k+1] ^ (PRIME64_2 + k*PRIME64_5 - salt))`` (a lone last token pairs with the mask
+    alone); the products are summed onto ``len * PRIME64_3`` and the sum avalanched.
+    One multiply per two tokens, all independent: the kernel's cost is reading the
+    tokens. Real token ids are below 2**32, so a pair word never cancels its mask.
+    """
+    salt &= MASK64
+    acc = len(tokens) * PRIME64_3
+    for k in range(0, len(tokens), 2):
+        pair = k // 2
+        low = (tokens[k] & MASK64) ^ ((PRIME64_1 + pair * PRIME64_4 + salt) & MASK64)
+        mask = (PRIME64_2 + pair * PRIME64_5 - salt) & MASK64
+        high = (tokens[k + 1] & MASK64) ^ mask if k + 1 < len(tokens) else mask
+        acc += _mum(low, high)
+    return avalanche(acc & MASK64)
+
+
+def own_chain(parent_key: int, digest: int) -> int:
+    """A block's key from its parent's key and its content digest; 0 is never a key."""
+    key = avalanche(((parent_key * PRIME64_1) & MASK64) ^ digest)
+    return key or 1
+
+
 def own_block_key(parent_key: int, tokens: Sequence[int], salt: int = 0) -> int:
     """Key of one block given its parent's key, its tokens and an optional salt.
 
-    Four accumulators in XXH64's layout (token j feeds lane j % 4), merged and
-    avalanched; the parent key and salt seed the lanes, so the key names the prefix.
+    The key names the whole prefix: it folds in the parent's key. Only that fold is
+    serial along a prompt; the digests of consecutive blocks are independent.
     """
-    seed = avalanche((parent_key ^ salt) & MASK64)
-    lanes = [
-        (seed + PRIME64_1 + PRIME64_2) & MASK64,
-        (seed + PRIME64_2) & MASK64,
-        seed,
-        (seed - PRIME64_1) & MASK64,
-    ]
-    for j, token in enumerate(tokens):
-        lane = lanes[j & 3]
-        lanes[j & 3] = (_rotl((lane + (token & MASK64) * PRIME64_2) & MASK64, 31) * PRIME64_1) & MASK64
-    acc = (
-        _rotl(lanes[0], 1)
-        + _rotl(lanes[1], 7)
-        + _rotl(lanes[2], 12)
-        + _rotl(lanes[3], 18)
-        + len(tokens) * PRIME64_3
-    ) & MASK64
-    key = avalanche(acc)
-    return key or 1
+    return own_chain(parent_key, own_block_digest(tokens, salt))
 
 
 def own_block_keys(
@@ -132,8 +153,23 @@ def cbor_canonical(value: CborValue) -> bytes:
     raise TypeError(f"cannot hash a {type(value).__name__} the way vLLM's sha256_cbor does")
 
 
-def vllm_none_hash(seed: str = VLLM_DEFAULT_SEED) -> bytes:
-    return hashlib.sha256(cbor_canonical(seed)).digest()
+# vLLM 0.33.0 ``vllm/utils/hashing.py`` ``get_hash_fn_by_name``: the SHA-256 variants.
+VllmHashAlgo = Literal["sha256_cbor", "sha256"]
+VLLM_HASH_ALGOS: tuple[VllmHashAlgo, ...] = ("sha256_cbor", "sha256")
+
+
+def vllm_hash(value: CborValue, algo: VllmHashAlgo = "sha256_cbor") -> bytes:
+    """vLLM's hash function ``algo`` of one value: ``sha256_cbor`` hashes canonical CBOR,
+    ``sha256`` the value pickled with ``pickle.HIGHEST_PROTOCOL`` (vLLM's own choices)."""
+    if algo == "sha256_cbor":
+        return hashlib.sha256(cbor_canonical(value)).digest()
+    if algo == "sha256":
+        return hashlib.sha256(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)).digest()
+    raise ValueError(f"unknown vLLM hash algorithm {algo!r} (known: {', '.join(VLLM_HASH_ALGOS)})")
+
+
+def vllm_none_hash(seed: str = VLLM_DEFAULT_SEED, algo: VllmHashAlgo = "sha256_cbor") -> bytes:
+    return vllm_hash(seed, algo)
 
 
 def vllm_block_digests(
@@ -141,6 +177,7 @@ def vllm_block_digests(
     block_size: int,
     parent_digest: bytes,
     extra_keys: Sequence[CborValue | None] | None = None,
+    algo: VllmHashAlgo = "sha256_cbor",
 ) -> list[bytes]:
     """Full 32-byte digests of every full block, chained from ``parent_digest``.
 
@@ -154,7 +191,7 @@ def vllm_block_digests(
     for i in range(len(tokens) // block_size):
         extra = extra_keys[i] if extra_keys is not None and i < len(extra_keys) else None
         block = tuple(tokens[i * block_size : (i + 1) * block_size])
-        parent = hashlib.sha256(cbor_canonical((parent, block, extra))).digest()
+        parent = vllm_hash((parent, block, extra), algo)
         digests.append(parent)
     return digests
 

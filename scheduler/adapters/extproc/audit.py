@@ -1,61 +1,27 @@
-"""Outcome counters and the per-decision audit line (logger ``kvsched.audit``, one JSON object)."""
+"""The per-decision audit line (logger ``kvsched.audit``, one JSON object per request).
+
+Besides the decision and what the request measured, a line carries ``logged_at`` (wall-clock
+seconds) and ``prompt_blocks`` (the prompt's prefix identity per 512-token block, as the
+Mooncake trace format has it), so that a recorded audit log replays as a trace
+(``kvsched tune --trace``).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
-from typing import Any
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
-from scheduler.adapters.extproc.outcomes import PickOutcome
+from scheduler.workloads.mooncake import prompt_block_ids
+
+if TYPE_CHECKING:
+    from scheduler.adapters.extproc.decide import RoutingAnswer
+    from scheduler.adapters.extproc.usage import Usage
+
 
 audit_log = logging.getLogger("kvsched.audit")
-
-# Every way a request can leave the Endpoint Picker; each is counted exactly once per request,
-# plus how each routed request ended (kvsched.v1 Report: completed/failed; never reported: unreported).
-PICK_OUTCOMES = tuple(outcome.value for outcome in PickOutcome)
-RESPONSE_OUTCOMES = ("completed", "upstream_error", "cancelled", "failed", "unreported")
-
-
-class ExtProcStats:
-    """In-process counters, mirrored into Prometheus when a registry is given."""
-
-    def __init__(self, registry: Any | None = None) -> None:
-        self.outcomes: Counter[str] = Counter()
-        self._counter: Any = None
-        self._decision_seconds: Any = None
-        self._children: dict[str, Any] = {}
-        if registry is not None:
-            from prometheus_client import Counter as PromCounter
-            from prometheus_client import Histogram
-
-            self._counter = PromCounter(
-                "kvsched_picker_requests",
-                "Requests handled by the Endpoint Picker, by outcome.",
-                ["outcome"],
-                registry=registry,
-            )
-            self._decision_seconds = Histogram(
-                "kvsched_picker_decision_seconds",
-                "Time from the complete request (end of body) to the routing answer.",
-                buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
-                registry=registry,
-            )
-            for outcome in PICK_OUTCOMES + RESPONSE_OUTCOMES:
-                self._counter.labels(outcome)
-
-    def count(self, outcome: str) -> None:
-        self.outcomes[outcome] += 1
-        if self._counter is not None:
-            child = self._children.get(outcome)
-            if child is None:
-                # labels() takes a lock and builds a key on every call: once per outcome is enough.
-                child = self._children[outcome] = self._counter.labels(outcome)
-            child.inc()
-
-    def observe_decision(self, seconds: float) -> None:
-        if self._decision_seconds is not None:
-            self._decision_seconds.observe(seconds)
 
 
 def audit_enabled() -> bool:
@@ -66,7 +32,18 @@ def audit_enabled() -> bool:
 
 def write_audit(record: dict[str, Any]) -> None:
     if audit_log.isEnabledFor(logging.INFO):
+        record.setdefault("logged_at", round(time.time(), 3))
         audit_log.info(json.dumps(record, separators=(",", ":"), default=str))
+
+
+class _Prompted(Protocol):
+    @property
+    def token_ids(self) -> Sequence[int]: ...
+
+
+def prompt_blocks(request: _Prompted | None) -> list[int] | None:
+    """The prompt's prefix identity for the audit line (None: no prompt was read)."""
+    return None if request is None else prompt_block_ids(request.token_ids)
 
 
 def milliseconds(seconds: float | None) -> float | None:
@@ -86,3 +63,47 @@ def primary_summary(explanation: dict[str, Any]) -> dict[str, Any]:
         if isinstance(primary, dict):
             return {"matched_blocks": primary.get("matched_blocks"), "scores": primary.get("scores")}
     return {"matched_blocks": explanation.get("matched_blocks"), "scores": None}
+
+
+def exchange_record(
+    request_id: str,
+    outcome: str,
+    decision: RoutingAnswer,
+    *,
+    now: float,
+    served: str | None,
+    decision_s: float | None,
+    http_status: int | None,
+    started_at: float | None,
+    first_byte_at: float | None,
+    usage: Usage | None,
+) -> dict[str, Any]:
+    """The audit line of one ext_proc request/response pair, whichever transport carried it."""
+    explanation = decision.explanation
+    request = decision.request
+    e2e = None if started_at is None else now - started_at
+    ttft = None if first_byte_at is None or started_at is None else first_byte_at - started_at
+    predicted = decision.predicted
+    return {
+        "request_id": request_id,
+        "outcome": outcome,
+        "decision": decision.outcome,
+        "endpoint": decision.endpoints[0] if decision.endpoints else None,
+        "fallbacks": decision.endpoints[1:],
+        "served": served,
+        "reason": decision.reason or None,
+        "model": decision.body.model if decision.body else None,
+        "prompt_tokens": len(request.token_ids) if request is not None else None,
+        "prompt_blocks": prompt_blocks(request),
+        **primary_summary(explanation),
+        "explanation": explanation,
+        "decision_ms": milliseconds(decision_s),
+        "http_status": http_status,
+        "predicted_ttft_ms": round(predicted[0], 3) if predicted else None,
+        "predicted_tpot_ms": round(predicted[1], 3) if predicted else None,
+        "prediction_source": predicted[2] if predicted else None,
+        "ttft_ms": milliseconds(ttft),
+        "e2e_ms": milliseconds(e2e),
+        "cached_tokens": usage.cached_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+    }

@@ -15,8 +15,19 @@ SERVED_KEY = "x-gateway-destination-endpoint-served"
 DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
 
 
+TransportChoice = Literal["auto", "native", "python"]
+
+
 class ExtProcConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    transport: TransportChoice = Field(
+        "auto",
+        description="What serves the ext_proc and health ports: 'native' (gRPC C++, "
+        "scheduler._native.extproc, built when libgrpc++ is present), 'python' (grpcio), or "
+        "'auto' (native when built, else python). Decisions are the same either way; the native "
+        "transport keeps Python off the protocol's per-message path.",
+    )
 
     on_internal_error: Literal["fallback", "grpc_error"] = Field(
         "fallback",

@@ -13,14 +13,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
-from scheduler.adapters.extproc.audit import ExtProcStats
 from scheduler.adapters.extproc.config import ExtProcConfig
 from scheduler.adapters.extproc.headers import RequestHints
 from scheduler.adapters.extproc.outcomes import PickOutcome
+from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.flow_gate import FlowGate
+from scheduler.adapters.stage_times import STAGE_TIMES
 from scheduler.adapters.tokenizer import PromptTokenizer, TemplateError, request_token_ids
 from scheduler.codec.openai import BadRequestBody, InferenceRequestBody, parse_request_body
 from scheduler.core.flowcontrol import FlowItem
+from scheduler.core.lookup import PrefixLookup
 from scheduler.core.objectives import ResolvedObjective
 from scheduler.core.scheduler import Endpoint, PickResult, SchedulingRequest
 
@@ -51,6 +53,8 @@ class SchedulerPort(Protocol):
     def on_failed(self, request_id: str, now: float) -> None: ...
 
     def resolve_objective(self, request: SchedulingRequest) -> ResolvedObjective: ...
+
+    def lookup(self, token_ids: Sequence[int], now: float, *, model: str | None = None) -> PrefixLookup: ...
 
 
 @dataclass(slots=True)
@@ -110,23 +114,42 @@ class PickRunner:
         """Decide for an HTTP request; ``body`` None or empty means a request without a body."""
         parsed: InferenceRequestBody | None = None
         if body:
+            started = STAGE_TIMES.start()
             try:
                 parsed = parse_request_body(body, hints.path)
             except BadRequestBody as exc:
                 return RoutingAnswer(PickOutcome.BAD_REQUEST, reason=str(exc))
-        token_ids: Sequence[int] = ()
+            finally:
+                STAGE_TIMES.stop("body_parse", started)
+        return await self.decide_parsed(hints, parsed, subset)
+
+    async def decide_parsed(
+        self,
+        hints: RequestHints,
+        parsed: InferenceRequestBody | None,
+        subset: frozenset[str] | None,
+        token_ids: Sequence[int] | None = None,
+    ) -> RoutingAnswer:
+        """Decide for a body the transport has parsed already; ``token_ids``, when the transport
+        read the prompt's ids itself, stand for ``parsed``'s prompt."""
+        ids: Sequence[int] = ()
         tokenize_error: Exception | None = None
-        if parsed is not None:
+        if token_ids is not None:
+            ids = token_ids
+        elif parsed is not None:
+            started = STAGE_TIMES.start()
             try:
-                token_ids = await self.token_ids(parsed)
+                ids = await self.token_ids(parsed)
             except TemplateError as exc:
                 reason = f"chat template rejected the messages: {exc}"
                 return RoutingAnswer(PickOutcome.BAD_REQUEST, reason=reason, body=parsed)
             except Exception as exc:
                 tokenize_error = exc
+            finally:
+                STAGE_TIMES.stop("tokenize", started)
         request = self.scheduling_request(
             hints,
-            token_ids,
+            ids,
             model=parsed.model if parsed else None,
             max_tokens=parsed.max_tokens if parsed else None,
             subset=subset,
@@ -148,6 +171,7 @@ class PickRunner:
         gate = self.flow_gate
         if gate is None or (request.subset is not None and not request.subset):
             return self.pick(request)
+        started = STAGE_TIMES.start()
         try:
             objective = self.scheduler.resolve_objective(request)
             item = FlowItem(
@@ -162,6 +186,10 @@ class PickRunner:
         except Exception as exc:
             self._log_error_once("flow control", request.request_id, exc)
             return self.pick(request)
+        finally:
+            # A request that waited is charged the loop's other work too: rare, and only
+            # while the pool is saturated.
+            STAGE_TIMES.stop("flow_control", started)
         if admission.rejected:
             outcome = PickOutcome.SHED if admission.http_status == 429 else PickOutcome.QUEUE_TIMEOUT
             return RoutingAnswer(outcome, reason=admission.reason, request=request)
@@ -208,12 +236,15 @@ class PickRunner:
                 PickOutcome.NO_ENDPOINTS, reason="the gateway's subset hint is empty", request=request
             )
         now = self.clock()
+        started = STAGE_TIMES.start()
         try:
             result = self.scheduler.pick(request, now)
             if result.status == "ok" and not result.endpoints:
                 raise RuntimeError("scheduler answered ok without an endpoint")
         except Exception as exc:
             return self.internal(request, exc, now)
+        finally:
+            STAGE_TIMES.stop("pick", started)
         if result.status == "ok":
             outcome, reason = PickOutcome.ROUTED, result.reason
         elif result.status == "shed":

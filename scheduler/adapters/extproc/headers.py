@@ -24,6 +24,15 @@ SLO_TTFT_HEADERS = ("x-llm-d-slo-ttft-ms", "x-slo-ttft-ms")
 SLO_TPOT_HEADERS = ("x-llm-d-slo-tpot-ms", "x-slo-tpot-ms")
 FAIRNESS_HEADER = "x-llm-d-fairness-id"
 REQUEST_ID_HEADER = "x-request-id"
+# Every request header request_hints() reads: a transport that filters headers keeps these.
+HINT_HEADERS = (
+    REQUEST_ID_HEADER,
+    ":path",
+    *OBJECTIVE_HEADERS,
+    *SLO_TTFT_HEADERS,
+    *SLO_TPOT_HEADERS,
+    FAIRNESS_HEADER,
+)
 
 _warned_headers: set[str] = set()
 

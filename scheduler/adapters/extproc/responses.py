@@ -20,7 +20,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from scheduler.adapters.extproc.config import DESTINATION_HEADER, DESTINATION_NAMESPACE
+from scheduler.adapters.extproc.config import DESTINATION_HEADER, DESTINATION_NAMESPACE, DROPPED_REASON_HEADER
+from scheduler.adapters.extproc.outcomes import PickOutcome
 
 # envoy.service.ext_proc.v3.ProcessingResponse; the generated classes carry no type information.
 ProcessingResponse: TypeAlias = Any
@@ -135,3 +136,14 @@ def immediate_response(
             details=f"kvsched_{error_type}",
         )
     )
+
+
+def refusal(outcome: PickOutcome, reason: str) -> ProcessingResponse:
+    """The immediate response refusing a request with ``outcome`` (one with an HTTP status)."""
+    status = outcome.http_status
+    if status is None:
+        raise ValueError(f"{outcome} is not a refusal")
+    # Flow control's refusals say why in the GIE's header (429 shed / queue full, 503 waited out).
+    dropped = outcome in (PickOutcome.SHED, PickOutcome.QUEUE_TIMEOUT)
+    headers = [(DROPPED_REASON_HEADER, reason)] if dropped else []
+    return immediate_response(status, reason, outcome, headers)

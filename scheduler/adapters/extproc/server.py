@@ -1,28 +1,51 @@
-"""The Endpoint Picker gRPC server: ext_proc + kvsched.v1 on one port, health on another."""
+"""The Endpoint Picker gRPC server: ext_proc + kvsched.v1 on one port, health on another.
+
+Two transports serve them (``ExtProcConfig.transport``): grpcio with the asyncio servicers
+(servicer.py, health.py, picker_api.py), or gRPC C++ (native.py) where kvsched was built with
+scheduler._native.extproc. Both drive the same PickRunner, counters and audit lines.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from grpc_health.v1 import health_pb2_grpc  # type: ignore[import-untyped]
 
-from scheduler.adapters.extproc.audit import ExtProcStats
-from scheduler.adapters.extproc.config import ExtProcConfig
+from scheduler.adapters.extproc.config import ExtProcConfig, TransportChoice
 from scheduler.adapters.extproc.decide import PickRunner, SchedulerPort
 from scheduler.adapters.extproc.health import ReadinessHealthServicer
+from scheduler.adapters.extproc.native import NativeTransport, load_native, native_options
 from scheduler.adapters.extproc.picker_api import EndpointPickerServicer, load_picker_protos
 from scheduler.adapters.extproc.servicer import ExternalProcessorServicer
+from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.extproc.tls import ServerCredentials, TLSSettings
 from scheduler.adapters.flow_gate import FlowGate
 from scheduler.adapters.tokenizer import ByteTokenizer, PromptTokenizer
 from scheduler.core.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+
+Transport = Literal["native", "python"]
+
+
+def resolve_transport(wanted: TransportChoice) -> Transport:
+    """The transport ``wanted`` means on this install ('auto': native when it was built)."""
+    if wanted == "python":
+        return "python"
+    if load_native() is not None:
+        return "native"
+    if wanted == "native":
+        raise RuntimeError(
+            "extproc.transport is 'native' but this kvsched was built without "
+            "scheduler._native.extproc (install libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev "
+            "libsimdjson-dev pkg-config and reinstall)"
+        )
+    return "python"
 
 
 class ExtProcServer:
@@ -71,6 +94,8 @@ class ExtProcServer:
         self._health: ReadinessHealthServicer | None = None
         self._picker: EndpointPickerServicer | None = None
         self._credentials: ServerCredentials | None = None
+        self._native: NativeTransport | None = None
+        self.transport: Transport = resolve_transport(self.config.transport)
         self.port: int | None = None
         self.health_port: int | None = None
 
@@ -80,8 +105,59 @@ class ExtProcServer:
         return self._credentials.certificate_pem if self._credentials is not None else None
 
     async def start(self) -> None:
-        if self._server is not None:
+        if self._server is not None or self._native is not None:
             raise RuntimeError("server already started")
+        protos = load_picker_protos()
+        if protos is None:
+            log.warning(
+                "scheduler._proto is missing (package built without proto/): "
+                "kvsched.v1.EndpointPicker is not served, ext_proc is"
+            )
+        else:
+            self._picker = EndpointPickerServicer(
+                self.runner, self.stats, self.config.picker_api_max_pending, protos[0]
+            )
+        self._credentials = ServerCredentials(self.tls)
+        if self.transport == "native":
+            await self._start_native(protos)
+        else:
+            await self._start_python(protos)
+        log.info(
+            "endpoint picker serving ext_proc%s on %s:%d (%s, %s transport), health on %s",
+            "" if self._picker is None else " and kvsched.v1",
+            self._host,
+            self.port,
+            self.tls.mode,
+            self.transport,
+            "off" if self.health_port is None else f"{self._health_host}:{self.health_port}",
+        )
+
+    async def _start_native(self, protos: tuple[Any, Any] | None) -> None:
+        assert self._credentials is not None
+        options = native_options(
+            self.config,
+            self._credentials,
+            host=self._host,
+            port=self._requested_port,
+            health_host=self._health_host,
+            health_port=self._requested_health_port,
+        )
+        native = NativeTransport(
+            load_native(),
+            self.runner,
+            self.config,
+            self.stats,
+            options,
+            ready=self._ready,
+            picker=self._picker,
+            picker_pb2=None if protos is None else protos[0],
+        )
+        await native.start()
+        self._native = native
+        self.port, self.health_port = native.port, native.health_port
+
+    async def _start_python(self, protos: tuple[Any, Any] | None) -> None:
+        assert self._credentials is not None
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
@@ -90,19 +166,8 @@ class ExtProcServer:
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(
             ExternalProcessorServicer(self.runner, self.config, self.stats), server
         )
-        protos = load_picker_protos()
-        if protos is None:
-            log.warning(
-                "scheduler._proto is missing (package built without proto/): "
-                "kvsched.v1.EndpointPicker is not served, ext_proc is"
-            )
-        else:
-            picker_pb2, picker_pb2_grpc = protos
-            self._picker = EndpointPickerServicer(
-                self.runner, self.stats, self.config.picker_api_max_pending, picker_pb2
-            )
-            picker_pb2_grpc.add_EndpointPickerServicer_to_server(self._picker, server)
-        self._credentials = ServerCredentials(self.tls)
+        if protos is not None and self._picker is not None:
+            protos[1].add_EndpointPickerServicer_to_server(self._picker, server)
         address = f"{self._host}:{self._requested_port}"
         if self._credentials.credentials is None:
             bound = server.add_insecure_port(address)
@@ -115,14 +180,6 @@ class ExtProcServer:
         self.port = bound
         if self._requested_health_port is not None:
             await self._start_health()
-        log.info(
-            "endpoint picker serving ext_proc%s on %s:%d (%s), health on %s",
-            "" if self._picker is None else " and kvsched.v1",
-            self._host,
-            bound,
-            self.tls.mode,
-            "off" if self.health_port is None else f"{self._health_host}:{self.health_port}",
-        )
 
     async def _start_health(self) -> None:
         health = ReadinessHealthServicer(self._ready)
@@ -143,6 +200,9 @@ class ExtProcServer:
         if self.flow_gate is not None:
             # Waiting requests get an explained 503 now rather than a reset stream later.
             self.flow_gate.close()
+        if self._native is not None:
+            await self._native.stop(grace)
+            self._native = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

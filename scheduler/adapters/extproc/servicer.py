@@ -30,14 +30,8 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 
 from scheduler.adapters.extproc import responses
-from scheduler.adapters.extproc.audit import (
-    ExtProcStats,
-    audit_enabled,
-    milliseconds,
-    primary_summary,
-    write_audit,
-)
-from scheduler.adapters.extproc.config import DROPPED_REASON_HEADER, ExtProcConfig
+from scheduler.adapters.extproc.audit import audit_enabled, exchange_record, write_audit
+from scheduler.adapters.extproc.config import ExtProcConfig
 from scheduler.adapters.extproc.decide import PickRunner, RoutingAnswer
 from scheduler.adapters.extproc.headers import (
     REQUEST_ID_HEADER,
@@ -48,7 +42,9 @@ from scheduler.adapters.extproc.headers import (
     subset_hint,
 )
 from scheduler.adapters.extproc.outcomes import PickOutcome
+from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.extproc.usage import ResponseUsageReader, Usage
+from scheduler.adapters.stage_times import STAGE_TIMES
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +140,15 @@ class _Exchange:
                 answers.append(responses.request_trailers_continue())
             return answers
         if kind == "response_headers":
-            return self._response_headers(message.response_headers)
+            started = STAGE_TIMES.start()
+            answers = self._response_headers(message.response_headers)
+            STAGE_TIMES.stop("response_path", started)
+            return answers
         if kind == "response_body":
-            return self._response_body(message.response_body)
+            started = STAGE_TIMES.start()
+            answers = self._response_body(message.response_body)
+            STAGE_TIMES.stop("response_path", started)
+            return answers
         if kind == "response_trailers":
             self._complete()
             return [responses.response_trailers_continue()]
@@ -165,7 +167,9 @@ class _Exchange:
 
     async def _request_headers(self, headers: Any) -> list[Any]:
         self._started_at = self._clock()
+        started = STAGE_TIMES.start()
         hints = request_hints(header_dict(headers.headers))
+        STAGE_TIMES.stop("request_headers", started)
         if hints.request_id in self._active_ids:
             hints = replace(hints, request_id=f"{hints.request_id}~{id(self):x}")
         self._hints = hints
@@ -222,6 +226,7 @@ class _Exchange:
                 return []
             return self._refuse(decision)
         self._stats.count(decision.outcome)
+        started = STAGE_TIMES.start()
         destination = ",".join(decision.endpoints) if self._config.destination_list else decision.endpoints[0]
         extra = [(REQUEST_ID_HEADER, self._request_id)] if self._hints.generated_id else []
         has_body = self._body_messages > 0 and self._duplex_request
@@ -230,6 +235,7 @@ class _Exchange:
             answers.extend(
                 responses.request_body_responses(body, self._config.max_body_chunk_bytes, end_of_stream)
             )
+        STAGE_TIMES.stop("reply_build", started)
         self._decision_s = self._clock() - decided_from
         self._stats.observe_decision(self._decision_s)
         return answers
@@ -237,16 +243,10 @@ class _Exchange:
     def _refuse(self, decision: RoutingAnswer) -> list[Any]:
         self._decision = decision
         self._stats.count(decision.outcome)
-        status = decision.outcome.http_status
-        if status is None:
-            raise ValueError(f"{decision.outcome} is not a refusal")
-        # Flow control's refusals say why in the GIE's header (429 shed / queue full, 503 waited out).
-        dropped = decision.outcome in (PickOutcome.SHED, PickOutcome.QUEUE_TIMEOUT)
-        headers = [(DROPPED_REASON_HEADER, decision.reason)] if dropped else []
         self.closed = True
         self._write_audit(decision.outcome)
         self._finished = True
-        return [responses.immediate_response(status, decision.reason, decision.outcome, headers)]
+        return [responses.refusal(decision.outcome, decision.reason)]
 
     def _response_headers(self, headers: Any) -> list[Any]:
         values = header_dict(headers.headers)
@@ -332,37 +332,17 @@ class _Exchange:
         decision = self._decision
         if decision is None or not audit_enabled():
             return
-        if now is None:
-            now = self._clock()
-        explanation = decision.explanation
-        request = decision.request
-        usage = self._usage
-        e2e = None if self._started_at is None else now - self._started_at
-        ttft = None
-        if self._first_byte_at is not None and self._started_at is not None:
-            ttft = self._first_byte_at - self._started_at
-        predicted = decision.predicted
         write_audit(
-            {
-                "request_id": self._request_id,
-                "outcome": outcome,
-                "decision": decision.outcome,
-                "endpoint": decision.endpoints[0] if decision.endpoints else None,
-                "fallbacks": decision.endpoints[1:],
-                "served": self._served,
-                "reason": decision.reason or None,
-                "model": decision.body.model if decision.body else None,
-                "prompt_tokens": len(request.token_ids) if request is not None else None,
-                **primary_summary(explanation),
-                "explanation": explanation,
-                "decision_ms": milliseconds(self._decision_s),
-                "http_status": self._status,
-                "predicted_ttft_ms": round(predicted[0], 3) if predicted else None,
-                "predicted_tpot_ms": round(predicted[1], 3) if predicted else None,
-                "prediction_source": predicted[2] if predicted else None,
-                "ttft_ms": milliseconds(ttft),
-                "e2e_ms": milliseconds(e2e),
-                "cached_tokens": usage.cached_tokens if usage else None,
-                "completion_tokens": usage.completion_tokens if usage else None,
-            }
+            exchange_record(
+                self._request_id,
+                outcome,
+                decision,
+                now=self._clock() if now is None else now,
+                served=self._served,
+                decision_s=self._decision_s,
+                http_status=self._status,
+                started_at=self._started_at,
+                first_byte_at=self._first_byte_at,
+                usage=self._usage,
+            )
         )

@@ -76,6 +76,8 @@ class ServerCredentials:
     def __init__(self, settings: TLSSettings) -> None:
         self.settings = settings
         self.certificate_pem: bytes | None = None
+        # The self-signed key, for a transport that builds its own credentials (native.py).
+        self.key_pem: bytes | None = None
         self.credentials: Any = None
         if settings.mode == "plaintext":
             return
@@ -84,6 +86,7 @@ class ServerCredentials:
                 settings.hostnames, settings.ip_addresses, settings.valid_days
             )
             self.certificate_pem = certificate
+            self.key_pem = key
             self.credentials = grpc.ssl_server_credentials([(key, certificate)])
             return
         assert settings.cert_file is not None and settings.key_file is not None

@@ -4,6 +4,11 @@ vLLM reports ``usage.prompt_tokens_details.cached_tokens`` (the prefix it found 
 ``usage.completion_tokens`` in the JSON body of a non-streamed response, and in the last SSE
 ``data:`` event of a streamed one when the client asked for ``stream_options.include_usage``
 (with ``continuous_usage_stats`` every event carries it; the last still wins).
+
+Reading and interpreting are separate: ``ResponseUsageReader`` keeps, chunk by chunk, the one
+thing worth parsing (a capture: the last SSE line holding a usage object, the JSON body, or its
+tail), and ``usage_from_capture`` parses it once at the end. The native transport does the
+reading half in C++ (kernels/extproc/usage_capture.cc) and hands its capture to the same function.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
 # A usage object, not "usage": null. Inside a JSON string the quotes would be escaped (\"usage\"),
@@ -25,6 +31,28 @@ class Usage:
     prompt_tokens: int | None
     completion_tokens: int | None
     cached_tokens: int | None
+
+
+class CaptureKind(IntEnum):
+    """What a capture holds (numbered as kernels/extproc/transport.h's UsageCapture::Kind)."""
+
+    NONE = 0
+    SSE_LINE = 1  # the last ``data:`` line holding a usage object
+    JSON = 2  # the whole JSON body, up to max_json_bytes
+    TAIL = 3  # the last 64 KiB of a longer JSON body
+
+
+def usage_from_capture(kind: CaptureKind, data: bytes) -> Usage | None:
+    if kind is CaptureKind.SSE_LINE:
+        return _usage_from_document(_loads(data[5:]))
+    if kind is CaptureKind.JSON:
+        document = _loads(data)
+        if document is not None:
+            return _usage_from_document(document)
+        return _usage_from_tail(data[-_TAIL_BYTES:])
+    if kind is CaptureKind.TAIL:
+        return _usage_from_tail(data)
+    return None
 
 
 class ResponseUsageReader:
@@ -94,22 +122,23 @@ class ResponseUsageReader:
         if line.startswith(b"data:") and _USAGE_OBJECT.search(line):
             self._usage_line = line
 
-    def usage(self) -> Usage | None:
+    def capture(self) -> tuple[CaptureKind, bytes]:
+        """What is left to parse, at the end of the body."""
         if self._sse:
             if self._pending:
                 self._line(b"".join(self._pending))
                 self._pending.clear()
             if self._usage_line is None:
-                return None
-            return _usage_from_document(_loads(self._usage_line[5:]))
+                return CaptureKind.NONE, b""
+            return CaptureKind.SSE_LINE, self._usage_line
         if self._chunks:
-            document = _loads(b"".join(self._chunks))
-            if document is not None:
-                return _usage_from_document(document)
-            return _usage_from_tail(b"".join(self._chunks)[-_TAIL_BYTES:])
+            return CaptureKind.JSON, b"".join(self._chunks)
         if self._tail:
-            return _usage_from_tail(self._tail)
-        return None
+            return CaptureKind.TAIL, self._tail
+        return CaptureKind.NONE, b""
+
+    def usage(self) -> Usage | None:
+        return usage_from_capture(*self.capture())
 
 
 def _loads(raw: bytes) -> Any:
