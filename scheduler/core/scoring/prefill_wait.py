@@ -3,8 +3,15 @@
 Per candidate, the prefill queued there ahead of the request (kvsched's routed tokens,
 drained at the endpoint's measured prefill rate: ``EndpointState.queued_prefill_tokens``,
 ``core/prefillqueue.py``) plus the request's own prompt tokens not cached there, over that
-endpoint's rate: an estimate of its TTFT in milliseconds, which ``relative_to_best`` turns
-into a score (the fastest 1, one twice as slow 0.5).
+endpoint's rate, plus the predictor prior's fixed costs (one engine step for any first
+token, one more per scraped waiting request): an estimate of its TTFT in milliseconds, which
+``relative_to_best`` turns into a score (the fastest 1, one twice as slow 0.5).
+
+The fixed costs keep the score honest at both ends. Without the step, a few tokens routed to
+an idle endpoint made it look twice as slow as another idle one (5 queued tokens against 0
+is 0.4 ms against 0.2 ms, when both first tokens take a step of ~10 ms). Without the waiting
+requests, an endpoint whose engine reports a queue kvsched did not route (another gateway's
+traffic, or requests from before a restart) looked empty.
 
 This is also how a hot prefix spreads. A cached prefix counts here only as the prefill it
 saves, so an endpoint holding a prefix that every request wants stays first only while its
@@ -17,21 +24,33 @@ left four workers idle and TTFT p50 at twice SGLang's cache-aware router's.
 
 from __future__ import annotations
 
+from scheduler.core.predictor.config import PriorCoefficients
 from scheduler.core.scoring.candidates import Candidates
 from scheduler.core.scoring.config import ScoringConfig
 from scheduler.core.scoring.registry import register_scorer
 from scheduler.core.scoring.scorers import relative_to_best
 from scheduler.core.scoring.types import PickRequest
 
+# The TTFT prior's defaults (predictor/config.py): a first token costs one engine step
+# (10 ms) and each waiting request the engine reports ahead at least one more (8 ms); a
+# prefill rate not yet measured is the prior's (27.6k tokens/s).
+_PRIOR = PriorCoefficients()
+STEP_MS = _PRIOR.ttft_base_ms
+WAITING_REQUEST_MS = _PRIOR.ttft_ms_per_waiting_request
+ASSUMED_TOKENS_PER_S = 1000.0 / _PRIOR.ttft_ms_per_uncached_token
+
 
 def estimated_prefill_ms(candidates: Candidates, request: PickRequest) -> list[float]:
-    """Per candidate, milliseconds of prefill before this request's first token there."""
+    """Per candidate, milliseconds before this request's first token there: one step, the
+    scraped waiting requests (trusted metrics only), the prefill queued ahead and its own."""
     tokens = float(request.prompt_tokens)
     return [
-        1000.0 * (s.queued_prefill_tokens + tokens * (1.0 - f)) / s.prefill_tokens_per_s
-        if s.prefill_tokens_per_s > 0.0
-        else s.queued_prefill_tokens + tokens * (1.0 - f)
-        for s, f in zip(candidates.states, candidates.overlap, strict=True)
+        STEP_MS
+        + (WAITING_REQUEST_MS * s.waiting if t else 0.0)
+        + 1000.0
+        * (s.queued_prefill_tokens + tokens * (1.0 - f))
+        / (s.prefill_tokens_per_s if s.prefill_tokens_per_s > 0.0 else ASSUMED_TOKENS_PER_S)
+        for s, t, f in zip(candidates.states, candidates.trusted, candidates.overlap, strict=True)
     ]
 
 
