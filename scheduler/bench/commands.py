@@ -403,7 +403,11 @@ def register(subparsers: Any) -> None:
     )
     policies.add_argument("--jobs", type=int, default=1, help="simulations run side by side (processes)")
     policies.add_argument(
-        "--size", choices=("full", "tiny"), default="full", help="tiny: a few hundred requests a row (tests)"
+        "--size",
+        choices=("full", "short", "tiny"),
+        default="full",
+        help="short: 2,000 requests of each trace and 10 s of generated arrivals a row; "
+        "tiny: a few hundred requests a row (tests)",
     )
     policies.add_argument("--workload", action="append", help="only this workload (repeatable)")
     policies.add_argument("--load", action="append", help="only this load level (repeatable)")
