@@ -212,11 +212,12 @@ def test_minimal_policy_is_completed_by_the_defaults() -> None:
         "name": "llama-pool",
     }
     assert spec["scorerWeights"] == {
-        "prefixOverlap": 3,
+        "prefixOverlap": 1,
         "queueDepth": 1,
         "kvUtilization": 0.5,
         "inflightLoad": 1.5,
         "predictedLatency": 0,
+        "prefillWait": 3,
     }
     assert spec["tierWeights"] == {"gpu": 1, "cpu": 0.8, "storage": 0.5}
     assert spec["picker"] == {
@@ -378,12 +379,13 @@ def test_a_registered_scorer_is_weighted_by_a_policy() -> None:
     spec = apply_defaults(openapi_schema(), _load(FIXTURES / "valid" / "registered-scorer.yaml"))["spec"]
     # The schema keeps the name it does not list (no pruning) and still defaults the built-ins.
     assert spec["scorerWeights"] == {
-        "prefixOverlap": 3,
+        "prefixOverlap": 3,  # the fixture sets it
         "zoneAffinity": 2,
         "queueDepth": 1,
         "kvUtilization": 0.5,
         "inflightLoad": 1.5,
         "predictedLatency": 0,
+        "prefillWait": 3,
     }
     settings = PolicySettings.from_spec(spec)
     with pytest.raises(

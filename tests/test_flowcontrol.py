@@ -87,6 +87,24 @@ def test_pool_is_saturated_only_when_every_endpoint_is_over_a_limit() -> None:
     assert "endpoint b" in fresh.reason
 
 
+def test_queued_prefill_work_saturates_an_endpoint_whatever_its_request_counts() -> None:
+    detector = SaturationDetector(FlowControlConfig(max_queued_prefill_ms=1000.0))
+    # One long prompt ahead on each endpoint, nobody waiting in the engines' own queues.
+    long_ahead = [
+        EndpointState("a", "a:8000", metrics_age_s=0.1, inflight_requests=1, prefill_ms_ahead=2500.0),
+        EndpointState("b", "b:8000", metrics_age_s=0.1, inflight_requests=2, prefill_ms_ahead=1000.0),
+    ]
+    assert detector.saturated(long_ahead, now=1.0)
+    assert "2 with prefill queued >= 1000 ms" in detector.reason
+    # Released only once some endpoint is under 0.8 x 1000 ms.
+    partly = [long_ahead[0], EndpointState("b", "b:8000", metrics_age_s=0.1, prefill_ms_ahead=850.0)]
+    assert detector.saturated(partly, now=1.1)
+    drained = [long_ahead[0], EndpointState("b", "b:8000", metrics_age_s=0.1, prefill_ms_ahead=700.0)]
+    assert not detector.saturated(drained, now=1.2)
+    # Not estimated: the signal does not apply.
+    assert not detector.saturated([EndpointState("a", "a:8000", metrics_age_s=0.1)], now=1.3)
+
+
 def test_untrusted_metrics_are_not_proof_of_overload() -> None:
     config = FlowControlConfig(metrics_stale_after_s=2.0)
     stale = endpoint("stale", waiting=500, kv=1.0, age=2.5)
@@ -228,13 +246,33 @@ def test_within_a_tenant_least_slack_goes_first() -> None:
     queue(controller, FlowItem("tight", slo_ttft_ms=500), now=1.0)  # due at 1.5
     queue(controller, FlowItem("tighter_later", slo_ttft_ms=200), now=1.2)  # due at 1.4
     queue(controller, FlowItem("loose", slo_ttft_ms=60_000), now=0.1)  # capped at its wait bound, 20.1
-    assert drain_order(controller, now=2.0) == ["tighter_later", "tight", "relaxed", "loose", "no_slo"]
+    assert drain_order(controller, now=1.3) == ["tighter_later", "tight", "relaxed", "loose", "no_slo"]
+
+
+def test_slack_counts_the_service_time_a_request_still_needs() -> None:
+    controller = FlowController()
+    # Both due at 2.0; the long one needs 0.8 s once sent, so it must start by 1.2.
+    queue(controller, FlowItem("short", slo_ttft_ms=2000, service_s=0.1), now=0.0)
+    queue(controller, FlowItem("long", slo_ttft_ms=2000, service_s=0.8), now=0.0)
+    assert drain_order(controller, now=1.0) == ["long", "short"]
+
+
+def test_requests_past_hope_yield_to_those_that_can_still_make_it_then_go_in_arrival_order() -> None:
+    controller = FlowController(FlowControlConfig(max_wait_s=20.0))
+    queue(controller, FlowItem("late_a", slo_ttft_ms=500, fairness_id="a"), now=0.0)  # hopeless after 0.5
+    queue(controller, FlowItem("late_b", slo_ttft_ms=300, fairness_id="b"), now=0.1)  # after 0.4
+    queue(controller, FlowItem("ok_a", slo_ttft_ms=5000, fairness_id="a"), now=0.2)
+    queue(controller, FlowItem("no_slo_c", fairness_id="c"), now=0.3)
+    queue(controller, FlowItem("nearly", slo_ttft_ms=2000, service_s=1.0, fairness_id="b"), now=0.4)
+    # At 1.0: late_a and late_b are past hope, "nearly" must start by 1.4. Those that can still
+    # make it go first, tenants taking turns; then the hopeless ones, oldest first.
+    assert drain_order(controller, now=1.0) == ["ok_a", "nearly", "no_slo_c", "late_a", "late_b"]
 
 
 def test_requests_without_slo_are_not_starved_by_later_slo_requests() -> None:
     controller = FlowController(FlowControlConfig(max_wait_s=5.0))
     queue(controller, FlowItem("old", fairness_id="a"), now=0.0)  # due at 5
-    queue(controller, FlowItem("slo_soon", fairness_id="a", slo_ttft_ms=1000), now=3.0)  # due at 4
+    queue(controller, FlowItem("slo_soon", fairness_id="a", slo_ttft_ms=1800), now=3.0)  # due at 4.8
     queue(controller, FlowItem("slo_later", fairness_id="a", slo_ttft_ms=1000), now=4.5)  # due at 5.5
     assert drain_order(controller, now=4.6) == ["slo_soon", "old", "slo_later"]
 

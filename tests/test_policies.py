@@ -83,6 +83,9 @@ def test_every_policy_module_is_registered_with_the_default_first() -> None:
         "prefix_balance",
         "queue_only",
         "cache_only",
+        "dynamo",
+        "llmd",
+        "vllm_router_kv_aware",
     }
     assert POLICIES.names()[0] == DEFAULT_POLICY
     assert DEFAULT_POLICY == SchedulerConfig().policy == "kvsched"
@@ -93,9 +96,9 @@ def test_a_policy_name_is_registered_once_and_configurations_name_only_registere
     with pytest.raises(ValueError, match="a policy named 'round_robin' is already registered"):
         register_policy("round_robin", lambda setup: _policy("random"), description="again")
     with pytest.raises(
-        ValidationError, match=r"no policy named 'dynamo' is registered \(registered: kvsched, "
+        ValidationError, match=r"no policy named 'sticky_session' is registered \(registered: kvsched, "
     ):
-        SchedulerConfig(policy="dynamo")
+        SchedulerConfig(policy="sticky_session")
 
 
 # --- the built-in policies -------------------------------------------------------------------
@@ -203,6 +206,7 @@ def test_the_scoring_policies_take_new_weights_on_reconfigure() -> None:
         "queue_depth",
         "kv_utilization",
         "inflight_load",
+        "prefill_wait",
     }
     policy.reconfigure(PolicySetup("kvsched", ScoringConfig(weights={"prefix_overlap": 0.0}), BLOCK))
     assert "prefix_overlap" not in policy.route(_input(endpoints)).decision.weights  # type: ignore[union-attr]

@@ -5,6 +5,7 @@ training-job isolation, and the benchmark at a small size."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +32,9 @@ from scheduler.core.predictor import training as training_module
 from scheduler.core.predictor.features import (
     DECODE_BATCH,
     ENDPOINT_CLASS_ID,
-    INFLIGHT_PREFILL_TOKENS,
+    ESTIMATED_PREFILL_MS,
+    OWN_PREFILL_MS,
+    PREFILL_AHEAD_MS,
     PROMPT_TOKENS,
     UNCACHED_TOKENS,
     WAITING,
@@ -45,7 +48,7 @@ SMALL = PredictorConfig(min_samples=100, max_samples=4000)
 
 def linear_ttft(features: np.ndarray) -> np.ndarray:
     f = features.astype(np.float64)
-    return 5.0 + 0.05 * f[:, UNCACHED_TOKENS] + 0.02 * f[:, INFLIGHT_PREFILL_TOKENS] + 2.0 * f[:, WAITING]
+    return 5.0 + 1.0 * f[:, ESTIMATED_PREFILL_MS] + 2.0 * f[:, WAITING]
 
 
 def linear_tpot(features: np.ndarray) -> np.ndarray:
@@ -115,7 +118,7 @@ def test_prior_refit_recovers_a_linear_latency_law() -> None:
     features = picks(40, seed=1)
     prior = PriorModel.from_coefficients(PredictorConfig().prior)
     refit = prior.refit(features, linear_ttft(features), linear_tpot(features), min_samples=16)
-    np.testing.assert_allclose(refit.ttft, [5.0, 0.05, 0.02, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(refit.ttft, [5.0, 1.0, 2.0], rtol=1e-6)
     np.testing.assert_allclose(refit.tpot, [4.0, 0.1], rtol=1e-6)
     assert refit.ttft_fitted_on == refit.tpot_fitted_on == len(features)
     # Too few samples of a target: its coefficients stay as they were.
@@ -262,8 +265,8 @@ def test_running_mape_tracks_what_the_predictor_answered_before_each_observation
 
 
 def test_a_model_worse_than_the_prior_on_the_holdout_is_not_used() -> None:
-    # A noiseless linear law: the prior fits it exactly, trees only approximate it.
-    predictor = LatencyPredictor(SMALL)
+    # A noiseless linear law: the prior fits it exactly, trees alone only approximate it.
+    predictor = LatencyPredictor(SMALL.model_copy(update={"residual_to_prior": False}))
     features = picks(250, seed=14)
     ttft, tpot = linear_ttft(features), linear_tpot(features)
     for i in range(len(features)):
@@ -274,7 +277,9 @@ def test_a_model_worse_than_the_prior_on_the_holdout_is_not_used() -> None:
     assert not model.ttft_score.model_used and model.ttft is None
     assert "ttft" in model.boosters  # fitted, then set aside
     assert predictor.predict(features).ttft_source == "prior"
-    lenient = LatencyPredictor(SMALL.model_copy(update={"require_model_beats_prior": False}))
+    lenient = LatencyPredictor(
+        SMALL.model_copy(update={"require_model_beats_prior": False, "residual_to_prior": False})
+    )
     for i in range(len(features)):
         lenient.observe(features[i], float(ttft[i]), float(tpot[i]), now=0.0)
     assert lenient.train_now(1.0).ttft is not None
@@ -498,3 +503,28 @@ def test_predictor_benchmark_reports_latency_and_accuracy() -> None:
     assert 0 < report["mape_ttft"] < 0.2 and 0 < report["mape_tpot"] < 0.2
     assert set(report["goals"]) == {"predict_both_p50_le_200us", "mape_ttft_lt_10pct", "mape_tpot_lt_10pct"}
     assert not math.isnan(report["prior_mape_ttft"])
+
+
+def with_prefill_ahead(features: np.ndarray, change: Any) -> np.ndarray:
+    """``features`` with the prefill wait ahead set to ``change(ahead, 40.0)`` (milliseconds)."""
+    features[:, PREFILL_AHEAD_MS] = change(features[:, PREFILL_AHEAD_MS], 40.0)
+    features[:, ESTIMATED_PREFILL_MS] = features[:, PREFILL_AHEAD_MS] + features[:, OWN_PREFILL_MS]
+    return features
+
+
+def test_residual_trees_follow_a_queue_longer_than_any_they_were_trained_on() -> None:
+    # Trained only on short queues, asked about queues ten times longer: trees alone predict
+    # what they saw; trees correcting the prior follow the prior's growth with the queue.
+    features = with_prefill_ahead(picks(60, seed=21), np.minimum)
+    ttft, tpot = linear_ttft(features), linear_tpot(features)
+    long_queue = with_prefill_ahead(picks(10, seed=22), lambda ahead, _: np.full_like(ahead, 5000.0))
+    errors = {}
+    for residual in (False, True):
+        predictor = LatencyPredictor(
+            SMALL.model_copy(update={"residual_to_prior": residual, "require_model_beats_prior": False})
+        )
+        for i in range(len(features)):
+            predictor.observe(features[i], float(ttft[i]), float(tpot[i]), now=0.0)
+        assert predictor.train_now(1.0).residual is residual
+        errors[residual] = mape(predictor.predict(long_queue).ttft_ms, linear_ttft(long_queue))
+    assert errors[True] < 0.05 < 0.5 < errors[False]

@@ -251,6 +251,35 @@ def test_inflight_load_counts_prefill_ahead_and_the_requests_uncached_part() -> 
     assert values == pytest.approx([1.0, 1001 / 1501, 1.0])
 
 
+def test_prefill_wait_is_a_ttft_estimate_in_milliseconds() -> None:
+    from scheduler.core.scoring.prefill_wait import PrefillWaitScorer, estimated_prefill_ms
+
+    rate = 10_000.0  # tokens per second
+    request = _request(blocks=10, tokens=1000)
+    endpoints = [
+        _ep(1, queued_prefill_tokens=2000.0, prefill_tokens_per_s=rate),  # 200 ms queued ahead
+        _ep(2, waiting=5, prefill_tokens_per_s=rate),  # a queue kvsched did not route
+        _ep(3, waiting=5, prefill_tokens_per_s=rate, metrics_age_s=None),  # not trusted: stale
+        _ep(4, prefill_tokens_per_s=rate),
+    ]
+    matches = {"10.0.0.4:8000": PrefixMatch(5, 5)}
+    candidates = _candidates(endpoints, matches, request)
+    # One 10 ms step, 8 ms per trusted waiting request, then prefill ahead and own at the rate.
+    assert estimated_prefill_ms(candidates, request) == pytest.approx([310.0, 150.0, 110.0, 60.0])
+    values = PrefillWaitScorer().score(candidates, request, ScoringConfig())
+    assert values == pytest.approx([61 / 311, 61 / 151, 61 / 111, 1.0])
+
+
+def test_prefill_wait_barely_separates_two_idle_endpoints_over_a_few_tokens() -> None:
+    from scheduler.core.scoring.prefill_wait import PrefillWaitScorer
+
+    # Five tokens routed to one of two idle endpoints are 0.2 ms of a ~10 ms first token.
+    request = _request(blocks=0, tokens=5)
+    endpoints = [_ep(1, queued_prefill_tokens=5.0), _ep(2)]
+    values = PrefillWaitScorer().score(_candidates(endpoints, request=request), request, ScoringConfig())
+    assert values[1] == 1.0 and 0.98 < values[0] < 1.0
+
+
 def test_total_is_the_weight_normalised_sum() -> None:
     config = _weights(prefix_overlap=3.0, queue_depth=1.0)
     endpoints = [_ep(1, inflight_requests=1), _ep(2)]
@@ -298,10 +327,10 @@ def test_load_still_matters_against_a_partial_hit() -> None:
 
 
 def test_near_tie_goes_to_the_less_loaded() -> None:
-    # One more cached block (1% of the prompt) and one more queued request: totals within
+    # One more cached block (1% of the prompt) and one more request in flight: totals within
     # tie_epsilon, so load decides.
     endpoints = [
-        _ep(1, waiting=100, inflight_requests=10, inflight_prefill_tokens=5000),
+        _ep(1, waiting=99, inflight_requests=11, inflight_prefill_tokens=5000),
         _ep(2, waiting=99, inflight_requests=10, inflight_prefill_tokens=5000),
     ]
     matches = {"10.0.0.1:8000": PrefixMatch(2, 2), "10.0.0.2:8000": PrefixMatch(1, 1)}
@@ -583,7 +612,7 @@ def test_a_registered_scorer_joins_the_default_pipeline_with_its_weight(zone_aff
     assert "zone_affinity" not in unweighted.weights
     # Weighted from a configuration file's mapping, as any built-in is.
     config = ScoringConfig.model_validate({"weights": {"zone_affinity": 3}})
-    assert config.weights["zone_affinity"] == 3.0 and config.weights["prefix_overlap"] == 3.0
+    assert config.weights["zone_affinity"] == 3.0 and config.weights["prefix_overlap"] == 1.0
     for i in range(8):
         decision = SchedulingPipeline(config).pick(_request(f"r{i}"), endpoints, {})
         assert decision.primary == "10.0.0.2:8000"

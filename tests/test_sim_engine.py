@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from scheduler.core.events import BlockRemoved, BlockStored, KVEvent
-from scheduler.sim.engine import Engine, EngineConfig, RequestRejected, RequestStatus, StepResult
+from scheduler.sim.engine import (
+    Engine,
+    EngineConfig,
+    RequestRejected,
+    RequestStatus,
+    SimRequest,
+    StepResult,
+)
 from scheduler.sim.latency import LatencyModel, StepShape, attention_pairs
 
 
@@ -307,3 +314,131 @@ def test_token_scale_stands_for_real_token_counts() -> None:
     assert scaled.decode_time(4, 10) == pytest.approx(32 * plain.decode_time(4, 320))
     with pytest.raises(ValueError):
         LatencyModel(token_scale=0)
+
+
+# -- interleaved decode (scaled traces) ----------------------------------------------------
+
+
+def scaled_engine(interleave: bool) -> Engine:
+    # One simulated token stands for 32 real ones; 256 simulated tokens = vLLM's 8,192 budget.
+    return Engine(
+        EngineConfig(
+            capacity_blocks=4096,
+            max_num_batched_tokens=256,
+            max_model_len=8192,
+            latency=LatencyModel(token_scale=32),
+            interleave_decode=interleave,
+        )
+    )
+
+
+Arrivals = dict[float, tuple[str, list[int], int]]  # time -> (request id, prompt, max tokens)
+
+
+def drive(engine: Engine, arrivals: Arrivals) -> None:
+    """Step ``engine`` as the virtual-time pool does: arrivals at their times, a pure-decode
+    run cut short when an arrival can be admitted, the run's tokens at its end."""
+    pending = sorted(arrivals.items())
+    now = 0.0
+    in_run = False
+    while True:
+        if in_run:
+            if pending and pending[0][0] < engine.busy_until:
+                at, (request_id, prompt, max_tokens) = pending.pop(0)
+                engine.add_request(request_id, prompt, max_tokens, at)
+                if engine.can_admit():
+                    engine.interrupt(at)
+                continue
+            now = engine.finish_decode_run().end
+            in_run = False
+            continue
+        start = engine.next_step_time()
+        if pending and (start is None or pending[0][0] <= max(now, start)):
+            at, (request_id, prompt, max_tokens) = pending.pop(0)
+            engine.add_request(request_id, prompt, max_tokens, at)
+            now = max(now, at)
+            continue
+        if start is None:
+            return
+        step = engine.step(max(now, start))
+        in_run = step.pending
+        now = step.end
+
+
+def _first_token_times(interleave: bool, arrivals: Arrivals) -> dict[str, float]:
+    engine = scaled_engine(interleave)
+    requests: dict[str, SimRequest] = {}
+    add = engine.add_request
+
+    def record(request_id: str, prompt: list[int], max_tokens: int, now: float) -> SimRequest:
+        requests[request_id] = add(request_id, prompt, max_tokens, now)
+        return requests[request_id]
+
+    engine.add_request = record  # type: ignore[method-assign]
+    drive(engine, arrivals)
+    assert all(r.status is RequestStatus.FINISHED for r in requests.values())
+    return {name: r.ttft or 0.0 for name, r in requests.items()}
+
+
+MODEL_32 = LatencyModel(token_scale=32)
+DECODE_ITERATION = MODEL_32.decode_iteration_time(StepShape(0, 0, 1, 64))  # ~7.7 ms
+
+
+def test_an_arrival_joins_at_the_next_iteration_instead_of_waiting_out_the_scaled_step() -> None:
+    # "long" decodes alone from 0.074 s in scaled steps of 32 real iterations (0.25 s each);
+    # "short" arrives at 0.33 s, just after the second such step started.
+    arrivals = {0.0: ("long", list(range(1, 65)), 40), 0.33: ("short", list(range(100, 164)), 2)}
+    whole = _first_token_times(False, arrivals)["short"]
+    interleaved = _first_token_times(True, arrivals)["short"]
+    prefill = MODEL_32.prefill_time(64)
+    # Whole steps: it waits out most of the step in progress.
+    assert whole > prefill + 25 * DECODE_ITERATION
+    # Interleaved: at most one decode iteration, then its prefill (which also carries one
+    # real decode token of "long").
+    assert interleaved < prefill + 2 * DECODE_ITERATION
+
+
+def test_interleaved_prefill_keeps_a_full_chunk_per_iteration_while_others_decode() -> None:
+    arrivals = {0.0: ("decoder", list(range(1, 33)), 64), 0.04: ("long", list(range(1000, 2024)), 1)}
+    whole = _first_token_times(False, arrivals)["long"]
+    interleaved = _first_token_times(True, arrivals)["long"]
+    # Whole steps add 31 decode iterations to each of the long prompt's 5 chunked steps.
+    assert whole - interleaved > 4 * 31 * DECODE_ITERATION
+    engine = scaled_engine(True)
+    engine.add_request("decoder", list(range(1, 33)), 64, 0.0)
+    now = engine.step(0.0).end
+    engine.add_request("long", list(range(1000, 2024)), 1, now)
+    chunks = []
+    while not chunks or chunks[-1].tokens == []:
+        step = engine.step(now)
+        assert not step.pending  # prefill work left: one real iteration at a time
+        chunks.append(step)
+        now = step.end
+    # 256 simulated tokens a step, less one real token (1/32 simulated) for the decoder.
+    assert [c.shape.prefill_tokens for c in chunks] == [255, 255, 255, 255, 4]
+    assert all(c.shape.decode_seqs == 1 for c in chunks)
+
+
+def test_interleaved_decoding_produces_every_token_at_token_scale_iterations_each() -> None:
+    engine = scaled_engine(True)
+    request = engine.add_request("a", list(range(1, 65)), 5, 0.0)
+    drive(engine, {})
+    assert request.status is RequestStatus.FINISHED and request.completion_tokens == 5
+    gaps = [b - a for a, b in zip(request.token_times, request.token_times[1:], strict=False)]
+    # 32 real decode iterations between two simulated tokens (context growth aside).
+    assert all(gap == pytest.approx(32 * DECODE_ITERATION, rel=0.01) for gap in gaps)
+
+
+def test_an_interrupted_run_produces_no_token_early_and_keeps_the_iterations_it_ran() -> None:
+    engine = scaled_engine(True)
+    engine.add_request("a", list(range(1, 65)), 3, 0.0)
+    first = engine.step(0.0)
+    run = engine.step(first.end)
+    assert run.pending and run.end == pytest.approx(first.end + 32 * DECODE_ITERATION, rel=0.01)
+    engine.add_request("b", list(range(200, 264)), 1, first.end + 2.5 * DECODE_ITERATION)
+    assert engine.can_admit()
+    cut = engine.interrupt(first.end + 2.5 * DECODE_ITERATION)
+    assert cut == pytest.approx(first.end + 3 * DECODE_ITERATION, rel=1e-6)
+    assert engine.interrupt(first.end + 2.6 * DECODE_ITERATION) is None  # already that short
+    done = engine.finish_decode_run()
+    assert done.tokens == [] and engine.requests["a"].decode_iterations == 3

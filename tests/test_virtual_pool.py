@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
+
 from scheduler.core.flowcontrol import SHED_SATURATED, FlowControlConfig
 from scheduler.core.objectives import Objective, ObjectiveTable
-from scheduler.core.scheduler import SchedulerConfig
+from scheduler.core.scheduler import Endpoint, EndpointMetrics, Scheduler, SchedulerConfig, SchedulingRequest
 from scheduler.sim.virtual import VirtualPool, VirtualPoolConfig
 
 
@@ -86,3 +88,32 @@ def test_without_saturation_nothing_waits() -> None:
     outcomes = pool.run(_burst(4))
     assert all(o.ok for o in outcomes)
     assert pool.scheduler.flow.stats.queued == 0 and pool.scheduler.flow.stats.admitted == 4
+
+
+def test_queued_prefill_saturates_the_pool_before_any_engine_queues_a_request() -> None:
+    # Long prompts to 2 engines that admit everything (no seq limit, plenty of blocks): the
+    # engines never report waiting requests, yet kvsched holds arrivals back once every
+    # engine has more than 1 s of prefill routed to it.
+    config = SchedulerConfig(flow_control=FlowControlConfig(max_queued_prefill_ms=1000.0, max_wait_s=600.0))
+    pool = VirtualPool(VirtualPoolConfig(workers=2, capacity_blocks=65_536, max_num_seqs=256), config)
+    burst = [
+        Item(f"r{i}", i * 0.001, [1 + (i * 7919 + t) % 30_000 for t in range(8192)], max_tokens=4)
+        for i in range(24)
+    ]
+    outcomes = pool.run(burst)
+    stats = pool.scheduler.flow.stats
+    assert all(o.ok for o in outcomes)
+    assert stats.queued > 0 and stats.dispatched_from_queue == stats.queued
+    assert pool.scheduler.saturation.transitions >= 1
+
+
+def test_a_waiting_request_carries_its_service_time_from_the_latency_model() -> None:
+    scheduler = Scheduler(SchedulerConfig(flow_control=FlowControlConfig(queue_depth_threshold=1)))
+    scheduler.set_endpoints([Endpoint("e1", "10.0.0.1:8000", kv_events="tcp://x:5557")], now=0.0)
+    scheduler.update_metrics("e1", EndpointMetrics(waiting=3, running=8, kv_usage=0.5), now=0.0)
+    short = SchedulingRequest("short", [1] * 64, slo_ttft_ms=1000.0)
+    long = SchedulingRequest("long", [2] * 4096, slo_ttft_ms=1000.0)
+    assert scheduler.service_estimate_s(long) > 10 * scheduler.service_estimate_s(short) > 0.0
+    assert scheduler.admit(long, now=0.1).queued  # every endpoint has 3 waiting: saturated
+    item = scheduler.flow.dispatch_next(now=0.2)
+    assert item is not None and item.service_s == pytest.approx(scheduler.service_estimate_s(long))

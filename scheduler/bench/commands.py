@@ -378,6 +378,39 @@ def _register_peers(kinds: Any) -> None:
     peers.set_defaults(func=_bench_peers)
 
 
+def _bench_policies(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
+    from scheduler.bench.policies import policy_table, run_tasks, summarise, summary_table, tasks_for
+
+    try:
+        tasks = tasks_for(
+            workloads=args.workload,
+            levels=args.load,
+            policies=args.policy,
+            size=args.size,
+            seed=args.seed,
+            data_dir=Path(args.data_dir) if args.data_dir else None,
+        )
+    except ValueError as exc:
+        print(f"kvsched bench policies: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(tasks)} simulations, {args.jobs} at a time", file=sys.stderr)
+    results = run_tasks(tasks, jobs=args.jobs, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    rows = summarise(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    for row in rows:
+        print(policy_table(row) + "\n")
+    print(summary_table(rows))
+    if args.plot:
+        from scheduler.bench.policies_plot import save_plot
+
+        print(f"plot: {save_plot(rows, args.plot)}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (figures as ratios against an in-run baseline)")
     kinds = bench.add_subparsers(dest="bench", required=True)
@@ -489,6 +522,29 @@ def register(subparsers: Any) -> None:
     chaos.add_argument("--keep-logs", metavar="DIR", help="copy every process's log here")
     chaos.set_defaults(func=_bench_chaos)
     _register_peers(kinds)
+    policies = kinds.add_parser(
+        "policies",
+        help="kvsched against every baseline policy in the simulator: Mooncake traces and generated "
+        "workloads, each at a moderate and a near-saturation load",
+    )
+    policies.add_argument("--jobs", type=int, default=1, help="simulations run side by side (processes)")
+    policies.add_argument(
+        "--size",
+        choices=("full", "short", "tiny"),
+        default="full",
+        help="short: 2,000 requests of each trace and 10 s of generated arrivals a row; "
+        "tiny: a few hundred requests a row (tests)",
+    )
+    policies.add_argument("--workload", action="append", help="only this workload (repeatable)")
+    policies.add_argument("--load", action="append", help="only this load level (repeatable)")
+    policies.add_argument("--policy", action="append", help="only this policy (repeatable)")
+    policies.add_argument("--seed", type=int, default=0)
+    policies.add_argument(
+        "--data-dir", help="directory of the Mooncake traces (default ../shared/data/mooncake)"
+    )
+    policies.add_argument("--json", help="write every run's figures here")
+    policies.add_argument("--plot", help="write a PNG of TTFT and hit ratio per row here")
+    policies.set_defaults(func=_bench_policies)
 
 
 _CHAOS_SCENARIOS = (

@@ -33,14 +33,14 @@ from scheduler.core.predictor.features import (
     CACHED_TOKENS,
     DECODE_BATCH,
     ENDPOINT_CLASS_ID,
-    INFLIGHT_PREFILL_TOKENS,
     KV_USAGE,
     PROMPT_TOKENS,
+    QUEUED_PREFILL_TOKENS,
     UNCACHED_TOKENS,
     WAITING,
     FeatureMatrix,
 )
-from scheduler.core.predictor.model import Floats, from_margin, mape
+from scheduler.core.predictor.model import Floats, from_margin, mape, to_target_space
 
 # Relative slowness of each endpoint class (an older GPU, a faster one).
 CLASS_SLOWDOWN = (1.0, 1.8, 0.6)
@@ -62,7 +62,7 @@ def synthetic_latencies(features: FeatureMatrix, rng: np.random.Generator) -> tu
     kv_penalty = 1.0 + 4.0 * np.maximum(f[:, KV_USAGE] - 0.85, 0.0)
     ttft = (
         slowdown
-        * (8.0 + 0.04 * f[:, UNCACHED_TOKENS] + 0.03 * f[:, INFLIGHT_PREFILL_TOKENS] + 4.0 * f[:, WAITING])
+        * (8.0 + 0.04 * f[:, UNCACHED_TOKENS] + 0.03 * f[:, QUEUED_PREFILL_TOKENS] + 4.0 * f[:, WAITING])
         * kv_penalty
         / (1.0 - load)
     )
@@ -84,6 +84,9 @@ def synthetic_pick(rng: np.random.Generator, candidates: int) -> FeatureMatrix:
     inflight_prefill = rng.poisson(600.0 * (waiting + 0.5))
     inflight_decode = rng.binomial(running, 0.7)
     classes = rng.integers(0, len(CLASS_SLOWDOWN), candidates)
+    # Of the routed prefill, some has been computed already; the rest is queued.
+    queued = inflight_prefill * rng.uniform(0.2, 1.0, candidates)
+    rates = 27_600.0 / np.asarray(CLASS_SLOWDOWN)[classes % len(CLASS_SLOWDOWN)]
     return candidate_features(
         prompt,
         cached.tolist(),
@@ -93,6 +96,8 @@ def synthetic_pick(rng: np.random.Generator, candidates: int) -> FeatureMatrix:
         inflight_prefill.tolist(),
         inflight_decode.tolist(),
         classes.tolist(),
+        queued.tolist(),
+        rates.tolist(),
     )
 
 
@@ -143,6 +148,10 @@ def _xgboost_predictors(model: TrainedModel) -> Callable[[FeatureMatrix], tuple[
     def predict(features: FeatureMatrix) -> tuple[Floats, Floats]:
         ttft = np.asarray(boosters["ttft"].inplace_predict(features), dtype=np.float64)
         tpot = np.asarray(boosters["tpot"].inplace_predict(features), dtype=np.float64)
+        if model.residual:
+            # The trees correct the prior; xgboost knows only the trees.
+            ttft += to_target_space(model.prior.predict_ttft(features), model.transform)
+            tpot += to_target_space(model.prior.predict_tpot(features), model.transform)
         return from_margin(ttft, model.transform), from_margin(tpot, model.transform)
 
     return predict

@@ -8,7 +8,8 @@ and the virtual-time simulator make the same decisions:
 - ``FlowController`` admits, queues, orders, expires and rejects requests. While the pool is
   saturated, sheddable requests (priority < 0) are rejected at once and the others wait,
   boundedly, in priority order; within one priority, tenants (fairness ids) take turns;
-  within one tenant the most urgent request goes first.
+  within one tenant the request with the least slack goes first, and requests that can no
+  longer meet their objective yield.
 - ``FlowStats`` accounts for every request: each one is admitted at once, dispatched from the
   queue, rejected (by reason), cancelled, or still queued.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -92,6 +94,17 @@ class FlowControlConfig(BaseModel):
         "scraped figures this count is never stale, so it applies to every endpoint and is what "
         "bounds a burst of dispatches between two scrapes.",
     )
+    max_queued_prefill_ms: float = Field(
+        1000.0,
+        gt=0,
+        description="An endpoint is over its limits with this much prefill queued ahead of a new "
+        "request: the prompt tokens kvsched routed there that have not reached their first token, "
+        "at the latency model's per-token prefill cost (learned online, so it holds for any model "
+        "and token scale). Request counts miss what saturates an engine: one 100k-token prompt "
+        "holds every request behind it for seconds, while 5 short ones barely register. vLLM "
+        "admits requests into its running batch while KV blocks last, so its waiting count stays "
+        "near 0 until long after TTFTs are lost.",
+    )
     metrics_stale_after_s: float = Field(
         2.0,
         gt=0,
@@ -135,6 +148,9 @@ class FlowItem:
     # When the request reached flow control; None: the ``now`` of FlowController.admit, which
     # stamps it, so every item the controller hands back has it set.
     enqueued_at: float | None = None
+    # The least time it needs once dispatched (its own prefill on the best endpoint, by the
+    # latency model): it must start this long before its TTFT objective to meet it.
+    service_s: float = 0.0
     # The adapter's own handle for the request (a stream, a simulated request); never read here.
     payload: Any = field(default=None, compare=False, repr=False)
 
@@ -184,10 +200,12 @@ class SaturationDetector:
 
     The pool is saturated when every healthy endpoint is over one of its limits: at least
     ``queue_depth_threshold`` waiting or ``kv_cache_threshold`` KV usage (scraped, and only
-    while trusted), or at least ``max_inflight_per_endpoint`` of kvsched's own in-flight
-    requests (always). Once saturated it stays so until some endpoint is under
-    ``release_fraction`` of every limit. A pool without healthy endpoints is not saturated:
-    waiting cannot help it, and the pick answers 503 with the real cause.
+    while trusted), at least ``max_inflight_per_endpoint`` of kvsched's own in-flight
+    requests, or at least ``max_queued_prefill_ms`` of prefill queued ahead of a new request
+    (``EndpointState.prefill_ms_ahead``, when the caller estimates it). Once saturated it stays
+    so until some endpoint is under ``release_fraction`` of every limit. A pool without
+    healthy endpoints is not saturated: waiting cannot help it, and the pick answers 503 with
+    the real cause.
     """
 
     def __init__(self, config: FlowControlConfig | None = None) -> None:
@@ -215,11 +233,14 @@ class SaturationDetector:
         config = self.config
         queue_limit, kv_limit = config.queue_depth_threshold, config.kv_cache_threshold
         inflight_limit = config.max_inflight_per_endpoint
-        by_waiting = by_kv = by_inflight = 0
+        prefill_limit = config.max_queued_prefill_ms
+        by_waiting = by_kv = by_inflight = by_prefill = 0
         for s in healthy:
             trusted = (age := s.metrics_age_s) is not None and age <= stale_after
             if s.inflight_requests >= inflight_limit:
                 by_inflight += 1
+            elif s.prefill_ms_ahead is not None and s.prefill_ms_ahead >= prefill_limit:
+                by_prefill += 1
             elif trusted and s.waiting >= queue_limit:
                 by_waiting += 1
             elif trusted and s.kv_usage >= kv_limit:
@@ -234,6 +255,7 @@ class SaturationDetector:
                 (by_waiting, f"waiting >= {queue_limit}"),
                 (by_kv, f"kv usage >= {kv_limit:g}"),
                 (by_inflight, f"in-flight >= {inflight_limit}"),
+                (by_prefill, f"prefill queued >= {prefill_limit:g} ms"),
             )
             if count
         ]
@@ -248,16 +270,21 @@ class SaturationDetector:
         queue_release = config.queue_depth_threshold * fraction
         kv_release = config.kv_cache_threshold * fraction
         inflight_release = config.max_inflight_per_endpoint * fraction
+        prefill_release = config.max_queued_prefill_ms * fraction
         for s in healthy:
             trusted = (age := s.metrics_age_s) is not None and age <= stale_after
-            if s.inflight_requests < inflight_release and (
-                not trusted or (s.waiting < queue_release and s.kv_usage < kv_release)
+            prefill_ok = s.prefill_ms_ahead is None or s.prefill_ms_ahead < prefill_release
+            if (
+                s.inflight_requests < inflight_release
+                and prefill_ok
+                and (not trusted or (s.waiting < queue_release and s.kv_usage < kv_release))
             ):
                 self._set(False, now, f"not saturated: endpoint {s.name} is back under the release levels")
                 return False
         self.reason = (
             f"saturated: no endpoint back under the release levels (waiting < {queue_release:g}, "
-            f"kv usage < {kv_release:g}, in-flight < {inflight_release:g})"
+            f"kv usage < {kv_release:g}, in-flight < {inflight_release:g}, prefill queued < "
+            f"{prefill_release:g} ms)"
         )
         return True
 
@@ -308,15 +335,40 @@ class _Queued:
     seq: int  # arrival order: the tie-breaker everywhere, so equal inputs give equal orders
     enqueued_at: float
     expires_at: float
-    due_at: float  # urgency within the tenant: earliest first
+    # Urgency within the tenant, least slack first: the latest time it can be sent and still
+    # meet its TTFT objective (its wait bound for a request without one).
+    start_by: float
+    hopeless_after: float  # past this it cannot meet its objective (inf without one)
     live: bool = True
 
 
 @dataclass(slots=True, eq=False)
 class _Tenant:
-    # (due_at, seq, entry); entries that left the queue otherwise are skipped when they surface.
+    # (start_by, seq, entry); entries that left the queue otherwise are skipped when they surface.
     heap: list[tuple[float, int, _Queued]] = field(default_factory=list)
+    # Requests found past hope, (seq, entry): they go in arrival order once no request of the
+    # band can still meet its objective.
+    late: list[tuple[int, _Queued]] = field(default_factory=list)
     size: int = 0
+
+    def settle(self, now: float) -> None:
+        """Move hopeless requests off the head of the heap; drop dead heads."""
+        heap = self.heap
+        while heap:
+            entry = heap[0][2]
+            if not entry.live:
+                heapq.heappop(heap)
+            elif entry.hopeless_after < now:
+                heapq.heappop(heap)
+                heapq.heappush(self.late, (entry.seq, entry))
+            else:
+                return
+
+    def pop_late(self) -> _Queued:
+        late = self.late
+        while not late[0][1].live:
+            heapq.heappop(late)
+        return heapq.heappop(late)[1]
 
 
 @dataclass(slots=True, eq=False)
@@ -352,10 +404,13 @@ class FlowController:
     ``dispatch_next`` whenever capacity may have freed (a request finished, metrics refreshed,
     saturation cleared) and the pool is not saturated, and ``expire`` at ``next_deadline()``.
     Dispatch order: highest priority first; within a priority the fairness ids take turns
-    (round-robin by request); within one fairness id, the request due soonest first, where a
-    request is due at its TTFT SLO or at the end of its wait bound, whichever is sooner (so
-    requests without an SLO go first come, first served and are never starved by later ones
-    with an SLO).
+    (round-robin by request); within one fairness id, least slack first: a request must start
+    by its TTFT objective less its own service time (``FlowItem.service_s``), or by the end of
+    its wait bound, whichever is sooner (so requests without an SLO go first come, first
+    served and are never starved by later ones with an SLO). A request past that point can no
+    longer meet its objective: it yields to every request of its priority that still can, and
+    such requests then go in arrival order. Serving the most overdue first instead spends
+    capacity on lost causes and makes the next ones late too.
     """
 
     def __init__(self, config: FlowControlConfig | None = None) -> None:
@@ -413,11 +468,12 @@ class FlowController:
     def _enqueue(self, item: FlowItem, now: float) -> None:
         enqueued_at = item.enqueued_at if item.enqueued_at is not None else now
         expires_at = enqueued_at + self.config.max_wait_s
-        due_at = expires_at
+        start_by, hopeless_after = expires_at, math.inf
         if item.slo_ttft_ms is not None:
-            due_at = min(due_at, enqueued_at + item.slo_ttft_ms / 1000.0)
+            hopeless_after = enqueued_at + item.slo_ttft_ms / 1000.0 - item.service_s
+            start_by = min(start_by, hopeless_after)
         self._seq += 1
-        entry = _Queued(item, self._seq, enqueued_at, expires_at, due_at)
+        entry = _Queued(item, self._seq, enqueued_at, expires_at, start_by, hopeless_after)
         self._entries[item.request_id] = entry
         band = self._bands.get(item.priority)
         if band is None:
@@ -428,7 +484,7 @@ class FlowController:
         if tenant is None:
             tenant = band.tenants[item.fairness_id] = _Tenant()
             band.rotation.append(item.fairness_id)
-        heapq.heappush(tenant.heap, (entry.due_at, entry.seq, entry))
+        heapq.heappush(tenant.heap, (entry.start_by, entry.seq, entry))
         tenant.size += 1
         heapq.heappush(self._expiry, (entry.expires_at, entry.seq, entry))
 
@@ -444,9 +500,11 @@ class FlowController:
         if tenant.size == 0:
             del band.tenants[item.fairness_id]
             band.rotation.remove(item.fairness_id)
-        elif len(tenant.heap) > 2 * tenant.size + 32:
+        elif len(tenant.heap) + len(tenant.late) > 2 * tenant.size + 32:
             tenant.heap = [key for key in tenant.heap if key[2].live]
             heapq.heapify(tenant.heap)
+            tenant.late = [key for key in tenant.late if key[1].live]
+            heapq.heapify(tenant.late)
         if not band.entries:
             del self._bands[item.priority]
             self._priorities.remove(item.priority)
@@ -466,15 +524,24 @@ class FlowController:
         if not self._priorities:
             return None
         band = self._bands[self._priorities[-1]]
-        fairness_id = band.rotation[0]
-        tenant = band.tenants[fairness_id]
-        heap = tenant.heap
-        while not heap[0][2].live:
-            heapq.heappop(heap)
-        entry = heapq.heappop(heap)[2]
+        # The first tenant in turn whose next request can still meet its objective; when no
+        # request of the band can, the first tenant in turn, oldest hopeless request first.
+        entry: _Queued | None = None
+        turn, fairness_id = 0, band.rotation[0]
+        for position, candidate in enumerate(band.rotation):
+            tenant = band.tenants[candidate]
+            tenant.settle(now)
+            if tenant.heap:
+                turn, fairness_id = position, candidate
+                entry = heapq.heappop(tenant.heap)[2]
+                break
+        if entry is None:
+            entry = band.tenants[fairness_id].pop_late()
         self._remove(entry)
         if fairness_id in band.tenants:
-            band.rotation.rotate(-1)
+            # The served tenant goes to the back of the turn order.
+            del band.rotation[turn]
+            band.rotation.append(fairness_id)
         counters = self._counters
         counters.dispatched_from_queue += 1
         counters.dispatch_wait_s_sum += max(now - entry.enqueued_at, 0.0)

@@ -40,6 +40,9 @@ class PredictorEstimator:
             [s.inflight_prefill_tokens for s in states],
             [s.inflight_decode_requests for s in states],
             [class_id(s.endpoint_class) for s in states],
+            [s.queued_prefill_tokens for s in states],
+            [s.prefill_tokens_per_s for s in states],
+            [s.last_event_age_s for s in states],
         )
         self.last_features = rows
         return rows
@@ -56,6 +59,9 @@ class PredictorEstimator:
             [s.inflight_prefill_tokens],
             [s.inflight_decode_requests],
             [self._class_id(s.endpoint_class)],
+            [s.queued_prefill_tokens],
+            [s.prefill_tokens_per_s],
+            [s.last_event_age_s],
         )
         row: FeatureMatrix = rows[0]
         return row

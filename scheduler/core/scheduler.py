@@ -39,6 +39,7 @@ from scheduler.core.policies import (
     create_policy,
 )
 from scheduler.core.predictor import FeatureMatrix, LatencyPredictor, PredictorConfig
+from scheduler.core.prefillqueue import DrainRate, PrefillQueue
 from scheduler.core.prefixstats import PrefixStats
 from scheduler.core.registry import UnknownNameError
 from scheduler.core.scoring import EndpointState, PickRequest, PrefixMatch, ScoringConfig
@@ -200,6 +201,10 @@ class _EndpointRuntime:
     inflight_prefilling: int = 0  # of inflight_requests, those before their first token
     # Requests routed here since the last scrape: the scraped waiting count cannot know them yet.
     routed_since_scrape: int = 0
+    # The prefill queued here, as a fluid estimate with this endpoint's measured drain rate.
+    prefill_queue: PrefillQueue = field(default_factory=PrefillQueue)
+    # When it last produced a first token or finished a request: the end of an iteration.
+    last_event_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -212,6 +217,8 @@ class _InFlight:
     prefill_tokens: int
     prefilling: bool = True
     first_token_at: float | None = None
+    # Prefill tokens estimated to be queued ahead of it when it was routed.
+    tokens_ahead: float = 0.0
     # The endpoint's feature row at the pick, to train the predictor on once this request's
     # latencies are known; None when the request ended up elsewhere.
     features: FeatureMatrix | None = None
@@ -257,6 +264,11 @@ class Scheduler:
         self.predictor = LatencyPredictor(self.config.predictor)
         self._class_ids: dict[str, int] = {}
         self._estimator = PredictorEstimator(self.predictor, self.config.index.block_size, self._class_id)
+        # Measured prefill drain rates by endpoint class, and over every class (for a class
+        # not measured yet); before any is measured, the rate the latency prior assumes.
+        self._prefill_rates: dict[str, DrainRate] = {}
+        self._prefill_rate = DrainRate()
+        self._assumed_prefill_rate = 1000.0 / self.config.predictor.prior.ttft_ms_per_uncached_token
 
     # --- configuration -----------------------------------------------------------------
 
@@ -280,6 +292,13 @@ class Scheduler:
             # A predictor is built for one configuration; a new one starts from its prior.
             self.predictor = LatencyPredictor(config.predictor)
             self._estimator = PredictorEstimator(self.predictor, config.index.block_size, self._class_id)
+
+    def _drain_rate(self, endpoint_class: str) -> float:
+        """Prefill tokens a second on this class of endpoint; 0 while nothing is measured."""
+        rate = self._prefill_rates.get(endpoint_class)
+        if rate is not None and rate.samples:
+            return rate.tokens_per_s
+        return self._prefill_rate.tokens_per_s
 
     def _class_id(self, endpoint_class: str) -> int:
         """A small stable integer per endpoint class, for the predictor's class feature."""
@@ -368,6 +387,9 @@ class Scheduler:
         metrics = runtime.metrics
         age = None if runtime.metrics_at is None else max(now - runtime.metrics_at, 0.0)
         endpoint = runtime.endpoint
+        queue = runtime.prefill_queue
+        measured = self._drain_rate(endpoint.endpoint_class)
+        last_event = runtime.last_event_at
         return EndpointState(
             name=endpoint.name,
             address=endpoint.address,
@@ -379,6 +401,9 @@ class Scheduler:
             inflight_requests=runtime.inflight_requests,
             inflight_prefill_tokens=runtime.inflight_prefill_tokens,
             inflight_decode_requests=runtime.inflight_requests - runtime.inflight_prefilling,
+            queued_prefill_tokens=queue.ahead(now, runtime.inflight_prefill_tokens, measured),
+            prefill_tokens_per_s=measured or self._assumed_prefill_rate,
+            last_event_age_s=None if last_event is None else (now - last_event if now > last_event else 0.0),
             endpoint_class=endpoint.endpoint_class,
             labels=endpoint.labels,
         )
@@ -390,13 +415,18 @@ class Scheduler:
 
         Each endpoint's scraped waiting count is raised by the requests routed there since
         that scrape, so a burst of dispatches between two scrapes saturates the pool as it
-        would the engines, instead of the whole queue going out on one stale figure.
+        would the engines, instead of the whole queue going out on one stale figure; and its
+        queued prefill is priced in milliseconds (``prefill_ms_ahead``).
         """
+        prices = self._policy.prices_queued_prefill
         states = []
         for runtime in self._endpoints.values():
             state = self._state(runtime, now)
-            if runtime.routed_since_scrape:
-                state = replace(state, waiting=state.waiting + runtime.routed_since_scrape)
+            waiting = state.waiting + runtime.routed_since_scrape
+            # The prefill queued ahead, at the endpoint's measured drain rate.
+            prefill_ms = 1000.0 * state.queued_prefill_tokens / state.prefill_tokens_per_s if prices else None
+            if waiting != state.waiting or prefill_ms is not None:
+                state = replace(state, waiting=waiting, prefill_ms_ahead=prefill_ms)
             states.append(state)
         return states
 
@@ -407,6 +437,9 @@ class Scheduler:
     def admit(self, request: SchedulingRequest, now: float, payload: Any = None) -> Admission:
         """Flow control's answer for an arriving request: pick it now, it waits, or it is refused."""
         objective = self.resolve_objective(request)
+        saturated = self.pool_saturated(now)
+        # Only a request that will wait needs its service time (its slack depends on it).
+        waits = objective.slo_ttft_ms is not None and (saturated or len(self.flow) > 0)
         item = FlowItem(
             request.request_id,
             priority=objective.priority,
@@ -414,8 +447,20 @@ class Scheduler:
             slo_ttft_ms=objective.slo_ttft_ms,
             enqueued_at=now,
             payload=payload,
+            service_s=self.service_estimate_s(request) if waits else 0.0,
         )
-        return self.flow.admit(item, self.pool_saturated(now), now)
+        return self.flow.admit(item, saturated, now)
+
+    def service_estimate_s(self, request: SchedulingRequest) -> float:
+        """The least time ``request`` needs once sent: its own prefill where most of its
+        prompt is cached, at the pool's measured prefill rate, through the latency prior."""
+        keys = self.index.request_keys(request.token_ids)
+        matches = self._matches(keys) if len(keys) else {}
+        cached = max((match.total_blocks for match in matches.values()), default=0)
+        uncached = max(len(request.token_ids) - cached * self.config.index.block_size, 0)
+        rate = self._prefill_rate.tokens_per_s or self._assumed_prefill_rate
+        base, per_prefill_ms = self.predictor.prior.ttft[:2]
+        return (base + per_prefill_ms * 1000.0 * uncached / rate) / 1000.0
 
     def next_dispatch(self, now: float) -> FlowItem | None:
         """The waiting request to pick next, when the pool has room for it."""
@@ -463,7 +508,17 @@ class Scheduler:
         estimator.last_features = None
         wanted = 1 + self.config.scoring.num_fallbacks
         routing = self._policy.route(
-            PolicyInput(pick_request, states, matches, self.index.worker_blocks, self._rng, estimator, wanted)
+            PolicyInput(
+                pick_request,
+                states,
+                matches,
+                self.index.worker_blocks,
+                self._rng,
+                estimator,
+                wanted,
+                keys,
+                now,
+            )
         )
         if not routing.endpoints:
             return PickResult("no_endpoints", [], routing.reason, routing.explanation)
@@ -586,11 +641,14 @@ class Scheduler:
         runtime = self._endpoints[endpoint]
         prompt_tokens = len(request.token_ids)
         prefill_tokens = max(prompt_tokens - cached_tokens, 0)
+        rate = self._drain_rate(runtime.endpoint.endpoint_class)
+        ahead = runtime.prefill_queue.add(prefill_tokens, now, runtime.inflight_prefill_tokens, rate)
         runtime.inflight_requests += 1
         runtime.inflight_prefilling += 1
         runtime.inflight_prefill_tokens += prefill_tokens
         runtime.routed_since_scrape += 1
         flight = self._inflight[request.request_id] = _InFlight(endpoint, prompt_tokens, now, prefill_tokens)
+        flight.tokens_ahead = ahead
         flight.predicted_cached = cached_tokens
         flight.predicted_from_events = runtime.endpoint.kv_events is not None
         self.prefix_stats.record_decision(cached_tokens // self.config.index.block_size)
@@ -621,6 +679,12 @@ class Scheduler:
         runtime = self._endpoints[name]
         runtime.inflight_requests += 1
         if moved.prefilling:
+            moved.tokens_ahead = runtime.prefill_queue.add(
+                moved.prefill_tokens,
+                now,
+                runtime.inflight_prefill_tokens,
+                self._drain_rate(runtime.endpoint.endpoint_class),
+            )
             runtime.inflight_prefilling += 1
             runtime.inflight_prefill_tokens += moved.prefill_tokens
         self._inflight[request_id] = moved
@@ -636,6 +700,14 @@ class Scheduler:
         if runtime is not None:
             runtime.inflight_prefilling = max(runtime.inflight_prefilling - 1, 0)
             runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prefill_tokens, 0)
+            endpoint_class = runtime.endpoint.endpoint_class
+            runtime.prefill_queue.first_token(
+                now, runtime.inflight_prefill_tokens, self._drain_rate(endpoint_class)
+            )
+            drained, waited = flight.tokens_ahead + flight.prefill_tokens, now - flight.started_at
+            self._prefill_rates.setdefault(endpoint_class, DrainRate()).add(drained, waited)
+            self._prefill_rate.add(drained, waited)
+            runtime.last_event_at = now
         self._policy.on_first_token(request_id, now)
 
     def on_completed(
@@ -653,6 +725,8 @@ class Scheduler:
         if flight is None:
             return None
         self._release(flight)
+        if (runtime := self._endpoints.get(flight.endpoint)) is not None:
+            runtime.last_event_at = now
         self._policy.on_completed(request_id, now)
         self.completions += 1
         if cached_tokens is not None:

@@ -81,6 +81,12 @@ class EngineConfig:
     hash_seed: str = blockhash_ref.VLLM_DEFAULT_SEED
     hash_algo: blockhash_ref.VllmHashAlgo = "sha256_cbor"
     latency: LatencyModel = field(default_factory=LatencyModel)
+    # With token_scale > 1 (a simulated token standing for several real ones): run the real
+    # engine's iterations one prefill chunk at a time and let waiting requests join between
+    # them, as vLLM's continuous batching does, instead of one step that prefills once and
+    # then decodes token_scale - 1 more iterations with nobody admitted (see step()). The
+    # virtual-time pool turns it on; the live workers keep whole steps.
+    interleave_decode: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -109,6 +115,7 @@ class SimRequest:
     __slots__ = (
         "arrival",
         "blocks",
+        "decode_iterations",
         "digests",
         "final_blocks",
         "finish_time",
@@ -139,6 +146,8 @@ class SimRequest:
         self.num_cached_tokens = 0
         self.blocks: list[KVBlock] = []
         self.num_cached_blocks = 0
+        # Interleaved mode: real decode iterations run since this request's last token.
+        self.decode_iterations = 0.0
         self.digests: list[bytes] = []
         self.wire_hashes: list[int] = []
         # KV of the last generated token is never computed.
@@ -247,6 +256,25 @@ class StepResult:
     finished: list[SimRequest] = field(default_factory=list)
     events: list[KVEvent] = field(default_factory=list)
     admitted: list[SimRequest] = field(default_factory=list)
+    # Interleaved mode: a run of pure-decode iterations whose tokens are produced only when
+    # ``Engine.finish_decode_run`` is called at ``end`` (``interrupt`` may bring ``end`` forward).
+    pending: bool = False
+
+
+# Iteration counts are whole numbers of real iterations; a fractional token_scale leaves
+# remainders that float rounding must not turn into an extra iteration.
+_ITERATION_EPSILON = 1e-9
+
+
+@dataclass(slots=True)
+class _DecodeRun:
+    """Pure-decode iterations in progress (interleaved mode)."""
+
+    start: float
+    per_iteration: float
+    iterations: int
+    requests: list[SimRequest]
+    shape: StepShape
 
 
 class Engine:
@@ -268,6 +296,7 @@ class Engine:
         self._none_hash: bytes = blockhash_ref.vllm_none_hash(self.config.hash_seed, self.config.hash_algo)
         # Blocks that running requests may still allocate before they finish.
         self._reserved = 0
+        self._decode_run: _DecodeRun | None = None
 
     # -- driver interface --------------------------------------------------------------
 
@@ -295,6 +324,12 @@ class Engine:
     @property
     def kv_cache_usage(self) -> float:
         return self.pool.usage
+
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens still to prefill ahead of a new arrival: the rest of the running
+        prefills and every waiting prompt (cache hits of waiting ones are not known yet)."""
+        running = sum(max(r.prompt_len - r.num_computed_tokens, 0) for r in self.running)
+        return running + sum(r.prompt_len for r in self.waiting)
 
     def add_request(
         self, request_id: str, prompt_token_ids: Sequence[int], max_tokens: int, now: float
@@ -340,15 +375,23 @@ class Engine:
         return True
 
     def step(self, now: float) -> StepResult:
-        """Run one engine iteration starting at ``now`` (not before ``busy_until``)."""
+        """Run one engine iteration starting at ``now`` (not before ``busy_until``).
+
+        With ``token_scale`` > 1 a step stands for ``token_scale`` real iterations: one that
+        prefills (a chunk of each running prefill, then admissions) and decodes one
+        simulated token's first real token, then ``token_scale - 1`` pure-decode ones. With
+        ``interleave_decode`` it is one real iteration instead when there is prefill work,
+        and otherwise a run of pure-decode iterations up to the next simulated token that
+        ``interrupt`` can cut short when a request arrives (``_interleaved_step``).
+        """
         if now < self.busy_until:
             raise ValueError(f"step at {now} but the previous step runs until {self.busy_until}")
-        cfg = self.config
-        bs = cfg.block_size
-        budget = cfg.max_num_batched_tokens
+        if self.config.interleave_decode and self.latency.token_scale > 1.0:
+            return self._interleaved_step(now)
+        budget = self.config.max_num_batched_tokens
         scheduled: list[SimRequest] = []
         admitted: list[SimRequest] = []
-        prefill_tokens = pairs = decode_seqs = decode_context = 0
+        decode_seqs = decode_context = 0
 
         # 1. One decode token per running request whose prompt is fully computed.
         for request in self.running:
@@ -360,6 +403,28 @@ class Engine:
                 decode_context += request.num_computed_tokens
                 budget -= 1
                 scheduled.append(request)
+        # 2. and 3. Prefill chunks of running requests, then admissions.
+        prefill_tokens, pairs = self._schedule_prefill(budget, now, scheduled, admitted)
+
+        shape = StepShape(prefill_tokens, pairs, decode_seqs, decode_context)
+        end = now + self.latency.step_time(shape)
+        first_end = now + self.latency.first_iteration_time(shape)
+        if scheduled:
+            self.busy_until = end
+        result = StepResult(start=now, end=end, shape=shape, first_token_at=first_end, admitted=admitted)
+        self._emit_tokens(scheduled, end, result)
+        result.events = self.pool.take_events()
+        return result
+
+    def _schedule_prefill(
+        self, budget: int, now: float, scheduled: list[SimRequest], admitted: list[SimRequest]
+    ) -> tuple[int, int]:
+        """Spend ``budget`` on the next prefill chunk of running requests, then on admitting
+        waiting requests in arrival order while sequences and blocks allow; returns the
+        prefill tokens and attention pairs scheduled."""
+        cfg = self.config
+        bs = cfg.block_size
+        prefill_tokens = pairs = 0
         # 2. The next prefill chunk of running requests still prefilling.
         for request in self.running:
             if budget <= 0:
@@ -376,9 +441,7 @@ class Engine:
         while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             request = self.waiting[0]
             hits = self.pool.longest_prefix(request.digests, (request.prompt_len - 1) // bs)
-            evictable_hits = sum(1 for block in hits if block.ref_cnt == 0)
-            cost = request.final_blocks - len(hits) + evictable_hits
-            if self.pool.num_free - self._reserved < cost:
+            if not self._fits(request, hits):
                 break
             self.waiting.popleft()
             self.pool.touch(hits)
@@ -399,13 +462,106 @@ class Engine:
             pairs += attention_pairs(n, computed)
             budget -= n
             scheduled.append(request)
+        return prefill_tokens, pairs
 
-        shape = StepShape(prefill_tokens, pairs, decode_seqs, decode_context)
-        end = now + self.latency.step_time(shape)
-        first_end = now + self.latency.first_iteration_time(shape)
-        if scheduled:
-            self.busy_until = end
-        result = StepResult(start=now, end=end, shape=shape, first_token_at=first_end, admitted=admitted)
+    def _fits(self, request: SimRequest, hits: list[KVBlock]) -> bool:
+        """Whether the free blocks cover the request's worst case (its cache hits aside)."""
+        evictable_hits = sum(1 for block in hits if block.ref_cnt == 0)
+        cost = request.final_blocks - len(hits) + evictable_hits
+        return self.pool.num_free - self._reserved >= cost
+
+    def can_admit(self) -> bool:
+        """Whether the next step could admit the first waiting request."""
+        if not self.waiting or len(self.running) >= self.config.max_num_seqs:
+            return False
+        request = self.waiting[0]
+        bs = self.config.block_size
+        return self._fits(request, self.pool.longest_prefix(request.digests, (request.prompt_len - 1) // bs))
+
+    # -- interleaved decode (token_scale > 1) ------------------------------------------------
+
+    def _interleaved_step(self, now: float) -> StepResult:
+        """One real iteration when there is prefill work: the prefill chunks, and one real
+        decode token for each decoding request, whose simulated token comes out once it has
+        had ``token_scale`` such iterations. Without prefill work, a run of pure-decode
+        iterations until the first decoding request's next simulated token is due
+        (``pending``: ``finish_decode_run`` produces it, ``interrupt`` may end it sooner).
+
+        This is vLLM's continuous batching at real-token granularity: a request arriving
+        while others decode joins at the next iteration, and long prompts keep prefilling at
+        a full chunk per iteration while others decode. Whole scaled steps instead make an
+        arrival wait up to ``token_scale - 1`` decode iterations (about 0.25 s at scale 32)
+        and prefill only one chunk per ``token_scale`` iterations while anything decodes.
+        """
+        scale = self.latency.token_scale
+        decoding = [r for r in self.running if r.num_computed_tokens >= r.prompt_len]
+        # Each decoding request takes one real token of the iteration's budget.
+        budget = self.config.max_num_batched_tokens - math.ceil(len(decoding) / scale)
+        scheduled: list[SimRequest] = []
+        admitted: list[SimRequest] = []
+        prefill_tokens, pairs = self._schedule_prefill(budget, now, scheduled, admitted)
+        context = sum(r.num_computed_tokens for r in decoding)
+        shape = StepShape(prefill_tokens, pairs, len(decoding), context)
+        if not prefill_tokens:
+            if not decoding:
+                return StepResult(start=now, end=now, shape=shape, first_token_at=now)
+            return self._start_decode_run(now, decoding, shape)
+        end = now + self.latency.first_iteration_time(shape)
+        self.busy_until = end
+        for request in decoding:
+            request.decode_iterations += 1.0
+            if request.decode_iterations >= scale - _ITERATION_EPSILON:
+                request.decode_iterations -= scale
+                self._schedule(request, 1)
+                scheduled.append(request)
+        result = StepResult(start=now, end=end, shape=shape, first_token_at=end, admitted=admitted)
+        self._emit_tokens(scheduled, end, result)
+        result.events = self.pool.take_events()
+        return result
+
+    def _start_decode_run(self, now: float, decoding: list[SimRequest], shape: StepShape) -> StepResult:
+        scale = self.latency.token_scale
+        remaining = min(scale - r.decode_iterations for r in decoding)
+        iterations = max(1, math.ceil(remaining - _ITERATION_EPSILON))
+        per_iteration = self.latency.decode_iteration_time(shape)
+        self._decode_run = _DecodeRun(now, per_iteration, iterations, decoding, shape)
+        self.busy_until = end = now + iterations * per_iteration
+        return StepResult(start=now, end=end, shape=shape, first_token_at=end, pending=True)
+
+    def interrupt(self, now: float) -> float | None:
+        """A request arrived during a pure-decode run: end the run at the iteration boundary
+        after ``now`` so the next step can admit it. Returns the run's new end, or None when
+        there is no run to shorten (none running, or it ends by then anyway)."""
+        run = self._decode_run
+        if run is None or now >= self.busy_until:
+            return None
+        done = max(1, math.ceil((now - run.start) / run.per_iteration - _ITERATION_EPSILON))
+        if done >= run.iterations:
+            return None
+        # The run was as long as the first due token allowed, so nobody's token comes out
+        # in the iterations it keeps.
+        run.iterations = done
+        self.busy_until = run.start + done * run.per_iteration
+        return self.busy_until
+
+    def finish_decode_run(self) -> StepResult:
+        """The pending decode run has ended (at ``busy_until``): its tokens and KV events."""
+        run = self._decode_run
+        if run is None:
+            raise RuntimeError("no decode run is pending")
+        self._decode_run = None
+        scale = self.latency.token_scale
+        scheduled: list[SimRequest] = []
+        for request in run.requests:
+            if request.status is not RequestStatus.RUNNING:
+                continue
+            request.decode_iterations += run.iterations
+            if request.decode_iterations >= scale - _ITERATION_EPSILON:
+                request.decode_iterations -= scale
+                self._schedule(request, 1)
+                scheduled.append(request)
+        end = run.start + run.iterations * run.per_iteration
+        result = StepResult(start=run.start, end=end, shape=run.shape, first_token_at=end)
         self._emit_tokens(scheduled, end, result)
         result.events = self.pool.take_events()
         return result

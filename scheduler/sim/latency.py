@@ -129,6 +129,10 @@ class LatencyModel:
             shape.decode_context_tokens * scale,
         )
 
+    def decode_iteration_time(self, shape: StepShape) -> float:
+        """One real pure-decode iteration of ``shape``'s decoding requests (its prefill ignored)."""
+        return self._iteration(0.0, 0.0, shape.decode_seqs, shape.decode_context_tokens * self.token_scale)
+
     def step_time(self, shape: StepShape) -> float:
         first = self.first_iteration_time(shape)
         scale = self.token_scale

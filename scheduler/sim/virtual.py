@@ -8,6 +8,9 @@ function of the workload, the configuration and the seed:
   makes), the request joins that engine's queue, an idle engine starts a step;
 * FIRST_TOKEN: a request's prefill ends and its first token exists (the end of the
   step's first iteration);
+* DECODE_RUN_DONE: a run of pure-decode iterations ends (its tokens are produced then;
+  an arrival that the engine can admit cuts the run short at the next iteration, so it
+  waits at most one decode iteration, as with vLLM's continuous batching);
 * STEP_DONE: an engine iteration ends: KV events go to the index (after
   ``kv_event_delay_s``, the publish/ingest latency), completions go to
   the Scheduler's in-flight accounting and to the results; a busy engine starts its next
@@ -42,7 +45,7 @@ from scheduler.sim.engine import Engine, EngineConfig, RequestRejected, StepResu
 from scheduler.sim.latency import LatencyModel
 from scheduler.workloads.model import RequestOutcome, SLOTargets
 
-ARRIVAL, STEP, FIRST_TOKEN, STEP_DONE, EVENTS, SCRAPE, EXPIRE = range(7)
+ARRIVAL, STEP, FIRST_TOKEN, STEP_DONE, EVENTS, SCRAPE, EXPIRE, DECODE_RUN_DONE = range(8)
 
 
 class WorkloadItem(Protocol):
@@ -70,18 +73,48 @@ class VirtualPoolConfig:
     scrape_interval_s: float = 0.05
     # Time from an engine emitting a KV event to the index applying it (ZMQ + ingest).
     kv_event_delay_s: float = 0.001
-    # Least virtual time between two latency-model fits. Each fit costs ~0.5-1 s of wall
-    # time here; the live server retrains on the predictor's own cadence in the background.
+    # Least virtual time between two latency-model fits, but for those due because the
+    # samples doubled (log2(n) of them). Each fit costs ~0.5-1 s of wall time here; the live
+    # server retrains on the predictor's own cadence in the background.
     min_train_interval_s: float = 120.0
     # Objectives every request carries (in real milliseconds per real token for TPOT).
     slo: SLOTargets = field(default_factory=SLOTargets)
+    # Scaled traces: run the engines' real iterations with arrivals joining between them
+    # (EngineConfig.interleave_decode). False restores whole scaled steps, which make an
+    # arrival wait out up to token_scale - 1 decode iterations.
+    interleave_decode: bool = True
+
+
+IDLE, LOADED, SATURATED = "idle", "loaded", "saturated"
+LOAD_REGIMES = (IDLE, LOADED, SATURATED)
+
+
+def load_regime(engine: Engine) -> str:
+    """How busy ``engine`` is for a request arriving now, from what the engine knows:
+
+    * ``idle``: nothing running or waiting; the request starts at once and its TTFT is its
+      own prefill;
+    * ``loaded``: requests running, but less than one iteration's prefill budget
+      (``max_num_batched_tokens``) of prompt tokens queued ahead: it starts prefilling in the
+      next iteration, sharing iterations with the decode batch;
+    * ``saturated``: at least a full iteration's budget of prefill queued ahead, or requests
+      waiting for a sequence slot or KV blocks: its TTFT is mostly queueing.
+    """
+    if not engine.has_work:
+        return IDLE
+    if engine.num_waiting or engine.queued_prefill_tokens() >= engine.config.max_num_batched_tokens:
+        return SATURATED
+    return LOADED
 
 
 @dataclass(slots=True)
 class _Worker:
     name: str
     engine: Engine
-    stepping: bool = False  # a STEP or STEP_DONE is pending on the heap
+    stepping: bool = False  # a STEP, STEP_DONE or DECODE_RUN_DONE is pending on the heap
+    # Bumped when a decode run is cut short: the DECODE_RUN_DONE pushed for its old end is
+    # then ignored.
+    decode_run: int = 0
 
 
 @dataclass(slots=True)
@@ -108,6 +141,7 @@ class VirtualPool:
             max_num_batched_tokens=max(int(cfg.max_num_batched_tokens / scale), cfg.block_size),
             max_model_len=max(int(cfg.max_model_len / scale), cfg.block_size),
             latency=LatencyModel(token_scale=scale),
+            interleave_decode=cfg.interleave_decode,
         )
         self.workers = [_Worker(f"sim-{i}:8000", Engine(engine_config)) for i in range(cfg.workers)]
         index_config = self.scheduler_config.index.model_copy(update={"block_size": cfg.block_size})
@@ -140,6 +174,11 @@ class VirtualPool:
                 self.scheduler.on_first_token(request_id, now)
             elif kind == STEP_DONE:
                 pending -= self._step_done(payload, now, results)  # type: ignore[arg-type]
+            elif kind == DECODE_RUN_DONE:
+                worker, run = cast(tuple[_Worker, int], payload)
+                if run == worker.decode_run:
+                    step = worker.engine.finish_decode_run()
+                    pending -= self._step_done((worker, step), now, results)
             elif kind == EVENTS:
                 worker_name, batch = cast(tuple[str, EventBatch], payload)
                 self.scheduler.index.apply_batch(worker_name, batch)
@@ -205,6 +244,7 @@ class VirtualPool:
             result.prediction_source = source
         worker = self._by_name[pick.endpoints[0]]
         result.endpoint = worker.name
+        result.load_regime = load_regime(worker.engine)
         try:
             worker.engine.add_request(
                 request.request_id, list(request.token_ids), max(request.max_tokens or 1, 1), now
@@ -216,6 +256,9 @@ class VirtualPool:
         if not worker.stepping:
             worker.stepping = True
             self._push(max(now, worker.engine.busy_until), STEP, worker)
+        elif worker.engine.can_admit() and (end := worker.engine.interrupt(now)) is not None:
+            worker.decode_run += 1
+            self._push(end, DECODE_RUN_DONE, (worker, worker.decode_run))
         return 0
 
     def _dispatch_waiting(self, now: float, results: dict[str, RequestOutcome]) -> int:
@@ -241,6 +284,10 @@ class VirtualPool:
                 # Admission reserves worst-case blocks, so an idle engine can always admit.
                 raise RuntimeError(f"{worker.name} has queued work but scheduled nothing at t={now:.3f}")
             worker.stepping = False
+            return
+        if step.pending:
+            worker.decode_run += 1
+            self._push(step.end, DECODE_RUN_DONE, (worker, worker.decode_run))
             return
         for token in step.tokens:
             if token.index == 0:
@@ -275,9 +322,10 @@ class VirtualPool:
             worker.stepping = False
         if step.finished:
             # Training happens at its virtual time, on this thread: runs stay deterministic.
-            if now - self._trained_at >= self.config.min_train_interval_s and self.scheduler.train_if_due(
-                now
-            ):
+            if (
+                now - self._trained_at >= self.config.min_train_interval_s
+                or self.scheduler.predictor.samples_doubled
+            ) and self.scheduler.train_if_due(now):
                 self._trained_at = now
             finished += self._dispatch_waiting(now, results)
         return finished

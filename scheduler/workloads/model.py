@@ -125,6 +125,9 @@ class RequestOutcome:
     predicted_ttft_ms: float | None = None
     predicted_tpot_ms: float | None = None
     prediction_source: str | None = None
+    # How busy the serving engine was when the request reached it ("idle", "loaded",
+    # "saturated"; see sim/virtual.py); None where it is not known (live runs).
+    load_regime: str | None = None
     # The client's own count of the streamed text's tokens (None: not counted), and whether
     # its counts disagreed with the server's usage.
     client_completion_tokens: int | None = None

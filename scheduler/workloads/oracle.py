@@ -73,22 +73,32 @@ def workload_ceilings(requests: Sequence[WorkloadRequest], block_size: int) -> d
     return ceilings
 
 
-def pooled_lru_hit_ratio(requests: Sequence[WorkloadRequest], block_size: int, capacity_blocks: int) -> float:
-    """Hit ratio (share of full blocks) of one LRU cache holding the whole pool's capacity:
-    the ceiling for any router over workers whose caches add up to ``capacity_blocks`` (a
-    router can at best make the pool behave like one shared cache)."""
+def pooled_lru_hits(requests: Sequence[WorkloadRequest], block_size: int, capacity_blocks: int) -> list[int]:
+    """Per request (in the order given), the full blocks one LRU cache holding the whole
+    pool's capacity would have served from cache: every prompt, in arrival order, hits its
+    leading cached blocks and then is cached whole, least recently used blocks evicted."""
     cache: OrderedDict[int, None] = OrderedDict()
-    hits = total = 0
+    position = {id(request): i for i, request in enumerate(requests)}
+    hits = [0] * len(requests)
     for request in _in_arrival_order(requests):
         keys = prefix_block_keys(request.prompt_token_ids, block_size)
+        hit = 0
         for key in keys:
             if key not in cache:
                 break
-            hits += 1
-        total += len(keys)
+            hit += 1
+        hits[position[id(request)]] = hit
         for key in keys:
             cache[key] = None
             cache.move_to_end(key)
         while len(cache) > capacity_blocks:
             cache.popitem(last=False)
-    return hits / total if total else 0.0
+    return hits
+
+
+def pooled_lru_hit_ratio(requests: Sequence[WorkloadRequest], block_size: int, capacity_blocks: int) -> float:
+    """Hit ratio (share of full blocks) of one LRU cache holding the whole pool's capacity:
+    the ceiling for any router over workers whose caches add up to ``capacity_blocks`` (a
+    router can at best make the pool behave like one shared cache)."""
+    total = sum(len(r.prompt_token_ids) // block_size for r in requests)
+    return sum(pooled_lru_hits(requests, block_size, capacity_blocks)) / total if total else 0.0

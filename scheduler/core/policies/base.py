@@ -30,6 +30,10 @@ from scheduler.core.scoring import (
 NO_HEALTHY_ENDPOINT = "no healthy endpoint"
 
 Explanation = dict[str, Any]
+# The prompt's chained block keys in the prefix index's hash mode, in prompt order (a numpy
+# uint64 array from the native index, a list of ints from the reference one): key ``i``
+# stands for blocks ``0..i`` together.
+BlockKeys = Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,10 @@ class PolicyInput:
     rng: random.Random  # the Scheduler's seeded source: same seed, same decisions
     estimator: LatencyEstimator  # predicts candidates' TTFT/TPOT, for policies that use it
     wanted: int  # endpoints to list: the primary and its fallbacks
+    # Policies that keep per-block state of their own (active blocks, speculative entries)
+    # read these; the others never touch them.
+    block_keys: BlockKeys = ()  # the prompt's full blocks, as the index keys them
+    now: float = 0.0  # the time of the pick (for a policy's own expiries)
 
 
 @dataclass(slots=True)
@@ -77,6 +85,10 @@ class RoutingPolicy(ABC):
     # idles (``Scheduler._approximate_load_guard``). Off for policies that follow a published
     # rule of their own, which must see every match as their source describes.
     guards_remembered_prefixes = False
+    # Whether flow control also judges an endpoint by the prefill queued ahead there, priced
+    # in milliseconds (``FlowControlConfig.max_queued_prefill_ms``). kvsched's own policy does;
+    # the baselines keep the request-count and KV-usage limits they were measured with.
+    prices_queued_prefill = False
 
     @abstractmethod
     def route(self, data: PolicyInput) -> Routing: ...

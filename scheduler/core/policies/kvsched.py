@@ -23,6 +23,7 @@ class ScoringPolicy(RoutingPolicy):
     # reads them.
     slo_stage = True
     guards_remembered_prefixes = True
+    prices_queued_prefill = True
 
     def __init__(self, setup: PolicySetup) -> None:
         self._pipeline = SchedulingPipeline(self.scoring_for(setup.scoring))

@@ -15,6 +15,7 @@ from scheduler.core.scoring import ScorerWeights, ScoringConfig
 
 class QueueOnly(ScoringPolicy):
     slo_stage = False
+    prices_queued_prefill = False  # an ablation of the scoring, not of flow control
 
     def scoring_for(self, scoring: ScoringConfig) -> ScoringConfig:
         return scoring.model_copy(update={"weights": ScorerWeights.only(queue_depth=1.0)})

@@ -41,12 +41,16 @@ class PriorCoefficients(BaseModel):
         10.0, ge=0, description="TTFT of a tiny prompt on an idle endpoint: one engine step and overheads."
     )
     ttft_ms_per_uncached_token: float = Field(
-        0.036, ge=0, description="Prefill cost of one token of this request (about 27.6k tokens/s)."
-    )
-    ttft_ms_per_prefill_token_ahead: float = Field(
         0.036,
+        gt=0,
+        description="Prefill cost of one prompt token (about 27.6k tokens/s): the rate prefill time "
+        "is estimated at on an endpoint until its own first tokens have measured it.",
+    )
+    ttft_per_estimated_prefill_ms: float = Field(
+        1.0,
         ge=0,
-        description="Cost of one in-flight prefill token queued ahead of this request.",
+        description="TTFT per millisecond of prefill estimated ahead of the first token (the queue "
+        "there and the request's own, at the endpoint's measured rate).",
     )
     ttft_ms_per_waiting_request: float = Field(
         8.0, ge=0, description="Queueing cost of one scraped waiting request (at least one step each)."
@@ -100,6 +104,14 @@ class PredictorConfig(BaseModel):
         description="Space the trees fit in. 'log' (log1p of milliseconds): squared error there is "
         "relative error, which is what MAPE measures and what latencies spanning orders of magnitude "
         "need; 'identity': milliseconds.",
+    )
+    residual_to_prior: bool = Field(
+        True,
+        description="Fit the trees to what the analytic prior gets wrong (in the target space: "
+        "log(observed / prior) with 'log') and predict prior x correction. Trees cannot "
+        "extrapolate: a model trained while the pool was lightly loaded predicts light-load "
+        "latencies whatever the queue. The prior grows with the prefill queued ahead, so the "
+        "product follows a queue the trees never saw, and the trees learn only the corrections.",
     )
     require_model_beats_prior: bool = Field(
         True,

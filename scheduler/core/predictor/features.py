@@ -26,6 +26,23 @@ Columns:
 10. ``decode_batch``: ``max(running, inflight_decode_requests)``. Scraped counts lag by a
     scrape interval and kvsched's own miss other routers' traffic; the larger of the two
     is the better guess of the batch a new token waits on (derived).
+11. ``queued_prefill_tokens``: prefill tokens estimated to still be queued there ahead of
+    this request: what kvsched routed, drained at the endpoint's measured prefill rate
+    (``core/prefillqueue.py``). Column 6 counts a long prompt as all still to do until its
+    first token, though its chunks have been running for seconds.
+12. ``prefill_ahead_ms``: column 11 at the endpoint's measured rate, in milliseconds: the
+    wait for the queue ahead (0 while no rate is measured).
+13. ``own_prefill_ms``: column 2 at the same rate: this request's own prefill time there.
+14. ``estimated_prefill_ms``: columns 12 + 13, the prefill a first token waits for. What a
+    TTFT is mostly made of, in time, whatever the endpoint's speed and the tokens' scale:
+    the prior's main term (its coefficient is learned from how prompt sizes vary even while
+    nothing queues, and carries over to queues never seen), and a split trees use where raw
+    token counts would need one per speed.
+15. ``ms_since_endpoint_event``: milliseconds since the endpoint last produced a first token
+    or finished a request, capped at 10 s (also when it never did). Both happen at the end
+    of an engine iteration, and a new request waits for the iteration in progress (up to
+    ~0.3 s while an 8,192-token prefill chunk runs): the one part of the wait no count of
+    queued work tells, and the largest error left on short requests to busy endpoints.
 """
 
 from __future__ import annotations
@@ -48,6 +65,11 @@ FEATURE_NAMES: Final[tuple[str, ...]] = (
     "endpoint_class_id",
     "prefill_tokens_ahead",
     "decode_batch",
+    "queued_prefill_tokens",
+    "prefill_ahead_ms",
+    "own_prefill_ms",
+    "estimated_prefill_ms",
+    "ms_since_endpoint_event",
 )
 NUM_FEATURES: Final = len(FEATURE_NAMES)
 
@@ -62,6 +84,13 @@ INFLIGHT_DECODE_REQUESTS: Final = 7
 ENDPOINT_CLASS_ID: Final = 8
 PREFILL_TOKENS_AHEAD: Final = 9
 DECODE_BATCH: Final = 10
+QUEUED_PREFILL_TOKENS: Final = 11
+PREFILL_AHEAD_MS: Final = 12
+OWN_PREFILL_MS: Final = 13
+ESTIMATED_PREFILL_MS: Final = 14
+MS_SINCE_ENDPOINT_EVENT: Final = 15
+# Ages beyond this say only "a long time": the cap keeps the column's range bounded.
+EVENT_AGE_CAP_MS: Final = 10_000.0
 
 FeatureMatrix = npt.NDArray[np.float32]
 
@@ -75,9 +104,20 @@ def candidate_features(
     inflight_prefill_tokens: Sequence[int],
     inflight_decode_requests: Sequence[int],
     endpoint_class_ids: Sequence[int],
+    queued_prefill_tokens: Sequence[float] | None = None,
+    prefill_tokens_per_s: Sequence[float] | None = None,
+    last_event_age_s: Sequence[float | None] | None = None,
 ) -> FeatureMatrix:
-    """Feature rows (N, NUM_FEATURES) for N candidates of one request; sequences align by index."""
+    """Feature rows (N, NUM_FEATURES) for N candidates of one request; sequences align by
+    index. Without ``queued_prefill_tokens`` (or rates) those columns are 0; without event
+    ages, the cap."""
     n = len(cached_tokens)
+    zeros = [0.0] * n
+    ages = (
+        [EVENT_AGE_CAP_MS] * n
+        if last_event_age_s is None
+        else [EVENT_AGE_CAP_MS if a is None else min(a * 1000.0, EVENT_AGE_CAP_MS) for a in last_event_age_s]
+    )
     columns = (
         cached_tokens,
         waiting,
@@ -86,6 +126,9 @@ def candidate_features(
         inflight_prefill_tokens,
         inflight_decode_requests,
         endpoint_class_ids,
+        zeros if queued_prefill_tokens is None else queued_prefill_tokens,
+        zeros if prefill_tokens_per_s is None else prefill_tokens_per_s,
+        ages,
     )
     if any(len(column) != n for column in columns):
         raise ValueError("every per-candidate sequence must have one entry per candidate")
@@ -94,11 +137,19 @@ def candidate_features(
     out = np.empty((n, NUM_FEATURES), dtype=np.float32)
     out[:, PROMPT_TOKENS] = prompt_tokens
     out[:, CACHED_TOKENS] = stacked[0]
-    # Columns 3..8 are the remaining inputs in the order they were stacked.
-    out[:, WAITING : ENDPOINT_CLASS_ID + 1] = stacked[1:].T
+    # Columns 3..8 are the next inputs in the order they were stacked.
+    out[:, WAITING : ENDPOINT_CLASS_ID + 1] = stacked[1:7].T
     uncached = out[:, UNCACHED_TOKENS]
     np.subtract(out[:, PROMPT_TOKENS], out[:, CACHED_TOKENS], out=uncached)
     np.maximum(uncached, 0.0, out=uncached)
     np.add(out[:, INFLIGHT_PREFILL_TOKENS], uncached, out=out[:, PREFILL_TOKENS_AHEAD])
     np.maximum(out[:, RUNNING], out[:, INFLIGHT_DECODE_REQUESTS], out=out[:, DECODE_BATCH])
+    out[:, QUEUED_PREFILL_TOKENS] = stacked[7]
+    # Milliseconds per token at each endpoint's rate; 0 where no rate is measured yet.
+    rate = stacked[8]
+    ms_per_token = np.divide(1000.0, rate, out=np.zeros(n, dtype=np.float32), where=rate > 0.0)
+    np.multiply(stacked[7], ms_per_token, out=out[:, PREFILL_AHEAD_MS])
+    np.multiply(uncached, ms_per_token, out=out[:, OWN_PREFILL_MS])
+    np.add(out[:, PREFILL_AHEAD_MS], out[:, OWN_PREFILL_MS], out=out[:, ESTIMATED_PREFILL_MS])
+    out[:, MS_SINCE_ENDPOINT_EVENT] = stacked[9]
     return out

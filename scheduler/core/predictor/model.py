@@ -276,16 +276,25 @@ class TrainedModel:
     # xgboost's own JSON of each fitted booster, kept for inspection and comparisons;
     # predictions never read it.
     boosters: dict[str, bytes] = field(default_factory=dict)
+    # The trees correct the prior (PredictorConfig.residual_to_prior): their output is added
+    # to the prior's prediction in the target space.
+    residual: bool = False
 
     def predict_ttft(self, features: FeatureMatrix) -> Floats:
         if self.ttft is None:
             return self.prior.predict_ttft(features)
-        return from_margin(self.ttft.margin(features), self.transform)
+        margin = self.ttft.margin(features)
+        if self.residual:
+            margin += to_target_space(self.prior.predict_ttft(features), self.transform)
+        return from_margin(margin, self.transform)
 
     def predict_tpot(self, features: FeatureMatrix) -> Floats:
         if self.tpot is None:
             return self.prior.predict_tpot(features)
-        return from_margin(self.tpot.margin(features), self.transform)
+        margin = self.tpot.margin(features)
+        if self.residual:
+            margin += to_target_space(self.prior.predict_tpot(features), self.transform)
+        return from_margin(margin, self.transform)
 
     def to_bytes(self) -> bytes:
         ensembles = [name for name in ("ttft", "tpot") if getattr(self, name) is not None]
@@ -300,6 +309,7 @@ class TrainedModel:
             "tpot_score": _score_to_json(self.tpot_score),
             "ensembles": ensembles,
             "boosters": sorted(self.boosters),
+            "residual": self.residual,
         }
         arrays: dict[str, npt.NDArray[Any]] = {"header": _json_array(header)}
         for name in ensembles:
@@ -336,6 +346,7 @@ class TrainedModel:
             ttft_score=TargetScore(**header["ttft_score"]),
             tpot_score=TargetScore(**header["tpot_score"]),
             boosters=boosters,
+            residual=bool(header.get("residual", False)),
         )
 
 
@@ -368,6 +379,6 @@ def prior_from_json(value: dict[str, Any]) -> PriorModel:
         ttft_fitted_on=int(value["ttft_fitted_on"]),
         tpot_fitted_on=int(value["tpot_fitted_on"]),
     )
-    if len(prior.ttft) != 4 or len(prior.tpot) != 2:
+    if len(prior.ttft) != 3 or len(prior.tpot) != 2:
         raise ValueError("prior coefficients have the wrong length")
     return prior

@@ -170,7 +170,10 @@ class LatencyPredictor:
         """Whether a training job would learn something: enough samples, and new ones since the last job.
 
         The first model trains as soon as a target has min_samples; later ones after
-        retrain_every_samples new observations or retrain_every_s since the last install.
+        retrain_every_samples new observations or retrain_every_s since the last install, or
+        as soon as the observations have doubled since the last job: the first model sees
+        only the first few hundred requests, often before any load built up, and its trees
+        cannot extrapolate past what they saw. Doubling costs log2(n) extra fits in all.
         """
         config = self.config
         if not config.enabled:
@@ -180,7 +183,18 @@ class LatencyPredictor:
             return False
         if self._installed_at is None:
             return True
-        return new >= config.retrain_every_samples or now - self._installed_at >= config.retrain_every_s
+        return (
+            new >= config.retrain_every_samples
+            or new >= self._observed_at_last_job
+            or now - self._installed_at >= config.retrain_every_s
+        )
+
+    @property
+    def samples_doubled(self) -> bool:
+        """Observations have doubled since the last training job (one is due at once)."""
+        return self._store.observed >= 2 * self._observed_at_last_job and len(self._store.train) >= (
+            self.config.min_samples
+        )
 
     def training_job(self) -> TrainingJob:
         """A snapshot of the samples to fit (on any thread) with ``job.fit()``, then ``install``."""

@@ -81,10 +81,13 @@ class TrainingJob:
         ):
             rows = _usable(y_train)
             ensemble = None
+            residual = config.residual_to_prior
             if int(rows.sum()) >= config.min_samples:
-                raw = fit_booster(
-                    train.features[rows], to_target_space(y_train[rows], transform), config.xgboost
-                )
+                features = train.features[rows]
+                target = to_target_space(y_train[rows], transform)
+                if residual:
+                    target = target - to_target_space(prior_predict(features), transform)
+                raw = fit_booster(features, target, config.xgboost)
                 boosters[name] = raw
                 ensemble = compile_booster_json(raw)
             held = _usable(y_holdout)
@@ -93,7 +96,10 @@ class TrainingJob:
             prior_mape = mape(prior_predict(held_features), held_target) if held_count else None
             model_mape = None
             if ensemble is not None and held_count:
-                model_mape = mape(from_margin(ensemble.margin(held_features), transform), held_target)
+                margin = ensemble.margin(held_features)
+                if residual:
+                    margin += to_target_space(prior_predict(held_features), transform)
+                model_mape = mape(from_margin(margin, transform), held_target)
             use_model = ensemble is not None
             if (
                 use_model
@@ -116,4 +122,5 @@ class TrainingJob:
             ttft_score=scores["ttft"],
             tpot_score=scores["tpot"],
             boosters=boosters,
+            residual=config.residual_to_prior,
         )

@@ -12,6 +12,9 @@ from scheduler.core.scoring.filters import (
     default_filters,
 )
 from scheduler.core.scoring.pipeline import SchedulingPipeline
+
+# Scorers in modules of their own register on import, after the built-in ones.
+from scheduler.core.scoring.prefill_wait import PrefillWaitScorer
 from scheduler.core.scoring.registry import SCORERS, ScorerSpec, register_scorer
 from scheduler.core.scoring.scorers import (
     InflightLoadScorer,
@@ -46,6 +49,7 @@ __all__ = [
     "LatencyEstimator",
     "PickRequest",
     "PredictedLatencyScorer",
+    "PrefillWaitScorer",
     "PrefixMatch",
     "PrefixOverlapScorer",
     "QueueDepthScorer",

@@ -17,9 +17,14 @@ class ScorerWeights(Mapping[str, float]):
     only ratios matter.
 
     Every registered scorer has a weight: the one given, else its registered default
-    (``register_scorer(..., weight=)``). The built-in defaults put prefix overlap at half the
-    total: a full cache hit outweighs any one load signal, yet the three load signals
-    together can still move a request off a hot endpoint. A weight of 0 turns a scorer off
+    (``register_scorer(..., weight=)``). The built-in defaults give the estimated prefill
+    wait (``prefill_wait``: the queue ahead plus the request's own uncached prefill, in time)
+    3 of 7: a cache hit counts mostly as the prefill it saves, so a hot prefix spreads once
+    its holder's queue outgrows recomputing it; prefix overlap (1) keeps requests on their
+    cache when the wait is about the same, and the load signals (queue depth 1, KV
+    utilisation 0.5, in-flight prefill tokens 1.5) break the rest. With prefix overlap at
+    half the total instead, a prefix every request shares kept half the pool idle on an
+    agentic workload (README, "Simulator results"). A weight of 0 turns a scorer off
     (it is not computed); all zero leaves every candidate tied, i.e. pure least-loaded
     picking. A name no scorer is registered under is refused, naming it.
 

@@ -56,7 +56,7 @@ class PrefixOverlapScorer:
 register_scorer(
     "prefix_overlap",
     PrefixOverlapScorer,
-    weight=3.0,
+    weight=1.0,
     description="Tier-weighted share of the prompt's blocks the endpoint already caches.",
 )
 

@@ -13,7 +13,10 @@ from scheduler.core.index import PrefixMatch
 __all__ = ["EndpointState", "LatencyEstimate", "PickRequest", "PrefixMatch"]
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is built per endpoint per pick, and a frozen dataclass costs 4.5x more to
+# build (5.9 against 1.3 us with these 17 fields, measured): 290 us of a pick over 64
+# endpoints. Treat it as immutable all the same (``dataclasses.replace`` for a changed copy).
+@dataclass(slots=True)
 class EndpointState:
     """One endpoint as known at decision time. Names are unique within one pick."""
 
@@ -30,6 +33,18 @@ class EndpointState:
     inflight_requests: int = 0
     inflight_prefill_tokens: int = 0
     inflight_decode_requests: int = 0  # routed there and past their first token
+    # Estimated prefill tokens still queued there ahead of a new request (kvsched's routed
+    # tokens drained at the endpoint's measured rate, core/prefillqueue.py), and that rate
+    # in tokens per second (0: not measured yet).
+    queued_prefill_tokens: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    # Seconds since the endpoint last produced a first token or finished a request (both
+    # happen at the end of an engine iteration); None: never seen.
+    last_event_age_s: float | None = None
+    # Estimated time of the prefill queued ahead of a new request there (kvsched's in-flight
+    # prefill tokens at the latency model's per-token cost), for saturation detection; None
+    # when not estimated.
+    prefill_ms_ahead: float | None = None
     endpoint_class: str = "default"
     labels: Mapping[str, str] = field(default_factory=dict)
 

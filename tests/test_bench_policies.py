@@ -1,0 +1,77 @@
+"""``kvsched bench policies`` at its tiny size: the table's shape, the goals, and decisions
+that repeat for a seed."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from scheduler.bench.policies import (
+    POLICIES,
+    policy_table,
+    run_tasks,
+    summarise,
+    summary_table,
+    tasks_for,
+    ttft_percentiles_ms,
+)
+from scheduler.bench.policies_suite import LOAD_LEVELS, TINY, build_workload, offered_utilisation
+from scheduler.workloads.model import RequestOutcome
+
+DETERMINISTIC = ["kvsched", "dynamo", "llmd", "vllm_router_kv_aware"]
+
+
+def test_a_trace_reaches_its_load_level_exactly_and_a_generated_workload_nearly(shared_dir: Path) -> None:
+    data = shared_dir / "data" / "mooncake"
+    for spec_name, tolerance in (("synthetic", 1e-9), ("rag", 0.2)):
+        spec = next(t.workload for t in tasks_for(workloads=[spec_name], size="tiny", data_dir=data))
+        for level in LOAD_LEVELS:
+            workload = build_workload(spec, level, TINY, 0, data)
+            utilisation = offered_utilisation(workload, TINY.workers)
+            assert utilisation == pytest.approx(level.utilisation, rel=tolerance)
+
+
+def test_tiny_run_fills_the_table_and_repeats_its_decisions_for_a_seed(shared_dir: Path) -> None:
+    data = shared_dir / "data" / "mooncake"
+    tasks = tasks_for(
+        workloads=["synthetic", "rag"], policies=[*DETERMINISTIC, "round_robin"], size="tiny", data_dir=data
+    )
+    first = run_tasks(tasks, jobs=1)
+    again = run_tasks(
+        tasks_for(workloads=["synthetic", "rag"], policies=DETERMINISTIC, size="tiny", data_dir=data)
+    )
+    digests = {(r["workload"], r["level"], r["policy"]): r["decisions"] for r in first}
+    assert {
+        (r["workload"], r["level"], r["policy"]): r["decisions"] for r in again
+    }.items() <= digests.items()
+    rows = summarise(first)
+    assert [(row["workload"], row["level"]) for row in rows] == [
+        (w, level.name) for w in ("synthetic", "rag") for level in LOAD_LEVELS
+    ]
+    for row in rows:
+        assert list(row["policies"]) == [*DETERMINISTIC, "round_robin"]
+        assert set(row["goals"]) == {"p50_le_best", "p99_le_0.9_best", "hit_ge_0.97_ceiling", "mape_le_0.15"}
+        assert row["best_p50"] in row["policies"] and row["best_p50"] != "kvsched"
+        assert 0.0 < row["capacity_ceiling_hit_ratio"] <= 1.0
+        table = policy_table(row).splitlines()
+        assert len(table) == 4 + len(row["policies"]) and table[2].count("|") == 11
+        kvsched = row["policies"]["kvsched"]
+        assert set(kvsched["ttft_mape"]) == {"all", "idle", "loaded", "saturated", "counts"}
+    summary = summary_table(rows).splitlines()
+    assert len(summary) == 2 + len(rows)
+
+
+def test_unknown_names_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="unknown workload, load level or policy: nope"):
+        tasks_for(policies=["nope"])
+    assert len(tasks_for(workloads=["chat"], size="tiny")) == len(LOAD_LEVELS) * len(POLICIES)
+
+
+def test_a_failed_request_counts_as_never_served_in_the_percentiles() -> None:
+    served = [RequestOutcome(f"r{i}", ok=True, start_s=0.0, first_token_s=(i + 1) / 1000) for i in range(98)]
+    failed = [RequestOutcome(f"f{i}", ok=False, start_s=0.0, error="http 503") for i in range(2)]
+    everyone = ttft_percentiles_ms(served + failed)
+    assert everyone["p50"] == pytest.approx(50.5) and math.isinf(everyone["p99"])
+    assert ttft_percentiles_ms(served)["p99"] == pytest.approx(97.03)
