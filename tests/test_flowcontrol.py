@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pydantic
 import pytest
 from hypothesis import given, settings
@@ -134,6 +136,39 @@ def test_unhealthy_endpoints_are_ignored_and_an_empty_pool_is_not_saturated() ->
     assert not detector.saturated([endpoint("down", waiting=9, healthy=False)], now=0.0)
     assert "no healthy endpoint" in detector.reason
     assert not detector.saturated([], now=0.0)
+
+
+def test_detector_reads_the_pool_only_as_far_as_its_answer_needs() -> None:
+    # The Scheduler hands the detector a lazily built iterator: a pool with room must cost
+    # one endpoint's state, not every endpoint's, on each arrival.
+    read: list[str] = []
+
+    def pool(states: list[EndpointState]) -> Iterator[EndpointState]:
+        for state in states:
+            read.append(state.name)
+            yield state
+
+    detector = SaturationDetector(FlowControlConfig(queue_depth_threshold=5, release_fraction=0.8))
+    roomy = [endpoint("a"), endpoint("b", waiting=9), endpoint("c", waiting=9)]
+    assert not detector.saturated(pool(roomy), now=0.0)
+    assert read == ["a"]
+    read.clear()
+    full = [endpoint(name, waiting=9) for name in "abc"]
+    assert detector.saturated(pool(full), now=1.0)
+    assert read == ["a", "b", "c"] and "all 3 healthy endpoints" in detector.reason
+    read.clear()
+    # Saturated: release at the first endpoint clearly under, without reading the rest.
+    drained = [endpoint("a", waiting=9), endpoint("b", waiting=1), endpoint("c", waiting=9)]
+    assert not detector.saturated(pool(drained), now=2.0)
+    assert read == ["a", "b"]
+
+
+def test_hysteresis_and_an_unhealthy_pool_hold_for_an_iterator() -> None:
+    detector = SaturationDetector(FlowControlConfig(queue_depth_threshold=5))
+    assert detector.saturated(iter([endpoint("a", waiting=9)]), now=0.0)
+    assert detector.saturated(iter([endpoint("a", waiting=9, healthy=False), endpoint("b", waiting=5)]), 1.0)
+    assert not detector.saturated(iter([endpoint("down", healthy=False)]), now=2.0)
+    assert "no healthy endpoint" in detector.reason
 
 
 def test_hysteresis_keeps_the_pool_saturated_until_an_endpoint_is_clearly_under() -> None:

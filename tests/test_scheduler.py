@@ -259,3 +259,36 @@ def test_served_hits_that_lookups_predict_are_fine() -> None:
         approximate.pick(SchedulingRequest(f"a{i}", [7] * BLOCK * 4), now=float(i))
         approximate.on_completed(f"a{i}", float(i) + 0.5, cached_tokens=3 * BLOCK)
     assert approximate.prefix_stats.verdict().status == "unknown"
+
+
+def test_endpoint_state_carries_every_figure_under_its_own_name() -> None:
+    # The Scheduler builds states positionally (a pick builds one per endpoint): every field
+    # gets a value distinct from its neighbours' here, so a reordered field shows.
+    scheduler = Scheduler(SchedulerConfig(index=IndexConfig(block_size=BLOCK)))
+    endpoint = Endpoint("e1", "10.0.0.9:8000", kv_events=None, endpoint_class="h100", labels={"zone": "a"})
+    scheduler.set_endpoints([endpoint], now=0.0)
+    scheduler.update_metrics("e1", EndpointMetrics(waiting=3, running=7, kv_usage=0.25), now=1.0)
+    for i, tokens in enumerate((40 * BLOCK, 20 * BLOCK)):
+        assert scheduler.pick(SchedulingRequest(f"r{i}", list(range(1, tokens + 1))), now=1.5).status == "ok"
+    # The second prompt is a prefix of the first, which approximate mode remembers as routed.
+    routed = scheduler.endpoint_state("e1", now=1.5)
+    assert (routed.queued_prefill_tokens, routed.inflight_prefill_tokens) == (40 * BLOCK, 40 * BLOCK)
+    assert type(routed.queued_prefill_tokens) is float and type(routed.inflight_prefill_tokens) is int
+    scheduler.on_first_token("r1", now=1.75)
+    scheduler.record_scrape_failure("e1", "refused", now=1.8)
+    state = scheduler.endpoint_state("e1", now=2.0)
+    assert (state.name, state.address, state.endpoint_class, dict(state.labels)) == (
+        "e1",
+        "10.0.0.9:8000",
+        "h100",
+        {"zone": "a"},
+    )
+    assert (state.waiting, state.running, state.kv_usage, state.metrics_age_s) == (3, 7, 0.25, 1.0)
+    assert state.healthy is (scheduler.config.health.unhealthy_after_failures > 1)
+    assert (state.inflight_requests, state.inflight_decode_requests) == (2, 1)
+    assert state.inflight_prefill_tokens == 40 * BLOCK
+    assert state.last_event_age_s == pytest.approx(0.25)
+    assert state.prefill_tokens_per_s > 0.0
+    assert state.prefill_ms_ahead is None
+    saturation = next(iter(scheduler.saturation_states(now=2.0)))
+    assert saturation.waiting == 3 + 2  # raised by the requests routed since the scrape

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 
 from scheduler.core.flowcontrol import (
     QUEUE_FULL,
@@ -35,7 +35,7 @@ from scheduler.core.scoring.types import EndpointState
 __all__ = ["FlowGate", "StateProvider"]
 
 # The endpoints' state at a given ``now`` (the Scheduler's view, in-flight counts included).
-StateProvider = Callable[[float], Sequence[EndpointState]]
+StateProvider = Callable[[float], Iterable[EndpointState]]
 
 
 class FlowGate:

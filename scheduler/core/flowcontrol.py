@@ -24,7 +24,7 @@ import bisect
 import heapq
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -218,19 +218,21 @@ class SaturationDetector:
     def is_saturated(self) -> bool:
         return self.saturated_since is not None
 
-    def saturated(self, states: Sequence[EndpointState], now: float) -> bool:
+    def saturated(self, states: Iterable[EndpointState], now: float) -> bool:
+        """Judge the pool, reading ``states`` only as far as the answer needs: an iterator
+        built lazily costs one endpoint, not the pool, whenever the first one has room."""
+        healthy = (s for s in states if s.healthy)
+        if self.saturated_since is None:
+            return self._check_entry(healthy, now)
+        return self._check_release(healthy, now)
+
+    def _no_healthy(self, now: float) -> bool:
+        self._set(False, now, "not saturated: no healthy endpoint")
+        return False
+
+    def _check_entry(self, healthy: Iterator[EndpointState], now: float) -> bool:
         config = self.config
         stale_after = config.metrics_stale_after_s
-        healthy = [s for s in states if s.healthy]
-        if not healthy:
-            self._set(False, now, "not saturated: no healthy endpoint")
-            return False
-        if self.saturated_since is None:
-            return self._check_entry(healthy, stale_after, now)
-        return self._check_release(healthy, stale_after, now)
-
-    def _check_entry(self, healthy: list[EndpointState], stale_after: float, now: float) -> bool:
-        config = self.config
         queue_limit, kv_limit = config.queue_depth_threshold, config.kv_cache_threshold
         inflight_limit = config.max_inflight_per_endpoint
         prefill_limit = config.max_queued_prefill_ms
@@ -249,6 +251,9 @@ class SaturationDetector:
                 detail = "" if trusted else " (metrics untrusted, in-flight under its limit)"
                 self._set(False, now, f"not saturated: endpoint {s.name} is under its limits{detail}")
                 return False
+        over = by_waiting + by_kv + by_inflight + by_prefill
+        if not over:
+            return self._no_healthy(now)
         causes = [
             f"{count} with {label}"
             for count, label in (
@@ -259,19 +264,20 @@ class SaturationDetector:
             )
             if count
         ]
-        self._set(
-            True, now, f"saturated: all {len(healthy)} healthy endpoints over limits ({', '.join(causes)})"
-        )
+        self._set(True, now, f"saturated: all {over} healthy endpoints over limits ({', '.join(causes)})")
         return True
 
-    def _check_release(self, healthy: list[EndpointState], stale_after: float, now: float) -> bool:
+    def _check_release(self, healthy: Iterator[EndpointState], now: float) -> bool:
         config = self.config
+        stale_after = config.metrics_stale_after_s
         fraction = config.release_fraction
         queue_release = config.queue_depth_threshold * fraction
         kv_release = config.kv_cache_threshold * fraction
         inflight_release = config.max_inflight_per_endpoint * fraction
         prefill_release = config.max_queued_prefill_ms * fraction
+        seen = 0
         for s in healthy:
+            seen += 1
             trusted = (age := s.metrics_age_s) is not None and age <= stale_after
             prefill_ok = s.prefill_ms_ahead is None or s.prefill_ms_ahead < prefill_release
             if (
@@ -281,6 +287,8 @@ class SaturationDetector:
             ):
                 self._set(False, now, f"not saturated: endpoint {s.name} is back under the release levels")
                 return False
+        if not seen:
+            return self._no_healthy(now)
         self.reason = (
             f"saturated: no endpoint back under the release levels (waiting < {queue_release:g}, "
             f"kv usage < {kv_release:g}, in-flight < {inflight_release:g}, prefill queued < "
