@@ -290,3 +290,59 @@ async def test_refusals_reach_the_client_through_envoy(stack: Stack) -> None:
             assert resp.status == 503
     outcomes = stack.app.server.stats.outcomes
     assert (outcomes["bad_request"], outcomes["no_endpoints"]) == (1, 1)
+
+
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "The weather of a city, " + " ".join(f"detail{i}" for i in range(60)),
+    "schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+def shaped_request(shape: str, question: str) -> tuple[str, dict[str, object]]:
+    """One request of ``shape`` whose tools and system prompt are the same for every question."""
+    system = "You answer weather questions. " + " ".join(f"rule{i} holds" for i in range(30))
+    name, description, schema = WEATHER_TOOL["name"], WEATHER_TOOL["description"], WEATHER_TOOL["schema"]
+    if shape == "chat_tools":
+        function = {"name": name, "description": description, "parameters": schema}
+        return "/v1/chat/completions", {
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+            "tools": [{"type": "function", "function": function}],
+            "max_tokens": 3,
+        }
+    if shape == "anthropic_messages":
+        return "/v1/messages", {
+            "system": [{"type": "text", "text": system}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": question}]}],
+            "tools": [{"name": name, "description": description, "input_schema": schema}],
+            "max_tokens": 3,
+        }
+    return "/v1/responses", {
+        "instructions": system,
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": question}]}],
+        "tools": [{"type": "function", "name": name, "description": description, "parameters": schema}],
+        "max_output_tokens": 3,
+    }
+
+
+@pytest.mark.parametrize("shape", ["chat_tools", "anthropic_messages", "responses"])
+async def test_tool_chats_and_other_request_shapes_hit_the_cache_through_envoy(
+    stack: Stack, shape: str
+) -> None:
+    # The worker renders each shape's tools and system prompt through its chat template; kvsched
+    # must read the same prompt from the body, or the second question would not follow the first.
+    stats = stack.app.scheduler.prefix_stats
+    index = stack.app.scheduler.index
+    async with aiohttp.ClientSession() as session:
+        path, body = shaped_request(shape, "Is it raining in Paris?")
+        first, _, usage = await stream(session, stack, path, body)
+        blocks = usage["prompt_tokens"] // 16
+        assert blocks >= 8  # the tools alone fill blocks: a prefix worth following
+        address = stack.worker_address(first)
+        await until(lambda: index.worker_blocks(address) >= blocks)
+        matched_before = stats.matched_blocks
+        path, body = shaped_request(shape, "And in Lyon, tomorrow?")
+        second, _, usage = await stream(session, stack, path, body)
+        assert second == first
+        assert stats.matched_blocks - matched_before >= blocks - 2
+        assert usage["cached"] >= 16 * (blocks - 2)
