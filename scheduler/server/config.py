@@ -31,6 +31,7 @@ from scheduler.adapters.extproc.config import ExtProcConfig
 from scheduler.adapters.kubernetes.config import KubernetesDiscoveryConfig
 from scheduler.adapters.scraper import DEFAULT_INTERVAL_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_TIMEOUT_S
 from scheduler.adapters.tokenizer_probe import TokenizerMode
+from scheduler.adapters.tracing import TracingConfig
 from scheduler.codec.prom import EngineKind, MetricNames, MetricsSpec
 from scheduler.core.kvingest import IngestConfig
 from scheduler.core.scheduler import Endpoint, SchedulerConfig
@@ -168,6 +169,11 @@ class ServeConfig(BaseModel):
         default_factory=ExtProcConfig,
         description="Endpoint Picker protocol settings, among them "
         "on_internal_error (fallback | grpc_error).",
+    )
+    tracing: TracingConfig = Field(
+        default_factory=TracingConfig,
+        description="OpenTelemetry traces of routing decisions over OTLP (off by default; needs "
+        "the 'tracing' extra).",
     )
     tokenizer_dir: str | None = Field(
         None,
