@@ -6,6 +6,7 @@ runs once per ext_proc transport (grpcio, and gRPC C++ where it was built)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -46,9 +47,17 @@ async def until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
 
 @pytest.fixture
 async def stack(extproc_transport: str) -> AsyncIterator[Stack]:
+    async with running_stack(extproc_transport) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def running_stack(
+    extproc_transport: str, *, endpoint_scores: int = 0, access_log: bool = False
+) -> AsyncIterator[Stack]:
     async with SimPool(WORKERS, PoolConfig(speed=5.0)) as pool:
         config = ServeConfig(
-            extproc={"transport": extproc_transport},  # type: ignore[arg-type]
+            extproc={"transport": extproc_transport, "endpoint_scores": endpoint_scores},  # type: ignore[arg-type]
             host="127.0.0.1",
             grpc_port=0,
             health_port=0,
@@ -70,6 +79,7 @@ async def stack(extproc_transport: str) -> AsyncIterator[Stack]:
                 fail_open=True,
                 pool=[d.address for d in pool.descriptors],
                 subset_header=SUBSET_HEADER,
+                access_log=access_log,
             )
             assert app.server.transport == extproc_transport
             async with EnvoyGateway(settings) as envoy:
@@ -346,3 +356,28 @@ async def test_tool_chats_and_other_request_shapes_hit_the_cache_through_envoy(
         assert second == first
         assert stats.matched_blocks - matched_before >= blocks - 2
         assert usage["cached"] >= 16 * (blocks - 2)
+
+
+async def test_candidates_scores_reach_envoys_access_log(extproc_transport: str) -> None:
+    # The proposed envoy.lb x-gateway-destination-endpoint-scores, as Envoy itself records it.
+    async with running_stack(extproc_transport, endpoint_scores=3, access_log=True) as stack:
+        index = stack.app.scheduler.index
+        async with aiohttp.ClientSession() as session:
+            shared = prefix(11)
+            first, _ = await complete(session, stack, [*shared, 7])
+            address = stack.worker_address(first)
+            await until(lambda: index.match_tokens(shared).get(address, (0,))[0] >= 16)
+            second, _ = await complete(session, stack, [*shared, 8])
+        assert second == first
+        await until(lambda: len(stack.envoy.access_log()) >= 2)
+        lines = stack.envoy.access_log()
+    for line in lines:
+        assert line["status"] == 200 and line["upstream"] == line["destination"]
+        scores = line["scores"]
+        # Three of the four candidates, the routed endpoint among them, each in [0, 1].
+        assert len(scores) == 3 and line["destination"] in scores
+        assert all(0.0 <= value <= 1.0 for value in scores.values())
+    # The second request's prefix is cached on the first's worker: its lead is visible.
+    second_scores = lines[1]["scores"]
+    runner_up = max(value for key, value in second_scores.items() if key != address)
+    assert second_scores[address] > runner_up

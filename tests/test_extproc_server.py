@@ -874,3 +874,32 @@ async def test_a_traced_decision_exports_a_span_per_stage(
     names = [span.name for span in exporter.get_finished_spans()]
     assert "tokenize" in names and DECISION_SPAN in names
     assert all(span.context.trace_id != decision.context.trace_id for span in exporter.get_finished_spans())
+
+
+async def test_candidates_scores_go_in_the_metadata_only_when_asked_for_and_bounded(
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
+) -> None:
+    from scheduler.core.events import BlockStored, EventBatch, Tier
+
+    prompt = list(range(1, 4 * 16 + 1))
+    stored = BlockStored(list(range(600, 604)), None, prompt, 16, medium=Tier.GPU)
+    assert scheduler.index.apply_batch(ADDRESSES[2], EventBatch(0.0, [stored])).stored == 4
+    plain = await start_server(scheduler)
+    scored = await start_server(scheduler, config=ExtProcConfig(endpoint_scores=2))
+    answers = []
+    for request_id, server in (("plain", plain), ("scored", scored)):
+        stream = connect(server)
+        await stream.request_headers({**POST, "x-request-id": request_id})
+        await stream.request_body(_completion_body([*prompt, 5]))
+        answers.append((await stream.read()).dynamic_metadata.fields["envoy.lb"].struct_value.fields)
+    assert "x-gateway-destination-endpoint-scores" not in answers[0]
+    scores = dict(answers[1]["x-gateway-destination-endpoint-scores"].struct_value.fields)
+    # Two of three candidates: the routed one (which holds the prefix) first and best.
+    assert answers[1]["x-gateway-destination-endpoint"].string_value == ADDRESSES[2]
+    assert len(scores) == 2 and ADDRESSES[2] in scores
+    assert scores[ADDRESSES[2]].number_value > max(
+        v.number_value for k, v in scores.items() if k != ADDRESSES[2]
+    )
+    assert all(0.0 <= value.number_value <= 1.0 for value in scores.values())

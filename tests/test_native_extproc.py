@@ -280,19 +280,23 @@ def test_native_usage_capture_agrees_on_generated_streams(
 
 @needs_native
 @pytest.mark.parametrize(
-    ("destination", "length", "extra"),
+    ("destination", "length", "extra", "scores"),
     [
-        ("10.0.0.1:8000", 1234, []),
-        ("10.0.0.1:8000,10.0.0.2:8000", None, [("x-request-id", "abc")]),
-        ("10.0.0.3:8000", 0, [("x-odd", "line\nbreak\x7f")]),
+        ("10.0.0.1:8000", 1234, [], []),
+        ("10.0.0.1:8000,10.0.0.2:8000", None, [("x-request-id", "abc")], []),
+        ("10.0.0.3:8000", 0, [("x-odd", "line\nbreak\x7f")], []),
+        ("10.0.0.3:8000", 10, [], [("10.0.0.3:8000", 0.875), ("10.0.0.1:8000", 0.5), ("[::1]:8000", 0.0)]),
     ],
 )
 def test_native_route_answer_equals_the_python_one(
-    destination: str, length: int | None, extra: list[tuple[str, str]]
+    destination: str, length: int | None, extra: list[tuple[str, str]], scores: list[tuple[str, float]]
 ) -> None:
     assert extproc is not None
-    native_answer = ext_proc.ProcessingResponse.FromString(extproc.route_response(destination, length, extra))
-    assert native_answer == responses.route_headers_response(destination, length, extra)
+    native_bytes = extproc.route_response(destination, length, extra, scores or None)
+    native_answer = ext_proc.ProcessingResponse.FromString(native_bytes)
+    assert native_answer == responses.route_headers_response(destination, length, extra, scores)
+    fields = native_answer.dynamic_metadata.fields["envoy.lb"].struct_value.fields
+    assert ("x-gateway-destination-endpoint-scores" in fields) == bool(scores)
 
 
 @needs_native

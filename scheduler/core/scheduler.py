@@ -42,7 +42,7 @@ from scheduler.core.predictor import FeatureMatrix, LatencyPredictor, PredictorC
 from scheduler.core.prefillqueue import DrainRate, PrefillQueue
 from scheduler.core.prefixstats import PrefixStats
 from scheduler.core.registry import UnknownNameError
-from scheduler.core.scoring import EndpointState, PickRequest, PrefixMatch, ScoringConfig
+from scheduler.core.scoring import Decision, EndpointState, PickRequest, PrefixMatch, ScoringConfig
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,9 @@ class PickResult:
     stage_ns: tuple[int, int, int, int] | None = None
     # Prefix blocks the primary holds (any tier), as the index matched them.
     matched_blocks: int | None = None
+    # The scoring pipeline's decision, when the policy scored candidates (its per-candidate
+    # totals are what an adapter reports as each endpoint's score).
+    decision: Decision | None = None
 
     @property
     def explanation(self) -> dict[str, Any]:
@@ -563,7 +566,9 @@ class Scheduler:
                 alone = self.predictor.predict(flight.features[None, :])
                 predicted = (float(alone.ttft_ms[0]), float(alone.tpot_ms[0]), alone.source)
         stages = (lookup_ns, score_ns, predict_ns, stage_clock()) if stage_clock is not None else None
-        return PickResult("ok", addresses, "", routing.explanation, predicted, stages, matched_blocks)
+        return PickResult(
+            "ok", addresses, "", routing.explanation, predicted, stages, matched_blocks, decision
+        )
 
     def fallback_pick(self, request: SchedulingRequest, now: float | None = None) -> list[str]:
         """Least-loaded healthy endpoints, for when the pipeline itself failed."""

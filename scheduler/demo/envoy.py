@@ -87,6 +87,10 @@ class EnvoySettings:
     # False: no ext_proc at all, Envoy round-robins over ``pool`` (the benchmark's Envoy-alone
     # baseline); the EPP address is then unused.
     ext_proc: bool = True
+    # One JSON line per request in the work directory's access.log (``EnvoyGateway.access_log``):
+    # path, status, the upstream Envoy connected to, and the EPP's envoy.lb metadata (the
+    # destination and, when kvsched sends them, the candidates' scores).
+    access_log: bool = False
 
 
 def _address(hostport: str) -> dict[str, Any]:
@@ -94,7 +98,17 @@ def _address(hostport: str) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": int(port)}}
 
 
-def render_config(settings: EnvoySettings) -> dict[str, Any]:
+# What each access-log line holds; %DYNAMIC_METADATA% reads what the EPP set (a struct as JSON).
+ACCESS_LOG_FORMAT = {
+    "path": "%REQ(:PATH)%",
+    "status": "%RESPONSE_CODE%",
+    "upstream": "%UPSTREAM_HOST%",
+    "destination": "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint)%",
+    "scores": "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint-scores)%",
+}
+
+
+def render_config(settings: EnvoySettings, access_log_path: str | None = None) -> dict[str, Any]:
     if not settings.ext_proc and not settings.pool:
         raise ValueError("Envoy without ext_proc routes over the pool: give its members")
     ext_proc_cluster: dict[str, Any] = {
@@ -227,6 +241,10 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
         ext_proc_filter["typed_config"]["metadata_options"] = {
             "forwarding_namespaces": {"untyped": [SUBSET_NAMESPACE]}
         }
+    if access_log_path is not None:
+        # The EPP's envoy.lb metadata is kept only from namespaces the filter is told to receive.
+        options = ext_proc_filter["typed_config"].setdefault("metadata_options", {})
+        options["receiving_namespaces"] = {"untyped": ["envoy.lb"]}
     if settings.ext_proc:
         http_filters.append(ext_proc_filter)
     http_filters.append(
@@ -258,6 +276,11 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
                                             ],
                                         },
                                         "http_filters": http_filters,
+                                        **(
+                                            {"access_log": [_access_log(access_log_path)]}
+                                            if access_log_path
+                                            else {}
+                                        ),
                                     },
                                 }
                             ]
@@ -266,6 +289,17 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
                 }
             ],
             "clusters": clusters,
+        },
+    }
+
+
+def _access_log(path: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path,
+            "log_format": {"json_format": ACCESS_LOG_FORMAT},
         },
     }
 
@@ -294,7 +328,8 @@ class EnvoyGateway:
         workdir = Path(self._workdir.name)
         config_path = workdir / "envoy.json"
         admin_path = workdir / "admin.txt"
-        config_path.write_text(json.dumps(render_config(self.settings)))
+        access_log = str(workdir / "access.log") if self.settings.access_log else None
+        config_path.write_text(json.dumps(render_config(self.settings, access_log)))
         threads = (
             [] if self.settings.concurrency is None else ["--concurrency", str(self.settings.concurrency)]
         )
@@ -346,6 +381,17 @@ class EnvoyGateway:
             if listener.get("name") == "inference_gateway":
                 return int(listener["local_address"]["socket_address"]["port_value"])
         raise RuntimeError("envoy reported no inference_gateway listener")
+
+    def access_log(self) -> list[dict[str, Any]]:
+        """The access log's lines so far (``EnvoySettings.access_log``), oldest first."""
+        if self._workdir is None:
+            return []
+        path = Path(self._workdir.name) / "access.log"
+        if not path.exists():
+            return []
+        lines = path.read_text(errors="replace").splitlines()
+        # A line being written is not whole yet; the flush is line-buffered every 100 ms.
+        return [json.loads(line) for line in lines if line.endswith("}")]
 
     def log_tail(self, lines: int = 30) -> str:
         if self._workdir is None:

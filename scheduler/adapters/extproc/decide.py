@@ -92,6 +92,25 @@ class RoutingAnswer:
     def routed(self) -> bool:
         return self.outcome.routed
 
+    def endpoint_scores(self, limit: int) -> list[tuple[str, float]]:
+        """(address, score) of at most ``limit`` candidates the pipeline scored: the routed
+        endpoints first, in their order, then the others best first; none when nothing scored."""
+        decision = getattr(self.explanation_source, "decision", None)
+        if limit <= 0 or decision is None or decision.candidates is None or not decision.totals:
+            return []
+        totals = {
+            state.address: total
+            for state, total in zip(decision.candidates.states, decision.totals, strict=False)
+        }
+        scores = [(address, round(totals[address], 6)) for address in self.endpoints if address in totals]
+        if len(scores) < limit:
+            chosen = set(self.endpoints)
+            rest = sorted(
+                ((total, address) for address, total in totals.items() if address not in chosen), reverse=True
+            )
+            scores.extend((address, round(total, 6)) for total, address in rest[: limit - len(scores)])
+        return scores[:limit]
+
 
 class PickRunner:
     def __init__(
