@@ -91,6 +91,9 @@ class EnvoySettings:
     # path, status, the upstream Envoy connected to, and the EPP's envoy.lb metadata (the
     # destination and, when kvsched sends them, the candidates' scores).
     access_log: bool = False
+    # The ext_proc filter's request_body_mode: the GIE set-up streams the body
+    # (FULL_DUPLEX_STREAMED); BUFFERED, STREAMED and NONE are what other gateways may send.
+    request_body_mode: str = "FULL_DUPLEX_STREAMED"
 
 
 def _address(hostport: str) -> dict[str, Any]:
@@ -104,6 +107,7 @@ ACCESS_LOG_FORMAT = {
     "status": "%RESPONSE_CODE%",
     "upstream": "%UPSTREAM_HOST%",
     "destination": "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint)%",
+    "destination_header": "%REQ(X-GATEWAY-DESTINATION-ENDPOINT)%",
     "scores": "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint-scores)%",
 }
 
@@ -209,7 +213,7 @@ def render_config(settings: EnvoySettings, access_log_path: str | None = None) -
             "message_timeout": f"{settings.message_timeout_s}s",
             "processing_mode": {
                 "request_header_mode": "SEND",
-                "request_body_mode": "FULL_DUPLEX_STREAMED",
+                "request_body_mode": settings.request_body_mode,
                 "request_trailer_mode": "SEND",
                 "response_header_mode": "SEND",
                 "response_body_mode": "FULL_DUPLEX_STREAMED",
