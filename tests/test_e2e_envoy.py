@@ -53,7 +53,11 @@ async def stack(extproc_transport: str) -> AsyncIterator[Stack]:
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    extproc_transport: str, *, endpoint_scores: int = 0, access_log: bool = False
+    extproc_transport: str,
+    *,
+    endpoint_scores: int = 0,
+    access_log: bool = False,
+    model_rewrites: list[dict[str, object]] | None = None,
 ) -> AsyncIterator[Stack]:
     async with SimPool(WORKERS, PoolConfig(speed=5.0)) as pool:
         config = ServeConfig(
@@ -64,6 +68,7 @@ async def running_stack(
             metrics_port=0,
             tls={"mode": "plaintext"},  # type: ignore[arg-type]
             scrape_interval_s=0.05,
+            model_rewrites=model_rewrites or [],  # type: ignore[arg-type]
             # The simulated pool's tokenizer, as `kvsched demo` wires it.
             tokenizer_dir=pool.descriptors[0].tokenizer_dir,
             endpoints=[
@@ -381,3 +386,38 @@ async def test_candidates_scores_reach_envoys_access_log(extproc_transport: str)
     second_scores = lines[1]["scores"]
     runner_up = max(value for key, value in second_scores.items() if key != address)
     assert second_scores[address] > runner_up
+
+
+async def test_model_names_are_rewritten_and_split_by_weight(extproc_transport: str) -> None:
+    # InferenceModelRewrite: "alias" is sent on as the pool's model; "canary" splits 1:1 between
+    # the pool's model and one no worker serves (which the worker answers 404). The worker sees
+    # the body kvsched sent, so its answer says which model the request was sent as.
+    model = PoolConfig().model
+    rules = [
+        {"matches": [{"model": {"value": "alias"}}], "targets": [{"modelRewrite": model}]},
+        {
+            "matches": [{"model": {"value": "canary"}}],
+            "targets": [{"modelRewrite": model, "weight": 1}, {"modelRewrite": "canary-v2", "weight": 1}],
+        },
+    ]
+    async with running_stack(extproc_transport, model_rewrites=rules) as stack:
+        url = f"{stack.envoy.url}/v1/completions"
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "alias", "prompt": prefix(80), "max_tokens": 2}
+            async with session.post(url, json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["model"] == model
+            statuses = []
+            for seed in range(40):
+                body = {"model": "canary", "prompt": prefix(90 + seed, blocks=2), "max_tokens": 1}
+                async with session.post(url, json=body) as resp:
+                    statuses.append(resp.status)
+                    text = await resp.text()
+                    assert resp.status == 200 or "canary-v2" in text, text
+            # Unrewritten, "unknown" goes to the worker as it is and is refused there.
+            async with session.post(
+                url, json={"model": "unknown", "prompt": prefix(81), "max_tokens": 1}
+            ) as resp:
+                assert resp.status == 404
+    # 40 fair draws: both targets get traffic (P[a side under 10] < 1e-3), seeded so it repeats.
+    assert 10 <= statuses.count(200) <= 30 and statuses.count(404) == 40 - statuses.count(200)

@@ -346,3 +346,23 @@ def test_tools_are_rendered_by_the_chat_template_as_the_worker_renders_them() ->
     )
     assert len(with_tools) > len(without)
     assert "get_weather" in tokenizer.decode(with_tools)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _body({"model": "a", "prompt": [1, 2], "stream": True}),
+        _body({"prompt": "no model yet", "max_tokens": 3}),
+        b'{"model": "a", "prompt": "x", "temperature": NaN}',  # json reads it, msgspec does not
+    ],
+)
+def test_with_model_changes_the_model_and_nothing_else(raw: bytes) -> None:
+    from scheduler.codec.openai import with_model
+
+    rewritten = with_model(raw, "b-v2")
+    before, after = json.loads(raw), json.loads(rewritten)
+    assert after.pop("model") == "b-v2"
+    before.pop("model", None)
+    assert list(after) == list(before)
+    assert json.dumps(after) == json.dumps(before)  # NaN compares unequal to itself; its text does not
+    assert parse_request_body(rewritten, "/v1/completions").model == "b-v2"

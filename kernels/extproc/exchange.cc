@@ -464,13 +464,15 @@ void Exchange::AskPython(bool too_large) {
   transport_->events().Push(std::move(event));
 }
 
-bool Exchange::Route(const std::string& destination, const HeaderList& extra, const ScoreList& scores) {
+bool Exchange::Route(const std::string& destination, const HeaderList& extra, const ScoreList& scores,
+                     const std::string* body) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (finished_ || !asked_ || answered_) return false;
     answered_ = true;
     routed_ = true;
     bool has_body = body_messages_ > 0 && duplex_request_;
+    if (has_body && body != nullptr) body_ = *body;
     Queue(RouteHeadersResponse(destination, has_body ? std::optional<size_t>(body_.size()) : std::nullopt, extra,
                                scores));
     if (has_body) {

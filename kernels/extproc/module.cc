@@ -368,17 +368,25 @@ PyObject* Transport_route(TransportObject* self, PyObject* args) {
   Py_ssize_t destination_size;
   PyObject* extra;
   PyObject* score_pairs = nullptr;
-  if (!Ready(self) ||
-      !PyArg_ParseTuple(args, "Ks#O|O", &id, &destination, &destination_size, &extra, &score_pairs))
+  PyObject* replacement = nullptr;
+  if (!Ready(self) || !PyArg_ParseTuple(args, "Ks#O|OO", &id, &destination, &destination_size, &extra,
+                                        &score_pairs, &replacement))
     return nullptr;
   HeaderList headers;
   if (!ReadHeaderPairs(extra, &headers)) return nullptr;
   ScoreList scores;
   if (!ReadScorePairs(score_pairs, &scores)) return nullptr;
+  std::optional<std::string> body;
+  if (replacement != nullptr && replacement != Py_None) {
+    char* data;
+    Py_ssize_t size;
+    if (PyBytes_AsStringAndSize(replacement, &data, &size) != 0) return nullptr;
+    body.emplace(data, static_cast<size_t>(size));
+  }
   kvsched::Transport* transport = self->transport;
   transport->answers().Post([transport, id, target = std::string(destination, destination_size),
-                             headers = std::move(headers), scores = std::move(scores)] {
-    if (auto exchange = transport->Find(id)) exchange->Route(target, headers, scores);
+                             headers = std::move(headers), scores = std::move(scores), body = std::move(body)] {
+    if (auto exchange = transport->Find(id)) exchange->Route(target, headers, scores, body ? &*body : nullptr);
   });
   Py_RETURN_NONE;
 }
@@ -463,7 +471,8 @@ PyMethodDef kTransportMethods[] = {
      "The eventfd that becomes readable when events are waiting."},
     {"take", reinterpret_cast<PyCFunction>(Transport_take), METH_NOARGS, "Every waiting event, oldest first."},
     {"route", reinterpret_cast<PyCFunction>(Transport_route), METH_VARARGS,
-     "route(stream, destination, extra_headers, scores=None): answer a decision with a destination."},
+     "route(stream, destination, extra_headers, scores=None, body=None): answer a decision with a "
+     "destination (and the body to send on instead of the client's)."},
     {"respond", reinterpret_cast<PyCFunction>(Transport_respond), METH_VARARGS,
      "respond(stream, serialized ProcessingResponse): answer with it and end the stream."},
     {"abort", reinterpret_cast<PyCFunction>(Transport_abort), METH_VARARGS,

@@ -238,7 +238,9 @@ class Exchange : public OrderedStream, public std::enable_shared_from_this<Excha
   void OnCancel() override;
   void OnDone() override;
   // Python's answers; false when the stream is already gone.
-  bool Route(const std::string& destination, const HeaderList& extra, const ScoreList& scores);
+  // ``body``: sent on instead of the client's (a rewritten model name); null keeps it.
+  bool Route(const std::string& destination, const HeaderList& extra, const ScoreList& scores,
+             const std::string* body);
   bool Respond(ext_proc::ProcessingResponse&& response);
   bool Abort(const std::string& message);
 

@@ -177,6 +177,24 @@ def _parse_fast(body: bytes, path: str | None) -> InferenceRequestBody | None:
     return InferenceRequestBody("other", model=document.model, max_tokens=document.max_tokens, stream=stream)
 
 
+def with_model(body: bytes, model: str) -> bytes:
+    """``body`` (a JSON object already parsed once) with its ``model`` set to ``model``.
+
+    Re-encoded with msgspec, which keeps the keys' order and every other value as it was; a
+    body only ``json`` reads (NaN, a lone surrogate) goes through ``json`` instead."""
+    try:
+        document = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        document = json.loads(body)
+        document["model"] = model
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode(
+            "utf-8", "surrogatepass"
+        )
+    document["model"] = model
+    encoded: bytes = msgspec.json.encode(document)
+    return encoded
+
+
 def parse_request_body_carefully(body: bytes, path: str | None = None) -> InferenceRequestBody:
     """Every body, with a clear message for each way it can be wrong (``json.loads``)."""
     try:

@@ -47,6 +47,7 @@ from scheduler.adapters.tokenizer import make_tokenizer
 from scheduler.adapters.tokenizer_probe import TokenizerService
 from scheduler.adapters.tracing import otlp_tracer
 from scheduler.core.kvingest import IngestStats, PublisherView
+from scheduler.core.model_rewrite import ModelRewrites
 from scheduler.core.scheduler import Endpoint, EndpointDiff, EndpointMetrics, Scheduler, SchedulerConfig
 from scheduler.server.config import ConfigError, ServeConfig, TLSConfig
 from scheduler.server.debug_http import debug_routes, kv_ingest_document
@@ -135,6 +136,7 @@ class ServeApp:
             clock=clock,
             metrics_registry=self.registry,
             tracer=self.tracer,
+            model_rewrites=ModelRewrites([spec.rule() for spec in config.model_rewrites]),
         )
         # Fits in a lower-priority process: on a thread here they held the GIL (and so every
         # ext_proc stream) for most of each fit.

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
 from scheduler.adapters.extproc.config import ExtProcConfig
@@ -22,9 +23,10 @@ from scheduler.adapters.flow_gate import FlowGate
 from scheduler.adapters.stage_times import STAGE_TIMES
 from scheduler.adapters.tokenizer import PromptTokenizer, TemplateError, request_token_ids
 from scheduler.adapters.tracing import DecisionTrace, DecisionTracer, decision_attributes
-from scheduler.codec.openai import BadRequestBody, InferenceRequestBody, parse_request_body
+from scheduler.codec.openai import BadRequestBody, InferenceRequestBody, parse_request_body, with_model
 from scheduler.core.flowcontrol import FlowItem
 from scheduler.core.lookup import PrefixLookup
+from scheduler.core.model_rewrite import ModelRewrites
 from scheduler.core.objectives import ResolvedObjective
 from scheduler.core.scheduler import Endpoint, PickResult, SchedulingRequest
 
@@ -75,6 +77,8 @@ class RoutingAnswer:
     error: BaseException | None = None
     # The ``now`` the Scheduler was given (its in-flight clock for this request starts there).
     decided_at: float | None = None
+    # The request body to send on instead of the client's (its model name rewritten).
+    body_replacement: bytes | None = None
 
     @property
     def explanation(self) -> dict[str, Any]:
@@ -122,6 +126,8 @@ class PickRunner:
         stats: ExtProcStats,
         flow_gate: FlowGate | None = None,
         tracer: DecisionTracer | None = None,
+        model_rewrites: ModelRewrites | None = None,
+        seed: int = 0,
     ) -> None:
         self.scheduler = scheduler
         self.config = config
@@ -131,6 +137,9 @@ class PickRunner:
         self.flow_gate = flow_gate
         # None: no decision is traced, and no stage pays for tracing beyond this test.
         self.tracer = tracer
+        self.model_rewrites = model_rewrites if model_rewrites else None
+        # Draws for the weighted model split; seeded, so a replayed run splits alike.
+        self._rewrite_rng = random.Random(seed)
         self._logged_errors: set[str] = set()
 
     async def decide_body(
@@ -153,7 +162,16 @@ class PickRunner:
                 STAGE_TIMES.stop("body_parse", started)
             if trace is not None:
                 trace.stage("parse", trace.started_ns)
-        return await self.decide_parsed(hints, parsed, subset, trace=trace)
+        replacement: bytes | None = None
+        if self.model_rewrites is not None and parsed is not None and body:
+            target = self.model_rewrites.rewrite(parsed.model, self._rewrite_rng.random())
+            if target is not None and target != parsed.model:
+                # The body parsed once already: it is a JSON object.
+                replacement = with_model(body, target)
+                parsed = replace(parsed, model=target)
+        answer = await self.decide_parsed(hints, parsed, subset, trace=trace)
+        answer.body_replacement = replacement
+        return answer
 
     async def decide_parsed(
         self,
