@@ -6,6 +6,7 @@ runs once per ext_proc transport (grpcio, and gRPC C++ where it was built)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -46,15 +47,28 @@ async def until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
 
 @pytest.fixture
 async def stack(extproc_transport: str) -> AsyncIterator[Stack]:
+    async with running_stack(extproc_transport) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def running_stack(
+    extproc_transport: str,
+    *,
+    endpoint_scores: int = 0,
+    access_log: bool = False,
+    model_rewrites: list[dict[str, object]] | None = None,
+) -> AsyncIterator[Stack]:
     async with SimPool(WORKERS, PoolConfig(speed=5.0)) as pool:
         config = ServeConfig(
-            extproc={"transport": extproc_transport},  # type: ignore[arg-type]
+            extproc={"transport": extproc_transport, "endpoint_scores": endpoint_scores},  # type: ignore[arg-type]
             host="127.0.0.1",
             grpc_port=0,
             health_port=0,
             metrics_port=0,
             tls={"mode": "plaintext"},  # type: ignore[arg-type]
             scrape_interval_s=0.05,
+            model_rewrites=model_rewrites or [],  # type: ignore[arg-type]
             # The simulated pool's tokenizer, as `kvsched demo` wires it.
             tokenizer_dir=pool.descriptors[0].tokenizer_dir,
             endpoints=[
@@ -70,6 +84,7 @@ async def stack(extproc_transport: str) -> AsyncIterator[Stack]:
                 fail_open=True,
                 pool=[d.address for d in pool.descriptors],
                 subset_header=SUBSET_HEADER,
+                access_log=access_log,
             )
             assert app.server.transport == extproc_transport
             async with EnvoyGateway(settings) as envoy:
@@ -307,3 +322,119 @@ async def test_envoy_without_an_epp_round_robins_over_the_pool() -> None:
     assert all(served[i] != served[i + 1] for i in range(5))
     with pytest.raises(ValueError, match="pool"):
         render_config(EnvoySettings("127.0.0.1", 0, ext_proc=False))
+
+
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "The weather of a city, " + " ".join(f"detail{i}" for i in range(60)),
+    "schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+def shaped_request(shape: str, question: str) -> tuple[str, dict[str, object]]:
+    """One request of ``shape`` whose tools and system prompt are the same for every question."""
+    system = "You answer weather questions. " + " ".join(f"rule{i} holds" for i in range(30))
+    name, description, schema = WEATHER_TOOL["name"], WEATHER_TOOL["description"], WEATHER_TOOL["schema"]
+    if shape == "chat_tools":
+        function = {"name": name, "description": description, "parameters": schema}
+        return "/v1/chat/completions", {
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+            "tools": [{"type": "function", "function": function}],
+            "max_tokens": 3,
+        }
+    if shape == "anthropic_messages":
+        return "/v1/messages", {
+            "system": [{"type": "text", "text": system}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": question}]}],
+            "tools": [{"name": name, "description": description, "input_schema": schema}],
+            "max_tokens": 3,
+        }
+    return "/v1/responses", {
+        "instructions": system,
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": question}]}],
+        "tools": [{"type": "function", "name": name, "description": description, "parameters": schema}],
+        "max_output_tokens": 3,
+    }
+
+
+@pytest.mark.parametrize("shape", ["chat_tools", "anthropic_messages", "responses"])
+async def test_tool_chats_and_other_request_shapes_hit_the_cache_through_envoy(
+    stack: Stack, shape: str
+) -> None:
+    # The worker renders each shape's tools and system prompt through its chat template; kvsched
+    # must read the same prompt from the body, or the second question would not follow the first.
+    stats = stack.app.scheduler.prefix_stats
+    index = stack.app.scheduler.index
+    async with aiohttp.ClientSession() as session:
+        path, body = shaped_request(shape, "Is it raining in Paris?")
+        first, _, usage = await stream(session, stack, path, body)
+        blocks = usage["prompt_tokens"] // 16
+        assert blocks >= 8  # the tools alone fill blocks: a prefix worth following
+        address = stack.worker_address(first)
+        await until(lambda: index.worker_blocks(address) >= blocks)
+        matched_before = stats.matched_blocks
+        path, body = shaped_request(shape, "And in Lyon, tomorrow?")
+        second, _, usage = await stream(session, stack, path, body)
+        assert second == first
+        assert stats.matched_blocks - matched_before >= blocks - 2
+        assert usage["cached"] >= 16 * (blocks - 2)
+
+
+async def test_candidates_scores_reach_envoys_access_log(extproc_transport: str) -> None:
+    # The proposed envoy.lb x-gateway-destination-endpoint-scores, as Envoy itself records it.
+    async with running_stack(extproc_transport, endpoint_scores=3, access_log=True) as stack:
+        index = stack.app.scheduler.index
+        async with aiohttp.ClientSession() as session:
+            shared = prefix(11)
+            first, _ = await complete(session, stack, [*shared, 7])
+            address = stack.worker_address(first)
+            await until(lambda: index.match_tokens(shared).get(address, (0,))[0] >= 16)
+            second, _ = await complete(session, stack, [*shared, 8])
+        assert second == first
+        await until(lambda: len(stack.envoy.access_log_entries()) >= 2)
+        lines = stack.envoy.access_log_entries()
+    for line in lines:
+        assert line["status"] == 200 and line["upstream"] == line["destination"]
+        scores = line["scores"]
+        # Three of the four candidates, the routed endpoint among them, each in [0, 1].
+        assert len(scores) == 3 and line["destination"] in scores
+        assert all(0.0 <= value <= 1.0 for value in scores.values())
+    # The second request's prefix is cached on the first's worker: its lead is visible.
+    second_scores = lines[1]["scores"]
+    runner_up = max(value for key, value in second_scores.items() if key != address)
+    assert second_scores[address] > runner_up
+
+
+async def test_model_names_are_rewritten_and_split_by_weight(extproc_transport: str) -> None:
+    # InferenceModelRewrite: "alias" is sent on as the pool's model; "canary" splits 1:1 between
+    # the pool's model and one no worker serves (which the worker answers 404). The worker sees
+    # the body kvsched sent, so its answer says which model the request was sent as.
+    model = PoolConfig().model
+    rules = [
+        {"matches": [{"model": {"value": "alias"}}], "targets": [{"modelRewrite": model}]},
+        {
+            "matches": [{"model": {"value": "canary"}}],
+            "targets": [{"modelRewrite": model, "weight": 1}, {"modelRewrite": "canary-v2", "weight": 1}],
+        },
+    ]
+    async with running_stack(extproc_transport, model_rewrites=rules) as stack:
+        url = f"{stack.envoy.url}/v1/completions"
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "alias", "prompt": prefix(80), "max_tokens": 2}
+            async with session.post(url, json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["model"] == model
+            statuses = []
+            for seed in range(40):
+                body = {"model": "canary", "prompt": prefix(90 + seed, blocks=2), "max_tokens": 1}
+                async with session.post(url, json=body) as resp:
+                    statuses.append(resp.status)
+                    text = await resp.text()
+                    assert resp.status == 200 or "canary-v2" in text, text
+            # Unrewritten, "unknown" goes to the worker as it is and is refused there.
+            async with session.post(
+                url, json={"model": "unknown", "prompt": prefix(81), "max_tokens": 1}
+            ) as resp:
+                assert resp.status == 404
+    # 40 fair draws: both targets get traffic (P[a side under 10] < 1e-3), seeded so it repeats.
+    assert 10 <= statuses.count(200) <= 30 and statuses.count(404) == 40 - statuses.count(200)

@@ -7,6 +7,7 @@ FULL_DUPLEX_STREAMED message sequence: request headers, body chunks, then the re
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -814,3 +815,91 @@ async def test_fault_on_the_response_path_fails_the_stream_loudly(
     assert server.stats.outcomes["internal_error"] == 1
     # The routed request is still released.
     assert scheduler.failed == ["x1"]
+
+
+async def test_a_traced_decision_exports_a_span_per_stage(
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
+    extproc_transport: str,
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from scheduler.adapters.tracing import DECISION_SPAN, DecisionTracer
+    from scheduler.core.events import BlockStored, EventBatch, Tier
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = await start_server(scheduler, tracer=DecisionTracer(provider.get_tracer("test")))
+    prompt = list(range(1, 4 * 16 + 1))
+    stored = BlockStored(list(range(500, 504)), None, prompt, 16, medium=Tier.GPU)
+    assert scheduler.index.apply_batch(ADDRESSES[1], EventBatch(0.0, [stored])).stored == 4
+    caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    stream = connect(server)
+    headers = {**POST, "x-request-id": "traced", "traceparent": f"00-{caller_trace}-00f067aa0ba902b7-01"}
+    await stream.request_headers(headers)
+    await stream.request_body(_completion_body([*prompt, 9, 9]))
+    routed = await stream.read()
+    assert _metadata_destination(routed).split(",")[0] == ADDRESSES[1]
+
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    # The native transport parses the body on a gRPC C++ thread, before Python hears of it.
+    parse = ["parse"] if extproc_transport == "python" else []
+    assert set(spans) == {DECISION_SPAN, *parse, "flow_control", "lookup", "score", "predict"}
+    decision = spans[DECISION_SPAN]
+    attributes = dict(decision.attributes or {})
+    assert attributes["kvsched.endpoint"] == ADDRESSES[1]
+    assert attributes["kvsched.matched_blocks"] == 4
+    assert attributes["kvsched.prompt_tokens"] == 66
+    assert attributes["kvsched.predicted_ttft_ms"] > 0
+    assert attributes["kvsched.outcome"] == "routed"
+    # The caller's trace (traceparent) is the decision's; each stage is the decision's child,
+    # inside it and in order.
+    assert format(decision.context.trace_id, "032x") == caller_trace
+    stages = [spans[name] for name in (*parse, "flow_control", "lookup", "score", "predict")]
+    for stage in stages:
+        assert stage.parent is not None and stage.parent.span_id == decision.context.span_id
+        assert decision.start_time <= stage.start_time <= stage.end_time <= decision.end_time
+    assert all(a.end_time <= b.start_time for a, b in itertools.pairwise(stages))
+
+    # A token-id prompt is not tokenised; a text prompt is, and gets its span.
+    exporter.clear()
+    stream = connect(server)
+    await stream.request_headers({**POST, "x-request-id": "text"})
+    await stream.request_body(_completion_body("a text prompt"))
+    await stream.read()
+    names = [span.name for span in exporter.get_finished_spans()]
+    assert "tokenize" in names and DECISION_SPAN in names
+    assert all(span.context.trace_id != decision.context.trace_id for span in exporter.get_finished_spans())
+
+
+async def test_candidates_scores_go_in_the_metadata_only_when_asked_for_and_bounded(
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
+) -> None:
+    from scheduler.core.events import BlockStored, EventBatch, Tier
+
+    prompt = list(range(1, 4 * 16 + 1))
+    stored = BlockStored(list(range(600, 604)), None, prompt, 16, medium=Tier.GPU)
+    assert scheduler.index.apply_batch(ADDRESSES[2], EventBatch(0.0, [stored])).stored == 4
+    plain = await start_server(scheduler)
+    scored = await start_server(scheduler, config=ExtProcConfig(endpoint_scores=2))
+    answers = []
+    for request_id, server in (("plain", plain), ("scored", scored)):
+        stream = connect(server)
+        await stream.request_headers({**POST, "x-request-id": request_id})
+        await stream.request_body(_completion_body([*prompt, 5]))
+        answers.append((await stream.read()).dynamic_metadata.fields["envoy.lb"].struct_value.fields)
+    assert "x-gateway-destination-endpoint-scores" not in answers[0]
+    scores = dict(answers[1]["x-gateway-destination-endpoint-scores"].struct_value.fields)
+    # Two of three candidates: the routed one (which holds the prefix) first and best.
+    assert answers[1]["x-gateway-destination-endpoint"].string_value == ADDRESSES[2]
+    assert len(scores) == 2 and ADDRESSES[2] in scores
+    assert scores[ADDRESSES[2]].number_value > max(
+        v.number_value for k, v in scores.items() if k != ADDRESSES[2]
+    )
+    assert all(0.0 <= value.number_value <= 1.0 for value in scores.values())

@@ -38,7 +38,8 @@ def _python_view(body: bytes, path: str | None) -> tuple[Any, ...] | None:
         return None
     messages = tuple((m.role, m.content) for m in parsed.messages) if parsed.api == "chat" else None
     ids = None if parsed.prompt_token_ids is None else list(parsed.prompt_token_ids)
-    return (parsed.api, parsed.model, parsed.max_tokens, parsed.stream, ids, parsed.prompt_text, messages)
+    view = (parsed.api, parsed.model, parsed.max_tokens, parsed.stream, ids, parsed.prompt_text, messages)
+    return (*view, parsed.tools)
 
 
 def _native_view(body: bytes, path: str | None) -> tuple[Any, ...] | None:
@@ -47,7 +48,9 @@ def _native_view(body: bytes, path: str | None) -> tuple[Any, ...] | None:
     if parsed is None:
         return None
     api, model, max_tokens, stream, token_ids, text, messages = parsed
-    return (api, model, max_tokens, stream, None if token_ids is None else list(token_ids), text, messages)
+    ids = None if token_ids is None else list(token_ids)
+    # The native record has no tools: a body with tools must be left to Python.
+    return (api, model, max_tokens, stream, ids, text, messages, ())
 
 
 def _agrees(body: bytes, path: str | None) -> bool:
@@ -93,6 +96,15 @@ FIXED_BODIES = [
     (b'{"messages": {"role": "user"}}', None),
     (b'{"messages": [{"role": "user", "content": "x"}], "prompt": [1]}', "/v1/completions"),
     (b'{"input": "embed me", "model": "e"}', "/v1/embeddings"),
+    (
+        b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {}}]}',
+        None,
+    ),
+    (b'{"messages": [{"role": "user", "content": "x"}], "tools": null}', "/v1/chat/completions"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "system": "be brief"}', "/v1/messages"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "system": "be brief"}', "/proxy/v1/messages/"),
+    (b'{"input": "hello", "instructions": "be brief"}', "/v1/responses"),
+    (b'{"messages": [{"role": "user", "content": "x"}]}', "/v1/responses"),
     (b"[1, 2]", None),
     (b'{"prompt": "x"} trailing', None),
     (b'{"prompt": "tab\\t and \\u00e9 and \\ud83d\\ude00"}', None),
@@ -268,19 +280,23 @@ def test_native_usage_capture_agrees_on_generated_streams(
 
 @needs_native
 @pytest.mark.parametrize(
-    ("destination", "length", "extra"),
+    ("destination", "length", "extra", "scores"),
     [
-        ("10.0.0.1:8000", 1234, []),
-        ("10.0.0.1:8000,10.0.0.2:8000", None, [("x-request-id", "abc")]),
-        ("10.0.0.3:8000", 0, [("x-odd", "line\nbreak\x7f")]),
+        ("10.0.0.1:8000", 1234, [], []),
+        ("10.0.0.1:8000,10.0.0.2:8000", None, [("x-request-id", "abc")], []),
+        ("10.0.0.3:8000", 0, [("x-odd", "line\nbreak\x7f")], []),
+        ("10.0.0.3:8000", 10, [], [("10.0.0.3:8000", 0.875), ("10.0.0.1:8000", 0.5), ("[::1]:8000", 0.0)]),
     ],
 )
 def test_native_route_answer_equals_the_python_one(
-    destination: str, length: int | None, extra: list[tuple[str, str]]
+    destination: str, length: int | None, extra: list[tuple[str, str]], scores: list[tuple[str, float]]
 ) -> None:
     assert extproc is not None
-    native_answer = ext_proc.ProcessingResponse.FromString(extproc.route_response(destination, length, extra))
-    assert native_answer == responses.route_headers_response(destination, length, extra)
+    native_bytes = extproc.route_response(destination, length, extra, scores or None)
+    native_answer = ext_proc.ProcessingResponse.FromString(native_bytes)
+    assert native_answer == responses.route_headers_response(destination, length, extra, scores)
+    fields = native_answer.dynamic_metadata.fields["envoy.lb"].struct_value.fields
+    assert ("x-gateway-destination-endpoint-scores" in fields) == bool(scores)
 
 
 @needs_native

@@ -224,3 +224,145 @@ def test_fast_parser_edge_cases_match_the_careful_parser(raw: bytes) -> None:
     except BadRequestBody as exc:
         either = str(exc)
     assert either == careful
+
+
+WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}}
+
+
+def test_chat_tools_are_kept_for_the_template_and_leave_the_fast_path() -> None:
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA}}
+    raw = _body({"messages": [{"role": "user", "content": "rain?"}], "tools": [tool]})
+    assert _parse_fast(raw, "/v1/chat/completions") is None
+    body = parse_request_body(raw, "/v1/chat/completions")
+    assert body.tools == (tool,)
+    assert (
+        parse_request_body(_body({"messages": [{"role": "user", "content": "x"}], "tools": None})).tools == ()
+    )
+    with pytest.raises(BadRequestBody, match=r"'tools\[0\]'"):
+        parse_request_body(_body({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "x"}]}))
+
+
+def test_anthropic_messages_read_as_the_chat_vllm_renders() -> None:
+    document = {
+        "model": "m",
+        "max_tokens": 9,
+        "stream": True,
+        "system": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}],
+        "messages": [
+            {"role": "user", "content": "weather?"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Paris"}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "content": "rain"},
+                    {"type": "text", "text": "and"},
+                    {"type": "image", "source": {"data": "..."}},
+                    {"type": "text", "text": "tomorrow?"},
+                ],
+            },
+        ],
+        "tools": [{"name": "get_weather", "description": "Weather.", "input_schema": WEATHER_SCHEMA}],
+    }
+    body = parse_request_body(_body(document), "/v1/messages")
+    assert body.api == "chat"
+    assert body.messages == (
+        ChatMessage("system", "Be brief."),  # vLLM concatenates system blocks as they are
+        ChatMessage("user", "weather?"),
+        ChatMessage("assistant", "Checking."),
+        ChatMessage("tool", "rain"),  # a user's tool result precedes the rest of its turn
+        ChatMessage("user", "and\ntomorrow?"),
+    )
+    function = {"name": "get_weather", "description": "Weather.", "parameters": WEATHER_SCHEMA}
+    assert body.tools == ({"type": "function", "function": function},)
+    assert (body.model, body.max_tokens, body.stream) == ("m", 9, True)
+
+
+def test_responses_bodies_read_as_the_chat_vllm_renders() -> None:
+    document = {
+        "model": "m",
+        "instructions": "Be brief.",
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "weather"}, {"type": "input_image"}]},
+            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "rain"},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Rain."}]},
+            {"role": "user", "content": "tomorrow?"},
+        ],
+        "max_output_tokens": 12,
+        "tools": [
+            {"type": "function", "name": "get_weather", "parameters": WEATHER_SCHEMA},
+            {"type": "web_search"},
+        ],
+    }
+    body = parse_request_body(_body(document), "/v1/responses")
+    assert body.messages == (
+        ChatMessage("system", "Be brief."),
+        ChatMessage("user", "weather"),
+        ChatMessage("tool", "rain"),
+        ChatMessage("assistant", "Rain."),
+        ChatMessage("user", "tomorrow?"),
+    )
+    function = {"name": "get_weather", "parameters": WEATHER_SCHEMA}
+    assert body.tools == ({"type": "function", "function": function},)
+    assert body.max_tokens == 12
+    plain = parse_request_body(_body({"input": "hello"}), "/v1/responses?stream=1")
+    assert plain.messages == (ChatMessage("user", "hello"),)
+
+
+@pytest.mark.parametrize(
+    ("document", "path", "message"),
+    [
+        ({"messages": []}, "/v1/messages", "'messages' must be a non-empty list"),
+        ({"messages": [{"role": "user", "content": []}]}, "/v1/messages", "content"),
+        ({"messages": [{"role": "user", "content": "x"}], "system": 3}, "/v1/messages", "'system'"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{}]}, "/v1/messages", r"'tools\[0\]'"),
+        ({"input": 3}, "/v1/responses", "'input'"),
+        ({"input": "x", "instructions": 1}, "/v1/responses", "'instructions'"),
+        ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "/v1/responses", "text"),
+    ],
+)
+def test_malformed_messages_and_responses_bodies_say_why(document: object, path: str, message: str) -> None:
+    with pytest.raises(BadRequestBody, match=message):
+        parse_request_body(_body(document), path)
+
+
+def test_tools_are_rendered_by_the_chat_template_as_the_worker_renders_them() -> None:
+    from scheduler.sim.tokenizer import load
+
+    tokenizer = load()
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA}}
+    body = parse_request_body(_body({"messages": [{"role": "user", "content": "x"}], "tools": [tool]}))
+    with_tools = tokenizer.hf.token_ids(body)
+    # The simulated worker's own path: its chat handler passes the request's tools to the template.
+    assert with_tools == tokenizer.chat_ids([{"role": "user", "content": "x"}], True, [tool])
+    without = tokenizer.hf.token_ids(
+        parse_request_body(_body({"messages": [{"role": "user", "content": "x"}]}))
+    )
+    assert len(with_tools) > len(without)
+    assert "get_weather" in tokenizer.decode(with_tools)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _body({"model": "a", "prompt": [1, 2], "stream": True}),
+        _body({"prompt": "no model yet", "max_tokens": 3}),
+        b'{"model": "a", "prompt": "x", "temperature": NaN}',  # json reads it, msgspec does not
+    ],
+)
+def test_with_model_changes_the_model_and_nothing_else(raw: bytes) -> None:
+    from scheduler.codec.openai import with_model
+
+    rewritten = with_model(raw, "b-v2")
+    before, after = json.loads(raw), json.loads(rewritten)
+    assert after.pop("model") == "b-v2"
+    before.pop("model", None)
+    assert list(after) == list(before)
+    assert json.dumps(after) == json.dumps(before)  # NaN compares unequal to itself; its text does not
+    assert parse_request_body(rewritten, "/v1/completions").model == "b-v2"

@@ -127,7 +127,7 @@ static void SetHeader(ext_proc::HeaderMutation* mutation, const std::string& key
 }
 
 ProcessingResponse RouteHeadersResponse(const std::string& destination, std::optional<size_t> content_length,
-                                        const HeaderList& extra) {
+                                        const HeaderList& extra, const ScoreList& scores) {
   ProcessingResponse response;
   ext_proc::CommonResponse* common = response.mutable_request_headers()->mutable_response();
   ext_proc::HeaderMutation* mutation = common->mutable_header_mutation();
@@ -139,6 +139,10 @@ ProcessingResponse RouteHeadersResponse(const std::string& destination, std::opt
   auto& namespaces = *response.mutable_dynamic_metadata()->mutable_fields();
   auto& fields = *namespaces[kDestinationNamespace].mutable_struct_value()->mutable_fields();
   fields[kDestinationHeader].set_string_value(destination);
+  if (!scores.empty()) {
+    auto& scored = *fields[kScoresKey].mutable_struct_value()->mutable_fields();
+    for (const auto& [address, score] : scores) scored[address].set_number_value(score);
+  }
   return response;
 }
 
@@ -460,14 +464,17 @@ void Exchange::AskPython(bool too_large) {
   transport_->events().Push(std::move(event));
 }
 
-bool Exchange::Route(const std::string& destination, const HeaderList& extra) {
+bool Exchange::Route(const std::string& destination, const HeaderList& extra, const ScoreList& scores,
+                     const std::string* body) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (finished_ || !asked_ || answered_) return false;
     answered_ = true;
     routed_ = true;
     bool has_body = body_messages_ > 0 && duplex_request_;
-    Queue(RouteHeadersResponse(destination, has_body ? std::optional<size_t>(body_.size()) : std::nullopt, extra));
+    if (has_body && body != nullptr) body_ = *body;
+    Queue(RouteHeadersResponse(destination, has_body ? std::optional<size_t>(body_.size()) : std::nullopt, extra,
+                               scores));
     if (has_body) {
       AppendBodyChunks(&outbox_, body_, transport_->options().max_body_chunk_bytes, body_end_, true);
     }

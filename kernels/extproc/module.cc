@@ -15,6 +15,7 @@ namespace {
 using kvsched::Event;
 using kvsched::HeaderList;
 using kvsched::ParsedBody;
+using kvsched::ScoreList;
 
 PyObject* g_array_type = nullptr;  // array.array
 
@@ -131,6 +132,25 @@ bool ReadHeaderPairs(PyObject* value, HeaderList* out) {
       return false;
     }
     out->emplace_back(std::string(key, key_size), std::string(text, text_size));
+  }
+  Py_DECREF(items);
+  return true;
+}
+
+// None, or a sequence of (address, score) pairs.
+bool ReadScorePairs(PyObject* value, ScoreList* out) {
+  if (value == nullptr || value == Py_None) return true;
+  PyObject* items = PySequence_Fast(value, "expected a sequence of (address, score) pairs");
+  if (items == nullptr) return false;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(items); ++i) {
+    const char* address;
+    Py_ssize_t size;
+    double score;
+    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(items, i), "s#d", &address, &size, &score)) {
+      Py_DECREF(items);
+      return false;
+    }
+    out->emplace_back(std::string(address, size), score);
   }
   Py_DECREF(items);
   return true;
@@ -347,13 +367,26 @@ PyObject* Transport_route(TransportObject* self, PyObject* args) {
   const char* destination;
   Py_ssize_t destination_size;
   PyObject* extra;
-  if (!Ready(self) || !PyArg_ParseTuple(args, "Ks#O", &id, &destination, &destination_size, &extra)) return nullptr;
+  PyObject* score_pairs = nullptr;
+  PyObject* replacement = nullptr;
+  if (!Ready(self) || !PyArg_ParseTuple(args, "Ks#O|OO", &id, &destination, &destination_size, &extra,
+                                        &score_pairs, &replacement))
+    return nullptr;
   HeaderList headers;
   if (!ReadHeaderPairs(extra, &headers)) return nullptr;
+  ScoreList scores;
+  if (!ReadScorePairs(score_pairs, &scores)) return nullptr;
+  std::optional<std::string> body;
+  if (replacement != nullptr && replacement != Py_None) {
+    char* data;
+    Py_ssize_t size;
+    if (PyBytes_AsStringAndSize(replacement, &data, &size) != 0) return nullptr;
+    body.emplace(data, static_cast<size_t>(size));
+  }
   kvsched::Transport* transport = self->transport;
   transport->answers().Post([transport, id, target = std::string(destination, destination_size),
-                             headers = std::move(headers)] {
-    if (auto exchange = transport->Find(id)) exchange->Route(target, headers);
+                             headers = std::move(headers), scores = std::move(scores), body = std::move(body)] {
+    if (auto exchange = transport->Find(id)) exchange->Route(target, headers, scores, body ? &*body : nullptr);
   });
   Py_RETURN_NONE;
 }
@@ -438,7 +471,8 @@ PyMethodDef kTransportMethods[] = {
      "The eventfd that becomes readable when events are waiting."},
     {"take", reinterpret_cast<PyCFunction>(Transport_take), METH_NOARGS, "Every waiting event, oldest first."},
     {"route", reinterpret_cast<PyCFunction>(Transport_route), METH_VARARGS,
-     "route(stream, destination, extra_headers): answer a decision with a destination."},
+     "route(stream, destination, extra_headers, scores=None, body=None): answer a decision with a "
+     "destination (and the body to send on instead of the client's)."},
     {"respond", reinterpret_cast<PyCFunction>(Transport_respond), METH_VARARGS,
      "respond(stream, serialized ProcessingResponse): answer with it and end the stream."},
     {"abort", reinterpret_cast<PyCFunction>(Transport_abort), METH_VARARGS,
@@ -503,15 +537,18 @@ PyObject* route_response(PyObject*, PyObject* args) {
   Py_ssize_t size;
   PyObject* content_length;
   PyObject* extra;
-  if (!PyArg_ParseTuple(args, "s#OO", &destination, &size, &content_length, &extra)) return nullptr;
+  PyObject* score_pairs = nullptr;
+  if (!PyArg_ParseTuple(args, "s#OO|O", &destination, &size, &content_length, &extra, &score_pairs)) return nullptr;
   HeaderList headers;
   if (!ReadHeaderPairs(extra, &headers)) return nullptr;
+  ScoreList scores;
+  if (!ReadScorePairs(score_pairs, &scores)) return nullptr;
   std::optional<size_t> length;
   if (content_length != Py_None) {
     length = PyLong_AsSize_t(content_length);
     if (PyErr_Occurred()) return nullptr;
   }
-  auto response = kvsched::RouteHeadersResponse(std::string(destination, size), length, headers);
+  auto response = kvsched::RouteHeadersResponse(std::string(destination, size), length, headers, scores);
   return Bytes(response.SerializeAsString());
 }
 
@@ -547,7 +584,7 @@ PyMethodDef kModuleMethods[] = {
     {"capture_usage", capture_usage, METH_VARARGS,
      "capture_usage(content_type, chunks, max_json_bytes) -> (kind, data) for usage_from_capture."},
     {"route_response", route_response, METH_VARARGS,
-     "route_response(destination, content_length, extra_headers) -> serialized ProcessingResponse."},
+     "route_response(destination, content_length, extra_headers, scores=None) -> serialized ProcessingResponse."},
     {"body_chunks", body_chunks, METH_VARARGS,
      "body_chunks(body, chunk_bytes, end_of_stream) -> serialized streamed_response answers."},
     {nullptr, nullptr, 0, nullptr},

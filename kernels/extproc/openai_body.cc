@@ -149,6 +149,9 @@ std::optional<ParsedBody::Api> ApiForPath(const std::string* path) {
   };
   if (ends_with("/chat/completions")) return ParsedBody::kChat;
   if (ends_with("/completions")) return ParsedBody::kCompletions;
+  // Anthropic's Messages and OpenAI's Responses bodies are converted to a chat conversation by
+  // openai.py alone (rare next to chat, and the conversion has many rules): Python reads them.
+  if (ends_with("/v1/messages") || ends_with("/v1/responses")) throw Rejected{};
   return std::nullopt;
 }
 
@@ -167,6 +170,8 @@ ParsedBody Read(element root, const std::string* path) {
     }
   }
   parsed.api = *api;
+  // Tools go into the chat template: Python keeps them (openai.py's chat_tools).
+  if (auto tools = document.get("tools"); tools && !tools->is_null()) throw Rejected{};
   parsed.model = OptionalString(document, "model");
   if (auto stream = document.get("stream"); stream && !stream->is_null()) {
     if (!stream->is_bool()) throw Rejected{};

@@ -34,6 +34,8 @@ namespace kvsched {
 
 namespace ext_proc = envoy::service::ext_proc::v3;
 using HeaderList = std::vector<std::pair<std::string, std::string>>;
+// (ip:port, score) of the endpoints a decision scored, for the proposed scores metadata.
+using ScoreList = std::vector<std::pair<std::string, double>>;
 
 // GIE Endpoint Picker protocol names (scheduler/adapters/extproc/config.py).
 inline constexpr const char* kDestinationHeader = "x-gateway-destination-endpoint";
@@ -41,6 +43,8 @@ inline constexpr const char* kDestinationNamespace = "envoy.lb";
 inline constexpr const char* kSubsetNamespace = "envoy.lb.subset_hint";
 inline constexpr const char* kSubsetKey = "x-gateway-destination-endpoint-subset";
 inline constexpr const char* kServedKey = "x-gateway-destination-endpoint-served";
+// Proposed GIE Endpoint Picker protocol v1.1 (gateway-api-inference-extension issue #2985).
+inline constexpr const char* kScoresKey = "x-gateway-destination-endpoint-scores";
 
 double MonotonicNow();
 
@@ -200,7 +204,7 @@ struct Options {
 
 ext_proc::ProcessingResponse RouteHeadersResponse(const std::string& destination,
                                                   std::optional<size_t> content_length,
-                                                  const HeaderList& extra);
+                                                  const HeaderList& extra, const ScoreList& scores = {});
 void AppendBodyChunks(std::deque<ext_proc::ProcessingResponse>* out, const std::string& body,
                       size_t chunk_bytes, bool end_of_stream, bool request);
 std::string HeaderSafe(const std::string& value);
@@ -234,7 +238,9 @@ class Exchange : public OrderedStream, public std::enable_shared_from_this<Excha
   void OnCancel() override;
   void OnDone() override;
   // Python's answers; false when the stream is already gone.
-  bool Route(const std::string& destination, const HeaderList& extra);
+  // ``body``: sent on instead of the client's (a rewritten model name); null keeps it.
+  bool Route(const std::string& destination, const HeaderList& extra, const ScoreList& scores,
+             const std::string* body);
   bool Respond(ext_proc::ProcessingResponse&& response);
   bool Abort(const std::string& message);
 

@@ -25,6 +25,7 @@ failure is counted and logged once; a request is never refused for it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -69,8 +70,12 @@ class RenderStats:
 
 def _cache_key(body: InferenceRequestBody) -> tuple[Any, ...]:
     if body.api == "chat":
-        return ("chat", tuple((message.role, message.content) for message in body.messages))
+        return ("chat", _tools_key(body), tuple((message.role, message.content) for message in body.messages))
     return ("completions", body.prompt_text or "")
+
+
+def _tools_key(body: InferenceRequestBody) -> str:
+    return json.dumps(body.tools, sort_keys=True) if body.tools else ""
 
 
 def render_request(body: InferenceRequestBody) -> tuple[str, dict[str, Any]]:
@@ -78,6 +83,8 @@ def render_request(body: InferenceRequestBody) -> tuple[str, dict[str, Any]]:
     payload: dict[str, Any] = {} if body.model is None else {"model": body.model}
     if body.api == "chat":
         payload["messages"] = [{"role": m.role, "content": m.content} for m in body.messages]
+        if body.tools:
+            payload["tools"] = list(body.tools)
         return "/v1/chat/completions/render", payload
     payload["prompt"] = body.prompt_text or ""
     return "/v1/completions/render", payload
@@ -160,7 +167,8 @@ class WorkerRenderTokenizer:
         """Ids of the longest cached prompt that this one extends."""
         if body.api == "chat":
             for end in range(len(body.messages) - 1, 0, -1):
-                found = self._cache.get(("chat", tuple((m.role, m.content) for m in body.messages[:end])))
+                messages = tuple((m.role, m.content) for m in body.messages[:end])
+                found = self._cache.get(("chat", _tools_key(body), messages))
                 if found is not None:
                     return found
             return None

@@ -67,16 +67,18 @@ class ByteTokenizer:
         if body.prompt_token_ids is not None:
             return body.prompt_token_ids
         if body.api == "chat":
-            return list(render_plain_chat(body.messages).encode("utf-8"))
+            return list(render_plain_chat(body.messages, body.tools).encode("utf-8"))
         return self.text_token_ids(body.prompt_text or "")
 
     def text_token_ids(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
 
-def render_plain_chat(messages: Sequence[ChatMessage]) -> str:
-    """A stable chat layout for models without a template: one ``<|role|>`` block per turn."""
-    parts = [f"<|{message.role}|>\n{message.content}\n" for message in messages]
+def render_plain_chat(messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] = ()) -> str:
+    """A stable chat layout for models without a template: one ``<|role|>`` block per turn,
+    after a ``<|tools|>`` block with the tools as JSON when there are any."""
+    parts = [f"<|tools|>\n{_tojson(list(tools))}\n"] if tools else []
+    parts.extend(f"<|{message.role}|>\n{message.content}\n" for message in messages)
     parts.append("<|assistant|>\n")
     return "".join(parts)
 
@@ -99,10 +101,17 @@ class ChatTemplate:
         self._template = environment.from_string(source)
         self._special_tokens = special_tokens
 
-    def render(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: Sequence[ChatMessage],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] = (),
+    ) -> str:
         return self._template.render(
             messages=[{"role": message.role, "content": message.content} for message in messages],
             add_generation_prompt=add_generation_prompt,
+            # transformers' apply_chat_template passes tools=None when there are none.
+            tools=list(tools) if tools else None,
             **self._special_tokens,
         )
 
@@ -173,17 +182,20 @@ class HFTokenizer:
         if body.prompt_token_ids is not None:
             return body.prompt_token_ids
         if body.api == "chat":
-            return self.chat_token_ids(body.messages)
+            return self.chat_token_ids(body.messages, tools=body.tools)
         return self.text_token_ids(body.prompt_text or "")
 
     def chat_token_ids(
-        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[ChatMessage],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] = (),
     ) -> list[int]:
         """The rendered conversation's ids (the template holds the special tokens)."""
         if self.chat_template is None:
-            text = render_plain_chat(messages)
+            text = render_plain_chat(messages, tools)
         else:
-            text = self.chat_template.render(messages, add_generation_prompt)
+            text = self.chat_template.render(messages, add_generation_prompt, tools)
         return self.encode(text, add_special_tokens=False)
 
     def text_token_ids(self, text: str) -> list[int]:

@@ -241,7 +241,8 @@ async def worker_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
         s
         for s in sent
         if killed_at <= s.at < run.settled_at
-        and (access.get(s.outcome.request_id, {}).get("destination") or "").split(",")[0] == victim.address
+        and (access.get(s.outcome.request_id, {}).get("destination_header") or "").split(",")[0]
+        == victim.address
     ]
     in_flight = run.in_flight_at(sent, killed_at, victim.name)
     lost = [s for s in in_flight if not s.ok]
@@ -1031,3 +1032,8 @@ SCENARIOS: dict[str, Callable[[ChaosStack, LoadShape, Timing], Awaitable[Scenari
 }
 
 __all__ = ["SCENARIOS", "ScenarioResult", "Timing"]
+
+
+def _first_destination(entry: dict[str, Any]) -> str:
+    """The endpoint kvsched put first in a request's destination header (access-log entry)."""
+    return str(entry.get("destination_header") or "").split(",")[0]

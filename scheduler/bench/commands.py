@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import json
 import shlex
 from typing import Any
@@ -192,6 +194,18 @@ def _numbers(text: str) -> list[float]:
 
 def _counts(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
+
+
+def _bench_conformance(args: argparse.Namespace) -> int:
+    from scheduler.adapters.extproc.server import resolve_transport
+    from scheduler.bench.conformance import format_table, run_conformance
+
+    results = asyncio.run(run_conformance(args.transport, args.workers))
+    if args.json:
+        print(json.dumps([dataclasses.asdict(result) for result in results]))
+    else:
+        print(format_table(results, resolve_transport(args.transport)))
+    return 0 if all(result.passed for result in results) else 1
 
 
 def _bench_epp(args: argparse.Namespace) -> int:
@@ -482,6 +496,14 @@ def register(subparsers: Any) -> None:
         help="only the decision's cost against 8..1,000 endpoints and 1k..128k-token prompts (no Envoy)",
     )
     epp.set_defaults(func=_bench_epp)
+    conformance = kinds.add_parser(
+        "conformance",
+        help="the Endpoint Picker protocol's required behaviours against kvsched behind Envoy: pass/fail",
+    )
+    conformance.add_argument("--transport", choices=["auto", "native", "python"], default="auto")
+    conformance.add_argument("--workers", type=int, default=3, help="simulated vLLM workers")
+    conformance.add_argument("--json", action="store_true", help="print the results as JSON")
+    conformance.set_defaults(func=_bench_conformance)
     predictor = kinds.add_parser(
         "predictor", help="TTFT/TPOT predictor: batched predict latency against xgboost, held-out MAPE"
     )

@@ -9,7 +9,23 @@ Schemas (OpenAI API reference, as served by vLLM's OpenAI-compatible server):
   ``content`` is a string, ``null`` (assistant turns that only call tools) or a list of parts;
   only ``{"type": "text", "text": ...}`` parts carry text.
 * Both: ``model``, ``max_tokens`` (``max_completion_tokens`` for chat), ``stream``.
+* Chat ``tools`` (``[{"type": "function", "function": {...}}]``) are kept: a chat template
+  renders them into the prompt, ahead of the messages in most templates.
+* ``POST /v1/messages`` (Anthropic's Messages API, which vLLM serves too): read as the chat
+  conversation vLLM turns it into (``vllm/entrypoints/anthropic/serving_messages.py``,
+  ``_convert_anthropic_to_openai_request``, vLLM 0.11+): ``system`` (a string, or text blocks
+  concatenated) becomes a first system message; each message's text blocks are joined as chat
+  parts are; a user turn's ``tool_result`` block becomes a ``tool`` message placed before it;
+  ``tools`` (``name``, ``description``, ``input_schema``) become chat function tools whose
+  ``parameters`` are the ``input_schema``.
+* ``POST /v1/responses`` (OpenAI's Responses API): read as vLLM's ``_construct_input_messages``
+  (``vllm/entrypoints/openai/serving_responses.py``) reads it: ``instructions`` becomes a first
+  system message, a string ``input`` one user message, a list ``input`` one message per item
+  with a role (``input_text``/``output_text`` parts are text) and a ``tool`` message per
+  ``function_call_output``; flat function ``tools`` are nested as chat tools
+  (``construct_tool_dicts``); ``max_output_tokens`` is the output budget.
 
+Both of those become a ``chat`` body: routing only needs the conversation the worker renders.
 The ``:path`` decides the schema; a body sent to another path is classified by its keys, and
 one that has neither ``prompt`` nor ``messages`` (embeddings, tokenisation, ...) is still
 routed, just without a prompt to match.
@@ -34,6 +50,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 ApiKind = Literal["completions", "chat", "other"]
+# The path's schema: the two above, and the request shapes read as a chat conversation.
+PathKind = Literal["completions", "chat", "anthropic_messages", "responses"]
 _INT_ONLY = {int}
 
 
@@ -56,6 +74,8 @@ class InferenceRequestBody:
     messages: tuple[ChatMessage, ...] = ()
     max_tokens: int | None = None
     stream: bool = False
+    # Chat function tools as the template receives them ({"type": "function", "function": {...}}).
+    tools: tuple[dict[str, Any], ...] = ()
 
     @property
     def has_prompt(self) -> bool:
@@ -84,7 +104,7 @@ def leading_prompt(body: InferenceRequestBody, max_chars: int) -> InferenceReque
     return replace(body, messages=tuple(kept))
 
 
-def api_for_path(path: str | None) -> ApiKind | None:
+def api_for_path(path: str | None) -> PathKind | None:
     """The schema a request path implies, or None when the path does not say."""
     if not path:
         return None
@@ -93,6 +113,10 @@ def api_for_path(path: str | None) -> ApiKind | None:
         return "chat"
     if route.endswith("/completions"):
         return "completions"
+    if route.endswith("/v1/messages"):
+        return "anthropic_messages"
+    if route.endswith("/v1/responses"):
+        return "responses"
     return None
 
 
@@ -113,6 +137,8 @@ class _FastBody(msgspec.Struct):
     stream: bool | None = None
     max_tokens: _Count | None = None
     max_completion_tokens: _Count | None = None
+    # Only whether it is there: a body with tools goes to the careful parser.
+    tools: msgspec.Raw | None = None
 
 
 _FAST_DECODER = msgspec.json.Decoder(_FastBody)
@@ -130,7 +156,10 @@ def _parse_fast(body: bytes, path: str | None) -> InferenceRequestBody | None:
         document = _FAST_DECODER.decode(body)
     except (msgspec.DecodeError, RecursionError):
         return None
-    api = api_for_path(path)
+    path_api = api_for_path(path)
+    if path_api == "anthropic_messages" or path_api == "responses" or document.tools is not None:
+        return None
+    api: ApiKind | None = path_api
     messages, prompt = document.messages, document.prompt
     if api is None:
         api = (
@@ -170,6 +199,24 @@ def _parse_fast(body: bytes, path: str | None) -> InferenceRequestBody | None:
     return InferenceRequestBody("other", model=document.model, max_tokens=document.max_tokens, stream=stream)
 
 
+def with_model(body: bytes, model: str) -> bytes:
+    """``body`` (a JSON object already parsed once) with its ``model`` set to ``model``.
+
+    Re-encoded with msgspec, which keeps the keys' order and every other value as it was; a
+    body only ``json`` reads (NaN, a lone surrogate) goes through ``json`` instead."""
+    try:
+        document = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        document = json.loads(body)
+        document["model"] = model
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode(
+            "utf-8", "surrogatepass"
+        )
+    document["model"] = model
+    encoded: bytes = msgspec.json.encode(document)
+    return encoded
+
+
 def parse_request_body_carefully(body: bytes, path: str | None = None) -> InferenceRequestBody:
     """Every body, with a clear message for each way it can be wrong (``json.loads``)."""
     try:
@@ -184,7 +231,12 @@ def parse_request_body_carefully(body: bytes, path: str | None = None) -> Infere
         raise BadRequestBody("request body nests JSON too deeply") from exc
     if not isinstance(document, dict):
         raise BadRequestBody(f"request body must be a JSON object, not {_json_type(document)}")
-    api = api_for_path(path)
+    path_api = api_for_path(path)
+    if path_api == "anthropic_messages":
+        return _anthropic_messages_body(document)
+    if path_api == "responses":
+        return _responses_body(document)
+    api: ApiKind | None = path_api
     if api is None:
         if "messages" in document:
             api = "chat"
@@ -208,6 +260,7 @@ def parse_request_body_carefully(body: bytes, path: str | None = None) -> Infere
             messages=_parse_messages(document.get("messages")),
             max_tokens=max_tokens,
             stream=stream,
+            tools=chat_tools(document.get("tools")),
         )
     max_tokens = _optional_count(document, "max_tokens")
     if api == "completions":
@@ -294,6 +347,181 @@ def _content_text(content: Any, position: int) -> str:
             raise BadRequestBody(f"'messages[{position}].content[{index}].text' must be a string")
         texts.append(text)
     # vLLM joins text parts with newlines when it flattens content for a string-only template.
+    return "\n".join(texts)
+
+
+def _stream_flag(document: dict[str, Any]) -> bool:
+    stream = document.get("stream", False)
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise BadRequestBody(f"'stream' must be a boolean, not {_json_type(stream)}")
+    return stream
+
+
+def chat_tools(tools: Any) -> tuple[dict[str, Any], ...]:
+    """OpenAI chat ``tools``, as given: each an object whose ``function`` is an object."""
+    if tools is None:
+        return ()
+    if not isinstance(tools, list):
+        raise BadRequestBody(f"'tools' must be a list, not {_json_type(tools)}")
+    for position, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
+            raise BadRequestBody(f"'tools[{position}]' must be an object with a 'function' object")
+    return tuple(tools)
+
+
+def _anthropic_messages_body(document: dict[str, Any]) -> InferenceRequestBody:
+    """Anthropic's Messages API body as the chat conversation vLLM renders for it."""
+    messages: list[ChatMessage] = []
+    system = document.get("system")
+    if isinstance(system, str):
+        if system:
+            messages.append(ChatMessage("system", system))
+    elif isinstance(system, list):
+        # vLLM concatenates the system text blocks with nothing between them.
+        blocks = [_block_text(block, f"system[{i}]") for i, block in enumerate(system)]
+        messages.append(ChatMessage("system", "".join(blocks)))
+    elif system is not None:
+        raise BadRequestBody(f"'system' must be a string or a list of blocks, not {_json_type(system)}")
+    turns = document.get("messages")
+    if not isinstance(turns, list) or not turns:
+        raise BadRequestBody("'messages' must be a non-empty list for /v1/messages")
+    for position, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadRequestBody(f"'messages[{position}]' must be an object, not {_json_type(turn)}")
+        role = turn.get("role")
+        if not isinstance(role, str) or not role:
+            raise BadRequestBody(f"'messages[{position}].role' must be a non-empty string")
+        content = turn.get("content")
+        if isinstance(content, str):
+            messages.append(ChatMessage(role, content))
+            continue
+        if not isinstance(content, list) or not content:
+            raise BadRequestBody(
+                f"'messages[{position}].content' must be a string or a non-empty list of blocks"
+            )
+        texts: list[str] = []
+        for index, block in enumerate(content):
+            where = f"messages[{position}].content[{index}]"
+            if not isinstance(block, dict):
+                raise BadRequestBody(f"'{where}' must be an object")
+            kind = block.get("type")
+            if kind == "text":
+                if text := _block_text(block, where):
+                    texts.append(text)
+            elif kind == "tool_result":
+                result = block.get("content")
+                # vLLM: a user's tool result is a tool message of str(content), ahead of the turn.
+                text = "" if not result else result if isinstance(result, str) else str(result)
+                if role == "user":
+                    messages.append(ChatMessage("tool", text))
+                else:
+                    texts.append(f"Tool result: {text}")
+        messages.append(ChatMessage(role, "\n".join(texts)))
+    max_tokens = _optional_count(document, "max_tokens")
+    tools = document.get("tools")
+    chat_tools: list[dict[str, Any]] = []
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise BadRequestBody(f"'tools' must be a list, not {_json_type(tools)}")
+        for position, tool in enumerate(tools):
+            if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+                raise BadRequestBody(f"'tools[{position}]' must be an object with a string 'name'")
+            function = {
+                "name": tool["name"],
+                "description": tool.get("description"),
+                "parameters": tool.get("input_schema"),
+            }
+            chat_tools.append({"type": "function", "function": function})
+    return InferenceRequestBody(
+        "chat",
+        model=_optional_str(document, "model"),
+        messages=tuple(messages),
+        max_tokens=max_tokens,
+        stream=_stream_flag(document),
+        tools=tuple(chat_tools),
+    )
+
+
+def _block_text(block: Any, where: str) -> str:
+    if not isinstance(block, dict):
+        raise BadRequestBody(f"'{where}' must be an object")
+    if block.get("type") != "text":
+        return ""
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise BadRequestBody(f"'{where}.text' must be a string")
+    return text
+
+
+_RESPONSES_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+
+
+def _responses_body(document: dict[str, Any]) -> InferenceRequestBody:
+    """OpenAI's Responses API body as the chat conversation vLLM renders for it."""
+    messages: list[ChatMessage] = []
+    instructions = document.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise BadRequestBody(f"'instructions' must be a string, not {_json_type(instructions)}")
+    if instructions:
+        messages.append(ChatMessage("system", instructions))
+    given = document.get("input")
+    if isinstance(given, str):
+        messages.append(ChatMessage("user", given))
+    elif isinstance(given, list) and given:
+        for position, item in enumerate(given):
+            if not isinstance(item, dict):
+                raise BadRequestBody(f"'input[{position}]' must be an object, not {_json_type(item)}")
+            if item.get("type") == "function_call_output":
+                output = item.get("output")
+                messages.append(ChatMessage("tool", output if isinstance(output, str) else ""))
+                continue
+            role = item.get("role")
+            if role is None:
+                continue  # reasoning, function calls: no text of a turn of their own
+            if not isinstance(role, str) or not role:
+                raise BadRequestBody(f"'input[{position}].role' must be a non-empty string")
+            messages.append(ChatMessage(role, _responses_content(item.get("content"), position)))
+    else:
+        raise BadRequestBody("'input' must be a string or a non-empty list for /v1/responses")
+    tools = document.get("tools")
+    chat_tools: list[dict[str, Any]] = []
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise BadRequestBody(f"'tools' must be a list, not {_json_type(tools)}")
+        for position, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                raise BadRequestBody(f"'tools[{position}]' must be an object")
+            if tool.get("type") == "function":
+                function = {key: value for key, value in tool.items() if key != "type"}
+                chat_tools.append({"type": "function", "function": function})
+    return InferenceRequestBody(
+        "chat",
+        model=_optional_str(document, "model"),
+        messages=tuple(messages),
+        max_tokens=_optional_count(document, "max_output_tokens"),
+        stream=_stream_flag(document),
+        tools=tuple(chat_tools),
+    )
+
+
+def _responses_content(content: Any, position: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRequestBody(f"'input[{position}].content' must be a string or a list of parts")
+    texts: list[str] = []
+    for index, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise BadRequestBody(f"'input[{position}].content[{index}]' must be an object")
+        if part.get("type") in _RESPONSES_TEXT_PARTS:
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise BadRequestBody(f"'input[{position}].content[{index}].text' must be a string")
+            texts.append(text)
     return "\n".join(texts)
 
 

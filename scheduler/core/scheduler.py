@@ -42,7 +42,7 @@ from scheduler.core.predictor import FeatureMatrix, LatencyPredictor, PredictorC
 from scheduler.core.prefillqueue import DrainRate, PrefillQueue
 from scheduler.core.prefixstats import PrefixStats
 from scheduler.core.registry import UnknownNameError
-from scheduler.core.scoring import EndpointState, PickRequest, PrefixMatch, ScoringConfig
+from scheduler.core.scoring import Decision, EndpointState, PickRequest, PrefixMatch, ScoringConfig
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,14 @@ class PickResult:
     explanation_source: dict[str, Any] | Callable[[], dict[str, Any]] = field(default_factory=dict)
     # (TTFT ms, TPOT ms, source) predicted for the primary, when the predictor ran.
     predicted: tuple[float, float, str] | None = None
+    # With Scheduler.stage_clock set: the clock at the start of lookup, score and predict, and
+    # at the end of predict.
+    stage_ns: tuple[int, int, int, int] | None = None
+    # Prefix blocks the primary holds (any tier), as the index matched them.
+    matched_blocks: int | None = None
+    # The scoring pipeline's decision, when the policy scored candidates (its per-candidate
+    # totals are what an adapter reports as each endpoint's score).
+    decision: Decision | None = None
 
     @property
     def explanation(self) -> dict[str, Any]:
@@ -249,6 +257,9 @@ class Scheduler:
         self.index = index or PrefixIndex(self.config.index)
         self._policy: RoutingPolicy = create_policy(policy_setup(self.config))
         self._rng = random.Random(self.config.seed)
+        # A nanosecond clock set by an adapter that traces decisions: pick then times its stages
+        # into PickResult.stage_ns. None (the default) times nothing.
+        self.stage_clock: Callable[[], int] | None = None
         self._endpoints: dict[str, _EndpointRuntime] = {}
         self._by_address: dict[str, str] = {}
         self._pools: set[str] = set()  # POOL_LABEL values among the endpoints
@@ -496,10 +507,13 @@ class Scheduler:
         return best
 
     def pick(self, request: SchedulingRequest, now: float) -> PickResult:
+        stage_clock = self.stage_clock
+        lookup_ns = stage_clock() if stage_clock is not None else 0
         self._expire_approximate(now)
         keys = self.index.request_keys(request.token_ids)
         prompt_blocks = len(keys)
         matches = self._matches(keys) if prompt_blocks else {}
+        score_ns = stage_clock() if stage_clock is not None else 0
         objective = self.resolve_objective(request)
         runtimes: Iterable[_EndpointRuntime] = self._endpoints.values()
         if objective.pool is not None and objective.pool in self._pools:
@@ -532,15 +546,20 @@ class Scheduler:
                 now,
             )
         )
+        predict_ns = stage_clock() if stage_clock is not None else 0
         if not routing.endpoints:
-            return PickResult("no_endpoints", [], routing.reason, routing.explanation)
+            stages = (lookup_ns, score_ns, predict_ns, predict_ns) if stage_clock is not None else None
+            return PickResult("no_endpoints", [], routing.reason, routing.explanation, stage_ns=stages)
         chosen = routing.endpoints[:wanted]
         addresses = [self._endpoints[name].endpoint.address for name in chosen]
         primary = chosen[0]
-        flight = self._start(request, primary, keys, now, self._cached_tokens(matches.get(primary)))
+        match = matches.get(primary)
+        flight = self._start(request, primary, keys, now, self._cached_tokens(match))
+        matched_blocks = 0 if match is None else match.total_blocks
         decision = routing.decision
         if decision is None:
-            return PickResult("ok", addresses, "", routing.explanation)
+            stages = (lookup_ns, score_ns, predict_ns, predict_ns) if stage_clock is not None else None
+            return PickResult("ok", addresses, "", routing.explanation, None, stages, matched_blocks)
         # The policy scored candidates: the chosen endpoint's feature row trains the predictor
         # once this request's latencies are known, and its prediction goes on the audit line.
         # Every candidate's latency was predicted when the decision used it; otherwise only the
@@ -558,7 +577,10 @@ class Scheduler:
             if predicted is None:
                 alone = self.predictor.predict(flight.features[None, :])
                 predicted = (float(alone.ttft_ms[0]), float(alone.tpot_ms[0]), alone.source)
-        return PickResult("ok", addresses, "", routing.explanation, predicted)
+        stages = (lookup_ns, score_ns, predict_ns, stage_clock()) if stage_clock is not None else None
+        return PickResult(
+            "ok", addresses, "", routing.explanation, predicted, stages, matched_blocks, decision
+        )
 
     def fallback_pick(self, request: SchedulingRequest, now: float | None = None) -> list[str]:
         """Least-loaded healthy endpoints, for when the pipeline itself failed."""

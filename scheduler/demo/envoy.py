@@ -82,10 +82,15 @@ EPP_RETRY_ON = "connect-failure,refused-stream,reset,unavailable"
 AccessLogFields = dict[str, str]
 # One JSON line per request: what the EPP chose (header and metadata), where Envoy sent it in
 # the end and after how many attempts, and why it failed if it did.
+# %DYNAMIC_METADATA% reads what the EPP set in envoy.lb (a struct as JSON): the destination
+# and, when kvsched sends them, the candidates' scores.
 ACCESS_LOG_FORMAT: AccessLogFields = {
     "request_id": "%REQ(X-REQUEST-ID)%",
     "start": "%START_TIME(%s.%6f)%",
-    "destination": "%REQ(X-GATEWAY-DESTINATION-ENDPOINT)%",
+    "path": "%REQ(:PATH)%",
+    "destination_header": "%REQ(X-GATEWAY-DESTINATION-ENDPOINT)%",
+    "destination": "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint)%",
+    "scores": "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint-scores)%",
     "upstream": "%UPSTREAM_HOST%",
     "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
     "status": "%RESPONSE_CODE%",
@@ -139,6 +144,9 @@ class EnvoySettings:
     epp_retries: int = 0
     # Write ACCESS_LOG_FORMAT lines to ``EnvoyGateway.access_log_path``.
     access_log: bool = False
+    # The ext_proc filter's request_body_mode: the GIE set-up streams the body
+    # (FULL_DUPLEX_STREAMED); BUFFERED, STREAMED and NONE are what other gateways may send.
+    request_body_mode: str = "FULL_DUPLEX_STREAMED"
 
 
 def _address(hostport: str) -> dict[str, Any]:
@@ -312,7 +320,7 @@ def _ext_proc_filter(settings: EnvoySettings) -> dict[str, Any]:
         "message_timeout": f"{settings.message_timeout_s}s",
         "processing_mode": {
             "request_header_mode": "SEND",
-            "request_body_mode": "FULL_DUPLEX_STREAMED",
+            "request_body_mode": settings.request_body_mode,
             "request_trailer_mode": "SEND",
             "response_header_mode": "SEND",
             "response_body_mode": "FULL_DUPLEX_STREAMED",
@@ -321,6 +329,10 @@ def _ext_proc_filter(settings: EnvoySettings) -> dict[str, Any]:
     }
     if settings.subset_header:
         config["metadata_options"] = {"forwarding_namespaces": {"untyped": [SUBSET_NAMESPACE]}}
+    if settings.access_log:
+        # The EPP's envoy.lb metadata is kept only from namespaces the filter is told to receive.
+        options = config.setdefault("metadata_options", {})
+        options["receiving_namespaces"] = {"untyped": ["envoy.lb"]}
     return {"name": "envoy.filters.http.ext_proc", "typed_config": config}
 
 

@@ -45,7 +45,9 @@ from scheduler.adapters.predictor_trainer import PredictorTrainer
 from scheduler.adapters.scraper import MetricsScraper
 from scheduler.adapters.tokenizer import make_tokenizer
 from scheduler.adapters.tokenizer_probe import TokenizerService
+from scheduler.adapters.tracing import otlp_tracer
 from scheduler.core.kvingest import IngestStats, PublisherView
+from scheduler.core.model_rewrite import ModelRewrites
 from scheduler.core.scheduler import Endpoint, EndpointDiff, EndpointMetrics, Scheduler, SchedulerConfig
 from scheduler.server.config import ConfigError, ServeConfig, TLSConfig
 from scheduler.server.debug_http import debug_routes, kv_ingest_document
@@ -122,6 +124,7 @@ class ServeApp:
         )
         self.tokenizers = tokenizer_service(config, self._healthy_addresses)
         self._tokenizer_task: asyncio.Task[None] | None = None
+        self.tracer = otlp_tracer(config.tracing) if config.tracing.enabled else None
         self.server = ExtProcServer(
             self.scheduler,
             host=config.host,
@@ -133,6 +136,8 @@ class ServeApp:
             ready=self._ready,
             clock=clock,
             metrics_registry=self.registry,
+            tracer=self.tracer,
+            model_rewrites=ModelRewrites([spec.rule() for spec in config.model_rewrites]),
         )
         # Fits in a lower-priority process: on a thread here they held the GIL (and so every
         # ext_proc stream) for most of each fit.
@@ -525,6 +530,9 @@ class ServeApp:
                 await self._tokenizer_task
             self._tokenizer_task = None
         await self.server.stop(self.config.shutdown_grace_s if grace is None else grace)
+        if self.tracer is not None:
+            # The batch exporter's last spans; the exporter's own timeout bounds the wait.
+            await asyncio.to_thread(self.tracer.close)
         await self.tokenizers.close()
         await self.scraper.stop()
         await self.trainer.stop()

@@ -31,8 +31,10 @@ from scheduler.adapters.extproc.config import ExtProcConfig
 from scheduler.adapters.kubernetes.config import KubernetesDiscoveryConfig
 from scheduler.adapters.scraper import DEFAULT_INTERVAL_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_TIMEOUT_S
 from scheduler.adapters.tokenizer_probe import TokenizerMode
+from scheduler.adapters.tracing import TracingConfig
 from scheduler.codec.prom import EngineKind, MetricNames, MetricsSpec
 from scheduler.core.kvingest import IngestConfig
+from scheduler.core.model_rewrite import MAX_WEIGHT, RewriteRule, RewriteTarget
 from scheduler.core.scheduler import Endpoint, SchedulerConfig
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -122,6 +124,52 @@ class DiscoveryConfig(BaseModel):
     kubernetes: KubernetesDiscoveryConfig = Field(default_factory=KubernetesDiscoveryConfig)
 
 
+class ModelMatchSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["Exact"] = Field("Exact", description="Only Exact, as in the Inference Extension.")
+    value: str = Field(..., min_length=1, description="The request body's model name.")
+
+
+class RewriteMatchSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelMatchSpec
+
+
+class RewriteTargetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    model_rewrite: str = Field(..., alias="modelRewrite", min_length=1, description="The model sent on.")
+    weight: int | None = Field(
+        None, ge=1, le=MAX_WEIGHT, description="Share of the rule's traffic: weight / sum of weights."
+    )
+
+
+class ModelRewriteRuleSpec(BaseModel):
+    """One rule of an InferenceModelRewrite's ``spec.rules`` (inference.networking.x-k8s.io/v1alpha2)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    matches: list[RewriteMatchSpec] = Field(
+        default_factory=list, description="Any of these model names; empty: every request."
+    )
+    targets: list[RewriteTargetSpec] = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _weights_all_or_none(self) -> ModelRewriteRuleSpec:
+        given = [target.weight is not None for target in self.targets]
+        if any(given) and not all(given):
+            raise ValueError("a weight set for one target must be set for every target of the rule")
+        return self
+
+    def rule(self) -> RewriteRule:
+        return RewriteRule(
+            tuple(match.model.value for match in self.matches),
+            tuple(RewriteTarget(t.model_rewrite, t.weight or 1) for t in self.targets),
+        )
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -168,6 +216,16 @@ class ServeConfig(BaseModel):
         default_factory=ExtProcConfig,
         description="Endpoint Picker protocol settings, among them "
         "on_internal_error (fallback | grpc_error).",
+    )
+    model_rewrites: list[ModelRewriteRuleSpec] = Field(
+        default_factory=list,
+        description="InferenceModelRewrite rules (spec.rules): the body's model name rewritten, split by "
+        "weight, before picking; exact matches before generic rules, the first listed among equals.",
+    )
+    tracing: TracingConfig = Field(
+        default_factory=TracingConfig,
+        description="OpenTelemetry traces of routing decisions over OTLP (off by default; needs "
+        "the 'tracing' extra).",
     )
     tokenizer_dir: str | None = Field(
         None,

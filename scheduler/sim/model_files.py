@@ -71,6 +71,8 @@ FILLER_WORDS = (
 # assistant message tokenises to exactly the ids generated.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    # Function tools as JSON ahead of the turns, where most tool-aware templates put them.
+    "{% if tools %}{{ '<|tools|>\\n' }}{{ tools | tojson }}{{ '<|end|>\\n' }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\\n' }}{{ message['content'] or '' }}{{ '<|end|>\\n' }}"
     "{% endfor %}"

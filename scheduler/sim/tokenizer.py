@@ -77,8 +77,10 @@ class SimTokenizer:
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return self.hf.token_strings(ids)
 
-    def chat_ids(self, messages: object, add_generation_prompt: bool = True) -> list[int]:
-        return self.hf.chat_token_ids(chat_messages(messages), add_generation_prompt)
+    def chat_ids(
+        self, messages: object, add_generation_prompt: bool = True, tools: Sequence[dict[str, Any]] = ()
+    ) -> list[int]:
+        return self.hf.chat_token_ids(chat_messages(messages), add_generation_prompt, tools)
 
     def completion_prompts(self, prompt: object, add_special_tokens: bool = True) -> list[list[int]]:
         """OpenAI ``prompt``: text, token ids, or a list of either; one token list per prompt."""

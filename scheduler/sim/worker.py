@@ -6,7 +6,12 @@ Speaks what a real vLLM 0.33 pod exposes to a gateway, an Endpoint Picker or ano
 * ``POST /v1/completions`` (prompt as text, token ids, or a list of either) and
   ``POST /v1/chat/completions``, streaming (SSE ``data: {...}`` chunks, ``data: [DONE]``,
   optional usage chunk via ``stream_options.include_usage``) or not, with
-  ``usage.prompt_tokens_details.cached_tokens``; chunked request bodies are accepted;
+  ``usage.prompt_tokens_details.cached_tokens``; chunked request bodies are accepted; chat
+  ``tools`` are rendered by the chat template;
+* ``POST /v1/messages`` (Anthropic) and ``POST /v1/responses`` (OpenAI): the prompt is the
+  chat conversation vLLM converts them to (``codec/openai.py`` cites the conversions) and
+  generation runs as for a chat request; the answer keeps the chat completion's layout (the
+  engine model is what these simulate, not the two APIs' response schemas);
 * vLLM's tokenizer API: ``POST /tokenize`` and ``/detokenize``
   (``vllm/entrypoints/serve/tokenize/protocol.py``) and the render API,
   ``POST /v1/completions/render`` (a list of ``GenerateRequest``, one per prompt) and
@@ -64,6 +69,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from scheduler.codec.openai import BadRequestBody, chat_tools, parse_request_body_carefully
 from scheduler.core.events import BlockStored, KVEvent
 from scheduler.sim.engine import Engine, EngineConfig, GeneratedToken, Histogram, RequestRejected, SimRequest
 from scheduler.sim.publisher import DEFAULT_BUFFER_STEPS, KVEventPublisher
@@ -323,6 +329,8 @@ class SimWorker:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_post("/v1/messages", self._converted_chat)
+        app.router.add_post("/v1/responses", self._converted_chat)
         app.router.add_post("/v1/completions/render", self._completions_render)
         app.router.add_post("/v1/chat/completions/render", self._chat_render)
         app.router.add_get("/v1/models", self._models)
@@ -594,6 +602,25 @@ class SimWorker:
         received = asyncio.get_running_loop().time()
         return await self._guard(request, lambda r: self._chat_inner(r, received))
 
+    async def _converted_chat(self, request: web.Request) -> web.StreamResponse:
+        received = asyncio.get_running_loop().time()
+        return await self._guard(request, lambda r: self._converted_chat_inner(r, received))
+
+    async def _converted_chat_inner(self, request: web.Request, received: float) -> web.StreamResponse:
+        document = await self._body(request)
+        try:
+            body = parse_request_body_carefully(json.dumps(document).encode(), request.path)
+        except BadRequestBody as exc:
+            raise _HTTPError(400, str(exc)) from exc
+        prompt = self.tokenizer.hf.chat_token_ids(body.messages, tools=body.tools)
+        max_tokens = body.max_tokens if body.max_tokens is not None else self.config.default_chat_max_tokens
+        stream, include_usage = self._stream_flags(document)
+        await self._admitting.wait()
+        call = self._submit([prompt], max_tokens)
+        return await self._respond(
+            request, call, received, chat=True, stream=stream, include_usage=include_usage
+        )
+
     async def _completions_inner(self, request: web.Request, received: float) -> web.StreamResponse:
         body = await self._body(request)
         prompts = self._completion_prompts(body)
@@ -752,7 +779,13 @@ class SimWorker:
         return self.tokenizer.completion_prompts(body["prompt"], self._flag(body, "add_special_tokens", True))
 
     def _chat_prompt(self, body: dict[str, Any]) -> list[int]:
-        ids = self.tokenizer.chat_ids(body.get("messages"), self._flag(body, "add_generation_prompt", True))
+        try:
+            tools = chat_tools(body.get("tools"))
+        except BadRequestBody as exc:
+            raise _HTTPError(400, str(exc)) from exc
+        ids = self.tokenizer.chat_ids(
+            body.get("messages"), self._flag(body, "add_generation_prompt", True), tools
+        )
         if self._flag(body, "add_special_tokens", False):
             # On top of what the template holds, as vLLM does when asked.
             ids = [*self.tokenizer.encode("", add_special_tokens=True), *ids]

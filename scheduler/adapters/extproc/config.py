@@ -12,6 +12,11 @@ DESTINATION_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 SERVED_KEY = "x-gateway-destination-endpoint-served"
+# Proposed for the protocol's v1.1 (gateway-api-inference-extension issue #2985, "optional
+# per-endpoint scores in EPP ext-proc dynamic metadata"): envoy.lb's map of ip:port -> score,
+# optional, never reordering the destination list; llm-d-router emits it behind
+# --emit-endpoint-scores (llm-d-router pull request #2004).
+SCORES_KEY = "x-gateway-destination-endpoint-scores"
 DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
 
 
@@ -40,6 +45,14 @@ class ExtProcConfig(BaseModel):
         "x-gateway-destination-endpoint and its envoy.lb metadata. Needs a data plane that "
         "takes lists (Envoy's override_host load balancing policy); an ORIGINAL_DST cluster "
         "connects to exactly one ip:port, so the default sends the primary alone.",
+    )
+    endpoint_scores: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Put up to this many candidates' scores (the routed endpoints first, then the "
+        "best of the rest; the scoring pipeline's weighted total, 0..1) in the envoy.lb metadata "
+        "under x-gateway-destination-endpoint-scores, for the gateway's access log. 0 = off.",
     )
     max_body_chunk_bytes: int = Field(
         62_000,

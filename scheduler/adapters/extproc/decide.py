@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
 from scheduler.adapters.extproc.config import ExtProcConfig
@@ -20,13 +22,22 @@ from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.flow_gate import FlowGate
 from scheduler.adapters.stage_times import STAGE_TIMES
 from scheduler.adapters.tokenizer import PromptTokenizer, TemplateError, request_token_ids
-from scheduler.codec.openai import BadRequestBody, InferenceRequestBody, leading_prompt, parse_request_body
+from scheduler.adapters.tracing import DecisionTrace, DecisionTracer, decision_attributes
+from scheduler.codec.openai import (
+    BadRequestBody,
+    InferenceRequestBody,
+    leading_prompt,
+    parse_request_body,
+    with_model,
+)
 from scheduler.core.flowcontrol import FlowItem
 from scheduler.core.lookup import PrefixLookup
+from scheduler.core.model_rewrite import ModelRewrites
 from scheduler.core.objectives import ResolvedObjective
 from scheduler.core.scheduler import Endpoint, PickResult, SchedulingRequest
 
 log = logging.getLogger(__name__)
+trace_clock = time.time_ns
 
 
 class SchedulerPort(Protocol):
@@ -72,6 +83,8 @@ class RoutingAnswer:
     error: BaseException | None = None
     # The ``now`` the Scheduler was given (its in-flight clock for this request starts there).
     decided_at: float | None = None
+    # The request body to send on instead of the client's (its model name rewritten).
+    body_replacement: bytes | None = None
 
     @property
     def explanation(self) -> dict[str, Any]:
@@ -89,6 +102,25 @@ class RoutingAnswer:
     def routed(self) -> bool:
         return self.outcome.routed
 
+    def endpoint_scores(self, limit: int) -> list[tuple[str, float]]:
+        """(address, score) of at most ``limit`` candidates the pipeline scored: the routed
+        endpoints first, in their order, then the others best first; none when nothing scored."""
+        decision = getattr(self.explanation_source, "decision", None)
+        if limit <= 0 or decision is None or decision.candidates is None or not decision.totals:
+            return []
+        totals = {
+            state.address: total
+            for state, total in zip(decision.candidates.states, decision.totals, strict=False)
+        }
+        scores = [(address, round(totals[address], 6)) for address in self.endpoints if address in totals]
+        if len(scores) < limit:
+            chosen = set(self.endpoints)
+            rest = sorted(
+                ((total, address) for address, total in totals.items() if address not in chosen), reverse=True
+            )
+            scores.extend((address, round(total, 6)) for total, address in rest[: limit - len(scores)])
+        return scores[:limit]
+
 
 class PickRunner:
     def __init__(
@@ -99,6 +131,9 @@ class PickRunner:
         clock: Callable[[], float],
         stats: ExtProcStats,
         flow_gate: FlowGate | None = None,
+        tracer: DecisionTracer | None = None,
+        model_rewrites: ModelRewrites | None = None,
+        seed: int = 0,
     ) -> None:
         self.scheduler = scheduler
         self.config = config
@@ -106,22 +141,43 @@ class PickRunner:
         self.clock = clock
         self.stats = stats
         self.flow_gate = flow_gate
+        # None: no decision is traced, and no stage pays for tracing beyond this test.
+        self.tracer = tracer
+        self.model_rewrites = model_rewrites if model_rewrites else None
+        # Draws for the weighted model split; seeded, so a replayed run splits alike.
+        self._rewrite_rng = random.Random(seed)
         self._logged_errors: set[str] = set()
 
     async def decide_body(
         self, hints: RequestHints, body: bytes | None, subset: frozenset[str] | None
     ) -> RoutingAnswer:
         """Decide for an HTTP request; ``body`` None or empty means a request without a body."""
+        trace = self.tracer.begin(hints.trace_headers) if self.tracer is not None else None
         parsed: InferenceRequestBody | None = None
         if body:
             started = STAGE_TIMES.start()
             try:
                 parsed = parse_request_body(body, hints.path)
             except BadRequestBody as exc:
-                return RoutingAnswer(PickOutcome.BAD_REQUEST, reason=str(exc))
+                answer = RoutingAnswer(PickOutcome.BAD_REQUEST, reason=str(exc))
+                if trace is not None:
+                    trace.stage("parse", trace.started_ns)
+                    self._finish_trace(trace, answer)
+                return answer
             finally:
                 STAGE_TIMES.stop("body_parse", started)
-        return await self.decide_parsed(hints, parsed, subset)
+            if trace is not None:
+                trace.stage("parse", trace.started_ns)
+        replacement: bytes | None = None
+        if self.model_rewrites is not None and parsed is not None and body:
+            target = self.model_rewrites.rewrite(parsed.model, self._rewrite_rng.random())
+            if target is not None and target != parsed.model:
+                # The body parsed once already: it is a JSON object.
+                replacement = with_model(body, target)
+                parsed = replace(parsed, model=target)
+        answer = await self.decide_parsed(hints, parsed, subset, trace=trace)
+        answer.body_replacement = replacement
+        return answer
 
     async def decide_parsed(
         self,
@@ -129,24 +185,35 @@ class PickRunner:
         parsed: InferenceRequestBody | None,
         subset: frozenset[str] | None,
         token_ids: Sequence[int] | None = None,
+        trace: DecisionTrace | None = None,
     ) -> RoutingAnswer:
         """Decide for a body the transport has parsed already; ``token_ids``, when the transport
-        read the prompt's ids itself, stand for ``parsed``'s prompt."""
+        read the prompt's ids itself, stand for ``parsed``'s prompt. ``trace``: the decision's
+        stages so far, when it is traced (a body the transport parsed starts one here)."""
+        if trace is None and self.tracer is not None:
+            trace = self.tracer.begin(hints.trace_headers)
         ids: Sequence[int] = ()
         tokenize_error: Exception | None = None
         if token_ids is not None:
             ids = token_ids
         elif parsed is not None:
             started = STAGE_TIMES.start()
+            tokenize_ns = trace_clock() if trace is not None else 0
             try:
                 ids = await self.token_ids(parsed)
             except TemplateError as exc:
                 reason = f"chat template rejected the messages: {exc}"
-                return RoutingAnswer(PickOutcome.BAD_REQUEST, reason=reason, body=parsed)
+                answer = RoutingAnswer(PickOutcome.BAD_REQUEST, reason=reason, body=parsed)
+                if trace is not None:
+                    trace.stage("tokenize", tokenize_ns)
+                    self._finish_trace(trace, answer)
+                return answer
             except Exception as exc:
                 tokenize_error = exc
             finally:
                 STAGE_TIMES.stop("tokenize", started)
+            if trace is not None and parsed.prompt_token_ids is None:
+                trace.stage("tokenize", tokenize_ns)
         request = self.scheduling_request(
             hints,
             ids,
@@ -157,11 +224,33 @@ class PickRunner:
         if tokenize_error is not None:
             decision = self.internal(request, tokenize_error)
         else:
-            decision = await self.admit_and_pick(request)
+            decision = await self.admit_and_pick(request, trace)
         decision.body = parsed
+        if trace is not None:
+            self._finish_trace(trace, decision)
         return decision
 
-    async def admit_and_pick(self, request: SchedulingRequest) -> RoutingAnswer:
+    def _finish_trace(self, trace: DecisionTrace, answer: RoutingAnswer) -> None:
+        assert self.tracer is not None
+        source = answer.explanation_source
+        request = answer.request
+        trace.attributes = decision_attributes(
+            answer.outcome.value,
+            answer.endpoints,
+            answer.predicted,
+            getattr(source, "matched_blocks", None),
+            len(request.token_ids) if request is not None else 0,
+            answer.reason,
+        )
+        try:
+            self.tracer.finish(trace)
+        except Exception as exc:
+            # A tracing fault must cost neither the request nor the log's readability.
+            self._log_error_once("tracing", request.request_id if request is not None else "", exc)
+
+    async def admit_and_pick(
+        self, request: SchedulingRequest, trace: DecisionTrace | None = None
+    ) -> RoutingAnswer:
         """Flow control first (the request may wait while the pool is saturated), then the pick.
 
         Nothing is awaited between admission and the pick, so the request is in kvsched's
@@ -170,8 +259,9 @@ class PickRunner:
         """
         gate = self.flow_gate
         if gate is None or (request.subset is not None and not request.subset):
-            return self.pick(request)
+            return self.pick(request, trace)
         started = STAGE_TIMES.start()
+        waited_ns = trace_clock() if trace is not None else 0
         try:
             objective = self.scheduler.resolve_objective(request)
             item = FlowItem(
@@ -185,15 +275,17 @@ class PickRunner:
             raise
         except Exception as exc:
             self._log_error_once("flow control", request.request_id, exc)
-            return self.pick(request)
+            return self.pick(request, trace)
         finally:
             # A request that waited is charged the loop's other work too: rare, and only
             # while the pool is saturated.
             STAGE_TIMES.stop("flow_control", started)
+            if trace is not None:
+                trace.stage("flow_control", waited_ns)
         if admission.rejected:
             outcome = PickOutcome.SHED if admission.http_status == 429 else PickOutcome.QUEUE_TIMEOUT
             return RoutingAnswer(outcome, reason=admission.reason, request=request)
-        return self.pick(request)
+        return self.pick(request, trace)
 
     async def token_ids(self, parsed: InferenceRequestBody) -> Sequence[int]:
         if parsed.prompt_token_ids is not None:
@@ -232,7 +324,7 @@ class PickRunner:
             max_tokens=max_tokens,
         )
 
-    def pick(self, request: SchedulingRequest) -> RoutingAnswer:
+    def pick(self, request: SchedulingRequest, trace: DecisionTrace | None = None) -> RoutingAnswer:
         if request.subset is not None and not request.subset:
             # GIE protocol: an empty subset hint means nothing is eligible -> 503.
             return RoutingAnswer(
@@ -248,6 +340,11 @@ class PickRunner:
             return self.internal(request, exc, now)
         finally:
             STAGE_TIMES.stop("pick", started)
+        if trace is not None and result.stage_ns is not None:
+            lookup_ns, score_ns, predict_ns, end_ns = result.stage_ns
+            trace.stage("lookup", lookup_ns, score_ns)
+            trace.stage("score", score_ns, predict_ns)
+            trace.stage("predict", predict_ns, end_ns)
         if result.status == "ok":
             outcome, reason = PickOutcome.ROUTED, result.reason
         elif result.status == "shed":

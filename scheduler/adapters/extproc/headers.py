@@ -24,6 +24,8 @@ SLO_TTFT_HEADERS = ("x-llm-d-slo-ttft-ms", "x-slo-ttft-ms")
 SLO_TPOT_HEADERS = ("x-llm-d-slo-tpot-ms", "x-slo-tpot-ms")
 FAIRNESS_HEADER = "x-llm-d-fairness-id"
 REQUEST_ID_HEADER = "x-request-id"
+# W3C Trace Context: a traced decision joins the caller's trace.
+TRACE_HEADERS = ("traceparent", "tracestate")
 # Every request header request_hints() reads: a transport that filters headers keeps these.
 HINT_HEADERS = (
     REQUEST_ID_HEADER,
@@ -32,6 +34,7 @@ HINT_HEADERS = (
     *SLO_TTFT_HEADERS,
     *SLO_TPOT_HEADERS,
     FAIRNESS_HEADER,
+    *TRACE_HEADERS,
 )
 
 _warned_headers: set[str] = set()
@@ -64,6 +67,8 @@ class RequestHints:
     slo_ttft_ms: float | None
     slo_tpot_ms: float | None
     fairness_id: str | None
+    # traceparent / tracestate as sent, when the request carries them.
+    trace_headers: Mapping[str, str] | None = None
 
 
 def request_hints(headers: Mapping[str, str]) -> RequestHints:
@@ -79,6 +84,11 @@ def request_hints(headers: Mapping[str, str]) -> RequestHints:
         slo_ttft_ms=_milliseconds(headers, SLO_TTFT_HEADERS),
         slo_tpot_ms=_milliseconds(headers, SLO_TPOT_HEADERS),
         fairness_id=headers.get(FAIRNESS_HEADER) or None,
+        trace_headers=(
+            {name: headers[name] for name in TRACE_HEADERS if name in headers}
+            if "traceparent" in headers
+            else None
+        ),
     )
 
 

@@ -389,7 +389,8 @@ class _NativeRequest:
         config = transport.config
         destination = ",".join(decision.endpoints) if config.destination_list else decision.endpoints[0]
         extra = [(REQUEST_ID_HEADER, self.request_id)] if self.hints.generated_id else []
-        transport.native.route(self.stream, destination, extra)
+        scores = decision.endpoint_scores(config.endpoint_scores)
+        transport.native.route(self.stream, destination, extra, scores or None, decision.body_replacement)
         self.decision_s = runner.clock() - decided_from
         transport.stats.observe_decision(self.decision_s)
 

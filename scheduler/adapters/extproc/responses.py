@@ -20,7 +20,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from scheduler.adapters.extproc.config import DESTINATION_HEADER, DESTINATION_NAMESPACE, DROPPED_REASON_HEADER
+from scheduler.adapters.extproc.config import (
+    DESTINATION_HEADER,
+    DESTINATION_NAMESPACE,
+    DROPPED_REASON_HEADER,
+    SCORES_KEY,
+)
 from scheduler.adapters.extproc.outcomes import PickOutcome
 
 # envoy.service.ext_proc.v3.ProcessingResponse; the generated classes carry no type information.
@@ -41,15 +46,24 @@ def _set_header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 
 def route_headers_response(
-    destination: str, content_length: int | None, extra_headers: Sequence[tuple[str, str]] = ()
+    destination: str,
+    content_length: int | None,
+    extra_headers: Sequence[tuple[str, str]] = (),
+    scores: Sequence[tuple[str, float]] = (),
 ) -> ProcessingResponse:
-    """Request-headers answer that routes: header and ``envoy.lb`` metadata carry the same value."""
+    """Request-headers answer that routes: header and ``envoy.lb`` metadata carry the same value;
+    ``scores``, when given, go beside them as the proposed ``x-gateway-destination-endpoint-scores``."""
     headers = [_set_header(DESTINATION_HEADER, destination)]
     if content_length is not None:
         headers.append(_set_header("content-length", str(content_length)))
     headers.extend(_set_header(key, value) for key, value in extra_headers)
     metadata = struct_pb2.Struct()
-    metadata.fields[DESTINATION_NAMESPACE].struct_value.fields[DESTINATION_HEADER].string_value = destination
+    namespace = metadata.fields[DESTINATION_NAMESPACE].struct_value
+    namespace.fields[DESTINATION_HEADER].string_value = destination
+    if scores:
+        scored = namespace.fields[SCORES_KEY].struct_value
+        for address, score in scores:
+            scored.fields[address].number_value = score
     return ext_proc.ProcessingResponse(
         request_headers=ext_proc.HeadersResponse(
             response=ext_proc.CommonResponse(

@@ -26,6 +26,8 @@ from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.extproc.tls import ServerCredentials, TLSSettings
 from scheduler.adapters.flow_gate import FlowGate
 from scheduler.adapters.tokenizer import ByteTokenizer, PromptTokenizer
+from scheduler.adapters.tracing import DecisionTracer
+from scheduler.core.model_rewrite import ModelRewrites
 from scheduler.core.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,8 @@ class ExtProcServer:
         clock: Callable[[], float] = time.monotonic,
         metrics_registry: Any | None = None,
         flow_gate: FlowGate | None = None,
+        tracer: DecisionTracer | None = None,
+        model_rewrites: ModelRewrites | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.config = config or ExtProcConfig()
@@ -88,7 +92,21 @@ class ExtProcServer:
                 scheduler.flow, scheduler.saturation, scheduler.saturation_states, clock=clock
             )
         self.flow_gate = flow_gate
-        self.runner = PickRunner(scheduler, self.config, self._tokenizer, clock, self.stats, flow_gate)
+        if tracer is not None and isinstance(scheduler, Scheduler):
+            # The pick's own stages (lookup, score, predict) become spans too.
+            scheduler.stage_clock = time.time_ns
+        seed = scheduler.config.seed if isinstance(scheduler, Scheduler) else 0
+        self.runner = PickRunner(
+            scheduler,
+            self.config,
+            self._tokenizer,
+            clock,
+            self.stats,
+            flow_gate,
+            tracer,
+            model_rewrites,
+            seed,
+        )
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._health: ReadinessHealthServicer | None = None
@@ -142,6 +160,9 @@ class ExtProcServer:
             health_host=self._health_host,
             health_port=self._requested_health_port,
         )
+        if self.runner.model_rewrites is not None:
+            # A rewritten model needs the body's bytes in Python: it sends a new body on.
+            options["parse_bodies"] = False
         native = NativeTransport(
             load_native(),
             self.runner,

@@ -230,7 +230,12 @@ class _Exchange:
         destination = ",".join(decision.endpoints) if self._config.destination_list else decision.endpoints[0]
         extra = [(REQUEST_ID_HEADER, self._request_id)] if self._hints.generated_id else []
         has_body = self._body_messages > 0 and self._duplex_request
-        answers = [responses.route_headers_response(destination, len(body) if has_body else None, extra)]
+        if has_body and decision.body_replacement is not None:
+            body = decision.body_replacement
+        scores = decision.endpoint_scores(self._config.endpoint_scores)
+        answers = [
+            responses.route_headers_response(destination, len(body) if has_body else None, extra, scores)
+        ]
         if has_body:
             answers.extend(
                 responses.request_body_responses(body, self._config.max_body_chunk_bytes, end_of_stream)
