@@ -108,7 +108,9 @@ class ServeApp:
         self.scheduler = Scheduler(config.scheduler)
         self.registry = new_registry()
         self.ingest: KVEventIngestService | None = (
-            KVEventIngestService(self.scheduler.index, clock=clock) if config.kv_events.enabled else None
+            KVEventIngestService(self.scheduler.index, clock=clock, on_applied=self.scheduler.on_kv_batch)
+            if config.kv_events.enabled
+            else None
         )
         # Each refresh of an endpoint's metrics may let a waiting request go.
         self.scraper = MetricsScraper(
