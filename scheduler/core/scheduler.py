@@ -202,6 +202,7 @@ class SchedulingRequest:
     slo_tpot_ms: float | None = None
     fairness_id: str | None = None
     max_tokens: int | None = None
+    session_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -534,7 +535,12 @@ class Scheduler:
         keys = self.index.request_keys(request.token_ids)
         prompt_blocks = len(keys)
         matches = reported = self._matches(keys) if prompt_blocks else {}
-        if len(self._speculative) and prompt_blocks and self._policy.reads_speculative_placement:
+        if (
+            len(self._speculative)
+            and prompt_blocks
+            and self.config.speculative.enabled
+            and self._policy.reads_speculative_placement
+        ):
             matches = self._with_speculative(keys, reported)
         objective = self.resolve_objective(request)
         runtimes: Iterable[_EndpointRuntime] = self._endpoints.values()
@@ -549,6 +555,7 @@ class Scheduler:
             slo_ttft_ms=objective.slo_ttft_ms,
             slo_tpot_ms=objective.slo_tpot_ms,
             priority=objective.priority,
+            session_id=request.session_id,
         )
         if self._approx and matches and self._policy.guards_remembered_prefixes:
             matches = self._approximate_load_guard(matches, states, request.subset)

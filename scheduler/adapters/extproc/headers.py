@@ -24,6 +24,8 @@ SLO_TTFT_HEADERS = ("x-llm-d-slo-ttft-ms", "x-slo-ttft-ms")
 SLO_TPOT_HEADERS = ("x-llm-d-slo-tpot-ms", "x-slo-tpot-ms")
 FAIRNESS_HEADER = "x-llm-d-fairness-id"
 REQUEST_ID_HEADER = "x-request-id"
+# The session header's default name (ExtProcConfig.session_header).
+SESSION_HEADER = "x-session-id"
 # Every request header request_hints() reads: a transport that filters headers keeps these.
 HINT_HEADERS = (
     REQUEST_ID_HEADER,
@@ -64,9 +66,15 @@ class RequestHints:
     slo_ttft_ms: float | None
     slo_tpot_ms: float | None
     fairness_id: str | None
+    session_id: str | None = None
 
 
-def request_hints(headers: Mapping[str, str]) -> RequestHints:
+def hint_headers(session_header: str = SESSION_HEADER) -> tuple[str, ...]:
+    """Every request header ``request_hints`` reads, the configured session header included."""
+    return HINT_HEADERS if session_header in HINT_HEADERS else (*HINT_HEADERS, session_header)
+
+
+def request_hints(headers: Mapping[str, str], session_header: str = SESSION_HEADER) -> RequestHints:
     request_id = headers.get(REQUEST_ID_HEADER, "").strip()
     generated = not request_id
     if generated:
@@ -79,6 +87,7 @@ def request_hints(headers: Mapping[str, str]) -> RequestHints:
         slo_ttft_ms=_milliseconds(headers, SLO_TTFT_HEADERS),
         slo_tpot_ms=_milliseconds(headers, SLO_TPOT_HEADERS),
         fairness_id=headers.get(FAIRNESS_HEADER) or None,
+        session_id=headers.get(session_header, "").strip() or None,
     )
 
 
