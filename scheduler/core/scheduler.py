@@ -67,6 +67,15 @@ class HealthConfig(BaseModel):
     unhealthy_after_failures: int = Field(
         3, ge=1, description="Consecutive failed scrapes after which an endpoint is not picked."
     )
+    kv_events_stale_after_s: float = Field(
+        10.0,
+        gt=0,
+        description="An endpoint that publishes KV events and has sent no batch for this long after a "
+        "request prefilled a full block there (vLLM reports such blocks in the same engine step) "
+        "has stopped publishing: the blocks the index holds for it stop counting in picks until a "
+        "batch arrives again. 10 s is twice the replay timeout and 50x the slowest event delay "
+        "modelled in the simulator.",
+    )
 
 
 class ApproximateConfig(BaseModel):
@@ -301,6 +310,9 @@ class Scheduler:
         # the events confirm or contradict them; in an index of their own, matched at a discount.
         self._speculative = RoutedMemory(PrefixIndex(self.config.index))
         self.speculative_outcomes = dict.fromkeys(SPECULATIVE_OUTCOMES, 0)
+        # Per endpoint with KV events, the first token of the oldest request that prefilled a
+        # full block there since the endpoint's last batch: its blocks are owed a report.
+        self._owed_events: dict[str, float] = {}
         self.completions = 0
         self.prefix_stats = PrefixStats()
         self.objectives = ObjectiveTable()
@@ -396,6 +408,8 @@ class Scheduler:
         if removed:
             gone = {endpoint.name for endpoint in removed}
             self._approx.forget_endpoints(gone)
+            for name in gone:
+                self._owed_events.pop(name, None)
             self._speculative.forget_endpoints(gone)
         return EndpointDiff(added, removed)
 
@@ -557,6 +571,8 @@ class Scheduler:
             priority=objective.priority,
             session_id=request.session_id,
         )
+        if matches and (silent := self.kv_events_stale(now)):
+            matches = {name: match for name, match in matches.items() if name not in silent}
         if self._approx and matches and self._policy.guards_remembered_prefixes:
             matches = self._approximate_load_guard(matches, states, request.subset)
         estimator = self._estimator
@@ -780,6 +796,12 @@ class Scheduler:
             self._prefill_rates.setdefault(endpoint_class, DrainRate()).add(drained, waited)
             self._prefill_rate.add(drained, waited)
             runtime.last_event_at = now
+            if (
+                runtime.endpoint.kv_events is not None
+                and flight.prefill_tokens >= self.config.index.block_size
+                and flight.endpoint not in self._owed_events
+            ):
+                self._owed_events[flight.endpoint] = now
         placed = self._speculative.prompt_of(request_id)
         if placed is not None:
             placed.due_at = now + self.config.speculative.events_within_s
@@ -896,6 +918,21 @@ class Scheduler:
             return matches
         return {name: match for name, match in matches.items() if name not in busy}
 
+    # --- endpoints whose KV events stopped ----------------------------------------------
+
+    def kv_events_stale(self, now: float) -> dict[str, str]:
+        """Endpoints that owe a KV-event batch for longer than ``health.kv_events_stale_after_s``,
+        with the reason: what the index holds for them is stale, and picks ignore it."""
+        limit = self.config.health.kv_events_stale_after_s
+        stale: dict[str, str] = {}
+        for name, since in self._owed_events.items():
+            if now - since > limit:
+                stale[name] = (
+                    f"KV events stopped: no batch in {now - since:.1f} s since a request prefilled "
+                    f"there (limit {limit:g} s); its cached blocks are not counted"
+                )
+        return stale
+
     # --- speculative placement -------------------------------------------------------
 
     @property
@@ -940,6 +977,7 @@ class Scheduler:
         whose events are due and still do not report them are contradicted (evicted at
         once, or never cached); both are forgotten."""
         endpoint = worker.split("#dp", 1)[0]
+        self._owed_events.pop(endpoint, None)
         memory = self._speculative
         for placed in memory.of_endpoint(endpoint):
             if placed.due_at is None:
