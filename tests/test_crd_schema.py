@@ -218,6 +218,7 @@ def test_minimal_policy_is_completed_by_the_defaults() -> None:
         "inflightLoad": 1.5,
         "predictedLatency": 0,
         "prefillWait": 3,
+        "sessionAffinity": 0,
     }
     assert spec["tierWeights"] == {"gpu": 1, "cpu": 0.8, "storage": 0.5}
     assert spec["picker"] == {
@@ -258,7 +259,7 @@ def test_defaults_do_not_override_what_is_set() -> None:
 # field: a policy may set fields, none is defaulted (left out, the config file's value stays).
 # Not at all: the index layout is fixed per process (a policy may only assert it), the seed and
 # the comparison policies are for experiments. A new section must be put in one of these.
-SECTIONS_IN_FULL = {"scoring", "health", "approximate", "flow_control"}
+SECTIONS_IN_FULL = {"scoring", "health", "approximate", "speculative", "flow_control"}
 SECTIONS_BY_FIELD = {"predictor", "slo_defaults"}
 NOT_IN_POLICIES = {"index", "seed", "policy"}
 # CRD bounds kvsched deliberately refuses although the schema admits them.
@@ -386,6 +387,7 @@ def test_a_registered_scorer_is_weighted_by_a_policy() -> None:
         "inflightLoad": 1.5,
         "predictedLatency": 0,
         "prefillWait": 3,
+        "sessionAffinity": 0,
     }
     settings = PolicySettings.from_spec(spec)
     with pytest.raises(

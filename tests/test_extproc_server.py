@@ -36,6 +36,8 @@ from scheduler.core.scheduler import (
     SchedulerConfig,
     SchedulingRequest,
 )
+from scheduler.core.scoring import ScoringConfig
+from scheduler.core.scoring.config import SessionAffinityConfig
 
 ADDRESSES = ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"]
 DEADLINE_S = 10.0
@@ -903,3 +905,39 @@ async def test_candidates_scores_go_in_the_metadata_only_when_asked_for_and_boun
         v.number_value for k, v in scores.items() if k != ADDRESSES[2]
     )
     assert all(0.0 <= value.number_value <= 1.0 for value in scores.values())
+
+
+async def test_session_header_keeps_a_session_on_one_endpoint_on_every_replica(
+    start_server: ServerFactory, connect: Callable[[ExtProcServer], EnvoyStream]
+) -> None:
+    """Two replicas, each its own Scheduler with the endpoints discovered in another order,
+    share nothing: rendezvous hashing of the configured session header agrees anyway."""
+    config = SchedulerConfig(
+        index=IndexConfig(block_size=16),
+        scoring=ScoringConfig(session_affinity=SessionAffinityConfig(hard=True)),
+    )
+    replicas = []
+    for order in (ADDRESSES, ADDRESSES[::-1]):
+        replica = Scheduler(config)
+        replica.set_endpoints([Endpoint(name=address, address=address) for address in order], now=0.0)
+        extproc = ExtProcConfig(destination_list=True, session_header="x-conversation")
+        replicas.append(await start_server(replica, config=extproc))
+
+    async def primary(server: ExtProcServer, session: str | None, prompt: list[int]) -> str:
+        stream = connect(server)
+        await stream.request_headers(POST | ({"x-conversation": session} if session else {}))
+        await stream.request_body(_completion_body(prompt))
+        return _set_headers(await stream.read())["x-gateway-destination-endpoint"].split(",")[0]
+
+    homes: dict[str, str] = {}
+    for turn in range(3):
+        for s in range(12):
+            session = f"conversation-{s}"
+            prompt = [s + 1, turn + 1] * 20  # another prompt every turn: no cache to follow
+            picked = {await primary(server, session, prompt) for server in replicas}
+            assert len(picked) == 1, f"replicas disagree on {session}: {picked}"
+            assert homes.setdefault(session, picked.pop()) in ADDRESSES
+    by_session = [homes[f"conversation-{s}"] for s in range(12)]
+    assert len(set(by_session)) == len(ADDRESSES)  # sessions spread over the pool
+    # Without the header a request is not tied: it goes wherever load sends it.
+    assert await primary(replicas[0], None, [5] * 40) in ADDRESSES

@@ -317,6 +317,13 @@ BUILT_IN_KINDS = {
 # --- rendering, linting, validation ---------------------------------------------------------
 
 
+def test_session_header_from_values_is_a_valid_serve_setting() -> None:
+    from scheduler.adapters.extproc.config import ExtProcConfig
+
+    config = config_of(render({"inferenceExtension": {"sessionHeader": "x-conversation-id"}}))
+    assert ExtProcConfig(**config["extproc"]).session_header == "x-conversation-id"
+
+
 @pytest.mark.parametrize("name", list(VALUE_SETS))
 def test_lint_is_clean(name: str) -> None:
     report = helm.lint(CHART_DIR, VALUE_SETS[name], strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
@@ -481,7 +488,7 @@ def test_config_file_from_values() -> None:
         "metrics_port": 9090,
         "tls": {"mode": "self_signed"},
         # The image is built with the native transport; the chart asks for it by name.
-        "extproc": {"transport": "native"},
+        "extproc": {"transport": "native", "session_header": "x-session-id"},
         "pool": {
             "name": RELEASE,
             "namespace": NAMESPACE,

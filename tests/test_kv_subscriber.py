@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 
 import msgpack
@@ -548,6 +549,29 @@ async def test_service_adds_removes_and_stops_cleanly(ctx: zmq.asyncio.Context, 
         t for t in asyncio.all_tasks() - before if not t.done() and (t.get_name() or "").startswith("kv-")
     ]
     assert leftover == [] and service.endpoints == []
+
+
+async def test_applied_batches_confirm_the_schedulers_speculative_placements(
+    ctx: zmq.asyncio.Context, cleanup: list
+) -> None:
+    from scheduler.core.scheduler import Endpoint, Scheduler, SchedulerConfig, SchedulingRequest
+
+    scheduler = Scheduler(SchedulerConfig(index=IndexConfig(block_size=BLOCK)))
+    pub = publisher(ctx, cleanup, replay=False)
+    scheduler.set_endpoints([Endpoint("pod0", "10.0.0.1:8000", kv_events=pub.endpoint)], now=0.0)
+    service = KVEventIngestService(scheduler.index, context=ctx, on_applied=scheduler.on_kv_batch)
+    await service.add_endpoint(SubscriberConfig("pod0", pub.endpoint, topic="kv@"))
+    assert await pub.subscribed() == b"kv@"
+    tokens = prompt(3)
+    now = time.monotonic()  # the subscriber's clock: its batches arrive within events_within_s
+    scheduler.pick(SchedulingRequest("a", tokens), now=now)
+    scheduler.on_first_token("a", now=now)
+    assert scheduler.speculative_placements == 1
+    for batch in chain_batches(tokens):
+        await pub.publish(batch)
+    await until(lambda: scheduler.speculative_outcomes["confirmed"] == 1)
+    assert scheduler.speculative_placements == 0
+    await service.stop()
 
 
 def test_subscriber_config_follows_the_discovered_endpoint() -> None:

@@ -127,6 +127,7 @@ def _observable(scheduler: Scheduler) -> dict[str, Any]:
         "predictor": scheduler.predictor.stats,
         "prefix_stats": asdict(scheduler.prefix_stats),
         "approximate": list(scheduler._approx),
+        "speculative": list(scheduler._speculative),
         "rng": scheduler._rng.getstate(),
         "index": (index.footprint(), index.stats, index.evictions, index.unknown_removals, index.workers),
         "root_keys": dict(index._root_keys),

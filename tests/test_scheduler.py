@@ -20,6 +20,7 @@ from scheduler.core.scheduler import (
     Scheduler,
     SchedulerConfig,
     SchedulingRequest,
+    SpeculativeConfig,
 )
 
 BLOCK = 16
@@ -221,7 +222,9 @@ def test_reload_swaps_scoring_atomically() -> None:
 def test_served_hits_that_lookups_never_predict_are_a_tokenization_mismatch(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    scheduler = _scheduler(2)
+    # Without speculative placement: a pick that follows kvsched's own unconfirmed placement
+    # is no evidence (its events may still be on their way), and these events never come.
+    scheduler = _scheduler(2, speculative=SpeculativeConfig(enabled=False))
     worker = "10.0.0.1:8000"
     cached_ids = list(range(1, 4 * BLOCK + 1))
     _store(scheduler, worker, cached_ids, [100, 101, 102, 103])

@@ -132,6 +132,12 @@ def _sizes(frames: list[bytes]) -> str:
     return "[" + ", ".join(str(len(frame)) for frame in frames[:8]) + (", ...]" if len(frames) > 8 else "]")
 
 
+# Told (index worker, now) after a live batch moved that worker's slice of the index forward
+# (``Scheduler.on_kv_batch``: speculative placements are confirmed or contradicted there).
+BatchApplied = Callable[[str, float], None]
+_INDEX_MOVED = frozenset({Action.APPLIED, Action.REPLAY_FINISHED})
+
+
 class KVEventSubscriber:
     """Live stream plus replays for one endpoint, feeding the shared prefix index."""
 
@@ -142,11 +148,13 @@ class KVEventSubscriber:
         *,
         context: zmq.asyncio.Context | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_applied: BatchApplied | None = None,
     ) -> None:
         self.config = config
         self.index = index
         self._context = context or zmq.asyncio.Context.instance()
         self._clock = clock
+        self._on_applied = on_applied
         self._ranks = [_Rank(config, rank, index) for rank in range(config.data_parallel_size)]
         self._started = False
 
@@ -300,7 +308,11 @@ class KVEventSubscriber:
             if len(seq_frame) != _SEQ_FRAME_BYTES:
                 ingest.malformed_frame(f"seq frame of {len(seq_frame)} bytes; frame sizes {_sizes(frames)}")
                 return
-            self._follow(rank, ingest.on_live(int.from_bytes(seq_frame, "big"), payload, self._clock()))
+            now = self._clock()
+            step = ingest.on_live(int.from_bytes(seq_frame, "big"), payload, now)
+            self._follow(rank, step)
+            if self._on_applied is not None and step.action in _INDEX_MOVED:
+                self._on_applied(ingest.worker, now)
         except Exception:  # one bad message must never end the stream
             ingest.stats.internal_errors += 1
             if ingest.stats.internal_errors == 1:
@@ -382,10 +394,12 @@ class KVEventIngestService:
         *,
         context: zmq.asyncio.Context | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_applied: BatchApplied | None = None,
     ) -> None:
         self.index = index
         self._context = context or zmq.asyncio.Context.instance()
         self._clock = clock
+        self._on_applied = on_applied
         self._subscribers: dict[str, KVEventSubscriber] = {}
 
     @property
@@ -403,7 +417,9 @@ class KVEventIngestService:
             if current.config == config:
                 return current
             await self.remove_endpoint(config.name)
-        subscriber = KVEventSubscriber(config, self.index, context=self._context, clock=self._clock)
+        subscriber = KVEventSubscriber(
+            config, self.index, context=self._context, clock=self._clock, on_applied=self._on_applied
+        )
         self._subscribers[config.name] = subscriber
         await subscriber.start()
         return subscriber

@@ -183,6 +183,21 @@ class KvschedCollector(Collector):
             "BlockRemoved events for blocks the index did not hold.",
             value=index.unknown_removals,
         )
+        outcomes = CounterMetricFamily(
+            "kvsched_speculative_placements",
+            "Speculative placements (prompts routed to endpoints whose KV events had not reported them) "
+            "by outcome: placed, then confirmed or contradicted by the endpoint's events, expired, or "
+            "failed with their request.",
+            labels=["outcome"],
+        )
+        for outcome, count in self.scheduler.speculative_outcomes.items():
+            outcomes.add_metric([outcome], count)
+        yield outcomes
+        yield GaugeMetricFamily(
+            "kvsched_speculative_placements_live",
+            "Speculative placements counted in picks now.",
+            value=self.scheduler.speculative_placements,
+        )
 
     def _prefix(self) -> Iterator[Metric]:
         """Predicted hits (every decision) against served hits (completions with usage)."""

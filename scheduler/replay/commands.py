@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.core.policies import DEFAULT_POLICY, POLICIES
+from scheduler.core.scheduler import SchedulerConfig, SpeculativeConfig
 from scheduler.replay.report import comparison_table
 from scheduler.workloads.model import SLOTargets, Workload
 
@@ -112,6 +113,8 @@ def _simulate(args: argparse.Namespace, workload: Workload) -> int:
             capacity_blocks=args.capacity_blocks,
             seed=args.seed,
             slo=slo_targets(args),
+            kv_event_delay_s=args.kv_event_delay_ms,
+            scheduler_config=SchedulerConfig(speculative=SpeculativeConfig(enabled=args.speculative == "on")),
         )
         for policy in args.policy or [DEFAULT_POLICY]
     }
@@ -220,6 +223,18 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _delay_range(text: str) -> tuple[float, float]:
+    """``MIN[:MAX]`` milliseconds as (least, most) seconds."""
+    low, _, high = text.partition(":")
+    try:
+        least, most = float(low), float(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN[:MAX] milliseconds") from None
+    if least < 0 or most < least:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= MIN <= MAX")
+    return least / 1000.0, most / 1000.0
+
+
 def register(subparsers: Any) -> None:
     replay = subparsers.add_parser(
         "replay", help="replay a trace or generated workload, live against a URL or in the simulator"
@@ -229,7 +244,7 @@ def register(subparsers: Any) -> None:
     )
     source.add_argument("--trace", help="Mooncake JSONL trace")
     source.add_argument(
-        "--workload", help="generated workload: default, chat, rag, agentic, shared_prefix (text)"
+        "--workload", help="generated workload: default, chat, rag, agentic, burst, shared_prefix (text)"
     )
     shape = replay.add_argument_group("workload shape")
     shape.add_argument(
@@ -272,6 +287,18 @@ def register(subparsers: Any) -> None:
         "--policy", action="append", choices=POLICIES.names(), help="simulate: routing policy (repeatable)"
     )
     target.add_argument("--capacity-blocks", type=int, help="simulate: KV blocks of 16 tokens per worker")
+    target.add_argument(
+        "--kv-event-delay-ms",
+        type=_delay_range,
+        metavar="MIN[:MAX]",
+        help="simulate: time from an engine's KV event to the index, drawn from MIN to MAX (default 1)",
+    )
+    target.add_argument(
+        "--speculative",
+        choices=("on", "off"),
+        default="on",
+        help="simulate: count kvsched's recent placements before their KV events arrive (default on)",
+    )
     slo = replay.add_argument_group("objectives")
     slo.add_argument(
         "--slo-ttft-ms",

@@ -33,14 +33,20 @@ def simulate(
     seed: int = 0,
     scheduler_config: SchedulerConfig | None = None,
     slo: SLOTargets | None = None,
+    kv_event_delay_s: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
+    """``kv_event_delay_s``: (least, most) time from an engine's KV event to the index."""
     blocks = capacity_blocks or capacity_blocks_for(workload, DEFAULT_CAPACITY_TOKENS)
+    delay: dict[str, Any] = {}
+    if kv_event_delay_s is not None:
+        delay = {"kv_event_delay_s": kv_event_delay_s[0], "kv_event_delay_max_s": kv_event_delay_s[1]}
     pool_config = VirtualPoolConfig(
         workers=workers,
         block_size=ENGINE_BLOCK_SIZE,
         capacity_blocks=blocks,
         token_scale=workload.token_scale,
         slo=slo or SLOTargets(),
+        **delay,
     )
     base = scheduler_config or SchedulerConfig()
     config = base.model_copy(update={"policy": policy, "seed": seed})
@@ -60,6 +66,8 @@ def simulate(
             **ceilings,
             "workload": workload.name,
             "seed": seed,
+            "kv_event_delay_s": [pool_config.kv_event_delay_s, pool_config.kv_event_delay_max_s],
+            "speculative_placement": config.speculative.enabled,
             "capacity_blocks_per_worker": blocks,
             "capacity_ceiling_hit_ratio": pooled_lru_hit_ratio(
                 workload.requests,

@@ -28,6 +28,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,9 @@ class ServeApp:
         self.scheduler = Scheduler(config.scheduler)
         self.registry = new_registry()
         self.ingest: KVEventIngestService | None = (
-            KVEventIngestService(self.scheduler.index, clock=clock) if config.kv_events.enabled else None
+            KVEventIngestService(self.scheduler.index, clock=clock, on_applied=self.scheduler.on_kv_batch)
+            if config.kv_events.enabled
+            else None
         )
         # Each refresh of an endpoint's metrics may let a waiting request go.
         self.scraper = MetricsScraper(
@@ -241,8 +244,18 @@ class ServeApp:
         }
 
     def publisher_views(self) -> list[PublisherView]:
-        """Every endpoint's KV-event view per data-parallel rank."""
-        return publisher_views(self.scheduler.endpoints(), self.ingest)
+        """Every endpoint's KV-event view per data-parallel rank; an exact view of an endpoint
+        whose events stopped (``Scheduler.kv_events_stale``) is degraded, with that reason."""
+        views = publisher_views(self.scheduler.endpoints(), self.ingest)
+        stale = self.scheduler.kv_events_stale(self.clock())
+        if not stale:
+            return views
+        return [
+            replace(view, state="degraded", reason=stale[view.endpoint])
+            if view.state == "exact" and view.endpoint in stale
+            else view
+            for view in views
+        ]
 
     def kv_ingest_status(self) -> dict[str, Any]:
         """``/debug/kv-ingest`` on the metrics port."""

@@ -11,8 +11,9 @@ function of the workload, the configuration and the seed:
 * DECODE_RUN_DONE: a run of pure-decode iterations ends (its tokens are produced then;
   an arrival that the engine can admit cuts the run short at the next iteration, so it
   waits at most one decode iteration, as with vLLM's continuous batching);
-* STEP_DONE: an engine iteration ends: KV events go to the index (after
-  ``kv_event_delay_s``, the publish/ingest latency), completions go to
+* STEP_DONE: an engine iteration ends: KV events go to the index (after the publish/ingest
+  latency, drawn from ``kv_event_delay_s`` to ``kv_event_delay_max_s`` with the run's seed,
+  one worker's batches kept in order as ZMQ keeps them), completions go to
   the Scheduler's in-flight accounting and to the results; a busy engine starts its next
   step;
 * SCRAPE: every ``scrape_interval_s`` each engine's waiting/running/KV-usage figures are
@@ -28,6 +29,7 @@ now fit are picked.
 from __future__ import annotations
 
 import heapq
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, cast
@@ -71,8 +73,10 @@ class VirtualPoolConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 131_072
     scrape_interval_s: float = 0.05
-    # Time from an engine emitting a KV event to the index applying it (ZMQ + ingest).
+    # Time from an engine emitting a KV event to the index applying it (ZMQ + ingest): at
+    # least kv_event_delay_s, uniformly up to kv_event_delay_max_s when that is larger.
     kv_event_delay_s: float = 0.001
+    kv_event_delay_max_s: float | None = None
     # Least virtual time between two latency-model fits, but for those due because the
     # samples doubled (log2(n) of them). Each fit costs ~0.5-1 s of wall time here; the live
     # server retrains on the predictor's own cadence in the background.
@@ -130,6 +134,9 @@ class VirtualPool:
     _by_name: dict[str, _Worker] = field(init=False, default_factory=dict)
     _expiry_at: float | None = field(init=False, default=None)
     _trained_at: float = field(init=False, default=float("-inf"))
+    _delay_rng: random.Random = field(init=False)
+    # Per worker, when its last KV-event batch reaches the index: a later batch never overtakes it.
+    _events_due: dict[str, float] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -150,6 +157,7 @@ class VirtualPool:
             [Endpoint(name=w.name, address=w.name, kv_events="sim") for w in self.workers], now=0.0
         )
         self._by_name = {w.name: w for w in self.workers}
+        self._delay_rng = random.Random(self.scheduler_config.seed)
 
     def _push(self, at: float, kind: int, payload: object) -> None:
         self._seq += 1
@@ -182,6 +190,7 @@ class VirtualPool:
             elif kind == EVENTS:
                 worker_name, batch = cast(tuple[str, EventBatch], payload)
                 self.scheduler.index.apply_batch(worker_name, batch)
+                self.scheduler.on_kv_batch(worker_name, now)
             elif kind == SCRAPE:
                 self._scrape(now)
                 pending -= self._dispatch_waiting(now, results)
@@ -300,7 +309,7 @@ class VirtualPool:
         worker, step = payload
         if step.events:
             self._push(
-                now + self.config.kv_event_delay_s, EVENTS, (worker.name, EventBatch(now, step.events))
+                self._events_arrive(worker.name, now), EVENTS, (worker.name, EventBatch(now, step.events))
             )
         finished = 0
         for request in step.finished:
@@ -329,6 +338,14 @@ class VirtualPool:
                 self._trained_at = now
             finished += self._dispatch_waiting(now, results)
         return finished
+
+    def _events_arrive(self, worker: str, now: float) -> float:
+        """When a batch the worker emits at ``now`` reaches the index."""
+        low, high = self.config.kv_event_delay_s, self.config.kv_event_delay_max_s
+        delay = low if high is None or high <= low else self._delay_rng.uniform(low, high)
+        at = max(now + delay, self._events_due.get(worker, 0.0))
+        self._events_due[worker] = at
+        return at
 
     def _scrape(self, now: float) -> None:
         for worker in self.workers:

@@ -18,6 +18,10 @@ that many requests by arrival.
   each, every prompt sent at most once in a seeded shuffled order, at a constant ``rate``.
   Given ``words`` (single-token words of a tokenizer) the prompts are text, each word one
   token, so the server's count is known; otherwise token ids.
+* ``burst``: chat sessions whose first requests arrive together (within ``spread_s``),
+  over a few system prompts no endpoint has seen: every first request is routed before
+  any endpoint's KV events can report the shared prefix (a launch, a batch job, a retry
+  storm after an outage).
 * ``default``: the demo's mix (chat and RAG, ~440 requests over about a minute), with
   strong prefix sharing and moderate load, so that cache-aware routing visibly beats
   round-robin on 8 simulated workers.
@@ -194,6 +198,44 @@ def shared_prefix(
     return _finish("shared_prefix", out, count, seed=seed, groups=groups, prompts_per_group=prompts_per_group)
 
 
+def burst(
+    *,
+    seed: int = 0,
+    sessions: int = 128,
+    turns: int = 2,
+    system_prompts: int = 8,
+    system_tokens: int = 4096,
+    user_tokens: tuple[int, int] = (40, 200),
+    answer_tokens: tuple[int, int] = (60, 240),
+    think_time_s: float = 4.0,
+    spread_s: float = 0.25,
+    rate: float | None = None,
+    requests: int | None = None,
+) -> Workload:
+    """``sessions`` chat sessions all starting within ``spread_s`` seconds (``rate``, when
+    given, sets ``spread_s`` to ``sessions / rate``); ``requests`` sets the session count too."""
+    if requests is not None:
+        sessions = math.ceil(requests / turns)
+    if rate is not None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        spread_s = sessions / rate
+    rng = np.random.default_rng(seed)
+    systems = [_tokens(rng, system_tokens) for _ in range(system_prompts)]
+    starts = np.sort(rng.uniform(0.0, spread_s, size=sessions)).tolist()
+    out: list[WorkloadRequest] = []
+    for s, start in enumerate(starts):
+        context = list(systems[int(rng.integers(system_prompts))])
+        at = float(start)
+        for turn in range(turns):
+            context += _tokens(rng, _between(rng, user_tokens))
+            answer = _between(rng, answer_tokens)
+            out.append(WorkloadRequest(f"burst-{s}-{turn}", at, list(context), answer, f"burst-{s}"))
+            context += _tokens(rng, answer)
+            at += float(rng.exponential(think_time_s)) + 1.0
+    return _finish("burst", out, requests, seed=seed)
+
+
 # The default mix: 48 chat sessions of 5 turns and 200 RAG queries, about 440 requests.
 _DEFAULT_SESSIONS, _DEFAULT_TURNS, _DEFAULT_QUERIES = 48, 5, 200
 _DEFAULT_RATE = 7.0  # new sessions + new queries per second: 2 + 5
@@ -228,6 +270,7 @@ GENERATORS: dict[str, Callable[..., Workload]] = {
     "agentic": agentic,
     "default": default,
     "shared_prefix": shared_prefix,
+    "burst": burst,
 }
 
 

@@ -90,6 +90,14 @@ class ExtProcConfig(BaseModel):
         ge=1,
         description="kvsched.v1 picks awaiting a Report; the oldest is released as failed beyond this.",
     )
+    session_header: str = Field(
+        "x-session-id",
+        min_length=1,
+        pattern=r"^[a-z0-9!#$%&'*+.^_`|~-]+$",
+        description="Request header naming the session a request belongs to (lower case, as HTTP/2 "
+        "sends names), for session affinity (scoring.session_affinity and the session_affinity "
+        "scorer). Read by both transports; a change needs a restart.",
+    )
     health_refresh_s: float = Field(
         1.0, gt=0, description="How often readiness is re-evaluated for health Watch streams."
     )

@@ -322,6 +322,7 @@ class PickRunner:
             slo_tpot_ms=hints.slo_tpot_ms,
             fairness_id=hints.fairness_id,
             max_tokens=max_tokens,
+            session_id=hints.session_id,
         )
 
     def pick(self, request: SchedulingRequest, trace: DecisionTrace | None = None) -> RoutingAnswer:

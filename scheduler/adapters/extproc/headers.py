@@ -26,6 +26,8 @@ FAIRNESS_HEADER = "x-llm-d-fairness-id"
 REQUEST_ID_HEADER = "x-request-id"
 # W3C Trace Context: a traced decision joins the caller's trace.
 TRACE_HEADERS = ("traceparent", "tracestate")
+# The session header's default name (ExtProcConfig.session_header).
+SESSION_HEADER = "x-session-id"
 # Every request header request_hints() reads: a transport that filters headers keeps these.
 HINT_HEADERS = (
     REQUEST_ID_HEADER,
@@ -69,9 +71,15 @@ class RequestHints:
     fairness_id: str | None
     # traceparent / tracestate as sent, when the request carries them.
     trace_headers: Mapping[str, str] | None = None
+    session_id: str | None = None
 
 
-def request_hints(headers: Mapping[str, str]) -> RequestHints:
+def hint_headers(session_header: str = SESSION_HEADER) -> tuple[str, ...]:
+    """Every request header ``request_hints`` reads, the configured session header included."""
+    return HINT_HEADERS if session_header in HINT_HEADERS else (*HINT_HEADERS, session_header)
+
+
+def request_hints(headers: Mapping[str, str], session_header: str = SESSION_HEADER) -> RequestHints:
     request_id = headers.get(REQUEST_ID_HEADER, "").strip()
     generated = not request_id
     if generated:
@@ -89,6 +97,7 @@ def request_hints(headers: Mapping[str, str]) -> RequestHints:
             if "traceparent" in headers
             else None
         ),
+        session_id=headers.get(session_header, "").strip() or None,
     )
 
 

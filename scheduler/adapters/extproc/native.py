@@ -48,7 +48,7 @@ from scheduler.adapters.extproc import responses
 from scheduler.adapters.extproc.audit import audit_enabled, exchange_record, write_audit
 from scheduler.adapters.extproc.config import ExtProcConfig
 from scheduler.adapters.extproc.decide import PickRunner, RoutingAnswer
-from scheduler.adapters.extproc.headers import HINT_HEADERS, REQUEST_ID_HEADER, RequestHints, request_hints
+from scheduler.adapters.extproc.headers import REQUEST_ID_HEADER, RequestHints, hint_headers, request_hints
 from scheduler.adapters.extproc.health import READINESS_SERVICES
 from scheduler.adapters.extproc.outcomes import PickOutcome
 from scheduler.adapters.extproc.stats import ExtProcStats
@@ -92,7 +92,7 @@ def native_options(
         "port": port,
         "health_host": health_host,
         "health_port": -1 if health_port is None else health_port,
-        "hint_headers": list(HINT_HEADERS),
+        "hint_headers": list(hint_headers(config.session_header)),
         "max_body_chunk_bytes": config.max_body_chunk_bytes,
         "max_request_body_bytes": config.max_request_body_bytes,
         "max_response_parse_bytes": config.max_response_parse_bytes,
@@ -353,7 +353,7 @@ class _NativeRequest:
         # Scheduler call uses.
         self.started_at = now - age_s
         self.complete_at = now - queued_s
-        hints = request_hints(headers)
+        hints = request_hints(headers, transport.config.session_header)
         if hints.request_id in transport.active_ids:
             # A repeated id must not merge two requests' accounting in the scheduler.
             hints = replace(hints, request_id=f"{hints.request_id}~{self.stream:x}")

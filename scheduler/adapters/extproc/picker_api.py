@@ -66,7 +66,7 @@ class EndpointPickerServicer:
         headers = {key.lower(): value for key, value in request.headers.items()}
         if request.request_id:
             headers["x-request-id"] = request.request_id
-        hints = request_hints(headers)
+        hints = request_hints(headers, self._runner.config.session_header)
         if hints.request_id in self._pending:
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS, f"request {hints.request_id} was picked and not reported yet"

@@ -168,7 +168,7 @@ class _Exchange:
     async def _request_headers(self, headers: Any) -> list[Any]:
         self._started_at = self._clock()
         started = STAGE_TIMES.start()
-        hints = request_hints(header_dict(headers.headers))
+        hints = request_hints(header_dict(headers.headers), self._config.session_header)
         STAGE_TIMES.stop("request_headers", started)
         if hints.request_id in self._active_ids:
             hints = replace(hints, request_id=f"{hints.request_id}~{id(self):x}")

@@ -71,6 +71,7 @@ CRD_RENAMES: dict[Path, Path] = {
     ("tierWeights",): ("scoring", "tiers"),
     ("picker",): ("scoring",),
     ("limits",): ("scoring", "limits"),
+    ("sessionAffinity",): ("scoring", "session_affinity"),
     ("flowControl", "maxQueueDepthPerEndpoint"): ("flow_control", "queue_depth_threshold"),
     ("flowControl", "maxKVUtilization"): ("flow_control", "kv_cache_threshold"),
     ("predictor", "retrainIntervalSeconds"): ("predictor", "retrain_every_s"),

@@ -89,6 +89,10 @@ class RoutingPolicy(ABC):
     # in milliseconds (``FlowControlConfig.max_queued_prefill_ms``). kvsched's own policy does;
     # the baselines keep the request-count and KV-usage limits they were measured with.
     prices_queued_prefill = False
+    # Whether the prefix matches this policy sees include kvsched's recent placements on
+    # endpoints whose KV events have not reported them yet (``SpeculativeConfig``), at a
+    # discount. Off for policies that follow a published rule of their own.
+    reads_speculative_placement = False
 
     @abstractmethod
     def route(self, data: PolicyInput) -> Routing: ...

@@ -24,6 +24,7 @@ class ScoringPolicy(RoutingPolicy):
     slo_stage = True
     guards_remembered_prefixes = True
     prices_queued_prefill = True
+    reads_speculative_placement = True
 
     def __init__(self, setup: PolicySetup) -> None:
         self._pipeline = SchedulingPipeline(self.scoring_for(setup.scoring))

@@ -8,6 +8,7 @@ from scheduler.core.scoring.filters import (
     Filter,
     HealthFilter,
     SaturationFilter,
+    SessionAffinityFilter,
     SubsetHintFilter,
     default_filters,
 )
@@ -27,6 +28,7 @@ from scheduler.core.scoring.scorers import (
     default_scorers,
     relative_to_best,
 )
+from scheduler.core.scoring.session_affinity import SessionAffinityScorer
 from scheduler.core.scoring.types import (
     EndpointState,
     LatencyEstimate,
@@ -59,6 +61,8 @@ __all__ = [
     "ScorerSpec",
     "ScorerWeights",
     "ScoringConfig",
+    "SessionAffinityFilter",
+    "SessionAffinityScorer",
     "SubsetHintFilter",
     "TierWeights",
     "build_scorer",

@@ -142,6 +142,19 @@ class FilterLimits(BaseModel):
     )
 
 
+class SessionAffinityConfig(BaseModel):
+    """Requests naming a session (the ext_proc transport's ``session_header``) and where they go."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hard: bool = Field(
+        False,
+        description="Send a session's requests only to its endpoint (the rendezvous-hash winner among "
+        "the healthy endpoints, the same on every replica), whatever cache and load say; off: the "
+        "session_affinity scorer's weight decides how much the session's endpoint is preferred.",
+    )
+
+
 class ScoringConfig(BaseModel):
     """How candidates are filtered, scored and ordered. Immutable: reload by building a new pipeline."""
 
@@ -153,6 +166,9 @@ class ScoringConfig(BaseModel):
     )
     tiers: TierWeights = Field(default_factory=TierWeights, description="Matched-block value per tier.")
     limits: FilterLimits = Field(default_factory=FilterLimits, description="Saturation and staleness.")
+    session_affinity: SessionAffinityConfig = Field(
+        default_factory=SessionAffinityConfig, description="Requests naming a session."
+    )
     mode: Literal["max_score", "softmax"] = Field(
         "max_score",
         description="'max_score': the best total wins (near-ties broken on load); 'softmax': the "

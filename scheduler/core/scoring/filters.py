@@ -17,9 +17,11 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from scheduler.core.scoring.config import ScoringConfig
+from scheduler.core.scoring.rendezvous import session_endpoint
 from scheduler.core.scoring.types import EndpointState, PickRequest
 
 NO_ELIGIBLE_IN_SUBSET = "no eligible endpoint in subset hint"
+NOT_SESSION_ENDPOINT = "not the session's endpoint"
 
 
 class Filter(Protocol):
@@ -111,6 +113,29 @@ class SaturationFilter:
         return rejected
 
 
+class SessionAffinityFilter:
+    """With ``session_affinity.hard``: only the session's endpoint among those still eligible."""
+
+    name = "session_affinity"
+    soft = False
+    empty_reason = "no endpoint for the session"
+
+    def reject(
+        self,
+        states: Sequence[EndpointState],
+        trusted: Sequence[bool],
+        request: PickRequest,
+        config: ScoringConfig,
+    ) -> dict[int, str]:
+        session = request.session_id
+        if not config.session_affinity.hard or not session or not states:
+            return {}
+        home = session_endpoint(session, [s.name for s in states])
+        return {i: NOT_SESSION_ENDPOINT for i in range(len(states)) if i != home}
+
+
 def default_filters() -> list[Filter]:
-    # The subset hint first: an endpoint the gateway excluded is reported as such, whatever its state.
-    return [SubsetHintFilter(), HealthFilter(), SaturationFilter()]
+    # The subset hint first: an endpoint the gateway excluded is reported as such, whatever its
+    # state. The session's endpoint is chosen among the healthy ones, so a session moves only
+    # when its endpoint fails; saturation, a soft filter, then judges what is left.
+    return [SubsetHintFilter(), HealthFilter(), SessionAffinityFilter(), SaturationFilter()]

@@ -61,6 +61,8 @@ class PickRequest:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     priority: int = 0
+    # The session the request names (a configured header); None = none.
+    session_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
