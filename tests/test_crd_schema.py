@@ -218,6 +218,7 @@ def test_minimal_policy_is_completed_by_the_defaults() -> None:
         "inflightLoad": 1.5,
         "predictedLatency": 0,
         "prefillWait": 3,
+        "loraAffinity": 2,
     }
     assert spec["tierWeights"] == {"gpu": 1, "cpu": 0.8, "storage": 0.5}
     assert spec["picker"] == {
@@ -386,6 +387,7 @@ def test_a_registered_scorer_is_weighted_by_a_policy() -> None:
         "inflightLoad": 1.5,
         "predictedLatency": 0,
         "prefillWait": 3,
+        "loraAffinity": 2,
     }
     settings = PolicySettings.from_spec(spec)
     with pytest.raises(

@@ -42,13 +42,17 @@ from scheduler.core.predictor import FeatureMatrix, LatencyPredictor, PredictorC
 from scheduler.core.prefillqueue import DrainRate, PrefillQueue
 from scheduler.core.prefixstats import PrefixStats
 from scheduler.core.registry import UnknownNameError
-from scheduler.core.scoring import EndpointState, PickRequest, PrefixMatch, ScoringConfig
+from scheduler.core.scoring import EndpointState, LoraSlots, PickRequest, PrefixMatch, ScoringConfig
 
 log = logging.getLogger(__name__)
 
 # Approximate mode: in-flight requests at which an endpoint's remembered prefixes stop
 # attracting requests while another endpoint is idle (see Scheduler._approximate_load_guard).
 APPROXIMATE_BUSY_INFLIGHT = 2
+
+# Adapters remembered per endpoint as routed there lately; only the newest max_lora of them
+# count as likely resident (vLLM's --max-loras is 1..a few dozen in practice).
+_RECENT_ADAPTERS_KEPT = 64
 
 # Endpoint label naming the InferencePool ("namespace/name") an endpoint belongs to. A request
 # whose InferenceObjective belongs to a pool is picked among that pool's endpoints only, so one
@@ -148,6 +152,10 @@ class EndpointMetrics:
     kv_usage: float
     block_size: int | None = None
     num_gpu_blocks: int | None = None
+    # vllm:lora_requests_info (None: not exported, i.e. LoRA is off there) and the model
+    # names the endpoint's series carry (model_name: its served base model).
+    lora: LoraSlots | None = None
+    served_models: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +213,10 @@ class _EndpointRuntime:
     prefill_queue: PrefillQueue = field(default_factory=PrefillQueue)
     # When it last produced a first token or finished a request: the end of an iteration.
     last_event_at: float | None = None
+    # LoRA adapters of kvsched's requests in flight there (adapter -> count), and those it
+    # routed there lately, oldest first.
+    inflight_adapters: dict[str, int] = field(default_factory=dict)
+    recent_adapters: dict[str, None] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -226,6 +238,7 @@ class _InFlight:
     # the endpoint's KV events (not approximate mode's routing history, not a moved request).
     predicted_cached: int = 0
     predicted_from_events: bool = False
+    adapter: str | None = None  # the LoRA adapter it named
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +282,9 @@ class Scheduler:
         self._prefill_rates: dict[str, DrainRate] = {}
         self._prefill_rate = DrainRate()
         self._assumed_prefill_rate = 1000.0 / self.config.predictor.prior.ttft_ms_per_uncached_token
+        # Whether some endpoint reports LoRA figures, and every served base-model name: what
+        # tells an adapter from the base model in a request's ``model``. None: recompute.
+        self._model_view: tuple[bool, frozenset[str]] | None = None
 
     # --- configuration -----------------------------------------------------------------
 
@@ -343,6 +359,7 @@ class Scheduler:
             elif runtime.endpoint != endpoint:
                 runtime.endpoint = endpoint
         self._by_address = {rt.endpoint.address: name for name, rt in self._endpoints.items()}
+        self._model_view = None
         self._pools = {
             pool
             for rt in self._endpoints.values()
@@ -360,6 +377,13 @@ class Scheduler:
         runtime = self._endpoints.get(name)
         if runtime is None:
             return
+        previous = runtime.metrics
+        if (
+            previous is None
+            or (previous.lora is None) != (metrics.lora is None)
+            or previous.served_models != metrics.served_models
+        ):
+            self._model_view = None
         runtime.metrics = metrics
         runtime.metrics_at = now
         runtime.routed_since_scrape = 0
@@ -406,7 +430,41 @@ class Scheduler:
             last_event_age_s=None if last_event is None else (now - last_event if now > last_event else 0.0),
             endpoint_class=endpoint.endpoint_class,
             labels=endpoint.labels,
+            lora=self._lora_slots(runtime),
         )
+
+    def _lora_slots(self, runtime: _EndpointRuntime) -> LoraSlots | None:
+        """The endpoint's scraped adapters, with kvsched's own in-flight ones counted running."""
+        scraped = runtime.metrics.lora if runtime.metrics is not None else None
+        if scraped is None:
+            return None
+        kept = scraped.max_lora
+        recent = frozenset(list(runtime.recent_adapters)[-kept:]) if kept else frozenset()
+        inflight = runtime.inflight_adapters
+        if not inflight and not recent:
+            return scraped
+        return LoraSlots(scraped.running | inflight.keys(), scraped.waiting, scraped.max_lora, recent)
+
+    # --- LoRA adapters -------------------------------------------------------------------
+
+    def adapter_of(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names, or None for the base model.
+
+        vLLM serves an adapter under its own model name beside the base model's
+        (``--lora-modules name=path``), and exports ``vllm:lora_requests_info`` only with
+        LoRA enabled. So a model counts as an adapter when some endpoint reports LoRA
+        figures and no endpoint serves it as its base model (its series' ``model_name``)."""
+        if model is None:
+            return None
+        view = self._model_view
+        if view is None:
+            metrics = [rt.metrics for rt in self._endpoints.values() if rt.metrics is not None]
+            view = self._model_view = (
+                any(m.lora is not None for m in metrics),
+                frozenset(name for m in metrics for name in m.served_models),
+            )
+        lora_pool, base_models = view
+        return model if lora_pool and model not in base_models else None
 
     # --- flow control ------------------------------------------------------------------
 
@@ -454,7 +512,7 @@ class Scheduler:
     def service_estimate_s(self, request: SchedulingRequest) -> float:
         """The least time ``request`` needs once sent: its own prefill where most of its
         prompt is cached, at the pool's measured prefill rate, through the latency prior."""
-        keys = self.index.request_keys(request.token_ids)
+        keys = self.index.request_keys(request.token_ids, adapter=self.adapter_of(request.model))
         matches = self._matches(keys) if len(keys) else {}
         cached = max((match.total_blocks for match in matches.values()), default=0)
         uncached = max(len(request.token_ids) - cached * self.config.index.block_size, 0)
@@ -485,7 +543,8 @@ class Scheduler:
 
     def pick(self, request: SchedulingRequest, now: float) -> PickResult:
         self._expire_approximate(now)
-        keys = self.index.request_keys(request.token_ids)
+        adapter = self.adapter_of(request.model)
+        keys = self.index.request_keys(request.token_ids, adapter=adapter)
         prompt_blocks = len(keys)
         matches = self._matches(keys) if prompt_blocks else {}
         objective = self.resolve_objective(request)
@@ -501,6 +560,7 @@ class Scheduler:
             slo_ttft_ms=objective.slo_ttft_ms,
             slo_tpot_ms=objective.slo_tpot_ms,
             priority=objective.priority,
+            adapter=adapter,
         )
         if self._approx and matches and self._policy.guards_remembered_prefixes:
             matches = self._approximate_load_guard(matches, states, request.subset)
@@ -525,7 +585,9 @@ class Scheduler:
         chosen = routing.endpoints[:wanted]
         addresses = [self._endpoints[name].endpoint.address for name in chosen]
         primary = chosen[0]
-        flight = self._start(request, primary, keys, now, self._cached_tokens(matches.get(primary)))
+        flight = self._start(
+            request, primary, keys, now, self._cached_tokens(matches.get(primary)), adapter=adapter
+        )
         decision = routing.decision
         if decision is None:
             return PickResult("ok", addresses, "", routing.explanation)
@@ -576,7 +638,7 @@ class Scheduler:
         no flow control, no policy or predictor call, no recency touched in the index, no
         approximate-mode entry expired (those past their TTL are left out of the answer
         instead), and every endpoint reported, healthy or not."""
-        keys = self.index.request_keys(token_ids)
+        keys = self.index.request_keys(token_ids, adapter=self.adapter_of(model))
         prompt_blocks = len(keys)
         matches = self.index.peek(keys) if prompt_blocks else {}
         live = self._unexpired_approximate(now)
@@ -633,7 +695,14 @@ class Scheduler:
         return 0 if match is None else match.total_blocks * self.config.index.block_size
 
     def _start(
-        self, request: SchedulingRequest, endpoint: str, keys: Any, now: float, cached_tokens: int = 0
+        self,
+        request: SchedulingRequest,
+        endpoint: str,
+        keys: Any,
+        now: float,
+        cached_tokens: int = 0,
+        *,
+        adapter: str | None = None,
     ) -> _InFlight:
         previous = self._inflight.pop(request.request_id, None)
         if previous is not None:
@@ -651,17 +720,35 @@ class Scheduler:
         flight.tokens_ahead = ahead
         flight.predicted_cached = cached_tokens
         flight.predicted_from_events = runtime.endpoint.kv_events is not None
+        if adapter is not None:
+            flight.adapter = adapter
+            self._hold_adapter(runtime, adapter)
         self.prefix_stats.record_decision(cached_tokens // self.config.index.block_size)
         if keys is not None and len(keys) and runtime.endpoint.kv_events is None:
             self._record_approximate(endpoint, keys, now)
         self._policy.on_routed(request.request_id, endpoint, prompt_tokens, prefill_tokens, now)
         return flight
 
+    @staticmethod
+    def _hold_adapter(runtime: _EndpointRuntime, adapter: str) -> None:
+        runtime.inflight_adapters[adapter] = runtime.inflight_adapters.get(adapter, 0) + 1
+        recent = runtime.recent_adapters
+        recent.pop(adapter, None)
+        recent[adapter] = None
+        if len(recent) > _RECENT_ADAPTERS_KEPT:
+            del recent[next(iter(recent))]
+
     def _release(self, flight: _InFlight) -> None:
         runtime = self._endpoints.get(flight.endpoint)
         if runtime is None:
             return
         runtime.inflight_requests = max(runtime.inflight_requests - 1, 0)
+        if flight.adapter is not None:
+            held = runtime.inflight_adapters.get(flight.adapter, 0) - 1
+            if held > 0:
+                runtime.inflight_adapters[flight.adapter] = held
+            else:
+                runtime.inflight_adapters.pop(flight.adapter, None)
         if flight.prefilling:
             runtime.inflight_prefilling = max(runtime.inflight_prefilling - 1, 0)
             runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prefill_tokens, 0)
@@ -678,6 +765,9 @@ class Scheduler:
         moved.prefilling, moved.first_token_at = flight.prefilling, flight.first_token_at
         runtime = self._endpoints[name]
         runtime.inflight_requests += 1
+        if flight.adapter is not None:
+            moved.adapter = flight.adapter
+            self._hold_adapter(runtime, flight.adapter)
         if moved.prefilling:
             moved.tokens_ahead = runtime.prefill_queue.add(
                 moved.prefill_tokens,

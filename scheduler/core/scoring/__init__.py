@@ -7,13 +7,15 @@ from scheduler.core.scoring.filters import (
     NO_ELIGIBLE_IN_SUBSET,
     Filter,
     HealthFilter,
+    LoraSlotFilter,
     SaturationFilter,
     SubsetHintFilter,
     default_filters,
 )
-from scheduler.core.scoring.pipeline import SchedulingPipeline
 
 # Scorers in modules of their own register on import, after the built-in ones.
+from scheduler.core.scoring.lora_affinity import LoraAffinityScorer
+from scheduler.core.scoring.pipeline import SchedulingPipeline
 from scheduler.core.scoring.prefill_wait import PrefillWaitScorer
 from scheduler.core.scoring.registry import SCORERS, ScorerSpec, register_scorer
 from scheduler.core.scoring.scorers import (
@@ -30,6 +32,7 @@ from scheduler.core.scoring.scorers import (
 from scheduler.core.scoring.types import (
     EndpointState,
     LatencyEstimate,
+    LoraSlots,
     PickRequest,
     PrefixMatch,
 )
@@ -47,6 +50,9 @@ __all__ = [
     "KVUtilizationScorer",
     "LatencyEstimate",
     "LatencyEstimator",
+    "LoraAffinityScorer",
+    "LoraSlotFilter",
+    "LoraSlots",
     "PickRequest",
     "PredictedLatencyScorer",
     "PrefillWaitScorer",
