@@ -41,9 +41,15 @@ from scheduler.core.scheduler import (
     SchedulerConfig,
     SchedulingRequest,
 )
+from scheduler.core.scoring import LoraSlots
 from scheduler.sim.engine import Engine, EngineConfig, RequestRejected, StepResult
 from scheduler.sim.latency import LatencyModel
 from scheduler.workloads.model import RequestOutcome, SLOTargets
+
+# The name the simulated engines serve their base model under; any other model a request
+# names is a LoRA adapter (with max_loras > 0).
+BASE_MODEL = "sim-base"
+_SERVED = frozenset({BASE_MODEL})
 
 ARRIVAL, STEP, FIRST_TOKEN, STEP_DONE, EVENTS, SCRAPE, EXPIRE, DECODE_RUN_DONE = range(8)
 
@@ -83,6 +89,10 @@ class VirtualPoolConfig:
     # (EngineConfig.interleave_decode). False restores whole scaled steps, which make an
     # arrival wait out up to token_scale - 1 decode iterations.
     interleave_decode: bool = True
+    # LoRA adapter slots per engine (vLLM's --max-loras; 0: LoRA off) and the time one
+    # engine iteration takes longer for each adapter it loads (see EngineConfig).
+    max_loras: int = 0
+    lora_load_s: float = 0.0
 
 
 IDLE, LOADED, SATURATED = "idle", "loaded", "saturated"
@@ -142,6 +152,8 @@ class VirtualPool:
             max_model_len=max(int(cfg.max_model_len / scale), cfg.block_size),
             latency=LatencyModel(token_scale=scale),
             interleave_decode=cfg.interleave_decode,
+            max_loras=cfg.max_loras,
+            lora_load_s=cfg.lora_load_s,
         )
         self.workers = [_Worker(f"sim-{i}:8000", Engine(engine_config)) for i in range(cfg.workers)]
         index_config = self.scheduler_config.index.model_copy(update={"block_size": cfg.block_size})
@@ -203,6 +215,7 @@ class VirtualPool:
             max_tokens=item.max_tokens,
             # Optional on workload items: the InferenceObjective and tenant a request names.
             objective=getattr(item, "objective", None),
+            model=getattr(item, "model", None),
             fairness_id=getattr(item, "fairness_id", None),
             slo_ttft_ms=slo.ttft_ms,
             # The scheduler sees the engine's tokens, each standing for token_scale real ones.
@@ -247,7 +260,11 @@ class VirtualPool:
         result.load_regime = load_regime(worker.engine)
         try:
             worker.engine.add_request(
-                request.request_id, list(request.token_ids), max(request.max_tokens or 1, 1), now
+                request.request_id,
+                list(request.token_ids),
+                max(request.max_tokens or 1, 1),
+                now,
+                lora=None if request.model in (None, BASE_MODEL) else request.model,
             )
         except RequestRejected as exc:
             self.scheduler.on_failed(request.request_id, now)
@@ -335,6 +352,14 @@ class VirtualPool:
             engine = worker.engine
             self.scheduler.update_metrics(
                 worker.name,
-                EndpointMetrics(engine.num_waiting, engine.num_running, engine.kv_cache_usage),
+                EndpointMetrics(
+                    engine.num_waiting,
+                    engine.num_running,
+                    engine.kv_cache_usage,
+                    lora=LoraSlots(engine.running_loras, engine.waiting_loras, self.config.max_loras)
+                    if self.config.max_loras
+                    else None,
+                    served_models=_SERVED,
+                ),
                 now,
             )
