@@ -105,6 +105,9 @@ class WorkerConfig:
     # caps them so a forgotten parameter does not occupy a worker for minutes.
     default_chat_max_tokens: int = 256
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # LoRA adapters served beside the model, by name (vLLM's --lora-modules); a request
+    # naming one runs with it. Needs engine.max_loras > 0.
+    lora_adapters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.speed > 0:
@@ -112,6 +115,8 @@ class WorkerConfig:
         if self.default_chat_max_tokens < 1:
             raise ValueError("default_chat_max_tokens must be at least 1")
         check_topic(self.topic)
+        if self.lora_adapters and not self.engine.max_loras:
+            raise ValueError("lora_adapters need engine.max_loras > 0")
 
 
 def check_topic(topic: str) -> str:
@@ -244,6 +249,23 @@ class _MetricsCollector(Collector):
         )
         for name, doc, value in gauges:
             yield gauge(name, doc, value)
+        if cfg.max_loras:
+            # vLLM's form (vllm/v1/metrics/loggers.py): the adapters as comma-separated label
+            # values, the value the time the set was current.
+            lora = GaugeMetricFamily(
+                "vllm:lora_requests_info",
+                "Running stats on lora requests.",
+                labels=["running_lora_adapters", "max_lora", "waiting_lora_adapters"],
+            )
+            lora.add_metric(
+                [
+                    ",".join(sorted(engine.running_loras)),
+                    str(cfg.max_loras),
+                    ",".join(sorted(engine.waiting_loras)),
+                ],
+                time.time(),
+            )
+            yield lora
         info_labels = ["block_size", "num_gpu_blocks", "enable_prefix_caching", "prefix_caching_hash_algo"]
         info = GaugeMetricFamily(
             "vllm:cache_config_info",
@@ -471,7 +493,7 @@ class SimWorker:
                 call, choice = entry
                 call.queue.put_nowait((choice, token))
 
-    def _submit(self, prompts: list[list[int]], max_tokens: int) -> _Call:
+    def _submit(self, prompts: list[list[int]], max_tokens: int, lora: str | None = None) -> _Call:
         now = self.engine_time()
         self._latest_arrival = now
         base = f"{self.config.name}-{next(self._ids)}"
@@ -479,7 +501,7 @@ class SimWorker:
         try:
             for index, prompt in enumerate(prompts):
                 request_id = f"{base}-{index}"
-                call.requests.append(self.engine.add_request(request_id, prompt, max_tokens, now))
+                call.requests.append(self.engine.add_request(request_id, prompt, max_tokens, now, lora=lora))
                 self._calls[request_id] = (call, index)
         except RequestRejected:
             self._forget(call)
@@ -508,9 +530,13 @@ class SimWorker:
         if not isinstance(body, dict):
             raise _HTTPError(400, "request body must be a JSON object")
         model = body.get("model")
-        if model is not None and model != self.config.model:
+        if model is not None and model != self.config.model and model not in self.config.lora_adapters:
             raise _HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError")
         return body
+
+    def _adapter(self, body: dict[str, Any]) -> str | None:
+        model = body.get("model")
+        return model if isinstance(model, str) and model in self.config.lora_adapters else None
 
     @staticmethod
     def _max_tokens(body: dict[str, Any], default: int, *keys: str) -> int:
@@ -554,7 +580,7 @@ class SimWorker:
         prompts = self._completion_prompts(body)
         max_tokens = self._max_tokens(body, COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens")
         stream, include_usage = self._stream_flags(body)
-        call = self._submit(prompts, max_tokens)
+        call = self._submit(prompts, max_tokens, self._adapter(body))
         return await self._respond(request, call, chat=False, stream=stream, include_usage=include_usage)
 
     async def _chat_inner(self, request: web.Request) -> web.StreamResponse:
@@ -564,7 +590,7 @@ class SimWorker:
             body, self.config.default_chat_max_tokens, "max_completion_tokens", "max_tokens"
         )
         stream, include_usage = self._stream_flags(body)
-        call = self._submit([prompt], max_tokens)
+        call = self._submit([prompt], max_tokens, self._adapter(body))
         return await self._respond(request, call, chat=True, stream=stream, include_usage=include_usage)
 
     @staticmethod
