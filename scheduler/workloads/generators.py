@@ -18,8 +18,9 @@ that many requests by arrival.
   each, every prompt sent at most once in a seeded shuffled order, at a constant ``rate``.
   Given ``words`` (single-token words of a tokenizer) the prompts are text, each word one
   token, so the server's count is known; otherwise token ids.
-* ``lora``: many LoRA adapters behind one base model, chosen with Zipf popularity; each
-  request names its adapter as its model and sends one system prompt every adapter shares,
+* ``lora`` (``kvsched bench lora``): many LoRA adapters behind one base model, chosen with
+  Zipf popularity; each request names its adapter as its model and sends one system prompt
+  every adapter shares,
   then its adapter's own instructions, then a unique question. The shared prompt's blocks
   hash differently under each adapter (vLLM keys them per adapter), so only a pod that
   served the same adapter holds them.
@@ -265,8 +266,10 @@ GENERATORS: dict[str, Callable[..., Workload]] = {
     "agentic": agentic,
     "default": default,
     "shared_prefix": shared_prefix,
-    "lora": lora,
 }
+# Not in GENERATORS: its requests name LoRA adapters, which only a pool serving them can run
+# (``kvsched bench lora`` gives the simulated pool adapter slots); a replay against the
+# demo's pool would see every request refused.
 
 
 def generate(
