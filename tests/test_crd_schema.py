@@ -260,7 +260,7 @@ def test_defaults_do_not_override_what_is_set() -> None:
 # Not at all: the index layout is fixed per process (a policy may only assert it), the seed and
 # the comparison policies are for experiments. A new section must be put in one of these.
 SECTIONS_IN_FULL = {"scoring", "health", "approximate", "flow_control"}
-SECTIONS_BY_FIELD = {"predictor", "slo_defaults"}
+SECTIONS_BY_FIELD = {"predictor", "slo_defaults", "disaggregation"}
 NOT_IN_POLICIES = {"index", "seed", "policy"}
 # CRD bounds kvsched deliberately refuses although the schema admits them.
 REFUSED_ALTHOUGH_ADMITTED: set[tuple[str, ...]] = set()

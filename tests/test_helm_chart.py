@@ -695,6 +695,28 @@ def test_lora_affinity_is_set_from_the_values_both_ways() -> None:
     assert from_policy.scoring.weights["lora_affinity"] == 4.0
 
 
+def test_disaggregation_is_set_from_the_values_both_ways() -> None:
+    from scheduler.adapters.kubernetes.policy import PolicySettings
+    from scheduler.server.config import ServeConfig
+
+    values = {
+        "config": {"scheduler": {"disaggregation": {"enabled": True, "non_cached_tokens_threshold": 16}}},
+        "schedulingPolicy": {
+            "create": True,
+            "spec": {"disaggregation": {"enabled": False, "nonCachedTokensThreshold": 64}},
+        },
+    }
+    docs = render(values)
+    config = ServeConfig.model_validate(config_of(docs))
+    assert config.scheduler.disaggregation.enabled
+    assert config.scheduler.disaggregation.non_cached_tokens_threshold == 16
+    (policy,) = by_kind(docs, "SchedulingPolicy")
+    validate_custom_resource(policy)
+    from_policy = PolicySettings.from_spec(policy["spec"]).scheduler_config(config.scheduler)
+    assert not from_policy.disaggregation.enabled
+    assert from_policy.disaggregation.non_cached_tokens_threshold == 64
+
+
 def test_existing_pool_and_extra_config() -> None:
     docs = render(VALUE_SETS["existing-pool"])
     config = config_of(docs)

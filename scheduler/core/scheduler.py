@@ -35,6 +35,7 @@ from scheduler.core.policies import (
     POLICIES,
     PolicyInput,
     PolicySetup,
+    Routing,
     RoutingPolicy,
     create_policy,
 )
@@ -43,6 +44,12 @@ from scheduler.core.prefillqueue import DrainRate, PrefillQueue
 from scheduler.core.prefixstats import PrefixStats
 from scheduler.core.registry import UnknownNameError
 from scheduler.core.scoring import EndpointState, LoraSlots, PickRequest, PrefixMatch, ScoringConfig
+from scheduler.core.scoring.disaggregation import (
+    DisaggregationConfig,
+    dedicated_prefill,
+    serves_decode,
+    serves_prefill,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +113,10 @@ class SchedulerConfig(BaseModel):
         default_factory=SLODefaults,
         description="Pool-wide objectives, after the request's headers and its InferenceObjective's.",
     )
+    disaggregation: DisaggregationConfig = Field(
+        default_factory=DisaggregationConfig,
+        description="Prefill/decode disaggregation: a prefill pod and a decode pod per request.",
+    )
     seed: int = Field(0, description="Seed of the picker's random source (softmax sampling, tie spreading).")
     policy: str = Field(
         DEFAULT_POLICY,
@@ -124,6 +135,12 @@ class SchedulerConfig(BaseModel):
 def policy_setup(config: SchedulerConfig) -> PolicySetup:
     """What ``config.policy`` is built (or reconfigured) from."""
     return PolicySetup(config.policy, config.scoring, config.index.block_size)
+
+
+def decode_policy_setup(config: SchedulerConfig) -> PolicySetup:
+    """The same policy with the decode pick's weights, for a disaggregated pool's decode pod."""
+    scoring = config.scoring.model_copy(update={"weights": config.disaggregation.decode_weights})
+    return PolicySetup(config.policy, scoring, config.index.block_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +198,9 @@ class PickResult:
     explanation_source: dict[str, Any] | Callable[[], dict[str, Any]] = field(default_factory=dict)
     # (TTFT ms, TPOT ms, source) predicted for the primary, when the predictor ran.
     predicted: tuple[float, float, str] | None = None
+    # Disaggregated: the address of the pod that computes the prompt's KV cache and hands it
+    # to the primary (the decode pod); None when the primary computes it itself.
+    prefill_endpoint: str | None = None
 
     @property
     def explanation(self) -> dict[str, Any]:
@@ -239,6 +259,8 @@ class _InFlight:
     predicted_cached: int = 0
     predicted_from_events: bool = False
     adapter: str | None = None  # the LoRA adapter it named
+    # Disaggregated: the pod charged with its prefill until the first token; None: ``endpoint``.
+    prefill_endpoint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +283,7 @@ class Scheduler:
         self.config = config or SchedulerConfig()
         self.index = index or PrefixIndex(self.config.index)
         self._policy: RoutingPolicy = create_policy(policy_setup(self.config))
+        self._decode_policy: RoutingPolicy = create_policy(decode_policy_setup(self.config))
         self._rng = random.Random(self.config.seed)
         self._endpoints: dict[str, _EndpointRuntime] = {}
         self._by_address: dict[str, str] = {}
@@ -295,13 +318,14 @@ class Scheduler:
         policy's own accounting); another policy starts afresh."""
         if config.index != self.config.index:
             raise ValueError("index settings (block size, hash mode, bounds) need a restart")
-        setup = policy_setup(config)
-        policy = self._policy
+        setup, decode_setup = policy_setup(config), decode_policy_setup(config)
+        policy, decode_policy = self._policy, self._decode_policy
         if config.policy != self.config.policy:
-            policy = create_policy(setup)
+            policy, decode_policy = create_policy(setup), create_policy(decode_setup)
         else:
             policy.reconfigure(setup)
-        self._policy, self.config = policy, config
+            decode_policy.reconfigure(decode_setup)
+        self._policy, self._decode_policy, self.config = policy, decode_policy, config
         # Both read their config on every call; the waiting room keeps its queue.
         self.flow.config = self.saturation.config = config.flow_control
         if config.predictor != self.predictor.config:
@@ -567,10 +591,11 @@ class Scheduler:
         estimator = self._estimator
         estimator.last_features = None
         wanted = 1 + self.config.scoring.num_fallbacks
-        routing = self._policy.route(
+        roles = self._roles(states) if self.config.disaggregation.enabled else None
+        routing = (self._policy if roles is None else self._decode_policy).route(
             PolicyInput(
                 pick_request,
-                states,
+                states if roles is None else roles[0],
                 matches,
                 self.index.worker_blocks,
                 self._rng,
@@ -585,12 +610,28 @@ class Scheduler:
         chosen = routing.endpoints[:wanted]
         addresses = [self._endpoints[name].endpoint.address for name in chosen]
         primary = chosen[0]
+        prefill, explanation = None, routing.explanation
+        if roles is not None:
+            prefill, explanation = self._pick_prefill(
+                pick_request, roles[1], matches, keys, primary, routing, now
+            )
         flight = self._start(
-            request, primary, keys, now, self._cached_tokens(matches.get(primary)), adapter=adapter
+            request,
+            primary,
+            keys,
+            now,
+            self._cached_tokens(matches.get(prefill or primary)),
+            adapter=adapter,
+            prefill_endpoint=prefill,
         )
         decision = routing.decision
+        if prefill is not None:
+            # The latency model learns aggregated serving: a TTFT spent on another pod, plus
+            # the KV transfer, is not the decode pod's to learn from.
+            prefill_address = self._endpoints[prefill].endpoint.address
+            return PickResult("ok", addresses, "", explanation, prefill_endpoint=prefill_address)
         if decision is None:
-            return PickResult("ok", addresses, "", routing.explanation)
+            return PickResult("ok", addresses, "", explanation)
         # The policy scored candidates: the chosen endpoint's feature row trains the predictor
         # once this request's latencies are known, and its prediction goes on the audit line.
         # Every candidate's latency was predicted when the decision used it; otherwise only the
@@ -608,7 +649,54 @@ class Scheduler:
             if predicted is None:
                 alone = self.predictor.predict(flight.features[None, :])
                 predicted = (float(alone.ttft_ms[0]), float(alone.tpot_ms[0]), alone.source)
-        return PickResult("ok", addresses, "", routing.explanation, predicted)
+        return PickResult("ok", addresses, "", explanation, predicted)
+
+    def _roles(self, states: list[EndpointState]) -> tuple[list[EndpointState], list[EndpointState]] | None:
+        """The decode and prefill candidates of a disaggregated pool (one with a pod labelled
+        prefill only); None: every pod serves requests whole."""
+        if not any(dedicated_prefill(s.labels) for s in states):
+            return None
+        return [s for s in states if serves_decode(s.labels)], [s for s in states if serves_prefill(s.labels)]
+
+    def _pick_prefill(
+        self,
+        request: PickRequest,
+        candidates: list[EndpointState],
+        matches: Mapping[str, PrefixMatch],
+        keys: Any,
+        decode: str,
+        decode_routing: Routing,
+        now: float,
+    ) -> tuple[str | None, Callable[[], dict[str, Any]]]:
+        """The prefill pod for a request whose decode pod is ``decode``, by the pipeline's own
+        weights (cache overlap, prefill queue), and the decision's account; None when the
+        prompt's part not cached on the decode pod is under the threshold (llm-d's
+        prefix-based-pd-decider rule), or the pick lands on the decode pod itself."""
+        threshold = self.config.disaggregation.non_cached_tokens_threshold
+        uncached = request.prompt_tokens - self._cached_tokens(matches.get(decode))
+        if threshold > 0 and uncached < threshold:
+            return None, _with_prefill(decode_routing.explanation, {"skipped": f"{uncached} uncached tokens"})
+        # The gateway's subset hint names where it may send the request (the decode pod);
+        # the prefill pod is reached by the decode pod's sidecar, not through the gateway.
+        routing = self._policy.route(
+            PolicyInput(
+                replace(request, subset=None),
+                candidates,
+                matches,
+                self.index.worker_blocks,
+                self._rng,
+                self._estimator,
+                1,
+                keys,
+                now,
+            )
+        )
+        self._estimator.last_features = None  # they describe the prefill candidates
+        prefill = routing.endpoints[0] if routing.endpoints else None
+        if prefill == decode:
+            prefill = None
+        account = {"endpoint": prefill, "reason": routing.reason, "decision": routing.explanation}
+        return prefill, _with_prefill(decode_routing.explanation, account)
 
     def fallback_pick(self, request: SchedulingRequest, now: float | None = None) -> list[str]:
         """Least-loaded healthy endpoints, for when the pipeline itself failed."""
@@ -703,29 +791,37 @@ class Scheduler:
         cached_tokens: int = 0,
         *,
         adapter: str | None = None,
+        prefill_endpoint: str | None = None,
     ) -> _InFlight:
         previous = self._inflight.pop(request.request_id, None)
         if previous is not None:
             self._release(previous)
         runtime = self._endpoints[endpoint]
+        # Disaggregated, the prefill pod computes the uncached prompt (its queue, its prefill
+        # tokens, a request there until the first token) and the decode pod runs the request.
+        charged = runtime if prefill_endpoint is None else self._endpoints[prefill_endpoint]
         prompt_tokens = len(request.token_ids)
         prefill_tokens = max(prompt_tokens - cached_tokens, 0)
-        rate = self._drain_rate(runtime.endpoint.endpoint_class)
-        ahead = runtime.prefill_queue.add(prefill_tokens, now, runtime.inflight_prefill_tokens, rate)
+        rate = self._drain_rate(charged.endpoint.endpoint_class)
+        ahead = charged.prefill_queue.add(prefill_tokens, now, charged.inflight_prefill_tokens, rate)
         runtime.inflight_requests += 1
-        runtime.inflight_prefilling += 1
-        runtime.inflight_prefill_tokens += prefill_tokens
         runtime.routed_since_scrape += 1
+        if charged is not runtime:
+            charged.inflight_requests += 1
+            charged.routed_since_scrape += 1
+        charged.inflight_prefilling += 1
+        charged.inflight_prefill_tokens += prefill_tokens
         flight = self._inflight[request.request_id] = _InFlight(endpoint, prompt_tokens, now, prefill_tokens)
+        flight.prefill_endpoint = prefill_endpoint
         flight.tokens_ahead = ahead
         flight.predicted_cached = cached_tokens
-        flight.predicted_from_events = runtime.endpoint.kv_events is not None
+        flight.predicted_from_events = charged.endpoint.kv_events is not None
         if adapter is not None:
             flight.adapter = adapter
             self._hold_adapter(runtime, adapter)
         self.prefix_stats.record_decision(cached_tokens // self.config.index.block_size)
-        if keys is not None and len(keys) and runtime.endpoint.kv_events is None:
-            self._record_approximate(endpoint, keys, now)
+        if keys is not None and len(keys) and charged.endpoint.kv_events is None:
+            self._record_approximate(prefill_endpoint or endpoint, keys, now)
         self._policy.on_routed(request.request_id, endpoint, prompt_tokens, prefill_tokens, now)
         return flight
 
@@ -738,7 +834,20 @@ class Scheduler:
         if len(recent) > _RECENT_ADAPTERS_KEPT:
             del recent[next(iter(recent))]
 
+    def _end_prefill(self, flight: _InFlight) -> _EndpointRuntime | None:
+        """Take the request's prefill off the pod charged with it; that pod's runtime."""
+        charged = self._endpoints.get(flight.prefill_endpoint or flight.endpoint)
+        if charged is None:
+            return None
+        charged.inflight_prefilling = max(charged.inflight_prefilling - 1, 0)
+        charged.inflight_prefill_tokens = max(charged.inflight_prefill_tokens - flight.prefill_tokens, 0)
+        if flight.prefill_endpoint is not None:
+            charged.inflight_requests = max(charged.inflight_requests - 1, 0)
+        return charged
+
     def _release(self, flight: _InFlight) -> None:
+        if flight.prefilling:
+            self._end_prefill(flight)
         runtime = self._endpoints.get(flight.endpoint)
         if runtime is None:
             return
@@ -749,9 +858,6 @@ class Scheduler:
                 runtime.inflight_adapters[flight.adapter] = held
             else:
                 runtime.inflight_adapters.pop(flight.adapter, None)
-        if flight.prefilling:
-            runtime.inflight_prefilling = max(runtime.inflight_prefilling - 1, 0)
-            runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prefill_tokens, 0)
 
     def on_served_by(self, request_id: str, address: str, now: float) -> None:
         """The gateway reports the endpoint that actually took the request (maybe a fallback)."""
@@ -786,10 +892,8 @@ class Scheduler:
             return
         flight.prefilling = False
         flight.first_token_at = now
-        runtime = self._endpoints.get(flight.endpoint)
+        runtime = self._end_prefill(flight)
         if runtime is not None:
-            runtime.inflight_prefilling = max(runtime.inflight_prefilling - 1, 0)
-            runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prefill_tokens, 0)
             endpoint_class = runtime.endpoint.endpoint_class
             runtime.prefill_queue.first_token(
                 now, runtime.inflight_prefill_tokens, self._drain_rate(endpoint_class)
@@ -920,3 +1024,19 @@ class Scheduler:
             expired += 1
         if expired:
             del self._approx[:expired]
+
+
+def _with_prefill(
+    decode: dict[str, Any] | Callable[[], dict[str, Any]], prefill: dict[str, Any]
+) -> Callable[[], dict[str, Any]]:
+    """A disaggregated pick's account: the decode pick's, with the prefill pick under
+    ``prefill``; built only when asked for, like the decode pick's own."""
+
+    def build() -> dict[str, Any]:
+        account = decode() if callable(decode) else decode
+        inner = prefill.get("decision")
+        if callable(inner):
+            prefill["decision"] = inner()
+        return {**account, "prefill": prefill}
+
+    return build
