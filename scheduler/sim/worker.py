@@ -34,7 +34,8 @@ metric names left off the page (``omit_metrics``).
 
 Text is tokenised by the simulated model's tokenizer (``tokenizer.py``: a byte-level BPE
 with a chat template, the files ``kvsched serve`` loads too); generated text is filler words
-that tokenise back to the generated ids. Every response carries ``x-kvsched-sim-worker: <name>``.
+that tokenise back to the generated ids. Every response carries ``x-kvsched-sim-worker: <name>``, and
+``x-kvsched-sim-prefiller`` with the ``x-prefiller-host-port`` the request came with, if any.
 
 An asyncio task drives the engine in real time scaled by ``speed``: engine time is
 ``(loop.time() - start) * speed``; it steps whenever the engine has work, sleeps until
@@ -69,6 +70,12 @@ from scheduler.sim.tokenizer import PromptError, SimTokenizer, filler_text, load
 log = logging.getLogger(__name__)
 
 WORKER_HEADER = "x-kvsched-sim-worker"
+# The prefill pod a gateway named for a disaggregated request, in the header llm-d's routing
+# sidecar reads (llm-d/llm-d-inference-scheduler pkg/common/common.go, PrefillPodHeader); the
+# worker echoes what it received in PREFILLER_SEEN_HEADER, so a test sees what a sidecar
+# on this pod would have read. The worker still computes the prompt itself.
+PREFILLER_HEADER = "x-prefiller-host-port"
+PREFILLER_SEEN_HEADER = "x-kvsched-sim-prefiller"
 DEFAULT_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 # The vLLM release whose API the workers speak, reported by /version.
 VLLM_VERSION = "0.33.0"
@@ -520,6 +527,9 @@ class SimWorker:
 
     async def _tag_response(self, request: web.Request, response: web.StreamResponse) -> None:
         response.headers[WORKER_HEADER] = self.config.name
+        prefiller = request.headers.get(PREFILLER_HEADER)
+        if prefiller is not None:
+            response.headers[PREFILLER_SEEN_HEADER] = prefiller
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()

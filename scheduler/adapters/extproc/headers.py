@@ -24,6 +24,10 @@ SLO_TTFT_HEADERS = ("x-llm-d-slo-ttft-ms", "x-slo-ttft-ms")
 SLO_TPOT_HEADERS = ("x-llm-d-slo-tpot-ms", "x-slo-tpot-ms")
 FAIRNESS_HEADER = "x-llm-d-fairness-id"
 REQUEST_ID_HEADER = "x-request-id"
+# Where llm-d's routing sidecar on a decode pod finds the prefill pod ("ip:port") of a
+# disaggregated request (llm-d/llm-d-inference-scheduler pkg/common/common.go,
+# PrefillPodHeader, shared by its scheduler and its routing sidecar).
+PREFILL_HEADER = "x-prefiller-host-port"
 # Every request header request_hints() reads: a transport that filters headers keeps these.
 HINT_HEADERS = (
     REQUEST_ID_HEADER,
@@ -32,6 +36,7 @@ HINT_HEADERS = (
     *SLO_TTFT_HEADERS,
     *SLO_TPOT_HEADERS,
     FAIRNESS_HEADER,
+    PREFILL_HEADER,
 )
 
 _warned_headers: set[str] = set()
@@ -64,6 +69,9 @@ class RequestHints:
     slo_ttft_ms: float | None
     slo_tpot_ms: float | None
     fairness_id: str | None
+    # The client sent a prefill pod of its own: the answer overwrites it, as llm-d's prefill
+    # header handler clears it, so no client chooses where its prompt is computed.
+    prefill_header_sent: bool = False
 
 
 def request_hints(headers: Mapping[str, str]) -> RequestHints:
@@ -79,7 +87,20 @@ def request_hints(headers: Mapping[str, str]) -> RequestHints:
         slo_ttft_ms=_milliseconds(headers, SLO_TTFT_HEADERS),
         slo_tpot_ms=_milliseconds(headers, SLO_TPOT_HEADERS),
         fairness_id=headers.get(FAIRNESS_HEADER) or None,
+        prefill_header_sent=PREFILL_HEADER in headers,
     )
+
+
+def routing_headers(hints: RequestHints, prefill_endpoint: str | None) -> list[tuple[str, str]]:
+    """Headers a routed request gets besides its destination, in both ext_proc transports:
+    the request id kvsched made up, and the prefill pod of a disaggregated pick (an empty
+    value, which the sidecar reads as none, when the client sent one and kvsched picked none)."""
+    extra = [(REQUEST_ID_HEADER, hints.request_id)] if hints.generated_id else []
+    if prefill_endpoint is not None:
+        extra.append((PREFILL_HEADER, prefill_endpoint))
+    elif hints.prefill_header_sent:
+        extra.append((PREFILL_HEADER, ""))
+    return extra
 
 
 def _first(headers: Mapping[str, str], names: tuple[str, ...]) -> str | None:

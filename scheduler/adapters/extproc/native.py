@@ -48,7 +48,7 @@ from scheduler.adapters.extproc import responses
 from scheduler.adapters.extproc.audit import audit_enabled, exchange_record, write_audit
 from scheduler.adapters.extproc.config import ExtProcConfig
 from scheduler.adapters.extproc.decide import PickRunner, RoutingAnswer
-from scheduler.adapters.extproc.headers import HINT_HEADERS, REQUEST_ID_HEADER, RequestHints, request_hints
+from scheduler.adapters.extproc.headers import HINT_HEADERS, RequestHints, request_hints, routing_headers
 from scheduler.adapters.extproc.health import READINESS_SERVICES
 from scheduler.adapters.extproc.outcomes import PickOutcome
 from scheduler.adapters.extproc.stats import ExtProcStats
@@ -388,7 +388,7 @@ class _NativeRequest:
         transport.stats.count(decision.outcome)
         config = transport.config
         destination = ",".join(decision.endpoints) if config.destination_list else decision.endpoints[0]
-        extra = [(REQUEST_ID_HEADER, self.request_id)] if self.hints.generated_id else []
+        extra = routing_headers(self.hints, decision.prefill_endpoint)
         transport.native.route(self.stream, destination, extra)
         self.decision_s = runner.clock() - decided_from
         transport.stats.observe_decision(self.decision_s)
