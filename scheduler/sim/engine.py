@@ -138,6 +138,7 @@ class SimRequest:
         "status",
         "token_ids",
         "token_times",
+        "transferred_tokens",
         "wire_hashes",
     )
 
@@ -172,6 +173,8 @@ class SimRequest:
         self.first_token_time: float | None = None
         self.token_times: list[float] = []
         self.finish_time: float | None = None
+        # Prompt tokens whose KV a prefill pod computed and sent here (disaggregated serving).
+        self.transferred_tokens = 0
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -369,7 +372,11 @@ class Engine:
         now: float,
         *,
         lora: str | None = None,
+        transferred_tokens: int = 0,
     ) -> SimRequest:
+        """Queue a request. ``transferred_tokens``: the KV of that many leading prompt tokens
+        arrives from a prefill pod, so the engine computes only the rest (at least the last
+        prompt token, whose logits give the first output token)."""
         cfg = self.config
         if lora is not None and not cfg.max_loras:
             raise RequestRejected(f"LoRA adapter {lora!r} requested but LoRA is not enabled (max_loras 0)")
@@ -386,6 +393,7 @@ class Engine:
                 f"{total} ({len(prompt_token_ids)} prompt + {max_tokens} max_tokens)"
             )
         request = SimRequest(request_id, list(prompt_token_ids), max_tokens, now, cfg.block_size, lora)
+        request.transferred_tokens = min(max(transferred_tokens, 0), request.prompt_len - 1)
         if request.final_blocks > cfg.capacity_blocks:
             raise RequestRejected(
                 f"the request needs {request.final_blocks} KV blocks of {cfg.block_size} tokens but the "
@@ -498,6 +506,8 @@ class Engine:
             request.blocks = hits
             request.num_cached_blocks = len(hits)
             request.num_computed_tokens = request.num_cached_tokens = len(hits) * bs
+            # Received KV needs its blocks like computed KV; _schedule allocates and caches them.
+            request.num_computed_tokens = max(request.num_computed_tokens, request.transferred_tokens)
             request.status = RequestStatus.RUNNING
             request.scheduled_time = now
             self._reserved += request.final_blocks - len(hits)
