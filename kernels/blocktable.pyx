@@ -1406,6 +1406,10 @@ cdef class BlockTable:
                     if d.h[ev.h_off + k] == 0:
                         return None
                 continue
+            if ev.has_lora:
+                # Keys of an adapter's blocks are rooted at its name (lora_name), which this
+                # decoder does not read: the reference path places them.
+                return None
             needed = ev.h_n * block_size
             if <Py_ssize_t>ev.block_size != block_size:
                 return None

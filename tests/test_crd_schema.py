@@ -219,6 +219,7 @@ def test_minimal_policy_is_completed_by_the_defaults() -> None:
         "predictedLatency": 0,
         "prefillWait": 3,
         "sessionAffinity": 0,
+        "loraAffinity": 2,
     }
     assert spec["tierWeights"] == {"gpu": 1, "cpu": 0.8, "storage": 0.5}
     assert spec["picker"] == {
@@ -260,7 +261,7 @@ def test_defaults_do_not_override_what_is_set() -> None:
 # Not at all: the index layout is fixed per process (a policy may only assert it), the seed and
 # the comparison policies are for experiments. A new section must be put in one of these.
 SECTIONS_IN_FULL = {"scoring", "health", "approximate", "speculative", "flow_control"}
-SECTIONS_BY_FIELD = {"predictor", "slo_defaults"}
+SECTIONS_BY_FIELD = {"predictor", "slo_defaults", "disaggregation"}
 NOT_IN_POLICIES = {"index", "seed", "policy"}
 # CRD bounds kvsched deliberately refuses although the schema admits them.
 REFUSED_ALTHOUGH_ADMITTED: set[tuple[str, ...]] = set()
@@ -388,6 +389,7 @@ def test_a_registered_scorer_is_weighted_by_a_policy() -> None:
         "predictedLatency": 0,
         "prefillWait": 3,
         "sessionAffinity": 0,
+        "loraAffinity": 2,
     }
     settings = PolicySettings.from_spec(spec)
     with pytest.raises(

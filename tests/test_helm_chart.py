@@ -685,6 +685,45 @@ def test_pool_is_created_only_when_asked_or_given_pods() -> None:
     assert one(grpc, "InferencePool")["spec"]["appProtocol"] == "kubernetes.io/h2c"
 
 
+def test_lora_affinity_is_set_from_the_values_both_ways() -> None:
+    from scheduler.adapters.kubernetes.policy import PolicySettings
+    from scheduler.server.config import ServeConfig
+
+    values = {
+        "config": {"scheduler": {"scoring": {"weights": {"lora_affinity": 0}}}},
+        "schedulingPolicy": {"create": True, "spec": {"scorerWeights": {"loraAffinity": 4}}},
+    }
+    docs = render(values)
+    config = ServeConfig.model_validate(config_of(docs))
+    assert config.scheduler.scoring.weights["lora_affinity"] == 0.0
+    (policy,) = by_kind(docs, "SchedulingPolicy")
+    validate_custom_resource(policy)
+    from_policy = PolicySettings.from_spec(policy["spec"]).scheduler_config(config.scheduler)
+    assert from_policy.scoring.weights["lora_affinity"] == 4.0
+
+
+def test_disaggregation_is_set_from_the_values_both_ways() -> None:
+    from scheduler.adapters.kubernetes.policy import PolicySettings
+    from scheduler.server.config import ServeConfig
+
+    values = {
+        "config": {"scheduler": {"disaggregation": {"enabled": True, "non_cached_tokens_threshold": 16}}},
+        "schedulingPolicy": {
+            "create": True,
+            "spec": {"disaggregation": {"enabled": False, "nonCachedTokensThreshold": 64}},
+        },
+    }
+    docs = render(values)
+    config = ServeConfig.model_validate(config_of(docs))
+    assert config.scheduler.disaggregation.enabled
+    assert config.scheduler.disaggregation.non_cached_tokens_threshold == 16
+    (policy,) = by_kind(docs, "SchedulingPolicy")
+    validate_custom_resource(policy)
+    from_policy = PolicySettings.from_spec(policy["spec"]).scheduler_config(config.scheduler)
+    assert not from_policy.disaggregation.enabled
+    assert from_policy.disaggregation.non_cached_tokens_threshold == 64
+
+
 def test_existing_pool_and_extra_config() -> None:
     docs = render(VALUE_SETS["existing-pool"])
     config = config_of(docs)

@@ -242,6 +242,11 @@ def test_the_common_layout_is_never_declined(
     data = encode_batch(EventBatch(1.5, events, 0), legacy=legacy)
     expected, expected_cleared, bad_events = _reference(reference, "a", data)
     got = fast.apply_payload("a", data)
+    if hash_mode == "own" and lora_id is not None:
+        # An adapter's chain is rooted at its name, which the kernel does not decode: such a
+        # batch is left to the codec, whole and unchanged (LoRA pools ingest at the codec's rate).
+        assert got is None and _state(fast) == _state(_twin_indexes(hash_mode)[0])
+        return
     assert got is not None, "the kernel left a well-formed vLLM batch to the codec"
     assert got == (expected, expected_cleared) and not bad_events
     assert _state(fast) == _state(reference)

@@ -470,8 +470,11 @@ def test_explanation_lists_scores_weights_and_filters() -> None:
     assert sum(explained["weights"].values()) == pytest.approx(1.0)
     first = explained["candidates"]["10.0.0.1:8000"]
     weighted = {name for name, weight in ScoringConfig().weights.items() if weight > 0}
-    # Scorers that read predictions sit out a pick made without a latency estimator.
-    expected = {spec.name for spec in SCORERS.specs() if not spec.needs_predictions}
+    # Scorers that read predictions sit out a pick made without a latency estimator, and
+    # those that read the request's LoRA adapter a request that names none.
+    expected = {
+        spec.name for spec in SCORERS.specs() if not spec.needs_predictions and not spec.needs_adapter
+    }
     assert set(first["scores"]) == set(explained["weights"]) == expected & weighted
     assert first["matched_blocks"] == pytest.approx(4 + 2 * 0.8)
     assert first["queue"] == 1

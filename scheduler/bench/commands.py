@@ -425,6 +425,37 @@ def _bench_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_lora(args: argparse.Namespace) -> int:
+    from scheduler.bench.lora_bench import run, table
+
+    report = run(
+        workers=args.workers,
+        max_loras=args.max_loras,
+        lora_load_s=args.lora_load_ms / 1000.0,
+        requests=args.requests,
+        adapters=args.adapters,
+        rate=args.rate,
+        seed=args.seed,
+    )
+    print(json.dumps(report, indent=1) if args.json else table(report))
+    return 0
+
+
+def _bench_pd(args: argparse.Namespace) -> int:
+    from scheduler.bench.pd_bench import run, table
+
+    report = run(
+        workers=args.workers,
+        prefill=args.prefill_pods,
+        requests=args.requests,
+        rate=args.rate,
+        bandwidth=args.kv_gbytes_per_s * 1e9,
+        seed=args.seed,
+    )
+    print(json.dumps(report, indent=1) if args.json else table(report))
+    return 0
+
+
 def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (figures as ratios against an in-run baseline)")
     kinds = bench.add_subparsers(dest="bench", required=True)
@@ -567,6 +598,33 @@ def register(subparsers: Any) -> None:
     policies.add_argument("--json", help="write every run's figures here")
     policies.add_argument("--plot", help="write a PNG of TTFT and hit ratio per row here")
     policies.set_defaults(func=_bench_policies)
+    lora = kinds.add_parser(
+        "lora",
+        help="LoRA adapter affinity in the simulator: kvsched against itself with affinity off and "
+        "against round-robin, on adapters with Zipf popularity",
+    )
+    lora.add_argument("--workers", type=int, default=8)
+    lora.add_argument("--max-loras", type=int, default=4, help="adapter slots per pod (vLLM --max-loras)")
+    lora.add_argument("--lora-load-ms", type=float, default=50.0, help="engine time to load an adapter")
+    lora.add_argument("--requests", type=int, default=1200)
+    lora.add_argument("--adapters", type=int, default=30)
+    lora.add_argument("--rate", type=float, default=48.0, help="requests per second")
+    lora.add_argument("--seed", type=int, default=0)
+    lora.add_argument("--json", action="store_true", help="print one JSON object")
+    lora.set_defaults(func=_bench_lora)
+    pd = kinds.add_parser(
+        "pd",
+        help="prefill/decode disaggregation against as many aggregated pods (virtual time): "
+        "TTFT and TPOT p50/p99 on long prompts with long outputs",
+    )
+    pd.add_argument("--workers", type=int, default=8, help="pods in either pool")
+    pd.add_argument("--prefill-pods", type=int, default=3, help="of them, prefill pods when disaggregated")
+    pd.add_argument("--requests", type=int, default=400)
+    pd.add_argument("--rate", type=float, default=8.0, help="requests per second")
+    pd.add_argument("--kv-gbytes-per-s", type=float, default=25.0, help="prefill-to-decode KV bandwidth")
+    pd.add_argument("--seed", type=int, default=0)
+    pd.add_argument("--json", action="store_true", help="print one JSON object")
+    pd.set_defaults(func=_bench_pd)
 
 
 _CHAOS_SCENARIOS = (

@@ -4,7 +4,9 @@ Metric names (GIE model-server protocol; shared PROTOCOLS.md §3):
 
 * vLLM: ``vllm:num_requests_waiting``, ``vllm:num_requests_running``,
   ``vllm:kv_cache_usage_perc`` (0-1; vLLM before v1 called it ``vllm:gpu_cache_usage_perc``),
-  ``vllm:cache_config_info{block_size,num_gpu_blocks}`` (an info gauge: the labels are the data);
+  ``vllm:cache_config_info{block_size,num_gpu_blocks}`` (an info gauge: the labels are the data),
+  ``vllm:lora_requests_info{running_lora_adapters,waiting_lora_adapters,max_lora}`` (see
+  ``_lora_slots``);
 * SGLang: ``sglang:num_queue_reqs``, ``sglang:num_running_reqs``, ``sglang:token_usage`` (0-1).
 
 A pod can expose several series of one metric: one per data-parallel engine (``engine="0"``,
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from scheduler.core.scheduler import EndpointMetrics
+from scheduler.core.scoring import LoraSlots
 
 EngineKind = Literal["vllm", "sglang", "auto"]
 
@@ -47,6 +50,7 @@ class MetricNames:
     running: tuple[str, ...]
     kv_usage: tuple[str, ...]
     cache_info: str | None = None  # info gauge with block_size / num_gpu_blocks labels
+    lora_info: str | None = None  # info gauge with the LoRA adapters' labels
 
 
 VLLM_NAMES = MetricNames(
@@ -54,6 +58,7 @@ VLLM_NAMES = MetricNames(
     running=("vllm:num_requests_running",),
     kv_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
     cache_info="vllm:cache_config_info",
+    lora_info="vllm:lora_requests_info",
 )
 SGLANG_NAMES = MetricNames(
     waiting=("sglang:num_queue_reqs",),
@@ -201,6 +206,8 @@ def _wanted(names: MetricNames) -> list[str]:
     wanted = [*names.waiting, *names.running, *names.kv_usage]
     if names.cache_info is not None:
         wanted.append(names.cache_info)
+    if names.lora_info is not None:
+        wanted.append(names.lora_info)
     return wanted
 
 
@@ -247,6 +254,48 @@ def _cache_info(found: Mapping[str, list[Sample]], names: MetricNames) -> tuple[
     return block_size, gpu_blocks
 
 
+def _adapters(label: str | None) -> frozenset[str]:
+    return frozenset(name for part in (label or "").split(",") if (name := part.strip()))
+
+
+def _lora_slots(found: Mapping[str, list[Sample]], names: MetricNames) -> LoraSlots | None:
+    """The adapters of the newest ``vllm:lora_requests_info`` series; None without one.
+
+    vLLM (``vllm/v1/metrics/loggers.py``, ``gauge_lora_info``) sets one series per distinct
+    label set to the time it was last current (``set_to_current_time``), with the adapters
+    as comma-separated names, so a page can carry old series beside the current one: the
+    one with the largest value is the state now, as the Gateway API Inference Extension's
+    metrics client reads it (``pkg/epp/backend/metrics``: the latest by value). An
+    unreadable ``max_lora`` leaves the adapters unknown rather than the load figures."""
+    if names.lora_info is None:
+        return None
+    samples = found.get(names.lora_info)
+    if not samples:
+        return None
+    labels, _ = max(samples, key=lambda sample: sample[1])
+    try:
+        max_lora = int(labels.get("max_lora") or 0)
+    except ValueError:
+        return None
+    return LoraSlots(
+        _adapters(labels.get("running_lora_adapters")),
+        _adapters(labels.get("waiting_lora_adapters")),
+        max(max_lora, 0),
+    )
+
+
+def _served_models(
+    found: Mapping[str, list[Sample]], names: MetricNames, spec: MetricsSpec
+) -> frozenset[str]:
+    """The model names the request gauges are labelled with: the endpoint's base model(s)."""
+    return frozenset(
+        model
+        for name in (*names.waiting, *names.running)
+        for labels, _ in found.get(name, ())
+        if (model := labels.get(spec.model_label))
+    )
+
+
 def interpret(found: Mapping[str, list[Sample]], names: MetricNames, spec: MetricsSpec) -> EndpointMetrics:
     missing: list[str] = []
     waiting = _select(found, names.waiting, spec, missing)
@@ -258,12 +307,16 @@ def interpret(found: Mapping[str, list[Sample]], names: MetricNames, spec: Metri
     _finite("running", running)
     _finite("kv usage", usage)
     block_size, gpu_blocks = _cache_info(found, names)
+    lora = _lora_slots(found, names)
     return EndpointMetrics(
         waiting=round(sum(waiting)),
         running=round(sum(running)),
         kv_usage=sum(usage) / len(usage),
         block_size=block_size,
         num_gpu_blocks=gpu_blocks,
+        lora=lora,
+        # Only what tells an adapter from the base model, so only where adapters are served.
+        served_models=_served_models(found, names, spec) if lora is not None else frozenset(),
     )
 
 

@@ -183,6 +183,27 @@ def _extra_keys_salt(extra: object) -> int:
     return int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "big") or 1
 
 
+def adapter_root_id(adapter: str) -> int:
+    """The id a LoRA adapter's own-key chain is rooted at, from its name.
+
+    By name rather than vLLM's ``lora_id`` (its ``lora_int_id``): a request names its adapter,
+    and each vLLM server numbers adapters in the order it loads them, so one adapter's id can
+    differ between pods. The top bit set keeps these apart from the small ints of old events
+    that carry only a ``lora_id``."""
+    digest = hashlib.blake2b(adapter.encode(), digest_size=8, person=b"kvsched-lora").digest()
+    return int.from_bytes(digest, "big") | (1 << 63)
+
+
+def _block_extra_without_adapter(extra: object, event: BlockStored) -> object:
+    """A block's extra keys less its adapter's, which vLLM puts first (``lora_name``; its
+    ``lora_int_id`` before vLLM switched, ``vllm/v1/core/kv_cache_utils.py``
+    ``_gen_lora_extra_hash_keys``): the chain's root already carries the adapter, and a
+    request's keys are built from its name alone."""
+    if isinstance(extra, list | tuple) and extra and extra[0] in (event.lora_name, event.lora_id):
+        return tuple(extra[1:]) or None
+    return extra
+
+
 class PrefixIndex:
     """Blocks per worker and tier, fed by KV events, queried by request tokens."""
 
@@ -257,6 +278,13 @@ class PrefixIndex:
 
     # --- events ------------------------------------------------------------------------
 
+    def _event_root(self, event: BlockStored) -> int:
+        """The root an event's chain hangs from: its adapter's (by name when the event names
+        it), else the base model's."""
+        if event.lora_name is not None:
+            return self._root_key(adapter_root_id(event.lora_name))
+        return self._root_key(event.lora_id)
+
     def _root_key(self, lora_id: int | None) -> int:
         key = self._root_keys.get(lora_id)
         if key is None:
@@ -282,7 +310,13 @@ class PrefixIndex:
                 return
             salts = None
             if event.extra_keys:
-                salts = [_extra_keys_salt(extra) for extra in event.extra_keys]
+                if event.lora_name is None and event.lora_id is None:
+                    salts = [_extra_keys_salt(extra) for extra in event.extra_keys]
+                else:
+                    extras = [_block_extra_without_adapter(extra, event) for extra in event.extra_keys]
+                    salts = [_extra_keys_salt(extra) for extra in extras]
+                    if not any(salts):
+                        salts = None
             try:
                 stored = self._table.store_blocks(
                     wid,
@@ -291,7 +325,7 @@ class PrefixIndex:
                     event.parent_block_hash,
                     event.token_ids,
                     event.block_size,
-                    self._root_key(event.lora_id),
+                    self._event_root(event),
                     salts,
                 )
             except (ValueError, TypeError, OverflowError) as exc:
@@ -375,12 +409,22 @@ class PrefixIndex:
         *,
         lora_id: int | None = None,
         extra_keys: Sequence[object] | None = None,
+        adapter: str | None = None,
     ) -> Any:
         """Chained keys of the request's full blocks, in the index's hash mode.
+
+        ``adapter``: the LoRA adapter the request names. vLLM hashes its blocks with the
+        adapter's name as each block's first extra key, so one adapter's prefix never serves
+        another's (or the base model's); the index keys them apart the same way: in vLLM's
+        hash mode with that extra key, in its own from a root of the adapter's.
 
         With the native backend a lazy sequence (``PromptKeys``): ``len()`` is free,
         ``match`` hashes only the blocks its walk reaches, iterating hashes the rest.
         """
+        if adapter is not None:
+            if self.config.hash_mode == "vllm" and extra_keys is None:
+                extra_keys = [(adapter,)] * (len(tokens) // self.config.block_size)
+            lora_id = adapter_root_id(adapter)
         if self.config.hash_mode == "vllm":
             if self._native is not None:
                 return self._native.vllm_prompt_keys(

@@ -35,6 +35,7 @@ from scheduler.core.policies import (
     POLICIES,
     PolicyInput,
     PolicySetup,
+    Routing,
     RoutingPolicy,
     create_policy,
 )
@@ -43,7 +44,13 @@ from scheduler.core.prefillqueue import DrainRate, PrefillQueue
 from scheduler.core.prefixstats import PrefixStats
 from scheduler.core.registry import UnknownNameError
 from scheduler.core.routedmemory import RoutedMemory
-from scheduler.core.scoring import Decision, EndpointState, PickRequest, PrefixMatch, ScoringConfig
+from scheduler.core.scoring import Decision, EndpointState, LoraSlots, PickRequest, PrefixMatch, ScoringConfig
+from scheduler.core.scoring.disaggregation import (
+    DisaggregationConfig,
+    dedicated_prefill,
+    serves_decode,
+    serves_prefill,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,10 @@ APPROXIMATE_BUSY_INFLIGHT = 2
 # What becomes of a speculative placement (Scheduler.speculative_outcomes): placed, then one of
 # confirmed / contradicted by the endpoint's events, expired (ttl_s), failed (the request did).
 SPECULATIVE_OUTCOMES = ("placed", "confirmed", "contradicted", "expired", "failed")
+
+# Adapters remembered per endpoint as routed there lately; only the newest max_lora of them
+# count as likely resident (vLLM's --max-loras is 1..a few dozen in practice).
+_RECENT_ADAPTERS_KEPT = 64
 
 # Endpoint label naming the InferencePool ("namespace/name") an endpoint belongs to. A request
 # whose InferenceObjective belongs to a pool is picked among that pool's endpoints only, so one
@@ -152,6 +163,10 @@ class SchedulerConfig(BaseModel):
         default_factory=SLODefaults,
         description="Pool-wide objectives, after the request's headers and its InferenceObjective's.",
     )
+    disaggregation: DisaggregationConfig = Field(
+        default_factory=DisaggregationConfig,
+        description="Prefill/decode disaggregation: a prefill pod and a decode pod per request.",
+    )
     seed: int = Field(0, description="Seed of the picker's random source (softmax sampling, tie spreading).")
     policy: str = Field(
         DEFAULT_POLICY,
@@ -170,6 +185,12 @@ class SchedulerConfig(BaseModel):
 def policy_setup(config: SchedulerConfig) -> PolicySetup:
     """What ``config.policy`` is built (or reconfigured) from."""
     return PolicySetup(config.policy, config.scoring, config.index.block_size)
+
+
+def decode_policy_setup(config: SchedulerConfig) -> PolicySetup:
+    """The same policy with the decode pick's weights, for a disaggregated pool's decode pod."""
+    scoring = config.scoring.model_copy(update={"weights": config.disaggregation.decode_weights})
+    return PolicySetup(config.policy, scoring, config.index.block_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +219,10 @@ class EndpointMetrics:
     kv_usage: float
     block_size: int | None = None
     num_gpu_blocks: int | None = None
+    # vllm:lora_requests_info (None: not exported, i.e. LoRA is off there) and the model
+    # names the endpoint's series carry (model_name: its served base model).
+    lora: LoraSlots | None = None
+    served_models: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +257,9 @@ class PickResult:
     # The scoring pipeline's decision, when the policy scored candidates (its per-candidate
     # totals are what an adapter reports as each endpoint's score).
     decision: Decision | None = None
+    # Disaggregated: the address of the pod that computes the prompt's KV cache and hands it
+    # to the primary (the decode pod); None when the primary computes it itself.
+    prefill_endpoint: str | None = None
 
     @property
     def explanation(self) -> dict[str, Any]:
@@ -264,6 +292,10 @@ class _EndpointRuntime:
     prefill_queue: PrefillQueue = field(default_factory=PrefillQueue)
     # When it last produced a first token or finished a request: the end of an iteration.
     last_event_at: float | None = None
+    # LoRA adapters of kvsched's requests in flight there (adapter -> count), and those it
+    # routed there lately, oldest first.
+    inflight_adapters: dict[str, int] = field(default_factory=dict)
+    recent_adapters: dict[str, None] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -285,6 +317,9 @@ class _InFlight:
     # the endpoint's KV events (not approximate mode's routing history, not a moved request).
     predicted_cached: int = 0
     predicted_from_events: bool = False
+    adapter: str | None = None  # the LoRA adapter it named
+    # Disaggregated: the pod charged with its prefill until the first token; None: ``endpoint``.
+    prefill_endpoint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +342,7 @@ class Scheduler:
         self.config = config or SchedulerConfig()
         self.index = index or PrefixIndex(self.config.index)
         self._policy: RoutingPolicy = create_policy(policy_setup(self.config))
+        self._decode_policy: RoutingPolicy = create_policy(decode_policy_setup(self.config))
         self._rng = random.Random(self.config.seed)
         # A nanosecond clock set by an adapter that traces decisions: pick then times its stages
         # into PickResult.stage_ns. None (the default) times nothing.
@@ -340,6 +376,9 @@ class Scheduler:
         self._class_drain: dict[str, float] = {}
         self._pool_drain = 0.0
         self._assumed_prefill_rate = 1000.0 / self.config.predictor.prior.ttft_ms_per_uncached_token
+        # Whether some endpoint reports LoRA figures, and every served base-model name: what
+        # tells an adapter from the base model in a request's ``model``. None: recompute.
+        self._model_view: tuple[bool, frozenset[str]] | None = None
 
     # --- configuration -----------------------------------------------------------------
 
@@ -350,13 +389,14 @@ class Scheduler:
         policy's own accounting); another policy starts afresh."""
         if config.index != self.config.index:
             raise ValueError("index settings (block size, hash mode, bounds) need a restart")
-        setup = policy_setup(config)
-        policy = self._policy
+        setup, decode_setup = policy_setup(config), decode_policy_setup(config)
+        policy, decode_policy = self._policy, self._decode_policy
         if config.policy != self.config.policy:
-            policy = create_policy(setup)
+            policy, decode_policy = create_policy(setup), create_policy(decode_setup)
         else:
             policy.reconfigure(setup)
-        self._policy, self.config = policy, config
+            decode_policy.reconfigure(decode_setup)
+        self._policy, self._decode_policy, self.config = policy, decode_policy, config
         # Both read their config on every call; the waiting room keeps its queue.
         self.flow.config = self.saturation.config = config.flow_control
         if config.predictor != self.predictor.config:
@@ -411,6 +451,7 @@ class Scheduler:
             elif runtime.endpoint != endpoint:
                 runtime.endpoint = endpoint
         self._by_address = {rt.endpoint.address: name for name, rt in self._endpoints.items()}
+        self._model_view = None
         self._pools = {
             pool
             for rt in self._endpoints.values()
@@ -431,6 +472,13 @@ class Scheduler:
         runtime = self._endpoints.get(name)
         if runtime is None:
             return
+        previous = runtime.metrics
+        if (
+            previous is None
+            or (previous.lora is None) != (metrics.lora is None)
+            or previous.served_models != metrics.served_models
+        ):
+            self._model_view = None
         runtime.metrics = metrics
         runtime.metrics_at = now
         runtime.routed_since_scrape = 0
@@ -497,7 +545,41 @@ class Scheduler:
             prefill_ms,
             endpoint_class,
             endpoint.labels,
+            self._lora_slots(runtime),
         )
+
+    def _lora_slots(self, runtime: _EndpointRuntime) -> LoraSlots | None:
+        """The endpoint's scraped adapters, with kvsched's own in-flight ones counted running."""
+        scraped = runtime.metrics.lora if runtime.metrics is not None else None
+        if scraped is None:
+            return None
+        kept = scraped.max_lora
+        recent = frozenset(list(runtime.recent_adapters)[-kept:]) if kept else frozenset()
+        inflight = runtime.inflight_adapters
+        if not inflight and not recent:
+            return scraped
+        return LoraSlots(scraped.running | inflight.keys(), scraped.waiting, scraped.max_lora, recent)
+
+    # --- LoRA adapters -------------------------------------------------------------------
+
+    def adapter_of(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names, or None for the base model.
+
+        vLLM serves an adapter under its own model name beside the base model's
+        (``--lora-modules name=path``), and exports ``vllm:lora_requests_info`` only with
+        LoRA enabled. So a model counts as an adapter when some endpoint reports LoRA
+        figures and no endpoint serves it as its base model (its series' ``model_name``)."""
+        if model is None:
+            return None
+        view = self._model_view
+        if view is None:
+            metrics = [rt.metrics for rt in self._endpoints.values() if rt.metrics is not None]
+            view = self._model_view = (
+                any(m.lora is not None for m in metrics),
+                frozenset(name for m in metrics for name in m.served_models),
+            )
+        lora_pool, base_models = view
+        return model if lora_pool and model not in base_models else None
 
     # --- flow control ------------------------------------------------------------------
 
@@ -537,7 +619,7 @@ class Scheduler:
     def service_estimate_s(self, request: SchedulingRequest) -> float:
         """The least time ``request`` needs once sent: its own prefill where most of its
         prompt is cached, at the pool's measured prefill rate, through the latency prior."""
-        keys = self.index.request_keys(request.token_ids)
+        keys = self.index.request_keys(request.token_ids, adapter=self.adapter_of(request.model))
         matches = self._matches(keys) if len(keys) else {}
         cached = max((match.total_blocks for match in matches.values()), default=0)
         uncached = max(len(request.token_ids) - cached * self.config.index.block_size, 0)
@@ -571,7 +653,8 @@ class Scheduler:
         lookup_ns = stage_clock() if stage_clock is not None else 0
         self._approx.expire(now)
         self.speculative_outcomes["expired"] += self._speculative.expire(now)
-        keys = self.index.request_keys(request.token_ids)
+        adapter = self.adapter_of(request.model)
+        keys = self.index.request_keys(request.token_ids, adapter=adapter)
         prompt_blocks = len(keys)
         matches = reported = self._matches(keys) if prompt_blocks else {}
         if (
@@ -596,6 +679,7 @@ class Scheduler:
             slo_tpot_ms=objective.slo_tpot_ms,
             priority=objective.priority,
             session_id=request.session_id,
+            adapter=adapter,
         )
         if matches and (silent := self.kv_events_stale(now)):
             matches = {name: match for name, match in matches.items() if name not in silent}
@@ -604,10 +688,11 @@ class Scheduler:
         estimator = self._estimator
         estimator.last_features = None
         wanted = 1 + self.config.scoring.num_fallbacks
-        routing = self._policy.route(
+        roles = self._roles(states) if self.config.disaggregation.enabled else None
+        routing = (self._policy if roles is None else self._decode_policy).route(
             PolicyInput(
                 pick_request,
-                states,
+                states if roles is None else roles[0],
                 matches,
                 self.index.worker_blocks,
                 self._rng,
@@ -625,19 +710,38 @@ class Scheduler:
         addresses = [self._endpoints[name].endpoint.address for name in chosen]
         primary = chosen[0]
         match = matches.get(primary)
+        prefill, explanation = None, routing.explanation
+        if roles is not None:
+            prefill, explanation = self._pick_prefill(
+                pick_request, roles[1], matches, keys, primary, routing, now
+            )
         flight = self._start(
             request,
             primary,
             keys,
             now,
-            self._cached_tokens(match),
-            self._cached_tokens(reported.get(primary)),
+            self._cached_tokens(matches.get(prefill or primary)),
+            self._cached_tokens(reported.get(prefill or primary)),
+            adapter=adapter,
+            prefill_endpoint=prefill,
         )
         matched_blocks = 0 if match is None else match.total_blocks
         decision = routing.decision
-        if decision is None:
+        # The latency model learns aggregated serving: a TTFT spent on another pod, plus the KV
+        # transfer, is not the decode pod's to learn from.
+        prefill_address = None if prefill is None else self._endpoints[prefill].endpoint.address
+        if decision is None or prefill_address is not None:
             stages = (lookup_ns, score_ns, predict_ns, predict_ns) if stage_clock is not None else None
-            return PickResult("ok", addresses, "", routing.explanation, None, stages, matched_blocks)
+            return PickResult(
+                "ok",
+                addresses,
+                "",
+                explanation,
+                None,
+                stages,
+                matched_blocks,
+                prefill_endpoint=prefill_address,
+            )
         # The policy scored candidates: the chosen endpoint's feature row trains the predictor
         # once this request's latencies are known, and its prediction goes on the audit line.
         # Every candidate's latency was predicted when the decision used it; otherwise only the
@@ -656,9 +760,54 @@ class Scheduler:
                 alone = self.predictor.predict(flight.features[None, :])
                 predicted = (float(alone.ttft_ms[0]), float(alone.tpot_ms[0]), alone.source)
         stages = (lookup_ns, score_ns, predict_ns, stage_clock()) if stage_clock is not None else None
-        return PickResult(
-            "ok", addresses, "", routing.explanation, predicted, stages, matched_blocks, decision
+        return PickResult("ok", addresses, "", explanation, predicted, stages, matched_blocks, decision)
+
+    def _roles(self, states: list[EndpointState]) -> tuple[list[EndpointState], list[EndpointState]] | None:
+        """The decode and prefill candidates of a disaggregated pool (one with a pod labelled
+        prefill only); None: every pod serves requests whole."""
+        if not any(dedicated_prefill(s.labels) for s in states):
+            return None
+        return [s for s in states if serves_decode(s.labels)], [s for s in states if serves_prefill(s.labels)]
+
+    def _pick_prefill(
+        self,
+        request: PickRequest,
+        candidates: list[EndpointState],
+        matches: Mapping[str, PrefixMatch],
+        keys: Any,
+        decode: str,
+        decode_routing: Routing,
+        now: float,
+    ) -> tuple[str | None, Callable[[], dict[str, Any]]]:
+        """The prefill pod for a request whose decode pod is ``decode``, by the pipeline's own
+        weights (cache overlap, prefill queue), and the decision's account; None when the
+        prompt's part not cached on the decode pod is under the threshold (llm-d's
+        prefix-based-pd-decider rule), or the pick lands on the decode pod itself."""
+        threshold = self.config.disaggregation.non_cached_tokens_threshold
+        uncached = request.prompt_tokens - self._cached_tokens(matches.get(decode))
+        if threshold > 0 and uncached < threshold:
+            return None, _with_prefill(decode_routing.explanation, {"skipped": f"{uncached} uncached tokens"})
+        # The gateway's subset hint names where it may send the request (the decode pod);
+        # the prefill pod is reached by the decode pod's sidecar, not through the gateway.
+        routing = self._policy.route(
+            PolicyInput(
+                replace(request, subset=None),
+                candidates,
+                matches,
+                self.index.worker_blocks,
+                self._rng,
+                self._estimator,
+                1,
+                keys,
+                now,
+            )
         )
+        self._estimator.last_features = None  # they describe the prefill candidates
+        prefill = routing.endpoints[0] if routing.endpoints else None
+        if prefill == decode:
+            prefill = None
+        account = {"endpoint": prefill, "reason": routing.reason, "decision": routing.explanation}
+        return prefill, _with_prefill(decode_routing.explanation, account)
 
     def fallback_pick(self, request: SchedulingRequest, now: float | None = None) -> list[str]:
         """Least-loaded healthy endpoints, for when the pipeline itself failed."""
@@ -688,7 +837,7 @@ class Scheduler:
         no flow control, no policy or predictor call, no recency touched in the index, no
         approximate-mode entry expired (those past their TTL are left out of the answer
         instead), and every endpoint reported, healthy or not."""
-        keys = self.index.request_keys(token_ids)
+        keys = self.index.request_keys(token_ids, adapter=self.adapter_of(model))
         prompt_blocks = len(keys)
         matches = self.index.peek(keys) if prompt_blocks else {}
         live = self._approx.unexpired_keys(now)
@@ -742,6 +891,9 @@ class Scheduler:
         now: float,
         cached_tokens: int = 0,
         reported_tokens: int | None = None,
+        *,
+        adapter: str | None = None,
+        prefill_endpoint: str | None = None,
     ) -> _InFlight:
         """``cached_tokens``: what the pick counted as cached there (speculative placements
         included, at their discount); ``reported_tokens``: of that, what the index says
@@ -751,42 +903,80 @@ class Scheduler:
         if previous is not None:
             self._release(previous)
         runtime = self._endpoints[endpoint]
+        # Disaggregated, the prefill pod computes the uncached prompt (its queue, its prefill
+        # tokens, a request there until the first token) and the decode pod runs the request.
+        charged = runtime if prefill_endpoint is None else self._endpoints[prefill_endpoint]
         prompt_tokens = len(request.token_ids)
         prefill_tokens = max(prompt_tokens - cached_tokens, 0)
-        rate = self._drain_rate(runtime.endpoint.endpoint_class)
-        ahead = runtime.prefill_queue.add(prefill_tokens, now, runtime.inflight_prefill_tokens, rate)
+        rate = self._drain_rate(charged.endpoint.endpoint_class)
+        ahead = charged.prefill_queue.add(prefill_tokens, now, charged.inflight_prefill_tokens, rate)
         runtime.inflight_requests += 1
-        runtime.inflight_prefilling += 1
-        runtime.inflight_prefill_tokens += prefill_tokens
         runtime.routed_since_scrape += 1
+        if charged is not runtime:
+            charged.inflight_requests += 1
+            charged.routed_since_scrape += 1
+        charged.inflight_prefilling += 1
+        charged.inflight_prefill_tokens += prefill_tokens
         flight = self._inflight[request.request_id] = _InFlight(endpoint, prompt_tokens, now, prefill_tokens)
+        flight.prefill_endpoint = prefill_endpoint
         flight.tokens_ahead = ahead
         flight.predicted_cached = reported
         # A pick that leaned on a speculative placement is no evidence about tokenization:
         # its followers are served from blocks the events had not reported yet.
-        flight.predicted_from_events = runtime.endpoint.kv_events is not None and cached_tokens == reported
+        flight.predicted_from_events = charged.endpoint.kv_events is not None and cached_tokens == reported
+        if adapter is not None:
+            flight.adapter = adapter
+            self._hold_adapter(runtime, adapter)
         self.prefix_stats.record_decision(reported // self.config.index.block_size)
         if keys is not None and len(keys):
-            if runtime.endpoint.kv_events is None:
+            # Approximate mode and speculative placement remember the pod that computes the
+            # prompt (the prefill pod of a disaggregated pick): its cache holds the blocks.
+            holder = prefill_endpoint or endpoint
+            if charged.endpoint.kv_events is None:
                 self._approx.record(
                     request.request_id,
-                    endpoint,
+                    holder,
                     [int(key) for key in keys],
                     now + self.config.approximate.ttl_s,
                 )
             elif self.config.speculative.enabled and self._policy.reads_speculative_placement:
-                self._speculate(request.request_id, endpoint, keys, reported, now)
+                self._speculate(request.request_id, holder, keys, reported, now)
         self._policy.on_routed(request.request_id, endpoint, prompt_tokens, prefill_tokens, now)
         return flight
 
+    @staticmethod
+    def _hold_adapter(runtime: _EndpointRuntime, adapter: str) -> None:
+        runtime.inflight_adapters[adapter] = runtime.inflight_adapters.get(adapter, 0) + 1
+        recent = runtime.recent_adapters
+        recent.pop(adapter, None)
+        recent[adapter] = None
+        if len(recent) > _RECENT_ADAPTERS_KEPT:
+            del recent[next(iter(recent))]
+
+    def _end_prefill(self, flight: _InFlight) -> _EndpointRuntime | None:
+        """Take the request's prefill off the pod charged with it; that pod's runtime."""
+        charged = self._endpoints.get(flight.prefill_endpoint or flight.endpoint)
+        if charged is None:
+            return None
+        charged.inflight_prefilling = max(charged.inflight_prefilling - 1, 0)
+        charged.inflight_prefill_tokens = max(charged.inflight_prefill_tokens - flight.prefill_tokens, 0)
+        if flight.prefill_endpoint is not None:
+            charged.inflight_requests = max(charged.inflight_requests - 1, 0)
+        return charged
+
     def _release(self, flight: _InFlight) -> None:
+        if flight.prefilling:
+            self._end_prefill(flight)
         runtime = self._endpoints.get(flight.endpoint)
         if runtime is None:
             return
         runtime.inflight_requests = max(runtime.inflight_requests - 1, 0)
-        if flight.prefilling:
-            runtime.inflight_prefilling = max(runtime.inflight_prefilling - 1, 0)
-            runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prefill_tokens, 0)
+        if flight.adapter is not None:
+            held = runtime.inflight_adapters.get(flight.adapter, 0) - 1
+            if held > 0:
+                runtime.inflight_adapters[flight.adapter] = held
+            else:
+                runtime.inflight_adapters.pop(flight.adapter, None)
 
     def on_served_by(self, request_id: str, address: str, now: float) -> None:
         """The gateway reports the endpoint that actually took the request (maybe a fallback)."""
@@ -800,6 +990,9 @@ class Scheduler:
         moved.prefilling, moved.first_token_at = flight.prefilling, flight.first_token_at
         runtime = self._endpoints[name]
         runtime.inflight_requests += 1
+        if flight.adapter is not None:
+            moved.adapter = flight.adapter
+            self._hold_adapter(runtime, flight.adapter)
         if moved.prefilling:
             moved.tokens_ahead = runtime.prefill_queue.add(
                 moved.prefill_tokens,
@@ -818,10 +1011,8 @@ class Scheduler:
             return
         flight.prefilling = False
         flight.first_token_at = now
-        runtime = self._endpoints.get(flight.endpoint)
+        runtime = self._end_prefill(flight)
         if runtime is not None:
-            runtime.inflight_prefilling = max(runtime.inflight_prefilling - 1, 0)
-            runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prefill_tokens, 0)
             endpoint_class = runtime.endpoint.endpoint_class
             runtime.prefill_queue.first_token(
                 now, runtime.inflight_prefill_tokens, self._drain_rate(endpoint_class)
@@ -1034,3 +1225,19 @@ class Scheduler:
         ranks = self._endpoints[endpoint].endpoint.index_workers() if endpoint in self._endpoints else []
         found = self.index.peek(keys)
         return max((found[rank].total_blocks for rank in ranks if rank in found), default=0)
+
+
+def _with_prefill(
+    decode: dict[str, Any] | Callable[[], dict[str, Any]], prefill: dict[str, Any]
+) -> Callable[[], dict[str, Any]]:
+    """A disaggregated pick's account: the decode pick's, with the prefill pick under
+    ``prefill``; built only when asked for, like the decode pick's own."""
+
+    def build() -> dict[str, Any]:
+        account = decode() if callable(decode) else decode
+        inner = prefill.get("decision")
+        if callable(inner):
+            prefill["decision"] = inner()
+        return {**account, "prefill": prefill}
+
+    return build

@@ -139,8 +139,11 @@ class BlockPool:
         start: int,
         end: int,
         token_ids: Sequence[int],
+        lora: tuple[int, str] | None = None,
     ) -> None:
-        """Mark ``blocks[start:end]`` full and cached; ``token_ids`` are the request's tokens.
+        """Mark ``blocks[start:end]`` full and cached; ``token_ids`` are the request's tokens;
+        ``lora`` the (id, name) of the adapter the request names, which vLLM's event carries
+        and puts as each block's extra key.
 
         ``digests``/``wire_hashes`` are the request's per-block hashes (at least ``end``).
         """
@@ -164,9 +167,10 @@ class BlockPool:
                 parent_block_hash=wire_hashes[start - 1] if start > 0 else None,
                 token_ids=list(token_ids[start * bs : end * bs]),
                 block_size=bs,
-                lora_id=None,
+                lora_id=None if lora is None else lora[0],
                 medium=Tier.GPU,
-                lora_name=None,
+                lora_name=None if lora is None else lora[1],
+                extra_keys=None if lora is None else [(lora[1],)] * (end - start),
                 group_idx=0,
                 kv_cache_spec_kind=FULL_ATTENTION,
             )

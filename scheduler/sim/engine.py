@@ -87,6 +87,10 @@ class EngineConfig:
     # then decodes token_scale - 1 more iterations with nobody admitted (see step()). The
     # virtual-time pool turns it on; the live workers keep whole steps.
     interleave_decode: bool = False
+    # LoRA: adapters one batch may use (vLLM's --max-loras; 0: LoRA off, a request naming an
+    # adapter is refused) and the engine time to load one that is not in a GPU slot.
+    max_loras: int = 0
+    lora_load_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -98,6 +102,8 @@ class EngineConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.max_loras < 0 or self.lora_load_s < 0:
+            raise ValueError("max_loras and lora_load_s must not be negative")
         if self.hash_algo not in blockhash_ref.VLLM_HASH_ALGOS:
             raise ValueError(f"hash_algo must be one of {', '.join(blockhash_ref.VLLM_HASH_ALGOS)}")
 
@@ -120,6 +126,7 @@ class SimRequest:
         "final_blocks",
         "finish_time",
         "first_token_time",
+        "lora",
         "max_tokens",
         "num_cached_blocks",
         "num_cached_tokens",
@@ -131,11 +138,21 @@ class SimRequest:
         "status",
         "token_ids",
         "token_times",
+        "transferred_tokens",
         "wire_hashes",
     )
 
-    def __init__(self, request_id: str, prompt: list[int], max_tokens: int, arrival: float, block_size: int):
+    def __init__(
+        self,
+        request_id: str,
+        prompt: list[int],
+        max_tokens: int,
+        arrival: float,
+        block_size: int,
+        lora: str | None = None,
+    ):
         self.request_id = request_id
+        self.lora = lora  # the LoRA adapter it names; None: the base model
         self.prompt_len = len(prompt)
         self.token_ids = prompt  # prompt followed by generated tokens
         self.output_token_ids: list[int] = []
@@ -156,6 +173,8 @@ class SimRequest:
         self.first_token_time: float | None = None
         self.token_times: list[float] = []
         self.finish_time: float | None = None
+        # Prompt tokens whose KV a prefill pod computed and sent here (disaggregated serving).
+        self.transferred_tokens = 0
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -297,6 +316,12 @@ class Engine:
         # Blocks that running requests may still allocate before they finish.
         self._reserved = 0
         self._decode_run: _DecodeRun | None = None
+        # Adapters in GPU slots, least recently used first, and the id each was given when
+        # first loaded (vLLM numbers adapters in load order: its lora_int_id).
+        self.loaded_loras: dict[str, None] = {}
+        self._lora_ids: dict[str, int] = {}
+        self._lora_loads = 0  # adapters loaded in the step being built
+        self.lora_loads = 0  # adapters loaded, in all
 
     # -- driver interface --------------------------------------------------------------
 
@@ -325,6 +350,14 @@ class Engine:
     def kv_cache_usage(self) -> float:
         return self.pool.usage
 
+    @property
+    def running_loras(self) -> frozenset[str]:
+        return frozenset(r.lora for r in self.running if r.lora is not None)
+
+    @property
+    def waiting_loras(self) -> frozenset[str]:
+        return frozenset(r.lora for r in self.waiting if r.lora is not None)
+
     def queued_prefill_tokens(self) -> int:
         """Prompt tokens still to prefill ahead of a new arrival: the rest of the running
         prefills and every waiting prompt (cache hits of waiting ones are not known yet)."""
@@ -332,9 +365,21 @@ class Engine:
         return running + sum(r.prompt_len for r in self.waiting)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: Sequence[int], max_tokens: int, now: float
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        max_tokens: int,
+        now: float,
+        *,
+        lora: str | None = None,
+        transferred_tokens: int = 0,
     ) -> SimRequest:
+        """Queue a request. ``transferred_tokens``: the KV of that many leading prompt tokens
+        arrives from a prefill pod, so the engine computes only the rest (at least the last
+        prompt token, whose logits give the first output token)."""
         cfg = self.config
+        if lora is not None and not cfg.max_loras:
+            raise RequestRejected(f"LoRA adapter {lora!r} requested but LoRA is not enabled (max_loras 0)")
         if request_id in self.requests:
             raise RequestRejected(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -347,7 +392,8 @@ class Engine:
                 f"this model's maximum context length is {cfg.max_model_len} tokens; the request needs "
                 f"{total} ({len(prompt_token_ids)} prompt + {max_tokens} max_tokens)"
             )
-        request = SimRequest(request_id, list(prompt_token_ids), max_tokens, now, cfg.block_size)
+        request = SimRequest(request_id, list(prompt_token_ids), max_tokens, now, cfg.block_size, lora)
+        request.transferred_tokens = min(max(transferred_tokens, 0), request.prompt_len - 1)
         if request.final_blocks > cfg.capacity_blocks:
             raise RequestRejected(
                 f"the request needs {request.final_blocks} KV blocks of {cfg.block_size} tokens but the "
@@ -407,8 +453,9 @@ class Engine:
         prefill_tokens, pairs = self._schedule_prefill(budget, now, scheduled, admitted)
 
         shape = StepShape(prefill_tokens, pairs, decode_seqs, decode_context)
-        end = now + self.latency.step_time(shape)
-        first_end = now + self.latency.first_iteration_time(shape)
+        loading = self._take_lora_load_time()
+        end = now + loading + self.latency.step_time(shape)
+        first_end = now + loading + self.latency.first_iteration_time(shape)
         if scheduled:
             self.busy_until = end
         result = StepResult(start=now, end=end, shape=shape, first_token_at=first_end, admitted=admitted)
@@ -437,17 +484,30 @@ class Engine:
                 pairs += attention_pairs(n, computed)
                 budget -= n
                 scheduled.append(request)
-        # 3. Admit waiting requests in arrival order while budget, sequences and blocks allow.
+        # 3. Admit waiting requests in arrival order while budget, sequences and blocks allow;
+        # one whose adapter finds no slot stays waiting and the next is tried (vLLM's
+        # scheduler skips it the same way: vllm/v1/core/sched/scheduler.py, max_loras).
+        passed_over: list[SimRequest] = []
+        batch_loras = self.running_loras if cfg.max_loras else frozenset()
         while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             request = self.waiting[0]
+            lora = request.lora
+            if lora is not None and lora not in batch_loras and len(batch_loras) >= cfg.max_loras:
+                passed_over.append(self.waiting.popleft())
+                continue
             hits = self.pool.longest_prefix(request.digests, (request.prompt_len - 1) // bs)
             if not self._fits(request, hits):
                 break
             self.waiting.popleft()
+            if lora is not None:
+                self._activate_lora(lora, batch_loras)
+                batch_loras = batch_loras | {lora}
             self.pool.touch(hits)
             request.blocks = hits
             request.num_cached_blocks = len(hits)
             request.num_computed_tokens = request.num_cached_tokens = len(hits) * bs
+            # Received KV needs its blocks like computed KV; _schedule allocates and caches them.
+            request.num_computed_tokens = max(request.num_computed_tokens, request.transferred_tokens)
             request.status = RequestStatus.RUNNING
             request.scheduled_time = now
             self._reserved += request.final_blocks - len(hits)
@@ -462,7 +522,33 @@ class Engine:
             pairs += attention_pairs(n, computed)
             budget -= n
             scheduled.append(request)
+        self.waiting.extendleft(reversed(passed_over))
         return prefill_tokens, pairs
+
+    def _activate_lora(self, lora: str, in_batch: frozenset[str]) -> None:
+        """Put ``lora`` in a GPU slot for the request being admitted: free when it is there
+        already; otherwise it loads (``lora_load_s`` on this step) into a free slot or the
+        least recently used one no running request uses."""
+        loaded = self.loaded_loras
+        if lora in loaded:
+            del loaded[lora]
+        else:
+            self._lora_loads += 1
+            self.lora_loads += 1
+            self._lora_ids.setdefault(lora, len(self._lora_ids) + 1)
+            if len(loaded) >= self.config.max_loras:
+                victim = next((name for name in loaded if name not in in_batch), None)
+                if victim is not None:
+                    del loaded[victim]
+        loaded[lora] = None
+
+    def _take_lora_load_time(self) -> float:
+        loads, self._lora_loads = self._lora_loads, 0
+        return loads * self.config.lora_load_s
+
+    def lora_id(self, lora: str) -> int:
+        """vLLM's lora_int_id for an adapter this engine has loaded."""
+        return self._lora_ids[lora]
 
     def _fits(self, request: SimRequest, hits: list[KVBlock]) -> bool:
         """Whether the free blocks cover the request's worst case (its cache hits aside)."""
@@ -471,10 +557,23 @@ class Engine:
         return self.pool.num_free - self._reserved >= cost
 
     def can_admit(self) -> bool:
-        """Whether the next step could admit the first waiting request."""
+        """Whether the next step could admit the first waiting request that an adapter slot
+        does not hold back."""
         if not self.waiting or len(self.running) >= self.config.max_num_seqs:
             return False
-        request = self.waiting[0]
+        request: SimRequest | None = self.waiting[0]
+        if self.config.max_loras:
+            batch_loras = self.running_loras
+            request = next(
+                (
+                    r
+                    for r in self.waiting
+                    if r.lora is None or r.lora in batch_loras or len(batch_loras) < self.config.max_loras
+                ),
+                None,
+            )
+        if request is None:
+            return False
         bs = self.config.block_size
         return self._fits(request, self.pool.longest_prefix(request.digests, (request.prompt_len - 1) // bs))
 
@@ -506,7 +605,7 @@ class Engine:
             if not decoding:
                 return StepResult(start=now, end=now, shape=shape, first_token_at=now)
             return self._start_decode_run(now, decoding, shape)
-        end = now + self.latency.first_iteration_time(shape)
+        end = now + self._take_lora_load_time() + self.latency.first_iteration_time(shape)
         self.busy_until = end
         for request in decoding:
             request.decode_iterations += 1.0
@@ -576,10 +675,13 @@ class Engine:
         parent = request.digests[-1] if have else self._none_hash
         tokens = request.token_ids[have * bs : num_blocks * bs]
         digests: list[bytes]
+        # vLLM hashes a LoRA request's blocks with the adapter's name as each block's extra
+        # key (vllm/v1/core/kv_cache_utils.py, _gen_lora_extra_hash_keys).
+        extra = None if request.lora is None else [(request.lora,)] * (num_blocks - have)
         if self.config.hash_algo == "sha256_cbor":  # the kernel's algorithm: the fast path
-            digests = _HASHING.vllm_block_digests(tokens, bs, parent)
+            digests = _HASHING.vllm_block_digests(tokens, bs, parent, extra)
         else:
-            digests = blockhash_ref.vllm_block_digests(tokens, bs, parent, algo=self.config.hash_algo)
+            digests = blockhash_ref.vllm_block_digests(tokens, bs, parent, extra, algo=self.config.hash_algo)
         request.digests.extend(digests)
         request.wire_hashes.extend(int.from_bytes(d[-8:], "big") for d in digests)
 
@@ -601,6 +703,7 @@ class Engine:
                 request.num_cached_blocks,
                 full,
                 request.token_ids,
+                lora=None if request.lora is None else (self._lora_ids[request.lora], request.lora),
             )
             request.num_cached_blocks = full
         request.num_computed_tokens = computed

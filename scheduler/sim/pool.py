@@ -34,6 +34,8 @@ class PoolConfig:
     events_with_token_ids: bool = True
     omit_metrics: tuple[str, ...] = ()
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # LoRA adapters every worker serves (WorkerConfig.lora_adapters; engine.max_loras > 0).
+    lora_adapters: tuple[str, ...] = ()
 
     def worker_config(self, index: int) -> WorkerConfig:
         ports = (0, 0, 0)
@@ -54,6 +56,7 @@ class PoolConfig:
             events_with_token_ids=self.events_with_token_ids,
             omit_metrics=self.omit_metrics,
             engine=self.engine,
+            lora_adapters=self.lora_adapters,
         )
 
 

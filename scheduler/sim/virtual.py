@@ -18,7 +18,15 @@ function of the workload, the configuration and the seed:
   step;
 * SCRAPE: every ``scrape_interval_s`` each engine's waiting/running/KV-usage figures are
   handed to ``Scheduler.update_metrics``, as the live scraper does;
-* EXPIRE: a waiting request's wait bound passes.
+* EXPIRE: a waiting request's wait bound passes;
+* KV_ARRIVED (disaggregated pools): a prefill pod's KV for a request reaches its decode pod.
+
+Disaggregated (``prefill_workers`` > 0): the first workers are labelled prefill, the rest
+decode (llm-d's ``llm-d.ai/role``). A pick that names a prefill pod runs the prompt there as a
+one-token request (llm-d's routing sidecar sends the prefill with max_tokens 1); when it
+ends, the prompt's KV travels to the decode pod in ``kv_bytes_per_token * tokens /
+kv_transfer_bytes_per_s``, and the decode pod then computes only the last prompt token and
+generates the output. The client's first token is the decode pod's.
 
 Arrivals go through the Scheduler's flow control first (``Scheduler.admit``, as the
 ext_proc server does): while the pool is saturated they wait in priority, fairness and
@@ -43,11 +51,26 @@ from scheduler.core.scheduler import (
     SchedulerConfig,
     SchedulingRequest,
 )
+from scheduler.core.scoring import LoraSlots
+from scheduler.core.scoring.disaggregation import ROLE_LABEL
 from scheduler.sim.engine import Engine, EngineConfig, RequestRejected, StepResult
 from scheduler.sim.latency import LatencyModel
 from scheduler.workloads.model import RequestOutcome, SLOTargets
 
-ARRIVAL, STEP, FIRST_TOKEN, STEP_DONE, EVENTS, SCRAPE, EXPIRE, DECODE_RUN_DONE = range(8)
+# The name the simulated engines serve their base model under; any other model a request
+# names is a LoRA adapter (with max_loras > 0).
+BASE_MODEL = "sim-base"
+_SERVED = frozenset({BASE_MODEL})
+
+ARRIVAL, STEP, FIRST_TOKEN, STEP_DONE, EVENTS, SCRAPE, EXPIRE, DECODE_RUN_DONE, KV_ARRIVED = range(9)
+PREFILL_SUFFIX = "#prefill"  # the prefill pod's request id: the request's, with this added
+
+# KV cache per token of the simulated model: 2 (K, V) x 32 layers x 8 KV heads x 128 x 2 bytes
+# (Llama-3-8B bf16, sim/latency.py).
+KV_BYTES_PER_TOKEN = 131_072
+# Prefill-to-decode KV bandwidth: one 200 Gb/s RDMA NIC (25 GB/s), what NIXL moves KV over
+# between pods in llm-d's P/D deployments; an assumption about the fabric, not a measurement.
+KV_TRANSFER_BYTES_PER_S = 25e9
 
 
 class WorkloadItem(Protocol):
@@ -87,6 +110,15 @@ class VirtualPoolConfig:
     # (EngineConfig.interleave_decode). False restores whole scaled steps, which make an
     # arrival wait out up to token_scale - 1 decode iterations.
     interleave_decode: bool = True
+    # LoRA adapter slots per engine (vLLM's --max-loras; 0: LoRA off) and the time one
+    # engine iteration takes longer for each adapter it loads (see EngineConfig).
+    max_loras: int = 0
+    lora_load_s: float = 0.0
+    # Prefill/decode disaggregation: how many of the workers are prefill pods (0: none, every
+    # worker serves requests whole), and the KV transfer's size and bandwidth (real tokens).
+    prefill_workers: int = 0
+    kv_bytes_per_token: float = KV_BYTES_PER_TOKEN
+    kv_transfer_bytes_per_s: float = KV_TRANSFER_BYTES_PER_S
 
 
 IDLE, LOADED, SATURATED = "idle", "loaded", "saturated"
@@ -137,6 +169,8 @@ class VirtualPool:
     _delay_rng: random.Random = field(init=False)
     # Per worker, when its last KV-event batch reaches the index: a later batch never overtakes it.
     _events_due: dict[str, float] = field(init=False, default_factory=dict)
+    # Disaggregated requests whose prefill runs: prefill id -> (request, decode worker).
+    _prefilling: dict[str, tuple[SchedulingRequest, _Worker]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -149,12 +183,23 @@ class VirtualPool:
             max_model_len=max(int(cfg.max_model_len / scale), cfg.block_size),
             latency=LatencyModel(token_scale=scale),
             interleave_decode=cfg.interleave_decode,
+            max_loras=cfg.max_loras,
+            lora_load_s=cfg.lora_load_s,
         )
         self.workers = [_Worker(f"sim-{i}:8000", Engine(engine_config)) for i in range(cfg.workers)]
         index_config = self.scheduler_config.index.model_copy(update={"block_size": cfg.block_size})
         self.scheduler = Scheduler(self.scheduler_config.model_copy(update={"index": index_config}))
         self.scheduler.set_endpoints(
-            [Endpoint(name=w.name, address=w.name, kv_events="sim") for w in self.workers], now=0.0
+            [
+                Endpoint(
+                    name=w.name,
+                    address=w.name,
+                    kv_events="sim",
+                    labels={} if not cfg.prefill_workers else {ROLE_LABEL: _role(i, cfg.prefill_workers)},
+                )
+                for i, w in enumerate(self.workers)
+            ],
+            now=0.0,
         )
         self._by_name = {w.name: w for w in self.workers}
         self._delay_rng = random.Random(self.scheduler_config.seed)
@@ -178,6 +223,8 @@ class VirtualPool:
                 self._step(payload, now)  # type: ignore[arg-type]
             elif kind == FIRST_TOKEN:
                 request_id = cast(str, payload)
+                if request_id in self._prefilling:
+                    continue  # the prefill pod's token is not the client's
                 results[request_id].first_token_s = now
                 self.scheduler.on_first_token(request_id, now)
             elif kind == STEP_DONE:
@@ -195,6 +242,9 @@ class VirtualPool:
                 self._scrape(now)
                 pending -= self._dispatch_waiting(now, results)
                 self._push(now + self.config.scrape_interval_s, SCRAPE, None)
+            elif kind == KV_ARRIVED:
+                request, worker = cast(tuple[SchedulingRequest, _Worker], payload)
+                pending -= self._submit(worker, request, now, results, transferred=len(request.token_ids))
             elif kind == EXPIRE:
                 self._expiry_at = None
                 pending -= self._dispatch_waiting(now, results)
@@ -212,6 +262,7 @@ class VirtualPool:
             max_tokens=item.max_tokens,
             # Optional on workload items: the InferenceObjective and tenant a request names.
             objective=getattr(item, "objective", None),
+            model=getattr(item, "model", None),
             fairness_id=getattr(item, "fairness_id", None),
             slo_ttft_ms=slo.ttft_ms,
             # The scheduler sees the engine's tokens, each standing for token_scale real ones.
@@ -254,21 +305,50 @@ class VirtualPool:
         worker = self._by_name[pick.endpoints[0]]
         result.endpoint = worker.name
         result.load_regime = load_regime(worker.engine)
+        if pick.prefill_endpoint is not None:
+            prefill = self._by_name[pick.prefill_endpoint]
+            self._prefilling[request.request_id + PREFILL_SUFFIX] = (request, worker)
+            return self._submit(prefill, request, now, results, prefill_only=True)
+        return self._submit(worker, request, now, results)
+
+    def _submit(
+        self,
+        worker: _Worker,
+        request: SchedulingRequest,
+        now: float,
+        results: dict[str, RequestOutcome],
+        *,
+        prefill_only: bool = False,
+        transferred: int = 0,
+    ) -> int:
+        """Hand a request to ``worker``'s engine (its prompt alone when ``prefill_only``; with
+        the KV of ``transferred`` prompt tokens received); 1 if it ended here."""
+        request_id = request.request_id + PREFILL_SUFFIX if prefill_only else request.request_id
         try:
             worker.engine.add_request(
-                request.request_id, list(request.token_ids), max(request.max_tokens or 1, 1), now
+                request_id,
+                list(request.token_ids),
+                1 if prefill_only else max(request.max_tokens or 1, 1),
+                now,
+                lora=None if request.model in (None, BASE_MODEL) else request.model,
+                transferred_tokens=transferred,
             )
         except RequestRejected as exc:
+            self._prefilling.pop(request_id, None)
             self.scheduler.on_failed(request.request_id, now)
-            result.error = f"rejected: {exc}"
+            results[request.request_id].error = f"rejected: {exc}"
             return 1
+        self._wake(worker, now)
+        return 0
+
+    def _wake(self, worker: _Worker, now: float) -> None:
+        """Start an idle engine's step, or cut a decode run short for an admissible arrival."""
         if not worker.stepping:
             worker.stepping = True
             self._push(max(now, worker.engine.busy_until), STEP, worker)
         elif worker.engine.can_admit() and (end := worker.engine.interrupt(now)) is not None:
             worker.decode_run += 1
             self._push(end, DECODE_RUN_DONE, (worker, worker.decode_run))
-        return 0
 
     def _dispatch_waiting(self, now: float, results: dict[str, RequestOutcome]) -> int:
         """Send waiting requests while the pool has room; refuse those past their wait bound."""
@@ -313,6 +393,12 @@ class VirtualPool:
             )
         finished = 0
         for request in step.finished:
+            handover = self._prefilling.pop(request.request_id, None)
+            if handover is not None:
+                # The prompt's KV, in real tokens, crosses to the decode pod.
+                size = request.prompt_len * self.config.token_scale * self.config.kv_bytes_per_token
+                self._push(now + size / self.config.kv_transfer_bytes_per_s, KV_ARRIVED, handover)
+                continue
             result = results[request.request_id]
             result.ok = True
             result.end_s = now
@@ -352,6 +438,18 @@ class VirtualPool:
             engine = worker.engine
             self.scheduler.update_metrics(
                 worker.name,
-                EndpointMetrics(engine.num_waiting, engine.num_running, engine.kv_cache_usage),
+                EndpointMetrics(
+                    engine.num_waiting,
+                    engine.num_running,
+                    engine.kv_cache_usage,
+                    lora=LoraSlots(engine.running_loras, engine.waiting_loras, self.config.max_loras)
+                    if self.config.max_loras
+                    else None,
+                    served_models=_SERVED,
+                ),
                 now,
             )
+
+
+def _role(position: int, prefill_workers: int) -> str:
+    return "prefill" if position < prefill_workers else "decode"

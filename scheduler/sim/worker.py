@@ -42,7 +42,8 @@ metric names left off the page (``omit_metrics``).
 Text is tokenised by the simulated model's tokenizer (``tokenizer.py``: a byte-level BPE
 with a chat template, the files ``kvsched serve`` loads too); generated text is filler words
 that tokenise back to the generated ids. Every response carries ``x-kvsched-sim-worker: <name>``,
-and every usage report the request's TTFT as the worker measured it (``TIMING_KEY``).
+and ``x-kvsched-sim-prefiller`` with the ``x-prefiller-host-port`` the request came with, if any;
+every usage reports the request's TTFT as the worker measured it (``TIMING_KEY``).
 
 An asyncio task drives the engine in real time scaled by ``speed``: engine time is
 ``(loop.time() - start) * speed``; it steps whenever the engine has work, sleeps until
@@ -78,6 +79,12 @@ from scheduler.sim.tokenizer import PromptError, SimTokenizer, filler_text, load
 log = logging.getLogger(__name__)
 
 WORKER_HEADER = "x-kvsched-sim-worker"
+# The prefill pod a gateway named for a disaggregated request, in the header llm-d's routing
+# sidecar reads (llm-d/llm-d-inference-scheduler pkg/common/common.go, PrefillPodHeader); the
+# worker echoes what it received in PREFILLER_SEEN_HEADER, so a test sees what a sidecar
+# on this pod would have read. The worker still computes the prompt itself.
+PREFILLER_HEADER = "x-prefiller-host-port"
+PREFILLER_SEEN_HEADER = "x-kvsched-sim-prefiller"
 DEFAULT_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 # The vLLM release whose API the workers speak, reported by /version.
 VLLM_VERSION = "0.33.0"
@@ -121,6 +128,9 @@ class WorkerConfig:
     # caps them so a forgotten parameter does not occupy a worker for minutes.
     default_chat_max_tokens: int = 256
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # LoRA adapters served beside the model, by name (vLLM's --lora-modules); a request
+    # naming one runs with it. Needs engine.max_loras > 0.
+    lora_adapters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.speed > 0:
@@ -128,6 +138,8 @@ class WorkerConfig:
         if self.default_chat_max_tokens < 1:
             raise ValueError("default_chat_max_tokens must be at least 1")
         check_topic(self.topic)
+        if self.lora_adapters and not self.engine.max_loras:
+            raise ValueError("lora_adapters need engine.max_loras > 0")
 
 
 def check_topic(topic: str) -> str:
@@ -260,6 +272,23 @@ class _MetricsCollector(Collector):
         )
         for name, doc, value in gauges:
             yield gauge(name, doc, value)
+        if cfg.max_loras:
+            # vLLM's form (vllm/v1/metrics/loggers.py): the adapters as comma-separated label
+            # values, the value the time the set was current.
+            lora = GaugeMetricFamily(
+                "vllm:lora_requests_info",
+                "Running stats on lora requests.",
+                labels=["running_lora_adapters", "max_lora", "waiting_lora_adapters"],
+            )
+            lora.add_metric(
+                [
+                    ",".join(sorted(engine.running_loras)),
+                    str(cfg.max_loras),
+                    ",".join(sorted(engine.waiting_loras)),
+                ],
+                time.time(),
+            )
+            yield lora
         info_labels = ["block_size", "num_gpu_blocks", "enable_prefix_caching", "prefix_caching_hash_algo"]
         info = GaugeMetricFamily(
             "vllm:cache_config_info",
@@ -522,7 +551,7 @@ class SimWorker:
                 call, choice = entry
                 call.queue.put_nowait((choice, token))
 
-    def _submit(self, prompts: list[list[int]], max_tokens: int) -> _Call:
+    def _submit(self, prompts: list[list[int]], max_tokens: int, lora: str | None = None) -> _Call:
         now = self.engine_time()
         self._latest_arrival = now
         base = f"{self.config.name}-{next(self._ids)}"
@@ -530,7 +559,7 @@ class SimWorker:
         try:
             for index, prompt in enumerate(prompts):
                 request_id = f"{base}-{index}"
-                call.requests.append(self.engine.add_request(request_id, prompt, max_tokens, now))
+                call.requests.append(self.engine.add_request(request_id, prompt, max_tokens, now, lora=lora))
                 self._calls[request_id] = (call, index)
         except RequestRejected:
             self._forget(call)
@@ -549,6 +578,9 @@ class SimWorker:
 
     async def _tag_response(self, request: web.Request, response: web.StreamResponse) -> None:
         response.headers[WORKER_HEADER] = self.config.name
+        prefiller = request.headers.get(PREFILLER_HEADER)
+        if prefiller is not None:
+            response.headers[PREFILLER_SEEN_HEADER] = prefiller
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
@@ -559,9 +591,13 @@ class SimWorker:
         if not isinstance(body, dict):
             raise _HTTPError(400, "request body must be a JSON object")
         model = body.get("model")
-        if model is not None and model != self.config.model:
+        if model is not None and model != self.config.model and model not in self.config.lora_adapters:
             raise _HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError")
         return body
+
+    def _adapter(self, body: dict[str, Any]) -> str | None:
+        model = body.get("model")
+        return model if isinstance(model, str) and model in self.config.lora_adapters else None
 
     @staticmethod
     def _max_tokens(body: dict[str, Any], default: int, *keys: str) -> int:
@@ -616,7 +652,7 @@ class SimWorker:
         max_tokens = body.max_tokens if body.max_tokens is not None else self.config.default_chat_max_tokens
         stream, include_usage = self._stream_flags(document)
         await self._admitting.wait()
-        call = self._submit([prompt], max_tokens)
+        call = self._submit([prompt], max_tokens, self._adapter(document))
         return await self._respond(
             request, call, received, chat=True, stream=stream, include_usage=include_usage
         )
@@ -627,7 +663,7 @@ class SimWorker:
         max_tokens = self._max_tokens(body, COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens")
         stream, include_usage = self._stream_flags(body)
         await self._admitting.wait()
-        call = self._submit(prompts, max_tokens)
+        call = self._submit(prompts, max_tokens, self._adapter(body))
         return await self._respond(
             request, call, received, chat=False, stream=stream, include_usage=include_usage
         )
@@ -640,7 +676,7 @@ class SimWorker:
         )
         stream, include_usage = self._stream_flags(body)
         await self._admitting.wait()
-        call = self._submit([prompt], max_tokens)
+        call = self._submit([prompt], max_tokens, self._adapter(body))
         return await self._respond(
             request, call, received, chat=True, stream=stream, include_usage=include_usage
         )

@@ -22,6 +22,12 @@ that many requests by arrival.
   over a few system prompts no endpoint has seen: every first request is routed before
   any endpoint's KV events can report the shared prefix (a launch, a batch job, a retry
   storm after an outage).
+* ``lora`` (``kvsched bench lora``): many LoRA adapters behind one base model, chosen with
+  Zipf popularity; each request names its adapter as its model and sends one system prompt
+  every adapter shares,
+  then its adapter's own instructions, then a unique question. The shared prompt's blocks
+  hash differently under each adapter (vLLM keys them per adapter), so only a pod that
+  served the same adapter holds them.
 * ``default``: the demo's mix (chat and RAG, ~440 requests over about a minute), with
   strong prefix sharing and moderate load, so that cache-aware routing visibly beats
   round-robin on 8 simulated workers.
@@ -236,6 +242,38 @@ def burst(
     return _finish("burst", out, requests, seed=seed)
 
 
+def lora(
+    *,
+    seed: int = 0,
+    requests: int | None = 1200,
+    adapters: int = 30,
+    zipf_a: float = 1.0,
+    shared_tokens: int = 1024,
+    adapter_tokens: int = 256,
+    question_tokens: tuple[int, int] = (30, 300),
+    answer_tokens: tuple[int, int] = (40, 200),
+    rate: float = 48.0,
+) -> Workload:
+    """``requests`` at ``rate`` per second, each naming one of ``adapters`` LoRA adapters
+    (``lora-00`` the most popular; weight 1 / rank ** ``zipf_a``)."""
+    count = 1200 if requests is None else requests
+    rng = np.random.default_rng(seed)
+    shared = _tokens(rng, shared_tokens)
+    instructions = [_tokens(rng, adapter_tokens) for _ in range(adapters)]
+    weights = 1.0 / np.arange(1, adapters + 1) ** zipf_a
+    weights /= weights.sum()
+    out = []
+    for i, at in enumerate(_poisson_starts(rng, count, rate)):
+        adapter = int(rng.choice(adapters, p=weights))
+        prompt = shared + instructions[adapter] + _tokens(rng, _between(rng, question_tokens))
+        out.append(
+            WorkloadRequest(
+                f"lora-{i}", at, prompt, _between(rng, answer_tokens), model=f"lora-{adapter:02d}"
+            )
+        )
+    return _finish("lora", out, count, seed=seed, adapters=adapters, zipf_a=zipf_a)
+
+
 # The default mix: 48 chat sessions of 5 turns and 200 RAG queries, about 440 requests.
 _DEFAULT_SESSIONS, _DEFAULT_TURNS, _DEFAULT_QUERIES = 48, 5, 200
 _DEFAULT_RATE = 7.0  # new sessions + new queries per second: 2 + 5
@@ -272,6 +310,9 @@ GENERATORS: dict[str, Callable[..., Workload]] = {
     "shared_prefix": shared_prefix,
     "burst": burst,
 }
+# Not in GENERATORS: its requests name LoRA adapters, which only a pool serving them can run
+# (``kvsched bench lora`` gives the simulated pool adapter slots); a replay against the
+# demo's pool would see every request refused.
 
 
 def generate(

@@ -30,6 +30,7 @@ class WorkloadRequest:
     session_id: str | None = None
     block_ids: tuple[int, ...] | None = None
     prompt_text: str | None = None
+    model: str | None = None  # the model it names (a LoRA adapter's name); None: the pool's
 
 
 @dataclass(slots=True)

@@ -99,6 +99,12 @@ class RoutingAnswer:
         return predicted
 
     @property
+    def prefill_endpoint(self) -> str | None:
+        """The prefill pod's address of a disaggregated pick; None: the destination prefills."""
+        prefill: str | None = getattr(self.explanation_source, "prefill_endpoint", None)
+        return prefill
+
+    @property
     def routed(self) -> bool:
         return self.outcome.routed
 

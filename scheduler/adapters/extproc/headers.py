@@ -28,6 +28,10 @@ REQUEST_ID_HEADER = "x-request-id"
 TRACE_HEADERS = ("traceparent", "tracestate")
 # The session header's default name (ExtProcConfig.session_header).
 SESSION_HEADER = "x-session-id"
+# Where llm-d's routing sidecar on a decode pod finds the prefill pod ("ip:port") of a
+# disaggregated request (llm-d/llm-d-inference-scheduler pkg/common/common.go,
+# PrefillPodHeader, shared by its scheduler and its routing sidecar).
+PREFILL_HEADER = "x-prefiller-host-port"
 # Every request header request_hints() reads: a transport that filters headers keeps these.
 HINT_HEADERS = (
     REQUEST_ID_HEADER,
@@ -37,6 +41,7 @@ HINT_HEADERS = (
     *SLO_TPOT_HEADERS,
     FAIRNESS_HEADER,
     *TRACE_HEADERS,
+    PREFILL_HEADER,
 )
 
 _warned_headers: set[str] = set()
@@ -72,6 +77,9 @@ class RequestHints:
     # traceparent / tracestate as sent, when the request carries them.
     trace_headers: Mapping[str, str] | None = None
     session_id: str | None = None
+    # The client sent a prefill pod of its own: the answer overwrites it, as llm-d's prefill
+    # header handler clears it, so no client chooses where its prompt is computed.
+    prefill_header_sent: bool = False
 
 
 def hint_headers(session_header: str = SESSION_HEADER) -> tuple[str, ...]:
@@ -98,7 +106,20 @@ def request_hints(headers: Mapping[str, str], session_header: str = SESSION_HEAD
             else None
         ),
         session_id=headers.get(session_header, "").strip() or None,
+        prefill_header_sent=PREFILL_HEADER in headers,
     )
+
+
+def routing_headers(hints: RequestHints, prefill_endpoint: str | None) -> list[tuple[str, str]]:
+    """Headers a routed request gets besides its destination, in both ext_proc transports:
+    the request id kvsched made up, and the prefill pod of a disaggregated pick (an empty
+    value, which the sidecar reads as none, when the client sent one and kvsched picked none)."""
+    extra = [(REQUEST_ID_HEADER, hints.request_id)] if hints.generated_id else []
+    if prefill_endpoint is not None:
+        extra.append((PREFILL_HEADER, prefill_endpoint))
+    elif hints.prefill_header_sent:
+        extra.append((PREFILL_HEADER, ""))
+    return extra
 
 
 def _first(headers: Mapping[str, str], names: tuple[str, ...]) -> str | None:

@@ -48,7 +48,12 @@ from scheduler.adapters.extproc import responses
 from scheduler.adapters.extproc.audit import audit_enabled, exchange_record, write_audit
 from scheduler.adapters.extproc.config import ExtProcConfig
 from scheduler.adapters.extproc.decide import PickRunner, RoutingAnswer
-from scheduler.adapters.extproc.headers import REQUEST_ID_HEADER, RequestHints, hint_headers, request_hints
+from scheduler.adapters.extproc.headers import (
+    RequestHints,
+    hint_headers,
+    request_hints,
+    routing_headers,
+)
 from scheduler.adapters.extproc.health import READINESS_SERVICES
 from scheduler.adapters.extproc.outcomes import PickOutcome
 from scheduler.adapters.extproc.stats import ExtProcStats
@@ -388,7 +393,7 @@ class _NativeRequest:
         transport.stats.count(decision.outcome)
         config = transport.config
         destination = ",".join(decision.endpoints) if config.destination_list else decision.endpoints[0]
-        extra = [(REQUEST_ID_HEADER, self.request_id)] if self.hints.generated_id else []
+        extra = routing_headers(self.hints, decision.prefill_endpoint)
         scores = decision.endpoint_scores(config.endpoint_scores)
         transport.native.route(self.stream, destination, extra, scores or None, decision.body_replacement)
         self.decision_s = runner.clock() - decided_from

@@ -34,10 +34,10 @@ from scheduler.adapters.extproc.audit import audit_enabled, exchange_record, wri
 from scheduler.adapters.extproc.config import ExtProcConfig
 from scheduler.adapters.extproc.decide import PickRunner, RoutingAnswer
 from scheduler.adapters.extproc.headers import (
-    REQUEST_ID_HEADER,
     RequestHints,
     header_dict,
     request_hints,
+    routing_headers,
     served_endpoint,
     subset_hint,
 )
@@ -228,7 +228,7 @@ class _Exchange:
         self._stats.count(decision.outcome)
         started = STAGE_TIMES.start()
         destination = ",".join(decision.endpoints) if self._config.destination_list else decision.endpoints[0]
-        extra = [(REQUEST_ID_HEADER, self._request_id)] if self._hints.generated_id else []
+        extra = routing_headers(self._hints, decision.prefill_endpoint)
         has_body = self._body_messages > 0 and self._duplex_request
         if has_body and decision.body_replacement is not None:
             body = decision.body_replacement

@@ -82,7 +82,7 @@ CRD_RENAMES: dict[Path, Path] = {
 # SchedulerConfig mappings keyed by names of kvsched's own plug-ins (snake_case, e.g. registered
 # scorers): the CRD writes each key camelCase like a field (``prefixOverlap``) or as the name
 # itself (``prefix_overlap``); both convert to the name, and the settings model validates it.
-NAME_KEYED: frozenset[Path] = frozenset({("scoring", "weights")})
+NAME_KEYED: frozenset[Path] = frozenset({("scoring", "weights"), ("disaggregation", "decode_weights")})
 # Spec fields that are not SchedulerConfig settings (handled by PolicySettings itself).
 SERVE_FIELDS: frozenset[Path] = frozenset(
     {

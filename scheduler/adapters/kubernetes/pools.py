@@ -33,6 +33,7 @@ from scheduler.adapters.discovery import EndpointDefaults, StaticEndpointSpec
 from scheduler.adapters.kubernetes.client import PODS, KubeClient, ResourceType
 from scheduler.adapters.kubernetes.reflector import Backoff, Reflector, Snapshot
 from scheduler.core.scheduler import POOL_LABEL, Endpoint
+from scheduler.core.scoring.disaggregation import ROLE_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,11 @@ def pod_endpoints(pool: PoolSpec, pod: Mapping[str, Any], defaults: EndpointDefa
     kv_port = _port_annotation(annotations, KV_EVENTS_PORT_ANNOTATION, name)
     replay_port = _port_annotation(annotations, KV_REPLAY_PORT_ANNOTATION, name)
     topic = annotations.get(KV_TOPIC_ANNOTATION)
+    labels = {POOL_LABEL: pool.key, POD_LABEL: name}
+    # The prefill/decode role travels with the endpoint (core/scoring/disaggregation.py).
+    role = (metadata.get("labels") or {}).get(ROLE_LABEL)
+    if role is not None:
+        labels[ROLE_LABEL] = str(role)
     endpoints = []
     for rank, port in enumerate(pool.target_ports):
         kv_events: str | bool = False
@@ -151,7 +157,7 @@ def pod_endpoints(pool: PoolSpec, pod: Mapping[str, Any], defaults: EndpointDefa
             kv_events=kv_events,
             kv_replay=kv_replay,
             kv_topic=None if topic is None else str(topic),
-            labels={POOL_LABEL: pool.key, POD_LABEL: name},
+            labels=labels,
         )
         endpoints.append(spec.to_endpoint(defaults))
     return endpoints

@@ -7,14 +7,16 @@ from scheduler.core.scoring.filters import (
     NO_ELIGIBLE_IN_SUBSET,
     Filter,
     HealthFilter,
+    LoraSlotFilter,
     SaturationFilter,
     SessionAffinityFilter,
     SubsetHintFilter,
     default_filters,
 )
-from scheduler.core.scoring.pipeline import SchedulingPipeline
 
 # Scorers in modules of their own register on import, after the built-in ones.
+from scheduler.core.scoring.lora_affinity import LoraAffinityScorer
+from scheduler.core.scoring.pipeline import SchedulingPipeline
 from scheduler.core.scoring.prefill_wait import PrefillWaitScorer
 from scheduler.core.scoring.registry import SCORERS, ScorerSpec, register_scorer
 from scheduler.core.scoring.scorers import (
@@ -32,6 +34,7 @@ from scheduler.core.scoring.session_affinity import SessionAffinityScorer
 from scheduler.core.scoring.types import (
     EndpointState,
     LatencyEstimate,
+    LoraSlots,
     PickRequest,
     PrefixMatch,
 )
@@ -49,6 +52,9 @@ __all__ = [
     "KVUtilizationScorer",
     "LatencyEstimate",
     "LatencyEstimator",
+    "LoraAffinityScorer",
+    "LoraSlotFilter",
+    "LoraSlots",
     "PickRequest",
     "PredictedLatencyScorer",
     "PrefillWaitScorer",

@@ -18,10 +18,11 @@ from typing import Protocol
 
 from scheduler.core.scoring.config import ScoringConfig
 from scheduler.core.scoring.rendezvous import session_endpoint
-from scheduler.core.scoring.types import EndpointState, PickRequest
+from scheduler.core.scoring.types import LORA_SLOTS_BUSY, EndpointState, PickRequest
 
 NO_ELIGIBLE_IN_SUBSET = "no eligible endpoint in subset hint"
 NOT_SESSION_ENDPOINT = "not the session's endpoint"
+LORA_SLOTS_ALL_BUSY = "every LoRA slot busy with other adapters"
 
 
 class Filter(Protocol):
@@ -134,8 +135,38 @@ class SessionAffinityFilter:
         return {i: NOT_SESSION_ENDPOINT for i in range(len(states)) if i != home}
 
 
+class LoraSlotFilter:
+    """For a request naming a LoRA adapter: leaves out the endpoints whose every adapter slot
+    is busy with other adapters (the request would wait there for one to drain), while some
+    candidate can take it without that; keeps them all otherwise. Applies while the
+    ``lora_affinity`` scorer has a weight (``scoring/lora_affinity.py``)."""
+
+    name = "lora_slots_busy"
+    soft = False
+    empty_reason = LORA_SLOTS_ALL_BUSY
+
+    def reject(
+        self,
+        states: Sequence[EndpointState],
+        trusted: Sequence[bool],
+        request: PickRequest,
+        config: ScoringConfig,
+    ) -> dict[int, str]:
+        adapter = request.adapter
+        if adapter is None or not config.weights.get("lora_affinity", 0.0) > 0.0:
+            return {}
+        busy = [
+            i
+            for i, s in enumerate(states)
+            if (slots := s.lora) is not None and slots.affinity(adapter) == LORA_SLOTS_BUSY
+        ]
+        if len(busy) == len(states):
+            return {}
+        return dict.fromkeys(busy, LORA_SLOTS_ALL_BUSY)
+
+
 def default_filters() -> list[Filter]:
     # The subset hint first: an endpoint the gateway excluded is reported as such, whatever its
     # state. The session's endpoint is chosen among the healthy ones, so a session moves only
     # when its endpoint fails; saturation, a soft filter, then judges what is left.
-    return [SubsetHintFilter(), HealthFilter(), SessionAffinityFilter(), SaturationFilter()]
+    return [SubsetHintFilter(), HealthFilter(), SessionAffinityFilter(), LoraSlotFilter(), SaturationFilter()]

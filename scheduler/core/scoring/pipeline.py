@@ -132,6 +132,7 @@ class SchedulingPipeline:
     """One configuration's filters, scorers and picker."""
 
     __slots__ = (
+        "_active",
         "_config",
         "_filters",
         "_predicted",
@@ -155,8 +156,11 @@ class SchedulingPipeline:
         if len(set(names)) != len(names):
             raise ValueError(f"scorer names must be unique, got {names}")
         weights = self._config.weights
-        active: list[tuple[Scorer, float]] = []
-        unpredicted: list[tuple[Scorer, float]] = []
+        # Weighted scorers by (predictions available, the request names an adapter): those
+        # that read what a pick lacks sit it out.
+        sets: dict[tuple[bool, bool], list[tuple[Scorer, float]]] = {
+            (predicted, adapter): [] for predicted in (True, False) for adapter in (True, False)
+        }
         for scorer in self._scorers:
             spec = SCORERS.get(scorer.name)
             if spec is None:
@@ -167,12 +171,12 @@ class SchedulingPipeline:
             # A scorer registered after this configuration was made weighs its default.
             weight = weights.get(scorer.name, spec.default_weight)
             if weight > 0.0:
-                active.append((scorer, weight))
-                # Scorers that read predictions sit out the picks made without them.
-                if not spec.needs_predictions:
-                    unpredicted.append((scorer, weight))
-        self._predicted = _ActiveScorers.of(active)
-        self._unpredicted = _ActiveScorers.of(unpredicted)
+                for (predicted, adapter), chosen in sets.items():
+                    if (predicted or not spec.needs_predictions) and (adapter or not spec.needs_adapter):
+                        chosen.append((scorer, weight))
+        self._active = {kind: _ActiveScorers.of(pairs) for kind, pairs in sets.items()}
+        self._predicted = self._active[True, True]
+        self._unpredicted = self._active[False, True]
 
     @property
     def config(self) -> ScoringConfig:
@@ -283,7 +287,7 @@ class SchedulingPipeline:
             candidates.predicted_ttft_ms = list(estimate.ttft_ms)
             candidates.predicted_tpot_ms = list(estimate.tpot_ms)
             candidates.prediction_source = estimate.source
-        active = self._unpredicted if candidates.predicted_ttft_ms is None else self._predicted
+        active = self._active[candidates.predicted_ttft_ms is not None, request.adapter is not None]
         scores = {scorer.name: scorer.score(candidates, request, config) for scorer in active.scorers}
         totals = weighted_totals(list(scores.values()), active.weights, active.weight_sum, len(candidates))
         return candidates, active, scores, totals

@@ -33,6 +33,9 @@ class ScorerSpec:
     # Reads latency predictions (``Candidates.predicted_ttft_ms``): sits out the picks made
     # without them.
     needs_predictions: bool = False
+    # Reads the request's LoRA adapter: sits out the picks of requests that name none, so
+    # their totals are what they would be without it.
+    needs_adapter: bool = False
 
 
 SCORERS: Registry[ScorerSpec] = Registry("scorer")
@@ -45,10 +48,12 @@ def register_scorer(
     weight: float,
     description: str,
     needs_predictions: bool = False,
+    needs_adapter: bool = False,
 ) -> ScorerSpec:
     """Register a scorer under ``name``; a name registered before is refused."""
     if not weight >= 0.0:
         raise ValueError(f"scorer {name!r}: default weight must be >= 0, got {weight!r}")
     if not description or "\n" in description:
         raise ValueError(f"scorer {name!r}: the description must be one line")
-    return SCORERS.add(ScorerSpec(name, factory, float(weight), description, needs_predictions))
+    spec = ScorerSpec(name, factory, float(weight), description, needs_predictions, needs_adapter)
+    return SCORERS.add(spec)

@@ -10,7 +10,44 @@ from dataclasses import dataclass, field
 # pick without a conversion per matching endpoint.
 from scheduler.core.index import PrefixMatch
 
-__all__ = ["EndpointState", "LatencyEstimate", "PickRequest", "PrefixMatch"]
+__all__ = ["EndpointState", "LatencyEstimate", "LoraSlots", "PickRequest", "PrefixMatch"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoraSlots:
+    """An endpoint's LoRA adapters as vLLM reports them in ``vllm:lora_requests_info``.
+
+    ``running`` and ``waiting`` are the adapters of its running and waiting requests, so
+    both hold a GPU adapter slot or are about to; vLLM runs at most ``max_lora`` adapters
+    in one batch (vLLM ``vllm/v1/core/sched/scheduler.py``: a waiting request whose
+    adapter would make ``len(scheduled_loras) > max_loras`` is skipped until one finishes).
+    An adapter loaded but idle appears in neither: taking its slot costs nobody a wait.
+    """
+
+    running: frozenset[str] = frozenset()
+    waiting: frozenset[str] = frozenset()
+    max_lora: int = 0
+    # Adapters kvsched routed there lately (at most max_lora, newest kept): likely still
+    # loaded, since vLLM keeps an idle adapter until its slot is needed (LRU).
+    recent: frozenset[str] = frozenset()
+
+    def has_free_slot(self) -> bool:
+        """Some slot is not busy with a running or waiting request's adapter."""
+        return len(self.running | self.waiting) < self.max_lora
+
+    def affinity(self, adapter: str) -> float:
+        """How well this endpoint suits a request for ``adapter``, in [0, 1]; the scale is
+        ``scoring/lora_affinity.py``'s (resident 1, recently routed 0.8, a slot not busy 0.5,
+        every slot busy with other adapters 0)."""
+        if adapter in self.running or adapter in self.waiting:
+            return LORA_RESIDENT
+        if not self.has_free_slot():
+            return LORA_SLOTS_BUSY
+        return LORA_RECENT if adapter in self.recent else LORA_FREE_SLOT
+
+
+# LoraSlots.affinity's scale; an endpoint that reports no adapter figures gets LORA_UNKNOWN.
+LORA_RESIDENT, LORA_RECENT, LORA_FREE_SLOT, LORA_UNKNOWN, LORA_SLOTS_BUSY = 1.0, 0.8, 0.5, 0.5, 0.0
 
 
 # Not frozen: one is built per endpoint per pick, and a frozen dataclass costs 4.5x more to
@@ -47,6 +84,10 @@ class EndpointState:
     prefill_ms_ahead: float | None = None
     endpoint_class: str = "default"
     labels: Mapping[str, str] = field(default_factory=dict)
+    # Scraped vllm:lora_requests_info, with the adapters of kvsched's own in-flight requests
+    # there added to ``running`` (a scrape cannot know them yet); None: not reported (the
+    # endpoint serves no adapters, or has not been scraped).
+    lora: LoraSlots | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +104,8 @@ class PickRequest:
     priority: int = 0
     # The session the request names (a configured header); None = none.
     session_id: str | None = None
+    # The LoRA adapter the request names as its model; None: the base model.
+    adapter: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,57 @@
+"""The virtual pool's prefill/decode disaggregation: the prompt on the prefill pod, its KV
+across at the stated bandwidth, the output on the decode pod; and ``kvsched bench pd``."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.bench.pd_bench import long_requests, run, table
+from scheduler.core.scheduler import SchedulerConfig
+from scheduler.core.scoring.disaggregation import DisaggregationConfig
+from scheduler.sim.virtual import KV_BYTES_PER_TOKEN, VirtualPool, VirtualPoolConfig
+
+PROMPT = 4000
+
+
+def _one(prefill_workers: int, bandwidth: float = 25e9) -> tuple[VirtualPool, float, str]:
+    config = SchedulerConfig(disaggregation=DisaggregationConfig(enabled=prefill_workers > 0))
+    pool = VirtualPool(
+        VirtualPoolConfig(
+            workers=2,
+            capacity_blocks=4096,
+            prefill_workers=prefill_workers,
+            kv_transfer_bytes_per_s=bandwidth,
+        ),
+        config,
+    )
+    (request,) = long_requests(seed=1, requests=1, rate=1.0, prompt=(PROMPT, PROMPT), output=(20, 20))
+    (outcome,) = pool.run([request])
+    assert outcome.ok and outcome.ttft_s is not None and outcome.completion_tokens == 20
+    return pool, outcome.ttft_s, outcome.endpoint or ""
+
+
+def test_the_prefill_pod_computes_the_prompt_and_the_decode_pod_the_output() -> None:
+    pool, ttft, endpoint = _one(prefill_workers=1)
+    prefill, decode = pool.workers
+    assert endpoint == decode.name
+    # The prefill pod holds the prompt's blocks (it computed one token more); the decode pod
+    # received them and holds the output's full blocks too (4000 + 20 tokens: one more).
+    blocks = PROMPT // 16
+    assert pool.scheduler.index.worker_blocks(prefill.name) == blocks
+    assert pool.scheduler.index.worker_blocks(decode.name) == blocks + 1
+    _, aggregated_ttft, _ = _one(prefill_workers=0)
+    transfer = PROMPT * KV_BYTES_PER_TOKEN / 25e9
+    assert aggregated_ttft + transfer < ttft < aggregated_ttft + transfer + 0.02
+    # Half the bandwidth, twice the transfer.
+    _, slower, _ = _one(prefill_workers=1, bandwidth=12.5e9)
+    assert slower - ttft == pytest.approx(transfer, rel=0.01)
+
+
+def test_bench_pd_reports_both_shapes_on_one_workload() -> None:
+    report = run(requests=30, rate=4.0, workers=4, prefill=1, prompt=(1000, 2000), output=(50, 100))
+    aggregated, disaggregated = report["rows"]
+    assert (aggregated["prefill_pods"], disaggregated["prefill_pods"]) == (0, 1)
+    assert aggregated["failed"] == disaggregated["failed"] == 0
+    assert aggregated["vs_aggregated"]["ttft_p99"] == 1.0
+    assert disaggregated["ttft_ms"]["p50"] != aggregated["ttft_ms"]["p50"]
+    assert "disaggregated (1P+3D)" in table(report)
