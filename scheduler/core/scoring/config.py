@@ -24,7 +24,7 @@ class ScorerWeights(Mapping[str, float]):
     cache when the wait is about the same, and the load signals (queue depth 1, KV
     utilisation 0.5, in-flight prefill tokens 1.5) break the rest. With prefix overlap at
     half the total instead, a prefix every request shares kept half the pool idle on an
-    agentic workload (README, "Simulator results"). A weight of 0 turns a scorer off
+    agentic workload (measured in ``prefill_wait.py``). A weight of 0 turns a scorer off
     (it is not computed); all zero leaves every candidate tied, i.e. pure least-loaded
     picking. A name no scorer is registered under is refused, naming it.
 
