@@ -30,6 +30,17 @@ from scheduler.core.index import IndexConfig, PrefixIndex
 from scheduler.core.latency import PredictorEstimator
 from scheduler.core.lookup import EndpointPrefix, PrefixLookup, RankPrefix
 from scheduler.core.objectives import ObjectiveTable, ResolvedObjective
+from scheduler.core.peerload import (
+    DONE,
+    FIRST_TOKEN,
+    PeerLoad,
+    PeerSyncConfig,
+    Released,
+    Routed,
+    Snapshot,
+    SyncMessage,
+    ttl_bounds,
+)
 from scheduler.core.policies import (
     DEFAULT_POLICY,
     POLICIES,
@@ -101,6 +112,9 @@ class SchedulerConfig(BaseModel):
     slo_defaults: SLODefaults = Field(
         default_factory=SLODefaults,
         description="Pool-wide objectives, after the request's headers and its InferenceObjective's.",
+    )
+    sync: PeerSyncConfig = Field(
+        default_factory=PeerSyncConfig, description="In-flight load shared with the other replicas."
     )
     seed: int = Field(0, description="Seed of the picker's random source (softmax sampling, tie spreading).")
     policy: str = Field(
@@ -201,6 +215,8 @@ class _EndpointRuntime:
     inflight_prefilling: int = 0  # of inflight_requests, those before their first token
     # Requests routed here since the last scrape: the scraped waiting count cannot know them yet.
     routed_since_scrape: int = 0
+    # Of those, the ones other replicas routed (sync on).
+    peer_routed_since_scrape: int = 0
     # The prefill queued here, as a fluid estimate with this endpoint's measured drain rate.
     prefill_queue: PrefillQueue = field(default_factory=PrefillQueue)
     # When it last produced a first token or finished a request: the end of an iteration.
@@ -226,6 +242,9 @@ class _InFlight:
     # the endpoint's KV events (not approximate mode's routing history, not a moved request).
     predicted_cached: int = 0
     predicted_from_events: bool = False
+    # Lifetimes peers give this request's entry (sync on): whole, and until its first token.
+    ttl_s: float = 0.0
+    prefill_ttl_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +288,12 @@ class Scheduler:
         self._prefill_rates: dict[str, DrainRate] = {}
         self._prefill_rate = DrainRate()
         self._assumed_prefill_rate = 1000.0 / self.config.predictor.prior.ttft_ms_per_uncached_token
+        # Sharing in-flight load with peer replicas (core/peerload.py): this replica's name
+        # and incarnation (its start), its messages' sequence number and those not sent yet.
+        self.peer_load = PeerLoad(self.config.sync)
+        self.incarnation = 0
+        self._sync_seq = 0
+        self._outbox: list[SyncMessage] = []
 
     # --- configuration -----------------------------------------------------------------
 
@@ -286,6 +311,7 @@ class Scheduler:
         else:
             policy.reconfigure(setup)
         self._policy, self.config = policy, config
+        self.peer_load.config = config.sync
         # Both read their config on every call; the waiting room keeps its queue.
         self.flow.config = self.saturation.config = config.flow_control
         if config.predictor != self.predictor.config:
@@ -362,7 +388,14 @@ class Scheduler:
             return
         runtime.metrics = metrics
         runtime.metrics_at = now
-        runtime.routed_since_scrape = 0
+        if self.config.sync.enabled:
+            # The requests the engine must know by now; those routed since the last scrape
+            # may not have reached it.
+            own_settled = (
+                runtime.inflight_requests - runtime.routed_since_scrape + runtime.peer_routed_since_scrape
+            )
+            self.peer_load.reconcile(name, metrics.waiting + metrics.running, own_settled, now)
+        runtime.routed_since_scrape = runtime.peer_routed_since_scrape = 0
         runtime.consecutive_failures = 0
         runtime.last_error = ""
 
@@ -390,6 +423,16 @@ class Scheduler:
         queue = runtime.prefill_queue
         measured = self._drain_rate(endpoint.endpoint_class)
         last_event = runtime.last_event_at
+        requests, prefilling, prefill_tokens = (
+            runtime.inflight_requests,
+            runtime.inflight_prefilling,
+            runtime.inflight_prefill_tokens,
+        )
+        peers = self.peer_load.load(endpoint.name)
+        if peers is not None:
+            requests += peers.requests
+            prefilling += peers.prefilling
+            prefill_tokens += peers.prefill_tokens
         return EndpointState(
             name=endpoint.name,
             address=endpoint.address,
@@ -398,10 +441,10 @@ class Scheduler:
             kv_usage=metrics.kv_usage if metrics else 0.0,
             metrics_age_s=age,
             healthy=self._healthy(runtime),
-            inflight_requests=runtime.inflight_requests,
-            inflight_prefill_tokens=runtime.inflight_prefill_tokens,
-            inflight_decode_requests=runtime.inflight_requests - runtime.inflight_prefilling,
-            queued_prefill_tokens=queue.ahead(now, runtime.inflight_prefill_tokens, measured),
+            inflight_requests=requests,
+            inflight_prefill_tokens=prefill_tokens,
+            inflight_decode_requests=requests - prefilling,
+            queued_prefill_tokens=queue.ahead(now, prefill_tokens, measured),
             prefill_tokens_per_s=measured or self._assumed_prefill_rate,
             last_event_age_s=None if last_event is None else (now - last_event if now > last_event else 0.0),
             endpoint_class=endpoint.endpoint_class,
@@ -485,6 +528,8 @@ class Scheduler:
 
     def pick(self, request: SchedulingRequest, now: float) -> PickResult:
         self._expire_approximate(now)
+        if self.config.sync.enabled:
+            self.peer_load.expire(now)
         keys = self.index.request_keys(request.token_ids)
         prompt_blocks = len(keys)
         matches = self._matches(keys) if prompt_blocks else {}
@@ -528,6 +573,7 @@ class Scheduler:
         flight = self._start(request, primary, keys, now, self._cached_tokens(matches.get(primary)))
         decision = routing.decision
         if decision is None:
+            self._announce(request, flight, now, None)
             return PickResult("ok", addresses, "", routing.explanation)
         # The policy scored candidates: the chosen endpoint's feature row trains the predictor
         # once this request's latencies are known, and its prediction goes on the audit line.
@@ -546,6 +592,7 @@ class Scheduler:
             if predicted is None:
                 alone = self.predictor.predict(flight.features[None, :])
                 predicted = (float(alone.ttft_ms[0]), float(alone.tpot_ms[0]), alone.source)
+        self._announce(request, flight, now, predicted)
         return PickResult("ok", addresses, "", routing.explanation, predicted)
 
     def fallback_pick(self, request: SchedulingRequest, now: float | None = None) -> list[str]:
@@ -565,7 +612,7 @@ class Scheduler:
         )
         chosen = [rt.endpoint.address for rt in candidates[: 1 + self.config.scoring.num_fallbacks]]
         if chosen and now is not None:
-            self._start(request, self._by_address[chosen[0]], None, now)
+            self._announce(request, self._start(request, self._by_address[chosen[0]], None, now), now, None)
         return chosen
 
     # --- read-only lookup ----------------------------------------------------------------
@@ -642,7 +689,7 @@ class Scheduler:
         prompt_tokens = len(request.token_ids)
         prefill_tokens = max(prompt_tokens - cached_tokens, 0)
         rate = self._drain_rate(runtime.endpoint.endpoint_class)
-        ahead = runtime.prefill_queue.add(prefill_tokens, now, runtime.inflight_prefill_tokens, rate)
+        ahead = runtime.prefill_queue.add(prefill_tokens, now, self._routed_prefill(runtime), rate)
         runtime.inflight_requests += 1
         runtime.inflight_prefilling += 1
         runtime.inflight_prefill_tokens += prefill_tokens
@@ -656,6 +703,11 @@ class Scheduler:
             self._record_approximate(endpoint, keys, now)
         self._policy.on_routed(request.request_id, endpoint, prompt_tokens, prefill_tokens, now)
         return flight
+
+    def _routed_prefill(self, runtime: _EndpointRuntime) -> int:
+        """Prefill tokens routed to an endpoint and before their first token, peers' included."""
+        peers = self.peer_load.load(runtime.endpoint.name)
+        return runtime.inflight_prefill_tokens + (peers.prefill_tokens if peers is not None else 0)
 
     def _release(self, flight: _InFlight) -> None:
         runtime = self._endpoints.get(flight.endpoint)
@@ -682,12 +734,14 @@ class Scheduler:
             moved.tokens_ahead = runtime.prefill_queue.add(
                 moved.prefill_tokens,
                 now,
-                runtime.inflight_prefill_tokens,
+                self._routed_prefill(runtime),
                 self._drain_rate(runtime.endpoint.endpoint_class),
             )
             runtime.inflight_prefilling += 1
             runtime.inflight_prefill_tokens += moved.prefill_tokens
         self._inflight[request_id] = moved
+        moved.ttl_s, moved.prefill_ttl_s = flight.ttl_s, flight.prefill_ttl_s
+        self._send(Routed(request_id, name, moved.prefill_tokens, moved.ttl_s, moved.prefill_ttl_s), now)
         self._policy.on_routed(request_id, name, moved.prompt_tokens, moved.prefill_tokens, now)
 
     def on_first_token(self, request_id: str, now: float) -> None:
@@ -702,12 +756,13 @@ class Scheduler:
             runtime.inflight_prefill_tokens = max(runtime.inflight_prefill_tokens - flight.prefill_tokens, 0)
             endpoint_class = runtime.endpoint.endpoint_class
             runtime.prefill_queue.first_token(
-                now, runtime.inflight_prefill_tokens, self._drain_rate(endpoint_class)
+                now, self._routed_prefill(runtime), self._drain_rate(endpoint_class)
             )
             drained, waited = flight.tokens_ahead + flight.prefill_tokens, now - flight.started_at
             self._prefill_rates.setdefault(endpoint_class, DrainRate()).add(drained, waited)
             self._prefill_rate.add(drained, waited)
             runtime.last_event_at = now
+        self._send(Released(request_id, FIRST_TOKEN), now)
         self._policy.on_first_token(request_id, now)
 
     def on_completed(
@@ -725,6 +780,7 @@ class Scheduler:
         if flight is None:
             return None
         self._release(flight)
+        self._send(Released(request_id, DONE), now)
         if (runtime := self._endpoints.get(flight.endpoint)) is not None:
             runtime.last_event_at = now
         self._policy.on_completed(request_id, now)
@@ -766,7 +822,85 @@ class Scheduler:
         flight = self._inflight.pop(request_id, None)
         if flight is not None:
             self._release(flight)
+            self._send(Released(request_id, DONE), now)
             self._policy.on_completed(request_id, now)
+
+    # --- in-flight load shared with peer replicas ----------------------------------------
+
+    def start_sync(self, replica: str, incarnation: int) -> None:
+        """Name this replica to its peers; ``incarnation`` must grow with every start (its
+        start time in ns, say), so peers drop what an earlier start routed."""
+        self.peer_load.replica, self.incarnation = replica, incarnation
+
+    def _send(self, body: Routed | Released | Snapshot, now: float) -> None:
+        if self.config.sync.enabled:
+            self._sync_seq += 1
+            self._outbox.append(
+                SyncMessage(self.peer_load.replica, self.incarnation, self._sync_seq, now, body)
+            )
+
+    def _announce(
+        self,
+        request: SchedulingRequest,
+        flight: _InFlight,
+        now: float,
+        predicted: tuple[float, float, str] | None,
+    ) -> None:
+        if not self.config.sync.enabled:
+            return
+        ttft_ms = e2e_ms = None
+        if predicted is not None:
+            ttft_ms = predicted[0]
+            e2e_ms = ttft_ms + predicted[1] * request.max_tokens if request.max_tokens else None
+        flight.ttl_s, flight.prefill_ttl_s = ttl_bounds(self.config.sync, ttft_ms, e2e_ms)
+        self._send(
+            Routed(
+                request.request_id, flight.endpoint, flight.prefill_tokens, flight.ttl_s, flight.prefill_ttl_s
+            ),
+            now,
+        )
+
+    def send_snapshot(self, now: float) -> None:
+        """Queue the whole in-flight list for the peers (every ``sync.snapshot_interval_s``)."""
+        entries = []
+        for request_id, flight in self._inflight.items():
+            age = now - flight.started_at
+            entries.append(
+                Routed(
+                    request_id,
+                    flight.endpoint,
+                    flight.prefill_tokens,
+                    max(flight.ttl_s - age, 0.0),
+                    max(flight.prefill_ttl_s - age, 0.0),
+                    flight.prefilling,
+                )
+            )
+        self._send(Snapshot(tuple(entries)), now)
+
+    def take_sync_messages(self) -> list[SyncMessage]:
+        """The messages for the peers since the last call, oldest first."""
+        out, self._outbox = self._outbox, []
+        return out
+
+    def receive_sync(self, message: SyncMessage, now: float) -> None:
+        """A peer's message: its requests count as load where it routed them."""
+        if not self.config.sync.enabled:
+            return
+        self.peer_load.expire(now)
+        for name, prefill_tokens in self.peer_load.receive(message, now):
+            runtime = self._endpoints.get(name)
+            if runtime is None:
+                continue
+            runtime.routed_since_scrape += 1
+            runtime.peer_routed_since_scrape += 1
+            if prefill_tokens:
+                # Bounded by what is routed there, this entry included (already counted).
+                runtime.prefill_queue.add(
+                    prefill_tokens,
+                    now,
+                    self._routed_prefill(runtime) - prefill_tokens,
+                    self._drain_rate(runtime.endpoint.endpoint_class),
+                )
 
     def train_if_due(self, now: float) -> bool:
         """Fit and install a new latency model on this thread when one is due (the simulator's
