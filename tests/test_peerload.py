@@ -96,7 +96,7 @@ def test_a_lost_routing_is_added_by_the_next_snapshot_and_a_late_copy_changes_no
 
 
 def test_a_lost_release_expires_after_the_bound_its_predicted_latency_sets() -> None:
-    a = _replica("a", min_ttl_s=2.0, ttl_factor=3.0)
+    a = _replica("a", min_ttl_s=2.0, ttl_factor=3.0)  # short-lived entries
     b = _replica("b", snapshot_interval_s=1000.0, peer_timeout_s=1000.0)
     chosen = _route(a, "r1", 1.0)
     (routed,) = a.take_sync_messages()
@@ -146,25 +146,26 @@ def test_a_partitioned_replicas_load_is_dropped_after_the_peer_timeout() -> None
     assert b.peer_load.peers() == [] and b.peer_load.stats.reclaimed == {"peer_timeout": 1}
 
 
-def test_a_scrape_reclaims_peer_load_the_endpoint_does_not_have() -> None:
-    a, b = _replica("a", default_ttl_s=600.0, min_ttl_s=600.0, reconcile_grace_s=0.5), _replica("b")
+def test_a_scrape_reclaims_overdue_peer_load_the_endpoint_does_not_have() -> None:
+    # Entries live 8 s and are due (their predicted completion) 2 s after they arrive.
+    a = _replica("a", default_ttl_s=8.0, min_ttl_s=8.0, ttl_factor=4.0)
+    b = _replica("b", reconcile_grace_s=0.5, ttl_factor=4.0)
     chosen = _route(a, "r1", 1.0)
-    _route(a, "r2", 1.0)
-    _deliver(a.take_sync_messages(), b, 1.001)
-    total = _load(b, E1, 1.001) + _load(b, E2, 1.001)
-    assert total == 2
-    # A scrape too soon after the routing proves nothing: the request may not be there yet.
-    b.update_metrics(chosen, EndpointMetrics(0, 0, 0.0), 1.2)
-    assert _load(b, chosen, 1.2) == 1
-    # Later the endpoint reports nothing waiting or running: the release was lost.
-    b.update_metrics(chosen, EndpointMetrics(0, 0, 0.0), 2.0)
-    assert _load(b, chosen, 2.0) == 0
+    _deliver(a.take_sync_messages(), b, 1.0)
+    # A scrape too soon after the routing proves nothing: the request may not be there yet;
+    # nor does one before the request is due (the scrape may trail its release by a step).
+    for at in (1.2, 2.5):
+        b.update_metrics(chosen, EndpointMetrics(0, 0, 0.0), at)
+        assert _load(b, chosen, at) == 1
+    # Past its predicted completion and the endpoint reports nothing: the release was lost.
+    b.update_metrics(chosen, EndpointMetrics(0, 0, 0.0), 3.5)
+    assert _load(b, chosen, 3.5) == 0
     assert b.peer_load.stats.reclaimed == {"reconciled": 1}
     # One that the endpoint does report stays.
-    other = E2 if chosen == E1 else E1
-    if _load(b, other, 2.0):
-        b.update_metrics(other, EndpointMetrics(0, 1, 0.1), 2.0)
-        assert _load(b, other, 2.0) == 1
+    second = _route(a, "r2", 4.0)
+    _deliver(a.take_sync_messages(), b, 4.0)
+    b.update_metrics(second, EndpointMetrics(0, 1, 0.1), 7.0)
+    assert _load(b, second, 7.0) == 1
 
 
 def test_sync_off_sends_and_counts_nothing() -> None:

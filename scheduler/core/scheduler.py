@@ -762,7 +762,7 @@ class Scheduler:
             self._prefill_rates.setdefault(endpoint_class, DrainRate()).add(drained, waited)
             self._prefill_rate.add(drained, waited)
             runtime.last_event_at = now
-        self._send(Released(request_id, FIRST_TOKEN), now)
+            self._send(Released(request_id, FIRST_TOKEN, drained, waited), now)
         self._policy.on_first_token(request_id, now)
 
     def on_completed(
@@ -865,13 +865,16 @@ class Scheduler:
         entries = []
         for request_id, flight in self._inflight.items():
             age = now - flight.started_at
+            # Still in flight here for sure: the peer's bound only covers releases lost after
+            # this snapshot, so it never goes below the least lifetime.
+            floor = self.config.sync.min_ttl_s
             entries.append(
                 Routed(
                     request_id,
                     flight.endpoint,
                     flight.prefill_tokens,
-                    max(flight.ttl_s - age, 0.0),
-                    max(flight.prefill_ttl_s - age, 0.0),
+                    max(flight.ttl_s - age, floor),
+                    max(flight.prefill_ttl_s - age, floor),
                     flight.prefilling,
                 )
             )
@@ -887,9 +890,26 @@ class Scheduler:
         if not self.config.sync.enabled:
             return
         self.peer_load.expire(now)
+        body = message.body
         for name, prefill_tokens in self.peer_load.receive(message, now):
             runtime = self._endpoints.get(name)
             if runtime is None:
+                continue
+            if isinstance(body, Released):
+                # A first token or completion there: the end of one of its iterations.
+                at = message.sent_at
+                if runtime.last_event_at is None or at > runtime.last_event_at:
+                    runtime.last_event_at = at
+                if body.phase == FIRST_TOKEN:
+                    endpoint_class = runtime.endpoint.endpoint_class
+                    # Everything queued ahead of it there is done, as for one of ours.
+                    runtime.prefill_queue.first_token(
+                        now, self._routed_prefill(runtime), self._drain_rate(endpoint_class)
+                    )
+                    self._prefill_rates.setdefault(endpoint_class, DrainRate()).add(
+                        body.drained_tokens, body.waited_s
+                    )
+                    self._prefill_rate.add(body.drained_tokens, body.waited_s)
                 continue
             runtime.routed_since_scrape += 1
             runtime.peer_routed_since_scrape += 1
