@@ -3,6 +3,12 @@ lost, late or repeated message, restart or partition leaves load that is not the
 
 from __future__ import annotations
 
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from scheduler.adapters.metrics import KvschedCollector
+from scheduler.core.events import BlockStored, EventBatch, Tier
 from scheduler.core.index import IndexConfig
 from scheduler.core.peerload import PeerSyncConfig, SyncMessage
 from scheduler.core.scheduler import Endpoint, EndpointMetrics, Scheduler, SchedulerConfig, SchedulingRequest
@@ -174,3 +180,44 @@ def test_sync_off_sends_and_counts_nothing() -> None:
     _route(a, "r1", 1.0)
     a.send_snapshot(1.0)
     assert a.take_sync_messages() == []
+
+
+def test_sampled_routings_measure_agreement_between_replicas() -> None:
+    a, b = _replica("a", agreement_sample_every=1), _replica("b", agreement_sample_every=1)
+    prompt = list(range(1, 161))
+    event = BlockStored(list(range(500, 510)), None, prompt, BLOCK, medium=Tier.GPU)
+    for replica in (a, b):  # both hear the same KV event: E2 holds the prompt's prefix
+        replica.index.apply_batch(E2, EventBatch(0.0, [event]))
+    pick = a.pick(SchedulingRequest("r1", [*prompt, 1, 2, 3], max_tokens=8), 1.0)
+    assert pick.endpoints[0] == E2
+    (routed,) = a.take_sync_messages()
+    assert len(routed.body.sample_keys) == 10  # type: ignore[union-attr]
+    _deliver([routed], b, 1.001)
+    assert (b.peer_load.stats.agreement_samples, b.peer_load.stats.agreement_same) == (1, 1)
+    # b's view differs (E2 lost the prefix there only): it would have picked otherwise.
+    b.index.remove_worker(E2)
+    a.pick(SchedulingRequest("r2", [*prompt, 4, 5, 6], max_tokens=8), 1.1)
+    _deliver(a.take_sync_messages(), b, 1.101)
+    assert (b.peer_load.stats.agreement_samples, b.peer_load.stats.agreement_same) == (2, 1)
+
+
+def test_sync_figures_are_exposed_to_prometheus() -> None:
+    a, b = _replica("a"), _replica("b")
+    _route(a, "r1", 1.0)
+    _deliver(a.take_sync_messages(), b, 1.25)
+    a.on_completed("r1", 1.5)
+    a.take_sync_messages()  # lost
+    a.send_snapshot(2.0)
+    _deliver(a.take_sync_messages(), b, 2.0)
+    registry = CollectorRegistry()
+    registry.register(KvschedCollector(b, clock=lambda: 2.0))
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+    }
+    assert samples[("kvsched_sync_peers", ())] == 1
+    assert samples[("kvsched_sync_messages_lost_total", ())] == 1
+    assert samples[("kvsched_sync_phantom_reclaimed_total", (("how", "snapshot"),))] == 1
+    assert samples[("kvsched_sync_lag_seconds_total", ())] == pytest.approx(0.25)
+    assert samples[("kvsched_sync_peer_inflight", ())] == 0

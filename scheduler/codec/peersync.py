@@ -4,7 +4,8 @@ One ZMQ message per ``SyncMessage``, a single frame::
 
     [version, replica, incarnation, seq, sent_at_unix_s, kind, body]
 
-``kind`` 0 = Routed ``[request_id, endpoint, prefill_tokens, ttl_s, prefill_ttl_s, prefilling]``,
+``kind`` 0 = Routed ``[request_id, endpoint, prefill_tokens, ttl_s, prefill_ttl_s, prefilling]``
+(a sampled one adds ``[block keys], prompt_tokens``),
 1 = Released ``[request_id, phase (0 first token, 1 done), drained_tokens, waited_s]``,
 2 = Snapshot ``[[routed fields], ...]``. ``sent_at`` is wall-clock time (seconds since the
 epoch): replicas' monotonic clocks are not comparable, so the transport maps it to and from
@@ -28,7 +29,7 @@ class PeerSyncDecodeError(ValueError):
 
 
 def _routed_fields(routed: Routed) -> list[Any]:
-    return [
+    fields: list[Any] = [
         routed.request_id,
         routed.endpoint,
         routed.prefill_tokens,
@@ -36,10 +37,14 @@ def _routed_fields(routed: Routed) -> list[Any]:
         round(routed.prefill_ttl_s, 3),
         routed.prefilling,
     ]
+    if routed.sample_keys:
+        fields += [list(routed.sample_keys), routed.sample_prompt_tokens]
+    return fields
 
 
 def _routed(fields: Any) -> Routed:
-    request_id, endpoint, prefill_tokens, ttl_s, prefill_ttl_s, prefilling = fields
+    request_id, endpoint, prefill_tokens, ttl_s, prefill_ttl_s, prefilling = fields[:6]
+    keys, prompt_tokens = fields[6:8] if len(fields) >= 8 else ((), 0)
     return Routed(
         str(request_id),
         str(endpoint),
@@ -47,6 +52,8 @@ def _routed(fields: Any) -> Routed:
         float(ttl_s),
         float(prefill_ttl_s),
         bool(prefilling),
+        tuple(int(key) for key in keys),
+        int(prompt_tokens),
     )
 
 

@@ -44,6 +44,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 FIRST_TOKEN: Literal["first_token"] = "first_token"
+# Block keys a sampled routing carries: 1,024 keys are 8 KB on the wire and cover prompts of
+# 16k tokens at 16-token blocks; a longer prompt is judged on its first 1,024 blocks.
+AGREEMENT_MAX_KEYS = 1024
 DONE: Literal["done"] = "done"
 
 
@@ -70,6 +73,12 @@ class PeerSyncConfig(BaseModel):
     default_ttl_s: float = Field(
         60.0, gt=0, description="Lifetime of an entry routed without a latency prediction."
     )
+    agreement_sample_every: int = Field(
+        32,
+        ge=0,
+        description="One routing in this many carries its prompt's block keys, so peers can say "
+        "whether they would have picked the same endpoint (0 = never).",
+    )
     reconcile_grace_s: float = Field(
         0.5,
         ge=0,
@@ -88,6 +97,9 @@ class Routed:
     ttl_s: float
     prefill_ttl_s: float
     prefilling: bool = True
+    # A sampled routing: the prompt's block keys (at most AGREEMENT_MAX_KEYS) and size.
+    sample_keys: tuple[int, ...] = ()
+    sample_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +172,10 @@ class PeerSyncStats:
     # Phantom load reclaimed, by how: "expired", "snapshot", "reconciled", "peer_timeout",
     # "restart".
     reclaimed: dict[str, int] = field(default_factory=dict)
+    # Sampled routings a peer decided, and how many of them this replica would have sent to
+    # the same endpoint (judged on arrival, before the routing itself is counted).
+    agreement_samples: int = 0
+    agreement_same: int = 0
     lag_sum_s: float = 0.0
     lag_max_s: float = 0.0
     last_lag_s: float = 0.0

@@ -11,6 +11,7 @@ I/O, so the live server and the virtual-time simulator make identical decisions.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,6 +32,7 @@ from scheduler.core.latency import PredictorEstimator
 from scheduler.core.lookup import EndpointPrefix, PrefixLookup, RankPrefix
 from scheduler.core.objectives import ObjectiveTable, ResolvedObjective
 from scheduler.core.peerload import (
+    AGREEMENT_MAX_KEYS,
     DONE,
     FIRST_TOKEN,
     PeerLoad,
@@ -294,6 +296,7 @@ class Scheduler:
         self.incarnation = 0
         self._sync_seq = 0
         self._outbox: list[SyncMessage] = []
+        self._announced = 0
 
     # --- configuration -----------------------------------------------------------------
 
@@ -853,12 +856,52 @@ class Scheduler:
             ttft_ms = predicted[0]
             e2e_ms = ttft_ms + predicted[1] * request.max_tokens if request.max_tokens else None
         flight.ttl_s, flight.prefill_ttl_s = ttl_bounds(self.config.sync, ttft_ms, e2e_ms)
-        self._send(
-            Routed(
-                request.request_id, flight.endpoint, flight.prefill_tokens, flight.ttl_s, flight.prefill_ttl_s
-            ),
-            now,
+        sample_keys: tuple[int, ...] = ()
+        every = self.config.sync.agreement_sample_every
+        self._announced += 1
+        if every and self._announced % every == 0:
+            keys = self.index.request_keys(request.token_ids)
+            sample_keys = tuple(int(key) for key in itertools.islice(keys, AGREEMENT_MAX_KEYS))
+        routed = Routed(
+            request.request_id,
+            flight.endpoint,
+            flight.prefill_tokens,
+            flight.ttl_s,
+            flight.prefill_ttl_s,
+            True,
+            sample_keys,
+            len(request.token_ids) if sample_keys else 0,
         )
+        self._send(routed, now)
+
+    def would_route(self, keys: Sequence[int], prompt_tokens: int, now: float) -> str | None:
+        """The endpoint this replica's policy would pick now for a prompt with these block
+        keys, changing nothing (no reservation, no recency, a throwaway random source): how
+        a peer's sampled routing is judged."""
+        matches = self.index.peek(keys) if keys else {}
+        folded: dict[str, PrefixMatch] = {}
+        for worker, match in matches.items():
+            name = worker.split("#dp", 1)[0]
+            if name not in folded or match.total_blocks > folded[name].total_blocks:
+                folded[name] = match
+        states = [self._state(rt, now) for rt in self._endpoints.values()]
+        estimator = self._estimator
+        estimator.last_features = None
+        routing = self._policy.route(
+            PolicyInput(
+                PickRequest("agreement-sample", len(keys), prompt_tokens),
+                states,
+                folded,
+                self.index.worker_blocks,
+                random.Random(self._sync_seq),
+                estimator,
+                1,
+                keys,
+                now,
+            )
+        )
+        estimator.last_features = None
+        return routing.endpoints[0] if routing.endpoints else None
 
     def send_snapshot(self, now: float) -> None:
         """Queue the whole in-flight list for the peers (every ``sync.snapshot_interval_s``)."""
@@ -891,6 +934,11 @@ class Scheduler:
             return
         self.peer_load.expire(now)
         body = message.body
+        if isinstance(body, Routed) and body.sample_keys and message.replica != self.peer_load.replica:
+            stats = self.peer_load.stats
+            stats.agreement_samples += 1
+            mine = self.would_route(list(body.sample_keys), body.sample_prompt_tokens, now)
+            stats.agreement_same += mine == body.endpoint
         for name, prefill_tokens in self.peer_load.receive(message, now):
             runtime = self._endpoints.get(name)
             if runtime is None:

@@ -162,6 +162,7 @@ class ServeApp:
                 trainer_stats=lambda: self.trainer.stats,
                 tokenizer_probe=lambda: self.tokenizers.probe.status,
                 publisher_views=self.publisher_views,
+                sync_transport=lambda: None if self.peer_sync is None else self.peer_sync.stats,
             )
         )
         self.peer_sync: PeerSyncTransport | None = None
