@@ -874,7 +874,9 @@ class Scheduler:
         )
         self._send(routed, now)
 
-    def would_route(self, keys: Sequence[int], prompt_tokens: int, now: float) -> str | None:
+    def would_route(
+        self, keys: Sequence[int], prompt_tokens: int, now: float, request_id: str = ""
+    ) -> str | None:
         """The endpoint this replica's policy would pick now for a prompt with these block
         keys, changing nothing (no reservation, no recency, a throwaway random source): how
         a peer's sampled routing is judged."""
@@ -889,7 +891,7 @@ class Scheduler:
         estimator.last_features = None
         routing = self._policy.route(
             PolicyInput(
-                PickRequest("agreement-sample", len(keys), prompt_tokens),
+                PickRequest(request_id, len(keys), prompt_tokens),
                 states,
                 folded,
                 self.index.worker_blocks,
@@ -937,7 +939,7 @@ class Scheduler:
         if isinstance(body, Routed) and body.sample_keys and message.replica != self.peer_load.replica:
             stats = self.peer_load.stats
             stats.agreement_samples += 1
-            mine = self.would_route(list(body.sample_keys), body.sample_prompt_tokens, now)
+            mine = self.would_route(list(body.sample_keys), body.sample_prompt_tokens, now, body.request_id)
             stats.agreement_same += mine == body.endpoint
         for name, prefill_tokens in self.peer_load.receive(message, now):
             runtime = self._endpoints.get(name)
