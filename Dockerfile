@@ -47,6 +47,6 @@ ENV PATH=/opt/kvsched/bin:$PATH \
 USER 65532:65532
 WORKDIR /tmp
 # ext_proc gRPC, plaintext gRPC health, Prometheus metrics.
-EXPOSE 9002 9003 9090
+EXPOSE 9002 9003 9090 9004
 ENTRYPOINT ["kvsched"]
 CMD ["serve", "--config", "/etc/kvsched/config.yaml"]

@@ -262,7 +262,8 @@ def test_defaults_do_not_override_what_is_set() -> None:
 # the comparison policies are for experiments. A new section must be put in one of these.
 SECTIONS_IN_FULL = {"scoring", "health", "approximate", "speculative", "flow_control"}
 SECTIONS_BY_FIELD = {"predictor", "slo_defaults", "disaggregation"}
-NOT_IN_POLICIES = {"index", "seed", "policy"}
+# sync: how the replicas of one deployment share load, set with them (the chart), not per policy.
+NOT_IN_POLICIES = {"index", "seed", "policy", "sync"}
 # CRD bounds kvsched deliberately refuses although the schema admits them.
 REFUSED_ALTHOUGH_ADMITTED: set[tuple[str, ...]] = set()
 

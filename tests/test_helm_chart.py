@@ -306,6 +306,7 @@ CUSTOM_GROUPS = {"kvsched.io", "inference.networking.k8s.io", "monitoring.coreos
 BUILT_IN_KINDS = {
     "ConfigMap",
     "Deployment",
+    "NetworkPolicy",
     "PodDisruptionBudget",
     "Role",
     "RoleBinding",
@@ -350,6 +351,7 @@ def test_rendered_objects_are_valid(name: str, kube_version: str) -> None:
     expected = sorted(BUILT_IN_KINDS)
     if VALUE_SETS[name].get("inferenceExtension", {}).get("replicas") == 1:
         expected.remove("PodDisruptionBudget")
+        expected.remove("NetworkPolicy")  # one replica: no sync port to guard
     if VALUE_SETS[name].get("grafanaDashboard", {}).get("enabled"):
         expected.append("ConfigMap")  # the dashboard's, beside the configuration's
     assert sorted(built_in) == sorted(expected)
@@ -435,9 +437,14 @@ def test_container_command_image_and_ports() -> None:
         ("grpc", 9002),
         ("grpc-health", 9003),
         ("metrics", 9090),
+        ("sync", 9004),
     ]
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]}
-    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    assert env == {
+        "POD_NAME": "metadata.name",
+        "POD_NAMESPACE": "metadata.namespace",
+        "POD_IP": "status.podIP",
+    }
 
 
 def test_probes_use_grpc_health_services() -> None:
@@ -496,6 +503,9 @@ def test_config_file_from_values() -> None:
             "model_server_type": "vllm",
         },
         "discovery": {"type": "kubernetes"},
+        # Two replicas: they share in-flight load, peers from the Service's EndpointSlices.
+        "peer_sync": {"port": 9004, "service": FULLNAME},
+        "scheduler": {"sync": {"enabled": True}},
     }
 
 
@@ -532,7 +542,7 @@ def test_service_ports_and_selector() -> None:
     docs = render({})
     service = one(docs, "Service")
     ports = {p["name"]: p for p in service["spec"]["ports"]}
-    assert list(ports) == ["grpc", "grpc-health", "metrics"]
+    assert list(ports) == ["grpc", "grpc-health", "metrics", "sync"]  # two replicas: sync on
     assert (ports["grpc"]["port"], ports["grpc"]["appProtocol"]) == (9002, "http2")
     assert ports["grpc-health"]["port"] == 9003
     assert ports["metrics"]["port"] == 9090
@@ -564,6 +574,8 @@ EXPECTED_RBAC = {
     ("kvsched.io", "schedulingpolicies", "watch"),
     ("kvsched.io", "schedulingpolicies/status", "update"),
     ("kvsched.io", "schedulingpolicies/status", "patch"),
+    # Two replicas by default: each lists its peers from the Service's EndpointSlices.
+    *(("discovery.k8s.io", "endpointslices", verb) for verb in ("get", "list", "watch")),
 }
 
 
@@ -888,7 +900,7 @@ def test_dockerfile_matches_the_chart() -> None:
     assert int(gid) == pod["securityContext"]["runAsGroup"]
 
     exposed = {int(p) for k, rest in final if k == "EXPOSE" for p in rest.split()}
-    assert exposed == {p["containerPort"] for p in container(docs)["ports"]} == {9002, 9003, 9090}
+    assert exposed == {p["containerPort"] for p in container(docs)["ports"]} == {9002, 9003, 9090, 9004}
     entrypoint = json.loads(next(rest for k, rest in final if k == "ENTRYPOINT"))
     cmd = json.loads(next(rest for k, rest in final if k == "CMD"))
     assert entrypoint == ["kvsched"]
@@ -914,3 +926,60 @@ def test_dockerignore_keeps_the_build_inputs() -> None:
     }
     assert copied <= kept
     assert {"kernels", "scheduler", "proto", "pyproject.toml", "setup.py"} <= kept
+
+
+# --- replicas sharing in-flight load ----------------------------------------------------------
+
+
+def test_sync_is_wired_when_there_are_several_replicas() -> None:
+    docs = render(VALUE_SETS["replicas-3"])
+    config = config_of(docs)
+    assert config["scheduler"]["sync"]["enabled"] is True
+    assert config["peer_sync"] == {"port": 9004, "service": FULLNAME}
+    assert {"name": "sync", "containerPort": 9004, "protocol": "TCP"} in container(docs)["ports"]
+    env = {e["name"]: e for e in container(docs)["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    service_ports = {p["name"]: p for p in one(docs, "Service")["spec"]["ports"]}
+    assert service_ports["sync"]["port"] == 9004 and service_ports["sync"]["targetPort"] == "sync"
+    rules = one(docs, "Role")["rules"]
+    assert {
+        "apiGroups": ["discovery.k8s.io"],
+        "resources": ["endpointslices"],
+        "verbs": ["get", "list", "watch"],
+    } in rules
+    policy = one(docs, "NetworkPolicy")["spec"]
+    selector = one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert policy["podSelector"]["matchLabels"] == selector
+    sync_rule, open_rule = policy["ingress"]
+    assert sync_rule["from"] == [{"podSelector": {"matchLabels": selector}}]
+    assert sync_rule["ports"] == [{"port": 9004, "protocol": "TCP"}]
+    assert "from" not in open_rule
+    assert {p["port"] for p in open_rule["ports"]} == {9002, 9003, 9090}
+    from scheduler.server.config import ServeConfig
+
+    serve = ServeConfig.model_validate(config)
+    assert serve.scheduler.sync.enabled and serve.peer_sync.service == FULLNAME
+
+
+def test_one_replica_has_no_sync_unless_asked() -> None:
+    docs = render(VALUE_SETS["single-replica"])
+    assert "peer_sync" not in config_of(docs) and "scheduler" not in config_of(docs)
+    assert by_kind(docs, "NetworkPolicy") == []
+    assert "sync" not in {p["name"] for p in one(docs, "Service")["spec"]["ports"]}
+    assert not any("endpointslices" in rule["resources"] for rule in one(docs, "Role")["rules"])
+    forced = render(
+        {"inferenceExtension": {"replicas": 1, "sync": {"enabled": True, "networkPolicy": False}}}
+    )
+    assert config_of(forced)["scheduler"]["sync"]["enabled"] is True
+    assert by_kind(forced, "NetworkPolicy") == []
+    off = render({"inferenceExtension": {"replicas": 4, "sync": {"enabled": False}}})
+    assert "peer_sync" not in config_of(off) and by_kind(off, "NetworkPolicy") == []
+
+
+def test_sync_keeps_the_users_scheduler_settings_and_owns_its_channel() -> None:
+    docs = render({"config": {"scheduler": {"policy": "queue_only", "sync": {"snapshot_interval_s": 2}}}})
+    scheduler = config_of(docs)["scheduler"]
+    assert scheduler["policy"] == "queue_only"
+    assert scheduler["sync"] == {"enabled": True, "snapshot_interval_s": 2}
+    with pytest.raises(Exception, match="peer_sync"):
+        render({"config": {"peer_sync": {"port": 1}}})

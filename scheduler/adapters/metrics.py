@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from scheduler.adapters.peersync import TransportStats
 from scheduler.adapters.predictor_trainer import TrainerStats
 from scheduler.adapters.scraper import ScrapeStats
 from scheduler.core.kvingest import VIEW_STATES, IngestStats, PublisherView
@@ -69,8 +70,10 @@ class KvschedCollector(Collector):
         trainer_stats: Callable[[], TrainerStats] | None = None,
         tokenizer_probe: Callable[[], str] | None = None,
         publisher_views: Callable[[], Sequence[PublisherView]] | None = None,
+        sync_transport: Callable[[], TransportStats | None] | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.sync_transport = sync_transport
         # Every endpoint's KV-event view per data-parallel rank (kv_subscriber.publisher_views).
         self.publisher_views = publisher_views
         self.scraper = scraper
@@ -92,6 +95,75 @@ class KvschedCollector(Collector):
             yield from self._ingest(self.ingest_stats())
         if self.publisher_views is not None:
             yield from self._views(self.publisher_views())
+        if self.scheduler.config.sync.enabled:
+            yield from self._sync(self.sync_transport() if self.sync_transport is not None else None)
+
+    def _sync(self, transport: TransportStats | None) -> Iterator[Metric]:
+        """The in-flight load shared with peer replicas (core/peerload.py)."""
+        peers = self.scheduler.peer_load
+        stats = peers.stats
+        yield GaugeMetricFamily("kvsched_sync_peers", "Peer replicas heard from.", value=len(peers.peers()))
+        yield GaugeMetricFamily(
+            "kvsched_sync_peer_inflight", "Requests in flight that peers routed.", value=peers.entries()
+        )
+        yield CounterMetricFamily(
+            "kvsched_sync_messages_received", "Sync messages applied from peers.", value=stats.received
+        )
+        yield CounterMetricFamily(
+            "kvsched_sync_messages_lost",
+            "Sync messages from peers never received (gaps in their sequence numbers).",
+            value=stats.lost,
+        )
+        yield CounterMetricFamily(
+            "kvsched_sync_lag_seconds",
+            "Total time from a peer sending a message to its arrival here (divide by "
+            "kvsched_sync_messages_received_total for the mean).",
+            value=stats.lag_sum_s,
+        )
+        yield GaugeMetricFamily(
+            "kvsched_sync_lag_last_seconds", "The last message's time in transit.", value=stats.last_lag_s
+        )
+        reclaimed = CounterMetricFamily(
+            "kvsched_sync_phantom_reclaimed",
+            "Peer entries dropped without their release, by how: expired, expired_prefill (the "
+            "prefill part), snapshot, reconciled (a scrape), peer_timeout, restart.",
+            labels=["how"],
+        )
+        for how in ("expired", "expired_prefill", "snapshot", "reconciled", "peer_timeout", "restart"):
+            reclaimed.add_metric([how], stats.reclaimed.get(how, 0))
+        yield reclaimed
+        yield CounterMetricFamily(
+            "kvsched_sync_agreement_samples",
+            "Peers' sampled routings judged here (what this replica would have picked).",
+            value=stats.agreement_samples,
+        )
+        yield CounterMetricFamily(
+            "kvsched_sync_agreement_same",
+            "Of those, routings this replica would have sent to the same endpoint.",
+            value=stats.agreement_same,
+        )
+        yield GaugeMetricFamily(
+            "kvsched_sync_agreement_ratio",
+            "Sampled agreement rate with the peers so far (same / samples; 1 before any sample).",
+            value=stats.agreement_same / stats.agreement_samples if stats.agreement_samples else 1.0,
+        )
+        if transport is not None:
+            yield CounterMetricFamily(
+                "kvsched_sync_sent_messages", "Sync messages published.", value=transport.sent_messages
+            )
+            yield CounterMetricFamily(
+                "kvsched_sync_sent_bytes", "Bytes of sync messages published.", value=transport.sent_bytes
+            )
+            yield CounterMetricFamily(
+                "kvsched_sync_received_bytes",
+                "Bytes of sync messages received.",
+                value=transport.received_bytes,
+            )
+            yield CounterMetricFamily(
+                "kvsched_sync_malformed",
+                "Sync frames that could not be decoded (skipped).",
+                value=transport.malformed,
+            )
 
     def _endpoints(self) -> Iterator[Metric]:
         scheduler = self.scheduler

@@ -11,6 +11,7 @@ I/O, so the live server and the virtual-time simulator make identical decisions.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -30,6 +31,18 @@ from scheduler.core.index import IndexConfig, PrefixIndex
 from scheduler.core.latency import PredictorEstimator
 from scheduler.core.lookup import EndpointPrefix, PrefixLookup, RankPrefix
 from scheduler.core.objectives import ObjectiveTable, ResolvedObjective
+from scheduler.core.peerload import (
+    AGREEMENT_MAX_KEYS,
+    DONE,
+    FIRST_TOKEN,
+    PeerLoad,
+    PeerSyncConfig,
+    Released,
+    Routed,
+    Snapshot,
+    SyncMessage,
+    ttl_bounds,
+)
 from scheduler.core.policies import (
     DEFAULT_POLICY,
     POLICIES,
@@ -167,6 +180,9 @@ class SchedulerConfig(BaseModel):
         default_factory=DisaggregationConfig,
         description="Prefill/decode disaggregation: a prefill pod and a decode pod per request.",
     )
+    sync: PeerSyncConfig = Field(
+        default_factory=PeerSyncConfig, description="In-flight load shared with the other replicas."
+    )
     seed: int = Field(0, description="Seed of the picker's random source (softmax sampling, tie spreading).")
     policy: str = Field(
         DEFAULT_POLICY,
@@ -288,6 +304,8 @@ class _EndpointRuntime:
     inflight_prefilling: int = 0  # of inflight_requests, those before their first token
     # Requests routed here since the last scrape: the scraped waiting count cannot know them yet.
     routed_since_scrape: int = 0
+    # Of those, the ones other replicas routed (sync on).
+    peer_routed_since_scrape: int = 0
     # The prefill queued here, as a fluid estimate with this endpoint's measured drain rate.
     prefill_queue: PrefillQueue = field(default_factory=PrefillQueue)
     # When it last produced a first token or finished a request: the end of an iteration.
@@ -320,6 +338,9 @@ class _InFlight:
     adapter: str | None = None  # the LoRA adapter it named
     # Disaggregated: the pod charged with its prefill until the first token; None: ``endpoint``.
     prefill_endpoint: str | None = None
+    # Lifetimes peers give this request's entry (sync on): whole, and until its first token.
+    ttl_s: float = 0.0
+    prefill_ttl_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +400,13 @@ class Scheduler:
         # Whether some endpoint reports LoRA figures, and every served base-model name: what
         # tells an adapter from the base model in a request's ``model``. None: recompute.
         self._model_view: tuple[bool, frozenset[str]] | None = None
+        # Sharing in-flight load with peer replicas (core/peerload.py): this replica's name
+        # and incarnation (its start), its messages' sequence number and those not sent yet.
+        self.peer_load = PeerLoad(self.config.sync)
+        self.incarnation = 0
+        self._sync_seq = 0
+        self._outbox: list[SyncMessage] = []
+        self._announced = 0
 
     # --- configuration -----------------------------------------------------------------
 
@@ -397,12 +425,23 @@ class Scheduler:
             policy.reconfigure(setup)
             decode_policy.reconfigure(decode_setup)
         self._policy, self._decode_policy, self.config = policy, decode_policy, config
+        self.peer_load.config = config.sync
         # Both read their config on every call; the waiting room keeps its queue.
         self.flow.config = self.saturation.config = config.flow_control
         if config.predictor != self.predictor.config:
             # A predictor is built for one configuration; a new one starts from its prior.
             self.predictor = LatencyPredictor(config.predictor)
             self._estimator = PredictorEstimator(self.predictor, config.index.block_size, self._class_id)
+
+    def _measured_drain(self, endpoint_class: str, drained: float, waited_s: float) -> None:
+        """A first token: ``drained`` prefill tokens (its own and those queued ahead of it)
+        took ``waited_s`` on an endpoint of this class."""
+        rate = self._prefill_rates.setdefault(endpoint_class, DrainRate())
+        rate.add(drained, waited_s)
+        self._prefill_rate.add(drained, waited_s)
+        if rate.samples:
+            self._class_drain[endpoint_class] = rate.tokens_per_s
+        self._pool_drain = self._prefill_rate.tokens_per_s
 
     def _drain_rate(self, endpoint_class: str) -> float:
         """Prefill tokens a second on this class of endpoint; 0 while nothing is measured."""
@@ -481,7 +520,14 @@ class Scheduler:
             self._model_view = None
         runtime.metrics = metrics
         runtime.metrics_at = now
-        runtime.routed_since_scrape = 0
+        if self.config.sync.enabled:
+            # The requests the engine must know by now; those routed since the last scrape
+            # may not have reached it.
+            own_settled = (
+                runtime.inflight_requests - runtime.routed_since_scrape + runtime.peer_routed_since_scrape
+            )
+            self.peer_load.reconcile(name, metrics.waiting + metrics.running, own_settled, now)
+        runtime.routed_since_scrape = runtime.peer_routed_since_scrape = 0
         runtime.consecutive_failures = 0
         runtime.last_error = ""
 
@@ -509,7 +555,17 @@ class Scheduler:
         endpoint_class = endpoint.endpoint_class
         measured = self._drain_rate(endpoint_class)
         last_event = runtime.last_event_at
-        inflight, prefill_tokens = runtime.inflight_requests, runtime.inflight_prefill_tokens
+        inflight, prefilling, prefill_tokens = (
+            runtime.inflight_requests,
+            runtime.inflight_prefilling,
+            runtime.inflight_prefill_tokens,
+        )
+        # Sync on: what the other replicas routed there counts as load here too.
+        peers = self.peer_load.load(endpoint.name)
+        if peers is not None:
+            inflight += peers.requests
+            prefilling += peers.prefilling
+            prefill_tokens += peers.prefill_tokens
         queued = runtime.prefill_queue.ahead(now, prefill_tokens, measured)
         rate = measured or self._assumed_prefill_rate
         if metrics is None:
@@ -538,7 +594,7 @@ class Scheduler:
             self._healthy(runtime),
             inflight,
             prefill_tokens,
-            inflight - runtime.inflight_prefilling,
+            inflight - prefilling,
             queued,
             rate,
             None if last_event is None else (now - last_event if now > last_event else 0.0),
@@ -653,6 +709,8 @@ class Scheduler:
         lookup_ns = stage_clock() if stage_clock is not None else 0
         self._approx.expire(now)
         self.speculative_outcomes["expired"] += self._speculative.expire(now)
+        if self.config.sync.enabled:
+            self.peer_load.expire(now)
         adapter = self.adapter_of(request.model)
         keys = self.index.request_keys(request.token_ids, adapter=adapter)
         prompt_blocks = len(keys)
@@ -731,6 +789,7 @@ class Scheduler:
         # transfer, is not the decode pod's to learn from.
         prefill_address = None if prefill is None else self._endpoints[prefill].endpoint.address
         if decision is None or prefill_address is not None:
+            self._announce(request, flight, now, None)
             stages = (lookup_ns, score_ns, predict_ns, predict_ns) if stage_clock is not None else None
             return PickResult(
                 "ok",
@@ -759,6 +818,7 @@ class Scheduler:
             if predicted is None:
                 alone = self.predictor.predict(flight.features[None, :])
                 predicted = (float(alone.ttft_ms[0]), float(alone.tpot_ms[0]), alone.source)
+        self._announce(request, flight, now, predicted)
         stages = (lookup_ns, score_ns, predict_ns, stage_clock()) if stage_clock is not None else None
         return PickResult("ok", addresses, "", explanation, predicted, stages, matched_blocks, decision)
 
@@ -826,7 +886,7 @@ class Scheduler:
         )
         chosen = [rt.endpoint.address for rt in candidates[: 1 + self.config.scoring.num_fallbacks]]
         if chosen and now is not None:
-            self._start(request, self._by_address[chosen[0]], None, now)
+            self._announce(request, self._start(request, self._by_address[chosen[0]], None, now), now, None)
         return chosen
 
     # --- read-only lookup ----------------------------------------------------------------
@@ -909,7 +969,7 @@ class Scheduler:
         prompt_tokens = len(request.token_ids)
         prefill_tokens = max(prompt_tokens - cached_tokens, 0)
         rate = self._drain_rate(charged.endpoint.endpoint_class)
-        ahead = charged.prefill_queue.add(prefill_tokens, now, charged.inflight_prefill_tokens, rate)
+        ahead = charged.prefill_queue.add(prefill_tokens, now, self._routed_prefill(charged), rate)
         runtime.inflight_requests += 1
         runtime.routed_since_scrape += 1
         if charged is not runtime:
@@ -964,6 +1024,11 @@ class Scheduler:
             charged.inflight_requests = max(charged.inflight_requests - 1, 0)
         return charged
 
+    def _routed_prefill(self, runtime: _EndpointRuntime) -> int:
+        """Prefill tokens routed to an endpoint and before their first token, peers' included."""
+        peers = self.peer_load.load(runtime.endpoint.name)
+        return runtime.inflight_prefill_tokens + (peers.prefill_tokens if peers is not None else 0)
+
     def _release(self, flight: _InFlight) -> None:
         if flight.prefilling:
             self._end_prefill(flight)
@@ -997,12 +1062,14 @@ class Scheduler:
             moved.tokens_ahead = runtime.prefill_queue.add(
                 moved.prefill_tokens,
                 now,
-                runtime.inflight_prefill_tokens,
+                self._routed_prefill(runtime),
                 self._drain_rate(runtime.endpoint.endpoint_class),
             )
             runtime.inflight_prefilling += 1
             runtime.inflight_prefill_tokens += moved.prefill_tokens
         self._inflight[request_id] = moved
+        moved.ttl_s, moved.prefill_ttl_s = flight.ttl_s, flight.prefill_ttl_s
+        self._send(Routed(request_id, name, moved.prefill_tokens, moved.ttl_s, moved.prefill_ttl_s), now)
         self._policy.on_routed(request_id, name, moved.prompt_tokens, moved.prefill_tokens, now)
 
     def on_first_token(self, request_id: str, now: float) -> None:
@@ -1015,16 +1082,12 @@ class Scheduler:
         if runtime is not None:
             endpoint_class = runtime.endpoint.endpoint_class
             runtime.prefill_queue.first_token(
-                now, runtime.inflight_prefill_tokens, self._drain_rate(endpoint_class)
+                now, self._routed_prefill(runtime), self._drain_rate(endpoint_class)
             )
             drained, waited = flight.tokens_ahead + flight.prefill_tokens, now - flight.started_at
-            rate = self._prefill_rates.setdefault(endpoint_class, DrainRate())
-            rate.add(drained, waited)
-            self._prefill_rate.add(drained, waited)
-            if rate.samples:
-                self._class_drain[endpoint_class] = rate.tokens_per_s
-            self._pool_drain = self._prefill_rate.tokens_per_s
+            self._measured_drain(endpoint_class, drained, waited)
             runtime.last_event_at = now
+            self._send(Released(request_id, FIRST_TOKEN, drained, waited), now)
             if (
                 runtime.endpoint.kv_events is not None
                 and flight.prefill_tokens >= self.config.index.block_size
@@ -1051,6 +1114,7 @@ class Scheduler:
         if flight is None:
             return None
         self._release(flight)
+        self._send(Released(request_id, DONE), now)
         if (runtime := self._endpoints.get(flight.endpoint)) is not None:
             runtime.last_event_at = now
         self._policy.on_completed(request_id, now)
@@ -1097,7 +1161,149 @@ class Scheduler:
             self.speculative_outcomes["failed"] += 1
         if flight is not None:
             self._release(flight)
+            self._send(Released(request_id, DONE), now)
             self._policy.on_completed(request_id, now)
+
+    # --- in-flight load shared with peer replicas ----------------------------------------
+
+    def start_sync(self, replica: str, incarnation: int) -> None:
+        """Name this replica to its peers; ``incarnation`` must grow with every start (its
+        start time in ns, say), so peers drop what an earlier start routed."""
+        self.peer_load.replica, self.incarnation = replica, incarnation
+
+    def _send(self, body: Routed | Released | Snapshot, now: float) -> None:
+        if self.config.sync.enabled:
+            self._sync_seq += 1
+            self._outbox.append(
+                SyncMessage(self.peer_load.replica, self.incarnation, self._sync_seq, now, body)
+            )
+
+    def _announce(
+        self,
+        request: SchedulingRequest,
+        flight: _InFlight,
+        now: float,
+        predicted: tuple[float, float, str] | None,
+    ) -> None:
+        if not self.config.sync.enabled:
+            return
+        ttft_ms = e2e_ms = None
+        if predicted is not None:
+            ttft_ms = predicted[0]
+            e2e_ms = ttft_ms + predicted[1] * request.max_tokens if request.max_tokens else None
+        flight.ttl_s, flight.prefill_ttl_s = ttl_bounds(self.config.sync, ttft_ms, e2e_ms)
+        sample_keys: tuple[int, ...] = ()
+        every = self.config.sync.agreement_sample_every
+        self._announced += 1
+        if every and self._announced % every == 0:
+            keys = self.index.request_keys(request.token_ids)
+            sample_keys = tuple(int(key) for key in itertools.islice(keys, AGREEMENT_MAX_KEYS))
+        routed = Routed(
+            request.request_id,
+            flight.endpoint,
+            flight.prefill_tokens,
+            flight.ttl_s,
+            flight.prefill_ttl_s,
+            True,
+            sample_keys,
+            len(request.token_ids) if sample_keys else 0,
+        )
+        self._send(routed, now)
+
+    def would_route(
+        self, keys: Sequence[int], prompt_tokens: int, now: float, request_id: str = ""
+    ) -> str | None:
+        """The endpoint this replica's policy would pick now for a prompt with these block
+        keys, changing nothing (no reservation, no recency, a throwaway random source): how
+        a peer's sampled routing is judged."""
+        matches = self.index.peek(keys) if keys else {}
+        folded: dict[str, PrefixMatch] = {}
+        for worker, match in matches.items():
+            name = worker.split("#dp", 1)[0]
+            if name not in folded or match.total_blocks > folded[name].total_blocks:
+                folded[name] = match
+        states = [self._state(rt, now) for rt in self._endpoints.values()]
+        estimator = self._estimator
+        estimator.last_features = None
+        routing = self._policy.route(
+            PolicyInput(
+                PickRequest(request_id, len(keys), prompt_tokens),
+                states,
+                folded,
+                self.index.worker_blocks,
+                random.Random(self._sync_seq),
+                estimator,
+                1,
+                keys,
+                now,
+            )
+        )
+        estimator.last_features = None
+        return routing.endpoints[0] if routing.endpoints else None
+
+    def send_snapshot(self, now: float) -> None:
+        """Queue the whole in-flight list for the peers (every ``sync.snapshot_interval_s``)."""
+        entries = []
+        for request_id, flight in self._inflight.items():
+            age = now - flight.started_at
+            # Still in flight here for sure: the peer's bound only covers releases lost after
+            # this snapshot, so it never goes below the least lifetime.
+            floor = self.config.sync.min_ttl_s
+            entries.append(
+                Routed(
+                    request_id,
+                    flight.endpoint,
+                    flight.prefill_tokens,
+                    max(flight.ttl_s - age, floor),
+                    max(flight.prefill_ttl_s - age, floor),
+                    flight.prefilling,
+                )
+            )
+        self._send(Snapshot(tuple(entries)), now)
+
+    def take_sync_messages(self) -> list[SyncMessage]:
+        """The messages for the peers since the last call, oldest first."""
+        out, self._outbox = self._outbox, []
+        return out
+
+    def receive_sync(self, message: SyncMessage, now: float) -> None:
+        """A peer's message: its requests count as load where it routed them."""
+        if not self.config.sync.enabled:
+            return
+        self.peer_load.expire(now)
+        body = message.body
+        if isinstance(body, Routed) and body.sample_keys and message.replica != self.peer_load.replica:
+            stats = self.peer_load.stats
+            stats.agreement_samples += 1
+            mine = self.would_route(list(body.sample_keys), body.sample_prompt_tokens, now, body.request_id)
+            stats.agreement_same += mine == body.endpoint
+        for name, prefill_tokens in self.peer_load.receive(message, now):
+            runtime = self._endpoints.get(name)
+            if runtime is None:
+                continue
+            if isinstance(body, Released):
+                # A first token or completion there: the end of one of its iterations.
+                at = message.sent_at
+                if runtime.last_event_at is None or at > runtime.last_event_at:
+                    runtime.last_event_at = at
+                if body.phase == FIRST_TOKEN:
+                    endpoint_class = runtime.endpoint.endpoint_class
+                    # Everything queued ahead of it there is done, as for one of ours.
+                    runtime.prefill_queue.first_token(
+                        now, self._routed_prefill(runtime), self._drain_rate(endpoint_class)
+                    )
+                    self._measured_drain(endpoint_class, body.drained_tokens, body.waited_s)
+                continue
+            runtime.routed_since_scrape += 1
+            runtime.peer_routed_since_scrape += 1
+            if prefill_tokens:
+                # Bounded by what is routed there, this entry included (already counted).
+                runtime.prefill_queue.add(
+                    prefill_tokens,
+                    now,
+                    self._routed_prefill(runtime) - prefill_tokens,
+                    self._drain_rate(runtime.endpoint.endpoint_class),
+                )
 
     def train_if_due(self, now: float) -> bool:
         """Fit and install a new latency model on this thread when one is due (the simulator's

@@ -105,8 +105,16 @@ def _simulate(args: argparse.Namespace, workload: Workload) -> int:
     from scheduler.replay.simulate import simulate
 
     workers = args.workers or DEFAULT_SIM_WORKERS
+    replica_counts = args.replicas or [1]
+    syncs = {"off": [False], "on": [True], "both": [False, True]}[args.sync]
+    runs = [
+        (policy, replicas, sync)
+        for policy in args.policy or [DEFAULT_POLICY]
+        for replicas in replica_counts
+        for sync in (syncs if replicas > 1 else [False])
+    ]
     reports = {
-        policy: simulate(
+        replica_label(policy, replicas, sync, several=len(runs) > len(args.policy or [1])): simulate(
             workload,
             policy=policy,
             workers=workers,
@@ -115,13 +123,25 @@ def _simulate(args: argparse.Namespace, workload: Workload) -> int:
             slo=slo_targets(args),
             kv_event_delay_s=args.kv_event_delay_ms,
             scheduler_config=SchedulerConfig(speculative=SpeculativeConfig(enabled=args.speculative == "on")),
+            replicas=replicas,
+            replica_spread=args.replica_spread,
+            sync=sync,
+            sync_delay_s=args.sync_delay_ms / 1000.0,
+            sync_loss=args.sync_loss,
         )
-        for policy in args.policy or [DEFAULT_POLICY]
+        for policy, replicas, sync in runs
     }
     write_outputs(
         reports, args, title=f"{workload.name}: {len(workload.requests)} requests, {workers} workers"
     )
     return 0
+
+
+def replica_label(policy: str, replicas: int, sync: bool, *, several: bool) -> str:
+    """A simulated run's name in the comparison: the policy, and its replicas when they vary."""
+    if not several:
+        return policy
+    return f"{policy} x{replicas}" + (" sync" if sync else "")
 
 
 async def _live(workload: Workload, args: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
@@ -299,6 +319,28 @@ def register(subparsers: Any) -> None:
         default="on",
         help="simulate: count kvsched's recent placements before their KV events arrive (default on)",
     )
+    replicas = replay.add_argument_group("replicas (simulate)")
+    replicas.add_argument(
+        "--replicas",
+        type=int,
+        action="append",
+        help="kvsched replicas behind the gateway, each seeing every KV event and scrape "
+        "(repeatable, default 1)",
+    )
+    replicas.add_argument(
+        "--replica-spread",
+        choices=("round_robin", "random"),
+        default="round_robin",
+        help="how the gateway spreads requests over the replicas",
+    )
+    replicas.add_argument(
+        "--sync",
+        choices=("off", "on", "both"),
+        default="off",
+        help="replicas share their in-flight load (both: one run each way)",
+    )
+    replicas.add_argument("--sync-delay-ms", type=float, default=2.0, help="the sync channel's one-way delay")
+    replicas.add_argument("--sync-loss", type=float, default=0.0, help="share of sync messages lost")
     slo = replay.add_argument_group("objectives")
     slo.add_argument(
         "--slo-ttft-ms",

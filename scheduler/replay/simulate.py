@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Literal
 
 from scheduler.core.scheduler import SchedulerConfig
 from scheduler.replay.report import build_report
@@ -34,6 +34,11 @@ def simulate(
     scheduler_config: SchedulerConfig | None = None,
     slo: SLOTargets | None = None,
     kv_event_delay_s: tuple[float, float] | None = None,
+    replicas: int = 1,
+    replica_spread: Literal["round_robin", "random"] = "round_robin",
+    sync: bool = False,
+    sync_delay_s: float = 0.002,
+    sync_loss: float = 0.0,
 ) -> dict[str, Any]:
     """``kv_event_delay_s``: (least, most) time from an engine's KV event to the index."""
     blocks = capacity_blocks or capacity_blocks_for(workload, DEFAULT_CAPACITY_TOKENS)
@@ -47,11 +52,17 @@ def simulate(
         token_scale=workload.token_scale,
         slo=slo or SLOTargets(),
         **delay,
+        replicas=replicas,
+        replica_spread=replica_spread,
+        sync_delay_s=sync_delay_s,
+        sync_loss=sync_loss,
     )
     base = scheduler_config or SchedulerConfig()
-    config = base.model_copy(update={"policy": policy, "seed": seed})
+    sync_config = base.sync.model_copy(update={"enabled": sync})
+    config = base.model_copy(update={"policy": policy, "seed": seed, "sync": sync_config})
     started = time.perf_counter()
-    outcomes = VirtualPool(pool_config, config).run(workload.requests)
+    pool = VirtualPool(pool_config, config)
+    outcomes = pool.run(workload.requests)
     # Wall time stays out of the report: same seed, same JSON.
     log.info("simulated %d requests with %s in %.1fs", len(outcomes), policy, time.perf_counter() - started)
     ceilings = workload_ceilings(workload.requests, workload.block_tokens)
@@ -69,6 +80,8 @@ def simulate(
             "kv_event_delay_s": [pool_config.kv_event_delay_s, pool_config.kv_event_delay_max_s],
             "speculative_placement": config.speculative.enabled,
             "capacity_blocks_per_worker": blocks,
+            "replicas": replicas,
+            **(replica_figures(pool) if replicas > 1 else {}),
             "capacity_ceiling_hit_ratio": pooled_lru_hit_ratio(
                 workload.requests,
                 workload.block_tokens,
@@ -76,3 +89,35 @@ def simulate(
             ),
         },
     )
+
+
+def replica_figures(pool: VirtualPool) -> dict[str, Any]:
+    """The replicas and their sync channel, for the report."""
+    sync = pool.syncing
+    figures: dict[str, Any] = {
+        "replica_spread": pool.config.replica_spread,
+        "sync": sync,
+        "requests_per_replica": [replica.completions for replica in pool.replicas],
+    }
+    if sync:
+        stats = [replica.peer_load.stats for replica in pool.replicas]
+        received = sum(s.received for s in stats)
+        reclaimed: dict[str, int] = {}
+        for s in stats:
+            for how, count in s.reclaimed.items():
+                reclaimed[how] = reclaimed.get(how, 0) + count
+        figures.update(
+            sync_delay_s=pool.config.sync_delay_s,
+            sync_loss=pool.config.sync_loss,
+            sync_messages_sent=pool.sync_sent,
+            sync_messages_dropped=pool.sync_dropped,
+            sync_messages_received=received,
+            sync_messages_lost_seen=sum(s.lost for s in stats),
+            sync_lag_mean_s=sum(s.lag_sum_s for s in stats) / received if received else 0.0,
+            sync_phantom_reclaimed=reclaimed,
+            sync_agreement_samples=sum(s.agreement_samples for s in stats),
+            sync_agreement_ratio=(
+                sum(s.agreement_same for s in stats) / max(sum(s.agreement_samples for s in stats), 1)
+            ),
+        )
+    return figures

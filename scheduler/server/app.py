@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
@@ -42,6 +43,7 @@ from scheduler.adapters.kubernetes.pools import POOL_RESOURCES
 from scheduler.adapters.kubernetes.reflector import Backoff
 from scheduler.adapters.kv_subscriber import KVEventIngestService, SubscriberConfig, publisher_views
 from scheduler.adapters.metrics import KvschedCollector, MetricsHTTPServer, new_registry
+from scheduler.adapters.peersync import EndpointSlicePeers, PeerSyncTransport
 from scheduler.adapters.predictor_trainer import PredictorTrainer
 from scheduler.adapters.scraper import MetricsScraper
 from scheduler.adapters.tokenizer import make_tokenizer
@@ -74,6 +76,19 @@ class _ScrapeSink:
     def record_scrape_failure(self, name: str, error: str, now: float) -> None:
         self._scheduler.record_scrape_failure(name, error, now)
         self._refreshed()
+
+
+def peer_sync_transport(
+    config: ServeConfig, scheduler: Scheduler, clock: Callable[[], float]
+) -> PeerSyncTransport:
+    """The sync channel of this replica: named after its pod (or host), numbered by its start."""
+    sync = config.peer_sync
+    replica = sync.replica or os.environ.get("POD_NAME") or socket.gethostname()
+    # Wall-clock nanoseconds at start: a restart always numbers higher than the run before.
+    scheduler.start_sync(replica, time.time_ns())
+    return PeerSyncTransport(
+        scheduler, bind=f"tcp://{config.host}:{sync.port}", peers=sync.peers, clock=clock
+    )
 
 
 def tls_settings(config: TLSConfig) -> TLSSettings:
@@ -156,8 +171,13 @@ class ServeApp:
                 trainer_stats=lambda: self.trainer.stats,
                 tokenizer_probe=lambda: self.tokenizers.probe.status,
                 publisher_views=self.publisher_views,
+                sync_transport=lambda: None if self.peer_sync is None else self.peer_sync.stats,
             )
         )
+        self.peer_sync: PeerSyncTransport | None = None
+        self.peer_discovery: EndpointSlicePeers | None = None
+        if config.scheduler.sync.enabled:
+            self.peer_sync = peer_sync_transport(config, self.scheduler, clock)
         # Read-only: what the index says every endpoint holds of a prompt (/debug/lookup).
         self.lookups = PromptLookup(self.scheduler, self.server.runner)
         self.metrics_server = (
@@ -483,6 +503,20 @@ class ServeApp:
         )
         await self.trainer.start()
         await self.scraper.start()
+        if self.peer_sync is not None:
+            await self.peer_sync.start()
+            sync = self.config.peer_sync
+            if sync.service is not None:
+                namespace = sync.namespace or self.config.kubernetes_namespace(os.environ) or "default"
+                self.peer_discovery = EndpointSlicePeers(
+                    self.peer_sync,
+                    KubeClient.connect(),
+                    namespace=namespace,
+                    service=sync.service,
+                    port=sync.port,
+                    refresh_s=sync.refresh_s,
+                )
+                self.peer_discovery.start()
         await self.server.start()
         if self.metrics_server is not None:
             await self.metrics_server.start()
@@ -546,6 +580,10 @@ class ServeApp:
         if self.tracer is not None:
             # The batch exporter's last spans; the exporter's own timeout bounds the wait.
             await asyncio.to_thread(self.tracer.close)
+        if self.peer_discovery is not None:
+            await self.peer_discovery.stop()
+        if self.peer_sync is not None:
+            await self.peer_sync.stop()
         await self.tokenizers.close()
         await self.scraper.stop()
         await self.trainer.stop()

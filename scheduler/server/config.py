@@ -170,6 +170,27 @@ class ModelRewriteRuleSpec(BaseModel):
         )
 
 
+class PeerSyncTransportConfig(BaseModel):
+    """Where replicas exchange their in-flight load (on when scheduler.sync.enabled)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    port: int = Field(9004, ge=0, le=65535, description="This replica's ZMQ PUB port; 0 = ephemeral.")
+    peers: list[str] = Field(
+        default_factory=list, description="Static peers' PUB addresses (tcp://host:port)."
+    )
+    service: str | None = Field(
+        None,
+        description="Kubernetes: the kvsched Service whose EndpointSlices list the peers "
+        "(its ready addresses at `port`, this pod's $POD_IP left out).",
+    )
+    namespace: str | None = Field(None, description="The Service's namespace; unset = $POD_NAMESPACE.")
+    refresh_s: float = Field(10.0, gt=0, description="How often the EndpointSlices are listed.")
+    replica: str | None = Field(
+        None, description="This replica's name to its peers; unset = $POD_NAME, else the host name."
+    )
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -189,6 +210,10 @@ class ServeConfig(BaseModel):
         default_factory=list, description="Static model-server endpoints (the static discovery source)."
     )
     kv_events: KVEventsConfig = Field(default_factory=KVEventsConfig)
+    peer_sync: PeerSyncTransportConfig = Field(
+        default_factory=PeerSyncTransportConfig,
+        description="The channel replicas share in-flight load over (scheduler.sync turns it on).",
+    )
 
     scrape_interval_s: float = Field(
         DEFAULT_INTERVAL_S, gt=0, le=60, description="Period of each endpoint's /metrics scrape."

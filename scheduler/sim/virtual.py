@@ -28,6 +28,18 @@ ends, the prompt's KV travels to the decode pod in ``kv_bytes_per_token * tokens
 kv_transfer_bytes_per_s``, and the decode pod then computes only the last prompt token and
 generates the output. The client's first token is the decode pod's.
 
+* SYNC: a message from one replica's in-flight sharing reaches another (``sync_delay_s``
+  after it was sent, unless the channel lost it: ``sync_loss``);
+* SNAPSHOT: every replica sends its whole in-flight list (``sync.snapshot_interval_s``).
+
+With ``replicas`` > 1 there are that many Schedulers, as behind a gateway with several
+kvsched replicas: arrivals are spread over them (``replica_spread``: round-robin or random,
+as Envoy spreads ext_proc streams), a request's first token and completion reach the replica
+that routed it, and every KV event and scrape reaches all of them. The replicas share one
+prefix index object: each would apply the same events at the same virtual time, so N copies
+would hold the same blocks (only the memory bound's recency order, touched by each replica's
+own lookups, could differ) at N times the simulation cost.
+
 Arrivals go through the Scheduler's flow control first (``Scheduler.admit``, as the
 ext_proc server does): while the pool is saturated they wait in priority, fairness and
 urgency order, or are refused; after every completion and scrape the waiting ones that
@@ -40,10 +52,12 @@ import heapq
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Literal, Protocol, cast
 
 from scheduler.core.events import EventBatch
 from scheduler.core.flowcontrol import QUEUE_FULL, REJECTION_STATUS
+from scheduler.core.index import PrefixIndex
+from scheduler.core.peerload import SyncMessage
 from scheduler.core.scheduler import (
     Endpoint,
     EndpointMetrics,
@@ -62,7 +76,9 @@ from scheduler.workloads.model import RequestOutcome, SLOTargets
 BASE_MODEL = "sim-base"
 _SERVED = frozenset({BASE_MODEL})
 
-ARRIVAL, STEP, FIRST_TOKEN, STEP_DONE, EVENTS, SCRAPE, EXPIRE, DECODE_RUN_DONE, KV_ARRIVED = range(9)
+ARRIVAL, STEP, FIRST_TOKEN, STEP_DONE, EVENTS, SCRAPE, EXPIRE, DECODE_RUN_DONE, KV_ARRIVED, SYNC, SNAPSHOT = (
+    range(11)
+)
 PREFILL_SUFFIX = "#prefill"  # the prefill pod's request id: the request's, with this added
 
 # KV cache per token of the simulated model: 2 (K, V) x 32 layers x 8 KV heads x 128 x 2 bytes
@@ -119,6 +135,13 @@ class VirtualPoolConfig:
     prefill_workers: int = 0
     kv_bytes_per_token: float = KV_BYTES_PER_TOKEN
     kv_transfer_bytes_per_s: float = KV_TRANSFER_BYTES_PER_S
+    # kvsched replicas behind the gateway, and how arrivals are spread over them.
+    replicas: int = 1
+    replica_spread: Literal["round_robin", "random"] = "round_robin"
+    # The sync channel between replicas (SchedulerConfig.sync turns it on): one-way delay,
+    # and the share of messages it loses (independently, seeded).
+    sync_delay_s: float = 0.002
+    sync_loss: float = 0.0
 
 
 IDLE, LOADED, SATURATED = "idle", "loaded", "saturated"
@@ -160,12 +183,19 @@ class VirtualPool:
     config: VirtualPoolConfig
     scheduler_config: SchedulerConfig
     workers: list[_Worker] = field(init=False)
-    scheduler: Scheduler = field(init=False)
+    scheduler: Scheduler = field(init=False)  # the first replica
+    replicas: list[Scheduler] = field(init=False)
+    # The replica that routed each request in flight: its lifecycle goes there.
+    _owner: dict[str, Scheduler] = field(init=False, default_factory=dict)
+    _arrivals: int = field(init=False, default=0)
+    _rng: random.Random = field(init=False)
+    sync_sent: int = field(init=False, default=0)
+    sync_dropped: int = field(init=False, default=0)
     _heap: list[tuple[float, int, int, object]] = field(init=False, default_factory=list)
     _seq: int = field(init=False, default=0)
     _by_name: dict[str, _Worker] = field(init=False, default_factory=dict)
     _expiry_at: float | None = field(init=False, default=None)
-    _trained_at: float = field(init=False, default=float("-inf"))
+    _trained_at: dict[int, float] = field(init=False, default_factory=dict)
     _delay_rng: random.Random = field(init=False)
     # Per worker, when its last KV-event batch reaches the index: a later batch never overtakes it.
     _events_due: dict[str, float] = field(init=False, default_factory=dict)
@@ -188,19 +218,25 @@ class VirtualPool:
         )
         self.workers = [_Worker(f"sim-{i}:8000", Engine(engine_config)) for i in range(cfg.workers)]
         index_config = self.scheduler_config.index.model_copy(update={"block_size": cfg.block_size})
-        self.scheduler = Scheduler(self.scheduler_config.model_copy(update={"index": index_config}))
-        self.scheduler.set_endpoints(
-            [
-                Endpoint(
-                    name=w.name,
-                    address=w.name,
-                    kv_events="sim",
-                    labels={} if not cfg.prefill_workers else {ROLE_LABEL: _role(i, cfg.prefill_workers)},
-                )
-                for i, w in enumerate(self.workers)
-            ],
-            now=0.0,
-        )
+        base = self.scheduler_config.model_copy(update={"index": index_config})
+        index = PrefixIndex(index_config)
+        endpoints = [
+            Endpoint(
+                name=w.name,
+                address=w.name,
+                kv_events="sim",
+                labels={} if not cfg.prefill_workers else {ROLE_LABEL: _role(i, cfg.prefill_workers)},
+            )
+            for i, w in enumerate(self.workers)
+        ]
+        self.replicas = []
+        for i in range(max(cfg.replicas, 1)):
+            replica = Scheduler(base.model_copy(update={"seed": base.seed + i}), index=index)
+            replica.set_endpoints(endpoints, now=0.0)
+            replica.start_sync(f"replica-{i}", 1)
+            self.replicas.append(replica)
+        self.scheduler = self.replicas[0]
+        self._rng = random.Random(base.seed)
         self._by_name = {w.name: w for w in self.workers}
         self._delay_rng = random.Random(self.scheduler_config.seed)
 
@@ -213,8 +249,11 @@ class VirtualPool:
         for item in requests:
             self._push(item.arrival_s, ARRIVAL, item)
         pending = len(requests)
+        syncing = self.syncing
         if requests:
             self._push(min(item.arrival_s for item in requests), SCRAPE, None)
+            if syncing:
+                self._push(min(item.arrival_s for item in requests), SNAPSHOT, None)
         while self._heap and pending:
             now, _, kind, payload = heapq.heappop(self._heap)
             if kind == ARRIVAL:
@@ -226,7 +265,7 @@ class VirtualPool:
                 if request_id in self._prefilling:
                     continue  # the prefill pod's token is not the client's
                 results[request_id].first_token_s = now
-                self.scheduler.on_first_token(request_id, now)
+                self._owner[request_id].on_first_token(request_id, now)
             elif kind == STEP_DONE:
                 pending -= self._step_done(payload, now, results)  # type: ignore[arg-type]
             elif kind == DECODE_RUN_DONE:
@@ -236,8 +275,10 @@ class VirtualPool:
                     pending -= self._step_done((worker, step), now, results)
             elif kind == EVENTS:
                 worker_name, batch = cast(tuple[str, EventBatch], payload)
+                # The replicas share one index (see above); each confirms its own placements.
                 self.scheduler.index.apply_batch(worker_name, batch)
-                self.scheduler.on_kv_batch(worker_name, now)
+                for replica in self.replicas:
+                    replica.on_kv_batch(worker_name, now)
             elif kind == SCRAPE:
                 self._scrape(now)
                 pending -= self._dispatch_waiting(now, results)
@@ -249,7 +290,43 @@ class VirtualPool:
                 self._expiry_at = None
                 pending -= self._dispatch_waiting(now, results)
                 self._schedule_expiry()
+            elif kind == SYNC:
+                target, message = cast(tuple[Scheduler, SyncMessage], payload)
+                target.receive_sync(message, now)
+            elif kind == SNAPSHOT:
+                for replica in self.replicas:
+                    replica.send_snapshot(now)
+                self._push(now + self.scheduler_config.sync.snapshot_interval_s, SNAPSHOT, None)
+            if syncing:
+                self._send_sync(now)
         return [results[item.request_id] for item in requests]
+
+    @property
+    def syncing(self) -> bool:
+        return len(self.replicas) > 1 and self.scheduler_config.sync.enabled
+
+    def _send_sync(self, now: float) -> None:
+        """Carry what each replica sent since the last event to every other replica."""
+        delay, loss = self.config.sync_delay_s, self.config.sync_loss
+        for sender in self.replicas:
+            for message in sender.take_sync_messages():
+                for target in self.replicas:
+                    if target is sender:
+                        continue
+                    self.sync_sent += 1
+                    if loss and self._rng.random() < loss:
+                        self.sync_dropped += 1
+                        continue
+                    self._push(now + delay, SYNC, (target, message))
+
+    def _replica_for_arrival(self) -> Scheduler:
+        replicas = self.replicas
+        if len(replicas) == 1:
+            return replicas[0]
+        self._arrivals += 1
+        if self.config.replica_spread == "random":
+            return replicas[self._rng.randrange(len(replicas))]
+        return replicas[(self._arrivals - 1) % len(replicas)]
 
     def _arrive(self, item: WorkloadItem, now: float, results: dict[str, RequestOutcome]) -> int:
         """A request reaches the gateway: flow control admits, queues or refuses it. Returns
@@ -276,7 +353,9 @@ class VirtualPool:
             slo_ttft_ms=slo.ttft_ms,
             slo_tpot_ms=slo.tpot_ms,
         )
-        admission = self.scheduler.admit(request, now, payload=request)
+        replica = self._replica_for_arrival()
+        self._owner[item.request_id] = replica
+        admission = replica.admit(request, now, payload=request)
         ended = 0
         if admission.evicted is not None:
             evicted = results[admission.evicted.request_id]
@@ -288,12 +367,14 @@ class VirtualPool:
         if admission.queued:
             self._schedule_expiry()
             return ended + self._dispatch_waiting(now, results)
-        return ended + self._dispatch(request, now, results)
+        return ended + self._dispatch(replica, request, now, results)
 
-    def _dispatch(self, request: SchedulingRequest, now: float, results: dict[str, RequestOutcome]) -> int:
-        """Pick an endpoint and hand the request to its engine; 1 if it ended here."""
+    def _dispatch(
+        self, replica: Scheduler, request: SchedulingRequest, now: float, results: dict[str, RequestOutcome]
+    ) -> int:
+        """``replica`` picks an endpoint and the request goes to its engine; 1 if it ended here."""
         result = results[request.request_id]
-        pick = self.scheduler.pick(request, now)
+        pick = replica.pick(request, now)
         if pick.status != "ok":
             result.error = f"{pick.status}: {pick.reason}"
             return 1
@@ -335,7 +416,7 @@ class VirtualPool:
             )
         except RequestRejected as exc:
             self._prefilling.pop(request_id, None)
-            self.scheduler.on_failed(request.request_id, now)
+            self._owner.pop(request.request_id, self.scheduler).on_failed(request.request_id, now)
             results[request.request_id].error = f"rejected: {exc}"
             return 1
         self._wake(worker, now)
@@ -353,15 +434,17 @@ class VirtualPool:
     def _dispatch_waiting(self, now: float, results: dict[str, RequestOutcome]) -> int:
         """Send waiting requests while the pool has room; refuse those past their wait bound."""
         ended = 0
-        for item, reason in self.scheduler.flow.expire(now):
-            results[item.request_id].error = f"http {REJECTION_STATUS.get(reason, 503)}: {reason}"
-            ended += 1
-        while (waiting := self.scheduler.next_dispatch(now)) is not None:
-            ended += self._dispatch(cast(SchedulingRequest, waiting.payload), now, results)
+        for replica in self.replicas:
+            for item, reason in replica.flow.expire(now):
+                results[item.request_id].error = f"http {REJECTION_STATUS.get(reason, 503)}: {reason}"
+                ended += 1
+            while (waiting := replica.next_dispatch(now)) is not None:
+                ended += self._dispatch(replica, cast(SchedulingRequest, waiting.payload), now, results)
         return ended
 
     def _schedule_expiry(self) -> None:
-        deadline = self.scheduler.flow.next_deadline()
+        deadlines = [d for replica in self.replicas if (d := replica.flow.next_deadline()) is not None]
+        deadline = min(deadlines) if deadlines else None
         if deadline is not None and deadline != self._expiry_at:
             self._expiry_at = deadline
             self._push(deadline, EXPIRE, None)
@@ -404,7 +487,7 @@ class VirtualPool:
             result.end_s = now
             result.cached_tokens = request.num_cached_tokens
             result.completion_tokens = request.completion_tokens
-            self.scheduler.on_completed(
+            self._owner.pop(request.request_id).on_completed(
                 request.request_id,
                 now,
                 cached_tokens=request.num_cached_tokens,
@@ -417,11 +500,12 @@ class VirtualPool:
             worker.stepping = False
         if step.finished:
             # Training happens at its virtual time, on this thread: runs stay deterministic.
-            if (
-                now - self._trained_at >= self.config.min_train_interval_s
-                or self.scheduler.predictor.samples_doubled
-            ) and self.scheduler.train_if_due(now):
-                self._trained_at = now
+            for i, replica in enumerate(self.replicas):
+                if (
+                    now - self._trained_at.get(i, float("-inf")) >= self.config.min_train_interval_s
+                    or replica.predictor.samples_doubled
+                ) and replica.train_if_due(now):
+                    self._trained_at[i] = now
             finished += self._dispatch_waiting(now, results)
         return finished
 
@@ -436,19 +520,17 @@ class VirtualPool:
     def _scrape(self, now: float) -> None:
         for worker in self.workers:
             engine = worker.engine
-            self.scheduler.update_metrics(
-                worker.name,
-                EndpointMetrics(
-                    engine.num_waiting,
-                    engine.num_running,
-                    engine.kv_cache_usage,
-                    lora=LoraSlots(engine.running_loras, engine.waiting_loras, self.config.max_loras)
-                    if self.config.max_loras
-                    else None,
-                    served_models=_SERVED,
-                ),
-                now,
+            metrics = EndpointMetrics(
+                engine.num_waiting,
+                engine.num_running,
+                engine.kv_cache_usage,
+                lora=LoraSlots(engine.running_loras, engine.waiting_loras, self.config.max_loras)
+                if self.config.max_loras
+                else None,
+                served_models=_SERVED,
             )
+            for replica in self.replicas:
+                replica.update_metrics(worker.name, metrics, now)
 
 
 def _role(position: int, prefill_workers: int) -> str:

@@ -21,6 +21,16 @@
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* "true" when the replicas share their in-flight load: sync.enabled, else replicas > 1. */}}
+{{- define "kvsched.syncEnabled" -}}
+{{- $sync := .Values.inferenceExtension.sync }}
+{{- if kindIs "bool" $sync.enabled }}
+{{- $sync.enabled }}
+{{- else }}
+{{- gt (int .Values.inferenceExtension.replicas) 1 }}
+{{- end }}
+{{- end }}
+
 {{- define "kvsched.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "kvsched.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}

@@ -1,0 +1,98 @@
+"""The wire format of the in-flight load replicas share (``core/peerload.py``): msgpack.
+
+One ZMQ message per ``SyncMessage``, a single frame::
+
+    [version, replica, incarnation, seq, sent_at_unix_s, kind, body]
+
+``kind`` 0 = Routed ``[request_id, endpoint, prefill_tokens, ttl_s, prefill_ttl_s, prefilling]``
+(a sampled one adds ``[block keys], prompt_tokens``),
+1 = Released ``[request_id, phase (0 first token, 1 done), drained_tokens, waited_s]``,
+2 = Snapshot ``[[routed fields], ...]``. ``sent_at`` is wall-clock time (seconds since the
+epoch): replicas' monotonic clocks are not comparable, so the transport maps it to and from
+the scheduler's clock. Positional arrays keep a Routed message to about 60 bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from scheduler.core.peerload import DONE, FIRST_TOKEN, Released, Routed, Snapshot, SyncMessage
+
+WIRE_VERSION = 1
+ROUTED, RELEASED, SNAPSHOT = 0, 1, 2
+
+
+class PeerSyncDecodeError(ValueError):
+    """A frame that is not a sync message of this version."""
+
+
+def _routed_fields(routed: Routed) -> list[Any]:
+    fields: list[Any] = [
+        routed.request_id,
+        routed.endpoint,
+        routed.prefill_tokens,
+        round(routed.ttl_s, 3),
+        round(routed.prefill_ttl_s, 3),
+        routed.prefilling,
+    ]
+    if routed.sample_keys:
+        fields += [list(routed.sample_keys), routed.sample_prompt_tokens]
+    return fields
+
+
+def _routed(fields: Any) -> Routed:
+    request_id, endpoint, prefill_tokens, ttl_s, prefill_ttl_s, prefilling = fields[:6]
+    keys, prompt_tokens = fields[6:8] if len(fields) >= 8 else ((), 0)
+    return Routed(
+        str(request_id),
+        str(endpoint),
+        int(prefill_tokens),
+        float(ttl_s),
+        float(prefill_ttl_s),
+        bool(prefilling),
+        tuple(int(key) for key in keys),
+        int(prompt_tokens),
+    )
+
+
+def encode(message: SyncMessage, sent_at_unix_s: float) -> bytes:
+    body = message.body
+    if isinstance(body, Routed):
+        kind, fields = ROUTED, _routed_fields(body)
+    elif isinstance(body, Released):
+        phase = 0 if body.phase == FIRST_TOKEN else 1
+        kind, fields = (
+            RELEASED,
+            [body.request_id, phase, round(body.drained_tokens, 1), round(body.waited_s, 4)],
+        )
+    else:
+        kind, fields = SNAPSHOT, [_routed_fields(routed) for routed in body.entries]
+    frame = [WIRE_VERSION, message.replica, message.incarnation, message.seq, sent_at_unix_s, kind, fields]
+    return bytes(msgpack.packb(frame, use_bin_type=True))
+
+
+def decode(frame: bytes) -> tuple[SyncMessage, float]:
+    """The message (``sent_at`` left 0.0 for the transport to map) and its wall-clock send time."""
+    try:
+        version, replica, incarnation, seq, sent_at, kind, fields = msgpack.unpackb(frame, raw=False)
+        if version != WIRE_VERSION:
+            raise PeerSyncDecodeError(f"wire version {version!r}, expected {WIRE_VERSION}")
+        body: Routed | Released | Snapshot
+        if kind == ROUTED:
+            body = _routed(fields)
+        elif kind == RELEASED:
+            request_id, phase, drained, waited = fields
+            body = Released(
+                str(request_id), FIRST_TOKEN if phase == 0 else DONE, float(drained), float(waited)
+            )
+        elif kind == SNAPSHOT:
+            body = Snapshot(tuple(_routed(entry) for entry in fields))
+        else:
+            raise PeerSyncDecodeError(f"unknown message kind {kind!r}")
+        return SyncMessage(str(replica), int(incarnation), int(seq), 0.0, body), float(sent_at)
+    except PeerSyncDecodeError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise PeerSyncDecodeError(f"malformed sync frame ({len(frame)} bytes): {exc}") from exc
