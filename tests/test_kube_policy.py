@@ -81,8 +81,11 @@ def two_endpoint_scheduler() -> Scheduler:
 
 
 def primary(scheduler: Scheduler, request_id: str) -> str:
+    """Where the policy sends the prompt now. The probe is then dropped (as a request that
+    failed), so neither its load nor its speculative placement sways the next probe."""
     result = scheduler.pick(SchedulingRequest(request_id, [*PROMPT, 7, 7]), now=0.5)
     assert result.status == "ok"
+    scheduler.on_failed(request_id, now=0.5)
     return result.endpoints[0]
 
 
