@@ -106,10 +106,11 @@ async def test_stopped_events_are_reported_degraded_and_exported(served: tuple[S
         assert response.status == 200
     assert app.ingest is not None
     await until(lambda: app.scheduler.index.match_tokens(prompt).get(silent.address) is not None)
-    # Its publisher goes silent (a dead PUB socket): kvsched stays subscribed and hears nothing.
+    # Its publisher goes silent with its socket open (a hung engine): kvsched stays subscribed
+    # and hears nothing. (A closed socket is a disconnect, which drops the entries at once.)
     publisher = pool.workers[0].publisher
     assert publisher is not None and publisher.endpoint == silent.kv_endpoint
-    await publisher.close()
+    publisher.mute()
     # kvsched routes a request there; its prefill ends and no batch follows.
     now = time.monotonic()
     assert (

@@ -75,6 +75,7 @@ class KVEventPublisher:
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._next_seq = 0
         self._drop: set[int] = set()
+        self._muted = False
         self._pub: zmq.asyncio.Socket | None = None
         self._router: zmq.asyncio.Socket | None = None
         self._replay_task: asyncio.Task[None] | None = None
@@ -127,6 +128,11 @@ class KVEventPublisher:
                 socket.close(linger=0)
         self._pub = self._router = None
 
+    def mute(self) -> None:
+        """Send no more batches live, the socket left open (an engine hung with its publisher
+        still connected): they are numbered and kept for replay, as ``drop_seq`` keeps one."""
+        self._muted = True
+
     def drop_seq(self, seq: int) -> None:
         """Do not send batch ``seq`` live (it stays replayable), as if the PUB HWM had dropped it."""
         self._drop.add(seq)
@@ -147,7 +153,7 @@ class KVEventPublisher:
         seq = self._next_seq
         self._next_seq += 1
         self._buffer.append((seq, payload))
-        if seq in self._drop:
+        if seq in self._drop or self._muted:
             self._drop.discard(seq)
             return seq
         await self._pub.send_multipart((self._topic_bytes, encode_seq(seq), payload))
@@ -167,6 +173,7 @@ class KVEventPublisher:
         self._next_seq = 0
         self._buffer.clear()
         self._drop.clear()
+        self._muted = False
         deadline = asyncio.get_running_loop().time() + bind_timeout_s
         while True:
             try:

@@ -2,7 +2,7 @@
 
 The same filters, tie-breaking on load and picker as ``kvsched`` with every weight but
 ``queue_depth`` at zero and no SLO stage: what load balancing on requests ahead is worth
-without cache affinity (on the Mooncake conversation trace, kvsched's TTFT p50 is 0.69x
+without cache affinity (on the Mooncake conversation trace, kvsched's TTFT p50 is 0.77x
 this policy's; README, "Simulator results").
 """
 
