@@ -117,8 +117,8 @@ class MetricsScraper:
     ) -> None:
         if interval_s <= 0 or timeout_s <= 0:
             raise ValueError("scrape interval and timeout must be positive")
-        if idle_interval_s is not None and idle_interval_s < interval_s:
-            raise ValueError("the idle scrape interval cannot be shorter than the interval")
+        if idle_interval_s is not None and idle_interval_s <= 0:
+            raise ValueError("the idle scrape interval must be positive")
         self.sink = sink
         self.interval_s = interval_s
         self.idle_interval_s = idle_interval_s
