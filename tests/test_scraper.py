@@ -347,3 +347,22 @@ async def test_endpoint_with_nothing_routed_is_scraped_at_the_idle_rate(
         assert a.hits == 1  # the first tick, then nothing for the idle minute
         busy["a"] = True
         await until(lambda: a.hits >= 4)
+
+
+async def test_an_answer_past_the_timeout_is_a_failure_and_still_counts_when_it_comes(
+    servers: Callable[[], StandIn],
+) -> None:
+    a = await servers()  # type: ignore[misc]
+    a.mode = "hang"
+    a.text = vllm_text(7, 8, 0.5)
+    scheduler = scheduler_for("a", unhealthy_after=1)
+    async with MetricsScraper(scheduler, interval_s=60, timeout_s=0.2) as scraper:
+        await scraper.add("a", a.url)
+        assert not await scraper.scrape_once("a")
+        assert scraper.stats("a").last_error == "timed out"
+        assert not scheduler.is_healthy("a")
+        # The connection was kept: the late page arrives on it and is read.
+        a.release.set()
+        await until(lambda: scheduler.is_healthy("a"))
+        assert scraped(scheduler, "a") == EndpointMetrics(7, 8, 0.5)
+        assert len(a.peers) == 1

@@ -37,7 +37,6 @@ import logging
 import math
 import ssl
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -52,6 +51,8 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL_S = 0.1
 DEFAULT_IDLE_INTERVAL_S = 1.0
 DEFAULT_TIMEOUT_S = 1.0
+# A scrape past its timeout keeps its connection until this many timeouts have passed.
+OVERDUE_LIMIT = 5
 # A vLLM page is tens of KB; anything near this is not a metrics page.
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -97,6 +98,7 @@ class _Target:
     tick: int = 0  # index of the target's next tick (see MetricsScraper._next_tick)
     waiters: list[asyncio.Future[bool]] = field(default_factory=list)
     removed: bool = False
+    overdue: bool = False  # the scrape out has passed its timeout and was reported failed
 
 
 class MetricsScraper:
@@ -130,9 +132,9 @@ class MetricsScraper:
         self.clock = clock
         self._targets: dict[str, _Target] = {}
         self._ticks: list[tuple[float, int, _Target]] = []  # (loop time, seq, target)
-        # (deadline, target, which of its scrapes), in start order: the timeout is the same
-        # for all, so the front is always the next to expire.
-        self._deadlines: deque[tuple[float, _Target, int]] = deque()
+        # (deadline, seq, target, which of its scrapes), a heap: the timeout, then the limit
+        # after which an overdue scrape's connection is given up.
+        self._deadlines: list[tuple[float, int, _Target, int]] = []
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
@@ -319,18 +321,33 @@ class MetricsScraper:
         target.stats.scrapes += 1
         target.started = self.clock()
         target.started_loop = now
-        self._deadlines.append((now + self.timeout_s, target, target.stats.scrapes))
+        target.overdue = False
+        heapq.heappush(self._deadlines, (now + self.timeout_s, next(self._seq), target, target.stats.scrapes))
         target.client.fetch()
 
     def _expire(self, now: float) -> None:
+        """A scrape past its timeout is reported failed, but its connection is kept: the
+        page may still come (and is used then). Only past OVERDUE_LIMIT timeouts is the
+        connection given up. Aborting at the timeout turned a slow fleet into a dead one:
+        1,000 endpoints each answering in ~1 s (a busy machine) were all reconnecting on
+        every tick, the reconnections made every answer later still, and no scrape
+        succeeded again; kept, the same fleet answered every scrape within 0.2 s."""
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            _, target, scrape = deadlines.popleft()
+            _, _, target, scrape = heapq.heappop(deadlines)
             client = target.client
             # Only if that scrape is the one still out: entries of scrapes that ended stay
-            # in the queue until they reach its front, and are dropped then.
-            if scrape == target.stats.scrapes and not target.removed and client is not None and client.busy:
+            # in the heap until they come up, and are dropped then.
+            if scrape != target.stats.scrapes or target.removed or client is None or not client.busy:
+                continue
+            if target.overdue:
                 client.abort("timed out")
+                continue
+            target.overdue = True
+            self._failed(target, "timed out", self.clock())
+            self._finish(target, False)
+            limit = now + self.timeout_s * (OVERDUE_LIMIT - 1)
+            heapq.heappush(deadlines, (limit, next(self._seq), target, scrape))
 
     # --- results -------------------------------------------------------------------------
 
