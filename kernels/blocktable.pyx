@@ -1196,9 +1196,14 @@ cdef class BlockTable:
         return self._apply(worker, tier, n, parent_idx)
 
     def store_keys(self, int worker, int tier, keys, parent_key):
-        """Exact mode: the engine's wire hash is the key; an unknown parent makes a root."""
+        """Exact mode: the engine's wire hash is the key.
+
+        Returns the number of blocks stored, or -1 (and changes nothing) when the worker
+        never reported the parent block, as store_blocks.
+        """
         cdef Py_ssize_t n, i
         cdef int32_t parent_idx = -1
+        cdef uint64_t parent
         self._check(worker, tier)
         n = len(keys)
         self._reserve(n)
@@ -1208,7 +1213,10 @@ cdef class BlockTable:
                 raise ValueError("0 is not a valid block key")
             self._s_hashes[i] = self._s_keys[i]
         if parent_key is not None:
-            parent_idx = self._kfind(_mask_obj(parent_key))
+            parent = _mask_obj(parent_key)
+            if _map_get(&self._engine[worker], parent) == 0:
+                return -1
+            parent_idx = self._kfind(parent)
         if n == 0:
             return 0
         return self._apply(worker, tier, n, parent_idx)
@@ -1445,6 +1453,9 @@ cdef class BlockTable:
                 continue
             if n == 0:
                 continue
+            if not own_keys and ev.has_parent and _map_get(&self._engine[worker], ev.parent) == 0:
+                orphans += 1  # as store_keys: a parent this worker never reported
+                continue
             self._reserve(n)
             memcpy(self._s_hashes, &d.h[ev.h_off], n * sizeof(uint64_t))
             if not own_keys:
@@ -1464,18 +1475,19 @@ cdef class BlockTable:
 
     # --- reads -----------------------------------------------------------------------
 
-    def match(self, keys, worker_filter=None):
+    def match(self, keys, worker_filter=None, bint touch=True):
         """Per worker holding keys[0]: (worker, leading blocks held, of which GPU, CPU, storage).
 
         A worker's run continues while it holds the next block in any tier; each block is
         counted in the fastest tier the worker holds it in. ``keys`` may be a PromptKeys,
-        which hashes only as far as the walk goes.
+        which hashes only as far as the walk goes. ``touch`` False leaves the recency order
+        (the memory bound's) as it was.
         """
         cdef list result = []
         cdef Py_ssize_t matched
         cdef int wd, worker
         cdef uint64_t bits
-        matched = self._walk_any(keys, worker_filter)
+        matched = self._walk_any(keys, worker_filter, touch)
         for wd in range(self._words):
             bits = self._ever[wd] if matched else 0
             self._ever[wd] = 0
@@ -1488,7 +1500,7 @@ cdef class BlockTable:
                 self._reset_run(worker)
         return result
 
-    def match_named(self, keys, list names, type match_type, worker_filter=None):
+    def match_named(self, keys, list names, type match_type, worker_filter=None, bint touch=True):
         """As match, as {names[worker]: match_type(total, gpu, cpu, storage)}; workers whose
         name is None (or past the list) are left out. match_type is a tuple subclass of
         four fields; equal results share one instance (tuples are immutable), so a
@@ -1505,7 +1517,7 @@ cdef class BlockTable:
         cdef object value
         cdef object name
         cdef dict result
-        matched = self._walk_any(keys, worker_filter)
+        matched = self._walk_any(keys, worker_filter, touch)
         if matched == 0:
             for wd in range(self._words):
                 self._ever[wd] = 0
@@ -1557,7 +1569,7 @@ cdef class BlockTable:
         self._run_cpu[worker] = 0
         self._run_storage[worker] = 0
 
-    cdef Py_ssize_t _walk_any(self, object keys, object worker_filter) except -1:
+    cdef Py_ssize_t _walk_any(self, object keys, object worker_filter, bint touch) except -1:
         """Walk keys (a PromptKeys or any integer sequence); fills _ever and the run counters."""
         cdef KeySrc src
         cdef U64View view
@@ -1570,7 +1582,7 @@ cdef class BlockTable:
             src.ready = lazy._ready
             src.lazy = <PyObject*>lazy
             try:
-                return self._walk(&src, worker_filter)
+                return self._walk(&src, worker_filter, touch)
             except BaseException:
                 self._reset_all_runs()
                 raise
@@ -1580,7 +1592,7 @@ cdef class BlockTable:
             src.n = view.n
             src.ready = view.n
             src.lazy = NULL
-            matched = self._walk(&src, worker_filter)
+            matched = self._walk(&src, worker_filter, touch)
         except BaseException:
             self._reset_all_runs()
             raise
@@ -1605,7 +1617,7 @@ cdef class BlockTable:
         src.ready = lazy._ready
         return 0
 
-    cdef Py_ssize_t _walk(self, KeySrc* src, object worker_filter) except -1:
+    cdef Py_ssize_t _walk(self, KeySrc* src, object worker_filter, bint touch) except -1:
         cdef Py_ssize_t n = src.n
         cdef const uint64_t* keys = src.keys
         cdef int W = self._words
@@ -1620,7 +1632,7 @@ cdef class BlockTable:
             return 0
         if act > W:
             act = W
-        if self._max_blocks:
+        if self._max_blocks and touch:
             self._reserve(n)
             path = self._s_idx
         for wd in range(W):

@@ -18,8 +18,10 @@ COMMAND_MODULES = (
     "scheduler.replay.commands",
     "scheduler.replay.sweep",
     "scheduler.server.commands",
+    "scheduler.doctor.commands",
     "scheduler.demo.commands",
     "scheduler.bench.commands",
+    "scheduler.tune.commands",
 )
 
 

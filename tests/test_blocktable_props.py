@@ -143,7 +143,7 @@ def test_clear_worker_forgets_blocks_and_mappings(make: Make) -> None:
 def test_exact_mode_keys_and_unknown_parent(make: Make) -> None:
     table = make(4)
     assert table.store_keys(0, GPU, [101, 102], None) == 2
-    assert table.store_keys(1, GPU, [103], 555) == 1  # unknown parent: a root
+    assert table.store_keys(1, GPU, [103], None) == 1
     assert table.store_keys(1, CPU, [101], None) == 1
     assert table.match([101, 102]) == [(0, 2, 2, 0, 0), (1, 1, 0, 1, 0)]
     assert table.match([103]) == [(1, 1, 1, 0, 0)]
@@ -200,6 +200,44 @@ def test_numpy_tokens_store_the_same_keys(make: Make) -> None:
     table = make(4)
     table.store_blocks(0, GPU, [10, 11], None, np.asarray(tokens_for(1, 2), dtype=np.int64), BS, ROOT)
     assert table.match(keys_for(1, 2)) == [(0, 2, 2, 0, 0)]
+
+
+@IMPLS
+def test_exact_mode_store_under_a_parent_the_worker_never_reported_is_an_orphan(make: Make) -> None:
+    # As in own-key mode: the parent must be one this worker reported, whoever else holds it.
+    table = make(4)
+    assert table.store_keys(0, GPU, [101, 102], None) == 2
+    assert table.store_keys(1, GPU, [103], 102) == -1  # worker 0 holds 102, worker 1 never did
+    assert table.store_keys(1, GPU, [104], 555) == -1  # nobody holds 555
+    assert table.store_keys(1, GPU, [], 555) == -1  # nothing to store, still a missed message
+    assert (table.num_blocks, table.worker_blocks(1), table.match([103]), table.match([104])) == (
+        2,
+        0,
+        [],
+        [],
+    )
+    assert table.store_keys(0, GPU, [103], 102) == 1
+    assert table.match([101, 102, 103]) == [(0, 3, 3, 0, 0)]
+    # A parent the worker stopped holding (removed, or cleared) no longer chains.
+    assert table.remove_blocks(0, GPU, [103]) == 1
+    assert table.store_keys(0, CPU, [105], 103) == -1
+    table.clear_worker(0)
+    assert table.store_keys(0, GPU, [106], 101) == -1 and table.num_blocks == 0
+
+
+@IMPLS
+def test_a_match_without_touch_leaves_the_eviction_order_alone(make: Make) -> None:
+    evicted = []
+    for touch in (False, True):
+        table = make(4, 4)
+        table.store_blocks(0, GPU, [10, 11], None, tokens_for(1, 2), BS, ROOT)
+        table.store_blocks(1, GPU, [20, 21], None, tokens_for(3, 4), BS, ROOT)
+        assert table.match(keys_for(1, 2), touch=touch) == [(0, 2, 2, 0, 0)]
+        assert table.match_named(keys_for(1, 2), ["a"], tuple, touch=touch) == {"a": (2, 2, 0, 0)}
+        table.store_blocks(2, GPU, [30], None, tokens_for(5), BS, ROOT)  # one over the bound
+        evicted.append((table.match(keys_for(1, 2)), table.match(keys_for(3, 4))))
+    # Untouched, blocks 1-2 are the least recent and block 2 goes; touched, block 4 goes.
+    assert evicted == [([(0, 1, 1, 0, 0)], [(1, 2, 2, 0, 0)]), ([(0, 2, 2, 0, 0)], [(1, 1, 1, 0, 0)])]
 
 
 @IMPLS

@@ -314,3 +314,95 @@ async def test_outcomes_are_exported_to_a_prometheus_registry(servers: Started) 
     assert registry.get_sample_value("kvsched_picker_requests_total", {"outcome": "routed"}) == 1.0
     assert registry.get_sample_value("kvsched_picker_requests_total", {"outcome": "shed"}) == 0.0
     assert registry.get_sample_value("kvsched_picker_decision_seconds_count") == 1.0
+
+
+async def test_picker_api_lookup_answers_per_rank_and_tier_and_reserves_nothing(servers: Started) -> None:
+    from scheduler.adapters.tokenizer import make_tokenizer
+    from scheduler.codec.openai import ChatMessage, InferenceRequestBody
+    from scheduler.core.events import BlockStored, EventBatch, Tier
+    from scheduler.sim.tokenizer import MODEL_DIR
+
+    tokenizer = make_tokenizer(tokenizer_dir=MODEL_DIR)  # the simulated model's real tokenizer
+    text = "The prefix cache keeps every block of a prompt that an engine has computed. " * 8
+    messages = [ChatMessage("system", "You answer briefly."), ChatMessage("user", text)]
+    text_ids = tokenizer.token_ids(InferenceRequestBody("completions", prompt_text=text))
+    chat_ids = tokenizer.token_ids(InferenceRequestBody("chat", messages=tuple(messages)))
+    scheduler = RecordingScheduler()
+    scheduler.set_endpoints(
+        [
+            Endpoint(ADDRESSES[0], ADDRESSES[0], kv_events="tcp://10.1.0.1:5557", data_parallel_size=2),
+            Endpoint(ADDRESSES[1], ADDRESSES[1], kv_events="tcp://10.1.0.2:5557"),
+        ],
+        now=0.0,
+    )
+    # Rank 1 of the first endpoint holds the text's first three blocks (the last on CPU), the
+    # second endpoint the chat's first two.
+    for worker, ids, blocks, tier in (
+        (f"{ADDRESSES[0]}#dp1", text_ids, 2, Tier.GPU),
+        (ADDRESSES[1], chat_ids, 2, Tier.GPU),
+    ):
+        stored = BlockStored(list(range(1, blocks + 1)), None, ids[: blocks * 16], 16, medium=tier)
+        scheduler.index.apply_batch(worker, EventBatch(0.0, [stored]))
+    cpu = BlockStored([3], 2, text_ids[32:48], 16, medium=Tier.CPU)
+    scheduler.index.apply_batch(f"{ADDRESSES[0]}#dp1", EventBatch(0.0, [cpu]))
+    server = await _start(servers, scheduler, tls=TLSSettings.plaintext(), tokenizer=tokenizer)
+    body = json.dumps({"model": "m", "messages": [{"role": m.role, "content": m.content} for m in messages]})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = picker_pb2_grpc.EndpointPickerStub(channel)
+        by_text = await stub.Lookup(picker_pb2.LookupRequest(prompt_text=text, model="m"), timeout=DEADLINE_S)
+        by_ids = await stub.Lookup(
+            picker_pb2.LookupRequest(token_ids=picker_pb2.TokenIds(ids=text_ids)), timeout=DEADLINE_S
+        )
+        by_chat = await stub.Lookup(
+            picker_pb2.LookupRequest(
+                messages=picker_pb2.ChatMessages(
+                    messages=[picker_pb2.ChatMessage(role=m.role, content=m.content) for m in messages]
+                )
+            ),
+            timeout=DEADLINE_S,
+        )
+        by_body = await stub.Lookup(
+            picker_pb2.LookupRequest(openai_body=picker_pb2.OpenAIBody(body=body.encode())),
+            timeout=DEADLINE_S,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as empty:
+            await stub.Lookup(picker_pb2.LookupRequest(model="m"), timeout=DEADLINE_S)
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await stub.Lookup(
+                picker_pb2.LookupRequest(openai_body=picker_pb2.OpenAIBody(body=b"{")), timeout=DEADLINE_S
+            )
+    assert empty.value.code() == bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "names no prompt" in (empty.value.details() or "")
+    assert (by_text.model, by_text.prompt_tokens, by_text.prompt_blocks) == (
+        "m",
+        len(text_ids),
+        len(text_ids) // 16,
+    )
+    assert (by_text.block_size, by_text.hash_mode, by_text.keys_compared) == (16, "own", 4)
+    first, second = by_text.endpoints
+    assert (first.name, first.address, first.healthy, first.source, first.matched_blocks) == (
+        ADDRESSES[0],
+        ADDRESSES[0],
+        True,
+        "kv_events",
+        3,
+    )
+    ranks = [
+        (r.rank, r.worker, r.matched_blocks, r.gpu_blocks, r.cpu_blocks, r.storage_blocks, r.keys_compared)
+        for r in first.ranks
+    ]
+    assert ranks == [(0, ADDRESSES[0], 0, 0, 0, 0, 1), (1, f"{ADDRESSES[0]}#dp1", 3, 2, 1, 0, 4)]
+    assert second.matched_blocks == 0
+    # Token ids and text agree; a chat matches through the chat template, as a pick would.
+    assert by_ids.endpoints == by_text.endpoints
+    assert (
+        [e.matched_blocks for e in by_chat.endpoints]
+        == [0, 2]
+        == [e.matched_blocks for e in by_body.endpoints]
+    )
+    assert by_body.model == "m" and by_chat.prompt_tokens == len(chat_ids)
+    # Read-only: nothing was picked or reserved.
+    assert scheduler.picks == [] and scheduler.inflight(ADDRESSES[0]) == scheduler.inflight(ADDRESSES[1]) == (
+        0,
+        0,
+    )

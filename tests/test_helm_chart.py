@@ -78,6 +78,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "servicemonitor": {"inferenceExtension": {"monitoring": {"prometheus": {"enabled": True}}}},
     "replicas-3": {"inferenceExtension": {"replicas": 3}},
     "single-replica": {"inferenceExtension": {"replicas": 1}},
+    "grafana-dashboard": {
+        "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "kvsched"}}
+    },
     # The policy's kvEvents.blockSize must be what kvsched's index runs with.
     "scheduling-policy": {
         "schedulingPolicy": {"create": True, "spec": POLICY_SPEC},
@@ -147,7 +150,8 @@ def container(docs: list[Manifest]) -> Manifest:
 
 
 def config_of(docs: list[Manifest]) -> dict[str, Any]:
-    config: dict[str, Any] = yaml.safe_load(one(docs, "ConfigMap")["data"]["config.yaml"])
+    (configmap,) = [doc for doc in by_kind(docs, "ConfigMap") if "config.yaml" in doc.get("data", {})]
+    config: dict[str, Any] = yaml.safe_load(configmap["data"]["config.yaml"])
     return config
 
 
@@ -336,9 +340,11 @@ def test_rendered_objects_are_valid(name: str, kube_version: str) -> None:
         else:
             assert kubernetes_validate.validate(doc, kube_version, strict=True)
             built_in.append(doc["kind"])
-    expected = set(BUILT_IN_KINDS)
+    expected = sorted(BUILT_IN_KINDS)
     if VALUE_SETS[name].get("inferenceExtension", {}).get("replicas") == 1:
-        expected.discard("PodDisruptionBudget")
+        expected.remove("PodDisruptionBudget")
+    if VALUE_SETS[name].get("grafanaDashboard", {}).get("enabled"):
+        expected.append("ConfigMap")  # the dashboard's, beside the configuration's
     assert sorted(built_in) == sorted(expected)
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from scheduler.codec.kvevents import encode_batch
 from scheduler.core import blockhash_ref
 from scheduler.core.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, Tier
 from scheduler.core.index import IndexConfig, PrefixIndex, PrefixMatch
@@ -94,6 +95,48 @@ def test_clear_remove_worker_and_orphans(backend: str) -> None:
     assert index.match_tokens(PROMPT) == {}
     assert index.num_blocks == 0
     assert "b" not in index.workers
+
+
+HASH_MODES = ["own", "vllm"]
+
+
+@pytest.mark.parametrize("hash_mode", HASH_MODES)
+@pytest.mark.parametrize("path", ["codec", "kernel"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_block_chained_to_a_parent_the_worker_never_reported_is_an_orphan(
+    backend: str, path: str, hash_mode: str
+) -> None:
+    """Both hash modes: a BlockStored whose parent this worker never reported (although
+    another worker did) changes nothing and is counted, on the codec path and the kernel's."""
+    if backend == "reference" and path == "kernel":
+        pytest.skip("the reference backend has no kernel decoder")
+    index = _index(backend, hash_mode=hash_mode)
+    # vLLM-mode keys are the engine's hashes; own-mode keys come from the tokens.
+    hashes = list(index.request_keys(PROMPT)) if hash_mode == "vllm" else [1, 2, 3, 4]
+
+    def apply(worker: str, *events: object) -> tuple[int, int]:
+        batch = EventBatch(0.0, list(events))  # type: ignore[arg-type]
+        if path == "kernel":
+            applied = index.apply_payload(worker, encode_batch(batch))
+            assert applied is not None, "the kernel declined a well-formed batch"
+            result = applied[0]
+        else:
+            result = index.apply_batch(worker, batch)
+        assert result.errors == []
+        return result.stored, result.orphans
+
+    assert apply("a", _stored(hashes[:2], PROMPT[: 2 * BLOCK])) == (2, 0)
+    assert apply("b", _stored(hashes[:1], PROMPT[:BLOCK])) == (1, 0)
+    # "b" never reported block two, although "a" holds it.
+    assert apply("b", _stored(hashes[2:3], PROMPT[2 * BLOCK : 3 * BLOCK], hashes[1])) == (0, 1)
+    assert apply("a", AllBlocksCleared()) == (0, 0)
+    assert apply("a", _stored(hashes[2:3], PROMPT[2 * BLOCK : 3 * BLOCK], hashes[1])) == (0, 1)
+    assert index.match_tokens(PROMPT) == {"b": PrefixMatch(1, 1, 0, 0)}
+    assert index.worker_blocks("a") == 0 and index.num_blocks == 1
+    assert index.stats.orphans == 2
+    # Chained onto a parent it did report, the same block is stored.
+    assert apply("b", _stored(hashes[1:3], PROMPT[BLOCK : 3 * BLOCK], hashes[0])) == (2, 0)
+    assert index.match_tokens(PROMPT) == {"b": PrefixMatch(3, 3, 0, 0)}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

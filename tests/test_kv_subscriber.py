@@ -296,6 +296,37 @@ async def test_gap_without_replay_resets_only_that_worker(ctx: zmq.asyncio.Conte
     assert index.match_tokens(prompt(2, base=500))["other"].total_blocks == 2
 
 
+@pytest.mark.parametrize("hash_mode", ["own", "vllm"])
+async def test_a_block_chained_onto_a_lost_batch_is_an_orphan_in_both_hash_modes(
+    ctx: zmq.asyncio.Context, cleanup: list, hash_mode: str
+) -> None:
+    # vLLM's own scenario: a batch lost on the PUB socket and no replay endpoint; the next
+    # batch chains onto the lost block. vLLM mode publishes the engine's sha256_cbor hashes.
+    index = PrefixIndex(IndexConfig(block_size=BLOCK, hash_mode=hash_mode))  # type: ignore[arg-type]
+    tokens = prompt(3)
+    first = list(index.request_keys(tokens)) if hash_mode == "vllm" else [100, 101, 102]
+    batches = _chain_with(tokens, first)
+    pub = publisher(ctx, cleanup, replay=False)
+    sub = await subscribe(index, [pub], ctx, cleanup)
+    await pub.publish(batches[0])
+    await pub.publish(batches[1], drop=True)
+    await pub.publish(batches[2])
+    await until(lambda: sub.stats.batches_applied == 2)
+    assert (sub.stats.resets, sub.stats.lost_batches, sub.stats.orphans) == (1, 1, 1)
+    assert index.num_blocks == 0 and not sub.snapshot()["ranks"][0]["view_complete"]
+
+
+def _chain_with(tokens: list[int], hashes: list[int]) -> list[EventBatch]:
+    return [
+        EventBatch(
+            float(i),
+            [BlockStored([h], hashes[i - 1] if i else None, tokens[i * BLOCK : (i + 1) * BLOCK], BLOCK)],
+            0,
+        )
+        for i, h in enumerate(hashes)
+    ]
+
+
 async def test_replay_that_cannot_cover_the_gap_resets(ctx: zmq.asyncio.Context, cleanup: list) -> None:
     index = make_index()
     pub = publisher(ctx, cleanup)
@@ -588,3 +619,57 @@ async def test_a_burst_of_queued_events_leaves_turns_to_other_tasks(
     await asyncio.wait_for(other_stream(), 30)
     assert sub.stats.batches_applied == total and sub.stats.gaps == 0
     assert seen_midway >= 3
+
+
+async def test_publisher_views_follow_a_replay_and_its_failure(
+    ctx: zmq.asyncio.Context, cleanup: list
+) -> None:
+    from scheduler.adapters.kv_subscriber import publisher_views
+    from scheduler.core.kvingest import NO_KV_EVENTS
+    from scheduler.core.scheduler import Endpoint
+
+    index = make_index()
+    pub = publisher(ctx, cleanup)
+    pub.answer_replays = False
+    service = KVEventIngestService(index, context=ctx)
+    config = SubscriberConfig(
+        "w", pub.endpoint, pub.replay_endpoint, topic="kv@", ingest=IngestConfig(replay_timeout_s=1.0)
+    )
+    sub = await service.add_endpoint(config)
+    cleanup.append(sub)
+    await pub.subscribed()
+    endpoints = [
+        Endpoint("w", "10.0.0.1:8000", kv_events=pub.endpoint, kv_replay=pub.replay_endpoint),
+        Endpoint("quiet", "10.0.0.2:8000"),
+        Endpoint("coming", "10.0.0.3:8000", kv_events="tcp://10.0.0.3:5557", data_parallel_size=2),
+    ]
+    (view,) = sub.views()
+    assert (view.state, view.last_event_age_s) == ("degraded", None)
+    batches = chain_batches(prompt(3))
+    await pub.publish(batches[0])
+    await until(lambda: sub.stats.batches_applied == 1)
+    assert sub.views()[0].state == "exact" and sub.views()[0].last_event_age_s is not None
+    await pub.publish(batches[1], drop=True)
+    await pub.publish(batches[2])
+    await until(lambda: sub.views()[0].buffered == 1)
+    view = sub.views()[0]
+    assert (view.state, view.replay_in_flight, view.replay_purpose, view.replay_from) == (
+        "degraded",
+        True,
+        "gap",
+        1,
+    )
+    views = publisher_views(endpoints, service)
+    assert [(v.endpoint, v.rank, v.worker, v.state) for v in views] == [
+        ("w", 0, "w", "degraded"),
+        ("quiet", 0, "quiet", "fallback"),
+        ("coming", 0, "coming", "degraded"),
+        ("coming", 1, "coming#dp1", "degraded"),
+    ]
+    assert views[1].reason == NO_KV_EVENTS and views[2].reason == "not subscribed yet"
+    # The publisher never answers: after the replay's timeout the gap is lost for good.
+    await until(lambda: sub.stats.replays_failed == 1)
+    view = sub.views()[0]
+    assert (view.state, view.view_complete, view.replay_in_flight) == ("degraded", False, False)
+    assert view.reason == "seq 1 never applied: the replay did not cover the missing batches"
+    assert publisher_views(endpoints[1:2], None)[0].state == "fallback"

@@ -15,8 +15,10 @@ from scheduler.codec.kvevents import decode_batch, encode_batch
 from scheduler.core.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
 from scheduler.core.index import IndexConfig, PrefixIndex
 from scheduler.core.kvingest import (
+    NO_BATCH_YET,
     Action,
     IngestConfig,
+    PublisherView,
     SequenceTracker,
     Verdict,
     VerdictKind,
@@ -542,6 +544,78 @@ def test_orphans_soon_after_a_rebuild_make_the_view_incomplete() -> None:
     assert ingest.stats.rebuilds == 1 and not ingest.view_complete
 
 
+# Both hash modes detect orphans alike. Each batch goes through one of three paths: the
+# kernel's decoder ("kernel"), the codec onto the native table ("codec": the batch carries an
+# event type from a newer vLLM, which the kernel leaves to the codec, and the codec skips),
+# or the codec onto the pure-Python reference table ("reference").
+ORPHAN_PATHS = pytest.mark.parametrize(
+    ("hash_mode", "path"),
+    [(mode, path) for mode in ("own", "vllm") for path in ("kernel", "codec", "reference")],
+)
+
+
+def _mode_index(hash_mode: str, path: str) -> PrefixIndex:
+    backend = "reference" if path == "reference" else "native"
+    return PrefixIndex(IndexConfig(block_size=BLOCK, hash_mode=hash_mode, backend=backend))  # type: ignore[arg-type]
+
+
+def _path_payloads(index: PrefixIndex, path: str, batches: list[EventBatch]) -> list[bytes]:
+    import msgpack
+
+    data = payloads(batches)
+    if path == "codec":
+        data = [
+            msgpack.packb([b.ts, [*msgpack.unpackb(d)[1], {"type": "BlockMoved"}], 0])
+            for b, d in zip(batches, data, strict=True)
+        ]
+        assert all(index.apply_payload("probe", d) is None for d in data)  # the kernel declines them
+    return data
+
+
+def _mode_chain(index: PrefixIndex, tokens: list[int]) -> list[EventBatch]:
+    # vLLM mode keys blocks by the engine's own hashes: publish the ones vLLM would compute.
+    hashes = list(index.request_keys(tokens)) if index.config.hash_mode == "vllm" else [11, 12, 13]
+    return _chain(tokens, hashes)
+
+
+@ORPHAN_PATHS
+def test_orphans_with_a_complete_view_rebuild_in_both_hash_modes(hash_mode: str, path: str) -> None:
+    index = _mode_index(hash_mode, path)
+    data = _path_payloads(index, path, _mode_chain(index, TOKENS))
+    ingest = ingest_for(index, replay=True)
+    ingest.on_live(0, data[0], 0.0)
+    ingest.on_live(1, data[1], 0.0)
+    # The worker's entries were lost although no seq is missing (an event lost upstream):
+    # the next block's parent is one this worker never reported as far as the index knows.
+    index.clear_worker(W)
+    step = ingest.on_live(2, data[2], 5.0)
+    assert step.replay_from == 0 and ingest.replay_in_flight
+    assert (ingest.stats.orphans, ingest.stats.rebuilds, ingest.stats.resets) == (1, 1, 1)
+    for seq in range(3):
+        ingest.on_replay_batch(seq, data[seq], 5.1)
+    ingest.on_replay_end(5.1)
+    assert ingest.view_complete and ingest.stats.orphans == 1
+    assert index.match_tokens(TOKENS)[W].total_blocks == 3
+
+
+@ORPHAN_PATHS
+def test_orphans_without_a_replay_endpoint_reset_in_both_hash_modes(hash_mode: str, path: str) -> None:
+    index = _mode_index(hash_mode, path)
+    root, _, orphan = _mode_chain(index, TOKENS)
+    data = _path_payloads(index, path, [root, orphan])
+    ingest = ingest_for(index, replay=False)
+    ingest.on_live(0, data[0], 0.0)
+    ingest.on_live(1, data[1], 0.0)
+    # Complete view, no replay: the worker is reset and its view is approximate from now on.
+    assert (ingest.stats.orphans, ingest.stats.resets) == (1, 1) and not ingest.view_complete
+    assert index.match_tokens(TOKENS) == {} and index.num_blocks == 0
+    ingest.on_live(2, data[0], 0.0)
+    ingest.on_live(3, data[1], 0.0)
+    # Incomplete view: orphans are expected and only counted; nothing unreachable is stored.
+    assert (ingest.stats.orphans, ingest.stats.resets) == (2, 1)
+    assert index.match_tokens(TOKENS)[W].total_blocks == 1 and index.num_blocks == 1
+
+
 def test_a_worker_the_index_refuses_is_counted_not_raised() -> None:
     index = PrefixIndex(IndexConfig(block_size=BLOCK, max_workers=1))
     index.apply_batch("someone-else", EventBatch(0.0))
@@ -640,3 +714,60 @@ def test_random_loss_with_a_shallow_replay_buffer_is_exact_or_says_so(seed: int)
         assert_same_view(index, reference(batches[:applied]), model.prompts)
     else:
         assert ingest.stats.lost_batches > 0
+
+
+# --- the publisher's view ------------------------------------------------------------------------
+
+
+def test_the_publisher_view_says_exact_degraded_and_why() -> None:
+    model = CacheModel(40)
+    data = payloads(model.batches(8))
+    index = make_index()
+    ingest = ingest_for(index, replay=True)
+    view = ingest.view(0.0, endpoint="e", rank=1)
+    assert (view.endpoint, view.rank, view.worker) == ("e", 1, W)
+    assert (view.state, view.reason, view.view_complete, view.last_event_age_s) == (
+        "degraded",
+        NO_BATCH_YET,
+        False,
+        None,
+    )
+    ingest.on_live(0, data[0], 10.0)
+    ingest.on_live(1, data[1], 11.0)
+    view = ingest.view(14.5)
+    assert (view.state, view.view_complete, view.next_seq, view.last_event_age_s) == ("exact", True, 2, 3.5)
+    assert view.stats is not None and view.stats.batches_applied == 2
+    # A gap: the replay catches up while live batches wait.
+    ingest.on_live(4, data[4], 20.0)
+    ingest.on_live(5, data[5], 20.5)
+    view = ingest.view(21.0)
+    assert (view.state, view.replay_in_flight, view.replay_purpose, view.replay_from, view.buffered) == (
+        "degraded",
+        True,
+        "gap",
+        2,
+        2,
+    )
+    assert view.reason == "replaying from seq 2 (gap); 2 live batches wait"
+    assert view.as_dict()["counters"]["gaps"] == 1 and "stats" not in view.as_dict()
+    for seq in (2, 3):
+        ingest.on_replay_batch(seq, data[seq], 21.0)
+    ingest.on_replay_end(21.0)
+    assert ingest.view(21.0).state == "exact" and ingest.view(21.0).buffered == 0
+    # A gap the replay cannot cover: history is lost, the view is approximate until a clear.
+    ingest.on_live(7, data[7], 22.0)
+    ingest.on_replay_end(22.0)
+    view = ingest.view(22.0)
+    assert (view.state, view.view_complete) == ("degraded", False)
+    assert view.reason == "seq 6 never applied: the replay did not cover the missing batches"
+    ingest.on_live(8, encode_batch(EventBatch(0.0, [AllBlocksCleared()], 0)), 23.0)
+    assert ingest.view(23.0).state == "exact"
+
+
+def test_a_late_join_without_replay_says_so() -> None:
+    ingest = ingest_for(make_index(), replay=False)
+    ingest.on_live(5, encode_batch(CacheModel(41).batch(0.0)), 0.0)
+    view = ingest.view(0.0)
+    assert view.state == "degraded"
+    assert view.reason == "seq 0..4 never applied: joined the stream late, no replay endpoint"
+    assert PublisherView.without_events("e", 0, "e").state == "fallback"

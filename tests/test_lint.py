@@ -48,8 +48,10 @@ LAYERS: dict[str, int] = {
     "sim": 2,
     "server": 3,
     "replay": 3,
+    "doctor": 3,
     "demo": 4,
     "bench": 4,
+    "tune": 4,
     "cli": 5,
     "__main__": 5,
 }

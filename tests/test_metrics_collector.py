@@ -63,3 +63,34 @@ def test_predictor_error_and_source_are_exposed() -> None:
     samples = _samples(scheduler)
     assert samples[("kvsched_predictor_observations_total", ())] == 1.0
     assert samples[("kvsched_predictor_running_mape", (("target", "ttft"),))] == pytest.approx(0.5, rel=1e-3)
+
+
+def test_publisher_views_are_exposed_per_endpoint_and_rank() -> None:
+    from scheduler.core.kvingest import IngestStats, PublisherView
+
+    views = [
+        PublisherView("a", 0, "a", "exact", "", True, 7, last_event_age_s=1.5, stats=IngestStats()),
+        PublisherView("a", 1, "a#dp1", "degraded", "replaying", True, 3, True, "gap", 3, 4, 0.25),
+        PublisherView.without_events("b", 0, "b"),
+    ]
+    registry = new_registry(process_metrics=False)
+    registry.register(KvschedCollector(Scheduler(), publisher_views=lambda: views))
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+    }
+
+    def at(name: str, endpoint: str, rank: str, **extra: str) -> float | None:
+        return samples.get((name, tuple(sorted({"endpoint": endpoint, "rank": rank, **extra}.items()))))
+
+    assert at("kvsched_kv_view_complete", "a", "0") == 1.0 and at("kvsched_kv_view_complete", "a", "1") == 1.0
+    assert at("kvsched_kv_view_state", "a", "1", state="degraded") == 1.0
+    assert at("kvsched_kv_view_state", "a", "1", state="exact") == 0.0
+    assert at("kvsched_kv_view_state", "b", "0", state="fallback") == 1.0
+    assert at("kvsched_kv_view_complete", "b", "0") is None  # no publisher, no view to be complete
+    assert at("kvsched_kv_last_event_age_seconds", "a", "0") == 1.5
+    assert (
+        at("kvsched_kv_replay_in_flight", "a", "1") == 1.0
+        and at("kvsched_kv_buffered_batches", "a", "1") == 4
+    )

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ import zmq.asyncio
 from scheduler.adapters.stage_times import STAGE_TIMES
 from scheduler.codec.kvevents import REPLAY_END_SEQ, decode_batch, encode_seq
 from scheduler.core.index import PrefixIndex
-from scheduler.core.kvingest import Action, IngestConfig, IngestStats, Step, WorkerIngest
+from scheduler.core.kvingest import Action, IngestConfig, IngestStats, PublisherView, Step, WorkerIngest
 from scheduler.core.scheduler import Endpoint
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,15 @@ class KVEventSubscriber:
                 for rank in self._ranks
             ],
         }
+
+    def views(self) -> list[PublisherView]:
+        """Each rank's view (``WorkerIngest.view``) as of now."""
+        now = self._clock()
+        return [rank.ingest.view(now, endpoint=self.config.name, rank=rank.rank) for rank in self._ranks]
+
+    def addresses(self) -> list[tuple[str, str | None]]:
+        """Per rank, the live and replay addresses subscribed to."""
+        return [(rank.endpoint, rank.replay_endpoint) for rank in self._ranks]
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -384,6 +393,10 @@ class KVEventIngestService:
     def stats(self) -> dict[str, dict[str, Any]]:
         return {name: sub.snapshot() for name, sub in sorted(self._subscribers.items())}
 
+    def views(self, endpoints: Sequence[Endpoint]) -> list[PublisherView]:
+        """One view per data-parallel rank of each endpoint, in ``endpoints`` order."""
+        return publisher_views(endpoints, self)
+
     def totals(self) -> IngestStats:
         total = IngestStats()
         for subscriber in self._subscribers.values():
@@ -394,3 +407,26 @@ class KVEventIngestService:
         """Stop every subscriber; the index keeps their entries."""
         for name in list(self._subscribers):
             await self.remove_endpoint(name, purge=False)
+
+
+def publisher_views(
+    endpoints: Sequence[Endpoint], service: KVEventIngestService | None
+) -> list[PublisherView]:
+    """Every endpoint's KV-event view per rank: subscribed ones as their ingest sees them,
+    endpoints that publish no events as ``fallback``. ``service`` None: ingest is off."""
+    subscribers = {} if service is None else service.subscribers
+    views: list[PublisherView] = []
+    for endpoint in endpoints:
+        subscriber = subscribers.get(endpoint.name)
+        if subscriber is not None:
+            views.extend(subscriber.views())
+            continue
+        for rank, worker in enumerate(endpoint.index_workers()):
+            if endpoint.kv_events is None:
+                views.append(PublisherView.without_events(endpoint.name, rank, worker))
+            else:
+                # Discovery has the endpoint and the subscription is being set up.
+                views.append(
+                    PublisherView(endpoint.name, rank, worker, "degraded", "not subscribed yet", False)
+                )
+    return views

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from scheduler.adapters.predictor_trainer import TrainerStats
 from scheduler.adapters.scraper import ScrapeStats
-from scheduler.core.kvingest import IngestStats
+from scheduler.core.kvingest import VIEW_STATES, IngestStats, PublisherView
 from scheduler.core.prefixstats import MATCHED_BLOCK_BUCKETS
 from scheduler.core.scheduler import Scheduler
 
@@ -68,8 +68,11 @@ class KvschedCollector(Collector):
         clock: Callable[[], float] = time.monotonic,
         trainer_stats: Callable[[], TrainerStats] | None = None,
         tokenizer_probe: Callable[[], str] | None = None,
+        publisher_views: Callable[[], Sequence[PublisherView]] | None = None,
     ) -> None:
         self.scheduler = scheduler
+        # Every endpoint's KV-event view per data-parallel rank (kv_subscriber.publisher_views).
+        self.publisher_views = publisher_views
         self.scraper = scraper
         self.ingest_stats = ingest_stats
         self.clock = clock
@@ -87,6 +90,8 @@ class KvschedCollector(Collector):
             yield from self._scrapes(self.scraper.all_stats())
         if self.ingest_stats is not None:
             yield from self._ingest(self.ingest_stats())
+        if self.publisher_views is not None:
+            yield from self._views(self.publisher_views())
 
     def _endpoints(self) -> Iterator[Metric]:
         scheduler = self.scheduler
@@ -370,6 +375,47 @@ class KvschedCollector(Collector):
                 family.add_metric([name], getattr(item, field))
         yield from families.values()
 
+    @staticmethod
+    def _views(views: Sequence[PublisherView]) -> Iterator[Metric]:
+        labels = ["endpoint", "rank"]
+        complete = GaugeMetricFamily(
+            "kvsched_kv_view_complete",
+            "1 while every KV event since the engine's cache was last empty has been applied for this "
+            "publisher (endpoint, data-parallel rank); 0 after lost history or before the first batch.",
+            labels=labels,
+        )
+        state = GaugeMetricFamily(
+            "kvsched_kv_view_state",
+            "1 for the publisher's view state: exact (complete and current), degraded (a replay is "
+            "catching up, or history was lost), fallback (no KV events: approximate mode).",
+            labels=[*labels, "state"],
+        )
+        age = GaugeMetricFamily(
+            "kvsched_kv_last_event_age_seconds",
+            "Time since the publisher's last live batch arrived (NaN: none yet); an idle engine "
+            "publishes nothing.",
+            labels=labels,
+        )
+        replaying = GaugeMetricFamily(
+            "kvsched_kv_replay_in_flight", "1 while a replay from the publisher runs.", labels=labels
+        )
+        buffered = GaugeMetricFamily(
+            "kvsched_kv_buffered_batches",
+            "Live batches held until the replay in flight ends.",
+            labels=labels,
+        )
+        for view in views:
+            label = [view.endpoint, str(view.rank)]
+            for name in VIEW_STATES:
+                state.add_metric([*label, name], 1.0 if view.state == name else 0.0)
+            if view.state == "fallback":
+                continue  # no publisher: nothing below applies
+            complete.add_metric(label, 1.0 if view.view_complete else 0.0)
+            age.add_metric(label, math.nan if view.last_event_age_s is None else view.last_event_age_s)
+            replaying.add_metric(label, 1.0 if view.replay_in_flight else 0.0)
+            buffered.add_metric(label, view.buffered)
+        yield from (complete, state, age, replaying, buffered)
+
 
 def new_registry(*, process_metrics: bool = True) -> CollectorRegistry:
     """A registry of kvsched's own (not the global default one, which tests share)."""
@@ -395,9 +441,12 @@ class MetricsHTTPServer:
         host: str = "0.0.0.0",
         port: int = 9090,
         status: Callable[[], dict[str, Any]] | None = None,
+        routes: Sequence[web.RouteDef] = (),
     ) -> None:
         self.registry = registry
         self.status = status
+        # More diagnosis handlers on the same port (server/debug_http.py: /debug/lookup, ...).
+        self.routes = list(routes)
         self._host = host
         self._requested_port = port
         self._runner: web.AppRunner | None = None
@@ -425,6 +474,7 @@ class MetricsHTTPServer:
         app = web.Application()
         app.router.add_get("/metrics", self._handle)
         app.router.add_get(STATUS_PATH, self._status)
+        app.add_routes(self.routes)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:

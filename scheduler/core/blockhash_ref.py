@@ -15,12 +15,18 @@ Two key schemes:
   ``sha256(cbor_canonical((parent_digest, tuple(tokens), extra_keys_or_None)))``, root
   ``NONE_HASH = sha256(cbor(seed_string))``. The wire value is the digest's last 8 bytes
   read big-endian, which is what this index keys on.
+
+vLLM's other ``--prefix-caching-hash-algo``, ``sha256`` (SHA-256 of the pickled tuple), is
+reproduced here too (``vllm_hash``), without a kernel: the index never keys on it, but a
+diagnosis (``kvsched doctor``) and the simulated pool need to tell the two apart.
 """
 
 from __future__ import annotations
 
 import hashlib
+import pickle
 from collections.abc import Sequence
+from typing import Literal
 
 MASK64 = (1 << 64) - 1
 PRIME64_1 = 0x9E3779B185EBCA87
@@ -147,8 +153,23 @@ def cbor_canonical(value: CborValue) -> bytes:
     raise TypeError(f"cannot hash a {type(value).__name__} the way vLLM's sha256_cbor does")
 
 
-def vllm_none_hash(seed: str = VLLM_DEFAULT_SEED) -> bytes:
-    return hashlib.sha256(cbor_canonical(seed)).digest()
+# vLLM 0.33.0 ``vllm/utils/hashing.py`` ``get_hash_fn_by_name``: the SHA-256 variants.
+VllmHashAlgo = Literal["sha256_cbor", "sha256"]
+VLLM_HASH_ALGOS: tuple[VllmHashAlgo, ...] = ("sha256_cbor", "sha256")
+
+
+def vllm_hash(value: CborValue, algo: VllmHashAlgo = "sha256_cbor") -> bytes:
+    """vLLM's hash function ``algo`` of one value: ``sha256_cbor`` hashes canonical CBOR,
+    ``sha256`` the value pickled with ``pickle.HIGHEST_PROTOCOL`` (vLLM's own choices)."""
+    if algo == "sha256_cbor":
+        return hashlib.sha256(cbor_canonical(value)).digest()
+    if algo == "sha256":
+        return hashlib.sha256(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)).digest()
+    raise ValueError(f"unknown vLLM hash algorithm {algo!r} (known: {', '.join(VLLM_HASH_ALGOS)})")
+
+
+def vllm_none_hash(seed: str = VLLM_DEFAULT_SEED, algo: VllmHashAlgo = "sha256_cbor") -> bytes:
+    return vllm_hash(seed, algo)
 
 
 def vllm_block_digests(
@@ -156,6 +177,7 @@ def vllm_block_digests(
     block_size: int,
     parent_digest: bytes,
     extra_keys: Sequence[CborValue | None] | None = None,
+    algo: VllmHashAlgo = "sha256_cbor",
 ) -> list[bytes]:
     """Full 32-byte digests of every full block, chained from ``parent_digest``.
 
@@ -169,7 +191,7 @@ def vllm_block_digests(
     for i in range(len(tokens) // block_size):
         extra = extra_keys[i] if extra_keys is not None and i < len(extra_keys) else None
         block = tuple(tokens[i * block_size : (i + 1) * block_size])
-        parent = hashlib.sha256(cbor_canonical((parent, block, extra))).digest()
+        parent = vllm_hash((parent, block, extra), algo)
         digests.append(parent)
     return digests
 

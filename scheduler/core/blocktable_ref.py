@@ -10,6 +10,9 @@ Rules both implementations follow:
   loses both it is freed and its parent is checked the same way.
 * A node's parent is fixed when the node is created: the previous block of the stored
   chain, or for a chain's first block the node of the parent key if there is one.
+* A stored chain whose parent block the worker never reported (no mapping for it in the
+  worker's engine hashes) is an orphan in both key modes: nothing is stored and -1 is
+  returned, so the caller can count the missed message and resynchronise the worker.
 * Recency (for the ``max_blocks`` bound) is an operation counter, not a clock: a store
   touches its blocks, a match touches the blocks it matched, deepest first, so that
   ancestors end more recent than their descendants. While the table holds more than
@@ -115,12 +118,22 @@ class BlockTable:
         return self._store(worker, tier, hashes, keys, parent_node)
 
     def store_keys(self, worker: int, tier: int, keys: list[int], parent_key: int | None) -> int:
-        """Exact mode: the engine's wire hash is the key; an unknown parent makes a root."""
+        """Exact mode: the engine's wire hash is the key.
+
+        Returns the number of blocks stored, or -1 (and changes nothing) when the worker
+        never reported the parent block, as ``store_blocks``: another worker holding that
+        key does not make it this worker's prefix.
+        """
         self._check(worker, tier)
         masked = [_u64(k) for k in keys]
         if 0 in masked:
             raise ValueError("0 is not a valid block key")
-        parent_node = None if parent_key is None else self._nodes.get(_u64(parent_key))
+        parent_node = None
+        if parent_key is not None:
+            parent = _u64(parent_key)
+            if parent not in self._engine[worker]:
+                return -1
+            parent_node = self._nodes.get(parent)
         if not masked:
             return 0
         return self._store(worker, tier, masked, masked, parent_node)
@@ -234,12 +247,13 @@ class BlockTable:
     # --- reads -------------------------------------------------------------------------
 
     def match(
-        self, keys: Iterable[int], worker_filter: Iterable[int] | None = None
+        self, keys: Iterable[int], worker_filter: Iterable[int] | None = None, touch: bool = True
     ) -> list[tuple[int, int, int, int, int]]:
         """Per worker holding keys[0]: (worker, leading blocks held, of which GPU, CPU, storage).
 
         A worker's run continues while it holds the next block in any tier; each block is
-        counted in the fastest tier the worker holds it in.
+        counted in the fastest tier the worker holds it in. ``touch`` False leaves the
+        recency order (the memory bound's) as it was.
         """
         allowed = None if worker_filter is None else set(worker_filter)
         runs: dict[int, list[int]] = {}
@@ -267,7 +281,8 @@ class BlockTable:
                 run[0] += 1
                 run[1 + fastest] += 1
             walked.append(key)
-        self._touch(reversed(walked))
+        if touch:
+            self._touch(reversed(walked))
         return [(worker, run[0], run[1], run[2], run[3]) for worker, run in sorted(runs.items())]
 
     def match_named(
@@ -276,10 +291,11 @@ class BlockTable:
         names: Sequence[str | None],
         match_type: type[tuple[int, int, int, int]],
         worker_filter: Iterable[int] | None = None,
+        touch: bool = True,
     ) -> dict[str, tuple[int, int, int, int]]:
         """As match, keyed by ``names[worker]`` (workers without a name are left out)."""
         result = {}
-        for worker, *counts in self.match(keys, worker_filter):
+        for worker, *counts in self.match(keys, worker_filter, touch):
             name = names[worker] if worker < len(names) else None
             if name is not None:
                 result[name] = tuple.__new__(match_type, counts)

@@ -13,6 +13,10 @@ requests into prefix matches:
 * ``vllm`` hash mode: keys are vLLM's own ``sha256_cbor`` wire hashes, recomputed for
   requests with the configured seed, for pools whose events carry no token ids.
 
+In both modes a BlockStored chained onto a parent block the worker never reported is an
+orphan: nothing is stored (no lookup could reach it through the worker's chain) and
+``ApplyResult.orphans`` counts it, so ingest can resynchronise the worker.
+
 Only full-attention KV-cache groups count for prefix reuse; sliding-window and Mamba
 groups are skipped. Worker names are opaque strings (normally ``ip:port``).
 """
@@ -87,7 +91,9 @@ class BlockTable(Protocol):
 
     def clear_worker(self, worker: int) -> int: ...
 
-    def match(self, keys: Any, worker_filter: Any = None) -> list[tuple[int, int, int, int, int]]: ...
+    def match(
+        self, keys: Any, worker_filter: Any = None, touch: bool = True
+    ) -> list[tuple[int, int, int, int, int]]: ...
 
     def match_named(
         self,
@@ -95,6 +101,7 @@ class BlockTable(Protocol):
         names: list[str | None],
         match_type: type,
         worker_filter: Any = None,
+        touch: bool = True,
     ) -> dict[str, Any]: ...
 
     def worker_blocks(self, worker: int) -> int: ...
@@ -198,6 +205,8 @@ class PrefixIndex:
         self._root_keys: dict[int | None, int] = {}
         self._vllm_root = self._hashing.vllm_none_hash(self.config.vllm_hash_seed)
         self.stats = IndexStats()
+        # Made now rather than on the first request, so that a read-only lookup leaves no state.
+        self._root_key(None)
 
     # --- workers -----------------------------------------------------------------------
 
@@ -396,6 +405,21 @@ class PrefixIndex:
         return {
             names[row[0]]: _new_match(PrefixMatch, row[1:])
             for row in self._table.match(keys)
+            if row[0] in names
+        }
+
+    def peek(self, keys: Any) -> dict[str, PrefixMatch]:
+        """As ``match``, leaving no trace: the recency order that decides what the memory
+        bound evicts next is not touched (a diagnosis must not keep blocks alive)."""
+        if self._native is not None:
+            matches: dict[str, PrefixMatch] = self._table.match_named(
+                keys, self._names, PrefixMatch, None, False
+            )
+            return matches
+        names = self._worker_names
+        return {
+            names[row[0]]: _new_match(PrefixMatch, row[1:])
+            for row in self._table.match(keys, None, False)
             if row[0] in names
         }
 

@@ -42,6 +42,10 @@ Situations and what is done:
   evicting parents), makes the view incomplete instead of rebuilding in a loop.
 * AllBlocksCleared makes the view complete again from that batch on.
 
+What ingest believes of each publisher is summed up as a ``PublisherView`` (``view(now)``):
+``exact`` (complete and current), ``degraded`` (behind, or history lost) or, for an
+endpoint that publishes no events, ``fallback`` (approximate mode), with the reason.
+
 Resets are counted only when entries were actually cleared (nothing applied since the
 last clear means nothing to clear). Everything here is plain code over in-memory state;
 time comes in as ``now`` (seconds, monotonic), used for replay timeouts and rebuild pacing.
@@ -53,7 +57,8 @@ import enum
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -209,6 +214,52 @@ class _Replay:
 # is not a batch (``scheduler.codec.kvevents.decode_batch``, handed in by the adapter).
 BatchDecoder = Callable[[bytes], DecodedBatch]
 
+# exact: the index holds what the engine reported, all of it, up to the newest batch seen.
+# degraded: events flow but the view is behind (a replay is catching up on a gap) or
+#   incomplete (history lost: a late join or a gap that could not be replayed, orphans,
+#   a restart whose first batches were missed, or no batch received yet).
+# fallback: the endpoint publishes no KV events; kvsched's own routing history stands in
+#   (approximate mode).
+ViewState = Literal["exact", "degraded", "fallback"]
+VIEW_STATES: tuple[ViewState, ...] = ("exact", "degraded", "fallback")
+NO_BATCH_YET = "no KV-event batch received yet: what the engine cached before is unknown"
+NO_KV_EVENTS = "the endpoint publishes no KV events: approximate mode (kvsched's own routing history)"
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherView:
+    """What ingest believes of one publisher's slice of the index at one moment.
+
+    ``last_event_age_s`` is the time since the last live batch arrived. It does not make
+    the view degraded by itself: vLLM publishes only when its cache changes, so an idle
+    engine is silent; whether events stopped while requests were routed there needs the
+    routing side's count as well.
+    """
+
+    endpoint: str
+    rank: int
+    worker: str
+    state: ViewState
+    reason: str
+    view_complete: bool
+    next_seq: int | None = None
+    replay_in_flight: bool = False
+    replay_purpose: str | None = None
+    replay_from: int | None = None
+    buffered: int = 0
+    last_event_age_s: float | None = None
+    stats: IngestStats | None = None
+
+    @classmethod
+    def without_events(cls, endpoint: str, rank: int, worker: str) -> PublisherView:
+        """An endpoint (rank) that publishes no KV events."""
+        return cls(endpoint, rank, worker, "fallback", NO_KV_EVENTS, view_complete=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        document = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "stats"}
+        document["counters"] = None if self.stats is None else self.stats.as_dict()
+        return document
+
 
 class WorkerIngest:
     """One publisher (one data-parallel rank of one endpoint) feeding one index worker."""
@@ -244,6 +295,9 @@ class WorkerIngest:
         self._orphans_pending = False
         self._last_rebuild: float | None = None
         self._logged: set[str] = set()
+        # Why the view is incomplete (meaningless while it is complete).
+        self._incomplete_why = NO_BATCH_YET
+        self._last_live_at: float | None = None
 
     # --- state the I/O side reads ------------------------------------------------------
 
@@ -269,6 +323,36 @@ class WorkerIngest:
     def buffered(self) -> int:
         return len(self._buffer)
 
+    def view(self, now: float, *, endpoint: str = "", rank: int = 0) -> PublisherView:
+        """The publisher's state as of ``now`` (see ``ViewState``)."""
+        replay = self._replay
+        if replay is not None:
+            state: ViewState = "degraded"
+            reason = (
+                f"replaying from seq {replay.start} ({replay.purpose.value}); "
+                f"{len(self._buffer)} live batches wait"
+            )
+        elif not self.view_complete:
+            state, reason = "degraded", self._incomplete_why
+        else:
+            state, reason = "exact", "every event since the engine's cache was last empty is applied"
+        last = self._last_live_at
+        return PublisherView(
+            endpoint or self.worker,
+            rank,
+            self.worker,
+            state,
+            reason,
+            self.view_complete,
+            self.next_seq,
+            replay is not None,
+            None if replay is None else replay.purpose.value,
+            None if replay is None else replay.start,
+            len(self._buffer),
+            None if last is None else max(now - last, 0.0),
+            IngestStats(**self.stats.as_dict()),
+        )
+
     def malformed_frame(self, detail: str) -> None:
         """A ZMQ message that is not a vLLM frame set: counted, logged once, skipped."""
         self.stats.malformed_frames += 1
@@ -278,6 +362,7 @@ class WorkerIngest:
 
     def on_live(self, seq: int, payload: bytes, now: float) -> Step:
         """One live batch as received."""
+        self._last_live_at = now
         verdict = self._live.observe(seq)
         kind = verdict.kind
         if kind is VerdictKind.FIRST:
@@ -328,7 +413,12 @@ class WorkerIngest:
                 return Step(
                     Action.BUFFERED, verdict, replay_from=self._request_replay(purpose, expected, now)
                 )
-            self._lose(expected, seq, "batches missed and no replay endpoint")
+            why = (
+                "joined the stream late, no replay endpoint"
+                if first
+                else "batches missed, no replay endpoint"
+            )
+            self._lose(expected, seq, why)
         action = self._apply(seq, payload)
         return Step(action, verdict, replay_from=self._settle_orphans(now))
 
@@ -481,8 +571,9 @@ class WorkerIngest:
         if start is None:
             return None
         if not self.replay_available:
-            self._reset("orphan blocks and no replay endpoint to rebuild from", start)
-            self._empty_at = None
+            why = "orphan blocks and no replay endpoint to rebuild from"
+            self._reset(why, start)
+            self._mark_incomplete(why)
             return None
         last = self._last_rebuild
         if last is not None and now - last < self.config.min_rebuild_interval_s:
@@ -498,7 +589,8 @@ class WorkerIngest:
         """Batches ``[start, end)`` will never be applied: reset and continue from ``end``."""
         self.stats.lost_batches += end - start
         self._reset(why, start)
-        self._empty_at = None
+        lost = f"seq {start}" if end - start == 1 else f"seq {start}..{end - 1}"
+        self._mark_incomplete(f"{lost} never applied: {why}")
         self._applied.expected = end
 
     def _reset(self, why: str, seq: int) -> None:
@@ -510,8 +602,12 @@ class WorkerIngest:
 
     def _give_up_completeness(self, why: str) -> None:
         if self._empty_at is not None:
-            self._empty_at = None
+            self._mark_incomplete(why)
             self._log_once(f"incomplete:{why}", "index view of %s is now approximate: %s", self.worker, why)
+
+    def _mark_incomplete(self, why: str) -> None:
+        self._empty_at = None
+        self._incomplete_why = why
 
     def _log_once(self, kind: str, message: str, *args: object) -> None:
         if kind in self._logged:

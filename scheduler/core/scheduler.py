@@ -28,6 +28,7 @@ from scheduler.core.flowcontrol import (
 )
 from scheduler.core.index import IndexConfig, PrefixIndex
 from scheduler.core.latency import PredictorEstimator
+from scheduler.core.lookup import EndpointPrefix, PrefixLookup, RankPrefix
 from scheduler.core.objectives import ObjectiveTable, ResolvedObjective
 from scheduler.core.policies import (
     DEFAULT_POLICY,
@@ -511,6 +512,65 @@ class Scheduler:
         if chosen and now is not None:
             self._start(request, self._by_address[chosen[0]], None, now)
         return chosen
+
+    # --- read-only lookup ----------------------------------------------------------------
+
+    def lookup(self, token_ids: Sequence[int], now: float, *, model: str | None = None) -> PrefixLookup:
+        """What the index says every endpoint holds of a prompt, per data-parallel rank and
+        tier, as a pick at ``now`` would see it, changing nothing: no in-flight reservation,
+        no flow control, no policy or predictor call, no recency touched in the index, no
+        approximate-mode entry expired (those past their TTL are left out of the answer
+        instead), and every endpoint reported, healthy or not."""
+        keys = self.index.request_keys(token_ids)
+        prompt_blocks = len(keys)
+        matches = self.index.peek(keys) if prompt_blocks else {}
+        live = self._unexpired_approximate(now)
+        if live:
+            # Iterating a lazy PromptKeys hashes the whole prompt: fine for a diagnosis.
+            key_list = [int(key) for key in keys]
+            for name, held in live.items():
+                depth = next((i for i, key in enumerate(key_list) if key not in held), len(key_list))
+                if depth:
+                    matches[name] = PrefixMatch(depth, depth, 0, 0)
+                else:
+                    matches.pop(name, None)
+        endpoints = []
+        for name in sorted(self._endpoints):
+            endpoint = self._endpoints[name].endpoint
+            ranks = tuple(
+                RankPrefix.of(rank, worker, matches.get(worker), prompt_blocks)
+                for rank, worker in enumerate(endpoint.index_workers())
+            )
+            endpoints.append(
+                EndpointPrefix(
+                    name,
+                    endpoint.address,
+                    self._healthy(self._endpoints[name]),
+                    "kv_events" if endpoint.kv_events is not None else "routing_history",
+                    max(rank.matched_blocks for rank in ranks),
+                    ranks,
+                )
+            )
+        best = max((e.matched_blocks for e in endpoints), default=0)
+        return PrefixLookup(
+            model,
+            len(token_ids),
+            prompt_blocks,
+            min(best + 1, prompt_blocks),
+            self.config.index.block_size,
+            self.config.index.hash_mode,
+            tuple(endpoints),
+        )
+
+    def _unexpired_approximate(self, now: float) -> dict[str, set[int]]:
+        """Approximate mode, read-only: for each endpoint with entries past their TTL that the
+        next pick will forget, the keys its entries still within the TTL hold."""
+        expired = {endpoint for expires_at, endpoint, _ in self._approx if expires_at <= now}
+        live: dict[str, set[int]] = {endpoint: set() for endpoint in expired}
+        for expires_at, endpoint, keys in self._approx:
+            if expires_at > now and endpoint in live:
+                live[endpoint].update(keys)
+        return live
 
     # --- request lifecycle ---------------------------------------------------------------
 

@@ -81,6 +81,11 @@ def write_outputs(reports: dict[str, dict[str, Any]], args: argparse.Namespace, 
     if args.plot_dir:
         for path in save_plots(reports, args.plot_dir, title=title):
             print(f"plot: {path}")
+    if args.html:
+        from scheduler.replay.html import render_html
+
+        Path(args.html).write_text(render_html(reports, title=title), encoding="utf-8")
+        print(f"page: {args.html}")
 
 
 def slo_targets(args: argparse.Namespace) -> SLOTargets:
@@ -182,6 +187,39 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_reports(paths: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Reports from ``kvsched replay --json`` files: one report, or several keyed by label."""
+    runs: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(document, dict):
+            raise ValueError(f"{path}: not a replay report")
+        found = {document.get("policy", Path(path).stem): document} if "ttft_ms" in document else document
+        for label, report in found.items():
+            if not isinstance(report, dict) or "ttft_ms" not in report:
+                raise ValueError(f"{path}: {label!r} is not a replay report")
+            key = str(label)
+            while key in runs:
+                key += "'"
+            runs[key] = report
+    return runs
+
+
+def _report(args: argparse.Namespace) -> int:
+    from scheduler.replay.html import render_html
+
+    try:
+        runs = read_reports(args.reports)
+    except (OSError, ValueError) as exc:
+        print(f"kvsched report: {exc}", file=sys.stderr)
+        return 2
+    first = next(iter(runs.values()))
+    title = args.title or f"{first.get('workload', 'replay')}: {', '.join(runs)}"
+    Path(args.html).write_text(render_html(runs, title=title), encoding="utf-8")
+    print(f"page: {args.html}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     replay = subparsers.add_parser(
         "replay", help="replay a trace or generated workload, live against a URL or in the simulator"
@@ -247,5 +285,15 @@ def register(subparsers: Any) -> None:
     output = replay.add_argument_group("output")
     output.add_argument("--json", help="write the report (several: {policy: report}) to this file")
     output.add_argument("--plot-dir", help="write PNG plots here")
+    output.add_argument("--html", metavar="FILE", help="write the report as a self-contained HTML page")
     output.add_argument("--quiet", action="store_true", help="no progress bar")
     replay.set_defaults(func=_run)
+
+    report = subparsers.add_parser(
+        "report",
+        help="render replay reports (kvsched replay --json) as a self-contained HTML page with plots",
+    )
+    report.add_argument("reports", nargs="+", metavar="REPORT.json", help="a report, or {label: report}")
+    report.add_argument("--html", required=True, metavar="FILE", help="the page to write")
+    report.add_argument("--title", default="", help="the page's title (default: the workload's)")
+    report.set_defaults(func=_report)

@@ -75,15 +75,14 @@ def plot_hit_ratio(ax: Axes, reports: Mapping[str, Mapping[str, Any]]) -> None:
         ax.legend(loc="upper right")
 
 
-def save_plots(
+def replay_figure(
     reports: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
-    directory: str | Path,
     *,
     title: str = "",
     ttft_ms: Mapping[str, Sequence[float]] | None = None,
-) -> list[Path]:
-    """Write ``replay.png`` (TTFT CDF beside the hit ratios) into ``directory``; return its path.
-    TTFT samples come from ``ttft_ms`` when given, else from each report's ``samples.ttft_ms``."""
+) -> Figure:
+    """The TTFT CDF beside the hit ratios. TTFT samples come from ``ttft_ms`` when given, else
+    from each report's ``samples.ttft_ms``."""
     runs = labelled(reports)
     samples = (
         dict(ttft_ms)
@@ -98,6 +97,18 @@ def save_plots(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def save_plots(
+    reports: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
+    directory: str | Path,
+    *,
+    title: str = "",
+    ttft_ms: Mapping[str, Sequence[float]] | None = None,
+) -> list[Path]:
+    """Write ``replay.png`` (``replay_figure``) into ``directory``; return its path."""
+    fig = replay_figure(reports, title=title, ttft_ms=ttft_ms)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     path = out / PLOT_FILE

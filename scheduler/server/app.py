@@ -33,20 +33,22 @@ from typing import Any
 
 from scheduler.adapters.discovery import EndpointDefaults, EndpointSource, StaticEndpointSource
 from scheduler.adapters.extproc import ExtProcServer, TLSSettings
+from scheduler.adapters.extproc.lookup import PromptLookup
 from scheduler.adapters.kubernetes.client import KubeClient, in_cluster_namespace
 from scheduler.adapters.kubernetes.discovery import KubernetesDiscovery
 from scheduler.adapters.kubernetes.policy import PolicyError, PolicySettings
 from scheduler.adapters.kubernetes.pools import POOL_RESOURCES
 from scheduler.adapters.kubernetes.reflector import Backoff
-from scheduler.adapters.kv_subscriber import KVEventIngestService, SubscriberConfig
+from scheduler.adapters.kv_subscriber import KVEventIngestService, SubscriberConfig, publisher_views
 from scheduler.adapters.metrics import KvschedCollector, MetricsHTTPServer, new_registry
 from scheduler.adapters.predictor_trainer import PredictorTrainer
 from scheduler.adapters.scraper import MetricsScraper
 from scheduler.adapters.tokenizer import make_tokenizer
 from scheduler.adapters.tokenizer_probe import TokenizerService
-from scheduler.core.kvingest import IngestStats
+from scheduler.core.kvingest import IngestStats, PublisherView
 from scheduler.core.scheduler import Endpoint, EndpointDiff, EndpointMetrics, Scheduler, SchedulerConfig
 from scheduler.server.config import ConfigError, ServeConfig, TLSConfig
+from scheduler.server.debug_http import debug_routes, kv_ingest_document
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +152,20 @@ class ServeApp:
                 clock=clock,
                 trainer_stats=lambda: self.trainer.stats,
                 tokenizer_probe=lambda: self.tokenizers.probe.status,
+                publisher_views=self.publisher_views,
             )
         )
+        # Read-only: what the index says every endpoint holds of a prompt (/debug/lookup).
+        self.lookups = PromptLookup(self.scheduler, self.server.runner)
         self.metrics_server = (
             None
             if config.metrics_port is None
             else MetricsHTTPServer(
-                self.registry, host=config.host, port=config.metrics_port, status=self.status
+                self.registry,
+                host=config.host,
+                port=config.metrics_port,
+                status=self.status,
+                routes=debug_routes(self.lookups, self.kv_ingest_status),
             )
         )
         # The SchedulingPolicy in force (None: the configuration file's settings alone).
@@ -211,6 +220,8 @@ class ServeApp:
         verdict = stats.verdict()
         return {
             "endpoints": len(self.scheduler.endpoints()),
+            # Endpoints by KV-event view state; each one's detail is on /debug/kv-ingest.
+            "kv_events": self.kv_ingest_status()["endpoints_by_state"],
             "tokenizer": self.tokenizers.status(),
             "prefix_match": {
                 "status": verdict.status,
@@ -221,6 +232,14 @@ class ServeApp:
                 "predicted_hit_ratio": stats.predicted_hit_ratio,
             },
         }
+
+    def publisher_views(self) -> list[PublisherView]:
+        """Every endpoint's KV-event view per data-parallel rank."""
+        return publisher_views(self.scheduler.endpoints(), self.ingest)
+
+    def kv_ingest_status(self) -> dict[str, Any]:
+        """``/debug/kv-ingest`` on the metrics port."""
+        return kv_ingest_document(self.scheduler.endpoints(), self.publisher_views())
 
     def _ingest_stats(self) -> dict[str, IngestStats]:
         if self.ingest is None:

@@ -17,27 +17,32 @@ EXIT_BAD_CONFIG = 2
 
 
 def _overrides(args: argparse.Namespace) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    """The flags as configuration overrides; commands that share only ``add_config_arguments``
+    (``kvsched doctor``) lack the serving flags, which then override nothing."""
     from scheduler.adapters.discovery import parse_endpoint_flag
     from scheduler.server.config import ConfigError, parse_set_flag
 
+    def flag(name: str) -> Any:
+        return getattr(args, name, None)
+
     overrides: dict[str, Any] = {
-        "host": args.host,
-        "grpc_port": args.grpc_port,
-        "health_port": args.health_port,
-        "metrics_port": args.metrics_port,
-        "scrape_interval_s": args.scrape_interval,
-        "scrape_timeout_s": args.scrape_timeout,
+        "host": flag("host"),
+        "grpc_port": flag("grpc_port"),
+        "health_port": flag("health_port"),
+        "metrics_port": flag("metrics_port"),
+        "scrape_interval_s": flag("scrape_interval"),
+        "scrape_timeout_s": flag("scrape_timeout"),
         "scrape_engine": args.engine,
         "tokenizer_dir": args.tokenizer_dir,
         "tokenizer_json": args.tokenizer_json,
         "tokenizer_config": args.tokenizer_config,
         "tokenizer_mode": args.tokenizer_mode,
-        "audit_log": args.audit_log,
+        "audit_log": flag("audit_log"),
     }
     sets: list[tuple[str, Any]] = []
-    if args.plaintext:
+    if flag("plaintext"):
         overrides["tls"] = {"mode": "plaintext"}
-    elif args.tls_cert or args.tls_key:
+    elif flag("tls_cert") or flag("tls_key"):
         overrides["tls"] = {"mode": "files", "cert_file": args.tls_cert, "key_file": args.tls_key}
     if args.endpoint:
         try:
@@ -46,10 +51,50 @@ def _overrides(args: argparse.Namespace) -> tuple[dict[str, Any], list[tuple[str
             raise ConfigError(str(exc)) from None
     if args.no_kv_events:
         sets.append(("kv_events.enabled", False))
-    if args.on_internal_error:
+    if flag("on_internal_error"):
         sets.append(("extproc.on_internal_error", args.on_internal_error))
     sets.extend(parse_set_flag(text) for text in args.set or ())
     return overrides, sets
+
+
+def load_from_args(args: argparse.Namespace) -> Any:
+    """The ServeConfig of ``--config`` and the flags (ConfigError names what is wrong)."""
+    from scheduler.server.config import load_config
+
+    overrides, sets = _overrides(args)
+    return load_config(args.config, overrides, sets)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say what pool and settings kvsched works with (serve and doctor)."""
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON ServeConfig file")
+    parser.add_argument(
+        "--endpoint",
+        action="append",
+        metavar="ADDR[,KEY=VALUE...]",
+        help="model server host:port, repeatable; replaces the file's endpoints. Keys: name, metrics, "
+        "kv (tcp://... | true | false), replay, topic, dp, class, label.NAME",
+    )
+    parser.add_argument("--engine", choices=("auto", "vllm", "sglang"), help="model-server metric names")
+    parser.add_argument("--no-kv-events", action="store_true", help="approximate mode for every endpoint")
+    parser.add_argument(
+        "--tokenizer-dir",
+        metavar="DIR",
+        help="Hugging Face tokenizer directory (kvsched sim prints the simulated pool's)",
+    )
+    parser.add_argument(
+        "--tokenizer-mode",
+        choices=("auto", "local", "worker_render", "bytes"),
+        help="how text and chat prompts become token ids (default auto)",
+    )
+    parser.add_argument("--tokenizer-json", metavar="FILE", help="model tokenizer.json")
+    parser.add_argument("--tokenizer-config", metavar="FILE", help="tokenizer_config.json (chat template)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY.PATH=VALUE",
+        help="override any config field, e.g. scheduler.scoring.mode=softmax (VALUE read as YAML)",
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -91,14 +136,7 @@ def register(subparsers: Any) -> None:
         help="run the Endpoint Picker (Envoy ext_proc gRPC, health, metrics)",
         description="Run the Endpoint Picker until SIGTERM/SIGINT. Flags override --config.",
     )
-    serve.add_argument("--config", metavar="FILE", help="YAML or JSON ServeConfig file")
-    serve.add_argument(
-        "--endpoint",
-        action="append",
-        metavar="ADDR[,KEY=VALUE...]",
-        help="model server host:port, repeatable; replaces the file's endpoints. Keys: name, metrics, "
-        "kv (tcp://... | true | false), replay, topic, dp, class, label.NAME",
-    )
+    add_config_arguments(serve)
     serve.add_argument("--host", help="bind address of every port (default 0.0.0.0)")
     serve.add_argument("--grpc-port", type=int, help="ext_proc gRPC port (default 9002; 0 = ephemeral)")
     serve.add_argument("--health-port", type=int, help="gRPC health port (default 9003)")
@@ -109,29 +147,9 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--tls-key", metavar="FILE", help="ext_proc private key (with --tls-cert)")
     serve.add_argument("--scrape-interval", type=float, metavar="SECONDS", help="default 0.1")
     serve.add_argument("--scrape-timeout", type=float, metavar="SECONDS", help="default 1.0")
-    serve.add_argument("--engine", choices=("auto", "vllm", "sglang"), help="model-server metric names")
-    serve.add_argument("--no-kv-events", action="store_true", help="approximate mode for every endpoint")
     serve.add_argument("--on-internal-error", choices=("fallback", "grpc_error"))
     serve.add_argument(
-        "--tokenizer-dir",
-        metavar="DIR",
-        help="Hugging Face tokenizer directory (kvsched sim prints the simulated pool's)",
-    )
-    serve.add_argument(
-        "--tokenizer-mode",
-        choices=("auto", "local", "worker_render", "bytes"),
-        help="how text and chat prompts become token ids (default auto)",
-    )
-    serve.add_argument("--tokenizer-json", metavar="FILE", help="model tokenizer.json")
-    serve.add_argument("--tokenizer-config", metavar="FILE", help="tokenizer_config.json (chat template)")
-    serve.add_argument(
         "--audit-log", action=argparse.BooleanOptionalAction, default=None, help="one JSON line per decision"
-    )
-    serve.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY.PATH=VALUE",
-        help="override any config field, e.g. scheduler.scoring.mode=softmax (VALUE read as YAML)",
     )
     serve.add_argument("--ready-file", metavar="FILE", help="write the bound ports as JSON once serving")
     serve.add_argument("--check", action="store_true", help="validate and print the configuration, then exit")

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from scheduler.core.blockhash_ref import VLLM_DEFAULT_SEED, VLLM_HASH_ALGOS
 from scheduler.sim.engine import DEFAULT_CAPACITY_BLOCKS, EngineConfig
 from scheduler.sim.latency import LatencyModel
 from scheduler.sim.pool import PoolConfig, run_pool
@@ -30,6 +31,8 @@ def _run(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
+        hash_seed=args.hash_seed,
+        hash_algo=args.hash_algo,
         latency=LatencyModel(token_scale=args.token_scale),
     )
     config = PoolConfig(
@@ -38,6 +41,9 @@ def _run(args: argparse.Namespace) -> int:
         base_port=args.base_port,
         speed=args.speed,
         legacy_events=args.legacy_events,
+        replay=not args.no_replay,
+        events_with_token_ids=not args.no_event_token_ids,
+        omit_metrics=tuple(args.omit_metric or ()),
         topic=LLMD_TOPIC if args.kv_topic == "llm-d" else args.kv_topic,
         tokenizer_dir=args.tokenizer_dir,
         engine=engine,
@@ -110,6 +116,28 @@ def register(subparsers: Any) -> None:
     sim.add_argument(
         "--tokenizer-dir",
         help="Hugging Face tokenizer directory (default: the simulated model's own, printed at start)",
+    )
+    sim.add_argument(
+        "--hash-algo",
+        choices=VLLM_HASH_ALGOS,
+        default="sha256_cbor",
+        help="vLLM's --prefix-caching-hash-algo for the published block hashes (default sha256_cbor)",
+    )
+    sim.add_argument(
+        "--hash-seed",
+        default=VLLM_DEFAULT_SEED,
+        help="the pods' PYTHONHASHSEED, the root of vLLM's block hashes "
+        f"(default {VLLM_DEFAULT_SEED!r}: unset)",
+    )
+    sim.add_argument("--no-replay", action="store_true", help="no KV-event replay socket (vLLM's default)")
+    sim.add_argument(
+        "--no-event-token-ids", action="store_true", help="BlockStored without token ids (older vLLM)"
+    )
+    sim.add_argument(
+        "--omit-metric",
+        action="append",
+        metavar="NAME",
+        help="leave this metric family off /metrics, e.g. vllm:kv_cache_usage_perc (repeatable)",
     )
     sim.add_argument("--max-num-seqs", type=int, default=256)
     sim.add_argument("--max-num-batched-tokens", type=int, default=8192)

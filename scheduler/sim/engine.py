@@ -77,7 +77,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     # Llama-3-8B's context window.
     max_model_len: int = 8192
+    # vLLM's NONE_HASH seed (its PYTHONHASHSEED) and --prefix-caching-hash-algo.
     hash_seed: str = blockhash_ref.VLLM_DEFAULT_SEED
+    hash_algo: blockhash_ref.VllmHashAlgo = "sha256_cbor"
     latency: LatencyModel = field(default_factory=LatencyModel)
 
     def __post_init__(self) -> None:
@@ -90,6 +92,8 @@ class EngineConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.hash_algo not in blockhash_ref.VLLM_HASH_ALGOS:
+            raise ValueError(f"hash_algo must be one of {', '.join(blockhash_ref.VLLM_HASH_ALGOS)}")
 
 
 class RequestStatus(Enum):
@@ -261,7 +265,7 @@ class Engine:
         self.requests: dict[str, SimRequest] = {}
         self.busy_until = -math.inf
         self._output_token = output_token
-        self._none_hash: bytes = _HASHING.vllm_none_hash(self.config.hash_seed)
+        self._none_hash: bytes = blockhash_ref.vllm_none_hash(self.config.hash_seed, self.config.hash_algo)
         # Blocks that running requests may still allocate before they finish.
         self._reserved = 0
 
@@ -414,9 +418,12 @@ class Engine:
             return
         bs = self.config.block_size
         parent = request.digests[-1] if have else self._none_hash
-        digests: list[bytes] = _HASHING.vllm_block_digests(
-            request.token_ids[have * bs : num_blocks * bs], bs, parent
-        )
+        tokens = request.token_ids[have * bs : num_blocks * bs]
+        digests: list[bytes]
+        if self.config.hash_algo == "sha256_cbor":  # the kernel's algorithm: the fast path
+            digests = _HASHING.vllm_block_digests(tokens, bs, parent)
+        else:
+            digests = blockhash_ref.vllm_block_digests(tokens, bs, parent, algo=self.config.hash_algo)
         request.digests.extend(digests)
         request.wire_hashes.extend(int.from_bytes(d[-8:], "big") for d in digests)
 

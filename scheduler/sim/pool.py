@@ -31,6 +31,8 @@ class PoolConfig:
     topic: str = ""
     # Hugging Face tokenizer directory; None = the simulated model's own files.
     tokenizer_dir: str | None = None
+    events_with_token_ids: bool = True
+    omit_metrics: tuple[str, ...] = ()
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def worker_config(self, index: int) -> WorkerConfig:
@@ -49,6 +51,8 @@ class PoolConfig:
             legacy_events=self.legacy_events,
             topic=self.topic,
             tokenizer_dir=self.tokenizer_dir,
+            events_with_token_ids=self.events_with_token_ids,
+            omit_metrics=self.omit_metrics,
             engine=self.engine,
         )
 

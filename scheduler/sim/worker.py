@@ -26,6 +26,12 @@ Speaks what a real vLLM 0.33 pod exposes to a gateway, an Endpoint Picker or ano
   under vLLM's default topic (the empty string) unless ``topic`` names another, for
   example llm-d's convention ``kv@{address}@{model}`` (``LLMD_TOPIC``).
 
+The settings a real pod can get wrong are options here, so that ``kvsched doctor`` can be
+tested against each mistake: the block size, the prefix-cache hash algorithm and seed
+(``EngineConfig``), the topic, KV and replay ports (``replay_port=None``: no replay socket,
+vLLM's default), BlockStored without token ids (vLLM releases before they were added), and
+metric names left off the page (``omit_metrics``).
+
 Text is tokenised by the simulated model's tokenizer (``tokenizer.py``: a byte-level BPE
 with a chat template, the files ``kvsched serve`` loads too); generated text is filler words
 that tokenise back to the generated ids. Every response carries ``x-kvsched-sim-worker: <name>``.
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -54,6 +61,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from scheduler.core.events import BlockStored, KVEvent
 from scheduler.sim.engine import Engine, EngineConfig, GeneratedToken, Histogram, RequestRejected, SimRequest
 from scheduler.sim.publisher import DEFAULT_BUFFER_STEPS, KVEventPublisher
 from scheduler.sim.tokenizer import PromptError, SimTokenizer, filler_text, load
@@ -89,6 +97,10 @@ class WorkerConfig:
     topic: str = ""
     # A Hugging Face tokenizer directory; None = the simulated model's own files.
     tokenizer_dir: str | None = None
+    # BlockStored events carry the blocks' token ids (vLLM since they were added to the event).
+    events_with_token_ids: bool = True
+    # Metric families left off /metrics (a model server that does not export them).
+    omit_metrics: tuple[str, ...] = ()
     # vLLM lets chat requests without max_tokens run to the context limit; the simulator
     # caps them so a forgotten parameter does not occupy a worker for minutes.
     default_chat_max_tokens: int = 256
@@ -194,6 +206,10 @@ class _MetricsCollector(Collector):
         self._worker = worker
 
     def collect(self) -> Iterator[Metric]:
+        omitted = set(self._worker.config.omit_metrics)
+        return (metric for metric in self._families() if metric.name not in omitted)
+
+    def _families(self) -> Iterator[Metric]:
         worker = self._worker
         engine = worker.engine
         cfg = engine.config
@@ -234,7 +250,7 @@ class _MetricsCollector(Collector):
             "Information of the LLMEngine CacheConfig",
             labels=[*info_labels, "engine"],
         )
-        info.add_metric([str(cfg.block_size), str(cfg.capacity_blocks), "True", "sha256_cbor", "0"], 1.0)
+        info.add_metric([str(cfg.block_size), str(cfg.capacity_blocks), "True", cfg.hash_algo, "0"], 1.0)
         yield info
         counters = (
             (
@@ -435,10 +451,18 @@ class SimWorker:
             self._deliver([token for token in result.tokens if token.index != 0] if firsts else result.tokens)
             if result.events:
                 try:
-                    await publisher.publish(result.events)
+                    await publisher.publish(self._as_published(result.events))
                 except Exception:
                     log.exception("%s: publishing %d KV events failed", self.name, len(result.events))
             self._reanchor(result.end)
+
+    def _as_published(self, events: list[KVEvent]) -> list[KVEvent]:
+        if self.config.events_with_token_ids:
+            return events
+        return [
+            dataclasses.replace(event, token_ids=[]) if isinstance(event, BlockStored) else event
+            for event in events
+        ]
 
     def _deliver(self, tokens: list[GeneratedToken]) -> None:
         for token in tokens:

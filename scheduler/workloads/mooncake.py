@@ -15,15 +15,19 @@ Token ``j`` of the block for id ``h`` is ``splitmix64(h * 512 + j)`` folded into
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from scheduler.core import blockhash_ref
 from scheduler.workloads.model import Workload, WorkloadRequest
 
 MOONCAKE_BLOCK_TOKENS = 512
@@ -48,6 +52,31 @@ def block_token_matrix(hash_ids: np.ndarray, block_tokens: int) -> np.ndarray:
         positions = ids * np.uint64(MOONCAKE_BLOCK_TOKENS) + np.arange(block_tokens, dtype=np.uint64)
     mixed = _splitmix64(positions)
     return (mixed % np.uint64(VOCAB - 1) + np.uint64(1)).astype(np.int64)
+
+
+def _hash_module() -> Any:
+    try:
+        return importlib.import_module("scheduler._native.blockhash")
+    except ImportError:
+        return blockhash_ref
+
+
+_HASHING = _hash_module()
+# Root of the chains prompt_block_ids draws: any fixed value works, ids only compare with ids.
+_PROMPT_ROOT = blockhash_ref.own_root_key(0x6D6F6F6E63616B65)  # "mooncake"
+
+
+def prompt_block_ids(tokens: Sequence[int], block_tokens: int = MOONCAKE_BLOCK_TOKENS) -> list[int]:
+    """A prompt's prefix identity in the trace format: one id per block of ``block_tokens``
+    tokens, the trailing partial block included, each a chained key (kvsched's own block key)
+    standing for the whole prefix up to the end of its block; equal ids, equal prefixes. What
+    kvsched's audit lines record, so that a recorded run replays as a Mooncake-shaped trace."""
+    ids: list[int] = list(_HASHING.own_block_keys(tokens, block_tokens, _PROMPT_ROOT))
+    tail = len(tokens) % block_tokens
+    if tail:
+        parent = ids[-1] if ids else _PROMPT_ROOT
+        ids.extend(_HASHING.own_block_keys(tokens[len(tokens) - tail :], tail, parent))
+    return ids
 
 
 def block_tokens_for(hash_id: int, block_tokens: int) -> list[int]:

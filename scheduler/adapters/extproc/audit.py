@@ -1,10 +1,20 @@
-"""The per-decision audit line (logger ``kvsched.audit``, one JSON object per request)."""
+"""The per-decision audit line (logger ``kvsched.audit``, one JSON object per request).
+
+Besides the decision and what the request measured, a line carries ``logged_at`` (wall-clock
+seconds) and ``prompt_blocks`` (the prompt's prefix identity per 512-token block, as the
+Mooncake trace format has it), so that a recorded audit log replays as a trace
+(``kvsched tune --trace``).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from scheduler.workloads.mooncake import prompt_block_ids
 
 if TYPE_CHECKING:
     from scheduler.adapters.extproc.decide import RoutingAnswer
@@ -22,7 +32,18 @@ def audit_enabled() -> bool:
 
 def write_audit(record: dict[str, Any]) -> None:
     if audit_log.isEnabledFor(logging.INFO):
+        record.setdefault("logged_at", round(time.time(), 3))
         audit_log.info(json.dumps(record, separators=(",", ":"), default=str))
+
+
+class _Prompted(Protocol):
+    @property
+    def token_ids(self) -> Sequence[int]: ...
+
+
+def prompt_blocks(request: _Prompted | None) -> list[int] | None:
+    """The prompt's prefix identity for the audit line (None: no prompt was read)."""
+    return None if request is None else prompt_block_ids(request.token_ids)
 
 
 def milliseconds(seconds: float | None) -> float | None:
@@ -73,6 +94,7 @@ def exchange_record(
         "reason": decision.reason or None,
         "model": decision.body.model if decision.body else None,
         "prompt_tokens": len(request.token_ids) if request is not None else None,
+        "prompt_blocks": prompt_blocks(request),
         **primary_summary(explanation),
         "explanation": explanation,
         "decision_ms": milliseconds(decision_s),

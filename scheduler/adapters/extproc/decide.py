@@ -22,6 +22,7 @@ from scheduler.adapters.stage_times import STAGE_TIMES
 from scheduler.adapters.tokenizer import PromptTokenizer, TemplateError, request_token_ids
 from scheduler.codec.openai import BadRequestBody, InferenceRequestBody, parse_request_body
 from scheduler.core.flowcontrol import FlowItem
+from scheduler.core.lookup import PrefixLookup
 from scheduler.core.objectives import ResolvedObjective
 from scheduler.core.scheduler import Endpoint, PickResult, SchedulingRequest
 
@@ -52,6 +53,8 @@ class SchedulerPort(Protocol):
     def on_failed(self, request_id: str, now: float) -> None: ...
 
     def resolve_objective(self, request: SchedulingRequest) -> ResolvedObjective: ...
+
+    def lookup(self, token_ids: Sequence[int], now: float, *, model: str | None = None) -> PrefixLookup: ...
 
 
 @dataclass(slots=True)

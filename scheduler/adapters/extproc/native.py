@@ -59,6 +59,8 @@ from scheduler.codec.openai import ChatMessage, InferenceRequestBody
 log = logging.getLogger(__name__)
 
 PICKER_PREFIX = "/kvsched.v1.EndpointPicker/"
+# kvsched.v1.EndpointPicker's methods (proto/kvsched/v1/picker.proto) and their request messages.
+_PICKER_REQUESTS = {"Pick": "PickRequest", "Report": "Completion", "Lookup": "LookupRequest"}
 # A rotated certificate Secret is picked up within this many seconds (gRPC's file watcher).
 TLS_REFRESH_S = 5
 
@@ -310,11 +312,11 @@ class NativeTransport:
         picker, pb2 = self._picker, self._picker_pb2
         name = method[len(PICKER_PREFIX) :]
         try:
-            if picker is None or pb2 is None or name not in ("Pick", "Report"):
+            request_type = _PICKER_REQUESTS.get(name)
+            if picker is None or pb2 is None or request_type is None:
                 raise _Abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not served")
-            message = (pb2.PickRequest if name == "Pick" else pb2.Completion).FromString(payload)
-            handler = picker.Pick if name == "Pick" else picker.Report
-            reply = await handler(message, _UnaryContext())
+            message = getattr(pb2, request_type).FromString(payload)
+            reply = await getattr(picker, name)(message, _UnaryContext())
         except _Abort as abort:
             self._native.unary_reply(call, b"", abort.code.value[0], abort.details)
             return

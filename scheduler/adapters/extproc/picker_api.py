@@ -1,4 +1,5 @@
-"""``kvsched.v1.EndpointPicker``: Pick / Report for gateways that do not speak ext_proc."""
+"""``kvsched.v1.EndpointPicker``: Pick / Report for gateways that do not speak ext_proc, and
+Lookup, the read-only question of what every endpoint holds of a prompt."""
 
 from __future__ import annotations
 
@@ -12,13 +13,21 @@ from typing import Any
 
 import grpc
 
-from scheduler.adapters.extproc.audit import audit_enabled, milliseconds, primary_summary, write_audit
+from scheduler.adapters.extproc.audit import (
+    audit_enabled,
+    milliseconds,
+    primary_summary,
+    prompt_blocks,
+    write_audit,
+)
 from scheduler.adapters.extproc.decide import PickRunner, RoutingAnswer
 from scheduler.adapters.extproc.headers import RequestHints, request_hints
+from scheduler.adapters.extproc.lookup import BadLookup, PromptLookup
 from scheduler.adapters.extproc.outcomes import PickOutcome
 from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.tokenizer import TemplateError
-from scheduler.codec.openai import InferenceRequestBody
+from scheduler.codec.openai import BadRequestBody, ChatMessage, InferenceRequestBody, parse_request_body
+from scheduler.core.lookup import PrefixLookup
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,7 @@ class EndpointPickerServicer:
         self._stats = stats
         self._max_pending = max_pending
         self._pb2 = pb2
+        self._lookups = PromptLookup(runner.scheduler, runner)
         # request_id -> (time picked, decision) until Report; bounded, oldest released first.
         self._pending: OrderedDict[str, tuple[float, RoutingAnswer]] = OrderedDict()
         self._statuses = {
@@ -114,6 +124,17 @@ class EndpointPickerServicer:
             return self._runner.internal(scheduling, error)
         return await self._runner.admit_and_pick(scheduling)
 
+    async def Lookup(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            body = _lookup_body(request)
+            found = await self._lookups.lookup(body)
+        except (BadLookup, BadRequestBody) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:
+            log.exception("kvsched.v1 Lookup failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"lookup failed: {type(exc).__name__}: {exc}")
+        return _lookup_response(self._pb2, found)
+
     def _remember(self, request_id: str, decision: RoutingAnswer) -> None:
         picked_at = decision.decided_at if decision.decided_at is not None else self._runner.clock()
         self._pending[request_id] = (picked_at, decision)
@@ -158,6 +179,9 @@ class EndpointPickerServicer:
             ttft_ms=ttft_ms,
             e2e_ms=milliseconds(now - picked_at),
             cached_tokens=completion.cached_tokens if completion.HasField("cached_tokens") else None,
+            completion_tokens=completion.completion_tokens
+            if completion.HasField("completion_tokens")
+            else None,
         )
         return self._pb2.ReportAck(known=True)
 
@@ -167,6 +191,55 @@ class EndpointPickerServicer:
         while self._pending:
             request_id, _ = self._pending.popitem(last=False)
             self._runner.scheduler.on_failed(request_id, now)
+
+
+def _lookup_body(request: Any) -> InferenceRequestBody:
+    model = request.model or None
+    prompt = request.WhichOneof("prompt")
+    if prompt == "token_ids":
+        return InferenceRequestBody("completions", model, prompt_token_ids=list(request.token_ids.ids))
+    if prompt == "prompt_text":
+        return InferenceRequestBody("completions", model, prompt_text=request.prompt_text)
+    if prompt == "messages":
+        messages = tuple(ChatMessage(m.role, m.content) for m in request.messages.messages)
+        return InferenceRequestBody("chat", model, messages=messages)
+    if prompt == "openai_body":
+        body = parse_request_body(request.openai_body.body, request.openai_body.path or None)
+        return body if model is None else replace(body, model=model)
+    raise BadLookup("the request names no prompt (token_ids, prompt_text, messages or openai_body)")
+
+
+def _lookup_response(pb2: Any, found: PrefixLookup) -> Any:
+    return pb2.LookupResponse(
+        model=found.model or "",
+        prompt_tokens=found.prompt_tokens,
+        prompt_blocks=found.prompt_blocks,
+        keys_compared=found.keys_compared,
+        block_size=found.block_size,
+        hash_mode=found.hash_mode,
+        endpoints=[
+            pb2.EndpointPrefix(
+                name=endpoint.name,
+                address=endpoint.address,
+                healthy=endpoint.healthy,
+                source=endpoint.source,
+                matched_blocks=endpoint.matched_blocks,
+                ranks=[
+                    pb2.RankPrefix(
+                        rank=rank.rank,
+                        worker=rank.worker,
+                        matched_blocks=rank.matched_blocks,
+                        gpu_blocks=rank.gpu_blocks,
+                        cpu_blocks=rank.cpu_blocks,
+                        storage_blocks=rank.storage_blocks,
+                        keys_compared=rank.keys_compared,
+                    )
+                    for rank in endpoint.ranks
+                ],
+            )
+            for endpoint in found.endpoints
+        ],
+    )
 
 
 def _audit(request_id: str, decision: RoutingAnswer, outcome: str, **observed: Any) -> None:
@@ -182,6 +255,7 @@ def _audit(request_id: str, decision: RoutingAnswer, outcome: str, **observed: A
             "fallbacks": decision.endpoints[1:],
             "reason": decision.reason or None,
             "prompt_tokens": len(request.token_ids) if request is not None else None,
+            "prompt_blocks": prompt_blocks(request),
             **primary_summary(decision.explanation),
             "explanation": decision.explanation,
             **observed,
