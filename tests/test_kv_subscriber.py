@@ -18,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -673,3 +676,27 @@ async def test_publisher_views_follow_a_replay_and_its_failure(
     assert (view.state, view.view_complete, view.replay_in_flight) == ("degraded", False, False)
     assert view.reason == "seq 1 never applied: the replay did not cover the missing batches"
     assert publisher_views(endpoints[1:2], None)[0].state == "fallback"
+
+
+def test_the_ingest_context_has_room_for_a_thousand_pods() -> None:
+    # In a fresh process: the cap is fixed when a context makes its first socket, and this
+    # test process's shared context may have made sockets already.
+    script = (
+        "import zmq, zmq.asyncio\n"
+        "from scheduler.adapters.kv_subscriber import KVEventIngestService\n"
+        "from scheduler.core.index import PrefixIndex\n"
+        "KVEventIngestService(PrefixIndex())\n"
+        "context = zmq.asyncio.Context.instance()\n"
+        "sockets = [context.socket(zmq.SUB) for _ in range(1100)]\n"
+        "print(len(sockets))\n"
+        "for s in sockets: s.close(linger=0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "1100"
