@@ -7,16 +7,20 @@ call (N consecutive failures -> not picked; recovered by the next good scrape).
 Cost model. A scrape is paid per endpoint and per tick, whatever the traffic, so it is the
 largest part of what one replica costs at rest: with aiohttp and the str parser, ~0.8 ms of
 CPU per scrape of a 62 KB vLLM page, which at 1,000 endpoints every 100 ms would be eight
-cores. What it costs now, per scrape of that page:
+cores. What a scrape of that page is made of now:
 
 * the GET: one kept-alive connection per endpoint with a prebuilt request, the answer read
-  into one reused buffer (``page_client.PageClient``): 21 us against aiohttp's 196 us;
+  into one reused buffer (``page_client.PageClient``);
 * the parse: only the lines of the metrics kvsched reads, found by a one-pass line scan in C
-  (``kernels/promlines.pyx``), ~25 us with the interpretation (``codec/prom.py``);
+  (``kernels/promlines.pyx``), 27 us with the interpretation (``codec/prom.py``);
 * the schedule: no task and no timer per endpoint. One timer serves every endpoint: each
-  wake-up starts the scrapes due within the next ``interval / 64`` and checks the deadlines
-  of those in flight. Endpoints' ticks are spread over the interval by the golden-ratio
-  sequence, so any number of them, added in any order, stay close to evenly spread.
+  wake-up starts the scrapes due within the next quarter of the interval and checks the
+  deadlines of those in flight. Endpoints' ticks are spread over the interval by the
+  golden-ratio sequence, so any number of them, added in any order, stay close to evenly
+  spread.
+
+All told 75-90 us of CPU per scrape at 64 to 1,000 endpoints, against 250-290 us for an
+aiohttp scraper with the same parser in the same run (``kvsched bench scrape``).
 
 Adaptive rate. With ``activity`` given (the Scheduler's "requests in flight there"), an
 endpoint kvsched routes nothing to is scraped every ``idle_interval_s`` instead of every
@@ -25,7 +29,8 @@ scraped at the fast rate again from its first tick after kvsched routes to it. T
 on the fast grid either way; an idle endpoint's tick only checks the clock.
 
 The default intervals and the argument for them (what a scraped figure adds to the
-in-flight accounting, and how stale it may be) are in the README ("Scraping").
+in-flight accounting, and how stale it may be) are in the README ("Following 1,000
+endpoints").
 """
 
 from __future__ import annotations
