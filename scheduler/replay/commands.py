@@ -112,6 +112,7 @@ def _simulate(args: argparse.Namespace, workload: Workload) -> int:
             capacity_blocks=args.capacity_blocks,
             seed=args.seed,
             slo=slo_targets(args),
+            scrape_interval_s=args.scrape_interval,
         )
         for policy in args.policy or [DEFAULT_POLICY]
     }
@@ -272,6 +273,11 @@ def register(subparsers: Any) -> None:
         "--policy", action="append", choices=POLICIES.names(), help="simulate: routing policy (repeatable)"
     )
     target.add_argument("--capacity-blocks", type=int, help="simulate: KV blocks of 16 tokens per worker")
+    target.add_argument(
+        "--scrape-interval",
+        type=float,
+        help="simulate: seconds between two scrapes of each engine's figures (default 0.05)",
+    )
     slo = replay.add_argument_group("objectives")
     slo.add_argument(
         "--slo-ttft-ms",

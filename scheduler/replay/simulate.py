@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -33,6 +34,7 @@ def simulate(
     seed: int = 0,
     scheduler_config: SchedulerConfig | None = None,
     slo: SLOTargets | None = None,
+    scrape_interval_s: float | None = None,
 ) -> dict[str, Any]:
     blocks = capacity_blocks or capacity_blocks_for(workload, DEFAULT_CAPACITY_TOKENS)
     pool_config = VirtualPoolConfig(
@@ -42,6 +44,8 @@ def simulate(
         token_scale=workload.token_scale,
         slo=slo or SLOTargets(),
     )
+    if scrape_interval_s is not None:  # None: the virtual pool's own default
+        pool_config = dataclasses.replace(pool_config, scrape_interval_s=scrape_interval_s)
     base = scheduler_config or SchedulerConfig()
     config = base.model_copy(update={"policy": policy, "seed": seed})
     started = time.perf_counter()
