@@ -243,3 +243,20 @@ def test_envoy_alone_routes_over_the_pool_without_ext_proc() -> None:
     names = [f["name"] for f in filters["typed_config"]["http_filters"]]
     assert names == ["envoy.filters.http.router"]
     assert [c["name"] for c in config["static_resources"]["clusters"]] == ["pool_fallback"]
+
+
+def test_scrape_benchmark_scrapes_the_fleet_and_applies_its_events() -> None:
+    from scheduler.bench.scrape_bench import format_report
+    from scheduler.bench.scrape_bench import run as run_scrape
+
+    report = run_scrape([8], interval_s=0.1, idle_interval_s=0.25, events_per_s=5.0, window_s=0.5)
+    (row,) = report["by_endpoints"]
+    # Pages of a real pod's size, every one scraped and read, both scrapers measured.
+    assert report["page_bytes"] > 40_000
+    assert row["scrapes_failed"] == 0
+    assert row["scrapes_per_s"] > 0.5 * row["scrapes_per_s_target"]
+    assert row["rest_scrapes_per_s"] < row["scrapes_per_s"]
+    assert row["event_batches_per_s"] > 0.5 * 5.0 * 8
+    assert row["scrape_cpu_us"] > 0 and row["baseline_scrape_cpu_us"] > 0
+    text = format_report(report)
+    assert "goal 8 endpoints busy" in text and "at rest" in text

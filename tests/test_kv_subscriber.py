@@ -18,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -722,3 +725,27 @@ async def test_a_publisher_that_disconnects_leaves_the_index(ctx: zmq.asyncio.Co
     await until(lambda: sub.stats.batches_applied == 4)
     assert index.match_tokens(fresh)["w"].total_blocks == 1 and "w" not in index.match_tokens(held)
     assert sub.snapshot()["ranks"][0]["view_complete"]
+
+
+def test_the_ingest_context_has_room_for_a_thousand_pods() -> None:
+    # In a fresh process: the cap is fixed when a context makes its first socket, and this
+    # test process's shared context may have made sockets already.
+    script = (
+        "import zmq, zmq.asyncio\n"
+        "from scheduler.adapters.kv_subscriber import KVEventIngestService\n"
+        "from scheduler.core.index import PrefixIndex\n"
+        "KVEventIngestService(PrefixIndex())\n"
+        "context = zmq.asyncio.Context.instance()\n"
+        "sockets = [context.socket(zmq.SUB) for _ in range(1100)]\n"
+        "print(len(sockets))\n"
+        "for s in sockets: s.close(linger=0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "1100"

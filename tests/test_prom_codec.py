@@ -19,6 +19,7 @@ from scheduler.codec.prom import (
     MetricNames,
     MetricsSpec,
     PromMetricsError,
+    _sample_lines_twin,
     parse_endpoint_metrics,
     parse_endpoint_metrics_reference,
 )
@@ -257,3 +258,41 @@ def test_focused_parser_agrees_with_prometheus_client(
 def test_spacing_variants_the_text_format_allows(line: str) -> None:
     text = f"{line}\nvllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.5\n"
     assert both(text) == EndpointMetrics(5, 1, 0.5)
+
+
+# --- the line-scan kernel and its twin -----------------------------------------------------
+
+_NAMES = (b"vllm:a", b"vllm:ab", b"vllm:num_requests_waiting", b"x")
+_line_piece = st.sampled_from(
+    [
+        b"vllm:a",
+        b"vllm:ab",
+        b"vllm:num_requests_waiting",
+        b"x",
+        b"{",
+        b"}",
+        b" ",
+        b"\t",
+        b"\n",
+        b"\r",
+        b"#",
+        b"1",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(_line_piece, max_size=40))
+def test_line_scan_kernel_and_its_twin_find_the_same_lines(pieces: list[bytes]) -> None:
+    native = pytest.importorskip("scheduler._native.promlines")
+    page = b"".join(pieces)
+    assert native.sample_lines(page, _NAMES) == _sample_lines_twin(page, _NAMES)
+    assert native.sample_lines(bytearray(page), _NAMES) == _sample_lines_twin(bytearray(page), _NAMES)
+
+
+def test_line_scan_finds_names_at_line_starts_only() -> None:
+    page = b'vllm:a 1\n  vllm:a{x="vllm:a 2"} 3\n# HELP vllm:a\nvllm:ab 4\nvllm:a'
+    expected = [[b"vllm:a 1", b'vllm:a{x="vllm:a 2"} 3'], [b"vllm:ab 4"], [], []]
+    assert _sample_lines_twin(page, _NAMES) == expected
+    native = pytest.importorskip("scheduler._native.promlines")
+    assert native.sample_lines(page, _NAMES) == expected

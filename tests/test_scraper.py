@@ -137,7 +137,7 @@ async def test_failures_make_an_endpoint_unhealthy_and_success_recovers_it(
         await until(lambda: not scheduler.is_healthy("a"))
         stats = scraper.stats("a")
         assert stats.consecutive_failures >= 3
-        assert stats.last_error == "ScrapeError: HTTP 503"
+        assert stats.last_error == "HTTP 503"
         a.mode = "ok"
         await until(lambda: scheduler.is_healthy("a"))
         assert scraper.stats("a").consecutive_failures == 0
@@ -189,7 +189,7 @@ async def test_unreachable_endpoint_is_a_failure() -> None:
         # Port 9 (discard) on loopback: nothing listens there in a test environment.
         await scraper.add("gone", "http://127.0.0.1:9/metrics")
         assert not await scraper.scrape_once("gone")
-        assert "ClientConnectorError" in scraper.stats("gone").last_error
+        assert "cannot connect to 127.0.0.1:9" in scraper.stats("gone").last_error
         assert not scheduler.is_healthy("gone")
 
 
@@ -233,3 +233,136 @@ async def test_phases_spread_evenly() -> None:
         # Golden-ratio sequence: at most three distinct gaps, all within a small factor of 1/n.
         assert min(gaps) > 0.3 / 100
         assert max(gaps) < 3.0 / 100
+
+
+# --- the HTTP client's framing, against a raw server ----------------------------------------
+
+
+@dataclass
+class RawServer:
+    """A server that writes exactly the bytes a test gives, then maybe closes the connection."""
+
+    response: bytes
+    close_after: bool = False
+    connections: int = 0
+    url: str = ""
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(self.response)
+                await writer.drain()
+                if self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[bytes, bool], RawServer]]:
+    started: list[asyncio.Server] = []
+
+    async def start(response: bytes, close_after: bool) -> RawServer:
+        raw = RawServer(response, close_after)
+        server = await asyncio.start_server(raw.serve, "127.0.0.1", 0)
+        raw.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/metrics"
+        started.append(server)
+        return raw
+
+    yield start  # type: ignore[misc]
+    for server in started:
+        server.close()
+
+
+PAGE = vllm_text(2, 3, 0.25).encode()
+
+
+async def test_keep_alive_serves_every_scrape_on_one_connection(raw_server: Callable[..., RawServer]) -> None:
+    raw = await raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(PAGE), PAGE), False)  # type: ignore[misc]
+    scheduler = scheduler_for("a")
+    async with MetricsScraper(scheduler, interval_s=60) as scraper:
+        await scraper.add("a", raw.url)
+        for _ in range(5):
+            assert await scraper.scrape_once("a")
+        assert raw.connections == 1
+        assert scraped(scheduler, "a") == EndpointMetrics(2, 3, 0.25)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        # The server drops the kept-alive connection after each answer without saying so:
+        # the next request goes out on a dead connection and is sent again on a new one.
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(PAGE),
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(PAGE),
+        b"HTTP/1.0 200 OK\r\n\r\n",  # framed by the connection's end
+    ],
+    ids=["silent-close", "connection-close", "http-1.0-eof"],
+)
+async def test_closed_connections_are_reopened_and_lose_no_scrape(
+    raw_server: Callable[..., RawServer], head: bytes
+) -> None:
+    raw = await raw_server(head + PAGE, True)  # type: ignore[misc]
+    scheduler = scheduler_for("a")
+    async with MetricsScraper(scheduler, interval_s=60) as scraper:
+        await scraper.add("a", raw.url)
+        for _ in range(4):
+            assert await scraper.scrape_once("a"), scraper.stats("a").last_error
+        assert raw.connections == 4
+        assert scraper.stats("a").failures == 0
+
+
+@pytest.mark.parametrize(
+    ("response", "error"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 3\r\n\r\nabc", "Content-Encoding"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "bad Content-Length"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP/1.x response"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+    ],
+)
+async def test_malformed_responses_are_failures_that_say_why(
+    raw_server: Callable[..., RawServer], response: bytes, error: str
+) -> None:
+    raw = await raw_server(response, False)  # type: ignore[misc]
+    scheduler = scheduler_for("a")
+    async with MetricsScraper(scheduler, interval_s=60) as scraper:
+        await scraper.add("a", raw.url)
+        assert not await scraper.scrape_once("a")
+        assert error in scraper.stats("a").last_error
+
+
+async def test_endpoint_with_nothing_routed_is_scraped_at_the_idle_rate(
+    servers: Callable[[], StandIn],
+) -> None:
+    a = await servers()  # type: ignore[misc]
+    busy = {"a": False}
+    scheduler = scheduler_for("a")
+    scraper = MetricsScraper(scheduler, interval_s=0.01, idle_interval_s=60, activity=lambda name: busy[name])
+    async with scraper:
+        await scraper.add("a", a.url)
+        await until(lambda: scraper.stats("a").skipped_idle >= 10)
+        assert a.hits == 1  # the first tick, then nothing for the idle minute
+        busy["a"] = True
+        await until(lambda: a.hits >= 4)
+
+
+async def test_an_answer_past_the_timeout_is_a_failure_and_still_counts_when_it_comes(
+    servers: Callable[[], StandIn],
+) -> None:
+    a = await servers()  # type: ignore[misc]
+    a.mode = "hang"
+    a.text = vllm_text(7, 8, 0.5)
+    scheduler = scheduler_for("a", unhealthy_after=1)
+    async with MetricsScraper(scheduler, interval_s=60, timeout_s=0.2) as scraper:
+        await scraper.add("a", a.url)
+        assert not await scraper.scrape_once("a")
+        assert scraper.stats("a").last_error == "timed out"
+        assert not scheduler.is_healthy("a")
+        # The connection was kept: the late page arrives on it and is read.
+        a.release.set()
+        await until(lambda: scheduler.is_healthy("a"))
+        assert scraped(scheduler, "a") == EndpointMetrics(7, 8, 0.5)
+        assert len(a.peers) == 1

@@ -89,6 +89,9 @@ def serve_config(pool: SimPool, stand_in: StandIn, **extra: object) -> ServeConf
             "metrics_port": 0,
             "tls": {"mode": "plaintext"},
             "scrape_interval_s": 0.02,
+            # Every endpoint at the fast rate: the tests watch figures of requests sent to the
+            # workers directly, which at the idle rate (1 s) can start and end between scrapes.
+            "scrape_idle_interval_s": None,
             "shutdown_grace_s": 0.5,
             "endpoints": endpoints,
             "scheduler": {"health": {"unhealthy_after_failures": 2}},

@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 # vLLM's publisher default high-water mark (KVEventsConfig.hwm); the subscriber side
 # matches it so that a briefly busy event loop does not drop what the publisher sent.
 DEFAULT_RCVHWM = 100_000
+# libzmq's default cap is 1,023 sockets per context, and a context keeps the cap it had when
+# its first socket was made ("Too many open files" at the 1,024th, measured): a pool of
+# 1,000 pods, each a SUB and, while replaying, a DEALER, would pass it.
+MAX_ZMQ_SOCKETS = 65_536
 # Back off reconnects to a dead pod up to this (ZMQ's default retries every 100 ms forever).
 RECONNECT_IVL_MAX_MS = 5_000
 _SEQ_FRAME_BYTES = 8
@@ -51,6 +55,15 @@ _SEQ_FRAME_BYTES = 8
 # after the one message that passed it.
 LIVE_BURST = 64
 LIVE_BUDGET_NS = 1_000_000
+
+
+def shared_context() -> zmq.asyncio.Context:
+    """The process's ZMQ context, with room for a socket per rank of a 1,000-pod pool. The
+    cap takes effect only if no socket has been made on it yet: make this the first use."""
+    context = zmq.asyncio.Context.instance()
+    if context.get(zmq.MAX_SOCKETS) < MAX_ZMQ_SOCKETS:
+        context.set(zmq.MAX_SOCKETS, MAX_ZMQ_SOCKETS)
+    return context
 
 
 def with_port_offset(endpoint: str, offset: int) -> str:
@@ -152,7 +165,7 @@ class KVEventSubscriber:
     ) -> None:
         self.config = config
         self.index = index
-        self._context = context or zmq.asyncio.Context.instance()
+        self._context = context or shared_context()
         self._clock = clock
         self._on_applied = on_applied
         self._ranks = [_Rank(config, rank, index) for rank in range(config.data_parallel_size)]
@@ -397,7 +410,7 @@ class KVEventIngestService:
         on_applied: BatchApplied | None = None,
     ) -> None:
         self.index = index
-        self._context = context or zmq.asyncio.Context.instance()
+        self._context = context or shared_context()
         self._clock = clock
         self._on_applied = on_applied
         self._subscribers: dict[str, KVEventSubscriber] = {}

@@ -456,6 +456,22 @@ def _bench_pd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_scrape(args: argparse.Namespace) -> int:
+    from scheduler.bench.scrape_bench import format_report, run
+
+    report = run(
+        args.endpoints,
+        interval_s=args.interval,
+        idle_interval_s=args.idle_interval,
+        events_per_s=args.events_per_s,
+        window_s=args.window,
+        fleet_pages_per_s=args.fleet_pages_per_s,
+        baseline=args.baseline,
+    )
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
 def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (figures as ratios against an in-run baseline)")
     kinds = bench.add_subparsers(dest="bench", required=True)
@@ -625,6 +641,32 @@ def register(subparsers: Any) -> None:
     pd.add_argument("--seed", type=int, default=0)
     pd.add_argument("--json", action="store_true", help="print one JSON object")
     pd.set_defaults(func=_bench_pd)
+    scrape = kinds.add_parser(
+        "scrape", help="one replica's CPU to scrape and subscribe to N endpoints (a simulated fleet)"
+    )
+    scrape.add_argument(
+        "--endpoints", type=_counts, default=[8, 64, 256, 1000], help="fleet sizes, comma-separated"
+    )
+    scrape.add_argument("--interval", type=float, default=0.1, help="scrape interval when busy (seconds)")
+    scrape.add_argument("--idle-interval", type=float, default=1.0, help="scrape interval at rest (seconds)")
+    scrape.add_argument(
+        "--events-per-s", type=float, default=5.0, help="KV-event batches per second per endpoint when busy"
+    )
+    scrape.add_argument("--window", type=float, default=3.0, help="seconds of each measured window")
+    scrape.add_argument(
+        "--fleet-pages-per-s",
+        type=float,
+        default=1_500.0,
+        help="most pages a second the simulated fleet is asked for (larger fleets: projected per scrape)",
+    )
+    scrape.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the aiohttp scraper, per scrape, in the same run",
+    )
+    scrape.add_argument("--json", action="store_true", help="print one JSON object")
+    scrape.set_defaults(func=_bench_scrape)
 
 
 _CHAOS_SCENARIOS = (

@@ -1313,6 +1313,11 @@ class Scheduler:
         self.predictor.train_now(now)
         return True
 
+    def has_inflight(self, name: str) -> bool:
+        """Whether kvsched has a request in flight on ``name`` (False for an unknown name)."""
+        runtime = self._endpoints.get(name)
+        return runtime is not None and runtime.inflight_requests > 0
+
     def inflight(self, name: str) -> tuple[int, int]:
         runtime = self._endpoints[name]
         return runtime.inflight_requests, runtime.inflight_prefill_tokens

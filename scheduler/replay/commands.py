@@ -128,6 +128,7 @@ def _simulate(args: argparse.Namespace, workload: Workload) -> int:
             sync=sync,
             sync_delay_s=args.sync_delay_ms / 1000.0,
             sync_loss=args.sync_loss,
+            scrape_interval_s=args.scrape_interval,
         )
         for policy, replicas, sync in runs
     }
@@ -307,6 +308,11 @@ def register(subparsers: Any) -> None:
         "--policy", action="append", choices=POLICIES.names(), help="simulate: routing policy (repeatable)"
     )
     target.add_argument("--capacity-blocks", type=int, help="simulate: KV blocks of 16 tokens per worker")
+    target.add_argument(
+        "--scrape-interval",
+        type=float,
+        help="simulate: seconds between two scrapes of each engine's figures (default 0.05)",
+    )
     target.add_argument(
         "--kv-event-delay-ms",
         type=_delay_range,

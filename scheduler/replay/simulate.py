@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -39,6 +40,7 @@ def simulate(
     sync: bool = False,
     sync_delay_s: float = 0.002,
     sync_loss: float = 0.0,
+    scrape_interval_s: float | None = None,
 ) -> dict[str, Any]:
     """``kv_event_delay_s``: (least, most) time from an engine's KV event to the index."""
     blocks = capacity_blocks or capacity_blocks_for(workload, DEFAULT_CAPACITY_TOKENS)
@@ -57,6 +59,8 @@ def simulate(
         sync_delay_s=sync_delay_s,
         sync_loss=sync_loss,
     )
+    if scrape_interval_s is not None:  # None: the virtual pool's own default
+        pool_config = dataclasses.replace(pool_config, scrape_interval_s=scrape_interval_s)
     base = scheduler_config or SchedulerConfig()
     sync_config = base.sync.model_copy(update={"enabled": sync})
     config = base.model_copy(update={"policy": policy, "seed": seed, "sync": sync_config})

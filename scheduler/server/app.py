@@ -135,6 +135,12 @@ class ServeApp:
         self.scraper = MetricsScraper(
             _ScrapeSink(self.scheduler, self._metrics_refreshed),
             interval_s=config.scrape_interval_s,
+            idle_interval_s=(
+                None
+                if config.scrape_idle_interval_s is None
+                else max(config.scrape_idle_interval_s, config.scrape_interval_s)
+            ),
+            activity=self.scheduler.has_inflight,
             timeout_s=config.scrape_timeout_s,
             spec=config.metrics_spec(),
             max_body_bytes=config.scrape_max_body_bytes,

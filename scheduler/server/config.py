@@ -29,7 +29,12 @@ from scheduler.adapters.discovery import (
 )
 from scheduler.adapters.extproc.config import ExtProcConfig
 from scheduler.adapters.kubernetes.config import KubernetesDiscoveryConfig
-from scheduler.adapters.scraper import DEFAULT_INTERVAL_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_TIMEOUT_S
+from scheduler.adapters.scraper import (
+    DEFAULT_IDLE_INTERVAL_S,
+    DEFAULT_INTERVAL_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_TIMEOUT_S,
+)
 from scheduler.adapters.tokenizer_probe import TokenizerMode
 from scheduler.adapters.tracing import TracingConfig
 from scheduler.codec.prom import EngineKind, MetricNames, MetricsSpec
@@ -217,6 +222,14 @@ class ServeConfig(BaseModel):
 
     scrape_interval_s: float = Field(
         DEFAULT_INTERVAL_S, gt=0, le=60, description="Period of each endpoint's /metrics scrape."
+    )
+    scrape_idle_interval_s: float | None = Field(
+        DEFAULT_IDLE_INTERVAL_S,
+        gt=0,
+        le=60,
+        description="Period of the scrape of an endpoint kvsched has no request in flight on (never less "
+        "than scrape_interval_s): its figures move only by traffic kvsched does not route. Unset = every "
+        "endpoint at scrape_interval_s.",
     )
     scrape_timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0, le=60, description="Per-scrape HTTP timeout.")
     scrape_engine: EngineKind = Field(
