@@ -5,7 +5,6 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.codec.prom import parse_endpoint_metrics, parse_endpoint_metrics_reference
-from scheduler.core.scheduler import EndpointMetrics
 from scheduler.sim.vllm_metrics import build_1_2_5_buckets, busy_page
 
 
@@ -27,9 +26,12 @@ def test_busy_page_has_a_real_pods_families_and_size() -> None:
 
 def test_busy_page_reads_the_same_through_both_parsers() -> None:
     page = busy_page(engines=2, waiting=3, running=24, kv_usage=0.42)
-    expected = EndpointMetrics(6, 48, 0.42, 16, 54_000)
-    assert parse_endpoint_metrics(page) == expected
-    assert parse_endpoint_metrics_reference(page) == expected
+    metrics = parse_endpoint_metrics(page)
+    assert metrics == parse_endpoint_metrics_reference(page)
+    load = (metrics.waiting, metrics.running, metrics.kv_usage, metrics.block_size, metrics.num_gpu_blocks)
+    assert load == (6, 48, 0.42, 16, 54_000)
+    # The page's vllm:lora_requests_info: the newest series' adapters and slots.
+    assert metrics.lora is not None and metrics.lora.max_lora == 4 and metrics.lora.running
 
 
 def test_token_buckets_follow_vllms_1_2_5_series() -> None:
