@@ -693,16 +693,7 @@ class Scheduler:
 
     def _matches(self, keys: Any) -> dict[str, PrefixMatch]:
         """Per endpoint, the best match over its data-parallel ranks."""
-        matches = self.index.match(keys)
-        if not any("#dp" in worker for worker in matches):
-            return matches
-        best: dict[str, PrefixMatch] = {}
-        for worker, match in matches.items():
-            name = worker.split("#dp", 1)[0]
-            current = best.get(name)
-            if current is None or match.total_blocks > current.total_blocks:
-                best[name] = match
-        return best
+        return _best_rank(self.index.match(keys))
 
     def pick(self, request: SchedulingRequest, now: float) -> PickResult:
         stage_clock = self.stage_clock
@@ -1216,12 +1207,7 @@ class Scheduler:
         """The endpoint this replica's policy would pick now for a prompt with these block
         keys, changing nothing (no reservation, no recency, a throwaway random source): how
         a peer's sampled routing is judged."""
-        matches = self.index.peek(keys) if keys else {}
-        folded: dict[str, PrefixMatch] = {}
-        for worker, match in matches.items():
-            name = worker.split("#dp", 1)[0]
-            if name not in folded or match.total_blocks > folded[name].total_blocks:
-                folded[name] = match
+        folded = _best_rank(self.index.peek(keys)) if keys else {}
         states = [self._state(rt, now) for rt in self._endpoints.values()]
         estimator = self._estimator
         estimator.last_features = None
@@ -1436,6 +1422,19 @@ class Scheduler:
         ranks = self._endpoints[endpoint].endpoint.index_workers() if endpoint in self._endpoints else []
         found = self.index.peek(keys)
         return max((found[rank].total_blocks for rank in ranks if rank in found), default=0)
+
+
+def _best_rank(matches: dict[str, PrefixMatch]) -> dict[str, PrefixMatch]:
+    """Per endpoint, the best of its data-parallel ranks' matches (index workers "name#dpN")."""
+    if not any("#dp" in worker for worker in matches):
+        return matches
+    best: dict[str, PrefixMatch] = {}
+    for worker, match in matches.items():
+        name = worker.split("#dp", 1)[0]
+        current = best.get(name)
+        if current is None or match.total_blocks > current.total_blocks:
+            best[name] = match
+    return best
 
 
 def _with_prefill(
