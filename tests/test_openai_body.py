@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from array import array
 from typing import Any
 
 import pytest
@@ -55,7 +56,7 @@ def test_completion_prompt_shapes_take_the_first_prompt(
 ) -> None:
     body = parse_request_body(_body({"prompt": prompt}), "/v1/completions")
     assert body.prompt_text == text
-    assert body.prompt_token_ids == ids
+    assert body.prompt_token_ids == (None if ids is None else array("Q", ids))
 
 
 def test_chat_messages_with_string_and_part_contents() -> None:
@@ -127,10 +128,62 @@ def test_malformed_bodies_raise_with_a_clear_message(raw: bytes, path: str, mess
         parse_request_body(raw, path)
 
 
-def test_large_token_prompt_is_kept_without_copies() -> None:
+def test_large_token_prompt_is_read_into_one_uint64_buffer() -> None:
     ids = list(range(60_000))
-    body = parse_request_body(_body({"prompt": ids}), "/v1/completions")
-    assert body.prompt_token_ids == ids
+    for parse in (parse_request_body, parse_request_body_carefully):
+        body = parse(_body({"prompt": ids}), "/v1/completions")
+        # The index hashes a uint64 buffer in place (the native transport hands one too).
+        assert isinstance(body.prompt_token_ids, array) and body.prompt_token_ids.typecode == "Q"
+        assert body.prompt_token_ids.tolist() == ids
+
+
+@pytest.mark.parametrize(
+    "ids", [[2**64 - 1, 0], [2**64, 1], [2**70]], ids=["largest-uint64", "past-uint64", "huge"]
+)
+def test_token_ids_past_64_bits_stay_a_list(ids: list[int]) -> None:
+    for parse in (parse_request_body, parse_request_body_carefully):
+        body = parse(_body({"prompt": ids}), "/v1/completions")
+        assert list(body.prompt_token_ids or ()) == ids
+        assert isinstance(body.prompt_token_ids, array) == (max(ids) < 2**64)
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=2**64 + 5), max_size=40),
+    st.sampled_from(["", " ", "\n", "\t ", "\r\n"]),
+)
+@settings(max_examples=300, deadline=None)
+def test_the_id_array_kernel_reads_what_json_reads(ids: list[int], space: str) -> None:
+    tokenids = pytest.importorskip("scheduler._native.tokenids")
+    raw = ("[" + space + ("," + space).join(map(str, ids)) + space + "]").encode()
+    read = tokenids.json_uint_array(raw)
+    if ids and max(ids) < 2**64:
+        assert read is not None and read.tolist() == json.loads(raw)
+    else:
+        assert read is None  # empty, or past 64 bits: the general decoder decides
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[01]",
+        b"[1.0]",
+        b"[1e3]",
+        b"[-1]",
+        b"[-0]",
+        b"[1,]",
+        b"[1 2]",
+        b'["1"]',
+        b"[[1]]",
+        b"[1]x",
+        b"[1,2",
+        b"",
+        b"[",
+        b"[true]",
+    ],
+)
+def test_the_id_array_kernel_leaves_everything_else_to_the_decoder(raw: bytes) -> None:
+    tokenids = pytest.importorskip("scheduler._native.tokenids")
+    assert tokenids.json_uint_array(raw) is None
 
 
 # --- the fast parser against the careful one ---------------------------------------------------

@@ -139,7 +139,7 @@ class WorkerRenderTokenizer:
             await self._session.close()
             self._session = None
 
-    def token_ids(self, body: InferenceRequestBody) -> list[int]:
+    def token_ids(self, body: InferenceRequestBody) -> Sequence[int]:
         return self._cache.get(_cache_key(body), [])
 
     def text_token_ids(self, text: str) -> list[int]:

@@ -43,12 +43,12 @@ log = logging.getLogger(__name__)
 class PromptTokenizer(Protocol):
     """Turns a parsed request into the prompt's token ids (chat already templated)."""
 
-    def token_ids(self, body: InferenceRequestBody) -> list[int]: ...
+    def token_ids(self, body: InferenceRequestBody) -> Sequence[int]: ...
 
     def text_token_ids(self, text: str) -> list[int]: ...
 
 
-def request_token_ids(tokenizer: PromptTokenizer, body: InferenceRequestBody) -> list[int]:
+def request_token_ids(tokenizer: PromptTokenizer, body: InferenceRequestBody) -> Sequence[int]:
     """The prompt's ids: given ids pass through untouched; text goes through the tokenizer."""
     if body.prompt_token_ids is not None:
         return body.prompt_token_ids
@@ -63,7 +63,7 @@ class ByteTokenizer:
     # Pure Python that holds the GIL: a worker thread would only add a hand-off.
     releases_gil = False
 
-    def token_ids(self, body: InferenceRequestBody) -> list[int]:
+    def token_ids(self, body: InferenceRequestBody) -> Sequence[int]:
         if body.prompt_token_ids is not None:
             return body.prompt_token_ids
         if body.api == "chat":
@@ -178,7 +178,7 @@ class HFTokenizer:
         tokenizer_config = hf_hub_download(model, "tokenizer_config.json", revision=revision)
         return cls(tokenizer_json, tokenizer_config)
 
-    def token_ids(self, body: InferenceRequestBody) -> list[int]:
+    def token_ids(self, body: InferenceRequestBody) -> Sequence[int]:
         if body.prompt_token_ids is not None:
             return body.prompt_token_ids
         if body.api == "chat":
@@ -274,7 +274,7 @@ class SwitchableTokenizer:
     def releases_gil(self) -> bool:
         return bool(getattr(self.current, "releases_gil", True))
 
-    def token_ids(self, body: InferenceRequestBody) -> list[int]:
+    def token_ids(self, body: InferenceRequestBody) -> Sequence[int]:
         return self.current.token_ids(body)
 
     def text_token_ids(self, text: str) -> list[int]:

@@ -39,13 +39,22 @@ with its own message. The fast path only answers when it is sure: the two agree 
 it accepts (``tests/test_openai_body.py`` holds them equal on generated bodies). Measured on a
 54 KB body of 8,192 token ids: 1.3 ms (``json.loads`` 0.9 ms, then a per-id type check
 0.4 ms) -> 0.34 ms.
+
+Token ids come out as an ``array('Q')`` (uint64) from both parsers, as the native ext_proc
+transport's parser hands them too: the prefix index hashes such a buffer in place, where a
+list makes it read one int object per token, and the fast path reads a plain id array
+straight into it (``kernels/tokenids.pyx``) without building those objects at all. Ids
+past 2**64 - 1 (which no vocabulary has) stay a list.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 
@@ -70,7 +79,7 @@ class InferenceRequestBody:
     api: ApiKind
     model: str | None = None
     prompt_text: str | None = None
-    prompt_token_ids: list[int] | None = None
+    prompt_token_ids: Sequence[int] | None = None  # array('Q') unless an id passes 2**64 - 1
     messages: tuple[ChatMessage, ...] = ()
     max_tokens: int | None = None
     stream: bool = False
@@ -132,7 +141,8 @@ class _FastBody(msgspec.Struct):
     """The fields routing reads, in the shapes the fast path accepts (others: careful path)."""
 
     model: str | None = None
-    prompt: str | list[_Count] | msgspec.UnsetType = msgspec.UNSET
+    # Kept as its JSON text: a plain id array is read by the kernel, anything else decoded below.
+    prompt: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     messages: list[_FastMessage] | msgspec.UnsetType = msgspec.UNSET
     stream: bool | None = None
     max_tokens: _Count | None = None
@@ -142,6 +152,41 @@ class _FastBody(msgspec.Struct):
 
 
 _FAST_DECODER = msgspec.json.Decoder(_FastBody)
+_PROMPT_DECODER = msgspec.json.Decoder(str | list[_Count])
+
+
+def _native_uint_array() -> Callable[[Any], array[int] | None] | None:
+    try:
+        module = importlib.import_module("scheduler._native.tokenids")
+    except ImportError:  # not built: msgspec decodes the ids into a list, then the array is filled
+        return None
+    return cast(Callable[[Any], "array[int] | None"], module.json_uint_array)
+
+
+_NATIVE_UINT_ARRAY = _native_uint_array()
+
+
+def token_id_array(ids: list[int]) -> Sequence[int]:
+    """``ids`` (non-negative ints) as an ``array('Q')``; the list itself when one passes 64 bits."""
+    try:
+        return array("Q", ids)
+    except OverflowError:
+        return ids
+
+
+def _fast_prompt(raw: msgspec.Raw) -> str | Sequence[int] | None:
+    """The prompt's text or ids; None when the fast path cannot be sure (a batch, a bad id)."""
+    if _NATIVE_UINT_ARRAY is not None:
+        ids = _NATIVE_UINT_ARRAY(raw)
+        if ids is not None:
+            return ids
+    try:
+        prompt = _PROMPT_DECODER.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if isinstance(prompt, str):
+        return prompt
+    return token_id_array(prompt) if prompt else None
 
 
 def parse_request_body(body: bytes, path: str | None = None) -> InferenceRequestBody:
@@ -182,12 +227,12 @@ def _parse_fast(body: bytes, path: str | None) -> InferenceRequestBody | None:
             stream=stream,
         )
     if api == "completions":
-        if isinstance(prompt, str):
-            text, token_ids = prompt, None
-        elif isinstance(prompt, list) and prompt:
-            text, token_ids = None, prompt
-        else:
+        if prompt is msgspec.UNSET:
             return None
+        read = _fast_prompt(prompt)
+        if read is None:
+            return None
+        text, token_ids = (read, None) if isinstance(read, str) else (None, read)
         return InferenceRequestBody(
             "completions",
             model=document.model,
@@ -276,7 +321,7 @@ def parse_request_body_carefully(body: bytes, path: str | None = None) -> Infere
     return InferenceRequestBody("other", model=model, max_tokens=max_tokens, stream=stream)
 
 
-def _parse_prompt(prompt: Any) -> tuple[str | None, list[int] | None]:
+def _parse_prompt(prompt: Any) -> tuple[str | None, Sequence[int] | None]:
     if isinstance(prompt, str):
         return prompt, None
     if prompt is None:
@@ -297,15 +342,15 @@ def _parse_prompt(prompt: Any) -> tuple[str | None, list[int] | None]:
     return None, _token_ids(prompt, "prompt")
 
 
-def _token_ids(values: list[Any], where: str) -> list[int]:
+def _token_ids(values: list[Any], where: str) -> Sequence[int]:
     # The common case checked in C (map/set/min) at a third of a Python loop's cost per id;
     # type() rather than isinstance(): JSON true/false decode to bool, a subclass of int.
     if set(map(type, values)) == _INT_ONLY and min(values) >= 0:
-        return values
+        return token_id_array(values)
     for position, value in enumerate(values):
         if type(value) is not int or value < 0:
             raise BadRequestBody(f"'{where}[{position}]' must be a non-negative integer token id")
-    return values
+    return token_id_array(values)
 
 
 def _parse_messages(messages: Any) -> tuple[ChatMessage, ...]:

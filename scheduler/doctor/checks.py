@@ -30,7 +30,6 @@ import zmq.asyncio
 from scheduler.adapters.kv_subscriber import with_port_offset
 from scheduler.adapters.tokenizer import PromptTokenizer
 from scheduler.adapters.tokenizer_probe import PROBE_TEXT
-from scheduler.codec.openai import InferenceRequestBody
 from scheduler.codec.prom import MetricsSpec, PromMetricsError, parse_endpoint_metrics
 from scheduler.core import blockhash_ref
 from scheduler.core.events import BlockStored, EventBatch
@@ -216,7 +215,7 @@ async def probe_ids(
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
             if tokenizer is None:
                 raise
-            ids = tokenizer.token_ids(InferenceRequestBody("completions", prompt_text=text))
+            ids = tokenizer.text_token_ids(text)
         if len(ids) >= min_tokens or repeats >= 64:
             return ids
         repeats = max(repeats + 1, repeats * min_tokens // max(len(ids), 1) + 1)
