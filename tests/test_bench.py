@@ -50,6 +50,9 @@ def test_index_benchmark_reports_every_figure() -> None:
     assert first["indexed_blocks"] >= 5_000 and wide["workers"] == 70 and "reference" not in wide
     assert first["declined_payloads"] == 0  # the kernel decodes every payload of the fleet
     assert first["codec"]["codec_events_per_s"] > 0 and first["cold"]["lookup_p50_us"] > 0
+    # Lookups from an ext_proc parse's uint64 buffer and from a tokenizer's list agree.
+    assert first["list"]["mean_matched_blocks"] == first["mean_matched_blocks"] > 0
+    assert first["list"]["lookup_p99_us"] > 0 and first["reference"]["list"]["lookup_p99_us"] > 0
     # Every lookup prompt shares at least the system prompt with an indexed session, and
     # lazy hashing stops a short lead past the match while the reference hashes it all.
     assert first["mean_matched_blocks"] >= 32

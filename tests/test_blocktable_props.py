@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -368,6 +369,9 @@ class NativeMatchesReference(RuleBasedStateMachine):
         # and so does the named form.
         lazy = own_prompt_keys(tokens + extra, SMALL_BS, root)
         assert self.nat.match(lazy, worker_filter) == expected
+        # Ids in a uint64 buffer (as the ext_proc parsers hand them) take a longer lead.
+        buffered = own_prompt_keys(array("Q", tokens + extra), SMALL_BS, root)
+        assert self.nat.match(buffered, worker_filter) == expected
         names = [f"w{w}" for w in range(MAX_WORKERS)]
         assert self.nat.match_named(lazy, names, tuple, worker_filter) == self.ref.match_named(
             keys, names, tuple, worker_filter
@@ -561,3 +565,7 @@ def test_lazy_walk_hashes_only_a_short_lead_past_the_match() -> None:
     # stops at most 12 blocks past the first block nobody holds: 23 of 200 here.
     assert 11 <= keys.hashed <= 23
     assert len(keys) == 200
+    # From a uint64 buffer: slots 24 ahead, 8 blocks a step, so at most 43 of 200.
+    buffered = own_prompt_keys(array("Q", tokens), BS, ROOT)
+    assert table.match(buffered) == [(0, 10, 10, 0, 0)]
+    assert 11 <= buffered.hashed <= 43

@@ -16,9 +16,12 @@ What each figure includes:
   codec (``decode_batch`` + ``apply_batch``) are timed on the first quarter of the fleet
   against the kernel on the same quarter.
 * lookup: ``request_keys(tokens)`` + ``match(keys)``, the Scheduler's two calls, for a
-  prompt whose token list was just built (``ndarray.tolist()`` outside the timing), as a
-  request's parse leaves it in cache. ``cold`` repeats the lookups with all prompts built
-  up front (0.5 GB of Python ints for 2,000 prompts), so each reads its tokens from DRAM.
+  prompt whose token ids were just built (outside the timing) as an ext_proc request's
+  parse leaves them: an ``array('Q')``, which both transports' parsers hand over. ``list``
+  repeats the lookups with the ids as a Python list (what a tokenizer returns for a text
+  prompt), which the index reads one int object at a time. ``cold`` repeats them with all
+  prompts built up front as lists (0.5 GB of Python ints for 2,000 prompts), so each reads
+  its tokens from DRAM.
 * hashed tokens/s: whole prompts hashed (``np.asarray(request_keys(tokens))``).
 
 Times are CPU time of this process (``process_time``; ``thread_time`` per lookup, less
@@ -36,6 +39,7 @@ import gc
 import importlib
 import resource
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -214,16 +218,26 @@ def _ingest(index: PrefixIndex, payloads: list[tuple[str, bytes]], fast: bool) -
     return time.process_time() - cpu0, time.perf_counter() - wall0, declined
 
 
+def _request_ids(query: np.ndarray, as_list: bool) -> list[int] | array[int]:
+    """The prompt's ids as a request brings them: an ext_proc parse's array('Q'), or a list."""
+    return query.tolist() if as_list else array("Q", query.astype(np.uint64).tobytes())
+
+
 def _lookup_pass(
-    index: PrefixIndex, queries: list[np.ndarray], prebuilt: list[list[int]] | None, cost: int
+    index: PrefixIndex,
+    queries: list[np.ndarray],
+    prebuilt: list[list[int]] | None,
+    cost: int,
+    as_list: bool,
 ) -> tuple[list[int], list[int], int, int]:
     """One pass over the prompts: (CPU ns, wall ns) per lookup, blocks hashed, blocks matched."""
     wall: list[int] = []
     cpu: list[int] = []
     hashed = matched = 0
     thread_ns, wall_ns = time.thread_time_ns, time.perf_counter_ns
+    tokens: list[int] | array[int]
     for i, query in enumerate(queries):
-        tokens = prebuilt[i] if prebuilt is not None else query.tolist()
+        tokens = prebuilt[i] if prebuilt is not None else _request_ids(query, as_list)
         c0, w0 = thread_ns(), wall_ns()
         keys = index.request_keys(tokens)
         matches = index.match(keys)
@@ -238,9 +252,13 @@ def _lookup_pass(
 
 
 def _lookups(
-    index: PrefixIndex, queries: list[np.ndarray], prebuilt: list[list[int]] | None = None, passes: int = 3
+    index: PrefixIndex,
+    queries: list[np.ndarray],
+    prebuilt: list[list[int]] | None = None,
+    passes: int = 3,
+    as_list: bool = False,
 ) -> dict[str, Any]:
-    """Time request_keys + match per prompt; tokens built just before (or taken from prebuilt).
+    """Time request_keys + match per prompt; ids built just before (or taken from prebuilt).
 
     The first pass gives the figures as measured. Each prompt's fastest of ``passes``
     passes (whole passes, so every lookup meets caches as cold as the first did: the
@@ -250,7 +268,7 @@ def _lookups(
     to set the p99 by itself.
     """
     cost = _thread_clock_cost_ns()
-    runs = [_lookup_pass(index, queries, prebuilt, cost) for _ in range(max(passes, 1))]
+    runs = [_lookup_pass(index, queries, prebuilt, cost, as_list) for _ in range(max(passes, 1))]
     cpu, wall, hashed, matched = runs[0]
     best = np.min(np.asarray([run[0] for run in runs]), axis=0)
     n = max(len(queries), 1)
@@ -332,6 +350,7 @@ def measure(
             "bytes_per_entry": index.bytes_per_entry(),
         }
         report.update(_lookups(index, queries))
+        report["list"] = _lookups(index, queries, as_list=True)
         if cold:
             prebuilt = [q.tolist() for q in queries]
             report["cold"] = _lookups(index, queries, prebuilt, passes=1)
