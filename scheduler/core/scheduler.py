@@ -1015,8 +1015,7 @@ class Scheduler:
                 else estimator.row(candidates, pick_request, position)
             )
             if predicted is None:
-                alone = self.predictor.predict(flight.features[None, :])
-                predicted = (float(alone.ttft_ms[0]), float(alone.tpot_ms[0]), alone.source)
+                predicted = self.predictor.predict_row(flight.features)
         self._announce(request, flight, now, predicted)
         stages = (lookup_ns, score_ns, predict_ns, stage_clock()) if stage_clock is not None else None
         return PickResult("ok", addresses, "", explanation, predicted, stages, matched_blocks, decision)
