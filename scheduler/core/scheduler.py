@@ -428,6 +428,13 @@ class Scheduler:
         self.completions = 0
         self.prefix_stats = PrefixStats()
         self.objectives = ObjectiveTable()
+        # What a request naming no objective and no SLO resolves to, with the table and the
+        # defaults it was resolved under.
+        self._plain_objective: tuple[ObjectiveTable | None, SLODefaults | None, ResolvedObjective | None] = (
+            None,
+            None,
+            None,
+        )
         self.flow = FlowController(self.config.flow_control)
         self.saturation = SaturationDetector(self.config.flow_control)
         self.predictor = LatencyPredictor(self.config.predictor)
@@ -511,6 +518,19 @@ class Scheduler:
 
     def resolve_objective(self, request: SchedulingRequest) -> ResolvedObjective:
         """Priority and SLOs: the request's headers, else its objective's, else the pool's."""
+        plain = request.objective is None and request.slo_ttft_ms is None and request.slo_tpot_ms is None
+        if plain:
+            # Most requests name no objective and no SLO: they all resolve alike until the
+            # table or the defaults are replaced (resolving costs ~5 us of frozen records).
+            table, defaults, known = self._plain_objective
+            if table is self.objectives and defaults is self.config.slo_defaults and known is not None:
+                return known
+        resolved = self._resolve_objective(request)
+        if plain:
+            self._plain_objective = (self.objectives, self.config.slo_defaults, resolved)
+        return resolved
+
+    def _resolve_objective(self, request: SchedulingRequest) -> ResolvedObjective:
         resolved = self.objectives.resolve(request.objective, request.slo_ttft_ms, request.slo_tpot_ms)
         defaults = self.config.slo_defaults
         if (resolved.slo_ttft_ms is None and defaults.ttft_ms is not None) or (
@@ -608,7 +628,7 @@ class Scheduler:
         metrics_at = runtime.metrics_at
         endpoint = runtime.endpoint
         endpoint_class = endpoint.endpoint_class
-        measured = self._drain_rate(endpoint_class)
+        measured = self._class_drain.get(endpoint_class, self._pool_drain)  # _drain_rate, inlined
         last_event = runtime.last_event_at
         inflight, prefilling, prefill_tokens = (
             runtime.inflight_requests,
@@ -623,10 +643,13 @@ class Scheduler:
             prefill_tokens += peers.prefill_tokens
         queued = runtime.prefill_queue.ahead(now, prefill_tokens, measured)
         rate = measured or self._assumed_prefill_rate
+        lora = None
         if metrics is None:
             waiting, running, kv_usage = 0, 0, 0.0
         else:
             waiting, running, kv_usage = metrics.waiting, metrics.running, metrics.kv_usage
+            if metrics.lora is not None:
+                lora = self._lora_slots(runtime)
         prefill_ms = None
         if for_saturation:
             # Saturation judges the scraped waiting count raised by the requests routed there
@@ -646,7 +669,7 @@ class Scheduler:
             running,
             kv_usage,
             None if metrics_at is None else (now - metrics_at if now > metrics_at else 0.0),
-            self._healthy(runtime),
+            runtime.consecutive_failures < self.config.health.unhealthy_after_failures,  # _healthy
             inflight,
             prefill_tokens,
             inflight - prefilling,
@@ -656,7 +679,7 @@ class Scheduler:
             prefill_ms,
             endpoint_class,
             endpoint.labels,
-            self._lora_slots(runtime),
+            lora,
         )
 
     def _lora_slots(self, runtime: _EndpointRuntime) -> LoraSlots | None:
