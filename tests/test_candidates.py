@@ -273,3 +273,20 @@ def test_a_disaggregated_pool_gets_a_pod_of_each_role() -> None:
             picked.append((result.endpoints[0], result.prefill_endpoint))
         results.append(picked)
     assert results[0] == results[1]
+
+
+def test_with_nothing_eligible_the_reasons_are_those_of_every_endpoint() -> None:
+    pruned, every = _scheduler(40), _scheduler(40, prune_above=1000)
+    for scheduler in (pruned, every):
+        for i in range(40):
+            for _ in range(scheduler.config.health.unhealthy_after_failures):
+                scheduler.record_scrape_failure(f"e{i}", "refused", now=1.0)
+    results = [scheduler.pick(SchedulingRequest("r", [1] * 64), now=2.0) for scheduler in (pruned, every)]
+    assert results[0].status == results[1].status == "no_endpoints"
+    assert results[0].reason == results[1].reason == "no healthy endpoint"
+    elsewhere = frozenset({"10.9.9.9:8000"})
+    results = [
+        scheduler.pick(SchedulingRequest("s", [1] * 64, subset=elsewhere), now=2.0)
+        for scheduler in (pruned, every)
+    ]
+    assert results[0].reason == results[1].reason

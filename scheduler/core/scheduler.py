@@ -758,7 +758,8 @@ class Scheduler:
             allowed = [endpoints[name] for name in named]
             if pool is not None:
                 allowed = [rt for rt in allowed if rt.endpoint.labels.get(POOL_LABEL) == pool]
-            return sorted(allowed, key=_arrival)
+            # None when it allows nothing known: scoring every endpoint says why, as before.
+            return sorted(allowed, key=_arrival) if allowed else None
         unhealthy_after = self.config.health.unhealthy_after_failures
 
         def admissible(runtime: _EndpointRuntime) -> bool:
@@ -834,6 +835,9 @@ class Scheduler:
             for name, runtime in endpoints.items():
                 if _holds_adapter(runtime, adapter) and admissible(runtime):
                     chosen[name] = runtime
+        if not chosen:
+            # Nothing eligible (all unhealthy, say): scoring every endpoint gives the reasons.
+            return None
         return sorted(chosen.values(), key=_arrival)
 
     def _weighs(self, scorer: str) -> bool:
