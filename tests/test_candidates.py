@@ -290,3 +290,21 @@ def test_with_nothing_eligible_the_reasons_are_those_of_every_endpoint() -> None
         for scheduler in (pruned, every)
     ]
     assert results[0].reason == results[1].reason
+
+
+def test_judging_a_peers_routing_scores_the_shortlist_a_pick_would() -> None:
+    """``would_route`` (how a replica judges a peer's sampled routing) in a large pool picks
+    what this replica's own pick picks, ties included."""
+    from scheduler.core.scheduler import SpeculativeConfig
+
+    scheduler = _scheduler(60, speculative=SpeculativeConfig(enabled=False))
+    rng = random.Random(4)
+    prompts = _prompts(rng, 12)
+    for i in range(60):
+        prompt = prompts[i % len(prompts)]
+        keys = [int(key) for key in scheduler.index.request_keys(prompt)]
+        judged = scheduler.would_route(keys, len(prompt), 1.0, f"r{i}")
+        picked = scheduler.pick(SchedulingRequest(f"r{i}", prompt), now=1.0)
+        assert picked.endpoints[0] == _address(int(str(judged)[1:]))
+        if i % 3 == 0:
+            scheduler.on_completed(f"r{i}", now=1.0)

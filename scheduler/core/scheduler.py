@@ -1453,7 +1453,11 @@ class Scheduler:
         keys, changing nothing (no reservation, no recency, a throwaway random source): how
         a peer's sampled routing is judged."""
         folded = _best_rank(self.index.peek(keys)) if keys else {}
-        states = [self._state(rt, now) for rt in self._endpoints.values()]
+        # The shortlist a pick would score (in a large pool), so ties go as a pick's would.
+        runtimes: Iterable[_EndpointRuntime] | None = None
+        if self._by_load is not None:
+            runtimes = self._shortlist(SchedulingRequest(request_id, ()), None, folded, None)
+        states = [self._state(rt, now) for rt in (self._endpoints.values() if runtimes is None else runtimes)]
         estimator = self._estimator
         estimator.last_features = None
         routing = self._policy.route(
