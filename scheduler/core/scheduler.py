@@ -168,9 +168,12 @@ class CandidatesConfig(BaseModel):
     prefix, the least loaded (kept in order as loads change, not sorted per pick), those with
     the most free KV cache, and whatever the request's hints require (the session's endpoint,
     the holders of its LoRA adapter, each P/D role's least loaded). The load scorers are
-    relative to the best candidate, and the least loaded endpoint is always a candidate, so
-    every candidate scores as it would among all of them. Only kvsched's scoring policies
-    prune; the peers' policies see every endpoint, as their sources do."""
+    relative to the best candidate, and the least loaded endpoint (by requests ahead and
+    in-flight prefill tokens) is always a candidate, so a candidate scores about as it would
+    among all of them (the prefill wait drains with time and may order endpoints otherwise;
+    measured: the shortlist's pick had the best total over 800 picks, tests/test_candidates.py).
+    Only kvsched's scoring policies prune; the peers' policies see every endpoint, as their
+    sources do."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
