@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 from scheduler.bench.epp_bench import (
+    format_pruning_quality,
     format_report,
     format_scaling,
     judge,
     judge_scaling,
     measure_decision_scaling,
+    measure_pruning_quality,
     request_bodies,
 )
 from scheduler.bench.epp_bench import run as run_epp
@@ -155,6 +157,21 @@ def test_decision_scaling_reports_growth_in_endpoints_and_prompt_blocks() -> Non
         "pick_cost_sublinear_in_endpoints",
     }
     assert "steepest growth in endpoints" in format_scaling(scaling)
+
+
+def test_shortlist_quality_runs_the_trace_both_ways(tmp_path: Path) -> None:
+    # A small trace of its own (shared prefix, then distinct blocks) at 48 workers: above the
+    # threshold, so one run scores a shortlist and the other every worker.
+    rows = [
+        {"timestamp": 40 * i, "input_length": 2048, "output_length": 16, "hash_ids": [0, 1, 100 + i, 400 + i]}
+        for i in range(120)
+    ]
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    results = measure_pruning_quality(trace, workers=(48,))
+    assert [(r["workers"], r["shortlist"]) for r in results] == [(48, True), (48, False)]
+    assert all(r["requests"] == 120 and r["ttft_p50_ms"] > 0 and 0 < r["hit_ratio"] < 1 for r in results)
+    assert "shortlist" in format_pruning_quality(results)
 
 
 def test_bench_epp_command_smoke() -> None:

@@ -263,7 +263,8 @@ def test_defaults_do_not_override_what_is_set() -> None:
 SECTIONS_IN_FULL = {"scoring", "health", "approximate", "speculative", "flow_control"}
 SECTIONS_BY_FIELD = {"predictor", "slo_defaults", "disaggregation"}
 # sync: how the replicas of one deployment share load, set with them (the chart), not per policy.
-NOT_IN_POLICIES = {"index", "seed", "policy", "sync"}
+# candidates: what a pick costs in a large pool, not how it routes.
+NOT_IN_POLICIES = {"index", "seed", "policy", "sync", "candidates"}
 # CRD bounds kvsched deliberately refuses although the schema admits them.
 REFUSED_ALTHOUGH_ADMITTED: set[tuple[str, ...]] = set()
 

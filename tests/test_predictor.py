@@ -528,3 +528,48 @@ def test_residual_trees_follow_a_queue_longer_than_any_they_were_trained_on() ->
         assert predictor.train_now(1.0).residual is residual
         errors[residual] = mape(predictor.predict(long_queue).ttft_ms, linear_ttft(long_queue))
     assert errors[True] < 0.05 < 0.5 < errors[False]
+
+
+def test_one_candidates_row_is_the_batch_row_to_the_bit() -> None:
+    """``candidate_row`` (a pick's chosen endpoint alone) against ``candidate_features``:
+    same float32 bits, over random inputs with the edge cases (no rate, a rate that
+    overflows 1000/rate in float32, a cache larger than the prompt, no event yet)."""
+    import random as _random
+
+    from scheduler.core.predictor.features import candidate_row
+
+    rng = _random.Random(0)
+    for _ in range(3000):
+        args = (
+            rng.choice([rng.randrange(1, 200_000), 0, 1]),
+            rng.choice([rng.random() * 100_000, 0.0, float(rng.randrange(20_000)), rng.random() * 1e6]),
+            rng.randrange(10),
+            rng.randrange(300),
+            rng.random(),
+            rng.randrange(10**6),
+            rng.randrange(50),
+            rng.randrange(4),
+            rng.choice([rng.random() * 1e5, 0.0, rng.random()]),
+            rng.choice([0.0, rng.random() * 5e4, 1e-40, rng.random() * 1e-3, 27_600.0]),
+            rng.choice([None, rng.random() * 30, 0.0]),
+        )
+        batch = candidate_features(args[0], *([value] for value in args[1:]))[0]
+        alone = candidate_row(*args)
+        assert alone.dtype == np.float32
+        assert np.array_equal(batch.view(np.uint32), alone.view(np.uint32)), args
+
+
+def test_one_rows_prediction_is_the_batch_prediction_to_the_bit() -> None:
+    """``predict_row`` (a pick's chosen endpoint) against ``predict`` over the same rows,
+    with the configured prior (Python floats) and a refitted one (numpy float64s)."""
+    features = picks(64, seed=4)
+    configured = PriorModel.from_coefficients(PredictorConfig().prior)
+    refitted = configured.refit(features, linear_ttft(features), linear_tpot(features), min_samples=16)
+    for prior in (configured, refitted):
+        ttft, tpot = prior.predict_ttft(features), prior.predict_tpot(features)
+        for i, row in enumerate(features):
+            assert prior.predict_row(row) == (float(ttft[i]), float(tpot[i]))
+    predictor = LatencyPredictor(SMALL)
+    batch = predictor.predict(features[:1])
+    assert predictor.predict_row(features[0]) == (float(batch.ttft_ms[0]), float(batch.tpot_ms[0]), "prior")
+    assert predictor.stats.predictions["ttft_prior"] == 2

@@ -295,3 +295,22 @@ def test_endpoint_state_carries_every_figure_under_its_own_name() -> None:
     assert state.prefill_ms_ahead is None
     saturation = next(iter(scheduler.saturation_states(now=2.0)))
     assert saturation.waiting == 3 + 2  # raised by the requests routed since the scrape
+
+
+def test_a_request_naming_nothing_resolves_anew_when_the_table_or_the_defaults_change() -> None:
+    from scheduler.core.objectives import Objective, ObjectiveTable
+    from scheduler.core.scheduler import SLODefaults
+
+    scheduler = _scheduler()
+    plain = SchedulingRequest("r", [1] * 32)
+    first = scheduler.resolve_objective(plain)
+    assert first.priority == 0 and first.slo_ttft_ms is None
+    assert scheduler.resolve_objective(SchedulingRequest("s", [2] * 32)) is first
+    scheduler.set_objectives(ObjectiveTable.of([], default=Objective(name="", priority=-1)))
+    assert scheduler.resolve_objective(plain).priority == -1
+    scheduler.reload(scheduler.config.model_copy(update={"slo_defaults": SLODefaults(ttft_ms=300.0)}))
+    resolved = scheduler.resolve_objective(plain)
+    assert (resolved.priority, resolved.slo_ttft_ms) == (-1, 300.0)
+    # A request with an SLO of its own is resolved for itself.
+    assert scheduler.resolve_objective(SchedulingRequest("t", [1] * 32, slo_ttft_ms=50.0)).slo_ttft_ms == 50.0
+    assert scheduler.resolve_objective(plain).slo_ttft_ms == 300.0

@@ -746,3 +746,25 @@ def test_the_built_in_scorers_are_registered_whatever_module_is_imported_first()
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.split("\n")[0] == str(sorted(SCORERS.names()))
+
+
+def test_weighted_totals_of_five_scorers_add_as_the_general_loop_does() -> None:
+    import random as _random
+
+    from scheduler.core.scoring.pipeline import weighted_totals
+
+    rng = _random.Random(7)
+    for _ in range(200):
+        count = rng.randrange(1, 20)
+        values = [[rng.random() for _ in range(count)] for _ in range(5)]
+        weights = [rng.choice([0.5, 1.0, 1.5, 3.0, rng.random()]) for _ in range(5)]
+        weight_sum = 0.0
+        for weight in weights:
+            weight_sum += weight
+        expected = []
+        for i in range(count):
+            total = weights[0] * values[0][i]
+            for weight, column in zip(weights[1:], values[1:], strict=True):
+                total += weight * column[i]
+            expected.append(total / weight_sum)
+        assert weighted_totals(values, weights, weight_sum, count) == expected

@@ -201,7 +201,22 @@ def _bench_epp_scaling(args: argparse.Namespace) -> int:
 
     scaling = measure_decision_scaling(seed=args.seed)
     scaling["goals"] = judge_scaling(scaling)
-    print(json.dumps(scaling) if args.json else format_scaling(scaling))
+    if args.shortlist_quality:
+        from pathlib import Path
+
+        from scheduler.bench.epp_bench import format_pruning_quality, measure_pruning_quality
+        from scheduler.bench.policies import default_data_dir
+
+        data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+        scaling["shortlist_quality"] = measure_pruning_quality(
+            data_dir / "conversation_trace.jsonl", seed=args.seed
+        )
+    if args.json:
+        print(json.dumps(scaling))
+        return 0
+    print(format_scaling(scaling))
+    if "shortlist_quality" in scaling:
+        print(format_pruning_quality(scaling["shortlist_quality"]))
     return 0
 
 
@@ -558,6 +573,16 @@ def register(subparsers: Any) -> None:
         "--scaling",
         action="store_true",
         help="only the decision's cost against 8..1,000 endpoints and 1k..128k-token prompts (no Envoy)",
+    )
+    epp.add_argument(
+        "--shortlist-quality",
+        action="store_true",
+        help="with --scaling: the conversation trace simulated at 256 and 1,000 workers, kvsched "
+        "scoring a shortlist against every endpoint (TTFT, hit ratio; a few minutes)",
+    )
+    epp.add_argument(
+        "--data-dir",
+        help="with --shortlist-quality: directory of the Mooncake traces (default ../shared/data/mooncake)",
     )
     epp.set_defaults(func=_bench_epp)
     conformance = kinds.add_parser(

@@ -28,7 +28,7 @@ import importlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -390,16 +390,18 @@ class PrefixIndex:
         stats.orphans += orphans
         return result, had_clear
 
-    def record_routed(self, worker: str, keys: list[int]) -> None:
-        """Approximate mode: assume ``worker`` now caches these request keys (it sends no events)."""
+    def record_routed(self, worker: str, keys: Sequence[int]) -> None:
+        """Approximate mode: assume ``worker`` now caches these request keys (it sends no events).
+        With the native backend ``keys`` may be a uint64 array, which its table reads in place
+        (the reference backend's keys are lists)."""
         if len(keys):
-            self._table.store_keys(self._worker_id(worker), Tier.GPU, keys, None)
+            self._table.store_keys(self._worker_id(worker), Tier.GPU, cast("list[int]", keys), None)
 
-    def forget_routed(self, worker: str, keys: list[int]) -> None:
+    def forget_routed(self, worker: str, keys: Sequence[int]) -> None:
         """Approximate mode: an assumed cache entry expired."""
         wid = self._worker_ids.get(worker)
         if wid is not None and len(keys):
-            self._table.remove_blocks(wid, Tier.GPU, keys)
+            self._table.remove_blocks(wid, Tier.GPU, cast("list[int]", keys))
 
     # --- queries -----------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from scheduler.core.predictor import FeatureMatrix, LatencyPredictor, candidate_features
+from scheduler.core.predictor import FeatureMatrix, LatencyPredictor, candidate_features, candidate_row
 from scheduler.core.scoring import Candidates, LatencyEstimate, PickRequest
 
 
@@ -50,21 +50,19 @@ class PredictorEstimator:
     def row(self, candidates: Candidates, request: PickRequest, position: int) -> FeatureMatrix:
         """The feature row of one candidate (shape (NUM_FEATURES,)), when only it is needed."""
         s = candidates.states[position]
-        rows = candidate_features(
+        return candidate_row(
             request.prompt_tokens,
-            [candidates.matched[position] * self._block_size],
-            [s.waiting],
-            [s.running],
-            [s.kv_usage],
-            [s.inflight_prefill_tokens],
-            [s.inflight_decode_requests],
-            [self._class_id(s.endpoint_class)],
-            [s.queued_prefill_tokens],
-            [s.prefill_tokens_per_s],
-            [s.last_event_age_s],
+            candidates.matched[position] * self._block_size,
+            s.waiting,
+            s.running,
+            s.kv_usage,
+            s.inflight_prefill_tokens,
+            s.inflight_decode_requests,
+            self._class_id(s.endpoint_class),
+            s.queued_prefill_tokens,
+            s.prefill_tokens_per_s,
+            s.last_event_age_s,
         )
-        row: FeatureMatrix = rows[0]
-        return row
 
     def estimate(self, candidates: Candidates, request: PickRequest) -> LatencyEstimate:
         prediction = self.predictor.predict(self.features(candidates, request))

@@ -39,6 +39,7 @@ no I/O; the transport is ``scheduler/adapters/peersync.py``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -201,6 +202,8 @@ class PeerLoad:
         self._load: dict[str, EndpointPeerLoad] = {}
         self._next_expiry = float("inf")
         self.stats = PeerSyncStats()
+        # Called with an endpoint's name whenever the peers' load there changes.
+        self.on_change: Callable[[str], None] | None = None
 
     def load(self, endpoint: str) -> EndpointPeerLoad | None:
         return self._load.get(endpoint)
@@ -281,6 +284,8 @@ class PeerLoad:
         if entry.prefilling:
             load.prefilling += 1
             load.prefill_tokens += entry.prefill_tokens
+        if self.on_change is not None:
+            self.on_change(routed.endpoint)
         self._next_expiry = min(self._next_expiry, entry.prefill_expires_at, entry.expires_at)
         return True
 
@@ -292,6 +297,8 @@ class PeerLoad:
             load.prefill_tokens -= entry.prefill_tokens
         if not load.requests:
             del self._load[entry.endpoint]
+        if self.on_change is not None:
+            self.on_change(entry.endpoint)
 
     def _end_prefill(self, entry: _Entry) -> None:
         if entry.prefilling:
@@ -299,6 +306,8 @@ class PeerLoad:
             load = self._load[entry.endpoint]
             load.prefilling -= 1
             load.prefill_tokens -= entry.prefill_tokens
+            if self.on_change is not None:
+                self.on_change(entry.endpoint)
 
     def _release(self, peer: _Peer, request_id: str, phase: str, now: float) -> str | None:
         entry = peer.entries.get(request_id)

@@ -13,17 +13,21 @@ forgotten). Plain code over in-memory state; time comes in as ``now``.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from scheduler.core.index import PrefixIndex
+
+# A prompt's block keys: a list of ints, or a uint64 array (speculative placement's, from
+# the native backend's lazy keys). Sequence covers both for the index's calls.
+Keys = Sequence[int]
 
 
 @dataclass(slots=True, eq=False)
 class RoutedPrompt:
     request_id: str
     endpoint: str
-    keys: list[int]
+    keys: Keys
     expires_at: float
     # Speculative placement: from when the endpoint's events should show the prompt (its
     # first token came, so its prefill is done, plus the events' travel time); None before.
@@ -48,9 +52,9 @@ class RoutedMemory:
         """The prompts remembered, oldest first: (expires_at, endpoint, request, keys, due_at)."""
         for p in self._by_expiry:
             if not p.forgotten:
-                yield p.expires_at, p.endpoint, p.request_id, tuple(p.keys), p.due_at
+                yield p.expires_at, p.endpoint, p.request_id, tuple(map(int, p.keys)), p.due_at
 
-    def record(self, request_id: str, endpoint: str, keys: list[int], expires_at: float) -> None:
+    def record(self, request_id: str, endpoint: str, keys: Keys, expires_at: float) -> None:
         """Remember that ``endpoint`` is to hold ``keys``; a request remembered before (it was
         routed again) is forgotten first."""
         previous = self._by_request.get(request_id)

@@ -93,6 +93,11 @@ class RoutingPolicy(ABC):
     # endpoints whose KV events have not reported them yet (``SpeculativeConfig``), at a
     # discount. Off for policies that follow a published rule of their own.
     reads_speculative_placement = False
+    # Whether, in a pool above ``CandidatesConfig.prune_above`` endpoints, the policy is given
+    # a shortlist (best prefix matches, least loaded, most free KV cache, what the request's
+    # hints require) instead of every endpoint. Off for policies that follow a published rule
+    # of their own, which must see every endpoint as their source describes.
+    prunes_candidates = False
 
     @abstractmethod
     def route(self, data: PolicyInput) -> Routing: ...

@@ -25,6 +25,7 @@ class ScoringPolicy(RoutingPolicy):
     guards_remembered_prefixes = True
     prices_queued_prefill = True
     reads_speculative_placement = True
+    prunes_candidates = True
 
     def __init__(self, setup: PolicySetup) -> None:
         self._pipeline = SchedulingPipeline(self.scoring_for(setup.scoring))

@@ -5,7 +5,13 @@ that an adapter may fit on another thread (scheduler/adapters/predictor_trainer.
 """
 
 from scheduler.core.predictor.config import PredictorConfig, PriorCoefficients, XGBoostParams
-from scheduler.core.predictor.features import FEATURE_NAMES, NUM_FEATURES, FeatureMatrix, candidate_features
+from scheduler.core.predictor.features import (
+    FEATURE_NAMES,
+    NUM_FEATURES,
+    FeatureMatrix,
+    candidate_features,
+    candidate_row,
+)
 from scheduler.core.predictor.model import (
     NATIVE_EVALUATOR,
     CompiledEnsemble,
@@ -37,5 +43,6 @@ __all__ = [
     "TrainingJob",
     "XGBoostParams",
     "candidate_features",
+    "candidate_row",
     "compile_booster_json",
 ]

@@ -123,6 +123,17 @@ class LatencyPredictor:
         counts["tpot_" + prediction.tpot_source] += 1
         return prediction
 
+    def predict_row(self, row: FeatureMatrix) -> tuple[float, float, str]:
+        """(TTFT ms, TPOT ms, source) of one row (shape (NUM_FEATURES,)), as ``predict`` on it."""
+        if self._model is not None:
+            prediction = self.predict(row[None, :])
+            return float(prediction.ttft_ms[0]), float(prediction.tpot_ms[0]), prediction.source
+        ttft, tpot = self._prior.predict_row(row)
+        counts = self._predictions
+        counts["ttft_prior"] += 1
+        counts["tpot_prior"] += 1
+        return ttft, tpot, "prior"
+
     def _predict(self, features: FeatureMatrix) -> Prediction:
         model = self._model
         if model is None:

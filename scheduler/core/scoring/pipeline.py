@@ -106,10 +106,18 @@ def weighted_totals(
 
     ``weight_sum`` must be the left-to-right sum of ``weights``: each product is at most its
     weight and rounding is monotonic, so no total can round above 1. One pass over the
-    columns for up to four scorers (the common case) instead of one pass per scorer.
+    columns for up to five scorers (the common case) instead of one pass per scorer.
     """
     if not values:
         return [0.0] * count
+    # The default pipeline weighs five scorers. One expression adds left to right, as the
+    # general loop below does, so the totals are the same to the bit.
+    if len(values) == 5:
+        a, b, c, d, e = weights
+        return [
+            (a * v + b * w + c * x + d * y + e * z) / weight_sum
+            for v, w, x, y, z in zip(*values, strict=True)
+        ]
     if len(values) == 4:
         a, b, c, d = weights
         return [(a * w + b * x + c * y + d * z) / weight_sum for w, x, y, z in zip(*values, strict=True)]
