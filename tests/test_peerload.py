@@ -11,7 +11,14 @@ from scheduler.adapters.metrics import KvschedCollector
 from scheduler.core.events import BlockStored, EventBatch, Tier
 from scheduler.core.index import IndexConfig
 from scheduler.core.peerload import PeerSyncConfig, SyncMessage
-from scheduler.core.scheduler import Endpoint, EndpointMetrics, Scheduler, SchedulerConfig, SchedulingRequest
+from scheduler.core.scheduler import (
+    Endpoint,
+    EndpointMetrics,
+    Scheduler,
+    SchedulerConfig,
+    SchedulingRequest,
+    SpeculativeConfig,
+)
 
 BLOCK = 16
 E1, E2 = "10.0.0.1:8000", "10.0.0.2:8000"
@@ -35,8 +42,9 @@ def _deliver(messages: list[SyncMessage], to: Scheduler, now: float) -> None:
         to.receive_sync(message, now)
 
 
-def _route(replica: Scheduler, request_id: str, now: float, tokens: int = 64) -> str:
-    pick = replica.pick(SchedulingRequest(request_id, list(range(1, tokens + 1)), max_tokens=8), now)
+def _route(replica: Scheduler, request_id: str, now: float, tokens: int = 64, first: int = 1) -> str:
+    prompt = list(range(first, first + tokens))
+    pick = replica.pick(SchedulingRequest(request_id, prompt, max_tokens=8), now)
     assert pick.status == "ok"
     return pick.endpoints[0]
 
@@ -52,8 +60,8 @@ def test_a_peers_request_counts_on_its_endpoint_and_leaves_with_its_release() ->
     state = b.endpoint_state(chosen, 1.001)
     assert state.inflight_requests == 1 and state.inflight_prefill_tokens == 640
     assert state.queued_prefill_tokens > 0
-    # b, seeing a's request there, sends the next one elsewhere (both endpoints idle otherwise).
-    assert _route(b, "r2", 1.002, tokens=640) != chosen
+    # b, seeing a's request there, sends an unrelated one elsewhere (both endpoints idle otherwise).
+    assert _route(b, "r2", 1.002, tokens=640, first=10_000) != chosen
     a.on_first_token("r1", 1.2)
     _deliver(a.take_sync_messages(), b, 1.201)
     assert b.endpoint_state(chosen, 1.201).inflight_prefill_tokens == 0
@@ -61,6 +69,40 @@ def test_a_peers_request_counts_on_its_endpoint_and_leaves_with_its_release() ->
     a.on_completed("r1", 1.5)
     _deliver(a.take_sync_messages(), b, 1.501)
     assert _load(b, chosen, 1.501) == 0
+
+
+def test_a_peers_speculative_placement_draws_the_same_prefix_until_events_settle_it() -> None:
+    a, b = _replica("a"), _replica("b")
+    chosen = _route(a, "r1", 1.0, tokens=640)
+    assert a.speculative_placements == 1
+    _deliver(a.take_sync_messages(), b, 1.001)
+    # b assumes what a assumes: the prompt's 40 blocks will be cached where a sent it, so a
+    # request sharing that prefix follows it despite a's load there.
+    assert b.speculative_placements == 1
+    assert _route(b, "r2", 1.002, tokens=800) == chosen
+    # a's first token makes the endpoint's events due; a batch that still does not show
+    # the blocks contradicts the placement on b as on a.
+    a.on_first_token("r1", 1.2)
+    _deliver(a.take_sync_messages(), b, 1.201)
+    late = 1.201 + b.config.speculative.events_within_s + 0.01
+    b.on_kv_batch(chosen, late)
+    assert b.speculative_placements == 1  # b's own placement of r2 is not due yet
+    assert b.speculative_outcomes["contradicted"] >= 1
+
+
+def test_without_speculative_placement_routings_carry_no_keys() -> None:
+    config = SchedulerConfig(
+        index=IndexConfig(block_size=BLOCK),
+        sync=PeerSyncConfig(enabled=True),
+        speculative=SpeculativeConfig(enabled=False),
+    )
+    a = Scheduler(config)
+    a.set_endpoints([Endpoint(E1, E1, kv_events="tcp://a")], 0.0)
+    a.update_metrics(E1, EndpointMetrics(0, 0, 0.0), 0.0)
+    a.start_sync("a", 1)
+    _route(a, "r1", 1.0, tokens=640)
+    (routed,) = a.take_sync_messages()
+    assert routed.body.placed_keys == ()  # type: ignore[union-attr]
 
 
 def test_messages_applied_twice_count_once() -> None:

@@ -41,6 +41,8 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
     "body",
     [
         Routed("r1", E1, 512, 9.5, 2.25, True),
+        Routed("r1", E1, 512, 9.5, 2.25, True, (), 0, (2**64 - 1, 7, 8), "10.0.0.9:8000"),
+        Routed("r1", E1, 512, 9.5, 2.25, True, (1, 2), 32, (3,), E1),
         Released("r1", DONE),
         Snapshot((Routed("r1", E1, 512, 9.5, 2.25, False), Routed("r2", E1, 0, 5.0, 5.0, True))),
     ],

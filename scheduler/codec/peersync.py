@@ -5,7 +5,8 @@ One ZMQ message per ``SyncMessage``, a single frame::
     [version, replica, incarnation, seq, sent_at_unix_s, kind, body]
 
 ``kind`` 0 = Routed ``[request_id, endpoint, prefill_tokens, ttl_s, prefill_ttl_s, prefilling]``
-(a sampled one adds ``[block keys], prompt_tokens``),
+(a sampled one adds ``[block keys], prompt_tokens``; one whose prompt is placed speculatively
+adds, after those two (empty when not sampled), ``[placed block keys], placed_on``),
 1 = Released ``[request_id, phase (0 first token, 1 done), drained_tokens, waited_s]``,
 2 = Snapshot ``[[routed fields], ...]``. ``sent_at`` is wall-clock time (seconds since the
 epoch): replicas' monotonic clocks are not comparable, so the transport maps it to and from
@@ -37,14 +38,17 @@ def _routed_fields(routed: Routed) -> list[Any]:
         round(routed.prefill_ttl_s, 3),
         routed.prefilling,
     ]
-    if routed.sample_keys:
+    if routed.sample_keys or routed.placed_keys:
         fields += [list(routed.sample_keys), routed.sample_prompt_tokens]
+    if routed.placed_keys:
+        fields += [list(routed.placed_keys), routed.placed_on]
     return fields
 
 
 def _routed(fields: Any) -> Routed:
     request_id, endpoint, prefill_tokens, ttl_s, prefill_ttl_s, prefilling = fields[:6]
     keys, prompt_tokens = fields[6:8] if len(fields) >= 8 else ((), 0)
+    placed, placed_on = fields[8:10] if len(fields) >= 10 else ((), "")
     return Routed(
         str(request_id),
         str(endpoint),
@@ -54,6 +58,8 @@ def _routed(fields: Any) -> Routed:
         bool(prefilling),
         tuple(int(key) for key in keys),
         int(prompt_tokens),
+        tuple(int(key) for key in placed),
+        str(placed_on),
     )
 
 

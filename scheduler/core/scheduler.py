@@ -38,6 +38,7 @@ from scheduler.core.peerload import (
     AGREEMENT_MAX_KEYS,
     DONE,
     FIRST_TOKEN,
+    PLACED_MAX_KEYS,
     PeerLoad,
     PeerSyncConfig,
     Released,
@@ -1437,6 +1438,13 @@ class Scheduler:
         if every and self._announced % every == 0:
             keys = self.index.request_keys(request.token_ids)
             sample_keys = tuple(int(key) for key in itertools.islice(keys, AGREEMENT_MAX_KEYS))
+        placed_keys: tuple[int, ...] = ()
+        placed_on = ""
+        placed = self._speculative.prompt_of(request.request_id)
+        if placed is not None and not placed.forgotten:
+            head = placed.keys[:PLACED_MAX_KEYS]
+            placed_keys = tuple(head.tolist() if isinstance(head, np.ndarray) else head)
+            placed_on = placed.endpoint
         routed = Routed(
             request.request_id,
             flight.endpoint,
@@ -1446,6 +1454,8 @@ class Scheduler:
             True,
             sample_keys,
             len(request.token_ids) if sample_keys else 0,
+            placed_keys,
+            placed_on,
         )
         self._send(routed, now)
 
@@ -1520,6 +1530,8 @@ class Scheduler:
             if runtime is None:
                 continue
             if isinstance(body, Released):
+                if body.phase == FIRST_TOKEN:
+                    self._peer_first_token(message.replica, body.request_id, now)
                 # A first token or completion there: the end of one of its iterations.
                 at = message.sent_at
                 if runtime.last_event_at is None or at > runtime.last_event_at:
@@ -1532,6 +1544,8 @@ class Scheduler:
                     )
                     self._measured_drain(endpoint_class, body.drained_tokens, body.waited_s)
                 continue
+            if isinstance(body, Routed) and body.placed_keys:
+                self._peer_placement(message.replica, body, now)
             runtime.routed_since_scrape += 1
             runtime.peer_routed_since_scrape += 1
             if prefill_tokens:
@@ -1542,6 +1556,26 @@ class Scheduler:
                     self._routed_prefill(runtime) - prefill_tokens,
                     self._drain_rate(runtime.endpoint.endpoint_class),
                 )
+
+    def _peer_placement(self, replica: str, routed: Routed, now: float) -> None:
+        """A peer placed a prompt speculatively: count it as this replica counts its own,
+        until the endpoint's events confirm or contradict it or its time is up."""
+        holder = routed.placed_on or routed.endpoint
+        if not (
+            self.config.speculative.enabled
+            and self._policy.reads_speculative_placement
+            and holder in self._endpoints
+        ):
+            return
+        keys = cast("Sequence[int]", np.asarray(routed.placed_keys, dtype=np.uint64))
+        self._speculative.record(
+            _peer_request(replica, routed.request_id), holder, keys, now + self.config.speculative.ttl_s
+        )
+
+    def _peer_first_token(self, replica: str, request_id: str, now: float) -> None:
+        placed = self._speculative.prompt_of(_peer_request(replica, request_id))
+        if placed is not None:
+            placed.due_at = now + self.config.speculative.events_within_s
 
     def train_if_due(self, now: float) -> bool:
         """Fit and install a new latency model on this thread when one is due (the simulator's
@@ -1690,6 +1724,11 @@ def _holds_adapter(runtime: _EndpointRuntime, adapter: str) -> bool:
         return True
     lora = runtime.metrics.lora if runtime.metrics is not None else None
     return lora is not None and (adapter in lora.running or adapter in lora.waiting)
+
+
+def _peer_request(replica: str, request_id: str) -> str:
+    """A peer's request as this replica's speculative memory names it (ids are per replica)."""
+    return f"{replica}\x00{request_id}"
 
 
 def _best_rank(matches: dict[str, PrefixMatch]) -> dict[str, PrefixMatch]:
