@@ -10,8 +10,9 @@ scorer takes the best rank of an endpoint.
 Wire (shared PROTOCOLS.md §1): live messages are exactly ``[topic, seq, payload]``;
 replay requests ``[b"", start_seq]`` are answered by ``[b"", topic, seq, payload]``
 (0.33.0) or ``[b"", seq, payload]`` (older), ended by seq ``0xFF * 8`` with an empty
-payload. A publisher that restarts is reconnected to by ZMQ on its own; the core sees
-its seq go back and resets that worker.
+payload. A publisher that restarts is reconnected to by ZMQ on its own; the dropped
+connection resets that worker, and once the connection is back its history is replayed
+from 0 (or, without a replay endpoint, its seq going back shows the restart).
 
 All subscribers share one asyncio loop (zmq.asyncio): no thread per pod.
 """
@@ -352,7 +353,7 @@ class KVEventSubscriber:
             sub.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
             sub.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
             sub.setsockopt(zmq.SUBSCRIBE, topic)
-            rank.monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            rank.monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
             sub.connect(rank.endpoint)
             rank.sub = sub
             rank.live_task = asyncio.create_task(self._live(rank, sub), name=f"kv-live {rank.endpoint}")
@@ -465,17 +466,18 @@ class KVEventSubscriber:
         return frames
 
     async def _watch_connection(self, rank: _Rank, monitor: zmq.asyncio.Socket) -> None:
-        """A dropped connection to the publisher is news for the core (see ``on_disconnected``);
-        ZMQ reconnects by itself."""
+        """A dropped connection to the publisher, and its coming back, are news for the core
+        (``on_disconnected``, ``on_connected``); ZMQ reconnects by itself."""
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
-            if event["event"] != zmq.EVENT_DISCONNECTED:
-                continue
             try:
-                self._follow(rank, rank.ingest.on_disconnected(self._clock()))
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    self._follow(rank, rank.ingest.on_disconnected(self._clock()))
+                elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._follow(rank, rank.ingest.on_connected(self._clock()))
             except Exception:  # the subscription must outlive a fault of its own
                 rank.ingest.stats.internal_errors += 1
-                log.exception("%s: error handling a disconnect", rank.endpoint)
+                log.exception("%s: error handling a connection event", rank.endpoint)
 
     def _on_live_frames(self, rank: _Rank, frames: list[bytes]) -> None:
         started = STAGE_TIMES.start()

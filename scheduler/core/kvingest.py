@@ -239,6 +239,8 @@ class ReplayPurpose(enum.Enum):
     GAP = "gap"
     JOIN = "join"
     REBUILD = "rebuild"
+    # The connection came back: whatever the publisher sent before it did is replayed from 0.
+    RECONNECT = "reconnect"
 
 
 class _Replay:
@@ -346,6 +348,9 @@ class WorkerIngest:
         self._last_live_at: float | None = None
         # The connection dropped since the last live batch (see ``on_disconnected``).
         self._rejoin = False
+        # A replay from 0 was asked when the connection came back (``on_connected``): the
+        # first live batch after it continues that history instead of starting afresh.
+        self._reconnect_replayed = False
 
     # --- state the I/O side reads ------------------------------------------------------
 
@@ -434,6 +439,11 @@ class WorkerIngest:
             verdict = _FIRST
         self._rejoin = False
         kind = verdict.kind
+        if kind is VerdictKind.FIRST and self._reconnect_replayed:
+            self._reconnect_replayed = False
+            if self._replay is not None:
+                return self._hold_live(seq, payload, verdict, now)
+            return self._take(seq, payload, verdict, now)
         if kind is VerdictKind.FIRST:
             # Entries left under this name by an earlier subscriber can only be stale.
             self.index.clear_worker(self.worker)
@@ -463,6 +473,28 @@ class WorkerIngest:
             return self._overflow(verdict, now)
         return Step(Action.BUFFERED, verdict)
 
+    def on_connected(self, now: float) -> Step:
+        """The live connection is up again after a disconnect (ZMQ's handshake is done).
+
+        A restarted engine publishes from seq 0 as soon as it serves, and what it sends
+        before the subscription reaches it is lost to the live stream (ZMQ's slow joiner);
+        waiting for its next batch to show the hole leaves the index empty for as long as the
+        engine stays idle. With a replay endpoint the history from 0 is asked for now, and the
+        new process followed from an empty cache: a replay that reaches back to 0 makes the
+        view exact at once. Measured with ``kvsched bench chaos`` (a worker killed and
+        restarted): the first batches of the restarted worker were missing from the index
+        until the load made it publish again.
+        """
+        if not self._rejoin or not self.replay_available or self._replay is not None:
+            return Step(Action.IGNORED)
+        self._rejoin = False
+        # Live batches from here on belong to whatever publishes now; the first one is
+        # placed against the replayed history (``on_live``).
+        self._live.expected = None
+        self._reconnect_replayed = True
+        self._follow_new_process()
+        return Step(Action.IGNORED, replay_from=self._request_replay(ReplayPurpose.RECONNECT, 0, now))
+
     def on_disconnected(self, now: float) -> Step:
         """The publisher's connection dropped.
 
@@ -475,6 +507,7 @@ class WorkerIngest:
         went out before the subscriber reconnected (ZMQ's slow joiner), until its next batch.
         """
         self.stats.disconnects += 1
+        self._reconnect_replayed = False
         self._log_once("disconnected", "publisher disconnected: its entries leave the index")
         abandon = self._replay is not None
         self._replay = None
@@ -589,6 +622,10 @@ class WorkerIngest:
         self._replay = None
         if not completed:
             self.stats.replays_failed += 1
+            if replay.purpose is ReplayPurpose.RECONNECT:
+                # Nothing is known of the publisher's history: the next live batch joins afresh.
+                self._reconnect_replayed = False
+                self._mark_incomplete("the replay asked when the publisher reconnected failed")
         buffer = self._buffer
         expected = self._applied.expected
         assert expected is not None
