@@ -38,6 +38,10 @@ class Timing:
     bad_concurrency: int = 32
     huge_blocks: int = 1_000_000
     flood_batches: int = 100_000
+    # Requests sent at once on the victim's prefixes just before a worker kill: non-streamed
+    # (Envoy can retry them) and streamed (their response has started: it cannot).
+    kill_burst: int = 12
+    kill_burst_streamed: int = 4
     overload_rates: tuple[float, ...] = (8.0, 16.0, 32.0, 48.0, 64.0)
     overload_step_s: float = 6.0
 
@@ -222,9 +226,16 @@ async def worker_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
     victim = stack.workers["sim-1"]
     run = LiveRun(stack, shape, timing, result)
     await run.start()
-    # Killed while it works on a request where the load allows: at 8 req/s of ~15 ms requests
-    # a worker is idle most of the time, and a kill then shows nothing of the gateway's part.
-    busy = await _until_busy(victim, timing.down_s)
+    # At 8 req/s of ~15 ms requests a worker has a request 12% of the time, and a kill then
+    # shows nothing of the gateway's part. So the kill comes amid a burst of requests on
+    # prefixes the victim holds (kvsched sends them there). A non-streamed response starts
+    # only when it is complete, so Envoy may retry each of those on the next endpoint of
+    # kvsched's fallback list when the connection resets under it; a streamed one has sent
+    # its headers and cannot be retried: those are counted apart.
+    burst_task = asyncio.create_task(
+        _kill_burst(stack, shape, victim, timing.kill_burst, timing.kill_burst_streamed)
+    )
+    busy = await _until_running(victim, KILL_BURST_ON_VICTIM, timing.down_s)
     killed_at = run.fault()
     await victim.child.kill()
     # While it is down: what kvsched's index still says it holds.
@@ -237,28 +248,43 @@ async def worker_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
     await victim.start()
     run.settled()
     sent = await run.finish()
+    burst = await burst_task
     await asyncio.sleep(0.3)  # Envoy flushes its access log every 100 ms
     access = _access_by_request(stack)
     dead = [
         s
         for s in sent
         if killed_at <= s.at < run.settled_at
-        and (access.get(s.outcome.request_id, {}).get("destination_header") or "").split(",")[0]
-        == victim.address
+        and _first_destination(access.get(s.outcome.request_id, {})) == victim.address
     ]
-    in_flight = run.in_flight_at(sent, killed_at, victim.name)
-    lost = [s for s in in_flight if not s.ok]
-    result.failed_in_flight = len(lost)
+    # Requests on the victim when it died, by what the gateway can do for them.
+    caught = _caught_by_kill(sent, burst, access, victim.address, killed_at)
+    started = caught["response_started"]
+    retriable = caught["retriable"]
+    retried = [c for c in retriable if c["attempts"] > 1 and c["upstream"] != victim.address]
+    retriable_failed = [c for c in retriable if not c["ok"]]
+    result.sent += len(burst)
+    result.ok += sum(1 for b in burst if b.ok)
+    result.failed = result.sent - result.ok
+    result.failed_in_flight = sum(1 for c in started if not c["ok"])
     result.routed_to_dead = len(dead)
     served_elsewhere = [s for s in dead if s.ok and s.outcome.endpoint != victim.name]
-    beyond = result.failed - len(lost)
+    beyond = result.failed - result.failed_in_flight
     last_dead = max((s.at - killed_at for s in dead), default=0.0)
     check = await _index_check(stack, victim, _probe_prompts(shape, sent))
     result.details.update(
         busy_at_kill=busy,
         stale_blocks_while_down=stale,
         routed_to_dead_last_s=last_dead,
-        in_flight_at_kill=len(in_flight),
+        burst=len(burst),
+        burst_on_victim=sum(
+            1 for b in burst if _first_destination(access.get(b.request_id, {})) == victim.address
+        ),
+        in_flight_response_started=len(started),
+        in_flight_retriable=len(retriable),
+        retried_elsewhere=len(retried),
+        retriable_failed=len(retriable_failed),
+        caught=started + retriable,
         index_after_restart=check,
     )
     result.goal(
@@ -267,10 +293,20 @@ async def worker_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
         f"{len(dead)} routed to it, the last {last_dead:.2f} s after the kill",
     )
     result.goal(
-        "Envoy places those on another worker: 0 client failures beyond the requests in flight on it",
+        "requests in flight on it whose response had not started: Envoy retries them on the next "
+        "endpoint of kvsched's fallback list, 0 client failures",
+        len(retriable) > 0 and not retriable_failed and len(retried) == len(retriable),
+        f"{len(retriable)} in flight without a response started, {len(retried)} retried onto another "
+        f"endpoint (Envoy's access log: attempts > 1, another upstream host), {len(retriable_failed)} "
+        f"failed; besides, {len(started)} in flight with the response started (cannot be retried), "
+        f"{result.failed_in_flight} of them failed",
+    )
+    result.goal(
+        "Envoy places those routed to it on another worker: 0 client failures beyond the requests "
+        "whose response had started",
         beyond == 0 and len(served_elsewhere) == len(dead),
-        f"{beyond} failures beyond {len(lost)} in flight; "
-        f"{len(served_elsewhere)} of {len(dead)} served elsewhere",
+        f"{beyond} failures beyond {result.failed_in_flight} with the response started; "
+        f"{len(served_elsewhere)} of {len(dead)} routed to it served elsewhere",
     )
     result.goal(
         "its stale blocks leave the index",
@@ -285,14 +321,114 @@ async def worker_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
     return result
 
 
-async def _until_busy(worker: WorkerProc, timeout_s: float) -> bool:
-    """Until the worker's engine has a request (True), or ``timeout_s`` passed (False)."""
+# Burst requests the victim should have running when it is killed (or the wait times out).
+KILL_BURST_ON_VICTIM = 3
+# A burst request's answer: 128 tokens take the simulated engine ~1 s (7.6 ms a decode step),
+# long enough to be running when the kill comes.
+KILL_BURST_TOKENS = 128
+
+
+@dataclass
+class BurstOutcome:
+    request_id: str
+    at: float
+    streamed: bool = False
+    end: float = math.inf
+    status: int | None = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and not self.error
+
+
+async def _kill_burst(
+    stack: ChaosStack, shape: LoadShape, victim: WorkerProc, count: int, streamed: int
+) -> list[BurstOutcome]:
+    """``count`` non-streamed and ``streamed`` streamed completions on the prefixes the victim
+    holds, sent at once."""
+    from scheduler.replay.live import API_PATHS, base_url, request_body, send_one
+    from scheduler.workloads.model import WorkloadRequest
+
+    prefixes = Prompts(shape).prefixes
+    cache = await victim.ask({"op": "cache", "prompts": prefixes})
+    held = [p for p, blocks in zip(prefixes, cache["prefix_blocks"], strict=True) if blocks > 0] or prefixes[
+        :1
+    ]
+    rng = random.Random(shape.seed + 1)
+    loop = asyncio.get_running_loop()
+
+    async def one(session: aiohttp.ClientSession, i: int) -> BurstOutcome:
+        prompt = held[i % len(held)] + [rng.randrange(1, 32_000) for _ in range(shape.suffix_tokens)]
+        request = WorkloadRequest(f"kill-burst-{i}", 0.0, prompt, KILL_BURST_TOKENS)
+        outcome = BurstOutcome(request.request_id, loop.time(), streamed=i >= count)
+        if outcome.streamed:
+            sent = await send_one(session, stack.url, request, stack.model, loop.time)
+            outcome.status, outcome.error = (200 if sent.ok else None), sent.error or ""
+            outcome.end = sent.end_s if sent.end_s is not None else loop.time()
+            return outcome
+        try:
+            async with session.post(
+                base_url(stack.url) + API_PATHS["completions"],
+                json=request_body(request, stack.model, "completions", stream=False),
+                headers={"x-request-id": request.request_id},
+            ) as resp:
+                body = await resp.read()
+                outcome.status = resp.status
+                if resp.status != 200:
+                    outcome.error = f"http {resp.status}: {body[:200]!r}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            outcome.error = f"{type(exc).__name__}: {exc}"
+        outcome.end = loop.time()
+        return outcome
+
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        return list(await asyncio.gather(*(one(session, i) for i in range(count + streamed))))
+
+
+def _caught_by_kill(
+    sent: Sequence[Sent],
+    burst: Sequence[BurstOutcome],
+    access: dict[str, dict[str, Any]],
+    victim: str,
+    killed_at: float,
+) -> dict[str, list[dict[str, Any]]]:
+    """Requests Envoy had sent to the victim that had not ended when it was killed: those whose
+    response had started (a stream: its headers go out when the engine takes it; never
+    retried) and those whose response had not (non-streamed, or retried by Envoy)."""
+    caught: dict[str, list[dict[str, Any]]] = {"response_started": [], "retriable": []}
+    rows = [(s.outcome.request_id, s.at, s.outcome.end_s, s.ok, True) for s in sent]
+    rows += [(b.request_id, b.at, b.end, b.ok, b.streamed) for b in burst]
+    for request_id, at, end, ok, streamed in rows:
+        entry = access.get(request_id, {})
+        if _first_destination(entry) != victim or at >= killed_at or (end is not None and end <= killed_at):
+            continue
+        attempts = int(entry["attempts"]) if str(entry.get("attempts", "")).isdigit() else 1
+        if attempts == 1 and ok and not streamed:
+            continue  # answered whole before the kill; the client read it after
+        row = {
+            "request_id": request_id,
+            "streamed": streamed,
+            "ok": ok,
+            "attempts": attempts,
+            "upstream": entry.get("upstream"),
+            "flags": entry.get("flags"),
+        }
+        caught["retriable" if attempts > 1 or not streamed else "response_started"].append(row)
+    return caught
+
+
+async def _until_running(worker: WorkerProc, requests: int, timeout_s: float) -> int:
+    """Until the worker's engine runs ``requests`` requests, or ``timeout_s`` passed: how many it runs."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
+    running = 0
     while loop.time() < deadline:
-        if (await worker.ask({"op": "cache", "prompts": []}))["busy"]:
-            return True
-    return False
+        running = (await worker.ask({"op": "cache", "prompts": []}))["running"]
+        if running >= requests:
+            break
+    return int(running)
 
 
 def _describe_check(check: dict[str, Any]) -> str:
