@@ -749,3 +749,131 @@ def test_the_ingest_context_has_room_for_a_thousand_pods() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "1100"
+
+
+def _wide_chain(batches: int, blocks_per_batch: int) -> tuple[list[int], list[bytes]]:
+    """One long chain stored ``blocks_per_batch`` blocks a batch: tokens and encoded payloads."""
+    tokens = prompt(batches * blocks_per_batch, base=1000)
+    payloads = []
+    parent = None
+    for b in range(batches):
+        hashes = [50_000 + b * blocks_per_batch + i for i in range(blocks_per_batch)]
+        span = tokens[b * blocks_per_batch * BLOCK : (b + 1) * blocks_per_batch * BLOCK]
+        payloads.append(encode_batch(EventBatch(float(b), [BlockStored(hashes, parent, span, BLOCK)], 0)))
+        parent = hashes[-1]
+    return tokens, payloads
+
+
+async def _flood_while_held(pub: FakeVLLMPublisher, payloads: list[bytes]) -> None:
+    """Every payload sent, and kept for replay, without yielding to the subscriber's loop."""
+    assert pub.pub is not None
+    sender: zmq.Socket[bytes] = zmq.Socket.shadow(pub.pub.underlying)
+    for payload in payloads:
+        seq = pub.next_seq
+        pub.next_seq += 1
+        pub.buffer[seq] = payload
+        sender.send_multipart([TOPIC, encode_seq(seq), payload])
+
+
+async def test_a_flood_waits_in_a_byte_bounded_queue_and_what_is_dropped_is_replayed(
+    ctx: zmq.asyncio.Context, cleanup: list
+) -> None:
+    """ZMQ's queue held up to rcvhwm (then 100,000) messages of any size while the loop caught
+    up: a 230 MB flood stayed in memory. Messages now wait in a queue bounded in bytes; one
+    beyond it is dropped whole, counted with its reason, and is a gap the replay closes."""
+    index = make_index()
+    pub = publisher(ctx, cleanup)
+    bound = 16 * 1024
+    sub = await subscribe(index, [pub], ctx, cleanup, ingest=IngestConfig(max_queued_bytes=bound))
+    tokens, payloads = _wide_chain(400, 32)
+    assert max(len(p) for p in payloads) < bound // 8  # the queue holds at most ~10 of them
+    await _flood_while_held(pub, payloads)
+    await until(
+        lambda: (
+            sub.stats.batches_applied == len(payloads) and not sub.snapshot()["ranks"][0]["replay_in_flight"]
+        )
+    )
+    stats = sub.stats
+    assert stats.dropped_publisher_bytes > 0 and stats.dropped_total_bytes == 0
+    # The very first messages may be among those dropped: then it is a late join, replayed from 0.
+    assert stats.replays_requested >= 1 and stats.lost_batches == 0 and stats.resets == 0
+    rank = sub.snapshot()["ranks"][0]
+    assert 0 < rank["peak_queued_bytes"] <= bound and rank["queued_bytes"] == 0
+    assert index.match_tokens(tokens)["w"].total_blocks == 400 * 32
+    assert sub.budget.used == 0
+
+
+async def test_the_process_wide_byte_bound_drops_across_publishers(
+    ctx: zmq.asyncio.Context, cleanup: list
+) -> None:
+    from scheduler.adapters.kv_subscriber import ReceiveBudget
+
+    index = make_index()
+    pub = publisher(ctx, cleanup)
+    shared = ReceiveBudget(8 * 1024)
+    config = SubscriberConfig("w", pub.endpoint, pub.replay_endpoint, topic="kv@")
+    sub = KVEventSubscriber(config, index, context=ctx, budget=shared)
+    cleanup.append(sub)
+    await sub.start()
+    await pub.subscribed()
+    tokens, payloads = _wide_chain(300, 32)
+    await _flood_while_held(pub, payloads)
+    await until(
+        lambda: (
+            sub.stats.batches_applied == len(payloads) and not sub.snapshot()["ranks"][0]["replay_in_flight"]
+        )
+    )
+    assert sub.stats.dropped_total_bytes > 0 and sub.stats.dropped_publisher_bytes == 0
+    assert 0 < shared.peak <= 8 * 1024 and shared.used == 0
+    assert index.match_tokens(tokens)["w"].total_blocks == 300 * 32
+
+
+async def test_dropped_batches_are_exposed_per_reason(ctx: zmq.asyncio.Context, cleanup: list) -> None:
+    from prometheus_client import generate_latest
+
+    from scheduler.adapters.metrics import KvschedCollector, new_registry
+    from scheduler.core.kvingest import IngestStats
+    from scheduler.core.scheduler import Scheduler, SchedulerConfig
+
+    stats = IngestStats(dropped_publisher_bytes=3, dropped_total_bytes=1)
+    registry = new_registry(process_metrics=False)
+    registry.register(KvschedCollector(Scheduler(SchedulerConfig()), ingest_stats=lambda: {"w": stats}))
+    text = generate_latest(registry).decode()
+    assert 'kvsched_kv_dropped_batches_total{endpoint="w",reason="publisher_bytes"} 3.0' in text
+    assert 'kvsched_kv_dropped_batches_total{endpoint="w",reason="total_bytes"} 1.0' in text
+    assert "kvsched_kv_dropped_publisher_bytes" not in text
+
+
+async def test_a_restarted_publisher_is_replayed_from_0_when_it_reconnects(
+    ctx: zmq.asyncio.Context, cleanup: list
+) -> None:
+    """What a restarted engine published before the subscriber's connection came back never
+    reaches the live stream (ZMQ's slow joiner); it was missing from the index until the
+    engine's next batch showed the hole (a worker restarted in ``kvsched bench chaos``).
+    Now the reconnect itself asks the replay socket for the history from 0."""
+    index = make_index()
+    pub = publisher(ctx, cleanup)
+    sub = await subscribe(index, [pub], ctx, cleanup)
+    old = prompt(3)
+    for batch in chain_batches(old):
+        await pub.publish(batch)
+    await until(lambda: sub.stats.batches_applied == 3)
+    await pub.close()
+    await until(lambda: sub.stats.disconnects == 1)
+    await pub.restart()
+    # The new engine's first batches went out before the subscription reached it.
+    fresh = prompt(2, base=70)
+    for batch in chain_batches(fresh, first_hash=900):
+        await pub.publish(batch, drop=True)
+    await until(lambda: sub.stats.batches_applied == 5)
+    assert index.match_tokens(fresh)["w"].total_blocks == 2 and "w" not in index.match_tokens(old)
+    assert pub.replay_requests == [0]
+    view = sub.views()[0]
+    assert (view.state, view.next_seq) == ("exact", 2)
+    # The live stream carries on from there: the next batch is applied in order, no reset.
+    resets = sub.stats.resets
+    assert await pub.subscribed() == b"kv@"
+    await pub.publish(EventBatch(3.0, [BlockStored([77], 901, prompt(1, base=90), BLOCK)]))
+    await until(lambda: sub.stats.batches_applied == 6)
+    assert sub.stats.resets == resets and sub.stats.gaps == 0 and sub.views()[0].state == "exact"
+    assert index.match_tokens(fresh + prompt(1, base=90))["w"].total_blocks == 3

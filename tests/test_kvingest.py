@@ -379,6 +379,55 @@ def test_restart_seen_late_replays_the_new_process_from_zero() -> None:
     assert_same_view(index, reference(new_batches), fresh.prompts)
 
 
+def test_a_reconnect_replays_the_publisher_from_zero_before_its_next_batch() -> None:
+    index = make_index()
+    ingest = ingest_for(index, replay=True)
+    old = CacheModel(16)
+    for seq, payload in enumerate(payloads(old.batches(5))):
+        ingest.on_live(seq, payload, 0.0)
+    ingest.on_disconnected(1.0)
+    assert ingest.on_connected(1.5).replay_from == 0
+    assert ingest.on_connected(1.6).replay_from is None  # one replay at a time
+    fresh = CacheModel(17)
+    new_batches = fresh.batches(4)
+    new = payloads(new_batches)
+    for seq in range(3):  # what the new process published before the subscription reached it
+        ingest.on_replay_batch(seq, new[seq], 1.7)
+    # A live batch overtaken by the replay waits for it, then counts as a duplicate.
+    assert ingest.on_live(2, new[2], 1.75).action is Action.BUFFERED
+    ingest.on_replay_end(1.8)
+    assert ingest.view_complete and ingest.next_seq == 3 and ingest.stats.duplicates == 1
+    assert ingest.on_live(3, new[3], 2.0).action is Action.APPLIED
+    assert ingest.stats.gaps == 0 and ingest.stats.restarts == 0
+    assert_same_view(index, reference(new_batches), old.prompts + fresh.prompts)
+
+
+def test_a_failed_reconnect_replay_joins_afresh_on_the_next_batch() -> None:
+    index = make_index()
+    ingest = ingest_for(index, replay=True)
+    for seq, payload in enumerate(payloads(CacheModel(18).batches(3))):
+        ingest.on_live(seq, payload, 0.0)
+    ingest.on_disconnected(1.0)
+    assert ingest.on_connected(1.0).replay_from == 0
+    ingest.on_replay_failed("no reply", 6.0)
+    assert not ingest.view_complete and ingest.stats.replays_failed == 1
+    fresh = CacheModel(19)
+    new = payloads(fresh.batches(3))
+    # The next batch shows history before it: a late join, replayed from 0 again.
+    assert ingest.on_live(2, new[2], 7.0).replay_from == 0
+    for seq in range(3):
+        ingest.on_replay_batch(seq, new[seq], 7.1)
+    ingest.on_replay_end(7.1)
+    assert ingest.view_complete and ingest.next_seq == 3
+
+
+def test_without_a_replay_endpoint_a_reconnect_waits_for_the_next_batch() -> None:
+    ingest = ingest_for(make_index(), replay=False)
+    ingest.on_live(0, payloads(CacheModel(20).batches(1))[0], 0.0)
+    ingest.on_disconnected(1.0)
+    assert ingest.on_connected(1.0).replay_from is None
+
+
 def test_restart_during_a_replay_abandons_it() -> None:
     index = make_index()
     ingest = ingest_for(index, replay=True)

@@ -10,8 +10,9 @@ scorer takes the best rank of an endpoint.
 Wire (shared PROTOCOLS.md §1): live messages are exactly ``[topic, seq, payload]``;
 replay requests ``[b"", start_seq]`` are answered by ``[b"", topic, seq, payload]``
 (0.33.0) or ``[b"", seq, payload]`` (older), ended by seq ``0xFF * 8`` with an empty
-payload. A publisher that restarts is reconnected to by ZMQ on its own; the core sees
-its seq go back and resets that worker.
+payload. A publisher that restarts is reconnected to by ZMQ on its own; the dropped
+connection resets that worker, and once the connection is back its history is replayed
+from 0 (or, without a replay endpoint, its seq going back shows the restart).
 
 All subscribers share one asyncio loop (zmq.asyncio): no thread per pod.
 """
@@ -20,8 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import platform
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,14 +38,26 @@ from zmq.utils.monitor import parse_monitor_message
 from scheduler.adapters.stage_times import STAGE_TIMES
 from scheduler.codec.kvevents import REPLAY_END_SEQ, decode_batch, encode_seq
 from scheduler.core.index import PrefixIndex
-from scheduler.core.kvingest import Action, IngestConfig, IngestStats, PublisherView, Step, WorkerIngest
+from scheduler.core.kvingest import (
+    Action,
+    DropReason,
+    IngestConfig,
+    IngestStats,
+    PublisherView,
+    Step,
+    WorkerIngest,
+)
 from scheduler.core.scheduler import Endpoint
 
 log = logging.getLogger(__name__)
 
-# vLLM's publisher default high-water mark (KVEventsConfig.hwm); the subscriber side
-# matches it so that a briefly busy event loop does not drop what the publisher sent.
-DEFAULT_RCVHWM = 100_000
+# Messages ZMQ may queue per publisher before it drops (silently: a seq gap). Every turn of
+# the event loop moves what ZMQ holds into the receive queue, which is bounded in bytes
+# (IngestConfig.max_queued_bytes), so ZMQ's queue only holds what arrives within one turn: a
+# flood of 12,500 batches/s and turns of up to 20 ms is 250 messages. 1,000 (ZMQ's default)
+# leaves 4x that and caps what ZMQ holds at 1,000 messages; vLLM's own 100,000
+# (KVEventsConfig.hwm), which this matched before, let a flood park 230 MB here.
+DEFAULT_RCVHWM = 1_000
 # libzmq's default cap is 1,023 sockets per context, and a context keeps the cap it had when
 # its first socket was made ("Too many open files" at the 1,024th, measured): a pool of
 # 1,000 pods, each a SUB and, while replaying, a DEALER, would pass it.
@@ -55,6 +72,68 @@ _SEQ_FRAME_BYTES = 8
 # after the one message that passed it.
 LIVE_BURST = 64
 LIVE_BUDGET_NS = 1_000_000
+# Messages moved from ZMQ's queue to the receive queue per turn at most: a receive of a
+# few-KB message takes a few microseconds, so a turn spends at most a few ms on it.
+DRAIN_SLICE = 1024
+# Python's objects around one waiting message (its list of three frames, their bytes headers,
+# the queue's tuple): 251 bytes measured with tracemalloc; with malloc's chunk headers, 320.
+QUEUED_MESSAGE_OVERHEAD = 320
+# Free chunks malloc keeps among the waiting messages while a flood churns through the queue,
+# as a share of what waits: a lone subscriber flooded with 100,000 batches of 2.3 KB peaked at
+# 25.4 MB above its start against 22.7 MB of waiting messages and ZMQ queues (12% more); 25%
+# leaves room for the machine's noise. Measured, not derived.
+ALLOCATOR_SLACK = 0.25
+# A receive queue this deep (or one that dropped), or a replay, returns the allocator's free
+# pages to the system TRIM_INTERVAL_S after the last of them: glibc keeps freed chunks of many
+# small messages in its arenas. Measured: 100,000 freed 2.3 KB messages with every 50th kept
+# left 238 MB resident; malloc_trim(0) brought it to 26 MB in 17 ms (run off the event loop).
+# After a 100,000-batch flood a lone subscriber stayed 26 MB above where it started until it
+# was trimmed.
+TRIM_AFTER_BYTES = 4 * 1024 * 1024
+TRIM_INTERVAL_S = 1.0
+
+
+def _glibc_malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)``; None elsewhere (musl, macOS: nothing to call)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+
+
+class _Trimmer:
+    """Gives freed memory back to the system once KV-event traffic that left some behind (a
+    deep receive queue, a replay) has been quiet for TRIM_INTERVAL_S: a flood drains its
+    queue and runs replays many times, and only the end of it matters."""
+
+    def __init__(self) -> None:
+        self.pending: asyncio.TimerHandle | None = None
+        self.trims = 0
+
+    def touch(self) -> None:
+        if _MALLOC_TRIM is None:
+            return
+        if self.pending is not None:
+            self.pending.cancel()
+        self.pending = asyncio.get_running_loop().call_later(TRIM_INTERVAL_S, self._trim)
+
+    def _trim(self) -> None:
+        assert _MALLOC_TRIM is not None
+        self.pending = None
+        self.trims += 1
+        # ctypes lets go of the GIL for the call: the loop goes on while the arenas are walked.
+        threading.Thread(target=_MALLOC_TRIM, name="malloc-trim", daemon=True).start()
+
+
+TRIMMER = _Trimmer()
 
 
 def shared_context() -> zmq.asyncio.Context:
@@ -102,6 +181,18 @@ class SubscriberConfig:
         return [self.worker_name(rank) for rank in range(self.data_parallel_size)]
 
 
+class ReceiveBudget:
+    """Bytes of received messages waiting for ingest (queued, or held by ingest while a replay
+    runs), over every publisher of a process."""
+
+    __slots__ = ("limit", "peak", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+
+
 class _Rank:
     """One publisher: its sockets, tasks and ingest state."""
 
@@ -125,6 +216,38 @@ class _Rank:
         # ZMQ's reports of the live connection dropping (a monitor socket, PAIR).
         self.monitor: zmq.asyncio.Socket | None = None
         self.monitor_task: asyncio.Task[None] | None = None
+        # Received messages waiting for ingest, and their bytes (bounded: see ``_enqueue``).
+        self.queue: deque[tuple[list[bytes], int]] = deque()
+        self.queued_bytes = 0
+        self.peak_queued_bytes = 0
+        # The queue grew past TRIM_AFTER_BYTES or dropped since it was last empty.
+        self.deep = False
+        # Live batches ingest holds while a replay runs, as last counted in the budget.
+        self.held_bytes = 0
+
+
+def receive_memory_bound(
+    ingest: IngestConfig, *, publishers: int, message_bytes: int, rcvhwm: int = DEFAULT_RCVHWM
+) -> int:
+    """The most memory KV-event messages waiting for ingest hold, for ``publishers``
+    publishers whose largest message is ``message_bytes``.
+
+    Waiting: each publisher's receive queue and the live batches ingest holds while a replay
+    runs, together at most ``max_queued_bytes`` (ingest's own ``max_buffered_bytes`` caps the
+    latter alone), and over every publisher ``max_queued_bytes_total``, which only the replay
+    buffers can pass (they are trimmed by their own bound, not by dropping). On top, per
+    publisher: the one message a queue keeps whatever its size, and ZMQ's queues of the live
+    SUB and the replay DEALER, ``rcvhwm`` messages each.
+    """
+    own = max(ingest.max_queued_bytes, ingest.max_buffered_bytes)
+    waiting = min(
+        publishers * own, max(ingest.max_queued_bytes_total, publishers * ingest.max_buffered_bytes)
+    )
+    # The bounds count payload bytes; each waiting message also has its Python objects, and
+    # malloc keeps freed chunks among the live ones while messages come and go.
+    waiting += waiting // max(message_bytes, 1) * QUEUED_MESSAGE_OVERHEAD
+    waiting = int(waiting * (1.0 + ALLOCATOR_SLACK))
+    return waiting + publishers * (message_bytes + 2 * rcvhwm * message_bytes)
 
 
 def subscriber_config(endpoint: Endpoint, *, ingest: IngestConfig | None = None) -> SubscriberConfig | None:
@@ -162,9 +285,12 @@ class KVEventSubscriber:
         context: zmq.asyncio.Context | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_applied: BatchApplied | None = None,
+        budget: ReceiveBudget | None = None,
     ) -> None:
         self.config = config
         self.index = index
+        # Shared by the subscribers of one ingest service; a lone subscriber has its own.
+        self.budget = budget or ReceiveBudget(config.ingest.max_queued_bytes_total)
         self._context = context or shared_context()
         self._clock = clock
         self._on_applied = on_applied
@@ -197,6 +323,8 @@ class KVEventSubscriber:
                     "view_complete": rank.ingest.view_complete,
                     "replay_in_flight": rank.ingest.replay_in_flight,
                     "buffered": rank.ingest.buffered,
+                    "queued_bytes": rank.queued_bytes,
+                    "peak_queued_bytes": rank.peak_queued_bytes,
                     **rank.ingest.stats.as_dict(),
                 }
                 for rank in self._ranks
@@ -225,7 +353,7 @@ class KVEventSubscriber:
             sub.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
             sub.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
             sub.setsockopt(zmq.SUBSCRIBE, topic)
-            rank.monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            rank.monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
             sub.connect(rank.endpoint)
             rank.sub = sub
             rank.live_task = asyncio.create_task(self._live(rank, sub), name=f"kv-live {rank.endpoint}")
@@ -255,6 +383,9 @@ class KVEventSubscriber:
             if rank.sub is not None:
                 rank.sub.close(linger=0)
                 rank.sub = None
+            self.budget.used -= rank.queued_bytes + rank.held_bytes
+            rank.queue.clear()
+            rank.queued_bytes = rank.held_bytes = 0
         self._started = False
 
     async def __aenter__(self) -> KVEventSubscriber:
@@ -267,40 +398,86 @@ class KVEventSubscriber:
     # --- live stream ---------------------------------------------------------------------
 
     async def _live(self, rank: _Rank, sub: zmq.asyncio.Socket) -> None:
-        # Once one message is in, whatever else is queued is read through a blocking-API
-        # view of the same socket with NOBLOCK: no future and no loop wake-up per message.
-        # The burst is bounded in count and in time so that a busy publisher cannot starve
-        # the loop, and every burst ends by yielding: zmq.asyncio completes a receive of an
-        # already-queued message without suspending, so without the explicit yield a steady
-        # stream would never let an ext_proc stream run.
-        queued: zmq.Socket[bytes] = zmq.Socket.shadow(sub.underlying)
+        # Each turn first moves everything ZMQ holds into the receive queue (bounded in
+        # bytes: beyond it a message is dropped, a gap like any lost message), through a
+        # blocking-API view of the same socket with NOBLOCK: no future and no loop wake-up
+        # per message. Receiving is cheap next to decoding, so under a flood ZMQ's queue stays
+        # near empty and what waits is bounded by the receive queue, not by rcvhwm messages
+        # of any size (a 100,000-batch flood left 230 MB in ZMQ's queue before).
+        # Then a burst of the queue is applied, bounded in count and in time so that a busy
+        # publisher cannot starve the loop, and every turn ends by yielding: zmq.asyncio
+        # completes a receive of an already-queued message without suspending, so without the
+        # explicit yield a steady stream would never let an ext_proc stream run.
+        waiting: zmq.Socket[bytes] = zmq.Socket.shadow(sub.underlying)
         clock = time.perf_counter_ns
         while True:
-            frames = await sub.recv_multipart()
+            if not rank.queue:
+                self._enqueue(rank, await sub.recv_multipart())
+            self._drain(rank, waiting)
             deadline = clock() + LIVE_BUDGET_NS
-            self._on_live_frames(rank, frames)
-            for _ in range(LIVE_BURST - 1):
-                if clock() >= deadline:
+            for _ in range(LIVE_BURST):
+                self._on_live_frames(rank, self._dequeue(rank))
+                if not rank.queue or clock() >= deadline:
                     break
-                try:
-                    frames = queued.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._on_live_frames(rank, frames)
+            if rank.deep and not rank.queue:
+                rank.deep = False
+                TRIMMER.touch()
             await asyncio.sleep(0)
 
+    def _drain(self, rank: _Rank, waiting: zmq.Socket[bytes]) -> None:
+        for _ in range(DRAIN_SLICE):
+            try:
+                frames = waiting.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._enqueue(rank, frames)
+
+    def _enqueue(self, rank: _Rank, frames: list[bytes]) -> None:
+        size = sum(len(frame) for frame in frames)
+        budget = self.budget
+        queue = rank.queue
+        queue.append((frames, size))
+        rank.queued_bytes += size
+        budget.used += size
+        # Over a bound, the oldest messages go: the newest one stays, so the hole is seen
+        # as a gap when it is applied and a replay asked at once (dropping the newest would
+        # hide a hole at the end of a flood until the publisher's next batch). A queue of
+        # one message keeps it whatever its size (it is in memory already; ingest skips an
+        # oversized batch undecoded), so a publisher always makes progress.
+        limit = self.config.ingest.max_queued_bytes
+        while len(queue) > 1 and (rank.queued_bytes + rank.held_bytes > limit or budget.used > budget.limit):
+            reason: DropReason = (
+                "publisher_bytes" if rank.queued_bytes + rank.held_bytes > limit else "total_bytes"
+            )
+            _, dropped = queue.popleft()
+            rank.queued_bytes -= dropped
+            budget.used -= dropped
+            rank.ingest.dropped_on_receive(reason, dropped)
+            rank.deep = True
+        if rank.queued_bytes > TRIM_AFTER_BYTES:
+            rank.deep = True
+        rank.peak_queued_bytes = max(rank.peak_queued_bytes, rank.queued_bytes)
+        budget.peak = max(budget.peak, budget.used)
+
+    def _dequeue(self, rank: _Rank) -> list[bytes]:
+        frames, size = rank.queue.popleft()
+        rank.queued_bytes -= size
+        self.budget.used -= size
+        return frames
+
     async def _watch_connection(self, rank: _Rank, monitor: zmq.asyncio.Socket) -> None:
-        """A dropped connection to the publisher is news for the core (see ``on_disconnected``);
-        ZMQ reconnects by itself."""
+        """A dropped connection to the publisher, and its coming back, are news for the core
+        (``on_disconnected``, ``on_connected``); ZMQ reconnects by itself."""
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
-            if event["event"] != zmq.EVENT_DISCONNECTED:
-                continue
             try:
-                self._follow(rank, rank.ingest.on_disconnected(self._clock()))
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    self._follow(rank, rank.ingest.on_disconnected(self._clock()))
+                elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._follow(rank, rank.ingest.on_connected(self._clock()))
             except Exception:  # the subscription must outlive a fault of its own
                 rank.ingest.stats.internal_errors += 1
-                log.exception("%s: error handling a disconnect", rank.endpoint)
+                log.exception("%s: error handling a connection event", rank.endpoint)
 
     def _on_live_frames(self, rank: _Rank, frames: list[bytes]) -> None:
         started = STAGE_TIMES.start()
@@ -335,6 +512,10 @@ class KVEventSubscriber:
 
     def _follow(self, rank: _Rank, step: Step) -> None:
         """Carry out the I/O side of a core decision."""
+        # What ingest holds while a replay runs counts against the same bounds as the queue.
+        held = rank.ingest.buffered_bytes
+        self.budget.used += held - rank.held_bytes
+        rank.held_bytes = held
         current = asyncio.current_task()
         if step.abandon_replay and rank.replay_task is not None and rank.replay_task is not current:
             rank.replay_task.cancel()
@@ -355,6 +536,7 @@ class KVEventSubscriber:
         # A fresh DEALER per replay: replies to an abandoned replay die with its socket.
         dealer = self._context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
         try:
             dealer.connect(rank.replay_endpoint)
             await dealer.send_multipart([b"", encode_seq(start_seq)])
@@ -396,6 +578,7 @@ class KVEventSubscriber:
             self._follow(rank, ingest.on_replay_failed(repr(exc), self._clock()))
         finally:
             dealer.close(linger=0)
+            TRIMMER.touch()
 
 
 class KVEventIngestService:
@@ -408,12 +591,17 @@ class KVEventIngestService:
         context: zmq.asyncio.Context | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_applied: BatchApplied | None = None,
+        max_queued_bytes_total: int | None = None,
     ) -> None:
         self.index = index
         self._context = context or shared_context()
         self._clock = clock
         self._on_applied = on_applied
         self._subscribers: dict[str, KVEventSubscriber] = {}
+        # Received bytes waiting for ingest over every subscriber (IngestConfig.max_queued_bytes_total).
+        if max_queued_bytes_total is None:
+            max_queued_bytes_total = IngestConfig().max_queued_bytes_total
+        self.budget = ReceiveBudget(max_queued_bytes_total)
 
     @property
     def subscribers(self) -> dict[str, KVEventSubscriber]:
@@ -431,7 +619,12 @@ class KVEventIngestService:
                 return current
             await self.remove_endpoint(config.name)
         subscriber = KVEventSubscriber(
-            config, self.index, context=self._context, clock=self._clock, on_applied=self._on_applied
+            config,
+            self.index,
+            context=self._context,
+            clock=self._clock,
+            on_applied=self._on_applied,
+            budget=self.budget,
         )
         self._subscribers[config.name] = subscriber
         await subscriber.start()

@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from scheduler.adapters.peersync import TransportStats
 from scheduler.adapters.predictor_trainer import TrainerStats
 from scheduler.adapters.scraper import ScrapeStats
-from scheduler.core.kvingest import VIEW_STATES, IngestStats, PublisherView
+from scheduler.core.kvingest import DROP_REASONS, VIEW_STATES, IngestStats, PublisherView
 from scheduler.core.prefixstats import MATCHED_BLOCK_BUCKETS
 from scheduler.core.scheduler import Scheduler
 
@@ -51,6 +51,9 @@ _INGEST_HELP = {
     "bad_events": "Events inside otherwise good batches that could not be decoded.",
     "orphans": "Stored blocks whose parent block the endpoint never reported.",
 }
+
+# IngestStats fields ``dropped_<reason>``: one family with a reason label.
+_DROPPED = "dropped_"
 
 
 class ScrapeView(Protocol):
@@ -456,11 +459,22 @@ class KvschedCollector(Collector):
                 labels=["endpoint"],
             )
             for field in dataclasses.fields(IngestStats)
+            if not field.name.startswith(_DROPPED)
         }
+        dropped = CounterMetricFamily(
+            "kvsched_kv_dropped_batches",
+            "Received KV-event messages dropped before ingest because the receive queue was at its "
+            "byte bound: the publisher's (publisher_bytes) or the process's (total_bytes). Each is a "
+            "sequence gap, replayed or reset like any lost batch.",
+            labels=["endpoint", "reason"],
+        )
         for name, item in stats.items():
             for field, family in families.items():
                 family.add_metric([name], getattr(item, field))
+            for reason in DROP_REASONS:
+                dropped.add_metric([name, reason], getattr(item, _DROPPED + reason))
         yield from families.values()
+        yield dropped
 
     @staticmethod
     def _views(views: Sequence[PublisherView]) -> Iterator[Metric]:

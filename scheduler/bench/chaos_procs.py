@@ -88,6 +88,7 @@ async def _serve_worker(options: dict[str, Any]) -> None:
                 "prefix_blocks": [worker.engine.cached_prefix_blocks(p) for p in command["prompts"]],
                 "next_seq": publisher.next_seq,
                 "busy": worker.engine.has_work,
+                "running": worker.engine.num_running,
             }
 
         async def drop(command: dict[str, Any]) -> dict[str, Any]:

@@ -20,8 +20,10 @@ from typing import Any
 
 import aiohttp
 
+from scheduler.adapters.kv_subscriber import TRIM_INTERVAL_S, receive_memory_bound
 from scheduler.bench.chaos_load import LoadShape, Prompts, Sent, SteadyLoad, Window, recovery_s, window
 from scheduler.bench.chaos_stack import ChaosStack, KvschedProc, WorkerProc, open_fds, rss_bytes, thread_count
+from scheduler.core.kvingest import DROP_REASONS, IngestConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,10 @@ class Timing:
     bad_concurrency: int = 32
     huge_blocks: int = 1_000_000
     flood_batches: int = 100_000
+    # Requests sent at once on the victim's prefixes just before a worker kill: non-streamed
+    # (Envoy can retry them) and streamed (their response has started: it cannot).
+    kill_burst: int = 12
+    kill_burst_streamed: int = 4
     overload_rates: tuple[float, ...] = (8.0, 16.0, 32.0, 48.0, 64.0)
     overload_step_s: float = 6.0
 
@@ -220,9 +226,16 @@ async def worker_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
     victim = stack.workers["sim-1"]
     run = LiveRun(stack, shape, timing, result)
     await run.start()
-    # Killed while it works on a request where the load allows: at 8 req/s of ~15 ms requests
-    # a worker is idle most of the time, and a kill then shows nothing of the gateway's part.
-    busy = await _until_busy(victim, timing.down_s)
+    # At 8 req/s of ~15 ms requests a worker has a request 12% of the time, and a kill then
+    # shows nothing of the gateway's part. So the kill comes amid a burst of requests on
+    # prefixes the victim holds (kvsched sends them there). A non-streamed response starts
+    # only when it is complete, so Envoy may retry each of those on the next endpoint of
+    # kvsched's fallback list when the connection resets under it; a streamed one has sent
+    # its headers and cannot be retried: those are counted apart.
+    burst_task = asyncio.create_task(
+        _kill_burst(stack, shape, victim, timing.kill_burst, timing.kill_burst_streamed)
+    )
+    busy = await _until_running(victim, KILL_BURST_ON_VICTIM, timing.down_s)
     killed_at = run.fault()
     await victim.child.kill()
     # While it is down: what kvsched's index still says it holds.
@@ -235,28 +248,43 @@ async def worker_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
     await victim.start()
     run.settled()
     sent = await run.finish()
+    burst = await burst_task
     await asyncio.sleep(0.3)  # Envoy flushes its access log every 100 ms
     access = _access_by_request(stack)
     dead = [
         s
         for s in sent
         if killed_at <= s.at < run.settled_at
-        and (access.get(s.outcome.request_id, {}).get("destination_header") or "").split(",")[0]
-        == victim.address
+        and _first_destination(access.get(s.outcome.request_id, {})) == victim.address
     ]
-    in_flight = run.in_flight_at(sent, killed_at, victim.name)
-    lost = [s for s in in_flight if not s.ok]
-    result.failed_in_flight = len(lost)
+    # Requests on the victim when it died, by what the gateway can do for them.
+    caught = _caught_by_kill(sent, burst, access, victim.address, killed_at)
+    started = caught["response_started"]
+    retriable = caught["retriable"]
+    retried = [c for c in retriable if c["attempts"] > 1 and c["upstream"] != victim.address]
+    retriable_failed = [c for c in retriable if not c["ok"]]
+    result.sent += len(burst)
+    result.ok += sum(1 for b in burst if b.ok)
+    result.failed = result.sent - result.ok
+    result.failed_in_flight = sum(1 for c in started if not c["ok"])
     result.routed_to_dead = len(dead)
     served_elsewhere = [s for s in dead if s.ok and s.outcome.endpoint != victim.name]
-    beyond = result.failed - len(lost)
+    beyond = result.failed - result.failed_in_flight
     last_dead = max((s.at - killed_at for s in dead), default=0.0)
     check = await _index_check(stack, victim, _probe_prompts(shape, sent))
     result.details.update(
         busy_at_kill=busy,
         stale_blocks_while_down=stale,
         routed_to_dead_last_s=last_dead,
-        in_flight_at_kill=len(in_flight),
+        burst=len(burst),
+        burst_on_victim=sum(
+            1 for b in burst if _first_destination(access.get(b.request_id, {})) == victim.address
+        ),
+        in_flight_response_started=len(started),
+        in_flight_retriable=len(retriable),
+        retried_elsewhere=len(retried),
+        retriable_failed=len(retriable_failed),
+        caught=started + retriable,
         index_after_restart=check,
     )
     result.goal(
@@ -265,10 +293,20 @@ async def worker_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
         f"{len(dead)} routed to it, the last {last_dead:.2f} s after the kill",
     )
     result.goal(
-        "Envoy places those on another worker: 0 client failures beyond the requests in flight on it",
+        "requests in flight on it whose response had not started: Envoy retries them on the next "
+        "endpoint of kvsched's fallback list, 0 client failures",
+        len(retriable) > 0 and not retriable_failed and len(retried) == len(retriable),
+        f"{len(retriable)} in flight without a response started, {len(retried)} retried onto another "
+        f"endpoint (Envoy's access log: attempts > 1, another upstream host), {len(retriable_failed)} "
+        f"failed; besides, {len(started)} in flight with the response started (cannot be retried), "
+        f"{result.failed_in_flight} of them failed",
+    )
+    result.goal(
+        "Envoy places those routed to it on another worker: 0 client failures beyond the requests "
+        "whose response had started",
         beyond == 0 and len(served_elsewhere) == len(dead),
-        f"{beyond} failures beyond {len(lost)} in flight; "
-        f"{len(served_elsewhere)} of {len(dead)} served elsewhere",
+        f"{beyond} failures beyond {result.failed_in_flight} with the response started; "
+        f"{len(served_elsewhere)} of {len(dead)} routed to it served elsewhere",
     )
     result.goal(
         "its stale blocks leave the index",
@@ -283,14 +321,114 @@ async def worker_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
     return result
 
 
-async def _until_busy(worker: WorkerProc, timeout_s: float) -> bool:
-    """Until the worker's engine has a request (True), or ``timeout_s`` passed (False)."""
+# Burst requests the victim should have running when it is killed (or the wait times out).
+KILL_BURST_ON_VICTIM = 3
+# A burst request's answer: 128 tokens take the simulated engine ~1 s (7.6 ms a decode step),
+# long enough to be running when the kill comes.
+KILL_BURST_TOKENS = 128
+
+
+@dataclass
+class BurstOutcome:
+    request_id: str
+    at: float
+    streamed: bool = False
+    end: float = math.inf
+    status: int | None = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and not self.error
+
+
+async def _kill_burst(
+    stack: ChaosStack, shape: LoadShape, victim: WorkerProc, count: int, streamed: int
+) -> list[BurstOutcome]:
+    """``count`` non-streamed and ``streamed`` streamed completions on the prefixes the victim
+    holds, sent at once."""
+    from scheduler.replay.live import API_PATHS, base_url, request_body, send_one
+    from scheduler.workloads.model import WorkloadRequest
+
+    prefixes = Prompts(shape).prefixes
+    cache = await victim.ask({"op": "cache", "prompts": prefixes})
+    held = [p for p, blocks in zip(prefixes, cache["prefix_blocks"], strict=True) if blocks > 0] or prefixes[
+        :1
+    ]
+    rng = random.Random(shape.seed + 1)
+    loop = asyncio.get_running_loop()
+
+    async def one(session: aiohttp.ClientSession, i: int) -> BurstOutcome:
+        prompt = held[i % len(held)] + [rng.randrange(1, 32_000) for _ in range(shape.suffix_tokens)]
+        request = WorkloadRequest(f"kill-burst-{i}", 0.0, prompt, KILL_BURST_TOKENS)
+        outcome = BurstOutcome(request.request_id, loop.time(), streamed=i >= count)
+        if outcome.streamed:
+            sent = await send_one(session, stack.url, request, stack.model, loop.time)
+            outcome.status, outcome.error = (200 if sent.ok else None), sent.error or ""
+            outcome.end = sent.end_s if sent.end_s is not None else loop.time()
+            return outcome
+        try:
+            async with session.post(
+                base_url(stack.url) + API_PATHS["completions"],
+                json=request_body(request, stack.model, "completions", stream=False),
+                headers={"x-request-id": request.request_id},
+            ) as resp:
+                body = await resp.read()
+                outcome.status = resp.status
+                if resp.status != 200:
+                    outcome.error = f"http {resp.status}: {body[:200]!r}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            outcome.error = f"{type(exc).__name__}: {exc}"
+        outcome.end = loop.time()
+        return outcome
+
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        return list(await asyncio.gather(*(one(session, i) for i in range(count + streamed))))
+
+
+def _caught_by_kill(
+    sent: Sequence[Sent],
+    burst: Sequence[BurstOutcome],
+    access: dict[str, dict[str, Any]],
+    victim: str,
+    killed_at: float,
+) -> dict[str, list[dict[str, Any]]]:
+    """Requests Envoy had sent to the victim that had not ended when it was killed: those whose
+    response had started (a stream: its headers go out when the engine takes it; never
+    retried) and those whose response had not (non-streamed, or retried by Envoy)."""
+    caught: dict[str, list[dict[str, Any]]] = {"response_started": [], "retriable": []}
+    rows = [(s.outcome.request_id, s.at, s.outcome.end_s, s.ok, True) for s in sent]
+    rows += [(b.request_id, b.at, b.end, b.ok, b.streamed) for b in burst]
+    for request_id, at, end, ok, streamed in rows:
+        entry = access.get(request_id, {})
+        if _first_destination(entry) != victim or at >= killed_at or (end is not None and end <= killed_at):
+            continue
+        attempts = int(entry["attempts"]) if str(entry.get("attempts", "")).isdigit() else 1
+        if attempts == 1 and ok and not streamed:
+            continue  # answered whole before the kill; the client read it after
+        row = {
+            "request_id": request_id,
+            "streamed": streamed,
+            "ok": ok,
+            "attempts": attempts,
+            "upstream": entry.get("upstream"),
+            "flags": entry.get("flags"),
+        }
+        caught["retriable" if attempts > 1 or not streamed else "response_started"].append(row)
+    return caught
+
+
+async def _until_running(worker: WorkerProc, requests: int, timeout_s: float) -> int:
+    """Until the worker's engine runs ``requests`` requests, or ``timeout_s`` passed: how many it runs."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
+    running = 0
     while loop.time() < deadline:
-        if (await worker.ask({"op": "cache", "prompts": []}))["busy"]:
-            return True
-    return False
+        running = (await worker.ask({"op": "cache", "prompts": []}))["running"]
+        if running >= requests:
+            break
+    return int(running)
 
 
 def _describe_check(check: dict[str, Any]) -> str:
@@ -685,6 +823,7 @@ async def bad_kv_events(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
     peak = dict(rss_before)
     sampling = asyncio.create_task(_sample_peak_rss(stack, peak))
     sent_kinds: dict[str, Any] = {}
+    flood_rss: dict[str, dict[str, Any]] = {}
     try:
         for kind, count in (
             ("malformed_msgpack", 3),
@@ -693,9 +832,39 @@ async def bad_kv_events(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
             ("frames", 3),
             ("other_rank", 3),
             ("huge", timing.huge_blocks),
-            ("flood", timing.flood_batches),
         ):
             sent_kinds[kind] = await noisy.ask({"op": "bad_kv", "kind": kind, "count": count}, timeout_s=600)
+        # The flood on its own: resident memory before it, its peak while it lasts and until
+        # ingest has caught up with it, and once it is over.
+        await _until_caught_up(stack, noisy, 30.0)
+        # "Before" is the most the processes held over a few seconds of the steady load alone:
+        # their resident size moves by a few MB with it (requests, scrapes, trims).
+        flood_before = {r.name: 0 for r in stack.kvsched}
+        quiet = asyncio.create_task(_sample_peak_rss(stack, flood_before))
+        await asyncio.sleep(FLOOD_QUIET_S)
+        quiet.cancel()
+        flood_peak = dict(flood_before)
+        flood_sampling = asyncio.create_task(_sample_peak_rss(stack, flood_peak))
+        try:
+            sent_kinds["flood"] = await noisy.ask(
+                {"op": "bad_kv", "kind": "flood", "count": timing.flood_batches}, timeout_s=600
+            )
+            caught_up_s = await _until_caught_up(stack, noisy, 60.0)
+        finally:
+            flood_sampling.cancel()
+        # Memory freed by the drained queue goes back to the system off the event loop
+        # (malloc_trim, at most TRIM_INTERVAL_S after the last drain): the resident size is
+        # read once that has had time to run.
+        await asyncio.sleep(TRIM_INTERVAL_S + 1.0)
+        flood_rss = {
+            replica.name: {
+                "before": flood_before[replica.name] / 2**20,
+                "peak": flood_peak[replica.name] / 2**20,
+                "caught_up_s": caught_up_s,
+                "after": rss_bytes(replica.child.pid) / 2**20,
+            }
+            for replica in stack.kvsched
+        }
         sent_kinds["unknown_publisher"] = await _stray_publisher(timing.flood_batches // 10)
     finally:
         sampling.cancel()
@@ -720,8 +889,13 @@ async def bad_kv_events(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
                 "lost_batches",
                 "blocks_stored",
                 "resets",
+                "replays_requested",
             )
         }
+        for reason in DROP_REASONS:
+            counted[replica.name][f"dropped_{reason}"] = _samples(
+                a, "kvsched_kv_dropped_batches", f"reason={reason}"
+            ) - _samples(b, "kvsched_kv_dropped_batches", f"reason={reason}")
         counted[replica.name]["index_workers"] = _samples(a, "kvsched_index_workers")
     result.details.update(
         sent=sent_kinds,
@@ -763,14 +937,50 @@ async def bad_kv_events(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
     )
     growth = {n: (peak[n] - rss_before[n]) / 2**20 for n in peak}
     result.goal(
-        f"memory bounded: peak RSS growth <= {KV_MEMORY_BOUND_MB} MB",
+        f"memory bounded: peak RSS growth over the whole scenario <= {KV_MEMORY_BOUND_MB} MB",
         all(g <= KV_MEMORY_BOUND_MB for g in growth.values()),
         ", ".join(f"{n}: +{g:.0f} MB peak" for n, g in growth.items()),
+    )
+    flood = sent_kinds.get("flood", {})
+    # The flood's payloads are all of one size; the topic and seq frames add at most 64 bytes.
+    message = math.ceil(flood.get("bytes", 0) / max(flood.get("sent", 1), 1)) + 64
+    bound = receive_memory_bound(IngestConfig(), publishers=1, message_bytes=message) / 2**20
+    result.details["flood_rss_mb"] = flood_rss
+    result.details["flood_bound_mb"] = bound
+    result.goal(
+        f"the flood's memory within the stated bound: RSS during and after it at most {bound:.1f} MB "
+        "above the most it held under the steady load alone (kv_subscriber.receive_memory_bound for "
+        f"one publisher of {message}-byte messages)",
+        bool(flood_rss)
+        and all(max(f["peak"], f["after"]) - f["before"] <= bound for f in flood_rss.values()),
+        ", ".join(
+            f"{n}: {f['before']:.0f} MB before, {f['peak']:.0f} MB peak, {f['after']:.0f} MB after; "
+            f"caught up {_seconds(f['caught_up_s'])} after the flood was sent"
+            for n, f in flood_rss.items()
+        ),
     )
     return result
 
 
+async def _until_caught_up(stack: ChaosStack, worker: WorkerProc, timeout_s: float) -> float | None:
+    """Until every replica's ingest has reached the worker's newest batch (seconds), or None."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while loop.time() - started < timeout_s:
+        cache = await worker.ask({"op": "cache", "prompts": []})
+        done = True
+        for replica in stack.kvsched:
+            index = await replica.ask({"op": "index", "worker": worker.address, "prompts": []})
+            done = done and not index["replay_in_flight"] and index["next_seq"] == cache["next_seq"]
+        if done:
+            return loop.time() - started
+        await asyncio.sleep(0.1)
+    return None
+
+
 KV_MEMORY_BOUND_MB = 512.0
+# Seconds of the steady load alone whose highest resident size is the flood's "before".
+FLOOD_QUIET_S = 3.0
 
 
 async def _sample_peak_rss(stack: ChaosStack, peak: dict[str, int]) -> None:

@@ -132,6 +132,14 @@ class IngestConfig(BaseModel):
         ge=1,
         description="Live batches held while a replay runs; one more abandons the replay (reset).",
     )
+    max_buffered_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of live batches held while a replay runs; more abandons the replay (reset). "
+        "A replay of vLLM's whole buffer (10,000 batches) takes about a second, in which a busy "
+        "engine publishes ~100 batches of a few KB: 16 MiB is room for ~25 full engine steps "
+        "(0.6 MB each, see max_batch_bytes) and bounds what a flood can make it hold.",
+    )
     join_replay: bool = Field(
         True, description="On the first batch with seq > 0, replay from 0 when a replay endpoint exists."
     )
@@ -146,6 +154,22 @@ class IngestConfig(BaseModel):
     )
     min_rebuild_interval_s: float = Field(
         60.0, ge=0, description="Orphans sooner than this after a rebuild make the view incomplete instead."
+    )
+    max_queued_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of received batches one publisher may have waiting for ingest; a batch "
+        "beyond it is dropped whole (kvsched_kv_dropped_batches, reason publisher_bytes) and is a "
+        "sequence gap like any lost message (replayed, or the worker reset). An empty queue takes "
+        "any one batch. 16 MiB holds ~25 of the largest engine steps (0.6 MB, see max_batch_bytes) "
+        "or ~7,000 batches of 2.3 KB, seconds of a busy engine's events.",
+    )
+    max_queued_bytes_total: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of received batches waiting for ingest over every publisher of the "
+        "process; a batch beyond it is dropped (reason total_bytes). 16 publishers flooding at once "
+        "fill it at max_queued_bytes each; a pool of 1,000 pods shares it.",
     )
 
 
@@ -177,6 +201,10 @@ class IngestStats:
     disconnects: int = 0
     # Faults of kvsched itself while handling a message (logged once with a traceback).
     internal_errors: int = 0
+    # Received batches dropped before ingest because the receive queue was at its byte bound:
+    # this publisher's (max_queued_bytes) or the process's (max_queued_bytes_total).
+    dropped_publisher_bytes: int = 0
+    dropped_total_bytes: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -211,6 +239,8 @@ class ReplayPurpose(enum.Enum):
     GAP = "gap"
     JOIN = "join"
     REBUILD = "rebuild"
+    # The connection came back: whatever the publisher sent before it did is replayed from 0.
+    RECONNECT = "reconnect"
 
 
 class _Replay:
@@ -235,6 +265,10 @@ BatchDecoder = Callable[[bytes], DecodedBatch]
 #   (approximate mode).
 ViewState = Literal["exact", "degraded", "fallback"]
 VIEW_STATES: tuple[ViewState, ...] = ("exact", "degraded", "fallback")
+# Why a received message was dropped before ingest: the publisher's byte bound
+# (``max_queued_bytes``) or the process's (``max_queued_bytes_total``).
+DropReason = Literal["publisher_bytes", "total_bytes"]
+DROP_REASONS: tuple[DropReason, ...] = ("publisher_bytes", "total_bytes")
 NO_BATCH_YET = "no KV-event batch received yet: what the engine cached before is unknown"
 NO_KV_EVENTS = "the endpoint publishes no KV events: approximate mode (kvsched's own routing history)"
 
@@ -299,6 +333,7 @@ class WorkerIngest:
         self._applied = SequenceTracker()
         # Raw payloads: a buffered batch that turns out to be a duplicate is never decoded.
         self._buffer: deque[tuple[int, bytes]] = deque()
+        self._buffer_bytes = 0
         self._replay: _Replay | None = None
         # Where a replay must start to rebuild the worker from an empty cache; None while
         # the view is incomplete (history before the view began is unknown).
@@ -313,6 +348,9 @@ class WorkerIngest:
         self._last_live_at: float | None = None
         # The connection dropped since the last live batch (see ``on_disconnected``).
         self._rejoin = False
+        # A replay from 0 was asked when the connection came back (``on_connected``): the
+        # first live batch after it continues that history instead of starting afresh.
+        self._reconnect_replayed = False
 
     # --- state the I/O side reads ------------------------------------------------------
 
@@ -337,6 +375,11 @@ class WorkerIngest:
     @property
     def buffered(self) -> int:
         return len(self._buffer)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Payload bytes of the live batches held until the replay in flight ends."""
+        return self._buffer_bytes
 
     def view(self, now: float, *, endpoint: str = "", rank: int = 0) -> PublisherView:
         """The publisher's state as of ``now`` (see ``ViewState``)."""
@@ -373,6 +416,18 @@ class WorkerIngest:
         self.stats.malformed_frames += 1
         self._log_once("frame", "malformed ZMQ message skipped: %s", detail)
 
+    def dropped_on_receive(self, reason: DropReason, size: int) -> None:
+        """A received message dropped before it reached ingest (the receive queue is at its
+        byte bound): counted and logged once. Nothing else to do here: its ``seq`` never
+        arrives, so the next batch shows a gap and is handled as any lost message."""
+        if reason == "publisher_bytes":
+            self.stats.dropped_publisher_bytes += 1
+        else:
+            self.stats.dropped_total_bytes += 1
+        self._log_once(
+            f"dropped:{reason}", "received message of %d bytes dropped: receive queue full (%s)", size, reason
+        )
+
     # --- live stream ---------------------------------------------------------------------
 
     def on_live(self, seq: int, payload: bytes, now: float) -> Step:
@@ -384,6 +439,11 @@ class WorkerIngest:
             verdict = _FIRST
         self._rejoin = False
         kind = verdict.kind
+        if kind is VerdictKind.FIRST and self._reconnect_replayed:
+            self._reconnect_replayed = False
+            if self._replay is not None:
+                return self._hold_live(seq, payload, verdict, now)
+            return self._take(seq, payload, verdict, now)
         if kind is VerdictKind.FIRST:
             # Entries left under this name by an earlier subscriber can only be stale.
             self.index.clear_worker(self.worker)
@@ -394,17 +454,46 @@ class WorkerIngest:
             self._log_once("restart", "seq went back to %d: publisher restarted", seq)
             abandon = self._replay is not None
             self._replay = None
-            self._buffer.clear()
+            self._clear_buffer()
             self._reset("publisher restarted", seq)
             self._follow_new_process()
             step = self._take(seq, payload, verdict, now)
             return Step(step.action, verdict, step.replay_from, abandon)
         if self._replay is not None:
-            self._buffer.append((seq, payload))
-            if len(self._buffer) > self.config.max_buffered_batches:
-                return self._overflow(verdict, now)
-            return Step(Action.BUFFERED, verdict)
+            return self._hold_live(seq, payload, verdict, now)
         return self._take(seq, payload, verdict, now)
+
+    def _hold_live(self, seq: int, payload: bytes, verdict: Verdict, now: float) -> Step:
+        """A live batch that arrived while a replay runs waits for it to end."""
+        self._hold(seq, payload)
+        if (
+            len(self._buffer) > self.config.max_buffered_batches
+            or self._buffer_bytes > self.config.max_buffered_bytes
+        ):
+            return self._overflow(verdict, now)
+        return Step(Action.BUFFERED, verdict)
+
+    def on_connected(self, now: float) -> Step:
+        """The live connection is up again after a disconnect (ZMQ's handshake is done).
+
+        A restarted engine publishes from seq 0 as soon as it serves, and what it sends
+        before the subscription reaches it is lost to the live stream (ZMQ's slow joiner);
+        waiting for its next batch to show the hole leaves the index empty for as long as the
+        engine stays idle. With a replay endpoint the history from 0 is asked for now, and the
+        new process followed from an empty cache: a replay that reaches back to 0 makes the
+        view exact at once. Measured with ``kvsched bench chaos`` (a worker killed and
+        restarted): the first batches of the restarted worker were missing from the index
+        until the load made it publish again.
+        """
+        if not self._rejoin or not self.replay_available or self._replay is not None:
+            return Step(Action.IGNORED)
+        self._rejoin = False
+        # Live batches from here on belong to whatever publishes now; the first one is
+        # placed against the replayed history (``on_live``).
+        self._live.expected = None
+        self._reconnect_replayed = True
+        self._follow_new_process()
+        return Step(Action.IGNORED, replay_from=self._request_replay(ReplayPurpose.RECONNECT, 0, now))
 
     def on_disconnected(self, now: float) -> Step:
         """The publisher's connection dropped.
@@ -418,10 +507,11 @@ class WorkerIngest:
         went out before the subscriber reconnected (ZMQ's slow joiner), until its next batch.
         """
         self.stats.disconnects += 1
+        self._reconnect_replayed = False
         self._log_once("disconnected", "publisher disconnected: its entries leave the index")
         abandon = self._replay is not None
         self._replay = None
-        self._buffer.clear()
+        self._clear_buffer()
         self._reset("publisher disconnected", self._applied.expected or 0)
         self._mark_incomplete("the publisher disconnected; nothing received since")
         self._rejoin = True
@@ -449,7 +539,7 @@ class WorkerIngest:
             if self.replay_available and (self.config.join_replay or not first):
                 fresh = first or verdict.kind is VerdictKind.RESTART
                 purpose = ReplayPurpose.JOIN if fresh else ReplayPurpose.GAP
-                self._buffer.append((seq, payload))
+                self._hold(seq, payload)
                 return Step(
                     Action.BUFFERED, verdict, replay_from=self._request_replay(purpose, expected, now)
                 )
@@ -469,6 +559,17 @@ class WorkerIngest:
         )
         step = self._finish_replay(now, completed=False)
         return Step(Action.BUFFERED, verdict, step.replay_from, abandon_replay=True)
+
+    def _hold(self, seq: int, payload: bytes) -> None:
+        self._buffer.append((seq, payload))
+        self._buffer_bytes += len(payload)
+
+    def _release(self) -> None:
+        self._buffer_bytes -= len(self._buffer.popleft()[1])
+
+    def _clear_buffer(self) -> None:
+        self._buffer.clear()
+        self._buffer_bytes = 0
 
     # --- replay --------------------------------------------------------------------------
 
@@ -521,6 +622,10 @@ class WorkerIngest:
         self._replay = None
         if not completed:
             self.stats.replays_failed += 1
+            if replay.purpose is ReplayPurpose.RECONNECT:
+                # Nothing is known of the publisher's history: the next live batch joins afresh.
+                self._reconnect_replayed = False
+                self._mark_incomplete("the replay asked when the publisher reconnected failed")
         buffer = self._buffer
         expected = self._applied.expected
         assert expected is not None
@@ -535,7 +640,7 @@ class WorkerIngest:
             seq, payload = buffer[0]
             verdict = self._applied.classify(seq, may_repeat=True)
             if verdict.kind is VerdictKind.DUPLICATE:
-                buffer.popleft()
+                self._release()
                 self.stats.duplicates += 1
                 continue
             if verdict.kind is VerdictKind.GAP:
@@ -543,7 +648,7 @@ class WorkerIngest:
                 self.stats.gaps += 1
                 start = self._request_replay(ReplayPurpose.GAP, verdict.missing.start, now)
                 return Step(Action.REPLAY_FINISHED, replay_from=start)
-            buffer.popleft()
+            self._release()
             self._apply(seq, payload)
         return Step(Action.REPLAY_FINISHED, replay_from=self._settle_orphans(now))
 

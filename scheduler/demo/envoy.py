@@ -174,6 +174,7 @@ def _ext_proc_cluster(settings: EnvoySettings) -> dict[str, Any]:
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         },
+        **(_retry_breakers() if settings.epp_retries else {}),
         "load_assignment": {
             "cluster_name": "ext_proc",
             "endpoints": [{"lb_endpoints": [_epp_endpoint(replica) for replica in replicas]}],
@@ -219,12 +220,30 @@ def _ext_proc_cluster(settings: EnvoySettings) -> dict[str, Any]:
     return cluster
 
 
-def _pool_cluster(name: str, members: Sequence[str], lb: dict[str, Any]) -> dict[str, Any]:
+# Retries a cluster lets run at once. Envoy's default circuit breaker allows 3
+# (cluster.circuit_breakers.thresholds.max_retries) and fails any further retry with 503 and
+# the UO flag: a model server killed with 12 requests on it had 3 retried onto the next
+# endpoint of the EPP's list and 9 failed (kvsched bench chaos, worker_kill). Every request in
+# flight on a server may need one: 1,024 is Envoy's own default for requests a cluster admits
+# at once (max_requests), above a vLLM server's 256 running sequences (max_num_seqs).
+MAX_PARALLEL_RETRIES = 1024
+
+
+def _retry_breakers() -> dict[str, Any]:
+    return {
+        "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": MAX_PARALLEL_RETRIES}]}
+    }
+
+
+def _pool_cluster(
+    name: str, members: Sequence[str], lb: dict[str, Any], *, retries: bool = False
+) -> dict[str, Any]:
     return {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "5s",
         **lb,
+        **(_retry_breakers() if retries else {}),
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(m)}} for m in members]}],
@@ -282,7 +301,7 @@ def _destination(settings: EnvoySettings) -> tuple[list[dict[str, Any]], list[di
         if not settings.pool:
             raise ValueError("override_host balances over the pool: give its members")
         return [_upstream_route("pool", settings)], [
-            _pool_cluster("pool", settings.pool, _override_host_lb())
+            _pool_cluster("pool", settings.pool, _override_host_lb(), retries=bool(settings.upstream_retries))
         ]
     routes: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = []

@@ -127,7 +127,12 @@ class ServeApp:
         self.scheduler = Scheduler(config.scheduler)
         self.registry = new_registry()
         self.ingest: KVEventIngestService | None = (
-            KVEventIngestService(self.scheduler.index, clock=clock, on_applied=self.scheduler.on_kv_batch)
+            KVEventIngestService(
+                self.scheduler.index,
+                clock=clock,
+                on_applied=self.scheduler.on_kv_batch,
+                max_queued_bytes_total=config.kv_events.ingest.max_queued_bytes_total,
+            )
             if config.kv_events.enabled
             else None
         )
