@@ -91,6 +91,9 @@ async def kvsched_metrics_page() -> AsyncIterator[str]:
                 "tls": {"mode": "plaintext"},
                 "scrape_interval_s": 0.02,
                 "shutdown_grace_s": 0,
+                # A replica of several (no peer here): its sync families are on the page.
+                "scheduler": {"sync": {"enabled": True}},
+                "peer_sync": {"port": 0},
                 "endpoints": [
                     {"address": d.address, "kv_events": d.kv_endpoint, "kv_replay": d.replay_endpoint}
                     for d in pool.descriptors
@@ -147,6 +150,11 @@ async def test_every_metric_a_panel_queries_is_one_kvsched_exports(kvsched_metri
         "kvsched_kv_blocks_stored_total",  # KV-event ingest rate
         "kvsched_kv_gaps_total",  # gaps
         "kvsched_endpoint_metrics_age_seconds",  # lag
+        "kvsched_kv_dropped_batches_total",  # the receive queue's byte bound
+        "kvsched_sync_lag_seconds_total",  # replicas: sync lag
+        "kvsched_sync_messages_lost_total",  # ... losses
+        "kvsched_sync_agreement_ratio",  # ... agreement
+        "kvsched_sync_phantom_reclaimed_total",  # ... phantom load reclaimed
     ):
         assert family in queried, family
 
