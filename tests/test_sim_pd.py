@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.bench.pd_bench import long_requests, run, table
+from scheduler.bench.pd_bench import long_requests, run, sweep, sweep_table, table
 from scheduler.core.scheduler import SchedulerConfig
 from scheduler.core.scoring.disaggregation import DisaggregationConfig
 from scheduler.sim.virtual import KV_BYTES_PER_TOKEN, VirtualPool, VirtualPoolConfig
@@ -55,3 +55,34 @@ def test_bench_pd_reports_both_shapes_on_one_workload() -> None:
     assert aggregated["vs_aggregated"]["ttft_p99"] == 1.0
     assert disaggregated["ttft_ms"]["p50"] != aggregated["ttft_ms"]["p50"]
     assert "disaggregated (1P+3D)" in table(report)
+
+
+def test_bench_pd_sweep_prints_one_table_over_outputs_rates_splits_and_thresholds() -> None:
+    report = sweep(
+        requests=24,
+        workers=4,
+        prompt=(1000, 2000),
+        outputs=((20, 40), (60, 80)),
+        rates=(4.0,),
+        prefill_pods=(1, 2),
+        thresholds=(0, 1500),
+    )
+    groups = report["groups"]
+    assert [g["output_tokens"] for g in groups] == [[20, 40], [60, 80]]
+    for group in groups:
+        rows = group["rows"]
+        assert [(r["prefill_pods"], r.get("non_cached_tokens_threshold")) for r in rows] == [
+            (0, None),
+            (1, 0),
+            (1, 1500),
+            (2, 0),
+            (2, 1500),
+        ]
+        assert rows[0]["vs_aggregated"]["ttft_p99"] == 1.0
+        assert all(r["failed"] == 0 for r in rows)
+        # About half the prompts are under 1,500 tokens and skip the prefill pod: their TTFT
+        # has no transfer and no second pod, so the threshold moves the median.
+        assert rows[1]["ttft_ms"]["p50"] != rows[2]["ttft_ms"]["p50"]
+    text = sweep_table(report)
+    assert text.count("\n") == 2 + 2 * 5 - 1
+    assert "1P+3D" in text and "agg 4" in text
