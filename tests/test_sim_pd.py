@@ -59,7 +59,7 @@ def test_bench_pd_reports_both_shapes_on_one_workload() -> None:
 
 def test_bench_pd_sweep_prints_one_table_over_outputs_rates_splits_and_thresholds() -> None:
     report = sweep(
-        requests=24,
+        duration_s=6.0,
         workers=4,
         prompt=(1000, 2000),
         outputs=((20, 40), (60, 80)),
@@ -68,7 +68,7 @@ def test_bench_pd_sweep_prints_one_table_over_outputs_rates_splits_and_threshold
         thresholds=(0, 1500),
     )
     groups = report["groups"]
-    assert [g["output_tokens"] for g in groups] == [[20, 40], [60, 80]]
+    assert [(g["output_tokens"], g["requests"]) for g in groups] == [([20, 40], 24), ([60, 80], 24)]
     for group in groups:
         rows = group["rows"]
         assert [(r["prefill_pods"], r.get("non_cached_tokens_threshold")) for r in rows] == [

@@ -464,7 +464,7 @@ def _bench_pd(args: argparse.Namespace) -> int:
     if args.sweep:
         swept = sweep(
             workers=args.workers,
-            requests=args.requests,
+            duration_s=args.duration_s,
             bandwidth=args.kv_gbytes_per_s * 1e9,
             seed=args.seed,
             capacity_blocks=args.capacity_blocks,
@@ -678,7 +678,10 @@ def register(subparsers: Any) -> None:
     pd.add_argument(
         "--sweep",
         action="store_true",
-        help="one table over output lengths, rates, prefill:decode splits and thresholds (~4 min)",
+        help="one table over output lengths, rates, prefill:decode splits and thresholds (~15 min)",
+    )
+    pd.add_argument(
+        "--duration-s", type=float, default=60.0, help="with --sweep: seconds of arrivals at each rate"
     )
     pd.add_argument("--json", action="store_true", help="print one JSON object")
     pd.set_defaults(func=_bench_pd)

@@ -5,8 +5,10 @@ twice by the same number of simulated pods in the same run: every pod serving re
 (kvsched's pipeline as configured), and a disaggregated pool (``prefill`` pods labelled
 prefill, the rest decode; kvsched picks both pods, the prompt's KV crosses at the virtual
 pool's bandwidth, ``sim/virtual.py``). TTFT and TPOT p50/p99, and ratios against the
-aggregated pool. Virtual time: a run is a pure function of the workload and the seed.
-"""
+aggregated pool. The engines allocate KV blocks on demand and preempt as vLLM does
+(``EngineConfig.preemption``). ``sweep`` repeats the comparison over output lengths, rates,
+prefill:decode splits and llm-d's ``non_cached_tokens_threshold``. Virtual time: a run is a
+pure function of the workload and the seed."""
 
 from __future__ import annotations
 
@@ -145,12 +147,14 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         }
 
 
-# The sweep: output lengths, arrival rates up to about where aggregated pods run out of KV
-# cache (16/s of 1,000-2,000 token outputs keeps ~60 requests of ~7k tokens on each of 8
-# pods, their 432k tokens), prefill:decode splits, and llm-d's selective disaggregation
+# The sweep: output lengths; arrival rates from light to where the pools saturate (a 5,500
+# token prefill is ~207 ms of one pod, so 16/s keeps 3.3 pods prefilling: more than 2 or 3
+# prefill pods have, a third of the aggregated pool; 24/s is 5 pods' worth, and at 16/s
+# with 1,000-2,000 token outputs each aggregated pod holds ~60 requests of ~7k tokens, its
+# whole 432k-token cache); prefill:decode splits; and llm-d's selective disaggregation
 # (prompts with fewer uncached tokens than the threshold skip the prefill pod).
 SWEEP_OUTPUTS: tuple[tuple[int, int], ...] = ((300, 800), (1000, 2000))
-SWEEP_RATES: tuple[float, ...] = (8.0, 16.0)
+SWEEP_RATES: tuple[float, ...] = (8.0, 16.0, 24.0)
 SWEEP_PREFILL_PODS: tuple[int, ...] = (2, 3, 4)
 SWEEP_THRESHOLDS: tuple[int, ...] = (0, 5000)
 
@@ -158,7 +162,7 @@ SWEEP_THRESHOLDS: tuple[int, ...] = (0, 5000)
 def sweep(
     *,
     workers: int = 8,
-    requests: int = 400,
+    duration_s: float = 60.0,
     prompt: tuple[int, int] = (3000, 8000),
     outputs: Sequence[tuple[int, int]] = SWEEP_OUTPUTS,
     rates: Sequence[float] = SWEEP_RATES,
@@ -168,10 +172,13 @@ def sweep(
     seed: int = 0,
     capacity_blocks: int = CAPACITY_BLOCKS,
 ) -> dict[str, Any]:
-    """Every (outputs, rate): the aggregated pool, then each split and threshold, on one workload."""
+    """Every (outputs, rate): the aggregated pool, then each split and threshold, on one workload
+    of ``duration_s`` of arrivals (``rate * duration_s`` requests): a fixed count would end the
+    arrivals at 24/s before the first 1,500-token output finishes, short of a steady state."""
     groups = []
     for output in outputs:
         for rate in rates:
+            requests = max(round(rate * duration_s), 1)
             workload = long_requests(seed=seed, requests=requests, rate=rate, prompt=prompt, output=output)
             common = {
                 "workers": workers,
@@ -186,10 +193,10 @@ def sweep(
                     row["non_cached_tokens_threshold"] = threshold
                     rows.append(row)
             _add_ratios(rows)
-            groups.append({"rate": rate, "output_tokens": list(output), "rows": rows})
+            groups.append({"rate": rate, "requests": requests, "output_tokens": list(output), "rows": rows})
     return {
         "workers": workers,
-        "requests": requests,
+        "duration_s": duration_s,
         "prompt_tokens": list(prompt),
         "kv_bytes_per_token": KV_BYTES_PER_TOKEN,
         "kv_transfer_bytes_per_s": bandwidth,
@@ -202,7 +209,7 @@ def sweep(
 def sweep_table(report: dict[str, Any]) -> str:
     """One line per (outputs, rate, shape); both ratios under 1 marked ``both``."""
     lines = [
-        f"{report['requests']} requests each, prompts {report['prompt_tokens']} tokens; "
+        f"{report['duration_s']:g} s of arrivals at each rate, prompts {report['prompt_tokens']} tokens; "
         f"{report['workers']} pods of {report['capacity_blocks']} KV blocks; "
         f"KV at {report['kv_transfer_bytes_per_s'] / 1e9:g} GB/s",
         f"{'outputs':>10} {'rate':>5} {'pods':<10} {'threshold':>9} {'TTFT p50':>9} {'p99':>8} "
