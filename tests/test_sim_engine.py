@@ -270,6 +270,24 @@ def test_a_resumed_request_recomputes_its_output_and_keeps_its_tokens() -> None:
     assert victim.first_token_time == victim.token_times[0] < resumed.start
 
 
+def test_a_request_preempted_mid_prefill_resumes_from_its_own_blocks_without_counting_them_as_hits() -> None:
+    engine = small_engine(capacity_blocks=10, preemption=True, max_num_batched_tokens=6)
+    decoding = engine.add_request("a", list(range(8)), 16, 0.0)
+    first = engine.step(0.0)
+    prefilling = engine.add_request("b", list(range(100, 124)), 2, first.end)
+    _, results = run_until_idle(engine, first.end)
+    assert engine.metrics.preemptions == 1
+    admissions = [r for r in results if prefilling in r.admitted]
+    assert len(admissions) == 2
+    # Resumed: 16 of its 21 computed tokens were still cached (4 full blocks), so it
+    # recomputes from token 16 on.
+    resumed = admissions[1].shape
+    assert resumed.prefill_attention_pairs == attention_pairs(resumed.prefill_tokens, 16)
+    # vLLM sets num_cached_tokens at first scheduling only.
+    assert prefilling.num_cached_tokens == 0 and decoding.num_cached_tokens == 0
+    assert prefilling.completion_tokens == 2 and decoding.completion_tokens == 16
+
+
 def test_preemption_with_a_random_workload_keeps_the_cache_and_events_consistent() -> None:
     rng = random.Random(11)
     engine = Engine(

@@ -3,9 +3,12 @@ across at the stated bandwidth, the output on the decode pod; and ``kvsched benc
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import pytest
 
-from scheduler.bench.pd_bench import long_requests, run, sweep, sweep_table, table
+from scheduler.bench.pd_bench import add_ratios, ahead_on_both, long_requests, run, sweep, sweep_table, table
 from scheduler.core.scheduler import SchedulerConfig
 from scheduler.core.scoring.disaggregation import DisaggregationConfig
 from scheduler.sim.virtual import KV_BYTES_PER_TOKEN, VirtualPool, VirtualPoolConfig
@@ -86,3 +89,22 @@ def test_bench_pd_sweep_prints_one_table_over_outputs_rates_splits_and_threshold
     text = sweep_table(report)
     assert text.count("\n") == 2 + 2 * 5 - 1
     assert "1P+3D" in text and "agg 4" in text
+
+
+def test_a_pool_that_refused_requests_is_never_counted_ahead_or_a_baseline() -> None:
+    def row(prefill: int, ttft_p99: float, tpot_p99: float, failed: int = 0) -> dict[str, Any]:
+        return {
+            "prefill_pods": prefill,
+            "decode_pods": 8 - prefill,
+            "failed": failed,
+            "ttft_ms": {"p50": 1.0, "p99": ttft_p99},
+            "tpot_ms": {"p50": 1.0, "p99": tpot_p99},
+        }
+
+    rows = [row(0, 300.0, 20.0), row(3, 290.0, 10.0), row(3, 200.0, 21.0), row(3, 100.0, 5.0, failed=1)]
+    add_ratios(rows)
+    assert [ahead_on_both(r, rows[0]) for r in rows] == [False, True, False, False]
+    refused = [row(0, math.inf, 20.0, failed=9), row(3, 290.0, 10.0)]
+    add_ratios(refused)
+    assert refused[1]["vs_aggregated"]["ttft_p99"] is None
+    assert not ahead_on_both(refused[1], refused[0])

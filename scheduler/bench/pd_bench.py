@@ -117,7 +117,7 @@ def run(
         run_shape("aggregated", workload, prefill=0, **common),  # type: ignore[arg-type]
         run_shape("disaggregated", workload, prefill=prefill, threshold=threshold, **common),  # type: ignore[arg-type]
     ]
-    _add_ratios(rows)
+    add_ratios(rows)
     return {
         "workers": workers,
         "prefill_pods": prefill,
@@ -134,17 +134,42 @@ def run(
     }
 
 
-def _add_ratios(rows: list[dict[str, Any]]) -> None:
+def _ratio(value: float, base: float) -> float | None:
+    """``value / base``; None where that says nothing (a percentile reaching a refused request
+    is infinite, and so is every ratio against it)."""
+    if not base or not math.isfinite(base):
+        return None
+    return value / base
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Each row's p50/p99 over the first row's (the aggregated pool's)."""
     base = rows[0]
     for row in rows:
         row["vs_aggregated"] = {
-            f"{metric}_{q}": row[f"{metric}_ms"][q] / base[f"{metric}_ms"][q]
-            if base[f"{metric}_ms"][q]
-            else None
+            f"{metric}_{q}": _ratio(row[f"{metric}_ms"][q], base[f"{metric}_ms"][q])
             for metric in ("ttft", "tpot")
             for q in ("p50", "p99")
         }
+
+
+def ahead_on_both(row: dict[str, Any], base: dict[str, Any]) -> bool:
+    """A disaggregated row with TTFT p99 and TPOT p99 under the aggregated pool's, neither
+    pool having refused anything."""
+    ratio = row["vs_aggregated"]
+    ttft, tpot = ratio["ttft_p99"], ratio["tpot_p99"]
+    return (
+        row["prefill_pods"] > 0
+        and row["failed"] == base["failed"] == 0
+        and ttft is not None
+        and tpot is not None
+        and ttft < 1.0
+        and tpot < 1.0
+    )
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None or not math.isfinite(ratio) else f"{ratio:.2f}"
 
 
 # The sweep: output lengths; arrival rates from light to where the pools saturate (a 5,500
@@ -154,7 +179,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
 # whole 432k-token cache); prefill:decode splits; and llm-d's selective disaggregation
 # (prompts with fewer uncached tokens than the threshold skip the prefill pod).
 SWEEP_OUTPUTS: tuple[tuple[int, int], ...] = ((300, 800), (1000, 2000))
-SWEEP_RATES: tuple[float, ...] = (8.0, 16.0, 24.0)
+SWEEP_RATES: tuple[float, ...] = (8.0, 12.0, 16.0, 24.0)
 SWEEP_PREFILL_PODS: tuple[int, ...] = (2, 3, 4)
 SWEEP_THRESHOLDS: tuple[int, ...] = (0, 5000)
 
@@ -192,7 +217,7 @@ def sweep(
                     row = run_shape("disaggregated", workload, prefill=prefill, threshold=threshold, **common)  # type: ignore[arg-type]
                     row["non_cached_tokens_threshold"] = threshold
                     rows.append(row)
-            _add_ratios(rows)
+            add_ratios(rows)
             groups.append({"rate": rate, "requests": requests, "output_tokens": list(output), "rows": rows})
     return {
         "workers": workers,
@@ -225,11 +250,12 @@ def sweep_table(report: dict[str, Any]) -> str:
                 else f"agg {row['decode_pods']}"
             )
             threshold = row.get("non_cached_tokens_threshold")
-            ahead = "both" if row["prefill_pods"] and ratio["ttft_p99"] < 1 and ratio["tpot_p99"] < 1 else ""
+            ahead = "both" if ahead_on_both(row, group["rows"][0]) else ""
             lines.append(
                 f"{out:>10} {group['rate']:>5g} {pods:<10} {'-' if threshold is None else threshold:>9} "
                 f"{ttft['p50']:>9.1f} {ttft['p99']:>8.1f} {tpot['p50']:>9.2f} {tpot['p99']:>7.2f} "
-                f"{ratio['ttft_p99']:>11.2f} {ratio['tpot_p99']:>11.2f} {row['failed']:>7} {ahead:>6}"
+                f"{_times(ratio['ttft_p99']):>11} {_times(ratio['tpot_p99']):>11} "
+                f"{row['failed']:>7} {ahead:>6}"
             )
     return "\n".join(lines)
 
@@ -252,6 +278,6 @@ def table(report: dict[str, Any]) -> str:
         )
         lines.append(
             f"{shape:<28} {ttft['p50']:>12.1f} {ttft['p99']:>9.1f} {tpot['p50']:>12.2f} {tpot['p99']:>7.2f} "
-            f"{ratio['ttft_p99']:>11.2f} {ratio['tpot_p99']:>11.2f} {row['failed']:>7}"
+            f"{_times(ratio['ttft_p99']):>11} {_times(ratio['tpot_p99']):>11} {row['failed']:>7}"
         )
     return "\n".join(lines)

@@ -532,7 +532,9 @@ class Engine:
             request.blocks = hits
             request.num_cached_blocks = len(hits)
             request.num_computed_tokens = len(hits) * bs
-            if not request.output_token_ids:  # a resumed request keeps its first figure
+            if request.scheduled_time is None:
+                # Set at first admission only, as vLLM does (num_cached_tokens < 0 until then):
+                # a resumed request's hits on its own blocks are not prefix-cache hits.
                 request.num_cached_tokens = request.num_computed_tokens
             # Received KV needs its blocks like computed KV; _schedule allocates and caches them.
             request.num_computed_tokens = max(request.num_computed_tokens, request.transferred_tokens)
