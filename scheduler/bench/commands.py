@@ -678,7 +678,7 @@ def register(subparsers: Any) -> None:
     pd.add_argument(
         "--sweep",
         action="store_true",
-        help="one table over output lengths, rates, prefill:decode splits and thresholds (~20 min)",
+        help="one table over output lengths, rates, prefill:decode splits and thresholds (~15 min)",
     )
     pd.add_argument(
         "--duration-s", type=float, default=60.0, help="with --sweep: seconds of arrivals at each rate"
