@@ -228,6 +228,99 @@ def test_random_workload_with_evictions_keeps_invariants_and_event_consistency()
     assert removed > 20  # the workload really evicts
 
 
+def test_on_demand_blocks_admit_what_reservation_holds_back_and_preempt_the_newest() -> None:
+    # 10 blocks of 4: each request needs 2 blocks for its prompt and 5 at its end.
+    reserving = small_engine(capacity_blocks=10)
+    on_demand = small_engine(capacity_blocks=10, preemption=True)
+    requests = []
+    for engine in (reserving, on_demand):
+        requests = [engine.add_request(f"r{i}", [100 * i + t for t in range(8)], 12, 0.0) for i in range(3)]
+    reserving.step(0.0)
+    first = on_demand.step(0.0)
+    assert reserving.num_running == 2 and on_demand.num_running == 3
+    now = first.end
+    preempting: list[StepResult] = []
+    while (start := on_demand.next_step_time()) is not None:
+        before = on_demand.metrics.preemptions
+        result = on_demand.step(max(now, start))
+        now = result.end
+        if on_demand.metrics.preemptions > before:
+            preempting.append(result)
+            # The newest went back to the front of the queue; nobody was admitted.
+            assert on_demand.waiting[0] is requests[2] and not result.admitted
+    assert len(preempting) == 1
+    assert all(r.status is RequestStatus.FINISHED and r.completion_tokens == 12 for r in requests)
+    assert on_demand.pool.num_free == 10
+
+
+def test_a_resumed_request_recomputes_its_output_and_keeps_its_tokens() -> None:
+    engine = small_engine(capacity_blocks=10, preemption=True, max_num_batched_tokens=64)
+    requests = [engine.add_request(f"r{i}", [100 * i + t for t in range(8)], 12, 0.0) for i in range(3)]
+    _, results = run_until_idle(engine)
+    victim = requests[2]
+    admissions = [r for r in results if victim in r.admitted]
+    assert len(admissions) == 2 and engine.metrics.preemptions == 1
+    # Preempted after 5 tokens, its blocks evicted by the others' growth: it recomputes its
+    # 8 prompt tokens and 5 output tokens in one chunk, then produces its 6th token.
+    resumed = admissions[1]
+    assert resumed.shape.prefill_tokens == 13
+    assert resumed.shape.prefill_attention_pairs == attention_pairs(13, 0)
+    assert [t.index for t in resumed.tokens if t.request is victim] == [5]
+    assert victim.completion_tokens == 12 and victim.token_times == sorted(victim.token_times)
+    assert victim.first_token_time == victim.token_times[0] < resumed.start
+
+
+def test_a_request_preempted_mid_prefill_resumes_from_its_own_blocks_without_counting_them_as_hits() -> None:
+    engine = small_engine(capacity_blocks=10, preemption=True, max_num_batched_tokens=6)
+    decoding = engine.add_request("a", list(range(8)), 16, 0.0)
+    first = engine.step(0.0)
+    prefilling = engine.add_request("b", list(range(100, 124)), 2, first.end)
+    _, results = run_until_idle(engine, first.end)
+    assert engine.metrics.preemptions == 1
+    admissions = [r for r in results if prefilling in r.admitted]
+    assert len(admissions) == 2
+    # Resumed: 16 of its 21 computed tokens were still cached (4 full blocks), so it
+    # recomputes from token 16 on.
+    resumed = admissions[1].shape
+    assert resumed.prefill_attention_pairs == attention_pairs(resumed.prefill_tokens, 16)
+    # vLLM sets num_cached_tokens at first scheduling only.
+    assert prefilling.num_cached_tokens == 0 and decoding.num_cached_tokens == 0
+    assert prefilling.completion_tokens == 2 and decoding.completion_tokens == 16
+
+
+def test_preemption_with_a_random_workload_keeps_the_cache_and_events_consistent() -> None:
+    rng = random.Random(11)
+    engine = Engine(
+        EngineConfig(
+            block_size=4, capacity_blocks=30, max_num_seqs=8, max_num_batched_tokens=24, preemption=True
+        )
+    )
+    held: Counter[int] = Counter()
+    now = 0.0
+    submitted = []
+    for i in range(80):
+        prompt = [rng.randrange(1000) for _ in range(rng.randrange(1, 30))]
+        submitted.append(engine.add_request(f"r{i}", prompt, rng.randrange(1, 40), now))
+        for _ in range(rng.randrange(0, 4)):
+            start = engine.next_step_time()
+            if start is None:
+                break
+            result = engine.step(max(now, start))
+            now = result.end
+            apply_events(result.events, held)
+            assert sum(len(r.blocks) for r in engine.running) <= 30
+    now, results = run_until_idle(engine, now)
+    apply_events(events_of(results), held)
+    assert all(r.status is RequestStatus.FINISHED and r.completion_tokens == r.max_tokens for r in submitted)
+    assert held == engine.cached_wire_hashes()
+    assert engine.metrics.preemptions > 5  # the workload really preempts
+
+
+def test_preemption_is_refused_with_interleaved_scaled_steps() -> None:
+    with pytest.raises(ValueError, match="preemption"):
+        EngineConfig(preemption=True, interleave_decode=True, latency=LatencyModel(token_scale=32))
+
+
 # -- batching --------------------------------------------------------------------------
 
 

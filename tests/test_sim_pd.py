@@ -3,9 +3,12 @@ across at the stated bandwidth, the output on the decode pod; and ``kvsched benc
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import pytest
 
-from scheduler.bench.pd_bench import long_requests, run, table
+from scheduler.bench.pd_bench import add_ratios, ahead_on_both, long_requests, run, sweep, sweep_table, table
 from scheduler.core.scheduler import SchedulerConfig
 from scheduler.core.scoring.disaggregation import DisaggregationConfig
 from scheduler.sim.virtual import KV_BYTES_PER_TOKEN, VirtualPool, VirtualPoolConfig
@@ -55,3 +58,53 @@ def test_bench_pd_reports_both_shapes_on_one_workload() -> None:
     assert aggregated["vs_aggregated"]["ttft_p99"] == 1.0
     assert disaggregated["ttft_ms"]["p50"] != aggregated["ttft_ms"]["p50"]
     assert "disaggregated (1P+3D)" in table(report)
+
+
+def test_bench_pd_sweep_prints_one_table_over_outputs_rates_splits_and_thresholds() -> None:
+    report = sweep(
+        duration_s=6.0,
+        workers=4,
+        prompt=(1000, 2000),
+        outputs=((20, 40), (60, 80)),
+        rates=(4.0,),
+        prefill_pods=(1, 2),
+        thresholds=(0, 1500),
+    )
+    groups = report["groups"]
+    assert [(g["output_tokens"], g["requests"]) for g in groups] == [([20, 40], 24), ([60, 80], 24)]
+    for group in groups:
+        rows = group["rows"]
+        assert [(r["prefill_pods"], r.get("non_cached_tokens_threshold")) for r in rows] == [
+            (0, None),
+            (1, 0),
+            (1, 1500),
+            (2, 0),
+            (2, 1500),
+        ]
+        assert rows[0]["vs_aggregated"]["ttft_p99"] == 1.0
+        assert all(r["failed"] == 0 for r in rows)
+        # About half the prompts are under 1,500 tokens and skip the prefill pod: their TTFT
+        # has no transfer and no second pod, so the threshold moves the median.
+        assert rows[1]["ttft_ms"]["p50"] != rows[2]["ttft_ms"]["p50"]
+    text = sweep_table(report)
+    assert text.count("\n") == 2 + 2 * 5 - 1
+    assert "1P+3D" in text and "agg 4" in text
+
+
+def test_a_pool_that_refused_requests_is_never_counted_ahead_or_a_baseline() -> None:
+    def row(prefill: int, ttft_p99: float, tpot_p99: float, failed: int = 0) -> dict[str, Any]:
+        return {
+            "prefill_pods": prefill,
+            "decode_pods": 8 - prefill,
+            "failed": failed,
+            "ttft_ms": {"p50": 1.0, "p99": ttft_p99},
+            "tpot_ms": {"p50": 1.0, "p99": tpot_p99},
+        }
+
+    rows = [row(0, 300.0, 20.0), row(3, 290.0, 10.0), row(3, 200.0, 21.0), row(3, 100.0, 5.0, failed=1)]
+    add_ratios(rows)
+    assert [ahead_on_both(r, rows[0]) for r in rows] == [False, True, False, False]
+    refused = [row(0, math.inf, 20.0, failed=9), row(3, 290.0, 10.0)]
+    add_ratios(refused)
+    assert refused[1]["vs_aggregated"]["ttft_p99"] is None
+    assert not ahead_on_both(refused[1], refused[0])

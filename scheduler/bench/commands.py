@@ -474,8 +474,18 @@ def _bench_lora(args: argparse.Namespace) -> int:
 
 
 def _bench_pd(args: argparse.Namespace) -> int:
-    from scheduler.bench.pd_bench import run, table
+    from scheduler.bench.pd_bench import run, sweep, sweep_table, table
 
+    if args.sweep:
+        swept = sweep(
+            workers=args.workers,
+            duration_s=args.duration_s,
+            bandwidth=args.kv_gbytes_per_s * 1e9,
+            seed=args.seed,
+            capacity_blocks=args.capacity_blocks,
+        )
+        print(json.dumps(swept, indent=1) if args.json else sweep_table(swept))
+        return 0
     report = run(
         workers=args.workers,
         prefill=args.prefill_pods,
@@ -483,6 +493,8 @@ def _bench_pd(args: argparse.Namespace) -> int:
         rate=args.rate,
         bandwidth=args.kv_gbytes_per_s * 1e9,
         seed=args.seed,
+        capacity_blocks=args.capacity_blocks,
+        threshold=args.non_cached_tokens_threshold,
     )
     print(json.dumps(report, indent=1) if args.json else table(report))
     return 0
@@ -681,6 +693,21 @@ def register(subparsers: Any) -> None:
     pd.add_argument("--rate", type=float, default=8.0, help="requests per second")
     pd.add_argument("--kv-gbytes-per-s", type=float, default=25.0, help="prefill-to-decode KV bandwidth")
     pd.add_argument("--seed", type=int, default=0)
+    pd.add_argument("--capacity-blocks", type=int, default=27_000, help="KV blocks of 16 tokens per pod")
+    pd.add_argument(
+        "--non-cached-tokens-threshold",
+        type=int,
+        default=0,
+        help="prompts with fewer uncached tokens skip the prefill pod (llm-d's selective P/D; 0: none do)",
+    )
+    pd.add_argument(
+        "--sweep",
+        action="store_true",
+        help="one table over output lengths, rates, prefill:decode splits and thresholds (~15 min)",
+    )
+    pd.add_argument(
+        "--duration-s", type=float, default=60.0, help="with --sweep: seconds of arrivals at each rate"
+    )
     pd.add_argument("--json", action="store_true", help="print one JSON object")
     pd.set_defaults(func=_bench_pd)
     scrape = kinds.add_parser(

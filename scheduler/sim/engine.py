@@ -13,10 +13,20 @@ waiting requests in FCFS order (up to ``max_num_seqs`` running). A waiting reque
 leading cached full blocks are hits (at most ``prompt_len - 1`` tokens: the last prompt
 token is always recomputed, as in vLLM); its prefill starts after them.
 
-There is no preemption. Instead admission reserves a request's worst-case block count
-(prompt plus ``max_tokens``) against the free queue, so a running request can always grow
-and the engine never deadlocks; a request that could not fit even into an empty pool is
-rejected up front.
+KV blocks, two ways (``EngineConfig.preemption``):
+
+* reservation (the default): admission reserves a request's worst-case block count (prompt
+  plus ``max_tokens``) against the free queue, so a running request can always grow and
+  nothing is ever preempted;
+* on demand, as vLLM v1 does (``KVCacheManager.allocate_slots`` allocates only the blocks of
+  the tokens scheduled now): when a running request cannot get its next block, the most
+  recently admitted running request is preempted (FCFS policy: ``self.running.pop()``), frees
+  its blocks (still cached, so its resumption may hit them) and goes back to the front of the
+  waiting queue to recompute its prompt and output so far; a step that preempted admits no
+  waiting request (vllm/v1/core/sched/scheduler.py, ``Scheduler.schedule`` and
+  ``_preempt_request``).
+
+Either way a request that could not fit even into an empty pool is rejected up front.
 """
 
 from __future__ import annotations
@@ -91,6 +101,9 @@ class EngineConfig:
     # adapter is refused) and the engine time to load one that is not in a GPU slot.
     max_loras: int = 0
     lora_load_s: float = 0.0
+    # KV blocks on demand with vLLM's preemption (see the module docstring); False: worst-case
+    # reservation at admission, no preemption. Not modelled with interleaved scaled steps.
+    preemption: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -104,6 +117,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive")
         if self.max_loras < 0 or self.lora_load_s < 0:
             raise ValueError("max_loras and lora_load_s must not be negative")
+        if self.preemption and self.interleave_decode and self.latency.token_scale > 1.0:
+            raise ValueError("preemption is not modelled with interleaved scaled steps (token_scale > 1)")
         if self.hash_algo not in blockhash_ref.VLLM_HASH_ALGOS:
             raise ValueError(f"hash_algo must be one of {', '.join(blockhash_ref.VLLM_HASH_ALGOS)}")
 
@@ -250,6 +265,8 @@ class EngineMetrics:
     prefix_cache_hits: int = 0
     requests_finished: int = 0
     requests_aborted: int = 0
+    # vllm:num_preemptions: running requests preempted for KV blocks (on-demand mode only).
+    preemptions: int = 0
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
     e2e: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
@@ -438,19 +455,21 @@ class Engine:
         scheduled: list[SimRequest] = []
         admitted: list[SimRequest] = []
         decode_seqs = decode_context = 0
+        preempted = self.config.preemption and self._make_room(budget)
 
         # 1. One decode token per running request whose prompt is fully computed.
         for request in self.running:
             if budget <= 0:
                 break
-            if request.num_computed_tokens >= request.prompt_len:
+            if _decoding(request):
                 self._schedule(request, 1)
                 decode_seqs += 1
                 decode_context += request.num_computed_tokens
                 budget -= 1
                 scheduled.append(request)
-        # 2. and 3. Prefill chunks of running requests, then admissions.
-        prefill_tokens, pairs = self._schedule_prefill(budget, now, scheduled, admitted)
+        # 2. and 3. Prefill chunks of running requests, then admissions (none after a
+        # preemption, as in vLLM).
+        prefill_tokens, pairs = self._schedule_prefill(budget, now, scheduled, admitted, admit=not preempted)
 
         shape = StepShape(prefill_tokens, pairs, decode_seqs, decode_context)
         loading = self._take_lora_load_time()
@@ -464,7 +483,13 @@ class Engine:
         return result
 
     def _schedule_prefill(
-        self, budget: int, now: float, scheduled: list[SimRequest], admitted: list[SimRequest]
+        self,
+        budget: int,
+        now: float,
+        scheduled: list[SimRequest],
+        admitted: list[SimRequest],
+        *,
+        admit: bool = True,
     ) -> tuple[int, int]:
         """Spend ``budget`` on the next prefill chunk of running requests, then on admitting
         waiting requests in arrival order while sequences and blocks allow; returns the
@@ -472,13 +497,14 @@ class Engine:
         cfg = self.config
         bs = cfg.block_size
         prefill_tokens = pairs = 0
-        # 2. The next prefill chunk of running requests still prefilling.
+        # 2. The next prefill chunk of running requests still prefilling (a resumed request
+        # recomputes its output so far too: len(token_ids)).
         for request in self.running:
             if budget <= 0:
                 break
             computed = request.num_computed_tokens
-            if computed < request.prompt_len:
-                n = min(request.prompt_len - computed, budget)
+            if not _decoding(request):
+                n = min(len(request.token_ids) - computed, budget)
                 self._schedule(request, n)
                 prefill_tokens += n
                 pairs += attention_pairs(n, computed)
@@ -489,14 +515,14 @@ class Engine:
         # scheduler skips it the same way: vllm/v1/core/sched/scheduler.py, max_loras).
         passed_over: list[SimRequest] = []
         batch_loras = self.running_loras if cfg.max_loras else frozenset()
-        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+        while admit and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             request = self.waiting[0]
             lora = request.lora
             if lora is not None and lora not in batch_loras and len(batch_loras) >= cfg.max_loras:
                 passed_over.append(self.waiting.popleft())
                 continue
-            hits = self.pool.longest_prefix(request.digests, (request.prompt_len - 1) // bs)
-            if not self._fits(request, hits):
+            hits = self.pool.longest_prefix(request.digests, (len(request.token_ids) - 1) // bs)
+            if not self._fits(request, hits, budget):
                 break
             self.waiting.popleft()
             if lora is not None:
@@ -505,18 +531,23 @@ class Engine:
             self.pool.touch(hits)
             request.blocks = hits
             request.num_cached_blocks = len(hits)
-            request.num_computed_tokens = request.num_cached_tokens = len(hits) * bs
+            request.num_computed_tokens = len(hits) * bs
+            if request.scheduled_time is None:
+                # Set at first admission only, as vLLM does (num_cached_tokens < 0 until then):
+                # a resumed request's hits on its own blocks are not prefix-cache hits.
+                request.num_cached_tokens = request.num_computed_tokens
             # Received KV needs its blocks like computed KV; _schedule allocates and caches them.
             request.num_computed_tokens = max(request.num_computed_tokens, request.transferred_tokens)
             request.status = RequestStatus.RUNNING
             request.scheduled_time = now
-            self._reserved += request.final_blocks - len(hits)
+            if not cfg.preemption:
+                self._reserved += request.final_blocks - len(hits)
             self.metrics.prefix_cache_queries += request.prompt_len
             self.metrics.prefix_cache_hits += request.num_cached_tokens
             self.running.append(request)
             admitted.append(request)
             computed = request.num_computed_tokens
-            n = min(request.prompt_len - computed, budget)
+            n = min(len(request.token_ids) - computed, budget)
             self._schedule(request, n)
             prefill_tokens += n
             pairs += attention_pairs(n, computed)
@@ -550,11 +581,69 @@ class Engine:
         """vLLM's lora_int_id for an adapter this engine has loaded."""
         return self._lora_ids[lora]
 
-    def _fits(self, request: SimRequest, hits: list[KVBlock]) -> bool:
-        """Whether the free blocks cover the request's worst case (its cache hits aside)."""
+    def _fits(self, request: SimRequest, hits: list[KVBlock], budget: int) -> bool:
+        """Whether the free blocks cover the request's worst case (its cache hits aside), or
+        with ``preemption`` the blocks of what it computes now: its received KV and its first
+        chunk of at most ``budget`` tokens (vLLM's allocate_slots check)."""
         evictable_hits = sum(1 for block in hits if block.ref_cnt == 0)
-        cost = request.final_blocks - len(hits) + evictable_hits
-        return self.pool.num_free - self._reserved >= cost
+        if not self.config.preemption:
+            cost = request.final_blocks - len(hits) + evictable_hits
+            return self.pool.num_free - self._reserved >= cost
+        bs = self.config.block_size
+        computed = max(len(hits) * bs, request.transferred_tokens)
+        upto = computed + min(len(request.token_ids) - computed, budget)
+        return self.pool.num_free >= -(-upto // bs) - len(hits) + evictable_hits
+
+    def _make_room(self, budget: int) -> bool:
+        """Preempt running requests, the most recently admitted first, until the blocks the
+        running ones take this step (a decode token each, then their next prefill chunks,
+        in the order ``step`` schedules them) fit in the free queue. vLLM does it request by
+        request inside its running loop, refunding a victim scheduled earlier in the step;
+        planning first gives the same victims. Returns whether any was preempted."""
+        bs = self.config.block_size
+        running = self.running
+        order = [r for r in running if _decoding(r)] + [r for r in running if not _decoding(r)]
+        free = self.pool.num_free
+        planned: dict[str, tuple[int, int]] = {}  # request id -> (blocks, tokens) this step
+        preempted = False
+        for request in order:
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted for an earlier one
+            if budget <= 0:
+                break
+            computed = request.num_computed_tokens
+            tokens = 1 if _decoding(request) else min(len(request.token_ids) - computed, budget)
+            need = max(-(-(computed + tokens) // bs) - len(request.blocks), 0)
+            while need > free:
+                victim = running[-1]
+                freed = self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+                blocks, refund = planned.pop(victim.request_id, (0, 0))
+                free += freed + blocks
+                budget += refund
+            if request.status is not RequestStatus.RUNNING:
+                break  # it could not fit even alone: nothing more runs this step
+            free -= need
+            budget -= tokens
+            planned[request.request_id] = (need, tokens)
+        return preempted
+
+    def _preempt(self, request: SimRequest) -> int:
+        """Take ``request`` off the running batch, free its blocks and queue it first to
+        recompute (vLLM's _preempt_request); returns the blocks that became free."""
+        freed = sum(1 for block in request.blocks if block.ref_cnt == 1)
+        self.running.remove(request)
+        self.pool.free(reversed(request.blocks))
+        request.blocks = []
+        request.num_cached_blocks = 0
+        request.num_computed_tokens = 0
+        request.transferred_tokens = 0  # received KV is gone with the blocks
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self.metrics.preemptions += 1
+        return freed
 
     def can_admit(self) -> bool:
         """Whether the next step could admit the first waiting request that an adapter slot
@@ -575,7 +664,8 @@ class Engine:
         if request is None:
             return False
         bs = self.config.block_size
-        return self._fits(request, self.pool.longest_prefix(request.digests, (request.prompt_len - 1) // bs))
+        hits = self.pool.longest_prefix(request.digests, (len(request.token_ids) - 1) // bs)
+        return self._fits(request, hits, self.config.max_num_batched_tokens)
 
     # -- interleaved decode (token_scale > 1) ------------------------------------------------
 
@@ -692,7 +782,8 @@ class Engine:
         missing = -(-computed // bs) - len(request.blocks)
         if missing > 0:
             request.blocks.extend(self.pool.allocate(missing))
-            self._reserved -= missing
+            if not self.config.preemption:
+                self._reserved -= missing
         full = computed // bs
         if full > request.num_cached_blocks:
             self._extend_hashes(request, full)
@@ -744,7 +835,8 @@ class Engine:
     def _release(self, request: SimRequest) -> None:
         # Reverse order: a request's tail blocks are the least likely to be shared, so
         # they are evicted first (vLLM's KVCacheManager.free).
-        self._reserved -= request.final_blocks - len(request.blocks)
+        if not self.config.preemption:
+            self._reserved -= request.final_blocks - len(request.blocks)
         self.pool.free(reversed(request.blocks))
         request.blocks = []
 
@@ -762,3 +854,10 @@ class Engine:
                 tokens, bs, self._none_hash, algo=self.config.hash_algo
             )
         return len(self.pool.longest_prefix(digests, len(digests)))
+
+
+def _decoding(request: SimRequest) -> bool:
+    """Whether ``request`` computes one token next: its prompt and all but its last output
+    token are computed (a resumed request recomputes its output first, like a prompt)."""
+    computed = request.num_computed_tokens
+    return computed >= request.prompt_len and computed >= len(request.token_ids) - 1

@@ -130,6 +130,9 @@ class VirtualPoolConfig:
     # engine iteration takes longer for each adapter it loads (see EngineConfig).
     max_loras: int = 0
     lora_load_s: float = 0.0
+    # KV blocks on demand with vLLM's preemption instead of worst-case reservation
+    # (EngineConfig.preemption; unscaled traces only).
+    preemption: bool = False
     # Prefill/decode disaggregation: how many of the workers are prefill pods (0: none, every
     # worker serves requests whole), and the KV transfer's size and bandwidth (real tokens).
     prefill_workers: int = 0
@@ -215,6 +218,7 @@ class VirtualPool:
             interleave_decode=cfg.interleave_decode,
             max_loras=cfg.max_loras,
             lora_load_s=cfg.lora_load_s,
+            preemption=cfg.preemption,
         )
         self.workers = [_Worker(f"sim-{i}:8000", Engine(engine_config)) for i in range(cfg.workers)]
         index_config = self.scheduler_config.index.model_copy(update={"block_size": cfg.block_size})
