@@ -84,6 +84,8 @@ class FakeVLLMPublisher:
         self.next_seq = 0
         self.answer_replays = True
         self.replay_requests: list[int] = []
+        # Requests left unanswered (answer_replays False), for ``answer_held``.
+        self.held: list[tuple[bytes, int]] = []
         self.pub: zmq.asyncio.Socket | None = None
         self.router: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -165,11 +167,23 @@ class FakeVLLMPublisher:
             start = int.from_bytes(start_frame, "big")
             self.replay_requests.append(start)
             if not self.answer_replays:
+                self.held.append((identity, start))
                 continue
-            head = [identity, b""] if self.legacy_replay else [identity, b"", TOPIC]
-            for seq in sorted(s for s in self.buffer if s >= start):
-                await router.send_multipart([*head, encode_seq(seq), self.buffer[seq]])
-            await router.send_multipart([*head, REPLAY_END_FRAME, b""])
+            await self._answer(identity, start)
+
+    async def _answer(self, identity: bytes, start: int) -> None:
+        assert self.router is not None
+        head = [identity, b""] if self.legacy_replay else [identity, b"", TOPIC]
+        for seq in sorted(s for s in self.buffer if s >= start):
+            await self.router.send_multipart([*head, encode_seq(seq), self.buffer[seq]])
+        await self.router.send_multipart([*head, REPLAY_END_FRAME, b""])
+
+    async def answer_held(self) -> int:
+        """Answer the replay requests held so far; how many there were."""
+        held, self.held = self.held, []
+        for identity, start in held:
+            await self._answer(identity, start)
+        return len(held)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -52,6 +52,7 @@ from scheduler.adapters.tracing import otlp_tracer
 from scheduler.core.kvingest import IngestStats, PublisherView
 from scheduler.core.model_rewrite import ModelRewrites
 from scheduler.core.scheduler import Endpoint, EndpointDiff, EndpointMetrics, Scheduler, SchedulerConfig
+from scheduler.core.warmup import Warmup, WarmupState
 from scheduler.server.config import ConfigError, ServeConfig, TLSConfig
 from scheduler.server.debug_http import debug_routes, kv_ingest_document
 
@@ -213,6 +214,8 @@ class ServeApp:
         self._discovery: asyncio.Task[None] | None = None
         self._first_set = asyncio.Event()
         self._started = False
+        # Readiness waits for a warm view (core/warmup.py); the clock starts in start().
+        self.warmup = Warmup(config.warmup, clock())
 
     # --- bound ports -----------------------------------------------------------------------
 
@@ -242,7 +245,33 @@ class ServeApp:
     # --- components' views -----------------------------------------------------------------
 
     def _ready(self) -> bool:
-        return self._first_set.is_set() and bool(self.scheduler.endpoints())
+        if not (self._first_set.is_set() and self.scheduler.endpoints()):
+            return False
+        return self.warm_state().warm
+
+    def warm_state(self) -> WarmupState:
+        """The warm-up gate as of now (a latch: once warm, nothing is read again)."""
+        warmup = self.warmup
+        if warmup.warm:
+            return warmup.state
+        was = warmup.state
+        sync = self.peer_sync
+        state = warmup.update(
+            self.clock(),
+            self.publisher_views() if self._first_set.is_set() else [],
+            sync=sync is not None,
+            peers_known=0 if sync is None else len(sync.peers),
+            peers_with_snapshot=self.scheduler.peer_load.peers_with_snapshot(),
+        )
+        if state.warm:
+            log.info(
+                "view warm after %.2fs%s",
+                (state.warm_at or warmup.started_at) - warmup.started_at,
+                f"; gave up waiting on: {', '.join(state.given_up)}" if state.given_up else "",
+            )
+        elif state.waiting != was.waiting:
+            log.info("not ready yet: waiting on %s", ", ".join(state.waiting))
+        return state
 
     def _healthy_addresses(self) -> list[str]:
         scheduler = self.scheduler
@@ -257,6 +286,8 @@ class ServeApp:
             # Endpoints by KV-event view state; each one's detail is on /debug/kv-ingest.
             "kv_events": self.kv_ingest_status()["endpoints_by_state"],
             "tokenizer": self.tokenizers.status(),
+            # Readiness: whether the view is warm, and what it waits on (or gave up on).
+            "warmup": self.warm_state().as_dict(self.warmup.started_at),
             "prefix_match": {
                 "status": verdict.status,
                 "reason": verdict.reason,
@@ -509,6 +540,7 @@ class ServeApp:
         if self._started:
             raise RuntimeError("already started")
         self._started = True
+        self.warmup = Warmup(self.config.warmup, self.clock())
         logging.getLogger("kvsched.audit").setLevel(
             logging.INFO if self.config.audit_log else logging.WARNING
         )
