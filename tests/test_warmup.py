@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -18,7 +19,9 @@ import zmq.asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 from test_kv_subscriber import FakeVLLMPublisher, chain_batches, prompt, until
 
+from scheduler.codec.peersync import encode
 from scheduler.core.kvingest import PublisherView
+from scheduler.core.peerload import Snapshot, SyncMessage
 from scheduler.core.warmup import Warmup, WarmupConfig
 from scheduler.server.app import ServeApp
 from scheduler.server.config import ServeConfig
@@ -171,3 +174,53 @@ async def test_a_starting_serve_is_not_serving_until_the_kv_replay_completes(
         assert isinstance(warmup, dict) and warmup["warm"] and warmup["given_up"] == []
         (view,) = app.publisher_views()
         assert view.state == "exact" and view.next_seq == 3
+
+
+async def test_with_sync_on_a_starting_serve_waits_for_its_peers_first_snapshot(
+    publisher: FakeVLLMPublisher,
+) -> None:
+    # The peer: a real PUB socket speaking the sync codec, silent until the test says.
+    peer = publisher.ctx.socket(zmq.PUB)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer_port = peer.bind_to_random_port("tcp://127.0.0.1")
+    config = ServeConfig.model_validate(
+        {
+            "host": "127.0.0.1",
+            "grpc_port": 0,
+            "health_port": 0,
+            "metrics_port": 0,
+            "tls": {"mode": "plaintext"},
+            "shutdown_grace_s": 0.1,
+            "endpoints": [
+                {"address": f"127.0.0.1:{closed_port()}", "name": "w", "kv_events": publisher.endpoint}
+            ],
+            "kv_events": {"topic": "kv@"},
+            "scheduler": {"index": {"block_size": 4}, "sync": {"enabled": True}},
+            "peer_sync": {"port": 0, "peers": [f"tcp://127.0.0.1:{peer_port}"], "replica": "starting"},
+            # Only the snapshot may end the wait here.
+            "warmup": {"peer_snapshot_wait_s": 60, "max_wait_s": 60},
+        }
+    )
+    try:
+        async with ServeApp(config) as app:
+            assert app.health_port is not None and app.metrics_port is not None
+            assert await publisher.subscribed() == b"kv@"
+            await publisher.publish(chain_batches(prompt(1))[0])
+            # The KV events are settled; the peer's snapshot is all that is missing.
+            await until(lambda: app.publisher_views()[0].state == "exact")
+            warmup = (await status(app.metrics_port))["warmup"]
+            assert isinstance(warmup, dict) and warmup["waiting"] == ["peers' snapshots: 0 of 1"]
+            assert await health(app.health_port) == {health_pb2.HealthCheckResponse.NOT_SERVING}
+            snapshot = SyncMessage("survivor", 1, 1, 0.0, Snapshot(()))
+            # PUB drops what it sends before the subscription arrives: send until it lands.
+            deadline = asyncio.get_running_loop().time() + 10
+            while app.scheduler.peer_load.peers_with_snapshot() == 0:
+                assert asyncio.get_running_loop().time() < deadline, "the snapshot never arrived"
+                await peer.send(encode(snapshot, time.time()))
+                await asyncio.sleep(0.05)
+            deadline = asyncio.get_running_loop().time() + 10
+            while await health(app.health_port) != {health_pb2.HealthCheckResponse.SERVING}:
+                assert asyncio.get_running_loop().time() < deadline, "never SERVING after the snapshot"
+                await asyncio.sleep(0.02)
+    finally:
+        peer.close(0)
