@@ -10,6 +10,7 @@ normal, and each goal with what was measured against it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -573,6 +574,7 @@ async def kvsched_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) ->
         baseline_agreement=baseline_agreement,
         restarted_process_up_s=restarted_at - killed_at,
         warmup_at_serving=recovery.warmup,
+        decided_before_serving=recovery.decided_before_serving,
         index_blocks_at_serving=recovery.blocks_at_serving,
         index_at_serving=recovery.index_check,
         restarted_decisions=decisions,
@@ -597,12 +599,14 @@ async def kvsched_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) ->
         "buffer reaches back to its start, and holds nothing a worker does not hold elsewhere",
         recovery.rto_s is not None
         and bool(warmup.get("warm"))
+        and recovery.decided_before_serving == 0
         and bool(checks)
         and all(checks[name]["equal"] for name in exact)
         and all(check["subset"] for check in checks.values()),
         f"RTO {_seconds(recovery.rto_s)} (kill -> SERVING; the process was up after "
         f"{restarted_at - killed_at:.2f} s, warm {_seconds(warmup.get('warm_after_s'))} after its start"
-        f"{', gave up on ' + ', '.join(warmup['given_up']) if warmup.get('given_up') else ''}); "
+        f"{', gave up on ' + ', '.join(warmup['given_up']) if warmup.get('given_up') else ''}; "
+        f"{recovery.decided_before_serving:.0f} decisions before); "
         f"index equal to the cache on {sum(1 for n in exact if checks[n]['equal'])} of {len(exact)} "
         f"workers with a full replay buffer, a subset on {sum(1 for c in checks.values() if c['subset'])} "
         f"of {len(checks)}; {mine:.0f} blocks against the other replica's {theirs:.0f}",
@@ -638,6 +642,8 @@ class Recovery:
     agreement_s: float | None = None
     warmup: dict[str, Any] | None = None
     blocks_at_serving: tuple[float, float] = (0.0, 0.0)
+    # Decisions the restarted replica made while it reported NOT_SERVING (Envoy sent it none).
+    decided_before_serving: float = 0.0
     # Per worker, the restarted replica's index against the worker's cache when it first served.
     index_check: dict[str, dict[str, Any]] = field(default_factory=dict)
     # (seconds from the kill, agreement over the window ending there) per full window.
@@ -705,6 +711,10 @@ async def _follow_recovery(
                     check = await _index_check(stack, worker, probes, timeout_s=5.0, replicas=(restarted,))
                     recovery.index_check[worker.name] = check[restarted.name]
                 return
+            # Not serving: Envoy must not have sent it a stream (it would have decided).
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                decided = _samples(await stack.metrics(restarted), "kvsched_decision_matched_blocks_count")
+                recovery.decided_before_serving = max(recovery.decided_before_serving, decided)
             await asyncio.sleep(RECOVERY_POLL_S)
 
     async def until_agreeing() -> None:
