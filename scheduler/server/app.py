@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 # How long start() waits for discovery's first endpoint set before serving without it
 # (readiness stays NOT_SERVING until a set arrives).
 FIRST_SET_TIMEOUT_S = 10.0
+# How often readiness is evaluated until the replica is first ready, so that it reports
+# SERVING within this of its view turning warm (the health refresh is every 1 s; a gateway's
+# health check every 0.2 s in the bench's Envoy).
+READY_POLL_S = 0.05
 
 
 class _ScrapeSink:
@@ -117,6 +121,8 @@ class ServeApp:
         self.config_loader = config_loader
         self._watch_file = None if watch_file is None else Path(watch_file)
         self._watch_task: asyncio.Task[None] | None = None
+        self._ready_task: asyncio.Task[None] | None = None
+        self._ready_event = asyncio.Event()
         # What the running configuration was loaded from; later content is a change.
         self._watch_seen = None if self._watch_file is None else _read_bytes(self._watch_file)
         self._reload_lock = asyncio.Lock()
@@ -582,6 +588,7 @@ class ServeApp:
             )
         if self._watch_file is not None and self.config_loader is not None:
             self._watch_task = asyncio.create_task(self._watch(self._watch_file), name="config watch")
+        self._ready_task = asyncio.create_task(self._until_ready(), name="readiness")
         log.info(
             "kvsched serving: ext_proc %s:%d (%s, %s transport), health %s, metrics %s, %d endpoints",
             self.config.host,
@@ -593,9 +600,26 @@ class ServeApp:
             len(self.scheduler.endpoints()),
         )
 
+    async def _until_ready(self) -> None:
+        """Report SERVING as soon as the replica is first ready (its view warm)."""
+        while not self._ready():
+            await asyncio.sleep(READY_POLL_S)
+        await self.server.refresh_readiness()
+        self._ready_event.set()
+
+    async def until_ready(self, timeout_s: float = 60.0) -> None:
+        """Wait until the replica first reports SERVING (a gateway started after this finds
+        it healthy at its first health check). Raises TimeoutError after ``timeout_s``."""
+        await asyncio.wait_for(self._ready_event.wait(), timeout_s)
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop discovery, drain the ext_proc server for ``grace`` (default: the config's
         shutdown_grace_s), then stop scraping, KV events and the metrics server. Idempotent."""
+        if self._ready_task is not None:
+            self._ready_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ready_task
+            self._ready_task = None
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
