@@ -19,6 +19,7 @@ from scheduler.bench.chaos_load import Sent, Window, is_normal, recovery_s, wind
 from scheduler.workloads.model import RequestOutcome
 
 REPO = Path(__file__).resolve().parents[1]
+CHAOS = [sys.executable, "-m", "scheduler", "bench", "chaos"]
 
 
 def sent(at: float, *, hit: float, ttft_ms: float, ok: bool = True) -> Sent:
@@ -83,7 +84,23 @@ def test_table_says_plainly_which_goals_were_not_met() -> None:
                 "recovery_s": 4.25,
                 "met": False,
                 "goals": [{"text": "0 client failures", "met": False, "measured": "1 beyond 2 in flight"}],
-            }
+            },
+            {
+                "name": "kvsched_kill",
+                "title": "kvsched replica SIGKILLed, restarted",
+                "sent": 200,
+                "ok": 200,
+                "failed": 0,
+                "failed_in_flight": 0,
+                "routed_to_dead": None,
+                "epp_starts": 1,
+                "tracebacks": 0,
+                "recovery_s": 4.2,
+                "rto_s": 4.76,
+                "agreement_s": None,
+                "met": False,
+                "goals": [],
+            },
         ],
     }
     text = table(report)
@@ -97,8 +114,11 @@ def test_table_says_plainly_which_goals_were_not_met() -> None:
         "5",
         "0 / 0",
         "4.2 s",
+        "-",
         "NOT met",
     ]
+    row = next(line for line in text.splitlines() if line.startswith("kvsched replica"))
+    assert "4.8 s / never" in row
     assert "[NOT met] 0 client failures: 1 beyond 2 in flight" in text
     assert text.endswith("some goals NOT met")
 
@@ -124,6 +144,30 @@ def test_quick_chaos_run_meets_every_goal(tmp_path: Path) -> None:
     ]
     assert not unmet, "\n".join(unmet)
     assert run.returncode == 0 and "every goal met" in run.stdout
+
+
+@pytest.mark.slow
+def test_a_killed_kvsched_replica_comes_back_warm_and_agreeing(tmp_path: Path) -> None:
+    # About 20 s here: two kvsched replicas with sync on behind Envoy, one SIGKILLed and
+    # restarted under the steady load.
+    report_path = tmp_path / "chaos.json"
+    run = subprocess.run(
+        [*CHAOS, "--quick", "--scenario", "kvsched_kill", "--json", str(report_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert report_path.exists(), run.stdout[-3000:] + run.stderr[-3000:]
+    (scenario,) = json.loads(report_path.read_text())["scenarios"]
+    unmet = [f"{g['text']}: {g['measured']}" for g in scenario["goals"] if not g["met"]]
+    assert not unmet, "\n".join(unmet)
+    details = scenario["details"]
+    assert details["failed_while_down"] == details["failed_while_coming_back"] == 0
+    # Ready only once warm, and after the process was up: never before the kill's downtime.
+    assert details["warmup_at_serving"]["warm"]
+    assert scenario["rto_s"] >= details["restarted_process_up_s"]
+    assert scenario["agreement_s"] >= scenario["rto_s"]
 
 
 def test_the_gateway_lets_every_request_on_a_dead_server_retry_at_once() -> None:

@@ -48,6 +48,8 @@ async def pd_stack(extproc_transport: str) -> AsyncIterator[Stack]:
             ],
         )
         async with ServeApp(config) as app:
+            # Envoy's first health check must find it SERVING (its view warm).
+            await app.until_ready()
             settings = EnvoySettings(
                 "127.0.0.1",
                 app.grpc_port,

@@ -77,6 +77,8 @@ async def running_stack(
             ],
         )
         async with ServeApp(config) as app:
+            # Envoy's first health check must find it SERVING (its view warm).
+            await app.until_ready()
             settings = EnvoySettings(
                 "127.0.0.1",
                 app.grpc_port,

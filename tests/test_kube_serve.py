@@ -166,7 +166,8 @@ async def test_serving_from_a_pool_with_a_policy(server: FakeKubeAPIServer) -> N
 
 
 async def test_no_pool_yet_serves_not_ready_then_picks_it_up(server: FakeKubeAPIServer) -> None:
-    config = ServeConfig.model_validate(serve_config(server))
+    # Nothing publishes KV events at the pod's address here: no batch is waited for.
+    config = ServeConfig.model_validate({**serve_config(server), "warmup": {"kv_first_batch_wait_s": 0}})
     async with ServeApp(config) as app:
         assert app.scheduler.endpoints() == []
         assert not app._ready()

@@ -84,6 +84,8 @@ class FakeVLLMPublisher:
         self.next_seq = 0
         self.answer_replays = True
         self.replay_requests: list[int] = []
+        # Requests left unanswered (answer_replays False), for ``answer_held``.
+        self.held: list[tuple[bytes, int]] = []
         self.pub: zmq.asyncio.Socket | None = None
         self.router: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -165,11 +167,23 @@ class FakeVLLMPublisher:
             start = int.from_bytes(start_frame, "big")
             self.replay_requests.append(start)
             if not self.answer_replays:
+                self.held.append((identity, start))
                 continue
-            head = [identity, b""] if self.legacy_replay else [identity, b"", TOPIC]
-            for seq in sorted(s for s in self.buffer if s >= start):
-                await router.send_multipart([*head, encode_seq(seq), self.buffer[seq]])
-            await router.send_multipart([*head, REPLAY_END_FRAME, b""])
+            await self._answer(identity, start)
+
+    async def _answer(self, identity: bytes, start: int) -> None:
+        assert self.router is not None
+        head = [identity, b""] if self.legacy_replay else [identity, b"", TOPIC]
+        for seq in sorted(s for s in self.buffer if s >= start):
+            await self.router.send_multipart([*head, encode_seq(seq), self.buffer[seq]])
+        await self.router.send_multipart([*head, REPLAY_END_FRAME, b""])
+
+    async def answer_held(self) -> int:
+        """Answer the replay requests held so far; how many there were."""
+        held, self.held = self.held, []
+        for identity, start in held:
+            await self._answer(identity, start)
+        return len(held)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -226,9 +240,20 @@ async def subscribe(
     )  # type: ignore[arg-type]
     sub = KVEventSubscriber(config, index, context=ctx)
     cleanup.append(sub)
+    # A subscription asks for the publisher's history when it first connects
+    # (``WorkerIngest.on_connected``): that replay is answered and ends before the test's
+    # own batches, so each test starts from a settled view and counts only its own replays.
+    answering = [pub.answer_replays for pub in pubs]
+    for pub in pubs:
+        pub.answer_replays = True
     await sub.start()
     for pub in pubs:
         assert await pub.subscribed() == b"kv@"
+    with_replay = sum(1 for pub in pubs if pub.with_replay)
+    await until(lambda: sub.stats.replays_completed + sub.stats.replays_failed >= with_replay)
+    for pub, answer in zip(pubs, answering, strict=True):
+        pub.answer_replays = answer
+        pub.replay_requests.clear()
     return sub
 
 
@@ -343,7 +368,8 @@ async def test_replay_that_cannot_cover_the_gap_resets(ctx: zmq.asyncio.Context,
     del pub.buffer[lost]  # older than the publisher's buffer_steps
     other = prompt(1, base=70)
     await pub.publish(EventBatch(2.0, [BlockStored([55], None, other, BLOCK)]))
-    await until(lambda: sub.stats.replays_completed == 1 and sub.stats.batches_applied == 2)
+    # The replay asked at the first connection, then the gap's.
+    await until(lambda: sub.stats.replays_completed == 2 and sub.stats.batches_applied == 2)
     assert (sub.stats.resets, sub.stats.lost_batches) == (1, 1)
     assert "w" not in index.match_tokens(tokens)
     assert index.match_tokens(other)["w"].total_blocks == 1
@@ -616,7 +642,8 @@ async def test_unreachable_replay_endpoint_times_out_and_resets(
     await pub.publish(batches[0])
     await pub.publish(batches[1], drop=True)
     await pub.publish(batches[2])
-    await until(lambda: sub.stats.replays_failed == 1 and sub.stats.batches_applied == 2)
+    # The replay asked at the first connection fails as the gap's does.
+    await until(lambda: sub.stats.replays_failed == 2 and sub.stats.batches_applied == 2)
     assert sub.stats.resets == 1 and sub.stats.orphans == 1
 
 
@@ -657,7 +684,6 @@ async def test_publisher_views_follow_a_replay_and_its_failure(
 
     index = make_index()
     pub = publisher(ctx, cleanup)
-    pub.answer_replays = False
     service = KVEventIngestService(index, context=ctx)
     config = SubscriberConfig(
         "w", pub.endpoint, pub.replay_endpoint, topic="kv@", ingest=IngestConfig(replay_timeout_s=1.0)
@@ -665,13 +691,17 @@ async def test_publisher_views_follow_a_replay_and_its_failure(
     sub = await service.add_endpoint(config)
     cleanup.append(sub)
     await pub.subscribed()
+    # The replay asked at the first connection is answered; the gap's below is not.
+    await until(lambda: sub.stats.replays_completed == 1)
+    pub.answer_replays = False
     endpoints = [
         Endpoint("w", "10.0.0.1:8000", kv_events=pub.endpoint, kv_replay=pub.replay_endpoint),
         Endpoint("quiet", "10.0.0.2:8000"),
         Endpoint("coming", "10.0.0.3:8000", kv_events="tcp://10.0.0.3:5557", data_parallel_size=2),
     ]
     (view,) = sub.views()
-    assert (view.state, view.last_event_age_s) == ("degraded", None)
+    # Replayed from 0 before any live batch: the whole (empty) history is known.
+    assert (view.state, view.next_seq, view.last_event_age_s) == ("exact", 0, None)
     batches = chain_batches(prompt(3))
     await pub.publish(batches[0])
     await until(lambda: sub.stats.batches_applied == 1)

@@ -320,6 +320,48 @@ def test_late_join_replays_from_zero() -> None:
     assert_same_view(index, reference(batches[:7]), model.prompts)
 
 
+def test_first_connection_replays_an_idle_engines_history_from_zero() -> None:
+    # A starting replica next to an engine that publishes nothing for a while (idle): its
+    # history is asked for when the connection is up, not at its next batch.
+    model = CacheModel(21)
+    batches = model.batches(5)
+    data = payloads(batches)
+    index = make_index()
+    index.apply_batch(W, model.batches(1)[0])  # stale entries from an earlier subscriber
+    ingest = ingest_for(index, replay=True)
+    assert ingest.next_seq is None
+    assert ingest.on_connected(0.0).replay_from == 0
+    assert ingest.on_connected(0.1).replay_from is None  # one replay at a time
+    for seq in range(5):
+        ingest.on_replay_batch(seq, data[seq], 0.2)
+    ingest.on_replay_end(0.2)
+    assert ingest.view_complete and ingest.next_seq == 5 and not ingest.replay_in_flight
+    assert_same_view(index, reference(batches), model.prompts)
+    # The live stream goes on from there: neither a late join nor a gap.
+    assert ingest.on_live(5, payloads(model.batches(1))[0], 1.0).replay_from is None
+    assert ingest.stats.gaps == 0 and ingest.next_seq == 6
+
+
+def test_first_connection_replay_that_does_not_reach_zero_is_incomplete() -> None:
+    model = CacheModel(22)
+    batches = model.batches(6)
+    data = payloads(batches)
+    index = make_index()
+    ingest = ingest_for(index, replay=True)
+    assert ingest.on_connected(0.0).replay_from == 0
+    for seq in range(2, 6):  # the publisher only holds 2.. any more
+        ingest.on_replay_batch(seq, data[seq], 0.1)
+    ingest.on_replay_end(0.1)
+    assert not ingest.view_complete and ingest.next_seq == 6 and ingest.stats.lost_batches == 2
+    assert index.worker_blocks(W) == reference(batches[2:6]).worker_blocks(W)
+
+
+def test_first_connection_without_replay_or_join_replay_waits_for_a_batch() -> None:
+    assert ingest_for(make_index(), replay=False).on_connected(0.0).replay_from is None
+    ingest = ingest_for(make_index(), replay=True, join_replay=False)
+    assert ingest.on_connected(0.0).replay_from is None
+
+
 def test_late_join_partial_history_is_incomplete_but_not_a_reset() -> None:
     model = CacheModel(10)
     batches = model.batches(10)

@@ -108,6 +108,34 @@ async def test_a_replicas_routing_and_release_reach_its_peer_over_zmq() -> None:
         context.term()
 
 
+async def test_a_peer_that_subscribes_gets_a_snapshot_at_once() -> None:
+    # The interval is an hour: the snapshot at start went out before anyone listened, so a
+    # snapshot reaching the late subscriber can only be the one its subscription asked for.
+    context = zmq.asyncio.Context()
+    config = SchedulerConfig(
+        index=IndexConfig(block_size=16), sync=PeerSyncConfig(enabled=True, snapshot_interval_s=3600.0)
+    )
+    replica = Scheduler(config)
+    replica.set_endpoints([Endpoint(E1, E1, kv_events="tcp://a")], 0.0)
+    replica.update_metrics(E1, EndpointMetrics(0, 0, 0.0), 0.0)
+    replica.start_sync("survivor", 1)
+    transport = PeerSyncTransport(replica, bind="tcp://127.0.0.1:0", context=context)
+    await transport.start()
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    try:
+        await _until(lambda: transport.stats.sent_messages >= 1)  # the snapshot at start
+        sub.connect(transport.bound_address)
+        message, _ = decode(await asyncio.wait_for(sub.recv(), 5.0))
+        assert isinstance(message.body, Snapshot) and message.replica == "survivor"
+        assert transport.stats.snapshots_on_subscribe == 1
+    finally:
+        sub.close(0)
+        await transport.stop()
+        context.term()
+
+
 def test_endpointslice_peers_are_the_ready_addresses_but_this_pod() -> None:
     document = {
         "items": [

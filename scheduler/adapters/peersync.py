@@ -5,7 +5,10 @@ What is shared and how it is merged is decided in ``core/peerload.py``; this mod
 carries ``Scheduler.take_sync_messages()`` out and hands peers' messages to
 ``Scheduler.receive_sync``. PUB/SUB fits the loss model there: a message is delivered once
 or not at all, in order per peer, and a slow or absent peer never blocks the sender (PUB
-drops at its high-water mark; the snapshots repair what was dropped).
+drops at its high-water mark; the snapshots repair what was dropped). The PUB socket is an
+XPUB: a peer's subscription arriving (a replica starting or reconnecting) is answered with a
+snapshot at once, so a starting replica, whose readiness waits for its peers' snapshots
+(``core/warmup.py``), need not wait for the next interval.
 
 Peers come from a static list of ``tcp://host:port`` addresses, or from the EndpointSlices
 of the kvsched Service (``kubernetes.io/service-name`` label), polled; this replica's own
@@ -48,6 +51,8 @@ class TransportStats:
     received_messages: int = 0
     received_bytes: int = 0
     malformed: int = 0
+    # Snapshots sent at once because a peer subscribed.
+    snapshots_on_subscribe: int = 0
 
 
 def endpointslice_peers(document: Any, port: int, own_ip: str | None) -> list[str]:
@@ -97,9 +102,11 @@ class PeerSyncTransport:
         return sorted(self._peers)
 
     async def start(self) -> None:
-        pub = self._context.socket(zmq.PUB)
+        pub = self._context.socket(zmq.XPUB)
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.SNDHWM, SNDHWM)
+        # Every subscription reaches this side, a repeated one too (a peer that restarted).
+        pub.setsockopt(zmq.XPUB_VERBOSE, 1)
         pub.bind(self.bind)
         self.bound_address = pub.getsockopt_string(zmq.LAST_ENDPOINT)
         sub = self._context.socket(zmq.SUB)
@@ -110,6 +117,7 @@ class PeerSyncTransport:
         self._tasks = [
             asyncio.create_task(self._receive(), name="peer sync receive"),
             asyncio.create_task(self._flush(), name="peer sync send"),
+            asyncio.create_task(self._subscriptions(), name="peer sync subscriptions"),
         ]
 
     def set_peers(self, addresses: Iterable[str]) -> None:
@@ -168,6 +176,17 @@ class PeerSyncTransport:
                 self.deliver(frame)
             except Exception:  # a bug here must not stop the sync
                 log.exception("peer sync: applying a message failed")
+
+    async def _subscriptions(self) -> None:
+        """A peer subscribed (it started, or its connection came back): send it a snapshot now.
+        Measured with ``kvsched bench chaos``: a restarted replica waited 0.2-0.9 s for the
+        next interval's snapshot before its view was warm."""
+        assert self._pub is not None
+        while True:
+            frame = await self._pub.recv()
+            if frame[:1] == b"\x01":
+                self.scheduler.send_snapshot(self.clock())
+                self.stats.snapshots_on_subscribe += 1
 
     async def _flush(self) -> None:
         next_snapshot = self.clock()

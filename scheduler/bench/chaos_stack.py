@@ -32,8 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 from prometheus_client.parser import text_string_to_metric_families
 
+from scheduler.adapters.extproc.health import EXT_PROC_SERVICE
 from scheduler.bench.epp_bench import child_command
 from scheduler.demo.envoy import EnvoyGateway, EnvoySettings, EppReplica
 
@@ -99,6 +102,12 @@ class StackConfig:
     buffer_small_steps: int = 4
     upstream_retries: int = 2
     epp_retries: int = 2
+    # The chart turns the replicas' in-flight sync on when replicas > 1.
+    sync: bool = True
+    # One routing in this many carries its block keys for the peers' agreement check; the
+    # chart's default is 32, every routing here so that agreement is measured within seconds
+    # at the steady load's 8 req/s.
+    agreement_sample_every: int = 1
     # Merged into kvsched's configuration file (e.g. scheduler.flow_control).
     kvsched: dict[str, Any] = field(default_factory=dict)
 
@@ -249,6 +258,8 @@ class ChaosStack:
         self.write_kvsched_config(self.kvsched_config())
         for index in range(self.config.replicas):
             self.kvsched.append(self._kvsched(index))
+        # Again, now that every replica's sync port is known: each file names its peers.
+        self.write_kvsched_config(json.loads(self.config_path.read_text()))
         await asyncio.gather(*(replica.start() for replica in self.kvsched))
         self.envoy = EnvoyGateway(self.envoy_settings())
         await self.envoy.start()
@@ -289,7 +300,7 @@ class ChaosStack:
 
     def _kvsched(self, index: int) -> KvschedProc:
         name = f"kvsched-{index}"
-        ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
+        ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port(), "sync": free_port()}
         ready = self.workdir / f"{name}.ready"
         # One file per replica (ports differ); the shared settings come from kvsched_config.
         path = self.workdir / f"{name}.json"
@@ -322,6 +333,13 @@ class ChaosStack:
         }
         for key, value in cfg.kvsched.items():
             config[key] = value
+        if cfg.sync and cfg.replicas > 1:
+            scheduler = config["scheduler"] = dict(config.get("scheduler") or {})
+            scheduler["sync"] = {
+                "enabled": True,
+                "agreement_sample_every": cfg.agreement_sample_every,
+                **(scheduler.get("sync") or {}),
+            }
         return config
 
     def write_kvsched_config(self, config: dict[str, Any]) -> None:
@@ -336,6 +354,15 @@ class ChaosStack:
             "grpc_port": replica.ports["grpc"],
             "health_port": replica.ports["health"],
             "metrics_port": replica.ports["metrics"],
+            # Static peers: every other replica's sync port (the chart lists them from the
+            # Service's EndpointSlices).
+            "peer_sync": {
+                "port": replica.ports["sync"],
+                "replica": replica.name,
+                "peers": [
+                    f"tcp://127.0.0.1:{other.ports['sync']}" for other in self.kvsched if other is not replica
+                ],
+            },
         }
         path = Path(json.loads(replica.child.argv[-1])["config"])
         partial = path.with_name(path.name + ".partial")
@@ -396,6 +423,48 @@ class ChaosStack:
                 if loop.time() > deadline:
                     raise RuntimeError(f"{replica.name} never saw every worker healthy")
                 await asyncio.sleep(0.1)
+
+    async def serving(self, replica: KvschedProc, timeout_s: float = 1.0) -> bool:
+        """Whether the replica's gRPC health says SERVING for the service Envoy checks."""
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.ports['health']}") as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=EXT_PROC_SERVICE), timeout=timeout_s
+                )
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def status(self, replica: KvschedProc) -> dict[str, Any]:
+        """The replica's ``/debug/status``."""
+        url = f"http://127.0.0.1:{replica.ports['metrics']}/debug/status"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp,
+        ):
+            document: dict[str, Any] = await resp.json()
+        return document
+
+    async def epp_hosts(self) -> dict[str, dict[str, Any]]:
+        """Envoy's view of each kvsched replica (admin ``/clusters``): streams sent to it
+        (``rq_total``), and its health flags."""
+        assert self.envoy is not None
+        url = f"{self.envoy.admin_url}/clusters?format=json"
+        async with aiohttp.ClientSession() as session, session.get(url) as resp:
+            document = await resp.json(content_type=None)
+        ports = {replica.ports["grpc"]: replica.name for replica in self.kvsched}
+        hosts: dict[str, dict[str, Any]] = {}
+        for cluster in document.get("cluster_statuses", []):
+            if cluster.get("name") != "ext_proc":
+                continue
+            for host in cluster.get("host_statuses", []):
+                port = host["address"]["socket_address"]["port_value"]
+                stats = {stat["name"]: int(stat.get("value", 0)) for stat in host.get("stats", [])}
+                hosts[ports.get(port, str(port))] = {
+                    "rq_total": stats.get("rq_total", 0),
+                    "health": host.get("health_status", {}),
+                }
+        return hosts
 
     def tracebacks(self) -> dict[str, int]:
         """Python tracebacks in each kvsched replica's log so far."""

@@ -124,6 +124,7 @@ async def _rig(transport: str, workers: int) -> AsyncIterator[_Rig]:
             }
         )
         async with ServeApp(config) as app:
+            await app.until_ready()
             app.scheduler.set_objectives(ObjectiveTable({SHEDDABLE: Objective(SHEDDABLE, priority=-1)}))
             envoys: dict[str, EnvoyGateway] = {}
             async with contextlib.AsyncExitStack() as stack:

@@ -88,6 +88,8 @@ async def _serve_kvsched(options: dict[str, Any]) -> None:
 
     STAGE_TIMES.enabled = True
     async with ServeApp(ServeConfig.model_validate(options)) as app:
+        # Envoy starts once this is announced: its first health check must find it SERVING.
+        await app.until_ready()
         _announce({"grpc_port": app.grpc_port, "health_port": app.health_port})
         await _answer_stage_requests()
 

@@ -11,6 +11,9 @@ cache, or knowingly approximate when that cannot be done. The ZMQ adapter
 
 Situations and what is done:
 
+* First connection (with a replay endpoint and ``join_replay``): a replay from 0 is asked
+  at once, so an idle engine's history is known before its next batch; one that does not
+  reach back to 0 leaves the view incomplete.
 * First batch ever: the worker's index entries are cleared (anything there is stale),
   which is not counted as a reset. ``seq == 0``: the whole history is seen. ``seq > 0``:
   the subscriber joined late; with a replay endpoint (and ``join_replay``) a replay from 0
@@ -485,7 +488,15 @@ class WorkerIngest:
         restarted): the first batches of the restarted worker were missing from the index
         until the load made it publish again.
         """
-        if not self._rejoin or not self.replay_available or self._replay is not None:
+        if not self.replay_available or self._replay is not None:
+            return Step(Action.IGNORED)
+        if self._applied.expected is None and self._last_live_at is None and self.config.join_replay:
+            # The first connection: the engine's history so far is asked for now rather
+            # than at its next batch, which an idle engine may not send for a long time
+            # while a starting replica waits for a warm view (``core/warmup.py``). A
+            # replay that does not reach back to 0 shows as a gap: the view stays incomplete.
+            self.index.clear_worker(self.worker)
+        elif not self._rejoin:
             return Step(Action.IGNORED)
         self._rejoin = False
         # Live batches from here on belong to whatever publishes now; the first one is

@@ -220,6 +220,10 @@ class PeerLoad:
     def peers(self) -> list[str]:
         return sorted(self._peers)
 
+    def peers_with_snapshot(self) -> int:
+        """Peers whose current incarnation has sent a snapshot (a starting replica's warm-up)."""
+        return sum(1 for peer in self._peers.values() if peer.last_snapshot_at is not None)
+
     def entries(self) -> int:
         return sum(len(peer.entries) for peer in self._peers.values())
 

@@ -74,6 +74,7 @@ async def demo_stack(policy: str, *, workers: int, speed: float) -> AsyncIterato
         )
         async with ServeApp(config) as app:
             await _ready(app, workers)
+            await app.until_ready()
             settings = EnvoySettings("127.0.0.1", app.grpc_port, epp_health_port=app.health_port)
             async with EnvoyGateway(settings) as envoy:
                 yield DemoStack(pool, app, envoy)

@@ -52,6 +52,7 @@ from scheduler.adapters.tracing import otlp_tracer
 from scheduler.core.kvingest import IngestStats, PublisherView
 from scheduler.core.model_rewrite import ModelRewrites
 from scheduler.core.scheduler import Endpoint, EndpointDiff, EndpointMetrics, Scheduler, SchedulerConfig
+from scheduler.core.warmup import Warmup, WarmupState
 from scheduler.server.config import ConfigError, ServeConfig, TLSConfig
 from scheduler.server.debug_http import debug_routes, kv_ingest_document
 
@@ -60,6 +61,10 @@ log = logging.getLogger(__name__)
 # How long start() waits for discovery's first endpoint set before serving without it
 # (readiness stays NOT_SERVING until a set arrives).
 FIRST_SET_TIMEOUT_S = 10.0
+# How often readiness is evaluated until the replica is first ready, so that it reports
+# SERVING within this of its view turning warm (the health refresh is every 1 s; a gateway's
+# health check every 0.2 s in the bench's Envoy).
+READY_POLL_S = 0.05
 
 
 class _ScrapeSink:
@@ -116,6 +121,8 @@ class ServeApp:
         self.config_loader = config_loader
         self._watch_file = None if watch_file is None else Path(watch_file)
         self._watch_task: asyncio.Task[None] | None = None
+        self._ready_task: asyncio.Task[None] | None = None
+        self._ready_event = asyncio.Event()
         # What the running configuration was loaded from; later content is a change.
         self._watch_seen = None if self._watch_file is None else _read_bytes(self._watch_file)
         self._reload_lock = asyncio.Lock()
@@ -213,6 +220,8 @@ class ServeApp:
         self._discovery: asyncio.Task[None] | None = None
         self._first_set = asyncio.Event()
         self._started = False
+        # Readiness waits for a warm view (core/warmup.py); the clock starts in start().
+        self.warmup = Warmup(config.warmup, clock())
 
     # --- bound ports -----------------------------------------------------------------------
 
@@ -242,7 +251,33 @@ class ServeApp:
     # --- components' views -----------------------------------------------------------------
 
     def _ready(self) -> bool:
-        return self._first_set.is_set() and bool(self.scheduler.endpoints())
+        if not (self._first_set.is_set() and self.scheduler.endpoints()):
+            return False
+        return self.warm_state().warm
+
+    def warm_state(self) -> WarmupState:
+        """The warm-up gate as of now (a latch: once warm, nothing is read again)."""
+        warmup = self.warmup
+        if warmup.warm:
+            return warmup.state
+        was = warmup.state
+        sync = self.peer_sync
+        state = warmup.update(
+            self.clock(),
+            self.publisher_views() if self._first_set.is_set() else [],
+            sync=sync is not None,
+            peers_known=0 if sync is None else len(sync.peers),
+            peers_with_snapshot=self.scheduler.peer_load.peers_with_snapshot(),
+        )
+        if state.warm:
+            log.info(
+                "view warm after %.2fs%s",
+                (state.warm_at or warmup.started_at) - warmup.started_at,
+                f"; gave up waiting on: {', '.join(state.given_up)}" if state.given_up else "",
+            )
+        elif state.waiting != was.waiting:
+            log.info("not ready yet: waiting on %s", ", ".join(state.waiting))
+        return state
 
     def _healthy_addresses(self) -> list[str]:
         scheduler = self.scheduler
@@ -257,6 +292,8 @@ class ServeApp:
             # Endpoints by KV-event view state; each one's detail is on /debug/kv-ingest.
             "kv_events": self.kv_ingest_status()["endpoints_by_state"],
             "tokenizer": self.tokenizers.status(),
+            # Readiness: whether the view is warm, and what it waits on (or gave up on).
+            "warmup": self.warm_state().as_dict(self.warmup.started_at),
             "prefix_match": {
                 "status": verdict.status,
                 "reason": verdict.reason,
@@ -509,6 +546,7 @@ class ServeApp:
         if self._started:
             raise RuntimeError("already started")
         self._started = True
+        self.warmup = Warmup(self.config.warmup, self.clock())
         logging.getLogger("kvsched.audit").setLevel(
             logging.INFO if self.config.audit_log else logging.WARNING
         )
@@ -550,6 +588,7 @@ class ServeApp:
             )
         if self._watch_file is not None and self.config_loader is not None:
             self._watch_task = asyncio.create_task(self._watch(self._watch_file), name="config watch")
+        self._ready_task = asyncio.create_task(self._until_ready(), name="readiness")
         log.info(
             "kvsched serving: ext_proc %s:%d (%s, %s transport), health %s, metrics %s, %d endpoints",
             self.config.host,
@@ -561,9 +600,26 @@ class ServeApp:
             len(self.scheduler.endpoints()),
         )
 
+    async def _until_ready(self) -> None:
+        """Report SERVING as soon as the replica is first ready (its view warm)."""
+        while not self._ready():
+            await asyncio.sleep(READY_POLL_S)
+        await self.server.refresh_readiness()
+        self._ready_event.set()
+
+    async def until_ready(self, timeout_s: float = 60.0) -> None:
+        """Wait until the replica first reports SERVING (a gateway started after this finds
+        it healthy at its first health check). Raises TimeoutError after ``timeout_s``."""
+        await asyncio.wait_for(self._ready_event.wait(), timeout_s)
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop discovery, drain the ext_proc server for ``grace`` (default: the config's
         shutdown_grace_s), then stop scraping, KV events and the metrics server. Idempotent."""
+        if self._ready_task is not None:
+            self._ready_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ready_task
+            self._ready_task = None
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -41,6 +41,7 @@ from scheduler.codec.prom import EngineKind, MetricNames, MetricsSpec
 from scheduler.core.kvingest import IngestConfig
 from scheduler.core.model_rewrite import MAX_WEIGHT, RewriteRule, RewriteTarget
 from scheduler.core.scheduler import Endpoint, SchedulerConfig
+from scheduler.core.warmup import WarmupConfig
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -218,6 +219,10 @@ class ServeConfig(BaseModel):
     peer_sync: PeerSyncTransportConfig = Field(
         default_factory=PeerSyncTransportConfig,
         description="The channel replicas share in-flight load over (scheduler.sync turns it on).",
+    )
+    warmup: WarmupConfig = Field(
+        default_factory=WarmupConfig,
+        description="Readiness waits for the KV-event replays and the peers' first snapshots.",
     )
 
     scrape_interval_s: float = Field(

@@ -227,6 +227,10 @@ class NativeTransport:
             await asyncio.sleep(period_s)
             self._native.set_ready(self._is_ready())
 
+    def refresh_readiness(self) -> None:
+        """Readiness changed: the native health answers follow now, not at the next refresh."""
+        self._native.set_ready(self._is_ready())
+
     def _is_ready(self) -> bool:
         try:
             return bool(self._ready())

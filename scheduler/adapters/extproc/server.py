@@ -214,6 +214,14 @@ class ExtProcServer:
         await health.start(self.config.health_refresh_s)
         self._health_server, self._health, self.health_port = server, health, bound
 
+    async def refresh_readiness(self) -> None:
+        """Readiness changed (``ready`` says otherwise now): health answers follow at once
+        instead of at the next ``health_refresh_s``."""
+        if self._native is not None:
+            self._native.refresh_readiness()
+        if self._health is not None:
+            await self._health.refresh()
+
     async def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING, let streams in flight finish for ``grace`` seconds, then close."""
         if self._health is not None:
