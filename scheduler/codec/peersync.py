@@ -56,9 +56,9 @@ def _routed(fields: Any) -> Routed:
         float(ttl_s),
         float(prefill_ttl_s),
         bool(prefilling),
-        tuple(int(key) for key in keys),
+        tuple(map(int, keys)),
         int(prompt_tokens),
-        tuple(int(key) for key in placed),
+        tuple(map(int, placed)),
         str(placed_on),
     )
 
