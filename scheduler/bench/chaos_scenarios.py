@@ -247,7 +247,7 @@ async def worker_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
     burst_task = asyncio.create_task(
         _kill_burst(stack, shape, victim, timing.kill_burst, timing.kill_burst_streamed)
     )
-    busy = await _until_running(victim, KILL_BURST_ON_VICTIM, timing.down_s)
+    busy = await _until_running(victim, KILL_BURST_ON_VICTIM, KILL_BURST_WAIT_S)
     killed_at = run.fault()
     await victim.child.kill()
     # While it is down: what kvsched's index still says it holds.
@@ -335,6 +335,10 @@ async def worker_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) -> 
 
 # Burst requests the victim should have running when it is killed (or the wait times out).
 KILL_BURST_ON_VICTIM = 3
+# How long the burst may take to get there: on a loaded 2-core machine sending it through
+# Envoy and two replicas took longer than the quick run's 1.5 s down time, and a kill before
+# the burst had left caught nothing to judge.
+KILL_BURST_WAIT_S = 15.0
 # A burst request's answer: 128 tokens take the simulated engine ~1 s (7.6 ms a decode step),
 # long enough to be running when the kill comes.
 KILL_BURST_TOKENS = 128
