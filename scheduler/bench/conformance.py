@@ -37,8 +37,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-un
 
 from scheduler.core.objectives import Objective, ObjectiveTable
 from scheduler.demo.envoy import EnvoyGateway, EnvoySettings
+from scheduler.demo.run import local_serve_config
 from scheduler.server.app import ServeApp
-from scheduler.server.config import ServeConfig
 from scheduler.sim.pool import PoolConfig, SimPool
 
 PROTOCOL = "GIE EPP protocol v1.0.0"
@@ -104,24 +104,12 @@ async def _until(predicate: Callable[[], bool], timeout_s: float = 15.0) -> bool
 @contextlib.asynccontextmanager
 async def _rig(transport: str, workers: int) -> AsyncIterator[_Rig]:
     async with SimPool(workers, PoolConfig(speed=5.0)) as pool:
-        config = ServeConfig.model_validate(
-            {
-                "extproc": {"transport": transport},
-                "host": "127.0.0.1",
-                "grpc_port": 0,
-                "health_port": 0,
-                "metrics_port": 0,
-                "tls": {"mode": "plaintext"},
-                "scrape_interval_s": 0.05,
-                "tokenizer_dir": pool.descriptors[0].tokenizer_dir,
-                "endpoints": [
-                    {"address": d.address, "kv_events": d.kv_endpoint, "kv_replay": d.replay_endpoint}
-                    for d in pool.descriptors
-                ],
-                # One request of kvsched's in flight saturates an endpoint, so that occupying
-                # each endpoint once saturates the pool for the shedding check.
-                "scheduler": {"flow_control": {"max_inflight_per_endpoint": 1}},
-            }
+        config = local_serve_config(
+            pool,
+            extproc={"transport": transport},
+            # One request of kvsched's in flight saturates an endpoint, so that occupying
+            # each endpoint once saturates the pool for the shedding check.
+            scheduler={"flow_control": {"max_inflight_per_endpoint": 1}},
         )
         async with ServeApp(config) as app:
             await app.until_ready()

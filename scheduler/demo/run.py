@@ -51,27 +51,32 @@ class DemoStack:
     envoy: EnvoyGateway
 
 
+def local_serve_config(pool: SimPool, **settings: Any) -> ServeConfig:
+    """``kvsched serve`` in front of a simulated pool on this host: ephemeral plaintext ports,
+    a 50 ms scrape, every worker's KV events and replay socket, and the pool's own tokenizer
+    (so text and chat prompts match its KV blocks); ``settings`` add to or replace these."""
+    document: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "grpc_port": 0,
+        "health_port": 0,
+        "metrics_port": 0,
+        "tls": {"mode": "plaintext"},
+        "scrape_interval_s": 0.05,
+        "tokenizer_dir": pool.descriptors[0].tokenizer_dir,
+        "endpoints": [
+            {"address": d.address, "kv_events": d.kv_endpoint, "kv_replay": d.replay_endpoint}
+            for d in pool.descriptors
+        ],
+    }
+    document.update(settings)
+    return ServeConfig.model_validate(document)
+
+
 @contextlib.asynccontextmanager
 async def demo_stack(policy: str, *, workers: int, speed: float) -> AsyncIterator[DemoStack]:
     """A fresh simulated pool, ``kvsched serve`` picking by ``policy`` and a real Envoy in front."""
     async with SimPool(workers, PoolConfig(speed=speed)) as pool:
-        config = ServeConfig.model_validate(
-            {
-                "host": "127.0.0.1",
-                "grpc_port": 0,
-                "health_port": 0,
-                "metrics_port": 0,
-                "tls": {"mode": "plaintext"},
-                "scrape_interval_s": 0.05,
-                # The simulated pool's own tokenizer: text and chat prompts match its KV blocks.
-                "tokenizer_dir": pool.descriptors[0].tokenizer_dir,
-                "endpoints": [
-                    {"address": d.address, "kv_events": d.kv_endpoint, "kv_replay": d.replay_endpoint}
-                    for d in pool.descriptors
-                ],
-                "scheduler": SchedulerConfig(policy=policy).model_dump(),
-            }
-        )
+        config = local_serve_config(pool, scheduler=SchedulerConfig(policy=policy).model_dump())
         async with ServeApp(config) as app:
             await _ready(app, workers)
             await app.until_ready()
