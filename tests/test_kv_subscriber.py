@@ -898,6 +898,8 @@ async def test_a_restarted_publisher_is_replayed_from_0_when_it_reconnects(
     await until(lambda: sub.stats.batches_applied == 5)
     assert index.match_tokens(fresh)["w"].total_blocks == 2 and "w" not in index.match_tokens(old)
     assert pub.replay_requests == [0]
+    # The replay's last batch is applied before its end marker settles the view.
+    await until(lambda: sub.views()[0].state == "exact")
     view = sub.views()[0]
     assert (view.state, view.next_seq) == ("exact", 2)
     # The live stream carries on from there: the next batch is applied in order, no reset.
