@@ -909,3 +909,43 @@ async def test_a_restarted_publisher_is_replayed_from_0_when_it_reconnects(
     await until(lambda: sub.stats.batches_applied == 6)
     assert sub.stats.resets == resets and sub.stats.gaps == 0 and sub.views()[0].state == "exact"
     assert index.match_tokens(fresh + prompt(1, base=90))["w"].total_blocks == 3
+
+
+async def test_a_replay_of_the_engines_whole_buffer_arrives_whole(ctx: zmq.asyncio.Context) -> None:
+    """vLLM answers a replay on a ROUTER socket, which drops replies that do not fit the
+    connection's high-water marks (1,000 messages each side by default) instead of waiting.
+    Joining an engine that holds its whole buffer (10,000 batches, vLLM's default
+    buffer_steps), read slower than it is sent, lost 2,000 batches in the middle and reset
+    the worker. A hole after the answer has begun is asked for again. The simulated publisher
+    keeps vLLM's socket defaults; its batches are the size of a small engine step."""
+    batches, blocks_per_batch = 10_000, 32
+    index = make_index()
+    pub = KVEventPublisher(topic=TOPIC.decode(), context=ctx)
+    await pub.start()
+    sub: KVEventSubscriber | None = None
+    try:
+        pub.mute()  # numbered and kept for replay, never sent live: the history a joiner asks for
+        tokens = prompt(batches * blocks_per_batch)
+        parent = None
+        for b in range(batches):
+            first = b * blocks_per_batch
+            hashes = list(range(100 + first, 100 + first + blocks_per_batch))
+            ids = tokens[first * BLOCK : (first + blocks_per_batch) * BLOCK]
+            await pub.publish([BlockStored(hashes, parent, ids, BLOCK)])
+            parent = hashes[-1]
+        config = SubscriberConfig("w", pub.endpoint, pub.replay_endpoint, topic="kv@")
+        sub = KVEventSubscriber(config, index, context=ctx)
+        await sub.start()
+        await until(
+            lambda: sub is not None and sub.stats.batches_applied + sub.stats.lost_batches >= batches, 120
+        )
+        await until(lambda: sub is not None and not sub.snapshot()["ranks"][0]["replay_in_flight"], 30)
+        stats = sub.stats
+        assert (stats.lost_batches, stats.resets, stats.replays_failed) == (0, 0, 0)
+        assert stats.batches_applied == batches and stats.replays_completed == 1
+        assert index.match_tokens(tokens)["w"].total_blocks == batches * blocks_per_batch
+        assert sub.snapshot()["ranks"][0]["view_complete"] is True
+    finally:
+        if sub is not None:
+            await sub.stop()
+        await pub.close()

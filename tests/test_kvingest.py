@@ -234,7 +234,12 @@ def test_replay_timeout_resets_and_applies_the_buffered_batches() -> None:
     assert ingest.replay_deadline == 12.0
     ingest.on_replay_batch(4, data[4], 11.0)  # a reply moves the idle deadline
     assert ingest.check_replay_timeout(12.5) is None
-    step = ingest.check_replay_timeout(13.0)
+    # Silence after a reply may be replies lost on the way: the rest is asked for once more,
+    # and a resumption that hears nothing at all fails the replay.
+    resumed = ingest.check_replay_timeout(13.0)
+    assert resumed is not None and resumed.replay_from == 5 and resumed.abandon_replay
+    assert ingest.replay_in_flight and ingest.stats.replays_resumed == 1
+    step = ingest.check_replay_timeout(15.0)
     assert step is not None and step.action is Action.REPLAY_FINISHED
     stats = ingest.stats
     assert (stats.replays_failed, stats.resets, stats.lost_batches, stats.batches_applied) == (1, 1, 1, 7)
@@ -255,6 +260,47 @@ def test_failed_replay_that_had_delivered_everything_needs_no_reset() -> None:
     ingest.on_replay_failed("connection dropped before the end marker", 0.1)
     assert ingest.stats.replays_failed == 1 and ingest.stats.resets == 0 and ingest.view_complete
     assert_same_view(index, reference(batches[:5]), model.prompts[:5])
+
+
+def test_a_hole_inside_a_replays_answer_is_asked_for_again() -> None:
+    """vLLM's ROUTER drops replies past its high-water mark: the answer arrives with a hole."""
+    model = CacheModel(11)
+    batches = model.batches(30)
+    data = payloads(batches)
+    index = make_index()
+    ingest = ingest_for(index, replay=True)
+    for seq in range(3):
+        ingest.on_live(seq, data[seq], 0.0)
+    assert ingest.on_live(25, data[25], 1.0).replay_from == 3
+    for seq in range(3, 10):
+        ingest.on_replay_batch(seq, data[seq], 1.1)
+    step = ingest.on_replay_batch(17, data[17], 1.1)  # 10..16 dropped on the way
+    assert step.action is Action.IGNORED and step.replay_from == 10 and step.abandon_replay
+    for seq in range(10, 26):
+        ingest.on_replay_batch(seq, data[seq], 1.2)
+    assert ingest.on_replay_end(1.3).action is Action.REPLAY_FINISHED
+    for seq in range(26, 30):
+        assert ingest.on_live(seq, data[seq], 2.0).action is Action.APPLIED
+    stats = ingest.stats
+    assert (stats.replays_requested, stats.replays_resumed, stats.replays_completed) == (1, 1, 1)
+    assert (stats.lost_batches, stats.resets) == (0, 0) and ingest.view_complete
+    assert_same_view(index, reference(batches), model.prompts)
+
+
+def test_replay_resumptions_are_bounded() -> None:
+    model = CacheModel(12)
+    batches = model.batches(12)
+    data = payloads(batches)
+    index = make_index()
+    ingest = ingest_for(index, replay=True, max_replay_resumes=1)
+    ingest.on_live(0, data[0], 0.0)
+    assert ingest.on_live(11, data[11], 0.0).replay_from == 1
+    ingest.on_replay_batch(1, data[1], 0.1)
+    assert ingest.on_replay_batch(4, data[4], 0.1).replay_from == 2
+    ingest.on_replay_batch(2, data[2], 0.2)
+    # The one resumption is spent: the next hole is lost as before.
+    step = ingest.on_replay_batch(6, data[6], 0.2)
+    assert step.replay_from is None and ingest.stats.lost_batches == 3 and not ingest.view_complete
 
 
 def test_a_new_hole_in_the_live_buffer_gets_its_own_replay() -> None:

@@ -567,7 +567,12 @@ class KVEventSubscriber:
                 if seq == REPLAY_END_SEQ:
                     self._follow(rank, ingest.on_replay_end(now))
                     return
-                if ingest.on_replay_batch(seq, payload, now).action is Action.IGNORED:
+                step = ingest.on_replay_batch(seq, payload, now)
+                if step.action is Action.IGNORED:
+                    # Stale, or the answer broke off and the replay is asked again from the
+                    # hole on a fresh socket (this one's later replies are not wanted).
+                    if step.replay_from is not None:
+                        self._follow(rank, step)
                     return
         except asyncio.CancelledError:
             raise

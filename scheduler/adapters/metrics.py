@@ -44,6 +44,7 @@ _INGEST_HELP = {
     "replays_requested": "Replays asked of the publisher after a gap or a late join.",
     "replays_completed": "Replays that closed their gap.",
     "replays_failed": "Replays that could not close their gap (the endpoint was reset instead).",
+    "replays_resumed": "Replays asked again from where their answer broke off (replies lost in transit).",
     "resets": "Times the endpoint's index entries were dropped to resynchronise.",
     "restarts": "Publisher restarts seen (the sequence went backwards).",
     "malformed_frames": "ZMQ messages that were not [topic, seq, payload].",

@@ -155,6 +155,15 @@ class IngestConfig(BaseModel):
         "with their token ids are about 0.6 MB. A 1M-block batch (57 MB) took seconds of the "
         "event loop and 660 MB of memory to decode.",
     )
+    max_replay_resumes: int = Field(
+        64,
+        ge=0,
+        description="Times one replay is asked again from where its answer broke off. vLLM answers a "
+        "replay on a ROUTER socket, which drops replies that do not fit the connection's high-water "
+        "marks (1,000 messages each side by default) rather than wait: a 10,000-batch replay read "
+        "slower than the engine sends it arrives with holes (2,000 of 10,000 lost here). Each "
+        "resumption gets at least a pipe's worth, so 10,000 batches need a handful.",
+    )
     min_rebuild_interval_s: float = Field(
         60.0, ge=0, description="Orphans sooner than this after a rebuild make the view incomplete instead."
     )
@@ -187,6 +196,8 @@ class IngestStats:
     replays_requested: int = 0
     replays_completed: int = 0
     replays_failed: int = 0
+    # Replays asked again from where their answer broke off (replies lost in transit).
+    replays_resumed: int = 0
     resets: int = 0
     restarts: int = 0
     rebuilds: int = 0
@@ -247,13 +258,16 @@ class ReplayPurpose(enum.Enum):
 
 
 class _Replay:
-    __slots__ = ("deadline", "orphans", "purpose", "start")
+    __slots__ = ("deadline", "orphans", "purpose", "received", "resumes", "start")
 
     def __init__(self, purpose: ReplayPurpose, start: int, deadline: float) -> None:
         self.purpose = purpose
         self.start = start
         self.deadline = deadline
         self.orphans = False
+        # Batches of this answer applied so far, and how often the replay was asked again.
+        self.received = 0
+        self.resumes = 0
 
 
 # Turns one batch payload into events; raises KVEventDecodeError when the payload as a whole
@@ -602,8 +616,28 @@ class WorkerIngest:
             self.stats.duplicates += 1
             return Step(Action.DUPLICATE, verdict)
         if verdict.kind is VerdictKind.GAP:
+            if replay.received:
+                # The publisher's buffer is contiguous, so a hole after the answer has begun
+                # is replies lost on the way (the ROUTER's high-water mark), not history the
+                # engine no longer has: ask again from the hole.
+                resumed = self._resume_replay(replay, verdict.missing.start, now)
+                if resumed is not None:
+                    return resumed
             self._lose(verdict.missing.start, seq, "the replay does not reach back to the missing batches")
+        replay.received += 1
         return Step(self._apply(seq, payload, replay), verdict)
+
+    def _resume_replay(self, replay: _Replay, start: int, now: float) -> Step | None:
+        """Ask for the rest of a replay whose answer broke off; None when its resumptions are spent."""
+        if replay.resumes >= self.config.max_replay_resumes:
+            return None
+        resumed = _Replay(replay.purpose, start, now + self.config.replay_timeout_s)
+        resumed.orphans = replay.orphans
+        resumed.resumes = replay.resumes + 1
+        self._replay = resumed
+        self.stats.replays_resumed += 1
+        log.debug("%s: replay resumed from seq %d (replies lost in transit)", self.context, start)
+        return Step(Action.IGNORED, replay_from=start, abandon_replay=True)
 
     def on_replay_end(self, now: float) -> Step:
         """The replay's end marker arrived."""
@@ -625,6 +659,14 @@ class WorkerIngest:
         replay = self._replay
         if replay is None or now < replay.deadline:
             return None
+        if replay.received:
+            # Replies stopped after some arrived: the rest, end marker included, may have been
+            # dropped on the way; what the engine still holds is asked for again.
+            expected = self._applied.expected
+            assert expected is not None
+            resumed = self._resume_replay(replay, expected, now)
+            if resumed is not None:
+                return resumed
         return self.on_replay_failed(f"no reply for {self.config.replay_timeout_s:g} s", now)
 
     def _finish_replay(self, now: float, *, completed: bool) -> Step:
