@@ -35,9 +35,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from scheduler.adapters.prompt_chunks import PromptChunks
 from scheduler.codec.openai import ChatMessage, InferenceRequestBody
 
 log = logging.getLogger(__name__)
+
+# Routed prompts' pieces and their ids kept for the next prompt that repeats them
+# (``prompt_chunks.py``): 64 MiB holds ~1,600 distinct 20 KB prompts' worth of pieces.
+DEFAULT_PIECE_CACHE_BYTES = 64 * 1024 * 1024
 
 
 class PromptTokenizer(Protocol):
@@ -138,7 +143,13 @@ class HFTokenizer:
     # tokenizers' Rust encode releases the GIL, so long prompts tokenise beside the event loop.
     releases_gil = True
 
-    def __init__(self, tokenizer_json: str | Path, tokenizer_config: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer_json: str | Path,
+        tokenizer_config: str | Path | None = None,
+        *,
+        piece_cache_bytes: int = DEFAULT_PIECE_CACHE_BYTES,
+    ) -> None:
         from tokenizers import Tokenizer
 
         self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
@@ -146,6 +157,8 @@ class HFTokenizer:
         # not shorten or lengthen it.
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
+        self._piece_cache_bytes = piece_cache_bytes
+        self._pieces: PromptChunks | None = None
         self.chat_template: ChatTemplate | None = None
         if tokenizer_config is not None:
             config = json.loads(Path(tokenizer_config).read_text(encoding="utf-8"))
@@ -158,14 +171,16 @@ class HFTokenizer:
             )
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> HFTokenizer:
+    def from_dir(
+        cls, directory: str | Path, *, piece_cache_bytes: int = DEFAULT_PIECE_CACHE_BYTES
+    ) -> HFTokenizer:
         """A Hugging Face model directory: ``tokenizer.json`` and, when present, ``tokenizer_config.json``."""
         path = Path(directory)
         tokenizer_json = path / "tokenizer.json"
         if not tokenizer_json.is_file():
             raise FileNotFoundError(f"{path} has no tokenizer.json")
         config = path / "tokenizer_config.json"
-        return cls(tokenizer_json, config if config.is_file() else None)
+        return cls(tokenizer_json, config if config.is_file() else None, piece_cache_bytes=piece_cache_bytes)
 
     @classmethod
     def from_hub(cls, model: str, revision: str | None = None) -> HFTokenizer:
@@ -179,11 +194,27 @@ class HFTokenizer:
         return cls(tokenizer_json, tokenizer_config)
 
     def token_ids(self, body: InferenceRequestBody) -> Sequence[int]:
+        """A routed prompt's ids, from the pieces seen in earlier prompts where the tokenizer allows."""
         if body.prompt_token_ids is not None:
             return body.prompt_token_ids
         if body.api == "chat":
-            return self.chat_token_ids(body.messages, tools=body.tools)
-        return self.text_token_ids(body.prompt_text or "")
+            text = self.render_chat(body.messages, True, body.tools)
+            return self.pieces.ids(text, add_special_tokens=False)
+        return self.pieces.ids(body.prompt_text or "", add_special_tokens=True)
+
+    @property
+    def pieces(self) -> PromptChunks:
+        """The piece cache of routed prompts (built at first use: its check tokenises probes)."""
+        if self._pieces is None:
+            self._pieces = PromptChunks(self._tokenizer, max_bytes=self._piece_cache_bytes)
+        return self._pieces
+
+    def render_chat(
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool, tools: Sequence[dict[str, Any]]
+    ) -> str:
+        if self.chat_template is None:
+            return render_plain_chat(messages, tools)
+        return self.chat_template.render(messages, add_generation_prompt, tools)
 
     def chat_token_ids(
         self,
@@ -192,11 +223,7 @@ class HFTokenizer:
         tools: Sequence[dict[str, Any]] = (),
     ) -> list[int]:
         """The rendered conversation's ids (the template holds the special tokens)."""
-        if self.chat_template is None:
-            text = render_plain_chat(messages, tools)
-        else:
-            text = self.chat_template.render(messages, add_generation_prompt, tools)
-        return self.encode(text, add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False)
 
     def text_token_ids(self, text: str) -> list[int]:
         return self.encode(text, add_special_tokens=True)
@@ -248,12 +275,14 @@ def make_tokenizer(
     tokenizer_config: str | Path | None = None,
     hub_model: str | None = None,
     tokenizer_dir: str | Path | None = None,
+    *,
+    piece_cache_bytes: int = DEFAULT_PIECE_CACHE_BYTES,
 ) -> PromptTokenizer:
     """The configured tokenizer; the byte-level stand-in when none is configured."""
     if tokenizer_dir is not None:
-        return HFTokenizer.from_dir(tokenizer_dir)
+        return HFTokenizer.from_dir(tokenizer_dir, piece_cache_bytes=piece_cache_bytes)
     if tokenizer_json is not None:
-        return HFTokenizer(tokenizer_json, tokenizer_config)
+        return HFTokenizer(tokenizer_json, tokenizer_config, piece_cache_bytes=piece_cache_bytes)
     if hub_model:
         return HFTokenizer.from_hub(hub_model)
     return ByteTokenizer()

@@ -29,6 +29,7 @@ import aiohttp
 
 from scheduler.adapters.render_tokenizer import WorkerRenderTokenizer, close_quietly
 from scheduler.adapters.tokenizer import (
+    DEFAULT_PIECE_CACHE_BYTES,
     ByteTokenizer,
     HFTokenizer,
     PromptTokenizer,
@@ -155,8 +156,10 @@ class TokenizerService:
         *,
         probe: bool = True,
         render_when_auto: bool = True,
+        piece_cache_bytes: int = DEFAULT_PIECE_CACHE_BYTES,
     ) -> None:
         self.mode = mode
+        self.piece_cache_bytes = piece_cache_bytes
         self.probe_enabled = probe
         # Without KV events (approximate mode) kvsched only matches its own ids: a render
         # round trip per request would buy nothing there.
@@ -190,7 +193,8 @@ class TokenizerService:
             directory = await pool_tokenizer_dir(session, address)
             if directory is not None:
                 self.tokenizer.replace(
-                    HFTokenizer.from_dir(directory), f"the pool's tokenizer at {directory}"
+                    HFTokenizer.from_dir(directory, piece_cache_bytes=self.piece_cache_bytes),
+                    f"the pool's tokenizer at {directory}",
                 )
                 log.info("tokenizer: %s names its tokenizer files %s; using them", address, directory)
                 self.settled = True
@@ -240,6 +244,8 @@ class TokenizerService:
         }
         if isinstance(current, WorkerRenderTokenizer):
             status["render"] = current.stats.as_dict()
+        if isinstance(current, HFTokenizer):
+            status["pieces"] = current.pieces.snapshot()
         return status
 
     async def close(self) -> None:

@@ -202,19 +202,27 @@ def floor(workload: Workload, engine: EngineConfig, speed: float = 1.0) -> dict[
 
 def prompt_stats(workload: Workload) -> dict[str, float]:
     """Prompt sizes, and what tokenising one costs here with the tokenizer ``kvsched serve``
-    loads (CPU time in this process): a router that tokenises text pays it per request."""
+    loads (CPU time in this process): whole, as a router that tokenises each text prompt pays
+    it, and as kvsched's routing pays it (the pieces of earlier prompts reused, the prompts in
+    arrival order)."""
     from scheduler.adapters.tokenizer import HFTokenizer
     from scheduler.sim.tokenizer import MODEL_DIR
 
     tokenizer = HFTokenizer.from_dir(MODEL_DIR)
-    costs = []
-    for request in workload.requests[:200]:
+    whole, routed = [], []
+    for request in workload.requests[:300]:
+        text = request.prompt_text or ""
         started = time.process_time()
-        tokenizer.encode(request.prompt_text or "", True)
-        costs.append((time.process_time() - started) * 1e3)
+        tokenizer.encode(text, True)
+        middle = time.process_time()
+        tokenizer.pieces.ids(text, add_special_tokens=True)
+        whole.append((middle - started) * 1e3)
+        routed.append((time.process_time() - middle) * 1e3)
     lengths = [len(r.prompt_token_ids) for r in workload.requests]
     return {
         "prompt_tokens_mean": float(np.mean(lengths)) if lengths else 0.0,
         "prompt_tokens_max": float(max(lengths, default=0)),
-        "tokenize_cpu_ms_p50": float(np.percentile(costs, 50)) if costs else 0.0,
+        "tokenize_cpu_ms_p50": float(np.percentile(whole, 50)) if whole else 0.0,
+        "tokenize_routed_cpu_ms_mean": float(np.mean(routed)) if routed else 0.0,
+        "tokenize_whole_cpu_ms_mean": float(np.mean(whole)) if whole else 0.0,
     }

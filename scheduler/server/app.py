@@ -722,12 +722,15 @@ def kubernetes_discovery(config: ServeConfig, app: ServeApp) -> KubernetesDiscov
 def tokenizer_service(config: ServeConfig, addresses: Callable[[], Sequence[str]]) -> TokenizerService:
     local = None
     description = ""
+    piece_cache_bytes = int(config.tokenizer_cache_mib * 1024 * 1024)
     if config.tokenizer_mode in ("auto", "local"):
         if config.tokenizer_dir is not None:
-            local = make_tokenizer(tokenizer_dir=config.tokenizer_dir)
+            local = make_tokenizer(tokenizer_dir=config.tokenizer_dir, piece_cache_bytes=piece_cache_bytes)
             description = f"tokenizer_dir {config.tokenizer_dir}"
         elif config.tokenizer_json is not None:
-            local = make_tokenizer(config.tokenizer_json, config.tokenizer_config)
+            local = make_tokenizer(
+                config.tokenizer_json, config.tokenizer_config, piece_cache_bytes=piece_cache_bytes
+            )
             description = f"tokenizer_json {config.tokenizer_json}"
     return TokenizerService(
         config.tokenizer_mode,
@@ -736,6 +739,7 @@ def tokenizer_service(config: ServeConfig, addresses: Callable[[], Sequence[str]
         addresses,
         probe=config.tokenizer_probe,
         render_when_auto=config.kv_events.enabled,
+        piece_cache_bytes=piece_cache_bytes,
     )
 
 
