@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 
-from scheduler.adapters.prompt_chunks import PromptChunks, chunk_bounds
+from scheduler.adapters.prompt_chunks import PromptChunks, _entry_bytes, chunk_bounds
 from scheduler.adapters.tokenizer import HFTokenizer
 from scheduler.codec.openai import parse_request_body
 from scheduler.sim.tokenizer import MODEL_DIR
@@ -163,3 +164,22 @@ def test_zero_bytes_turns_it_off(tmp_path: Path) -> None:
     chunks = PromptChunks(tokenizer, max_bytes=0)
     assert not chunks.enabled
     assert list(chunks.ids("the lazy dog", add_special_tokens=False)) == tokenizer.encode("the lazy dog").ids
+
+
+def test_threads_share_the_cache_and_its_accounting_holds(sim_tokenizer: HFTokenizer) -> None:
+    # Long prompts are tokenised on worker threads; a small cache makes them evict each other.
+    chunks = PromptChunks(sim_tokenizer._tokenizer, max_bytes=60_000)
+    texts = [" ".join(f"w{(n * 7 + i) % 97}" for i in range(600)) for n in range(40)]
+    expected = [_whole(sim_tokenizer, text, True) for text in texts]
+
+    def work(offset: int) -> bool:
+        return all(
+            list(chunks.ids(texts[(offset + k) % len(texts)], add_special_tokens=True))
+            == expected[(offset + k) % len(texts)]
+            for k in range(3 * len(texts))
+        )
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(4)))
+    assert chunks.bytes_used == sum(_entry_bytes(k, v) for k, v in chunks._pieces.items()) <= chunks.max_bytes
+    assert chunks.stats.evictions > 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -151,6 +152,7 @@ class PromptChunks:
         self._tokenizer = tokenizer
         self.max_bytes = max_bytes
         self._pieces: OrderedDict[str, array[int]] = OrderedDict()
+        self._lock = threading.Lock()
         self.bytes_used = 0
         self.stats = ChunkStats()
         self.disabled_reason = self._check() if max_bytes > 0 else "the piece cache is off (0 bytes)"
@@ -170,31 +172,36 @@ class PromptChunks:
         ids = array("Q", self._special_prefix) if add_special_tokens else array("Q")
         pieces = self._pieces
         stats = self.stats
-        stats.prompts += 1
-        stats.chars += len(text)
-        start = 0
         missing: list[tuple[int, str]] = []  # (position in ``parts``, text)
         parts: list[array[int] | None] = []
-        for end in chunk_bounds(text):
-            piece = text[start:end]
-            start = end
-            known = pieces.get(piece)
-            if known is None:
-                missing.append((len(parts), piece))
-                parts.append(None)
-                continue
-            pieces.move_to_end(piece)
-            stats.chunk_hits += 1
-            stats.chars_hit += len(piece)
-            parts.append(known)
-        stats.chunks += len(parts)
+        bounds = list(chunk_bounds(text))
+        # Long prompts are tokenised on worker threads (``PickRunner.token_ids``): the LRU's
+        # lookups and moves, and its evictions, must not interleave.
+        with self._lock:
+            stats.prompts += 1
+            stats.chars += len(text)
+            start = 0
+            for end in bounds:
+                piece = text[start:end]
+                start = end
+                known = pieces.get(piece)
+                if known is None:
+                    missing.append((len(parts), piece))
+                    parts.append(None)
+                    continue
+                pieces.move_to_end(piece)
+                stats.chunk_hits += 1
+                stats.chars_hit += len(piece)
+                parts.append(known)
+            stats.chunks += len(parts)
         if missing:
             # One call for every new piece: the library encodes them in parallel, GIL released.
             encoded = self._tokenizer.encode_batch([piece for _, piece in missing], add_special_tokens=False)
-            for (slot, piece), encoding in zip(missing, encoded, strict=True):
-                piece_ids = array("Q", encoding.ids)
-                parts[slot] = piece_ids
-                self._keep(piece, piece_ids)
+            with self._lock:
+                for (slot, piece), encoding in zip(missing, encoded, strict=True):
+                    piece_ids = array("Q", encoding.ids)
+                    parts[slot] = piece_ids
+                    self._keep(piece, piece_ids)
         for part in parts:
             assert part is not None
             ids.extend(part)
@@ -204,7 +211,7 @@ class PromptChunks:
 
     def _keep(self, piece: str, piece_ids: array[int]) -> None:
         cost = _entry_bytes(piece, piece_ids)
-        if cost > self.max_bytes:
+        if cost > self.max_bytes or piece in self._pieces:  # another thread kept it meanwhile
             return
         self._pieces[piece] = piece_ids
         self.bytes_used += cost
