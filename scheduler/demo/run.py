@@ -2,6 +2,7 @@
 with round-robin picking, on the same workload against a fresh simulated pool each time.
 
 simulated vLLM pool (HTTP + metrics + ZMQ KV events)  <-  kvsched serve (ext_proc)
+   (a process of its own)
                           ^                                      ^
                           +------------ real Envoy --------------+  <- replay client
 """
@@ -13,9 +14,9 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from scheduler.core.scheduler import SchedulerConfig
 from scheduler.demo.envoy import EnvoyGateway, EnvoySettings
@@ -23,7 +24,8 @@ from scheduler.replay.live import replay_live
 from scheduler.replay.report import build_report
 from scheduler.server.app import ServeApp
 from scheduler.server.config import ServeConfig
-from scheduler.sim.pool import PoolConfig, SimPool
+from scheduler.sim.pool_process import PoolProcess
+from scheduler.sim.worker import WorkerDescriptor
 from scheduler.workloads.model import Workload
 from scheduler.workloads.oracle import oracle_hit_ratio
 
@@ -46,12 +48,19 @@ async def _ready(app: ServeApp, expected: int, timeout_s: float = 20.0) -> None:
 
 @dataclass(frozen=True, slots=True)
 class DemoStack:
-    pool: SimPool
+    pool: PoolProcess
     app: ServeApp
     envoy: EnvoyGateway
 
 
-def local_serve_config(pool: SimPool, **settings: Any) -> ServeConfig:
+class LocalPool(Protocol):
+    """A simulated pool on this host: in this process (``SimPool``) or its own (``PoolProcess``)."""
+
+    @property
+    def descriptors(self) -> Sequence[WorkerDescriptor]: ...
+
+
+def local_serve_config(pool: LocalPool, **settings: Any) -> ServeConfig:
     """``kvsched serve`` in front of a simulated pool on this host: ephemeral plaintext ports,
     a 50 ms scrape, every worker's KV events and replay socket, and the pool's own tokenizer
     (so text and chat prompts match its KV blocks); ``settings`` add to or replace these."""
@@ -74,8 +83,12 @@ def local_serve_config(pool: SimPool, **settings: Any) -> ServeConfig:
 
 @contextlib.asynccontextmanager
 async def demo_stack(policy: str, *, workers: int, speed: float) -> AsyncIterator[DemoStack]:
-    """A fresh simulated pool, ``kvsched serve`` picking by ``policy`` and a real Envoy in front."""
-    async with SimPool(workers, PoolConfig(speed=speed)) as pool:
+    """A fresh simulated pool, ``kvsched serve`` picking by ``policy`` and a real Envoy in front.
+
+    The pool runs in a process of its own (``sim/pool_process.py``): sharing this process's
+    event loop, its simulated GPUs stood still while kvsched decided, which counted kvsched's
+    CPU into its own TTFT and not into round-robin's."""
+    async with PoolProcess(workers, speed=speed) as pool:
         config = local_serve_config(pool, scheduler=SchedulerConfig(policy=policy).model_dump())
         async with ServeApp(config) as app:
             await _ready(app, workers)
