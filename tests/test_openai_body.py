@@ -393,7 +393,7 @@ def test_tools_are_rendered_by_the_chat_template_as_the_worker_renders_them() ->
     body = parse_request_body(_body({"messages": [{"role": "user", "content": "x"}], "tools": [tool]}))
     with_tools = tokenizer.hf.token_ids(body)
     # The simulated worker's own path: its chat handler passes the request's tools to the template.
-    assert with_tools == tokenizer.chat_ids([{"role": "user", "content": "x"}], True, [tool])
+    assert list(with_tools) == tokenizer.chat_ids([{"role": "user", "content": "x"}], True, [tool])
     without = tokenizer.hf.token_ids(
         parse_request_body(_body({"messages": [{"role": "user", "content": "x"}]}))
     )
