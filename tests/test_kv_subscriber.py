@@ -630,21 +630,25 @@ async def test_unreachable_replay_endpoint_times_out_and_resets(
 ) -> None:
     index = make_index()
     pub = publisher(ctx, cleanup, replay=False)
-    with socket.socket() as probe:  # a port nothing listens on
+    # A port bound and never listened on refuses connections, and while it stays bound no other
+    # process can take it (released at once, another test's replay socket took it under load
+    # and answered).
+    with socket.socket() as probe:
         probe.bind((HOST, 0))
         dead = f"tcp://{HOST}:{probe.getsockname()[1]}"
-    config = SubscriberConfig("w", pub.endpoint, dead, topic="kv@", ingest=IngestConfig(replay_timeout_s=0.2))
-    sub = KVEventSubscriber(config, index, context=ctx)
-    cleanup.append(sub)
-    await sub.start()
-    await pub.subscribed()
-    batches = chain_batches(prompt(3))
-    await pub.publish(batches[0])
-    await pub.publish(batches[1], drop=True)
-    await pub.publish(batches[2])
-    # The replay asked at the first connection fails as the gap's does.
-    await until(lambda: sub.stats.replays_failed == 2 and sub.stats.batches_applied == 2)
-    assert sub.stats.resets == 1 and sub.stats.orphans == 1
+        ingest = IngestConfig(replay_timeout_s=0.2)
+        config = SubscriberConfig("w", pub.endpoint, dead, topic="kv@", ingest=ingest)
+        sub = KVEventSubscriber(config, index, context=ctx)
+        cleanup.append(sub)
+        await sub.start()
+        await pub.subscribed()
+        batches = chain_batches(prompt(3))
+        await pub.publish(batches[0])
+        await pub.publish(batches[1], drop=True)
+        await pub.publish(batches[2])
+        # The replay asked at the first connection fails as the gap's does.
+        await until(lambda: sub.stats.replays_failed == 2 and sub.stats.batches_applied == 2)
+        assert sub.stats.resets == 1 and sub.stats.orphans == 1
 
 
 async def test_a_burst_of_queued_events_leaves_turns_to_other_tasks(
