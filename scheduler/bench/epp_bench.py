@@ -42,6 +42,7 @@ import numpy as np
 
 from scheduler.core.scheduler import Endpoint, EndpointMetrics, Scheduler, SchedulingRequest
 from scheduler.demo.envoy import EnvoyGateway, EnvoySettings
+from scheduler.sim.pool_process import until_stdin_closes
 
 VOCAB = 32_000
 SPEED = 1000.0
@@ -53,17 +54,6 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --- child processes --------------------------------------------------------------------------
-
-
-async def _until_stdin_closes() -> None:
-    loop = asyncio.get_running_loop()
-    closed = asyncio.Event()
-    # stdin becomes readable (at EOF) when the parent closes it, or exits.
-    loop.add_reader(sys.stdin.fileno(), closed.set)
-    try:
-        await closed.wait()
-    finally:
-        loop.remove_reader(sys.stdin.fileno())
 
 
 def _announce(message: Any) -> None:
@@ -78,7 +68,7 @@ async def _serve_pool(options: dict[str, Any]) -> None:
     engine = EngineConfig(max_model_len=options["max_model_len"], capacity_blocks=27_000)
     async with SimPool(options["workers"], PoolConfig(speed=SPEED, engine=engine)) as pool:
         _announce([d.as_dict() for d in pool.descriptors])
-        await _until_stdin_closes()
+        await until_stdin_closes()
 
 
 async def _serve_kvsched(options: dict[str, Any]) -> None:

@@ -62,7 +62,6 @@ from scheduler.bench.epp_bench import (
     _announce,
     _child,
     _serve_config,
-    _until_stdin_closes,
     cpu_seconds,
     kvsched_gateway,
     measure_added_latency,
@@ -70,6 +69,7 @@ from scheduler.bench.epp_bench import (
 )
 from scheduler.codec.openai import InferenceRequestBody
 from scheduler.core.scheduler import Endpoint, EndpointMetrics, Scheduler
+from scheduler.sim.pool_process import until_stdin_closes
 
 GATEWAYS = ("envoy_only", "floor_python", "floor_native", "kvsched_python", "kvsched_native")
 MODULE = "scheduler.bench.extproc_floors"
@@ -142,7 +142,7 @@ async def _serve_python_floor(options: dict[str, Any]) -> None:
     await server.start()
     await health_server.start()
     _announce({"grpc_port": port, "health_port": health_port})
-    await _until_stdin_closes()
+    await until_stdin_closes()
     await server.stop(0)
     await health_server.stop(0)
 
@@ -166,7 +166,7 @@ async def _serve_native_floor(options: dict[str, Any]) -> None:
     port, health_port = transport.start()
     _announce({"grpc_port": port, "health_port": health_port})
     # Python only waits here; every stream is served on gRPC's threads.
-    await _until_stdin_closes()
+    await until_stdin_closes()
     await asyncio.to_thread(transport.shutdown, 0.0)
 
 

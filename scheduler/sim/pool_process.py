@@ -97,14 +97,19 @@ async def _serve(options: dict[str, Any]) -> None:
     async with SimPool(options["workers"], PoolConfig(speed=options["speed"])) as pool:
         sys.stdout.write(json.dumps([dataclasses.asdict(d) for d in pool.descriptors]) + "\n")
         sys.stdout.flush()
-        loop = asyncio.get_running_loop()
-        closed = asyncio.Event()
-        # stdin turns readable (at end of file) when the parent closes it or exits.
-        loop.add_reader(sys.stdin.fileno(), closed.set)
-        try:
-            await closed.wait()
-        finally:
-            loop.remove_reader(sys.stdin.fileno())
+        await until_stdin_closes()
+
+
+async def until_stdin_closes() -> None:
+    """Wait until the parent closes this child's stdin, or exits (a child process's end)."""
+    loop = asyncio.get_running_loop()
+    closed = asyncio.Event()
+    # stdin turns readable (at end of file) when the parent closes it or exits.
+    loop.add_reader(sys.stdin.fileno(), closed.set)
+    try:
+        await closed.wait()
+    finally:
+        loop.remove_reader(sys.stdin.fileno())
 
 
 def child_main(argv: list[str]) -> None:
