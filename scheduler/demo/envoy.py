@@ -1,7 +1,10 @@
 """A real Envoy gateway on loopback, configured the way the Inference Extension wires one.
 
 Data path (shared ``envoy/extproc-original-dst.yaml`` pattern): listener -> ext_proc
-filter (gRPC to kvsched, bodies FULL_DUPLEX_STREAMED) -> router. A request that carries
+filter (gRPC to kvsched, bodies FULL_DUPLEX_STREAMED) -> router. With ``observation`` (the
+default here) the response phase leaves that stream for a second ext_proc filter in
+observability mode (``_observation_filter``); without it, one filter carries both phases, as a
+gateway that implements the Inference Extension renders it. A request that carries
 ``x-gateway-destination-endpoint`` (set by kvsched) goes to an ``ORIGINAL_DST`` cluster
 keyed by that header; with FailOpen and kvsched unreachable the header is absent and the
 request falls through to a plain round-robin cluster over the pool, which is what a
@@ -147,6 +150,10 @@ class EnvoySettings:
     # The ext_proc filter's request_body_mode: the GIE set-up streams the body
     # (FULL_DUPLEX_STREAMED); BUFFERED, STREAMED and NONE are what other gateways may send.
     request_body_mode: str = "FULL_DUPLEX_STREAMED"
+    # Two ext_proc filters on the ext_proc cluster: the decision filter (request phase only) and
+    # an observation filter in observability_mode (response phase, copies not awaited). False:
+    # the single filter of the GIE layout, response phase on the decision stream.
+    observation: bool = True
 
 
 def _address(hostport: str) -> dict[str, Any]:
@@ -346,6 +353,15 @@ def _ext_proc_filter(settings: EnvoySettings) -> dict[str, Any]:
             "response_trailer_mode": "SEND",
         },
     }
+    if settings.observation:
+        # Nothing of the response on this stream: Envoy 1.40 resets it as soon as the request
+        # phase is answered (measured: the stream ends before the upstream's response headers),
+        # so a replica killed afterwards leaves the response alone. In the single layout the
+        # same kill cuts a streamed response in flight (FailClose: Envoy answers the stream's
+        # gRPC error with a reset once the response has started).
+        config["processing_mode"].update(
+            response_header_mode="SKIP", response_body_mode="NONE", response_trailer_mode="SKIP"
+        )
     if settings.subset_header:
         config["metadata_options"] = {"forwarding_namespaces": {"untyped": [SUBSET_NAMESPACE]}}
     if settings.access_log:
@@ -353,6 +369,38 @@ def _ext_proc_filter(settings: EnvoySettings) -> dict[str, Any]:
         options = config.setdefault("metadata_options", {})
         options["receiving_namespaces"] = {"untyped": ["envoy.lb"]}
     return {"name": "envoy.filters.http.ext_proc", "typed_config": config}
+
+
+OBSERVATION_FILTER = "envoy.filters.http.ext_proc.observation"
+
+
+def _observation_filter(settings: EnvoySettings) -> dict[str, Any]:
+    """The response phase as copies to kvsched: Envoy sends and does not wait for answers.
+
+    After the decision filter, so the request headers it sends carry the routed id the decision
+    answer added (``x-kvsched-routed``). Fail open: measured with Envoy 1.40, an observability
+    mode filter with ``failure_mode_allow: false`` resets the client's response when its
+    processor dies mid-response (the gRPC error is handled as for any ext_proc filter); with
+    true the response goes on and only the copies stop. Envoy keeps the stream open for
+    ``deferred_close_timeout`` (default 5 s) after the HTTP stream ends so the last copies
+    arrive; kvsched does not need that long (the body's end_of_stream ends the response), and
+    it only bounds how long an idle stream lingers.
+    """
+    config: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}, "timeout": "10s"},
+        "observability_mode": True,
+        "failure_mode_allow": True,
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "request_body_mode": "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_header_mode": "SEND",
+            "response_body_mode": "STREAMED",
+            "response_trailer_mode": "SEND",
+        },
+    }
+    return {"name": OBSERVATION_FILTER, "typed_config": config}
 
 
 def _http_filters(settings: EnvoySettings) -> list[dict[str, Any]]:
@@ -379,6 +427,8 @@ def _http_filters(settings: EnvoySettings) -> list[dict[str, Any]]:
         )
     if settings.ext_proc:
         filters.append(_ext_proc_filter(settings))
+        if settings.observation:
+            filters.append(_observation_filter(settings))
     filters.append(
         {
             "name": "envoy.filters.http.router",
