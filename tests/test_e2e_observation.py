@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from scheduler.demo.envoy import OBSERVATION_FILTER, EnvoyGateway, EnvoySettings, render_config
+from scheduler.demo.envoy import OBSERVATION_FILTER, EnvoyGateway, EnvoySettings, EppReplica, render_config
 from scheduler.server.app import ServeApp
 from scheduler.server.config import ServeConfig
 from scheduler.sim.pool import PoolConfig, SimPool
@@ -211,3 +212,79 @@ async def test_a_killed_replica_leaves_a_streamed_response_in_flight_alone(
             if process.poll() is None:
                 process.kill()
             process.communicate()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_observations_landing_on_the_other_replica_reach_the_routing_one(
+    extproc_transport: str,
+) -> None:
+    """Two replicas behind one Envoy: each filter's streams are balanced on their own, so an
+    observation lands on the replica that did not route its request about half the time. That
+    replica forwards it over the sync channel; both end with every request completed, nothing
+    in flight and nothing left to expire."""
+    requests = 16
+    async with SimPool(2, PoolConfig(speed=5.0)) as pool, contextlib.AsyncExitStack() as stack:
+        sync_ports = [_free_port(), _free_port()]
+        apps = []
+        for i in range(2):
+            config = ServeConfig.model_validate(
+                {
+                    "extproc": {"transport": extproc_transport},
+                    "host": "127.0.0.1",
+                    "grpc_port": 0,
+                    "health_port": 0,
+                    "metrics_port": 0,
+                    "tls": {"mode": "plaintext"},
+                    "scrape_interval_s": 0.05,
+                    "tokenizer_dir": pool.descriptors[0].tokenizer_dir,
+                    "endpoints": [
+                        {"address": d.address, "kv_events": d.kv_endpoint, "kv_replay": d.replay_endpoint}
+                        for d in pool.descriptors
+                    ],
+                    "scheduler": {"sync": {"enabled": True}},
+                    "peer_sync": {
+                        "port": sync_ports[i],
+                        "replica": f"replica-{i}",
+                        "peers": [f"tcp://127.0.0.1:{sync_ports[1 - i]}"],
+                    },
+                }
+            )
+            apps.append(await stack.enter_async_context(ServeApp(config)))
+        for app in apps:
+            await app.until_ready()
+        settings = EnvoySettings(
+            "127.0.0.1",
+            apps[0].grpc_port,
+            epp_health_port=apps[0].health_port,
+            more_epps=[EppReplica("127.0.0.1", apps[1].grpc_port, apps[1].health_port)],
+            pool=[d.address for d in pool.descriptors],
+        )
+        envoy = await stack.enter_async_context(EnvoyGateway(settings))
+        model = pool.descriptors[0].model
+        async with aiohttp.ClientSession() as session:
+            for i in range(requests):
+                body = {
+                    "model": model,
+                    "prompt": list(range(1 + i, 100 + i)),
+                    "max_tokens": 3,
+                    "stream": i % 2 == 0,
+                }
+                async with session.post(f"{envoy.url}/v1/completions", json=body) as resp:
+                    text = await resp.text()
+                    assert resp.status == 200, f"{text}\n{envoy.log_tail()}"
+        outcomes = [app.server.stats.outcomes for app in apps]
+        await until(lambda: sum(o["completed"] for o in outcomes) == requests)
+        for app in apps:
+            scheduler = app.scheduler
+            await until(lambda s=scheduler: all(s.inflight(e.name) == (0, 0) for e in s.endpoints()))  # type: ignore[misc]
+            assert len(app.server.observations) == 0
+        forwarded = sum(o["observation_forwarded"] for o in outcomes)
+        assert forwarded == sum(o["observation_remote"] for o in outcomes) > 0
+        assert sum(o["observation"] for o in outcomes) + forwarded == requests
+        assert not any(o["expired"] or o["cancelled"] or o["observation_unknown"] for o in outcomes)
+        assert sum(app.scheduler.completions for app in apps) == requests

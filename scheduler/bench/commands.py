@@ -268,9 +268,10 @@ def _bench_epp(args: argparse.Namespace) -> int:
 
 def _bench_epp_floors(args: argparse.Namespace) -> int:
     from scheduler.bench.epp_bench import format_report
-    from scheduler.bench.extproc_floors import format_floors, run
+    from scheduler.bench.extproc_floors import GATEWAYS, WITH_SINGLE_FILTER, format_floors, run
 
     summary = run(
+        names=WITH_SINGLE_FILTER if args.single_filter_too else GATEWAYS,
         rate=args.rate,
         prompt_tokens=args.prompt_tokens,
         requests=args.requests,
@@ -568,6 +569,12 @@ def register(subparsers: Any) -> None:
         default=True,
         help="also measure Envoy alone and protocol-only ext_procs (Python, native) as baselines, "
         "then kvsched with each transport (--no-floors: kvsched alone)",
+    )
+    epp.add_argument(
+        "--single-filter-too",
+        action="store_true",
+        help="with the floors: also kvsched behind the single ext_proc filter of the GIE layout "
+        "(response phase on the decision stream), each run just before its two-filter twin",
     )
     epp.add_argument(
         "--transport",

@@ -361,6 +361,9 @@ class Gateway:
     options: Callable[[list[dict[str, Any]]], dict[str, Any]]
     # The child is kvsched, which times its own stages and answers ``reset`` / ``stages``.
     reports_stages: bool = False
+    # Envoy's ext_proc layout (EnvoySettings.observation): the decision filter and an
+    # observation filter for the response phase, or the single filter of the GIE layout.
+    observation: bool = True
 
 
 def kvsched_gateway(transport: str = "auto") -> Gateway:
@@ -401,6 +404,7 @@ async def measure_added_latency(
             concurrency=envoy_concurrency,
             ext_proc=epp is not None,
             pool=[d["address"] for d in descriptors] if epp is None else (),
+            observation=gateway.observation,
         )
         async with EnvoyGateway(settings) as envoy:
             path, bodies = request_bodies(

@@ -72,6 +72,18 @@ from scheduler.codec.openai import InferenceRequestBody
 from scheduler.core.scheduler import Endpoint, EndpointMetrics, Scheduler
 
 GATEWAYS = ("envoy_only", "floor_python", "floor_native", "kvsched_python", "kvsched_native")
+# kvsched behind the single ext_proc filter of the GIE layout (response phase on the decision
+# stream), each before its two-filter twin so the pair runs back to back.
+SINGLE_FILTER_SUFFIX = "_single_filter"
+WITH_SINGLE_FILTER = (
+    "envoy_only",
+    "floor_python",
+    "floor_native",
+    "kvsched_python" + SINGLE_FILTER_SUFFIX,
+    "kvsched_python",
+    "kvsched_native" + SINGLE_FILTER_SUFFIX,
+    "kvsched_native",
+)
 MODULE = "scheduler.bench.extproc_floors"
 CHUNK_BYTES = ExtProcConfig().max_body_chunk_bytes
 
@@ -187,10 +199,13 @@ def gateway(name: str) -> Gateway:
     if name == "envoy_only":
         return Gateway(name, None, _floor_options)
     if name in _CHILDREN:
-        return Gateway(name, (MODULE, name), _floor_options)
-    transport = name.removeprefix("kvsched_")
+        # The floors answer the response phase on the decision stream, the GIE way: they stay
+        # the protocol's cost as a gateway that implements the Inference Extension runs it.
+        return Gateway(name, (MODULE, name), _floor_options, observation=False)
+    single = name.endswith(SINGLE_FILTER_SUFFIX)
+    transport = name.removesuffix(SINGLE_FILTER_SUFFIX).removeprefix("kvsched_")
     base = kvsched_gateway(transport)
-    return Gateway(name, base.extproc, base.options, base.reports_stages)
+    return Gateway(name, base.extproc, base.options, base.reports_stages, observation=not single)
 
 
 # --- the decision's own cost -------------------------------------------------------------------
@@ -253,7 +268,7 @@ def plan(names: tuple[str, ...] = GATEWAYS) -> tuple[list[str], dict[str, str]]:
     """The gateways this install can run, and why the others are left out."""
     skipped: dict[str, str] = {}
     if load_native() is None:
-        for name in ("floor_native", "kvsched_native"):
+        for name in ("floor_native", "kvsched_native", "kvsched_native" + SINGLE_FILTER_SUFFIX):
             skipped[name] = "scheduler._native.extproc is not built (no libgrpc++ when kvsched was installed)"
     return [name for name in names if name not in skipped], skipped
 
@@ -366,6 +381,8 @@ LABELS = {
     "floor_native": "+ protocol-only ext_proc, native",
     "kvsched_python": "+ kvsched, Python transport",
     "kvsched_native": "+ kvsched, native transport",
+    "kvsched_python" + SINGLE_FILTER_SUFFIX: "+ kvsched, Python, single filter",
+    "kvsched_native" + SINGLE_FILTER_SUFFIX: "+ kvsched, native, single filter",
 }
 
 

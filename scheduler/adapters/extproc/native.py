@@ -59,7 +59,7 @@ from scheduler.adapters.extproc.headers import (
     routing_headers,
 )
 from scheduler.adapters.extproc.health import READINESS_SERVICES
-from scheduler.adapters.extproc.observed import ROUTED_HEADER, Observations
+from scheduler.adapters.extproc.observed import ROUTED_HEADER, ForwardedObservation, Observations
 from scheduler.adapters.extproc.outcomes import PickOutcome
 from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.extproc.tls import ServerCredentials
@@ -177,7 +177,9 @@ class NativeTransport:
             module.COUNT: self._on_count,
             module.OBSERVE: self._on_observe,
         }
-        self._requests: dict[int, _NativeRequest] = {}
+        # By stream: requests routed here (under their decision stream, and under their
+        # observation stream once it started) and observations forwarded to a peer.
+        self._requests: dict[int, _NativeRequest | ForwardedObservation] = {}
         # x-request-id values of requests in progress (servicer.py keeps the same set).
         self.active_ids: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -228,7 +230,10 @@ class NativeTransport:
         for task in list(self._tasks):
             task.cancel()
         for request in list(self._requests.values()):
-            request.finish("cancelled")
+            if isinstance(request, _NativeRequest):
+                request.finish("cancelled")
+            else:
+                request.observation_ended(self._runner.clock())
 
     async def _refresh_readiness(self, period_s: float) -> None:
         while True:
@@ -265,9 +270,11 @@ class NativeTransport:
             log.exception("native ext_proc event %r failed", event[:2])
         stream = event[1]
         self._native.abort(stream, "endpoint picker failed on this request")
-        request = self._requests.get(stream)
-        if request is not None:
+        request = self._requests.pop(stream, None)
+        if isinstance(request, _NativeRequest):
             request.finish("cancelled")
+        elif request is not None:
+            request.observation_ended(self._runner.clock())
 
     def forget(self, request: _NativeRequest) -> None:
         self._requests.pop(request.stream, None)
@@ -307,12 +314,18 @@ class NativeTransport:
         now = self._runner.clock()
         if first_byte:
             request.first_byte(now)
-        request.complete(now, status, served, usage_from_capture(CaptureKind(usage_kind), usage_data))
+        request.complete_with(now, status, served, usage_from_capture(CaptureKind(usage_kind), usage_data))
+        if isinstance(request, ForwardedObservation):
+            # No CLOSED follows a completed response.
+            del self._requests[stream]
 
     def _on_closed(self, event: tuple[Any, ...]) -> None:
         _, stream, asked, handed_off = event
         request = self._requests.get(stream)
-        if request is not None and request.observed_on == stream:
+        if isinstance(request, ForwardedObservation):
+            del self._requests[stream]
+            request.observation_ended(self._runner.clock())
+        elif request is not None and request.observed_on == stream:
             request.observation_ended(self._runner.clock())
         elif request is not None and handed_off and not request.finished:
             # Two-filter layout: the decision stream is done; the observation stream (or the
@@ -332,7 +345,7 @@ class NativeTransport:
             self._stats.count("observation_unrouted")
             return
         target = self.observations.claim(routed_id)
-        if isinstance(target, _NativeRequest) and not target.finished:
+        if isinstance(target, (_NativeRequest, ForwardedObservation)) and not target.finished:
             target.observed_on = stream
             self._requests[stream] = target
 
@@ -486,6 +499,9 @@ class _NativeRequest:
         self._write_audit(outcome, now)
         self._close()
         self._release_capacity()
+
+    def complete_with(self, now: float, status: int | None, served: str | None, usage: Usage | None) -> None:
+        self.complete(now, status, served, usage)
 
     def observation_ended(self, now: float) -> None:
         self.finish("cancelled")

@@ -16,7 +16,15 @@ replicas, and a nonce drawn at start makes a restarted replica's ids differ from
 previous run, and makes them unguessable for a client that sends the header itself.
 
 Each transport keeps its own per-request state (``servicer._Exchange``, ``native._NativeRequest``);
-this registry only maps routed ids to them and bounds how long one waits. A routed request
+this registry only maps routed ids to them and bounds how long one waits.
+
+Envoy balances the observation filter's streams over the ext_proc cluster independently of the
+decision filter's, so with several replicas the observation often lands on a replica that did
+not route the request. That replica reads the response as it would its own (first byte, status,
+usage) and sends what it saw to the routing replica over the peer sync channel
+(``ForwardedObservation``; ``adapters/peersync.py``); the routing replica applies it as if the
+stream had reached it (``receive``). Without peer sync the observation is counted
+(``observation_foreign``) and dropped, and the bound releases the request. A routed request
 whose decision stream ended without a response on it is released by ``expire`` once
 ``ttl_bounds`` (``core/peerload.py``: 4x the predicted end-to-end latency, at least 5 s; 60 s
 without a prediction, the same bound a peer's entry gets) has passed with no observation
@@ -34,6 +42,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from scheduler.adapters.extproc.stats import ExtProcStats
+from scheduler.adapters.extproc.usage import Usage
+from scheduler.codec.peersync import BROKEN, COMPLETED, FIRST_BYTE, ObservedResponse
 from scheduler.core.peerload import PeerSyncConfig, ttl_bounds
 
 ROUTED_HEADER = "x-kvsched-routed"
@@ -41,6 +51,12 @@ ROUTED_HEADER = "x-kvsched-routed"
 
 class ObservedRequest(Protocol):
     """What a transport's request state does with an observed response phase."""
+
+    def first_byte(self, now: float) -> None:
+        """The response's first body byte."""
+
+    def complete_with(self, now: float, status: int | None, served: str | None, usage: Usage | None) -> None:
+        """The response ended: completed, or failed by the model server (status >= 500)."""
 
     def observation_ended(self, now: float) -> None:
         """The observation stream ended; an incomplete response is released as failed."""
@@ -65,7 +81,13 @@ class Observations:
         self._bounds = bounds if bounds is not None else PeerSyncConfig()
         self._awaiting: dict[str, ObservedRequest] = {}
         self._observed: set[str] = set()
+        self._ttl: dict[str, float] = {}
+        # The deadline in force per request: the heap may hold an earlier, superseded one.
+        self._deadline: dict[str, float] = {}
         self._deadlines: list[tuple[float, str]] = []
+        # Sends an observation of a request another replica routed to it (peer sync); None:
+        # such observations are counted and dropped.
+        self.forward: Callable[[ObservedResponse], None] | None = None
 
     @property
     def suffix(self) -> str:
@@ -76,6 +98,11 @@ class Observations:
                 name = f"{socket.gethostname()}-{os.getpid()}"
             self._suffix = f".{secrets.token_hex(4)}.{name}"
         return self._suffix
+
+    @property
+    def replica_name(self) -> str:
+        # The suffix is "." + 8 hex digits + "." + the name (which may hold dots itself).
+        return self.suffix[10:]
 
     def new_id(self) -> str:
         self._counter += 1
@@ -99,36 +126,73 @@ class Observations:
             e2e_ms = ttft_ms + predicted[1] * max_tokens if max_tokens else None
         ttl_s, _ = ttl_bounds(self._bounds, ttft_ms, e2e_ms)
         self._awaiting[routed_id] = request
-        heapq.heappush(self._deadlines, (now + ttl_s, routed_id))
+        self._ttl[routed_id] = ttl_s
+        self._push_deadline(routed_id, now + ttl_s)
+
+    def _push_deadline(self, routed_id: str, deadline: float) -> None:
+        self._deadline[routed_id] = deadline
+        heapq.heappush(self._deadlines, (deadline, routed_id))
 
     def claim(self, routed_id: str) -> ObservedRequest | None:
-        """The observation stream of ``routed_id`` started: its request, or None (counted) when
-        this replica does not know it (routed elsewhere, or before a restart)."""
+        """The observation stream of ``routed_id`` started: its request (here, or a forwarder to
+        the replica that routed it), or None (counted) when nobody it can reach knows it."""
+        if not routed_id.endswith(self.suffix):
+            forward = self.forward
+            if forward is None:
+                self._stats.count("observation_foreign")
+                return None
+            self._stats.count("observation_forwarded")
+            return ForwardedObservation(routed_id, self.replica_name, forward)
         request = self._awaiting.get(routed_id)
         if request is None or routed_id in self._observed:
-            self._stats.count(
-                "observation_foreign" if not routed_id.endswith(self.suffix) else "observation_unknown"
-            )
+            # Routed here before a restart, or released already (its bound passed).
+            self._stats.count("observation_unknown")
             return None
         self._observed.add(routed_id)
         self._stats.count("observation")
         return request
 
+    def receive(self, observed: ObservedResponse, at: float) -> None:
+        """A peer observed a response; applied when this replica routed it."""
+        routed_id = observed.routed_id
+        if not routed_id.endswith(self.suffix):
+            return  # another peer's: every peer receives every observation
+        request = self._awaiting.get(routed_id)
+        if request is None:
+            self._stats.count("observation_unknown")
+            return
+        if observed.phase == FIRST_BYTE or observed.first_byte:
+            if observed.phase == FIRST_BYTE:
+                self._stats.count("observation_remote")
+                # The response is under way: its bound starts again from its first byte, as the
+                # rest of it is the decode part of the prediction.
+                self._push_deadline(routed_id, at + self._ttl.get(routed_id, 0.0))
+            request.first_byte(at)
+        if observed.phase == COMPLETED:
+            usage = Usage(None, observed.completion_tokens, observed.cached_tokens)
+            request.complete_with(at, observed.status, observed.served, usage)
+        elif observed.phase == BROKEN:
+            request.observation_ended(at)
+
     def done(self, routed_id: str) -> None:
         """The request is released (completed, failed, or its stream carried the response)."""
         if self._awaiting.pop(routed_id, None) is not None:
             self._observed.discard(routed_id)
+            self._ttl.pop(routed_id, None)
+            self._deadline.pop(routed_id, None)
 
     def expire(self, now: float) -> int:
         """Release every request past its bound with no observation attached; how many."""
         expired = 0
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            _, routed_id = heapq.heappop(deadlines)
+            deadline, routed_id = heapq.heappop(deadlines)
             request = self._awaiting.get(routed_id)
-            if request is None or routed_id in self._observed:
-                continue
+            if request is None or routed_id in self._observed or self._deadline.get(routed_id) != deadline:
+                continue  # released, observed here, or its bound was extended
             del self._awaiting[routed_id]
+            self._ttl.pop(routed_id, None)
+            del self._deadline[routed_id]
             expired += 1
             request.expire(now)
         if len(deadlines) > 2 * len(self._awaiting) + 64:
@@ -136,3 +200,49 @@ class Observations:
             self._deadlines = [item for item in deadlines if item[1] in self._awaiting]
             heapq.heapify(self._deadlines)
         return expired
+
+
+class ForwardedObservation:
+    """The observation, on this replica, of a request another replica routed: what it sees goes
+    to that replica (``Observations.forward``)."""
+
+    def __init__(self, routed_id: str, replica: str, send: Callable[[ObservedResponse], None]) -> None:
+        self.routed_id = routed_id
+        self._replica = replica
+        self._send = send
+        self._first_byte_sent = False
+        self.finished = False
+        # The observation stream (native transport's bookkeeping).
+        self.observed_on: int | None = None
+
+    def first_byte(self, now: float) -> None:
+        if self._first_byte_sent or self.finished:
+            return
+        self._first_byte_sent = True
+        self._send(ObservedResponse(self._replica, self.routed_id, FIRST_BYTE, True))
+
+    def complete_with(self, now: float, status: int | None, served: str | None, usage: Usage | None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._send(
+            ObservedResponse(
+                self._replica,
+                self.routed_id,
+                COMPLETED,
+                # The first byte, when it came with the end, went out just before.
+                False,
+                status,
+                served,
+                usage.cached_tokens if usage is not None else None,
+                usage.completion_tokens if usage is not None else None,
+            )
+        )
+
+    def observation_ended(self, now: float) -> None:
+        if not self.finished:
+            self.finished = True
+            self._send(ObservedResponse(self._replica, self.routed_id, BROKEN))
+
+    def expire(self, now: float) -> None:
+        """Never registered for expiry: the routing replica bounds the request."""

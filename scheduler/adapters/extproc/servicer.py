@@ -48,7 +48,7 @@ from scheduler.adapters.extproc.headers import (
     served_endpoint,
     subset_hint,
 )
-from scheduler.adapters.extproc.observed import ROUTED_HEADER, Observations
+from scheduler.adapters.extproc.observed import ROUTED_HEADER, Observations, ObservedRequest
 from scheduler.adapters.extproc.outcomes import PickOutcome
 from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.extproc.usage import ResponseUsageReader, Usage
@@ -88,7 +88,7 @@ class ExternalProcessorServicer(ext_proc_grpc.ExternalProcessorServicer):  # typ
                     # Copies of an HTTP stream's messages that Envoy sends without awaiting an
                     # answer: nothing is written back.
                     if observation is None:
-                        observation = _Observation(self._observations, self._stats, self._clock)
+                        observation = _Observation(self._observations, self._stats, self._clock, self._config)
                     observation.handle(message)
                     continue
                 try:
@@ -121,14 +121,29 @@ class ExternalProcessorServicer(ext_proc_grpc.ExternalProcessorServicer):  # typ
 
 
 class _Observation:
-    """An observation stream: the response phase of a request routed on another stream."""
+    """An observation stream: the response phase of a request routed on another stream, here
+    (the routing exchange reads it as its own) or on a peer (read here, forwarded)."""
 
-    def __init__(self, observations: Observations, stats: ExtProcStats, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        observations: Observations,
+        stats: ExtProcStats,
+        clock: Callable[[], float],
+        config: ExtProcConfig,
+    ) -> None:
         self._observations = observations
         self._stats = stats
         self._clock = clock
-        self._target: _Exchange | None = None
+        self._config = config
         self._started = False
+        self._exchange: _Exchange | None = None
+        self._forward: ObservedRequest | None = None
+        # A forwarded response, as _Exchange reads one.
+        self._status: int | None = None
+        self._served: str | None = None
+        self._reader: ResponseUsageReader | None = None
+        self._first_byte = False
+        self._ended = False
 
     def handle(self, message: Any) -> None:
         kind = message.WhichOneof("request")
@@ -144,23 +159,66 @@ class _Observation:
                 return
             target = self._observations.claim(routed_id)
             if isinstance(target, _Exchange):
-                self._target = target
+                self._exchange = target
+            else:
+                self._forward = target
             return
-        target = self._target
-        if target is None or target.finished:
-            return
+        exchange = self._exchange
+        if exchange is not None:
+            if exchange.finished:
+                return
+            if message.HasField("metadata_context"):
+                exchange.read_metadata(message.metadata_context)
+            if kind == "response_headers":
+                exchange.response_headers(message.response_headers)
+            elif kind == "response_body":
+                exchange.response_body(message.response_body)
+            elif kind == "response_trailers":
+                exchange.complete()
+        elif self._forward is not None and not self._ended:
+            self._read_forwarded(kind, message)
+
+    def _read_forwarded(self, kind: str | None, message: Any) -> None:
+        assert self._forward is not None
         if message.HasField("metadata_context"):
-            target.read_metadata(message.metadata_context)
+            self._served = served_endpoint(message.metadata_context) or self._served
         if kind == "response_headers":
-            target.response_headers(message.response_headers)
+            values = header_dict(message.response_headers.headers)
+            try:
+                self._status = int(values.get(":status", "200"))
+            except ValueError:
+                self._status = None
+            self._reader = ResponseUsageReader(
+                values.get("content-type"), self._config.max_response_parse_bytes
+            )
+            if message.response_headers.end_of_stream:
+                self._end_forwarded()
         elif kind == "response_body":
-            target.response_body(message.response_body)
+            chunk = message.response_body.body
+            if chunk:
+                if not self._first_byte:
+                    self._first_byte = True
+                    self._forward.first_byte(self._clock())
+                if self._reader is None:
+                    self._reader = ResponseUsageReader(None, self._config.max_response_parse_bytes)
+                self._reader.feed(chunk)
+            if message.response_body.end_of_stream:
+                self._end_forwarded()
         elif kind == "response_trailers":
-            target.complete()
+            self._end_forwarded()
+
+    def _end_forwarded(self) -> None:
+        assert self._forward is not None
+        self._ended = True
+        usage = self._reader.usage() if self._reader is not None else None
+        self._forward.complete_with(self._clock(), self._status, self._served, usage)
 
     def end(self) -> None:
-        if self._target is not None:
-            self._target.observation_ended(self._clock())
+        now = self._clock()
+        if self._exchange is not None:
+            self._exchange.observation_ended(now)
+        elif self._forward is not None and not self._ended:
+            self._forward.observation_ended(now)
 
 
 class _Exchange:
@@ -389,11 +447,31 @@ class _Exchange:
             self.complete()
         return [answer]
 
+    def first_byte(self, now: float) -> None:
+        """A peer saw the response's first body byte (its observation stream landed there)."""
+        if self._first_byte_at is None:
+            self._first_byte_at = now
+            if self._decision is not None and self._decision.routed:
+                self._scheduler.on_first_token(self._request_id, now)
+
+    def complete_with(self, now: float, status: int | None, served: str | None, usage: Usage | None) -> None:
+        """A peer saw the response end."""
+        if self._finished:
+            return
+        self._status = status
+        if served is not None:
+            self._served = served
+        self._complete(now, usage)
+
     def complete(self) -> None:
+        if self._finished:
+            return
+        self._complete(self._clock(), self._usage_reader.usage() if self._usage_reader is not None else None)
+
+    def _complete(self, now: float, usage: Usage | None) -> None:
         if self._finished or self._decision is None or not self._decision.routed:
             return
-        now = self._clock()
-        self._usage = self._usage_reader.usage() if self._usage_reader is not None else None
+        self._usage = usage
         served = self._served or self._decision.endpoints[0]
         if self._status is not None and self._status >= 500:
             # The model server failed it: release the request without learning from it.
