@@ -20,7 +20,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from scheduler.demo.envoy import OBSERVATION_FILTER, EnvoyGateway, EnvoySettings, EppReplica, render_config
+from scheduler.demo.envoy import (
+    OBSERVATION_CLUSTER,
+    OBSERVATION_FILTER,
+    EnvoyGateway,
+    EnvoySettings,
+    EppReplica,
+    render_config,
+)
 from scheduler.server.app import ServeApp
 from scheduler.server.config import ServeConfig
 from scheduler.sim.pool import PoolConfig, SimPool
@@ -44,7 +51,14 @@ def test_the_decision_filter_leaves_the_response_to_the_observation_filter() -> 
     assert (mode["response_header_mode"], mode["response_body_mode"]) == ("SKIP", "NONE")
     observe = observation["typed_config"]
     assert observe["observability_mode"] and observe["failure_mode_allow"]  # type: ignore[index]
-    assert observe["grpc_service"]["envoy_grpc"]["cluster_name"] == "ext_proc"  # type: ignore[index]
+    # The same replicas, balanced apart from the decision streams.
+    assert observe["grpc_service"]["envoy_grpc"]["cluster_name"] == OBSERVATION_CLUSTER  # type: ignore[index]
+    clusters = {c["name"]: c for c in two["static_resources"]["clusters"]}  # type: ignore[index]
+    assert (
+        clusters[OBSERVATION_CLUSTER]["load_assignment"]["endpoints"]
+        == clusters["ext_proc"]["load_assignment"]["endpoints"]
+    )
+    assert OBSERVATION_CLUSTER not in {c["name"] for c in one["static_resources"]["clusters"]}  # type: ignore[index]
     single = [f["name"] for f in filters(one)]
     assert single == ["envoy.filters.http.ext_proc", "envoy.filters.http.router"]
     assert filters(one)[0]["typed_config"]["processing_mode"]["response_body_mode"] == "FULL_DUPLEX_STREAMED"  # type: ignore[index]
@@ -283,8 +297,10 @@ async def test_observations_landing_on_the_other_replica_reach_the_routing_one(
             scheduler = app.scheduler
             await until(lambda s=scheduler: all(s.inflight(e.name) == (0, 0) for e in s.endpoints()))  # type: ignore[misc]
             assert len(app.server.observations) == 0
+        # Decisions are balanced over both replicas (round-robin: 8 and 8).
+        assert all(o["routed"] >= requests // 4 for o in outcomes), [o["routed"] for o in outcomes]
         forwarded = sum(o["observation_forwarded"] for o in outcomes)
-        assert forwarded == sum(o["observation_remote"] for o in outcomes) > 0
+        assert forwarded == sum(o["observation_remote"] for o in outcomes)
         assert sum(o["observation"] for o in outcomes) + forwarded == requests
         assert not any(o["expired"] or o["cancelled"] or o["observation_unknown"] for o in outcomes)
         assert sum(app.scheduler.completions for app in apps) == requests

@@ -642,6 +642,12 @@ def register(subparsers: Any) -> None:
     chaos.add_argument(
         "--fail-open", action="store_true", help="FailOpen instead of the chart's default FailClose"
     )
+    chaos.add_argument(
+        "--single-filter",
+        action="store_true",
+        help="the GIE layout: one ext_proc filter carries the response phase too (default: a "
+        "decision filter and an observation filter)",
+    )
     chaos.add_argument("--rate", type=float, default=8.0, help="steady load, requests per second (default 8)")
     chaos.add_argument(
         "--quick",

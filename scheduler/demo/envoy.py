@@ -168,11 +168,18 @@ def _epp_endpoint(replica: EppReplica) -> dict[str, Any]:
     return {"endpoint": endpoint}
 
 
-def _ext_proc_cluster(settings: EnvoySettings) -> dict[str, Any]:
+# The observation filter's own cluster: the same kvsched replicas, balanced apart from the
+# decision streams. On one round-robin cluster the two filters' streams alternate, so every
+# decision went to one replica and every observation to the other (two replicas, 16 requests,
+# tests/test_e2e_observation.py: 16 decisions on one, 0 on the other).
+OBSERVATION_CLUSTER = "ext_proc_observation"
+
+
+def _ext_proc_cluster(settings: EnvoySettings, name: str = "ext_proc") -> dict[str, Any]:
     replicas = [EppReplica(settings.epp_host, settings.epp_port, settings.epp_health_port)]
     replicas += settings.more_epps
     cluster: dict[str, Any] = {
-        "name": "ext_proc",
+        "name": name,
         "type": "STATIC",
         "connect_timeout": "5s",
         "typed_extension_protocol_options": {
@@ -183,7 +190,7 @@ def _ext_proc_cluster(settings: EnvoySettings) -> dict[str, Any]:
         },
         **(_retry_breakers() if settings.epp_retries else {}),
         "load_assignment": {
-            "cluster_name": "ext_proc",
+            "cluster_name": name,
             "endpoints": [{"lb_endpoints": [_epp_endpoint(replica) for replica in replicas]}],
         },
     }
@@ -388,7 +395,7 @@ def _observation_filter(settings: EnvoySettings) -> dict[str, Any]:
     """
     config: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-        "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}, "timeout": "10s"},
+        "grpc_service": {"envoy_grpc": {"cluster_name": OBSERVATION_CLUSTER}, "timeout": "10s"},
         "observability_mode": True,
         "failure_mode_allow": True,
         "processing_mode": {
@@ -444,6 +451,8 @@ def render_config(settings: EnvoySettings, *, access_log_path: str | None = None
     routes, clusters = _destination(settings)
     if settings.ext_proc:
         clusters.append(_ext_proc_cluster(settings))
+        if settings.observation:
+            clusters.append(_ext_proc_cluster(settings, OBSERVATION_CLUSTER))
     manager: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network."
         "http_connection_manager.v3.HttpConnectionManager",
