@@ -304,3 +304,44 @@ async def test_observations_landing_on_the_other_replica_reach_the_routing_one(
         assert sum(o["observation"] for o in outcomes) + forwarded == requests
         assert not any(o["expired"] or o["cancelled"] or o["observation_unknown"] for o in outcomes)
         assert sum(app.scheduler.completions for app in apps) == requests
+
+
+async def _observation_streams(envoy: EnvoyGateway, stat: str) -> int:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{envoy.admin_url}/stats?format=json") as resp,
+    ):
+        stats = (await resp.json(content_type=None))["stats"]
+    name = f"cluster.{OBSERVATION_CLUSTER}.{stat}"
+    return int(next((s["value"] for s in stats if s.get("name") == name), 0))
+
+
+async def test_a_refused_request_costs_the_observation_nothing(extproc_transport: str) -> None:
+    """A refusal is answered by the decision filter; the observation filter may still see the
+    local reply's response headers, with no routed request behind them: nothing is counted
+    as a request that ended before its decision."""
+    async with in_process_stack(extproc_transport, observation=True) as (app, envoy, model):
+        outcomes = app.server.stats.outcomes
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{envoy.url}/v1/completions",
+                data=b'{"prompt": ',
+                headers={"content-type": "application/json"},
+            ) as resp:
+                assert resp.status == 400
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 15
+            while await _observation_streams(envoy, "upstream_rq_active"):
+                assert loop.time() < deadline, "Envoy kept an observation stream open"
+                await asyncio.sleep(0.05)
+            # Envoy 1.40 did open one for the local reply.
+            assert await _observation_streams(envoy, "upstream_rq_total") == 1
+            # A routed request after it: by its completion kvsched has heard the first one's end.
+            body = {"model": model, "prompt": list(range(1, 50)), "max_tokens": 2}
+            async with session.post(f"{envoy.url}/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                await resp.read()
+        await until(lambda: outcomes["completed"] == 1)
+        assert outcomes["bad_request"] == 1
+        assert outcomes["cancelled_before_decision"] == 0, dict(outcomes)
+        assert outcomes["observation"] == 1 and len(app.server.observations) == 0

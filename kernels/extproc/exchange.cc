@@ -364,7 +364,13 @@ void Exchange::Handle() {
     response_elsewhere_ =
         config.response_body_mode() == envoy::extensions::filters::http::ext_proc::v3::ProcessingMode::NONE;
   }
-  if (message.observability_mode()) observing_ = true;
+  if (message.observability_mode() && !observing_) {
+    // Nothing is decided on an observation stream: its end needs no release unless the
+    // request headers named a routed request (OBSERVE), which Python then tracks by stream.
+    // (A refused request's local reply reaches it as response headers alone.)
+    observing_ = true;
+    asked_ = answered_ = true;
+  }
   if (message.has_metadata_context()) ReadMetadata(message.metadata_context());
   switch (message.request_case()) {
     case ProcessingRequest::kRequestHeaders:
@@ -426,7 +432,7 @@ void Exchange::RequestHeaders(const ext_proc::HttpHeaders& headers) {
         event.flag = true;
       }
     }
-    asked_ = answered_ = routed_ = true;
+    routed_ = true;
     transport_->events().Push(std::move(event));
     return;
   }
