@@ -272,6 +272,7 @@ def _bench_epp_floors(args: argparse.Namespace) -> int:
 
     summary = run(
         names=WITH_SINGLE_FILTER if args.single_filter_too else GATEWAYS,
+        stream_tokens=args.stream_tokens,
         rate=args.rate,
         prompt_tokens=args.prompt_tokens,
         requests=args.requests,
@@ -569,6 +570,13 @@ def register(subparsers: Any) -> None:
         default=True,
         help="also measure Envoy alone and protocol-only ext_procs (Python, native) as baselines, "
         "then kvsched with each transport (--no-floors: kvsched alone)",
+    )
+    epp.add_argument(
+        "--stream-tokens",
+        type=int,
+        default=None,
+        help="with the floors: streamed token-id completions of this many tokens (a response "
+        "of as many chunks) instead of one-token answers",
     )
     epp.add_argument(
         "--single-filter-too",

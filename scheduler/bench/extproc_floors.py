@@ -285,6 +285,7 @@ def run(
     envoy_concurrency: int | None = None,
     names: tuple[str, ...] = GATEWAYS,
     idle_window_s: float = 6.0,
+    stream_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Every gateway of ``names`` measured in turn, then the goals judged against the floors."""
     runnable, skipped = plan(names)
@@ -302,6 +303,7 @@ def run(
                     prompt_bytes=prompt_bytes,
                     envoy_concurrency=envoy_concurrency,
                     gateway=gateway(name),
+                    stream_tokens=stream_tokens,
                 )
             )
         except RuntimeError as exc:
@@ -315,6 +317,7 @@ def run(
         "prompt_tokens": prompt_tokens if prompt_bytes is None else None,
         "prompt_bytes": prompt_bytes,
         "requests": requests,
+        "stream_tokens": stream_tokens,
         "gateways": {name: _row(report) for name, report in reports.items()},
         "reports": reports,
         "skipped": skipped,
@@ -393,9 +396,12 @@ def format_floors(summary: dict[str, Any]) -> str:
         else f"{summary['prompt_bytes']:,}-byte chat prompts"
     )
     load = f"{summary['rate']:g} req/s" if summary["rate"] > 0 else "closed loop"
+    tokens = summary.get("stream_tokens")
+    stream = f", {tokens}-token streamed answers" if tokens else ""
     floor = summary["gateways"].get("floor_native")
     lines = [
-        f"floors: {prompt}, {load}, {summary['requests']} requests per set-up (half through the gateway)",
+        f"floors: {prompt}{stream}, {load}, {summary['requests']} requests per set-up "
+        "(half through the gateway)",
         f"{'in front of the workers':36} {'path p50':>9} {'path p99':>9} {'x floor':>8} "
         f"{'ext_proc CPU':>13} {'of it Python':>13} {'Envoy CPU':>10}",
     ]
