@@ -96,9 +96,14 @@ async def in_process_stack(
                 yield app, envoy, pool.descriptors[0].model
 
 
-async def _accounting(transport: str, *, observation: bool) -> dict[str, object]:
+async def _accounting(
+    transport: str, caplog: pytest.LogCaptureFixture, *, observation: bool
+) -> dict[str, object]:
     """What kvsched learnt from one streamed and one non-streamed request."""
     async with in_process_stack(transport, observation=observation) as (app, envoy, model):
+        # After the app's start, which sets the audit logger up.
+        caplog.set_level(logging.INFO, logger="kvsched.audit")
+        caplog.clear()
         scheduler = app.scheduler
         async with aiohttp.ClientSession() as session:
             for stream in (True, False):
@@ -111,48 +116,38 @@ async def _accounting(transport: str, *, observation: bool) -> dict[str, object]
         outcomes = app.server.stats.outcomes
         await until(lambda: outcomes["completed"] == 2)
         await until(lambda: all(scheduler.inflight(e.name) == (0, 0) for e in scheduler.endpoints()))
+        audit = [json.loads(r.getMessage()) for r in caplog.records if r.name == "kvsched.audit"]
         return {
             "completed": outcomes["completed"],
             "failed": outcomes["cancelled"] + outcomes["expired"] + outcomes["upstream_error"],
             "completions": scheduler.completions,
             "observations": outcomes["observation"],
             "pending": len(app.server.observations),
+            # Per request, in order: what the response path told kvsched.
+            "responses": [
+                (
+                    line["outcome"],
+                    line["http_status"],
+                    line["completion_tokens"],
+                    0 < line["ttft_ms"] <= line["e2e_ms"],
+                )
+                for line in audit
+            ],
         }
 
 
-async def test_both_layouts_account_for_responses_alike(extproc_transport: str) -> None:
-    single = await _accounting(extproc_transport, observation=False)
-    two = await _accounting(extproc_transport, observation=True)
-    # The response phase reached kvsched once per request in both layouts: completions
-    # (first token, usage) were learnt, and nothing stayed in flight.
+async def test_both_layouts_account_for_responses_alike(
+    extproc_transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    single = await _accounting(extproc_transport, caplog, observation=False)
+    two = await _accounting(extproc_transport, caplog, observation=True)
+    # The response phase reached kvsched once per request in both layouts: first token,
+    # status and usage alike, completions learnt, nothing left in flight.
     assert two["observations"] == 2 and single["observations"] == 0
+    assert single["responses"] == two["responses"] == [("completed", 200, 6, True)] * 2
     for result in (single, two):
         assert result["completed"] == result["completions"] == 2
         assert result["failed"] == 0 and result["pending"] == 0
-
-
-async def test_observed_first_token_and_usage_reach_the_audit(
-    extproc_transport: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    async with in_process_stack(extproc_transport, observation=True) as (app, envoy, model):
-        # After the app's start, which sets the audit logger up.
-        caplog.set_level(logging.INFO, logger="kvsched.audit")
-        async with aiohttp.ClientSession() as session:
-            for stream in (True, False):
-                body = {"model": model, "prompt": list(range(1, 120)), "max_tokens": 5, "stream": stream}
-                if stream:
-                    body["stream_options"] = {"include_usage": True}
-                async with session.post(f"{envoy.url}/v1/completions", json=body) as resp:
-                    assert resp.status == 200
-                    await resp.read()
-        outcomes = app.server.stats.outcomes
-        await until(lambda: outcomes["completed"] == 2)
-    audit = [json.loads(r.getMessage()) for r in caplog.records if r.name == "kvsched.audit"]
-    assert [line["outcome"] for line in audit] == ["completed", "completed"]
-    for line in audit:
-        assert line["http_status"] == 200
-        assert line["completion_tokens"] == 5
-        assert 0 < line["ttft_ms"] <= line["e2e_ms"]
 
 
 def _serve_command(ready: Path, endpoints: list[str], transport: str) -> list[str]:
