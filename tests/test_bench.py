@@ -19,7 +19,8 @@ from scheduler.bench.epp_bench import (
     request_bodies,
 )
 from scheduler.bench.epp_bench import run as run_epp
-from scheduler.bench.extproc_floors import format_floors, plan
+from scheduler.bench.extproc_floors import WITH_SINGLE_FILTER, format_floors, plan
+from scheduler.bench.extproc_floors import gateway as floor_gateway
 from scheduler.bench.extproc_floors import judge as judge_floors
 from scheduler.bench.extproc_floors import run as run_floors
 from scheduler.bench.index_bench import run as run_index
@@ -209,6 +210,27 @@ def test_bench_epp_command_smoke() -> None:
     assert set(report["cpu_ms_per_request"]) == {"client", "envoy", "kvsched", "workers"}
     assert report["kvsched_stages"]["calls"]["pick"] == 20
     assert report["picks"]["picks_per_s"] > 0
+
+
+def test_streamed_bodies_ask_for_as_many_chunks() -> None:
+    path, bodies = request_bodies(
+        "m", random.Random(0), 2, prompt_tokens=16, prompt_bytes=None, stream_tokens=32
+    )
+    documents = [json.loads(body) for body in bodies]
+    assert path == "/v1/completions"
+    assert all(d["stream"] and d["max_tokens"] == 32 and len(d["prompt"]) == 16 for d in documents)
+
+
+def test_floors_keep_the_single_filter_and_kvsched_runs_both_layouts() -> None:
+    """The floors answer the response phase the GIE way (one filter); kvsched runs in the
+    two-filter layout, and with --single-filter-too also in the single one, just before it."""
+    assert not floor_gateway("floor_native").observation and not floor_gateway("floor_python").observation
+    assert floor_gateway("kvsched_native").observation
+    assert not floor_gateway("kvsched_native_single_filter").observation
+    assert floor_gateway("kvsched_native_single_filter").extproc == floor_gateway("kvsched_native").extproc
+    order = list(WITH_SINGLE_FILTER)
+    for transport in ("python", "native"):
+        assert order.index(f"kvsched_{transport}_single_filter") + 1 == order.index(f"kvsched_{transport}")
 
 
 def test_epp_floors_measure_every_set_up_in_one_run() -> None:

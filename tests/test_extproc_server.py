@@ -25,6 +25,7 @@ from google.protobuf import struct_pb2
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from scheduler.adapters.extproc import ExtProcConfig, ExtProcServer, TLSSettings
+from scheduler.adapters.extproc.observed import ROUTED_HEADER
 from scheduler.adapters.tokenizer import HFTokenizer
 from scheduler.core.index import IndexConfig
 from scheduler.core.scheduler import (
@@ -951,3 +952,111 @@ async def test_session_header_keeps_a_session_on_one_endpoint_on_every_replica(
     assert len(set(by_session)) == len(ADDRESSES)  # sessions spread over the pool
     # Without the header a request is not tied: it goes wherever load sends it.
     assert await primary(replicas[0], None, [5] * 40) in ADDRESSES
+
+
+# --- the two-filter layout: decision and observation streams ---------------------------------
+# Written the way Envoy 1.40 writes them (scheduler/demo/envoy.py; read off a real Envoy, which
+# tests/test_e2e_observation.py runs): the decision stream's protocol_config says
+# response_body_mode NONE and the stream ends with the request phase; the observation stream
+# sets observability_mode on every message and is never answered.
+
+SPLIT = ext_proc.ProtocolConfiguration(
+    request_body_mode=processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED,
+    response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+)
+
+
+def _header_map(values: dict[str, str]) -> ext_proc.HttpHeaders:
+    return ext_proc.HttpHeaders(
+        headers=base_pb2.HeaderMap(
+            headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]
+        )
+    )
+
+
+async def _route(stream: EnvoyStream, request_id: str) -> str:
+    """A request through the decision filter; its routed id. The stream then ends, as Envoy
+    resets it after the request phase."""
+    await stream.call.write(
+        ext_proc.ProcessingRequest(
+            request_headers=_header_map({**POST, "x-request-id": request_id}), protocol_config=SPLIT
+        )
+    )
+    await stream.request_body(_completion_body("hello there"))
+    routed = _set_headers(await _drain_request(stream))[ROUTED_HEADER]
+    stream.call.cancel()
+    return routed
+
+
+async def _observe(stream: EnvoyStream, routed_id: str, chunks: list[bytes], status: int = 200) -> None:
+    async def send(**fields: object) -> None:
+        await stream.call.write(ext_proc.ProcessingRequest(observability_mode=True, **fields))  # type: ignore[arg-type]
+
+    await send(request_headers=_header_map({**POST, ROUTED_HEADER: routed_id}))
+    await send(response_headers=_header_map({":status": str(status), "content-type": "text/event-stream"}))
+    for i, chunk in enumerate(chunks):
+        await send(response_body=ext_proc.HttpBody(body=chunk, end_of_stream=i == len(chunks) - 1))
+    await stream.call.done_writing()
+
+
+SSE = [
+    b'data: {"choices": [{"text": "a"}]}\n\n',
+    b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+
+async def test_the_observation_completes_what_the_decision_stream_routed(
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
+) -> None:
+    server = await start_server(scheduler)
+    routed_id = await _route(connect(server), "split-1")
+    assert routed_id.endswith(server.observations.suffix)
+    assert scheduler.total_inflight() == 1
+    observation = connect(server)
+    await _observe(observation, routed_id, SSE)
+    # Nothing is answered on an observation stream.
+    await observation.read_end()
+    await _until(lambda: len(scheduler.completed) == 1)
+    # The decision stream's end did not release it: one completion, no failure.
+    assert scheduler.failed == []
+    assert [t[0] for t in scheduler.first_tokens] == ["split-1"]
+    assert scheduler.completed[0]["completion_tokens"] == 1
+    assert scheduler.total_inflight() == 0 and len(server.observations) == 0
+    assert server.stats.outcomes["observation"] == 1 and server.stats.outcomes["completed"] == 1
+
+
+async def test_an_upstream_failure_seen_by_the_observation_releases_as_failed(
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
+) -> None:
+    server = await start_server(scheduler)
+    routed_id = await _route(connect(server), "split-5xx")
+    await _observe(connect(server), routed_id, [b"overloaded"], status=503)
+    await _until(lambda: scheduler.failed == ["split-5xx"])
+    assert scheduler.completed == [] and server.stats.outcomes["upstream_error"] == 1
+
+
+async def test_a_request_never_observed_is_released_at_its_bound(
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
+) -> None:
+    server = await start_server(scheduler)
+    await _route(connect(server), "split-lost")
+    assert scheduler.total_inflight() == 1
+    now = server.runner.clock()
+    # The bound peers give a request: 4x its predicted latency, never under 5 s.
+    assert server.observations.expire(now + 4.9) == 0 and scheduler.failed == []
+    assert server.observations.expire(now + 3600.0) == 1
+    assert scheduler.failed == ["split-lost"] and scheduler.total_inflight() == 0
+    assert server.stats.outcomes["expired"] == 1
+    # Its observation, should it come now, is counted and dropped.
+    late = connect(server)
+    await _observe(late, f"1{server.observations.suffix}", SSE)
+    await late.read_end()
+    await _until(lambda: server.stats.outcomes["observation_unknown"] == 1)
+    assert scheduler.completed == []

@@ -321,7 +321,9 @@ void Exchange::Count(const char* outcome) {
   transport_->events().Push(std::move(event));
 }
 
-void Exchange::Queue(ProcessingResponse&& response) { outbox_.push_back(std::move(response)); }
+void Exchange::Queue(ProcessingResponse&& response) {
+  if (!observing_) outbox_.push_back(std::move(response));
+}
 
 void Exchange::OnReadDone(bool ok) {
   // Pump() may finish the stream and OnDone() drop the registry's reference: hold one here.
@@ -359,6 +361,15 @@ void Exchange::Handle() {
                                                         ProcessingMode::FULL_DUPLEX_STREAMED;
     duplex_response_ = config.response_body_mode() == envoy::extensions::filters::http::ext_proc::v3::
                                                           ProcessingMode::FULL_DUPLEX_STREAMED;
+    response_elsewhere_ =
+        config.response_body_mode() == envoy::extensions::filters::http::ext_proc::v3::ProcessingMode::NONE;
+  }
+  if (message.observability_mode() && !observing_) {
+    // Nothing is decided on an observation stream: its end needs no release unless the
+    // request headers named a routed request (OBSERVE), which Python then tracks by stream.
+    // (A refused request's local reply reaches it as response headers alone.)
+    observing_ = true;
+    asked_ = answered_ = true;
   }
   if (message.has_metadata_context()) ReadMetadata(message.metadata_context());
   switch (message.request_case()) {
@@ -380,12 +391,15 @@ void Exchange::Handle() {
       }
       break;
     case ProcessingRequest::kResponseHeaders:
+      response_seen_ = true;
       ResponseHeaders(message.response_headers());
       break;
     case ProcessingRequest::kResponseBody:
+      response_seen_ = true;
       ResponseBody(message.response_body());
       break;
     case ProcessingRequest::kResponseTrailers:
+      response_seen_ = true;
       Complete();
       Queue(ResponseTrailersContinue());
       break;
@@ -408,6 +422,20 @@ void Exchange::RequestHeaders(const ext_proc::HttpHeaders& headers) {
   headers_at_ = MonotonicNow();
   hint_headers_.clear();
   CollectHeaders(headers.headers(), transport_->options().hint_headers, &hint_headers_);
+  if (observing_) {
+    // The response phase of a request routed on another stream: Python finds it by this id,
+    // and everything after is reported as for a request routed here.
+    Event event{Event::kObserve, id_};
+    for (const auto& [key, value] : hint_headers_) {
+      if (key == kRoutedHeader && !value.empty()) {
+        event.text = value;
+        event.flag = true;
+      }
+    }
+    routed_ = true;
+    transport_->events().Push(std::move(event));
+    return;
+  }
   if (headers.end_of_stream() || !duplex_request_) AskPython(false);
 }
 
@@ -613,16 +641,20 @@ void Exchange::OnCancel() {
 void Exchange::OnDone() {
   bool tell_python;
   bool asked;
+  bool handed_off;
   {
     std::lock_guard<std::mutex> lock(mu_);
     finished_ = true;
     tell_python = !python_done_;
     asked = asked_;
+    handed_off = routed_ && !observing_ && response_elsewhere_ && !response_seen_;
   }
   if (tell_python) {
-    // A stream that ended before its response did: Python releases the request.
+    // A stream that ended before its response did: Python releases the request, unless its
+    // response phase goes to an observation stream.
     Event event{Event::kClosed, id_};
     event.flag = asked;
+    if (handed_off) event.text = "observed";
     transport_->events().Push(std::move(event));
   }
   transport_->Forget(id_);  // may destroy this

@@ -273,7 +273,11 @@ PyObject* EventTuple(Event& event, double now) {
                            Bytes(end.usage_data));
     }
     case Event::kClosed:
-      return Py_BuildValue("(iKO)", static_cast<int>(event.kind), id, event.flag ? Py_True : Py_False);
+      return Py_BuildValue("(iKOO)", static_cast<int>(event.kind), id, event.flag ? Py_True : Py_False,
+                           event.text.empty() ? Py_False : Py_True);
+    case Event::kObserve:
+      return Py_BuildValue("(iKN)", static_cast<int>(event.kind), id,
+                           event.flag ? Text(event.text) : Py_NewRef(Py_None));
     case Event::kHealthCheck:
     case Event::kCount:
       return Py_BuildValue("(iKN)", static_cast<int>(event.kind), id, Text(event.text));
@@ -626,5 +630,6 @@ PyMODINIT_FUNC PyInit_extproc(void) {
   PyModule_AddIntConstant(module, "HEALTH_CHECK", Event::kHealthCheck);
   PyModule_AddIntConstant(module, "UNARY", Event::kUnary);
   PyModule_AddIntConstant(module, "COUNT", Event::kCount);
+  PyModule_AddIntConstant(module, "OBSERVE", Event::kObserve);
   return module;
 }

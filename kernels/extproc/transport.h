@@ -37,6 +37,8 @@ using HeaderList = std::vector<std::pair<std::string, std::string>>;
 // (ip:port, score) of the endpoints a decision scored, for the proposed scores metadata.
 using ScoreList = std::vector<std::pair<std::string, double>>;
 
+// The request header naming a routed request (scheduler/adapters/extproc/observed.py).
+inline constexpr const char* kRoutedHeader = "x-kvsched-routed";
 // GIE Endpoint Picker protocol names (scheduler/adapters/extproc/config.py).
 inline constexpr const char* kDestinationHeader = "x-gateway-destination-endpoint";
 inline constexpr const char* kDestinationNamespace = "envoy.lb";
@@ -124,14 +126,17 @@ struct Event {
     kHealthCheck = 5,
     kUnary = 6,
     kCount = 7,
+    kObserve = 8,
   };
   Kind kind;
   uint64_t id = 0;
   std::unique_ptr<DecideRequest> decide;
   std::unique_ptr<ResponseEnd> end;
-  std::string text;     // health: the service; unary: the method; count: the outcome name
+  // health: the service; unary: the method; count: the outcome name; observe: the routed id;
+  // closed: non-empty when the routed request's response phase is sent on another stream
+  std::string text;
   std::string payload;  // unary: the request message
-  bool flag = false;    // closed: whether a decision had been asked for
+  bool flag = false;    // closed: whether a decision had been asked for; observe: an id was sent
 };
 
 // gRPC threads push, Python takes everything at once when the eventfd becomes readable.
@@ -262,6 +267,11 @@ class Exchange : public OrderedStream, public std::enable_shared_from_this<Excha
   bool duplex_request_ = true;
   bool duplex_response_ = true;
   bool read_closed_ = false;
+  // Two-filter layout (observed.py): this decision stream carries no response phase ...
+  bool response_elsewhere_ = false;
+  bool response_seen_ = false;
+  // ... and this is an observation stream: copies Envoy does not await, never answered.
+  bool observing_ = false;
   // Request side.
   HeaderList hint_headers_;
   double headers_at_ = 0.0;

@@ -15,6 +15,13 @@ of the kvsched Service (``kubernetes.io/service-name`` label), polled; this repl
 address (``$POD_IP``) is left out. Messages are sent in batches every ``flush_interval_s``
 (5 ms: the sync lag it adds is small against a scrape interval of 100 ms), and the whole
 in-flight list every ``snapshot_interval_s``.
+
+The same channel carries observed responses (``codec/peersync.py`` ObservedResponse): Envoy
+balances an ext_proc observation stream independently of the decision stream, so the response
+phase of a request this replica routed may be observed on a peer, which sends what it saw
+here (``send_observed``, at once rather than with the next batch: a first token is a latency
+sample). Every peer receives it (PUB/SUB); the one whose routed id it is applies it
+(``on_observed``).
 """
 
 from __future__ import annotations
@@ -31,7 +38,13 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from scheduler.codec.peersync import PeerSyncDecodeError, decode, encode
+from scheduler.codec.peersync import (
+    ObservedResponse,
+    PeerSyncDecodeError,
+    decode_any,
+    encode,
+    encode_observed,
+)
 from scheduler.core.peerload import SyncMessage
 from scheduler.core.scheduler import Scheduler
 
@@ -53,6 +66,8 @@ class TransportStats:
     malformed: int = 0
     # Snapshots sent at once because a peer subscribed.
     snapshots_on_subscribe: int = 0
+    observed_sent: int = 0
+    observed_received: int = 0
 
 
 def endpointslice_peers(document: Any, port: int, own_ip: str | None) -> list[str]:
@@ -96,6 +111,8 @@ class PeerSyncTransport:
         self._tasks: list[asyncio.Task[None]] = []
         self._malformed_logged = False
         self.bound_address = ""
+        # Observed responses from peers, with the time they were sent on this replica's clock.
+        self.on_observed: Callable[[ObservedResponse, float], None] | None = None
 
     @property
     def peers(self) -> list[str]:
@@ -149,11 +166,22 @@ class PeerSyncTransport:
             self.stats.sent_messages += 1
             self.stats.sent_bytes += len(frame)
 
+    def send_observed(self, observed: ObservedResponse) -> None:
+        if self._pub is None:
+            return
+        frame = encode_observed(observed, self.wall_clock())
+        try:
+            self._pub.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            return  # at the high-water mark: the routing replica's bound releases the request
+        self.stats.observed_sent += 1
+        self.stats.sent_bytes += len(frame)
+
     def deliver(self, frame: bytes) -> None:
         """Apply one received frame; malformed ones are counted, logged once, skipped."""
         self.stats.received_bytes += len(frame)
         try:
-            message, sent_at_wall = decode(frame)
+            message, sent_at_wall = decode_any(frame)
         except PeerSyncDecodeError as exc:
             self.stats.malformed += 1
             if not self._malformed_logged:
@@ -165,6 +193,12 @@ class PeerSyncTransport:
         self.stats.received_messages += 1
         now = self.clock()
         sent_at = sent_at_wall - (self.wall_clock() - now)
+        if isinstance(message, ObservedResponse):
+            self.stats.observed_received += 1
+            if self.on_observed is not None:
+                # Not later than now: wall clocks of two hosts may disagree by a little.
+                self.on_observed(message, min(sent_at, now))
+            return
         message = SyncMessage(message.replica, message.incarnation, message.seq, sent_at, message.body)
         self.scheduler.receive_sync(message, now)
 

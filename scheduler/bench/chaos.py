@@ -47,6 +47,7 @@ class ChaosOptions:
     workers: int = 4
     replicas: int = 2
     fail_open: bool = False
+    observation: bool = True
     shape: LoadShape = field(default_factory=LoadShape)
     timing: Timing = field(default_factory=Timing)
     warmup_s: float = 8.0
@@ -58,6 +59,7 @@ def stack_config(options: ChaosOptions) -> StackConfig:
         workers=options.workers,
         replicas=options.replicas,
         fail_open=options.fail_open,
+        observation=options.observation,
         transport=options.transport,
         # A short running batch, so the overload scenario saturates the pool at request
         # rates one client on this machine can offer; the steady load keeps ~1 request in
@@ -97,6 +99,7 @@ async def run_chaos(options: ChaosOptions) -> dict[str, Any]:
     return {
         "transport": transport,
         "fail_open": options.fail_open,
+        "observation": options.observation,
         "replicas": options.replicas,
         "workers": options.workers,
         "rate": options.shape.rate,
@@ -151,6 +154,7 @@ def table(report: dict[str, Any]) -> str:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     mode = "FailOpen" if report["fail_open"] else "FailClose"
+    mode += ", two ext_proc filters" if report.get("observation", True) else ", one ext_proc filter"
     lines = [
         f"kvsched bench chaos: {report['workers']} workers, {report['replicas']} kvsched replicas "
         f"({'/'.join(report['transport']) or '?'} transport, {mode}), "
@@ -188,6 +192,7 @@ def run_command(args: Any) -> int:
         scenarios=tuple(args.scenario or (QUICK_SCENARIOS if args.quick else SCENARIOS)),
         transport=args.transport,
         fail_open=args.fail_open,
+        observation=not args.single_filter,
         shape=replace(LoadShape(), rate=args.rate),
         timing=QUICK_TIMING if args.quick else Timing(),
         warmup_s=3.0 if args.quick else 8.0,

@@ -591,6 +591,13 @@ async def kvsched_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) ->
         f"{len(failed_down)} failed while it was down, {len(failed_back)} after it served again; "
         f"{len(lost)} of {len(in_flight)} in flight at the kill failed",
     )
+    layout = "two ext_proc filters" if stack.envoy_settings().observation else "one ext_proc filter"
+    result.goal(
+        f"0 responses in flight at the kill cut ({layout}: the decision stream ends with the "
+        "request phase; the response phase is observed on a stream that fails open)",
+        not lost,
+        f"{len(lost)} of {len(in_flight)} streamed requests in flight at the kill failed",
+    )
     mine, theirs = recovery.blocks_at_serving
     warmup = recovery.warmup or {}
     checks = recovery.index_check

@@ -90,6 +90,8 @@ class StackConfig:
     # The chart's defaults: inferenceExtension.replicas and inferenceExtension.failureMode.
     replicas: int = 2
     fail_open: bool = False
+    # Envoy's ext_proc layout (EnvoySettings.observation): two filters, or the GIE single one.
+    observation: bool = True
     transport: str = "native"
     speed: float = 1.0
     max_model_len: int = 4096
@@ -377,6 +379,7 @@ class ChaosStack:
             epp_health_port=first.ports["health"],
             more_epps=[EppReplica("127.0.0.1", r.ports["grpc"], r.ports["health"]) for r in others],
             fail_open=self.config.fail_open,
+            observation=self.config.observation,
             pool=[worker.address for worker in self.workers.values()],
             destination_lb="override_host",
             upstream_retries=self.config.upstream_retries,

@@ -268,9 +268,11 @@ def _bench_epp(args: argparse.Namespace) -> int:
 
 def _bench_epp_floors(args: argparse.Namespace) -> int:
     from scheduler.bench.epp_bench import format_report
-    from scheduler.bench.extproc_floors import format_floors, run
+    from scheduler.bench.extproc_floors import GATEWAYS, WITH_SINGLE_FILTER, format_floors, run
 
     summary = run(
+        names=WITH_SINGLE_FILTER if args.single_filter_too else GATEWAYS,
+        stream_tokens=args.stream_tokens,
         rate=args.rate,
         prompt_tokens=args.prompt_tokens,
         requests=args.requests,
@@ -570,6 +572,19 @@ def register(subparsers: Any) -> None:
         "then kvsched with each transport (--no-floors: kvsched alone)",
     )
     epp.add_argument(
+        "--stream-tokens",
+        type=int,
+        default=None,
+        help="with the floors: streamed token-id completions of this many tokens (a response "
+        "of as many chunks) instead of one-token answers",
+    )
+    epp.add_argument(
+        "--single-filter-too",
+        action="store_true",
+        help="with the floors: also kvsched behind the single ext_proc filter of the GIE layout "
+        "(response phase on the decision stream), each run just before its two-filter twin",
+    )
+    epp.add_argument(
         "--transport",
         choices=("auto", "native", "python"),
         default="auto",
@@ -634,6 +649,12 @@ def register(subparsers: Any) -> None:
     )
     chaos.add_argument(
         "--fail-open", action="store_true", help="FailOpen instead of the chart's default FailClose"
+    )
+    chaos.add_argument(
+        "--single-filter",
+        action="store_true",
+        help="the GIE layout: one ext_proc filter carries the response phase too (default: a "
+        "decision filter and an observation filter)",
     )
     chaos.add_argument("--rate", type=float, default=8.0, help="steady load, requests per second (default 8)")
     chaos.add_argument(

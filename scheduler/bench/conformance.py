@@ -126,6 +126,9 @@ async def _rig(transport: str, workers: int) -> AsyncIterator[_Rig]:
                         subset_header=SUBSET_HEADER,
                         access_log=True,
                         request_body_mode=mode,
+                        # The protocol as a gateway that implements it renders it: one filter,
+                        # the response phase on the decision stream.
+                        observation=False,
                     )
                     envoys[mode] = await stack.enter_async_context(EnvoyGateway(settings))
                 yield _Rig(pool, app, envoys, pool.descriptors[0].model)

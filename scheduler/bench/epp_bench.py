@@ -205,16 +205,27 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
 
 
 def request_bodies(
-    model: str, rng: random.Random, count: int, *, prompt_tokens: int, prompt_bytes: int | None
+    model: str,
+    rng: random.Random,
+    count: int,
+    *,
+    prompt_tokens: int,
+    prompt_bytes: int | None,
+    stream_tokens: int | None = None,
 ) -> tuple[str, list[bytes]]:
-    """``count`` distinct request bodies and their path: token-id completions, or chat text."""
+    """``count`` distinct request bodies and their path: token-id completions, or chat text.
+    ``stream_tokens``: token-id completions streamed, this many tokens each (a response of as
+    many chunks, and the usage and [DONE] chunks)."""
     if prompt_bytes is None:
+        answer: dict[str, Any] = {"max_tokens": 1}
+        if stream_tokens is not None:
+            answer = {"max_tokens": stream_tokens, "stream": True, "stream_options": {"include_usage": True}}
         bodies = [
             json.dumps(
                 {
                     "model": model,
                     "prompt": [rng.randrange(1, VOCAB) for _ in range(prompt_tokens)],
-                    "max_tokens": 1,
+                    **answer,
                 }
             ).encode()
             for _ in range(count)
@@ -351,6 +362,9 @@ class Gateway:
     options: Callable[[list[dict[str, Any]]], dict[str, Any]]
     # The child is kvsched, which times its own stages and answers ``reset`` / ``stages``.
     reports_stages: bool = False
+    # Envoy's ext_proc layout (EnvoySettings.observation): the decision filter and an
+    # observation filter for the response phase, or the single filter of the GIE layout.
+    observation: bool = True
 
 
 def kvsched_gateway(transport: str = "auto") -> Gateway:
@@ -370,12 +384,13 @@ async def measure_added_latency(
     prompt_bytes: int | None = None,
     envoy_concurrency: int | None = None,
     gateway: Gateway | None = None,
+    stream_tokens: int | None = None,
 ) -> dict[str, Any]:
     gateway = gateway or kvsched_gateway()
     rng = random.Random(seed)
     # The sim's word tokenizer makes about one token per 6 bytes of text.
     prompt_len = prompt_tokens if prompt_bytes is None else prompt_bytes // 4
-    max_model_len = max(8192, prompt_len + 16)
+    max_model_len = max(8192, prompt_len + 16 + (stream_tokens or 0))
     pool_options = {"workers": workers, "max_model_len": max_model_len}
     with contextlib.ExitStack() as children:
         pool, descriptors = children.enter_context(_child("workers", pool_options))
@@ -391,6 +406,7 @@ async def measure_added_latency(
             concurrency=envoy_concurrency,
             ext_proc=epp is not None,
             pool=[d["address"] for d in descriptors] if epp is None else (),
+            observation=gateway.observation,
         )
         async with EnvoyGateway(settings) as envoy:
             path, bodies = request_bodies(
@@ -399,6 +415,7 @@ async def measure_added_latency(
                 min(requests, 64),
                 prompt_tokens=prompt_tokens,
                 prompt_bytes=prompt_bytes,
+                stream_tokens=stream_tokens,
             )
             urls = {d["name"]: f"{d['http_url']}{path}" for d in descriptors}
             pids = {"client": os.getpid(), "envoy": envoy.pid, "workers": pool.process.pid}

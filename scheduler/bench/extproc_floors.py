@@ -72,6 +72,18 @@ from scheduler.core.scheduler import Endpoint, EndpointMetrics, Scheduler
 from scheduler.sim.pool_process import until_stdin_closes
 
 GATEWAYS = ("envoy_only", "floor_python", "floor_native", "kvsched_python", "kvsched_native")
+# kvsched behind the single ext_proc filter of the GIE layout (response phase on the decision
+# stream), each before its two-filter twin so the pair runs back to back.
+SINGLE_FILTER_SUFFIX = "_single_filter"
+WITH_SINGLE_FILTER = (
+    "envoy_only",
+    "floor_python",
+    "floor_native",
+    "kvsched_python" + SINGLE_FILTER_SUFFIX,
+    "kvsched_python",
+    "kvsched_native" + SINGLE_FILTER_SUFFIX,
+    "kvsched_native",
+)
 MODULE = "scheduler.bench.extproc_floors"
 CHUNK_BYTES = ExtProcConfig().max_body_chunk_bytes
 
@@ -187,10 +199,13 @@ def gateway(name: str) -> Gateway:
     if name == "envoy_only":
         return Gateway(name, None, _floor_options)
     if name in _CHILDREN:
-        return Gateway(name, (MODULE, name), _floor_options)
-    transport = name.removeprefix("kvsched_")
+        # The floors answer the response phase on the decision stream, the GIE way: they stay
+        # the protocol's cost as a gateway that implements the Inference Extension runs it.
+        return Gateway(name, (MODULE, name), _floor_options, observation=False)
+    single = name.endswith(SINGLE_FILTER_SUFFIX)
+    transport = name.removesuffix(SINGLE_FILTER_SUFFIX).removeprefix("kvsched_")
     base = kvsched_gateway(transport)
-    return Gateway(name, base.extproc, base.options, base.reports_stages)
+    return Gateway(name, base.extproc, base.options, base.reports_stages, observation=not single)
 
 
 # --- the decision's own cost -------------------------------------------------------------------
@@ -253,7 +268,7 @@ def plan(names: tuple[str, ...] = GATEWAYS) -> tuple[list[str], dict[str, str]]:
     """The gateways this install can run, and why the others are left out."""
     skipped: dict[str, str] = {}
     if load_native() is None:
-        for name in ("floor_native", "kvsched_native"):
+        for name in ("floor_native", "kvsched_native", "kvsched_native" + SINGLE_FILTER_SUFFIX):
             skipped[name] = "scheduler._native.extproc is not built (no libgrpc++ when kvsched was installed)"
     return [name for name in names if name not in skipped], skipped
 
@@ -270,6 +285,7 @@ def run(
     envoy_concurrency: int | None = None,
     names: tuple[str, ...] = GATEWAYS,
     idle_window_s: float = 6.0,
+    stream_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Every gateway of ``names`` measured in turn, then the goals judged against the floors."""
     runnable, skipped = plan(names)
@@ -287,6 +303,7 @@ def run(
                     prompt_bytes=prompt_bytes,
                     envoy_concurrency=envoy_concurrency,
                     gateway=gateway(name),
+                    stream_tokens=stream_tokens,
                 )
             )
         except RuntimeError as exc:
@@ -300,6 +317,7 @@ def run(
         "prompt_tokens": prompt_tokens if prompt_bytes is None else None,
         "prompt_bytes": prompt_bytes,
         "requests": requests,
+        "stream_tokens": stream_tokens,
         "gateways": {name: _row(report) for name, report in reports.items()},
         "reports": reports,
         "skipped": skipped,
@@ -366,6 +384,8 @@ LABELS = {
     "floor_native": "+ protocol-only ext_proc, native",
     "kvsched_python": "+ kvsched, Python transport",
     "kvsched_native": "+ kvsched, native transport",
+    "kvsched_python" + SINGLE_FILTER_SUFFIX: "+ kvsched, Python, single filter",
+    "kvsched_native" + SINGLE_FILTER_SUFFIX: "+ kvsched, native, single filter",
 }
 
 
@@ -376,9 +396,12 @@ def format_floors(summary: dict[str, Any]) -> str:
         else f"{summary['prompt_bytes']:,}-byte chat prompts"
     )
     load = f"{summary['rate']:g} req/s" if summary["rate"] > 0 else "closed loop"
+    tokens = summary.get("stream_tokens")
+    stream = f", {tokens}-token streamed answers" if tokens else ""
     floor = summary["gateways"].get("floor_native")
     lines = [
-        f"floors: {prompt}, {load}, {summary['requests']} requests per set-up (half through the gateway)",
+        f"floors: {prompt}{stream}, {load}, {summary['requests']} requests per set-up "
+        "(half through the gateway)",
         f"{'in front of the workers':36} {'path p50':>9} {'path p99':>9} {'x floor':>8} "
         f"{'ext_proc CPU':>13} {'of it Python':>13} {'Envoy CPU':>10}",
     ]

@@ -8,13 +8,18 @@ One ZMQ message per ``SyncMessage``, a single frame::
 (a sampled one adds ``[block keys], prompt_tokens``; one whose prompt is placed speculatively
 adds, after those two (empty when not sampled), ``[placed block keys], placed_on``),
 1 = Released ``[request_id, phase (0 first token, 1 done), drained_tokens, waited_s]``,
-2 = Snapshot ``[[routed fields], ...]``. ``sent_at`` is wall-clock time (seconds since the
-epoch): replicas' monotonic clocks are not comparable, so the transport maps it to and from
-the scheduler's clock. Positional arrays keep a Routed message to about 60 bytes.
+2 = Snapshot ``[[routed fields], ...]``, 3 = Observed ``[routed_id, phase (0 first byte,
+1 completed, 2 the observation broke off), first_byte, status, served, cached_tokens,
+completion_tokens]`` (an observation stream's account of a response another replica routed,
+for that replica; ``incarnation`` and ``seq`` are 0: it is addressed, not part of the load
+state). ``sent_at`` is wall-clock time (seconds since the epoch): replicas' monotonic clocks are
+not comparable, so the transport maps it to and from the scheduler's clock. Positional arrays
+keep a Routed message to about 60 bytes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -22,7 +27,24 @@ import msgpack
 from scheduler.core.peerload import DONE, FIRST_TOKEN, Released, Routed, Snapshot, SyncMessage
 
 WIRE_VERSION = 1
-ROUTED, RELEASED, SNAPSHOT = 0, 1, 2
+ROUTED, RELEASED, SNAPSHOT, OBSERVED = 0, 1, 2, 3
+FIRST_BYTE, COMPLETED, BROKEN = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedResponse:
+    """What an observation stream on one replica saw of a response ``routed_id`` names (another
+    replica routed it). ``phase``: FIRST_BYTE, COMPLETED or BROKEN (the observation stream ended
+    before the response did); ``first_byte``: the first body byte came with this message."""
+
+    replica: str  # the sender
+    routed_id: str
+    phase: int
+    first_byte: bool = False
+    status: int | None = None
+    served: str | None = None
+    cached_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 class PeerSyncDecodeError(ValueError):
@@ -79,13 +101,54 @@ def encode(message: SyncMessage, sent_at_unix_s: float) -> bytes:
     return bytes(msgpack.packb(frame, use_bin_type=True))
 
 
+def encode_observed(observed: ObservedResponse, sent_at_unix_s: float) -> bytes:
+    fields = [
+        observed.routed_id,
+        observed.phase,
+        observed.first_byte,
+        observed.status,
+        observed.served,
+        observed.cached_tokens,
+        observed.completion_tokens,
+    ]
+    frame = [WIRE_VERSION, observed.replica, 0, 0, sent_at_unix_s, OBSERVED, fields]
+    return bytes(msgpack.packb(frame, use_bin_type=True))
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 def decode(frame: bytes) -> tuple[SyncMessage, float]:
     """The message (``sent_at`` left 0.0 for the transport to map) and its wall-clock send time."""
+    message, sent_at = decode_any(frame)
+    if isinstance(message, ObservedResponse):
+        raise PeerSyncDecodeError("an observed response, not a load message")
+    return message, sent_at
+
+
+def decode_any(frame: bytes) -> tuple[SyncMessage | ObservedResponse, float]:
+    """``decode``, and observed responses besides."""
     try:
         version, replica, incarnation, seq, sent_at, kind, fields = msgpack.unpackb(frame, raw=False)
         if version != WIRE_VERSION:
             raise PeerSyncDecodeError(f"wire version {version!r}, expected {WIRE_VERSION}")
         body: Routed | Released | Snapshot
+        if kind == OBSERVED:
+            routed_id, phase, first_byte, status, served, cached, completion = fields
+            if phase not in (FIRST_BYTE, COMPLETED, BROKEN):
+                raise PeerSyncDecodeError(f"unknown observed phase {phase!r}")
+            observed = ObservedResponse(
+                str(replica),
+                str(routed_id),
+                int(phase),
+                bool(first_byte),
+                _optional_int(status),
+                None if served is None else str(served),
+                _optional_int(cached),
+                _optional_int(completion),
+            )
+            return observed, float(sent_at)
         if kind == ROUTED:
             body = _routed(fields)
         elif kind == RELEASED:

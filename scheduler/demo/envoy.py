@@ -1,7 +1,10 @@
 """A real Envoy gateway on loopback, configured the way the Inference Extension wires one.
 
 Data path (shared ``envoy/extproc-original-dst.yaml`` pattern): listener -> ext_proc
-filter (gRPC to kvsched, bodies FULL_DUPLEX_STREAMED) -> router. A request that carries
+filter (gRPC to kvsched, bodies FULL_DUPLEX_STREAMED) -> router. With ``observation`` (the
+default here) the response phase leaves that stream for a second ext_proc filter in
+observability mode (``_observation_filter``); without it, one filter carries both phases, as a
+gateway that implements the Inference Extension renders it. A request that carries
 ``x-gateway-destination-endpoint`` (set by kvsched) goes to an ``ORIGINAL_DST`` cluster
 keyed by that header; with FailOpen and kvsched unreachable the header is absent and the
 request falls through to a plain round-robin cluster over the pool, which is what a
@@ -147,6 +150,10 @@ class EnvoySettings:
     # The ext_proc filter's request_body_mode: the GIE set-up streams the body
     # (FULL_DUPLEX_STREAMED); BUFFERED, STREAMED and NONE are what other gateways may send.
     request_body_mode: str = "FULL_DUPLEX_STREAMED"
+    # Two ext_proc filters on the ext_proc cluster: the decision filter (request phase only) and
+    # an observation filter in observability_mode (response phase, copies not awaited). False:
+    # the single filter of the GIE layout, response phase on the decision stream.
+    observation: bool = True
 
 
 def _address(hostport: str) -> dict[str, Any]:
@@ -161,11 +168,18 @@ def _epp_endpoint(replica: EppReplica) -> dict[str, Any]:
     return {"endpoint": endpoint}
 
 
-def _ext_proc_cluster(settings: EnvoySettings) -> dict[str, Any]:
+# The observation filter's own cluster: the same kvsched replicas, balanced apart from the
+# decision streams. On one round-robin cluster the two filters' streams alternate, so every
+# decision went to one replica and every observation to the other (two replicas, 16 requests,
+# tests/test_e2e_observation.py: 16 decisions on one, 0 on the other).
+OBSERVATION_CLUSTER = "ext_proc_observation"
+
+
+def _ext_proc_cluster(settings: EnvoySettings, name: str = "ext_proc") -> dict[str, Any]:
     replicas = [EppReplica(settings.epp_host, settings.epp_port, settings.epp_health_port)]
     replicas += settings.more_epps
     cluster: dict[str, Any] = {
-        "name": "ext_proc",
+        "name": name,
         "type": "STATIC",
         "connect_timeout": "5s",
         "typed_extension_protocol_options": {
@@ -176,7 +190,7 @@ def _ext_proc_cluster(settings: EnvoySettings) -> dict[str, Any]:
         },
         **(_retry_breakers() if settings.epp_retries else {}),
         "load_assignment": {
-            "cluster_name": "ext_proc",
+            "cluster_name": name,
             "endpoints": [{"lb_endpoints": [_epp_endpoint(replica) for replica in replicas]}],
         },
     }
@@ -346,6 +360,15 @@ def _ext_proc_filter(settings: EnvoySettings) -> dict[str, Any]:
             "response_trailer_mode": "SEND",
         },
     }
+    if settings.observation:
+        # Nothing of the response on this stream: Envoy 1.40 resets it as soon as the request
+        # phase is answered (measured: the stream ends before the upstream's response headers),
+        # so a replica killed afterwards leaves the response alone. In the single layout the
+        # same kill cuts a streamed response in flight (FailClose: Envoy answers the stream's
+        # gRPC error with a reset once the response has started).
+        config["processing_mode"].update(
+            response_header_mode="SKIP", response_body_mode="NONE", response_trailer_mode="SKIP"
+        )
     if settings.subset_header:
         config["metadata_options"] = {"forwarding_namespaces": {"untyped": [SUBSET_NAMESPACE]}}
     if settings.access_log:
@@ -353,6 +376,40 @@ def _ext_proc_filter(settings: EnvoySettings) -> dict[str, Any]:
         options = config.setdefault("metadata_options", {})
         options["receiving_namespaces"] = {"untyped": ["envoy.lb"]}
     return {"name": "envoy.filters.http.ext_proc", "typed_config": config}
+
+
+OBSERVATION_FILTER = "envoy.filters.http.ext_proc.observation"
+
+
+def _observation_filter(settings: EnvoySettings) -> dict[str, Any]:
+    """The response phase as copies to kvsched: Envoy sends and does not wait for answers.
+
+    After the decision filter, so the request headers it sends carry the routed id the decision
+    answer added (``x-kvsched-routed``). Fail open: measured with Envoy 1.40, an observability
+    mode filter with ``failure_mode_allow: false`` resets the client's response when its
+    processor dies mid-response (the gRPC error is handled as for any ext_proc filter); with
+    true the response goes on and only the copies stop. Envoy half-closes the stream
+    ``deferred_close_timeout`` after the HTTP stream ended (measured: 5.0 s after the last body
+    copy with the default 5 s, 1.0 s with 1 s, every copy delivered): kvsched has the response's
+    end from the body's end_of_stream, so 1 s keeps a fifth as many idle streams open (at
+    50 req/s, 50 rather than 250).
+    """
+    config: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": {"envoy_grpc": {"cluster_name": OBSERVATION_CLUSTER}, "timeout": "10s"},
+        "observability_mode": True,
+        "failure_mode_allow": True,
+        "deferred_close_timeout": "1s",
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "request_body_mode": "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_header_mode": "SEND",
+            "response_body_mode": "STREAMED",
+            "response_trailer_mode": "SEND",
+        },
+    }
+    return {"name": OBSERVATION_FILTER, "typed_config": config}
 
 
 def _http_filters(settings: EnvoySettings) -> list[dict[str, Any]]:
@@ -379,6 +436,8 @@ def _http_filters(settings: EnvoySettings) -> list[dict[str, Any]]:
         )
     if settings.ext_proc:
         filters.append(_ext_proc_filter(settings))
+        if settings.observation:
+            filters.append(_observation_filter(settings))
     filters.append(
         {
             "name": "envoy.filters.http.router",
@@ -394,6 +453,8 @@ def render_config(settings: EnvoySettings, *, access_log_path: str | None = None
     routes, clusters = _destination(settings)
     if settings.ext_proc:
         clusters.append(_ext_proc_cluster(settings))
+        if settings.observation:
+            clusters.append(_ext_proc_cluster(settings, OBSERVATION_CLUSTER))
     manager: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network."
         "http_connection_manager.v3.HttpConnectionManager",

@@ -196,6 +196,9 @@ class ServeApp:
         self.peer_discovery: EndpointSlicePeers | None = None
         if config.scheduler.sync.enabled:
             self.peer_sync = peer_sync_transport(config, self.scheduler, clock)
+            # Observation streams that land on the replica that did not route the request.
+            self.server.observations.forward = self.peer_sync.send_observed
+            self.peer_sync.on_observed = self.server.observations.receive
         # Read-only: what the index says every endpoint holds of a prompt (/debug/lookup).
         self.lookups = PromptLookup(self.scheduler, self.server.runner)
         self.metrics_server = (

@@ -11,7 +11,11 @@ as events, each one tuple from ``Transport.take()``:
                    queued_s, too_large)
     FIRST_BYTE    (kind, stream)
     RESPONSE_END  (kind, stream, status | None, served | None, first_byte, usage_kind, usage_data)
-    CLOSED        (kind, stream, asked)       the stream ended before its response did
+    CLOSED        (kind, stream, asked, handed_off)  the stream ended before its response did;
+                                               handed_off: routed, and its response phase goes
+                                               to an observation stream (observed.py)
+    OBSERVE       (kind, stream, routed_id | None)  an observation stream's request headers:
+                                               FIRST_BYTE and RESPONSE_END follow on it
     HEALTH_CHECK  (kind, call, service)        a readiness Check: answer with health_reply
     UNARY         (kind, call, method, payload) a kvsched.v1 call: answer with unary_reply
     COUNT         (kind, stream, outcome)      a protocol slip counted on the native side
@@ -55,6 +59,7 @@ from scheduler.adapters.extproc.headers import (
     routing_headers,
 )
 from scheduler.adapters.extproc.health import READINESS_SERVICES
+from scheduler.adapters.extproc.observed import ROUTED_HEADER, ForwardedObservation, Observations
 from scheduler.adapters.extproc.outcomes import PickOutcome
 from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.extproc.tls import ServerCredentials
@@ -97,7 +102,7 @@ def native_options(
         "port": port,
         "health_host": health_host,
         "health_port": -1 if health_port is None else health_port,
-        "hint_headers": list(hint_headers(config.session_header)),
+        "hint_headers": [*hint_headers(config.session_header), ROUTED_HEADER],
         "max_body_chunk_bytes": config.max_body_chunk_bytes,
         "max_request_body_bytes": config.max_request_body_bytes,
         "max_response_parse_bytes": config.max_response_parse_bytes,
@@ -152,8 +157,10 @@ class NativeTransport:
         ready: Callable[[], bool],
         picker: Any | None = None,
         picker_pb2: Any | None = None,
+        observations: Observations | None = None,
     ) -> None:
         self._runner = runner
+        self.observations = observations if observations is not None else Observations(stats)
         self._config = config
         self._stats = stats
         self._ready = ready
@@ -168,8 +175,11 @@ class NativeTransport:
             module.HEALTH_CHECK: self._on_health_check,
             module.UNARY: self._on_unary,
             module.COUNT: self._on_count,
+            module.OBSERVE: self._on_observe,
         }
-        self._requests: dict[int, _NativeRequest] = {}
+        # By stream: requests routed here (under their decision stream, and under their
+        # observation stream once it started) and observations forwarded to a peer.
+        self._requests: dict[int, _NativeRequest | ForwardedObservation] = {}
         # x-request-id values of requests in progress (servicer.py keeps the same set).
         self.active_ids: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -220,7 +230,10 @@ class NativeTransport:
         for task in list(self._tasks):
             task.cancel()
         for request in list(self._requests.values()):
-            request.finish("cancelled")
+            if isinstance(request, _NativeRequest):
+                request.finish("cancelled")
+            else:
+                request.observation_ended(self._runner.clock())
 
     async def _refresh_readiness(self, period_s: float) -> None:
         while True:
@@ -257,12 +270,16 @@ class NativeTransport:
             log.exception("native ext_proc event %r failed", event[:2])
         stream = event[1]
         self._native.abort(stream, "endpoint picker failed on this request")
-        request = self._requests.get(stream)
-        if request is not None:
+        request = self._requests.pop(stream, None)
+        if isinstance(request, _NativeRequest):
             request.finish("cancelled")
+        elif request is not None:
+            request.observation_ended(self._runner.clock())
 
     def forget(self, request: _NativeRequest) -> None:
         self._requests.pop(request.stream, None)
+        if request.observed_on is not None:
+            self._requests.pop(request.observed_on, None)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coroutine)
@@ -274,6 +291,8 @@ class NativeTransport:
         _, stream, headers, body, parsed, subset, age_s, queued_s, too_large = event
         request = _NativeRequest(self, stream)
         self._requests[stream] = request
+        # Requests whose observation never came leave the in-flight counts before this pick.
+        self.observations.expire(self._runner.clock())
         request.begin(headers, age_s, queued_s)
         if too_large:
             limit = self._config.max_request_body_bytes
@@ -295,17 +314,40 @@ class NativeTransport:
         now = self._runner.clock()
         if first_byte:
             request.first_byte(now)
-        request.complete(now, status, served, usage_from_capture(CaptureKind(usage_kind), usage_data))
+        request.complete_with(now, status, served, usage_from_capture(CaptureKind(usage_kind), usage_data))
+        if isinstance(request, ForwardedObservation):
+            # No CLOSED follows a completed response.
+            del self._requests[stream]
 
     def _on_closed(self, event: tuple[Any, ...]) -> None:
-        _, stream, asked = event
+        _, stream, asked, handed_off = event
         request = self._requests.get(stream)
-        if request is not None:
+        if isinstance(request, ForwardedObservation):
+            del self._requests[stream]
+            request.observation_ended(self._runner.clock())
+        elif request is not None and request.observed_on == stream:
+            request.observation_ended(self._runner.clock())
+        elif request is not None and handed_off and not request.finished:
+            # Two-filter layout: the decision stream is done; the observation stream (or the
+            # registry's bound) releases the request.
+            del self._requests[stream]
+        elif request is not None:
             request.finish("cancelled")
         elif not asked:
             # The stream ended before the request was complete: nothing was decided.
             self._stats.count("cancelled_before_decision")
         # Asked and unknown: Python answered (refused, aborted) as the stream went away.
+
+    def _on_observe(self, event: tuple[Any, ...]) -> None:
+        _, stream, routed_id = event
+        if not routed_id:
+            # Not routed by kvsched (the decision filter failed open, or is not configured).
+            self._stats.count("observation_unrouted")
+            return
+        target = self.observations.claim(routed_id)
+        if isinstance(target, (_NativeRequest, ForwardedObservation)) and not target.finished:
+            target.observed_on = stream
+            self._requests[stream] = target
 
     def _on_health_check(self, event: tuple[Any, ...]) -> None:
         self._native.health_reply(event[1], self._is_ready())
@@ -354,6 +396,9 @@ class _NativeRequest:
         self.served: str | None = None
         self.usage: Usage | None = None
         self.finished = False
+        self.routed_id = ""
+        # The observation stream carrying this request's response phase, once it started.
+        self.observed_on: int | None = None
 
     def begin(self, headers: dict[str, str], age_s: float, queued_s: float) -> None:
         transport = self.transport
@@ -398,6 +443,16 @@ class _NativeRequest:
         config = transport.config
         destination = ",".join(decision.endpoints) if config.destination_list else decision.endpoints[0]
         extra = routing_headers(self.hints, decision.prefill_endpoint)
+        self.routed_id = transport.observations.new_id()
+        extra.append((ROUTED_HEADER, self.routed_id))
+        request = decision.request
+        transport.observations.routed(
+            self.routed_id,
+            self,
+            decided_from,
+            decision.predicted,
+            request.max_tokens if request is not None else None,
+        )
         scores = decision.endpoint_scores(config.endpoint_scores)
         transport.native.route(self.stream, destination, extra, scores or None, decision.body_replacement)
         self.decision_s = runner.clock() - decided_from
@@ -445,6 +500,15 @@ class _NativeRequest:
         self._close()
         self._release_capacity()
 
+    def complete_with(self, now: float, status: int | None, served: str | None, usage: Usage | None) -> None:
+        self.complete(now, status, served, usage)
+
+    def observation_ended(self, now: float) -> None:
+        self.finish("cancelled")
+
+    def expire(self, now: float) -> None:
+        self.finish("expired")
+
     def finish(self, outcome: str) -> None:
         """The stream ended: a routed request without a complete response is released as failed."""
         if self.finished:
@@ -468,6 +532,7 @@ class _NativeRequest:
         self.finished = True
         self.transport.active_ids.discard(self.request_id)
         self.transport.forget(self)
+        self.transport.observations.done(self.routed_id)
 
     def _release_capacity(self) -> None:
         # A request left its endpoint: a waiting one may fit now.

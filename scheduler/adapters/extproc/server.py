@@ -7,6 +7,8 @@ scheduler._native.extproc. Both drive the same PickRunner, counters and audit li
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from scheduler.adapters.extproc.config import ExtProcConfig, TransportChoice
 from scheduler.adapters.extproc.decide import PickRunner, SchedulerPort
 from scheduler.adapters.extproc.health import ReadinessHealthServicer
 from scheduler.adapters.extproc.native import NativeTransport, load_native, native_options
+from scheduler.adapters.extproc.observed import Observations
 from scheduler.adapters.extproc.picker_api import EndpointPickerServicer, load_picker_protos
 from scheduler.adapters.extproc.servicer import ExternalProcessorServicer
 from scheduler.adapters.extproc.stats import ExtProcStats
@@ -113,6 +116,15 @@ class ExtProcServer:
         self._picker: EndpointPickerServicer | None = None
         self._credentials: ServerCredentials | None = None
         self._native: NativeTransport | None = None
+        peer_load = getattr(scheduler, "peer_load", None)
+        # Routed requests whose response phase is observed on another stream; ids name this
+        # replica as peer sync does (start_sync names it before the first request).
+        self.observations = Observations(
+            self.stats,
+            replica=lambda: str(getattr(peer_load, "replica", "") or ""),
+            bounds=scheduler.config.sync if isinstance(scheduler, Scheduler) else None,
+        )
+        self._expiry: asyncio.Task[None] | None = None
         self.transport: Transport = resolve_transport(self.config.transport)
         self.port: int | None = None
         self.health_port: int | None = None
@@ -140,6 +152,7 @@ class ExtProcServer:
             await self._start_native(protos)
         else:
             await self._start_python(protos)
+        self._expiry = asyncio.create_task(self._expire_unobserved())
         log.info(
             "endpoint picker serving ext_proc%s on %s:%d (%s, %s transport), health on %s",
             "" if self._picker is None else " and kvsched.v1",
@@ -172,6 +185,7 @@ class ExtProcServer:
             ready=self._ready,
             picker=self._picker,
             picker_pb2=None if protos is None else protos[0],
+            observations=self.observations,
         )
         await native.start()
         self._native = native
@@ -185,7 +199,7 @@ class ExtProcServer:
         ]
         server = grpc.aio.server(options=options)
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(
-            ExternalProcessorServicer(self.runner, self.config, self.stats), server
+            ExternalProcessorServicer(self.runner, self.config, self.stats, self.observations), server
         )
         if protos is not None and self._picker is not None:
             protos[1].add_EndpointPickerServicer_to_server(self._picker, server)
@@ -222,8 +236,20 @@ class ExtProcServer:
         if self._health is not None:
             await self._health.refresh()
 
+    async def _expire_unobserved(self) -> None:
+        # Each decision expires what is due first; this covers a replica with no new requests,
+        # whose phantom in-flight load would otherwise stay in its metrics and sync snapshots.
+        while True:
+            await asyncio.sleep(1.0)
+            self.observations.expire(self.runner.clock())
+
     async def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING, let streams in flight finish for ``grace`` seconds, then close."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry
+            self._expiry = None
         if self._health is not None:
             await self._health.shutdown()
         if self.flow_gate is not None:

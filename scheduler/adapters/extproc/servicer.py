@@ -12,6 +12,13 @@ response path  response_headers, response_body chunks (echoed unchanged), [respo
                Time of the first body byte -> on_first_token; usage at the end -> on_completed.
 A refused request gets an ImmediateResponse and the stream ends.
 
+Two-filter layout (``observed.py``): the decision stream says ``response_body_mode: NONE`` in its
+protocol_config and ends after the request phase; its routed request stays in flight. The
+response phase comes on an observation stream (``observability_mode`` set on every message:
+request_headers naming the routed request in ``x-kvsched-routed``, response_headers,
+response_body chunks, [response_trailers]); nothing is answered on it, and the response is
+accounted exactly as on the decision stream.
+
 Envoy >= 1.33 states its body modes in the first message (``protocol_config``). When the request
 body is not FULL_DUPLEX_STREAMED (NONE for a headers-only set-up, STREAMED, BUFFERED) the headers
 are answered at once, routing without the prompt, and body messages get a plain continue, so a
@@ -41,6 +48,7 @@ from scheduler.adapters.extproc.headers import (
     served_endpoint,
     subset_hint,
 )
+from scheduler.adapters.extproc.observed import ROUTED_HEADER, Observations, ObservedRequest
 from scheduler.adapters.extproc.outcomes import PickOutcome
 from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.extproc.usage import ResponseUsageReader, Usage
@@ -49,13 +57,21 @@ from scheduler.adapters.stage_times import STAGE_TIMES
 log = logging.getLogger(__name__)
 
 _FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+_NO_BODY = processing_mode_pb2.ProcessingMode.NONE
 
 
 class ExternalProcessorServicer(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, runner: PickRunner, config: ExtProcConfig, stats: ExtProcStats) -> None:
+    def __init__(
+        self,
+        runner: PickRunner,
+        config: ExtProcConfig,
+        stats: ExtProcStats,
+        observations: Observations | None = None,
+    ) -> None:
         self._runner = runner
         self._config = config
         self._stats = stats
+        self._observations = observations if observations is not None else Observations(stats)
         # x-request-id values of streams in progress: a repeated id must not merge two requests'
         # accounting in the scheduler.
         self._active_ids: set[str] = set()
@@ -64,9 +80,17 @@ class ExternalProcessorServicer(ext_proc_grpc.ExternalProcessorServicer):  # typ
     async def Process(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        exchange = _Exchange(self._runner, self._config, self._stats, self._active_ids)
+        exchange = _Exchange(self._runner, self._config, self._stats, self._active_ids, self._observations)
+        observation: _Observation | None = None
         try:
             async for message in request_iterator:
+                if observation is not None or message.observability_mode:
+                    # Copies of an HTTP stream's messages that Envoy sends without awaiting an
+                    # answer: nothing is written back.
+                    if observation is None:
+                        observation = _Observation(self._observations, self._stats, self._clock, self._config)
+                    observation.handle(message)
+                    continue
                 try:
                     answers = await exchange.handle(message)
                 except Exception:
@@ -84,21 +108,139 @@ class ExternalProcessorServicer(ext_proc_grpc.ExternalProcessorServicer):  # typ
                 if exchange.closed:
                     return
         finally:
-            # Reached on every exit; a routed request whose response did not finish (gateway
-            # reset, client gone, upstream failure) is released here.
-            exchange.finish("cancelled")
+            if observation is not None:
+                observation.end()
+            else:
+                # Reached on every exit; a routed request whose response did not finish (gateway
+                # reset, client gone, upstream failure) is released here, unless its response
+                # phase goes to an observation stream.
+                exchange.stream_ended()
+
+    def _clock(self) -> float:
+        return self._runner.clock()
+
+
+class _Observation:
+    """An observation stream: the response phase of a request routed on another stream, here
+    (the routing exchange reads it as its own) or on a peer (read here, forwarded)."""
+
+    def __init__(
+        self,
+        observations: Observations,
+        stats: ExtProcStats,
+        clock: Callable[[], float],
+        config: ExtProcConfig,
+    ) -> None:
+        self._observations = observations
+        self._stats = stats
+        self._clock = clock
+        self._config = config
+        self._started = False
+        self._exchange: _Exchange | None = None
+        self._forward: ObservedRequest | None = None
+        # A forwarded response, as _Exchange reads one.
+        self._status: int | None = None
+        self._served: str | None = None
+        self._reader: ResponseUsageReader | None = None
+        self._first_byte = False
+        self._ended = False
+
+    def handle(self, message: Any) -> None:
+        kind = message.WhichOneof("request")
+        if kind == "request_headers":
+            if self._started:
+                self._stats.count("unexpected_message")
+                return
+            self._started = True
+            routed_id = header_dict(message.request_headers.headers).get(ROUTED_HEADER)
+            if not routed_id:
+                # Not routed by kvsched (the decision filter failed open, or is not configured).
+                self._stats.count("observation_unrouted")
+                return
+            target = self._observations.claim(routed_id)
+            if isinstance(target, _Exchange):
+                self._exchange = target
+            else:
+                self._forward = target
+            return
+        exchange = self._exchange
+        if exchange is not None:
+            if exchange.finished:
+                return
+            if message.HasField("metadata_context"):
+                exchange.read_metadata(message.metadata_context)
+            if kind == "response_headers":
+                exchange.response_headers(message.response_headers)
+            elif kind == "response_body":
+                exchange.response_body(message.response_body)
+            elif kind == "response_trailers":
+                exchange.complete()
+        elif self._forward is not None and not self._ended:
+            self._read_forwarded(kind, message)
+
+    def _read_forwarded(self, kind: str | None, message: Any) -> None:
+        assert self._forward is not None
+        if message.HasField("metadata_context"):
+            self._served = served_endpoint(message.metadata_context) or self._served
+        if kind == "response_headers":
+            values = header_dict(message.response_headers.headers)
+            try:
+                self._status = int(values.get(":status", "200"))
+            except ValueError:
+                self._status = None
+            self._reader = ResponseUsageReader(
+                values.get("content-type"), self._config.max_response_parse_bytes
+            )
+            if message.response_headers.end_of_stream:
+                self._end_forwarded()
+        elif kind == "response_body":
+            chunk = message.response_body.body
+            if chunk:
+                if not self._first_byte:
+                    self._first_byte = True
+                    self._forward.first_byte(self._clock())
+                if self._reader is None:
+                    self._reader = ResponseUsageReader(None, self._config.max_response_parse_bytes)
+                self._reader.feed(chunk)
+            if message.response_body.end_of_stream:
+                self._end_forwarded()
+        elif kind == "response_trailers":
+            self._end_forwarded()
+
+    def _end_forwarded(self) -> None:
+        assert self._forward is not None
+        self._ended = True
+        usage = self._reader.usage() if self._reader is not None else None
+        self._forward.complete_with(self._clock(), self._status, self._served, usage)
+
+    def end(self) -> None:
+        now = self._clock()
+        if self._exchange is not None:
+            self._exchange.observation_ended(now)
+        elif self._forward is not None and not self._ended:
+            self._forward.observation_ended(now)
 
 
 class _Exchange:
     """The state of one HTTP request/response pair on one ext_proc stream."""
 
     def __init__(
-        self, runner: PickRunner, config: ExtProcConfig, stats: ExtProcStats, active_ids: set[str]
+        self,
+        runner: PickRunner,
+        config: ExtProcConfig,
+        stats: ExtProcStats,
+        active_ids: set[str],
+        observations: Observations,
     ) -> None:
         self._runner = runner
         self._config = config
         self._stats = stats
         self._active_ids = active_ids
+        self._observations = observations
+        self._routed_id = ""
+        # The decision stream says its response phase is not sent on it (two-filter layout).
+        self._response_elsewhere = False
+        self._response_here = False
         self._clock: Callable[[], float] = runner.clock
         self._scheduler = runner.scheduler
         self.closed = False
@@ -128,8 +270,9 @@ class _Exchange:
             config = message.protocol_config
             self._duplex_request = config.request_body_mode == _FULL_DUPLEX
             self._duplex_response = config.response_body_mode == _FULL_DUPLEX
+            self._response_elsewhere = config.response_body_mode == _NO_BODY
         if message.HasField("metadata_context"):
-            self._read_metadata(message.metadata_context)
+            self.read_metadata(message.metadata_context)
         if kind == "request_headers":
             return await self._request_headers(message.request_headers)
         if kind == "request_body":
@@ -140,22 +283,29 @@ class _Exchange:
                 answers.append(responses.request_trailers_continue())
             return answers
         if kind == "response_headers":
+            self._response_here = True
             started = STAGE_TIMES.start()
-            answers = self._response_headers(message.response_headers)
+            answers = self.response_headers(message.response_headers)
             STAGE_TIMES.stop("response_path", started)
             return answers
         if kind == "response_body":
+            self._response_here = True
             started = STAGE_TIMES.start()
-            answers = self._response_body(message.response_body)
+            answers = self.response_body(message.response_body)
             STAGE_TIMES.stop("response_path", started)
             return answers
         if kind == "response_trailers":
-            self._complete()
+            self._response_here = True
+            self.complete()
             return [responses.response_trailers_continue()]
         self._stats.count("unexpected_message")
         return []
 
-    def _read_metadata(self, metadata: Any) -> None:
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def read_metadata(self, metadata: Any) -> None:
         if self._decision is None:
             subset = subset_hint(metadata)
             if subset is not None:
@@ -214,6 +364,8 @@ class _Exchange:
         body = b"".join(self._chunks) if self._chunks else b""
         self._chunks = []
         decided_from = self._clock()
+        # Requests whose observation never came leave the in-flight counts before this pick.
+        self._observations.expire(decided_from)
         decision = await self._runner.decide_body(self._hints, body, self._subset)
         self._decision = decision
         if not decision.routed:
@@ -229,6 +381,16 @@ class _Exchange:
         started = STAGE_TIMES.start()
         destination = ",".join(decision.endpoints) if self._config.destination_list else decision.endpoints[0]
         extra = routing_headers(self._hints, decision.prefill_endpoint)
+        self._routed_id = self._observations.new_id()
+        extra.append((ROUTED_HEADER, self._routed_id))
+        request = decision.request
+        self._observations.routed(
+            self._routed_id,
+            self,
+            decided_from,
+            decision.predicted,
+            request.max_tokens if request is not None else None,
+        )
         has_body = self._body_messages > 0 and self._duplex_request
         if has_body and decision.body_replacement is not None:
             body = decision.body_replacement
@@ -253,7 +415,7 @@ class _Exchange:
         self._finished = True
         return [responses.refusal(decision.outcome, decision.reason)]
 
-    def _response_headers(self, headers: Any) -> list[Any]:
+    def response_headers(self, headers: Any) -> list[Any]:
         values = header_dict(headers.headers)
         try:
             self._status = int(values.get(":status", "200"))
@@ -264,10 +426,10 @@ class _Exchange:
         )
         answers = [responses.response_headers_continue()]
         if headers.end_of_stream:
-            self._complete()
+            self.complete()
         return answers
 
-    def _response_body(self, body: Any) -> list[Any]:
+    def response_body(self, body: Any) -> list[Any]:
         chunk = body.body
         if chunk:
             if self._first_byte_at is None:
@@ -282,14 +444,34 @@ class _Exchange:
         else:
             answer = responses.response_body_continue()
         if body.end_of_stream:
-            self._complete()
+            self.complete()
         return [answer]
 
-    def _complete(self) -> None:
+    def first_byte(self, now: float) -> None:
+        """A peer saw the response's first body byte (its observation stream landed there)."""
+        if self._first_byte_at is None:
+            self._first_byte_at = now
+            if self._decision is not None and self._decision.routed:
+                self._scheduler.on_first_token(self._request_id, now)
+
+    def complete_with(self, now: float, status: int | None, served: str | None, usage: Usage | None) -> None:
+        """A peer saw the response end."""
+        if self._finished:
+            return
+        self._status = status
+        if served is not None:
+            self._served = served
+        self._complete(now, usage)
+
+    def complete(self) -> None:
+        if self._finished:
+            return
+        self._complete(self._clock(), self._usage_reader.usage() if self._usage_reader is not None else None)
+
+    def _complete(self, now: float, usage: Usage | None) -> None:
         if self._finished or self._decision is None or not self._decision.routed:
             return
-        now = self._clock()
-        self._usage = self._usage_reader.usage() if self._usage_reader is not None else None
+        self._usage = usage
         served = self._served or self._decision.endpoints[0]
         if self._status is not None and self._status >= 500:
             # The model server failed it: release the request without learning from it.
@@ -307,6 +489,8 @@ class _Exchange:
         self._stats.count(outcome)
         self._write_audit(outcome, now)
         self._finished = True
+        self._observations.done(self._routed_id)
+        self._active_ids.discard(self._request_id)
         self._release_capacity()
 
     def _release_capacity(self) -> None:
@@ -315,13 +499,28 @@ class _Exchange:
         if gate is not None:
             gate.poke()
 
+    def stream_ended(self) -> None:
+        """End of the decision stream: release the request unless its response phase is observed
+        on another stream (then the observation's end, or the registry's bound, releases it)."""
+        routed = self._decision is not None and self._decision.routed
+        if routed and not self._finished and self._response_elsewhere and not self._response_here:
+            return
+        self.finish("cancelled")
+
+    def observation_ended(self, now: float) -> None:
+        self.finish("cancelled")
+
+    def expire(self, now: float) -> None:
+        self.finish("expired")
+
     def finish(self, outcome: str) -> None:
-        """End of the stream: a routed request without a complete response is released as failed."""
+        """A routed request without a complete response is released as failed."""
         if self._request_id:
             self._active_ids.discard(self._request_id)
         if self._finished:
             return
         self._finished = True
+        self._observations.done(self._routed_id)
         if self._decision is None:
             # The stream ended before the request was complete: nothing was decided.
             self._stats.count(f"{outcome}_before_decision")
