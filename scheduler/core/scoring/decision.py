@@ -32,6 +32,9 @@ class Decision:
     # Per candidate: predicted to meet the request's SLOs (None: no SLO or no predictions).
     slo_feasible: list[bool] | None = None
     slo_note: str = ""  # set when no candidate was predicted to meet the SLOs
+    # A spread pick (PickRequest.spread_of > 1): per replica slot, the endpoint one replica
+    # would pick for that slot's request of as many concurrent ones; the primary is its own.
+    slot_picks: list[str] = field(default_factory=list)
 
     @property
     def predicted(self) -> tuple[float, float, str] | None:
