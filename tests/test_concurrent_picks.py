@@ -120,10 +120,13 @@ def test_an_expected_peer_pick_lasts_until_its_routing_arrives_or_the_lag_passes
     x, z = load.load("x"), load.load("z")
     assert x is not None and x.requests == 1 and x.expected_prefill_tokens == 100
     assert z is not None and z.requests == 1 and load.load("y") is None
-    # a's routing arrives: it replaces what was assumed of a, wherever a really sent it.
-    load.receive(_routed("a", 2, "ra", "y", 1.0), 1.0 + LAG)
+    # A routing a made before the window arrives late: not the pick assumed of it.
+    load.receive(_routed("a", 2, "early", "y", 1.0 - 2 * LAG), 1.0 + LAG / 2)
+    assert load.load("x") is not None and load.stats.expected_replaced == 0
+    # a's concurrent routing arrives: it replaces what was assumed of a, wherever a sent it.
+    load.receive(_routed("a", 3, "ra", "y", 1.0), 1.0 + LAG)
     y = load.load("y")
-    assert load.load("x") is None and y is not None and y.requests == 1 and y.expected_prefill_tokens == 0
+    assert load.load("x") is None and y is not None and y.requests == 2 and y.expected_prefill_tokens == 0
     assert load.stats.expected == 2 and load.stats.expected_replaced == 1
     # c's never does (it had nothing to route): gone once the lag has passed.
     load.expire(1.0 + LAG / 2)

@@ -212,6 +212,7 @@ class _Expected:
 
     endpoint: str
     prefill_tokens: int
+    assumed_at: float  # when this replica made the pick it stands beside
     expires_at: float
 
 
@@ -325,9 +326,11 @@ class PeerLoad:
         body = message.body
         added: list[tuple[str, int]] = []
         if isinstance(body, Routed):
-            if peer.expected:
-                # Its pick is known now: what was assumed of it goes (nothing counts twice).
-                self._unexpect(peer.expected.popleft())
+            expected = peer.expected
+            if expected and message.sent_at >= 2 * expected[0].assumed_at - expected[0].expires_at:
+                # A pick it made within the window of ours is known now: what was assumed of
+                # it goes, so nothing counts twice. (An older routing, delayed, is not it.)
+                self._unexpect(expected.popleft())
                 stats.expected_replaced += 1
             if body.request_id in peer.released:
                 stats.duplicates += 1
@@ -476,7 +479,7 @@ class PeerLoad:
             if peer is None:
                 continue
             endpoint = slot_picks[slot % len(slot_picks)]
-            peer.expected.append(_Expected(endpoint, prefill_tokens, expires_at))
+            peer.expected.append(_Expected(endpoint, prefill_tokens, now, expires_at))
             load = self._load.setdefault(endpoint, EndpointPeerLoad())
             load.requests += 1
             load.prefilling += 1
