@@ -35,10 +35,10 @@ a message to arrive:
 
 What the peers routed within the last sync delay cannot have arrived yet, and since the
 replicas' views agree, concurrent picks agree too: they pile onto the same pod. Two things
-decorrelate them (``expect`` and ``slot``): a replica counts, on each pick, one request like
-it for every peer until that peer's next routing arrives or the delay (the measured lag)
-has passed; and a pick made in a burst takes its replica's slot of what one replica would
-pick for one request per replica arriving together. A replica without peers never does
+decorrelate them (``slot`` and ``expect``): a pick made in a burst takes its replica's slot
+of what one replica would pick for one request per replica arriving together, and counts
+one request like it for every peer, on that peer's slot, until the peer's next routing
+arrives or the delay (the measured lag) has passed. A replica without peers never does
 either, so one replica decides exactly as without them.
 
 Core, like the rest of ``scheduler/core``: time is passed in, nothing is read from a clock,
@@ -101,9 +101,9 @@ class PeerSyncConfig(BaseModel):
     )
     expect_concurrent: bool = Field(
         True,
-        description="Count, on the endpoint of each pick, one request per peer until the sync "
-        "delay has passed or that peer's next routing arrives: the peers' picks made meanwhile "
-        "cannot have been seen yet, and in a burst each peer makes one like it.",
+        description="With each spread pick, count one request like it per peer, on that peer's "
+        "slot, until the sync delay has passed or the peer's next routing arrives: the peers' "
+        "picks made meanwhile cannot have been seen yet, and in a burst each makes one.",
     )
     spread_concurrent: Literal["off", "auto", "always"] = Field(
         "auto",
@@ -464,8 +464,8 @@ class PeerLoad:
         its slot. The conversation trace records its arrivals in whole steps (12,031
         requests on 1,180 timestamps, up to 28 at once): each replica routes its share of a
         burst at once, and without this every one of them sends its next request to the pod
-        its peers just filled. A lone pick costs little: only this replica's own picks within
-        the window read the count, and the peer's next routing replaces it."""
+        its peers just filled. Only this replica's own picks within the window read the
+        count, and the peer's next routing replaces it."""
         if not self.config.expect_concurrent or not self._peers or not slot_picks:
             return
         window = self.concurrent_window_s()
