@@ -169,6 +169,9 @@ def test_concurrent_picks_keep_a_prompt_cached_on_one_pod_there() -> None:
         PickRequest("another", 40, 640, spread_slot=0, spread_of=4, spread_key="7"), pods, {}
     )
     assert other.slot_picks == spread.slot_picks and spread.endpoints[0] == spread.slot_picks[2]
+    # The audit line says which slots were computed; a lone pick's says nothing of them.
+    assert spread.explain()["slot_picks"] == spread.slot_picks
+    assert "slot_picks" not in pipeline.pick(PickRequest("lone", 40, 640), pods, {}).explain()
 
 
 def test_auto_spreads_a_pick_close_behind_the_replicas_previous_one() -> None:
