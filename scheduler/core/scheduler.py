@@ -468,6 +468,9 @@ class Scheduler:
         self._by_load: OrderedNames[tuple[int, float]] | None = None
         self._by_kv_usage: OrderedNames[float] | None = None
         self._arrivals = 0
+        self._last_pick_at = float("-inf")  # sync on: this replica's last pick
+        self._burst_share = 0.0
+        self._spread_picks = 0
 
     # --- configuration -----------------------------------------------------------------
 
@@ -646,6 +649,10 @@ class Scheduler:
             prefilling += peers.prefilling
             prefill_tokens += peers.prefill_tokens
         queued = runtime.prefill_queue.ahead(now, prefill_tokens, measured)
+        if peers is not None and peers.expected_prefill_tokens:
+            # The peers' concurrent picks assumed here (core/peerload.py): just routed, so
+            # queued whole, as this replica's own are.
+            queued += peers.expected_prefill_tokens
         rate = measured or self._assumed_prefill_rate
         lora = None
         if metrics is None:
@@ -961,6 +968,7 @@ class Scheduler:
             if pool is not None:
                 runtimes = [rt for rt in runtimes if rt.endpoint.labels.get(POOL_LABEL) == pool]
         states = [self._state(rt, now) for rt in runtimes]
+        spread_slot, spread_of = self._spread(now)
         pick_request = PickRequest(
             request_id=request.request_id,
             prompt_blocks=prompt_blocks,
@@ -971,6 +979,9 @@ class Scheduler:
             priority=objective.priority,
             session_id=request.session_id,
             adapter=adapter,
+            spread_slot=spread_slot,
+            spread_of=spread_of,
+            spread_key=f"{now // self.config.sync.spread_epoch_s:.0f}" if spread_of > 1 else "",
         )
         if self._approx and matches and self._policy.guards_remembered_prefixes:
             matches = self._approximate_load_guard(matches, states, request.subset)
@@ -1019,6 +1030,19 @@ class Scheduler:
         # The latency model learns aggregated serving: a TTFT spent on another pod, plus the KV
         # transfer, is not the decode pod's to learn from.
         prefill_address = None if prefill is None else self._endpoints[prefill].endpoint.address
+        if self.config.sync.enabled:
+            if spread_of > 1:
+                # The peers are likely picking too, and what they pick cannot have arrived
+                # yet: count it (core/peerload.py). Not for a lone pick: with arrivals sparser
+                # than the sync delay a peer rarely picks meanwhile (agentic at 147 req/s,
+                # seeds 0-2: TTFT p99 +1%, +81%, +20% over one replica with every pick
+                # expecting, +17%, +31%, +21% with spread picks only).
+                self.peer_load.expect(
+                    decision.slot_picks if decision is not None and decision.slot_picks else [primary],
+                    flight.prefill_tokens,
+                    now,
+                )
+            self._last_pick_at = now
         if decision is None or prefill_address is not None:
             self._announce(request, flight, now, None)
             stages = (lookup_ns, score_ns, predict_ns, predict_ns) if stage_clock is not None else None
@@ -1040,7 +1064,8 @@ class Scheduler:
         candidates = decision.candidates
         if candidates is not None and self.config.predictor.enabled:
             position = next(i for i, s in enumerate(candidates.states) if s.name == primary)
-            rows = estimator.last_features
+            # A spread pick's last estimate was of the peers' assumed picks, not these states.
+            rows = None if decision.slot_picks else estimator.last_features
             flight.features = (
                 rows[position].copy()
                 if rows is not None
@@ -1051,6 +1076,29 @@ class Scheduler:
         self._announce(request, flight, now, predicted)
         stages = (lookup_ns, score_ns, predict_ns, stage_clock()) if stage_clock is not None else None
         return PickResult("ok", addresses, "", explanation, predicted, stages, matched_blocks, decision)
+
+    def _spread(self, now: float) -> tuple[int, int]:
+        """(this replica's slot, replicas) for a pick that takes its slot of what one replica
+        would pick for as many concurrent requests (``sync.spread_concurrent``); (0, 1): a
+        pick as one replica picks."""
+        sync = self.config.sync
+        mode = sync.spread_concurrent
+        if not sync.enabled or mode == "off":
+            return 0, 1
+        slot, replicas = self.peer_load.slot()
+        if replicas < 2:
+            return 0, 1
+        window = self.peer_load.concurrent_window_s()
+        in_burst = now - self._last_pick_at <= window
+        # Of this replica's recent picks, the share that came within the window of its
+        # previous one: their mean over the first 64 picks, then an exponential average
+        # over about 64.
+        self._spread_picks += 1
+        weight = 1.0 / min(self._spread_picks, 64)
+        self._burst_share += ((1.0 if in_burst else 0.0) - self._burst_share) * weight
+        if mode == "auto" and not in_burst and self._burst_share < sync.spread_burst_share:
+            return 0, 1
+        return slot, replicas
 
     def _roles(self, states: list[EndpointState]) -> tuple[list[EndpointState], list[EndpointState]] | None:
         """The decode and prefill candidates of a disaggregated pool (one with a pod labelled

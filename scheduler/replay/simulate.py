@@ -119,6 +119,10 @@ def replica_figures(pool: VirtualPool) -> dict[str, Any]:
             sync_messages_lost_seen=sum(s.lost for s in stats),
             sync_lag_mean_s=sum(s.lag_sum_s for s in stats) / received if received else 0.0,
             sync_phantom_reclaimed=reclaimed,
+            # Peer picks assumed concurrent with a replica's own, and those a routing from that
+            # peer replaced before the lag had passed.
+            sync_expected=sum(s.expected for s in stats),
+            sync_expected_replaced=sum(s.expected_replaced for s in stats),
             sync_agreement_samples=sum(s.agreement_samples for s in stats),
             sync_agreement_ratio=(
                 sum(s.agreement_same for s in stats) / max(sum(s.agreement_samples for s in stats), 1)

@@ -32,6 +32,9 @@ class Decision:
     # Per candidate: predicted to meet the request's SLOs (None: no SLO or no predictions).
     slo_feasible: list[bool] | None = None
     slo_note: str = ""  # set when no candidate was predicted to meet the SLOs
+    # A spread pick (PickRequest.spread_of > 1): per replica slot, the endpoint one replica
+    # would pick for that slot's request of as many concurrent ones; the primary is its own.
+    slot_picks: list[str] = field(default_factory=list)
 
     @property
     def predicted(self) -> tuple[float, float, str] | None:
@@ -96,7 +99,7 @@ class Decision:
             if self.slo_feasible is not None:
                 for state, ok in zip(candidates.states, self.slo_feasible, strict=True):
                     explained[state.name]["meets_slo"] = ok
-        return {
+        account = {
             "endpoints": list(self.endpoints),
             "addresses": list(self.addresses),
             "saturated": self.saturated,
@@ -109,6 +112,10 @@ class Decision:
             "prediction_source": candidates.prediction_source if candidates is not None else "",
             "slo_note": self.slo_note,
         }
+        if self.slot_picks:
+            # Why a spread pick's primary need not be the best total: it took its slot.
+            account["slot_picks"] = list(self.slot_picks)
+        return account
 
 
 def _rows(names: list[str], columns: list[list[float]], count: int) -> list[dict[str, float]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from scheduler.core.scoring.candidates import (
     Candidates,
@@ -233,7 +233,10 @@ class SchedulingPipeline:
         candidates, active, scores, totals = self.score_candidates(eligible, request, matches, estimator)
         ranking, feasible, slo_note = self.rank_by_slo(candidates, totals, request)
         saturated = bool(eligible.saturated_reason)
-        order = self.order_candidates(ranking, candidates, request, saturated, rng)
+        slot_picks: list[int] = []
+        if request.spread_of > 1 and not saturated and config.mode == "max_score" and len(candidates) > 1:
+            slot_picks = self.concurrent_picks(eligible, request, matches, estimator, candidates, ranking)
+        order = self.order_candidates(ranking, candidates, request, saturated, rng, slot_picks)
         states = eligible.states
         return Decision(
             [states[i].name for i in order],
@@ -249,6 +252,7 @@ class SchedulingPipeline:
             totals=totals,
             slo_feasible=feasible,
             slo_note=slo_note,
+            slot_picks=[states[i].name for i in slot_picks],
         )
 
     # --- stages ----------------------------------------------------------------------------
@@ -300,6 +304,41 @@ class SchedulingPipeline:
         totals = weighted_totals(list(scores.values()), active.weights, active.weight_sum, len(candidates))
         return candidates, active, scores, totals
 
+    def concurrent_picks(
+        self,
+        eligible: Eligible,
+        request: PickRequest,
+        matches: Mapping[str, PrefixMatch],
+        estimator: LatencyEstimator | None,
+        candidates: Candidates,
+        ranking: list[float],
+    ) -> list[int]:
+        """Positions of the primaries of ``request.spread_of`` requests like this one picked
+        one after another, each counted where it went before the next is picked: what one
+        replica would do with the concurrent picks of all of them. Load ties go by
+        ``request.spread_key``, so every replica computes the same list."""
+        config = self._config
+        key = request.spread_key
+        tokens = float(request.prompt_tokens)
+        picks: list[int] = []
+        while True:
+            primary = order_by_score(ranking, candidates, 1, config.tie_epsilon, self._tiebreak, key)[0]
+            picks.append(primary)
+            if len(picks) == request.spread_of:
+                return picks
+            states = list(eligible.states)
+            state = states[primary]
+            added = tokens * (1.0 - candidates.overlap[primary])
+            states[primary] = replace(
+                state,
+                inflight_requests=state.inflight_requests + 1,
+                inflight_prefill_tokens=state.inflight_prefill_tokens + int(added),
+                queued_prefill_tokens=state.queued_prefill_tokens + added,
+            )
+            eligible = replace(eligible, states=states)
+            candidates, _, _, totals = self.score_candidates(eligible, request, matches, estimator)
+            ranking = self.rank_by_slo(candidates, totals, request)[0]
+
     def rank_by_slo(self, candidates: Candidates, totals: list[float], request: PickRequest) -> SLORanking:
         """SLO stage: for a request with objectives and predictions, the candidates predicted
         to meet them rank first; when none is, ``slo_unmeetable`` decides. Otherwise the
@@ -327,11 +366,26 @@ class SchedulingPipeline:
         request: PickRequest,
         saturated: bool,
         rng: random.Random | None,
+        slot_picks: Sequence[int] = (),
     ) -> list[int]:
         """Order stage: positions of the primary and its fallbacks, by ranking (near-ties to
-        the least loaded), by softmax sampling, or by load alone when saturated."""
+        the least loaded), by softmax sampling, or by load alone when saturated. With
+        ``slot_picks`` (a spread pick, ``concurrent_picks``) the primary is the request's
+        slot of them."""
         config = self._config
         wanted = 1 + config.num_fallbacks
+        if slot_picks:
+            primary = slot_picks[request.spread_slot % len(slot_picks)]
+            fallbacks = order_by_score(
+                ranking,
+                candidates,
+                wanted - 1,
+                config.tie_epsilon,
+                self._tiebreak,
+                request.request_id,
+                exclude=primary,
+            )
+            return [primary, *fallbacks]
         if saturated:
             # Scores do not matter once everything is over a limit: list the least loaded.
             return order_by_load(

@@ -106,6 +106,13 @@ class PickRequest:
     session_id: str | None = None
     # The LoRA adapter the request names as its model; None: the base model.
     adapter: str | None = None
+    # Several replicas picking at once (core/peerload.py): this replica's place among them
+    # and how many. The primary is then the pick one replica would make for the
+    # ``spread_slot``-th of ``spread_of`` requests like this one arriving together, load
+    # ties broken by ``spread_key``. (0, 1): the best, as one replica picks.
+    spread_slot: int = 0
+    spread_of: int = 1
+    spread_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
