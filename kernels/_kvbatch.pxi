@@ -586,6 +586,12 @@ cdef int _decode_event(Decoded* d, kv_reader* r, const uint8_t* base, const uint
     if got == 1 and v.kind == KV_INT:
         ev.has_lora = True
         ev.lora = v.u
+    # lora_name: a block stored under a named adapter hangs from that adapter's root
+    # (PrefixIndex._event_root, by name before id); this decoder keys by lora_id alone, so
+    # such an event is the codec's (it stored the blocks under the base model's root).
+    got = _field(pos, F_LORA_NAME, end, &fr, &v)
+    if got < 0 or (got == 1 and v.kind != KV_NIL):
+        return -1
     # extra_keys: an array (its items kept as raw spans), else None whatever it is.
     got = _field(pos, F_EXTRA, end, &fr, &v)
     if got < 0:

@@ -269,3 +269,22 @@ def test_declined_payload_goes_through_the_codec_in_ingest() -> None:
     ingest.on_live(2, b"\xc1", 0.0)
     assert ingest.stats.malformed_payloads == 1 and ingest.stats.resets == 1
     assert index.num_blocks == 0
+
+
+@pytest.mark.parametrize("hash_mode", ["own", "vllm"])
+def test_a_block_stored_under_a_named_adapter_hangs_from_its_adapters_root(hash_mode: str) -> None:
+    """The kernel keyed blocks by lora_id alone and stored a named adapter's blocks under the
+    base model's root, where a base-model prompt then matched them (found by the property test
+    above: BlockStored [0, 0] with lora_name 'adapter')."""
+    reference, fast = _twin_indexes(hash_mode)
+    stored = BlockStored([7, 8], None, [0, 0, 1, 1], BS, lora_name="adapter")
+    data = encode_batch(EventBatch(0.5, [stored], 0))
+    expected, _, _ = _reference(reference, "a", data)
+    got = fast.apply_payload("a", data)
+    if got is None:  # declined: the codec applies it
+        _reference(fast, "a", data)
+    else:
+        assert got[0] == expected
+    assert _state(fast) == _state(reference)
+    if hash_mode == "own":
+        assert reference.match_tokens([0, 0, 1, 1]) == {}  # not the base model's blocks
