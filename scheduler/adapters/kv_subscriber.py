@@ -435,13 +435,13 @@ class KVEventSubscriber:
         # Why a reader callback and not a task awaiting recv_multipart: at 1,000
         # subscriptions each batch arrives on its own, and the task paid a future, a task
         # step and zmq.asyncio's poll bookkeeping per batch, then a second loop turn to
-        # yield. ZMQ's descriptor is edge-like (it signals that EVENTS changed), so a turn
-        # ends only once EVENTS shows nothing left to read.
+        # yield. ZMQ's descriptor is edge-like (it signals that EVENTS changed), so the
+        # reader waits for it again only once ZMQ's queue was seen empty.
         rank.next_turn = None
         waiting = rank.waiting
         if waiting is None:
             return
-        self._drain(rank, waiting)
+        seen_empty = self._drain(rank, waiting)
         clock = time.perf_counter_ns
         deadline = clock() + LIVE_BUDGET_NS
         for _ in range(LIVE_BURST):
@@ -453,14 +453,24 @@ class KVEventSubscriber:
         if rank.deep and not rank.queue:
             rank.deep = False
             TRIMMER.touch()
-        if rank.queue or _readable(waiting):
+        if rank.queue or not seen_empty:
             rank.next_turn = asyncio.get_running_loop().call_soon(self._live_turn, rank)
 
-    def _drain(self, rank: _Rank, waiting: zmq.Socket[bytes]) -> None:
+    def _drain(self, rank: _Rank, waiting: zmq.Socket[bytes]) -> bool:
+        """Moves what ZMQ holds into the receive queue; True when its queue was seen empty
+        (the descriptor then signals the next message). A wake-up of the descriptor almost
+        always means a message: it is received at once, and EVENTS asked only after it
+        (each ask costs ~2 us in libzmq, which processes its command queue for it; a profile
+        of 1,000 subscriptions had a third of the live path's time in three asks a batch)."""
         for _ in range(DRAIN_SLICE):
+            try:
+                frames = waiting.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            self._enqueue(rank, frames)
             if not _readable(waiting):
-                return
-            self._enqueue(rank, waiting.recv_multipart(zmq.NOBLOCK))
+                return True
+        return False
 
     def _enqueue(self, rank: _Rank, frames: list[bytes]) -> None:
         size = sum(len(frame) for frame in frames)
