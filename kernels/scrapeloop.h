@@ -18,10 +18,9 @@
  * sequence number.
  *
  * Threading. Python calls the scrapeloop_* functions under the GIL from the event loop's
- * thread; they only take the command lock and write the wake eventfd. The thread owns every
- * target and socket. Finished scrapes go to a result list under the result lock, and the
- * first one after Python's last drain writes the notify eventfd, which the event loop
- * watches.
+ * thread; they only take the lock and write the wake eventfd. The thread owns every target
+ * and socket. Finished scrapes go to a result list under the lock, and the notify eventfd,
+ * which the event loop watches, is written SCRAPELOOP_COALESCE_NS after the first of them.
  */
 #ifndef KVSCHED_SCRAPELOOP_H
 #define KVSCHED_SCRAPELOOP_H
@@ -39,6 +38,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "promscan.h"
@@ -47,6 +47,10 @@
 #define SCRAPELOOP_INITIAL_BUFFER (128 * 1024)
 #define SCRAPELOOP_WAKE_KEY UINT64_MAX
 #define SCRAPELOOP_THREAD_NAME "kvsched-scrape"
+/* How long a finished page may wait before Python is woken for it, so that one wake-up takes
+ * many: at 1,000 endpoints every 0.1 s, 10,000 pages a second arrive ~20 to a wake-up instead
+ * of one or two, and a figure 2 ms late is 2% of the interval it is scraped at. */
+#define SCRAPELOOP_COALESCE_NS 2000000
 
 enum { SL_OK = 0, SL_ERROR = 1 };
 enum { SL_MARK_VLLM = 1, SL_MARK_SGLANG = 2 };
@@ -120,6 +124,7 @@ typedef struct {
     sl_result *results;
     size_t n_results, cap_results;
     int notified; /* notify_fd written since Python's last drain */
+    int64_t unannounced_since; /* the thread's: when the oldest result Python was not told of came */
     /* the thread's own */
     sl_target **targets; /* by id: ids are small integers handed out by the caller */
     size_t n_targets;
@@ -159,6 +164,12 @@ static void sl_line_hit(void *context, int which, const unsigned char *line, siz
 
 /* --- results (thread side) ------------------------------------------------------------- */
 
+static int64_t sl_now_ns(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+}
+
 static void sl_push(scrapeloop *loop, sl_result *result) {
     pthread_mutex_lock(&loop->lock);
     if (loop->n_results == loop->cap_results) {
@@ -173,14 +184,29 @@ static void sl_push(scrapeloop *loop, sl_result *result) {
         loop->cap_results = cap;
     }
     loop->results[loop->n_results++] = *result;
-    int notify = !loop->notified;
-    loop->notified = 1;
+    pthread_mutex_unlock(&loop->lock);
+    if (loop->unannounced_since == 0) loop->unannounced_since = sl_now_ns();
+}
+
+/* Python is told (notify_fd) about results once the oldest it has not been told about is
+ * SCRAPELOOP_COALESCE_NS old: each wake-up of the event loop then takes every page finished
+ * in that window. Returns the epoll timeout (ms) until the next announcement is due, -1 for
+ * none. */
+static int sl_announce(scrapeloop *loop) {
+    if (loop->unannounced_since == 0) return -1;
+    int64_t due = loop->unannounced_since + SCRAPELOOP_COALESCE_NS - sl_now_ns();
+    if (due > 0) return (int)((due + 999999) / 1000000);
+    loop->unannounced_since = 0;
+    pthread_mutex_lock(&loop->lock);
+    int notify = !loop->notified && loop->n_results > 0;
+    if (notify) loop->notified = 1;
     pthread_mutex_unlock(&loop->lock);
     if (notify) {
         uint64_t one = 1;
         ssize_t written = write(loop->notify_fd, &one, sizeof one);
         (void)written;
     }
+    return -1;
 }
 
 static void sl_close_fd(scrapeloop *loop, sl_target *t) {
@@ -698,8 +724,9 @@ static void *sl_main(void *arg) {
     struct epoll_event events[256];
     sl_command *batch = NULL;
     size_t cap_batch = 0;
+    int timeout = -1;
     while (!loop->stopping) {
-        int n = epoll_wait(loop->epoll_fd, events, 256, -1);
+        int n = epoll_wait(loop->epoll_fd, events, 256, timeout);
         if (n < 0) {
             if (errno == EINTR) continue;
             break;
@@ -733,6 +760,7 @@ static void *sl_main(void *arg) {
                 if (t->fd >= 0) sl_event(loop, t, events[i].events);
             }
         }
+        timeout = sl_announce(loop);
     }
     free(batch);
     return NULL;
