@@ -164,9 +164,15 @@ async def _serve_fleet(
     publishing = asyncio.Event()
 
     def command() -> None:
-        if not conn.poll():
+        try:
+            if not conn.poll():
+                return
+            message = conn.recv()
+        except (EOFError, OSError):  # the replica is gone: so is the fleet (it logged forever)
+            loop.remove_reader(conn.fileno())
+            stop.set()
+            publishing.set()
             return
-        message = conn.recv()
         if message == "stop":
             stop.set()
         elif message == "events":  # publish only while the subscriptions are measured
