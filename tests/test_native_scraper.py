@@ -368,3 +368,39 @@ _long_piece = st.sampled_from([*NAMES, b"vllm:num", b"{", b"}", b" ", b"\t", b"\
 def test_the_scan_agrees_with_its_python_twin_on_long_pages(pieces: list[bytes]) -> None:
     page = b"".join(pieces)
     assert promlines.sample_lines(page, NAMES) == _sample_lines_twin(page, NAMES)
+
+
+async def test_targets_removed_and_stopped_with_scrapes_in_flight(server: Callable[..., Server]) -> None:
+    page = b"vllm:num_requests_waiting 1\nvllm:num_requests_running 2\nvllm:kv_cache_usage_perc 0.5\n"
+    raws = [await server([content_length(page)]) for _ in range(40)]  # type: ignore[misc]
+    names = [f"e{i}" for i in range(len(raws))]
+    scheduler = Scheduler()
+    scheduler.set_endpoints([Endpoint(name=name, address=name) for name in names], time.monotonic())
+    scraper = MetricsScraper(scheduler, interval_s=0.005, native=True)
+    await scraper.start()
+    await scraper.set_targets({name: raw.url for name, raw in zip(names, raws, strict=True)})
+    deadline = time.monotonic() + 10.0
+    while not all(scraper.stats(name).scrapes > 3 for name in names):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    # Half go while their scrapes are out; the same names come back at new addresses.
+    await scraper.set_targets({name: raw.url for name, raw in zip(names[::2], raws[::2], strict=True)})
+    for name, raw in zip(names[1::2], raws[::-2], strict=True):
+        await scraper.add(name, raw.url)
+    before = {name: scraper.stats(name).scrapes - scraper.stats(name).failures for name in names}
+    while not all(
+        scraper.stats(name).scrapes - scraper.stats(name).failures > before[name] + 3 for name in names
+    ):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    assert sum(stats.failures for stats in scraper.all_stats().values()) == 0
+    await scraper.stop()  # with scrapes in flight: the thread is joined, nothing comes after
+
+    def ages() -> list[float]:
+        now = time.monotonic()
+        return [scheduler.endpoint_state(name, now).metrics_age_s or 0.0 for name in names]
+
+    stopped = ages()
+    await asyncio.sleep(0.05)
+    # No figure was reported after stop(): every one is older by the time slept.
+    assert all(after >= before + 0.04 for before, after in zip(stopped, ages(), strict=True))
