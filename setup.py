@@ -116,6 +116,8 @@ extensions = [
     Extension(
         f"scheduler._native.{pyx.stem}",
         [str(pyx)],
+        # The C the .pyx files include (promscan.h, scrapeloop.h): a change rebuilds them.
+        depends=[str(header) for header in sorted(KERNELS.glob("*.h"))],
         extra_compile_args=["-O3"],
     )
     for pyx in sorted(KERNELS.glob("*.pyx"))

@@ -1,26 +1,49 @@
 # cython: language_level=3
 """The sample lines of a few metrics, out of a whole Prometheus text page, in one pass.
 
-The pure-Python twin is ``scheduler/codec/prom.py::_sample_lines`` (one ``bytes.find``
-per wanted name); both return, per wanted name, every line whose metric name is exactly
-that name: at a line start after optional blanks, followed by ``{``, a blank or a tab,
-the line from the name to its newline. Property tests hold the two to each other and to
-prometheus_client's parser.
-
-Why a kernel. A vLLM 0.33 page is 60 KB and 650 lines, of which kvsched reads five.
-``bytes.find`` compares byte by byte on text this repetitive (every line starts with
-``vllm:``): ~1.2 bytes/ns, 50 us per name over a whole page here, and every name has to
-be searched to the page's end to catch a family split into two groups. This walks the
-lines once instead: ``memchr`` to each newline, and a compare of the line's first bytes
-with each name (most differ at the first or sixth byte), ~10 us for the page.
+The scan itself is ``kernels/promscan.h`` (C), shared with the native scraper
+(``kernels/pagescrape.pyx``) so that a page read here and a page read off a socket there
+give the same lines. The pure-Python twin is ``scheduler/codec/prom.py::_sample_lines``;
+property tests hold the two to each other and to prometheus_client's parser.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.stdint cimport uint64_t
-from libc.string cimport memchr, memcmp, memcpy
+from libc.stdlib cimport free, realloc
 
 
-DEF MAX_NAMES = 16
+cdef extern from "promscan.h":
+    enum: PROMSCAN_MAX_NAMES
+    ctypedef struct promscan_names:
+        pass
+    ctypedef void (*promscan_hit)(void *context, int which, const unsigned char *line, size_t size) noexcept nogil
+    int promscan_prepare(promscan_names *names, const unsigned char *const *starts, const size_t *sizes, int count)
+    void promscan_lines(const promscan_names *names, const unsigned char *base, size_t n, promscan_hit hit, void *context)
+
+
+cdef struct _Hits:
+    Py_ssize_t count
+    Py_ssize_t capacity
+    Py_ssize_t *items  # (which, offset, size) per line
+    const unsigned char *base
+    int failed
+
+
+cdef void _record(void *context, int which, const unsigned char *line, size_t size) noexcept nogil:
+    cdef _Hits *hits = <_Hits*>context
+    cdef Py_ssize_t *grown
+    if hits.failed:
+        return
+    if hits.count == hits.capacity:
+        grown = <Py_ssize_t*>realloc(hits.items, 3 * sizeof(Py_ssize_t) * (hits.capacity * 2 + 16))
+        if grown == NULL:
+            hits.failed = 1
+            return
+        hits.items = grown
+        hits.capacity = hits.capacity * 2 + 16
+    hits.items[3 * hits.count] = which
+    hits.items[3 * hits.count + 1] = line - hits.base
+    hits.items[3 * hits.count + 2] = <Py_ssize_t>size
+    hits.count += 1
 
 
 def sample_lines(const unsigned char[::1] page, tuple names):
@@ -28,58 +51,36 @@ def sample_lines(const unsigned char[::1] page, tuple names):
     ``page``, in page order."""
     cdef Py_ssize_t n = page.shape[0]
     cdef Py_ssize_t count = len(names)
-    if count > MAX_NAMES:
-        raise ValueError(f"at most {MAX_NAMES} names, got {count}")
+    if count > PROMSCAN_MAX_NAMES:
+        raise ValueError(f"at most {PROMSCAN_MAX_NAMES} names, got {count}")
     cdef list out = [[] for _ in range(count)]
     if n == 0 or count == 0:
         return out
-    cdef const unsigned char* starts[MAX_NAMES]
-    cdef Py_ssize_t sizes[MAX_NAMES]
-    # A name's first 8 bytes (fewer for a shorter name, the rest masked off) as one word: a
-    # line is compared with each name in a register, and only a line that shares them goes
-    # on to memcmp (on a vLLM page every line starts "vllm:", so a byte-wise compare would
-    # get five bytes in before failing).
-    cdef uint64_t heads[MAX_NAMES]
-    cdef uint64_t masks[MAX_NAMES]
-    cdef unsigned char ones[8]
-    cdef uint64_t word
-    cdef Py_ssize_t i, k, m
+    cdef const unsigned char* starts[PROMSCAN_MAX_NAMES]
+    cdef size_t sizes[PROMSCAN_MAX_NAMES]
+    cdef Py_ssize_t k
     for k in range(count):
         item = names[k]
         if not isinstance(item, bytes) or len(<bytes>item) == 0:
             raise TypeError("names must be non-empty bytes")
         starts[k] = <const unsigned char*><char*><bytes>item
         sizes[k] = len(<bytes>item)
-        m = min(sizes[k], 8)
-        for i in range(8):
-            ones[i] = 0xFF if i < m else 0
-        memcpy(&masks[k], ones, 8)
-        heads[k] = 0
-        memcpy(&heads[k], starts[k], m)
-    cdef const unsigned char* base = &page[0]
-    cdef Py_ssize_t pos = 0, start, eol, size
-    cdef const unsigned char* hit
-    cdef unsigned char after
-    while pos < n:
-        start = pos
-        while start < n and (base[start] == 32 or base[start] == 9):
-            start += 1
-        hit = <const unsigned char*>memchr(base + start, 10, n - start)
-        eol = n if hit == NULL else hit - base
-        if eol - start > 1:  # a name and what follows it
-            word = 0
-            memcpy(&word, base + start, 8 if n - start >= 8 else n - start)
-            for k in range(count):
-                size = sizes[k]
-                if (
-                    (word & masks[k]) == heads[k]
-                    and eol - start > size
-                    and memcmp(base + start, starts[k], size) == 0
-                ):
-                    after = base[start + size]
-                    if after == 123 or after == 32 or after == 9:  # '{', ' ', '\t'
-                        (<list>out[k]).append(
-                            PyBytes_FromStringAndSize(<const char*>(base + start), eol - start)
-                        )
-        pos = eol + 1
+    cdef promscan_names prepared
+    promscan_prepare(&prepared, starts, sizes, <int>count)
+    cdef _Hits hits
+    hits.count = hits.capacity = 0
+    hits.items = NULL
+    hits.base = &page[0]
+    hits.failed = 0
+    cdef Py_ssize_t i
+    try:
+        promscan_lines(&prepared, &page[0], <size_t>n, _record, &hits)
+        if hits.failed:
+            raise MemoryError()
+        for i in range(hits.count):
+            (<list>out[hits.items[3 * i]]).append(
+                PyBytes_FromStringAndSize(<const char*>(hits.base + hits.items[3 * i + 1]), hits.items[3 * i + 2])
+            )
+    finally:
+        free(hits.items)
     return out

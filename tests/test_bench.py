@@ -300,5 +300,9 @@ def test_scrape_benchmark_scrapes_the_fleet_and_applies_its_events() -> None:
     assert row["rest_scrapes_per_s"] < row["scrapes_per_s"]
     assert row["event_batches_per_s"] > 0.5 * 5.0 * 8
     assert row["scrape_cpu_us"] > 0 and row["baseline_scrape_cpu_us"] > 0
+    # The pages came through the native thread where it is built (its CPU is counted apart).
+    from scheduler.adapters import native_page_client
+
+    assert (row["scrape_thread_cpu_us"] > 0) is native_page_client.available()
     text = format_report(report)
     assert "goal 8 endpoints busy" in text and "at rest" in text

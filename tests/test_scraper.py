@@ -2,6 +2,8 @@
 
 The servers are minimal aiohttp apps serving a fixed vLLM-format page (a stand-in for a model
 server's /metrics whose answers a test can switch: errors, hangs, oversized or chunked pages).
+Every test runs twice: with pages fetched on the native scraper thread (the default where it
+is built) and on the Python page client (its fallback).
 """
 
 from __future__ import annotations
@@ -14,9 +16,19 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
+from scheduler.adapters import native_page_client
 from scheduler.adapters.scraper import MetricsScraper
 from scheduler.codec.prom import MetricsSpec
 from scheduler.core.scheduler import Endpoint, EndpointMetrics, HealthConfig, Scheduler, SchedulerConfig
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def page_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "native":
+        pytest.importorskip("scheduler._native.pagescrape")
+    else:
+        monkeypatch.setattr(native_page_client, "available", lambda: False)
+    return str(request.param)
 
 
 def vllm_text(waiting: int, running: int, usage: float) -> str:

@@ -46,9 +46,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from scheduler.adapters import native_page_client
+from scheduler.adapters.native_page_client import NativePageClient, NativePageHub, ScannedLines
 from scheduler.adapters.page_client import PageClient, PageTarget
 from scheduler.adapters.stage_times import STAGE_TIMES
-from scheduler.codec.prom import MetricsSpec, PromMetricsError, parse_endpoint_metrics
+from scheduler.codec.prom import MetricsSpec, PromMetricsError, parse_endpoint_metrics, parse_sample_lines
 from scheduler.core.scheduler import EndpointMetrics
 
 log = logging.getLogger(__name__)
@@ -91,13 +93,21 @@ class ScrapeStats:
     skipped_idle: int = 0  # fast ticks with no scrape: nothing routed there
 
 
+@dataclass(frozen=True, slots=True)
+class _ParseFailure:
+    error: str
+    unexpected: bool  # not a PromMetricsError: logged with its traceback
+
+
 @dataclass(slots=True, eq=False)
 class _Target:
     name: str
     url: str
     phase: float
     stats: ScrapeStats
-    client: PageClient | None = None
+    client: PageClient | NativePageClient | None = None
+    # The native client's last page, interpreted: what an "unchanged" page reads as.
+    last_outcome: EndpointMetrics | _ParseFailure | None = None
     started: float = 0.0  # clock() at the scrape's start
     started_loop: float = -math.inf  # loop time of the last scrape's start
     tick: int = 0  # index of the target's next tick (see MetricsScraper._next_tick)
@@ -120,8 +130,12 @@ class MetricsScraper:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         activity: Callable[[str], bool] | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        native: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``native``: scrape plain-HTTP endpoints at numeric addresses on the native thread
+        (``native_page_client``); None (the default) does where the module is built, False
+        never does (every endpoint on ``PageClient``), True requires it."""
         if interval_s <= 0 or timeout_s <= 0:
             raise ValueError("scrape interval and timeout must be positive")
         if idle_interval_s is not None and idle_interval_s <= 0:
@@ -135,6 +149,11 @@ class MetricsScraper:
         self.activity = activity
         self.ssl_context = ssl_context
         self.clock = clock
+        if native and not native_page_client.available():
+            raise RuntimeError("the native scraper (scheduler._native.pagescrape) is not built")
+        self.native = native_page_client.available() if native is None else native
+        self._hub: NativePageHub | None = None
+        self._scanned_names = self.spec.scanned_names
         self._targets: dict[str, _Target] = {}
         self._ticks: list[tuple[float, int, _Target]] = []  # (loop time, seq, target)
         # (deadline, seq, target, which of its scrapes), a heap: the timeout, then the limit
@@ -171,6 +190,9 @@ class MetricsScraper:
         self._targets.clear()
         self._ticks.clear()
         self._deadlines.clear()
+        if self._hub is not None:
+            self._hub.close()
+            self._hub = None
 
     async def __aenter__(self) -> MetricsScraper:
         await self.start()
@@ -187,8 +209,10 @@ class MetricsScraper:
     def max_body_bytes(self, value: int) -> None:
         self._max_body_bytes = value
         for target in self._targets.values():
-            if target.client is not None:
+            if isinstance(target.client, PageClient):
                 target.client.max_body_bytes = value
+        if self._hub is not None:
+            self._hub.set_max_body_bytes(value)
 
     # --- targets -------------------------------------------------------------------------
 
@@ -228,12 +252,29 @@ class MetricsScraper:
             target.stats.scrapes += 1
             self._failed(target, error, self.clock())
             return
-        target.client = PageClient(
-            page,
-            on_page=lambda body: self._scraped(target, body),
-            on_error=lambda reason: self._scrape_failed(target, reason),
-            max_body_bytes=self.max_body_bytes,
-        )
+        if self.native and native_page_client.serves(page):
+            if self._hub is None:
+                self._hub = NativePageHub(
+                    loop,
+                    tuple(name.encode("ascii") for name in self._scanned_names),
+                    marks=self.spec.names is None and self.spec.engine == "auto",
+                    max_body_bytes=self.max_body_bytes,
+                )
+            target.client = NativePageClient(
+                self._hub,
+                page,
+                on_lines=lambda lines, marks, size, current: self._scanned(
+                    target, lines, marks, size, current
+                ),
+                on_error=lambda reason: self._scrape_failed(target, reason),
+            )
+        else:
+            target.client = PageClient(
+                page,
+                on_page=lambda body: self._scraped(target, body),
+                on_error=lambda reason: self._scrape_failed(target, reason),
+                max_body_bytes=self.max_body_bytes,
+            )
         self._schedule(target, loop.time())
 
     async def remove(self, name: str) -> None:
@@ -372,8 +413,7 @@ class MetricsScraper:
         return await waiter
 
     def _scraped(self, target: _Target, page: bytes) -> None:
-        stats = target.stats
-        stats.last_bytes = len(page)
+        target.stats.last_bytes = len(page)
         try:
             parsing = STAGE_TIMES.start()
             metrics = parse_endpoint_metrics(page, self.spec)
@@ -382,11 +422,42 @@ class MetricsScraper:
             self._scrape_failed(target, str(exc))
             return
         except Exception as exc:  # the schedule outlives any surprise; logged once per streak
-            if stats.consecutive_failures == 0:
+            if target.stats.consecutive_failures == 0:
                 log.exception("scraping %s (%s): unexpected error", target.name, target.url)
             self._finish(target, False)
             self._failed(target, f"{type(exc).__name__}: {exc}", self.clock(), logged=True)
             return
+        self._report(target, metrics)
+
+    def _scanned(self, target: _Target, lines: ScannedLines, marks: int, size: int, current: bool) -> None:
+        """A page from the native thread, as its sample lines (None: the previous page's)."""
+        if lines is None:
+            outcome = target.last_outcome
+        else:
+            try:
+                parsing = STAGE_TIMES.start()
+                outcome = parse_sample_lines(lines, self._scanned_names, marks, self.spec)
+                STAGE_TIMES.stop("scrape_parse", parsing)
+            except PromMetricsError as exc:
+                outcome = _ParseFailure(str(exc), False)
+            except Exception as exc:  # the schedule outlives any surprise; logged once per streak
+                if target.stats.consecutive_failures == 0:
+                    log.exception("scraping %s (%s): unexpected error", target.name, target.url)
+                outcome = _ParseFailure(f"{type(exc).__name__}: {exc}", True)
+            target.last_outcome = outcome
+        if not current or target.removed:
+            return
+        target.stats.last_bytes = size
+        if isinstance(outcome, EndpointMetrics):
+            self._report(target, outcome)
+        elif outcome is None:  # an unchanged page with no previous one: the thread's error
+            self._scrape_failed(target, "the native scraper lost the previous page's lines")
+        else:
+            self._finish(target, False)
+            self._failed(target, outcome.error, self.clock(), logged=outcome.unexpected)
+
+    def _report(self, target: _Target, metrics: EndpointMetrics) -> None:
+        stats = target.stats
         now = self.clock()
         stats.last_duration_s = now - target.started
         if stats.consecutive_failures:

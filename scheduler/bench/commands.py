@@ -753,7 +753,7 @@ def register(subparsers: Any) -> None:
         "--baseline",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also measure the aiohttp scraper, per scrape, in the same run",
+        help="also measure the scraper on the Python page client (no native thread) in the same run",
     )
     scrape.add_argument("--json", action="store_true", help="print one JSON object")
     scrape.set_defaults(func=_bench_scrape)

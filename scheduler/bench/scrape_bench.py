@@ -10,10 +10,10 @@ ZMQ's I/O thread included) is read over a window for each of:
 
 * ``scrape``: the scraper at the interval asked for (default 0.1 s, kvsched's default);
 * ``events``: the KV-event subscriptions alone (the scraper stopped);
-* ``baseline``: the scraper as it was before (one aiohttp session, a task per endpoint
-  sleeping to its tick, the page decoded to text), at the same interval, measured in the
-  same run. It cannot keep up at the larger sizes on this machine; its figure is CPU per
-  scrape, so the ratio stays per scrape.
+* ``baseline``: the same scraper with every page on the Python page client
+  (``adapters/page_client.py``, the event loop's sockets, the page copied out and scanned by
+  ``promlines.pyx``) instead of the native thread, at the same interval, in the same run;
+  its figure is CPU per scrape, so the ratio stays per scrape.
 
 The fleet shares the machine, and a busy machine may serve fewer pages than asked: the
 table gives scrapes per second achieved beside CPU per scrape, and projects cores at the
@@ -27,6 +27,7 @@ import contextlib
 import math
 import multiprocessing
 import multiprocessing.connection
+import os
 import random
 import re
 import resource
@@ -35,14 +36,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import zmq
 import zmq.asyncio
 
-from scheduler.adapters.kv_subscriber import KVEventIngestService, SubscriberConfig
+from scheduler.adapters.kv_subscriber import MAX_ZMQ_SOCKETS, KVEventIngestService, SubscriberConfig
+from scheduler.adapters.native_page_client import NATIVE_THREAD_NAME
 from scheduler.adapters.scraper import DEFAULT_INTERVAL_S, MetricsScraper
 from scheduler.codec.kvevents import encode_batch, encode_seq
-from scheduler.codec.prom import MetricsSpec, parse_endpoint_metrics
+from scheduler.codec.prom import MetricsSpec
 from scheduler.core.events import BlockRemoved, BlockStored, EventBatch
 from scheduler.core.index import IndexConfig
 from scheduler.core.scheduler import Endpoint, Scheduler, SchedulerConfig
@@ -163,9 +164,15 @@ async def _serve_fleet(
     publishing = asyncio.Event()
 
     def command() -> None:
-        if not conn.poll():
+        try:
+            if not conn.poll():
+                return
+            message = conn.recv()
+        except (EOFError, OSError):  # the replica is gone: so is the fleet (it logged forever)
+            loop.remove_reader(conn.fileno())
+            stop.set()
+            publishing.set()
             return
-        message = conn.recv()
         if message == "stop":
             stop.set()
         elif message == "events":  # publish only while the subscriptions are measured
@@ -216,6 +223,11 @@ class Window:
     wall_s: float
     count: int  # good scrapes, or KV-event batches applied
     failed: int = 0  # scrapes that failed (a fleet too slow for this machine: timeouts)
+    thread_cpu_s: float = 0.0  # of cpu_s, the native scraper thread's
+
+    @property
+    def thread_us_each(self) -> float:
+        return self.thread_cpu_s / self.count * 1e6 if self.count else float("nan")
 
     @property
     def cores(self) -> float:
@@ -230,10 +242,31 @@ class Window:
         return self.count / self.wall_s
 
 
+def _native_thread_cpu_s() -> float:
+    """CPU of this process's native scraper threads (by their name), from /proc (schedstat:
+    nanoseconds; stat's clock ticks are 10 ms, coarser than a window's share); 0 elsewhere."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/self/task/{task}/comm") as comm:
+                    if comm.read().strip() != NATIVE_THREAD_NAME:
+                        continue
+                with open(f"/proc/self/task/{task}/schedstat") as schedstat:
+                    total += int(schedstat.read().split()[0])
+    return total / 1e9
+
+
 async def _window(count: Any, seconds: float) -> Window:
     cpu, wall, before = time.process_time(), time.monotonic(), count()
+    thread = _native_thread_cpu_s()
     await asyncio.sleep(seconds)
-    return Window(time.process_time() - cpu, time.monotonic() - wall, count() - before)
+    return Window(
+        time.process_time() - cpu,
+        time.monotonic() - wall,
+        count() - before,
+        thread_cpu_s=_native_thread_cpu_s() - thread,
+    )
 
 
 async def _until(predicate: Any, timeout: float) -> None:
@@ -248,9 +281,15 @@ def _scheduler(names: Sequence[str]) -> Scheduler:
     return scheduler
 
 
-async def _measure_scraper(urls: dict[str, str], interval: float, window_s: float) -> Window:
+async def _measure_scraper(
+    urls: dict[str, str], interval: float, window_s: float, *, native: bool | None = None
+) -> Window:
+    """The scraper as ``kvsched serve`` runs it; ``native=False``: every page on the Python
+    page client (the baseline)."""
     scheduler = _scheduler(list(urls))
-    async with MetricsScraper(scheduler, interval_s=interval, spec=MetricsSpec(engine="vllm")) as scraper:
+    async with MetricsScraper(
+        scheduler, interval_s=interval, spec=MetricsSpec(engine="vllm"), native=native
+    ) as scraper:
         await scraper.set_targets(urls)
         # Warm: every endpoint connected and scraped once.
         await _until(lambda: all(s.scrapes > 1 for s in scraper.all_stats().values()), 30.0)
@@ -266,40 +305,14 @@ async def _measure_scraper(urls: dict[str, str], interval: float, window_s: floa
     return result
 
 
-async def _measure_baseline(urls: dict[str, str], interval: float, window_s: float) -> Window:
-    """The scraper before: aiohttp, a task per endpoint, the page as text, same parser."""
-    spec = MetricsSpec(engine="vllm")
-    done = [0]
-    connector = aiohttp.TCPConnector(limit=0)
-    headers = {"Accept": "text/plain;version=0.0.4", "Accept-Encoding": "identity"}
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False, headers=headers) as session:
-
-        async def loop_one(url: str, phase: float) -> None:
-            loop = asyncio.get_running_loop()
-            await asyncio.sleep(phase * interval)
-            while True:
-                started = loop.time()
-                async with session.get(url) as response:
-                    body = await response.read()
-                parse_endpoint_metrics(body.decode("utf-8"), spec)
-                done[0] += 1
-                await asyncio.sleep(max(0.0, started + interval - loop.time()))
-
-        tasks = [asyncio.create_task(loop_one(url, i * 0.618 % 1.0)) for i, url in enumerate(urls.values())]
-        try:
-            await _until(lambda: done[0] >= 2 * len(urls), 30.0)
-            result = await _window(lambda: done[0], window_s)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-    return result
-
-
 async def _measure_events(kv: dict[str, str], window_s: float) -> Window:
     scheduler = _scheduler(list(kv))
     context = zmq.asyncio.Context()
-    context.set(zmq.MAX_SOCKETS, len(kv) + 64)
+    # A subscription holds three sockets (the SUB, its monitor's PAIR and the PAIR libzmq
+    # makes inside for the monitor): the cap kvsched itself sets. With one per endpoint the
+    # subscriptions past the cap did not start, and context.term() never returned at 256
+    # and 1,000 endpoints.
+    context.set(zmq.MAX_SOCKETS, MAX_ZMQ_SOCKETS)
     ingest = KVEventIngestService(scheduler.index, context=context)
     try:
         for name, endpoint in kv.items():
@@ -348,7 +361,7 @@ def measure_size(
         events = asyncio.run(_measure_events(kv, window_s)) if events_per_s > 0 else Window(0.0, 1.0, 0)
         parent.send("cpu")
         fleet_cores = (parent.recv() - fleet_cpu) / (time.monotonic() - started)
-        old = asyncio.run(_measure_baseline(urls, busy_interval, window_s)) if baseline else None
+        old = asyncio.run(_measure_scraper(urls, busy_interval, window_s, native=False)) if baseline else None
     finally:
         with contextlib.suppress(OSError):
             parent.send("stop")
@@ -363,6 +376,7 @@ def measure_size(
         "scrapes_per_s": busy.per_s,
         "scrapes_failed": busy.failed,
         "scrape_cpu_us": busy.cpu_us_each,
+        "scrape_thread_cpu_us": busy.thread_us_each,
         "scrape_cores_at_interval": busy.cpu_us_each * 1e-6 * target_scrapes,
         "rest_scrapes_per_s": rest.per_s,
         "rest_scrape_cpu_us": rest.cpu_us_each,
@@ -436,9 +450,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"({report['page_lines']} lines) per scrape, KV events {report['events_per_s_per_endpoint']:g} "
         f"batches/s per endpoint when busy; CPU of the replica process (all threads) over "
         f"{report['window_s']:g} s windows",
-        f"{'':>9} {'busy: scrape every ' + format(interval, 'g') + ' s':-^43} "
+        f"{'':>9} {'busy: scrape every ' + format(interval, 'g') + ' s':-^50} "
         f"{'KV events':-^22} {'':>7} {'at rest: every ' + format(idle, 'g') + ' s':-^20}",
-        f"{'endpoints':>9} {'scrapes/s':>15} {'us/scrape':>9} {'baseline':>8} {'ratio':>6} "
+        f"{'endpoints':>9} {'scrapes/s':>15} {'us/scrape':>9} {'thread':>6} {'baseline':>8} {'ratio':>6} "
         f"{'batches/s':>10} {'us/batch':>9} {'cores':>7} {'us/scrape':>9} {'cores':>8}",
     ]
     for row in report["by_endpoints"]:
@@ -446,7 +460,8 @@ def format_report(report: dict[str, Any]) -> str:
         ratio = f"{row['scrape_cpu_vs_baseline']:5.2f}x" if "scrape_cpu_vs_baseline" in row else f"{'':>6}"
         achieved = f"{row['scrapes_per_s']:,.0f}/{row['scrapes_per_s_target']:,.0f}"
         lines.append(
-            f"{row['endpoints']:>9} {achieved:>15} {row['scrape_cpu_us']:9.1f} {baseline} {ratio} "
+            f"{row['endpoints']:>9} {achieved:>15} {row['scrape_cpu_us']:9.1f} "
+            f"{row['scrape_thread_cpu_us']:6.1f} {baseline} {ratio} "
             f"{row['event_batches_per_s']:10,.0f} {row['event_cpu_us']:9.1f} {row['busy_cores']:7.3f} "
             f"{row['rest_scrape_cpu_us']:9.1f} {row['rest_cores']:8.3f}"
         )
@@ -454,7 +469,8 @@ def format_report(report: dict[str, Any]) -> str:
         "scrapes/s: achieved/asked; a fleet larger than the simulated one serves on this machine is "
         "scraped more slowly and its cost projected per scrape",
         f"busy cores: CPU per scrape x endpoints / {interval:g} s + CPU per event batch x batches asked for; "
-        "ratio: CPU per scrape against the aiohttp scraper (baseline) in the same run",
+        "ratio: CPU per scrape against the Python page client (baseline) in the same run; "
+        "thread: of us/scrape, the native scraper thread's",
     ]
     for row in report["by_endpoints"]:
         if row["scrapes_failed"]:

@@ -88,11 +88,39 @@ class MetricsSpec:
             return ENGINE_NAMES[self.engine]
         # Searched in this order and only as far as needed: "sglang:" is on no vLLM page, so
         # looking for it costs a scan of the whole page (~30 us of 60 KB).
-        for engine, mark in (("vllm", "vllm:"), ("sglang", "sglang:")):
+        for engine, mark in _ENGINE_MARKS:
             found = mark in page if isinstance(page, str) else mark.encode("ascii") in page
             if found:
                 return ENGINE_NAMES[engine]
         raise PromMetricsError("no vllm: or sglang: metrics on the page (engine=auto)")
+
+    def resolve_marks(self, marks: int) -> MetricNames:
+        """``resolve`` for a page already searched elsewhere (the native scraper):
+        ``marks`` is MARK_VLLM when "vllm:" is on the page, else MARK_SGLANG when "sglang:"
+        is, else 0."""
+        if self.names is not None:
+            return self.names
+        if self.engine != "auto":
+            return ENGINE_NAMES[self.engine]
+        if marks & MARK_VLLM:
+            return VLLM_NAMES
+        if marks & MARK_SGLANG:
+            return SGLANG_NAMES
+        raise PromMetricsError("no vllm: or sglang: metrics on the page (engine=auto)")
+
+    @property
+    def scanned_names(self) -> tuple[str, ...]:
+        """Every name a page read with this spec may need, whatever engine it turns out to be."""
+        if self.names is not None:
+            return _wanted(self.names)
+        if self.engine != "auto":
+            return _wanted(ENGINE_NAMES[self.engine])
+        return _wanted(VLLM_NAMES) + _wanted(SGLANG_NAMES)
+
+
+_ENGINE_MARKS = (("vllm", "vllm:"), ("sglang", "sglang:"))
+MARK_VLLM = 1
+MARK_SGLANG = 2
 
 
 # Label maps are shared through the line cache below: read only.
@@ -201,14 +229,49 @@ def _native_sample_lines() -> Callable[[bytes | bytearray, tuple[bytes, ...]], l
 _NATIVE_SAMPLE_LINES = _native_sample_lines()
 
 
-def _collect_focused(page: bytes | bytearray, wanted: Sequence[str]) -> dict[str, list[Sample]]:
+def _collect_focused(page: bytes | bytearray, wanted: Sequence[str]) -> dict[str, list[bytes]]:
+    """Per wanted name found on the page, its sample lines."""
     names = _encoded(tuple(wanted))
     lines = (_NATIVE_SAMPLE_LINES or _sample_lines_twin)(page, names)
+    return {name: group for name, group in zip(wanted, lines, strict=True) if group}
+
+
+def _interpret_lines(
+    lines: Mapping[str, list[bytes]], names: MetricNames, spec: MetricsSpec
+) -> EndpointMetrics:
+    """``interpret`` over sample lines. The info gauges (``cache_config_info``: 24 labels,
+    ``lora_requests_info``: a series per adapter set, eight on the realistic page) are read
+    once per distinct set of lines: they change when the engine is reconfigured or its
+    adapters change, while the load gauges change with every request. Reading them was
+    about half of the interpretation (7 of ~15 us for the LoRA series alone)."""
+    # The info gauges' lines are read by _info_of_lines only (interpret takes its reading).
+    skip = (names.cache_info, names.lora_info)
+    found = {
+        name: [_parse_line(line, len(name)) for line in group]
+        for name, group in lines.items()
+        if name not in skip
+    }
+    info = _info_of_lines(
+        names,
+        tuple(lines.get(names.cache_info, ())) if names.cache_info is not None else (),
+        tuple(lines.get(names.lora_info, ())) if names.lora_info is not None else (),
+    )
+    return interpret(found, names, spec, info=info)
+
+
+_Info = tuple[int | None, int | None, LoraSlots | None]
+
+
+@functools.lru_cache(maxsize=4096)
+def _info_of_lines(
+    names: MetricNames, cache_lines: tuple[bytes, ...], lora_lines: tuple[bytes, ...]
+) -> _Info:
     found: dict[str, list[Sample]] = {}
-    for name, encoded, group in zip(wanted, names, lines, strict=True):
-        if group:
-            found[name] = [_parse_line(line, len(encoded)) for line in group]
-    return found
+    if names.cache_info is not None and cache_lines:
+        found[names.cache_info] = [_parse_line(line, len(names.cache_info)) for line in cache_lines]
+    if names.lora_info is not None and lora_lines:
+        found[names.lora_info] = [_parse_line(line, len(names.lora_info)) for line in lora_lines]
+    return (*_cache_info(found, names), _lora_slots(found, names))
 
 
 # --- prometheus_client parser --------------------------------------------------------------
@@ -332,7 +395,11 @@ def _served_models(
     )
 
 
-def interpret(found: Mapping[str, list[Sample]], names: MetricNames, spec: MetricsSpec) -> EndpointMetrics:
+def interpret(
+    found: Mapping[str, list[Sample]], names: MetricNames, spec: MetricsSpec, *, info: _Info | None = None
+) -> EndpointMetrics:
+    """The Scheduler's figures from the samples found; ``info``: the info gauges' reading
+    (block size, GPU blocks, LoRA slots) when already known (``_interpret_lines``)."""
     missing: list[str] = []
     waiting = _select(found, names.waiting, spec, missing)
     running = _select(found, names.running, spec, missing)
@@ -342,8 +409,11 @@ def interpret(found: Mapping[str, list[Sample]], names: MetricNames, spec: Metri
     _finite("waiting", waiting)
     _finite("running", running)
     _finite("kv usage", usage)
-    block_size, gpu_blocks = _cache_info(found, names)
-    lora = _lora_slots(found, names)
+    if info is None:
+        block_size, gpu_blocks = _cache_info(found, names)
+        lora = _lora_slots(found, names)
+    else:
+        block_size, gpu_blocks, lora = info
     return EndpointMetrics(
         waiting=round(sum(waiting)),
         running=round(sum(running)),
@@ -362,7 +432,19 @@ def parse_endpoint_metrics(page: Page, spec: MetricsSpec | None = None) -> Endpo
     spec = spec or MetricsSpec()
     data = page.encode("utf-8") if isinstance(page, str) else page
     names = spec.resolve(data)
-    return interpret(_collect_focused(data, _wanted(names)), names, spec)
+    return _interpret_lines(_collect_focused(data, _wanted(names)), names, spec)
+
+
+def parse_sample_lines(
+    groups: Sequence[list[bytes]], scanned: tuple[str, ...], marks: int, spec: MetricsSpec
+) -> EndpointMetrics:
+    """``parse_endpoint_metrics`` for a page scanned elsewhere: ``groups`` holds, per name of
+    ``scanned`` (``spec.scanned_names``), that name's sample lines in page order, as
+    ``sample_lines`` finds them; ``marks`` as ``MetricsSpec.resolve_marks`` takes them."""
+    names = spec.resolve_marks(marks)
+    wanted = _wanted(names)
+    lines = {name: group for name, group in zip(scanned, groups, strict=True) if group and name in wanted}
+    return _interpret_lines(lines, names, spec)
 
 
 def parse_endpoint_metrics_reference(page: Page, spec: MetricsSpec | None = None) -> EndpointMetrics:
