@@ -253,6 +253,8 @@ async def test_metrics_page_parses_and_covers_every_component(stack: Stack) -> N
 
 
 async def test_health_reports_serving(stack: Stack) -> None:
+    # Readiness waits for a warm view (every replay done): SERVING from then on, not before.
+    await stack.app.until_ready()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.app.health_port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for service in ("liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"):
