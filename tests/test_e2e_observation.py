@@ -28,6 +28,7 @@ from scheduler.demo.envoy import (
     EppReplica,
     render_config,
 )
+from scheduler.demo.run import local_serve_config
 from scheduler.server.app import ServeApp
 from scheduler.server.config import ServeConfig
 from scheduler.sim.pool import PoolConfig, SimPool
@@ -241,27 +242,15 @@ async def test_observations_landing_on_the_other_replica_reach_the_routing_one(
         sync_ports = [_free_port(), _free_port()]
         apps = []
         for i in range(2):
-            config = ServeConfig.model_validate(
-                {
-                    "extproc": {"transport": extproc_transport},
-                    "host": "127.0.0.1",
-                    "grpc_port": 0,
-                    "health_port": 0,
-                    "metrics_port": 0,
-                    "tls": {"mode": "plaintext"},
-                    "scrape_interval_s": 0.05,
-                    "tokenizer_dir": pool.descriptors[0].tokenizer_dir,
-                    "endpoints": [
-                        {"address": d.address, "kv_events": d.kv_endpoint, "kv_replay": d.replay_endpoint}
-                        for d in pool.descriptors
-                    ],
-                    "scheduler": {"sync": {"enabled": True}},
-                    "peer_sync": {
-                        "port": sync_ports[i],
-                        "replica": f"replica-{i}",
-                        "peers": [f"tcp://127.0.0.1:{sync_ports[1 - i]}"],
-                    },
-                }
+            config = local_serve_config(
+                pool,
+                extproc={"transport": extproc_transport},
+                scheduler={"sync": {"enabled": True}},
+                peer_sync={
+                    "port": sync_ports[i],
+                    "replica": f"replica-{i}",
+                    "peers": [f"tcp://127.0.0.1:{sync_ports[1 - i]}"],
+                },
             )
             apps.append(await stack.enter_async_context(ServeApp(config)))
         for app in apps:

@@ -374,36 +374,29 @@ class SchedulingPipeline:
         slot of them."""
         config = self._config
         wanted = 1 + config.num_fallbacks
+        primary: int | None = None
         if slot_picks:
             primary = slot_picks[request.spread_slot % len(slot_picks)]
-            fallbacks = order_by_score(
-                ranking,
-                candidates,
-                wanted - 1,
-                config.tie_epsilon,
-                self._tiebreak,
-                request.request_id,
-                exclude=primary,
-            )
-            return [primary, *fallbacks]
-        if saturated:
+        elif saturated:
             # Scores do not matter once everything is over a limit: list the least loaded.
             return order_by_load(
                 range(len(candidates)), candidates, wanted, self._tiebreak, request.request_id
             )
-        if config.mode == "softmax" and len(candidates) > 1:
+        elif config.mode == "softmax" and len(candidates) > 1:
             chooser = rng if rng is not None else random.Random(stable_hash64(request.request_id))
             primary = sample_softmax(ranking, config.temperature, chooser)
-            fallbacks = order_by_score(
-                ranking,
-                candidates,
-                wanted - 1,
-                config.tie_epsilon,
-                self._tiebreak,
-                request.request_id,
-                exclude=primary,
+        if primary is None:
+            return order_by_score(
+                ranking, candidates, wanted, config.tie_epsilon, self._tiebreak, request.request_id
             )
-            return [primary, *fallbacks]
-        return order_by_score(
-            ranking, candidates, wanted, config.tie_epsilon, self._tiebreak, request.request_id
+        # The primary chosen otherwise, the fallbacks by score.
+        fallbacks = order_by_score(
+            ranking,
+            candidates,
+            wanted - 1,
+            config.tie_epsilon,
+            self._tiebreak,
+            request.request_id,
+            exclude=primary,
         )
+        return [primary, *fallbacks]
