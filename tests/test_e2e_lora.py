@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 
 from scheduler.demo.envoy import EnvoyGateway, EnvoySettings
+from scheduler.demo.run import local_serve_config
 from scheduler.server.app import ServeApp
-from scheduler.server.config import ServeConfig
 from scheduler.sim.engine import EngineConfig
 from scheduler.sim.pool import PoolConfig, SimPool
 from tests.test_e2e_envoy import SUBSET_HEADER, Stack, prefix, until
@@ -24,20 +24,7 @@ ADAPTERS = ("sql-lora", "chat-lora")
 async def lora_stack(extproc_transport: str) -> AsyncIterator[Stack]:
     pool_config = PoolConfig(speed=2.0, engine=EngineConfig(max_loras=1), lora_adapters=ADAPTERS)
     async with SimPool(2, pool_config) as pool:
-        config = ServeConfig(
-            extproc={"transport": extproc_transport},  # type: ignore[arg-type]
-            host="127.0.0.1",
-            grpc_port=0,
-            health_port=0,
-            metrics_port=0,
-            tls={"mode": "plaintext"},  # type: ignore[arg-type]
-            scrape_interval_s=0.05,
-            tokenizer_dir=pool.descriptors[0].tokenizer_dir,
-            endpoints=[
-                {"address": d.address, "kv_events": d.kv_endpoint, "kv_replay": d.replay_endpoint}  # type: ignore[misc]
-                for d in pool.descriptors
-            ],
-        )
+        config = local_serve_config(pool, extproc={"transport": extproc_transport})
         async with ServeApp(config) as app:
             # Envoy's first health check must find it SERVING (its view warm).
             await app.until_ready()

@@ -30,7 +30,6 @@ from scheduler.demo.envoy import (
 )
 from scheduler.demo.run import local_serve_config
 from scheduler.server.app import ServeApp
-from scheduler.server.config import ServeConfig
 from scheduler.sim.pool import PoolConfig, SimPool
 from tests.test_e2e_envoy import until
 
@@ -70,20 +69,7 @@ async def in_process_stack(
     transport: str, *, observation: bool
 ) -> AsyncIterator[tuple[ServeApp, EnvoyGateway, str]]:
     async with SimPool(2, PoolConfig(speed=5.0)) as pool:
-        config = ServeConfig(
-            extproc={"transport": transport},  # type: ignore[arg-type]
-            host="127.0.0.1",
-            grpc_port=0,
-            health_port=0,
-            metrics_port=0,
-            tls={"mode": "plaintext"},  # type: ignore[arg-type]
-            scrape_interval_s=0.05,
-            tokenizer_dir=pool.descriptors[0].tokenizer_dir,
-            endpoints=[
-                {"address": d.address, "kv_events": d.kv_endpoint, "kv_replay": d.replay_endpoint}  # type: ignore[misc]
-                for d in pool.descriptors
-            ],
-        )
+        config = local_serve_config(pool, extproc={"transport": transport})
         async with ServeApp(config) as app:
             await app.until_ready()
             settings = EnvoySettings(
