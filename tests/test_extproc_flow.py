@@ -220,10 +220,10 @@ async def test_a_failure_inside_flow_control_still_routes_the_request(
     server = await start_server(scheduler)
     assert server.flow_gate is not None
 
-    async def broken(item: object) -> object:
+    def broken(item: object) -> object:
         raise RuntimeError("flow control broke")
 
-    server.flow_gate.acquire = broken  # type: ignore[method-assign,assignment]
+    server.flow_gate.admit_now = broken  # type: ignore[method-assign,assignment]
     stream = connect(server)
     await _send(stream, "f1")
     answer = await _drain_request(stream)

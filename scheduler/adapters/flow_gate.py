@@ -71,6 +71,14 @@ class FlowGate:
 
     async def acquire(self, item: FlowItem) -> Admission:
         """Wait until ``item`` may be sent; the answer is "dispatch" or "rejected", never "queued"."""
+        admission = self.admit_now(item)
+        if isinstance(admission, Admission):
+            return admission
+        return await self.wait(item.request_id, admission)
+
+    def admit_now(self, item: FlowItem) -> Admission | asyncio.Future[Admission]:
+        """``acquire`` without awaiting: the admission when it is decided at once (the common
+        case, which then needs no task), else the future to ``wait`` on (the item is queued)."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         if self._closed:
@@ -91,13 +99,17 @@ class FlowGate:
             # The pool has room but others were already waiting: the queue decides who goes.
             self._pump_soon()
         self._arm_timer()
+        return future
+
+    async def wait(self, request_id: str, future: asyncio.Future[Admission]) -> Admission:
+        """The queued request's admission (``admit_now``'s future); cancelling dequeues it."""
         try:
             return await future
         except asyncio.CancelledError:
             # Still queued: out of the queue. Already released: the turn passes on by itself,
             # since the release step that follows runs after this task and finds the room unused.
-            self._waiters.pop(item.request_id, None)
-            if self.controller.cancel(item.request_id) is not None:
+            self._waiters.pop(request_id, None)
+            if self.controller.cancel(request_id) is not None:
                 self._arm_timer()
             raise
 

@@ -293,13 +293,22 @@ class NativeTransport:
         self._requests[stream] = request
         # Requests whose observation never came leave the in-flight counts before this pick.
         self.observations.expire(self._runner.clock())
-        request.begin(headers, age_s, queued_s)
+        hints = request.begin(headers, age_s, queued_s)
         if too_large:
             limit = self._config.max_request_body_bytes
             request.refuse(RoutingAnswer(PickOutcome.TOO_LARGE, reason=f"request body exceeds {limit} bytes"))
             return
         subset_set = None if subset is None else frozenset(subset)
-        request.task = self.spawn(request.decide(body, parsed, subset_set))
+        if parsed is None:
+            request.task = self.spawn(request.decide(body, subset_set))
+            return
+        decided_from = request.decided_from()
+        inference, token_ids = _inference_body(parsed)
+        answer = self._runner.decide_now(hints, inference, subset_set, token_ids)
+        if isinstance(answer, RoutingAnswer):
+            request.answer(answer, decided_from)
+        else:
+            request.task = self.spawn(request.answer_when_decided(answer, decided_from))
 
     def _on_first_byte(self, event: tuple[Any, ...]) -> None:
         request = self._requests.get(event[1])
@@ -400,7 +409,7 @@ class _NativeRequest:
         # The observation stream carrying this request's response phase, once it started.
         self.observed_on: int | None = None
 
-    def begin(self, headers: dict[str, str], age_s: float, queued_s: float) -> None:
+    def begin(self, headers: dict[str, str], age_s: float, queued_s: float) -> RequestHints:
         transport = self.transport
         now = transport.runner.clock()
         # The headers' arrival and the request's end, measured natively, on the clock every
@@ -414,20 +423,28 @@ class _NativeRequest:
         self.hints = hints
         self.request_id = hints.request_id
         transport.active_ids.add(hints.request_id)
+        return hints
 
-    async def decide(
-        self, body: bytes | None, parsed: tuple[Any, ...] | None, subset: frozenset[str] | None
-    ) -> None:
-        runner = self.transport.runner
-        assert self.hints is not None
+    def decided_from(self) -> float:
         # From the request's end, as the Python transport measures it: the wait for the event
         # loop to take the request counts.
-        decided_from = runner.clock() if self.complete_at is None else self.complete_at
-        if parsed is None:
-            decision = await runner.decide_body(self.hints, body, subset)
-        else:
-            inference, token_ids = _inference_body(parsed)
-            decision = await runner.decide_parsed(self.hints, inference, subset, token_ids)
+        return self.transport.runner.clock() if self.complete_at is None else self.complete_at
+
+    async def decide(self, body: bytes | None, subset: frozenset[str] | None) -> None:
+        """A body the native parser left to Python."""
+        decided_from = self.decided_from()
+        assert self.hints is not None
+        decision = await self.transport.runner.decide_body(self.hints, body, subset)
+        self.answer(decision, decided_from)
+
+    async def answer_when_decided(
+        self, deciding: Coroutine[Any, Any, RoutingAnswer], decided_from: float
+    ) -> None:
+        self.answer(await deciding, decided_from)
+
+    def answer(self, decision: RoutingAnswer, decided_from: float) -> None:
+        runner = self.transport.runner
+        assert self.hints is not None
         self.decision = decision
         if not decision.routed:
             if decision.outcome is PickOutcome.INTERNAL_ERROR:
