@@ -264,6 +264,36 @@ def test_running_mape_tracks_what_the_predictor_answered_before_each_observation
     assert stats.observed == 1
 
 
+def test_a_prediction_made_at_the_pick_stands_for_predicting_again_only_in_its_epoch(
+    synthetic_predictor: LatencyPredictor,
+) -> None:
+    model = synthetic_predictor.model
+    assert model is not None
+    row = picks(1, seed=15, candidates=1)
+    answered = synthetic_predictor.predict(row)
+    ttft, tpot = float(answered.ttft_ms[0]), float(answered.tpot_ms[0])
+
+    def running_after(prediction: tuple[int, float, float] | None) -> float | None:
+        predictor = LatencyPredictor(SMALL)
+        predictor.install(model, 0.0)
+        predictor.observe(row[0], ttft * 2.0, tpot, 1.0, prediction)
+        return predictor.stats.running_mape_ttft
+
+    installed = LatencyPredictor(SMALL)
+    before = installed.epoch
+    installed.install(model, 0.0)
+    current = installed.epoch
+    assert current != before
+    recomputed = running_after(None)
+    assert recomputed == pytest.approx(0.5)
+    # The pick's own prediction in the current epoch: the same figure, not predicted again.
+    assert running_after((current, ttft, tpot)) == recomputed
+    # A (deliberately wrong) figure from this epoch is what counts ...
+    assert running_after((current, ttft * 2.0, tpot)) == pytest.approx(0.0)
+    # ... and one from an older epoch (another model or prior answered then) is ignored.
+    assert running_after((before, ttft * 2.0, tpot)) == recomputed
+
+
 def test_a_model_worse_than_the_prior_on_the_holdout_is_not_used() -> None:
     # A noiseless linear law: the prior fits it exactly, trees alone only approximate it.
     predictor = LatencyPredictor(SMALL.model_copy(update={"residual_to_prior": False}))

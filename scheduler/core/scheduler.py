@@ -379,6 +379,8 @@ class _InFlight:
     # The endpoint's feature row at the pick, to train the predictor on once this request's
     # latencies are known; None when the request ended up elsewhere.
     features: FeatureMatrix | None = None
+    # (predictor epoch, TTFT ms, TPOT ms) predicted for ``features`` at the pick.
+    prediction: tuple[int, float, float] | None = None
     # Prompt tokens the index said the endpoint holds at the pick, and whether that came from
     # the endpoint's KV events (not approximate mode's routing history, not a moved request).
     predicted_cached: int = 0
@@ -1073,6 +1075,10 @@ class Scheduler:
             )
             if predicted is None:
                 predicted = self.predictor.predict_row(flight.features)
+                flight.prediction = (self.predictor.epoch, predicted[0], predicted[1])
+            elif rows is not None:
+                # Made from this very row (a spread pick's were of other states).
+                flight.prediction = (self.predictor.epoch, predicted[0], predicted[1])
         self._announce(request, flight, now, predicted)
         stages = (lookup_ns, score_ns, predict_ns, stage_clock()) if stage_clock is not None else None
         return PickResult("ok", addresses, "", explanation, predicted, stages, matched_blocks, decision)
@@ -1414,7 +1420,7 @@ class Scheduler:
             tpot_ms = None
             if completion_tokens is not None and completion_tokens >= 2 and flight.first_token_at is not None:
                 tpot_ms = (now - flight.first_token_at) * 1000.0 / (completion_tokens - 1)
-            self.predictor.observe(flight.features, ttft * 1000.0, tpot_ms, now)
+            self.predictor.observe(flight.features, ttft * 1000.0, tpot_ms, now, flight.prediction)
         return Completion(
             request_id,
             flight.endpoint,
