@@ -14,12 +14,10 @@ import pytest
 
 from scheduler.core.scheduler import SchedulerConfig
 from scheduler.core.scoring.disaggregation import ROLE_LABEL, DisaggregationConfig
-from scheduler.demo.envoy import EnvoyGateway, EnvoySettings
-from scheduler.server.app import ServeApp
-from scheduler.server.config import ServeConfig
+from scheduler.demo.run import local_serve_config
 from scheduler.sim.pool import PoolConfig, SimPool
 from scheduler.sim.worker import PREFILLER_HEADER, PREFILLER_SEEN_HEADER, WORKER_HEADER
-from tests.test_e2e_envoy import Stack, prefix, until
+from tests.test_e2e_envoy import Stack, gateway_in_front, prefix, until
 
 ROLES = ("prefill", "decode", "decode")
 
@@ -27,18 +25,13 @@ ROLES = ("prefill", "decode", "decode")
 @pytest.fixture
 async def pd_stack(extproc_transport: str) -> AsyncIterator[Stack]:
     async with SimPool(len(ROLES), PoolConfig(speed=2.0)) as pool:
-        config = ServeConfig(
-            extproc={"transport": extproc_transport},  # type: ignore[arg-type]
-            host="127.0.0.1",
-            grpc_port=0,
-            health_port=0,
-            metrics_port=0,
-            tls={"mode": "plaintext"},  # type: ignore[arg-type]
-            scrape_interval_s=0.05,
-            tokenizer_dir=pool.descriptors[0].tokenizer_dir,
-            scheduler=SchedulerConfig(disaggregation=DisaggregationConfig(enabled=True)),
+        # The pool's own set-up, its endpoints labelled with their roles.
+        config = local_serve_config(
+            pool,
+            extproc={"transport": extproc_transport},
+            scheduler=SchedulerConfig(disaggregation=DisaggregationConfig(enabled=True)).model_dump(),
             endpoints=[
-                {  # type: ignore[misc]
+                {
                     "address": d.address,
                     "kv_events": d.kv_endpoint,
                     "kv_replay": d.replay_endpoint,
@@ -47,18 +40,8 @@ async def pd_stack(extproc_transport: str) -> AsyncIterator[Stack]:
                 for d, role in zip(pool.descriptors, ROLES, strict=True)
             ],
         )
-        async with ServeApp(config) as app:
-            # Envoy's first health check must find it SERVING (its view warm).
-            await app.until_ready()
-            settings = EnvoySettings(
-                "127.0.0.1",
-                app.grpc_port,
-                epp_health_port=app.health_port,
-                fail_open=False,
-                pool=[d.address for d in pool.descriptors],
-            )
-            async with EnvoyGateway(settings) as envoy:
-                yield Stack(pool, app, envoy, pool.descriptors[0].model)
+        async with gateway_in_front(pool, config, fail_open=False) as stack:
+            yield stack
 
 
 async def _complete(

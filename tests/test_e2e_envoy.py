@@ -11,12 +11,14 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import pytest
 from tokenizers import Tokenizer
 
 from scheduler.demo.envoy import EnvoyGateway, EnvoySettings, render_config
+from scheduler.demo.run import local_serve_config
 from scheduler.server.app import ServeApp
 from scheduler.server.config import ServeConfig
 from scheduler.sim.pool import PoolConfig, SimPool
@@ -60,37 +62,34 @@ async def running_stack(
     model_rewrites: list[dict[str, object]] | None = None,
 ) -> AsyncIterator[Stack]:
     async with SimPool(WORKERS, PoolConfig(speed=5.0)) as pool:
-        config = ServeConfig(
-            extproc={"transport": extproc_transport, "endpoint_scores": endpoint_scores},  # type: ignore[arg-type]
-            host="127.0.0.1",
-            grpc_port=0,
-            health_port=0,
-            metrics_port=0,
-            tls={"mode": "plaintext"},  # type: ignore[arg-type]
-            scrape_interval_s=0.05,
-            model_rewrites=model_rewrites or [],  # type: ignore[arg-type]
-            # The simulated pool's tokenizer, as `kvsched demo` wires it.
-            tokenizer_dir=pool.descriptors[0].tokenizer_dir,
-            endpoints=[
-                {"address": d.address, "kv_events": d.kv_endpoint, "kv_replay": d.replay_endpoint}  # type: ignore[misc]
-                for d in pool.descriptors
-            ],
+        config = local_serve_config(
+            pool,
+            extproc={"transport": extproc_transport, "endpoint_scores": endpoint_scores},
+            model_rewrites=model_rewrites or [],
         )
-        async with ServeApp(config) as app:
-            # Envoy's first health check must find it SERVING (its view warm).
-            await app.until_ready()
-            settings = EnvoySettings(
-                "127.0.0.1",
-                app.grpc_port,
-                epp_health_port=app.health_port,
-                fail_open=True,
-                pool=[d.address for d in pool.descriptors],
-                subset_header=SUBSET_HEADER,
-                access_log=access_log,
-            )
-            assert app.server.transport == extproc_transport
-            async with EnvoyGateway(settings) as envoy:
-                yield Stack(pool, app, envoy, pool.descriptors[0].model)
+        async with gateway_in_front(
+            pool, config, fail_open=True, subset_header=SUBSET_HEADER, access_log=access_log
+        ) as running:
+            assert running.app.server.transport == extproc_transport
+            yield running
+
+
+@contextlib.asynccontextmanager
+async def gateway_in_front(pool: SimPool, config: ServeConfig, **envoy_settings: Any) -> AsyncIterator[Stack]:
+    """``kvsched serve`` with ``config`` and a real Envoy in front of ``pool`` (the stack of
+    every end-to-end test); ``envoy_settings`` are EnvoySettings' options."""
+    async with ServeApp(config) as app:
+        # Envoy's first health check must find it SERVING (its view warm).
+        await app.until_ready()
+        settings = EnvoySettings(
+            "127.0.0.1",
+            app.grpc_port,
+            epp_health_port=app.health_port,
+            pool=[d.address for d in pool.descriptors],
+            **envoy_settings,
+        )
+        async with EnvoyGateway(settings) as envoy:
+            yield Stack(pool, app, envoy, pool.descriptors[0].model)
 
 
 async def complete(

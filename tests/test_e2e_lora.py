@@ -10,12 +10,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from scheduler.demo.envoy import EnvoyGateway, EnvoySettings
 from scheduler.demo.run import local_serve_config
-from scheduler.server.app import ServeApp
 from scheduler.sim.engine import EngineConfig
 from scheduler.sim.pool import PoolConfig, SimPool
-from tests.test_e2e_envoy import SUBSET_HEADER, Stack, prefix, until
+from tests.test_e2e_envoy import SUBSET_HEADER, Stack, gateway_in_front, prefix, until
 
 ADAPTERS = ("sql-lora", "chat-lora")
 
@@ -25,19 +23,8 @@ async def lora_stack(extproc_transport: str) -> AsyncIterator[Stack]:
     pool_config = PoolConfig(speed=2.0, engine=EngineConfig(max_loras=1), lora_adapters=ADAPTERS)
     async with SimPool(2, pool_config) as pool:
         config = local_serve_config(pool, extproc={"transport": extproc_transport})
-        async with ServeApp(config) as app:
-            # Envoy's first health check must find it SERVING (its view warm).
-            await app.until_ready()
-            settings = EnvoySettings(
-                "127.0.0.1",
-                app.grpc_port,
-                epp_health_port=app.health_port,
-                fail_open=False,
-                pool=[d.address for d in pool.descriptors],
-                subset_header=SUBSET_HEADER,
-            )
-            async with EnvoyGateway(settings) as envoy:
-                yield Stack(pool, app, envoy, pool.descriptors[0].model)
+        async with gateway_in_front(pool, config, fail_open=False, subset_header=SUBSET_HEADER) as stack:
+            yield stack
 
 
 async def _complete(

@@ -31,7 +31,7 @@ from scheduler.demo.envoy import (
 from scheduler.demo.run import local_serve_config
 from scheduler.server.app import ServeApp
 from scheduler.sim.pool import PoolConfig, SimPool
-from tests.test_e2e_envoy import until
+from tests.test_e2e_envoy import gateway_in_front, until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,17 +70,8 @@ async def in_process_stack(
 ) -> AsyncIterator[tuple[ServeApp, EnvoyGateway, str]]:
     async with SimPool(2, PoolConfig(speed=5.0)) as pool:
         config = local_serve_config(pool, extproc={"transport": transport})
-        async with ServeApp(config) as app:
-            await app.until_ready()
-            settings = EnvoySettings(
-                "127.0.0.1",
-                app.grpc_port,
-                epp_health_port=app.health_port,
-                pool=[d.address for d in pool.descriptors],
-                observation=observation,
-            )
-            async with EnvoyGateway(settings) as envoy:
-                yield app, envoy, pool.descriptors[0].model
+        async with gateway_in_front(pool, config, observation=observation) as stack:
+            yield stack.app, stack.envoy, stack.model
 
 
 async def _accounting(
