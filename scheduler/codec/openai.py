@@ -362,13 +362,19 @@ def _parse_messages(messages: Any) -> tuple[ChatMessage, ...]:
         raise BadRequestBody("'messages' must not be empty")
     parsed: list[ChatMessage] = []
     for position, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise BadRequestBody(f"'messages[{position}]' must be an object, not {_json_type(message)}")
-        role = message.get("role")
-        if not isinstance(role, str) or not role:
-            raise BadRequestBody(f"'messages[{position}].role' must be a non-empty string")
+        role = _message_role(message, position)
         parsed.append(ChatMessage(role, _content_text(message.get("content"), position)))
     return tuple(parsed)
+
+
+def _message_role(message: Any, position: int) -> str:
+    """The role of ``messages[position]``, an object (OpenAI's and Anthropic's bodies alike)."""
+    if not isinstance(message, dict):
+        raise BadRequestBody(f"'messages[{position}]' must be an object, not {_json_type(message)}")
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise BadRequestBody(f"'messages[{position}].role' must be a non-empty string")
+    return role
 
 
 def _content_text(content: Any, position: int) -> str:
@@ -433,11 +439,7 @@ def _anthropic_messages_body(document: dict[str, Any]) -> InferenceRequestBody:
     if not isinstance(turns, list) or not turns:
         raise BadRequestBody("'messages' must be a non-empty list for /v1/messages")
     for position, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise BadRequestBody(f"'messages[{position}]' must be an object, not {_json_type(turn)}")
-        role = turn.get("role")
-        if not isinstance(role, str) or not role:
-            raise BadRequestBody(f"'messages[{position}].role' must be a non-empty string")
+        role = _message_role(turn, position)
         content = turn.get("content")
         if isinstance(content, str):
             messages.append(ChatMessage(role, content))
