@@ -23,8 +23,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_helm_chart import by_kind, render
 
+from scheduler.demo.run import local_serve_config
 from scheduler.server.app import ServeApp
-from scheduler.server.config import ServeConfig
 from scheduler.sim.pool import PoolConfig, SimPool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,23 +82,13 @@ def exported_names(page: str) -> set[str]:
 @pytest.fixture
 async def kvsched_metrics_page() -> AsyncIterator[str]:
     async with SimPool(2, PoolConfig(speed=50.0)) as pool:
-        config = ServeConfig.model_validate(
-            {
-                "host": "127.0.0.1",
-                "grpc_port": 0,
-                "health_port": 0,
-                "metrics_port": 0,
-                "tls": {"mode": "plaintext"},
-                "scrape_interval_s": 0.02,
-                "shutdown_grace_s": 0,
-                # A replica of several (no peer here): its sync families are on the page.
-                "scheduler": {"sync": {"enabled": True}},
-                "peer_sync": {"port": 0},
-                "endpoints": [
-                    {"address": d.address, "kv_events": d.kv_endpoint, "kv_replay": d.replay_endpoint}
-                    for d in pool.descriptors
-                ],
-            }
+        config = local_serve_config(
+            pool,
+            scrape_interval_s=0.02,
+            shutdown_grace_s=0,
+            # A replica of several (no peer here): its sync families are on the page.
+            scheduler={"sync": {"enabled": True}},
+            peer_sync={"port": 0},
         )
         async with ServeApp(config) as app:
             deadline = time.monotonic() + 15
