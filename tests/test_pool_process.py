@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import aiohttp
+import pytest
 
 from scheduler.sim.pool_process import PoolProcess
 
@@ -30,3 +31,14 @@ async def test_a_pool_in_its_own_process_serves_and_stops() -> None:
         pass
     else:
         raise AssertionError(f"the pool's process {pid} is still running")
+
+
+async def test_a_pool_that_cannot_start_says_so_with_the_exit_code() -> None:
+    # The child raises before announcing its workers (a pool needs one): no line, a clear error.
+    pool = PoolProcess(0)
+    with pytest.raises(RuntimeError, match=r"did not start \(exit code 1\)"):
+        async with pool:
+            raise AssertionError("entered a pool that never started")
+    assert pool.pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pool.pid, 0)
