@@ -143,6 +143,14 @@ cdef class PageScrapeLoop:
             free(c.where)
             raise MemoryError()
 
+    cdef void _command(self, int kind, int64_t target, uint64_t seq, bint wake) except *:
+        cdef sl_command c
+        memset(&c, 0, sizeof(c))
+        c.kind = kind
+        c.id = target
+        c.seq = seq
+        self._send(&c, wake)
+
     def add(self, int64_t target, str host, int port, bytes request, str where) -> None:
         """Scrape ``host`` (a numeric IPv4 or IPv6 address) at ``port`` with ``request``
         (the whole GET, bytes) as target number ``target``."""
@@ -179,12 +187,7 @@ cdef class PageScrapeLoop:
 
     def fetch(self, int64_t target, uint64_t seq) -> None:
         """Queue one GET of ``target`` as request ``seq``; sent at the next ``flush``."""
-        cdef sl_command c
-        memset(&c, 0, sizeof(c))
-        c.kind = SL_CMD_FETCH
-        c.id = target
-        c.seq = seq
-        self._send(&c, False)
+        self._command(SL_CMD_FETCH, target, seq, False)
         self.pending += 1
 
     def flush(self) -> None:
@@ -195,19 +198,10 @@ cdef class PageScrapeLoop:
 
     def abort(self, int64_t target, uint64_t seq) -> None:
         """Drop request ``seq`` of ``target`` and its connection; no result comes for it."""
-        cdef sl_command c
-        memset(&c, 0, sizeof(c))
-        c.kind = SL_CMD_ABORT
-        c.id = target
-        c.seq = seq
-        self._send(&c, True)
+        self._command(SL_CMD_ABORT, target, seq, True)
 
     def remove(self, int64_t target) -> None:
-        cdef sl_command c
-        memset(&c, 0, sizeof(c))
-        c.kind = SL_CMD_REMOVE
-        c.id = target
-        self._send(&c, True)
+        self._command(SL_CMD_REMOVE, target, 0, True)
 
     def set_max_body_bytes(self, Py_ssize_t value) -> None:
         cdef sl_command c

@@ -234,6 +234,16 @@ static void sl_fail(scrapeloop *loop, sl_target *t, const char *fmt, const char 
     sl_push(loop, &r);
 }
 
+/* sl_fail quoting at most `limit` (<= 100) bytes of what the endpoint sent. */
+static void sl_fail_quoting(scrapeloop *loop, sl_target *t, const char *fmt, const char *text, size_t len,
+                            size_t limit) {
+    char shown[101];
+    size_t k = len < limit ? len : limit;
+    memcpy(shown, text, k);
+    shown[k] = 0;
+    sl_fail(loop, t, fmt, shown);
+}
+
 static void sl_done(scrapeloop *loop, sl_target *t, const unsigned char *page, size_t size) {
     sl_bytes *lines = &loop->lines;
     lines->len = 0;
@@ -396,11 +406,7 @@ static void sl_read_head(scrapeloop *loop, sl_target *t) {
         size_t len = next ? (size_t)(next - line) : (size_t)(head + head_len - line);
         const char *colon = (const char *)memchr(line, ':', len);
         if (colon == NULL) {
-            char shown_line[101];
-            size_t k = len < 100 ? len : 100;
-            memcpy(shown_line, line, k);
-            shown_line[k] = 0;
-            sl_fail(loop, t, "malformed header line '%s'", shown_line);
+            sl_fail_quoting(loop, t, "malformed header line '%s'", line, len, 100);
             return;
         }
         const char *value = colon + 1;
@@ -423,11 +429,7 @@ static void sl_read_head(scrapeloop *loop, sl_target *t) {
             close_after = value_len == 5 && strncasecmp(value, "close", 5) == 0;
         } else if (sl_header_is(line, len, "content-encoding")) {
             if (!(value_len == 0 || (value_len == 8 && strncasecmp(value, "identity", 8) == 0))) {
-                char shown_value[41];
-                size_t k = value_len < 40 ? value_len : 40;
-                memcpy(shown_value, value, k);
-                shown_value[k] = 0;
-                sl_fail(loop, t, "unexpected Content-Encoding '%s'", shown_value);
+                sl_fail_quoting(loop, t, "unexpected Content-Encoding '%s'", value, value_len, 40);
                 return;
             }
         }
