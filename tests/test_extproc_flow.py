@@ -205,6 +205,8 @@ async def test_audit_line_carries_predicted_and_observed_ttft(
             end_of_stream=True,
         )
         await stream.read()
+        # The native transport hands Python a response's end within its lazy wake-up (2 ms).
+        await _until(lambda: server.stats.outcomes["completed"] == 1)
     audit = [json.loads(r.getMessage()) for r in caplog.records if r.name == "kvsched.audit"]
     assert len(audit) == 1 and audit[0]["outcome"] == "completed"
     assert audit[0]["predicted_ttft_ms"] > 0 and audit[0]["prediction_source"] == "prior"

@@ -280,6 +280,8 @@ async def test_headers_only_request_is_answered_at_once(
     assert echoed.response_body.response.body_mutation.streamed_response.body == b"{}"
     await stream.call.done_writing()
     await stream.read_end()
+    # The native transport hands Python a response's end within its lazy wake-up (2 ms).
+    await _until(lambda: bool(scheduler.completed))
     assert [entry["request_id"] for entry in scheduler.completed] == ["r1"]
 
 
@@ -552,7 +554,9 @@ async def test_streamed_response_reports_served_endpoint_ttft_and_usage(
             echoed = (await stream.read()).response_body.response.body_mutation.streamed_response
             assert (echoed.body, echoed.end_of_stream) == (event, last)
             if index == 0:
+                await _until(lambda: bool(scheduler.first_tokens))
                 assert [rid for rid, _ in scheduler.first_tokens] == ["s1"]
+        await _until(lambda: bool(scheduler.completed))
     assert scheduler.completed == [
         {
             "request_id": "s1",
@@ -576,6 +580,33 @@ async def test_streamed_response_reports_served_endpoint_ttft_and_usage(
     assert audit[0]["explanation"]["endpoints"][0] == audit[0]["endpoint"]
 
 
+async def test_native_transport_dates_a_first_byte_when_it_arrives_not_when_python_takes_it(
+    extproc_transport: str,
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+    scheduler: RecordingScheduler,
+) -> None:
+    if extproc_transport != "native":
+        pytest.skip("the Python transport reads a first byte on the event loop, when it handles it")
+    server = await start_server(scheduler)
+    stream = connect(server)
+    await stream.request_headers({**POST, "x-request-id": "t1"})
+    await stream.request_body(_completion_body("hi", stream=True))
+    await _drain_request(stream)
+    await stream.response_headers(content_type="text/event-stream")
+    await stream.read()
+    sent_at = time.monotonic()
+    await stream.response_body(b'data: {"choices": [{"text": "a"}]}\n\n', end_of_stream=False)
+    # Hold the event loop (not a wait for anything): the native side gets the chunk meanwhile,
+    # and Python only takes the event afterwards.
+    time.sleep(0.3)
+    resumed_at = time.monotonic()
+    await _until(lambda: bool(scheduler.first_tokens))
+    ((request_id, first_token_at),) = scheduler.first_tokens
+    assert request_id == "t1"
+    assert sent_at - 0.01 <= first_token_at < resumed_at - 0.15
+
+
 async def test_json_response_usage_and_primary_assumed_served(
     start_server: ServerFactory,
     connect: Callable[[ExtProcServer], EnvoyStream],
@@ -597,6 +628,7 @@ async def test_json_response_usage_and_primary_assumed_served(
     await stream.read()
     await stream.response_body(raw[10:], end_of_stream=True)
     await stream.read()
+    await _until(lambda: bool(scheduler.completed))
     primary = scheduler.results[0].endpoints[0]
     assert scheduler.completed == [
         {
@@ -624,6 +656,7 @@ async def test_upstream_5xx_releases_as_failed(
     await stream.read()
     await stream.response_body(b"busy", end_of_stream=True)
     await stream.read()
+    await _until(lambda: bool(scheduler.failed))
     assert scheduler.failed == ["e1"]
     assert scheduler.completed == []
     assert server.stats.outcomes["upstream_error"] == 1

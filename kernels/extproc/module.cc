@@ -268,10 +268,13 @@ PyObject* EventTuple(Event& event, double now) {
       kvsched::ResponseEnd& end = *event.end;
       PyObject* status = end.status >= 0 ? PyLong_FromLong(end.status) : Py_NewRef(Py_None);
       PyObject* served = end.served.empty() ? Py_NewRef(Py_None) : Text(end.served);
-      return Py_BuildValue("(iKNNOiN)", static_cast<int>(event.kind), id, status, served,
+      // How long ago the response ended: Python's accounting may take it up to a lazy wake later.
+      return Py_BuildValue("(iKNNOiNd)", static_cast<int>(event.kind), id, status, served,
                            end.first_byte ? Py_True : Py_False, static_cast<int>(end.usage_kind),
-                           Bytes(end.usage_data));
+                           Bytes(end.usage_data), now - event.at);
     }
+    case Event::kFirstByte:
+      return Py_BuildValue("(iKd)", static_cast<int>(event.kind), id, now - event.at);
     case Event::kClosed:
       return Py_BuildValue("(iKOO)", static_cast<int>(event.kind), id, event.flag ? Py_True : Py_False,
                            event.text.empty() ? Py_False : Py_True);
@@ -347,6 +350,11 @@ PyObject* Transport_start(TransportObject* self, PyObject*) {
 PyObject* Transport_fileno(TransportObject* self, PyObject*) {
   if (!Ready(self)) return nullptr;
   return PyLong_FromLong(self->transport->events().fd());
+}
+
+PyObject* Transport_timer_fileno(TransportObject* self, PyObject*) {
+  if (!Ready(self)) return nullptr;
+  return PyLong_FromLong(self->transport->events().timer_fd());
 }
 
 PyObject* Transport_take(TransportObject* self, PyObject*) {
@@ -473,6 +481,8 @@ PyMethodDef kTransportMethods[] = {
      "Bind and serve; returns (port, health_port), health_port -1 when there is none."},
     {"fileno", reinterpret_cast<PyCFunction>(Transport_fileno), METH_NOARGS,
      "The eventfd that becomes readable when events are waiting."},
+    {"timer_fileno", reinterpret_cast<PyCFunction>(Transport_timer_fileno), METH_NOARGS,
+     "A descriptor that turns readable when bookkeeping events have waited their lazy wake-up."},
     {"take", reinterpret_cast<PyCFunction>(Transport_take), METH_NOARGS, "Every waiting event, oldest first."},
     {"route", reinterpret_cast<PyCFunction>(Transport_route), METH_VARARGS,
      "route(stream, destination, extra_headers, scores=None, body=None): answer a decision with a "

@@ -137,21 +137,30 @@ struct Event {
   std::string text;
   std::string payload;  // unary: the request message
   bool flag = false;    // closed: whether a decision had been asked for; observe: an id was sent
+  double at = 0.0;      // MonotonicNow() when it was pushed
 };
 
-// gRPC threads push, Python takes everything at once when the eventfd becomes readable.
+// gRPC threads push, Python takes everything at once when the eventfd (an event someone waits
+// on) or the timer (bookkeeping, at most kLazyWakeS after it was pushed) becomes readable.
 class EventQueue {
  public:
+  // Python's accounting of first bytes and ends may lag by this much; every event carries the
+  // time it happened, so nothing it measures moves.
+  static constexpr double kLazyWakeS = 0.002;
   EventQueue();
   ~EventQueue();
   int fd() const { return fd_; }
+  int timer_fd() const { return timer_fd_; }
   void Push(Event&& event);
   std::vector<Event> Take();
 
  private:
   std::mutex mu_;
   std::vector<Event> events_;
+  bool woken_ = false;        // the eventfd was written since the last Take
+  bool timer_armed_ = false;  // the timer runs for events pushed since the last Take
   int fd_;
+  int timer_fd_;
 };
 
 // Python's answers, carried out on a thread of their own. Starting a gRPC write from Python's
