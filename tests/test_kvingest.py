@@ -630,26 +630,6 @@ def _chain(tokens: list[int], hashes: list[int]) -> list[EventBatch]:
 TOKENS = list(range(1, 3 * BLOCK + 1))
 
 
-def test_orphans_with_a_complete_view_rebuild_from_replay() -> None:
-    batches = _chain(TOKENS, [11, 12, 13])
-    data = payloads(batches)
-    index = make_index()
-    ingest = ingest_for(index, replay=True)
-    ingest.on_live(0, data[0], 0.0)
-    ingest.on_live(1, data[1], 0.0)
-    # The index lost the worker's entries behind the ingest's back (e.g. evicted them):
-    # the next block's parent is unknown although no seq is missing.
-    index.clear_worker(W)
-    step = ingest.on_live(2, data[2], 5.0)
-    assert step.replay_from == 0 and ingest.replay_in_flight
-    assert (ingest.stats.orphans, ingest.stats.rebuilds, ingest.stats.resets) == (1, 1, 1)
-    for seq in range(3):
-        ingest.on_replay_batch(seq, data[seq], 5.1)
-    ingest.on_replay_end(5.1)
-    assert ingest.view_complete and ingest.stats.orphans == 1
-    assert index.match_tokens(TOKENS)[W].total_blocks == 3
-
-
 def test_orphans_are_acted_on_only_while_the_view_is_complete() -> None:
     root, _, orphan = _chain(TOKENS, [1, 2, 3])
     index = make_index()
