@@ -58,7 +58,7 @@ def test_tiny_run_fills_the_table_and_repeats_its_decisions_for_a_seed(shared_di
         table = policy_table(row).splitlines()
         assert len(table) == 4 + len(row["policies"]) and table[2].count("|") == 11
         kvsched = row["policies"]["kvsched"]
-        assert set(kvsched["ttft_mape"]) == {"all", "idle", "loaded", "saturated", "counts"}
+        assert set(kvsched["ttft_mape"]) == {"all", "idle", "loaded", "saturated", "counts", "from_arrival"}
     summary = summary_table(rows).splitlines()
     assert len(summary) == 2 + len(rows)
 

@@ -53,6 +53,13 @@ def test_saturated_pool_queues_requests_and_every_one_is_accounted_for() -> None
     # The waiting happened in kvsched, not in the engines: later arrivals waited longer.
     assert outcomes[-1].ttft_s is not None and outcomes[0].ttft_s is not None
     assert outcomes[-1].ttft_s > outcomes[0].ttft_s
+    # Each outcome says when it was routed (after its wait) and what answered its TTFT.
+    assert all(o.routed_s is not None and o.routed_s >= o.start_s for o in outcomes)
+    waited = [o for o in outcomes if o.routed_s is not None and o.routed_s > o.start_s]
+    assert waited and all(
+        (o.routed_ttft_s or 0.0) < (o.ttft_s or 0.0) and o.predicted_ttft_source in ("model", "prior")
+        for o in waited
+    )
 
 
 def test_sheddable_requests_are_refused_with_429_while_saturated() -> None:

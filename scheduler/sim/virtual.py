@@ -382,11 +382,18 @@ class VirtualPool:
         if pick.status != "ok":
             result.error = f"{pick.status}: {pick.reason}"
             return 1
+        result.routed_s = now
         if pick.predicted is not None:
             ttft_ms, tpot_ms, source = pick.predicted
             result.predicted_ttft_ms = ttft_ms
             result.predicted_tpot_ms = tpot_ms / self.config.token_scale
             result.prediction_source = source
+            model = replica.predictor.model
+            # "mixed": a model is installed and answers one target; the prediction was just
+            # made with it.
+            result.predicted_ttft_source = (
+                source if source != "mixed" else ("prior" if model is None or model.ttft is None else "model")
+            )
         worker = self._by_name[pick.endpoints[0]]
         result.endpoint = worker.name
         result.load_regime = load_regime(worker.engine)
