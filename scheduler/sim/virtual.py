@@ -159,12 +159,18 @@ def load_regime(engine: Engine) -> str:
     * ``loaded``: requests running, but less than one iteration's prefill budget
       (``max_num_batched_tokens``) of prompt tokens queued ahead: it starts prefilling in the
       next iteration, sharing iterations with the decode batch;
-    * ``saturated``: at least a full iteration's budget of prefill queued ahead, or requests
-      waiting for a sequence slot or KV blocks: its TTFT is mostly queueing.
+    * ``saturated``: at least a full iteration's budget of prefill queued ahead (the cache
+      hits of waiting prompts left out), or requests waiting for a sequence slot or KV
+      blocks: its TTFT is mostly queueing.
+
+    A request that arrived during the iteration in progress waits for the next one whatever
+    the load; it is waiting for a slot only when the next iteration could not admit it.
     """
     if not engine.has_work:
         return IDLE
-    if engine.num_waiting or engine.queued_prefill_tokens() >= engine.config.max_num_batched_tokens:
+    if (engine.num_waiting and not engine.can_admit()) or (
+        engine.queued_prefill_tokens() >= engine.config.max_num_batched_tokens
+    ):
         return SATURATED
     return LOADED
 
