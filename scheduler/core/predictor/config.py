@@ -105,6 +105,15 @@ class PredictorConfig(BaseModel):
         "relative error, which is what MAPE measures and what latencies spanning orders of magnitude "
         "need; 'identity': milliseconds.",
     )
+    loss: Literal["relative", "squared"] = Field(
+        "relative",
+        description="What the trees minimise in the target space. 'relative': absolute error "
+        "weighted by 1 / the observed latency, whose best constant per leaf is the one with the "
+        "least MAPE (with 'log', the weighted median ratio); 'squared': squared error, whose "
+        "best constant is a mean. Where a latency is bimodal (a short prompt prefilled alone, "
+        "or in an iteration with another request's 8,192-token chunk) a mean lands between the "
+        "modes and is far off both; the MAPE-optimal answer is near the lower one.",
+    )
     residual_to_prior: bool = Field(
         True,
         description="Fit the trees to what the analytic prior gets wrong (in the target space: "
