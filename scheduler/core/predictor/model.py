@@ -381,6 +381,6 @@ def prior_from_json(value: dict[str, Any]) -> PriorModel:
         ttft_fitted_on=int(value["ttft_fitted_on"]),
         tpot_fitted_on=int(value["tpot_fitted_on"]),
     )
-    if len(prior.ttft) != 3 or len(prior.tpot) != 2:
+    if len(prior.ttft) != 5 or len(prior.tpot) != 2:
         raise ValueError("prior coefficients have the wrong length")
     return prior
