@@ -58,7 +58,19 @@ def test_tiny_run_fills_the_table_and_repeats_its_decisions_for_a_seed(shared_di
         table = policy_table(row).splitlines()
         assert len(table) == 4 + len(row["policies"]) and table[2].count("|") == 11
         kvsched = row["policies"]["kvsched"]
-        assert set(kvsched["ttft_mape"]) == {"all", "idle", "loaded", "saturated", "counts", "from_arrival"}
+        mape = kvsched["ttft_mape"]
+        assert set(mape) == {
+            "all",
+            "idle",
+            "loaded",
+            "saturated",
+            "counts",
+            "from_arrival",
+            "scope",
+            "answered_by",
+        }
+        assert mape["scope"] in ("model", "all") and set(mape["answered_by"]) <= {"model", "prior"}
+        assert sum(mape["answered_by"].values()) == kvsched["completed"]
     summary = summary_table(rows).splitlines()
     assert len(summary) == 2 + len(rows)
 

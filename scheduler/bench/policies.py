@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from scheduler.replay.report import (
     mean_absolute_percentage_error,
     scored_ttft_predictions,
     ttft_prediction_pairs,
+    ttft_source,
 )
 from scheduler.sim.virtual import LOAD_REGIMES, VirtualPool, VirtualPoolConfig
 from scheduler.workloads.model import RequestOutcome, Workload
@@ -109,9 +111,11 @@ def mape_by_regime(outcomes: Sequence[RequestOutcome]) -> dict[str, Any]:
     """TTFT MAPE of the trained model's TTFT predictions (as ``build_report`` scores them:
     against the TTFT from the routing decision), over all of them and per load regime, with
     the count of each; ``from_arrival`` is the overall figure against the TTFT from the
-    request's arrival, flow control's wait included."""
-    scored, _ = scored_ttft_predictions(outcomes)
-    out: dict[str, Any] = {"all": _mape(scored), "counts": {}}
+    request's arrival, flow control's wait included; ``scope`` says which predictions were
+    scored and ``answered_by`` how many TTFTs of completed requests each source answered."""
+    scored, scope = scored_ttft_predictions(outcomes)
+    answered = Counter(source for o in outcomes if o.ok and (source := ttft_source(o)) is not None)
+    out: dict[str, Any] = {"all": _mape(scored), "counts": {}, "scope": scope, "answered_by": dict(answered)}
     for regime in LOAD_REGIMES:
         group = [o for o in scored if o.load_regime == regime]
         out[regime] = _mape(group)
