@@ -11,6 +11,7 @@ import pytest
 from scheduler.bench.policies import (
     POLICIES,
     policy_table,
+    run_task,
     run_tasks,
     summarise,
     summary_table,
@@ -58,7 +59,20 @@ def test_tiny_run_fills_the_table_and_repeats_its_decisions_for_a_seed(shared_di
         table = policy_table(row).splitlines()
         assert len(table) == 4 + len(row["policies"]) and table[2].count("|") == 11
         kvsched = row["policies"]["kvsched"]
-        assert set(kvsched["ttft_mape"]) == {"all", "idle", "loaded", "saturated", "counts"}
+        mape = kvsched["ttft_mape"]
+        assert set(mape) == {
+            "all",
+            "idle",
+            "loaded",
+            "saturated",
+            "counts",
+            "from_arrival",
+            "scope",
+            "answered_by",
+        }
+        assert mape["scope"] in ("model", "all") and set(mape["answered_by"]) <= {"model", "prior"}
+        assert sum(mape["answered_by"].values()) == kvsched["completed"]
+        assert kvsched["predictor"]["ttft_source"] in ("model", "prior")
     summary = summary_table(rows).splitlines()
     assert len(summary) == 2 + len(rows)
 
@@ -75,3 +89,18 @@ def test_a_failed_request_counts_as_never_served_in_the_percentiles() -> None:
     everyone = ttft_percentiles_ms(served + failed)
     assert everyone["p50"] == pytest.approx(50.5) and math.isinf(everyone["p99"])
     assert ttft_percentiles_ms(served)["p99"] == pytest.approx(97.03)
+
+
+def test_the_latency_model_retrains_on_the_predictors_own_cadence_not_the_pools_floor(
+    shared_dir: Path,
+) -> None:
+    """A row of 10 s of arrivals: the predictor retrains every 2,000 samples (and when they
+    double), not once in 120 virtual seconds beyond the doublings."""
+    data = shared_dir / "data" / "mooncake"
+    (task,) = tasks_for(
+        workloads=["chat"], levels=["moderate"], policies=["kvsched"], size="short", data_dir=data
+    )
+    result = run_task(task)
+    # 4,730 requests: doublings at 200, 400, 800, 1,600, 3,200 observations (5 fits), and
+    # every 2,000 new ones on top.
+    assert result["requests"] > 4000 and result["predictor"]["trainings"] >= 6

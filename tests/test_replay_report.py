@@ -186,6 +186,35 @@ def test_mape_scores_the_trained_models_predictions_only() -> None:
     assert report["ttft_mape"] == pytest.approx((0.10 + 0.9) / 2)
 
 
+def test_a_ttft_the_trees_answered_is_scored_when_the_prior_answered_the_tpot() -> None:
+    outcomes = _outcomes()
+    a, b = outcomes[0], outcomes[1]
+    a.predicted_ttft_ms, a.predicted_tpot_ms, a.prediction_source = 110.0, 180.0, "model"  # 10%
+    # The trees answered b's TTFT and the prior its TPOT: the pick's source is "mixed".
+    b.predicted_ttft_ms, b.predicted_tpot_ms, b.prediction_source = 240.0, 0.0, "mixed"  # 20%
+    b.predicted_ttft_source = "model"
+    report = build_report(outcomes, policy="p", mode="simulate", workers=2, oracle_hit_ratio=None)
+    assert report["ttft_mape"] == pytest.approx((0.10 + 0.20) / 2) and report["mape_scope"] == "model"
+    assert report["tpot_mape"] == pytest.approx(0.10)  # b's TPOT came from the prior
+    b.predicted_ttft_source = "prior"
+    report = build_report(outcomes, policy="p", mode="simulate", workers=2, oracle_hit_ratio=None)
+    assert report["ttft_mape"] == pytest.approx(0.10)
+
+
+def test_ttft_predictions_are_scored_from_the_routing_decision_not_the_arrival() -> None:
+    outcomes = _outcomes()
+    b = outcomes[1]  # arrived at 1.0 s, first token at 1.3 s
+    b.predicted_ttft_ms, b.prediction_source = 100.0, "model"
+    report = build_report(outcomes, policy="p", mode="simulate", workers=2, oracle_hit_ratio=None)
+    assert report["ttft_mape"] == pytest.approx(200.0 / 300.0)
+    # It waited 0.2 s in flow control's waiting room and was routed at 1.2 s: 100 ms to its
+    # first token from there, which is what the endpoint's prediction was of.
+    b.routed_s = 1.2
+    report = build_report(outcomes, policy="p", mode="simulate", workers=2, oracle_hit_ratio=None)
+    assert report["ttft_mape"] == pytest.approx(0.0, abs=1e-9)
+    assert report["ttft_ms"]["p50"] == pytest.approx(200.0)  # the latencies users see keep the wait
+
+
 def test_comparison_table_gains_slo_and_mape_columns_when_reports_have_them() -> None:
     reports = _two_reports()
     assert comparison_columns(reports) == COMPARISON_COLUMNS

@@ -10,7 +10,8 @@ import pytest
 from scheduler.core.flowcontrol import SHED_SATURATED, FlowControlConfig
 from scheduler.core.objectives import Objective, ObjectiveTable
 from scheduler.core.scheduler import Endpoint, EndpointMetrics, Scheduler, SchedulerConfig, SchedulingRequest
-from scheduler.sim.virtual import VirtualPool, VirtualPoolConfig
+from scheduler.sim.engine import Engine, EngineConfig
+from scheduler.sim.virtual import VirtualPool, VirtualPoolConfig, load_regime
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,13 @@ def test_saturated_pool_queues_requests_and_every_one_is_accounted_for() -> None
     # The waiting happened in kvsched, not in the engines: later arrivals waited longer.
     assert outcomes[-1].ttft_s is not None and outcomes[0].ttft_s is not None
     assert outcomes[-1].ttft_s > outcomes[0].ttft_s
+    # Each outcome says when it was routed (after its wait) and what answered its TTFT.
+    assert all(o.routed_s is not None and o.routed_s >= o.start_s for o in outcomes)
+    waited = [o for o in outcomes if o.routed_s is not None and o.routed_s > o.start_s]
+    assert waited and all(
+        (o.routed_ttft_s or 0.0) < (o.ttft_s or 0.0) and o.predicted_ttft_source in ("model", "prior")
+        for o in waited
+    )
 
 
 def test_sheddable_requests_are_refused_with_429_while_saturated() -> None:
@@ -117,3 +125,26 @@ def test_a_waiting_request_carries_its_service_time_from_the_latency_model() -> 
     assert scheduler.admit(long, now=0.1).queued  # every endpoint has 3 waiting: saturated
     item = scheduler.flow.dispatch_next(now=0.2)
     assert item is not None and item.service_s == pytest.approx(scheduler.service_estimate_s(long))
+
+
+def test_load_regime_counts_only_what_waits_for_a_slot_blocks_or_a_full_iteration() -> None:
+    engine = Engine(EngineConfig(capacity_blocks=256, max_num_seqs=2, max_num_batched_tokens=64))
+    assert load_regime(engine) == "idle"
+    cached = list(range(1000, 1096))  # six full blocks of 16
+    engine.add_request("warm", cached, 1, 0.0)
+    engine.step(0.0)
+    engine.step(engine.busy_until)  # 96 tokens in chunks of 64: its prompt is cached now
+    engine.add_request("decoding", [7] * 20, 50, 1.0)
+    engine.step(1.0)
+    # A request that came during an iteration waits for the next one, which will admit it:
+    # loaded, not saturated, though the engine counts it waiting. Its cached blocks are no
+    # prefill work ahead of the next arrival (97 prompt tokens, 96 of them cached).
+    engine.add_request("next", [*cached, 5], 4, 2.0)
+    assert engine.num_waiting == 1 and engine.can_admit()
+    assert engine.queued_prefill_tokens() == 1
+    assert load_regime(engine) == "loaded"
+    # A request the next iteration cannot admit (both sequence slots taken) is saturation.
+    engine.step(engine.busy_until)
+    engine.add_request("blocked", [9] * 20, 4, 3.0)
+    assert engine.num_running == 2 and not engine.can_admit()
+    assert load_regime(engine) == "saturated"

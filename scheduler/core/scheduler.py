@@ -918,14 +918,14 @@ class Scheduler:
 
     def service_estimate_s(self, request: SchedulingRequest) -> float:
         """The least time ``request`` needs once sent: its own prefill where most of its
-        prompt is cached, at the pool's measured prefill rate, through the latency prior."""
+        prompt is cached, at the latency prior's base and cost per prefill token (refitted
+        on observed TTFTs)."""
         keys = self.index.request_keys(request.token_ids, adapter=self.adapter_of(request.model))
         matches = self._matches(keys) if len(keys) else {}
         cached = max((match.total_blocks for match in matches.values()), default=0)
         uncached = max(len(request.token_ids) - cached * self.config.index.block_size, 0)
-        rate = self._pool_drain or self._assumed_prefill_rate
-        base, per_prefill_ms = self.predictor.prior.ttft[:2]
-        return (base + per_prefill_ms * 1000.0 * uncached / rate) / 1000.0
+        base, ms_per_token = self.predictor.prior.ttft[:2]
+        return (base + ms_per_token * uncached) / 1000.0
 
     def next_dispatch(self, now: float) -> FlowItem | None:
         """The waiting request to pick next, when the pool has room for it."""

@@ -57,34 +57,57 @@ def mean_absolute_percentage_error(pairs: Sequence[tuple[float, float]]) -> floa
     return float(np.mean([abs(p - o) / o for p, o in usable]))
 
 
+def ttft_source(outcome: RequestOutcome) -> str | None:
+    """What answered the request's TTFT prediction: "model" or "prior" (None: no prediction)."""
+    return outcome.predicted_ttft_source or outcome.prediction_source
+
+
+def scored_ttft_predictions(outcomes: Sequence[RequestOutcome]) -> tuple[list[RequestOutcome], str]:
+    """The completed requests whose TTFT prediction is scored, and the scope: the trained
+    model's predictions ("model"), or every prediction when the model never answered a TTFT
+    ("all"). The scope is the TTFT's own source: a pick where the trees answered the TTFT
+    and the prior the TPOT (source "mixed") is the model's TTFT prediction."""
+    done = [o for o in outcomes if o.ok and o.predicted_ttft_ms is not None and o.first_token_s is not None]
+    by_model = [o for o in done if ttft_source(o) == "model"]
+    return (by_model, "model") if by_model else (done, "all")
+
+
+def ttft_prediction_pairs(outcomes: Sequence[RequestOutcome]) -> list[tuple[float, float]]:
+    """(predicted, observed) TTFT ms. Observed from the routing decision: the prediction is
+    of the endpoint's TTFT, made when the request was routed; a wait in flow control's
+    waiting room before that is no part of it."""
+    return [
+        (p, t * 1000.0)
+        for o in outcomes
+        if (t := o.routed_ttft_s) is not None and (p := o.predicted_ttft_ms) is not None
+    ]
+
+
 def prediction_accuracy(outcomes: Sequence[RequestOutcome], token_scale: float) -> dict[str, Any]:
     """TTFT/TPOT MAPE of the scheduler's predictions for the endpoint it picked.
 
     Every prediction was made at decision time, before its request's latency was observed
     or trained on, so each completed request is a held-out sample. The MAPE keys cover the
     trained model's predictions only (the analytic prior's are counted, not scored), or
-    every prediction when the model never answered.
+    every prediction when the model never answered; the TTFT from the routing decision
+    (``ttft_prediction_pairs``).
     """
     done = [o for o in outcomes if o.ok and o.predicted_ttft_ms is not None]
     if not done:
         return {}
+    scored_ttft, scope = scored_ttft_predictions(outcomes)
     by_model = [o for o in done if o.prediction_source == "model"]
     scored = by_model or done
-    ttft = [
-        (p, t * 1000.0)
-        for o in scored
-        if (t := o.ttft_s) is not None and (p := o.predicted_ttft_ms) is not None
-    ]
     tpot = [
         (p, t * 1000.0 / token_scale)
         for o in scored
         if (t := o.tpot_s) is not None and (p := o.predicted_tpot_ms) is not None
     ]
     return {
-        "ttft_mape": mean_absolute_percentage_error(ttft),
+        "ttft_mape": mean_absolute_percentage_error(ttft_prediction_pairs(scored_ttft)),
         "tpot_mape": mean_absolute_percentage_error(tpot),
         "predictions": dict(Counter(o.prediction_source or "-" for o in done).most_common()),
-        "mape_scope": "model" if by_model else "all",
+        "mape_scope": scope,
     }
 
 

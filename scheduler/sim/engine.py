@@ -377,9 +377,15 @@ class Engine:
 
     def queued_prefill_tokens(self) -> int:
         """Prompt tokens still to prefill ahead of a new arrival: the rest of the running
-        prefills and every waiting prompt (cache hits of waiting ones are not known yet)."""
+        prefills and what the cache does not hold now of every waiting prompt (the hits its
+        admission would find if it came now)."""
         running = sum(max(r.prompt_len - r.num_computed_tokens, 0) for r in self.running)
-        return running + sum(r.prompt_len for r in self.waiting)
+        bs = self.config.block_size
+        longest_prefix = self.pool.longest_prefix
+        return running + sum(
+            r.prompt_len - len(longest_prefix(r.digests, (len(r.token_ids) - 1) // bs)) * bs
+            for r in self.waiting
+        )
 
     def add_request(
         self,

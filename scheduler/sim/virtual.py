@@ -159,12 +159,18 @@ def load_regime(engine: Engine) -> str:
     * ``loaded``: requests running, but less than one iteration's prefill budget
       (``max_num_batched_tokens``) of prompt tokens queued ahead: it starts prefilling in the
       next iteration, sharing iterations with the decode batch;
-    * ``saturated``: at least a full iteration's budget of prefill queued ahead, or requests
-      waiting for a sequence slot or KV blocks: its TTFT is mostly queueing.
+    * ``saturated``: at least a full iteration's budget of prefill queued ahead (the cache
+      hits of waiting prompts left out), or requests waiting for a sequence slot or KV
+      blocks: its TTFT is mostly queueing.
+
+    A request that arrived during the iteration in progress waits for the next one whatever
+    the load; it is waiting for a slot only when the next iteration could not admit it.
     """
     if not engine.has_work:
         return IDLE
-    if engine.num_waiting or engine.queued_prefill_tokens() >= engine.config.max_num_batched_tokens:
+    if (engine.num_waiting and not engine.can_admit()) or (
+        engine.queued_prefill_tokens() >= engine.config.max_num_batched_tokens
+    ):
         return SATURATED
     return LOADED
 
@@ -382,11 +388,18 @@ class VirtualPool:
         if pick.status != "ok":
             result.error = f"{pick.status}: {pick.reason}"
             return 1
+        result.routed_s = now
         if pick.predicted is not None:
             ttft_ms, tpot_ms, source = pick.predicted
             result.predicted_ttft_ms = ttft_ms
             result.predicted_tpot_ms = tpot_ms / self.config.token_scale
             result.prediction_source = source
+            model = replica.predictor.model
+            # "mixed": a model is installed and answers one target; the prediction was just
+            # made with it.
+            result.predicted_ttft_source = (
+                source if source != "mixed" else ("prior" if model is None or model.ttft is None else "model")
+            )
         worker = self._by_name[pick.endpoints[0]]
         result.endpoint = worker.name
         result.load_regime = load_regime(worker.engine)

@@ -126,6 +126,12 @@ class RequestOutcome:
     predicted_ttft_ms: float | None = None
     predicted_tpot_ms: float | None = None
     prediction_source: str | None = None
+    # What answered the TTFT alone ("model" or "prior"): ``prediction_source`` is "mixed"
+    # when the trained trees answer one target and the prior the other.
+    predicted_ttft_source: str | None = None
+    # When the scheduler routed it: after any wait in flow control's waiting room (None: not
+    # known). The prediction is of the endpoint's TTFT from then on.
+    routed_s: float | None = None
     # How busy the serving engine was when the request reached it ("idle", "loaded",
     # "saturated"; see sim/virtual.py); None where it is not known (live runs).
     load_regime: str | None = None
@@ -141,6 +147,14 @@ class RequestOutcome:
     @property
     def ttft_s(self) -> float | None:
         return None if self.first_token_s is None else self.first_token_s - self.start_s
+
+    @property
+    def routed_ttft_s(self) -> float | None:
+        """TTFT from the routing decision (the flow-control wait left out); ``ttft_s`` when
+        the routing time is not known."""
+        if self.first_token_s is None:
+            return None
+        return self.first_token_s - (self.start_s if self.routed_s is None else self.routed_s)
 
     @property
     def e2e_s(self) -> float | None:

@@ -16,11 +16,20 @@ class XGBoostParams(BaseModel):
         100, ge=1, le=2000, description="Boosting rounds (trees per target); predict cost grows linearly."
     )
     max_depth: int = Field(
-        6, ge=1, le=16, description="Depth of each tree; predict cost grows linearly with it."
+        4,
+        ge=1,
+        le=16,
+        description="Depth of each tree; predict cost grows linearly with it. 4, not 6: the trees "
+        "correct a prior from a few hundred to a few thousand noisy samples, and deeper trees fit "
+        "the noise (kvsched bench policies --size short, conversation moderate: 28.8% TTFT MAPE at "
+        "depth 6 with single-sample leaves, 17.2% at depth 4 with 10).",
     )
     learning_rate: float = Field(0.1, gt=0, le=1, description="Shrinkage applied to each tree (eta).")
     min_child_weight: float = Field(
-        1.0, ge=0, description="Least hessian (samples, for squared error) a leaf may hold."
+        10.0,
+        ge=0,
+        description="Least hessian a leaf may hold: samples, for squared error and for the "
+        "relative loss (its weights are scaled to a mean of 1).",
     )
     subsample: float = Field(1.0, gt=0, le=1, description="Share of the training rows each tree is grown on.")
     nthread: int = Field(
@@ -43,17 +52,33 @@ class PriorCoefficients(BaseModel):
     ttft_ms_per_uncached_token: float = Field(
         0.036,
         gt=0,
-        description="Prefill cost of one prompt token (about 27.6k tokens/s): the rate prefill time "
-        "is estimated at on an endpoint until its own first tokens have measured it.",
+        description="Prefill cost of one prompt token, the request's own or one queued ahead of it "
+        "(about 27.6k tokens/s), before any refit; also the rate queued prefill is estimated to "
+        "drain at on an endpoint until its own first tokens have measured it.",
     )
-    ttft_per_estimated_prefill_ms: float = Field(
-        1.0,
+    ttft_ms_per_attention_pair: float = Field(
+        1.3e-6,
         ge=0,
-        description="TTFT per millisecond of prefill estimated ahead of the first token (the queue "
-        "there and the request's own, at the endpoint's measured rate).",
+        description="Prefill attention cost of one causal (query, key) pair of the request's own "
+        "prefill (1.3 ns: sim/latency.py's figure for Llama-3-8B on an H100).",
+    )
+    ttft_ms_at_full_kv_usage: float = Field(
+        22.6,
+        ge=0,
+        description="What the decode batch's KV reads add to a first token with the whole KV cache "
+        "in use: one iteration reading ~443k tokens of KV at 51 ns each (sim/latency.py).",
+    )
+    ttft_ms_per_decode_request: float = Field(
+        0.02,
+        ge=0,
+        description="What each request in the decode batch adds to a first token: one iteration's "
+        "per-sequence work (sim/latency.py).",
     )
     ttft_ms_per_waiting_request: float = Field(
-        8.0, ge=0, description="Queueing cost of one scraped waiting request (at least one step each)."
+        8.0,
+        ge=0,
+        description="Queueing cost of one scraped waiting request (at least one step each), for the "
+        "prefill_wait scorer; the prior prices the queued prefill itself instead.",
     )
     tpot_base_ms: float = Field(
         7.6, ge=0, description="Time per output token of a lone decoding request (one step)."
@@ -105,6 +130,15 @@ class PredictorConfig(BaseModel):
         "relative error, which is what MAPE measures and what latencies spanning orders of magnitude "
         "need; 'identity': milliseconds.",
     )
+    loss: Literal["relative", "squared"] = Field(
+        "relative",
+        description="What the trees minimise in the target space. 'relative': absolute error "
+        "weighted by 1 / the observed latency, whose best constant per leaf is the one with the "
+        "least MAPE (with 'log', the weighted median ratio); 'squared': squared error, whose "
+        "best constant is a mean. Where a latency is bimodal (a short prompt prefilled alone, "
+        "or in an iteration with another request's 8,192-token chunk) a mean lands between the "
+        "modes and is far off both; the MAPE-optimal answer is near the lower one.",
+    )
     residual_to_prior: bool = Field(
         True,
         description="Fit the trees to what the analytic prior gets wrong (in the target space: "
@@ -119,7 +153,12 @@ class PredictorConfig(BaseModel):
         "held-out samples (checked when at least min_holdout_for_comparison samples are held out).",
     )
     min_holdout_for_comparison: int = Field(
-        30, ge=1, description="Held-out samples a target needs before the model-vs-prior check applies."
+        20,
+        ge=1,
+        description="Held-out samples a target needs before the model-vs-prior check applies. The "
+        "first job (min_samples training samples) holds out about 20: at 30 its trees went "
+        "unchecked, and on the Mooncake conversation trace they answered with 36% held-out MAPE "
+        "where the prior had 18%.",
     )
     prior_refit_min_samples: int = Field(
         16,

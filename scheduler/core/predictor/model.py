@@ -31,6 +31,8 @@ Transform = Literal["log", "identity"]
 # One 16-byte record per node; see kernels/treeeval.pyx for the encoding.
 NODE_DTYPE: Final = np.dtype([("feature", "<i4"), ("threshold", "<f4"), ("left", "<i4"), ("value", "<f4")])
 FORMAT_VERSION: Final = 1
+# Regression objectives whose prediction is the raw margin (no link function).
+IDENTITY_OBJECTIVES: Final = ("reg:squarederror", "reg:absoluteerror")
 
 
 def _load_native() -> ModuleType | None:
@@ -198,9 +200,9 @@ def compile_booster_json(raw: bytes | str) -> CompiledEnsemble:
     doc = json.loads(raw)
     learner = doc["learner"]
     objective = learner["objective"]["name"]
-    if objective != "reg:squarederror":
+    if objective not in IDENTITY_OBJECTIVES:
         # Other objectives apply a link function to the margin (and transform base_score).
-        raise ValueError(f"only reg:squarederror boosters compile, got {objective}")
+        raise ValueError(f"only {' and '.join(IDENTITY_OBJECTIVES)} boosters compile, got {objective}")
     booster = learner["gradient_booster"]
     if booster.get("name", "gbtree") != "gbtree":
         raise ValueError(f"only gbtree boosters compile, got {booster.get('name')}")
@@ -379,6 +381,6 @@ def prior_from_json(value: dict[str, Any]) -> PriorModel:
         ttft_fitted_on=int(value["ttft_fitted_on"]),
         tpot_fitted_on=int(value["tpot_fitted_on"]),
     )
-    if len(prior.ttft) != 3 or len(prior.tpot) != 2:
+    if len(prior.ttft) != 5 or len(prior.tpot) != 2:
         raise ValueError("prior coefficients have the wrong length")
     return prior

@@ -1,16 +1,26 @@
 """The analytic prior: linear latency laws that answer before enough samples exist to train on.
 
-    TTFT = base + a * estimated_prefill_ms + c * waiting
-    TPOT = base + d * decode_batch
+    TTFT = base + a * (uncached + queued_prefill_tokens) + b * own_attention_pairs
+                + c * kv_usage + d * decode_batch
+    TPOT = base + e * decode_batch
 
-A request's own prefill and the prefill queued ahead of it, in time at the endpoint's
-measured prefill rate (features.py, column 14), and the queue in front of it are what delay
-a first token; the decode batch it joins is what slows each later token. The estimated
-prefill is already in milliseconds, measured on the endpoints themselves, so its coefficient
-``a`` stays as configured (1 by default) and refits learn ``base`` and ``c`` only: fitted on
-early samples, taken while nothing queued, ``a`` came out at 0.6 on an agentic workload and
-then under-predicted every queued request by 40%. The
-coefficients start from PriorCoefficients and are refitted by least squares on observed
+A first token waits for the prefill queued ahead of it and its own (``a`` per token, the
+same for both: a queued token costs what an own token costs, and own tokens are in every
+sample, so ``a`` is learned before any queue is seen and carries over to queues never
+seen), its own prefill's attention, quadratic in the context (``b``), and the engine
+iterations it runs in, each longer for the decode batch's KV reads (``c``, scraped KV
+usage) and per-sequence work (``d``); the decode batch it joins is what slows each later
+token. These are the terms of an engine iteration's cost (sim/latency.py derives them for
+Llama-3-8B on an H100), so the law extrapolates: fitted on the first third of a
+``kvsched bench policies --size short`` run and scored on the rest, its TTFT MAPE was
+18.6-23.6% on the conversation, chat-saturated, rag and agentic rows against 27.6-65.0%
+for the law it replaces (base + the estimated prefill milliseconds at the measured drain
+rate + a cost per scraped waiting request: the drain rate is measured over queueing and
+decode iterations and prices an idle engine's prefill 1.3x too slow on the conversation
+trace, and the waiting count, a lagging proxy of the queue, took coefficients of up to
+560 ms a request).
+
+The coefficients start from PriorCoefficients and are refitted by least squares on observed
 samples, weighted by 1 / latency so that the fit minimises relative error (the MAPE the
 predictor is judged by) instead of being dominated by the longest requests. Coefficients
 are kept non-negative: a negative per-token cost would extrapolate to negative latencies.
@@ -27,12 +37,13 @@ import numpy.typing as npt
 from scheduler.core.predictor.config import PriorCoefficients
 from scheduler.core.predictor.features import (
     DECODE_BATCH,
-    ESTIMATED_PREFILL_MS,
-    WAITING,
+    KV_USAGE,
+    OWN_ATTENTION_PAIRS,
+    QUEUED_PREFILL_TOKENS,
+    UNCACHED_TOKENS,
     FeatureMatrix,
 )
 
-TTFT_TERMS: Final = (WAITING,)  # refitted; the estimated prefill keeps its coefficient
 TPOT_TERMS: Final = (DECODE_BATCH,)
 
 Floats = npt.NDArray[np.float64]
@@ -41,6 +52,19 @@ Floats = npt.NDArray[np.float64]
 def _design(features: FeatureMatrix, terms: tuple[int, ...]) -> Floats:
     design = np.ones((features.shape[0], len(terms) + 1), dtype=np.float64)
     design[:, 1:] = features[:, terms]
+    return design
+
+
+def ttft_design(features: FeatureMatrix) -> Floats:
+    """The TTFT law's columns: 1, prefill tokens ahead and own, own attention pairs, KV
+    usage, decode batch."""
+    design = np.ones((features.shape[0], 5), dtype=np.float64)
+    # Added in float64, as predict_row adds them (a float32 sum would round first).
+    design[:, 1] = features[:, UNCACHED_TOKENS]
+    design[:, 1] += features[:, QUEUED_PREFILL_TOKENS]
+    design[:, 2] = features[:, OWN_ATTENTION_PAIRS]
+    design[:, 3] = features[:, KV_USAGE]
+    design[:, 4] = features[:, DECODE_BATCH]
     return design
 
 
@@ -64,21 +88,14 @@ def nonnegative_least_squares(design: Floats, target: Floats, weights: Floats) -
     return coef
 
 
-def _refit_one(
-    features: FeatureMatrix,
-    target: Floats,
-    terms: tuple[int, ...],
-    min_samples: int,
-    weights_from: Floats | None = None,
-) -> tuple[tuple[float, ...], int] | None:
+def _refit_one(design: Floats, target: Floats, min_samples: int) -> tuple[tuple[float, ...], int] | None:
     """(coefficients, samples used), or None when there are too few samples to refit.
-    Samples weigh 1 / ``weights_from`` (the observed latency; default the target itself)."""
-    observed = target if weights_from is None else weights_from
-    usable = np.isfinite(target) & np.isfinite(observed) & (observed > 0.0)
+    Samples weigh 1 / the observed latency."""
+    usable = np.isfinite(target) & (target > 0.0)
     count = int(usable.sum())
     if count < min_samples:
         return None
-    coef = nonnegative_least_squares(_design(features[usable], terms), target[usable], 1.0 / observed[usable])
+    coef = nonnegative_least_squares(design[usable], target[usable], 1.0 / target[usable])
     if not np.all(np.isfinite(coef)):
         return None
     return tuple(float(c) for c in coef), count
@@ -88,7 +105,9 @@ def _refit_one(
 class PriorModel:
     """Coefficients [base, per-term...] of the two linear laws; immutable, refits return a copy."""
 
-    ttft: tuple[float, ...]  # base, per estimated prefill millisecond, per waiting request
+    # base, per prefill token (ahead and own), per own attention pair, per unit of KV usage,
+    # per request in the decode batch
+    ttft: tuple[float, ...]
     tpot: tuple[float, ...]  # base, per request in the decode batch
     ttft_fitted_on: int = 0  # samples of the last refit; 0: the configured defaults
     tpot_fitted_on: int = 0
@@ -96,15 +115,21 @@ class PriorModel:
     @staticmethod
     def from_coefficients(c: PriorCoefficients) -> PriorModel:
         return PriorModel(
-            ttft=(c.ttft_base_ms, c.ttft_per_estimated_prefill_ms, c.ttft_ms_per_waiting_request),
+            ttft=(
+                c.ttft_base_ms,
+                c.ttft_ms_per_uncached_token,
+                c.ttft_ms_per_attention_pair,
+                c.ttft_ms_at_full_kv_usage,
+                c.ttft_ms_per_decode_request,
+            ),
             tpot=(c.tpot_base_ms, c.tpot_ms_per_running_request),
         )
 
     def predict_ttft(self, features: FeatureMatrix) -> Floats:
         c = self.ttft
-        ttft: Floats = (
-            c[0] + c[1] * features[:, ESTIMATED_PREFILL_MS].astype(np.float64) + c[2] * features[:, WAITING]
-        )
+        x = ttft_design(features)
+        # Term by term, in predict_row's order (a matrix product may add in another).
+        ttft: Floats = c[0] + c[1] * x[:, 1] + c[2] * x[:, 2] + c[3] * x[:, 3] + c[4] * x[:, 4]
         return ttft
 
     def predict_tpot(self, features: FeatureMatrix) -> Floats:
@@ -112,27 +137,30 @@ class PriorModel:
         return c[0] + c[1] * features[:, DECODE_BATCH].astype(np.float64)
 
     def predict_row(self, row: FeatureMatrix) -> tuple[float, float]:
-        """(TTFT, TPOT) ms of one row (shape (NUM_FEATURES,)), bit for bit ``predict_ttft``
-        and ``predict_tpot`` on it: the same operations on numpy scalars, which promote
-        exactly as the arrays do, at a tenth of the cost (a pick predicts its chosen
-        endpoint alone; the array calls were 5.6% of a pick at 8 endpoints, py-spy)."""
+        """(TTFT, TPOT) ms of one row (shape (NUM_FEATURES,)), bit for bit ``predict_ttft`` and
+        ``predict_tpot`` on it (the same float64 operations in the same order), at a fraction
+        of the cost (a pick predicts its chosen endpoint alone; the array
+        calls were 5.6% of a pick at 8 endpoints, py-spy)."""
         c, d = self.ttft, self.tpot
-        ttft = c[0] + c[1] * row[ESTIMATED_PREFILL_MS].astype(np.float64) + c[2] * row[WAITING]
-        tpot = d[0] + d[1] * row[DECODE_BATCH].astype(np.float64)
-        return float(ttft), float(tpot)
+        ttft = (
+            c[0]
+            + c[1] * (float(row[UNCACHED_TOKENS]) + float(row[QUEUED_PREFILL_TOKENS]))
+            + c[2] * float(row[OWN_ATTENTION_PAIRS])
+            + c[3] * float(row[KV_USAGE])
+            + c[4] * float(row[DECODE_BATCH])
+        )
+        tpot = d[0] + d[1] * float(row[DECODE_BATCH])
+        return ttft, tpot
 
     def refit(
         self, features: FeatureMatrix, ttft_ms: Floats, tpot_ms: Floats, min_samples: int
     ) -> PriorModel:
         """A prior refitted on these samples; a target with fewer than min_samples keeps its coefficients."""
         prior = self
-        per_prefill_ms = self.ttft[1]
-        unexplained = ttft_ms - per_prefill_ms * features[:, ESTIMATED_PREFILL_MS].astype(np.float64)
-        ttft = _refit_one(features, unexplained, TTFT_TERMS, min_samples, weights_from=ttft_ms)
+        ttft = _refit_one(ttft_design(features), ttft_ms, min_samples)
         if ttft is not None:
-            (base, per_waiting), count = ttft
-            prior = replace(prior, ttft=(base, per_prefill_ms, per_waiting), ttft_fitted_on=count)
-        tpot = _refit_one(features, tpot_ms, TPOT_TERMS, min_samples)
+            prior = replace(prior, ttft=ttft[0], ttft_fitted_on=ttft[1])
+        tpot = _refit_one(_design(features, TPOT_TERMS), tpot_ms, min_samples)
         if tpot is not None:
             prior = replace(prior, tpot=tpot[0], tpot_fitted_on=tpot[1])
         return prior

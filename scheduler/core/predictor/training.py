@@ -29,14 +29,21 @@ from scheduler.core.predictor.prior import PriorModel
 from scheduler.core.predictor.store import SampleArrays
 
 
-def fit_booster(features: FeatureMatrix, target: Floats, params: XGBoostParams) -> bytes:
+def fit_booster(
+    features: FeatureMatrix,
+    target: Floats,
+    params: XGBoostParams,
+    *,
+    weights: Floats | None = None,
+    objective: str = "reg:squarederror",
+) -> bytes:
     """Fit one xgboost regressor; its JSON (``save_raw("json")``), which model.py compiles."""
     import xgboost
 
-    train = xgboost.DMatrix(features, label=target, nthread=params.nthread)
+    train = xgboost.DMatrix(features, label=target, weight=weights, nthread=params.nthread)
     booster = xgboost.train(
         {
-            "objective": "reg:squarederror",
+            "objective": objective,
             "tree_method": "hist",
             "max_depth": params.max_depth,
             "eta": params.learning_rate,
@@ -87,7 +94,19 @@ class TrainingJob:
                 target = to_target_space(y_train[rows], transform)
                 if residual:
                     target = target - to_target_space(prior_predict(features), transform)
-                raw = fit_booster(features, target, config.xgboost)
+                if config.loss == "relative":
+                    # |log predicted - log observed| weighted by 1 / observed: a leaf's value
+                    # is then the weighted median of its residuals, the constant with the
+                    # least MAPE over them (mean |p - y| / y is an L1 loss weighted by
+                    # 1 / y, and the weighted median is the same point in log space). The
+                    # weights are scaled to a mean of 1, leaving min_child_weight in samples.
+                    weights = 1.0 / y_train[rows]
+                    weights *= len(weights) / weights.sum()
+                    raw = fit_booster(
+                        features, target, config.xgboost, weights=weights, objective="reg:absoluteerror"
+                    )
+                else:
+                    raw = fit_booster(features, target, config.xgboost)
                 boosters[name] = raw
                 ensemble = compile_booster_json(raw)
             held = _usable(y_holdout)
