@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from scheduler.core.scoring import (
     NO_ELIGIBLE_IN_SUBSET,
     SCORERS,
+    BalanceGuard,
     Candidates,
     EndpointState,
     FilterLimits,
@@ -768,3 +769,56 @@ def test_weighted_totals_of_five_scorers_add_as_the_general_loop_does() -> None:
                 total += weight * column[i]
             expected.append(total / weight_sum)
         assert weighted_totals(values, weights, weight_sum, count) == expected
+
+
+# --- balance guard -------------------------------------------------------------------------
+
+
+def _agent_step() -> tuple[list[EndpointState], dict[str, PrefixMatch], PickRequest]:
+    """An agent loop's step: its 4k-token history (250 blocks of 16) cached on a holder
+    running a few more requests than the guard allows over idle endpoints (nearly all of
+    them decoding, little prefill queued), the other endpoints idle."""
+    running = ScoringConfig().balance.abs_requests + 4
+    holder = _ep(
+        1, inflight_requests=running, inflight_decode_requests=running - 2, inflight_prefill_tokens=600
+    )
+    endpoints = [holder, _ep(2), _ep(3)]
+    matches = {holder.name: PrefixMatch(250, 250)}
+    return endpoints, matches, _request("agent-7-3", blocks=260, tokens=4200)
+
+
+def test_an_overloaded_holder_loses_the_primary_to_the_least_loaded() -> None:
+    endpoints, matches, request = _agent_step()
+    # Without the guard the hit wins: recomputing 4k tokens elsewhere costs more than the
+    # holder's short prefill queue.
+    off = ScoringConfig(balance=BalanceGuard(abs_requests=0))
+    assert SchedulingPipeline(off).pick(request, endpoints, matches).primary == "10.0.0.1:8000"
+    decision = SchedulingPipeline().pick(request, endpoints, matches)
+    assert decision.primary in ("10.0.0.2:8000", "10.0.0.3:8000")
+    # Ranked last, still a fallback.
+    assert decision.endpoints[-1] == "10.0.0.1:8000"
+
+
+def test_a_holder_within_the_imbalance_limits_keeps_its_requests() -> None:
+    endpoints, matches, request = _agent_step()
+    guard = ScoringConfig().balance
+    # Just within the absolute limit over idle endpoints.
+    within = [dataclasses.replace(endpoints[0], inflight_requests=guard.abs_requests), *endpoints[1:]]
+    assert SchedulingPipeline().pick(request, within, matches).primary == "10.0.0.1:8000"
+    # Far more requests than the others, but less than rel times theirs.
+    running = endpoints[0].inflight_requests
+    busy = [
+        endpoints[0],
+        *(dataclasses.replace(e, inflight_requests=int(running / guard.rel) + 1) for e in endpoints[1:]),
+    ]
+    assert SchedulingPipeline().pick(request, busy, matches).primary == "10.0.0.1:8000"
+
+
+def test_the_balance_guard_counts_scraped_waiting_requests() -> None:
+    endpoints, matches, request = _agent_step()
+    running = endpoints[0].inflight_requests
+    holder = dataclasses.replace(
+        endpoints[0], inflight_requests=4, inflight_decode_requests=4, waiting=running - 4
+    )
+    decision = SchedulingPipeline().pick(request, [holder, *endpoints[1:]], matches)
+    assert decision.primary != "10.0.0.1:8000"

@@ -19,7 +19,10 @@ queue is shorter than recomputing the prefix elsewhere; once it is not, the next
 goes to the emptiest endpoint, which then holds the prefix too, and later requests split
 between the holders by their queues. Measured on the agentic workload (2k-token tool prompt
 shared by every agent, 8 workers): weighting prefix overlap against request counts instead
-left four workers idle and TTFT p50 at twice SGLang's cache-aware router's.
+left four workers idle and TTFT p50 at twice SGLang's cache-aware router's. The queue here
+is prefill only: a holder crowded with decoding sessions, whose next steps will come back
+to it, still looks cheap to each new request; the balance guard (``config.BalanceGuard``)
+takes such a holder out of the running for the primary by its count of requests.
 """
 
 from __future__ import annotations
