@@ -267,8 +267,11 @@ def test_prefill_wait_is_a_ttft_estimate_in_milliseconds() -> None:
     candidates = _candidates(endpoints, matches, request)
     # One 10 ms step, 8 ms per trusted waiting request, then prefill ahead and own at the rate.
     assert estimated_prefill_ms(candidates, request) == pytest.approx([310.0, 150.0, 110.0, 60.0])
+    once = PrefillWaitScorer().score(candidates, request, ScoringConfig(own_prefill_weight=1.0))
+    assert once == pytest.approx([61 / 311, 61 / 151, 61 / 111, 1.0])
+    # By default the request's own prefill counts twice: 100, 100, 100 and 50 ms more.
     values = PrefillWaitScorer().score(candidates, request, ScoringConfig())
-    assert values == pytest.approx([61 / 311, 61 / 151, 61 / 111, 1.0])
+    assert values == pytest.approx([111 / 411, 111 / 251, 111 / 211, 1.0])
 
 
 def test_prefill_wait_barely_separates_two_idle_endpoints_over_a_few_tokens() -> None:
@@ -822,3 +825,22 @@ def test_the_balance_guard_counts_scraped_waiting_requests() -> None:
     )
     decision = SchedulingPipeline().pick(request, [holder, *endpoints[1:]], matches)
     assert decision.primary != "10.0.0.1:8000"
+
+
+def test_a_step_stays_on_its_history_until_the_queue_outweighs_twice_its_recompute() -> None:
+    # A 4,160-token history (260 blocks of 16): 250 blocks cached on the holder behind
+    # 3,000 queued prefill tokens; the first 128 blocks (the shared tool prompt) cached on
+    # an idle endpoint. Priced alone, the step waits 3,000 + 160 tokens on the holder and
+    # 2,112 elsewhere; counting its recompute again as the wait it adds for what follows it
+    # there, 3,000 + 320 against 4,224.
+    holder = _ep(1, inflight_requests=2, queued_prefill_tokens=3000.0)
+    other = _ep(2, inflight_requests=2)
+    matches = {holder.name: PrefixMatch(250, 250), other.name: PrefixMatch(128, 128)}
+    request = _request("agent-3-5", blocks=260, tokens=4160)
+    once = ScoringConfig(weights=ScorerWeights.only(prefill_wait=1.0), own_prefill_weight=1.0)
+    assert SchedulingPipeline(once).pick(request, [holder, other], matches).primary == other.name
+    twice = _weights(prefill_wait=1.0)
+    assert twice.own_prefill_weight == 2.0
+    assert SchedulingPipeline(twice).pick(request, [holder, other], matches).primary == holder.name
+    # ... and the defaults keep it too.
+    assert SchedulingPipeline().pick(request, [holder, other], matches).primary == holder.name

@@ -232,6 +232,15 @@ class ScoringConfig(BaseModel):
         "trace at twice its rate, 'score' kept 31.6% of requests within a 1 s TTFT and 'fastest' "
         "15.8%: under overload, chasing the fastest prediction scatters prefixes across workers.",
     )
+    own_prefill_weight: float = Field(
+        2.0,
+        ge=1,
+        le=10,
+        description="How many times the prefill_wait scorer counts the request's own uncached prefill: "
+        "once as its own wait and, above 1, again for the wait it adds there for the requests behind "
+        "it (its session's next steps first). 1 prices the request alone: a session's next step "
+        "leaves its history's holder as soon as the holder's queue outgrows recomputing the history.",
+    )
     balance: BalanceGuard = Field(
         default_factory=BalanceGuard,
         description="Endpoints with far more requests in flight than the least loaded rank last.",
