@@ -227,6 +227,8 @@ def test_minimal_policy_is_completed_by_the_defaults() -> None:
         "temperature": 0.05,
         "numFallbacks": 2,
         "tieEpsilon": 0.02,
+        "ownPrefillWeight": 2,
+        "balance": {"absRequests": 48, "rel": 1.5},
         "sloMargin": 0.1,
         "sloUnmeetable": "score",
     }

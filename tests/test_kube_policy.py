@@ -65,15 +65,15 @@ def accepted(obj: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def two_endpoint_scheduler() -> Scheduler:
     """A holds the prompt's prefix but has a queue; B is idle and cold. Default weights pick B
-    (A's 3 waiting requests are estimated at 24 ms, recomputing the 130-token prompt on B at
-    5 ms); with prefixOverlap 3 the cached prefix wins and A is picked."""
+    (A's 5 waiting requests are estimated at 40 ms, recomputing the 130-token prompt on B at
+    5 ms, counted twice); with prefixOverlap 3 the cached prefix wins and A is picked."""
     scheduler = Scheduler(SchedulerConfig())
     endpoints = [
         Endpoint(name=f"10.0.0.{i}:8000", address=f"10.0.0.{i}:8000", kv_events=f"tcp://10.0.0.{i}:5557")
         for i in (1, 2)
     ]
     scheduler.set_endpoints(endpoints, 0.0)
-    scheduler.update_metrics(endpoints[0].name, EndpointMetrics(waiting=3, running=4, kv_usage=0.3), 0.0)
+    scheduler.update_metrics(endpoints[0].name, EndpointMetrics(waiting=5, running=4, kv_usage=0.3), 0.0)
     scheduler.update_metrics(endpoints[1].name, EndpointMetrics(waiting=0, running=0, kv_usage=0.3), 0.0)
     stored = BlockStored(list(range(100, 108)), None, PROMPT, BLOCK, medium=Tier.GPU)
     scheduler.index.apply_batch(endpoints[0].name, EventBatch(0.0, [stored]))

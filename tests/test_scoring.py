@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from scheduler.core.scoring import (
     NO_ELIGIBLE_IN_SUBSET,
     SCORERS,
+    BalanceGuard,
     Candidates,
     EndpointState,
     FilterLimits,
@@ -266,8 +267,11 @@ def test_prefill_wait_is_a_ttft_estimate_in_milliseconds() -> None:
     candidates = _candidates(endpoints, matches, request)
     # One 10 ms step, 8 ms per trusted waiting request, then prefill ahead and own at the rate.
     assert estimated_prefill_ms(candidates, request) == pytest.approx([310.0, 150.0, 110.0, 60.0])
+    once = PrefillWaitScorer().score(candidates, request, ScoringConfig(own_prefill_weight=1.0))
+    assert once == pytest.approx([61 / 311, 61 / 151, 61 / 111, 1.0])
+    # By default the request's own prefill counts twice: 100, 100, 100 and 50 ms more.
     values = PrefillWaitScorer().score(candidates, request, ScoringConfig())
-    assert values == pytest.approx([61 / 311, 61 / 151, 61 / 111, 1.0])
+    assert values == pytest.approx([111 / 411, 111 / 251, 111 / 211, 1.0])
 
 
 def test_prefill_wait_barely_separates_two_idle_endpoints_over_a_few_tokens() -> None:
@@ -768,3 +772,75 @@ def test_weighted_totals_of_five_scorers_add_as_the_general_loop_does() -> None:
                 total += weight * column[i]
             expected.append(total / weight_sum)
         assert weighted_totals(values, weights, weight_sum, count) == expected
+
+
+# --- balance guard -------------------------------------------------------------------------
+
+
+def _agent_step() -> tuple[list[EndpointState], dict[str, PrefixMatch], PickRequest]:
+    """An agent loop's step: its 4k-token history (250 blocks of 16) cached on a holder
+    running a few more requests than the guard allows over idle endpoints (nearly all of
+    them decoding, little prefill queued), the other endpoints idle."""
+    running = ScoringConfig().balance.abs_requests + 4
+    holder = _ep(
+        1, inflight_requests=running, inflight_decode_requests=running - 2, inflight_prefill_tokens=600
+    )
+    endpoints = [holder, _ep(2), _ep(3)]
+    matches = {holder.name: PrefixMatch(250, 250)}
+    return endpoints, matches, _request("agent-7-3", blocks=260, tokens=4200)
+
+
+def test_an_overloaded_holder_loses_the_primary_to_the_least_loaded() -> None:
+    endpoints, matches, request = _agent_step()
+    # Without the guard the hit wins: recomputing 4k tokens elsewhere costs more than the
+    # holder's short prefill queue.
+    off = ScoringConfig(balance=BalanceGuard(abs_requests=0))
+    assert SchedulingPipeline(off).pick(request, endpoints, matches).primary == "10.0.0.1:8000"
+    decision = SchedulingPipeline().pick(request, endpoints, matches)
+    assert decision.primary in ("10.0.0.2:8000", "10.0.0.3:8000")
+    # Ranked last, still a fallback.
+    assert decision.endpoints[-1] == "10.0.0.1:8000"
+
+
+def test_a_holder_within_the_imbalance_limits_keeps_its_requests() -> None:
+    endpoints, matches, request = _agent_step()
+    guard = ScoringConfig().balance
+    # Just within the absolute limit over idle endpoints.
+    within = [dataclasses.replace(endpoints[0], inflight_requests=guard.abs_requests), *endpoints[1:]]
+    assert SchedulingPipeline().pick(request, within, matches).primary == "10.0.0.1:8000"
+    # Far more requests than the others, but less than rel times theirs.
+    running = endpoints[0].inflight_requests
+    busy = [
+        endpoints[0],
+        *(dataclasses.replace(e, inflight_requests=int(running / guard.rel) + 1) for e in endpoints[1:]),
+    ]
+    assert SchedulingPipeline().pick(request, busy, matches).primary == "10.0.0.1:8000"
+
+
+def test_the_balance_guard_counts_scraped_waiting_requests() -> None:
+    endpoints, matches, request = _agent_step()
+    running = endpoints[0].inflight_requests
+    holder = dataclasses.replace(
+        endpoints[0], inflight_requests=4, inflight_decode_requests=4, waiting=running - 4
+    )
+    decision = SchedulingPipeline().pick(request, [holder, *endpoints[1:]], matches)
+    assert decision.primary != "10.0.0.1:8000"
+
+
+def test_a_step_stays_on_its_history_until_the_queue_outweighs_twice_its_recompute() -> None:
+    # A 4,160-token history (260 blocks of 16): 250 blocks cached on the holder behind
+    # 3,000 queued prefill tokens; the first 128 blocks (the shared tool prompt) cached on
+    # an idle endpoint. Priced alone, the step waits 3,000 + 160 tokens on the holder and
+    # 2,112 elsewhere; counting its recompute again as the wait it adds for what follows it
+    # there, 3,000 + 320 against 4,224.
+    holder = _ep(1, inflight_requests=2, queued_prefill_tokens=3000.0)
+    other = _ep(2, inflight_requests=2)
+    matches = {holder.name: PrefixMatch(250, 250), other.name: PrefixMatch(128, 128)}
+    request = _request("agent-3-5", blocks=260, tokens=4160)
+    once = ScoringConfig(weights=ScorerWeights.only(prefill_wait=1.0), own_prefill_weight=1.0)
+    assert SchedulingPipeline(once).pick(request, [holder, other], matches).primary == other.name
+    twice = _weights(prefill_wait=1.0)
+    assert twice.own_prefill_weight == 2.0
+    assert SchedulingPipeline(twice).pick(request, [holder, other], matches).primary == holder.name
+    # ... and the defaults keep it too.
+    assert SchedulingPipeline().pick(request, [holder, other], matches).primary == holder.name

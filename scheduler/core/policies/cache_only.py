@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from scheduler.core.policies.kvsched import ScoringPolicy
 from scheduler.core.policies.registry import register_policy
-from scheduler.core.scoring import ScorerWeights, ScoringConfig
+from scheduler.core.scoring import BalanceGuard, ScorerWeights, ScoringConfig
 
 
 class CacheOnly(ScoringPolicy):
@@ -18,7 +18,9 @@ class CacheOnly(ScoringPolicy):
     prices_queued_prefill = False  # an ablation of the scoring, not of flow control
 
     def scoring_for(self, scoring: ScoringConfig) -> ScoringConfig:
-        return scoring.model_copy(update={"weights": ScorerWeights.only(prefix_overlap=1.0)})
+        # An ablation of one signal: without the balance guard, which would add a second.
+        weights = ScorerWeights.only(prefix_overlap=1.0)
+        return scoring.model_copy(update={"weights": weights, "balance": BalanceGuard(abs_requests=0)})
 
 
 register_policy("cache_only", CacheOnly, description="kvsched's pipeline on prefix overlap alone (ablation).")

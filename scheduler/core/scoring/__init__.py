@@ -1,7 +1,13 @@
 """The scoring pipeline: filters -> scorers -> picker, shared by the live server and the simulator."""
 
 from scheduler.core.scoring.candidates import Candidates, LatencyEstimator
-from scheduler.core.scoring.config import FilterLimits, ScorerWeights, ScoringConfig, TierWeights
+from scheduler.core.scoring.config import (
+    BalanceGuard,
+    FilterLimits,
+    ScorerWeights,
+    ScoringConfig,
+    TierWeights,
+)
 from scheduler.core.scoring.decision import Decision
 from scheduler.core.scoring.filters import (
     NO_ELIGIBLE_IN_SUBSET,
@@ -42,6 +48,7 @@ from scheduler.core.scoring.types import (
 __all__ = [
     "NO_ELIGIBLE_IN_SUBSET",
     "SCORERS",
+    "BalanceGuard",
     "Candidates",
     "Decision",
     "EndpointState",

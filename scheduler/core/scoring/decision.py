@@ -35,6 +35,9 @@ class Decision:
     # A spread pick (PickRequest.spread_of > 1): per replica slot, the endpoint one replica
     # would pick for that slot's request of as many concurrent ones; the primary is its own.
     slot_picks: list[str] = field(default_factory=list)
+    # Candidates ranked after the others for holding far more requests than the least loaded
+    # (``ScoringConfig.balance``): why a better total can come after a worse one.
+    overloaded: list[str] = field(default_factory=list)
 
     @property
     def predicted(self) -> tuple[float, float, str] | None:
@@ -112,6 +115,8 @@ class Decision:
             "prediction_source": candidates.prediction_source if candidates is not None else "",
             "slo_note": self.slo_note,
         }
+        if self.overloaded:
+            account["overloaded"] = list(self.overloaded)
         if self.slot_picks:
             # Why a spread pick's primary need not be the best total: it took its slot.
             account["slot_picks"] = list(self.slot_picks)

@@ -18,7 +18,7 @@ from scheduler.core.scoring.candidates import (
     build_candidates,
     metrics_trusted,
 )
-from scheduler.core.scoring.config import ScoringConfig
+from scheduler.core.scoring.config import BalanceGuard, ScoringConfig
 from scheduler.core.scoring.decision import Decision
 from scheduler.core.scoring.filters import NO_ELIGIBLE_IN_SUBSET, Filter, default_filters
 from scheduler.core.scoring.picker import (
@@ -35,6 +35,8 @@ from scheduler.core.scoring.types import EndpointState, PickRequest, PrefixMatch
 # Below every feasible candidate's total (totals lie in [0, 1]): SLO-infeasible candidates
 # keep their relative order but rank after all feasible ones.
 _INFEASIBLE_PENALTY = 2.0
+# Below every balanced candidate's total, above every SLO-infeasible one's.
+_OVERLOADED_PENALTY = 1.0
 NO_CANDIDATE_MEETS_SLO = "no endpoint predicted to meet the SLO: fastest predicted first"
 
 
@@ -97,6 +99,19 @@ def meets_slo(candidates: Candidates, request: PickRequest, margin: float) -> li
         limit = request.slo_tpot_ms * keep
         ok = [o and t <= limit for o, t in zip(ok, candidates.predicted_tpot_ms, strict=True)]
     return ok
+
+
+def overloaded_positions(queue: Sequence[int], guard: BalanceGuard) -> list[int]:
+    """Positions of the candidates with more than ``guard.abs_requests`` requests ahead
+    beyond the least loaded candidate's and more than ``guard.rel`` times its count: SGLang
+    cache-aware's imbalance test (``cache_aware.rs``: ``max_load - min_load >
+    balance_abs_threshold && max_load > min_load * balance_rel_threshold``) applied to each
+    candidate rather than to the pool's most loaded worker."""
+    if guard.abs_requests <= 0 or len(queue) < 2:
+        return []
+    least = min(queue)
+    limit = max(least + guard.abs_requests, least * guard.rel)
+    return [i for i, q in enumerate(queue) if q > limit]
 
 
 def weighted_totals(
@@ -222,9 +237,9 @@ class SchedulingPipeline:
         SLOs, ranks the candidates predicted to meet them first (or, when none is, the
         fastest predicted first).
 
-        Four stages, each its own method so a profile or a trace span can name it:
+        Five stages, each its own method so a profile or a trace span can name it:
         :meth:`filter_endpoints`, :meth:`score_candidates`, :meth:`rank_by_slo`,
-        :meth:`order_candidates`."""
+        :meth:`rank_by_balance`, :meth:`order_candidates`."""
         config = self._config
         eligible = self.filter_endpoints(request, endpoints)
         if not eligible.states:
@@ -232,6 +247,7 @@ class SchedulingPipeline:
             return Decision([], [], reason=reason, mode=config.mode, filtered=eligible.filtered)
         candidates, active, scores, totals = self.score_candidates(eligible, request, matches, estimator)
         ranking, feasible, slo_note = self.rank_by_slo(candidates, totals, request)
+        ranking, overloaded = self.rank_by_balance(candidates, ranking)
         saturated = bool(eligible.saturated_reason)
         slot_picks: list[int] = []
         if request.spread_of > 1 and not saturated and config.mode == "max_score" and len(candidates) > 1:
@@ -253,6 +269,7 @@ class SchedulingPipeline:
             slo_feasible=feasible,
             slo_note=slo_note,
             slot_picks=[states[i].name for i in slot_picks],
+            overloaded=[] if saturated else [states[i].name for i in overloaded],
         )
 
     # --- stages ----------------------------------------------------------------------------
@@ -337,7 +354,19 @@ class SchedulingPipeline:
             )
             eligible = replace(eligible, states=states)
             candidates, _, _, totals = self.score_candidates(eligible, request, matches, estimator)
-            ranking = self.rank_by_slo(candidates, totals, request)[0]
+            ranking = self.rank_by_balance(candidates, self.rank_by_slo(candidates, totals, request)[0])[0]
+
+    def rank_by_balance(self, candidates: Candidates, ranking: list[float]) -> tuple[list[float], list[int]]:
+        """Balance stage: the candidates overloaded against the least loaded one
+        (``ScoringConfig.balance``) rank after the others, keeping their relative order.
+        Returns the ranking and their positions."""
+        overloaded = overloaded_positions(candidates.queue, self._config.balance)
+        if not overloaded:
+            return ranking, overloaded
+        penalised = list(ranking)
+        for i in overloaded:
+            penalised[i] -= _OVERLOADED_PENALTY
+        return penalised, overloaded
 
     def rank_by_slo(self, candidates: Candidates, totals: list[float], request: PickRequest) -> SLORanking:
         """SLO stage: for a request with objectives and predictions, the candidates predicted
