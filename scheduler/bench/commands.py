@@ -258,6 +258,7 @@ def _bench_epp(args: argparse.Namespace) -> int:
         prompt_bytes=args.prompt_bytes,
         envoy_concurrency=args.envoy_concurrency,
         transport=args.transport,
+        stream_tokens=args.stream_tokens,
     )
     if args.json:
         print(json.dumps(report))
@@ -575,8 +576,8 @@ def register(subparsers: Any) -> None:
         "--stream-tokens",
         type=int,
         default=None,
-        help="with the floors: streamed token-id completions of this many tokens (a response "
-        "of as many chunks) instead of one-token answers",
+        help="streamed token-id completions of this many tokens (a response of as many "
+        "chunks) instead of one-token answers",
     )
     epp.add_argument(
         "--single-filter-too",

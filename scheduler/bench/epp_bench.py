@@ -770,6 +770,7 @@ def run(
     prompt_bytes: int | None = None,
     envoy_concurrency: int | None = None,
     transport: str = "auto",
+    stream_tokens: int | None = None,
 ) -> dict[str, Any]:
     report = asyncio.run(
         measure_added_latency(
@@ -782,6 +783,7 @@ def run(
             prompt_bytes=prompt_bytes,
             envoy_concurrency=envoy_concurrency,
             gateway=kvsched_gateway(transport),
+            stream_tokens=stream_tokens,
         )
     )
     report["picks"] = measure_picks_per_s(
