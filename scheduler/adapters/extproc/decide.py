@@ -220,13 +220,7 @@ class PickRunner:
                 STAGE_TIMES.stop("tokenize", started)
             if trace is not None and parsed.prompt_token_ids is None:
                 trace.stage("tokenize", tokenize_ns)
-        request = self.scheduling_request(
-            hints,
-            ids,
-            model=parsed.model if parsed else None,
-            max_tokens=parsed.max_tokens if parsed else None,
-            subset=subset,
-        )
+        request = self._request_for(hints, ids, parsed, subset)
         if tokenize_error is not None:
             decision = self.internal(request, tokenize_error)
         else:
@@ -302,13 +296,7 @@ class PickRunner:
         """
         if token_ids is None or self.tracer is not None:
             return self.decide_parsed(hints, parsed, subset, token_ids)
-        request = self.scheduling_request(
-            hints,
-            token_ids,
-            model=parsed.model if parsed else None,
-            max_tokens=parsed.max_tokens if parsed else None,
-            subset=subset,
-        )
+        request = self._request_for(hints, token_ids, parsed, subset)
         gate = self.flow_gate
         if gate is None or (request.subset is not None and not request.subset):
             answer = self.pick(request)
@@ -382,6 +370,21 @@ class PickRunner:
             # Tokenisers release the GIL; a long prompt must not stall every other stream.
             return await asyncio.to_thread(request_token_ids, self.tokenizer, parsed)
         return request_token_ids(self.tokenizer, parsed)
+
+    def _request_for(
+        self,
+        hints: RequestHints,
+        token_ids: Sequence[int],
+        parsed: InferenceRequestBody | None,
+        subset: frozenset[str] | None,
+    ) -> SchedulingRequest:
+        return self.scheduling_request(
+            hints,
+            token_ids,
+            model=parsed.model if parsed else None,
+            max_tokens=parsed.max_tokens if parsed else None,
+            subset=subset,
+        )
 
     @staticmethod
     def scheduling_request(
