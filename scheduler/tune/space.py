@@ -99,6 +99,31 @@ def knobs() -> list[Knob]:
         ),
         Knob("picker.tie_epsilon", ("scoring", "tie_epsilon"), ("picker", "tieEpsilon"), "float", 0.0, 0.2),
         Knob(
+            "picker.own_prefill_weight",
+            ("scoring", "own_prefill_weight"),
+            ("picker", "ownPrefillWeight"),
+            "float",
+            1.0,
+            4.0,
+        ),
+        # 0 turns the balance guard off; past ~128 requests ahead it hardly ever fires.
+        Knob(
+            "picker.balance.abs_requests",
+            ("scoring", "balance", "abs_requests"),
+            ("picker", "balance", "absRequests"),
+            "int",
+            0,
+            128,
+        ),
+        Knob(
+            "picker.balance.rel",
+            ("scoring", "balance", "rel"),
+            ("picker", "balance", "rel"),
+            "float",
+            1.0,
+            3.0,
+        ),
+        Knob(
             "limits.max_waiting",
             ("scoring", "limits", "max_waiting"),
             ("limits", "maxWaiting"),
