@@ -13,7 +13,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
@@ -32,6 +32,7 @@ from scheduler.codec.prom import (
 )
 from scheduler.core.scheduler import Endpoint, Scheduler
 from scheduler.sim.vllm_metrics import busy_page
+from tests.test_scraper import RawServer
 
 promlines = pytest.importorskip("scheduler._native.promlines")
 pytest.importorskip("scheduler._native.pagescrape")
@@ -53,46 +54,13 @@ def chunked(page: bytes, size: int = 1000) -> bytes:
     return b"".join(out)
 
 
-@dataclass
-class Server:
-    """Answers the n-th request on a connection with responses[n] (the last one repeated),
-    optionally closing after each answer."""
-
-    responses: list[bytes]
-    close_after: bool = False
-    connections: int = 0
-    requests: int = 0
-    url: str = ""
-    host: str = "127.0.0.1"
-    port: int = 0
-    writers: list[asyncio.StreamWriter] = field(default_factory=list)
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self.writers.append(writer)
-        try:
-            while await reader.readuntil(b"\r\n\r\n"):
-                response = self.responses[min(self.requests, len(self.responses) - 1)]
-                self.requests += 1
-                writer.write(response)
-                await writer.drain()
-                if self.close_after:
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        writer.close()
-
-
 @pytest.fixture
-async def server() -> AsyncIterator[Callable[..., Server]]:
+async def server() -> AsyncIterator[Callable[..., RawServer]]:
     started: list[asyncio.Server] = []
 
-    async def start(responses: list[bytes], close_after: bool = False) -> Server:
-        raw = Server(responses, close_after)
-        listener = await asyncio.start_server(raw.serve, "127.0.0.1", 0)
-        raw.port = listener.sockets[0].getsockname()[1]
-        raw.url = f"http://127.0.0.1:{raw.port}/metrics"
-        started.append(listener)
+    async def start(responses: list[bytes], close_after: bool = False) -> RawServer:
+        raw = RawServer(responses, close_after)
+        started.append(await raw.start())
         return raw
 
     yield start  # type: ignore[misc]
@@ -116,7 +84,7 @@ class Fetcher:
             asyncio.get_running_loop(), NAMES, marks=marks, max_body_bytes=max_body_bytes
         )
 
-    def client(self, raw: Server) -> tuple[NativePageClient, list[Outcome]]:
+    def client(self, raw: RawServer) -> tuple[NativePageClient, list[Outcome]]:
         outcomes: list[Outcome] = []
         target = PageTarget(raw.url, accept="text/plain")
         client = NativePageClient(
@@ -183,7 +151,7 @@ LABEL_VARIANTS = b"".join(
 )
 
 
-async def test_the_thread_finds_the_lines_promlines_finds(server: Callable[..., Server]) -> None:
+async def test_the_thread_finds_the_lines_promlines_finds(server: Callable[..., RawServer]) -> None:
     realistic = busy_page()
     pages = [
         realistic,
@@ -218,7 +186,7 @@ async def test_the_thread_finds_the_lines_promlines_finds(server: Callable[..., 
         fetcher.hub.close()
 
 
-async def test_an_unchanged_page_is_not_handed_over_again(server: Callable[..., Server]) -> None:
+async def test_an_unchanged_page_is_not_handed_over_again(server: Callable[..., RawServer]) -> None:
     page = busy_page()
     other = page.replace(b"vllm:num_requests_waiting{", b'vllm:num_requests_waiting{x="1",', 1)
     raw = await server([content_length(page), content_length(page), content_length(other)])  # type: ignore[misc]
@@ -253,7 +221,7 @@ async def test_an_unchanged_page_is_not_handed_over_again(server: Callable[..., 
     ],
 )
 async def test_a_broken_answer_is_an_error_and_the_connection_is_made_again(
-    server: Callable[..., Server], response: bytes, error: str
+    server: Callable[..., RawServer], response: bytes, error: str
 ) -> None:
     page = b"vllm:num_requests_waiting 1\n"
     # A short page is followed by the server closing: that is what makes it short.
@@ -272,7 +240,7 @@ async def test_a_broken_answer_is_an_error_and_the_connection_is_made_again(
 
 
 async def test_an_aborted_request_gives_no_answer_and_the_next_one_reconnects(
-    server: Callable[..., Server],
+    server: Callable[..., RawServer],
 ) -> None:
     page = b"vllm:num_requests_waiting 1\n"
     raw = await server([b"", content_length(page)])  # type: ignore[misc]  # the first GET hangs
@@ -295,7 +263,7 @@ async def test_an_aborted_request_gives_no_answer_and_the_next_one_reconnects(
         fetcher.hub.close()
 
 
-async def test_a_page_over_the_limit_is_an_error(server: Callable[..., Server]) -> None:
+async def test_a_page_over_the_limit_is_an_error(server: Callable[..., RawServer]) -> None:
     page = b"vllm:num_requests_waiting 1\n" + b"# padding\n" * 500
     raw = await server([content_length(page), chunked(page)])  # type: ignore[misc]
     fetcher = Fetcher(max_body_bytes=2048)
@@ -309,7 +277,7 @@ async def test_a_page_over_the_limit_is_an_error(server: Callable[..., Server]) 
 
 @pytest.mark.parametrize("engine", ["auto", "vllm"])
 async def test_the_scraper_reads_the_same_figures_natively_and_in_python(
-    server: Callable[..., Server], engine: str
+    server: Callable[..., RawServer], engine: str
 ) -> None:
     page = busy_page()
     raw = await server([content_length(page)])  # type: ignore[misc]
@@ -337,7 +305,7 @@ async def test_the_scraper_reads_the_same_figures_natively_and_in_python(
         assert seen == [expected] * 3
 
 
-async def test_an_unchanged_page_repeats_its_parse_error(server: Callable[..., Server]) -> None:
+async def test_an_unchanged_page_repeats_its_parse_error(server: Callable[..., RawServer]) -> None:
     page = b"vllm:num_requests_running 1\n"
     raw = await server([content_length(page)])  # type: ignore[misc]
     with pytest.raises(PromMetricsError) as expected:
@@ -373,7 +341,7 @@ def test_the_scan_agrees_with_its_python_twin_on_long_pages(pieces: list[bytes])
     assert promlines.sample_lines(page, NAMES) == _sample_lines_twin(page, NAMES)
 
 
-async def test_targets_removed_and_stopped_with_scrapes_in_flight(server: Callable[..., Server]) -> None:
+async def test_targets_removed_and_stopped_with_scrapes_in_flight(server: Callable[..., RawServer]) -> None:
     page = b"vllm:num_requests_waiting 1\nvllm:num_requests_running 2\nvllm:kv_cache_usage_perc 0.5\n"
     raws = [await server([content_length(page)]) for _ in range(40)]  # type: ignore[misc]
     names = [f"e{i}" for i in range(len(raws))]

@@ -252,18 +252,26 @@ async def test_phases_spread_evenly() -> None:
 
 @dataclass
 class RawServer:
-    """A server that writes exactly the bytes a test gives, then maybe closes the connection."""
+    """Answers the n-th request on a connection with exactly ``responses[n]`` (the last one
+    repeated), optionally closing the connection after each answer."""
 
-    response: bytes
+    responses: list[bytes]
     close_after: bool = False
     connections: int = 0
+    requests: int = 0
     url: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.writers.append(writer)
         try:
             while await reader.readuntil(b"\r\n\r\n"):
-                writer.write(self.response)
+                response = self.responses[min(self.requests, len(self.responses) - 1)]
+                self.requests += 1
+                writer.write(response)
                 await writer.drain()
                 if self.close_after:
                     break
@@ -271,16 +279,20 @@ class RawServer:
             pass
         writer.close()
 
+    async def start(self) -> asyncio.Server:
+        listener = await asyncio.start_server(self.serve, self.host, 0)
+        self.port = listener.sockets[0].getsockname()[1]
+        self.url = f"http://{self.host}:{self.port}/metrics"
+        return listener
+
 
 @pytest.fixture
 async def raw_server() -> AsyncIterator[Callable[[bytes, bool], RawServer]]:
     started: list[asyncio.Server] = []
 
     async def start(response: bytes, close_after: bool) -> RawServer:
-        raw = RawServer(response, close_after)
-        server = await asyncio.start_server(raw.serve, "127.0.0.1", 0)
-        raw.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/metrics"
-        started.append(server)
+        raw = RawServer([response], close_after)
+        started.append(await raw.start())
         return raw
 
     yield start  # type: ignore[misc]
