@@ -62,7 +62,6 @@ from scheduler.adapters.extproc.headers import (
     RequestHints,
     hint_headers,
     request_hints,
-    routing_headers,
 )
 from scheduler.adapters.extproc.health import READINESS_SERVICES
 from scheduler.adapters.extproc.observed import ROUTED_HEADER, ForwardedObservation, Observations
@@ -467,17 +466,8 @@ class _NativeRequest:
         transport = self.transport
         transport.stats.count(decision.outcome)
         config = transport.config
-        destination = ",".join(decision.endpoints) if config.destination_list else decision.endpoints[0]
-        extra = routing_headers(self.hints, decision.prefill_endpoint)
-        self.routed_id = transport.observations.new_id()
-        extra.append((ROUTED_HEADER, self.routed_id))
-        request = decision.request
-        transport.observations.routed(
-            self.routed_id,
-            self,
-            decided_from,
-            decision.predicted,
-            request.max_tokens if request is not None else None,
+        destination, extra, self.routed_id = transport.observations.announce(
+            self, decision, self.hints, decided_from, destination_list=config.destination_list
         )
         scores = decision.endpoint_scores(config.endpoint_scores)
         transport.native.route(self.stream, destination, extra, scores or None, decision.body_replacement)

@@ -39,12 +39,16 @@ import os
 import secrets
 import socket
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from scheduler.adapters.extproc.headers import RequestHints, routing_headers
 from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.extproc.usage import Usage
 from scheduler.codec.peersync import BROKEN, COMPLETED, FIRST_BYTE, ObservedResponse
 from scheduler.core.peerload import PeerSyncConfig, ttl_bounds
+
+if TYPE_CHECKING:
+    from scheduler.adapters.extproc.decide import RoutingAnswer
 
 ROUTED_HEADER = "x-kvsched-routed"
 
@@ -110,6 +114,32 @@ class Observations:
 
     def __len__(self) -> int:
         return len(self._awaiting)
+
+    def announce(
+        self,
+        request: ObservedRequest,
+        decision: RoutingAnswer,
+        hints: RequestHints,
+        decided_from: float,
+        *,
+        destination_list: bool,
+    ) -> tuple[str, list[tuple[str, str]], str]:
+        """A routed decision's answer, the same in both transports: (destination, the headers
+        added to the request, ``x-kvsched-routed`` last, and the routed id under which
+        ``request`` now waits for its observation)."""
+        destination = ",".join(decision.endpoints) if destination_list else decision.endpoints[0]
+        extra = routing_headers(hints, decision.prefill_endpoint)
+        routed_id = self.new_id()
+        extra.append((ROUTED_HEADER, routed_id))
+        scheduling = decision.request
+        self.routed(
+            routed_id,
+            request,
+            decided_from,
+            decision.predicted,
+            scheduling.max_tokens if scheduling is not None else None,
+        )
+        return destination, extra, routed_id
 
     def routed(
         self,

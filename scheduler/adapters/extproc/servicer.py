@@ -44,7 +44,6 @@ from scheduler.adapters.extproc.headers import (
     RequestHints,
     header_dict,
     request_hints,
-    routing_headers,
     served_endpoint,
     subset_hint,
 )
@@ -379,17 +378,8 @@ class _Exchange:
             return self._refuse(decision)
         self._stats.count(decision.outcome)
         started = STAGE_TIMES.start()
-        destination = ",".join(decision.endpoints) if self._config.destination_list else decision.endpoints[0]
-        extra = routing_headers(self._hints, decision.prefill_endpoint)
-        self._routed_id = self._observations.new_id()
-        extra.append((ROUTED_HEADER, self._routed_id))
-        request = decision.request
-        self._observations.routed(
-            self._routed_id,
-            self,
-            decided_from,
-            decision.predicted,
-            request.max_tokens if request is not None else None,
+        destination, extra, self._routed_id = self._observations.announce(
+            self, decision, self._hints, decided_from, destination_list=self._config.destination_list
         )
         has_body = self._body_messages > 0 and self._duplex_request
         if has_body and decision.body_replacement is not None:
