@@ -27,7 +27,7 @@ import re
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -52,6 +52,11 @@ MIN_CHUNK_CHARS = 256
 # and the CPU per prompt was lowest at 512 (rag_tenants, chat, agentic); smaller pieces mean
 # more entries and lookups for little more found.
 MAX_CHUNK_CHARS = 1024
+
+# A prompt tokenised only as far as the pool holds it (``PromptChunks.leading_ids``) is asked
+# about after each window of about this many characters (~2,000 tokens of prose): a window
+# costs ~2.5 ms to tokenise when none of it is cached, the question ~10-40 us.
+LEADING_WINDOW_CHARS = 8192
 
 # Texts the check tokenises whole and cut at every allowed place: prose, code, numbers,
 # contractions, runs of spaces and newlines, tabs, non-Latin scripts and emoji.
@@ -132,6 +137,8 @@ class ChunkStats:
     chunk_hits: int = 0
     chars: int = 0
     chars_hit: int = 0
+    # Characters of routed prompts left untokenised past what the pool holds (``leading_ids``).
+    chars_left: int = 0
     evictions: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -141,6 +148,7 @@ class ChunkStats:
             "chunk_hits": self.chunk_hits,
             "chars": self.chars,
             "chars_hit": self.chars_hit,
+            "chars_left": self.chars_left,
             "evictions": self.evictions,
         }
 
@@ -166,21 +174,66 @@ class PromptChunks:
 
     def ids(self, text: str, *, add_special_tokens: bool) -> Sequence[int]:
         """``text``'s ids, as ``tokenizer.encode(text, add_special_tokens)`` gives them."""
+        return self.leading_ids(text, add_special_tokens=add_special_tokens)[0]
+
+    def leading_ids(
+        self,
+        text: str,
+        *,
+        add_special_tokens: bool,
+        held: Callable[[Sequence[int]], bool] | None = None,
+        window_chars: int = LEADING_WINDOW_CHARS,
+    ) -> tuple[Sequence[int], int]:
+        """The ids of ``text``'s first characters and how many characters are left.
+
+        Without ``held``, all of ``text`` (0 left). With it, ``text`` is tokenised a window of
+        about ``window_chars`` at a time, and after each window ``held(ids so far)`` says whether
+        the pool still holds everything so far; once it does not, the rest is left: the ids
+        given are exactly the whole text's first ids (the cuts are the tokenizer's own), and no
+        later id can change a prefix match. A tokenizer that cannot be cut is used whole.
+        """
         if not self.enabled:
             whole: list[int] = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-            return whole
+            return whole, 0
         ids = array("Q", self._special_prefix) if add_special_tokens else array("Q")
+        bounds = list(chunk_bounds(text))
+        with self._lock:
+            self.stats.prompts += 1
+        if not bounds:
+            windows = []
+        elif held is None:
+            windows = [bounds]
+        else:
+            windows, window, window_start = [], [], 0
+            for end in bounds:
+                window.append(end)
+                if end - window_start >= window_chars:
+                    windows.append(window)
+                    window, window_start = [], end
+            if window:
+                windows.append(window)
+        start = 0
+        for number, window in enumerate(windows):
+            self._extend(ids, text, start, window)
+            start = window[-1]
+            if held is not None and number + 1 < len(windows) and not held(ids):
+                with self._lock:
+                    self.stats.chars_left += len(text) - start
+                return ids, len(text) - start
+        if add_special_tokens and self._special_suffix:
+            ids.extend(self._special_suffix)
+        return ids, 0
+
+    def _extend(self, ids: array[int], text: str, start: int, bounds: list[int]) -> None:
+        """Append the ids of ``text[start:bounds[-1]]``, cut at ``bounds``."""
         pieces = self._pieces
         stats = self.stats
         missing: list[tuple[int, str]] = []  # (position in ``parts``, text)
         parts: list[array[int] | None] = []
-        bounds = list(chunk_bounds(text))
         # Long prompts are tokenised on worker threads (``PickRunner.token_ids``): the LRU's
         # lookups and moves, and its evictions, must not interleave.
         with self._lock:
-            stats.prompts += 1
-            stats.chars += len(text)
-            start = 0
+            stats.chars += bounds[-1] - start
             for end in bounds:
                 piece = text[start:end]
                 start = end
@@ -205,9 +258,6 @@ class PromptChunks:
         for part in parts:
             assert part is not None
             ids.extend(part)
-        if add_special_tokens and self._special_suffix:
-            ids.extend(self._special_suffix)
-        return ids
 
     def _keep(self, piece: str, piece_ids: array[int]) -> None:
         cost = _entry_bytes(piece, piece_ids)

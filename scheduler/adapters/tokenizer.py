@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from scheduler.adapters.prompt_chunks import PromptChunks
 from scheduler.codec.openai import ChatMessage, InferenceRequestBody
@@ -60,6 +60,21 @@ def request_token_ids(tokenizer: PromptTokenizer, body: InferenceRequestBody) ->
     if not body.has_prompt:
         return []
     return tokenizer.token_ids(body)
+
+
+def leading_request_token_ids(
+    tokenizer: PromptTokenizer, body: InferenceRequestBody, held: Callable[[Sequence[int]], bool]
+) -> tuple[Sequence[int], int]:
+    """The prompt's ids as far as ``held`` says the pool holds them, and an estimate of the
+    tokens after them (``PromptChunks.leading_ids``). A tokenizer that cannot stop early
+    gives the whole prompt."""
+    if body.prompt_token_ids is not None or not body.has_prompt:
+        return request_token_ids(tokenizer, body), 0
+    leading = getattr(tokenizer, "leading_token_ids", None)
+    if leading is None:
+        return tokenizer.token_ids(body), 0
+    ids, left = leading(body, held)
+    return cast("Sequence[int]", ids), int(left)
 
 
 class ByteTokenizer:
@@ -202,6 +217,24 @@ class HFTokenizer:
             return self.pieces.ids(text, add_special_tokens=False)
         return self.pieces.ids(body.prompt_text or "", add_special_tokens=True)
 
+    def leading_token_ids(
+        self, body: InferenceRequestBody, held: Callable[[Sequence[int]], bool]
+    ) -> tuple[Sequence[int], int]:
+        """As ``token_ids``, tokenised only as far as ``held`` says the pool holds the prompt;
+        the tokens after that estimated at the ratio of tokens to characters so far."""
+        if body.prompt_token_ids is not None:
+            return body.prompt_token_ids, 0
+        if body.api == "chat":
+            text = self.render_chat(body.messages, True, body.tools)
+            ids, left = self.pieces.leading_ids(text, add_special_tokens=False, held=held)
+        else:
+            text = body.prompt_text or ""
+            ids, left = self.pieces.leading_ids(text, add_special_tokens=True, held=held)
+        if not left:
+            return ids, 0
+        done = len(text) - left
+        return ids, max(1, round(left * len(ids) / done)) if done else left
+
     @property
     def pieces(self) -> PromptChunks:
         """The piece cache of routed prompts (built at first use: its check tokenises probes)."""
@@ -308,6 +341,11 @@ class SwitchableTokenizer:
 
     def text_token_ids(self, text: str) -> list[int]:
         return self.current.text_token_ids(text)
+
+    def leading_token_ids(
+        self, body: InferenceRequestBody, held: Callable[[Sequence[int]], bool]
+    ) -> tuple[Sequence[int], int]:
+        return leading_request_token_ids(self.current, body, held)
 
     async def render_token_ids(self, body: InferenceRequestBody) -> list[int] | None:
         """The ids from a worker when the tokenizer in force renders remotely, else None."""

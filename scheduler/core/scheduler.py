@@ -299,6 +299,14 @@ class SchedulingRequest:
     fairness_id: str | None = None
     max_tokens: int | None = None
     session_id: str | None = None
+    # Tokens of the prompt after ``token_ids``, estimated, not tokenised: a long text prompt
+    # is tokenised only as far as some endpoint holds it (``Scheduler.prefix_held``), since no
+    # later token can change any endpoint's match; the rest counts as uncached prefill.
+    untokenized_tokens: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.token_ids) + self.untokenized_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -923,7 +931,7 @@ class Scheduler:
         keys = self.index.request_keys(request.token_ids, adapter=self.adapter_of(request.model))
         matches = self._matches(keys) if len(keys) else {}
         cached = max((match.total_blocks for match in matches.values()), default=0)
-        uncached = max(len(request.token_ids) - cached * self.config.index.block_size, 0)
+        uncached = max(request.prompt_tokens - cached * self.config.index.block_size, 0)
         base, ms_per_token = self.predictor.prior.ttft[:2]
         return (base + ms_per_token * uncached) / 1000.0
 
@@ -974,7 +982,7 @@ class Scheduler:
         pick_request = PickRequest(
             request_id=request.request_id,
             prompt_blocks=prompt_blocks,
-            prompt_tokens=len(request.token_ids),
+            prompt_tokens=request.prompt_tokens,
             subset=request.subset,
             slo_ttft_ms=objective.slo_ttft_ms,
             slo_tpot_ms=objective.slo_tpot_ms,
@@ -1175,6 +1183,23 @@ class Scheduler:
 
     # --- read-only lookup ----------------------------------------------------------------
 
+    def prefix_held(self, token_ids: Sequence[int], *, model: str | None = None) -> bool:
+        """Whether some endpoint holds every full block of ``token_ids``, as reported or as
+        placed by a pick whose events have not come yet. While one does, the prompt's next
+        blocks may match too; once none does, no later token can change any endpoint's
+        match (each block's key chains its predecessors'), so a longer prompt need not be
+        tokenised further to be picked for. Reads only: no recency touched."""
+        keys = self.index.request_keys(token_ids, adapter=self.adapter_of(model))
+        blocks = len(keys)
+        if not blocks:
+            return True
+        if any(match.total_blocks >= blocks for match in self.index.peek(keys).values()):
+            return True
+        if len(self._speculative) and self.config.speculative.enabled:
+            placed = self._speculative.index.peek(keys)
+            return any(match.total_blocks >= blocks for match in placed.values())
+        return False
+
     def lookup(self, token_ids: Sequence[int], now: float, *, model: str | None = None) -> PrefixLookup:
         """What the index says every endpoint holds of a prompt, per data-parallel rank and
         tier, as a pick at ``now`` would see it, changing nothing: no in-flight reservation,
@@ -1250,7 +1275,7 @@ class Scheduler:
         # Disaggregated, the prefill pod computes the uncached prompt (its queue, its prefill
         # tokens, a request there until the first token) and the decode pod runs the request.
         charged = runtime if prefill_endpoint is None else self._endpoints[prefill_endpoint]
-        prompt_tokens = len(request.token_ids)
+        prompt_tokens = request.prompt_tokens
         prefill_tokens = max(prompt_tokens - cached_tokens, 0)
         rate = self._drain_rate(charged.endpoint.endpoint_class)
         ahead = charged.prefill_queue.add(prefill_tokens, now, self._routed_prefill(charged), rate)

@@ -93,7 +93,7 @@ def exchange_record(
         "served": served,
         "reason": decision.reason or None,
         "model": decision.body.model if decision.body else None,
-        "prompt_tokens": len(request.token_ids) if request is not None else None,
+        "prompt_tokens": request.prompt_tokens if request is not None else None,
         "prompt_blocks": prompt_blocks(request),
         **primary_summary(explanation),
         "explanation": explanation,

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Protocol, cast
 
 from scheduler.adapters.extproc.config import ExtProcConfig
@@ -21,7 +22,12 @@ from scheduler.adapters.extproc.outcomes import PickOutcome
 from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.flow_gate import FlowGate
 from scheduler.adapters.stage_times import STAGE_TIMES
-from scheduler.adapters.tokenizer import PromptTokenizer, TemplateError, request_token_ids
+from scheduler.adapters.tokenizer import (
+    PromptTokenizer,
+    TemplateError,
+    leading_request_token_ids,
+    request_token_ids,
+)
 from scheduler.adapters.tracing import DecisionTrace, DecisionTracer, decision_attributes
 from scheduler.codec.openai import (
     BadRequestBody,
@@ -66,6 +72,8 @@ class SchedulerPort(Protocol):
     def resolve_objective(self, request: SchedulingRequest) -> ResolvedObjective: ...
 
     def lookup(self, token_ids: Sequence[int], now: float, *, model: str | None = None) -> PrefixLookup: ...
+
+    def prefix_held(self, token_ids: Sequence[int], *, model: str | None = None) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -199,6 +207,7 @@ class PickRunner:
         if trace is None and self.tracer is not None:
             trace = self.tracer.begin(hints.trace_headers)
         ids: Sequence[int] = ()
+        untokenized = 0
         tokenize_error: Exception | None = None
         if token_ids is not None:
             ids = token_ids
@@ -206,7 +215,7 @@ class PickRunner:
             started = STAGE_TIMES.start()
             tokenize_ns = trace_clock() if trace is not None else 0
             try:
-                ids = await self.token_ids(parsed)
+                ids, untokenized = await self.leading_token_ids(parsed)
             except TemplateError as exc:
                 reason = f"chat template rejected the messages: {exc}"
                 answer = RoutingAnswer(PickOutcome.BAD_REQUEST, reason=reason, body=parsed)
@@ -220,7 +229,7 @@ class PickRunner:
                 STAGE_TIMES.stop("tokenize", started)
             if trace is not None and parsed.prompt_token_ids is None:
                 trace.stage("tokenize", tokenize_ns)
-        request = self._request_for(hints, ids, parsed, subset)
+        request = self._request_for(hints, ids, parsed, subset, untokenized)
         if tokenize_error is not None:
             decision = self.internal(request, tokenize_error)
         else:
@@ -239,7 +248,7 @@ class PickRunner:
             answer.endpoints,
             answer.predicted,
             getattr(source, "matched_blocks", None),
-            len(request.token_ids) if request is not None else 0,
+            request.prompt_tokens if request is not None else 0,
             answer.reason,
         )
         try:
@@ -356,20 +365,47 @@ class PickRunner:
         return self.pick(request, trace)
 
     async def token_ids(self, parsed: InferenceRequestBody) -> Sequence[int]:
+        """The prompt's ids, all of them (up to ``tokenize_max_chars``)."""
+        ids, _ = await self._tokenize(parsed, None)
+        return ids
+
+    async def leading_token_ids(self, parsed: InferenceRequestBody) -> tuple[Sequence[int], int]:
+        """The prompt's ids for a pick, and the tokens after them left untokenised: with
+        ``tokenize_held_prefix_only``, a text prompt stops where no endpoint holds it."""
+        if not self.config.tokenize_held_prefix_only or parsed.prompt_token_ids is not None:
+            return await self._tokenize(parsed, None)
+        scheduler, model = self.scheduler, parsed.model
+
+        def held(ids: Sequence[int]) -> bool:
+            return scheduler.prefix_held(ids, model=model)
+
+        return await self._tokenize(parsed, held)
+
+    async def _tokenize(
+        self, parsed: InferenceRequestBody, held: Callable[[Sequence[int]], bool] | None
+    ) -> tuple[Sequence[int], int]:
         if parsed.prompt_token_ids is not None:
-            return parsed.prompt_token_ids
+            return parsed.prompt_token_ids, 0
         # A prefix is all routing needs; an enormous prompt must not cost seconds of CPU and a
         # gigabyte of memory before the model server refuses it.
         parsed = leading_prompt(parsed, self.config.tokenize_max_chars)
         render = getattr(self.tokenizer, "render_token_ids", None)
         if render is not None and (rendered := await render(parsed)) is not None:
             # Worker-render mode: a worker's render endpoint gave the ids.
-            return cast(Sequence[int], rendered)
+            return cast(Sequence[int], rendered), 0
         size = len(parsed.prompt_text or "") + sum(len(message.content) for message in parsed.messages)
+        tokenize: Callable[[], tuple[Sequence[int], int]] = (
+            partial(leading_request_token_ids, self.tokenizer, parsed, held)
+            if held is not None
+            else lambda: (request_token_ids(self.tokenizer, parsed), 0)
+        )
         if size > self.config.tokenize_in_thread_chars and getattr(self.tokenizer, "releases_gil", True):
             # Tokenisers release the GIL; a long prompt must not stall every other stream.
-            return await asyncio.to_thread(request_token_ids, self.tokenizer, parsed)
-        return request_token_ids(self.tokenizer, parsed)
+            # ``held`` then reads the index from that thread: each of its reads is one native
+            # call under the GIL, and a read that misses a concurrent update only moves where
+            # tokenising stops.
+            return await asyncio.to_thread(tokenize)
+        return tokenize()
 
     def _request_for(
         self,
@@ -377,6 +413,7 @@ class PickRunner:
         token_ids: Sequence[int],
         parsed: InferenceRequestBody | None,
         subset: frozenset[str] | None,
+        untokenized_tokens: int = 0,
     ) -> SchedulingRequest:
         return self.scheduling_request(
             hints,
@@ -384,6 +421,7 @@ class PickRunner:
             model=parsed.model if parsed else None,
             max_tokens=parsed.max_tokens if parsed else None,
             subset=subset,
+            untokenized_tokens=untokenized_tokens,
         )
 
     @staticmethod
@@ -394,6 +432,7 @@ class PickRunner:
         model: str | None,
         max_tokens: int | None,
         subset: frozenset[str] | None,
+        untokenized_tokens: int = 0,
     ) -> SchedulingRequest:
         return SchedulingRequest(
             request_id=hints.request_id,
@@ -406,6 +445,7 @@ class PickRunner:
             fairness_id=hints.fairness_id,
             max_tokens=max_tokens,
             session_id=hints.session_id,
+            untokenized_tokens=untokenized_tokens,
         )
 
     def pick(self, request: SchedulingRequest, trace: DecisionTrace | None = None) -> RoutingAnswer:

@@ -106,19 +106,25 @@ class EndpointPickerServicer:
         subset: frozenset[str] | None,
     ) -> RoutingAnswer:
         token_ids: Sequence[int] = ()
+        untokenized = 0
         error: Exception | None = None
         try:
             if prompt == "token_ids":
                 token_ids = list(request.token_ids.ids)
             elif prompt == "prompt_text":
-                body = InferenceRequestBody("completions", prompt_text=request.prompt_text)
-                token_ids = await self._runner.token_ids(body)
+                body = InferenceRequestBody("completions", model=model, prompt_text=request.prompt_text)
+                token_ids, untokenized = await self._runner.leading_token_ids(body)
         except TemplateError as exc:
             return RoutingAnswer(PickOutcome.BAD_REQUEST, reason=str(exc))
         except Exception as exc:
             error = exc
         scheduling = self._runner.scheduling_request(
-            hints, token_ids, model=model, max_tokens=max_tokens, subset=subset
+            hints,
+            token_ids,
+            model=model,
+            max_tokens=max_tokens,
+            subset=subset,
+            untokenized_tokens=untokenized,
         )
         if error is not None:
             return self._runner.internal(scheduling, error)
