@@ -24,6 +24,7 @@ from scheduler.bench.extproc_floors import gateway as floor_gateway
 from scheduler.bench.extproc_floors import judge as judge_floors
 from scheduler.bench.extproc_floors import run as run_floors
 from scheduler.bench.index_bench import run as run_index
+from scheduler.bench.text_prompt_bench import format_text_decisions, measure_text_decisions
 from scheduler.demo.envoy import EnvoySettings, render_config
 
 
@@ -158,6 +159,27 @@ def test_decision_scaling_reports_growth_in_endpoints_and_prompt_blocks() -> Non
         "pick_cost_sublinear_in_endpoints",
     }
     assert "steepest growth in endpoints" in format_scaling(scaling)
+
+
+def test_text_prompt_decisions_tokenise_long_prompts_only_as_far_as_held() -> None:
+    rows = measure_text_decisions(prompt_bytes=(20_000, 48_000), prompts=2)
+    by_case = {(r["prompt_bytes"], r["held"]): r for r in rows}
+    assert set(by_case) == {(20_000, "none"), (20_000, "half"), (48_000, "none"), (48_000, "half")}
+    for (size, _), row in by_case.items():
+        whole, leading = row["whole"], row["held_prefix"]
+        assert whole["decision_cpu_ms"] > 0 and row["cpu_ratio"] > 0
+        if size <= 32 * 1024:
+            # Within the first 32 Ki characters every prompt is tokenised whole.
+            assert leading["tokenized_tokens"] == whole["tokenized_tokens"]
+        else:
+            # Past it: stopped a window after what is held, the rest estimated closely.
+            assert leading["tokenized_tokens"] < whole["tokenized_tokens"]
+            assert leading["length_error"] < 0.05
+    assert (
+        by_case[(48_000, "half")]["held_prefix"]["tokenized_tokens"]
+        >= by_case[(48_000, "none")]["held_prefix"]["tokenized_tokens"]
+    )
+    assert "held-prefix" in format_text_decisions(rows)
 
 
 def test_shortlist_quality_runs_the_trace_both_ways(tmp_path: Path) -> None:

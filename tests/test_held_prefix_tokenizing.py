@@ -89,7 +89,8 @@ async def test_a_pick_tokenises_a_long_prompt_only_as_far_as_an_endpoint_holds_i
     tokenizer: HFTokenizer,
 ) -> None:
     scheduler = _scheduler()
-    runner = PickRunner(scheduler, ExtProcConfig(), tokenizer, clock=lambda: 1.0, stats=ExtProcStats())
+    config = ExtProcConfig(tokenize_held_prefix_above_chars=8192)
+    runner = PickRunner(scheduler, config, tokenizer, clock=lambda: 1.0, stats=ExtProcStats())
     shared, novel = document(2, 40_000), document(3, 60_000)
     whole = tokenizer.encode(shared + novel, add_special_tokens=True)
     shared_ids = tokenizer.encode(shared, add_special_tokens=True)
@@ -113,10 +114,23 @@ async def test_a_pick_tokenises_a_long_prompt_only_as_far_as_an_endpoint_holds_i
     assert abs(request.prompt_tokens - len(whole)) < 0.1 * len(whole)
     assert answer.explanation_source.matched_blocks == len(keys)
 
-    # Switched off, the same prompt is tokenised whole.
+    # By default the first 32 Ki characters are tokenised whole; switched off, all of it.
+    default = PickRunner(_scheduler(), ExtProcConfig(), tokenizer, clock=lambda: 1.0, stats=ExtProcStats())
+    answer = await default.decide_parsed(
+        hints, InferenceRequestBody("completions", prompt_text=shared + novel), None
+    )
+    assert answer.request is not None and answer.request.untokenized_tokens > 0
+    assert list(answer.request.token_ids) == whole[: len(answer.request.token_ids)]
+    assert len(tokenizer.encode((shared + novel)[:32768], add_special_tokens=True)) <= len(
+        answer.request.token_ids
+    )
+    answer = await default.decide_parsed(
+        hints, InferenceRequestBody("completions", prompt_text=novel[:30_000]), None
+    )
+    assert answer.request is not None and answer.request.untokenized_tokens == 0
     whole_runner = PickRunner(
         _scheduler(),
-        ExtProcConfig(tokenize_held_prefix_only=False),
+        ExtProcConfig(tokenize_held_prefix_above_chars=0),
         tokenizer,
         clock=lambda: 1.0,
         stats=ExtProcStats(),

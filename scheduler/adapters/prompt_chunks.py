@@ -183,14 +183,16 @@ class PromptChunks:
         add_special_tokens: bool,
         held: Callable[[Sequence[int]], bool] | None = None,
         window_chars: int = LEADING_WINDOW_CHARS,
+        first_window_chars: int = 0,
     ) -> tuple[Sequence[int], int]:
         """The ids of ``text``'s first characters and how many characters are left.
 
-        Without ``held``, all of ``text`` (0 left). With it, ``text`` is tokenised a window of
-        about ``window_chars`` at a time, and after each window ``held(ids so far)`` says whether
-        the pool still holds everything so far; once it does not, the rest is left: the ids
-        given are exactly the whole text's first ids (the cuts are the tokenizer's own), and no
-        later id can change a prefix match. A tokenizer that cannot be cut is used whole.
+        Without ``held``, all of ``text`` (0 left). With it, ``text`` is tokenised a window at a
+        time (the first of about ``first_window_chars``, or ``window_chars``, the others of
+        ``window_chars``), and after each window ``held(ids so far)`` says whether the pool
+        still holds everything so far; once it does not, the rest is left: the ids given are
+        exactly the whole text's first ids (the cuts are the tokenizer's own), and no later id
+        can change a prefix match. A tokenizer that cannot be cut is used whole.
         """
         if not self.enabled:
             whole: list[int] = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
@@ -207,7 +209,7 @@ class PromptChunks:
             windows, window, window_start = [], [], 0
             for end in bounds:
                 window.append(end)
-                if end - window_start >= window_chars:
+                if end - window_start >= (window_chars if windows else max(first_window_chars, window_chars)):
                     windows.append(window)
                     window, window_start = [], end
             if window:

@@ -63,7 +63,10 @@ def request_token_ids(tokenizer: PromptTokenizer, body: InferenceRequestBody) ->
 
 
 def leading_request_token_ids(
-    tokenizer: PromptTokenizer, body: InferenceRequestBody, held: Callable[[Sequence[int]], bool]
+    tokenizer: PromptTokenizer,
+    body: InferenceRequestBody,
+    held: Callable[[Sequence[int]], bool],
+    whole_chars: int = 0,
 ) -> tuple[Sequence[int], int]:
     """The prompt's ids as far as ``held`` says the pool holds them, and an estimate of the
     tokens after them (``PromptChunks.leading_ids``). A tokenizer that cannot stop early
@@ -73,7 +76,7 @@ def leading_request_token_ids(
     leading = getattr(tokenizer, "leading_token_ids", None)
     if leading is None:
         return tokenizer.token_ids(body), 0
-    ids, left = leading(body, held)
+    ids, left = leading(body, held, whole_chars)
     return cast("Sequence[int]", ids), int(left)
 
 
@@ -218,18 +221,24 @@ class HFTokenizer:
         return self.pieces.ids(body.prompt_text or "", add_special_tokens=True)
 
     def leading_token_ids(
-        self, body: InferenceRequestBody, held: Callable[[Sequence[int]], bool]
+        self, body: InferenceRequestBody, held: Callable[[Sequence[int]], bool], whole_chars: int = 0
     ) -> tuple[Sequence[int], int]:
-        """As ``token_ids``, tokenised only as far as ``held`` says the pool holds the prompt;
-        the tokens after that estimated at the ratio of tokens to characters so far."""
+        """As ``token_ids`` for a text longer than ``whole_chars``: its first ``whole_chars``
+        characters whole, then only as far as ``held`` says the pool holds the prompt; the
+        tokens after that estimated at the ratio of tokens to characters so far."""
         if body.prompt_token_ids is not None:
             return body.prompt_token_ids, 0
         if body.api == "chat":
             text = self.render_chat(body.messages, True, body.tools)
-            ids, left = self.pieces.leading_ids(text, add_special_tokens=False, held=held)
+            special = False
         else:
             text = body.prompt_text or ""
-            ids, left = self.pieces.leading_ids(text, add_special_tokens=True, held=held)
+            special = True
+        if len(text) <= whole_chars:
+            return self.pieces.ids(text, add_special_tokens=special), 0
+        ids, left = self.pieces.leading_ids(
+            text, add_special_tokens=special, held=held, first_window_chars=whole_chars
+        )
         if not left:
             return ids, 0
         done = len(text) - left
@@ -343,9 +352,9 @@ class SwitchableTokenizer:
         return self.current.text_token_ids(text)
 
     def leading_token_ids(
-        self, body: InferenceRequestBody, held: Callable[[Sequence[int]], bool]
+        self, body: InferenceRequestBody, held: Callable[[Sequence[int]], bool], whole_chars: int = 0
     ) -> tuple[Sequence[int], int]:
-        return leading_request_token_ids(self.current, body, held)
+        return leading_request_token_ids(self.current, body, held, whole_chars)
 
     async def render_token_ids(self, body: InferenceRequestBody) -> list[int] | None:
         """The ids from a worker when the tokenizer in force renders remotely, else None."""

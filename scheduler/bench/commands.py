@@ -198,9 +198,11 @@ def _bench_index(args: argparse.Namespace) -> int:
 
 def _bench_epp_scaling(args: argparse.Namespace) -> int:
     from scheduler.bench.epp_bench import format_scaling, judge_scaling, measure_decision_scaling
+    from scheduler.bench.text_prompt_bench import format_text_decisions, measure_text_decisions
 
     scaling = measure_decision_scaling(seed=args.seed)
     scaling["goals"] = judge_scaling(scaling)
+    scaling["text_prompts"] = measure_text_decisions(seed=args.seed)
     if args.shortlist_quality:
         from pathlib import Path
 
@@ -215,6 +217,7 @@ def _bench_epp_scaling(args: argparse.Namespace) -> int:
         print(json.dumps(scaling))
         return 0
     print(format_scaling(scaling))
+    print(format_text_decisions(scaling["text_prompts"]))
     if "shortlist_quality" in scaling:
         print(format_pruning_quality(scaling["shortlist_quality"]))
     return 0

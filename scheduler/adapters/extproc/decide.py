@@ -370,9 +370,9 @@ class PickRunner:
         return ids
 
     async def leading_token_ids(self, parsed: InferenceRequestBody) -> tuple[Sequence[int], int]:
-        """The prompt's ids for a pick, and the tokens after them left untokenised: with
-        ``tokenize_held_prefix_only``, a text prompt stops where no endpoint holds it."""
-        if not self.config.tokenize_held_prefix_only or parsed.prompt_token_ids is not None:
+        """The prompt's ids for a pick, and the tokens after them left untokenised: a text
+        prompt past ``tokenize_held_prefix_above_chars`` stops where no endpoint holds it."""
+        if not self.config.tokenize_held_prefix_above_chars or parsed.prompt_token_ids is not None:
             return await self._tokenize(parsed, None)
         scheduler, model = self.scheduler, parsed.model
 
@@ -395,7 +395,13 @@ class PickRunner:
             return cast(Sequence[int], rendered), 0
         size = len(parsed.prompt_text or "") + sum(len(message.content) for message in parsed.messages)
         tokenize: Callable[[], tuple[Sequence[int], int]] = (
-            partial(leading_request_token_ids, self.tokenizer, parsed, held)
+            partial(
+                leading_request_token_ids,
+                self.tokenizer,
+                parsed,
+                held,
+                self.config.tokenize_held_prefix_above_chars,
+            )
             if held is not None
             else lambda: (request_token_ids(self.tokenizer, parsed), 0)
         )
