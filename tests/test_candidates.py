@@ -7,7 +7,10 @@ from __future__ import annotations
 import random
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from scheduler.adapters.metrics import KvschedCollector, new_registry
 from scheduler.core.events import BlockStored, EventBatch, Tier
 from scheduler.core.index import IndexConfig
 from scheduler.core.loadorder import OrderedNames
@@ -17,6 +20,7 @@ from scheduler.core.scheduler import (
     CandidatesConfig,
     Endpoint,
     EndpointMetrics,
+    HealthConfig,
     Scheduler,
     SchedulerConfig,
     SchedulingRequest,
@@ -280,7 +284,8 @@ def test_a_disaggregated_pool_gets_a_pod_of_each_role() -> None:
 
 
 def test_with_nothing_eligible_the_reasons_are_those_of_every_endpoint() -> None:
-    pruned, every = _scheduler(40), _scheduler(40, prune_above=1000)
+    closed = HealthConfig(fail_open=False)
+    pruned, every = _scheduler(40, health=closed), _scheduler(40, prune_above=1000, health=closed)
     for scheduler in (pruned, every):
         for i in range(40):
             for _ in range(scheduler.config.health.unhealthy_after_failures):
@@ -312,3 +317,32 @@ def test_judging_a_peers_routing_scores_the_shortlist_a_pick_would() -> None:
         assert picked.endpoints[0] == _address(int(str(judged)[1:]))
         if i % 3 == 0:
             scheduler.on_completed(f"r{i}", now=1.0)
+
+
+def test_with_every_endpoint_unhealthy_a_pick_fails_open_among_them() -> None:
+    """Scrapes that all fail (engines too busy to answer /metrics in time) must not refuse
+    every request: the pick is made among the unhealthy endpoints, and counted."""
+    for prune_above in (32, 1000):
+        scheduler = _scheduler(40, prune_above=prune_above)
+        failures = scheduler.config.health.unhealthy_after_failures
+        for i in range(40):
+            for _ in range(failures):
+                scheduler.record_scrape_failure(f"e{i}", "timed out", now=1.0)
+        result = scheduler.pick(SchedulingRequest("r", [1] * 64), now=2.0)
+        assert result.status == "ok" and result.endpoints and scheduler.failed_open_picks == 1
+        # The gateway's subset hint still holds.
+        allowed = frozenset({_address(7)})
+        result = scheduler.pick(SchedulingRequest("s", [1] * 64, subset=allowed), now=2.0)
+        assert result.endpoints == [_address(7)] and scheduler.failed_open_picks == 2
+        # One healthy endpoint left: it is the only candidate, and nothing fails open.
+        scheduler.update_metrics("e3", EndpointMetrics(0, 0, 0.1), now=2.0)
+        result = scheduler.pick(SchedulingRequest("t", [1] * 64), now=2.0)
+        assert result.endpoints == [_address(3)] and scheduler.failed_open_picks == 2
+    registry = new_registry(process_metrics=False)
+    registry.register(KvschedCollector(scheduler))
+    exposed = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+    }
+    assert exposed["kvsched_picks_failed_open_total"] == 2

@@ -269,6 +269,12 @@ class KvschedCollector(Collector):
         for outcome, count in self.scheduler.speculative_outcomes.items():
             outcomes.add_metric([outcome], count)
         yield outcomes
+        yield CounterMetricFamily(
+            "kvsched_picks_failed_open",
+            "Picks made among endpoints that all failed their scrapes (health.fail_open): no endpoint "
+            "the request could go to was healthy.",
+            value=self.scheduler.failed_open_picks,
+        )
         yield GaugeMetricFamily(
             "kvsched_speculative_placements_live",
             "Speculative placements counted in picks now.",

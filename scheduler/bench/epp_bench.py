@@ -260,10 +260,13 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
 async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[float, str | None]:
     started = time.perf_counter()
     async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
-        await response.read()
+        payload = await response.read()
         elapsed = time.perf_counter() - started
         if response.status != 200:
-            raise RuntimeError(f"{url}: HTTP {response.status}")
+            # Who refused, and why: Envoy's own failures say so in the body (e.g. "upstream
+            # connect error"), kvsched's in its explanation and the GIE's header.
+            said = payload[:300].decode("utf-8", "replace")
+            raise RuntimeError(f"{url}: HTTP {response.status}: {said!r}")
         return elapsed, response.headers.get(WORKER_HEADER)
 
 

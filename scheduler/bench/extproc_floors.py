@@ -307,8 +307,8 @@ def run(
                 )
             )
         except RuntimeError as exc:
-            # One set-up failing (a request answered other than 200: on an overloaded machine,
-            # scrapes time out and kvsched finds no healthy endpoint) leaves the others' rows.
+            # One set-up failing (a request answered other than 200, e.g. Envoy's own failures
+            # on an overloaded machine) leaves the others' rows.
             skipped[name] = f"failed: {exc}"
     picks = measure_picks_per_s(endpoints=workers, prompt_tokens=prompt_tokens, picks=500, seed=seed)
     idle = measure_idle_ms_per_s(workers=workers, transport="native") if "kvsched_native" in reports else None

@@ -56,6 +56,7 @@ from scheduler.core.policies import (
     RoutingPolicy,
     create_policy,
 )
+from scheduler.core.policies.base import NO_HEALTHY_ENDPOINT
 from scheduler.core.predictor import FeatureMatrix, LatencyPredictor, PredictorConfig
 from scheduler.core.prefillqueue import DrainRate, PrefillQueue
 from scheduler.core.prefixstats import PrefixStats
@@ -68,6 +69,7 @@ from scheduler.core.scoring.disaggregation import (
     serves_decode,
     serves_prefill,
 )
+from scheduler.core.scoring.filters import NO_ELIGIBLE_IN_SUBSET
 from scheduler.core.scoring.rendezvous import session_endpoint
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,14 @@ class HealthConfig(BaseModel):
 
     unhealthy_after_failures: int = Field(
         3, ge=1, description="Consecutive failed scrapes after which an endpoint is not picked."
+    )
+    fail_open: bool = Field(
+        True,
+        description="When every endpoint a request may go to is unhealthy by its scrapes, pick among "
+        "them as if they were healthy rather than refuse the request. Engines whose event loops are "
+        "busy (long prompts tokenised on the API server's loop) answer /metrics late and their "
+        "scrapes time out while they still serve; a pod that is really down fails at the gateway "
+        "as it would anyway. False: answer 503 (no healthy endpoint).",
     )
     kv_events_stale_after_s: float = Field(
         10.0,
@@ -436,6 +446,8 @@ class Scheduler:
         # the events confirm or contradict them; in an index of their own, matched at a discount.
         self._speculative = RoutedMemory(PrefixIndex(self.config.index))
         self.speculative_outcomes = dict.fromkeys(SPECULATIVE_OUTCOMES, 0)
+        # Picks made among unhealthy endpoints because no endpoint was healthy (``fail_open``).
+        self.failed_open_picks = 0
         # Per endpoint with KV events, the first token of the oldest request that prefilled a
         # full block there since the endpoint's last batch: its blocks are owed a report.
         self._owed_events: dict[str, float] = {}
@@ -1012,6 +1024,10 @@ class Scheduler:
                 now,
             )
         )
+        if not routing.endpoints and self.config.health.fail_open and self._nothing_healthy(routing, request):
+            routing, states, roles = self._fail_open(
+                pick_request, pool, matches, estimator, wanted, keys, now
+            )
         predict_ns = stage_clock() if stage_clock is not None else 0
         if not routing.endpoints:
             stages = (lookup_ns, score_ns, predict_ns, predict_ns) if stage_clock is not None else None
@@ -1251,6 +1267,54 @@ class Scheduler:
 
     def _cached_tokens(self, match: PrefixMatch | None) -> int:
         return 0 if match is None else match.total_blocks * self.config.index.block_size
+
+    def _nothing_healthy(self, routing: Routing, request: SchedulingRequest) -> bool:
+        """Was the pick empty for want of a healthy endpoint? With a subset hint the policies
+        say only that the subset left nothing: then, if any endpoint in it is unhealthy."""
+        if routing.reason == NO_HEALTHY_ENDPOINT:
+            return True
+        if routing.reason != NO_ELIGIBLE_IN_SUBSET or request.subset is None:
+            return False
+        by_address, endpoints = self._by_address, self._endpoints
+        return any(
+            address in by_address and not self._healthy(endpoints[by_address[address]])
+            for address in request.subset
+        )
+
+    def _fail_open(
+        self,
+        request: PickRequest,
+        pool: str | None,
+        matches: dict[str, PrefixMatch],
+        estimator: PredictorEstimator,
+        wanted: int,
+        keys: Any,
+        now: float,
+    ) -> tuple[Routing, list[EndpointState], tuple[list[EndpointState], list[EndpointState]] | None]:
+        """No endpoint in scope is healthy: route among all of them as if they were. Every
+        endpoint is visited (no shortlist): this runs only while the whole pool fails its
+        scrapes, where refusing every request is the worse outcome."""
+        runtimes: Iterable[_EndpointRuntime] = self._endpoints.values()
+        if pool is not None:
+            runtimes = [rt for rt in runtimes if rt.endpoint.labels.get(POOL_LABEL) == pool]
+        states = [replace(self._state(rt, now), healthy=True) for rt in runtimes]
+        roles = self._roles(states) if self.config.disaggregation.enabled else None
+        routing = (self._policy if roles is None else self._decode_policy).route(
+            PolicyInput(
+                request,
+                states if roles is None else roles[0],
+                matches,
+                self.index.worker_blocks,
+                self._rng,
+                estimator,
+                wanted,
+                keys,
+                now,
+            )
+        )
+        if routing.endpoints:
+            self.failed_open_picks += 1
+        return routing, states, roles
 
     def _start(
         self,
