@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -183,3 +185,35 @@ def test_threads_share_the_cache_and_its_accounting_holds(sim_tokenizer: HFToken
         assert all(pool.map(work, range(4)))
     assert chunks.bytes_used == sum(_entry_bytes(k, v) for k, v in chunks._pieces.items()) <= chunks.max_bytes
     assert chunks.stats.evictions > 0
+
+
+def test_a_prompt_tokenised_whole_lets_other_threads_run(sim_tokenizer: HFTokenizer) -> None:
+    """A long prompt is tokenised on a worker thread so the event loop keeps serving; that
+    holds only if the tokenizer call lets go of the GIL (tokenizers' ``encode`` keeps it for
+    the whole call, ``encode_batch`` does not). One call on a tokenizer the piece cache cannot
+    cut: held, this thread would make no progress at all until it returns."""
+    text = " ".join(f"w{i}x{i * 7}" for i in range(40_000))
+    chunks = PromptChunks(sim_tokenizer._tokenizer, max_bytes=0)
+    assert not chunks.enabled
+
+    def spin(until: threading.Event) -> int:
+        count = 0
+        while not until.is_set():
+            count += 1
+        return count
+
+    alone = threading.Event()
+    threading.Timer(0.05, alone.set).start()
+    started = time.perf_counter()
+    base_count = spin(alone)
+    base_s = time.perf_counter() - started
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (chunks.ids(text, add_special_tokens=False), done.set()))
+    started = time.perf_counter()  # before start(): a worker holding the GIL may finish inside it
+    worker.start()
+    count = spin(done)
+    elapsed = time.perf_counter() - started
+    worker.join()
+    # Sharing the machine with the worker (one core or two), this loop keeps a good share of
+    # its pace; with the GIL held it would get none of the call's time.
+    assert count / elapsed > 0.2 * base_count / base_s
