@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from scheduler.bench.epp_bench import (
     format_pruning_quality,
     format_report,
@@ -326,5 +328,8 @@ def test_scrape_benchmark_scrapes_the_fleet_and_applies_its_events() -> None:
     from scheduler.adapters import native_page_client
 
     assert (row["scrape_thread_cpu_us"] > 0) is native_page_client.available()
+    # Eight endpoints every 0.1 s are within the default page budget: the same cost.
+    assert row["budgeted_interval_s"] == pytest.approx(0.1)
+    assert row["budgeted_cores"] == pytest.approx(row["busy_cores"])
     text = format_report(report)
-    assert "goal 8 endpoints busy" in text and "at rest" in text
+    assert "goal 8 endpoints busy" in text and "at rest" in text and "page budget" in text

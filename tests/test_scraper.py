@@ -358,6 +358,34 @@ async def test_malformed_responses_are_failures_that_say_why(
         assert error in scraper.stats("a").last_error
 
 
+async def test_a_pool_too_large_for_the_page_budget_is_scraped_less_often(
+    servers: Callable[[], StandIn],
+) -> None:
+    """Four endpoints every 0.02 s would be 200 pages a second; a budget of 50 stretches the
+    interval to 4 / 50 = 0.08 s, and it comes back as endpoints go."""
+    stand_ins = [await servers() for _ in range(4)]  # type: ignore[misc]
+    names = [f"e{i}" for i in range(4)]
+    scheduler = scheduler_for(*names)
+    async with MetricsScraper(scheduler, interval_s=0.02, max_pages_per_s=50) as scraper:
+        await scraper.add("e0", stand_ins[0].url)
+        assert scraper.interval_s == 0.02
+        for name, stand_in in zip(names[1:], stand_ins[1:], strict=True):
+            await scraper.add(name, stand_in.url)
+        assert scraper.interval_s == pytest.approx(0.08)
+        loop = asyncio.get_running_loop()
+        await until(lambda: all(s.scrapes >= 2 for s in scraper.all_stats().values()))
+        counted, started = sum(s.scrapes for s in scraper.all_stats().values()), loop.time()
+        await until(lambda: sum(s.scrapes for s in scraper.all_stats().values()) >= counted + 12)
+        # Twelve more pages took at least three budgeted rounds (0.24 s less a tick's slack),
+        # where the unbudgeted interval would have taken 0.06 s.
+        assert loop.time() - started >= 0.16
+        for name in names[2:]:
+            await scraper.remove(name)
+        assert scraper.interval_s == 0.04
+    with pytest.raises(ValueError, match="budget"):
+        MetricsScraper(scheduler, max_pages_per_s=0)
+
+
 async def test_endpoint_with_nothing_routed_is_scraped_at_the_idle_rate(
     servers: Callable[[], StandIn],
 ) -> None:

@@ -41,7 +41,7 @@ import zmq.asyncio
 
 from scheduler.adapters.kv_subscriber import MAX_ZMQ_SOCKETS, KVEventIngestService, SubscriberConfig
 from scheduler.adapters.native_page_client import NATIVE_THREAD_NAME
-from scheduler.adapters.scraper import DEFAULT_INTERVAL_S, MetricsScraper
+from scheduler.adapters.scraper import DEFAULT_INTERVAL_S, DEFAULT_MAX_PAGES_PER_S, MetricsScraper
 from scheduler.codec.kvevents import encode_batch, encode_seq
 from scheduler.codec.prom import MetricsSpec
 from scheduler.core.events import BlockRemoved, BlockStored, EventBatch
@@ -390,6 +390,11 @@ def measure_size(
         "fleet_cores": fleet_cores,
     }
     report["busy_cores"] = report["scrape_cores_at_interval"] + report["event_cores_at_rate"]
+    # What kvsched serve spends by default: its page budget stretches the interval of a pool
+    # larger than DEFAULT_MAX_PAGES_PER_S x interval_s (``scrape_max_pages_per_s``).
+    budgeted_scrapes = min(target_scrapes, DEFAULT_MAX_PAGES_PER_S)
+    report["budgeted_interval_s"] = endpoints / budgeted_scrapes
+    report["budgeted_cores"] = busy.cpu_us_each * 1e-6 * budgeted_scrapes + report["event_cores_at_rate"]
     if old is not None:
         report["baseline_scrapes_per_s"] = old.per_s
         report["baseline_scrape_cpu_us"] = old.cpu_us_each
@@ -439,6 +444,9 @@ def run(
                 "rest_cores"
             ]
             <= GOAL_CORES,
+            f"{n} endpoints busy within the default page budget ({DEFAULT_MAX_PAGES_PER_S:,.0f} pages/s: "
+            f"every {largest['budgeted_interval_s']:g} s) in <= {GOAL_CORES} core": largest["budgeted_cores"]
+            <= GOAL_CORES,
         },
     }
 
@@ -453,7 +461,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{'':>9} {'busy: scrape every ' + format(interval, 'g') + ' s':-^50} "
         f"{'KV events':-^22} {'':>7} {'at rest: every ' + format(idle, 'g') + ' s':-^20}",
         f"{'endpoints':>9} {'scrapes/s':>15} {'us/scrape':>9} {'thread':>6} {'baseline':>8} {'ratio':>6} "
-        f"{'batches/s':>10} {'us/batch':>9} {'cores':>7} {'us/scrape':>9} {'cores':>8}",
+        f"{'batches/s':>10} {'us/batch':>9} {'cores':>7} {'budgeted':>9} {'us/scrape':>9} {'cores':>8}",
     ]
     for row in report["by_endpoints"]:
         baseline = f"{row['baseline_scrape_cpu_us']:8.0f}" if "baseline_scrape_cpu_us" in row else f"{'':>8}"
@@ -463,12 +471,14 @@ def format_report(report: dict[str, Any]) -> str:
             f"{row['endpoints']:>9} {achieved:>15} {row['scrape_cpu_us']:9.1f} "
             f"{row['scrape_thread_cpu_us']:6.1f} {baseline} {ratio} "
             f"{row['event_batches_per_s']:10,.0f} {row['event_cpu_us']:9.1f} {row['busy_cores']:7.3f} "
-            f"{row['rest_scrape_cpu_us']:9.1f} {row['rest_cores']:8.3f}"
+            f"{row['budgeted_cores']:9.3f} {row['rest_scrape_cpu_us']:9.1f} {row['rest_cores']:8.3f}"
         )
     lines += [
         "scrapes/s: achieved/asked; a fleet larger than the simulated one serves on this machine is "
         "scraped more slowly and its cost projected per scrape",
         f"busy cores: CPU per scrape x endpoints / {interval:g} s + CPU per event batch x batches asked for; "
+        f"budgeted: the same within kvsched serve's default page budget ({DEFAULT_MAX_PAGES_PER_S:,.0f} "
+        "pages/s, scrape_max_pages_per_s); "
         "ratio: CPU per scrape against the Python page client (baseline) in the same run; "
         "thread: of us/scrape, the native scraper thread's",
     ]

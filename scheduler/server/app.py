@@ -153,6 +153,7 @@ class ServeApp:
                 else max(config.scrape_idle_interval_s, config.scrape_interval_s)
             ),
             activity=self.scheduler.has_inflight,
+            max_pages_per_s=config.scrape_max_pages_per_s,
             timeout_s=config.scrape_timeout_s,
             spec=config.metrics_spec(),
             max_body_bytes=config.scrape_max_body_bytes,
