@@ -17,8 +17,9 @@ from scheduler.adapters.extproc.headers import request_hints
 from scheduler.adapters.extproc.stats import ExtProcStats
 from scheduler.adapters.prompt_chunks import PromptChunks
 from scheduler.adapters.tokenizer import HFTokenizer
+from scheduler.bench.text_prompt_bench import idle_scheduler
 from scheduler.codec.openai import InferenceRequestBody
-from scheduler.core.scheduler import Endpoint, EndpointMetrics, Scheduler, SchedulingRequest
+from scheduler.core.scheduler import Scheduler, SchedulingRequest
 from scheduler.sim.tokenizer import MODEL_DIR
 
 WORDS = ("cache", "prefix", "route", "token", "block", "worker", "gateway", "prompt", "answer", "engine")
@@ -62,12 +63,7 @@ def test_leading_ids_stop_at_the_first_window_the_pool_does_not_hold(tokenizer: 
 
 
 def _scheduler(endpoints: int = 4) -> Scheduler:
-    scheduler = Scheduler()
-    names = [f"10.0.0.{i}:8000" for i in range(endpoints)]
-    scheduler.set_endpoints([Endpoint(n, n, kv_events="tcp://x:5557") for n in names], now=0.0)
-    for name in names:
-        scheduler.update_metrics(name, EndpointMetrics(0, 0, 0.1), now=0.0)
-    return scheduler
+    return idle_scheduler(endpoints)
 
 
 def test_prefix_held_follows_the_index_and_the_speculative_placements() -> None:

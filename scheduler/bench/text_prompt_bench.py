@@ -29,7 +29,8 @@ from scheduler.sim.tokenizer import MODEL_DIR
 PROMPT_BYTES = (32_000, 64_000, 220_000)
 
 
-def _scheduler(endpoints: int) -> Scheduler:
+def idle_scheduler(endpoints: int) -> Scheduler:
+    """``endpoints`` idle endpoints that publish KV events, each scraped once."""
     scheduler = Scheduler()
     names = [f"10.0.0.{i}:8000" for i in range(endpoints)]
     scheduler.set_endpoints([Endpoint(n, n, kv_events="tcp://x:5557") for n in names], now=0.0)
@@ -42,7 +43,7 @@ async def _decisions(
     parsed: list[InferenceRequestBody], *, held_above: int, half_held: bool, endpoints: int
 ) -> dict[str, float]:
     tokenizer = HFTokenizer.from_dir(MODEL_DIR)
-    scheduler = _scheduler(endpoints)
+    scheduler = idle_scheduler(endpoints)
     if half_held:
         # What the pool would report after serving each prompt's first half once.
         holder = "10.0.0.0:8000"

@@ -1010,24 +1010,18 @@ class Scheduler:
         estimator = self._estimator
         estimator.last_features = None
         wanted = 1 + self.config.scoring.num_fallbacks
-        roles = self._roles(states) if self.config.disaggregation.enabled else None
-        routing = (self._policy if roles is None else self._decode_policy).route(
-            PolicyInput(
-                pick_request,
-                states if roles is None else roles[0],
-                matches,
-                self.index.worker_blocks,
-                self._rng,
-                estimator,
-                wanted,
-                keys,
-                now,
-            )
-        )
+        routing, roles = self._route(pick_request, states, matches, estimator, wanted, keys, now)
         if not routing.endpoints and self.config.health.fail_open and self._nothing_healthy(routing, request):
-            routing, states, roles = self._fail_open(
-                pick_request, pool, matches, estimator, wanted, keys, now
-            )
+            # No endpoint in scope is healthy: route among all of them as if they were. Every
+            # endpoint is visited (no shortlist): this runs only while the whole pool fails its
+            # scrapes, where refusing every request is the worse outcome.
+            runtimes = self._endpoints.values()
+            if pool is not None:
+                runtimes = [rt for rt in runtimes if rt.endpoint.labels.get(POOL_LABEL) == pool]
+            states = [replace(self._state(rt, now), healthy=True) for rt in runtimes]
+            routing, roles = self._route(pick_request, states, matches, estimator, wanted, keys, now)
+            if routing.endpoints:
+                self.failed_open_picks += 1
         predict_ns = stage_clock() if stage_clock is not None else 0
         if not routing.endpoints:
             stages = (lookup_ns, score_ns, predict_ns, predict_ns) if stage_clock is not None else None
@@ -1281,23 +1275,17 @@ class Scheduler:
             for address in request.subset
         )
 
-    def _fail_open(
+    def _route(
         self,
         request: PickRequest,
-        pool: str | None,
+        states: list[EndpointState],
         matches: dict[str, PrefixMatch],
         estimator: PredictorEstimator,
         wanted: int,
         keys: Any,
         now: float,
-    ) -> tuple[Routing, list[EndpointState], tuple[list[EndpointState], list[EndpointState]] | None]:
-        """No endpoint in scope is healthy: route among all of them as if they were. Every
-        endpoint is visited (no shortlist): this runs only while the whole pool fails its
-        scrapes, where refusing every request is the worse outcome."""
-        runtimes: Iterable[_EndpointRuntime] = self._endpoints.values()
-        if pool is not None:
-            runtimes = [rt for rt in runtimes if rt.endpoint.labels.get(POOL_LABEL) == pool]
-        states = [replace(self._state(rt, now), healthy=True) for rt in runtimes]
+    ) -> tuple[Routing, tuple[list[EndpointState], list[EndpointState]] | None]:
+        """The policy's routing over ``states``, and the P/D roles it was split into."""
         roles = self._roles(states) if self.config.disaggregation.enabled else None
         routing = (self._policy if roles is None else self._decode_policy).route(
             PolicyInput(
@@ -1312,9 +1300,7 @@ class Scheduler:
                 now,
             )
         )
-        if routing.endpoints:
-            self.failed_open_picks += 1
-        return routing, states, roles
+        return routing, roles
 
     def _start(
         self,
