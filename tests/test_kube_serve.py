@@ -124,7 +124,7 @@ async def test_serving_from_a_pool_with_a_policy(server: FakeKubeAPIServer) -> N
             )
         )
         assert {e.kv_replay for e in scheduler.endpoints()} == {None}
-        assert app.scraper.interval_s == 0.2
+        assert app.scraper.base_interval_s == app.scraper.interval_s == 0.2
         assert app.scheduler is scheduler
 
         def accepted() -> bool:

@@ -300,6 +300,13 @@ class MetricsScraper:
             self._drop(target)
             self._rescale()
 
+    def set_interval(self, interval_s: float) -> None:
+        """A new configured interval (a reload): in force at once, within the page budget."""
+        if interval_s <= 0:
+            raise ValueError("scrape interval must be positive")
+        self.base_interval_s = interval_s
+        self._rescale()
+
     def _rescale(self) -> None:
         """Keep the scrape rate within the page budget as endpoints come and go."""
         wanted = self.base_interval_s

@@ -436,9 +436,9 @@ class ServeApp:
 
     async def _set_scrape_interval(self, interval_s: float) -> None:
         """Restart the scrape loops at a new period (each loop fixes its ticks when it starts)."""
-        if interval_s == self.scraper.interval_s:
+        if interval_s == self.scraper.base_interval_s:
             return
-        self.scraper.interval_s = interval_s
+        self.scraper.set_interval(interval_s)
         targets = {e.name: e.metrics_url for e in self.scheduler.endpoints() if e.metrics_url}
         await self.scraper.set_targets({})
         await self.scraper.set_targets(targets)
