@@ -138,6 +138,18 @@ def test_fallback_pick_is_least_loaded_healthy() -> None:
     assert order == ["10.0.0.2:8000", "10.0.0.3:8000", "10.0.0.1:8000"]
     subset = scheduler.fallback_pick(SchedulingRequest("r", [1], subset=frozenset({"10.0.0.1:8000"})))
     assert subset == ["10.0.0.1:8000"]
+    # Unhealthy ones are left out while any is healthy; when none is, all of them (fail open).
+    for _ in range(scheduler.config.health.unhealthy_after_failures):
+        scheduler.record_scrape_failure("10.0.0.2:8000", "timed out", now=1.0)
+    assert scheduler.fallback_pick(SchedulingRequest("r", [1]))[0] == "10.0.0.3:8000"
+    for name in ("10.0.0.1:8000", "10.0.0.3:8000"):
+        for _ in range(scheduler.config.health.unhealthy_after_failures):
+            scheduler.record_scrape_failure(name, "timed out", now=1.0)
+    assert scheduler.fallback_pick(SchedulingRequest("r", [1]))[0] == "10.0.0.2:8000"
+    closed = _scheduler(1, health=HealthConfig(fail_open=False))
+    for _ in range(closed.config.health.unhealthy_after_failures):
+        closed.record_scrape_failure("10.0.0.1:8000", "timed out", now=1.0)
+    assert closed.fallback_pick(SchedulingRequest("r", [1])) == []
 
 
 def test_approximate_mode_learns_from_routing_and_expires() -> None:

@@ -1172,13 +1172,15 @@ class Scheduler:
         return prefill, _with_prefill(decode_routing.explanation, account)
 
     def fallback_pick(self, request: SchedulingRequest, now: float | None = None) -> list[str]:
-        """Least-loaded healthy endpoints, for when the pipeline itself failed."""
+        """Least-loaded healthy endpoints, for when the pipeline itself failed (with
+        ``health.fail_open``, the least loaded of all when none is healthy)."""
         allowed = request.subset
-        candidates = [
-            rt
-            for rt in self._endpoints.values()
-            if self._healthy(rt) and (allowed is None or rt.endpoint.address in allowed)
+        eligible = [
+            rt for rt in self._endpoints.values() if allowed is None or rt.endpoint.address in allowed
         ]
+        candidates = [rt for rt in eligible if self._healthy(rt)]
+        if not candidates and self.config.health.fail_open:
+            candidates = eligible
         candidates.sort(
             key=lambda rt: (
                 rt.inflight_requests + (rt.metrics.waiting if rt.metrics else 0),
