@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 
-from scheduler.bench.pd_bench import add_ratios, ahead_on_both, long_requests, run, sweep, sweep_table, table
+from scheduler.bench.pd_bench import (
+    add_ratios,
+    ahead_on_both,
+    document_requests,
+    long_requests,
+    run,
+    sweep,
+    sweep_table,
+    table,
+)
 from scheduler.core.scheduler import SchedulerConfig
 from scheduler.core.scoring.disaggregation import DisaggregationConfig
 from scheduler.sim.virtual import KV_BYTES_PER_TOKEN, VirtualPool, VirtualPoolConfig
@@ -58,6 +67,26 @@ def test_bench_pd_reports_both_shapes_on_one_workload() -> None:
     assert aggregated["vs_aggregated"]["ttft_p99"] == 1.0
     assert disaggregated["ttft_ms"]["p50"] != aggregated["ttft_ms"]["p50"]
     assert "disaggregated (1P+3D)" in table(report)
+
+
+def test_bench_pd_with_shared_documents_shares_their_prefill() -> None:
+    requests = document_requests(
+        seed=2, requests=40, rate=4.0, documents=3, document_tokens=512, suffix=(64, 128), output=(8, 16)
+    )
+    heads = {tuple(r.prompt_token_ids[:512]) for r in requests}
+    assert len(heads) <= 3 and all(64 <= len(r.prompt_token_ids) - 512 <= 128 for r in requests)
+    report = run(
+        requests=40,
+        rate=4.0,
+        workers=4,
+        prefill=1,
+        prompt=(64, 128),
+        output=(8, 16),
+        documents=3,
+        document_tokens=512,
+    )
+    assert report["documents"] == 3 and "3 shared documents of 512 tokens" in table(report)
+    assert all(row["failed"] == 0 and row["ttft_ms"]["p50"] > 0 for row in report["rows"])
 
 
 def test_bench_pd_sweep_prints_one_table_over_outputs_rates_splits_and_thresholds() -> None:

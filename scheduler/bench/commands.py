@@ -501,6 +501,8 @@ def _bench_pd(args: argparse.Namespace) -> int:
         seed=args.seed,
         capacity_blocks=args.capacity_blocks,
         threshold=args.non_cached_tokens_threshold,
+        documents=args.documents,
+        prompt=(300, 1500) if args.documents else (3000, 8000),
     )
     print(json.dumps(report, indent=1) if args.json else table(report))
     return 0
@@ -724,6 +726,13 @@ def register(subparsers: Any) -> None:
         type=int,
         default=0,
         help="prompts with fewer uncached tokens skip the prefill pod (llm-d's selective P/D; 0: none do)",
+    )
+    pd.add_argument(
+        "--documents",
+        type=int,
+        default=0,
+        help="prompts sharing a prefix: one of N documents of 6,000 tokens (Zipf) + 300-1,500 tokens "
+        "of their own (0: distinct prompts of 3,000-8,000 tokens)",
     )
     pd.add_argument(
         "--sweep",

@@ -49,6 +49,37 @@ def long_requests(
     return out
 
 
+def document_requests(
+    *,
+    seed: int,
+    requests: int,
+    rate: float,
+    documents: int,
+    document_tokens: int,
+    suffix: tuple[int, int],
+    output: tuple[int, int],
+) -> list[WorkloadRequest]:
+    """Poisson arrivals of prompts that share a prefix: one of ``documents`` documents of
+    ``document_tokens`` tokens (Zipf popularity, s = 1), then a suffix of its own. The case
+    where prefill pods could gain most: their caches hold documents only, while an
+    aggregated pod's cache also holds its decoding requests' KV."""
+    rng = np.random.default_rng(seed)
+    at = np.cumsum(rng.exponential(1.0 / rate, requests))
+    texts = [[int(t) for t in rng.integers(1, 31_000, document_tokens)] for _ in range(documents)]
+    popularity = 1.0 / np.arange(1, documents + 1)
+    popularity /= popularity.sum()
+    out = []
+    for i in range(requests):
+        document = texts[int(rng.choice(documents, p=popularity))]
+        tail = [int(t) for t in rng.integers(1, 31_000, int(rng.integers(suffix[0], suffix[1] + 1)))]
+        out.append(
+            WorkloadRequest(
+                f"pd-{i}", float(at[i]), document + tail, int(rng.integers(output[0], output[1] + 1))
+            )
+        )
+    return out
+
+
 def tpot_percentiles_ms(outcomes: Sequence[RequestOutcome]) -> dict[str, float]:
     """TPOT p50/p99 over the served requests with two or more output tokens."""
     values = sorted(o.tpot_s * 1000.0 for o in outcomes if o.ok and o.tpot_s is not None)
@@ -109,9 +140,25 @@ def run(
     seed: int = 0,
     capacity_blocks: int = CAPACITY_BLOCKS,
     threshold: int = 0,
+    documents: int = 0,
+    document_tokens: int = 6000,
 ) -> dict[str, Any]:
-    """Aggregated and disaggregated pools on the same workload; ratios against aggregated."""
-    workload = long_requests(seed=seed, requests=requests, rate=rate, prompt=prompt, output=output)
+    """Aggregated and disaggregated pools on the same workload; ratios against aggregated.
+    ``documents``: prompts of one of that many shared documents and a suffix of ``prompt``'s
+    length bounds (``document_requests``); 0: distinct prompts of ``prompt``'s bounds."""
+    workload = (
+        document_requests(
+            seed=seed,
+            requests=requests,
+            rate=rate,
+            documents=documents,
+            document_tokens=document_tokens,
+            suffix=prompt,
+            output=output,
+        )
+        if documents
+        else long_requests(seed=seed, requests=requests, rate=rate, prompt=prompt, output=output)
+    )
     common = {"workers": workers, "bandwidth": bandwidth, "seed": seed, "capacity_blocks": capacity_blocks}
     rows = [
         run_shape("aggregated", workload, prefill=0, **common),  # type: ignore[arg-type]
@@ -129,6 +176,8 @@ def run(
         "kv_transfer_bytes_per_s": bandwidth,
         "capacity_blocks": capacity_blocks,
         "non_cached_tokens_threshold": threshold,
+        "documents": documents,
+        "document_tokens": document_tokens if documents else 0,
         "seed": seed,
         "rows": rows,
     }
@@ -261,8 +310,14 @@ def sweep_table(report: dict[str, Any]) -> str:
 
 
 def table(report: dict[str, Any]) -> str:
+    prompts = (
+        f"prompts one of {report['documents']} shared documents of {report['document_tokens']} tokens "
+        f"+ {report['prompt_tokens']} tokens"
+        if report.get("documents")
+        else f"prompts {report['prompt_tokens']} tokens"
+    )
     lines = [
-        f"{report['requests']} requests at {report['rate']:g}/s, prompts {report['prompt_tokens']} tokens, "
+        f"{report['requests']} requests at {report['rate']:g}/s, {prompts}, "
         f"outputs {report['output_tokens']}; {report['workers']} pods; KV "
         f"{report['kv_bytes_per_token'] / 1024:g} KiB/token "
         f"at {report['kv_transfer_bytes_per_s'] / 1e9:g} GB/s",
