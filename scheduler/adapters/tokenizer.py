@@ -65,13 +65,13 @@ def request_token_ids(tokenizer: PromptTokenizer, body: InferenceRequestBody) ->
 def leading_request_token_ids(
     tokenizer: PromptTokenizer,
     body: InferenceRequestBody,
-    held: Callable[[Sequence[int]], bool],
+    held: Callable[[Sequence[int]], bool] | None,
     whole_chars: int = 0,
 ) -> tuple[Sequence[int], int]:
     """The prompt's ids as far as ``held`` says the pool holds them, and an estimate of the
-    tokens after them (``PromptChunks.leading_ids``). A tokenizer that cannot stop early
-    gives the whole prompt."""
-    if body.prompt_token_ids is not None or not body.has_prompt:
+    tokens after them (``PromptChunks.leading_ids``). Without ``held``, or with a tokenizer
+    that cannot stop early, the whole prompt."""
+    if held is None or body.prompt_token_ids is not None or not body.has_prompt:
         return request_token_ids(tokenizer, body), 0
     leading = getattr(tokenizer, "leading_token_ids", None)
     if leading is None:
@@ -216,10 +216,8 @@ class HFTokenizer:
         """A routed prompt's ids, from the pieces seen in earlier prompts where the tokenizer allows."""
         if body.prompt_token_ids is not None:
             return body.prompt_token_ids
-        if body.api == "chat":
-            text = self.render_chat(body.messages, True, body.tools)
-            return self.pieces.ids(text, add_special_tokens=False)
-        return self.pieces.ids(body.prompt_text or "", add_special_tokens=True)
+        text, special = self._routed_text(body)
+        return self.pieces.ids(text, add_special_tokens=special)
 
     def leading_token_ids(
         self, body: InferenceRequestBody, held: Callable[[Sequence[int]], bool], whole_chars: int = 0
@@ -229,14 +227,7 @@ class HFTokenizer:
         tokens after that estimated at the ratio of tokens to characters so far."""
         if body.prompt_token_ids is not None:
             return body.prompt_token_ids, 0
-        if body.api == "chat":
-            text = self.render_chat(body.messages, True, body.tools)
-            special = False
-        else:
-            text = body.prompt_text or ""
-            special = True
-        if len(text) <= whole_chars:
-            return self.pieces.ids(text, add_special_tokens=special), 0
+        text, special = self._routed_text(body)
         ids, left = self.pieces.leading_ids(
             text, add_special_tokens=special, held=held, first_window_chars=whole_chars
         )
@@ -244,6 +235,13 @@ class HFTokenizer:
             return ids, 0
         done = len(text) - left
         return ids, max(1, round(left * len(ids) / done)) if done else left
+
+    def _routed_text(self, body: InferenceRequestBody) -> tuple[str, bool]:
+        """The text a routed prompt is tokenised from, and whether special tokens are added
+        (a completion's ``<s>``; a chat template writes its own)."""
+        if body.api == "chat":
+            return self.render_chat(body.messages, True, body.tools), False
+        return body.prompt_text or "", True
 
     @property
     def pieces(self) -> PromptChunks:

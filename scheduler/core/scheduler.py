@@ -986,9 +986,7 @@ class Scheduler:
         if self._by_load is not None:
             runtimes = self._shortlist(request, pool, matches, adapter)
         if runtimes is None:
-            runtimes = self._endpoints.values()
-            if pool is not None:
-                runtimes = [rt for rt in runtimes if rt.endpoint.labels.get(POOL_LABEL) == pool]
+            runtimes = self._in_pool(pool)
         states = [self._state(rt, now) for rt in runtimes]
         spread_slot, spread_of = self._spread(now)
         pick_request = PickRequest(
@@ -1015,10 +1013,7 @@ class Scheduler:
             # No endpoint in scope is healthy: route among all of them as if they were. Every
             # endpoint is visited (no shortlist): this runs only while the whole pool fails its
             # scrapes, where refusing every request is the worse outcome.
-            runtimes = self._endpoints.values()
-            if pool is not None:
-                runtimes = [rt for rt in runtimes if rt.endpoint.labels.get(POOL_LABEL) == pool]
-            states = [replace(self._state(rt, now), healthy=True) for rt in runtimes]
+            states = [replace(self._state(rt, now), healthy=True) for rt in self._in_pool(pool)]
             routing, roles = self._route(pick_request, states, matches, estimator, wanted, keys, now)
             if routing.endpoints:
                 self.failed_open_picks += 1
@@ -1276,6 +1271,13 @@ class Scheduler:
             address in by_address and not self._healthy(endpoints[by_address[address]])
             for address in request.subset
         )
+
+    def _in_pool(self, pool: str | None) -> Iterable[_EndpointRuntime]:
+        """Every endpoint, or those of ``pool`` (``POOL_LABEL``) when one is named."""
+        runtimes = self._endpoints.values()
+        if pool is None:
+            return runtimes
+        return [rt for rt in runtimes if rt.endpoint.labels.get(POOL_LABEL) == pool]
 
     def _route(
         self,

@@ -26,7 +26,6 @@ from scheduler.adapters.tokenizer import (
     PromptTokenizer,
     TemplateError,
     leading_request_token_ids,
-    request_token_ids,
 )
 from scheduler.adapters.tracing import DecisionTrace, DecisionTracer, decision_attributes
 from scheduler.codec.openai import (
@@ -394,16 +393,12 @@ class PickRunner:
             # Worker-render mode: a worker's render endpoint gave the ids.
             return cast(Sequence[int], rendered), 0
         size = len(parsed.prompt_text or "") + sum(len(message.content) for message in parsed.messages)
-        tokenize: Callable[[], tuple[Sequence[int], int]] = (
-            partial(
-                leading_request_token_ids,
-                self.tokenizer,
-                parsed,
-                held,
-                self.config.tokenize_held_prefix_above_chars,
-            )
-            if held is not None
-            else lambda: (request_token_ids(self.tokenizer, parsed), 0)
+        tokenize = partial(
+            leading_request_token_ids,
+            self.tokenizer,
+            parsed,
+            held,
+            self.config.tokenize_held_prefix_above_chars,
         )
         if size > self.config.tokenize_in_thread_chars and getattr(self.tokenizer, "releases_gil", True):
             # Tokenisers release the GIL; a long prompt must not stall every other stream.
