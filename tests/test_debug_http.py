@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from test_serve_app import StandIn, fetch_metrics, serve_config, until
 
+from scheduler.adapters.kv_receive_thread import native_receiver_available
 from scheduler.core.kvingest import NO_KV_EVENTS
 from scheduler.server.app import ServeApp
 from scheduler.sim.pool import PoolConfig, SimPool
@@ -148,4 +149,7 @@ async def test_kv_ingest_state_is_served_and_exported(served: tuple[SimPool, Ser
     await app.ingest.remove_endpoint(pool.descriptors[0].address, purge=False)
     document = await _get(app, "/debug/kv-ingest")
     assert document["endpoints_by_state"] == {"exact": 1, "degraded": 1, "fallback": 1}
-    assert (await _get(app, "/debug/status"))["kv_events"] == document["endpoints_by_state"]
+    status = await _get(app, "/debug/status")
+    assert status["kv_events"] == document["endpoints_by_state"]
+    # kvsched serve receives the live sockets on the native thread wherever it is built.
+    assert status["kv_receive"] == ("native" if native_receiver_available()[0] else "python")

@@ -11,6 +11,9 @@ its owner; subscribers cannot tell it from a PUB), and every test waits for the
 subscription to arrive before publishing, so no message is lost by accident. One test
 uses the simulator's plain-PUB publisher instead and keeps publishing until the
 subscriber has seen a batch, relying on the late-join replay to recover the rest.
+
+Every test runs twice: with the live sockets received on the event loop (pyzmq), and on the
+native receive thread (``kv_receive_thread``) where it is built.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import zmq
 import zmq.asyncio
 from test_kvingest import CacheModel, assert_same_view, reference
 
+from scheduler.adapters.kv_receive_thread import NativeLiveReceiver, native_receiver_available
 from scheduler.adapters.kv_subscriber import (
     KVEventIngestService,
     KVEventSubscriber,
@@ -207,6 +211,29 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         await asyncio.sleep(0.005)
 
 
+_RECEIVER: list[NativeLiveReceiver | None] = [None]
+
+
+def receiver() -> NativeLiveReceiver | None:
+    """The receive thread this run of the test hands live sockets to (None: pyzmq)."""
+    return _RECEIVER[0]
+
+
+@pytest.fixture(autouse=True, params=["pyzmq", "native"])
+async def live_receive(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    if request.param == "native":
+        available, why = native_receiver_available()
+        if not available:
+            pytest.skip(f"native receive thread: {why}")
+        _RECEIVER[0] = NativeLiveReceiver()
+    try:
+        yield request.param
+    finally:
+        if _RECEIVER[0] is not None:
+            _RECEIVER[0].close()
+            _RECEIVER[0] = None
+
+
 @pytest.fixture
 async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
     context = zmq.asyncio.Context()
@@ -238,7 +265,7 @@ async def subscribe(
     config = SubscriberConfig(
         name, pubs[0].endpoint, pubs[0].replay_endpoint, topic="kv@", data_parallel_size=len(pubs), **extra
     )  # type: ignore[arg-type]
-    sub = KVEventSubscriber(config, index, context=ctx)
+    sub = KVEventSubscriber(config, index, context=ctx, receiver=receiver())
     cleanup.append(sub)
     # A subscription asks for the publisher's history when it first connects
     # (``WorkerIngest.on_connected``): that replay is answered and ends before the test's
@@ -480,7 +507,7 @@ async def test_late_joiner_catches_up_from_the_simulator_publisher(ctx: zmq.asyn
         batches = chain_batches(tokens)
         await pub.publish(batches[0].events)  # before any subscriber existed
         config = SubscriberConfig("w", pub.endpoint, pub.replay_endpoint, topic="kv@")
-        sub = KVEventSubscriber(config, index, context=ctx)
+        sub = KVEventSubscriber(config, index, context=ctx, receiver=receiver())
         await sub.start()
         # A plain PUB gives no sign of the subscription: keep publishing until one batch
         # got through; the late-join replay from 0 recovers whatever the SUB missed.
@@ -557,7 +584,7 @@ async def test_data_parallel_ranks_use_port_offsets(ctx: zmq.asyncio.Context, cl
 async def test_service_adds_removes_and_stops_cleanly(ctx: zmq.asyncio.Context, cleanup: list) -> None:
     index = make_index()
     pubs = [publisher(ctx, cleanup, replay=False) for _ in range(3)]
-    service = KVEventIngestService(index, context=ctx)
+    service = KVEventIngestService(index, context=ctx, receive_thread=receiver() is not None)
     before = set(asyncio.all_tasks())
     for i, pub in enumerate(pubs):
         await service.add_endpoint(SubscriberConfig(f"pod{i}", pub.endpoint, topic="kv@"))
@@ -588,7 +615,9 @@ async def test_applied_batches_confirm_the_schedulers_speculative_placements(
     scheduler = Scheduler(SchedulerConfig(index=IndexConfig(block_size=BLOCK)))
     pub = publisher(ctx, cleanup, replay=False)
     scheduler.set_endpoints([Endpoint("pod0", "10.0.0.1:8000", kv_events=pub.endpoint)], now=0.0)
-    service = KVEventIngestService(scheduler.index, context=ctx, on_applied=scheduler.on_kv_batch)
+    service = KVEventIngestService(
+        scheduler.index, context=ctx, receive_thread=receiver() is not None, on_applied=scheduler.on_kv_batch
+    )
     await service.add_endpoint(SubscriberConfig("pod0", pub.endpoint, topic="kv@"))
     assert await pub.subscribed() == b"kv@"
     tokens = prompt(3)
@@ -638,7 +667,7 @@ async def test_unreachable_replay_endpoint_times_out_and_resets(
         dead = f"tcp://{HOST}:{probe.getsockname()[1]}"
         ingest = IngestConfig(replay_timeout_s=0.2)
         config = SubscriberConfig("w", pub.endpoint, dead, topic="kv@", ingest=ingest)
-        sub = KVEventSubscriber(config, index, context=ctx)
+        sub = KVEventSubscriber(config, index, context=ctx, receiver=receiver())
         cleanup.append(sub)
         await sub.start()
         await pub.subscribed()
@@ -688,7 +717,7 @@ async def test_publisher_views_follow_a_replay_and_its_failure(
 
     index = make_index()
     pub = publisher(ctx, cleanup)
-    service = KVEventIngestService(index, context=ctx)
+    service = KVEventIngestService(index, context=ctx, receive_thread=receiver() is not None)
     config = SubscriberConfig(
         "w", pub.endpoint, pub.replay_endpoint, topic="kv@", ingest=IngestConfig(replay_timeout_s=1.0)
     )
@@ -846,7 +875,7 @@ async def test_the_process_wide_byte_bound_drops_across_publishers(
     pub = publisher(ctx, cleanup)
     shared = ReceiveBudget(8 * 1024)
     config = SubscriberConfig("w", pub.endpoint, pub.replay_endpoint, topic="kv@")
-    sub = KVEventSubscriber(config, index, context=ctx, budget=shared)
+    sub = KVEventSubscriber(config, index, context=ctx, receiver=receiver(), budget=shared)
     cleanup.append(sub)
     await sub.start()
     await pub.subscribed()
@@ -938,7 +967,7 @@ async def test_a_replay_of_the_engines_whole_buffer_arrives_whole(ctx: zmq.async
             await pub.publish([BlockStored(hashes, parent, ids, BLOCK)])
             parent = hashes[-1]
         config = SubscriberConfig("w", pub.endpoint, pub.replay_endpoint, topic="kv@")
-        sub = KVEventSubscriber(config, index, context=ctx)
+        sub = KVEventSubscriber(config, index, context=ctx, receiver=receiver())
         await sub.start()
         await until(
             lambda: sub is not None and sub.stats.batches_applied + sub.stats.lost_batches >= batches, 120

@@ -39,6 +39,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from scheduler.adapters.kv_receive_thread import RECEIVE_THREAD_NAME, native_receiver_available
 from scheduler.adapters.kv_subscriber import MAX_ZMQ_SOCKETS, KVEventIngestService, SubscriberConfig
 from scheduler.adapters.native_page_client import NATIVE_THREAD_NAME
 from scheduler.adapters.scraper import DEFAULT_INTERVAL_S, DEFAULT_MAX_PAGES_PER_S, MetricsScraper
@@ -242,30 +243,31 @@ class Window:
         return self.count / self.wall_s
 
 
-def _native_thread_cpu_s() -> float:
-    """CPU of this process's native scraper threads (by their name), from /proc (schedstat:
-    nanoseconds; stat's clock ticks are 10 ms, coarser than a window's share); 0 elsewhere."""
+def _native_thread_cpu_s(name: str = NATIVE_THREAD_NAME) -> float:
+    """CPU of this process's threads named ``name`` (the native scraper's by default), from
+    /proc (schedstat: nanoseconds; stat's clock ticks are 10 ms, coarser than a window's
+    share); 0 elsewhere."""
     total = 0
     with contextlib.suppress(OSError):
         for task in os.listdir("/proc/self/task"):
             with contextlib.suppress(OSError, ValueError, IndexError):
                 with open(f"/proc/self/task/{task}/comm") as comm:
-                    if comm.read().strip() != NATIVE_THREAD_NAME:
+                    if comm.read().strip() != name:
                         continue
                 with open(f"/proc/self/task/{task}/schedstat") as schedstat:
                     total += int(schedstat.read().split()[0])
     return total / 1e9
 
 
-async def _window(count: Any, seconds: float) -> Window:
+async def _window(count: Any, seconds: float, thread_name: str = NATIVE_THREAD_NAME) -> Window:
     cpu, wall, before = time.process_time(), time.monotonic(), count()
-    thread = _native_thread_cpu_s()
+    thread = _native_thread_cpu_s(thread_name)
     await asyncio.sleep(seconds)
     return Window(
         time.process_time() - cpu,
         time.monotonic() - wall,
         count() - before,
-        thread_cpu_s=_native_thread_cpu_s() - thread,
+        thread_cpu_s=_native_thread_cpu_s(thread_name) - thread,
     )
 
 
@@ -305,7 +307,9 @@ async def _measure_scraper(
     return result
 
 
-async def _measure_events(kv: dict[str, str], window_s: float) -> Window:
+async def _measure_events(kv: dict[str, str], window_s: float, *, receive_thread: bool) -> Window:
+    """The subscriptions as ``kvsched serve`` makes them; ``receive_thread=False``: every live
+    socket received on the event loop with pyzmq (the baseline)."""
     scheduler = _scheduler(list(kv))
     context = zmq.asyncio.Context()
     # A subscription holds three sockets (the SUB, its monitor's PAIR and the PAIR libzmq
@@ -313,7 +317,7 @@ async def _measure_events(kv: dict[str, str], window_s: float) -> Window:
     # subscriptions past the cap did not start, and context.term() never returned at 256
     # and 1,000 endpoints.
     context.set(zmq.MAX_SOCKETS, MAX_ZMQ_SOCKETS)
-    ingest = KVEventIngestService(scheduler.index, context=context)
+    ingest = KVEventIngestService(scheduler.index, context=context, receive_thread=receive_thread)
     try:
         for name, endpoint in kv.items():
             await ingest.add_endpoint(SubscriberConfig(name=name, endpoint=endpoint))
@@ -322,7 +326,9 @@ async def _measure_events(kv: dict[str, str], window_s: float) -> Window:
             return sum(s.stats.batches_applied for s in ingest.subscribers.values())
 
         await _until(lambda: applied() > 2 * len(kv), 30.0)
-        return await _window(applied, window_s)
+        if receive_thread and ingest.receive_mode != "native":
+            raise RuntimeError("the native KV-event receive thread is not available here")
+        return await _window(applied, window_s, RECEIVE_THREAD_NAME)
     finally:
         for name in list(kv):
             await ingest.remove_endpoint(name)
@@ -358,7 +364,17 @@ def measure_size(
         busy = asyncio.run(_measure_scraper(urls, busy_interval, window_s))
         rest = asyncio.run(_measure_scraper(urls, idle_interval_s, max(window_s, 2 * idle_interval_s)))
         parent.send("events")
-        events = asyncio.run(_measure_events(kv, window_s)) if events_per_s > 0 else Window(0.0, 1.0, 0)
+        native_events = native_receiver_available()[0]
+        events = (
+            asyncio.run(_measure_events(kv, window_s, receive_thread=native_events))
+            if events_per_s > 0
+            else Window(0.0, 1.0, 0)
+        )
+        old_events = (
+            asyncio.run(_measure_events(kv, window_s, receive_thread=False))
+            if events_per_s > 0 and baseline and native_events
+            else None
+        )
         parent.send("cpu")
         fleet_cores = (parent.recv() - fleet_cpu) / (time.monotonic() - started)
         old = asyncio.run(_measure_scraper(urls, busy_interval, window_s, native=False)) if baseline else None
@@ -382,7 +398,9 @@ def measure_size(
         "rest_scrape_cpu_us": rest.cpu_us_each,
         "rest_cores": rest.cores,
         "event_batches_per_s": events.per_s,
+        "event_receive": "native" if native_events else "python",
         "event_cpu_us": events.cpu_us_each if events.count else 0.0,
+        "event_thread_cpu_us": events.thread_us_each if events.count else 0.0,
         "event_cores_at_rate": (events.cpu_us_each if events.count else 0.0)
         * 1e-6
         * events_per_s
@@ -395,6 +413,9 @@ def measure_size(
     budgeted_scrapes = min(target_scrapes, DEFAULT_MAX_PAGES_PER_S)
     report["budgeted_interval_s"] = endpoints / budgeted_scrapes
     report["budgeted_cores"] = busy.cpu_us_each * 1e-6 * budgeted_scrapes + report["event_cores_at_rate"]
+    if old_events is not None and old_events.count:
+        report["baseline_event_cpu_us"] = old_events.cpu_us_each
+        report["event_cpu_vs_baseline"] = report["event_cpu_us"] / old_events.cpu_us_each
     if old is not None:
         report["baseline_scrapes_per_s"] = old.per_s
         report["baseline_scrape_cpu_us"] = old.cpu_us_each
@@ -459,18 +480,26 @@ def format_report(report: dict[str, Any]) -> str:
         f"batches/s per endpoint when busy; CPU of the replica process (all threads) over "
         f"{report['window_s']:g} s windows",
         f"{'':>9} {'busy: scrape every ' + format(interval, 'g') + ' s':-^50} "
-        f"{'KV events':-^22} {'':>7} {'at rest: every ' + format(idle, 'g') + ' s':-^20}",
+        f"{'KV events':-^44} {'':>7} {'at rest: every ' + format(idle, 'g') + ' s':-^20}",
         f"{'endpoints':>9} {'scrapes/s':>15} {'us/scrape':>9} {'thread':>6} {'baseline':>8} {'ratio':>6} "
-        f"{'batches/s':>10} {'us/batch':>9} {'cores':>7} {'budgeted':>9} {'us/scrape':>9} {'cores':>8}",
+        f"{'batches/s':>10} {'us/batch':>9} {'thread':>6} {'baseline':>8} {'ratio':>6} "
+        f"{'cores':>7} {'budgeted':>9} {'us/scrape':>9} {'cores':>8}",
     ]
     for row in report["by_endpoints"]:
         baseline = f"{row['baseline_scrape_cpu_us']:8.0f}" if "baseline_scrape_cpu_us" in row else f"{'':>8}"
         ratio = f"{row['scrape_cpu_vs_baseline']:5.2f}x" if "scrape_cpu_vs_baseline" in row else f"{'':>6}"
+        event_baseline = (
+            f"{row['baseline_event_cpu_us']:8.1f}" if "baseline_event_cpu_us" in row else f"{'':>8}"
+        )
+        event_ratio = (
+            f"{row['event_cpu_vs_baseline']:5.2f}x" if "event_cpu_vs_baseline" in row else f"{'':>6}"
+        )
         achieved = f"{row['scrapes_per_s']:,.0f}/{row['scrapes_per_s_target']:,.0f}"
         lines.append(
             f"{row['endpoints']:>9} {achieved:>15} {row['scrape_cpu_us']:9.1f} "
             f"{row['scrape_thread_cpu_us']:6.1f} {baseline} {ratio} "
-            f"{row['event_batches_per_s']:10,.0f} {row['event_cpu_us']:9.1f} {row['busy_cores']:7.3f} "
+            f"{row['event_batches_per_s']:10,.0f} {row['event_cpu_us']:9.1f} "
+            f"{row['event_thread_cpu_us']:6.1f} {event_baseline} {event_ratio} {row['busy_cores']:7.3f} "
             f"{row['budgeted_cores']:9.3f} {row['rest_scrape_cpu_us']:9.1f} {row['rest_cores']:8.3f}"
         )
     lines += [
@@ -481,6 +510,8 @@ def format_report(report: dict[str, Any]) -> str:
         "pages/s, scrape_max_pages_per_s); "
         "ratio: CPU per scrape against the Python page client (baseline) in the same run; "
         "thread: of us/scrape, the native scraper thread's",
+        "KV events: us/batch with the live sockets on the native receive thread (thread: its share), "
+        "baseline: on the event loop with pyzmq, in the same run against the same fleet",
     ]
     for row in report["by_endpoints"]:
         if row["scrapes_failed"]:

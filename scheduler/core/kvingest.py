@@ -249,6 +249,9 @@ class Step:
     abandon_replay: bool = False
 
 
+_APPLIED_IN_ORDER = Step(Action.APPLIED, _IN_ORDER)
+
+
 class ReplayPurpose(enum.Enum):
     GAP = "gap"
     JOIN = "join"
@@ -450,6 +453,20 @@ class WorkerIngest:
     def on_live(self, seq: int, payload: bytes, now: float) -> Step:
         """One live batch as received."""
         self._last_live_at = now
+        if (
+            seq == self._live.expected
+            and seq == self._applied.expected
+            and self._replay is None
+            and not self._rejoin
+        ):
+            # Nearly every batch: the next one, with nothing else going on. What the general
+            # path below would do for it (IN_ORDER, then ``_take``), without the verdict,
+            # the checks and a Step per batch (~10% of a batch's CPU at 1,000 publishers).
+            self._live.expected = seq + 1
+            action = self._apply(seq, payload)
+            if action is Action.APPLIED and not self._orphans_pending:
+                return _APPLIED_IN_ORDER
+            return Step(action, _IN_ORDER, replay_from=self._settle_orphans(now))
         verdict = self._live.observe(seq)
         if self._rejoin and verdict.kind is not VerdictKind.RESTART:
             # After a disconnect, the history before it is gone from the index: joined afresh.

@@ -139,6 +139,7 @@ class ServeApp:
                 clock=clock,
                 on_applied=self.scheduler.on_kv_batch,
                 max_queued_bytes_total=config.kv_events.ingest.max_queued_bytes_total,
+                receive_thread=config.kv_events.receive_thread,
             )
             if config.kv_events.enabled
             else None
@@ -295,6 +296,9 @@ class ServeApp:
             "endpoints": len(self.scheduler.endpoints()),
             # Endpoints by KV-event view state; each one's detail is on /debug/kv-ingest.
             "kv_events": self.kv_ingest_status()["endpoints_by_state"],
+            # Where the live KV-event sockets are received: "native" (one thread), "python"
+            # (pyzmq on the event loop), or "off".
+            "kv_receive": "off" if self.ingest is None else self.ingest.receive_mode,
             "tokenizer": self.tokenizers.status(),
             # Readiness: whether the view is warm, and what it waits on (or gave up on).
             "warmup": self.warm_state().as_dict(self.warmup.started_at),
@@ -594,11 +598,19 @@ class ServeApp:
             self._watch_task = asyncio.create_task(self._watch(self._watch_file), name="config watch")
         self._ready_task = asyncio.create_task(self._until_ready(), name="readiness")
         log.info(
-            "kvsched serving: ext_proc %s:%d (%s, %s transport), health %s, metrics %s, %d endpoints",
+            "kvsched serving: ext_proc %s:%d (%s, %s transport), KV events received %s, health %s, "
+            "metrics %s, %d endpoints",
             self.config.host,
             self.grpc_port,
             self.config.tls.mode,
             self.server.transport,
+            "off"
+            if self.ingest is None
+            else (
+                "on a native thread"
+                if self.ingest.receive_mode == "native"
+                else f"on the event loop ({self.ingest.receive_mode_reason})"
+            ),
             self.health_port if self.health_port is not None else "off",
             self.metrics_port if self.metrics_port is not None else "off",
             len(self.scheduler.endpoints()),

@@ -87,6 +87,11 @@ class KVEventsConfig(BaseModel):
         description="ZMQ topic prefix; may name {host}, {port}, {address}, {name}. '' = every topic.",
     )
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    receive_thread: bool = Field(
+        True,
+        description="Receive the live KV-event sockets on one native thread where the native module "
+        "is built (less CPU per batch at many pods); false = on the event loop with pyzmq.",
+    )
 
     @field_validator("topic")
     @classmethod
