@@ -5,6 +5,7 @@ training-job isolation, and the benchmark at a small size."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -668,3 +669,33 @@ def test_one_rows_prediction_is_the_batch_prediction_to_the_bit() -> None:
     batch = predictor.predict(features[:1])
     assert predictor.predict_row(features[0]) == (float(batch.ttft_ms[0]), float(batch.tpot_ms[0]), "prior")
     assert predictor.stats.predictions["ttft_prior"] == 2
+
+
+def test_a_trained_models_one_row_prediction_is_the_batch_prediction_to_the_bit(
+    synthetic_predictor: LatencyPredictor,
+) -> None:
+    """A pick predicts its chosen endpoint's row alone, on Python floats and numpy scalars;
+    with trees it must answer what the batch path answers for that row, to the bit, in both
+    target spaces, with the trees on their own or correcting the prior, and with a target the
+    prior answers."""
+    model = synthetic_predictor.model
+    assert model is not None and model.ttft is not None and model.tpot is not None
+    rows = synthetic_samples(300, seed=21).features
+    variants = [
+        replace(model, transform=transform, residual=residual)
+        for transform in ("log", "identity")
+        for residual in (False, True)
+    ]
+    variants.append(replace(model, tpot=None, residual=True))
+    for variant in variants:
+        ttft, tpot = variant.predict_ttft(rows), variant.predict_tpot(rows)
+        for i, row in enumerate(rows):
+            alone = variant.predict_row(row)
+            assert np.float64(alone[0]).view(np.uint64) == ttft[i].view(np.uint64), (variant.transform, i)
+            assert np.float64(alone[1]).view(np.uint64) == tpot[i].view(np.uint64), (variant.transform, i)
+    before = dict(synthetic_predictor.stats.predictions)
+    ttft_ms, tpot_ms, source = synthetic_predictor.predict_row(rows[0])
+    batch = synthetic_predictor.predict(rows[:1])
+    assert (ttft_ms, tpot_ms, source) == (float(batch.ttft_ms[0]), float(batch.tpot_ms[0]), "model")
+    after = synthetic_predictor.stats.predictions
+    assert after["ttft_model"] - before.get("ttft_model", 0) == 2

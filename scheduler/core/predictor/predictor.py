@@ -133,11 +133,16 @@ class LatencyPredictor:
 
     def predict_row(self, row: FeatureMatrix) -> tuple[float, float, str]:
         """(TTFT ms, TPOT ms, source) of one row (shape (NUM_FEATURES,)), as ``predict`` on it."""
-        if self._model is not None:
-            prediction = self.predict(row[None, :])
-            return float(prediction.ttft_ms[0]), float(prediction.tpot_ms[0]), prediction.source
-        ttft, tpot = self._prior.predict_row(row)
+        model = self._model
         counts = self._predictions
+        if model is not None:
+            ttft, tpot = model.predict_row(row)
+            ttft_source = "prior" if model.ttft is None else "model"
+            tpot_source = "prior" if model.tpot is None else "model"
+            counts["ttft_" + ttft_source] += 1
+            counts["tpot_" + tpot_source] += 1
+            return ttft, tpot, ttft_source if ttft_source == tpot_source else "mixed"
+        ttft, tpot = self._prior.predict_row(row)
         counts["ttft_prior"] += 1
         counts["tpot_prior"] += 1
         return ttft, tpot, "prior"
