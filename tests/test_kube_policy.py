@@ -324,11 +324,13 @@ def test_conversion_names_and_units() -> None:
             "limits": {"metricsStaleAfterSeconds": 5},
             "flowControl": {"maxWaitMs": 1500, "maxKVUtilization": 0.7},
             "approximate": {"ttlSeconds": 60},
+            "health": {"failOpen": False, "scrapeTimeoutGraceSeconds": 2.5},
             "kvEvents": {"port": 6000, "replayPort": 0, "topic": "kv@{host}"},
             "scrapeIntervalMs": 250,
         }
     )
     config = settings.scheduler_config(SchedulerConfig())
+    assert config.health.fail_open is False and config.health.scrape_timeout_grace_s == 2.5
     assert config.scoring.mode == "softmax" and config.scoring.num_fallbacks == 1
     assert config.scoring.limits.metrics_stale_after_s == 5
     assert config.flow_control.max_wait_s == 1.5 and config.flow_control.kv_cache_threshold == 0.7

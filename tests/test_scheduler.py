@@ -117,6 +117,42 @@ def test_unhealthy_endpoint_is_not_picked_and_recovers() -> None:
     assert scheduler.is_healthy(bad)
 
 
+def test_scrape_timeouts_count_only_against_an_endpoint_not_seen_serving() -> None:
+    """An engine tokenising long prompts answers /metrics late while it serves: its timeouts
+    must not take it out of the pool while it keeps producing first tokens, completions or KV
+    events; one that shows nothing for the grace period, or refuses, is out as before."""
+    grace = HealthConfig().scrape_timeout_grace_s
+    scheduler = _scheduler(2, health=HealthConfig(unhealthy_after_failures=2))
+    busy, hung = "10.0.0.1:8000", "10.0.0.2:8000"
+    prompt = list(range(1, 33))
+    served = scheduler.pick(SchedulingRequest("r0", prompt, subset=frozenset({busy})), now=0.0)
+    assert served.endpoints == [busy]
+    scheduler.on_first_token("r0", now=0.5)
+    scheduler.on_kv_batch(hung, now=0.0)  # its last sign of life, long before the timeouts
+    for t in (1.0, 2.0, 3.0):
+        scheduler.record_scrape_failure(busy, "timed out", now=t, timed_out=True)
+        scheduler.record_scrape_failure(hung, "timed out", now=grace + t, timed_out=True)
+    assert scheduler.is_healthy(busy) and not scheduler.is_healthy(hung)
+    assert scheduler.scrape_timeouts_while_serving == 3
+    # KV events alone are a sign of serving too; past the grace period the timeouts count.
+    scheduler.on_kv_batch(busy, now=grace + 3.0)
+    scheduler.record_scrape_failure(busy, "timed out", now=2 * grace + 3.0, timed_out=True)
+    assert scheduler.is_healthy(busy) and scheduler.scrape_timeouts_while_serving == 4
+    scheduler.record_scrape_failure(busy, "timed out", now=2 * grace + 4.0, timed_out=True)
+    scheduler.record_scrape_failure(busy, "timed out", now=2 * grace + 5.0, timed_out=True)
+    assert not scheduler.is_healthy(busy)
+    # A refused connection counts whatever the engine did a moment ago.
+    fresh = _scheduler(1, health=HealthConfig(unhealthy_after_failures=1))
+    fresh.on_kv_batch("10.0.0.1:8000", now=1.0)
+    fresh.record_scrape_failure("10.0.0.1:8000", "connection refused", now=1.1)
+    assert not fresh.is_healthy("10.0.0.1:8000")
+    # Off: every timeout counts.
+    strict = _scheduler(1, health=HealthConfig(unhealthy_after_failures=1, scrape_timeout_grace_s=0))
+    strict.on_kv_batch("10.0.0.1:8000", now=1.0)
+    strict.record_scrape_failure("10.0.0.1:8000", "timed out", now=1.1, timed_out=True)
+    assert not strict.is_healthy("10.0.0.1:8000")
+
+
 def test_no_endpoints_and_removed_endpoints() -> None:
     scheduler = _scheduler(2)
     _store(scheduler, "10.0.0.1:8000", list(range(1, 17)), [5])

@@ -178,6 +178,22 @@ async def test_timeout_is_a_failure(servers: Callable[[], StandIn]) -> None:
         assert not scheduler.is_healthy("a")
 
 
+async def test_a_timeout_on_an_endpoint_seen_serving_leaves_it_healthy(
+    servers: Callable[[], StandIn],
+) -> None:
+    """The scraper tells the Scheduler that a failure was a timeout: an engine whose KV
+    events arrived a moment ago keeps its place while its /metrics answers late."""
+    a = await servers()  # type: ignore[misc]
+    a.mode = "hang"
+    scheduler = scheduler_for("a", unhealthy_after=1)
+    scheduler.on_kv_batch("a", time.monotonic())
+    async with MetricsScraper(scheduler, interval_s=60, timeout_s=0.2) as scraper:
+        await scraper.add("a", a.url)
+        assert not await scraper.scrape_once("a")
+        assert scraper.stats("a").last_error == "timed out"
+        assert scheduler.is_healthy("a") and scheduler.scrape_timeouts_while_serving == 1
+
+
 async def test_oversized_and_chunked_pages(servers: Callable[[], StandIn]) -> None:
     big, chunked = await servers(), await servers()  # type: ignore[misc]
     big.text = vllm_text(1, 1, 0.1) + "# padding " + "x" * 4096 + "\n"

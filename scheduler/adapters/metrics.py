@@ -275,6 +275,12 @@ class KvschedCollector(Collector):
             "the request could go to was healthy.",
             value=self.scheduler.failed_open_picks,
         )
+        yield CounterMetricFamily(
+            "kvsched_scrape_timeouts_while_serving",
+            "Scrapes that timed out on an endpoint seen serving within health.scrape_timeout_grace_s "
+            "(first tokens, completions, KV events): its figures went stale, its health did not.",
+            value=self.scheduler.scrape_timeouts_while_serving,
+        )
         yield GaugeMetricFamily(
             "kvsched_speculative_placements_live",
             "Speculative placements counted in picks now.",

@@ -84,7 +84,9 @@ class MetricsSink(Protocol):
 
     def update_metrics(self, name: str, metrics: EndpointMetrics, now: float) -> None: ...
 
-    def record_scrape_failure(self, name: str, error: str, now: float) -> None: ...
+    def record_scrape_failure(
+        self, name: str, error: str, now: float, *, timed_out: bool = False
+    ) -> None: ...
 
 
 class ScrapeError(Exception):
@@ -428,7 +430,7 @@ class MetricsScraper:
                 client.abort("timed out")
                 continue
             target.overdue = True
-            self._failed(target, "timed out", self.clock())
+            self._failed(target, "timed out", self.clock(), timed_out=True)
             self._finish(target, False)
             limit = now + self.timeout_s * (OVERDUE_LIMIT - 1)
             heapq.heappush(deadlines, (limit, next(self._seq), target, scrape))
@@ -521,7 +523,9 @@ class MetricsScraper:
                 if not waiter.done():
                     waiter.set_result(ok)
 
-    def _failed(self, target: _Target, error: str, now: float, *, logged: bool = False) -> None:
+    def _failed(
+        self, target: _Target, error: str, now: float, *, logged: bool = False, timed_out: bool = False
+    ) -> None:
         stats = target.stats
         stats.last_duration_s = now - target.started
         stats.failures += 1
@@ -530,4 +534,4 @@ class MetricsScraper:
             # Once per failure streak; the count and last error stay visible in kvsched's metrics.
             log.warning("scraping %s (%s) failed: %s", target.name, target.url, error)
         stats.consecutive_failures += 1
-        self.sink.record_scrape_failure(target.name, error, now)
+        self.sink.record_scrape_failure(target.name, error, now, timed_out=timed_out)

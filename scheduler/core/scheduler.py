@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -97,6 +98,17 @@ class HealthConfig(BaseModel):
 
     unhealthy_after_failures: int = Field(
         3, ge=1, description="Consecutive failed scrapes after which an endpoint is not picked."
+    )
+    scrape_timeout_grace_s: float = Field(
+        5.0,
+        ge=0,
+        description="A scrape that timed out does not count against an endpoint that produced a first "
+        "token, finished a request or published a KV-event batch within this many seconds (its own, "
+        "or a peer replica's): its engine is serving and only its API server is slow to answer "
+        "/metrics (vLLM tokenises long prompts on the loop that serves it). Its figures go stale "
+        "and scoring falls back on the in-flight accounting (scoring.limits.metrics_stale_after_s). "
+        "Refused or reset connections, error statuses and bad pages count at once. 0: every timeout "
+        "counts.",
     )
     fail_open: bool = Field(
         True,
@@ -374,6 +386,8 @@ class _EndpointRuntime:
     prefill_queue: PrefillQueue = field(default_factory=PrefillQueue)
     # When it last produced a first token or finished a request: the end of an iteration.
     last_event_at: float | None = None
+    # When a KV-event batch of it was last applied (the engine stepped).
+    last_kv_batch_at: float | None = None
     # LoRA adapters of kvsched's requests in flight there (adapter -> count), and those it
     # routed there lately, oldest first.
     inflight_adapters: dict[str, int] = field(default_factory=dict)
@@ -448,6 +462,8 @@ class Scheduler:
         self.speculative_outcomes = dict.fromkeys(SPECULATIVE_OUTCOMES, 0)
         # Picks made among unhealthy endpoints because no endpoint was healthy (``fail_open``).
         self.failed_open_picks = 0
+        # Scrapes that timed out on an endpoint seen serving, not counted against its health.
+        self.scrape_timeouts_while_serving = 0
         # Per endpoint with KV events, the first token of the oldest request that prefilled a
         # full block there since the endpoint's last batch: its blocks are owed a report.
         self._owed_events: dict[str, float] = {}
@@ -635,12 +651,24 @@ class Scheduler:
         if self._by_load is not None:
             self._reorder(runtime)
 
-    def record_scrape_failure(self, name: str, error: str, now: float) -> None:
+    def record_scrape_failure(self, name: str, error: str, now: float, *, timed_out: bool = False) -> None:
+        """A scrape that failed; ``timed_out``: no answer within the scrape timeout (the
+        connection held), which counts only against an endpoint with no sign of serving
+        lately (``health.scrape_timeout_grace_s``)."""
         runtime = self._endpoints.get(name)
         if runtime is None:
             return
-        runtime.consecutive_failures += 1
         runtime.last_error = error
+        grace = self.config.health.scrape_timeout_grace_s
+        if timed_out and grace > 0:
+            seen = max(runtime.last_event_at or -math.inf, runtime.last_kv_batch_at or -math.inf)
+            if now - seen <= grace:
+                # Found with kvsched bench epp --prompt-bytes 220000: every simulated worker
+                # tokenising 220 KB prompts answered /metrics after the 1 s timeout while
+                # serving, and every one left the pool.
+                self.scrape_timeouts_while_serving += 1
+                return
+        runtime.consecutive_failures += 1
 
     def is_healthy(self, name: str) -> bool:
         runtime = self._endpoints.get(name)
@@ -1827,6 +1855,9 @@ class Scheduler:
         once, or never cached); both are forgotten."""
         endpoint = worker.split("#dp", 1)[0]
         self._owed_events.pop(endpoint, None)
+        runtime = self._endpoints.get(endpoint)
+        if runtime is not None:
+            runtime.last_kv_batch_at = now
         memory = self._speculative
         for placed in memory.of_endpoint(endpoint):
             if placed.due_at is None:

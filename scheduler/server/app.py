@@ -78,8 +78,8 @@ class _ScrapeSink:
         self._scheduler.update_metrics(name, metrics, now)
         self._refreshed()
 
-    def record_scrape_failure(self, name: str, error: str, now: float) -> None:
-        self._scheduler.record_scrape_failure(name, error, now)
+    def record_scrape_failure(self, name: str, error: str, now: float, *, timed_out: bool = False) -> None:
+        self._scheduler.record_scrape_failure(name, error, now, timed_out=timed_out)
         self._refreshed()
 
 
