@@ -168,6 +168,8 @@ def test_a_killed_kvsched_replica_comes_back_warm_and_agreeing(tmp_path: Path) -
     assert details["warmup_at_serving"]["warm"]
     assert scenario["rto_s"] >= details["restarted_process_up_s"]
     assert scenario["agreement_s"] >= scenario["rto_s"]
+    # The routings reach the peer within milliseconds (they used to wait for a 5 ms flush).
+    assert details["baseline_sync_lag_ms"] is not None and 0.0 < details["baseline_sync_lag_ms"] < 50.0
 
 
 def test_the_gateway_lets_every_request_on_a_dead_server_retry_at_once() -> None:

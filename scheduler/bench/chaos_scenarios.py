@@ -543,8 +543,10 @@ async def kvsched_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) ->
     victim, other = stack.kvsched[0], stack.kvsched[-1]
     run = LiveRun(stack, shape, timing, result)
     before_baseline = await _agreement_counts(stack, (victim, other))
+    lag_before = await stack.metrics(other)
     await run.start()
     baseline_agreement = _agreement_between(before_baseline, await _agreement_counts(stack, (victim, other)))
+    baseline_lag_ms = _mean_sync_lag_ms(lag_before, await stack.metrics(other))
     killed_at = run.fault()
     await victim.child.kill()
     await asyncio.sleep(timing.down_s)
@@ -576,6 +578,7 @@ async def kvsched_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) ->
         agreement_s=recovery.agreement_s,
         agreement_windows=recovery.windows,
         baseline_agreement=baseline_agreement,
+        baseline_sync_lag_ms=baseline_lag_ms,
         restarted_process_up_s=restarted_at - killed_at,
         warmup_at_serving=recovery.warmup,
         decided_before_serving=recovery.decided_before_serving,
@@ -626,7 +629,8 @@ async def kvsched_killed(stack: ChaosStack, shape: LoadShape, timing: Timing) ->
         f"the two replicas agree on >= {AGREEMENT_GOAL:.0%} of sampled decisions again within the run",
         recovery.agreement_s is not None,
         f"after {_seconds(recovery.agreement_s)} from the kill (windows of {AGREEMENT_WINDOW} samples; "
-        f"before the kill {_ratio(baseline_agreement)})",
+        f"before the kill {_ratio(baseline_agreement)}, with a mean sync lag of "
+        f"{'-' if baseline_lag_ms is None else format(baseline_lag_ms, '.2f')} ms)",
     )
     result.goal(
         "the restarted replica routes by cache again (re-subscribed, replayed)",
@@ -673,6 +677,17 @@ async def _agreement_counts(
             _samples(samples, "kvsched_sync_agreement_same"),
         )
     return counts
+
+
+def _mean_sync_lag_ms(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """A replica's mean time from a peer's send to the message's arrival between two pages."""
+    received = _samples(after, "kvsched_sync_messages_received") - _samples(
+        before, "kvsched_sync_messages_received"
+    )
+    lag_s = _samples(after, "kvsched_sync_lag_seconds_total") - _samples(
+        before, "kvsched_sync_lag_seconds_total"
+    )
+    return lag_s / received * 1000.0 if received > 0 else None
 
 
 def _agreement_between(

@@ -499,6 +499,9 @@ class Scheduler:
         self.incarnation = 0
         self._sync_seq = 0
         self._outbox: list[SyncMessage] = []
+        # Called when the outbox gains its first message since it was last taken, so that the
+        # sync transport sends it now rather than at its next periodic flush.
+        self.on_sync_outbox: Callable[[], None] | None = None
         self._announced = 0
         self.peer_load.on_change = self._peer_load_changed
         # Above candidates.prune_above endpoints: the endpoints by load and by KV usage, kept
@@ -1575,9 +1578,12 @@ class Scheduler:
     def _send(self, body: Routed | Released | Snapshot, now: float) -> None:
         if self.config.sync.enabled:
             self._sync_seq += 1
+            first = not self._outbox
             self._outbox.append(
                 SyncMessage(self.peer_load.replica, self.incarnation, self._sync_seq, now, body)
             )
+            if first and self.on_sync_outbox is not None:
+                self.on_sync_outbox()
 
     def _announce(
         self,
