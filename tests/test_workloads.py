@@ -207,3 +207,31 @@ def test_default_is_a_demo_sized_shared_mix() -> None:
 def test_unknown_workload_names_the_choices() -> None:
     with pytest.raises(ValueError, match="agentic"):
         generate("nope")
+
+
+def test_a_trace_recorded_in_steps_is_spread_over_each_step(tmp_path: Path) -> None:
+    """The conversation trace records arrivals in 3 s steps, up to 28 requests on one
+    timestamp: with ``arrival_step_ms`` each step's requests arrive within the step after it,
+    in recorded order, seeded; without it, as recorded."""
+    lines = [
+        {"timestamp": t, "input_length": 600, "output_length": 10, "hash_ids": [i, 100 + i]}
+        for i, t in enumerate([0, 0, 0, 0, 3000, 3000, 6000])
+    ]
+    path = tmp_path / "stepped.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    recorded = load_mooncake(path, block_tokens=16)
+    assert [r.arrival_s for r in recorded.requests] == [0, 0, 0, 0, 3, 3, 6]
+    spread = load_mooncake(path, block_tokens=16, arrival_step_ms=3000, seed=1)
+    arrivals = [r.arrival_s for r in spread.requests]
+    assert [r.request_id for r in spread.requests] == [r.request_id for r in recorded.requests]
+    assert arrivals == sorted(arrivals) and len(set(arrivals)) == len(arrivals)
+    for request, at in zip(recorded.requests, arrivals, strict=True):
+        assert request.arrival_s <= at < request.arrival_s + 3.0
+    assert [
+        r.arrival_s for r in load_mooncake(path, block_tokens=16, arrival_step_ms=3000, seed=1).requests
+    ] == arrivals
+    assert [
+        r.arrival_s for r in load_mooncake(path, block_tokens=16, arrival_step_ms=3000, seed=2).requests
+    ] != arrivals
+    with pytest.raises(ValueError, match="arrival_step_ms"):
+        load_mooncake(path, arrival_step_ms=0)

@@ -48,7 +48,13 @@ def load_workload(args: argparse.Namespace, tokenizer: Any = None) -> Workload:
     from scheduler.workloads.mooncake import load_mooncake
 
     if args.trace:
-        workload = load_mooncake(args.trace, block_tokens=args.block_tokens, limit=args.limit)
+        workload = load_mooncake(
+            args.trace,
+            block_tokens=args.block_tokens,
+            limit=args.limit,
+            arrival_step_ms=getattr(args, "arrival_step_ms", None),
+            seed=args.seed,
+        )
     elif tokenizer is not None:
         workload = text_workload(
             args.workload, tokenizer, seed=args.seed, rate=args.rate, requests=args.requests
@@ -275,6 +281,13 @@ def register(subparsers: Any) -> None:
         help="trace: tokens standing for each 512-token trace block (default 16, i.e. 1/32 scale)",
     )
     shape.add_argument("--seed", type=int, default=0, help="generator seed (and the simulator's)")
+    shape.add_argument(
+        "--arrival-step-ms",
+        type=float,
+        help="trace: it records arrival times in steps of this many ms (the Mooncake conversation "
+        "trace: 3000); spread each step's requests over it (seeded, in recorded order) instead of "
+        "sending them at one instant",
+    )
     shape.add_argument(
         "--rate", type=float, help="generated: arrival rate of new sessions/queries per second"
     )

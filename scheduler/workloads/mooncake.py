@@ -141,8 +141,17 @@ def load_mooncake(
     block_tokens: int = MOONCAKE_BLOCK_TOKENS,
     limit: int | None = None,
     time_scale: float = 1.0,
+    arrival_step_ms: float | None = None,
+    seed: int = 0,
 ) -> Workload:
     """The first ``limit`` requests of a Mooncake JSONL trace, arrivals multiplied by ``time_scale``.
+
+    ``arrival_step_ms``: the trace records arrival times in steps of this many ms, so requests
+    with one timestamp arrived somewhere in the step after it; each step's requests are spread
+    over it at seeded uniform times, in their recorded order. The conversation trace is such a
+    trace: its 12,031 requests share 1,180 timestamps 3,000 ms apart (2,997 at the least), up
+    to 28 on one, and replayed as recorded each step's requests arrive at one instant, a burst
+    that no gateway sees. None: as recorded.
 
     Malformed lines are skipped, counted in ``meta["skipped_lines"]`` and logged once.
     Full 512-token blocks cost memory: 16 is the practical choice for whole traces.
@@ -151,6 +160,8 @@ def load_mooncake(
         raise ValueError(f"block_tokens must be in 1..{MOONCAKE_BLOCK_TOKENS}")
     if time_scale <= 0:
         raise ValueError("time_scale must be positive")
+    if arrival_step_ms is not None and not (math.isfinite(arrival_step_ms) and arrival_step_ms > 0):
+        raise ValueError("arrival_step_ms must be a positive number of milliseconds")
     path = Path(path)
     scale = MOONCAKE_BLOCK_TOKENS / block_tokens
     rows, skipped = _read_rows(path, limit)
@@ -158,15 +169,18 @@ def load_mooncake(
     # One vectorised pass makes every distinct block; requests then share its token list.
     matrix: list[list[int]] = block_token_matrix(np.array(unique, dtype=np.uint64), block_tokens).tolist()
     blocks = dict(zip(unique, matrix, strict=True))
+    arrivals_ms = _spread_steps(rows, arrival_step_ms, seed) if arrival_step_ms else None
     requests: list[WorkloadRequest] = []
-    for row in rows:
+    for at, row in enumerate(rows):
         length = prompt_length(row.input_length, len(row.hash_ids), block_tokens)
         tokens = list(chain.from_iterable(blocks[h] for h in row.hash_ids))
         del tokens[length:]
         requests.append(
             WorkloadRequest(
                 request_id=f"mooncake-{row.line - 1}",
-                arrival_s=row.timestamp_ms / 1000.0 * time_scale,
+                arrival_s=(row.timestamp_ms if arrivals_ms is None else arrivals_ms[at])
+                / 1000.0
+                * time_scale,
                 prompt_token_ids=tokens,
                 max_tokens=max(1, math.ceil(row.output_length / scale)),
                 block_ids=row.hash_ids,
@@ -178,5 +192,26 @@ def load_mooncake(
         requests=requests,
         token_scale=scale,
         block_tokens=block_tokens,
-        meta={"source": str(path), "skipped_lines": skipped, "trace_block_tokens": MOONCAKE_BLOCK_TOKENS},
+        meta={
+            "source": str(path),
+            "skipped_lines": skipped,
+            "trace_block_tokens": MOONCAKE_BLOCK_TOKENS,
+            "arrival_step_ms": arrival_step_ms,
+        },
     )
+
+
+def _spread_steps(rows: Sequence[_Row], step_ms: float, seed: int) -> list[float]:
+    """Per row, an arrival time within the step after its timestamp: the step's rows at
+    sorted seeded uniform offsets, in file order."""
+    rng = np.random.default_rng(seed)
+    by_stamp: dict[float, list[int]] = {}
+    for at, row in enumerate(rows):
+        by_stamp.setdefault(row.timestamp_ms, []).append(at)
+    arrivals = [0.0] * len(rows)
+    for stamp in sorted(by_stamp):
+        members = by_stamp[stamp]
+        offsets = np.sort(rng.uniform(0.0, step_ms, len(members)))
+        for at, offset in zip(members, offsets.tolist(), strict=True):
+            arrivals[at] = stamp + offset
+    return arrivals
