@@ -4,7 +4,9 @@ malformed frames are counted and skipped, and peers come from EndpointSlices."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import msgpack
 import pytest
@@ -20,13 +22,35 @@ from scheduler.core.scheduler import Endpoint, EndpointMetrics, Scheduler, Sched
 E1 = "10.0.0.1:8000"
 
 
-def _replica(name: str) -> Scheduler:
-    config = SchedulerConfig(index=IndexConfig(block_size=16), sync=PeerSyncConfig(enabled=True))
+def _replica(name: str, sync: PeerSyncConfig | None = None) -> Scheduler:
+    config = SchedulerConfig(index=IndexConfig(block_size=16), sync=sync or PeerSyncConfig(enabled=True))
     replica = Scheduler(config)
     replica.set_endpoints([Endpoint(E1, E1, kv_events="tcp://a")], 0.0)
     replica.update_metrics(E1, EndpointMetrics(0, 0, 0.0), 0.0)
     replica.start_sync(name, 1)
     return replica
+
+
+@contextlib.asynccontextmanager
+async def _connected_pair(
+    context: zmq.asyncio.Context, sync: PeerSyncConfig | None = None, **transport: Any
+) -> AsyncIterator[tuple[Scheduler, Scheduler, PeerSyncTransport, PeerSyncTransport]]:
+    """Replicas "a" and "b", each with its transport subscribed to the other's, once each has
+    heard from the other (a PUB drops what it sends before the SUB has joined: the snapshots
+    a subscription asks for repair that, and here they show the connections are up)."""
+    a, b = _replica("a", sync), _replica("b", sync)
+    ta = PeerSyncTransport(a, bind="tcp://127.0.0.1:0", context=context, **transport)
+    tb = PeerSyncTransport(b, bind="tcp://127.0.0.1:0", context=context, **transport)
+    await ta.start()
+    await tb.start()
+    try:
+        ta.set_peers([tb.bound_address])
+        tb.set_peers([ta.bound_address])
+        await _until(lambda: "a" in b.peer_load.peers() and "b" in a.peer_load.peers())
+        yield a, b, ta, tb
+    finally:
+        await ta.stop()
+        await tb.stop()
 
 
 async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
@@ -77,34 +101,23 @@ def test_malformed_frames_are_refused_with_a_reason(frame: bytes) -> None:
 
 async def test_a_replicas_routing_and_release_reach_its_peer_over_zmq() -> None:
     context = zmq.asyncio.Context()
-    a, b = _replica("a"), _replica("b")
-    ta = PeerSyncTransport(a, bind="tcp://127.0.0.1:0", context=context)
-    tb = PeerSyncTransport(b, bind="tcp://127.0.0.1:0", context=context)
-    await ta.start()
-    await tb.start()
     try:
-        ta.set_peers([tb.bound_address])
-        tb.set_peers([ta.bound_address])
-        # A PUB drops what it sends before the SUB has joined: the snapshots repair that, and
-        # here they also show the connection is up.
-        await _until(lambda: "a" in b.peer_load.peers() and "b" in a.peer_load.peers())
-        pick = a.pick(SchedulingRequest("r1", list(range(1, 65)), max_tokens=4), ta.clock())
-        assert pick.status == "ok"
-        await _until(lambda: b.endpoint_state(E1, ta.clock()).inflight_requests == 1)
-        a.on_completed("r1", ta.clock())
-        await _until(lambda: b.endpoint_state(E1, ta.clock()).inflight_requests == 0)
-        assert b.peer_load.stats.lag_max_s < 1.0
-        # A malformed frame from the peer's address is counted and skipped; sync goes on.
-        raw = context.socket(zmq.PUB)
-        port = raw.bind_to_random_port("tcp://127.0.0.1")
-        tb.set_peers([ta.bound_address, f"tcp://127.0.0.1:{port}"])
-        await _until(lambda: (raw.send(b"not msgpack"), tb.stats.malformed > 0)[1])
-        a.pick(SchedulingRequest("r2", list(range(1, 65)), max_tokens=4), ta.clock())
-        await _until(lambda: b.endpoint_state(E1, ta.clock()).inflight_requests == 1)
-        raw.close(0)
+        async with _connected_pair(context) as (a, b, ta, tb):
+            pick = a.pick(SchedulingRequest("r1", list(range(1, 65)), max_tokens=4), ta.clock())
+            assert pick.status == "ok"
+            await _until(lambda: b.endpoint_state(E1, ta.clock()).inflight_requests == 1)
+            a.on_completed("r1", ta.clock())
+            await _until(lambda: b.endpoint_state(E1, ta.clock()).inflight_requests == 0)
+            assert b.peer_load.stats.lag_max_s < 1.0
+            # A malformed frame from the peer's address is counted and skipped; sync goes on.
+            raw = context.socket(zmq.PUB)
+            port = raw.bind_to_random_port("tcp://127.0.0.1")
+            tb.set_peers([ta.bound_address, f"tcp://127.0.0.1:{port}"])
+            await _until(lambda: (raw.send(b"not msgpack"), tb.stats.malformed > 0)[1])
+            a.pick(SchedulingRequest("r2", list(range(1, 65)), max_tokens=4), ta.clock())
+            await _until(lambda: b.endpoint_state(E1, ta.clock()).inflight_requests == 1)
+            raw.close(0)
     finally:
-        await ta.stop()
-        await tb.stop()
         context.term()
 
 
@@ -115,29 +128,14 @@ async def test_a_routing_goes_out_at_once_not_with_the_periodic_flush() -> None:
     lag of 3.3 ms between two replicas)."""
     context = zmq.asyncio.Context()
     hourly = PeerSyncConfig(enabled=True, snapshot_interval_s=3600.0)
-    replicas = []
-    for name in ("a", "b"):
-        replica = Scheduler(SchedulerConfig(index=IndexConfig(block_size=16), sync=hourly))
-        replica.set_endpoints([Endpoint(E1, E1, kv_events="tcp://a")], 0.0)
-        replica.update_metrics(E1, EndpointMetrics(0, 0, 0.0), 0.0)
-        replica.start_sync(name, 1)
-        replicas.append(replica)
-    a, b = replicas
-    ta = PeerSyncTransport(a, bind="tcp://127.0.0.1:0", context=context, flush_interval_s=3600.0)
-    tb = PeerSyncTransport(b, bind="tcp://127.0.0.1:0", context=context, flush_interval_s=3600.0)
-    await ta.start()
-    await tb.start()
     try:
-        ta.set_peers([tb.bound_address])
-        tb.set_peers([ta.bound_address])
-        # The snapshots a subscription asks for show the connections are up.
-        await _until(lambda: "a" in b.peer_load.peers() and "b" in a.peer_load.peers())
-        assert a.pick(SchedulingRequest("r1", list(range(1, 65)), max_tokens=4), ta.clock()).status == "ok"
-        await _until(lambda: b.endpoint_state(E1, tb.clock()).inflight_requests == 1, timeout_s=2.0)
-        assert b.peer_load.stats.last_lag_s < 1.0
+        async with _connected_pair(context, hourly, flush_interval_s=3600.0) as (a, b, ta, tb):
+            assert (
+                a.pick(SchedulingRequest("r1", list(range(1, 65)), max_tokens=4), ta.clock()).status == "ok"
+            )
+            await _until(lambda: b.endpoint_state(E1, tb.clock()).inflight_requests == 1, timeout_s=2.0)
+            assert b.peer_load.stats.last_lag_s < 1.0
     finally:
-        await ta.stop()
-        await tb.stop()
         context.term()
 
 
