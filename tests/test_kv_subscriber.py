@@ -828,14 +828,26 @@ def _wide_chain(batches: int, blocks_per_batch: int) -> tuple[list[int], list[by
 
 
 async def _flood_while_held(pub: FakeVLLMPublisher, payloads: list[bytes]) -> None:
-    """Every payload sent, and kept for replay, without yielding to the subscriber's loop."""
+    """Every payload sent, and kept for replay, without yielding to the subscriber's loop.
+
+    On the native receive thread the loop is held until the thread has received them all, so
+    that its next turn takes the whole flood at once and what the turn's time budget leaves
+    waits in the byte-bounded queue. Otherwise the thread hands the flood over in pieces as it
+    comes, a turn may apply each piece within its budget, and whether anything waits (and is
+    dropped) depends on the machine's timing (seen once in CI)."""
     assert pub.pub is not None
+    thread = receiver()
+    received = 0 if thread is None else thread.stats()["messages"]
     sender: zmq.Socket[bytes] = zmq.Socket.shadow(pub.pub.underlying)
     for payload in payloads:
         seq = pub.next_seq
         pub.next_seq += 1
         pub.buffer[seq] = payload
         sender.send_multipart([TOPIC, encode_seq(seq), payload])
+    if thread is not None:
+        deadline = time.monotonic() + 10.0
+        while thread.stats()["messages"] < received + len(payloads):
+            assert time.monotonic() < deadline, "the receive thread did not get the flood"
 
 
 async def test_a_flood_waits_in_a_byte_bounded_queue_and_what_is_dropped_is_replayed(
