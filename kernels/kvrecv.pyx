@@ -29,14 +29,12 @@ cdef extern from "kvrecvloop.h":
     ctypedef struct kvrecvloop:
         int notify_fd
         kr_zmq_api zmq
-        uint64_t messages
-        uint64_t stalls
-        uint64_t receive_errors
-        uint64_t dropped_oom
     int kvrecvloop_start(kvrecvloop *loop, const char *libzmq_path, size_t max_pending) nogil
     void kvrecvloop_stop(kvrecvloop *loop) nogil
     int kvrecvloop_command(kvrecvloop *loop, kr_command *c, uint64_t *ticket) nogil
     void kvrecvloop_wait(kvrecvloop *loop, uint64_t ticket) nogil
+    int kvrecvloop_add_failed(kvrecvloop *loop, uint64_t ticket) nogil
+    void kvrecvloop_stats(kvrecvloop *loop, uint64_t out[4]) nogil
     unsigned char *kvrecvloop_take(kvrecvloop *loop, size_t *length) nogil
 
 
@@ -83,11 +81,15 @@ cdef class KVReceiveLoop:
     def stats(self) -> dict:
         """Totals: messages received, stalls for the pending bound, receive errors, and
         messages dropped for want of memory."""
+        cdef uint64_t totals[4]
+        if not self.running:
+            return {"messages": 0, "stalls": 0, "receive_errors": 0, "dropped_oom": 0}
+        kvrecvloop_stats(&self.loop, totals)
         return {
-            "messages": self.loop.messages,
-            "stalls": self.loop.stalls,
-            "receive_errors": self.loop.receive_errors,
-            "dropped_oom": self.loop.dropped_oom,
+            "messages": totals[0],
+            "stalls": totals[1],
+            "receive_errors": totals[2],
+            "dropped_oom": totals[3],
         }
 
     def close(self) -> None:
@@ -113,11 +115,17 @@ cdef class KVReceiveLoop:
 
     def add(self, int64_t target, size_t socket_address, int fd) -> None:
         """Hand the libzmq socket at ``socket_address`` (pyzmq's ``Socket.underlying``), whose
-        ``ZMQ_FD`` is ``fd``, to the thread as ``target``. Python must not use the socket
-        until ``remove(target)`` returned."""
+        ``ZMQ_FD`` is ``fd``, to the thread as ``target``; returns once the thread watches it,
+        OSError when it cannot (then the socket is still Python's). Python must not use the
+        socket until ``remove(target)`` returned."""
+        cdef uint64_t ticket
         if socket_address == 0:
             raise ValueError("socket address is NULL")
-        self._send(KR_CMD_ADD, target, <void*>socket_address, fd)
+        ticket = self._send(KR_CMD_ADD, target, <void*>socket_address, fd)
+        with nogil:
+            kvrecvloop_wait(&self.loop, ticket)
+        if kvrecvloop_add_failed(&self.loop, ticket):
+            raise OSError(f"the KV-event receive thread cannot watch descriptor {fd}")
 
     def remove(self, int64_t target) -> None:
         """Take ``target``'s socket back: returns once the thread no longer uses it. Its

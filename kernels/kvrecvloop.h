@@ -120,6 +120,7 @@ typedef struct {
     int notified; /* notify_fd written since the last take */
     uint64_t last_notify_ns;
     uint64_t messages, bytes, stalls, receive_errors, dropped_oom;
+    uint64_t add_failed_ticket; /* the last ADD the thread could not carry out */
     /* the thread's own */
     kr_sock **socks;
     size_t n_socks, cap_socks;
@@ -325,42 +326,47 @@ static kr_sock *kr_find(kvrecvloop *loop, int64_t id, size_t *at) {
     return NULL;
 }
 
+/* Takes the socket of an ADD into the thread's watch; 0, or -1 (nothing taken). */
+static int kr_add_socket(kvrecvloop *loop, const kr_command *c) {
+    if (loop->n_socks == loop->cap_socks) {
+        size_t cap = loop->cap_socks ? 2 * loop->cap_socks : 64;
+        kr_sock **socks = (kr_sock **)realloc(loop->socks, cap * sizeof *socks);
+        if (socks == NULL) return -1;
+        loop->socks = socks;
+        loop->cap_socks = cap;
+    }
+    kr_sock *s = (kr_sock *)calloc(1, sizeof *s);
+    if (s == NULL) return -1;
+    s->id = c->id;
+    s->socket = c->socket;
+    s->fd = c->fd;
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN;
+    ev.data.ptr = s;
+    if (epoll_ctl(loop->epoll_fd, EPOLL_CTL_ADD, s->fd, &ev) != 0) {
+        free(s);
+        return -1;
+    }
+    loop->socks[loop->n_socks++] = s;
+    /* ZMQ's descriptor signals changes, not levels: what arrived before it was watched is
+     * looked for once now. */
+    kr_mark_ready(loop, s);
+    return 0;
+}
+
 static void kr_run_command(kvrecvloop *loop, const kr_command *c) {
     if (c->kind == KR_CMD_STOP) {
         loop->stopping = 1;
         return;
     }
     if (c->kind == KR_CMD_ADD) {
-        kr_sock *s = (kr_sock *)calloc(1, sizeof *s);
-        if (s == NULL) return;
-        if (loop->n_socks == loop->cap_socks) {
-            size_t cap = loop->cap_socks ? 2 * loop->cap_socks : 64;
-            kr_sock **socks = (kr_sock **)realloc(loop->socks, cap * sizeof *socks);
-            if (socks == NULL) {
-                free(s);
-                return;
-            }
-            loop->socks = socks;
-            loop->cap_socks = cap;
-        }
-        s->id = c->id;
-        s->socket = c->socket;
-        s->fd = c->fd;
-        struct epoll_event ev;
-        memset(&ev, 0, sizeof ev);
-        ev.events = EPOLLIN;
-        ev.data.ptr = s;
-        if (epoll_ctl(loop->epoll_fd, EPOLL_CTL_ADD, s->fd, &ev) != 0) {
-            free(s);
+        if (kr_add_socket(loop, c) != 0) {
+            /* Said to the caller, which waits for this command (kvrecvloop_add_failed). */
             pthread_mutex_lock(&loop->lock);
-            loop->receive_errors++;
+            loop->add_failed_ticket = c->ticket;
             pthread_mutex_unlock(&loop->lock);
-            return;
         }
-        loop->socks[loop->n_socks++] = s;
-        /* ZMQ's descriptor signals changes, not levels: what arrived before it was watched is
-         * looked for once now. */
-        kr_mark_ready(loop, s);
         return;
     }
     size_t at;
@@ -508,6 +514,24 @@ static unsigned char *kvrecvloop_take(kvrecvloop *loop, size_t *len) {
     pthread_mutex_unlock(&loop->lock);
     if (wake) kr_signal(loop->wake_fd);
     return data;
+}
+
+/* Whether the ADD of `ticket`, already run (kvrecvloop_wait), failed. */
+static int kvrecvloop_add_failed(kvrecvloop *loop, uint64_t ticket) {
+    pthread_mutex_lock(&loop->lock);
+    int failed = loop->add_failed_ticket == ticket;
+    pthread_mutex_unlock(&loop->lock);
+    return failed;
+}
+
+/* The totals, read under the lock the thread writes them under. */
+static void kvrecvloop_stats(kvrecvloop *loop, uint64_t out[4]) {
+    pthread_mutex_lock(&loop->lock);
+    out[0] = loop->messages;
+    out[1] = loop->stalls;
+    out[2] = loop->receive_errors;
+    out[3] = loop->dropped_oom;
+    pthread_mutex_unlock(&loop->lock);
 }
 
 static void kvrecvloop_stop(kvrecvloop *loop);

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -136,3 +137,57 @@ async def test_the_ingest_service_receives_on_the_thread_unless_told_not_to(ctx:
             await service.stop()
         assert service.receiver_stats is None
     await pub.close()
+
+
+async def test_a_socket_the_thread_cannot_watch_is_received_on_the_loop(ctx: zmq.asyncio.Context) -> None:
+    """The thread refuses a socket whose descriptor it cannot watch with a clear error (the
+    socket stays Python's), and the subscription takes it on the event loop instead: its
+    batches are applied all the same."""
+    from scheduler._native.kvrecv import KVReceiveLoop
+
+    path = libzmq_path()
+    assert path is not None
+    loop = KVReceiveLoop(path, 1024)
+    probe = ctx.socket(zmq.SUB)
+    try:
+        with pytest.raises(OSError, match="cannot watch descriptor -1"):
+            loop.add(1, probe.underlying, -1)
+    finally:
+        loop.close()
+        probe.close(linger=0)
+
+    receiver = NativeLiveReceiver()
+    refused = receiver._thread.add
+
+    def refuse(target: int, address: int, fd: int) -> None:
+        refused(target, address, -1)
+
+    receiver._thread = _Refusing(receiver._thread, refuse)
+    index = make_index()
+    pub = FakeVLLMPublisher(ctx, replay=False).open()
+    sub = KVEventSubscriber(
+        SubscriberConfig("w", pub.endpoint, topic="kv@"), index, context=ctx, receiver=receiver
+    )
+    try:
+        await sub.start()
+        assert await pub.subscribed() == b"kv@"
+        assert receiver.sockets == 0
+        tokens, payloads = _wide_chain(5, 4)
+        await _flood_while_held(pub, payloads)
+        await until(lambda: sub.stats.batches_applied == len(payloads))
+        assert index.match_tokens(tokens)["w"].total_blocks == 5 * 4
+    finally:
+        await sub.stop()
+        receiver.close()
+        await pub.close()
+
+
+class _Refusing:
+    """A KVReceiveLoop whose add passes a descriptor the thread cannot watch."""
+
+    def __init__(self, inner: Any, add: Any) -> None:
+        self._inner = inner
+        self.add = add
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)

@@ -135,7 +135,11 @@ class NativeLiveReceiver:
         self._next_id += 1
         fd = int(socket.getsockopt(zmq.FD))
         self._targets[target] = _Target(receive, apply, apply_now)
-        self._thread.add(target, socket.underlying, fd)
+        try:
+            self._thread.add(target, socket.underlying, fd)
+        except OSError:
+            del self._targets[target]
+            raise
         return target
 
     def remove(self, target: int) -> None:

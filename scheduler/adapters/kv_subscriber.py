@@ -393,13 +393,17 @@ class KVEventSubscriber:
                 self._watch_connection(rank, rank.monitor), name=f"kv-monitor {rank.endpoint}"
             )
             if self._receiver is not None:
-                rank.native_target = self._receiver.add(
-                    sub,
-                    partial(self._enqueue, rank),
-                    partial(self._apply_queued, rank),
-                    partial(self._apply_now, rank),
-                )
-                continue
+                try:
+                    rank.native_target = self._receiver.add(
+                        sub,
+                        partial(self._enqueue, rank),
+                        partial(self._apply_queued, rank),
+                        partial(self._apply_now, rank),
+                    )
+                    continue
+                except OSError as exc:
+                    # The socket is still Python's: this rank is received on the loop instead.
+                    log.warning("%s: %s; received on the event loop instead", rank.endpoint, exc)
             rank.waiting = zmq.Socket.shadow(sub.underlying)
             rank.watched_fd = cast(int, rank.waiting.getsockopt(zmq.FD))
             loop = asyncio.get_running_loop()
