@@ -36,7 +36,6 @@ RECEIVE_THREAD_NAME = "kvsched-kvrecv"
 # at each wake-up, into the per-publisher queues whose byte bounds decide what is dropped;
 # this only caps what waits between two wake-ups.
 DEFAULT_MAX_PENDING_BYTES = 8 * 1024 * 1024
-_SEQ_BYTES = 8
 # A turn applies queued messages until this much time has passed (the Python path's
 # LIVE_BUDGET_NS), then leaves the rest for the loop's next turn.
 TURN_BUDGET_NS = 1_000_000
@@ -45,9 +44,9 @@ TURN_BUDGET_NS = 1_000_000
 Receive = Callable[[list[bytes]], None]
 # Applies queued messages until the deadline (perf_counter_ns); True when some still wait.
 Apply = Callable[[int], bool]
-# Applies one live batch (seq, payload) at once when nothing holds it back (True), or else
-# queues it (False).
-ApplyNow = Callable[[int, bytes], bool]
+# One live batch (seq, payload): applied at once when the turn may (its last argument) and
+# nothing holds it back (True), or else queued (False).
+ApplyNow = Callable[[int, bytes, bool], bool]
 
 
 def libzmq_path() -> str | None:
@@ -179,15 +178,11 @@ class NativeLiveReceiver:
                 continue  # removed since the thread received it
             if seq is None:  # not vLLM's framing: the queue's path reports it
                 entry.receive(message)
-            elif not late and not entry.queued:
-                # Nothing of it waits: applied now, not queued and dequeued (what nearly every
-                # batch is at 1,000 publishers).
-                applied = entry.apply_now(seq, message)
+            # Nothing of it waits and the turn has time: applied now, not queued and dequeued
+            # (what nearly every batch is at 1,000 publishers).
+            elif entry.apply_now(seq, message, not late and not entry.queued):
                 late = clock() >= deadline
-                if applied:
-                    continue
-            else:
-                entry.receive([b"", seq.to_bytes(_SEQ_BYTES, "big"), message])
+                continue
             if not entry.queued:
                 entry.queued = True
                 with_messages.append(entry)

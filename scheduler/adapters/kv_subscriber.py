@@ -518,11 +518,12 @@ class KVEventSubscriber:
                 return True
         return False
 
-    def _apply_now(self, rank: _Rank, seq: int, payload: bytes) -> bool:
-        """A live batch the native receive thread handed over, applied at once; queued
-        instead (False) while a replay runs: ingest then holds live batches, and the receive
-        queue's byte bounds must decide what is dropped first."""
-        if rank.ingest.replay_in_flight:
+    def _apply_now(self, rank: _Rank, seq: int, payload: bytes, may_apply: bool) -> bool:
+        """A live batch the native receive thread handed over, applied at once when
+        ``may_apply``; queued instead (False) otherwise and while a replay runs: ingest then
+        holds live batches, and the receive queue's byte bounds must decide what is dropped
+        first."""
+        if not may_apply or rank.ingest.replay_in_flight:
             self._enqueue(rank, [b"", seq.to_bytes(_SEQ_FRAME_BYTES, "big"), payload])
             return False
         self._on_live(rank, seq, payload)
