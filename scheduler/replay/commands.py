@@ -22,6 +22,7 @@ from scheduler.core.policies import DEFAULT_POLICY, POLICIES
 from scheduler.core.scheduler import SchedulerConfig, SpeculativeConfig
 from scheduler.replay.report import comparison_table
 from scheduler.workloads.model import SLOTargets, Workload
+from scheduler.workloads.mooncake import ARRIVAL_STEP_HELP
 
 DEFAULT_SIM_WORKERS = 8
 # Where the virtual-time simulator may take over the whole command.
@@ -52,7 +53,7 @@ def load_workload(args: argparse.Namespace, tokenizer: Any = None) -> Workload:
             args.trace,
             block_tokens=args.block_tokens,
             limit=args.limit,
-            arrival_step_ms=getattr(args, "arrival_step_ms", None),
+            arrival_step_ms=args.arrival_step_ms,
             seed=args.seed,
         )
     elif tokenizer is not None:
@@ -281,13 +282,7 @@ def register(subparsers: Any) -> None:
         help="trace: tokens standing for each 512-token trace block (default 16, i.e. 1/32 scale)",
     )
     shape.add_argument("--seed", type=int, default=0, help="generator seed (and the simulator's)")
-    shape.add_argument(
-        "--arrival-step-ms",
-        type=float,
-        help="trace: it records arrival times in steps of this many ms (the Mooncake conversation "
-        "trace: 3000); spread each step's requests over it (seeded, in recorded order) instead of "
-        "sending them at one instant",
-    )
+    shape.add_argument("--arrival-step-ms", type=float, help=ARRIVAL_STEP_HELP)
     shape.add_argument(
         "--rate", type=float, help="generated: arrival rate of new sessions/queries per second"
     )

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from scheduler.core.policies import POLICIES
 from scheduler.workloads.model import SLOTargets, Workload
+from scheduler.workloads.mooncake import ARRIVAL_STEP_HELP
 
 DEFAULT_MULTIPLIERS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 DEFAULT_POLICIES: tuple[str, ...] = (
@@ -211,6 +212,7 @@ def register(subparsers: Any) -> None:
         "--block-tokens", type=int, default=16, help="tokens standing for each 512-token trace block"
     )
     sweep.add_argument("--limit", type=int, help="first N requests only")
+    sweep.add_argument("--arrival-step-ms", type=float, help=ARRIVAL_STEP_HELP)
     sweep.add_argument("--workload", default=None, help=argparse.SUPPRESS)
     sweep.add_argument(
         "--loads",

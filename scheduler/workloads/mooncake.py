@@ -31,6 +31,13 @@ from scheduler.core import blockhash_ref
 from scheduler.workloads.model import Workload, WorkloadRequest
 
 MOONCAKE_BLOCK_TOKENS = 512
+# The command-line option of ``load_mooncake(arrival_step_ms=...)``, for every command that
+# replays a trace.
+ARRIVAL_STEP_HELP = (
+    "trace: it records arrival times in steps of this many ms (the Mooncake conversation trace: "
+    "3000); spread each step's requests over it (seeded, in recorded order) instead of sending them "
+    "at one instant"
+)
 VOCAB = 32_000
 log = logging.getLogger(__name__)
 
