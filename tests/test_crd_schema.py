@@ -229,6 +229,13 @@ def test_minimal_policy_is_completed_by_the_defaults() -> None:
         "tieEpsilon": 0.02,
         "ownPrefillWeight": 2,
         "balance": {"absRequests": 48, "rel": 1.5},
+        "hotPrefix": {
+            "enabled": True,
+            "share": 1,
+            "minRequests": 16,
+            "halfLifeSeconds": 10,
+            "maxEntries": 200000,
+        },
         "sloMargin": 0.1,
         "sloUnmeetable": "score",
     }

@@ -192,6 +192,7 @@ def test_the_search_space_follows_the_scorer_registry() -> None:
                 "picker.own_prefill_weight": 1.5,
                 "picker.balance.abs_requests": 0,
                 "picker.balance.rel": 2.0,
+                "picker.hot_prefix.share": 2.0,
                 "limits.max_waiting": 40,
                 "flow.queue_depth_threshold": 8,
                 "flow.kv_cache_threshold": 0.9,
@@ -204,6 +205,7 @@ def test_the_search_space_follows_the_scorer_registry() -> None:
         assert config.flow_control.queue_depth_threshold == 8
         assert config.scoring.own_prefill_weight == 1.5
         assert (config.scoring.balance.abs_requests, config.scoring.balance.rel) == (0, 2.0)
+        assert config.scoring.hot_prefix.share == 2.0
         assert "picker.slo_margin" not in params  # SLO knobs only for SLO objectives
         assert params_of(config, searched(space, slo=False)) == params
     finally:
@@ -223,6 +225,7 @@ def test_the_written_policy_is_valid_and_means_what_was_tuned() -> None:
             "picker.slo_unmeetable": "fastest",
             "picker.own_prefill_weight": 1.25,
             "picker.balance.abs_requests": 64,
+            "picker.hot_prefix.share": 1.5,
         }
     )
     tuned = apply_params(SchedulerConfig(), params, space)
@@ -239,6 +242,8 @@ def test_the_written_policy_is_valid_and_means_what_was_tuned() -> None:
     assert back.scoring.weights["prefix_overlap"] == pytest.approx(4.12345, abs=1e-4)
     assert (back.scoring.mode, back.scoring.slo_unmeetable) == ("softmax", "fastest")
     assert document["spec"]["picker"]["balance"]["absRequests"] == 64
+    assert document["spec"]["picker"]["hotPrefix"]["share"] == 1.5
+    assert back.scoring.hot_prefix.share == 1.5
     assert (back.scoring.own_prefill_weight, back.scoring.balance.abs_requests) == (1.25, 64)
     assert params_of(back, space)["picker.temperature"] == pytest.approx(0.0712)
 

@@ -281,6 +281,18 @@ class KvschedCollector(Collector):
             "(first tokens, completions, KV events): its figures went stale, its health did not.",
             value=self.scheduler.scrape_timeouts_while_serving,
         )
+        hot = self.scheduler.hot_prefixes
+        yield CounterMetricFamily(
+            "kvsched_hot_prefix_picks",
+            "Picks whose prompt opened with a hot prefix (its requests per endpoint holding it above "
+            "the pool's requests per endpoint), priced as cached on every endpoint by the load scorers.",
+            value=hot.hot_requests,
+        )
+        yield GaugeMetricFamily(
+            "kvsched_hot_prefix_counted",
+            "Prefixes the hot-prefix table counts now (scoring.hot_prefix.max_entries bounds it).",
+            value=len(hot),
+        )
         yield GaugeMetricFamily(
             "kvsched_speculative_placements_live",
             "Speculative placements counted in picks now.",

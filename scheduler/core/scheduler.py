@@ -30,6 +30,7 @@ from scheduler.core.flowcontrol import (
     FlowItem,
     SaturationDetector,
 )
+from scheduler.core.hotprefix import HotPrefixes
 from scheduler.core.index import IndexConfig, PrefixIndex
 from scheduler.core.latency import PredictorEstimator
 from scheduler.core.loadorder import OrderedNames
@@ -460,6 +461,8 @@ class Scheduler:
         # the events confirm or contradict them; in an index of their own, matched at a discount.
         self._speculative = RoutedMemory(PrefixIndex(self.config.index))
         self.speculative_outcomes = dict.fromkeys(SPECULATIVE_OUTCOMES, 0)
+        # Shared prefixes whose requests outgrow their holders, priced as cached everywhere.
+        self.hot_prefixes = HotPrefixes(self.config.scoring.hot_prefix)
         # Picks made among unhealthy endpoints because no endpoint was healthy (``fail_open``).
         self.failed_open_picks = 0
         # Scrapes that timed out on an endpoint seen serving, not counted against its health.
@@ -534,6 +537,7 @@ class Scheduler:
         self._keep_orders()
         # Both read their config on every call; the waiting room keeps its queue.
         self.flow.config = self.saturation.config = config.flow_control
+        self.hot_prefixes.config = config.scoring.hot_prefix
         if config.predictor != self.predictor.config:
             # A predictor is built for one configuration; a new one starts from its prior.
             self.predictor = LatencyPredictor(config.predictor)
@@ -1020,6 +1024,9 @@ class Scheduler:
             runtimes = self._in_pool(pool)
         states = [self._state(rt, now) for rt in runtimes]
         spread_slot, spread_of = self._spread(now)
+        hot_blocks = 0
+        if matches and self._policy.prices_hot_prefixes and self.config.scoring.hot_prefix.enabled:
+            hot_blocks = self.hot_prefixes.observe(keys, matches, len(states), now)
         pick_request = PickRequest(
             request_id=request.request_id,
             prompt_blocks=prompt_blocks,
@@ -1033,6 +1040,7 @@ class Scheduler:
             spread_slot=spread_slot,
             spread_of=spread_of,
             spread_key=f"{now // self.config.sync.spread_epoch_s:.0f}" if spread_of > 1 else "",
+            hot_prefix_blocks=hot_blocks,
         )
         if self._approx and matches and self._policy.guards_remembered_prefixes:
             matches = self._approximate_load_guard(matches, states, request.subset)

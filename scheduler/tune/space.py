@@ -123,6 +123,17 @@ def knobs() -> list[Knob]:
             1.0,
             3.0,
         ),
+        # Per holder, a hot prefix's requests over the pool's requests per endpoint: 0.5
+        # spreads a prefix at half its fair share, 4 only far past it.
+        Knob(
+            "picker.hot_prefix.share",
+            ("scoring", "hot_prefix", "share"),
+            ("picker", "hotPrefix", "share"),
+            "float",
+            0.5,
+            4.0,
+            log=True,
+        ),
         Knob(
             "limits.max_waiting",
             ("scoring", "limits", "max_waiting"),

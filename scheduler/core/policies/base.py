@@ -89,6 +89,10 @@ class RoutingPolicy(ABC):
     # in milliseconds (``FlowControlConfig.max_queued_prefill_ms``). kvsched's own policy does;
     # the baselines keep the request-count and KV-usage limits they were measured with.
     prices_queued_prefill = False
+    # Whether the pick counts the request against the hot-prefix table and tells the policy
+    # how much of its prompt is a hot prefix (``PickRequest.hot_prefix_blocks``,
+    # core/hotprefix.py). Only kvsched's load scorers read it.
+    prices_hot_prefixes = False
     # Whether the prefix matches this policy sees include kvsched's recent placements on
     # endpoints whose KV events have not reported them yet (``SpeculativeConfig``), at a
     # discount. Off for policies that follow a published rule of their own.

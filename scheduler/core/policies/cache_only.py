@@ -16,6 +16,7 @@ from scheduler.core.scoring import BalanceGuard, ScorerWeights, ScoringConfig
 class CacheOnly(ScoringPolicy):
     slo_stage = False
     prices_queued_prefill = False  # an ablation of the scoring, not of flow control
+    prices_hot_prefixes = False
 
     def scoring_for(self, scoring: ScoringConfig) -> ScoringConfig:
         # An ablation of one signal: without the balance guard, which would add a second.

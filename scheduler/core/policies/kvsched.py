@@ -24,6 +24,7 @@ class ScoringPolicy(RoutingPolicy):
     slo_stage = True
     guards_remembered_prefixes = True
     prices_queued_prefill = True
+    prices_hot_prefixes = True
     reads_speculative_placement = True
     prunes_candidates = True
 

@@ -23,6 +23,10 @@ class Candidates:
     trusted: list[bool]  # scraped metrics fresh enough to use
     matched: list[float]  # tier-weighted leading blocks cached there
     overlap: list[float]  # matched / prompt_blocks, within [0, 1]
+    # The overlap the load scorers price the request's prefill at: ``overlap``, or the
+    # request's hot prefix where that is longer (core/hotprefix.py). The same list as
+    # ``overlap`` when the request has none.
+    priced_overlap: list[float]
     queue: list[int]  # requests ahead: kvsched's in-flight + scraped waiting (trusted only)
     prefill_work: list[float]  # prefill tokens ahead of this request's first token there
     # Filled in by the pipeline's latency estimator, when it has one.
@@ -75,10 +79,14 @@ def build_candidates(
         s.inflight_requests + s.waiting if t else s.inflight_requests
         for s, t in zip(states, trusted, strict=True)
     ]
+    priced = overlap
+    if request.hot_prefix_blocks > 0 and blocks > 0:
+        hot = min(request.hot_prefix_blocks / blocks, 1.0)
+        priced = [f if f >= hot else hot for f in overlap]
     # Prompt tokens stand in for the uncached part's cost: a cached fraction f of the blocks
     # leaves about (1 - f) of the tokens to prefill there.
     tokens = float(request.prompt_tokens)
     prefill_work = [
-        s.inflight_prefill_tokens + tokens * (1.0 - f) for s, f in zip(states, overlap, strict=True)
+        s.inflight_prefill_tokens + tokens * (1.0 - f) for s, f in zip(states, priced, strict=True)
     ]
-    return Candidates(states, trusted, matched, overlap, queue, prefill_work)
+    return Candidates(states, trusted, matched, overlap, priced, queue, prefill_work)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, ValidationError
 from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError, core_schema
 
+from scheduler.core.hotprefix import HotPrefixConfig
 from scheduler.core.registry import UnknownNameError
 from scheduler.core.scoring.registry import SCORERS
 
@@ -244,6 +245,10 @@ class ScoringConfig(BaseModel):
     balance: BalanceGuard = Field(
         default_factory=BalanceGuard,
         description="Endpoints with far more requests in flight than the least loaded rank last.",
+    )
+    hot_prefix: HotPrefixConfig = Field(
+        default_factory=HotPrefixConfig,
+        description="Shared prefixes whose requests outgrow their holders: priced as cached everywhere.",
     )
     tie_epsilon: float = Field(
         0.02,

@@ -13,16 +13,17 @@ is 0.4 ms against 0.2 ms, when both first tokens take a step of ~10 ms). Without
 requests, an endpoint whose engine reports a queue kvsched did not route (another gateway's
 traffic, or requests from before a restart) looked empty.
 
-This is also how a hot prefix spreads. A cached prefix counts here only as the prefill it
-saves, so an endpoint holding a prefix that every request wants stays first only while its
-queue is shorter than recomputing the prefix elsewhere; once it is not, the next request
-goes to the emptiest endpoint, which then holds the prefix too, and later requests split
-between the holders by their queues. Measured on the agentic workload (2k-token tool prompt
-shared by every agent, 8 workers): weighting prefix overlap against request counts instead
-left four workers idle and TTFT p50 at twice SGLang's cache-aware router's. The queue here
-is prefill only: a holder crowded with decoding sessions, whose next steps will come back
-to it, still looks cheap to each new request; the balance guard (``config.BalanceGuard``)
-takes such a holder out of the running for the primary by its count of requests.
+A cached prefix counts here only as the prefill it saves, so an endpoint holding a prefix
+that every request wants stays first only while its queue is shorter than recomputing the
+prefix elsewhere. Measured on the agentic workload (2k-token tool prompt shared by every
+agent, 8 workers): weighting prefix overlap against request counts instead left four workers
+idle and TTFT p50 at twice SGLang's cache-aware router's. The queue here is prefill only: a
+holder crowded with decoding sessions, whose next steps will come back to it, still looks
+cheap to each new request. Two things keep such a holder from collecting every new session:
+a prefix shared by more requests than its holders' share of the pool is priced as cached
+everywhere (``PickRequest.hot_prefix_blocks``, ``core/hotprefix.py``; ``Candidates.
+priced_overlap`` is what this scorer reads), and the balance guard (``config.BalanceGuard``)
+takes a holder far busier than the least loaded endpoint out of the running for the primary.
 
 The request's own uncached prefill counts twice by default (``own_prefill_weight`` 2): once
 as its own wait, once as the wait it adds for the requests queued behind it there, its own
@@ -63,7 +64,7 @@ def estimated_prefill_ms(
         + 1000.0
         * (s.queued_prefill_tokens + tokens * (1.0 - f))
         / (s.prefill_tokens_per_s if s.prefill_tokens_per_s > 0.0 else ASSUMED_TOKENS_PER_S)
-        for s, t, f in zip(candidates.states, candidates.trusted, candidates.overlap, strict=True)
+        for s, t, f in zip(candidates.states, candidates.trusted, candidates.priced_overlap, strict=True)
     ]
 
 

@@ -113,6 +113,9 @@ class PickRequest:
     spread_slot: int = 0
     spread_of: int = 1
     spread_key: str = ""
+    # Leading blocks of the prompt that are a hot prefix (core/hotprefix.py): the load
+    # scorers price them as cached on every endpoint. 0: none.
+    hot_prefix_blocks: int = 0
 
 
 @dataclass(frozen=True, slots=True)
