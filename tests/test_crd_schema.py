@@ -232,7 +232,7 @@ def test_minimal_policy_is_completed_by_the_defaults() -> None:
         "hotPrefix": {
             "enabled": True,
             "share": 1,
-            "minRequests": 16,
+            "minRequests": 48,
             "halfLifeSeconds": 10,
             "maxEntries": 200000,
         },

@@ -13,6 +13,7 @@ from scheduler.adapters.metrics import KvschedCollector, new_registry
 from scheduler.core.events import BlockStored, EventBatch, Tier
 from scheduler.core.hotprefix import HotPrefixConfig, HotPrefixes, checkpoint_depths
 from scheduler.core.index import IndexConfig, PrefixMatch
+from scheduler.core.peerload import PeerSyncConfig
 from scheduler.core.scheduler import (
     Endpoint,
     EndpointMetrics,
@@ -83,7 +84,7 @@ def test_a_rarely_read_prefix_stays_on_its_holder() -> None:
 
 
 def test_a_prefix_cools_down_once_its_traffic_moves_on() -> None:
-    config = HotPrefixConfig(half_life_s=1.0)
+    config = HotPrefixConfig(half_life_s=1.0, min_requests=16)
     hot = HotPrefixes(config)
     for i in range(40):
         hot.observe(_keys(i), _held(64), endpoints=8, now=i * 0.01)
@@ -130,7 +131,9 @@ def test_the_load_scorers_price_a_hot_prefix_as_cached_everywhere() -> None:
 
 
 def _scheduler(hot: bool) -> Scheduler:
-    scoring = ScoringConfig().model_copy(update={"hot_prefix": HotPrefixConfig(enabled=hot)})
+    # Hot after 16 requests rather than the default 48, so that 40 sessions show it.
+    hot_prefix = HotPrefixConfig(enabled=hot, min_requests=16)
+    scoring = ScoringConfig().model_copy(update={"hot_prefix": hot_prefix})
     # Speculative placement off: an endpoint holds what its KV events say, nothing else.
     config = SchedulerConfig(
         index=IndexConfig(block_size=BLOCK), scoring=scoring, speculative=SpeculativeConfig(enabled=False)
@@ -211,3 +214,66 @@ def test_a_session_with_history_stays_with_it_when_its_prefix_is_hot() -> None:
     _store(scheduler, busiest, history)
     step = SchedulingRequest("next", [*history, *range(300_000, 300_000 + BLOCK)])
     assert scheduler.pick(step, now=1.0).endpoints[0] == busiest
+
+
+def test_requests_another_replica_routed_count_on_the_prefixes_already_counted() -> None:
+    # Two replicas share the pool's traffic; this one routes every fourth request. Counting
+    # the others' requests too (their prompts' keys come with their routing messages), the
+    # prefix turns hot after the same 48 requests of the pool as on one replica routing all.
+    alone, shared = HotPrefixes(), HotPrefixes()
+    first_hot_alone = first_hot_shared = None
+    for i in range(120):
+        now = i * 0.001
+        if alone.observe(_keys(i), _held(64), endpoints=8, now=now) and first_hot_alone is None:
+            first_hot_alone = i
+        if i % 4 == 0:
+            if shared.observe(_keys(i), _held(64), endpoints=8, now=now) and first_hot_shared is None:
+                first_hot_shared = i
+        else:
+            shared.observe_elsewhere(_keys(i), now=now)
+    assert first_hot_alone is not None and first_hot_shared is not None
+    assert first_hot_shared - first_hot_alone < 4  # its next own request after the pool's 48th
+    # Without the others' requests it would take four times as long.
+    blind = HotPrefixes()
+    hot_at = [i for i in range(0, 400, 4) if blind.observe(_keys(i), _held(64), endpoints=8, now=i * 0.001)]
+    assert hot_at and hot_at[0] > 3 * first_hot_alone
+    # A prompt this replica never counted adds nothing to the table, only to the total.
+    entries = len(shared)
+    shared.observe_elsewhere([8_000_000 + j for j in range(64)], now=0.2)
+    assert len(shared) == entries
+
+
+def _sync_replica(name: str) -> Scheduler:
+    scoring = ScoringConfig().model_copy(update={"hot_prefix": HotPrefixConfig(min_requests=16)})
+    config = SchedulerConfig(
+        index=IndexConfig(block_size=BLOCK), scoring=scoring, sync=PeerSyncConfig(enabled=True)
+    )
+    replica = Scheduler(config)
+    addresses = [f"10.0.0.{i}:8000" for i in range(4)]
+    replica.set_endpoints([Endpoint(a, a, kv_events=f"tcp://{a[:-5]}:5557") for a in addresses], now=0.0)
+    for address in addresses:
+        replica.update_metrics(address, EndpointMetrics(0, 0, 0.1), now=0.0)
+    replica.start_sync(name, 1)
+    _store(replica, HOLDER, SYSTEM_PROMPT)
+    return replica
+
+
+def test_a_replica_counts_the_sessions_its_peers_route() -> None:
+    # Replica a routes three sessions in four, b the fourth. With a's routings delivered, b
+    # finds the system prompt hot on its own 5th session (the pool's 20th request); alone, on
+    # its 17th (the pool's 68th).
+    first_hot: dict[bool, int] = {}
+    for delivered in (True, False):
+        a, b = _sync_replica("a"), _sync_replica("b")
+        for i in range(80):
+            prompt = [*SYSTEM_PROMPT, *range(100_000 + i * BLOCK, 100_000 + (i + 1) * BLOCK)]
+            replica = b if i % 4 == 3 else a
+            before = replica.hot_prefixes.hot_requests
+            replica.pick(SchedulingRequest(f"s{i}", prompt), now=0.01 * i)
+            if replica is b and b.hot_prefixes.hot_requests > before and delivered not in first_hot:
+                first_hot[delivered] = i
+            messages = a.take_sync_messages()
+            if delivered:
+                for message in messages:
+                    b.receive_sync(message, 0.01 * i)
+    assert first_hot[True] <= 23 and first_hot[False] >= 63, first_hot

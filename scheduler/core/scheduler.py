@@ -1719,8 +1719,11 @@ class Scheduler:
                     )
                     self._measured_drain(endpoint_class, body.drained_tokens, body.waited_s)
                 continue
-            if isinstance(body, Routed) and body.placed_keys:
-                self._peer_placement(message.replica, body, now)
+            if isinstance(body, Routed):
+                if body.placed_keys:
+                    self._peer_placement(message.replica, body, now)
+                if self._policy.prices_hot_prefixes and self.config.scoring.hot_prefix.enabled:
+                    self.hot_prefixes.observe_elsewhere(body.placed_keys, now)
             runtime.routed_since_scrape += 1
             runtime.peer_routed_since_scrape += 1
             if prefill_tokens:
