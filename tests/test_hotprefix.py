@@ -277,3 +277,20 @@ def test_a_replica_counts_the_sessions_its_peers_route() -> None:
                 for message in messages:
                     b.receive_sync(message, 0.01 * i)
     assert first_hot[True] <= 23 and first_hot[False] >= 63, first_hot
+
+
+def test_a_large_pools_fair_share_is_the_pools_not_its_shortlists() -> None:
+    # 40 endpoints, above candidates.prune_above (32): a pick scores a shortlist, but a prefix
+    # every request shares, held by 20 of the 40, is still more than its holders' share.
+    scoring = ScoringConfig().model_copy(update={"hot_prefix": HotPrefixConfig(min_requests=16)})
+    scheduler = Scheduler(SchedulerConfig(index=IndexConfig(block_size=BLOCK), scoring=scoring))
+    addresses = [f"10.0.1.{i}:8000" for i in range(40)]
+    scheduler.set_endpoints([Endpoint(a, a, kv_events=f"tcp://{a[:-5]}:5557") for a in addresses], now=0.0)
+    for address in addresses:
+        scheduler.update_metrics(address, EndpointMetrics(0, 0, 0.1), now=0.0)
+    for address in addresses[:20]:
+        _store(scheduler, address, SYSTEM_PROMPT)
+    for i in range(24):
+        prompt = [*SYSTEM_PROMPT, *range(100_000 + i * BLOCK, 100_000 + (i + 1) * BLOCK)]
+        scheduler.pick(SchedulingRequest(f"s{i}", prompt), now=0.0)
+    assert scheduler.hot_prefixes.hot_requests > 0

@@ -1020,13 +1020,19 @@ class Scheduler:
         runtimes: Iterable[_EndpointRuntime] | None = None
         if self._by_load is not None:
             runtimes = self._shortlist(request, pool, matches, adapter)
+        shortlisted = runtimes is not None
         if runtimes is None:
             runtimes = self._in_pool(pool)
         states = [self._state(rt, now) for rt in runtimes]
         spread_slot, spread_of = self._spread(now)
         hot_blocks = 0
         if matches and self._policy.prices_hot_prefixes and self.config.scoring.hot_prefix.enabled:
-            hot_blocks = self.hot_prefixes.observe(keys, matches, len(states), now)
+            # The fair share is the pool's, not the shortlist's: a shortlist of 16 of 1,000
+            # endpoints would make every prefix look 60 times less hot than it is.
+            endpoints = len(states)
+            if shortlisted:
+                endpoints = len(self._endpoints) if pool is None else sum(1 for _ in self._in_pool(pool))
+            hot_blocks = self.hot_prefixes.observe(keys, matches, endpoints, now)
         pick_request = PickRequest(
             request_id=request.request_id,
             prompt_blocks=prompt_blocks,
