@@ -130,22 +130,21 @@ def test_the_load_scorers_price_a_hot_prefix_as_cached_everywhere() -> None:
     assert candidates.prefill_work == pytest.approx([500 + 1040 / 65, 1040 / 65])
 
 
-def _scheduler(hot: bool) -> Scheduler:
-    # Hot after 16 requests rather than the default 48, so that 40 sessions show it.
-    hot_prefix = HotPrefixConfig(enabled=hot, min_requests=16)
-    scoring = ScoringConfig().model_copy(update={"hot_prefix": hot_prefix})
-    # Speculative placement off: an endpoint holds what its KV events say, nothing else.
-    config = SchedulerConfig(
-        index=IndexConfig(block_size=BLOCK), scoring=scoring, speculative=SpeculativeConfig(enabled=False)
-    )
-    scheduler = Scheduler(config)
-    addresses = [f"10.0.0.{i}:8000" for i in range(4)]
-    scheduler.set_endpoints(
-        [Endpoint(name=a, address=a, kv_events=f"tcp://{a[:-5]}:5557") for a in addresses], now=0.0
-    )
-    for endpoint in scheduler.endpoints():
-        scheduler.update_metrics(endpoint.name, EndpointMetrics(waiting=0, running=0, kv_usage=0.1), now=0.0)
+def _pool(endpoints: int, *, hot: bool = True, **config: object) -> Scheduler:
+    """A Scheduler over ``endpoints`` endpoints with KV events, hot after 16 requests rather
+    than the default 48 (so that a few dozen sessions show it)."""
+    scoring = ScoringConfig().model_copy(update={"hot_prefix": HotPrefixConfig(enabled=hot, min_requests=16)})
+    scheduler = Scheduler(SchedulerConfig(index=IndexConfig(block_size=BLOCK), scoring=scoring, **config))  # type: ignore[arg-type]
+    addresses = [f"10.0.{i // 250}.{i % 250}:8000" for i in range(endpoints)]
+    scheduler.set_endpoints([Endpoint(a, a, kv_events=f"tcp://{a[:-5]}:5557") for a in addresses], now=0.0)
+    for address in addresses:
+        scheduler.update_metrics(address, EndpointMetrics(0, 0, 0.1), now=0.0)
     return scheduler
+
+
+def _scheduler(hot: bool) -> Scheduler:
+    # Speculative placement off: an endpoint holds what its KV events say, nothing else.
+    return _pool(4, hot=hot, speculative=SpeculativeConfig(enabled=False))
 
 
 def _store(scheduler: Scheduler, worker: str, tokens: list[int]) -> None:
@@ -244,15 +243,7 @@ def test_requests_another_replica_routed_count_on_the_prefixes_already_counted()
 
 
 def _sync_replica(name: str) -> Scheduler:
-    scoring = ScoringConfig().model_copy(update={"hot_prefix": HotPrefixConfig(min_requests=16)})
-    config = SchedulerConfig(
-        index=IndexConfig(block_size=BLOCK), scoring=scoring, sync=PeerSyncConfig(enabled=True)
-    )
-    replica = Scheduler(config)
-    addresses = [f"10.0.0.{i}:8000" for i in range(4)]
-    replica.set_endpoints([Endpoint(a, a, kv_events=f"tcp://{a[:-5]}:5557") for a in addresses], now=0.0)
-    for address in addresses:
-        replica.update_metrics(address, EndpointMetrics(0, 0, 0.1), now=0.0)
+    replica = _pool(4, sync=PeerSyncConfig(enabled=True))
     replica.start_sync(name, 1)
     _store(replica, HOLDER, SYSTEM_PROMPT)
     return replica
@@ -282,14 +273,9 @@ def test_a_replica_counts_the_sessions_its_peers_route() -> None:
 def test_a_large_pools_fair_share_is_the_pools_not_its_shortlists() -> None:
     # 40 endpoints, above candidates.prune_above (32): a pick scores a shortlist, but a prefix
     # every request shares, held by 20 of the 40, is still more than its holders' share.
-    scoring = ScoringConfig().model_copy(update={"hot_prefix": HotPrefixConfig(min_requests=16)})
-    scheduler = Scheduler(SchedulerConfig(index=IndexConfig(block_size=BLOCK), scoring=scoring))
-    addresses = [f"10.0.1.{i}:8000" for i in range(40)]
-    scheduler.set_endpoints([Endpoint(a, a, kv_events=f"tcp://{a[:-5]}:5557") for a in addresses], now=0.0)
-    for address in addresses:
-        scheduler.update_metrics(address, EndpointMetrics(0, 0, 0.1), now=0.0)
-    for address in addresses[:20]:
-        _store(scheduler, address, SYSTEM_PROMPT)
+    scheduler = _pool(40)
+    for endpoint in list(scheduler.endpoints())[:20]:
+        _store(scheduler, endpoint.name, SYSTEM_PROMPT)
     for i in range(24):
         prompt = [*SYSTEM_PROMPT, *range(100_000 + i * BLOCK, 100_000 + (i + 1) * BLOCK)]
         scheduler.pick(SchedulingRequest(f"s{i}", prompt), now=0.0)
