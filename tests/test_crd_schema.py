@@ -234,7 +234,7 @@ def test_minimal_policy_is_completed_by_the_defaults() -> None:
             "share": 1,
             "minRequests": 48,
             "halfLifeSeconds": 10,
-            "maxEntries": 200000,
+            "maxEntries": 50000,
         },
         "sloMargin": 0.1,
         "sloUnmeetable": "score",
