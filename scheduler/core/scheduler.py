@@ -990,6 +990,10 @@ class Scheduler:
 
     # --- picking -----------------------------------------------------------------------
 
+    def _counts_hot_prefixes(self) -> bool:
+        """Requests count in the hot-prefix table: this replica's picks and its peers'."""
+        return self._policy.prices_hot_prefixes and self.config.scoring.hot_prefix.enabled
+
     def _matches(self, keys: Any) -> dict[str, PrefixMatch]:
         """Per endpoint, the best match over its data-parallel ranks."""
         return _best_rank(self.index.match(keys))
@@ -1026,7 +1030,7 @@ class Scheduler:
         states = [self._state(rt, now) for rt in runtimes]
         spread_slot, spread_of = self._spread(now)
         hot_blocks = 0
-        if matches and self._policy.prices_hot_prefixes and self.config.scoring.hot_prefix.enabled:
+        if matches and self._counts_hot_prefixes():
             # The fair share is the pool's, not the shortlist's: a shortlist of 16 of 1,000
             # endpoints would make every prefix look 60 times less hot than it is.
             endpoints = len(states)
@@ -1728,7 +1732,7 @@ class Scheduler:
             if isinstance(body, Routed):
                 if body.placed_keys:
                     self._peer_placement(message.replica, body, now)
-                if self._policy.prices_hot_prefixes and self.config.scoring.hot_prefix.enabled:
+                if self._counts_hot_prefixes():
                     self.hot_prefixes.observe_elsewhere(body.placed_keys, now)
             runtime.routed_since_scrape += 1
             runtime.peer_routed_since_scrape += 1
