@@ -175,6 +175,7 @@ EXPECTED_ERRORS = {
     "unknown-picker-mode": ("spec.picker.mode", "enum"),
     "temperature-zero": ("spec.picker.temperature", "exclusiveMinimum"),
     "temperature-too-high": ("spec.picker.temperature", "maximum"),
+    "hot-prefix-share-zero": ("spec.picker.hotPrefix.share", "exclusiveMinimum"),
     "missing-poolref-name": ("spec.poolRef", "required"),
     "missing-spec": ("", "required"),
     "too-many-fallbacks": ("spec.picker.numFallbacks", "maximum"),

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from scheduler.adapters.kubernetes.policy import PolicyError, PolicySettings
 from scheduler.adapters.metrics import KvschedCollector, new_registry
 from scheduler.core.events import BlockStored, EventBatch, Tier
 from scheduler.core.hotprefix import HotPrefixConfig, HotPrefixes, checkpoint_depths
@@ -280,3 +281,22 @@ def test_a_large_pools_fair_share_is_the_pools_not_its_shortlists() -> None:
         prompt = [*SYSTEM_PROMPT, *range(100_000 + i * BLOCK, 100_000 + (i + 1) * BLOCK)]
         scheduler.pick(SchedulingRequest(f"s{i}", prompt), now=0.0)
     assert scheduler.hot_prefixes.hot_requests > 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"share": 0}, "spec.picker.hotPrefix.share: Input should be greater than 0"),
+        ({"minRequests": 0}, "spec.picker.hotPrefix.minRequests: Input should be greater than or equal to 1"),
+        ({"halfLife": 3}, "spec.picker.hotPrefix.halfLife: not a setting of this kvsched version"),
+    ],
+)
+def test_a_policy_with_bad_hot_prefix_settings_is_refused_by_name(
+    settings: dict[str, object], message: str
+) -> None:
+    # What the API server's schema would refuse (tests/test_crd_schema.py), kvsched's own
+    # conversion refuses too, naming the field: a policy applied past the schema changes nothing.
+    spec = {"poolRef": {"name": "pool"}, "picker": {"hotPrefix": settings}}
+    with pytest.raises(PolicyError) as refused:
+        PolicySettings.from_spec(spec).scheduler_config(SchedulerConfig())
+    assert refused.value.reason == "InvalidSpec" and message in str(refused.value)
