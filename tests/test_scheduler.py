@@ -346,6 +346,23 @@ def test_endpoint_state_carries_every_figure_under_its_own_name() -> None:
     assert saturation.waiting == 3 + 2  # raised by the requests routed since the scrape
 
 
+def test_a_kv_event_batch_marks_the_end_of_an_engine_step() -> None:
+    # vLLM publishes a batch after each step that stored or removed blocks: the latency model
+    # reads the time since the endpoint's last step end (a first token, a completion, or
+    # such a batch) to tell how much of the iteration in progress a new request waits for.
+    scheduler = _scheduler(2)
+    busy, quiet = "10.0.0.1:8000", "10.0.0.2:8000"
+    assert scheduler.pick(SchedulingRequest("r1", list(range(1, 4 * BLOCK + 1))), now=1.0).status == "ok"
+    scheduler.on_first_token("r1", now=1.2)
+    scheduler.on_kv_batch(busy, now=1.5)
+    scheduler.on_kv_batch(quiet, now=1.4)
+    assert scheduler.endpoint_state(busy, now=1.51).last_event_age_s == pytest.approx(0.01)
+    assert scheduler.endpoint_state(quiet, now=1.51).last_event_age_s == pytest.approx(0.11)
+    # A batch applied late never moves the step end back.
+    scheduler.on_kv_batch(busy, now=1.45)
+    assert scheduler.endpoint_state(busy, now=1.51).last_event_age_s == pytest.approx(0.01)
+
+
 def test_a_request_naming_nothing_resolves_anew_when_the_table_or_the_defaults_change() -> None:
     from scheduler.core.objectives import Objective, ObjectiveTable
     from scheduler.core.scheduler import SLODefaults

@@ -38,11 +38,15 @@ Columns:
     the prior's main term (its coefficient is learned from how prompt sizes vary even while
     nothing queues, and carries over to queues never seen), and a split trees use where raw
     token counts would need one per speed.
-15. ``ms_since_endpoint_event``: milliseconds since the endpoint last produced a first token
-    or finished a request, capped at 10 s (also when it never did). Both happen at the end
-    of an engine iteration, and a new request waits for the iteration in progress (up to
-    ~0.3 s while an 8,192-token prefill chunk runs): the one part of the wait no count of
-    queued work tells, and the largest error left on short requests to busy endpoints.
+15. ``ms_since_endpoint_event``: milliseconds since the endpoint was last seen ending an
+    engine iteration, capped at 10 s (also when it never was): a first token, a finished
+    request, or a KV-event batch (vLLM publishes one after each step that stored or removed
+    blocks, and decoding requests fill a block every few steps). A new request waits for the
+    iteration in progress (up to ~0.3 s while an 8,192-token prefill chunk runs): the one
+    part of the wait no count of queued work tells, and the largest error left on short
+    requests to busy endpoints. With first tokens and completions alone most picks on the
+    rag workload were 20-100 ms past the last one, several iterations, which says little of
+    the one in progress; with the batches most are within one.
 16. ``own_attention_pairs``: the causal (query, key) pairs of this request's own prefill,
     ``uncached * cached + uncached * (uncached + 1) / 2``. Prefill attention is quadratic in
     the context, so a prefill rate per token cannot price both short and long prompts: on
