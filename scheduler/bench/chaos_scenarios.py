@@ -358,6 +358,39 @@ class BurstOutcome:
         return self.status == 200 and not self.error
 
 
+async def _prefix_held_by(
+    stack: ChaosStack, worker: WorkerProc, prefix: list[int], timeout_s: float = KILL_BURST_WAIT_S
+) -> list[int]:
+    """``prefix``, once ``worker`` alone holds it and every kvsched replica's index says so.
+
+    The worker computes it from a request sent to it directly, as if another client had: a
+    prefix of the load's own would do only if the worker still held it, and one every request
+    shares is priced as cached everywhere once it is hot (``scoring.hot_prefix``), so a burst
+    on it goes wherever load is lowest. A burst on a prefix one worker holds goes there."""
+    from scheduler.replay.live import API_PATHS, base_url, request_body
+    from scheduler.workloads.model import WorkloadRequest
+
+    request = WorkloadRequest("kill-burst-warm", 0.0, prefix, 1)
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+        session.post(
+            base_url(f"http://{worker.address}") + API_PATHS["completions"],
+            json=request_body(request, stack.model, "completions", stream=False),
+        ) as resp,
+    ):
+        await resp.read()
+        resp.raise_for_status()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    for replica in stack.kvsched:
+        while True:
+            index = await replica.ask({"op": "index", "worker": worker.address, "prompts": [prefix]})
+            if index["prefix_blocks"][0] > 0 or loop.time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+    return prefix
+
+
 async def _kill_burst(
     stack: ChaosStack, shape: LoadShape, victim: WorkerProc, count: int, streamed: int
 ) -> list[BurstOutcome]:
@@ -366,16 +399,13 @@ async def _kill_burst(
     from scheduler.replay.live import API_PATHS, base_url, request_body, send_one
     from scheduler.workloads.model import WorkloadRequest
 
-    prefixes = Prompts(shape).prefixes
-    cache = await victim.ask({"op": "cache", "prompts": prefixes})
-    held = [p for p, blocks in zip(prefixes, cache["prefix_blocks"], strict=True) if blocks > 0] or prefixes[
-        :1
-    ]
     rng = random.Random(shape.seed + 1)
     loop = asyncio.get_running_loop()
+    fresh = [rng.randrange(1, 32_000) for _ in range(shape.prefix_tokens)]
+    prefix = await _prefix_held_by(stack, victim, fresh)
 
     async def one(session: aiohttp.ClientSession, i: int) -> BurstOutcome:
-        prompt = held[i % len(held)] + [rng.randrange(1, 32_000) for _ in range(shape.suffix_tokens)]
+        prompt = prefix + [rng.randrange(1, 32_000) for _ in range(shape.suffix_tokens)]
         request = WorkloadRequest(f"kill-burst-{i}", 0.0, prompt, KILL_BURST_TOKENS)
         outcome = BurstOutcome(request.request_id, loop.time(), streamed=i >= count)
         if outcome.streamed:
