@@ -394,12 +394,8 @@ class VirtualPool:
             result.predicted_ttft_ms = ttft_ms
             result.predicted_tpot_ms = tpot_ms / self.config.token_scale
             result.prediction_source = source
-            model = replica.predictor.model
-            # "mixed": a model is installed and answers one target; the prediction was just
-            # made with it.
-            result.predicted_ttft_source = (
-                source if source != "mixed" else ("prior" if model is None or model.ttft is None else "model")
-            )
+            # The prediction was just made: what answers TTFT now answered it.
+            result.predicted_ttft_source = replica.predictor.ttft_source
         worker = self._by_name[pick.endpoints[0]]
         result.endpoint = worker.name
         result.load_regime = load_regime(worker.engine)

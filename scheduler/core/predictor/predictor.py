@@ -41,9 +41,12 @@ class Prediction:
 
     @property
     def source(self) -> Literal["prior", "model", "mixed"]:
-        if self.ttft_source == self.tpot_source:
-            return self.ttft_source
-        return "mixed"
+        return joint_source(self.ttft_source, self.tpot_source)
+
+
+def joint_source(ttft_source: Source, tpot_source: Source) -> Literal["prior", "model", "mixed"]:
+    """What answered a prediction of both targets: "mixed" when the trees answered one only."""
+    return ttft_source if ttft_source == tpot_source else "mixed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +140,10 @@ class LatencyPredictor:
         counts = self._predictions
         if model is not None:
             ttft, tpot = model.predict_row(row)
-            ttft_source = "prior" if model.ttft is None else "model"
-            tpot_source = "prior" if model.tpot is None else "model"
+            ttft_source, tpot_source = self.ttft_source, self.tpot_source
             counts["ttft_" + ttft_source] += 1
             counts["tpot_" + tpot_source] += 1
-            return ttft, tpot, ttft_source if ttft_source == tpot_source else "mixed"
+            return ttft, tpot, joint_source(ttft_source, tpot_source)
         ttft, tpot = self._prior.predict_row(row)
         counts["ttft_prior"] += 1
         counts["tpot_prior"] += 1
@@ -153,11 +155,19 @@ class LatencyPredictor:
             prior = self._prior
             return Prediction(prior.predict_ttft(features), prior.predict_tpot(features), "prior", "prior")
         return Prediction(
-            model.predict_ttft(features),
-            model.predict_tpot(features),
-            "prior" if model.ttft is None else "model",
-            "prior" if model.tpot is None else "model",
+            model.predict_ttft(features), model.predict_tpot(features), self.ttft_source, self.tpot_source
         )
+
+    @property
+    def ttft_source(self) -> Source:
+        """What answers TTFT now: the trees once a model installed them for it, else the prior."""
+        model = self._model
+        return "prior" if model is None or model.ttft is None else "model"
+
+    @property
+    def tpot_source(self) -> Source:
+        model = self._model
+        return "prior" if model is None or model.tpot is None else "model"
 
     # --- learning ---------------------------------------------------------------------
 
@@ -268,8 +278,7 @@ class LatencyPredictor:
     @property
     def stats(self) -> PredictorStats:
         model = self._model
-        ttft_source: Source = "prior" if model is None or model.ttft is None else "model"
-        tpot_source: Source = "prior" if model is None or model.tpot is None else "model"
+        ttft_source, tpot_source = self.ttft_source, self.tpot_source
         holdout_ttft = holdout_tpot = None
         if model is not None:
             holdout_ttft = model.ttft_score.model_mape if ttft_source == "model" else None
