@@ -75,8 +75,8 @@ class EndpointState:
     # in tokens per second (0: not measured yet).
     queued_prefill_tokens: float = 0.0
     prefill_tokens_per_s: float = 0.0
-    # Seconds since the endpoint last produced a first token or finished a request (both
-    # happen at the end of an engine iteration); None: never seen.
+    # Seconds since the endpoint was last seen ending an engine iteration (a first token, a
+    # finished request, or a KV-event batch); None: never seen.
     last_event_age_s: float | None = None
     # Estimated time of the prefill queued ahead of a new request there (kvsched's in-flight
     # prefill tokens at the latency model's per-token cost), for saturation detection; None
