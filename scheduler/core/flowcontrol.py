@@ -120,8 +120,17 @@ class FlowControlConfig(BaseModel):
         "fraction of every limit (by default 5 waiting -> under 4, KV 0.8 -> under 0.64), so "
         "metrics hovering at a limit do not open and close the gate on every scrape. 1 = none.",
     )
+    # 2,000: a bound on memory, not on waiting (max_wait_s bounds that). At 1,000 the chat
+    # workload past saturation (kvsched bench policies) refused 439 of 10,431 requests "queue
+    # full" that the pool went on to serve within max_wait_s once admitted (at 2,000: 0 refused,
+    # TTFT p99 6.5 s). The peers bound their queues higher: the Inference Extension's flow
+    # control by 1 GB of bodies per priority band (pkg/epp/flowcontrol/registry/config.go,
+    # defaultPriorityBandMaxBytes), llm-d-router's (the same file) by 5,000 requests as well
+    # (defaultPriorityBandMaxRequests). kvsched counts requests, not bytes, so the bound stays
+    # where 2,000 bodies of the large-prompt bench (220 KB) hold 440 MB, under a quarter of the
+    # chart's 2 GiB memory limit.
     max_queued_requests: int = Field(
-        1000,
+        2000,
         ge=0,
         description="Requests waiting at most; each holds its body in memory. When full, an arrival "
         "evicts the newest request of the lowest priority below its own, else it is rejected "
