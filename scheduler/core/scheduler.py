@@ -14,8 +14,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import math
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
@@ -388,8 +388,6 @@ class _EndpointRuntime:
     # When it was last seen ending an iteration: a first token, a finished request, or a
     # KV-event batch (vLLM publishes one after each engine step that stored or removed blocks).
     last_event_at: float | None = None
-    # When a KV-event batch of it was last applied (the engine stepped).
-    last_kv_batch_at: float | None = None
     # LoRA adapters of kvsched's requests in flight there (adapter -> count), and those it
     # routed there lately, oldest first.
     inflight_adapters: dict[str, int] = field(default_factory=dict)
@@ -454,7 +452,7 @@ class Scheduler:
         self.stage_clock: Callable[[], int] | None = None
         self._endpoints: dict[str, _EndpointRuntime] = {}
         self._by_address: dict[str, str] = {}
-        self._pools: set[str] = set()  # POOL_LABEL values among the endpoints
+        self._pool_sizes: dict[str, int] = {}  # endpoints per POOL_LABEL value
         self._inflight: dict[str, _InFlight] = {}
         # Approximate mode: prompts routed to endpoints that publish no KV events, in the index.
         self._approx = RoutedMemory(self.index)
@@ -616,11 +614,8 @@ class Scheduler:
                 runtime.endpoint = endpoint
         self._by_address = {rt.endpoint.address: name for name, rt in self._endpoints.items()}
         self._model_view = None
-        self._pools = {
-            pool
-            for rt in self._endpoints.values()
-            if (pool := rt.endpoint.labels.get(POOL_LABEL)) is not None
-        }
+        labels = (rt.endpoint.labels.get(POOL_LABEL) for rt in self._endpoints.values())
+        self._pool_sizes = Counter(pool for pool in labels if pool is not None)
         self._keep_orders()
         if removed:
             gone = {endpoint.name for endpoint in removed}
@@ -669,8 +664,8 @@ class Scheduler:
         runtime.last_error = error
         grace = self.config.health.scrape_timeout_grace_s
         if timed_out and grace > 0:
-            seen = max(runtime.last_event_at or -math.inf, runtime.last_kv_batch_at or -math.inf)
-            if now - seen <= grace:
+            seen = runtime.last_event_at
+            if seen is not None and now - seen <= grace:
                 # Found with kvsched bench epp --prompt-bytes 220000: every simulated worker
                 # tokenising 220 KB prompts answered /metrics after the 1 s timeout while
                 # serving, and every one left the pool.
@@ -1021,7 +1016,7 @@ class Scheduler:
         objective = self.resolve_objective(request)
         if matches and (silent := self.kv_events_stale(now)):
             matches = {name: match for name, match in matches.items() if name not in silent}
-        pool = objective.pool if objective.pool is not None and objective.pool in self._pools else None
+        pool = objective.pool if objective.pool is not None and objective.pool in self._pool_sizes else None
         runtimes: Iterable[_EndpointRuntime] | None = None
         if self._by_load is not None:
             runtimes = self._shortlist(request, pool, matches, adapter)
@@ -1036,7 +1031,7 @@ class Scheduler:
             # endpoints would make every prefix look 60 times less hot than it is.
             endpoints = len(states)
             if shortlisted:
-                endpoints = len(self._endpoints) if pool is None else sum(1 for _ in self._in_pool(pool))
+                endpoints = len(self._endpoints) if pool is None else self._pool_sizes[pool]
             hot_blocks = self.hot_prefixes.observe(keys, matches, endpoints, now)
         pick_request = PickRequest(
             request_id=request.request_id,
@@ -1884,14 +1879,12 @@ class Scheduler:
         endpoint = worker.split("#dp", 1)[0]
         self._owed_events.pop(endpoint, None)
         runtime = self._endpoints.get(endpoint)
-        if runtime is not None:
-            runtime.last_kv_batch_at = now
-            # A batch marks the end of an engine step, and decoding requests fill blocks every
-            # few steps, so on a busy engine it is the latest sign of where its iteration
-            # stands: the wait a new request has for the step in progress. First tokens and
-            # completions alone left most picks 20-100 ms from the last one (rag moderate).
-            if runtime.last_event_at is None or now > runtime.last_event_at:
-                runtime.last_event_at = now
+        # A batch marks the end of an engine step, and decoding requests fill blocks every few
+        # steps, so on a busy engine it is the latest sign of where its iteration stands: the
+        # wait a new request has for the step in progress. First tokens and completions alone
+        # left most picks 20-100 ms from the last one (rag moderate).
+        if runtime is not None and (runtime.last_event_at is None or now > runtime.last_event_at):
+            runtime.last_event_at = now
         memory = self._speculative
         for placed in memory.of_endpoint(endpoint):
             if placed.due_at is None:
