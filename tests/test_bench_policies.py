@@ -20,6 +20,7 @@ from scheduler.bench.policies import (
 )
 from scheduler.bench.policies_suite import LOAD_LEVELS, TINY, build_workload, offered_utilisation
 from scheduler.workloads.model import RequestOutcome
+from scheduler.workloads.mooncake import load_mooncake
 
 DETERMINISTIC = ["kvsched", "dynamo", "llmd", "vllm_router_kv_aware"]
 
@@ -32,6 +33,31 @@ def test_a_trace_reaches_its_load_level_exactly_and_a_generated_workload_nearly(
             workload = build_workload(spec, level, TINY, 0, data)
             utilisation = offered_utilisation(workload, TINY.workers)
             assert utilisation == pytest.approx(level.utilisation, rel=tolerance)
+
+
+def test_the_conversation_rows_spread_the_traces_arrival_steps_by_seed(shared_dir: Path) -> None:
+    """The conversation trace records arrivals in 3,000 ms steps: replayed as recorded, a step's
+    requests arrive at one instant. Its rows spread each step's requests over the step, in
+    recorded order, the same for a seed and not for another; the synthetic trace, recorded to
+    the millisecond, keeps its times."""
+    data = shared_dir / "data" / "mooncake"
+    spec = next(t.workload for t in tasks_for(workloads=["conversation"], size="tiny", data_dir=data))
+    level = LOAD_LEVELS[0]
+    spread = build_workload(spec, level, TINY, 0, data)
+    recorded = load_mooncake(data / spec.source, block_tokens=16, limit=TINY.trace_limit)
+    assert len({r.arrival_s for r in recorded.requests}) < len(recorded.requests) / 2
+    assert len({r.arrival_s for r in spread.requests}) == len(spread.requests)
+    order = {r.request_id: i for i, r in enumerate(recorded.requests)}
+    positions = [order[r.request_id] for r in spread.requests]
+    assert positions == sorted(positions)
+    assert [r.arrival_s for r in build_workload(spec, level, TINY, 0, data).requests] == [
+        r.arrival_s for r in spread.requests
+    ]
+    assert [r.arrival_s for r in build_workload(spec, level, TINY, 1, data).requests] != [
+        r.arrival_s for r in spread.requests
+    ]
+    synthetic = next(t.workload for t in tasks_for(workloads=["synthetic"], size="tiny", data_dir=data))
+    assert synthetic.arrival_step_ms is None
 
 
 def test_tiny_run_fills_the_table_and_repeats_its_decisions_for_a_seed(shared_dir: Path) -> None:

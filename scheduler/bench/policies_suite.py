@@ -61,6 +61,9 @@ class WorkloadSpec:
     # Generated workloads: requests per unit of the generator's rate (a chat session makes
     # one request a turn, an agent one a step, a RAG query one).
     requests_per_arrival: int = 1
+    # Traces: the step in which the trace records arrival times (``load_mooncake``), whose
+    # requests are spread over it; None replays the recorded times.
+    arrival_step_ms: float | None = None
 
 
 WORKLOADS = (
@@ -69,6 +72,7 @@ WORKLOADS = (
         "trace",
         "conversation_trace.jsonl",
         "Mooncake conversation trace: 12,031 Kimi requests, multi-turn chat, long prompts",
+        arrival_step_ms=3000.0,
     ),
     WorkloadSpec(
         "synthetic",
@@ -141,11 +145,17 @@ def offered_utilisation(workload: Workload, workers: int) -> float:
     return offered_work_s(workload, workers) / (workers * duration) if duration > 0 else math.inf
 
 
-def _trace(spec: WorkloadSpec, data_dir: Path, size: Size) -> Workload:
+def _trace(spec: WorkloadSpec, data_dir: Path, size: Size, seed: int) -> Workload:
     path = data_dir / spec.source
     if not path.exists():
         raise FileNotFoundError(f"{spec.name}: trace {path} not found (give --data-dir)")
-    return load_mooncake(path, block_tokens=TRACE_BLOCK_TOKENS, limit=size.trace_limit)
+    return load_mooncake(
+        path,
+        block_tokens=TRACE_BLOCK_TOKENS,
+        limit=size.trace_limit,
+        arrival_step_ms=spec.arrival_step_ms,
+        seed=seed,
+    )
 
 
 def _generated(spec: WorkloadSpec, seed: int, size: Size, rate: float) -> Workload:
@@ -157,7 +167,7 @@ def build_workload(spec: WorkloadSpec, level: LoadLevel, size: Size, seed: int, 
     """The row's workload at ``level``: deterministic for (spec, level, size, seed)."""
     workers = size.workers
     if spec.kind == "trace":
-        base = _trace(spec, data_dir, size)
+        base = _trace(spec, data_dir, size, seed)
         # Utilisation is inversely proportional to the duration: compress time to reach it.
         return base.time_scaled(offered_utilisation(base, workers) / level.utilisation)
     rate = float(inspect.signature(GENERATORS[spec.source]).parameters["rate"].default)
