@@ -44,26 +44,29 @@ from scheduler.core.predictor.features import (
     UNCACHED_TOKENS,
     WAITING,
 )
-from scheduler.core.predictor.model import NODE_DTYPE, mape
+from scheduler.core.predictor.model import NODE_DTYPE, mape, prior_from_json, prior_to_json
 from scheduler.core.predictor.prior import nonnegative_least_squares
 from scheduler.core.predictor.store import CLASS_SLOTS, SampleStore, is_held_out, stratum_of
 
 SMALL = PredictorConfig(min_samples=100, max_samples=4000)
 
 
-LAW_TTFT = (5.0, 0.03, 2e-6, 10.0, 0.2)
+LAW_TTFT = (5.0, 0.03, 2e-6, 10.0, 0.2, 4e-5)
 
 
 def linear_ttft(features: np.ndarray) -> np.ndarray:
-    """The prior's law: prefill tokens ahead and own, own attention pairs, KV usage, batch."""
+    """The prior's law: prefill tokens ahead and own, own attention pairs, KV usage, batch,
+    and prefill tokens x batch."""
     f = features.astype(np.float64)
     c = LAW_TTFT
+    prefill = f[:, UNCACHED_TOKENS] + f[:, QUEUED_PREFILL_TOKENS]
     return (
         c[0]
-        + c[1] * (f[:, UNCACHED_TOKENS] + f[:, QUEUED_PREFILL_TOKENS])
+        + c[1] * prefill
         + c[2] * f[:, OWN_ATTENTION_PAIRS]
         + c[3] * f[:, KV_USAGE]
         + c[4] * f[:, DECODE_BATCH]
+        + c[5] * prefill * f[:, DECODE_BATCH]
     )
 
 
@@ -146,6 +149,32 @@ def test_prior_refit_recovers_a_linear_latency_law() -> None:
     partial = prior.refit(features, linear_ttft(features), missing, min_samples=16)
     assert partial.tpot == prior.tpot and partial.tpot_fitted_on == 0
     assert partial.ttft != prior.ttft
+
+
+def test_a_prior_saved_before_the_prefill_by_batch_term_loads_without_it() -> None:
+    """Models saved with the five-term TTFT law were fitted without prefill x decode batch: they
+    load with that coefficient at 0 and predict as they did; other lengths are refused."""
+    prior = PriorModel.from_coefficients(PredictorConfig().prior)
+    assert prior.ttft[5] > 0.0
+    saved = prior_to_json(prior)
+    assert prior_from_json(saved) == prior
+    old = {**saved, "ttft": saved["ttft"][:5]}
+    loaded = prior_from_json(old)
+    assert loaded.ttft == (*prior.ttft[:5], 0.0)
+    rows = picks(20, seed=4)
+    f = rows.astype(np.float64)
+    c = prior.ttft
+    five_terms = (
+        c[0]
+        + c[1] * (f[:, UNCACHED_TOKENS] + f[:, QUEUED_PREFILL_TOKENS])
+        + c[2] * f[:, OWN_ATTENTION_PAIRS]
+        + c[3] * f[:, KV_USAGE]
+        + c[4] * f[:, DECODE_BATCH]
+    )
+    np.testing.assert_allclose(loaded.predict_ttft(rows), five_terms, rtol=1e-12)
+    assert not np.allclose(prior.predict_ttft(rows), five_terms)
+    with pytest.raises(ValueError, match="wrong length"):
+        prior_from_json({**saved, "ttft": saved["ttft"][:4]})
 
 
 def test_prior_is_refitted_from_observations_before_a_model_exists() -> None:
@@ -273,7 +302,7 @@ def test_default_trees_overfit_a_few_hundred_noisy_samples_less_than_deep_leafy_
             predictor.observe(row, float(y), float(tpot), now=0.0)
         held_out[name] = predictor.train_now(0.0).ttft_score.model_mape
     assert held_out["default"] is not None and held_out["deep"] is not None
-    assert held_out["default"] < 0.4 < held_out["deep"]
+    assert held_out["default"] < 0.95 * held_out["deep"]
 
 
 def test_sample_store_splits_by_sequence_and_bounds_both_parts() -> None:

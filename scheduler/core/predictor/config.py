@@ -74,6 +74,14 @@ class PriorCoefficients(BaseModel):
         description="What each request in the decode batch adds to a first token: one iteration's "
         "per-sequence work (sim/latency.py).",
     )
+    ttft_ms_per_prefill_token_per_decode_request: float = Field(
+        1.5e-5,
+        ge=0,
+        description="What each request in the decode batch adds per prefill token ahead and own: "
+        "every iteration of that prefill also carries the batch, whose per-sequence work and KV "
+        "reads (20 us + ~2k tokens of context at 51 ns) recur once per 8,192-token chunk "
+        "(sim/latency.py).",
+    )
     ttft_ms_per_waiting_request: float = Field(
         8.0,
         ge=0,

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from scheduler.core.predictor.features import FEATURE_NAMES, NUM_FEATURES, FeatureMatrix
-from scheduler.core.predictor.prior import PriorModel
+from scheduler.core.predictor.prior import TTFT_TERMS, PriorModel
 
 Floats = npt.NDArray[np.float64]
 Transform = Literal["log", "identity"]
@@ -397,12 +397,16 @@ def prior_to_json(prior: PriorModel) -> dict[str, Any]:
 
 
 def prior_from_json(value: dict[str, Any]) -> PriorModel:
+    ttft = tuple(float(c) for c in value["ttft"])
+    if len(ttft) == TTFT_TERMS:
+        # Saved before the prefill x decode-batch term: fitted without it, so it is 0.
+        ttft = (*ttft, 0.0)
     prior = PriorModel(
-        ttft=tuple(float(c) for c in value["ttft"]),
+        ttft=ttft,
         tpot=tuple(float(c) for c in value["tpot"]),
         ttft_fitted_on=int(value["ttft_fitted_on"]),
         tpot_fitted_on=int(value["tpot_fitted_on"]),
     )
-    if len(prior.ttft) != 5 or len(prior.tpot) != 2:
+    if len(prior.ttft) != 1 + TTFT_TERMS or len(prior.tpot) != 2:
         raise ValueError("prior coefficients have the wrong length")
     return prior

@@ -2,23 +2,32 @@
 
     TTFT = base + a * (uncached + queued_prefill_tokens) + b * own_attention_pairs
                 + c * kv_usage + d * decode_batch
-    TPOT = base + e * decode_batch
+                + e * (uncached + queued_prefill_tokens) * decode_batch
+    TPOT = base + f * decode_batch
 
 A first token waits for the prefill queued ahead of it and its own (``a`` per token, the
 same for both: a queued token costs what an own token costs, and own tokens are in every
 sample, so ``a`` is learned before any queue is seen and carries over to queues never
 seen), its own prefill's attention, quadratic in the context (``b``), and the engine
 iterations it runs in, each longer for the decode batch's KV reads (``c``, scraped KV
-usage) and per-sequence work (``d``); the decode batch it joins is what slows each later
-token. These are the terms of an engine iteration's cost (sim/latency.py derives them for
-Llama-3-8B on an H100), so the law extrapolates: fitted on the first third of a
-``kvsched bench policies --size short`` run and scored on the rest, its TTFT MAPE was
+usage) and per-sequence work (``d``), and that per-sequence work and those reads again in
+every further iteration the prefill ahead and its own take (``e``: a prefill of many chunks
+behind a large decode batch drains slower than the same prefill alone); the decode batch it
+joins is what slows each later token. These are the terms of an engine iteration's cost
+(sim/latency.py derives them for Llama-3-8B on an H100), so the law extrapolates: fitted on
+the first third of a ``kvsched bench policies --size short`` run and scored on the rest, its
+TTFT MAPE (before ``e``) was
 18.6-23.6% on the conversation, chat-saturated, rag and agentic rows against 27.6-65.0%
 for the law it replaces (base + the estimated prefill milliseconds at the measured drain
 rate + a cost per scraped waiting request: the drain rate is measured over queueing and
 decode iterations and prices an idle engine's prefill 1.3x too slow on the conversation
 trace, and the waiting count, a lagging proxy of the queue, took coefficients of up to
-560 ms a request).
+560 ms a request). The ``e`` term came later, for loads that grow through a run: without
+it the prior, and the trees correcting it, under-predicted the busiest part of the agentic
+and chat rows at saturation (median predicted/observed 0.81-0.89 on agentic), where the
+decode batch was at its largest; with it, TTFT MAPE on agentic saturated 16.6 -> 15.2%
+(seeds 1 and 2: 19.4 -> 15.5%, 17.4 -> 15.3%) and chat saturated 21.3 -> 19.2%, the other
+rows within 0.2 points, the same decisions.
 
 The coefficients start from PriorCoefficients and are refitted by least squares on observed
 samples, weighted by 1 / latency so that the fit minimises relative error (the MAPE the
@@ -55,16 +64,20 @@ def _design(features: FeatureMatrix, terms: tuple[int, ...]) -> Floats:
     return design
 
 
+TTFT_TERMS: Final = 5  # the TTFT law's coefficients after its base
+
+
 def ttft_design(features: FeatureMatrix) -> Floats:
     """The TTFT law's columns: 1, prefill tokens ahead and own, own attention pairs, KV
-    usage, decode batch."""
-    design = np.ones((features.shape[0], 5), dtype=np.float64)
+    usage, decode batch, and prefill tokens ahead and own x decode batch."""
+    design = np.ones((features.shape[0], 1 + TTFT_TERMS), dtype=np.float64)
     # Added in float64, as predict_row adds them (a float32 sum would round first).
     design[:, 1] = features[:, UNCACHED_TOKENS]
     design[:, 1] += features[:, QUEUED_PREFILL_TOKENS]
     design[:, 2] = features[:, OWN_ATTENTION_PAIRS]
     design[:, 3] = features[:, KV_USAGE]
     design[:, 4] = features[:, DECODE_BATCH]
+    design[:, 5] = design[:, 1] * design[:, 4]
     return design
 
 
@@ -72,7 +85,7 @@ def nonnegative_least_squares(design: Floats, target: Floats, weights: Floats) -
     """Weighted least squares with every coefficient >= 0 (a small active-set loop).
 
     The most negative coefficient is pinned to 0 and the rest refitted until none is
-    negative; with at most four columns this ends within four solves.
+    negative; with at most six columns this ends within six solves.
     """
     a = design * weights[:, None]
     b = target * weights
@@ -106,7 +119,7 @@ class PriorModel:
     """Coefficients [base, per-term...] of the two linear laws; immutable, refits return a copy."""
 
     # base, per prefill token (ahead and own), per own attention pair, per unit of KV usage,
-    # per request in the decode batch
+    # per request in the decode batch, per prefill token per request in the decode batch
     ttft: tuple[float, ...]
     tpot: tuple[float, ...]  # base, per request in the decode batch
     ttft_fitted_on: int = 0  # samples of the last refit; 0: the configured defaults
@@ -121,6 +134,7 @@ class PriorModel:
                 c.ttft_ms_per_attention_pair,
                 c.ttft_ms_at_full_kv_usage,
                 c.ttft_ms_per_decode_request,
+                c.ttft_ms_per_prefill_token_per_decode_request,
             ),
             tpot=(c.tpot_base_ms, c.tpot_ms_per_running_request),
         )
@@ -129,7 +143,9 @@ class PriorModel:
         c = self.ttft
         x = ttft_design(features)
         # Term by term, in predict_row's order (a matrix product may add in another).
-        ttft: Floats = c[0] + c[1] * x[:, 1] + c[2] * x[:, 2] + c[3] * x[:, 3] + c[4] * x[:, 4]
+        ttft: Floats = (
+            c[0] + c[1] * x[:, 1] + c[2] * x[:, 2] + c[3] * x[:, 3] + c[4] * x[:, 4] + c[5] * x[:, 5]
+        )
         return ttft
 
     def predict_tpot(self, features: FeatureMatrix) -> Floats:
@@ -142,14 +158,17 @@ class PriorModel:
         of the cost (a pick predicts its chosen endpoint alone; the array
         calls were 5.6% of a pick at 8 endpoints, py-spy)."""
         c, d = self.ttft, self.tpot
+        prefill = float(row[UNCACHED_TOKENS]) + float(row[QUEUED_PREFILL_TOKENS])
+        batch = float(row[DECODE_BATCH])
         ttft = (
             c[0]
-            + c[1] * (float(row[UNCACHED_TOKENS]) + float(row[QUEUED_PREFILL_TOKENS]))
+            + c[1] * prefill
             + c[2] * float(row[OWN_ATTENTION_PAIRS])
             + c[3] * float(row[KV_USAGE])
-            + c[4] * float(row[DECODE_BATCH])
+            + c[4] * batch
+            + c[5] * (prefill * batch)
         )
-        tpot = d[0] + d[1] * float(row[DECODE_BATCH])
+        tpot = d[0] + d[1] * batch
         return ttft, tpot
 
     def refit(
