@@ -399,7 +399,8 @@ def prior_to_json(prior: PriorModel) -> dict[str, Any]:
 def prior_from_json(value: dict[str, Any]) -> PriorModel:
     ttft = tuple(float(c) for c in value["ttft"])
     if len(ttft) == TTFT_TERMS:
-        # Saved before the prefill x decode-batch term: fitted without it, so it is 0.
+        # Saved with the law before its prefill x decode-batch term (a base and four terms,
+        # one coefficient short): fitted without that term, so its coefficient is 0.
         ttft = (*ttft, 0.0)
     prior = PriorModel(
         ttft=ttft,
