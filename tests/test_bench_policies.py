@@ -58,6 +58,21 @@ def test_the_conversation_rows_spread_the_traces_arrival_steps_by_seed(shared_di
     ]
     synthetic = next(t.workload for t in tasks_for(workloads=["synthetic"], size="tiny", data_dir=data))
     assert synthetic.arrival_step_ms is None
+    # The report says which rows were spread.
+    [row] = summarise(
+        [
+            run_task(t)
+            for t in tasks_for(
+                workloads=["conversation"],
+                levels=["moderate"],
+                policies=["round_robin"],
+                size="tiny",
+                data_dir=data,
+            )
+        ]
+    )
+    assert row["arrival_step_ms"] == 3000.0
+    assert "the trace's 3,000 ms arrival steps spread" in policy_table(row)
 
 
 def test_tiny_run_fills_the_table_and_repeats_its_decisions_for_a_seed(shared_dir: Path) -> None:

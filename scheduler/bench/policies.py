@@ -104,6 +104,8 @@ def _row_facts(workload: Workload, workers: int) -> dict[str, Any]:
         "duration_s": workload.duration_s,
         "offered_utilisation": offered_utilisation(workload, workers),
         "capacity_ceiling_hit_ratio": sum(hits) / blocks if blocks else 0.0,
+        # A trace whose recorded arrival steps were spread over each step (None: as recorded).
+        "arrival_step_ms": workload.meta.get("arrival_step_ms"),
     }
 
 
@@ -286,6 +288,7 @@ def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "requests": result["requests"],
                 "offered_utilisation": result["offered_utilisation"],
                 "capacity_ceiling_hit_ratio": result["capacity_ceiling_hit_ratio"],
+                "arrival_step_ms": result.get("arrival_step_ms"),
                 "policies": {},
             },
         )
@@ -333,9 +336,12 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def policy_table(row: dict[str, Any]) -> str:
     """Markdown: every policy of one row."""
+    step = row.get("arrival_step_ms")
+    spread = f", the trace's {step:,.0f} ms arrival steps spread" if step else ""
     lines = [
         f"**{row['workload']}, {row['level']}** ({row['requests']:,} requests, offered utilisation "
-        f"{row['offered_utilisation']:.2f}, capacity ceiling {row['capacity_ceiling_hit_ratio']:.3f})",
+        f"{row['offered_utilisation']:.2f}, capacity ceiling {row['capacity_ceiling_hit_ratio']:.3f}"
+        f"{spread})",
         "",
         "| policy | TTFT p50 ms | TTFT p99 ms | failed | hit ratio | x ceiling "
         "| TTFT MAPE | idle | loaded | saturated |",
