@@ -285,24 +285,30 @@ def test_the_relative_loss_answers_a_bimodal_latency_near_its_lower_mode() -> No
 def test_default_trees_overfit_a_few_hundred_noisy_samples_less_than_deep_leafy_ones() -> None:
     """A few hundred samples of a law with a 4x slowdown on 30% of them at random (another
     request's chunk in the same iteration): the default trees (depth 4, 10 samples a leaf)
-    hold out better than depth 6 with single-sample leaves, which fit the noise."""
-    samples = synthetic_samples(400, seed=5)
-    rng = np.random.default_rng(5)
-    ttft = samples.ttft_ms * np.where(rng.random(len(samples.ttft_ms)) < 0.3, 4.0, 1.0)
-    held_out = {}
-    for name, trees in (
-        ("default", XGBoostParams()),
-        ("deep", XGBoostParams(max_depth=6, min_child_weight=1.0)),
-    ):
-        config = PredictorConfig(
-            min_samples=100, holdout_fraction=0.3, xgboost=trees, require_model_beats_prior=False
-        )
-        predictor = LatencyPredictor(config)
-        for row, y, tpot in zip(samples.features, ttft, samples.tpot_ms, strict=True):
-            predictor.observe(row, float(y), float(tpot), now=0.0)
-        held_out[name] = predictor.train_now(0.0).ttft_score.model_mape
-    assert held_out["default"] is not None and held_out["deep"] is not None
-    assert held_out["default"] < 0.95 * held_out["deep"]
+    hold out better than depth 6 with single-sample leaves, which fit the noise. Over eight
+    draws: on one draw of 108 held-out samples the MAPE moves by ~0.05 with any change to the
+    prior (draw 5, the test's one draw until the prior's prefill x batch term: 0.351 -> 0.406),
+    while the mean over the eight stays put (0.328 before and after)."""
+    held_out: dict[str, list[float]] = {"default": [], "deep": []}
+    for seed in range(1, 9):
+        samples = synthetic_samples(400, seed=seed)
+        rng = np.random.default_rng(seed)
+        ttft = samples.ttft_ms * np.where(rng.random(len(samples.ttft_ms)) < 0.3, 4.0, 1.0)
+        for name, trees in (
+            ("default", XGBoostParams()),
+            ("deep", XGBoostParams(max_depth=6, min_child_weight=1.0)),
+        ):
+            config = PredictorConfig(
+                min_samples=100, holdout_fraction=0.3, xgboost=trees, require_model_beats_prior=False
+            )
+            predictor = LatencyPredictor(config)
+            for row, y, tpot in zip(samples.features, ttft, samples.tpot_ms, strict=True):
+                predictor.observe(row, float(y), float(tpot), now=0.0)
+            mape_held_out = predictor.train_now(0.0).ttft_score.model_mape
+            assert mape_held_out is not None
+            held_out[name].append(mape_held_out)
+    assert all(d < deep for d, deep in zip(held_out["default"], held_out["deep"], strict=True))
+    assert float(np.mean(held_out["default"])) < 0.35 < float(np.mean(held_out["deep"]))
 
 
 def test_sample_store_splits_by_sequence_and_bounds_both_parts() -> None:

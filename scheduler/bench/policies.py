@@ -288,7 +288,7 @@ def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "requests": result["requests"],
                 "offered_utilisation": result["offered_utilisation"],
                 "capacity_ceiling_hit_ratio": result["capacity_ceiling_hit_ratio"],
-                "arrival_step_ms": result.get("arrival_step_ms"),
+                "arrival_step_ms": result["arrival_step_ms"],
                 "policies": {},
             },
         )
@@ -336,7 +336,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def policy_table(row: dict[str, Any]) -> str:
     """Markdown: every policy of one row."""
-    step = row.get("arrival_step_ms")
+    step = row["arrival_step_ms"]
     spread = f", the trace's {step:,.0f} ms arrival steps spread" if step else ""
     lines = [
         f"**{row['workload']}, {row['level']}** ({row['requests']:,} requests, offered utilisation "
