@@ -33,8 +33,10 @@ from scheduler.core.predictor import model as model_module
 from scheduler.core.predictor import training as training_module
 from scheduler.core.predictor.features import (
     DECODE_BATCH,
+    DECODE_CONTEXT_TOKENS,
     ENDPOINT_CLASS_ID,
     ESTIMATED_PREFILL_MS,
+    INFLIGHT_DECODE_REQUESTS,
     KV_USAGE,
     OWN_ATTENTION_PAIRS,
     OWN_PREFILL_MS,
@@ -51,12 +53,12 @@ from scheduler.core.predictor.store import CLASS_SLOTS, SampleStore, is_held_out
 SMALL = PredictorConfig(min_samples=100, max_samples=4000)
 
 
-LAW_TTFT = (5.0, 0.03, 2e-6, 10.0, 0.2, 4e-5)
+LAW_TTFT = (5.0, 0.03, 2e-6, 10.0, 0.2, 4e-5, 6e-5)
 
 
 def linear_ttft(features: np.ndarray) -> np.ndarray:
     """The prior's law: prefill tokens ahead and own, own attention pairs, KV usage, batch,
-    and prefill tokens x batch."""
+    prefill tokens x batch, and the decoding requests' prompt tokens."""
     f = features.astype(np.float64)
     c = LAW_TTFT
     prefill = f[:, UNCACHED_TOKENS] + f[:, QUEUED_PREFILL_TOKENS]
@@ -67,6 +69,7 @@ def linear_ttft(features: np.ndarray) -> np.ndarray:
         + c[3] * f[:, KV_USAGE]
         + c[4] * f[:, DECODE_BATCH]
         + c[5] * prefill * f[:, DECODE_BATCH]
+        + c[6] * f[:, DECODE_CONTEXT_TOKENS]
     )
 
 
@@ -75,8 +78,13 @@ def linear_tpot(features: np.ndarray) -> np.ndarray:
 
 
 def picks(n_picks: int, seed: int, candidates: int = 8) -> np.ndarray:
+    """Synthetic picks' rows, with a decode context of ~2k prompt tokens per decoding
+    request (the benchmark's synthetic pool leaves that column at 0)."""
     rng = np.random.default_rng(seed)
-    return np.concatenate([synthetic_pick(rng, candidates) for _ in range(n_picks)])
+    rows = np.concatenate([synthetic_pick(rng, candidates) for _ in range(n_picks)])
+    per_request = rng.lognormal(7.6, 0.5, len(rows))
+    rows[:, DECODE_CONTEXT_TOKENS] = np.round(rows[:, INFLIGHT_DECODE_REQUESTS] * per_request)
+    return rows
 
 
 # --- features -------------------------------------------------------------------------
@@ -92,6 +100,7 @@ def test_candidate_features_fill_every_column_in_the_documented_order() -> None:
         inflight_prefill_tokens=[0, 4096, 100],
         inflight_decode_requests=[5, 4, 0],
         endpoint_class_ids=[0, 1, 2],
+        decode_context_tokens=[11_000, 8_200, 0],
     )
     assert rows.shape == (3, NUM_FEATURES) and rows.dtype == np.float32
     assert len(FEATURE_NAMES) == NUM_FEATURES
@@ -112,6 +121,9 @@ def test_candidate_features_fill_every_column_in_the_documented_order() -> None:
     assert by_name["own_attention_pairs"] == pytest.approx(
         [500_500.0, 519.5 * 480.5 + 519.5 * 520.5 / 2, 0.0]
     )
+    assert by_name["decode_context_tokens"] == [11_000, 8_200, 0]
+    # Not given: no decoding requests' context is known.
+    assert candidate_features(10, [0.0], [0], [0], [0.0], [0], [1], [0])[0, DECODE_CONTEXT_TOKENS] == 0
 
 
 def test_candidate_features_reject_misaligned_columns_and_allow_no_candidates() -> None:
@@ -151,30 +163,39 @@ def test_prior_refit_recovers_a_linear_latency_law() -> None:
     assert partial.ttft != prior.ttft
 
 
-def test_a_prior_saved_before_the_prefill_by_batch_term_loads_without_it() -> None:
-    """Models saved with the five-term TTFT law were fitted without prefill x decode batch: they
-    load with that coefficient at 0 and predict as they did; other lengths are refused."""
-    prior = PriorModel.from_coefficients(PredictorConfig().prior)
-    assert prior.ttft[5] > 0.0
+def test_a_prior_saved_before_the_laws_later_terms_loads_without_them() -> None:
+    """Priors saved with the TTFT law's first four terms (before prefill x decode batch) or
+    its first five (before the decoding requests' prompt tokens) were fitted without the
+    later ones: they load with those coefficients at 0 and predict as they did; other lengths
+    are refused."""
+    coefficients = PredictorConfig().prior.model_copy(update={"ttft_ms_per_decode_context_token": 5e-5})
+    prior = PriorModel.from_coefficients(coefficients)
+    assert prior.ttft[5] > 0.0 and prior.ttft[6] > 0.0
     saved = prior_to_json(prior)
     assert prior_from_json(saved) == prior
-    old = {**saved, "ttft": saved["ttft"][:5]}
-    loaded = prior_from_json(old)
-    assert loaded.ttft == (*prior.ttft[:5], 0.0)
     rows = picks(20, seed=4)
     f = rows.astype(np.float64)
     c = prior.ttft
-    five_terms = (
-        c[0]
-        + c[1] * (f[:, UNCACHED_TOKENS] + f[:, QUEUED_PREFILL_TOKENS])
-        + c[2] * f[:, OWN_ATTENTION_PAIRS]
-        + c[3] * f[:, KV_USAGE]
-        + c[4] * f[:, DECODE_BATCH]
+    prefill = f[:, UNCACHED_TOKENS] + f[:, QUEUED_PREFILL_TOKENS]
+    terms = (
+        prefill,
+        f[:, OWN_ATTENTION_PAIRS],
+        f[:, KV_USAGE],
+        f[:, DECODE_BATCH],
+        prefill * f[:, DECODE_BATCH],
+        f[:, DECODE_CONTEXT_TOKENS],
     )
-    np.testing.assert_allclose(loaded.predict_ttft(rows), five_terms, rtol=1e-12)
-    assert not np.allclose(prior.predict_ttft(rows), five_terms)
+    assert np.all(terms[-1] >= 0.0) and np.any(terms[-1] > 0.0)
+    for kept in (4, 5):
+        loaded = prior_from_json({**saved, "ttft": saved["ttft"][: 1 + kept]})
+        assert loaded.ttft == (*prior.ttft[: 1 + kept], *[0.0] * (6 - kept))
+        old_law = c[0] + sum(c[1 + i] * terms[i] for i in range(kept))
+        np.testing.assert_allclose(loaded.predict_ttft(rows), old_law, rtol=1e-12)
+        assert not np.allclose(prior.predict_ttft(rows), old_law)
     with pytest.raises(ValueError, match="wrong length"):
         prior_from_json({**saved, "ttft": saved["ttft"][:4]})
+    with pytest.raises(ValueError, match="wrong length"):
+        prior_from_json({**saved, "ttft": [*saved["ttft"], 1.0]})
 
 
 def test_prior_is_refitted_from_observations_before_a_model_exists() -> None:
@@ -683,6 +704,7 @@ def test_one_candidates_row_is_the_batch_row_to_the_bit() -> None:
             rng.choice([rng.random() * 1e5, 0.0, rng.random()]),
             rng.choice([0.0, rng.random() * 5e4, 1e-40, rng.random() * 1e-3, 27_600.0]),
             rng.choice([None, rng.random() * 30, 0.0]),
+            rng.choice([0, rng.randrange(10**7), rng.randrange(2**25, 2**26) | 1]),
         )
         batch = candidate_features(args[0], *([value] for value in args[1:]))[0]
         alone = candidate_row(*args)

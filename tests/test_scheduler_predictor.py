@@ -11,6 +11,7 @@ from scheduler.core.scoring import ScorerWeights, ScoringConfig
 
 UNCACHED = FEATURE_NAMES.index("uncached_tokens")
 DECODE = FEATURE_NAMES.index("inflight_decode_requests")
+DECODE_CONTEXT = FEATURE_NAMES.index("decode_context_tokens")
 
 
 def _scheduler(**config: object) -> Scheduler:
@@ -57,6 +58,40 @@ def test_decode_requests_are_counted_once_past_their_first_token() -> None:
         assert features is not None and features[DECODE] == 1
     scheduler.on_completed("r0", now=1.1, completion_tokens=3)
     assert scheduler.endpoint_state(endpoint, 1.1).inflight_decode_requests == 0
+
+
+def test_decode_context_is_the_decoding_requests_prompt_tokens_wherever_they_run() -> None:
+    """An endpoint's decode context counts a request's prompt from its first token to its end,
+    moves with it when the gateway reports a fallback served it, and is the feature row's
+    column at the next pick there."""
+    scheduler = _scheduler()
+    scheduler.pick(SchedulingRequest("r0", list(range(1, 301))), now=1.0)
+    scheduler.pick(SchedulingRequest("r1", list(range(1000, 1120))), now=1.0)
+    first, second = scheduler._inflight["r0"].endpoint, scheduler._inflight["r1"].endpoint
+
+    def context(name: str, now: float) -> int:
+        return scheduler.endpoint_state(name, now).inflight_decode_tokens
+
+    assert context("a", 1.0) == context("b", 1.0) == 0
+    scheduler.on_first_token("r0", now=1.01)
+    scheduler.on_first_token("r1", now=1.01)
+    expected = {"a": 0, "b": 0}
+    expected[first] += 300
+    expected[second] += 120
+    assert {name: context(name, 1.01) for name in ("a", "b")} == expected
+    # A pick's chosen row carries its endpoint's context.
+    scheduler.pick(SchedulingRequest("r2", list(range(5000, 5064))), now=1.02)
+    chosen = scheduler._inflight["r2"]
+    assert chosen.features is not None and chosen.features[DECODE_CONTEXT] == expected[chosen.endpoint]
+    # The gateway says another endpoint served r0: its decode context moves there.
+    other = "b" if first == "a" else "a"
+    scheduler.on_served_by("r0", scheduler.endpoint_state(other, 1.03).address, now=1.03)
+    expected[first] -= 300
+    expected[other] += 300
+    assert {name: context(name, 1.03) for name in ("a", "b")} == expected
+    for request_id in ("r0", "r1"):
+        scheduler.on_completed(request_id, now=1.2, completion_tokens=5)
+    assert context("a", 1.2) == context("b", 1.2) == 0
 
 
 def test_a_trained_model_replaces_the_prior_and_learns_the_latency_law() -> None:

@@ -43,6 +43,7 @@ class PredictorEstimator:
             [s.queued_prefill_tokens for s in states],
             [s.prefill_tokens_per_s for s in states],
             [s.last_event_age_s for s in states],
+            [s.inflight_decode_tokens for s in states],
         )
         self.last_features = rows
         return rows
@@ -62,6 +63,7 @@ class PredictorEstimator:
             s.queued_prefill_tokens,
             s.prefill_tokens_per_s,
             s.last_event_age_s,
+            s.inflight_decode_tokens,
         )
 
     def estimate(self, candidates: Candidates, request: PickRequest) -> LatencyEstimate:

@@ -379,6 +379,7 @@ class _EndpointRuntime:
     inflight_requests: int = 0
     inflight_prefill_tokens: int = 0
     inflight_prefilling: int = 0  # of inflight_requests, those before their first token
+    inflight_decode_tokens: int = 0  # prompt tokens of those past their first token
     # Requests routed here since the last scrape: the scraped waiting count cannot know them yet.
     routed_since_scrape: int = 0
     # Of those, the ones other replicas routed (sync on).
@@ -744,6 +745,7 @@ class Scheduler:
             endpoint_class,
             endpoint.labels,
             lora,
+            runtime.inflight_decode_tokens,
         )
 
     def _lora_slots(self, runtime: _EndpointRuntime) -> LoraSlots | None:
@@ -1450,6 +1452,8 @@ class Scheduler:
         if runtime is None:
             return
         runtime.inflight_requests = max(runtime.inflight_requests - 1, 0)
+        if not flight.prefilling:
+            runtime.inflight_decode_tokens = max(runtime.inflight_decode_tokens - flight.prompt_tokens, 0)
         if self._by_load is not None:
             self._reorder(runtime)
         if flight.adapter is not None:
@@ -1471,6 +1475,8 @@ class Scheduler:
         moved.prefilling, moved.first_token_at = flight.prefilling, flight.first_token_at
         runtime = self._endpoints[name]
         runtime.inflight_requests += 1
+        if not moved.prefilling:
+            runtime.inflight_decode_tokens += moved.prompt_tokens
         if flight.adapter is not None:
             moved.adapter = flight.adapter
             self._hold_adapter(runtime, flight.adapter)
@@ -1496,6 +1502,9 @@ class Scheduler:
             return
         flight.prefilling = False
         flight.first_token_at = now
+        decoding = self._endpoints.get(flight.endpoint)
+        if decoding is not None:
+            decoding.inflight_decode_tokens += flight.prompt_tokens
         runtime = self._end_prefill(flight)
         if runtime is not None:
             endpoint_class = runtime.endpoint.endpoint_class

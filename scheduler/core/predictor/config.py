@@ -82,6 +82,17 @@ class PriorCoefficients(BaseModel):
         "reads (20 us + ~2k tokens of context at 51 ns) recur once per 8,192-token chunk "
         "(sim/latency.py).",
     )
+    # 0 by default: the KV-usage term above already prices the blocks the decode batch
+    # holds, kvsched's own requests' among them, so a default here (51 ns a token read,
+    # sim/latency.py) would count those reads twice until the first refit, which apportions
+    # them between the two terms after prior_refit_min_samples samples.
+    ttft_ms_per_decode_context_token: float = Field(
+        0.0,
+        ge=0,
+        description="What each prompt token of kvsched's requests decoding there adds to a first "
+        "token: every iteration reads each decoding request's whole context, a prefix they share "
+        "once per request (KV usage counts it once).",
+    )
     ttft_ms_per_waiting_request: float = Field(
         8.0,
         ge=0,

@@ -396,12 +396,17 @@ def prior_to_json(prior: PriorModel) -> dict[str, Any]:
     }
 
 
+# Terms of the TTFT law's first version (a base and four terms), the oldest a saved prior has.
+_FIRST_TTFT_TERMS = 4
+
+
 def prior_from_json(value: dict[str, Any]) -> PriorModel:
     ttft = tuple(float(c) for c in value["ttft"])
-    if len(ttft) == TTFT_TERMS:
-        # Saved with the law before its prefill x decode-batch term (a base and four terms,
-        # one coefficient short): fitted without that term, so its coefficient is 0.
-        ttft = (*ttft, 0.0)
+    if 1 + _FIRST_TTFT_TERMS <= len(ttft) < 1 + TTFT_TERMS:
+        # Saved with the law before its later terms (prefill x decode batch, then the decoding
+        # requests' prompt tokens; each appended after the others): fitted without them, so
+        # their coefficients are 0.
+        ttft = (*ttft, *[0.0] * (1 + TTFT_TERMS - len(ttft)))
     prior = PriorModel(
         ttft=ttft,
         tpot=tuple(float(c) for c in value["tpot"]),

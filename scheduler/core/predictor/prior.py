@@ -3,6 +3,7 @@
     TTFT = base + a * (uncached + queued_prefill_tokens) + b * own_attention_pairs
                 + c * kv_usage + d * decode_batch
                 + e * (uncached + queued_prefill_tokens) * decode_batch
+                + g * decode_context_tokens
     TPOT = base + f * decode_batch
 
 A first token waits for the prefill queued ahead of it and its own (``a`` per token, the
@@ -12,7 +13,10 @@ seen), its own prefill's attention, quadratic in the context (``b``), and the en
 iterations it runs in, each longer for the decode batch's KV reads (``c``, scraped KV
 usage) and per-sequence work (``d``), and that per-sequence work and those reads again in
 every further iteration the prefill ahead and its own take (``e``: a prefill of many chunks
-behind a large decode batch drains slower than the same prefill alone); the decode batch it
+behind a large decode batch drains slower than the same prefill alone), and the decode
+batch's reads counted per request (``g``, kvsched's own decoding requests' prompt tokens:
+KV usage counts a prefix the batch shares once, the iterations read it once per request);
+the decode batch it
 joins is what slows each later token. These are the terms of an engine iteration's cost
 (sim/latency.py derives them for Llama-3-8B on an H100), so the law extrapolates: fitted on
 the first third of a ``kvsched bench policies --size short`` run and scored on the rest, its
@@ -27,7 +31,9 @@ it the prior, and the trees correcting it, under-predicted the busiest part of t
 and chat rows at saturation (median predicted/observed 0.81-0.89 on agentic), where the
 decode batch was at its largest; with it, TTFT MAPE on agentic saturated 16.6 -> 15.2%
 (seeds 1 and 2: 19.4 -> 15.5%, 17.4 -> 15.3%) and chat saturated 21.3 -> 19.2%, the other
-rows within 0.2 points, the same decisions.
+rows within 0.2 points, the same decisions. The ``g`` term then took agentic saturated to
+14.7% (seeds 1 and 2: 15.5 -> 15.0%, 15.3 -> 14.2%) and chat saturated to 17.4% (seeds 1
+and 2: 20.4 -> 19.0%, 19.6 -> 18.0%), again with the same decisions.
 
 The coefficients start from PriorCoefficients and are refitted by least squares on observed
 samples, weighted by 1 / latency so that the fit minimises relative error (the MAPE the
@@ -46,6 +52,7 @@ import numpy.typing as npt
 from scheduler.core.predictor.config import PriorCoefficients
 from scheduler.core.predictor.features import (
     DECODE_BATCH,
+    DECODE_CONTEXT_TOKENS,
     KV_USAGE,
     OWN_ATTENTION_PAIRS,
     QUEUED_PREFILL_TOKENS,
@@ -64,12 +71,13 @@ def _design(features: FeatureMatrix, terms: tuple[int, ...]) -> Floats:
     return design
 
 
-TTFT_TERMS: Final = 5  # the TTFT law's coefficients after its base
+TTFT_TERMS: Final = 6  # the TTFT law's coefficients after its base
 
 
 def ttft_design(features: FeatureMatrix) -> Floats:
     """The TTFT law's columns: 1, prefill tokens ahead and own, own attention pairs, KV
-    usage, decode batch, and prefill tokens ahead and own x decode batch."""
+    usage, decode batch, prefill tokens ahead and own x decode batch, and the decoding
+    requests' prompt tokens."""
     design = np.ones((features.shape[0], 1 + TTFT_TERMS), dtype=np.float64)
     # Added in float64, as predict_row adds them (a float32 sum would round first).
     design[:, 1] = features[:, UNCACHED_TOKENS]
@@ -78,6 +86,7 @@ def ttft_design(features: FeatureMatrix) -> Floats:
     design[:, 3] = features[:, KV_USAGE]
     design[:, 4] = features[:, DECODE_BATCH]
     design[:, 5] = design[:, 1] * design[:, 4]
+    design[:, 6] = features[:, DECODE_CONTEXT_TOKENS]
     return design
 
 
@@ -85,7 +94,7 @@ def nonnegative_least_squares(design: Floats, target: Floats, weights: Floats) -
     """Weighted least squares with every coefficient >= 0 (a small active-set loop).
 
     The most negative coefficient is pinned to 0 and the rest refitted until none is
-    negative; with at most six columns this ends within six solves.
+    negative; with at most seven columns this ends within seven solves.
     """
     a = design * weights[:, None]
     b = target * weights
@@ -119,7 +128,8 @@ class PriorModel:
     """Coefficients [base, per-term...] of the two linear laws; immutable, refits return a copy."""
 
     # base, per prefill token (ahead and own), per own attention pair, per unit of KV usage,
-    # per request in the decode batch, per prefill token per request in the decode batch
+    # per request in the decode batch, per prefill token per request in the decode batch, per
+    # prompt token decoding there
     ttft: tuple[float, ...]
     tpot: tuple[float, ...]  # base, per request in the decode batch
     ttft_fitted_on: int = 0  # samples of the last refit; 0: the configured defaults
@@ -135,6 +145,7 @@ class PriorModel:
                 c.ttft_ms_at_full_kv_usage,
                 c.ttft_ms_per_decode_request,
                 c.ttft_ms_per_prefill_token_per_decode_request,
+                c.ttft_ms_per_decode_context_token,
             ),
             tpot=(c.tpot_base_ms, c.tpot_ms_per_running_request),
         )
@@ -144,7 +155,13 @@ class PriorModel:
         x = ttft_design(features)
         # Term by term, in predict_row's order (a matrix product may add in another).
         ttft: Floats = (
-            c[0] + c[1] * x[:, 1] + c[2] * x[:, 2] + c[3] * x[:, 3] + c[4] * x[:, 4] + c[5] * x[:, 5]
+            c[0]
+            + c[1] * x[:, 1]
+            + c[2] * x[:, 2]
+            + c[3] * x[:, 3]
+            + c[4] * x[:, 4]
+            + c[5] * x[:, 5]
+            + c[6] * x[:, 6]
         )
         return ttft
 
@@ -167,6 +184,7 @@ class PriorModel:
             + c[3] * float(row[KV_USAGE])
             + c[4] * batch
             + c[5] * (prefill * batch)
+            + c[6] * float(row[DECODE_CONTEXT_TOKENS])
         )
         tpot = d[0] + d[1] * batch
         return ttft, tpot

@@ -88,6 +88,9 @@ class EndpointState:
     # there added to ``running`` (a scrape cannot know them yet); None: not reported (the
     # endpoint serves no adapters, or has not been scraped).
     lora: LoraSlots | None = None
+    # Prompt tokens of kvsched's requests decoding there (routed, past their first token):
+    # the context every engine iteration reads for them, shared prefixes counted per request.
+    inflight_decode_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
