@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 
-from scheduler.adapters.prompt_chunks import PromptChunks, _entry_bytes, chunk_bounds
+from scheduler.adapters.prompt_chunks import PromptChunks, _entry_bytes, batch_encoder, chunk_bounds
 from scheduler.adapters.tokenizer import HFTokenizer
 from scheduler.codec.openai import parse_request_body
 from scheduler.sim.tokenizer import MODEL_DIR
@@ -107,6 +107,46 @@ def test_repeated_prompts_are_found_in_pieces_and_equal_whole(sim_tokenizer: HFT
     # Everything but the first prompt's system part and each question came from the cache.
     assert stats.chars_hit >= 5 * (len(system) - 1024)
     assert stats.chunk_hits >= 5 * (len(system) // 1024 - 1)
+
+
+class _CountingTokenizer:
+    """A ``tokenizers.Tokenizer`` whose batch calls are counted; ``fast`` False hides
+    ``encode_batch_fast``, as a tokenizers release before 0.20 would."""
+
+    def __init__(self, inner: Tokenizer, *, fast: bool) -> None:
+        self._inner = inner
+        self.calls: dict[str, int] = {"encode_batch": 0, "encode_batch_fast": 0}
+        if fast:
+            self.encode_batch_fast = functools.partial(self._counted, "encode_batch_fast")
+
+    def _counted(self, name: str, *args: object, **kwargs: object) -> object:
+        self.calls[name] += 1
+        return getattr(self._inner, name)(*args, **kwargs)
+
+    def encode_batch(self, *args: object, **kwargs: object) -> object:
+        return self._counted("encode_batch", *args, **kwargs)
+
+    def encode(self, *args: object, **kwargs: object) -> object:
+        return self._inner.encode(*args, **kwargs)
+
+    def get_added_tokens_decoder(self) -> object:
+        return self._inner.get_added_tokens_decoder()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_pieces_are_tokenised_with_the_fast_batch_call_where_the_library_has_it(
+    sim_tokenizer: HFTokenizer, fast: bool
+) -> None:
+    """Routing reads ids only, so the batch call without character offsets is the one used
+    (for the check's probes too); without it, ``encode_batch``. The ids are the whole text's."""
+    counting = _CountingTokenizer(sim_tokenizer._tokenizer, fast=fast)
+    assert batch_encoder(counting) == (counting.encode_batch_fast if fast else counting.encode_batch)
+    chunks = PromptChunks(counting, max_bytes=1 << 20)
+    assert chunks.enabled, chunks.disabled_reason
+    prompt = " ".join(f"token{i} naïve Привет\n" for i in range(400))
+    assert list(chunks.ids(prompt, add_special_tokens=True)) == _whole(sim_tokenizer, prompt, True)
+    used, unused = ("encode_batch_fast", "encode_batch") if fast else ("encode_batch", "encode_batch_fast")
+    assert counting.calls[used] > 0 and counting.calls[unused] == 0
 
 
 def test_the_cache_keeps_to_its_bytes(sim_tokenizer: HFTokenizer) -> None:

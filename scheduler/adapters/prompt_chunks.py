@@ -94,6 +94,16 @@ class BatchTokenizer(Protocol):
     def get_added_tokens_decoder(self) -> Any: ...
 
 
+def batch_encoder(tokenizer: BatchTokenizer) -> Callable[..., Any]:
+    """The tokenizer's batch call that routing uses: ``encode_batch_fast`` where the library
+    has it (tokenizers 0.20 and later), the same ids without the character offsets of each
+    token, which routing never reads; ``encode_batch`` otherwise. Both let go of the GIL.
+    Measured on the simulated pool's tokenizer: 1,400 tokens of prose 2.98 -> 2.54 ms, 400
+    tokens 1.09 -> 0.77 ms, 120 tokens 0.34 -> 0.27 ms of CPU."""
+    fast: Callable[..., Any] | None = getattr(tokenizer, "encode_batch_fast", None)
+    return fast if fast is not None else tokenizer.encode_batch
+
+
 def chunk_bounds(
     text: str, min_chars: int = MIN_CHUNK_CHARS, max_chars: int = MAX_CHUNK_CHARS
 ) -> Iterator[int]:
@@ -158,6 +168,7 @@ class PromptChunks:
 
     def __init__(self, tokenizer: BatchTokenizer, *, max_bytes: int) -> None:
         self._tokenizer = tokenizer
+        self._encode_batch = batch_encoder(tokenizer)
         self.max_bytes = max_bytes
         self._pieces: OrderedDict[str, array[int]] = OrderedDict()
         self._lock = threading.Lock()
@@ -197,7 +208,7 @@ class PromptChunks:
         if not self.enabled:
             # encode_batch, not encode: only the batch call lets go of the GIL (tokenizers 0.23),
             # and a long prompt is tokenised on a worker thread beside the event loop.
-            encoded = self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
+            encoded = self._encode_batch([text], add_special_tokens=add_special_tokens)
             whole: list[int] = encoded[0].ids
             return whole, 0
         ids = array("Q", self._special_prefix) if add_special_tokens else array("Q")
@@ -259,7 +270,7 @@ class PromptChunks:
             # new pieces in one batch against one per call: rag 1.57 -> 1.33, agentic 1.94 ->
             # 1.63, rag_tenants 1.77 -> 1.57 ms of CPU a prompt, the same wall time), while a
             # router's cores have other requests to serve.
-            encode = self._tokenizer.encode_batch
+            encode = self._encode_batch
             encoded = [encode([piece], add_special_tokens=False)[0] for _, piece in missing]
             with self._lock:
                 for (slot, piece), encoding in zip(missing, encoded, strict=True):
@@ -315,7 +326,8 @@ class PromptChunks:
             whole = self._tokenizer.encode(probe, add_special_tokens=False).ids
             cuts = [0, *_all_cuts(probe), len(probe)]
             pieces = [probe[a:b] for a, b in itertools.pairwise(cuts) if b > a]
-            parts = self._tokenizer.encode_batch(pieces, add_special_tokens=False)
+            # The batch call routing uses, against the plain call whole: the check covers both.
+            parts = self._encode_batch(pieces, add_special_tokens=False)
             joined = [token for encoding in parts for token in encoding.ids]
             if joined != whole:
                 return "cutting text at word and line starts changes its ids with this tokenizer"

@@ -158,8 +158,9 @@ def _tojson(value: Any, indent: int | None = None) -> str:
 class HFTokenizer:
     """The model's tokenizer.json plus the chat template of its tokenizer_config.json."""
 
-    # Routed prompts go through tokenizers' encode_batch, which lets go of the GIL (its
-    # encode does not), so long prompts tokenise on a worker thread beside the event loop.
+    # Routed prompts go through tokenizers' batch calls (prompt_chunks.batch_encoder), which
+    # let go of the GIL (its encode does not), so long prompts tokenise on a worker thread
+    # beside the event loop.
     releases_gil = True
 
     def __init__(
