@@ -27,8 +27,8 @@ Speaks what a real vLLM 0.33 pod exposes to a gateway, an Endpoint Picker or ano
   are the local directory of the model's files, as SGLang reports ``--model-path`` beside
   ``--served-model-name`` (sglang-router 0.3.2 loads its tokenizer from ``model_path``: a
   model name there sends it to the Hugging Face hub);
-* ``GET /metrics`` with vLLM's Prometheus names (shared PROTOCOLS.md §3), one
-  ``CollectorRegistry`` per worker, read from the engine at scrape time;
+* ``GET /metrics`` with vLLM's Prometheus names (shared PROTOCOLS.md §3), written from the
+  engine's state at scrape time (``worker_metrics.py``);
 * KV events on ZMQ (``publisher.py``), one batch per engine step that changed the cache,
   under vLLM's default topic (the empty string) unless ``topic`` names another, for
   example llm-d's convention ``kv@{address}@{model}`` (``LLMD_TOPIC``).
@@ -58,23 +58,19 @@ import dataclasses
 import itertools
 import json
 import logging
-import math
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from scheduler.codec.openai import BadRequestBody, chat_tools, parse_request_body_carefully
 from scheduler.core.events import BlockStored, KVEvent
-from scheduler.sim.engine import Engine, EngineConfig, GeneratedToken, Histogram, RequestRejected, SimRequest
+from scheduler.sim.engine import Engine, EngineConfig, GeneratedToken, RequestRejected, SimRequest
 from scheduler.sim.publisher import DEFAULT_BUFFER_STEPS, KVEventPublisher
 from scheduler.sim.tokenizer import PromptError, SimTokenizer, filler_text, load
+from scheduler.sim.worker_metrics import WorkerMetricsPage
 
 log = logging.getLogger(__name__)
 
@@ -223,115 +219,12 @@ class _Call:
     queue: asyncio.Queue[tuple[int, GeneratedToken]] = field(default_factory=asyncio.Queue)
 
 
-def _le(bound: float) -> str:
-    return "+Inf" if math.isinf(bound) else repr(float(bound))
-
-
-class _MetricsCollector(Collector):
-    """Exposes the engine's state under vLLM's metric names at scrape time."""
-
-    def __init__(self, worker: SimWorker) -> None:
-        self._worker = worker
-
-    def collect(self) -> Iterator[Metric]:
-        omitted = set(self._worker.config.omit_metrics)
-        return (metric for metric in self._families() if metric.name not in omitted)
-
-    def _families(self) -> Iterator[Metric]:
-        worker = self._worker
-        engine = worker.engine
-        cfg = engine.config
-        names = ["model_name", "engine"]
-        values = [worker.config.model, "0"]
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            metric = GaugeMetricFamily(name, doc, labels=names)
-            metric.add_metric(values, value)
-            return metric
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            metric = CounterMetricFamily(name, doc, labels=names)
-            metric.add_metric(values, value)
-            return metric
-
-        def histogram(name: str, doc: str, state: Histogram) -> HistogramMetricFamily:
-            metric = HistogramMetricFamily(name, doc, labels=names)
-            buckets = [(_le(bound), float(count)) for bound, count in state.cumulative()]
-            metric.add_metric(values, buckets, state.sum)
-            return metric
-
-        m = engine.metrics
-        gauges = (
-            (
-                "vllm:num_requests_running",
-                "Number of requests in model execution batches.",
-                engine.num_running,
-            ),
-            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", engine.num_waiting),
-            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", engine.kv_cache_usage),
-        )
-        for name, doc, value in gauges:
-            yield gauge(name, doc, value)
-        if cfg.max_loras:
-            # vLLM's form (vllm/v1/metrics/loggers.py): the adapters as comma-separated label
-            # values, the value the time the set was current.
-            lora = GaugeMetricFamily(
-                "vllm:lora_requests_info",
-                "Running stats on lora requests.",
-                labels=["running_lora_adapters", "max_lora", "waiting_lora_adapters"],
-            )
-            lora.add_metric(
-                [
-                    ",".join(sorted(engine.running_loras)),
-                    str(cfg.max_loras),
-                    ",".join(sorted(engine.waiting_loras)),
-                ],
-                time.time(),
-            )
-            yield lora
-        info_labels = ["block_size", "num_gpu_blocks", "enable_prefix_caching", "prefix_caching_hash_algo"]
-        info = GaugeMetricFamily(
-            "vllm:cache_config_info",
-            "Information of the LLMEngine CacheConfig",
-            labels=[*info_labels, "engine"],
-        )
-        info.add_metric([str(cfg.block_size), str(cfg.capacity_blocks), "True", cfg.hash_algo, "0"], 1.0)
-        yield info
-        counters = (
-            (
-                "vllm:prefix_cache_queries",
-                "Prefix cache queries, in terms of tokens.",
-                m.prefix_cache_queries,
-            ),
-            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of tokens.", m.prefix_cache_hits),
-            ("vllm:prompt_tokens", "Number of prefill tokens processed.", m.prompt_tokens),
-            ("vllm:generation_tokens", "Number of generation tokens processed.", m.generation_tokens),
-        )
-        for name, doc, count in counters:
-            yield counter(name, doc, count)
-        success = CounterMetricFamily(
-            "vllm:request_success",
-            "Count of successfully processed requests.",
-            labels=[*names, "finished_reason"],
-        )
-        success.add_metric([*values, "length"], m.requests_finished)
-        yield success
-        histograms = (
-            ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", m.ttft),
-            ("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", m.itl),
-            ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", m.e2e),
-        )
-        for name, doc, state in histograms:
-            yield histogram(name, doc, state)
-
-
 class SimWorker:
     def __init__(self, config: WorkerConfig | None = None) -> None:
         self.config = config or WorkerConfig()
         self.tokenizer: SimTokenizer = load(self.config.tokenizer_dir)
         self.engine = Engine(self.config.engine, output_token=self.tokenizer.filler_token_id)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_MetricsCollector(self))
+        self.metrics_page = WorkerMetricsPage(self.config.model, self.config.omit_metrics)
         self.publisher: KVEventPublisher | None = None
         self.http_port = 0
         self.bad_requests = 0
@@ -938,5 +831,5 @@ class SimWorker:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(
-            body=generate_latest(self.registry), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE}
+            body=self.metrics_page.render(self.engine), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE}
         )
