@@ -42,6 +42,7 @@ from prometheus_client.core import (
 )
 
 from scheduler.sim.engine import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, Histogram
+from scheduler.sim.worker_metrics import le_label
 
 ENGINE_LABELS = ("model_name", "engine")
 FINISHED_REASONS = ("stop", "length", "abort", "error")  # vllm/v1/engine FinishReason
@@ -216,14 +217,10 @@ class HttpFigures:
         lowr.observe(seconds)
 
 
-def _le(bound: float) -> str:
-    return "+Inf" if math.isinf(bound) else repr(float(bound))
-
-
 def _buckets(state: Histogram | None, bounds: Sequence[float]) -> tuple[list[tuple[str, float]], float]:
     if state is None:
-        return [(_le(b), 0.0) for b in (*bounds, math.inf)], 0.0
-    return [(_le(b), float(n)) for b, n in state.cumulative()], state.sum
+        return [(le_label(b), 0.0) for b in (*bounds, math.inf)], 0.0
+    return [(le_label(b), float(n)) for b, n in state.cumulative()], state.sum
 
 
 def _created(family: Metric, labels: Mapping[str, str], at: float) -> None:
