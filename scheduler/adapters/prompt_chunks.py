@@ -206,7 +206,7 @@ class PromptChunks:
         can change a prefix match. A tokenizer that cannot be cut is used whole.
         """
         if not self.enabled:
-            # encode_batch, not encode: only the batch call lets go of the GIL (tokenizers 0.23),
+            # A batch call, not encode: only the batch calls let go of the GIL (tokenizers 0.23),
             # and a long prompt is tokenised on a worker thread beside the event loop.
             encoded = self._encode_batch([text], add_special_tokens=add_special_tokens)
             whole: list[int] = encoded[0].ids

@@ -8,32 +8,30 @@
 
 A first token waits for the prefill queued ahead of it and its own (``a`` per token, the
 same for both: a queued token costs what an own token costs, and own tokens are in every
-sample, so ``a`` is learned before any queue is seen and carries over to queues never
-seen), its own prefill's attention, quadratic in the context (``b``), and the engine
-iterations it runs in, each longer for the decode batch's KV reads (``c``, scraped KV
-usage) and per-sequence work (``d``), and that per-sequence work and those reads again in
-every further iteration the prefill ahead and its own take (``e``: a prefill of many chunks
-behind a large decode batch drains slower than the same prefill alone), and the decode
-batch's reads counted per request (``g``, kvsched's own decoding requests' prompt tokens:
-KV usage counts a prefix the batch shares once, the iterations read it once per request);
-the decode batch it
-joins is what slows each later token. These are the terms of an engine iteration's cost
+sample, so ``a`` is learned before any queue is seen and carries over to queues never seen),
+its own prefill's attention, quadratic in the context (``b``), and the engine iterations it
+runs in, each longer for the decode batch's KV reads (``c``, scraped KV usage) and
+per-sequence work (``d``), and that per-sequence work and those reads again in every further
+iteration the prefill ahead and its own take (``e``: a prefill of many chunks behind a large
+decode batch drains slower than the same prefill alone), and the decode batch's reads
+counted per request (``g``, kvsched's own decoding requests' prompt tokens: KV usage counts
+a prefix the batch shares once, the iterations read it once per request); the decode batch
+it joins is what slows each later token. These are the terms of an engine iteration's cost
 (sim/latency.py derives them for Llama-3-8B on an H100), so the law extrapolates: fitted on
 the first third of a ``kvsched bench policies --size short`` run and scored on the rest, its
-TTFT MAPE (before ``e``) was
-18.6-23.6% on the conversation, chat-saturated, rag and agentic rows against 27.6-65.0%
-for the law it replaces (base + the estimated prefill milliseconds at the measured drain
-rate + a cost per scraped waiting request: the drain rate is measured over queueing and
-decode iterations and prices an idle engine's prefill 1.3x too slow on the conversation
-trace, and the waiting count, a lagging proxy of the queue, took coefficients of up to
-560 ms a request). The ``e`` term came later, for loads that grow through a run: without
-it the prior, and the trees correcting it, under-predicted the busiest part of the agentic
-and chat rows at saturation (median predicted/observed 0.81-0.89 on agentic), where the
-decode batch was at its largest; with it, TTFT MAPE on agentic saturated 16.6 -> 15.2%
+TTFT MAPE (before ``e``) was 18.6-23.6% on the conversation, chat-saturated, rag and agentic
+rows against 27.6-65.0% for the law it replaces (base + the estimated prefill milliseconds
+at the measured drain rate + a cost per scraped waiting request: the drain rate is measured
+over queueing and decode iterations and prices an idle engine's prefill 1.3x too slow on the
+conversation trace, and the waiting count, a lagging proxy of the queue, took coefficients
+of up to 560 ms a request). The ``e`` term came later, for loads that grow through a run:
+without it the prior, and the trees correcting it, under-predicted the busiest part of the
+agentic and chat rows at saturation (median predicted/observed 0.81-0.89 on agentic), where
+the decode batch was at its largest; with it, TTFT MAPE on agentic saturated 16.6 -> 15.2%
 (seeds 1 and 2: 19.4 -> 15.5%, 17.4 -> 15.3%) and chat saturated 21.3 -> 19.2%, the other
 rows within 0.2 points, the same decisions. The ``g`` term then took agentic saturated to
-14.7% (seeds 1 and 2: 15.5 -> 15.0%, 15.3 -> 14.2%) and chat saturated to 17.4% (seeds 1
-and 2: 20.4 -> 19.0%, 19.6 -> 18.0%), again with the same decisions.
+14.7% (seeds 1 and 2: 15.5 -> 15.0%, 15.3 -> 14.2%) and chat saturated to 17.4% (seeds 1 and
+2: 20.4 -> 19.0%, 19.6 -> 18.0%), again with the same decisions.
 
 The coefficients start from PriorCoefficients and are refitted by least squares on observed
 samples, weighted by 1 / latency so that the fit minimises relative error (the MAPE the
