@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from scheduler.adapters.extproc.config import ExtProcConfig
 from scheduler.bench.epp_bench import (
     format_pruning_quality,
     format_report,
@@ -170,13 +171,15 @@ def test_text_prompt_decisions_tokenise_long_prompts_only_as_far_as_held() -> No
     for (size, _), row in by_case.items():
         whole, leading = row["whole"], row["held_prefix"]
         assert whole["decision_cpu_ms"] > 0 and row["cpu_ratio"] > 0
-        if size <= 32 * 1024:
-            # Within the first 32 Ki characters every prompt is tokenised whole.
-            assert leading["tokenized_tokens"] == whole["tokenized_tokens"]
-        else:
-            # Past it: stopped a window after what is held, the rest estimated closely.
-            assert leading["tokenized_tokens"] < whole["tokenized_tokens"]
-            assert leading["length_error"] < 0.05
+        # Longer than 2 Ki characters: stopped a piece or so after what is held, the rest
+        # estimated closely and tokenised after the answer.
+        assert size > ExtProcConfig().tokenize_held_prefix_above_chars
+        assert leading["tokenized_tokens"] < whole["tokenized_tokens"]
+        assert leading["length_error"] < 0.05
+        assert (
+            leading["after_answer_cpu_ms"] > 0
+            and whole["after_answer_cpu_ms"] < leading["after_answer_cpu_ms"]
+        )
     assert (
         by_case[(48_000, "half")]["held_prefix"]["tokenized_tokens"]
         >= by_case[(48_000, "none")]["held_prefix"]["tokenized_tokens"]

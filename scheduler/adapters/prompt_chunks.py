@@ -54,9 +54,10 @@ MIN_CHUNK_CHARS = 256
 MAX_CHUNK_CHARS = 1024
 
 # A prompt tokenised only as far as the pool holds it (``PromptChunks.leading_ids``) is asked
-# about after each window of about this many characters (~2,000 tokens of prose): a window
-# costs ~2.5 ms to tokenise when none of it is cached, the question ~10-40 us.
-LEADING_WINDOW_CHARS = 8192
+# about only while at least this many characters are left: tokenising them costs ~0.3-0.6 ms
+# where none is cached (the simulated pool's BPE, ~3 us a word on a 2-core machine), a
+# question ~10-40 us, and stopping earlier saves less than a question is worth.
+HELD_CHECK_MIN_REST_CHARS = 1024
 
 # Texts the check tokenises whole and cut at every allowed place: prose, code, numbers,
 # contractions, runs of spaces and newlines, tabs, non-Latin scripts and emoji.
@@ -147,6 +148,8 @@ class ChunkStats:
     chunk_hits: int = 0
     chars: int = 0
     chars_hit: int = 0
+    # Ids of those characters (``chars``), for the ratio a prompt's untokenised rest is estimated at.
+    tokens: int = 0
     # Characters of routed prompts left untokenised past what the pool holds (``leading_ids``).
     chars_left: int = 0
     evictions: int = 0
@@ -158,6 +161,7 @@ class ChunkStats:
             "chunk_hits": self.chunk_hits,
             "chars": self.chars,
             "chars_hit": self.chars_hit,
+            "tokens": self.tokens,
             "chars_left": self.chars_left,
             "evictions": self.evictions,
         }
@@ -193,17 +197,21 @@ class PromptChunks:
         *,
         add_special_tokens: bool,
         held: Callable[[Sequence[int]], bool] | None = None,
-        window_chars: int = LEADING_WINDOW_CHARS,
-        first_window_chars: int = 0,
+        whole_chars: int = 0,
+        min_rest_chars: int = HELD_CHECK_MIN_REST_CHARS,
     ) -> tuple[Sequence[int], int]:
         """The ids of ``text``'s first characters and how many characters are left.
 
-        Without ``held``, all of ``text`` (0 left). With it, ``text`` is tokenised a window at a
-        time (the first of about ``first_window_chars``, or ``window_chars``, the others of
-        ``window_chars``), and after each window ``held(ids so far)`` says whether the pool
-        still holds everything so far; once it does not, the rest is left: the ids given are
-        exactly the whole text's first ids (the cuts are the tokenizer's own), and no later id
-        can change a prefix match. A tokenizer that cannot be cut is used whole.
+        Without ``held``, or for a text of at most ``whole_chars`` characters, all of it (0
+        left). Otherwise the pieces are taken in order, and before tokenising one the cache
+        does not have, while at least ``min_rest_chars`` characters remain, ``held(ids so
+        far)`` says whether the pool still holds everything so far; once it does not, the
+        rest is left: the ids given are exactly the whole text's first ids (the cuts are the
+        tokenizer's own), and no later id can change a prefix match. Pieces the cache has
+        cost a lookup, so they are never a reason to ask. The questions are spaced out as the
+        text grows (each after at least a quarter as many characters as came before the last
+        one), so that a long prompt held throughout costs a few dozen of them, not one a piece.
+        A tokenizer that cannot be cut is used whole.
         """
         if not self.enabled:
             # A batch call, not encode: only the batch calls let go of the GIL (tokenizers 0.23),
@@ -215,30 +223,52 @@ class PromptChunks:
         bounds = list(chunk_bounds(text))
         with self._lock:
             self.stats.prompts += 1
-        if not bounds:
-            windows = []
-        elif held is None:
-            windows = [bounds]
+        if held is None or len(text) <= whole_chars:
+            if bounds:
+                self._extend(ids, text, 0, bounds)
         else:
-            windows, window, window_start = [], [], 0
-            for end in bounds:
-                window.append(end)
-                if end - window_start >= (window_chars if windows else max(first_window_chars, window_chars)):
-                    windows.append(window)
-                    window, window_start = [], end
-            if window:
-                windows.append(window)
-        start = 0
-        for number, window in enumerate(windows):
-            self._extend(ids, text, start, window)
-            start = window[-1]
-            if held is not None and number + 1 < len(windows) and not held(ids):
+            left = self._extend_while_held(ids, text, bounds, held, min_rest_chars)
+            if left:
                 with self._lock:
-                    self.stats.chars_left += len(text) - start
-                return ids, len(text) - start
+                    self.stats.chars_left += left
+                return ids, left
         if add_special_tokens and self._special_suffix:
             ids.extend(self._special_suffix)
         return ids, 0
+
+    def _extend_while_held(
+        self,
+        ids: array[int],
+        text: str,
+        bounds: list[int],
+        held: Callable[[Sequence[int]], bool],
+        min_rest_chars: int,
+    ) -> int:
+        """Append ``text``'s pieces' ids while the pool holds them (``leading_ids``); returns
+        the characters left untokenised."""
+        size = len(text)
+        start = 0
+        next_ask = 0  # where the pool may be asked about again
+        run: list[int] = []  # consecutive pieces not yet appended
+        for end in bounds:
+            if start >= next_ask and size - start >= min_rest_chars and not self._cached(text[start:end]):
+                if run:
+                    self._extend(ids, text, run[0], run[1:])
+                    run = []
+                if not held(ids):
+                    return size - start
+                next_ask = start + start // 4
+            if not run:
+                run.append(start)
+            run.append(end)
+            start = end
+        if run:
+            self._extend(ids, text, run[0], run[1:])
+        return 0
+
+    def _cached(self, piece: str) -> bool:
+        with self._lock:
+            return piece in self._pieces
 
     def _extend(self, ids: array[int], text: str, start: int, bounds: list[int]) -> None:
         """Append the ids of ``text[start:bounds[-1]]``, cut at ``bounds``."""
@@ -277,9 +307,12 @@ class PromptChunks:
                     piece_ids = array("Q", encoding.ids)
                     parts[slot] = piece_ids
                     self._keep(piece, piece_ids)
+        before = len(ids)
         for part in parts:
             assert part is not None
             ids.extend(part)
+        with self._lock:
+            stats.tokens += len(ids) - before
 
     def _keep(self, piece: str, piece_ids: array[int]) -> None:
         cost = _entry_bytes(piece, piece_ids)
@@ -291,6 +324,12 @@ class PromptChunks:
             old, old_ids = self._pieces.popitem(last=False)
             self.bytes_used -= _entry_bytes(old, old_ids)
             self.stats.evictions += 1
+
+    @property
+    def tokens_per_char(self) -> float | None:
+        """Ids per character over every prompt tokenised here so far; None before the first."""
+        stats = self.stats
+        return stats.tokens / stats.chars if stats.chars else None
 
     def snapshot(self) -> dict[str, Any]:
         return {

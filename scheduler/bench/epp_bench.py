@@ -497,7 +497,7 @@ REQUEST_STAGES = (
     "reply_build",
     "response_path",
 )
-BACKGROUND_STAGES = ("kv_ingest", "scrape_parse", "predictor_fit")
+BACKGROUND_STAGES = ("tokenize_rest", "kv_ingest", "scrape_parse", "predictor_fit")
 # Stages whose CPU time is spent in a helper process, not in kvsched's own (/proc) figure.
 OTHER_PROCESS_STAGES = frozenset({"predictor_fit"})
 
@@ -808,6 +808,7 @@ _STAGE_LABELS = {
     "pick": "Scheduler.pick",
     "reply_build": "header mutation + body echo",
     "response_path": "response headers/body",
+    "tokenize_rest": "tokenising a prompt's rest after the answer",
     "kv_ingest": "KV-event decode + apply",
     "scrape_parse": "metrics page parse",
     "predictor_fit": "predictor fits",

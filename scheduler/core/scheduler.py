@@ -1845,17 +1845,64 @@ class Scheduler:
         """Placements counted in picks now (not yet confirmed, contradicted or expired)."""
         return len(self._speculative)
 
+    def place_whole_prompt(self, request_id: str, token_ids: Sequence[int], now: float) -> bool:
+        """A request picked from its prompt's leading ids (``SchedulingRequest.untokenized_tokens``
+        said how many more there were): its placement, speculative or approximate, now covers
+        every full block of the whole prompt, so that the next request sharing more of it than
+        was tokenised at the pick finds the endpoint. The pick and the in-flight accounting are
+        not revisited. False when the request is no longer in flight or keeps no placement."""
+        flight = self._inflight.get(request_id)
+        if flight is None:
+            return False
+        holder = flight.prefill_endpoint or flight.endpoint
+        runtime = self._endpoints.get(holder)
+        if runtime is None:
+            return False
+        keys = self.index.request_keys(token_ids, adapter=flight.adapter)
+        if not len(keys):
+            return False
+        if runtime.endpoint.kv_events is None:
+            self._approx.record(
+                request_id, holder, [int(key) for key in keys], now + self.config.approximate.ttl_s
+            )
+            return True
+        if not (self.config.speculative.enabled and self._policy.reads_speculative_placement):
+            return False
+        previous = self._speculative.prompt_of(request_id)
+        if previous is None:
+            # The leading ids were held there whole, so nothing was placed: what the endpoint
+            # reports already is not placed again.
+            reported = self.index.peek(keys).get(holder)
+            if reported is not None and reported.total_blocks >= len(keys):
+                return False
+            self.speculative_outcomes["placed"] += 1
+        due_at = None if previous is None else previous.due_at
+        self._speculative.record(
+            request_id, holder, self._placed_keys(keys), now + self.config.speculative.ttl_s
+        )
+        if due_at is not None:
+            # The first token came first: its events are due when they were.
+            placed = self._speculative.prompt_of(request_id)
+            assert placed is not None
+            placed.due_at = due_at
+        return True
+
+    @staticmethod
+    def _placed_keys(keys: Any) -> Sequence[int]:
+        # The native backend's lazy keys as a uint64 array, which the index reads in place:
+        # 1.5 us for a 512-block prompt against list()'s 16.6 (measured; py-spy put list() at
+        # 10.8% of a pick at 8 endpoints, 8k tokens). The reference backend's are a list.
+        return (
+            list(keys) if isinstance(keys, list) else cast("Sequence[int]", np.asarray(keys, dtype=np.uint64))
+        )
+
     def _speculate(self, request_id: str, endpoint: str, keys: Any, cached_tokens: int, now: float) -> None:
         """Remember that ``endpoint`` will report this prompt's blocks, unless it already does."""
         if cached_tokens >= len(keys) * self.config.index.block_size:
             return
-        # The native backend's lazy keys as a uint64 array, which the index reads in place:
-        # 1.5 us for a 512-block prompt against list()'s 16.6 (measured; py-spy put list() at
-        # 10.8% of a pick at 8 endpoints, 8k tokens). The reference backend's are a list.
-        held = (
-            list(keys) if isinstance(keys, list) else cast("Sequence[int]", np.asarray(keys, dtype=np.uint64))
+        self._speculative.record(
+            request_id, endpoint, self._placed_keys(keys), now + self.config.speculative.ttl_s
         )
-        self._speculative.record(request_id, endpoint, held, now + self.config.speculative.ttl_s)
         self.speculative_outcomes["placed"] += 1
 
     def _with_speculative(self, keys: Any, matches: dict[str, PrefixMatch]) -> dict[str, PrefixMatch]:

@@ -26,6 +26,7 @@ from scheduler.adapters.tokenizer import (
     PromptTokenizer,
     TemplateError,
     leading_request_token_ids,
+    request_token_ids,
 )
 from scheduler.adapters.tracing import DecisionTrace, DecisionTracer, decision_attributes
 from scheduler.codec.openai import (
@@ -73,6 +74,8 @@ class SchedulerPort(Protocol):
     def lookup(self, token_ids: Sequence[int], now: float, *, model: str | None = None) -> PrefixLookup: ...
 
     def prefix_held(self, token_ids: Sequence[int], *, model: str | None = None) -> bool: ...
+
+    def place_whole_prompt(self, request_id: str, token_ids: Sequence[int], now: float) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -160,6 +163,8 @@ class PickRunner:
         # Draws for the weighted model split; seeded, so a replayed run splits alike.
         self._rewrite_rng = random.Random(seed)
         self._logged_errors: set[str] = set()
+        # Prompts being tokenised whole after their answer, for their placement.
+        self._placing: set[asyncio.Task[None]] = set()
 
     async def decide_body(
         self, hints: RequestHints, body: bytes | None, subset: frozenset[str] | None
@@ -234,9 +239,42 @@ class PickRunner:
         else:
             decision = await self.admit_and_pick(request, trace)
         decision.body = parsed
+        if untokenized and decision.routed and parsed is not None and self.config.tokenize_placed_chars:
+            self._place_whole_prompt_soon(request.request_id, parsed)
         if trace is not None:
             self._finish_trace(trace, decision)
         return decision
+
+    def _place_whole_prompt_soon(self, request_id: str, parsed: InferenceRequestBody) -> None:
+        """The rest of a prompt picked from its leading ids, tokenised once the answer is on
+        its way (the task starts after the transport has sent it), for its placement: the
+        next request that shares more of the prompt finds where it went, as when the whole
+        prompt was tokenised before the pick (up to ``tokenize_placed_chars``). A long prompt
+        goes to a worker thread."""
+        task = asyncio.ensure_future(self._place_whole_prompt(request_id, parsed))
+        self._placing.add(task)
+        task.add_done_callback(self._placing.discard)
+
+    async def settle(self) -> None:
+        """Wait until every prompt being tokenised for its placement is placed."""
+        while self._placing:
+            await asyncio.gather(*self._placing)
+
+    async def _place_whole_prompt(self, request_id: str, parsed: InferenceRequestBody) -> None:
+        limit = min(self.config.tokenize_placed_chars, self.config.tokenize_max_chars)
+        parsed = leading_prompt(parsed, limit)
+        size = len(parsed.prompt_text or "") + sum(len(message.content) for message in parsed.messages)
+        try:
+            if size > self.config.tokenize_in_thread_chars and getattr(self.tokenizer, "releases_gil", True):
+                ids = await asyncio.to_thread(request_token_ids, self.tokenizer, parsed)
+            else:
+                started = STAGE_TIMES.start()
+                ids = request_token_ids(self.tokenizer, parsed)
+                STAGE_TIMES.stop("tokenize_rest", started)
+            self.scheduler.place_whole_prompt(request_id, ids, self.clock())
+        except Exception as exc:
+            # The request is routed already; only the next ones' view of it is at stake.
+            self._log_error_once("placing the whole prompt", request_id, exc)
 
     def _finish_trace(self, trace: DecisionTrace, answer: RoutingAnswer) -> None:
         assert self.tracer is not None
