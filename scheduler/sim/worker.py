@@ -63,6 +63,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from scheduler.codec.openai import BadRequestBody, chat_tools, parse_request_body_carefully
@@ -209,6 +210,29 @@ def _error_response(status: int, message: str, kind: str) -> web.Response:
     # vLLM's ErrorResponse shape (OpenAI-compatible).
     body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
     return web.json_response(body, status=status)
+
+
+def sse_event(chunk: dict[str, Any]) -> bytes:
+    """One server-sent event of a streamed answer: ``data: <compact JSON>`` and a blank line."""
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
+def token_event_prefix(head: dict[str, Any]) -> bytes:
+    """What every token event of one answer starts with: ``head``'s fields, then the choices."""
+    return b"data: " + json.dumps(head, separators=(",", ":")).encode()[:-1] + b',"choices":['
+
+
+def token_event(prefix: bytes, choice: int, text: str, finished: bool, *, chat: bool) -> bytes:
+    """``sse_event`` of one generated token's chunk, byte for byte, without building the chunk:
+    a streamed answer sends one per token, and the dictionaries and ``json.dumps`` of each were
+    a fifth of the simulated pool's busy time under ``kvsched demo`` (py-spy)."""
+    reason = b'"length"' if finished else b"null"
+    body = json.dumps(text).encode()
+    if chat:
+        entry = b'{"index":%d,"delta":{"content":%b},"logprobs":null' % (choice, body)
+    else:
+        entry = b'{"index":%d,"text":%b,"logprobs":null' % (choice, body)
+    return prefix + entry + b',"finish_reason":' + reason + b',"stop_reason":null}]}\n\n'
 
 
 @dataclass(slots=True)
@@ -478,9 +502,14 @@ class SimWorker:
     async def _body(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise _HTTPError(400, f"request body is not JSON: {exc}") from exc
+            # msgspec reads a 17 KB token-id body in 0.08 ms where json takes 0.18-0.24; what
+            # it refuses (NaN, integers past 64 bits, bad JSON) json reads or explains as before.
+            body = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise _HTTPError(400, f"request body is not JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise _HTTPError(400, "request body must be a JSON object")
         model = body.get("model")
@@ -634,18 +663,12 @@ class SimWorker:
                 first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
                 await self._send(response, {**head, "choices": [{**first, "finish_reason": None}]})
             remaining = len(call.requests)
+            prefix = token_event_prefix(head)
             while remaining:
                 choice, token = await call.queue.get()
                 first_token_at = first_token_at or loop.time()
-                text = filler_text(token.index)
-                reason = "length" if token.finished else None
-                if chat:
-                    entry: dict[str, Any] = {"index": choice, "delta": {"content": text}, "logprobs": None}
-                else:
-                    entry = {"index": choice, "text": text, "logprobs": None}
-                entry["finish_reason"] = reason
-                entry["stop_reason"] = None
-                await self._send(response, {**head, "choices": [entry]})
+                event = token_event(prefix, choice, filler_text(token.index), token.finished, chat=chat)
+                await response.write(event)
                 remaining -= token.finished
             if include_usage:
                 usage: dict[str, Any] = {**head, "choices": [], "usage": self._usage(call.requests)}
@@ -659,7 +682,7 @@ class SimWorker:
 
     @staticmethod
     async def _send(response: web.StreamResponse, chunk: dict[str, Any]) -> None:
-        await response.write(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
+        await response.write(sse_event(chunk))
 
     def _full_body(self, call: _Call, texts: list[str], head: dict[str, Any], chat: bool) -> dict[str, Any]:
         choices: list[dict[str, Any]] = []
