@@ -98,6 +98,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 # Clients that do not know the key ignore it, as OpenAI clients ignore unknown fields.
 TIMING_KEY = "kvsched_sim_timing"
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_TIMER_TICK_S = 0.001
 _MIN_SLEEP_S = 0.001
 _LATE_TOLERANCE_S = 0.005
 
@@ -406,8 +407,11 @@ class SimWorker:
         return self._anchor_real + (engine_t - self._anchor_engine) / self.config.speed
 
     async def _pace(self, engine_t: float) -> None:
-        delay = self._loop_time_of(engine_t) - asyncio.get_running_loop().time()
-        # Shorter sleeps would round up to the timer tick; the lead is kept for later.
+        # The event loop waits in whole milliseconds, rounded up (selectors' epoll timeout), so
+        # a sleep ends up to a tick late, half a tick on average: aimed half a tick early, a
+        # step's tokens are handed out centred on the step's end instead of after it. Shorter
+        # sleeps would round up to the tick; the lead is kept for later.
+        delay = self._loop_time_of(engine_t) - asyncio.get_running_loop().time() - _TIMER_TICK_S / 2
         await asyncio.sleep(delay if delay >= _MIN_SLEEP_S else 0)
 
     def _reanchor(self, step_end: float) -> None:
