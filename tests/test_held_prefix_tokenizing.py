@@ -212,3 +212,28 @@ def test_a_request_picked_from_leading_ids_is_placed_whole_afterwards(kv_events:
     # Once the request is over there is nothing to place.
     scheduler.on_completed("r1", 2.0)
     assert not scheduler.place_whole_prompt("r1", whole, 2.1)
+
+
+async def test_a_failure_placing_the_rest_costs_the_routed_request_nothing(
+    tokenizer: HFTokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    class FailingPlacement(Scheduler):
+        def place_whole_prompt(self, request_id: str, token_ids: object, now: float) -> bool:
+            raise RuntimeError("placement store unavailable")
+
+    scheduler = FailingPlacement()
+    names = [f"10.0.2.{i}:8000" for i in range(2)]
+    scheduler.set_endpoints([Endpoint(n, n, kv_events="tcp://x:5557") for n in names], now=0.0)
+    for name in names:
+        scheduler.update_metrics(name, EndpointMetrics(0, 0, 0.1), now=0.0)
+    runner = PickRunner(scheduler, ExtProcConfig(), tokenizer, clock=lambda: 1.0, stats=ExtProcStats())
+    hints = request_hints({":path": "/v1/completions"})
+    for n in range(2):
+        answer = await runner.decide_parsed(
+            hints, InferenceRequestBody("completions", prompt_text=document(7 + n, 6_000)), None
+        )
+        assert answer.routed and answer.request is not None and answer.request.untokenized_tokens > 0
+        await runner.settle()
+    # Logged once with its context, not once per request.
+    failures = [r for r in caplog.records if "placing the whole prompt" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
