@@ -263,9 +263,8 @@ class PickRunner:
     async def _place_whole_prompt(self, request_id: str, parsed: InferenceRequestBody) -> None:
         limit = min(self.config.tokenize_placed_chars, self.config.tokenize_max_chars)
         parsed = leading_prompt(parsed, limit)
-        size = len(parsed.prompt_text or "") + sum(len(message.content) for message in parsed.messages)
         try:
-            if size > self.config.tokenize_in_thread_chars and getattr(self.tokenizer, "releases_gil", True):
+            if self._tokenises_off_loop(parsed):
                 ids = await asyncio.to_thread(request_token_ids, self.tokenizer, parsed)
             else:
                 started = STAGE_TIMES.start()
@@ -430,7 +429,6 @@ class PickRunner:
         if render is not None and (rendered := await render(parsed)) is not None:
             # Worker-render mode: a worker's render endpoint gave the ids.
             return cast(Sequence[int], rendered), 0
-        size = len(parsed.prompt_text or "") + sum(len(message.content) for message in parsed.messages)
         tokenize = partial(
             leading_request_token_ids,
             self.tokenizer,
@@ -438,13 +436,19 @@ class PickRunner:
             held,
             self.config.tokenize_held_prefix_above_chars,
         )
-        if size > self.config.tokenize_in_thread_chars and getattr(self.tokenizer, "releases_gil", True):
+        if self._tokenises_off_loop(parsed):
             # Tokenisers release the GIL; a long prompt must not stall every other stream.
             # ``held`` then reads the index from that thread: each of its reads is one native
             # call under the GIL, and a read that misses a concurrent update only moves where
             # tokenising stops.
             return await asyncio.to_thread(tokenize)
         return tokenize()
+
+    def _tokenises_off_loop(self, parsed: InferenceRequestBody) -> bool:
+        """Whether ``parsed``'s prompt is long enough to tokenise on a worker thread (and the
+        tokenizer lets go of the GIL, so the thread runs beside the event loop)."""
+        size = len(parsed.prompt_text or "") + sum(len(message.content) for message in parsed.messages)
+        return size > self.config.tokenize_in_thread_chars and getattr(self.tokenizer, "releases_gil", True)
 
     def _request_for(
         self,
