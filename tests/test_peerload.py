@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from scheduler.adapters.metrics import KvschedCollector
 from scheduler.core.events import BlockStored, EventBatch, Tier
 from scheduler.core.index import IndexConfig
-from scheduler.core.peerload import PeerSyncConfig, SyncMessage
+from scheduler.core.peerload import PeerSyncConfig, Placed, SyncMessage
 from scheduler.core.scheduler import (
     Endpoint,
     EndpointMetrics,
@@ -88,6 +88,46 @@ def test_a_peers_speculative_placement_draws_the_same_prefix_until_events_settle
     b.on_kv_batch(chosen, late)
     assert b.speculative_placements == 1  # b's own placement of r2 is not due yet
     assert b.speculative_outcomes["contradicted"] >= 1
+
+
+def test_a_placement_widened_after_the_pick_reaches_the_peers() -> None:
+    """A text prompt picked from its leading ids is placed whole after the answer; a peer
+    hears of the wider placement, so its next request sharing the longer prefix follows."""
+    a, b = _replica("a"), _replica("b")
+    whole = list(range(1, 16 * 40 + 1))
+    leading = whole[: 16 * 4]
+    pick = a.pick(SchedulingRequest("r1", leading, max_tokens=8, untokenized_tokens=16 * 36), 1.0)
+    chosen = pick.endpoints[0]
+    _deliver(a.take_sync_messages(), b, 1.001)
+    # b knows only the leading blocks' placement: the longer prefix is held nowhere, so b
+    # sends a request sharing it to the other, idle endpoint.
+    assert not b.prefix_held(whole[: 16 * 20])
+    assert a.place_whole_prompt("r1", whole, 1.002)
+    (placed,) = a.take_sync_messages()
+    assert isinstance(placed.body, Placed) and len(placed.body.placed_keys) == 40
+    _deliver([placed], b, 1.003)
+    assert b.prefix_held(whole)
+    assert _route(b, "r2", 1.004, tokens=16 * 44) == chosen
+    # Applied twice, still one placement.
+    _deliver([placed], b, 1.005)
+    assert b.speculative_placements == 2  # a's r1 and b's own r2
+
+
+def test_a_widened_placement_after_the_request_ended_places_nothing() -> None:
+    a, b = _replica("a"), _replica("b")
+    whole = list(range(1, 16 * 40 + 1))
+    a.pick(SchedulingRequest("r1", whole[:64], max_tokens=8, untokenized_tokens=16 * 36), 1.0)
+    routed = a.take_sync_messages()
+    assert a.place_whole_prompt("r1", whole, 1.002)
+    placed = a.take_sync_messages()
+    a.on_first_token("r1", 1.1)
+    a.on_completed("r1", 1.2)
+    released = a.take_sync_messages()
+    # Reordered: the release overtakes the placement.
+    _deliver(routed + released, b, 1.3)
+    _deliver(placed, b, 1.301)
+    assert not b.prefix_held(whole)
+    assert b.peer_load.stats.received == 4
 
 
 def test_without_speculative_placement_routings_carry_no_keys() -> None:

@@ -16,7 +16,7 @@ import zmq.asyncio
 from scheduler.adapters.peersync import PeerSyncTransport, endpointslice_peers
 from scheduler.codec.peersync import PeerSyncDecodeError, decode, encode
 from scheduler.core.index import IndexConfig
-from scheduler.core.peerload import DONE, PeerSyncConfig, Released, Routed, Snapshot, SyncMessage
+from scheduler.core.peerload import DONE, PeerSyncConfig, Placed, Released, Routed, Snapshot, SyncMessage
 from scheduler.core.scheduler import Endpoint, EndpointMetrics, Scheduler, SchedulerConfig, SchedulingRequest
 
 E1 = "10.0.0.1:8000"
@@ -69,9 +69,10 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
         Routed("r1", E1, 512, 9.5, 2.25, True, (1, 2), 32, (3,), E1),
         Released("r1", DONE),
         Snapshot((Routed("r1", E1, 512, 9.5, 2.25, False), Routed("r2", E1, 0, 5.0, 5.0, True))),
+        Placed("r1", E1, (2**64 - 1, 5, 6, 7)),
     ],
 )
-def test_codec_round_trip(body: Routed | Released | Snapshot) -> None:
+def test_codec_round_trip(body: Routed | Released | Snapshot | Placed) -> None:
     message, sent_at = decode(encode(SyncMessage("a", 7, 3, 0.0, body), 1_700_000_000.5))
     assert message == SyncMessage("a", 7, 3, 0.0, body) and sent_at == 1_700_000_000.5
 
@@ -92,7 +93,13 @@ def test_routed_message_is_small() -> None:
 
 @pytest.mark.parametrize(
     "frame",
-    [b"", b"\x00\x01", msgpack.packb([9, "a", 1, 1, 0.0, 0, []]), msgpack.packb([1, "a", 1, 1, 0.0, 5, []])],
+    [
+        b"",
+        b"\x00\x01",
+        msgpack.packb([9, "a", 1, 1, 0.0, 0, []]),
+        msgpack.packb([1, "a", 1, 1, 0.0, 5, []]),
+        msgpack.packb([1, "a", 1, 1, 0.0, 4, ["r1", E1]]),
+    ],
 )
 def test_malformed_frames_are_refused_with_a_reason(frame: bytes) -> None:
     with pytest.raises(PeerSyncDecodeError):

@@ -12,9 +12,12 @@ adds, after those two (empty when not sampled), ``[placed block keys], placed_on
 1 completed, 2 the observation broke off), first_byte, status, served, cached_tokens,
 completion_tokens]`` (an observation stream's account of a response another replica routed,
 for that replica; ``incarnation`` and ``seq`` are 0: it is addressed, not part of the load
-state). ``sent_at`` is wall-clock time (seconds since the epoch): replicas' monotonic clocks are
-not comparable, so the transport maps it to and from the scheduler's clock. Positional arrays
-keep a Routed message to about 60 bytes.
+state), 4 = Placed ``[request_id, placed_on, [placed block keys]]`` (a routed request's
+speculative placement, widened after its pick; a replica of an earlier release counts it as
+a malformed frame and skips it, losing only the wider placement). ``sent_at`` is wall-clock
+time (seconds since the epoch): replicas' monotonic clocks are not comparable, so the
+transport maps it to and from the scheduler's clock. Positional arrays keep a Routed message
+to about 60 bytes.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from typing import Any
 
 import msgpack
 
-from scheduler.core.peerload import DONE, FIRST_TOKEN, Released, Routed, Snapshot, SyncMessage
+from scheduler.core.peerload import DONE, FIRST_TOKEN, Placed, Released, Routed, Snapshot, SyncMessage
 
 WIRE_VERSION = 1
-ROUTED, RELEASED, SNAPSHOT, OBSERVED = 0, 1, 2, 3
+ROUTED, RELEASED, SNAPSHOT, OBSERVED, PLACED = 0, 1, 2, 3, 4
 FIRST_BYTE, COMPLETED, BROKEN = 0, 1, 2
 
 
@@ -95,6 +98,8 @@ def encode(message: SyncMessage, sent_at_unix_s: float) -> bytes:
             RELEASED,
             [body.request_id, phase, round(body.drained_tokens, 1), round(body.waited_s, 4)],
         )
+    elif isinstance(body, Placed):
+        kind, fields = PLACED, [body.request_id, body.placed_on, list(body.placed_keys)]
     else:
         kind, fields = SNAPSHOT, [_routed_fields(routed) for routed in body.entries]
     frame = [WIRE_VERSION, message.replica, message.incarnation, message.seq, sent_at_unix_s, kind, fields]
@@ -133,7 +138,7 @@ def decode_any(frame: bytes) -> tuple[SyncMessage | ObservedResponse, float]:
         version, replica, incarnation, seq, sent_at, kind, fields = msgpack.unpackb(frame, raw=False)
         if version != WIRE_VERSION:
             raise PeerSyncDecodeError(f"wire version {version!r}, expected {WIRE_VERSION}")
-        body: Routed | Released | Snapshot
+        body: Routed | Released | Snapshot | Placed
         if kind == OBSERVED:
             routed_id, phase, first_byte, status, served, cached, completion = fields
             if phase not in (FIRST_BYTE, COMPLETED, BROKEN):
@@ -158,6 +163,9 @@ def decode_any(frame: bytes) -> tuple[SyncMessage | ObservedResponse, float]:
             )
         elif kind == SNAPSHOT:
             body = Snapshot(tuple(_routed(entry) for entry in fields))
+        elif kind == PLACED:
+            request_id, placed_on, keys = fields
+            body = Placed(str(request_id), str(placed_on), tuple(map(int, keys)))
         else:
             raise PeerSyncDecodeError(f"unknown message kind {kind!r}")
         return SyncMessage(str(replica), int(incarnation), int(seq), 0.0, body), float(sent_at)

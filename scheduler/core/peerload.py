@@ -156,6 +156,20 @@ class Routed:
 
 
 @dataclass(frozen=True, slots=True)
+class Placed:
+    """A routed request's speculative placement, widened after its pick: ``placed_on`` is now
+    assumed to cache these block keys (at most PLACED_MAX_KEYS), not only those its Routed
+    message carried. A text prompt is picked from its leading ids alone when the rest is
+    held nowhere, and tokenised whole once the answer is out (``Scheduler.place_whole_prompt``);
+    without this, peers would route the next request sharing the longer prefix blind to it
+    until the endpoint's KV events arrive."""
+
+    request_id: str
+    placed_on: str
+    placed_keys: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Released:
     """A request's first token or its end. A first token carries the prefill drain it
     measured (tokens queued ahead plus its own, and the seconds they took), so every replica
@@ -180,7 +194,7 @@ class SyncMessage:
     incarnation: int
     seq: int
     sent_at: float
-    body: Routed | Released | Snapshot
+    body: Routed | Released | Snapshot | Placed
 
 
 @dataclass(slots=True)
@@ -295,7 +309,8 @@ class PeerLoad:
 
     def receive(self, message: SyncMessage, now: float) -> list[tuple[str, int]]:
         """Apply a peer's message; returns the (endpoint, prefill tokens) it newly queued
-        there, and for a release the endpoint with 0 tokens."""
+        there, and for a release or a widened placement of a request in flight the endpoint
+        with 0 tokens."""
         if message.replica == self.replica:
             return []
         peer = self._peers.get(message.replica)
@@ -342,6 +357,12 @@ class PeerLoad:
             endpoint = self._release(peer, body.request_id, body.phase, now)
             if endpoint is not None:
                 added.append((endpoint, 0))
+        elif isinstance(body, Placed):
+            # Only while the request is in flight there: a placement that arrives after the
+            # request's end (reordered) would outlive what it describes.
+            entry = peer.entries.get(body.request_id)
+            if entry is not None:
+                added.append((entry.endpoint, 0))
         else:
             added = self._apply_snapshot(peer, body, message.seq, now)
         return added

@@ -43,6 +43,7 @@ from scheduler.core.peerload import (
     PLACED_MAX_KEYS,
     PeerLoad,
     PeerSyncConfig,
+    Placed,
     Released,
     Routed,
     Snapshot,
@@ -1598,7 +1599,7 @@ class Scheduler:
         start time in ns, say), so peers drop what an earlier start routed."""
         self.peer_load.replica, self.incarnation = replica, incarnation
 
-    def _send(self, body: Routed | Released | Snapshot, now: float) -> None:
+    def _send(self, body: Routed | Released | Snapshot | Placed, now: float) -> None:
         if self.config.sync.enabled:
             self._sync_seq += 1
             first = not self._outbox
@@ -1632,8 +1633,7 @@ class Scheduler:
         placed_on = ""
         placed = self._speculative.prompt_of(request.request_id)
         if placed is not None and not placed.forgotten:
-            head = placed.keys[:PLACED_MAX_KEYS]
-            placed_keys = tuple(head.tolist() if isinstance(head, np.ndarray) else head)
+            placed_keys = _wire_keys(placed.keys)
             placed_on = placed.endpoint
         routed = Routed(
             request.request_id,
@@ -1719,6 +1719,9 @@ class Scheduler:
             runtime = self._endpoints.get(name)
             if runtime is None:
                 continue
+            if isinstance(body, Placed):
+                self._peer_placement(message.replica, body.request_id, body.placed_on, body.placed_keys, now)
+                continue
             if isinstance(body, Released):
                 if body.phase == FIRST_TOKEN:
                     self._peer_first_token(message.replica, body.request_id, now)
@@ -1736,7 +1739,8 @@ class Scheduler:
                 continue
             if isinstance(body, Routed):
                 if body.placed_keys:
-                    self._peer_placement(message.replica, body, now)
+                    holder = body.placed_on or body.endpoint
+                    self._peer_placement(message.replica, body.request_id, holder, body.placed_keys, now)
                 if self._counts_hot_prefixes():
                     self.hot_prefixes.observe_elsewhere(body.placed_keys, now)
             runtime.routed_since_scrape += 1
@@ -1750,20 +1754,20 @@ class Scheduler:
                     self._drain_rate(runtime.endpoint.endpoint_class),
                 )
 
-    def _peer_placement(self, replica: str, routed: Routed, now: float) -> None:
-        """A peer placed a prompt speculatively: count it as this replica counts its own,
-        until the endpoint's events confirm or contradict it or its time is up."""
-        holder = routed.placed_on or routed.endpoint
+    def _peer_placement(
+        self, replica: str, request_id: str, holder: str, placed_keys: Sequence[int], now: float
+    ) -> None:
+        """A peer placed a prompt speculatively (at its pick, or wider after it): count it as
+        this replica counts its own, until the endpoint's events confirm or contradict it or
+        its time is up."""
         if not (
             self.config.speculative.enabled
             and self._policy.reads_speculative_placement
             and holder in self._endpoints
         ):
             return
-        keys = cast("Sequence[int]", np.asarray(routed.placed_keys, dtype=np.uint64))
-        self._speculative.record(
-            _peer_request(replica, routed.request_id), holder, keys, now + self.config.speculative.ttl_s
-        )
+        keys = cast("Sequence[int]", np.asarray(placed_keys, dtype=np.uint64))
+        self._record_placement(_peer_request(replica, request_id), holder, keys, now)
 
     def _peer_first_token(self, replica: str, request_id: str, now: float) -> None:
         placed = self._speculative.prompt_of(_peer_request(replica, request_id))
@@ -1868,24 +1872,29 @@ class Scheduler:
             return True
         if not (self.config.speculative.enabled and self._policy.reads_speculative_placement):
             return False
-        previous = self._speculative.prompt_of(request_id)
-        if previous is None:
+        if self._speculative.prompt_of(request_id) is None:
             # The leading ids were held there whole, so nothing was placed: what the endpoint
             # reports already is not placed again.
             reported = self.index.peek(keys).get(holder)
             if reported is not None and reported.total_blocks >= len(keys):
                 return False
             self.speculative_outcomes["placed"] += 1
+        placed_keys = self._placed_keys(keys)
+        self._record_placement(request_id, holder, placed_keys, now)
+        if self.config.sync.enabled:
+            self._send(Placed(request_id, holder, _wire_keys(placed_keys)), now)
+        return True
+
+    def _record_placement(self, request_id: str, holder: str, keys: Sequence[int], now: float) -> None:
+        """(Re)place a prompt on ``holder``; a placement widened after its request's first
+        token keeps the time its events are due by."""
+        previous = self._speculative.prompt_of(request_id)
         due_at = None if previous is None else previous.due_at
-        self._speculative.record(
-            request_id, holder, self._placed_keys(keys), now + self.config.speculative.ttl_s
-        )
+        self._speculative.record(request_id, holder, keys, now + self.config.speculative.ttl_s)
         if due_at is not None:
-            # The first token came first: its events are due when they were.
             placed = self._speculative.prompt_of(request_id)
             assert placed is not None
             placed.due_at = due_at
-        return True
 
     @staticmethod
     def _placed_keys(keys: Any) -> Sequence[int]:
@@ -1971,6 +1980,12 @@ def _holds_adapter(runtime: _EndpointRuntime, adapter: str) -> bool:
         return True
     lora = runtime.metrics.lora if runtime.metrics is not None else None
     return lora is not None and (adapter in lora.running or adapter in lora.waiting)
+
+
+def _wire_keys(keys: Sequence[int]) -> tuple[int, ...]:
+    """A placement's leading block keys as plain ints, as many as a sync message carries."""
+    head = keys[:PLACED_MAX_KEYS]
+    return tuple(head.tolist() if isinstance(head, np.ndarray) else head)
 
 
 def _peer_request(replica: str, request_id: str) -> str:
