@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
+from scheduler.adapters.extproc.native import load_native
 from scheduler.bench.peer_routers import ROUTERS
 from scheduler.bench.peer_workloads import as_text, at_rate, floor, load_workload, offered_rate, rag_tenants
-from scheduler.bench.peers import format_report, judge, run
+from scheduler.bench.peers import data_path_vs_floor, format_report, judge, run
 from scheduler.replay.text import ClientTokenizer
 from scheduler.sim.engine import EngineConfig
 from scheduler.sim.tokenizer import MODEL_DIR, load
@@ -90,6 +91,29 @@ def row_prompt_tokens(result: dict[str, Any], report: dict[str, Any]) -> list[in
     return [len(r.prompt_token_ids) for r in workload.requests]
 
 
+@pytest.mark.skipif(load_native() is None, reason="the native ext_proc module is not built here")
+def test_the_floor_row_runs_the_protocol_alone_behind_envoy_and_places_in_turn() -> None:
+    """``envoy-floor``: Envoy with the protocol-only native ext_proc. Every request goes
+    through the ext_proc exchange (Envoy's counters would not show it otherwise: a request
+    the floor failed to answer is a 5xx) and the workers take turns, as behind Envoy alone."""
+    report = run(
+        workloads=["rag_tenants"],
+        loads=[1.0],
+        routers=["envoy-floor"],
+        workers=2,
+        capacity_blocks=512,
+        requests=16,
+        seed=1,
+    )
+    (result,) = report["results"]
+    row = result["rows"]["envoy-floor"]
+    assert row["requests"] == row["ok"] == 16 and row["failed"] == 0, row["failures"]
+    assert sorted(row["requests_per_worker"].values()) == [8, 8]
+    assert row["data_path_ms"]["p50"] > 0 and row["worker_ttft_reported"] == 16
+    assert set(row["cpu_s"]) == {"extproc-floor", "envoy"} and row["cpu_s"]["extproc-floor"] > 0
+    assert not ROUTERS["envoy-floor"].is_peer  # a floor: it sets no bar on the goal
+
+
 def test_text_prompts_keep_the_id_prefixes_and_the_workers_count_them_alike(
     tokenizer: ClientTokenizer,
 ) -> None:
@@ -149,6 +173,16 @@ def test_goal_compares_kvsched_with_the_best_peer_only() -> None:
     assert not judge({**rows, "sglang": _row(21.0, 100.0, failed=1)})["judged"]
     assert not judge({"kvsched": rows["kvsched"]})["judged"]
     assert {name for name, spec in ROUTERS.items() if spec.is_peer} == set(PEER_MODULES)
+
+
+def test_kvsched_data_path_is_reported_against_the_floor_row() -> None:
+    def path(p50: float, p99: float) -> dict[str, Any]:
+        return {"data_path_ms": {"p50": p50, "p99": p99}}
+
+    rows = {"kvsched": path(6.0, 30.0), "envoy-floor": path(4.0, 20.0), "sglang": path(2.0, 9.0)}
+    assert data_path_vs_floor(rows) == {"p50": 1.5, "p99": 1.5}
+    assert data_path_vs_floor({"kvsched": rows["kvsched"], "sglang": rows["sglang"]}) is None
+    assert data_path_vs_floor({**rows, "envoy-floor": {"error": "did not start"}}) is None
 
 
 @pytest.mark.parametrize("router", sorted(PEER_MODULES))

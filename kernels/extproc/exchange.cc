@@ -710,13 +710,12 @@ FloorExchange::FloorExchange(const Transport* transport) : transport_(transport)
 
 void FloorExchange::Route(bool end_of_stream) {
   decided_ = true;
-  // A pick that costs nothing: FNV-1a of the first 256 body bytes (the measured floor's rule).
+  // A pick that costs nothing and places as a round-robin gateway does, so that a benchmark
+  // row of this floor differs from Envoy's own ROUND_ROBIN row by the protocol alone. (It was
+  // a hash of the first 256 body bytes, which sent every prompt sharing its opening to one
+  // worker.)
   const auto& endpoints = transport_->options().floor_endpoints;
-  uint64_t hash = 1469598103934665603ull;
-  for (size_t i = 0; i < std::min<size_t>(body_.size(), 256); ++i) {
-    hash = (hash ^ static_cast<unsigned char>(body_[i])) * 1099511628211ull;
-  }
-  const std::string& destination = endpoints[hash % endpoints.size()];
+  const std::string& destination = endpoints[transport_->NextFloorTurn() % endpoints.size()];
   outbox_.push_back(RouteHeadersResponse(destination, has_body_ ? std::optional<size_t>(body_.size()) : std::nullopt, {}));
   if (has_body_) AppendBodyChunks(&outbox_, body_, transport_->options().max_body_chunk_bytes, end_of_stream, true);
   body_.clear();

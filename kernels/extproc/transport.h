@@ -194,7 +194,7 @@ struct TlsOptions {
 };
 
 struct Options {
-  bool floor = false;  // protocol only: pick by a hash of the body, never ask Python
+  bool floor = false;  // protocol only: pick the next endpoint in turn, never ask Python
   std::vector<std::string> floor_endpoints;
   std::string host = "127.0.0.1";
   int port = 0;
@@ -355,12 +355,15 @@ class Transport final : public ext_proc::ExternalProcessor::CallbackService {
   bool UnaryReply(uint64_t call, const std::string& payload, int code, const std::string& details);
 
   uint64_t NextId() { return next_id_.fetch_add(1, std::memory_order_relaxed); }
+  // The floor's pick: the next endpoint in turn, over every stream.
+  size_t NextFloorTurn() const { return floor_turn_.fetch_add(1, std::memory_order_relaxed); }
 
  private:
   Options options_;
   EventQueue events_;
   AnswerQueue answers_;
   std::atomic<uint64_t> next_id_{1};
+  mutable std::atomic<size_t> floor_turn_{0};
   std::mutex registry_mu_;
   std::unordered_map<uint64_t, std::shared_ptr<Exchange>> registry_;
   std::unique_ptr<HealthService, ServiceDeleter> health_;

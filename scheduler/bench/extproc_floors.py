@@ -12,7 +12,7 @@ with its own interleaved direct baseline, as epp_bench measures kvsched):
 A protocol-only ext_proc does what the GIE protocol requires and nothing more: it holds the
 request headers until the body ends, answers with the destination header, ``envoy.lb``
 metadata and Content-Length, streams the body back in 62,000-byte chunks and passes response
-headers and chunks through; a hash of the first 256 body bytes picks the worker. Both floors
+headers and chunks through; the workers take turns (round-robin, as Envoy alone). Both floors
 send the answers kvsched sends (responses.py; the native twin in kernels/extproc).
 
 Goals (same run, same machine), judged on the native transport:
@@ -33,12 +33,12 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import random
 import sys
 import time
-import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -91,15 +91,14 @@ CHUNK_BYTES = ExtProcConfig().max_body_chunk_bytes
 # --- the protocol-only ext_procs (child processes) -----------------------------------------------
 
 
-def _pick(endpoints: list[str], body: bytes) -> str:
-    return endpoints[zlib.crc32(body[:256]) % len(endpoints)]
-
-
 class ProtocolOnlyServicer(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """The GIE protocol with nothing decided: the Python floor."""
 
     def __init__(self, endpoints: list[str]) -> None:
-        self._endpoints = endpoints
+        self._endpoints = itertools.cycle(endpoints)
+
+    def _pick(self) -> str:
+        return next(self._endpoints)
 
     async def Process(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         chunks: list[bytes] = []
@@ -110,7 +109,7 @@ class ProtocolOnlyServicer(ext_proc_grpc.ExternalProcessorServicer):  # type: ig
             if kind == "request_headers":
                 if message.request_headers.end_of_stream:
                     decided = True
-                    yield responses.route_headers_response(_pick(self._endpoints, b""), None)
+                    yield responses.route_headers_response(self._pick(), None)
             elif kind == "request_body":
                 has_body = True
                 chunks.append(message.request_body.body)
@@ -133,9 +132,7 @@ class ProtocolOnlyServicer(ext_proc_grpc.ExternalProcessorServicer):  # type: ig
                 yield responses.response_trailers_continue()
 
     def _route(self, body: bytes, end_of_stream: bool, has_body: bool = True) -> list[Any]:
-        answers = [
-            responses.route_headers_response(_pick(self._endpoints, body), len(body) if has_body else None)
-        ]
+        answers = [responses.route_headers_response(self._pick(), len(body) if has_body else None)]
         if has_body:
             answers.extend(responses.request_body_responses(body, CHUNK_BYTES, end_of_stream))
         return answers

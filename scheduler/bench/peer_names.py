@@ -12,10 +12,13 @@ ROUTER_DESCRIPTIONS: dict[str, str] = {
     "sglang": "sglang-router 0.3.2 --policy cache_aware (defaults)",
     "vllm": "vllm-router 0.1.17 --policy kv_aware (defaults)",
     "envoy-rr": "Envoy, ROUND_ROBIN cluster, no EPP",
+    "envoy-floor": "Envoy + a protocol-only native ext_proc (workers in turn): the data path's floor",
     "client-rr": "no router: the client round-robins",
 }
 # The peers' routers, which the goal compares kvsched with (the round-robins set no bar).
 PEERS = ("sglang", "vllm")
+# The data path's floor behind Envoy: kvsched's data path is reported against it.
+FLOOR_ROUTER = "envoy-floor"
 
 DEFAULT_WORKLOAD = "rag_tenants"
 BUILTIN_WORKLOADS = ("chat", "rag", "agentic", "shared_prefix")

@@ -27,6 +27,12 @@ What each row is:
   tokenizer setting: it asks the workers' render API for a text prompt's ids.
 * ``envoy-rr``: the same Envoy with no Endpoint Picker, a plain ``ROUND_ROBIN`` cluster of
   the workers: what a gateway gives without one. Its CPU is Envoy's.
+* ``envoy-floor``: the same Envoy with the protocol-only ext_proc of ``kvsched bench epp``'s
+  floors (``bench/extproc_floors.py``, native code: the GIE exchange and nothing decided; the
+  workers in turn), answering the response phase on the decision stream as the Inference
+  Extension's layout does: the data path's floor for any Endpoint Picker behind Envoy. It
+  places as ``envoy-rr`` does, so the two rows' data paths differ by the protocol alone, and
+  kvsched's row's above it is kvsched's own. Its CPU is the floor's and Envoy's.
 * ``client-rr``: no router at all; the load generator sends request ``i`` to worker
   ``i mod N``. Its data-path figure is the floor of the client and the loopback.
 
@@ -57,6 +63,7 @@ from typing import Any, Protocol
 import aiohttp
 
 import scheduler
+from scheduler.adapters.extproc.native import load_native
 from scheduler.bench.epp_bench import cpu_seconds
 from scheduler.bench.peer_names import PEERS, ROUTER_DESCRIPTIONS
 from scheduler.demo.envoy import EnvoyGateway, EnvoySettings, envoy_binary
@@ -67,6 +74,9 @@ _POLL_S = 0.05
 _STOP_TIMEOUT_S = 10.0
 # The simulated workers' model publishes KV blocks of this many tokens (the pool's default).
 BLOCK_SIZE = 16
+# The data path's floor: a protocol-only ext_proc in native code (``kvsched bench epp``'s).
+NATIVE_EXTPROC = "scheduler._native.extproc"
+FLOORS_MODULE = "scheduler.bench.extproc_floors"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
@@ -110,14 +120,15 @@ class Child:
 
 @contextlib.asynccontextmanager
 async def child(
-    name: str, argv: list[str], workdir: Path, *, stdout_pipe: bool = False
+    name: str, argv: list[str], workdir: Path, *, stdout_pipe: bool = False, stdin_pipe: bool = False
 ) -> AsyncIterator[Child]:
-    """Run ``argv`` until the block ends, then SIGTERM it (SIGKILL after a grace period)."""
+    """Run ``argv`` until the block ends, then SIGTERM it (SIGKILL after a grace period).
+    ``stdin_pipe``: its stdin stays open until then (children that stop when it closes)."""
     log = workdir / f"{name}.log"
     with log.open("wb") as sink:
         process = await asyncio.create_subprocess_exec(
             *argv,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE if stdin_pipe else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE if stdout_pipe else sink,
             stderr=sink,
             env=child_env(),
@@ -126,6 +137,8 @@ async def child(
     try:
         yield started
     finally:
+        if process.stdin is not None:
+            process.stdin.close()
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
             try:
@@ -221,7 +234,8 @@ class Pool:
         return [str(w["http_url"]) for w in self.workers]
 
 
-async def _start_worker(started: Child) -> dict[str, Any]:
+async def announced(started: Child) -> Any:
+    """The first line a child prints on its stdout (what it serves), as JSON."""
     stdout = started.process.stdout
     assert stdout is not None
     try:
@@ -229,9 +243,8 @@ async def _start_worker(started: Child) -> dict[str, Any]:
     except TimeoutError:
         line = b""
     if not line:
-        raise RuntimeError(f"kvsched sim did not start: {started.log_tail()}")
-    described: dict[str, Any] = json.loads(line)
-    return described
+        raise RuntimeError(f"{started.name} did not start: {started.log_tail()}")
+    return json.loads(line)
 
 
 @contextlib.asynccontextmanager
@@ -257,7 +270,7 @@ async def simulated_pool(
             )
             for i in range(workers)
         ]
-        described = await asyncio.gather(*(_start_worker(s) for s in started))
+        described = await asyncio.gather(*(announced(s) for s in started))
         members = [{**d["workers"][0], "name": f"sim-{i}"} for i, d in enumerate(described)]
         labels = {d["workers"][0]["name"]: f"sim-{i}" for i, d in enumerate(described)}
         yield Pool(members, described[0]["tokenizer_dir"], [s.pid for s in started], labels)
@@ -296,6 +309,8 @@ class RouterSpec:
 
     def missing(self) -> str | None:
         """Why this router cannot run here, or None."""
+        if self.module == NATIVE_EXTPROC and load_native() is None:
+            return f"{NATIVE_EXTPROC} is not built (it needs gRPC C++: README, Set up)"
         if self.module is not None and importlib.util.find_spec(self.module) is None:
             return f"{self.module} is not installed (pip install 'kvsched[peers]')"
         if self.needs_envoy:
@@ -406,6 +421,28 @@ async def _envoy_round_robin(
 
 
 @contextlib.asynccontextmanager
+async def _envoy_floor(
+    pool: Pool, workdir: Path, extra_args: Sequence[str] = ()
+) -> AsyncIterator[RunningRouter]:
+    # The protocol-only native ext_proc of `kvsched bench epp`'s floors, answering the response
+    # phase on the decision stream (the GIE layout), behind the same Envoy as kvsched.
+    options = {"endpoints": [str(w["address"]) for w in pool.workers]}
+    argv = [sys.executable, "-m", FLOORS_MODULE, "floor_native", json.dumps(options)]
+    async with child("extproc-floor", argv, workdir, stdout_pipe=True, stdin_pipe=True) as floor:
+        ports = await announced(floor)
+        settings = EnvoySettings(
+            "127.0.0.1", ports["grpc_port"], epp_health_port=ports["health_port"], observation=False
+        )
+        async with EnvoyGateway(settings) as envoy:
+            assert envoy.pid is not None
+            yield RunningRouter(
+                envoy.url,
+                {"extproc-floor": floor.pid, "envoy": envoy.pid},
+                command=[*argv[:-1], "(the workers in turn)"],
+            )
+
+
+@contextlib.asynccontextmanager
 async def _client_round_robin(
     pool: Pool, workdir: Path, extra_args: Sequence[str] = ()
 ) -> AsyncIterator[RunningRouter]:
@@ -425,6 +462,7 @@ _STARTERS: dict[str, tuple[RouterStarter, str | None, bool]] = {
     "sglang": (_sglang, "sglang_router", False),
     "vllm": (_vllm, "vllm_router", False),
     "envoy-rr": (_envoy_round_robin, None, True),
+    "envoy-floor": (_envoy_floor, NATIVE_EXTPROC, True),
     "client-rr": (_client_round_robin, None, False),
 }
 ROUTERS: dict[str, RouterSpec] = {

@@ -48,6 +48,7 @@ from scheduler.bench.peer_names import (
     DEFAULT_LOADS,
     DEFAULT_WORKERS,
     DEFAULT_WORKLOAD,
+    FLOOR_ROUTER,
 )
 from scheduler.bench.peer_routers import ROUTERS, Pool, RouterSpec, simulated_pool, tree_cpu_seconds
 from scheduler.bench.peer_workloads import (
@@ -238,6 +239,19 @@ def judge(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def data_path_vs_floor(rows: dict[str, dict[str, Any]]) -> dict[str, float] | None:
+    """kvsched's data path (client TTFT minus the worker's) over the protocol-only ext_proc's
+    behind the same Envoy (the ``envoy-floor`` row), at p50 and p99; None without both rows
+    run to the end."""
+    kvsched, floor_row = rows.get("kvsched"), rows.get(FLOOR_ROUTER)
+    if kvsched is None or floor_row is None or "error" in kvsched or "error" in floor_row:
+        return None
+    mine, floor_path = kvsched["data_path_ms"], floor_row["data_path_ms"]
+    if not all(mine.get(q) and floor_path.get(q) for q in ("p50", "p99")):
+        return None
+    return {q: mine[q] / floor_path[q] for q in ("p50", "p99")}
+
+
 def max_model_len_for(workload: Workload) -> int:
     """Room for the workload's longest prompt and answer (the workers refuse longer ones)."""
     longest = max((len(r.prompt_token_ids) + r.max_tokens for r in workload.requests), default=0)
@@ -298,6 +312,7 @@ async def compare(
         "rows": rows,
         "floor": floor(workload, engine, speed),
         "goal": judge(rows),
+        "data_path_vs_floor": data_path_vs_floor(rows),
     }
 
 
@@ -401,6 +416,12 @@ def format_result(result: dict[str, Any]) -> str:
         )
     else:
         lines.append(f"\ngoal not judged: {goal['why']}")
+    versus_floor = result.get("data_path_vs_floor")
+    if versus_floor is not None:
+        lines.append(
+            f"kvsched's data path vs the protocol's own floor behind the same Envoy ({FLOOR_ROUTER}): "
+            f"p50 {versus_floor['p50']:.2f}x, p99 {versus_floor['p99']:.2f}x"
+        )
     return "\n".join(lines)
 
 
