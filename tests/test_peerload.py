@@ -113,6 +113,23 @@ def test_a_placement_widened_after_the_pick_reaches_the_peers() -> None:
     assert b.speculative_placements == 2  # a's r1 and b's own r2
 
 
+def test_a_placement_widened_after_the_first_token_is_due_when_the_first_was() -> None:
+    """Widened after the first token (a long prompt tokenised on a worker thread), the peer's
+    placement keeps the time the endpoint's events were due by: a batch after it that does
+    not show the blocks contradicts it, as on the replica that routed it."""
+    a, b = _replica("a"), _replica("b")
+    whole = list(range(1, 16 * 40 + 1))
+    chosen = a.pick(
+        SchedulingRequest("r1", whole[:64], max_tokens=8, untokenized_tokens=16 * 36), 1.0
+    ).endpoints[0]
+    a.on_first_token("r1", 1.1)
+    assert a.place_whole_prompt("r1", whole, 1.15)
+    _deliver(a.take_sync_messages(), b, 1.151)
+    late = 1.1 + b.config.speculative.events_within_s + 0.1
+    b.on_kv_batch(chosen, late)
+    assert b.speculative_outcomes["contradicted"] == 1 and not b.prefix_held(whole)
+
+
 def test_a_widened_placement_after_the_request_ended_places_nothing() -> None:
     a, b = _replica("a"), _replica("b")
     whole = list(range(1, 16 * 40 + 1))

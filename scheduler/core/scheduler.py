@@ -1720,7 +1720,9 @@ class Scheduler:
             if runtime is None:
                 continue
             if isinstance(body, Placed):
-                self._peer_placement(message.replica, body.request_id, body.placed_on, body.placed_keys, now)
+                self._peer_placement(
+                    message.replica, body.request_id, body.placed_on, body.placed_keys, now, widened=True
+                )
                 continue
             if isinstance(body, Released):
                 if body.phase == FIRST_TOKEN:
@@ -1755,11 +1757,18 @@ class Scheduler:
                 )
 
     def _peer_placement(
-        self, replica: str, request_id: str, holder: str, placed_keys: Sequence[int], now: float
+        self,
+        replica: str,
+        request_id: str,
+        holder: str,
+        placed_keys: Sequence[int],
+        now: float,
+        *,
+        widened: bool = False,
     ) -> None:
-        """A peer placed a prompt speculatively (at its pick, or wider after it): count it as
-        this replica counts its own, until the endpoint's events confirm or contradict it or
-        its time is up."""
+        """A peer placed a prompt speculatively (at its pick, or ``widened`` after it): count
+        it as this replica counts its own, until the endpoint's events confirm or contradict
+        it or its time is up."""
         if not (
             self.config.speculative.enabled
             and self._policy.reads_speculative_placement
@@ -1767,7 +1776,13 @@ class Scheduler:
         ):
             return
         keys = cast("Sequence[int]", np.asarray(placed_keys, dtype=np.uint64))
-        self._record_placement(_peer_request(replica, request_id), holder, keys, now)
+        if widened:
+            self._record_placement(_peer_request(replica, request_id), holder, keys, now)
+        else:
+            # A pick (a fallback's included) starts afresh, as this replica's own do.
+            self._speculative.record(
+                _peer_request(replica, request_id), holder, keys, now + self.config.speculative.ttl_s
+            )
 
     def _peer_first_token(self, replica: str, request_id: str, now: float) -> None:
         placed = self._speculative.prompt_of(_peer_request(replica, request_id))
