@@ -63,7 +63,6 @@ from typing import Any, Protocol
 import aiohttp
 
 import scheduler
-from scheduler.adapters.extproc.native import load_native
 from scheduler.bench.epp_bench import cpu_seconds
 from scheduler.bench.peer_names import PEERS, ROUTER_DESCRIPTIONS
 from scheduler.demo.envoy import EnvoyGateway, EnvoySettings, envoy_binary
@@ -77,6 +76,8 @@ BLOCK_SIZE = 16
 # The data path's floor: a protocol-only ext_proc in native code (``kvsched bench epp``'s).
 NATIVE_EXTPROC = "scheduler._native.extproc"
 FLOORS_MODULE = "scheduler.bench.extproc_floors"
+PEERS_INSTALL = "pip install 'kvsched[peers]'"
+_INSTALL_HINTS = {NATIVE_EXTPROC: "pip install builds it where gRPC C++ is present: README, Set up"}
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
@@ -309,10 +310,8 @@ class RouterSpec:
 
     def missing(self) -> str | None:
         """Why this router cannot run here, or None."""
-        if self.module == NATIVE_EXTPROC and load_native() is None:
-            return f"{NATIVE_EXTPROC} is not built (it needs gRPC C++: README, Set up)"
         if self.module is not None and importlib.util.find_spec(self.module) is None:
-            return f"{self.module} is not installed (pip install 'kvsched[peers]')"
+            return f"{self.module} is not installed ({_INSTALL_HINTS.get(self.module, PEERS_INSTALL)})"
         if self.needs_envoy:
             try:
                 envoy_binary()

@@ -26,9 +26,8 @@ from typing import Any
 
 from scheduler.adapters.tokenizer import HFTokenizer
 from scheduler.codec.openai import ChatMessage
+from scheduler.codec.plain_ints import plain_ints
 from scheduler.sim.model_files import FILLER_WORDS
-
-_INT_ONLY = frozenset({int})
 
 MODEL_DIR = Path(__file__).resolve().with_name("model")
 
@@ -89,7 +88,7 @@ class SimTokenizer:
         if isinstance(prompt, str):
             return [self.encode(prompt, add_special_tokens)]
         if isinstance(prompt, list) and prompt:
-            if set(map(type, prompt)) == _INT_ONLY:
+            if plain_ints(prompt):
                 return [self._in_vocabulary(prompt)]
             prompts: list[list[int]] = []
             for item in prompt:
@@ -105,12 +104,12 @@ class SimTokenizer:
     def token_list(self, value: Sequence[Any]) -> list[int]:
         if not value:
             return []
-        if set(map(type, value)) == _INT_ONLY:
+        if plain_ints(value):
             return self._in_vocabulary(value)
         raise PromptError(f"token ids must be ints in [0, {self.vocab_size})")
 
     def _in_vocabulary(self, ids: Sequence[int]) -> list[int]:
-        # Types and range checked in C (set, map, min, max): 2,600 ids of a token-id prompt
+        # Types (plain_ints) and range checked in C: 2,600 ids of a token-id prompt
         # took 0.67 ms to check one by one in Python, half of what a simulated worker spent
         # between a request's arrival and its engine's queue.
         if min(ids) < 0 or max(ids) >= self.vocab_size:
