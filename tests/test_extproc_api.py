@@ -22,7 +22,7 @@ from scheduler.core.index import IndexConfig
 from scheduler.core.scheduler import (
     Completion,
     Endpoint,
-    PickResult,
+    PickChoice,
     Scheduler,
     SchedulerConfig,
     SchedulingRequest,
@@ -52,9 +52,9 @@ class RecordingScheduler(Scheduler):
     def serve(self, addresses: list[str]) -> None:
         self.set_endpoints([Endpoint(name=address, address=address) for address in addresses], now=0.0)
 
-    def pick(self, request: SchedulingRequest, now: float) -> PickResult:
+    def choose(self, request: SchedulingRequest, now: float) -> PickChoice:
         self.picks.append(request)
-        return super().pick(request, now)
+        return super().choose(request, now)
 
     def on_first_token(self, request_id: str, now: float) -> None:
         self.first_tokens.append((request_id, now))

@@ -32,6 +32,7 @@ from scheduler.core.scheduler import (
     Completion,
     Endpoint,
     EndpointMetrics,
+    PickChoice,
     PickResult,
     Scheduler,
     SchedulerConfig,
@@ -59,15 +60,15 @@ class RecordingScheduler(Scheduler):
         self.shed_reason: str | None = None
         self.pick_error: Exception | None = None
 
-    def pick(self, request: SchedulingRequest, now: float) -> PickResult:
+    def choose(self, request: SchedulingRequest, now: float) -> PickChoice:
         self.picks.append(request)
         if self.pick_error is not None:
             raise self.pick_error
         if self.shed_reason is not None:
-            return PickResult("shed", [], self.shed_reason, {})
-        result = super().pick(request, now)
-        self.results.append(result)
-        return result
+            return PickChoice(PickResult("shed", [], self.shed_reason, {}))
+        choice = super().choose(request, now)
+        self.results.append(choice.result)
+        return choice
 
     def on_first_token(self, request_id: str, now: float) -> None:
         self.first_tokens.append((request_id, now))
@@ -605,6 +606,55 @@ async def test_native_transport_dates_a_first_byte_when_it_arrives_not_when_pyth
     ((request_id, first_token_at),) = scheduler.first_tokens
     assert request_id == "t1"
     assert sent_at - 0.01 <= first_token_at < resumed_at - 0.15
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [list(range(1, 70)), "hello there"],
+    ids=["token ids, decided at once", "text, decided after tokenising"],
+)
+async def test_native_transport_answers_before_the_picks_bookkeeping(
+    prompt: object,
+    extproc_transport: str,
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+) -> None:
+    if extproc_transport != "native":
+        pytest.skip("the Python transport's answer is written after its handler returns")
+    events: list[str] = []
+
+    class Route:
+        """The native transport's handle, noting when the answer is handed over."""
+
+        def __init__(self, native: Any) -> None:
+            self.native = native
+
+        def route(self, *args: Any) -> None:
+            events.append("answer")
+            self.native.route(*args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.native, name)
+
+    class Recording(RecordingScheduler):
+        def record(self, choice: PickChoice) -> PickResult:
+            events.append("record")
+            return super().record(choice)
+
+    recording = Recording(ADDRESSES)
+    server = await start_server(recording)
+    transport = server._native
+    assert transport is not None
+    transport._native = Route(transport._native)
+    stream = connect(server)
+    await stream.request_headers({**POST, "x-request-id": "b1"})
+    await stream.request_body(_completion_body(prompt))
+    first = await _drain_request(stream)
+    assert _set_headers(first)["x-gateway-destination-endpoint"] == ",".join(recording.results[0].endpoints)
+    assert events == ["answer", "record"]
+    # Recorded all the same: in flight on its endpoint, with the prediction the audit reads.
+    assert recording.inflight(recording.results[0].endpoints[0])[0] == 1
+    assert recording.total_inflight() == 1
 
 
 async def test_json_response_usage_and_primary_assumed_served(

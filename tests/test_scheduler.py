@@ -380,3 +380,32 @@ def test_a_request_naming_nothing_resolves_anew_when_the_table_or_the_defaults_c
     # A request with an SLO of its own is resolved for itself.
     assert scheduler.resolve_objective(SchedulingRequest("t", [1] * 32, slo_ttft_ms=50.0)).slo_ttft_ms == 50.0
     assert scheduler.resolve_objective(plain).slo_ttft_ms == 300.0
+
+
+def test_choose_decides_and_record_does_the_bookkeeping() -> None:
+    # The native transport answers between the two; the pair must equal one pick.
+    prompt = list(range(1, 8 * BLOCK + 1))
+    chosen, picked = _scheduler(), _scheduler()
+    choice = chosen.choose(SchedulingRequest("r1", prompt), now=1.0)
+    assert choice.unrecorded is not None
+    assert sum(chosen.inflight(e.name)[0] for e in chosen.endpoints()) == 0
+    assert chosen.speculative_outcomes["placed"] == 0
+    recorded = chosen.record(choice)
+    whole = picked.pick(SchedulingRequest("r1", prompt), now=1.0)
+    assert recorded.endpoints == choice.result.endpoints == whole.endpoints
+    assert recorded.predicted is not None and recorded.predicted == whole.predicted
+    assert chosen.inflight(recorded.endpoints[0]) == picked.inflight(whole.endpoints[0]) == (1, len(prompt))
+    assert chosen.speculative_outcomes["placed"] == picked.speculative_outcomes["placed"] == 1
+    # Recording twice counts nothing twice.
+    assert chosen.record(choice) == choice.result
+    assert chosen.inflight(recorded.endpoints[0])[0] == 1
+
+
+def test_a_choice_left_unrecorded_is_recorded_before_the_next() -> None:
+    scheduler = _scheduler()
+    first = scheduler.choose(SchedulingRequest("r1", list(range(1, 4 * BLOCK + 1))), now=1.0)
+    second = scheduler.choose(SchedulingRequest("r2", list(range(500, 500 + 4 * BLOCK))), now=1.0)
+    assert sum(scheduler.inflight(e.name)[0] for e in scheduler.endpoints()) == 1
+    assert scheduler.inflight(first.result.endpoints[0])[0] >= 1
+    scheduler.record(second)
+    assert sum(scheduler.inflight(e.name)[0] for e in scheduler.endpoints()) == 2

@@ -494,6 +494,7 @@ REQUEST_STAGES = (
     "tokenize",
     "flow_control",
     "pick",
+    "pick_record",
     "reply_build",
     "response_path",
 )
@@ -806,6 +807,7 @@ _STAGE_LABELS = {
     "tokenize": "tokenisation",
     "flow_control": "flow control (admit)",
     "pick": "Scheduler.pick",
+    "pick_record": "its bookkeeping, after the answer",
     "reply_build": "header mutation + body echo",
     "response_path": "response headers/body",
     "tokenize_rest": "tokenising a prompt's rest after the answer",

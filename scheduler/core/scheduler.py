@@ -364,6 +364,33 @@ class PickResult:
         return source
 
 
+@dataclass(slots=True)
+class _Unrecorded:
+    """What ``Scheduler.record`` needs of a pick ``Scheduler.choose`` made."""
+
+    request: SchedulingRequest
+    pick_request: PickRequest
+    routing: Routing
+    keys: Any
+    matches: dict[str, PrefixMatch]
+    reported: dict[str, PrefixMatch]
+    prefill: str | None
+    estimator: PredictorEstimator
+    spread_of: int
+    now: float
+    stage_ns: tuple[int, int, int] | None
+
+
+@dataclass(frozen=True, slots=True)
+class PickChoice:
+    """A pick made and not yet recorded: ``result`` names the endpoints (its ``predicted`` is
+    the scoring's, if it predicted), ``Scheduler.record`` counts the request in flight and
+    places its prompt. Between the two no other call may reach the Scheduler."""
+
+    result: PickResult
+    unrecorded: _Unrecorded | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointDiff:
     added: list[Endpoint]
@@ -452,6 +479,8 @@ class Scheduler:
         # A nanosecond clock set by an adapter that traces decisions: pick then times its stages
         # into PickResult.stage_ns. None (the default) times nothing.
         self.stage_clock: Callable[[], int] | None = None
+        # The last ``choose`` whose ``record`` has not run yet.
+        self._unrecorded: PickChoice | None = None
         self._endpoints: dict[str, _EndpointRuntime] = {}
         self._by_address: dict[str, str] = {}
         self._pool_sizes: dict[str, int] = {}  # endpoints per POOL_LABEL value
@@ -998,6 +1027,14 @@ class Scheduler:
         return _best_rank(self.index.match(keys))
 
     def pick(self, request: SchedulingRequest, now: float) -> PickResult:
+        return self.record(self.choose(request, now))
+
+    def choose(self, request: SchedulingRequest, now: float) -> PickChoice:
+        """``pick``'s decision without its bookkeeping, for an adapter that answers the gateway
+        first and calls ``record`` at once after; nothing the answer carries is decided there.
+        A choice left unrecorded is recorded before the next."""
+        if self._unrecorded is not None:
+            self.record(self._unrecorded)
         stage_clock = self.stage_clock
         lookup_ns = stage_clock() if stage_clock is not None else 0
         self._approx.expire(now)
@@ -1068,7 +1105,9 @@ class Scheduler:
         predict_ns = stage_clock() if stage_clock is not None else 0
         if not routing.endpoints:
             stages = (lookup_ns, score_ns, predict_ns, predict_ns) if stage_clock is not None else None
-            return PickResult("no_endpoints", [], routing.reason, routing.explanation, stage_ns=stages)
+            return PickChoice(
+                PickResult("no_endpoints", [], routing.reason, routing.explanation, stage_ns=stages)
+            )
         chosen = routing.endpoints[:wanted]
         addresses = [self._endpoints[name].endpoint.address for name in chosen]
         primary = chosen[0]
@@ -1078,6 +1117,55 @@ class Scheduler:
             prefill, explanation = self._pick_prefill(
                 pick_request, roles[1], matches, keys, primary, routing, now
             )
+        # Disaggregated, the answer carries neither scores nor a prediction (record's note).
+        decision = routing.decision if prefill is None else None
+        choice = PickChoice(
+            PickResult(
+                "ok",
+                addresses,
+                "",
+                explanation,
+                None if decision is None else decision.predicted,
+                None,
+                0 if match is None else match.total_blocks,
+                decision,
+                prefill_endpoint=None if prefill is None else self._endpoints[prefill].endpoint.address,
+            ),
+            _Unrecorded(
+                request,
+                pick_request,
+                routing,
+                keys,
+                matches,
+                reported,
+                prefill,
+                estimator,
+                spread_of,
+                now,
+                (lookup_ns, score_ns, predict_ns) if stage_clock is not None else None,
+            ),
+        )
+        self._unrecorded = choice
+        return choice
+
+    def record(self, choice: PickChoice) -> PickResult:
+        """``choose``'s bookkeeping: the request in flight on its endpoint (and its peers told),
+        its prompt placed there, the chosen endpoint's feature row kept to train the predictor
+        on; the result with the prediction the audit and the observation bounds read."""
+        pending = choice.unrecorded
+        if pending is None or self._unrecorded is not choice:
+            return choice.result
+        self._unrecorded = None
+        result = choice.result
+        request, pick_request, routing = pending.request, pending.pick_request, pending.routing
+        keys, matches, reported, prefill, now = (
+            pending.keys,
+            pending.matches,
+            pending.reported,
+            pending.prefill,
+            pending.now,
+        )
+        primary = routing.endpoints[0]
         flight = self._start(
             request,
             primary,
@@ -1085,16 +1173,16 @@ class Scheduler:
             now,
             self._cached_tokens(matches.get(prefill or primary)),
             self._cached_tokens(reported.get(prefill or primary)),
-            adapter=adapter,
+            adapter=pick_request.adapter,
             prefill_endpoint=prefill,
         )
-        matched_blocks = 0 if match is None else match.total_blocks
         decision = routing.decision
-        # The latency model learns aggregated serving: a TTFT spent on another pod, plus the KV
-        # transfer, is not the decode pod's to learn from.
-        prefill_address = None if prefill is None else self._endpoints[prefill].endpoint.address
+        stage_clock = self.stage_clock
+        stages = (
+            None if pending.stage_ns is None or stage_clock is None else (*pending.stage_ns, stage_clock())
+        )
         if self.config.sync.enabled:
-            if spread_of > 1:
+            if pending.spread_of > 1:
                 # The peers are likely picking too, and what they pick cannot have arrived
                 # yet: count it (core/peerload.py). Not for a lone pick: with arrivals sparser
                 # than the sync delay a peer rarely picks meanwhile (agentic at 147 req/s,
@@ -1106,25 +1194,18 @@ class Scheduler:
                     now,
                 )
             self._last_pick_at = now
-        if decision is None or prefill_address is not None:
+        # The latency model learns aggregated serving: a TTFT spent on another pod, plus the KV
+        # transfer, is not the decode pod's to learn from.
+        if decision is None or prefill is not None:
             self._announce(request, flight, now, None)
-            stages = (lookup_ns, score_ns, predict_ns, predict_ns) if stage_clock is not None else None
-            return PickResult(
-                "ok",
-                addresses,
-                "",
-                explanation,
-                None,
-                stages,
-                matched_blocks,
-                prefill_endpoint=prefill_address,
-            )
+            return replace(result, predicted=None, stage_ns=stages)
         # The policy scored candidates: the chosen endpoint's feature row trains the predictor
         # once this request's latencies are known, and its prediction goes on the audit line.
         # Every candidate's latency was predicted when the decision used it; otherwise only the
         # chosen endpoint's is, here.
         predicted = decision.predicted
         candidates = decision.candidates
+        estimator = pending.estimator
         if candidates is not None and self.config.predictor.enabled:
             position = next(i for i, s in enumerate(candidates.states) if s.name == primary)
             # A spread pick's last estimate was of the peers' assumed picks, not these states.
@@ -1141,8 +1222,7 @@ class Scheduler:
                 # Made from this very row (a spread pick's were of other states).
                 flight.prediction = (self.predictor.epoch, predicted[0], predicted[1])
         self._announce(request, flight, now, predicted)
-        stages = (lookup_ns, score_ns, predict_ns, stage_clock()) if stage_clock is not None else None
-        return PickResult("ok", addresses, "", explanation, predicted, stages, matched_blocks, decision)
+        return replace(result, predicted=predicted, stage_ns=stages)
 
     def _spread(self, now: float) -> tuple[int, int]:
         """(this replica's slot, replicas) for a pick that takes its slot of what one replica

@@ -311,7 +311,7 @@ class NativeTransport:
             return
         decided_from = request.decided_from()
         inference, token_ids = _inference_body(parsed)
-        answer = self._runner.decide_now(hints, inference, subset_set, token_ids)
+        answer = self._runner.decide_now(hints, inference, subset_set, token_ids, record_after_answer=True)
         if isinstance(answer, RoutingAnswer):
             request.answer(answer, decided_from)
         else:
@@ -442,7 +442,7 @@ class _NativeRequest:
         """A body the native parser left to Python."""
         decided_from = self.decided_from()
         assert self.hints is not None
-        decision = await self.transport.runner.decide_body(self.hints, body, subset)
+        decision = await self.transport.runner.decide_body(self.hints, body, subset, record_after_answer=True)
         self.answer(decision, decided_from)
 
     async def answer_when_decided(
@@ -464,14 +464,21 @@ class _NativeRequest:
             self.refuse(decision)
             return
         transport = self.transport
-        transport.stats.count(decision.outcome)
         config = transport.config
-        destination, extra, self.routed_id = transport.observations.announce(
-            self, decision, self.hints, decided_from, destination_list=config.destination_list
-        )
-        scores = decision.endpoint_scores(config.endpoint_scores)
-        transport.native.route(self.stream, destination, extra, scores or None, decision.body_replacement)
-        self.decision_s = runner.clock() - decided_from
+        observations = transport.observations
+        try:
+            destination, extra, self.routed_id = observations.address(
+                decision, self.hints, destination_list=config.destination_list
+            )
+            scores = decision.endpoint_scores(config.endpoint_scores)
+            transport.native.route(self.stream, destination, extra, scores or None, decision.body_replacement)
+            self.decision_s = runner.clock() - decided_from
+        finally:
+            # The pick's bookkeeping, the answer on its way (on the answer thread); nothing
+            # else reaches the Scheduler before it, and it runs even if answering failed.
+            runner.record(decision)
+        transport.stats.count(decision.outcome)
+        observations.await_observation(self.routed_id, self, decision, decided_from)
         transport.stats.observe_decision(self.decision_s)
 
     def refuse(self, decision: RoutingAnswer) -> None:

@@ -127,10 +127,24 @@ class Observations:
         """A routed decision's answer, the same in both transports: (destination, the headers
         added to the request, ``x-kvsched-routed`` last, and the routed id under which
         ``request`` now waits for its observation)."""
+        destination, extra, routed_id = self.address(decision, hints, destination_list=destination_list)
+        self.await_observation(routed_id, request, decision, decided_from)
+        return destination, extra, routed_id
+
+    def address(
+        self, decision: RoutingAnswer, hints: RequestHints, *, destination_list: bool
+    ) -> tuple[str, list[tuple[str, str]], str]:
+        """``announce``'s answer alone: for a transport that sends it before the pick's
+        bookkeeping (whose prediction bounds the wait), then calls ``await_observation``."""
         destination = ",".join(decision.endpoints) if destination_list else decision.endpoints[0]
         extra = routing_headers(hints, decision.prefill_endpoint)
         routed_id = self.new_id()
         extra.append((ROUTED_HEADER, routed_id))
+        return destination, extra, routed_id
+
+    def await_observation(
+        self, routed_id: str, request: ObservedRequest, decision: RoutingAnswer, decided_from: float
+    ) -> None:
         scheduling = decision.request
         self.routed(
             routed_id,
@@ -139,7 +153,6 @@ class Observations:
             decision.predicted,
             scheduling.max_tokens if scheduling is not None else None,
         )
-        return destination, extra, routed_id
 
     def routed(
         self,
