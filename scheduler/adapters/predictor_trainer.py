@@ -10,7 +10,8 @@ Where a fit runs (``fit_in``):
 
 * ``"process"`` (what ``kvsched serve`` uses): one long-lived helper process, started at the
   first fit (spawned, not forked: the server holds gRPC and ZMQ threads) at a lower
-  scheduling priority (``os.nice(FIT_NICENESS)``). xgboost's Python side and the compiling
+  scheduling priority (``os.nice(FIT_NICENESS)``, before it imports numpy or xgboost:
+  ``fit_process.py``). xgboost's Python side and the compiling
   of its trees hold the GIL for most of a fit, so a fit on a thread of the server stalled
   every ext_proc stream for its duration; in another process it cannot, and at niceness 10
   the kernel gives it about a tenth of a core the event loop wants (CFS weights 110 against
@@ -32,28 +33,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from scheduler.adapters.fit_process import FIT_NICENESS, fit_process
 from scheduler.adapters.stage_times import STAGE_TIMES
 from scheduler.core.predictor import LatencyPredictor, TrainedModel, TrainingJob
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECK_INTERVAL_S = 1.0
-# Niceness of the fitting process: 10 gives it ~1/10 of a core the server also wants.
-FIT_NICENESS = 10
 FitPlace = Literal["process", "thread"]
-# How often the fitting process checks that the server that started it still runs.
-ORPHAN_CHECK_S = 1.0
+__all__ = ["FIT_NICENESS", "PredictorTrainer", "TrainerStats"]
 
 
 @dataclass(slots=True)
@@ -78,31 +75,6 @@ def _timed_fit(fit: Callable[[TrainingJob], TrainedModel], job: TrainingJob) -> 
     started = time.thread_time_ns()
     model = fit(job)
     return model, time.thread_time_ns() - started
-
-
-def _start_fit_process(niceness: int, server_pid: int) -> None:
-    """In the fitting process: lower its priority, and end it when the server is gone.
-
-    A server killed outright (SIGKILL, out of memory) cannot shut its pool down, and the
-    pool's worker would wait on its queue forever, holding the server's stdout open.
-    """
-    os.nice(niceness)
-
-    def leave_with_the_server() -> None:
-        while os.getppid() == server_pid:
-            time.sleep(ORPHAN_CHECK_S)
-        os._exit(0)
-
-    threading.Thread(target=leave_with_the_server, name="server watch", daemon=True).start()
-
-
-def _fit_process() -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(
-        max_workers=1,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_start_fit_process,
-        initargs=(FIT_NICENESS, os.getpid()),
-    )
 
 
 class PredictorTrainer:
@@ -197,7 +169,7 @@ class PredictorTrainer:
         loop = asyncio.get_running_loop()
         started = self.clock()
         if self._fit_executor is None:
-            self._fit_executor = _fit_process()
+            self._fit_executor = fit_process()
         try:
             model, cpu_ns = await loop.run_in_executor(self._fit_executor, _timed_fit, self._fit, job)
         except Exception as exc:
