@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scheduler.adapters.fit_process import fit_process
-from scheduler.adapters.predictor_trainer import FIT_NICENESS, PredictorTrainer
+from scheduler.adapters.fit_process import FIT_NICENESS, fit_process
+from scheduler.adapters.predictor_trainer import PredictorTrainer
 from scheduler.bench.predictor_bench import synthetic_samples
 from scheduler.core.predictor import LatencyPredictor, PredictorConfig, TrainedModel, TrainingJob
 

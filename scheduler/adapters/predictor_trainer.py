@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from scheduler.adapters.fit_process import FIT_NICENESS, fit_process
+from scheduler.adapters.fit_process import fit_process
 from scheduler.adapters.stage_times import STAGE_TIMES
 from scheduler.core.predictor import LatencyPredictor, TrainedModel, TrainingJob
 
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHECK_INTERVAL_S = 1.0
 FitPlace = Literal["process", "thread"]
-__all__ = ["FIT_NICENESS", "PredictorTrainer", "TrainerStats"]
 
 
 @dataclass(slots=True)
