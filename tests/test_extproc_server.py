@@ -657,6 +657,40 @@ async def test_native_transport_answers_before_the_picks_bookkeeping(
     assert recording.total_inflight() == 1
 
 
+async def test_native_transport_keeps_serving_when_the_bookkeeping_after_an_answer_fails(
+    extproc_transport: str,
+    start_server: ServerFactory,
+    connect: Callable[[ExtProcServer], EnvoyStream],
+) -> None:
+    if extproc_transport != "native":
+        pytest.skip("only the native transport records after answering")
+
+    class FailingOnce(RecordingScheduler):
+        failed_records = 0
+
+        def record(self, choice: PickChoice) -> PickResult:
+            if choice.unrecorded is not None and not self.failed_records:
+                self.failed_records += 1
+                raise RuntimeError("bookkeeping broke")
+            return super().record(choice)
+
+    scheduler = FailingOnce(ADDRESSES)
+    server = await start_server(scheduler)
+    for request_id in ("f1", "f2"):
+        stream = connect(server)
+        await stream.request_headers({**POST, "x-request-id": request_id})
+        await stream.request_body(_completion_body(list(range(1, 70))))
+        first = await _drain_request(stream)
+        # Answered as picked, the failure notwithstanding.
+        picked = ",".join(scheduler.results[-1].endpoints)
+        assert _set_headers(first)["x-gateway-destination-endpoint"] == picked
+    assert scheduler.failed_records == 1
+    assert server.stats.outcomes["internal_error"] == 1 and server.stats.outcomes["routed"] == 2
+    # The first request's bookkeeping, left pending by the failure, was done before the
+    # second's pick: both are in flight.
+    assert scheduler.total_inflight() == 2
+
+
 async def test_json_response_usage_and_primary_assumed_served(
     start_server: ServerFactory,
     connect: Callable[[ExtProcServer], EnvoyStream],
