@@ -652,7 +652,7 @@ async def test_native_transport_answers_before_the_picks_bookkeeping(
     first = await _drain_request(stream)
     assert _set_headers(first)["x-gateway-destination-endpoint"] == ",".join(recording.results[0].endpoints)
     assert events == ["answer", "record"]
-    # Recorded all the same: in flight on its endpoint, with the prediction the audit reads.
+    # Recorded all the same: in flight on its endpoint.
     assert recording.inflight(recording.results[0].endpoints[0])[0] == 1
     assert recording.total_inflight() == 1
 

@@ -549,15 +549,12 @@ class PickRunner:
         now = self.clock()
         started = STAGE_TIMES.start()
         scheduler = self.scheduler
-        choice: PickChoice | None = None
         try:
             choice = scheduler.choose(request, now)
             result = choice.result if record_after_answer else scheduler.record(choice)
             if result.status == "ok" and not result.endpoints:
                 raise RuntimeError("scheduler answered ok without an endpoint")
         except Exception as exc:
-            if choice is not None:
-                self._record(choice, request)
             return self.internal(request, exc, now)
         finally:
             STAGE_TIMES.stop("pick", started)
@@ -573,7 +570,7 @@ class PickRunner:
         else:
             outcome, reason = PickOutcome.NO_ENDPOINTS, result.reason or "no endpoint available"
         answer = RoutingAnswer(outcome, list(result.endpoints), reason, result, request, decided_at=now)
-        if record_after_answer and choice is not None and choice.unrecorded is not None:
+        if record_after_answer and choice.unrecorded is not None:
             answer.unrecorded = choice
         return answer
 
@@ -585,20 +582,17 @@ class PickRunner:
             return
         answer.unrecorded = None
         started = STAGE_TIMES.start()
-        result = self._record(choice, answer.request)
-        STAGE_TIMES.stop("pick_record", started)
-        if result is not None:
-            answer.explanation_source = result
-
-    def _record(self, choice: PickChoice, request: SchedulingRequest | None) -> PickResult | None:
         try:
-            return self.scheduler.record(choice)
+            answer.explanation_source = self.scheduler.record(choice)
         except Exception as exc:
-            # The request is routed already: it goes on uncounted in flight (its completion
-            # then finds nothing to release), which a scrape corrects.
-            self._log_error_once("pick bookkeeping", "" if request is None else request.request_id, exc)
+            # The request is routed already. Unless the Scheduler still holds the choice (its
+            # next pick then records it), it goes on uncounted in flight: its completion finds
+            # nothing to release, and a scrape corrects the load.
+            request_id = "" if answer.request is None else answer.request.request_id
+            self._log_error_once("pick bookkeeping", request_id, exc)
             self.stats.count("internal_error")
-            return None
+        finally:
+            STAGE_TIMES.stop("pick_record", started)
 
     def internal(
         self, request: SchedulingRequest, error: Exception, now: float | None = None
