@@ -161,7 +161,11 @@ class ParallelBuildExt(build_ext):
                 list(pool.map(compile_one, [obj for obj in objects if obj in build]))
             return objects
 
-        compiler.compile = compile_side_by_side
+        # Only where compile() is the base class's loop over _compile() (Unix compilers); a
+        # compiler with a compile() of its own (MSVC) keeps it.
+        base = next((c for c in type(compiler).__mro__ if "_setup_compile" in vars(c)), None)
+        if base is not None and type(compiler).compile is vars(base).get("compile"):
+            compiler.compile = compile_side_by_side
         super().build_extensions()
 
 
