@@ -194,11 +194,17 @@ class Admission:
 
     @classmethod
     def dispatch(cls, waited_s: float = 0.0) -> Admission:
+        if not waited_s:
+            # Frozen, so the common answer is one shared object rather than one per request.
+            return _DISPATCH_NOW
         return cls("dispatch", waited_s=waited_s)
 
     @classmethod
     def reject(cls, reason: str, waited_s: float = 0.0) -> Admission:
         return cls("rejected", reason, REJECTION_STATUS.get(reason, 503), waited_s=waited_s)
+
+
+_DISPATCH_NOW = Admission("dispatch")
 
 
 # --- saturation -------------------------------------------------------------------------
@@ -458,8 +464,6 @@ class FlowController:
         """
         if item.request_id in self._entries:
             raise ValueError(f"request {item.request_id!r} is already queued")
-        if item.enqueued_at is None:
-            item = replace(item, enqueued_at=now)
         counters = self._counters
         counters.arrivals += 1
         if saturated and item.priority < 0:
@@ -478,6 +482,10 @@ class FlowController:
             counters.reject(QUEUE_FULL)
             counters.evicted += 1
             evicted = victim.item
+        if item.enqueued_at is None:
+            # Only a queued item keeps the time: a dispatched one is not kept (a replace()
+            # is a quarter of an admission that dispatches at once).
+            item = replace(item, enqueued_at=now)
         self._enqueue(item, now)
         counters.queued += 1
         return Admission("queued", evicted=evicted)
