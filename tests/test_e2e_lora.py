@@ -67,8 +67,11 @@ async def test_adapters_keep_their_own_cache_and_slots_through_envoy(lora_stack:
         # A long sql-lora request holds its worker's only slot, and two long base-model
         # requests (pinned by a subset hint) make the other worker the busier one: a
         # chat-lora request still goes there, since on the holder it would wait for the slot.
+        # Long enough to outlast any stall of a busy machine before the picks below (400
+        # tokens, ~2 s here, once did not, beside a parallel test compiling C++); they are
+        # closed once the picks are checked, so their length costs no time.
         def long_body(model: str, seed: int) -> dict[str, object]:
-            return {"model": model, "prompt": prefix(seed), "max_tokens": 400, "stream": True}
+            return {"model": model, "prompt": prefix(seed), "max_tokens": 4000, "stream": True}
 
         url = f"{stack.envoy.url}/v1/completions"
         async with session.post(url, json=long_body("sql-lora", 62)) as held:
