@@ -119,7 +119,7 @@ class ParallelBuildExt(build_ext):
     builds whole extensions side by side: the native transport alone is 16 C++ files (6 of
     its own, 10 generated from Envoy's protos). Here each extension's sources compile side
     by side as well. Each job is its own compiler process, so threads are enough to drive
-    them. On a 2-core machine a whole build (`build_ext --force`) takes 86 s instead of 149.
+    them. On a 2-core machine a whole build (`build_ext --force`) takes 86-95 s instead of 149.
     """
 
     def build_extensions(self) -> None:
