@@ -12,6 +12,7 @@ import pytest
 import scheduler.replay.commands as commands
 import scheduler.sim.virtual as virtual
 from scheduler.cli import main
+from scheduler.replay.report import latency_summary
 from scheduler.replay.simulate import simulate
 from scheduler.sim.pool import PoolConfig, SimPool
 from scheduler.workloads.generators import chat
@@ -107,6 +108,42 @@ def test_simulate_writes_one_report_per_policy(tmp_path: Path) -> None:
     assert (tmp_path / "replay.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_seeds_pool_the_runs_of_each_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shape = ["replay", "--simulate", "--workload", "rag", "--limit", "40", "--workers", "2"]
+    pooled_path = tmp_path / "pooled.json"
+    assert main([*shape, "--seed", "3", "--seeds", "3", "--json", str(pooled_path)]) == 0
+    assert "TTFT p50 / p99 ms by seed: 3:" in capsys.readouterr().out
+    pooled = json.loads(pooled_path.read_text())
+    singles = []
+    for seed in (3, 4, 5):
+        path = tmp_path / f"seed{seed}.json"
+        assert main([*shape, "--seed", str(seed), "--json", str(path)]) == 0
+        singles.append(json.loads(path.read_text()))
+    # Each seed runs its own workload (the seeds' arrivals differ) ...
+    assert len({json.dumps(single["samples"]) for single in singles}) == 3
+    # ... and the pooled report is those three runs: each kept whole, and every request of
+    # them in the percentiles and totals.
+    assert pooled["seed"] == [3, 4, 5] and pooled["requests"] == 120
+    for kept, single in zip(pooled["per_seed"], singles, strict=True):
+        single.pop("samples")
+        assert kept == single
+    every_ttft = [
+        v for single_path in ("seed3", "seed4", "seed5") for v in _samples(tmp_path / f"{single_path}.json")
+    ]
+    assert sorted(pooled["samples"]["ttft_ms"]) == sorted(every_ttft)
+    # (The samples are rounded to the microsecond.)
+    assert pooled["ttft_ms"] == pytest.approx(latency_summary([v / 1000.0 for v in every_ttft]), abs=1e-3)
+    assert pooled["cached_tokens"] == sum(single["cached_tokens"] for single in singles)
+    # Laid end to end in time, the pooled run's rate is about the runs' mean rate, not 3x it.
+    mean_rate = sum(single["throughput_rps"] for single in singles) / 3
+    assert pooled["throughput_rps"] == pytest.approx(mean_rate, rel=0.25)
+
+
+def _samples(path: Path) -> list[float]:
+    values: list[float] = json.loads(path.read_text())["samples"]["ttft_ms"]
+    return values
+
+
 def test_simulate_a_trace(tmp_path: Path) -> None:
     trace = tmp_path / "t.jsonl"
     rows = [
@@ -164,6 +201,10 @@ def test_simulate_without_the_simulator_says_so(
         (["--workload", "chat", "--simulate", "--target", "http://127.0.0.1:9"], "either --target URL"),
         (["--workload", "chat", "--target", "http://127.0.0.1:9", "--policy", "random"], "--policy-label"),
         (["--trace", "t.jsonl", "--rate", "3", "--simulate"], "use --limit"),
+        (
+            ["--workload", "chat", "--target", "http://127.0.0.1:9", "--seeds", "2"],
+            "--seeds pools simulated runs",
+        ),
     ],
 )
 def test_contradictory_options_are_refused(
@@ -171,6 +212,12 @@ def test_contradictory_options_are_refused(
 ) -> None:
     assert main(["replay", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_seeds_must_be_at_least_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["replay", "--simulate", "--workload", "chat", "--seeds", "0"])
+    assert "need at least 1" in capsys.readouterr().err
 
 
 def test_trace_and_workload_exclude_each_other() -> None:

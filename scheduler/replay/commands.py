@@ -100,7 +100,7 @@ def slo_targets(args: argparse.Namespace) -> SLOTargets:
     return SLOTargets(args.slo_ttft_ms, args.slo_tpot_ms)
 
 
-def _simulate(args: argparse.Namespace, workload: Workload) -> int:
+def _simulate(args: argparse.Namespace, workload: Workload, tokenizer: Any = None) -> int:
     try:
         simulator = importlib.import_module(SIMULATOR_MODULE)
     except ImportError as exc:
@@ -109,7 +109,7 @@ def _simulate(args: argparse.Namespace, workload: Workload) -> int:
     run_from_args = getattr(simulator, "run_from_args", None)
     if callable(run_from_args):
         return int(run_from_args(args) or 0)
-    from scheduler.replay.simulate import simulate
+    from scheduler.replay.simulate import simulate, simulate_seeds
 
     workers = args.workers or DEFAULT_SIM_WORKERS
     replica_counts = args.replicas or [1]
@@ -120,22 +120,41 @@ def _simulate(args: argparse.Namespace, workload: Workload) -> int:
         for replicas in replica_counts
         for sync in (syncs if replicas > 1 else [False])
     ]
+    settings: dict[str, Any] = {
+        "workers": workers,
+        "capacity_blocks": args.capacity_blocks,
+        "slo": slo_targets(args),
+        "kv_event_delay_s": args.kv_event_delay_ms,
+        "scheduler_config": SchedulerConfig(speculative=SpeculativeConfig(enabled=args.speculative == "on")),
+        "replica_spread": args.replica_spread,
+        "sync_delay_s": args.sync_delay_ms / 1000.0,
+        "sync_loss": args.sync_loss,
+        "scrape_interval_s": args.scrape_interval,
+    }
+    several = len(runs) > len(args.policy or [1])
+    if args.seeds > 1:
+        # Every seed's own workload (arrivals, prompts and draws), one pooled report per run.
+        workloads = [(args.seed, workload)] + [
+            (seed, load_workload(argparse.Namespace(**{**vars(args), "seed": seed}), tokenizer))
+            for seed in range(args.seed + 1, args.seed + args.seeds)
+        ]
+        reports = {
+            replica_label(policy, replicas, sync, several=several): simulate_seeds(
+                workloads, policy=policy, replicas=replicas, sync=sync, **settings
+            )
+            for policy, replicas, sync in runs
+        }
+        write_outputs(
+            reports,
+            args,
+            title=f"{workload.name}: {len(workload.requests)} requests x seeds {args.seed}-"
+            f"{args.seed + args.seeds - 1} pooled, {workers} workers",
+        )
+        print_seed_spread(reports)
+        return 0
     reports = {
-        replica_label(policy, replicas, sync, several=len(runs) > len(args.policy or [1])): simulate(
-            workload,
-            policy=policy,
-            workers=workers,
-            capacity_blocks=args.capacity_blocks,
-            seed=args.seed,
-            slo=slo_targets(args),
-            kv_event_delay_s=args.kv_event_delay_ms,
-            scheduler_config=SchedulerConfig(speculative=SpeculativeConfig(enabled=args.speculative == "on")),
-            replicas=replicas,
-            replica_spread=args.replica_spread,
-            sync=sync,
-            sync_delay_s=args.sync_delay_ms / 1000.0,
-            sync_loss=args.sync_loss,
-            scrape_interval_s=args.scrape_interval,
+        replica_label(policy, replicas, sync, several=several): simulate(
+            workload, policy=policy, seed=args.seed, replicas=replicas, sync=sync, **settings
         )
         for policy, replicas, sync in runs
     }
@@ -143,6 +162,18 @@ def _simulate(args: argparse.Namespace, workload: Workload) -> int:
         reports, args, title=f"{workload.name}: {len(workload.requests)} requests, {workers} workers"
     )
     return 0
+
+
+def print_seed_spread(reports: Mapping[str, Mapping[str, Any]]) -> None:
+    """Each pooled run's TTFT p50 / p99 seed by seed: how far one seed's figures move."""
+    for label, report in reports.items():
+        runs = report.get("per_seed") or []
+        spread = ", ".join(
+            f"{run['seed']}: {run['ttft_ms']['p50']:.0f} / {run['ttft_ms']['p99']:.0f}"
+            for run in runs
+            if run.get("ttft_ms", {}).get("p50") is not None
+        )
+        print(f"{label}: TTFT p50 / p99 ms by seed: {spread}")
 
 
 def replica_label(policy: str, replicas: int, sync: bool, *, several: bool) -> str:
@@ -198,6 +229,9 @@ def _run(args: argparse.Namespace) -> int:
     if bool(args.simulate) == bool(args.target):
         print("kvsched replay: give either --target URL (live) or --simulate", file=sys.stderr)
         return 2
+    if args.target and args.seeds > 1:
+        print("kvsched replay: --seeds pools simulated runs; a live replay runs once", file=sys.stderr)
+        return 2
     if args.target and args.policy:
         print(
             "kvsched replay: live, the target picks endpoints; name the run with --policy-label",
@@ -207,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
     tokenizer = client_tokenizer(args)
     workload = load_workload(args, tokenizer)
     if args.simulate:
-        return _simulate(args, workload)
+        return _simulate(args, workload, tokenizer)
     report = asyncio.run(_live(workload, args, tokenizer))
     workers = f", {args.workers} workers" if args.workers else ""
     write_outputs(
@@ -263,6 +297,16 @@ def _delay_range(text: str) -> tuple[float, float]:
     return least / 1000.0, most / 1000.0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need at least 1")
+    return value
+
+
 def register(subparsers: Any) -> None:
     replay = subparsers.add_parser(
         "replay", help="replay a trace or generated workload, live against a URL or in the simulator"
@@ -282,6 +326,13 @@ def register(subparsers: Any) -> None:
         help="trace: tokens standing for each 512-token trace block (default 16, i.e. 1/32 scale)",
     )
     shape.add_argument("--seed", type=int, default=0, help="generator seed (and the simulator's)")
+    shape.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=1,
+        help="simulate: run seeds SEED .. SEED+N-1, each with its own workload, and report every "
+        "request of them pooled (each seed's figures too): a p99 of one run moves between seeds",
+    )
     shape.add_argument("--arrival-step-ms", type=float, help=ARRIVAL_STEP_HELP)
     shape.add_argument(
         "--rate", type=float, help="generated: arrival rate of new sessions/queries per second"
