@@ -330,6 +330,7 @@ def register(subparsers: Any) -> None:
         "--seeds",
         type=_positive_int,
         default=1,
+        metavar="N",
         help="simulate: run seeds SEED .. SEED+N-1, each with its own workload, and report every "
         "request of them pooled (each seed's figures too): a p99 of one run moves between seeds",
     )
