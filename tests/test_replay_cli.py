@@ -124,6 +124,7 @@ def test_seeds_pool_the_runs_of_each_seed(tmp_path: Path, capsys: pytest.Capture
     # ... and the pooled report is those three runs: each kept whole, and every request of
     # them in the percentiles and totals.
     assert pooled["seed"] == [3, 4, 5] and pooled["requests"] == 120
+    assert pooled["workload"] == "rag" and pooled["replicas"] == 1
     for kept, single in zip(pooled["per_seed"], singles, strict=True):
         single.pop("samples")
         assert kept == single

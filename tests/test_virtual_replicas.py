@@ -7,7 +7,7 @@ import pytest
 
 from scheduler.core.peerload import PeerSyncConfig
 from scheduler.core.scheduler import SchedulerConfig
-from scheduler.replay.simulate import simulate
+from scheduler.replay.simulate import simulate, simulate_seeds
 from scheduler.sim.virtual import VirtualPool, VirtualPoolConfig
 from scheduler.workloads.generators import generate
 
@@ -70,3 +70,14 @@ def test_the_report_carries_the_replicas_and_their_channel() -> None:
     assert sum(report["requests_per_replica"]) == 60
     assert report["sync_messages_sent"] >= report["sync_messages_dropped"] > 0
     assert report["sync_lag_mean_s"] == pytest.approx(0.002, abs=1e-3)
+
+
+def test_pooled_seeds_keep_each_runs_channel_counts_apart() -> None:
+    workloads = [(seed, generate("chat", seed=seed, requests=40, rate=8.0)) for seed in (0, 1)]
+    report = simulate_seeds(workloads, policy="kvsched", workers=4, replicas=2, sync=True, sync_loss=0.1)
+    # The set-up once; the counts of each run's channel only in that run's report.
+    assert report["replicas"] == 2 and report["sync"] is True and report["sync_loss"] == 0.1
+    assert "sync_messages_sent" not in report and "requests_per_replica" not in report
+    assert [sum(run["requests_per_replica"]) for run in report["per_seed"]] == [40, 40]
+    assert all(run["sync_messages_sent"] > 0 for run in report["per_seed"])
+    assert report["requests"] == 80

@@ -126,6 +126,19 @@ def simulate(
 
 # Report keys that are ratios over each run's prompts: pooled, weighted by the run's prompt tokens.
 _WEIGHTED_KEYS = ("oracle_hit_ratio", "capacity_ceiling_hit_ratio", "trace_oracle_hit_ratio")
+# Report keys that say how every seed's run was set up: the pooled report carries them once.
+# (A run's own counts, such as the sync channel's messages, stay in its per-seed report.)
+_SETTING_KEYS = (
+    "workload",
+    "kv_event_delay_s",
+    "speculative_placement",
+    "capacity_blocks_per_worker",
+    "replicas",
+    "replica_spread",
+    "sync",
+    "sync_delay_s",
+    "sync_loss",
+)
 
 
 def simulate_seeds(
@@ -182,7 +195,7 @@ def simulate_seeds(
         oracle_hit_ratio=means.get("oracle_hit_ratio"),
         token_scale=last.token_scale,
         extra={
-            **{key: value for key, value in first_extra.items() if not key.startswith("sync_")},
+            **{key: first_extra[key] for key in _SETTING_KEYS if key in first_extra},
             **{key: value for key, value in means.items() if key != "oracle_hit_ratio"},
             "seed": [seed for seed, _ in workloads],
             "per_seed": per_seed,
