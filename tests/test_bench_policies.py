@@ -11,6 +11,7 @@ import pytest
 from scheduler.bench.policies import (
     POLICIES,
     policy_table,
+    pool_seeds,
     run_task,
     run_tasks,
     summarise,
@@ -103,6 +104,7 @@ def test_tiny_run_fills_the_table_and_repeats_its_decisions_for_a_seed(shared_di
         mape = kvsched["ttft_mape"]
         assert set(mape) == {
             "all",
+            "scored",
             "idle",
             "loaded",
             "saturated",
@@ -145,3 +147,52 @@ def test_the_latency_model_retrains_on_the_predictors_own_cadence_not_the_pools_
     # 4,730 requests: doublings at 200, 400, 800, 1,600, 3,200 observations (5 fits), and
     # every 2,000 new ones on top.
     assert result["requests"] > 4000 and result["predictor"]["trainings"] >= 6
+
+
+def test_seeds_pool_every_request_of_each_seeds_run(shared_dir: Path) -> None:
+    data = shared_dir / "data" / "mooncake"
+    tasks = tasks_for(
+        workloads=["rag"],
+        levels=["saturated"],
+        policies=["kvsched", "round_robin"],
+        size="tiny",
+        data_dir=data,
+        seed=4,
+        seeds=2,
+    )
+    assert [(t.seed, t.policy) for t in tasks] == [
+        (4, "kvsched"),
+        (4, "round_robin"),
+        (5, "kvsched"),
+        (5, "round_robin"),
+    ]
+    results = run_tasks(tasks, jobs=1)
+    pooled = {result["policy"]: result for result in pool_seeds(results)}
+    assert set(pooled) == {"kvsched", "round_robin"}
+    for policy, merged in pooled.items():
+        runs = [result for result in results if result["policy"] == policy]
+        assert merged["seed"] == [4, 5] and merged["requests"] == sum(r["requests"] for r in runs)
+        # The seeds' workloads differ, and every request of both is in the pooled figures.
+        assert runs[0]["decisions"] != runs[1]["decisions"]
+        every = sorted(v for r in runs for v in r["samples"]["ttft_ms"]) + [math.inf] * merged["failed"]
+        position = 0.99 * (len(every) - 1)
+        low, high = every[math.floor(position)], every[math.ceil(position)]
+        assert merged["ttft_ms"]["p99"] == pytest.approx(
+            low + (high - low) * (position - math.floor(position))
+        )
+        assert merged["hit_ratio"] == pytest.approx(
+            sum(r["cached_tokens"] for r in runs) / sum(r["prompt_tokens"] for r in runs)
+        )
+        scored = [r["ttft_mape"]["scored"] for r in runs]
+        if policy == "kvsched" and all(scored):
+            assert merged["ttft_mape"]["all"] == pytest.approx(
+                sum(r["ttft_mape"]["all"] * n for r, n in zip(runs, scored, strict=True)) / sum(scored)
+            )
+        assert [kept["decisions"] for kept in merged["per_seed"]] == [r["decisions"] for r in runs]
+        assert merged["samples"] is None and all(kept["samples"] is None for kept in merged["per_seed"])
+    (row,) = summarise(list(pooled.values()))
+    assert row["goals"] and row["requests"] == pooled["kvsched"]["requests"]
+    assert "seeds 4-5 pooled" in policy_table(row).splitlines()[0]
+    # One seed alone is reported as run.
+    (alone,) = pool_seeds(results[:1])
+    assert alone["ttft_ms"] == results[0]["ttft_ms"] and alone["seed"] == 4

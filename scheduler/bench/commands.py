@@ -434,7 +434,14 @@ def _bench_policies(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from scheduler.bench.policies import policy_table, run_tasks, summarise, summary_table, tasks_for
+    from scheduler.bench.policies import (
+        policy_table,
+        pool_seeds,
+        run_tasks,
+        summarise,
+        summary_table,
+        tasks_for,
+    )
 
     try:
         tasks = tasks_for(
@@ -444,13 +451,14 @@ def _bench_policies(args: argparse.Namespace) -> int:
             size=args.size,
             seed=args.seed,
             data_dir=Path(args.data_dir) if args.data_dir else None,
+            seeds=args.seeds,
         )
     except ValueError as exc:
         print(f"kvsched bench policies: {exc}", file=sys.stderr)
         return 2
     print(f"{len(tasks)} simulations, {args.jobs} at a time", file=sys.stderr)
     results = run_tasks(tasks, jobs=args.jobs, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    rows = summarise(results)
+    rows = summarise(pool_seeds(results))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     for row in rows:
@@ -689,6 +697,14 @@ def register(subparsers: Any) -> None:
     policies.add_argument("--load", action="append", help="only this load level (repeatable)")
     policies.add_argument("--policy", action="append", help="only this policy (repeatable)")
     policies.add_argument("--seed", type=int, default=0)
+    policies.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="every row at seeds SEED .. SEED+N-1, each seed's own workload, pooled: the tables "
+        "and goals over every request of them (each run in the JSON's per_seed)",
+    )
     policies.add_argument(
         "--data-dir", help="directory of the Mooncake traces (default ../shared/data/mooncake)"
     )

@@ -21,7 +21,7 @@ import hashlib
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import lru_cache
@@ -104,6 +104,8 @@ def _row_facts(workload: Workload, workers: int) -> dict[str, Any]:
         "duration_s": workload.duration_s,
         "offered_utilisation": offered_utilisation(workload, workers),
         "capacity_ceiling_hit_ratio": sum(hits) / blocks if blocks else 0.0,
+        "capacity_ceiling_hits": sum(hits),
+        "prompt_blocks": blocks,
         # A trace whose recorded arrival steps were spread over each step (None: as recorded).
         "arrival_step_ms": workload.meta.get("arrival_step_ms"),
     }
@@ -117,7 +119,13 @@ def mape_by_regime(outcomes: Sequence[RequestOutcome]) -> dict[str, Any]:
     scored and ``answered_by`` how many TTFTs of completed requests each source answered."""
     scored, scope = scored_ttft_predictions(outcomes)
     answered = Counter(source for o in outcomes if o.ok and (source := ttft_source(o)) is not None)
-    out: dict[str, Any] = {"all": _mape(scored), "counts": {}, "scope": scope, "answered_by": dict(answered)}
+    out: dict[str, Any] = {
+        "all": _mape(scored),
+        "scored": len(scored),
+        "counts": {},
+        "scope": scope,
+        "answered_by": dict(answered),
+    }
     for regime in LOAD_REGIMES:
         group = [o for o in scored if o.load_regime == regime]
         out[regime] = _mape(group)
@@ -136,9 +144,14 @@ def ttft_percentiles_ms(outcomes: Sequence[RequestOutcome]) -> dict[str, float]:
     """TTFT p50/p99 over every request, a failed one counting as never served (infinite):
     a policy that refuses requests must not look faster for it. Linear interpolation
     between the two closest ranks, as numpy's default; infinite where it reaches a failure."""
-    values = sorted((o.ttft_s * 1000.0 if o.ok and o.ttft_s is not None else math.inf) for o in outcomes) or [
-        math.inf
-    ]
+    return _percentiles(
+        sorted((o.ttft_s * 1000.0 if o.ok and o.ttft_s is not None else math.inf) for o in outcomes)
+    )
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float]:
+    """p50 / p99 of sorted ``values`` (infinite where a rank reaches an infinite one)."""
+    values = values or [math.inf]
     out = {}
     for q in (50, 99):
         position = q / 100.0 * (len(values) - 1)
@@ -215,6 +228,13 @@ def run_task(task: Task) -> dict[str, Any]:
         "predictor": {"trainings": predictor.trainings, "ttft_source": predictor.ttft_source},
         "decisions": decisions_digest(outcomes),
         "wall_s": time.perf_counter() - started,
+        "seed": task.seed,
+        "prompt_tokens": report["prompt_tokens"],
+        "cached_tokens": report["cached_tokens"],
+        # What pool_seeds needs to pool this run with other seeds' (dropped once pooled).
+        "samples": {
+            "ttft_ms": [round(v * 1000.0, 3) for o in outcomes if o.ok and (v := o.ttft_s) is not None]
+        },
     }
 
 
@@ -229,6 +249,7 @@ def tasks_for(
     size: str = "full",
     seed: int = 0,
     data_dir: Path | None = None,
+    seeds: int = 1,
 ) -> list[Task]:
     """The runs of a benchmark, largest workloads first (so parallel runs finish together)."""
     specs = [spec for spec in WORKLOADS if workloads is None or spec.name in workloads]
@@ -240,9 +261,11 @@ def tasks_for(
         raise ValueError(f"unknown workload, load level or policy: {', '.join(sorted(unknown))}")
     directory = data_dir or default_data_dir()
     return [
-        Task(spec, level, policy, SIZES[size], seed, directory)
+        Task(spec, level, policy, SIZES[size], run_seed, directory)
         for spec in specs
         for level in chosen_levels
+        # A seed's policies back to back: they share the row's workload in a process.
+        for run_seed in range(seed, seed + seeds)
         for policy in (policies or POLICIES)
     ]
 
@@ -275,6 +298,85 @@ def run_tasks(
 # --- rows and goals -----------------------------------------------------------------------------
 
 
+def pool_seeds(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One result per (workload, level, policy): a run alone as it is, several seeds' runs of
+    it pooled (every request of them in the percentiles, hit ratios and prediction errors;
+    each run kept in ``per_seed``). A p99 of one short row is its 20th-100th slowest request
+    and moves between seeds by more than the goals' margins."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for result in results:
+        groups.setdefault((result["workload"], result["level"], result["policy"]), []).append(result)
+    pooled = []
+    for runs in groups.values():
+        pooled.append(_pooled(runs) if len(runs) > 1 else {**runs[0], "samples": None})
+    return pooled
+
+
+def _weighted(pairs: Iterable[tuple[float | None, float]]) -> float | None:
+    """The mean of the values given, each weighted (None values and zero weights left out)."""
+    kept = [(value, weight) for value, weight in pairs if value is not None and weight > 0]
+    total = sum(weight for _, weight in kept)
+    return sum(value * weight for value, weight in kept) / total if total else None
+
+
+def _pooled(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    first = runs[0]
+    failed = sum(run["failed"] for run in runs)
+    completed = [v for run in runs for v in run["samples"]["ttft_ms"]]
+    # ttft_percentiles_ms over the pooled requests: completed ones and the failed as infinite.
+    values = sorted(completed) + [math.inf] * failed
+    percentiles = _percentiles(values)
+    prompt = sum(run["prompt_tokens"] for run in runs)
+    cached = sum(run["cached_tokens"] for run in runs)
+    blocks = sum(run["prompt_blocks"] for run in runs)
+    ceiling = sum(run["capacity_ceiling_hits"] for run in runs) / blocks if blocks else 0.0
+    hit = cached / prompt if prompt else None
+    mape: dict[str, Any] = {
+        "all": _weighted((run["ttft_mape"]["all"], run["ttft_mape"]["scored"]) for run in runs),
+        "scored": sum(run["ttft_mape"]["scored"] for run in runs),
+        "counts": {},
+        "scope": first["ttft_mape"]["scope"],
+        "answered_by": dict(sum((Counter(run["ttft_mape"]["answered_by"]) for run in runs), Counter())),
+        "from_arrival": _weighted(
+            (run["ttft_mape"]["from_arrival"], run["ttft_mape"]["scored"]) for run in runs
+        ),
+    }
+    for regime in LOAD_REGIMES:
+        mape[regime] = _weighted(
+            (run["ttft_mape"][regime], run["ttft_mape"]["counts"][regime]) for run in runs
+        )
+        mape["counts"][regime] = sum(run["ttft_mape"]["counts"][regime] for run in runs)
+    return {
+        "workload": first["workload"],
+        "level": first["level"],
+        "policy": first["policy"],
+        "requests": sum(run["requests"] for run in runs),
+        "duration_s": sum(run["duration_s"] for run in runs),
+        "offered_utilisation": _weighted((run["offered_utilisation"], run["requests"]) for run in runs),
+        "capacity_ceiling_hit_ratio": ceiling,
+        "capacity_ceiling_hits": sum(run["capacity_ceiling_hits"] for run in runs),
+        "prompt_blocks": blocks,
+        "arrival_step_ms": first["arrival_step_ms"],
+        "completed": sum(run["completed"] for run in runs),
+        "failed": failed,
+        "ttft_ms": percentiles,
+        "ttft_ms_completed": _percentiles(sorted(completed)) if completed else {"p50": None, "p99": None},
+        # Not pooled: the runs' TPOT percentiles are in per_seed.
+        "tpot_ms_p50": None,
+        "hit_ratio": hit,
+        "hit_vs_ceiling": hit / ceiling if hit is not None and ceiling else None,
+        "ttft_mape": mape,
+        "predictor": None,
+        "decisions": hashlib.sha256("".join(run["decisions"] for run in runs).encode()).hexdigest()[:16],
+        "wall_s": sum(run["wall_s"] for run in runs),
+        "seed": [run["seed"] for run in runs],
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "samples": None,
+        "per_seed": [{**run, "samples": None} for run in runs],
+    }
+
+
 def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per (workload, level): every policy's figures, kvsched against the best
     baseline, and which goals hold."""
@@ -289,6 +391,8 @@ def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "offered_utilisation": result["offered_utilisation"],
                 "capacity_ceiling_hit_ratio": result["capacity_ceiling_hit_ratio"],
                 "arrival_step_ms": result["arrival_step_ms"],
+                # A list where seeds were pooled (pool_seeds).
+                "seed": result.get("seed"),
                 "policies": {},
             },
         )
@@ -338,6 +442,9 @@ def policy_table(row: dict[str, Any]) -> str:
     """Markdown: every policy of one row."""
     step = row["arrival_step_ms"]
     spread = f", the trace's {step:,.0f} ms arrival steps spread" if step else ""
+    seeds = row.get("seed")
+    if isinstance(seeds, list):
+        spread += f", seeds {seeds[0]}-{seeds[-1]} pooled"
     lines = [
         f"**{row['workload']}, {row['level']}** ({row['requests']:,} requests, offered utilisation "
         f"{row['offered_utilisation']:.2f}, capacity ceiling {row['capacity_ceiling_hit_ratio']:.3f}"
