@@ -120,6 +120,11 @@ def test_tiny_run_fills_the_table_and_repeats_its_decisions_for_a_seed(shared_di
     assert len(summary) == 2 + len(rows)
 
 
+def test_seeds_below_one_are_refused() -> None:
+    with pytest.raises(ValueError, match="seeds must be at least 1"):
+        tasks_for(workloads=["chat"], size="tiny", seeds=0)
+
+
 def test_unknown_names_are_refused_by_name() -> None:
     with pytest.raises(ValueError, match="unknown workload, load level or policy: nope"):
         tasks_for(policies=["nope"])

@@ -259,6 +259,8 @@ def tasks_for(
     unknown |= set(policies or ()) - set(POLICIES)
     if unknown:
         raise ValueError(f"unknown workload, load level or policy: {', '.join(sorted(unknown))}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, not {seeds}")
     directory = data_dir or default_data_dir()
     return [
         Task(spec, level, policy, SIZES[size], run_seed, directory)
@@ -301,7 +303,7 @@ def run_tasks(
 def pool_seeds(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One result per (workload, level, policy): a run alone as it is, several seeds' runs of
     it pooled (every request of them in the percentiles, hit ratios and prediction errors;
-    each run kept in ``per_seed``). A p99 of one short row is its 20th-100th slowest request
+    each run kept in ``per_seed``). A p99 of one short row is its 9th-104th slowest request
     and moves between seeds by more than the goals' margins."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for result in results:
